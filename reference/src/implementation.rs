@@ -1,0 +1,127 @@
+//! The one trait every expert-layer implementation provides — the reference here, the CUDA
+//! variants in `moe-gpu` — so a single differential suite runs against all of them.
+
+use crate::config::LayerConfig;
+use crate::dtype::Numerics;
+use crate::error::ReferenceError;
+use crate::layer::{forward, Inputs, WgradTiming};
+use crate::state_dict::{from_state_dict, to_state_dict, StateDict};
+use ndarray::{Array1, Array2};
+
+/// Why an implementation could not run a case.
+#[derive(Debug, thiserror::Error)]
+pub enum LayerError {
+    /// The implementation declares it does not handle this configuration (a declared skip,
+    /// reported as such, never a silent pass).
+    #[error("unsupported by this implementation: {0}")]
+    Unsupported(String),
+    /// The configuration, parameters or inputs are invalid.
+    #[error(transparent)]
+    Invalid(#[from] ReferenceError),
+    /// The implementation's backend failed (a CUDA error, a kernel compile error, ...).
+    #[error("backend failure: {0}")]
+    Backend(String),
+}
+
+/// Everything one forward + backward call produces, host-side, values in f64.
+#[derive(Clone, Debug)]
+pub struct LayerRun {
+    /// Layer output `[T, h]`.
+    pub output: Array2<f64>,
+    /// `dL/dx` `[T, h]`.
+    pub grad_input: Array2<f64>,
+    /// `dL/dp` `[T]`.
+    pub grad_probs: Array1<f64>,
+    /// Parameter gradients by state-dict name, in the class's own layout.
+    pub weight_grads: StateDict,
+}
+
+/// An implementation of the expert layers.
+///
+/// Parameters and gradients are exchanged in the class's Megatron state-dict layout
+/// ([`crate::state_dict`]); tensors are host `f64` arrays whose values are exactly
+/// representable in the configured dtypes. An implementation computes in
+/// `cfg.params_dtype` (or, for the oracle, in f64).
+pub trait ExpertLayer: Send + Sync {
+    /// A short name that says what the implementation is (`reference`, `cuda-grouped`, ...).
+    fn name(&self) -> String;
+
+    /// `Ok` when this implementation handles `cfg`, else [`LayerError::Unsupported`] saying why.
+    fn supports(&self, cfg: &LayerConfig) -> Result<(), LayerError>;
+
+    /// The layer's forward output `[T, h]`.
+    fn forward(&self, cfg: &LayerConfig, params: &StateDict, inputs: &Inputs) -> Result<Array2<f64>, LayerError>;
+
+    /// Forward, then backward from `grad_output`. With [`WgradTiming::Deferred`] the
+    /// implementation must produce the input and probs grads first and compute the weight
+    /// grads in a separate `backward_dw` step, as Megatron's deferred-wgrad mode does.
+    fn forward_backward(
+        &self,
+        cfg: &LayerConfig,
+        params: &StateDict,
+        inputs: &Inputs,
+        grad_output: &Array2<f64>,
+        timing: WgradTiming,
+    ) -> Result<LayerRun, LayerError>;
+}
+
+/// The reference implementation: [`Numerics::Oracle`] (f64, no rounding) or the emulation of
+/// `cfg.params_dtype`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reference {
+    /// True for the f64 oracle, false to emulate the storage dtype.
+    pub oracle: bool,
+}
+
+impl Reference {
+    /// The f64 oracle.
+    pub const ORACLE: Reference = Reference { oracle: true };
+    /// The storage-dtype emulation.
+    pub const EMULATED: Reference = Reference { oracle: false };
+
+    /// The numerics this reference uses for `cfg`.
+    pub fn numerics(&self, cfg: &LayerConfig) -> Numerics {
+        if self.oracle {
+            Numerics::Oracle
+        } else {
+            Numerics::Emulated(cfg.params_dtype)
+        }
+    }
+}
+
+impl ExpertLayer for Reference {
+    fn name(&self) -> String {
+        if self.oracle { "reference-f64" } else { "reference" }.to_string()
+    }
+
+    fn supports(&self, cfg: &LayerConfig) -> Result<(), LayerError> {
+        cfg.validate().map_err(LayerError::from)
+    }
+
+    fn forward(&self, cfg: &LayerConfig, params: &StateDict, inputs: &Inputs) -> Result<Array2<f64>, LayerError> {
+        let weights = from_state_dict(cfg, params)?;
+        Ok(forward(cfg, &weights, inputs, self.numerics(cfg))?.output().clone())
+    }
+
+    fn forward_backward(
+        &self,
+        cfg: &LayerConfig,
+        params: &StateDict,
+        inputs: &Inputs,
+        grad_output: &Array2<f64>,
+        timing: WgradTiming,
+    ) -> Result<LayerRun, LayerError> {
+        let weights = from_state_dict(cfg, params)?;
+        let fwd = forward(cfg, &weights, inputs, self.numerics(cfg))?;
+        let mut bwd = fwd.backward(grad_output, timing)?;
+        if let Some(store) = bwd.pending.take() {
+            store.backward_dw(&mut bwd.weight_grads);
+        }
+        Ok(LayerRun {
+            output: fwd.output().clone(),
+            grad_input: bwd.grad_input,
+            grad_probs: bwd.grad_probs,
+            weight_grads: to_state_dict(cfg, &bwd.weight_grads)?,
+        })
+    }
+}

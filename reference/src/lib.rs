@@ -1,0 +1,38 @@
+//! # moe-reference
+//!
+//! A pure-`ndarray`, obviously correct implementation of Megatron-Core's Mixture-of-Experts
+//! expert layers — `SequentialMLP`, `GroupedMLP` (legacy grouped GEMM) and `TEGroupedMLP` —
+//! forward, backward and deferred weight gradients (`backward_dw`), with Megatron's exact
+//! parameter layouts and rounding points. Every other implementation in moe-verify is diffed
+//! against it.
+//!
+//! The behaviour is specified in `shared/spec/megatron-experts.md`; section numbers (§) in the
+//! docs refer to it.
+//!
+//! * [`config`]: the configuration that matters ([`LayerConfig`]).
+//! * [`dtype`]: storage dtypes and [`Numerics`] (f64 oracle or storage-dtype emulation).
+//! * [`weights`]: canonical `[out, in]` expert weights and EP/ETP sharding.
+//! * [`state_dict`]: each class's parameter names and layouts, converted losslessly.
+//! * [`layer`]: forward, backward and `backward_dw`.
+//! * [`parallel`]: expert-parallel and expert-tensor-parallel ranks, simulated.
+//! * [`implementation`]: the [`ExpertLayer`] trait every implementation provides.
+#![deny(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod activation;
+pub mod config;
+pub mod dtype;
+pub mod error;
+pub mod implementation;
+pub mod layer;
+pub mod parallel;
+pub mod state_dict;
+pub mod weights;
+
+pub use config::{Activation, LayerClass, LayerConfig, Parallelism};
+pub use dtype::{Dtype, Numerics};
+pub use error::ReferenceError;
+pub use implementation::{ExpertLayer, LayerError, LayerRun, Reference};
+pub use layer::{forward, BackwardPass, ForwardPass, Inputs, WgradTiming, WeightGradStore};
+pub use state_dict::{from_state_dict, param_specs, to_state_dict, ParamSpec, StateDict};
+pub use weights::{ExpertSet, ExpertWeights};

@@ -1,0 +1,232 @@
+//! Megatron-Core parameter names and layouts for each class (spec §3), and lossless conversion
+//! to and from the canonical [`ExpertSet`].
+//!
+//! | class | names (per rank) |
+//! |---|---|
+//! | SequentialMLP | `local_experts.{e}.linear_fc1.weight` `[N1,h]`, `.bias` `[N1]`, `local_experts.{e}.linear_fc2.weight` `[h,N2]`, `.bias` `[h]` |
+//! | GroupedMLP | `weight1` declared `[h, E_l·N1]`, memory `[E_l, h, N1]`; `weight2` `[E_l·N2, h]`, memory `[E_l, N2, h]` |
+//! | TEGroupedMLP | `linear_fc1.weight{e}` `[N1,h]`, `linear_fc1.bias{e}`, `linear_fc2.weight{e}` `[h,N2]`, `linear_fc2.bias{e}` |
+//!
+//! GroupedMLP's `weight1` is the subtle one: the forward does `weight1.view(E_l, h, N1)`, a
+//! reinterpretation of the contiguous buffer, so expert `e` occupies the flat elements
+//! `[e·h·N1, (e+1)·h·N1)` as an `[h, N1]` (`[in, out]`) matrix — *not* a column block of the
+//! declared `[h, E_l·N1]` matrix.
+
+use crate::config::{LayerClass, LayerConfig};
+use crate::error::ReferenceError;
+use crate::weights::{ExpertSet, ExpertWeights};
+use ndarray::{Array1, Array2, ArrayD, IxDyn};
+use std::collections::BTreeMap;
+
+/// Parameters (or their gradients) by Megatron state-dict name, values in f64 (exactly
+/// representable in the params dtype when they are parameters).
+pub type StateDict = BTreeMap<String, ArrayD<f64>>;
+
+/// One parameter's name and per-rank shape.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamSpec {
+    /// The state-dict name.
+    pub name: String,
+    /// The per-rank (declared) shape.
+    pub shape: Vec<usize>,
+    /// How many local experts share this tensor (1 for per-expert tensors, `E_l` for
+    /// GroupedMLP's packed weights, whose flat memory splits into `E_l` equal expert blocks).
+    pub expert_blocks: usize,
+}
+
+/// Every parameter `cfg`'s class has on this rank, in state-dict order.
+pub fn param_specs(cfg: &LayerConfig) -> Vec<ParamSpec> {
+    let (h, n1, n2, el) = (cfg.hidden_size, cfg.n1(), cfg.n2(), cfg.num_local_experts());
+    let one = |name: String, shape: Vec<usize>| ParamSpec { name, shape, expert_blocks: 1 };
+    let mut specs = Vec::new();
+    match cfg.class {
+        LayerClass::Sequential => {
+            for e in 0..el {
+                specs.push(one(format!("local_experts.{e}.linear_fc1.weight"), vec![n1, h]));
+                if cfg.add_bias {
+                    specs.push(one(format!("local_experts.{e}.linear_fc1.bias"), vec![n1]));
+                }
+                specs.push(one(format!("local_experts.{e}.linear_fc2.weight"), vec![h, n2]));
+                if cfg.add_bias {
+                    specs.push(one(format!("local_experts.{e}.linear_fc2.bias"), vec![h]));
+                }
+            }
+        }
+        LayerClass::TeGrouped => {
+            for e in 0..el {
+                specs.push(one(format!("linear_fc1.weight{e}"), vec![n1, h]));
+            }
+            if cfg.add_bias {
+                for e in 0..el {
+                    specs.push(one(format!("linear_fc1.bias{e}"), vec![n1]));
+                }
+            }
+            for e in 0..el {
+                specs.push(one(format!("linear_fc2.weight{e}"), vec![h, n2]));
+            }
+            if cfg.add_bias {
+                for e in 0..el {
+                    specs.push(one(format!("linear_fc2.bias{e}"), vec![h]));
+                }
+            }
+        }
+        LayerClass::Grouped => {
+            specs.push(ParamSpec { name: "weight1".into(), shape: vec![h, el * n1], expert_blocks: el });
+            specs.push(ParamSpec { name: "weight2".into(), shape: vec![el * n2, h], expert_blocks: el });
+        }
+    }
+    specs
+}
+
+fn to_dyn2(a: &Array2<f64>) -> ArrayD<f64> {
+    a.clone().into_dyn()
+}
+
+fn to_dyn1(a: &Array1<f64>) -> ArrayD<f64> {
+    a.clone().into_dyn()
+}
+
+/// Writes canonical weights (or gradients) in `cfg`'s class layout.
+pub fn to_state_dict(cfg: &LayerConfig, set: &ExpertSet) -> Result<StateDict, ReferenceError> {
+    set.check_shapes(cfg)?;
+    let mut sd = StateDict::new();
+    let (h, n1, n2) = (cfg.hidden_size, cfg.n1(), cfg.n2());
+    match cfg.class {
+        LayerClass::Sequential | LayerClass::TeGrouped => {
+            for (e, w) in set.experts.iter().enumerate() {
+                let (fc1w, fc1b, fc2w, fc2b) = per_expert_names(cfg.class, e);
+                sd.insert(fc1w, to_dyn2(&w.fc1_weight));
+                sd.insert(fc2w, to_dyn2(&w.fc2_weight));
+                if let (Some(b1), Some(b2)) = (&w.fc1_bias, &w.fc2_bias) {
+                    sd.insert(fc1b, to_dyn1(b1));
+                    sd.insert(fc2b, to_dyn1(b2));
+                }
+            }
+        }
+        LayerClass::Grouped => {
+            let el = set.experts.len();
+            // weight1 memory is [E_l, h, N1]: expert e's block is W1[e]ᵀ ([in, out]).
+            let mut w1 = Vec::with_capacity(el * h * n1);
+            let mut w2 = Vec::with_capacity(el * n2 * h);
+            for w in &set.experts {
+                w1.extend(w.fc1_weight.t().iter().copied());
+                w2.extend(w.fc2_weight.t().iter().copied());
+            }
+            sd.insert("weight1".into(), ArrayD::from_shape_vec(IxDyn(&[h, el * n1]), w1).unwrap());
+            sd.insert("weight2".into(), ArrayD::from_shape_vec(IxDyn(&[el * n2, h]), w2).unwrap());
+        }
+    }
+    Ok(sd)
+}
+
+fn per_expert_names(class: LayerClass, e: usize) -> (String, String, String, String) {
+    match class {
+        LayerClass::TeGrouped => (
+            format!("linear_fc1.weight{e}"),
+            format!("linear_fc1.bias{e}"),
+            format!("linear_fc2.weight{e}"),
+            format!("linear_fc2.bias{e}"),
+        ),
+        _ => (
+            format!("local_experts.{e}.linear_fc1.weight"),
+            format!("local_experts.{e}.linear_fc1.bias"),
+            format!("local_experts.{e}.linear_fc2.weight"),
+            format!("local_experts.{e}.linear_fc2.bias"),
+        ),
+    }
+}
+
+/// Reads canonical weights from `cfg`'s class layout, checking that every expected name is
+/// present with its exact shape and that no other name is.
+pub fn from_state_dict(cfg: &LayerConfig, sd: &StateDict) -> Result<ExpertSet, ReferenceError> {
+    cfg.validate()?;
+    let layer = cfg.class.megatron_name();
+    let specs = param_specs(cfg);
+    for spec in &specs {
+        let t = sd.get(&spec.name).ok_or_else(|| ReferenceError::MissingParameter { name: spec.name.clone(), layer })?;
+        if t.shape() != spec.shape.as_slice() {
+            return Err(ReferenceError::Shape { name: spec.name.clone(), expected: spec.shape.clone(), got: t.shape().to_vec() });
+        }
+    }
+    if let Some(extra) = sd.keys().find(|k| !specs.iter().any(|s| &s.name == *k)) {
+        return Err(ReferenceError::UnexpectedParameter {
+            name: extra.clone(),
+            layer,
+            example: specs[0].name.clone(),
+        });
+    }
+    let (h, n1, n2) = (cfg.hidden_size, cfg.n1(), cfg.n2());
+    let get2 = |name: &str| -> Array2<f64> { sd[name].clone().into_dimensionality().unwrap() };
+    let get1 = |name: &str| -> Array1<f64> { sd[name].clone().into_dimensionality().unwrap() };
+    let experts = match cfg.class {
+        LayerClass::Sequential | LayerClass::TeGrouped => (0..cfg.num_local_experts())
+            .map(|e| {
+                let (fc1w, fc1b, fc2w, fc2b) = per_expert_names(cfg.class, e);
+                ExpertWeights {
+                    fc1_weight: get2(&fc1w),
+                    fc1_bias: cfg.add_bias.then(|| get1(&fc1b)),
+                    fc2_weight: get2(&fc2w),
+                    fc2_bias: cfg.add_bias.then(|| get1(&fc2b)),
+                }
+            })
+            .collect(),
+        LayerClass::Grouped => {
+            // The view reinterpretation of spec §3.3, read off the flat (row-major) buffers.
+            let w1: Vec<f64> = sd["weight1"].iter().copied().collect();
+            let w2: Vec<f64> = sd["weight2"].iter().copied().collect();
+            (0..cfg.num_local_experts())
+                .map(|e| {
+                    let block1 = Array2::from_shape_vec((h, n1), w1[e * h * n1..(e + 1) * h * n1].to_vec()).unwrap();
+                    let block2 = Array2::from_shape_vec((n2, h), w2[e * n2 * h..(e + 1) * n2 * h].to_vec()).unwrap();
+                    ExpertWeights {
+                        fc1_weight: block1.t().to_owned(),
+                        fc1_bias: None,
+                        fc2_weight: block2.t().to_owned(),
+                        fc2_bias: None,
+                    }
+                })
+                .collect()
+        }
+    };
+    Ok(ExpertSet { experts })
+}
+
+/// Converts one class's parameters to another's through the canonical form (lossless).
+pub fn convert(from: &LayerConfig, sd: &StateDict, to: LayerClass) -> Result<StateDict, ReferenceError> {
+    let set = from_state_dict(from, sd)?;
+    let to_cfg = LayerConfig { class: to, ..from.clone() };
+    to_cfg.validate()?;
+    to_state_dict(&to_cfg, &set)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Parallelism;
+
+    #[test]
+    fn grouped_weight1_is_a_view_reinterpretation_not_column_blocks() {
+        // E_l = 2, h = 2, N1 = 3 (no GLU, f = 3). Expert e's fc1 W1[e] = [[e*10 + 0, +1], [+2, +3], [+4, +5]].
+        let cfg = LayerConfig {
+            class: LayerClass::Grouped,
+            num_experts: 2,
+            hidden_size: 2,
+            ffn_hidden_size: 3,
+            gated_linear_unit: false,
+            parallel: Parallelism::SINGLE,
+            ..LayerConfig::example()
+        };
+        let mut set = ExpertSet::zeros(&cfg);
+        for (e, w) in set.experts.iter_mut().enumerate() {
+            w.fc1_weight = Array2::from_shape_fn((3, 2), |(i, j)| (e * 10 + i * 2 + j) as f64);
+        }
+        let sd = to_state_dict(&cfg, &set).unwrap();
+        let w1 = &sd["weight1"];
+        assert_eq!(w1.shape(), &[2, 6]);
+        // Flat memory: expert 0's W1ᵀ ([[0,2,4],[1,3,5]]) then expert 1's ([[10,12,14],[11,13,15]]).
+        let flat: Vec<f64> = w1.iter().copied().collect();
+        assert_eq!(flat, vec![0., 2., 4., 1., 3., 5., 10., 12., 14., 11., 13., 15.]);
+        // So row 0 of the declared [h, E_l*N1] matrix mixes both halves of expert 0: not a column block.
+        assert_eq!(from_state_dict(&cfg, &sd).unwrap(), set);
+    }
+}
