@@ -1,1 +1,42 @@
-//! placeholder
+//! # moe-gpu
+//!
+//! CUDA implementations, through cudarc, of Megatron-Core's MoE expert layers —
+//! [`CudaSequential`] (`SequentialMLP`), [`CudaGrouped`] (legacy `GroupedMLP`) and
+//! [`CudaTeGrouped`] (`TEGroupedMLP`, non-fused) — forward, backward and deferred weight
+//! gradients in bf16, fp16 and fp32, behind the reference's [`moe_reference::ExpertLayer`]
+//! trait so the same differential suite runs against each.
+//!
+//! Layers, as cudarc layers itself:
+//! * [`kernels`]: device probe, context, NVRTC compilation of `kernels/experts.cu` (embedded,
+//!   compiled at first use for the device's compute capability), raw launches and the one
+//!   row-major cuBLAS helper.
+//! * [`layer`]: the device-resident forward/backward/backward_dw on [`layer::Workspace`]
+//!   buffers (the path benches time: weights uploaded once with [`kernels::Engine::prepare`]).
+//! * [`implementation`]: the `ExpertLayer` impls (host in, host out).
+//! * [`sampled`]: sampled verification of model-sized shapes against the f64 oracle.
+//!
+//! The crate builds and its tests run without CUDA: [`kernels::probe`] checks for the driver
+//! before any context is created and constructors return [`GpuError::NoDevice`].
+
+pub mod error;
+pub mod implementation;
+pub mod kernels;
+pub mod layer;
+pub mod sampled;
+
+pub use error::GpuError;
+pub use implementation::{CudaGrouped, CudaSequential, CudaTeGrouped};
+
+/// The message tests print (once) when they skip for lack of a GPU.
+pub fn skip_message(test: &str, err: &GpuError) -> String {
+    let why = match err {
+        GpuError::NoDevice(reason) => reason.clone(),
+        other => other.to_string(),
+    };
+    format!("SKIP gpu::{test}: no CUDA device ({why}); set MOE_REQUIRE_CUDA=1 to fail instead")
+}
+
+/// True when `MOE_REQUIRE_CUDA=1`: a missing GPU must fail instead of skipping.
+pub fn cuda_required() -> bool {
+    std::env::var("MOE_REQUIRE_CUDA").is_ok_and(|v| v == "1")
+}

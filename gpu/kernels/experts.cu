@@ -1,0 +1,322 @@
+// Elementwise kernels of the MoE expert layers (spec §4, §5), one fused pass each way.
+//
+// Launch contract (all kernels):
+//   * `T` is the storage dtype (bf16, fp16 or fp32); every value is computed in f32 inside the
+//     kernel and rounded to `T` on store, round-to-nearest-even (spec §4.8).
+//   * Row-major buffers; `rows` counts the (padded) token rows of the whole call; `row_expert[r]`
+//     is the local expert of row r (needed for per-expert biases).
+//   * probs are f32 on the device (every probs dtype is a subset of f32); `probs_dt` says how
+//     probs gradients are rounded on store: 0 = f32, 1 = bf16, 2 = fp16.
+//   * Elementwise kernels use a grid-stride loop with any 1-D grid; row kernels (`act_bwd`,
+//     `probs_in_bwd`) take one block of 256 threads per row (grid.x = rows); `col_sum` takes
+//     grid = (ceil(cols / 256), experts), block 256.
+// No CUDA headers: bf16/fp16 conversions are done here (bf16 by bit arithmetic, fp16 by cvt.rn).
+
+typedef unsigned short u16;
+struct bf16_t { u16 bits; };
+struct f16_t { u16 bits; };
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(bf16_t v) { return __uint_as_float(((unsigned)v.bits) << 16); }
+__device__ __forceinline__ float to_f(f16_t v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
+    return f;
+}
+
+template <typename T> __device__ __forceinline__ T from_f(float f);
+template <> __device__ __forceinline__ float from_f<float>(float f) { return f; }
+template <> __device__ __forceinline__ bf16_t from_f<bf16_t>(float f) {
+    unsigned u = __float_as_uint(f);
+    bf16_t r;
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        r.bits = (u16)((u >> 16) | 0x40u);  // quiet NaN, sign kept
+        return r;
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
+    r.bits = (u16)(u >> 16);
+    return r;
+}
+template <> __device__ __forceinline__ f16_t from_f<f16_t>(float f) {
+    f16_t r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(f));
+    return r;
+}
+
+// Rounds an f32 value to T and back (a store followed by a load).
+template <typename T> __device__ __forceinline__ float rnd(float f) { return to_f(from_f<T>(f)); }
+
+__device__ __forceinline__ float rnd_probs(float f, int probs_dt) {
+    if (probs_dt == 1) return rnd<bf16_t>(f);
+    if (probs_dt == 2) return rnd<f16_t>(f);
+    return f;
+}
+
+// Activations: 0 silu, 1 gelu (exact erf), 2 quick_gelu, 3 squared_relu.
+__device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
+__device__ __forceinline__ float act_apply(int act, float x) {
+    switch (act) {
+        case 0: return x * sigmoidf_(x);
+        case 1: return x * 0.5f * (1.0f + erff(x * 0.70710678118654752f));
+        case 2: return x * sigmoidf_(1.702f * x);
+        default: { float r = fmaxf(x, 0.0f); return r * r; }
+    }
+}
+__device__ __forceinline__ float act_deriv(int act, float x) {
+    switch (act) {
+        case 0: { float s = sigmoidf_(x); return s * (1.0f + x * (1.0f - s)); }
+        case 1: {
+            float cdf = 0.5f * (1.0f + erff(x * 0.70710678118654752f));
+            float pdf = expf(-0.5f * x * x) * 0.39894228040143268f;
+            return cdf + x * pdf;
+        }
+        case 2: { float s = sigmoidf_(1.702f * x); return s * (1.0f + 1.702f * x * (1.0f - s)); }
+        default: return 2.0f * fmaxf(x, 0.0f);
+    }
+}
+
+struct ActParams {
+    int glu;        // gated linear unit
+    int act;        // activation id
+    int eager;      // 1: per-op rounding (SequentialMLP, TEGroupedMLP); 0: fp32 chain (GroupedMLP)
+    int has_clamp;  // activation_func_clamp_value set (and honoured by the class)
+    float clamp;
+    float offset;   // glu_linear_offset as the class applies it
+};
+
+// z for one element: GLU pair (g, l) or plain a (l unused). Returns z as the class computes it
+// (rounded to T when eager, unrounded f32 otherwise).
+template <typename T>
+__device__ __forceinline__ float act_z(const ActParams& ap, float g, float l) {
+    if (ap.glu) {
+        float gc = g, lc = l;
+        if (ap.has_clamp) {
+            gc = rnd<T>(fminf(g, ap.clamp));
+            lc = rnd<T>(fminf(fmaxf(l, -ap.clamp), ap.clamp));
+        }
+        if (ap.eager) {
+            float act_g = rnd<T>(act_apply(ap.act, gc));
+            float lin = ap.offset != 0.0f ? rnd<T>(lc + ap.offset) : lc;
+            return rnd<T>(act_g * lin);
+        }
+        return act_apply(ap.act, gc) * (lc + ap.offset);
+    }
+    return ap.eager ? rnd<T>(act_apply(ap.act, g)) : act_apply(ap.act, g);
+}
+
+// Forward activation block. a: [rows, n1] fc1 output (n1 = 2*n2 with GLU, n2 otherwise);
+// b1: [experts, n1] or null (SequentialMLP's separately added fc1 bias: a <- round(a + b1),
+// written back into a for backward); p: [rows] probs as applied after the activation;
+// u: [rows, n2] output round(z * p). One thread per (row, j < n2).
+template <typename T>
+__device__ void act_fwd(T* a, const T* b1, const float* p, const int* row_expert, T* u,
+                        int rows, int n2, ActParams ap) {
+    const int n1 = ap.glu ? 2 * n2 : n2;
+    const long long total = (long long)rows * n2;
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
+         idx += (long long)gridDim.x * blockDim.x) {
+        const long long r = idx / n2;
+        const int j = (int)(idx % n2);
+        T* arow = a + r * n1;
+        float g = to_f(arow[j]);
+        float l = ap.glu ? to_f(arow[n2 + j]) : 0.0f;
+        if (b1 != nullptr) {
+            const T* brow = b1 + (long long)row_expert[r] * n1;
+            g = rnd<T>(g + to_f(brow[j]));
+            arow[j] = from_f<T>(g);
+            if (ap.glu) {
+                l = rnd<T>(l + to_f(brow[n2 + j]));
+                arow[n2 + j] = from_f<T>(l);
+            }
+        }
+        float z = act_z<T>(ap, g, l);
+        u[r * n2 + j] = from_f<T>(z * p[r]);
+    }
+}
+
+// Backward activation block, one block per row r. Inputs: a [rows, n1] (bias included), du
+// [rows, n2] = round(G·W2), p [rows], g [rows, h] and b2 [experts, h] (null without fc2 bias).
+// Outputs: da [rows, n1]; dp[r] = round_probs(Σ_j G_rj b2_j + Σ_j du_rj z_rj) when write_dp.
+template <typename T>
+__device__ void act_bwd(const T* a, const T* du, const float* p, const T* gout, const T* b2,
+                        const int* row_expert, T* da, float* dp, int write_dp, int rows, int n2,
+                        int h, ActParams ap, int probs_dt) {
+    __shared__ float red_act[256];
+    __shared__ float red_bias[256];
+    const int r = blockIdx.x;
+    if (r >= rows) return;
+    const int n1 = ap.glu ? 2 * n2 : n2;
+    const T* arow = a + (long long)r * n1;
+    const T* durow = du + (long long)r * n2;
+    T* darow = da + (long long)r * n1;
+    const float pr = p[r];
+    float acc = 0.0f;
+    for (int j = threadIdx.x; j < n2; j += blockDim.x) {
+        float dui = to_f(durow[j]);
+        float dz = ap.eager ? rnd<T>(dui * pr) : dui * pr;
+        if (ap.glu) {
+            float g = to_f(arow[j]);
+            float l = to_f(arow[n2 + j]);
+            float gc = g, lc = l;
+            bool gate_mask = true, lin_mask = true;
+            if (ap.has_clamp) {
+                gc = rnd<T>(fminf(g, ap.clamp));
+                lc = rnd<T>(fminf(fmaxf(l, -ap.clamp), ap.clamp));
+                gate_mask = g <= ap.clamp;
+                lin_mask = (l >= -ap.clamp) && (l <= ap.clamp);
+            }
+            float dg, dl, z;
+            if (ap.eager) {
+                float act_g = rnd<T>(act_apply(ap.act, gc));
+                float lin = ap.offset != 0.0f ? rnd<T>(lc + ap.offset) : lc;
+                z = rnd<T>(act_g * lin);
+                float d_act_g = rnd<T>(dz * lin);
+                float d_lin = rnd<T>(dz * act_g);
+                dg = gate_mask ? rnd<T>(d_act_g * act_deriv(ap.act, gc)) : 0.0f;
+                dl = lin_mask ? d_lin : 0.0f;
+            } else {
+                z = act_apply(ap.act, gc) * (lc + ap.offset);
+                dg = rnd<T>(dz * (lc + ap.offset) * act_deriv(ap.act, gc));
+                dl = rnd<T>(dz * act_apply(ap.act, gc));
+            }
+            darow[j] = from_f<T>(dg);
+            darow[n2 + j] = from_f<T>(dl);
+            acc += dui * z;
+        } else {
+            float x = to_f(arow[j]);
+            float z = ap.eager ? rnd<T>(act_apply(ap.act, x)) : act_apply(ap.act, x);
+            darow[j] = from_f<T>(dz * act_deriv(ap.act, x));
+            acc += dui * z;
+        }
+    }
+    float accb = 0.0f;
+    if (b2 != nullptr) {
+        const T* grow = gout + (long long)r * h;
+        const T* brow = b2 + (long long)row_expert[r] * h;
+        for (int j = threadIdx.x; j < h; j += blockDim.x) accb += to_f(grow[j]) * to_f(brow[j]);
+    }
+    red_act[threadIdx.x] = acc;
+    red_bias[threadIdx.x] = accb;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) {
+            red_act[threadIdx.x] += red_act[threadIdx.x + s];
+            red_bias[threadIdx.x] += red_bias[threadIdx.x + s];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0 && write_dp) dp[r] = rnd_probs(red_bias[0] + red_act[0], probs_dt);
+}
+
+// out[r, c] = round(x[r, c] * p[r]) (moe_apply_probs_on_input, spec §4.7).
+template <typename T>
+__device__ void scale_rows(const T* x, const float* p, T* out, int rows, int cols) {
+    const long long total = (long long)rows * cols;
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
+         idx += (long long)gridDim.x * blockDim.x) {
+        out[idx] = from_f<T>(to_f(x[idx]) * p[idx / cols]);
+    }
+}
+
+// Backward of the probs-on-input scaling, one block per row r: dp[r] = round_probs(Σ_c dx'_rc
+// x_rc), then dx_rc = round(dx'_rc * p_r) in place.
+template <typename T>
+__device__ void probs_in_bwd(T* dx, const T* x, const float* p, float* dp, int rows, int cols,
+                             int probs_dt) {
+    __shared__ float red[256];
+    const int r = blockIdx.x;
+    if (r >= rows) return;
+    T* row = dx + (long long)r * cols;
+    const T* xrow = x + (long long)r * cols;
+    float acc = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) acc += to_f(row[c]) * to_f(xrow[c]);
+    red[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
+        __syncthreads();
+    }
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) row[c] = from_f<T>(to_f(row[c]) * p[r]);
+    if (threadIdx.x == 0) dp[r] = rnd_probs(red[0], probs_dt);
+}
+
+// a[r, c] = b[row_expert[r], c]: TEGroupedMLP's fc1 bias, pre-filled so that the GEMM with
+// beta = 1 rounds x·W1ᵀ + b1 once (bias inside the GEMM, spec §4.2).
+template <typename T>
+__device__ void fill_bias_rows(T* a, const T* b, const int* row_expert, int rows, int cols) {
+    const long long total = (long long)rows * cols;
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
+         idx += (long long)gridDim.x * blockDim.x) {
+        const long long r = idx / cols;
+        const int c = (int)(idx % cols);
+        a[idx] = b[(long long)row_expert[r] * cols + c];
+    }
+}
+
+// y[r, c] = round(y[r, c] + b2[e, c] * p[r]) with the sum in f32 (spec §4.5.1 step 7, §4.6).
+template <typename T>
+__device__ void fc2_bias_fwd(T* y, const T* b2, const float* p, const int* row_expert, int rows,
+                             int cols) {
+    const long long total = (long long)rows * cols;
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
+         idx += (long long)gridDim.x * blockDim.x) {
+        const long long r = idx / cols;
+        const int c = (int)(idx % cols);
+        y[idx] = from_f<T>(to_f(y[idx]) + to_f(b2[(long long)row_expert[r] * cols + c]) * p[r]);
+    }
+}
+
+// out[e, c] = round(Σ_{r in segment e} w_r · grad[r, c]) with w = p (null: w = 1), f32 sum.
+// Segment e is rows [seg_off[e], seg_off[e] + seg_len[e]); an empty segment writes exact zeros.
+template <typename T>
+__device__ void col_sum(const T* grad, const float* p, const int* seg_off, const int* seg_len,
+                        T* out, int cols) {
+    const int e = blockIdx.y;
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    const long long start = seg_off[e];
+    const int n = seg_len[e];
+    float acc = 0.0f;
+    for (int i = 0; i < n; ++i) {
+        float v = to_f(grad[(start + i) * cols + c]);
+        acc += p != nullptr ? p[start + i] * v : v;
+    }
+    out[(long long)e * cols + c] = from_f<T>(acc);
+}
+
+#define INSTANTIATE(T, S)                                                                        \
+    extern "C" __global__ void act_fwd_##S(T* a, const T* b1, const float* p,                    \
+                                           const int* row_expert, T* u, int rows, int n2,        \
+                                           ActParams ap) {                                       \
+        act_fwd<T>(a, b1, p, row_expert, u, rows, n2, ap);                                       \
+    }                                                                                            \
+    extern "C" __global__ void act_bwd_##S(const T* a, const T* du, const float* p,              \
+                                           const T* gout, const T* b2, const int* row_expert,    \
+                                           T* da, float* dp, int write_dp, int rows, int n2,     \
+                                           int h, ActParams ap, int probs_dt) {                  \
+        act_bwd<T>(a, du, p, gout, b2, row_expert, da, dp, write_dp, rows, n2, h, ap, probs_dt); \
+    }                                                                                            \
+    extern "C" __global__ void scale_rows_##S(const T* x, const float* p, T* out, int rows,      \
+                                              int cols) {                                        \
+        scale_rows<T>(x, p, out, rows, cols);                                                    \
+    }                                                                                            \
+    extern "C" __global__ void probs_in_bwd_##S(T* dx, const T* x, const float* p, float* dp,    \
+                                                int rows, int cols, int probs_dt) {              \
+        probs_in_bwd<T>(dx, x, p, dp, rows, cols, probs_dt);                                     \
+    }                                                                                            \
+    extern "C" __global__ void fill_bias_rows_##S(T* a, const T* b, const int* row_expert,       \
+                                                  int rows, int cols) {                          \
+        fill_bias_rows<T>(a, b, row_expert, rows, cols);                                         \
+    }                                                                                            \
+    extern "C" __global__ void fc2_bias_fwd_##S(T* y, const T* b2, const float* p,               \
+                                                const int* row_expert, int rows, int cols) {     \
+        fc2_bias_fwd<T>(y, b2, p, row_expert, rows, cols);                                       \
+    }                                                                                            \
+    extern "C" __global__ void col_sum_##S(const T* grad, const float* p, const int* seg_off,    \
+                                           const int* seg_len, T* out, int cols) {               \
+        col_sum<T>(grad, p, seg_off, seg_len, out, cols);                                        \
+    }
+
+INSTANTIATE(float, f32)
+INSTANTIATE(bf16_t, bf16)
+INSTANTIATE(f16_t, f16)
