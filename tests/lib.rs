@@ -1,1 +1,4 @@
+//! The single integration-test binary.
 
+#[cfg(feature = "cuda")]
+mod gpu;

@@ -134,6 +134,18 @@ fn cuda_dtype(dt: Dtype) -> cublas_sys::cudaDataType {
     }
 }
 
+/// Compiles `kernels/experts.cu` with NVRTC for `arch` (`sm_90`). Needs only libnvrtc, no GPU.
+pub fn compile_kernels(arch: &'static str) -> Result<cudarc::nvrtc::Ptx, GpuError> {
+    let opts = cudarc::nvrtc::CompileOptions { arch: Some(arch), name: Some("experts.cu".into()), ..Default::default() };
+    cudarc::nvrtc::compile_ptx_with_opts(EXPERTS_CU, opts).map_err(|e| {
+        let log = match &e {
+            cudarc::nvrtc::CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
+            other => format!("{other:?}"),
+        };
+        GpuError::Compile { kernel: "experts.cu", log }
+    })
+}
+
 impl Engine {
     fn create() -> Result<Engine, GpuError> {
         let ctx = CudaContext::new(0)?;
@@ -146,18 +158,7 @@ impl Engine {
         let (major, minor) = ctx.compute_capability()?;
         let arch = arch_name(major, minor);
         let device_name = ctx.name()?;
-        let opts = cudarc::nvrtc::CompileOptions {
-            arch: Some(arch),
-            name: Some("experts.cu".into()),
-            ..Default::default()
-        };
-        let ptx = cudarc::nvrtc::compile_ptx_with_opts(EXPERTS_CU, opts).map_err(|e| {
-            let log = match &e {
-                cudarc::nvrtc::CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
-                other => format!("{other:?}"),
-            };
-            GpuError::Compile { kernel: "experts.cu", log }
-        })?;
+        let ptx = compile_kernels(arch)?;
         let module = ctx.load_module(ptx)?;
         let mut functions = HashMap::new();
         for base in KERNEL_NAMES {
@@ -357,5 +358,29 @@ impl Engine {
     /// One block of 256 threads per row.
     pub fn per_row(rows: usize) -> Result<LaunchConfig, GpuError> {
         Ok(LaunchConfig { grid_dim: (u32::try_from(rows)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Compiles the kernels where libnvrtc is loadable (no GPU needed) and checks every entry
+    /// point the engine loads is in the PTX. Skips loudly elsewhere.
+    #[test]
+    fn kernels_compile_with_nvrtc_for_sm_90() {
+        // SAFETY: only tries to dlopen libnvrtc by name.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            println!("SKIP gpu::kernels_compile_with_nvrtc_for_sm_90: libnvrtc not found");
+            return;
+        }
+        let ptx = compile_kernels("sm_90").unwrap_or_else(|e| panic!("{e}"));
+        let src = ptx.to_src();
+        for base in KERNEL_NAMES {
+            for dt in Dtype::ALL {
+                let name = format!("{base}_{}", dtype_suffix(dt));
+                assert!(src.contains(&format!(".entry {name}(")), "{name} missing from the PTX");
+            }
+        }
     }
 }
