@@ -19,6 +19,7 @@ use moe_reference::{
 };
 use ndarray::{Array1, Array2};
 use rand::{Rng, SeedableRng};
+use std::io::Write;
 use rand_chacha::ChaCha8Rng;
 
 const U_F32: f64 = 5.960_464_477_539_063e-8; // 2^-24
@@ -55,7 +56,8 @@ fn gpus(test: &str) -> Option<Gpus> {
             if moe_gpu::cuda_required() {
                 panic!("MOE_REQUIRE_CUDA=1 but the GPU is unusable: {e}");
             }
-            println!("{msg}");
+            // Straight to the stderr handle: libtest captures print!/eprint! of passing tests.
+            let _ = writeln!(std::io::stderr(), "{msg}");
             None
         }
     }

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine from the repository root, with the binaries staged by gpu-run.sh in
+# .stage/. Writes logs under $OUT (when set). Steps are chosen by $STEPS (default: all):
+#   tests     release integration tests with MOE_REQUIRE_CUDA=1
+#   sanitize  compute-sanitizer memcheck and racecheck on the GPU tests, fewer cases
+#   sampled   sampled verification of the four model shapes
+#   bench     criterion GPU benches, then the PyTorch comparison
+set -uo pipefail
+out="${OUT:-/tmp/out}"; mkdir -p "$out"
+steps="${STEPS:-tests sanitize sampled bench}"
+export MOE_REQUIRE_CUDA=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
+for s in $steps; do
+  case "$s" in
+    tests)
+      echo "== tests"; (time .stage/integration gpu:: --test-threads 4 --nocapture) 2>&1 | tee "$out/tests.log" | grep -E "^test |test result|worst|cases|SKIP|panicked|failed" ;;
+    sanitize)
+      for tool in memcheck racecheck; do
+        echo "== compute-sanitizer $tool"
+        MOE_GPU_CASES=24 compute-sanitizer --tool "$tool" --error-exitcode 9 .stage/integration gpu:: --test-threads 1 --skip emulating > "$out/sanitizer-$tool.log" 2>&1
+        echo "exit $?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result" "$out/sanitizer-$tool.log" | tail -3
+      done ;;
+    sampled)
+      echo "== sampled"; .stage/integration sampled_large --ignored --nocapture --test-threads 1 2>&1 | tee "$out/sampled.log" | grep -vE "^\s*$" | tail -40 ;;
+    bench)
+      echo "== bench"; .stage/bench --bench gpu 2>&1 | tee "$out/bench.log" | grep -E "TFLOP|SKIP|time:" | head -60
+      echo "== torch"; PYTHONUNBUFFERED=1 python3 .stage/torch_experts_bench.py 2>&1 | tee "$out/torch.log" | tail -20 ;;
+  esac
+done

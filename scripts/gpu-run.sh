@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Builds the release integration-test binary and the bench binary on this (CPU) machine and
+# stages them, with the device-side scripts, in <dest>/.stage/ (git-ignored) for the GPU
+# machine, which has no Rust toolchain. Usage: scripts/gpu-run.sh [dest-repo-root]
+# The device tool sends the session's main checkout, so pass /work/main when working in a
+# worktree, then call the device with carry [".stage"] and the printed command.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+dest="${1:-$root}"
+cd "$root"
+stage="$dest/.stage"
+mkdir -p "$stage"
+exe_of() { # $1 = target kind (test|bench), rest = cargo args; prints that artifact's executable
+  local kind="$1"; shift
+  cargo "$@" --no-run --message-format=json 2>/dev/null |
+    KIND="$kind" python3 -c 'import json,os,sys
+for l in sys.stdin:
+    m=json.loads(l)
+    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]==[os.environ["KIND"]]:
+        print(m["executable"])' | tail -1
+}
+test_exe="$(exe_of test test --release --test integration)"
+bench_exe="$(exe_of bench bench --bench main)"
+[ -n "$test_exe" ] && [ -n "$bench_exe" ] || { echo "build failed" >&2; exit 1; }
+cp "$test_exe" "$stage/integration"
+cp "$bench_exe" "$stage/bench"
+cp scripts/gpu-device.sh scripts/torch_experts_bench.py "$stage/" 2>/dev/null || true
+ls -la "$stage"
+echo
+echo "device command (carry [\".stage\"]):"
+echo "  bash .stage/gpu-device.sh"
