@@ -73,9 +73,11 @@ struct Worst {
 /// Compares `got` with `exp` under the tolerance model; `Err` names the worst element.
 /// Compares `got` with `exp` under the tolerance model (`Err` names the first bad element),
 /// where `emu` (the emulating reference on the same case) widens an element's
-/// tolerance by `2·|emu − exp|`: an implementation that rounds where Megatron rounds may be
-/// as far from the oracle as that rounding model is (its f32 kernels add a few f32 ulps per
-/// transcendental op, hence the factor 2). The model alone is marginally tight for ~1.5 % of
+/// tolerance by `2·|emu_i − exp_i| + 4·rms_block(emu − exp)`: an implementation that rounds
+/// where Megatron rounds may be as far from the oracle as that rounding model is, at that
+/// element or typically over the block (its f32 kernels and cuBLAS's summation order draw
+/// different rounding errors than the emulator; a 5-row fp32 wgrad of a squared-ReLU GLU was
+/// seen at 4x the emulator's error on the element where the emulator happened to be exact). The model alone is marginally tight for ~1.5 % of
 /// random cases (see `the_emulating_reference_passes_the_gpu_tolerance_model`).
 fn compare_with(name: &str, got: &[f64], exp: &[f64], emu: Option<&[f64]>, dtype: Dtype, k: usize, worst: &mut Worst) -> Result<(), String> {
     if got.len() != exp.len() {
@@ -86,10 +88,12 @@ fn compare_with(name: &str, got: &[f64], exp: &[f64], emu: Option<&[f64]>, dtype
     }
     let rtol = 8.0 * dtype.unit_roundoff() + 4.0 * (k as f64).sqrt() * U_F32;
     let rms = (exp.iter().map(|v| v * v).sum::<f64>() / exp.len() as f64).sqrt();
+    // The rounding model's typical error at this block's scale (0 without `emu`).
+    let emu_rms = emu.map_or(0.0, |m| (m.iter().zip(exp).map(|(m, e)| (m - e) * (m - e)).sum::<f64>() / exp.len() as f64).sqrt());
     let mut bad = 0usize;
     let mut first_bad = None;
     for (i, (&g, &e)) in got.iter().zip(exp).enumerate() {
-        let tol = rtol * (e.abs() + rms) + emu.map_or(0.0, |m| 2.0 * (m[i] - e).abs());
+        let tol = rtol * (e.abs() + rms) + emu.map_or(0.0, |m| 2.0 * (m[i] - e).abs()) + 4.0 * emu_rms;
         let err = (g - e).abs();
         let ok = err <= tol; // NaN fails
         if !ok {
@@ -115,7 +119,7 @@ fn compare_with(name: &str, got: &[f64], exp: &[f64], emu: Option<&[f64]>, dtype
 /// Compares two layer runs: output, input grad, probs grad, every weight grad per expert block.
 fn compare_runs_with(cfg: &LayerConfig, got: &LayerRun, exp: &LayerRun, emu: Option<&LayerRun>, k: usize, worst: &mut Worst) -> Result<(), String> {
     let dt = cfg.params_dtype;
-    let sl = |a: &Array2<f64>| a.as_slice().unwrap().to_vec();
+    let sl = |a: &Array2<f64>| a.iter().copied().collect::<Vec<f64>>();
     compare_with("output", &sl(&got.output), &sl(&exp.output), emu.map(|m| sl(&m.output)).as_deref(), dt, k, worst)?;
     compare_with("grad_input", &sl(&got.grad_input), &sl(&exp.grad_input), emu.map(|m| sl(&m.grad_input)).as_deref(), dt, k, worst)?;
     compare_with("grad_probs", &got.grad_probs.to_vec(), &exp.grad_probs.to_vec(), emu.map(|m| m.grad_probs.to_vec()).as_deref(), dt, k, worst)?;
@@ -554,17 +558,19 @@ fn gpu_layers_compose_under_expert_and_tensor_parallelism() {
                 let k = 32;
                 let mut w = Worst::default();
                 let dt = cfg.params_dtype;
-                let mut res = compare_with("output", got.output.as_slice().unwrap(), exp.output.as_slice().unwrap(), emu.output.as_slice(), dt, k, &mut w)
-                    .and_then(|_| compare_with("grad_input", got.grad_input.as_slice().unwrap(), exp.grad_input.as_slice().unwrap(), emu.grad_input.as_slice(), dt, k, &mut w))
-                    .and_then(|_| compare_with("grad_probs", got.grad_probs.as_slice().unwrap(), exp.grad_probs.as_slice().unwrap(), emu.grad_probs.as_slice(), dt, k, &mut w));
+                let f2 = |a: &Array2<f64>| a.iter().copied().collect::<Vec<f64>>();
+                let f1 = |a: &Array1<f64>| a.to_vec();
+                let mut res = compare_with("output", &f2(&got.output), &f2(&exp.output), Some(&f2(&emu.output)), dt, k, &mut w)
+                    .and_then(|_| compare_with("grad_input", &f2(&got.grad_input), &f2(&exp.grad_input), Some(&f2(&emu.grad_input)), dt, k, &mut w))
+                    .and_then(|_| compare_with("grad_probs", &f1(&got.grad_probs), &f1(&exp.grad_probs), Some(&f1(&emu.grad_probs)), dt, k, &mut w));
                 for (q, ranks) in got.rank_weight_grads.iter().enumerate() {
                     for (r, set) in ranks.iter().enumerate() {
                         for (e, wg) in set.experts.iter().enumerate() {
                             let we = &exp.rank_weight_grads[q][r].experts[e];
                             let wm = &emu.rank_weight_grads[q][r].experts[e];
                             res = res
-                                .and_then(|_| compare_with(&format!("dW1 ep{q} tp{r} e{e}"), wg.fc1_weight.as_slice().unwrap(), we.fc1_weight.as_slice().unwrap(), wm.fc1_weight.as_slice(), dt, k, &mut w))
-                                .and_then(|_| compare_with(&format!("dW2 ep{q} tp{r} e{e}"), wg.fc2_weight.as_slice().unwrap(), we.fc2_weight.as_slice().unwrap(), wm.fc2_weight.as_slice(), dt, k, &mut w));
+                                .and_then(|_| compare_with(&format!("dW1 ep{q} tp{r} e{e}"), &f2(&wg.fc1_weight), &f2(&we.fc1_weight), Some(&f2(&wm.fc1_weight)), dt, k, &mut w))
+                                .and_then(|_| compare_with(&format!("dW2 ep{q} tp{r} e{e}"), &f2(&wg.fc2_weight), &f2(&we.fc2_weight), Some(&f2(&wm.fc2_weight)), dt, k, &mut w));
                         }
                     }
                 }
