@@ -624,3 +624,32 @@ fn gpu_implementations_prove_they_launched_kernels() {
         assert!(after >= before + 9, "{class}: {before} -> {after} launches");
     }
 }
+
+/// Model-sized shapes, verified by sampling (moe_gpu::sampled): every shape on TEGroupedMLP,
+/// DeepSeek-V3 and Qwen3 on the other two classes. Ignored by default (minutes of host work);
+/// the device script runs it with `--ignored`. `MOE_SAMPLED_SHAPES` narrows the shapes.
+#[test]
+#[ignore]
+fn sampled_large_shapes_match_the_oracle() {
+    let Some(_gpus) = gpus("sampled_large_shapes_match_the_oracle") else { return };
+    let only = std::env::var("MOE_SAMPLED_SHAPES").unwrap_or_default();
+    let mut failed = Vec::new();
+    for s in moe_gpu::sampled::SHAPES {
+        if !only.is_empty() && !only.split(',').any(|o| o == s.name) {
+            continue;
+        }
+        let mut classes = vec![LayerClass::TeGrouped];
+        if s.name == "deepseek-v3" || s.name == "qwen3-30b-a3b" {
+            classes.extend([LayerClass::Sequential, LayerClass::Grouped]);
+        }
+        for class in classes {
+            let t0 = std::time::Instant::now();
+            let report = moe_gpu::sampled::verify_large_shape_class(class, s.name, 0, 42).unwrap_or_else(|e| panic!("{} {class}: {e}", s.name));
+            println!("{report}  (host+device {:.1} s)", t0.elapsed().as_secs_f64());
+            if !report.passed() {
+                failed.push(format!("{} {class}", s.name));
+            }
+        }
+    }
+    assert!(failed.is_empty(), "sampled verification failed for {failed:?}");
+}

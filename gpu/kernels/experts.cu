@@ -284,6 +284,24 @@ __device__ void col_sum(const T* grad, const float* p, const int* seg_off, const
     out[(long long)e * cols + c] = from_f<T>(acc);
 }
 
+// out[i] = round(scale * U(-1, 1)) from a counter-based hash of (seed, i): deterministic random
+// weights and inputs generated on the device (benches, sampled verification). 1-D grid-stride.
+__device__ __forceinline__ unsigned long long splitmix64(unsigned long long x) {
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+template <typename T>
+__device__ void init_uniform(T* out, long long n, unsigned long long seed, float scale) {
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < n;
+         idx += (long long)gridDim.x * blockDim.x) {
+        unsigned long long r = splitmix64(seed ^ splitmix64((unsigned long long)idx));
+        float u = (float)(r >> 40) * (1.0f / 16777216.0f);  // [0, 1), 24 bits
+        out[idx] = from_f<T>((2.0f * u - 1.0f) * scale);
+    }
+}
+
 #define INSTANTIATE(T, S)                                                                        \
     extern "C" __global__ void act_fwd_##S(T* a, const T* b1, const float* p,                    \
                                            const int* row_expert, T* u, int rows, int n2,        \
@@ -315,6 +333,10 @@ __device__ void col_sum(const T* grad, const float* p, const int* seg_off, const
     extern "C" __global__ void col_sum_##S(const T* grad, const float* p, const int* seg_off,    \
                                            const int* seg_len, T* out, int cols) {               \
         col_sum<T>(grad, p, seg_off, seg_len, out, cols);                                        \
+    }                                                                                            \
+    extern "C" __global__ void init_uniform_##S(T* out, long long n, unsigned long long seed,     \
+                                                float scale) {                                   \
+        init_uniform<T>(out, n, seed, scale);                                                    \
     }
 
 INSTANTIATE(float, f32)

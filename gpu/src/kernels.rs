@@ -74,6 +74,12 @@ pub enum Arg {
     I32(i32),
     /// Activation parameters.
     Act(ActParams),
+    /// 64-bit integer.
+    I64(i64),
+    /// 64-bit unsigned integer.
+    U64(u64),
+    /// 32-bit float.
+    F32(f32),
 }
 
 /// The process-wide CUDA state.
@@ -115,7 +121,7 @@ fn arch_name(major: i32, minor: i32) -> &'static str {
     }
 }
 
-const KERNEL_NAMES: [&str; 7] = ["act_fwd", "act_bwd", "scale_rows", "probs_in_bwd", "fill_bias_rows", "fc2_bias_fwd", "col_sum"];
+const KERNEL_NAMES: [&str; 8] = ["act_fwd", "act_bwd", "scale_rows", "probs_in_bwd", "fill_bias_rows", "fc2_bias_fwd", "col_sum", "init_uniform"];
 
 /// The kernel-name suffix of a dtype.
 pub fn dtype_suffix(dt: Dtype) -> &'static str {
@@ -284,6 +290,9 @@ impl Engine {
                 Arg::Ptr(p) => builder.arg(p),
                 Arg::I32(v) => builder.arg(v),
                 Arg::Act(ap) => builder.arg(ap),
+                Arg::I64(v) => builder.arg(v),
+                Arg::U64(v) => builder.arg(v),
+                Arg::F32(v) => builder.arg(v),
             };
         }
         // SAFETY: every `experts.cu` kernel takes exactly the arguments its Rust caller in
@@ -347,6 +356,12 @@ impl Engine {
         }?;
         self.launches += 1;
         Ok(())
+    }
+
+    /// Fills `n` elements of `dt` at `ptr` with `round(scale·U(-1, 1))`, deterministic in `seed`.
+    pub fn fill_uniform(&mut self, dt: Dtype, ptr: u64, n: usize, seed: u64, scale: f32) -> Result<(), GpuError> {
+        let args = [Arg::Ptr(ptr), Arg::I64(i64::try_from(n)?), Arg::U64(seed), Arg::F32(scale)];
+        self.launch("init_uniform", dt, Engine::elementwise(n), &args)
     }
 
     /// A 1-D grid-stride launch shape for `total` elements.

@@ -222,6 +222,50 @@ impl Engine {
         })
     }
 
+    /// Random weights generated on the device in `cfg.class`'s layout (benches and sampled
+    /// verification of model-sized shapes, where a host state dict would not fit): weights
+    /// `U(-1, 1)/√fan_in`, biases `U(-0.5, 0.5)`, rounded to the params dtype, deterministic in
+    /// `seed`.
+    pub fn prepare_random(&mut self, cfg: &LayerConfig, seed: u64) -> Result<DeviceWeights, GpuError> {
+        let d = dims(cfg);
+        let n1 = d.el * d.n1 * d.h;
+        let n2 = d.el * d.h * d.n2;
+        let w1 = self.alloc(n1 * d.ds)?;
+        let w2 = self.alloc(n2 * d.ds)?;
+        let (p1, p2) = (self.ptr(&w1, 0), self.ptr(&w2, 0));
+        self.fill_uniform(d.dt, p1, n1, seed, (1.0 / (d.h as f64).sqrt()) as f32)?;
+        self.fill_uniform(d.dt, p2, n2, seed.wrapping_add(1), (1.0 / (cfg.ffn_hidden_size as f64).sqrt()) as f32)?;
+        let (b1, b2) = if cfg.add_bias {
+            let b1 = self.alloc(d.el * d.n1 * d.ds)?;
+            let b2 = self.alloc(d.el * d.h * d.ds)?;
+            let (q1, q2) = (self.ptr(&b1, 0), self.ptr(&b2, 0));
+            self.fill_uniform(d.dt, q1, d.el * d.n1, seed.wrapping_add(2), 0.5)?;
+            self.fill_uniform(d.dt, q2, d.el * d.h, seed.wrapping_add(3), 0.5)?;
+            (Some(b1), Some(b2))
+        } else {
+            (None, None)
+        };
+        Ok(DeviceWeights { w1, w2, b1, b2 })
+    }
+
+    /// Random device inputs for a workspace with no padding: `x`, `g` ~ `U(-1, 1)` in the
+    /// params dtype, probs ~ `U(0.05, 1)` (f32, rounded to the probs dtype on the host).
+    pub fn random_inputs(&mut self, cfg: &LayerConfig, ws: &mut Workspace, seed: u64) -> Result<(), GpuError> {
+        let d = dims(cfg);
+        let (px, pg) = (self.ptr(&ws.x, 0), self.ptr(&ws.g, 0));
+        self.fill_uniform(d.dt, px, ws.rows * d.h, seed ^ 0x1111, 1.0)?;
+        self.fill_uniform(d.dt, pg, ws.rows * d.h, seed ^ 0x2222, 1.0)?;
+        let mut state = seed ^ 0x3333;
+        let probs: Vec<f64> = (0..ws.rows)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                cfg.probs_dtype.round(0.05 + 0.95 * ((state >> 40) as f64 / (1u64 << 24) as f64))
+            })
+            .collect();
+        let pb = to_bytes(Dtype::F32, probs);
+        self.write(&mut ws.p, &pb)
+    }
+
     /// Allocates the buffers for one call with the given segment row counts (see [`segments`]).
     pub fn workspace(&mut self, cfg: &LayerConfig, counts: &[usize], poison: bool) -> Result<Workspace, GpuError> {
         let d = dims(cfg);
