@@ -11,7 +11,10 @@ use crate::error::GpuError;
 use crate::kernels::{engine, probe};
 use crate::layer::{from_bytes, segments};
 use moe_reference::layer::validate_inputs;
-use moe_reference::{Dtype, ExpertLayer, Inputs, LayerClass, LayerConfig, LayerError, LayerRun, StateDict, WgradTiming};
+use moe_reference::{
+    Dtype, ExpertLayer, Inputs, LayerClass, LayerConfig, LayerError, LayerRun, StateDict,
+    WgradTiming,
+};
 use ndarray::{Array1, Array2};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -32,23 +35,44 @@ impl CudaLayer {
         probe()?;
         // Creates the context and compiles the kernels now, so a broken setup fails here.
         drop(engine()?);
-        Ok(CudaLayer { class, name, poison: false, launches: AtomicU64::new(0) })
+        Ok(CudaLayer {
+            class,
+            name,
+            poison: false,
+            launches: AtomicU64::new(0),
+        })
     }
 
     fn supports(&self, cfg: &LayerConfig) -> Result<(), GpuError> {
         cfg.validate()?;
         if cfg.class != self.class {
-            return Err(GpuError::Unsupported(format!("{} implements {}, not {}", self.name, self.class.megatron_name(), cfg.class.megatron_name())));
+            return Err(GpuError::Unsupported(format!(
+                "{} implements {}, not {}",
+                self.name,
+                self.class.megatron_name(),
+                cfg.class.megatron_name()
+            )));
         }
         Ok(())
     }
 
-    fn run(&self, cfg: &LayerConfig, params: &StateDict, inputs: &Inputs, grad: Option<&Array2<f64>>, timing: WgradTiming) -> Result<DeviceRun, GpuError> {
+    fn run(
+        &self,
+        cfg: &LayerConfig,
+        params: &StateDict,
+        inputs: &Inputs,
+        grad: Option<&Array2<f64>>,
+        timing: WgradTiming,
+    ) -> Result<DeviceRun, GpuError> {
         self.supports(cfg)?;
         validate_inputs(cfg, inputs)?;
         if let Some(g) = grad {
             if g.dim() != inputs.hidden_states.dim() {
-                return Err(GpuError::Shape(format!("grad_output is {:?}, output is {:?}", g.dim(), inputs.hidden_states.dim())));
+                return Err(GpuError::Shape(format!(
+                    "grad_output is {:?}, output is {:?}",
+                    g.dim(),
+                    inputs.hidden_states.dim()
+                )));
             }
             moe_reference::layer::check_finite("input.grad_output", g)?;
             if timing == WgradTiming::Deferred && cfg.class == LayerClass::Grouped {
@@ -73,7 +97,10 @@ impl CudaLayer {
                 eng.backward(cfg, &w, &mut ws, !deferred)?;
                 // In deferred mode dx and dp are complete (downloaded) before backward_dw runs.
                 let dx = eng.download_rows(&ws, &ws.dx, h, cfg.params_dtype)?;
-                let dp = eng.download_rows(&ws, &ws.dp, 1, Dtype::F32)?.column(0).to_owned();
+                let dp = eng
+                    .download_rows(&ws, &ws.dp, 1, Dtype::F32)?
+                    .column(0)
+                    .to_owned();
                 if deferred {
                     eng.backward_dw(cfg, &mut ws)?;
                 }
@@ -89,7 +116,12 @@ impl CudaLayer {
 }
 
 impl crate::layer::Workspace {
-    fn y_rows(&self, eng: &mut crate::kernels::Engine, cfg: &LayerConfig, h: usize) -> Result<Array2<f64>, GpuError> {
+    fn y_rows(
+        &self,
+        eng: &mut crate::kernels::Engine,
+        cfg: &LayerConfig,
+        h: usize,
+    ) -> Result<Array2<f64>, GpuError> {
         eng.download_rows(self, &self.y, h, cfg.params_dtype)
     }
 }
