@@ -1,1 +1,13 @@
-//! placeholder
+//! # moe-harness
+//!
+//! The differential-testing side of moe-verify: the tolerance model ([`tolerance`]), tensor
+//! comparison with worst-element reports ([`compare`]), seeded problem generation and proptest
+//! strategies ([`case`], [`strategy`]), the property checks and the differential runner
+//! ([`properties`], [`runner`]).
+#![deny(missing_docs)]
+
+pub mod compare;
+pub mod tolerance;
+
+pub use compare::{compare_runs, compare_tensor, TensorDiff};
+pub use tolerance::Tolerance;
