@@ -6,7 +6,11 @@
 //! ([`properties`], [`runner`]).
 #![deny(missing_docs)]
 
+pub mod case;
 pub mod compare;
+pub mod properties;
+pub mod runner;
+pub mod strategy;
 pub mod tolerance;
 
 pub use compare::{compare_runs, compare_tensor, TensorDiff};

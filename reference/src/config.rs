@@ -5,7 +5,9 @@ use crate::dtype::Dtype;
 use crate::error::ReferenceError;
 
 /// Which Megatron-Core expert class (spec §1).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum LayerClass {
     /// `SequentialMLP`: a loop of ordinary `MLP` experts.
     Sequential,
@@ -17,7 +19,11 @@ pub enum LayerClass {
 
 impl LayerClass {
     /// All classes.
-    pub const ALL: [LayerClass; 3] = [LayerClass::Sequential, LayerClass::Grouped, LayerClass::TeGrouped];
+    pub const ALL: [LayerClass; 3] = [
+        LayerClass::Sequential,
+        LayerClass::Grouped,
+        LayerClass::TeGrouped,
+    ];
 
     /// The dump-metadata name: `sequential`, `grouped` or `te_grouped`.
     pub fn name(self) -> &'static str {
@@ -59,7 +65,9 @@ impl std::fmt::Display for LayerClass {
 }
 
 /// The expert activation function (spec §4.3).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum Activation {
     /// `x·σ(x)` (`F.silu`); with GLU this is SwiGLU.
     Silu,
@@ -73,8 +81,12 @@ pub enum Activation {
 
 impl Activation {
     /// All activations.
-    pub const ALL: [Activation; 4] =
-        [Activation::Silu, Activation::Gelu, Activation::QuickGelu, Activation::SquaredRelu];
+    pub const ALL: [Activation; 4] = [
+        Activation::Silu,
+        Activation::Gelu,
+        Activation::QuickGelu,
+        Activation::SquaredRelu,
+    ];
 
     /// The dump-metadata name: `silu`, `gelu`, `quick_gelu` or `squared_relu`.
     pub fn name(self) -> &'static str {
@@ -123,11 +135,20 @@ pub struct Parallelism {
 
 impl Parallelism {
     /// No parallelism: one rank holds every expert in full.
-    pub const SINGLE: Parallelism = Parallelism { tp_size: 1, tp_rank: 0, ep_size: 1, ep_rank: 0 };
+    pub const SINGLE: Parallelism = Parallelism {
+        tp_size: 1,
+        tp_rank: 0,
+        ep_size: 1,
+        ep_rank: 0,
+    };
 
     /// The same sizes at another rank.
     pub fn at(self, ep_rank: usize, tp_rank: usize) -> Parallelism {
-        Parallelism { ep_rank, tp_rank, ..self }
+        Parallelism {
+            ep_rank,
+            tp_rank,
+            ..self
+        }
     }
 }
 
@@ -218,12 +239,18 @@ impl LayerConfig {
 
     /// The same configuration for a single unsharded rank (t = p_ep = 1).
     pub fn unsharded(&self) -> LayerConfig {
-        LayerConfig { parallel: Parallelism::SINGLE, ..self.clone() }
+        LayerConfig {
+            parallel: Parallelism::SINGLE,
+            ..self.clone()
+        }
     }
 
     /// The same configuration at another (ep_rank, tp_rank).
     pub fn at_rank(&self, ep_rank: usize, tp_rank: usize) -> LayerConfig {
-        LayerConfig { parallel: self.parallel.at(ep_rank, tp_rank), ..self.clone() }
+        LayerConfig {
+            parallel: self.parallel.at(ep_rank, tp_rank),
+            ..self.clone()
+        }
     }
 
     /// Checks the configuration against the rules Megatron-Core enforces (spec §2, §4.4, §4.9,
@@ -238,7 +265,10 @@ impl LayerConfig {
             ));
         }
         if p.tp_size == 0 || p.ep_size == 0 {
-            return bad(format!("tp_size ({}) and ep_size ({}) must be positive", p.tp_size, p.ep_size));
+            return bad(format!(
+                "tp_size ({}) and ep_size ({}) must be positive",
+                p.tp_size, p.ep_size
+            ));
         }
         if p.tp_rank >= p.tp_size || p.ep_rank >= p.ep_size {
             return bad(format!(
@@ -267,11 +297,16 @@ impl LayerConfig {
         }
         if let Some(c) = self.clamp_value {
             if !(c.is_finite() && c > 0.0) {
-                return bad(format!("activation_func_clamp_value must be finite and > 0, got {c}"));
+                return bad(format!(
+                    "activation_func_clamp_value must be finite and > 0, got {c}"
+                ));
             }
         }
         if !self.glu_linear_offset.is_finite() {
-            return bad(format!("glu_linear_offset must be finite, got {}", self.glu_linear_offset));
+            return bad(format!(
+                "glu_linear_offset must be finite, got {}",
+                self.glu_linear_offset
+            ));
         }
         if let Some(m) = self.padding_multiple {
             if m == 0 {
@@ -283,9 +318,14 @@ impl LayerConfig {
         }
         if self.class == LayerClass::Grouped {
             if self.add_bias {
-                return bad("GroupedMLP does not support add_bias_linear (Megatron asserts it is False)".into());
+                return bad(
+                    "GroupedMLP does not support add_bias_linear (Megatron asserts it is False)"
+                        .into(),
+                );
             }
-            if self.gated_linear_unit && !matches!(self.activation, Activation::Silu | Activation::Gelu) {
+            if self.gated_linear_unit
+                && !matches!(self.activation, Activation::Silu | Activation::Gelu)
+            {
                 return bad(format!(
                     "GroupedMLP supports GLU only with silu or gelu, not {}",
                     self.activation
@@ -298,7 +338,9 @@ impl LayerConfig {
                 ));
             }
             if self.padding_multiple.is_some() {
-                return bad("GroupedMLP has no quantization padding (it does not run fp8/fp4)".into());
+                return bad(
+                    "GroupedMLP has no quantization padding (it does not run fp8/fp4)".into(),
+                );
             }
         }
         Ok(())

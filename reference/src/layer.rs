@@ -63,7 +63,11 @@ pub fn check_finite<'a, D: ndarray::Dimension>(
                 index[axis] = rest % len;
                 rest /= len;
             }
-            Err(ReferenceError::NonFinite { name: name.to_string(), index, value: a.iter().nth(flat).copied().unwrap_or(f64::NAN) })
+            Err(ReferenceError::NonFinite {
+                name: name.to_string(),
+                index,
+                value: a.iter().nth(flat).copied().unwrap_or(f64::NAN),
+            })
         }
     }
 }
@@ -77,10 +81,18 @@ pub fn validate_inputs(cfg: &LayerConfig, inputs: &Inputs) -> Result<Vec<usize>,
         if got == expected.as_slice() {
             Ok(())
         } else {
-            Err(ReferenceError::Shape { name: name.to_string(), expected, got: got.to_vec() })
+            Err(ReferenceError::Shape {
+                name: name.to_string(),
+                expected,
+                got: got.to_vec(),
+            })
         }
     };
-    shape("input.permuted_local_hidden_states", vec![t, cfg.hidden_size], inputs.hidden_states.shape())?;
+    shape(
+        "input.permuted_local_hidden_states",
+        vec![t, cfg.hidden_size],
+        inputs.hidden_states.shape(),
+    )?;
     shape("input.permuted_probs", vec![t], inputs.probs.shape())?;
     let el = cfg.num_local_experts();
     if inputs.tokens_per_expert.len() != el {
@@ -90,8 +102,15 @@ pub fn validate_inputs(cfg: &LayerConfig, inputs: &Inputs) -> Result<Vec<usize>,
             got: vec![inputs.tokens_per_expert.len()],
         });
     }
-    if let Some((e, &n)) = inputs.tokens_per_expert.iter().enumerate().find(|(_, &n)| n < 0) {
-        return Err(ReferenceError::TokenCounts(format!("expert {e} has a negative count {n}")));
+    if let Some((e, &n)) = inputs
+        .tokens_per_expert
+        .iter()
+        .enumerate()
+        .find(|(_, &n)| n < 0)
+    {
+        return Err(ReferenceError::TokenCounts(format!(
+            "expert {e} has a negative count {n}"
+        )));
     }
     check_finite("input.permuted_local_hidden_states", &inputs.hidden_states)?;
     check_finite("input.permuted_probs", &inputs.probs)?;
@@ -105,7 +124,11 @@ pub fn validate_inputs(cfg: &LayerConfig, inputs: &Inputs) -> Result<Vec<usize>,
             inputs.tokens_per_expert
         )));
     }
-    Ok(inputs.tokens_per_expert.iter().map(|&n| n as usize).collect())
+    Ok(inputs
+        .tokens_per_expert
+        .iter()
+        .map(|&n| n as usize)
+        .collect())
 }
 
 /// `a·b` with f32 accumulation of storage-dtype operands (emulated) or in f64 (oracle). The
@@ -166,6 +189,34 @@ pub struct BackwardPass {
     pub weight_grads: ExpertSet,
     /// The queued weight-gradient GEMMs (deferred mode only).
     pub pending: Option<WeightGradStore>,
+    /// Error scales (oracle only): for every result, the sum of the absolute values of the
+    /// terms of its final reduction (`|u|·|W2|ᵀ + |b2|·p` for the output, `|da|·|W1|` for the
+    /// input grad, `|G|ᵀ·|u|` for fc2's weight grad, ...). Rounding errors of a storage-dtype
+    /// implementation are proportional to these, not to the (possibly cancelled) results.
+    pub scales: Option<ErrorScales>,
+}
+
+/// Magnitudes of the terms behind each result (see [`BackwardPass::scales`]).
+#[derive(Clone, Debug)]
+pub struct ErrorScales {
+    /// Scale of the output `[T, h]`.
+    pub output: Array2<f64>,
+    /// Scale of the input grad `[T, h]`.
+    pub grad_input: Array2<f64>,
+    /// Scale of the probs grad `[T]`.
+    pub grad_probs: Array1<f64>,
+    /// Scales of the weight and bias grads.
+    pub weight_grads: ExpertSet,
+    /// Absolute allowances for branch ambiguity: a GLU clamp mask (`g ≤ c`, `-c ≤ l ≤ c`)
+    /// decided on a value within storage-dtype rounding distance of the boundary may go either
+    /// way in an implementation, changing the gradient by the masked term. These tensors hold
+    /// the largest such change of each gradient (zero without a clamp). The output is
+    /// continuous in the clamp and gets no allowance.
+    pub allowance_grad_input: Array2<f64>,
+    /// Allowance of the probs grad `[T]` (non-zero only with probs on the input).
+    pub allowance_grad_probs: Array1<f64>,
+    /// Allowances of the weight and bias grads.
+    pub allowance_weight_grads: ExpertSet,
 }
 
 /// Which linear a queued weight-gradient GEMM belongs to.
@@ -210,7 +261,8 @@ impl WeightGradStore {
     /// them, and assigns them into `grads` (TE assigns `.grad`, it does not accumulate).
     pub fn backward_dw(mut self, grads: &mut ExpertSet) {
         for linear in [Linear::Fc2, Linear::Fc1] {
-            let (now, later): (VecDeque<_>, VecDeque<_>) = self.queue.drain(..).partition(|e| e.linear == linear);
+            let (now, later): (VecDeque<_>, VecDeque<_>) =
+                self.queue.drain(..).partition(|e| e.linear == linear);
             self.queue = later;
             for entry in now {
                 let g = &mut grads.experts[entry.expert];
@@ -235,7 +287,11 @@ impl WeightGradStore {
 }
 
 /// `dW = Gᵀ·X` rounded to the storage dtype, and the bias gradient `Σ_i G_i` (fp32 sum, cast).
-fn weight_grad(n: Numerics, grad_output: &Array2<f64>, input: &Array2<f64>) -> (Array2<f64>, Array1<f64>) {
+fn weight_grad(
+    n: Numerics,
+    grad_output: &Array2<f64>,
+    input: &Array2<f64>,
+) -> (Array2<f64>, Array1<f64>) {
     let dw = gemm(n, grad_output.t(), input.view()).mapv(|v| n.store(v));
     let db = grad_output.sum_axis(Axis(0)).mapv(|v| n.store(n.fp32(v)));
     (dw, db)
@@ -288,7 +344,9 @@ fn expert_forward(
     // §4.7: moe_apply_probs_on_input replaces x by cast(p·x) (fp32 product) and p by ones.
     let (x, p) = if cfg.apply_probs_on_input {
         let mut x = x_orig.to_owned();
-        Zip::from(x.rows_mut()).and(p_orig).for_each(|mut row, &pi| row.mapv_inplace(|v| n.store(n.fp32(pi * v))));
+        Zip::from(x.rows_mut())
+            .and(p_orig)
+            .for_each(|mut row, &pi| row.mapv_inplace(|v| n.store(n.fp32(pi * v))));
         (x, Array1::ones(rows))
     } else {
         (x_orig.to_owned(), p_orig.to_owned())
@@ -317,7 +375,11 @@ fn expert_forward(
             };
             *z = if cfg.eager_activation() {
                 let act_g = n.store(act.apply(gc));
-                let lin = if offset != 0.0 { n.store(lc + offset) } else { lc };
+                let lin = if offset != 0.0 {
+                    n.store(lc + offset)
+                } else {
+                    lc
+                };
                 n.store(act_g * lin)
             } else {
                 act.apply(gc) * (lc + offset) // fp32 chain, rounded once with the probs below
@@ -332,27 +394,46 @@ fn expert_forward(
 
     // u = cast(z·p): fp32 product, one cast.
     let mut u = z.clone();
-    Zip::from(u.rows_mut()).and(&p).for_each(|mut row, &pi| row.mapv_inplace(|v| n.store(n.fp32(v * pi))));
+    Zip::from(u.rows_mut())
+        .and(&p)
+        .for_each(|mut row, &pi| row.mapv_inplace(|v| n.store(n.fp32(v * pi))));
 
     // fc2, then the probs-scaled bias: round(out + b2·p) computed in fp32 (§4.5.1 step 7, §4.6).
     let mut y = store2(n, gemm(n, u.view(), w.fc2_weight.t()));
     if let Some(b2) = &w.fc2_bias {
         Zip::from(y.rows_mut()).and(&p).for_each(|mut row, &pi| {
-            Zip::from(&mut row).and(b2).for_each(|y, &b| *y = n.store(n.fp32(*y + n.fp32(b * pi))));
+            Zip::from(&mut row)
+                .and(b2)
+                .for_each(|y, &b| *y = n.store(n.fp32(*y + n.fp32(b * pi))));
         });
     }
-    let cache = SegmentCache { x, x_orig: x_orig.to_owned(), p, p_orig: p_orig.to_owned(), a, z, u };
+    let cache = SegmentCache {
+        x,
+        x_orig: x_orig.to_owned(),
+        p,
+        p_orig: p_orig.to_owned(),
+        a,
+        z,
+        u,
+    };
     (y, cache)
 }
 
 /// The gradient of the activation block: returns `da` `[n, N1]` from `dz` (eager) or from
 /// `du·p` (compiled, unrounded).
-fn activation_backward(cfg: &LayerConfig, n: Numerics, a: &Array2<f64>, dz: &Array2<f64>) -> Array2<f64> {
+fn activation_backward(
+    cfg: &LayerConfig,
+    n: Numerics,
+    a: &Array2<f64>,
+    dz: &Array2<f64>,
+) -> Array2<f64> {
     let act = cfg.activation;
     let eager = cfg.eager_activation();
     if !cfg.gated_linear_unit {
         let mut da = dz.clone();
-        Zip::from(&mut da).and(a).for_each(|d, &a| *d = n.store(*d * act.derivative(a)));
+        Zip::from(&mut da)
+            .and(a)
+            .for_each(|d, &a| *d = n.store(*d * act.derivative(a)));
         return da;
     }
     let clamp = cfg.effective_clamp();
@@ -362,23 +443,41 @@ fn activation_backward(cfg: &LayerConfig, n: Numerics, a: &Array2<f64>, dz: &Arr
     let mut da = Array2::zeros(a.raw_dim());
     {
         let (mut dg, mut dl) = da.view_mut().split_at(Axis(1), k);
-        Zip::from(&mut dg).and(&mut dl).and(g).and(l).and(dz).for_each(|dg, dl, &g, &l, &dz| {
-            let (gc, lc, gate_mask, lin_mask) = match clamp {
-                Some(c) => (n.store(g.min(c)), n.store(l.clamp(-c, c)), g <= c, (-c..=c).contains(&l)),
-                None => (g, l, true, true),
-            };
-            if eager {
-                let act_g = n.store(act.apply(gc));
-                let lin = if offset != 0.0 { n.store(lc + offset) } else { lc };
-                let d_act_g = n.store(dz * lin);
-                let d_lin = n.store(dz * act_g);
-                *dg = if gate_mask { n.store(d_act_g * act.derivative(gc)) } else { 0.0 };
-                *dl = if lin_mask { d_lin } else { 0.0 };
-            } else {
-                *dg = n.store(dz * (lc + offset) * act.derivative(gc));
-                *dl = n.store(dz * act.apply(gc));
-            }
-        });
+        Zip::from(&mut dg)
+            .and(&mut dl)
+            .and(g)
+            .and(l)
+            .and(dz)
+            .for_each(|dg, dl, &g, &l, &dz| {
+                let (gc, lc, gate_mask, lin_mask) = match clamp {
+                    Some(c) => (
+                        n.store(g.min(c)),
+                        n.store(l.clamp(-c, c)),
+                        g <= c,
+                        (-c..=c).contains(&l),
+                    ),
+                    None => (g, l, true, true),
+                };
+                if eager {
+                    let act_g = n.store(act.apply(gc));
+                    let lin = if offset != 0.0 {
+                        n.store(lc + offset)
+                    } else {
+                        lc
+                    };
+                    let d_act_g = n.store(dz * lin);
+                    let d_lin = n.store(dz * act_g);
+                    *dg = if gate_mask {
+                        n.store(d_act_g * act.derivative(gc))
+                    } else {
+                        0.0
+                    };
+                    *dl = if lin_mask { d_lin } else { 0.0 };
+                } else {
+                    *dg = n.store(dz * (lc + offset) * act.derivative(gc));
+                    *dl = n.store(dz * act.apply(gc));
+                }
+            });
     }
     da
 }
@@ -406,14 +505,26 @@ pub fn forward(
         // Quantization padding: zero rows with zero probs appended to the segment (§4.5.1).
         let mut x = Array2::zeros((pc, h));
         let mut p = Array1::zeros(pc);
-        x.slice_mut(s![..c, ..]).assign(&inputs.hidden_states.slice(s![start..start + c, ..]));
-        p.slice_mut(s![..c]).assign(&inputs.probs.slice(s![start..start + c]));
+        x.slice_mut(s![..c, ..])
+            .assign(&inputs.hidden_states.slice(s![start..start + c, ..]));
+        p.slice_mut(s![..c])
+            .assign(&inputs.probs.slice(s![start..start + c]));
         let (y, cache) = expert_forward(cfg, numerics, &weights.experts[e], x.view(), p.view());
-        output.slice_mut(s![start..start + c, ..]).assign(&y.slice(s![..c, ..]));
+        output
+            .slice_mut(s![start..start + c, ..])
+            .assign(&y.slice(s![..c, ..]));
         caches.push(cache);
         start += c;
     }
-    Ok(ForwardPass { cfg: cfg.clone(), numerics, weights: weights.clone(), counts, padded_counts, caches, output })
+    Ok(ForwardPass {
+        cfg: cfg.clone(),
+        numerics,
+        weights: weights.clone(),
+        counts,
+        padded_counts,
+        caches,
+        output,
+    })
 }
 
 impl ForwardPass {
@@ -430,7 +541,11 @@ impl ForwardPass {
     /// classes and SequentialMLP's fc1 bias are eager ops outside the linears and get their
     /// gradients immediately. GroupedMLP rejects deferral (Megatron asserts
     /// `delay_wgrad_compute` is incompatible with the legacy grouped GEMM).
-    pub fn backward(&self, grad_output: &Array2<f64>, timing: WgradTiming) -> Result<BackwardPass, ReferenceError> {
+    pub fn backward(
+        &self,
+        grad_output: &Array2<f64>,
+        timing: WgradTiming,
+    ) -> Result<BackwardPass, ReferenceError> {
         let cfg = &self.cfg;
         let n = self.numerics;
         let (t, h) = self.output.dim();
@@ -444,7 +559,8 @@ impl ForwardPass {
         check_finite("input.grad_output", grad_output)?;
         if timing == WgradTiming::Deferred && cfg.class == LayerClass::Grouped {
             return Err(ReferenceError::Config(
-                "GroupedMLP does not support delay_wgrad_compute (backward_dw is a no-op there)".into(),
+                "GroupedMLP does not support delay_wgrad_compute (backward_dw is a no-op there)"
+                    .into(),
             ));
         }
         let deferred = timing == WgradTiming::Deferred;
@@ -452,11 +568,28 @@ impl ForwardPass {
         let mut grad_probs = Array1::zeros(t);
         let mut grads = ExpertSet::zeros(cfg);
         let mut queue = VecDeque::new();
+        let oracle = n == Numerics::Oracle;
+        let mut scales = oracle.then(|| ErrorScales {
+            output: Array2::zeros((t, h)),
+            grad_input: Array2::zeros((t, h)),
+            grad_probs: Array1::zeros(t),
+            weight_grads: ExpertSet::zeros(cfg),
+            allowance_grad_input: Array2::zeros((t, h)),
+            allowance_grad_probs: Array1::zeros(t),
+            allowance_weight_grads: ExpertSet::zeros(cfg),
+        });
         let mut start = 0;
-        for (e, ((&c, &pc), cache)) in self.counts.iter().zip(&self.padded_counts).zip(&self.caches).enumerate() {
+        for (e, ((&c, &pc), cache)) in self
+            .counts
+            .iter()
+            .zip(&self.padded_counts)
+            .zip(&self.caches)
+            .enumerate()
+        {
             let w = &self.weights.experts[e];
             let mut g = Array2::zeros((pc, h));
-            g.slice_mut(s![..c, ..]).assign(&grad_output.slice(s![start..start + c, ..]));
+            g.slice_mut(s![..c, ..])
+                .assign(&grad_output.slice(s![start..start + c, ..]));
             let out = &mut grads.experts[e];
 
             // fc2 bias: y = cast(o + b2·p) ⇒ db2 = Σ_i p_i·G_i, dp_i += Σ_j G_ij·b2_j (fp32).
@@ -473,9 +606,17 @@ impl ForwardPass {
             let du = store2(n, gemm(n, g.view(), w.fc2_weight.view()));
             // u = cast(z·p): dz = cast(du·p), dp_i += Σ_j du_ij·z_ij (fp32).
             let mut dz = du.clone();
-            Zip::from(dz.rows_mut()).and(&cache.p).for_each(|mut row, &pi| {
-                row.mapv_inplace(|v| if cfg.eager_activation() { n.store(n.fp32(v * pi)) } else { v * pi })
-            });
+            Zip::from(dz.rows_mut())
+                .and(&cache.p)
+                .for_each(|mut row, &pi| {
+                    row.mapv_inplace(|v| {
+                        if cfg.eager_activation() {
+                            n.store(n.fp32(v * pi))
+                        } else {
+                            v * pi
+                        }
+                    })
+                });
             let dp_act = (&du * &cache.z).sum_axis(Axis(1)).mapv(|v| n.fp32(v));
             if !cfg.apply_probs_on_input {
                 dp = (dp + dp_act).mapv(|v| n.fp32(v));
@@ -486,12 +627,26 @@ impl ForwardPass {
             if cfg.apply_probs_on_input {
                 // x' = cast(p·x): dx = cast(dx'·p), dp_i = Σ_j x_ij·dx'_ij (fp32).
                 dp = (&dx * &cache.x_orig).sum_axis(Axis(1)).mapv(|v| n.fp32(v));
-                Zip::from(dx.rows_mut()).and(&cache.p_orig).for_each(|mut row, &pi| row.mapv_inplace(|v| n.store(n.fp32(v * pi))));
+                Zip::from(dx.rows_mut())
+                    .and(&cache.p_orig)
+                    .for_each(|mut row, &pi| row.mapv_inplace(|v| n.store(n.fp32(v * pi))));
             }
             let te = cfg.class == LayerClass::TeGrouped;
             if deferred {
-                queue.push_back(WgradEntry { linear: Linear::Fc2, expert: e, input: cache.u.clone(), grad_output: g.clone(), with_bias: false });
-                queue.push_back(WgradEntry { linear: Linear::Fc1, expert: e, input: cache.x.clone(), grad_output: da.clone(), with_bias: te && w.fc1_bias.is_some() });
+                queue.push_back(WgradEntry {
+                    linear: Linear::Fc2,
+                    expert: e,
+                    input: cache.u.clone(),
+                    grad_output: g.clone(),
+                    with_bias: false,
+                });
+                queue.push_back(WgradEntry {
+                    linear: Linear::Fc1,
+                    expert: e,
+                    input: cache.x.clone(),
+                    grad_output: da.clone(),
+                    with_bias: te && w.fc1_bias.is_some(),
+                });
                 out.fc2_weight.fill(f64::NAN);
                 out.fc1_weight.fill(f64::NAN);
                 if te {
@@ -506,8 +661,73 @@ impl ForwardPass {
             if w.fc1_bias.is_some() && !(deferred && te) {
                 out.fc1_bias = Some(weight_grad(n, &da, &cache.x).1);
             }
-            grad_input.slice_mut(s![start..start + c, ..]).assign(&dx.slice(s![..c, ..]));
-            grad_probs.slice_mut(s![start..start + c]).assign(&dp.slice(s![..c]).mapv(|v| n.to(cfg.probs_dtype, v)));
+            if let Some(sc) = scales.as_mut() {
+                let abs = |a: &Array2<f64>| a.mapv(f64::abs);
+                let m = magnitudes(cfg, w, cache, &g, &du, &dz);
+                let g_abs = abs(&g);
+                let mut dp_scale = m.dp;
+                if let Some(b2) = &w.fc2_bias {
+                    dp_scale += &g_abs.dot(&b2.mapv(f64::abs));
+                    sc.weight_grads.experts[e].fc2_bias =
+                        Some(g_abs.t().dot(&cache.p.mapv(f64::abs)));
+                }
+                let mut dx_scale = m.da.dot(&abs(&w.fc1_weight));
+                if cfg.apply_probs_on_input {
+                    dp_scale = (&dx_scale * &abs(&cache.x_orig)).sum_axis(Axis(1));
+                    Zip::from(dx_scale.rows_mut())
+                        .and(&cache.p_orig)
+                        .for_each(|mut row, &pi| row.mapv_inplace(|v| v * pi.abs()));
+                }
+                let ws = &mut sc.weight_grads.experts[e];
+                ws.fc2_weight = g_abs.t().dot(&m.u);
+                ws.fc1_weight = m.da.t().dot(&abs(&cache.x));
+                if ws.fc1_bias.is_some() {
+                    ws.fc1_bias = Some(m.da.sum_axis(Axis(0)));
+                }
+                let mut y_scale = m.y;
+                if let Some(b2) = &w.fc2_bias {
+                    let b2_abs = b2.mapv(f64::abs);
+                    Zip::from(y_scale.rows_mut())
+                        .and(&cache.p)
+                        .for_each(|mut row, &pi| row.scaled_add(pi.abs(), &b2_abs));
+                }
+                if let (Some(clamp), true) = (cfg.effective_clamp(), cfg.gated_linear_unit) {
+                    let jump = clamp_ambiguity(cfg, &cache.a, &abs(&cache.x), w, &dz, clamp);
+                    let mut dx_allow = jump.dot(&abs(&w.fc1_weight));
+                    if cfg.apply_probs_on_input {
+                        let dp_allow = (&dx_allow * &abs(&cache.x_orig)).sum_axis(Axis(1));
+                        sc.allowance_grad_probs
+                            .slice_mut(s![start..start + c])
+                            .assign(&dp_allow.slice(s![..c]));
+                        Zip::from(dx_allow.rows_mut())
+                            .and(&cache.p_orig)
+                            .for_each(|mut row, &pi| row.mapv_inplace(|v| v * pi.abs()));
+                    }
+                    sc.allowance_grad_input
+                        .slice_mut(s![start..start + c, ..])
+                        .assign(&dx_allow.slice(s![..c, ..]));
+                    let wa = &mut sc.allowance_weight_grads.experts[e];
+                    wa.fc1_weight = jump.t().dot(&abs(&cache.x));
+                    if wa.fc1_bias.is_some() {
+                        wa.fc1_bias = Some(jump.sum_axis(Axis(0)));
+                    }
+                }
+                sc.output
+                    .slice_mut(s![start..start + c, ..])
+                    .assign(&y_scale.slice(s![..c, ..]));
+                sc.grad_input
+                    .slice_mut(s![start..start + c, ..])
+                    .assign(&dx_scale.slice(s![..c, ..]));
+                sc.grad_probs
+                    .slice_mut(s![start..start + c])
+                    .assign(&dp_scale.slice(s![..c]));
+            }
+            grad_input
+                .slice_mut(s![start..start + c, ..])
+                .assign(&dx.slice(s![..c, ..]));
+            grad_probs
+                .slice_mut(s![start..start + c])
+                .assign(&dp.slice(s![..c]).mapv(|v| n.to(cfg.probs_dtype, v)));
             start += c;
         }
         Ok(BackwardPass {
@@ -515,6 +735,139 @@ impl ForwardPass {
             grad_probs,
             weight_grads: grads,
             pending: deferred.then_some(WeightGradStore { numerics: n, queue }),
+            scales,
         })
+    }
+}
+
+/// For a clamped GLU: the size of the gradient term a clamp mask would switch on or off, for
+/// every fc1 output element whose pre-activation lies within storage rounding distance of the
+/// clamp boundary (`8·u·(|x|·|W1|ᵀ + |b1|)`, the rounding error bound of `a`, plus `u·c`);
+/// zero elsewhere. `[n, N1]`, gate half then linear half.
+fn clamp_ambiguity(
+    cfg: &LayerConfig,
+    a: &Array2<f64>,
+    x_abs: &Array2<f64>,
+    w: &ExpertWeights,
+    dz: &Array2<f64>,
+    c: f64,
+) -> Array2<f64> {
+    let u = cfg.params_dtype.unit_roundoff();
+    let mut a_mag = x_abs.dot(&w.fc1_weight.mapv(f64::abs).t());
+    if let Some(b1) = &w.fc1_bias {
+        a_mag += &b1.mapv(f64::abs);
+    }
+    let act = cfg.activation;
+    let offset = cfg.effective_offset();
+    let k = a.ncols() / 2;
+    let (g, l) = halves(a);
+    let mut jump = Array2::zeros(a.raw_dim());
+    for i in 0..a.nrows() {
+        for j in 0..k {
+            let (gv, lv, d) = (g[[i, j]], l[[i, j]], dz[[i, j]]);
+            let (gc, lc) = (gv.min(c), lv.clamp(-c, c));
+            if (gv - c).abs() <= 8.0 * u * a_mag[[i, j]] + u * c {
+                jump[[i, j]] = (d * (lc + offset) * act.derivative(gc)).abs();
+            }
+            if (lv.abs() - c).abs() <= 8.0 * u * a_mag[[i, k + j]] + u * c {
+                jump[[i, k + j]] = (d * act.apply(gc)).abs();
+            }
+        }
+    }
+    jump
+}
+
+/// First-order magnitudes of the quantities of one expert segment: for each intermediate `v`,
+/// `M_v` bounds `|∂v|/u` when every input and every rounded intermediate before it is perturbed
+/// by at most `u` relative to its own magnitude (a running error bound). Sums are taken over the
+/// absolute values of their terms, so cancellation in a GEMM or a reduction does not hide the
+/// rounding error of its terms.
+struct Magnitudes {
+    /// `M_u` `[n, N2]`: fc2 input.
+    u: Array2<f64>,
+    /// `M_y` `[n, h]`: output (without fc2 bias).
+    y: Array2<f64>,
+    /// `M_da` `[n, N1]`: gradient of the fc1 output.
+    da: Array2<f64>,
+    /// `M_dp` `[n]`: probs gradient from the activation path.
+    dp: Array1<f64>,
+}
+
+fn magnitudes(
+    cfg: &LayerConfig,
+    w: &ExpertWeights,
+    cache: &SegmentCache,
+    g: &Array2<f64>,
+    du: &Array2<f64>,
+    dz: &Array2<f64>,
+) -> Magnitudes {
+    let abs = |a: &Array2<f64>| a.mapv(f64::abs);
+    let act = cfg.activation;
+    let a = &cache.a;
+    let mut m_a = abs(&cache.x).dot(&abs(&w.fc1_weight).t()) + abs(a);
+    if let Some(b1) = &w.fc1_bias {
+        m_a += &b1.mapv(f64::abs);
+    }
+    let p_abs = cache.p.mapv(f64::abs);
+    let m_du = abs(g).dot(&abs(&w.fc2_weight)) + abs(du);
+    let mut m_dz = m_du.clone();
+    Zip::from(m_dz.rows_mut())
+        .and(&p_abs)
+        .for_each(|mut row, &pi| row.mapv_inplace(|v| v * pi));
+    m_dz += &abs(dz);
+    let (m_z, m_da) = if cfg.gated_linear_unit {
+        let clamp = cfg.effective_clamp();
+        let offset = cfg.effective_offset();
+        let k = a.ncols() / 2;
+        let mut m_z = Array2::zeros((a.nrows(), k));
+        let mut m_da = Array2::zeros(a.raw_dim());
+        for i in 0..a.nrows() {
+            for j in 0..k {
+                let (gv, lv) = (a[[i, j]], a[[i, k + j]]);
+                let (gc, lc) = match clamp {
+                    Some(c) => (gv.min(c), lv.clamp(-c, c)),
+                    None => (gv, lv),
+                };
+                let lo = (lc + offset).abs();
+                let (mg, ml) = (m_a[[i, j]], m_a[[i, k + j]]);
+                let (f, f1, f2) = (
+                    act.apply(gc).abs(),
+                    act.derivative(gc).abs(),
+                    act.second_derivative(gc).abs(),
+                );
+                m_z[[i, j]] = f1 * mg * lo + f * (ml + lo) + f * lo;
+                let (d, md) = (dz[[i, j]].abs(), m_dz[[i, j]]);
+                m_da[[i, j]] = md * lo * f1 + d * ml * f1 + d * lo * f2 * mg + d * lo * f1;
+                m_da[[i, k + j]] = md * f + d * f1 * mg + d * f;
+            }
+        }
+        (m_z, m_da)
+    } else {
+        let m_z = Zip::from(a)
+            .and(&m_a)
+            .map_collect(|&a, &ma| act.derivative(a).abs() * ma + act.apply(a).abs());
+        let m_da = Zip::from(a)
+            .and(&m_a)
+            .and(&m_dz)
+            .and(dz)
+            .map_collect(|&a, &ma, &md, &d| {
+                md * act.derivative(a).abs()
+                    + d.abs() * act.second_derivative(a).abs() * ma
+                    + (d * act.derivative(a)).abs()
+            });
+        (m_z, m_da)
+    };
+    let mut m_u = m_z.clone();
+    Zip::from(m_u.rows_mut())
+        .and(&p_abs)
+        .for_each(|mut row, &pi| row.mapv_inplace(|v| v * pi));
+    m_u += &abs(&cache.u);
+    let m_y = m_u.dot(&abs(&w.fc2_weight).t());
+    let m_dp = (&m_du * &abs(&cache.z) + abs(du) * &m_z).sum_axis(Axis(1));
+    Magnitudes {
+        u: m_u,
+        y: m_y,
+        da: m_da,
+        dp: m_dp,
     }
 }
