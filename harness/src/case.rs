@@ -36,10 +36,7 @@ pub struct Problem {
 impl Case {
     /// Total token rows `T`.
     pub fn num_tokens(&self) -> usize {
-        self.tokens_per_expert
-            .iter()
-            .map(|&n| n.max(0) as usize)
-            .sum()
+        self.tokens_per_expert.iter().map(|&n| n.max(0) as usize).sum()
     }
 
     /// Generates the tensors: weights ~ U(-1,1)/√fan_in (biases U(-½,½)), inputs ~ U(-1,1),
@@ -56,11 +53,7 @@ impl Case {
         let grad_output = Array2::from_shape_simple_fn((t, h), || uniform(-1.0, 1.0, dt));
         Problem {
             weights,
-            inputs: Inputs {
-                hidden_states,
-                tokens_per_expert: self.tokens_per_expert.clone(),
-                probs,
-            },
+            inputs: Inputs { hidden_states, tokens_per_expert: self.tokens_per_expert.clone(), probs },
             grad_output,
         }
     }
@@ -81,11 +74,7 @@ impl Case {
             c.parallel.tp_size,
             c.parallel.ep_size,
             self.tokens_per_expert,
-            if self.timing == WgradTiming::Deferred {
-                " deferred-wgrad"
-            } else {
-                ""
-            }
+            if self.timing == WgradTiming::Deferred { " deferred-wgrad" } else { "" }
         )
     }
 

@@ -83,10 +83,7 @@ pub struct Bounds<'a> {
 
 impl Bounds<'_> {
     /// `S = |exp|`, `A = 0`.
-    pub const RELATIVE: Bounds<'static> = Bounds {
-        scale: None,
-        allowance: None,
-    };
+    pub const RELATIVE: Bounds<'static> = Bounds { scale: None, allowance: None };
 }
 
 /// The oracle's error scales and allowances for a whole [`LayerRun`].
@@ -100,10 +97,7 @@ pub struct ErrorModel<'a> {
 
 impl<'a> From<&'a OracleRun> for ErrorModel<'a> {
     fn from(o: &'a OracleRun) -> Self {
-        ErrorModel {
-            scales: &o.scales,
-            allowance: &o.allowance,
-        }
+        ErrorModel { scales: &o.scales, allowance: &o.allowance }
     }
 }
 
@@ -159,12 +153,7 @@ pub fn compare_tensor(
     let block_len = n.div_ceil(blocks).max(1);
     let (mut err2, mut exp2) = (0.0f64, 0.0f64);
     let mut worst: Option<usize> = None;
-    for (b, ((gb, eb), sb)) in g
-        .chunks(block_len)
-        .zip(e.chunks(block_len))
-        .zip(sc.chunks(block_len))
-        .enumerate()
-    {
+    for (b, ((gb, eb), sb)) in g.chunks(block_len).zip(e.chunks(block_len)).zip(sc.chunks(block_len)).enumerate() {
         let rms = (sb.iter().map(|x| x * x).sum::<f64>() / sb.len() as f64).sqrt();
         for (i, ((&gv, &ev), &sv)) in gb.iter().zip(eb).zip(sb).enumerate() {
             let d = (gv - ev).abs();
@@ -194,11 +183,7 @@ pub fn compare_tensor(
             }
         }
     }
-    diff.rel_frobenius = if err2 == 0.0 {
-        0.0
-    } else {
-        (err2 / exp2).sqrt()
-    };
+    diff.rel_frobenius = if err2 == 0.0 { 0.0 } else { (err2 / exp2).sqrt() };
     if let Some(w) = worst {
         diff.worst_index = unravel(w, &shape);
         diff.worst_got = g[w];
@@ -226,14 +211,8 @@ pub fn compare_runs(
     tol: Tolerance,
 ) -> Vec<TensorDiff> {
     let b = |f: fn(&LayerRun) -> ArrayViewD<f64>| match model {
-        Some(m) => Bounds {
-            scale: Some(f(m.scales)),
-            allowance: Some(f(m.allowance)),
-        },
-        None => Bounds {
-            scale: None,
-            allowance: None,
-        },
+        Some(m) => Bounds { scale: Some(f(m.scales)), allowance: Some(f(m.allowance)) },
+        None => Bounds { scale: None, allowance: None },
     };
     let mut out = vec![
         compare_tensor(
@@ -300,8 +279,7 @@ pub fn compare_state_dicts(
                     tol,
                 ),
                 None => {
-                    let mut d =
-                        compare_tensor(&name, exp.view(), exp.view(), Bounds::RELATIVE, 1, tol);
+                    let mut d = compare_tensor(&name, exp.view(), exp.view(), Bounds::RELATIVE, 1, tol);
                     d.name = format!("{name} (missing)");
                     d.violations = exp.len().max(1);
                     d
@@ -327,10 +305,7 @@ mod tests {
             exp.view().into_dyn(),
             Bounds::RELATIVE,
             1,
-            Tolerance {
-                rtol: 1e-3,
-                atol: 0.0,
-            },
+            Tolerance { rtol: 1e-3, atol: 0.0 },
         );
         assert!(!d.passed());
         assert_eq!(d.violations, 1);
@@ -347,12 +322,9 @@ mod tests {
             "g",
             got.view().into_dyn(),
             exp.view().into_dyn(),
-            None,
+            Bounds::RELATIVE,
             2,
-            Tolerance {
-                rtol: 0.5,
-                atol: 0.0,
-            },
+            Tolerance { rtol: 0.5, atol: 0.0 },
         );
         assert_eq!(d.violations, 1);
         // Block 0 (an empty expert) has rms 0: a tiny non-zero value fails.
@@ -361,12 +333,9 @@ mod tests {
             "g",
             got.view().into_dyn(),
             exp.view().into_dyn(),
-            None,
+            Bounds::RELATIVE,
             2,
-            Tolerance {
-                rtol: 0.5,
-                atol: 0.0,
-            },
+            Tolerance { rtol: 0.5, atol: 0.0 },
         );
         assert_eq!(d.violations, 1);
         assert_eq!(d.worst_index, vec![0]);

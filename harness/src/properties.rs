@@ -2,14 +2,12 @@
 //! [`Case`].
 
 use crate::case::{Case, Problem};
-use crate::compare::{
-    compare_runs, compare_state_dicts, compare_tensor, contraction_length, Bounds, TensorDiff,
-};
+use crate::compare::{compare_runs, compare_state_dicts, compare_tensor, contraction_length, Bounds, TensorDiff};
 use crate::tolerance::Tolerance;
 use moe_reference::parallel::run_parallel;
 use moe_reference::{
-    oracle_with_scales, to_state_dict, ExpertLayer, ExpertSet, LayerClass, LayerConfig, LayerError,
-    LayerRun, Numerics, OracleRun, Reference, WgradTiming,
+    oracle_with_scales, to_state_dict, ExpertLayer, ExpertSet, LayerClass, LayerConfig, LayerError, LayerRun, Numerics,
+    OracleRun, Reference, WgradTiming,
 };
 use ndarray::{s, Array1, Array2};
 
@@ -125,15 +123,7 @@ pub fn run_layout(
         let params = to_state_dict(&global, &p.weights)?;
         return layer.forward_backward(&global, &params, &p.inputs, &p.grad_output, timing);
     }
-    let run = run_parallel(
-        layer,
-        cfg,
-        &p.weights,
-        &p.inputs,
-        &p.grad_output,
-        timing,
-        reduce,
-    )?;
+    let run = run_parallel(layer, cfg, &p.weights, &p.inputs, &p.grad_output, timing, reduce)?;
     let grads = ExpertSet::unshard(cfg, &run.rank_weight_grads)?;
     Ok(LayerRun {
         output: run.output,
@@ -146,8 +136,7 @@ pub fn run_layout(
 /// The unsharded f64 oracle's results and error model for a problem.
 fn oracle(cfg: &LayerConfig, p: &Problem) -> Result<OracleRun, PropertyFailure> {
     let global = cfg.unsharded();
-    let params = to_state_dict(&global, &p.weights)
-        .map_err(|e| PropertyFailure::Error(format!("oracle: {e}")))?;
+    let params = to_state_dict(&global, &p.weights).map_err(|e| PropertyFailure::Error(format!("oracle: {e}")))?;
     oracle_with_scales(&global, &params, &p.inputs, &p.grad_output)
         .map_err(|e| PropertyFailure::Error(format!("oracle: {e}")))
 }
@@ -168,42 +157,24 @@ fn verdict(diffs: Vec<TensorDiff>) -> Result<Verdict, PropertyFailure> {
 }
 
 /// Checks `property` for `backend` on `case`.
-pub fn check(
-    backend: &dyn Backend,
-    property: Property,
-    case: &Case,
-) -> Result<Verdict, PropertyFailure> {
+pub fn check(backend: &dyn Backend, property: Property, case: &Case) -> Result<Verdict, PropertyFailure> {
     let cfg = &case.cfg;
     let Some(layer) = backend.layer(cfg.class) else {
-        return Ok(Verdict::Skipped(format!(
-            "{} has no {} implementation",
-            backend.name(),
-            cfg.class
-        )));
+        return Ok(Verdict::Skipped(format!("{} has no {} implementation", backend.name(), cfg.class)));
     };
     if let Err(e) = layer.supports(cfg) {
         return lift(e);
     }
     let p = case.problem();
-    let tol = Tolerance::for_dtype(
-        cfg.params_dtype,
-        contraction_length(cfg, &case.tokens_per_expert),
-    );
+    let tol = Tolerance::for_dtype(cfg.params_dtype, contraction_length(cfg, &case.tokens_per_expert));
     let reduce = backend.reduction(cfg);
-    let run = |layer: &dyn ExpertLayer, cfg: &LayerConfig, p: &Problem, timing| {
-        run_layout(layer, cfg, p, timing, reduce)
-    };
+    let run =
+        |layer: &dyn ExpertLayer, cfg: &LayerConfig, p: &Problem, timing| run_layout(layer, cfg, p, timing, reduce);
     match property {
         Property::MatchesOracle => {
             let o = oracle(cfg, &p)?;
             match run(layer, cfg, &p, case.timing) {
-                Ok(got) => verdict(compare_runs(
-                    &single_rank_cfg(case),
-                    &got,
-                    &o.run,
-                    Some((&o).into()),
-                    tol,
-                )),
+                Ok(got) => verdict(compare_runs(&single_rank_cfg(case), &got, &o.run, Some((&o).into()), tol)),
                 Err(e) => lift(e),
             }
         }
@@ -230,10 +201,7 @@ pub fn check(
                     "output",
                     par.output.view().into_dyn(),
                     expected.output.view().into_dyn(),
-                    Bounds {
-                        scale: Some(scales.output.view().into_dyn()),
-                        allowance: None,
-                    },
+                    Bounds { scale: Some(scales.output.view().into_dyn()), allowance: None },
                     1,
                     exact,
                 ),
@@ -241,10 +209,7 @@ pub fn check(
                     "grad.permuted_local_hidden_states",
                     par.grad_input.view().into_dyn(),
                     expected.grad_input.view().into_dyn(),
-                    Bounds {
-                        scale: Some(scales.grad_input.view().into_dyn()),
-                        allowance: None,
-                    },
+                    Bounds { scale: Some(scales.grad_input.view().into_dyn()), allowance: None },
                     1,
                     exact,
                 ),
@@ -252,10 +217,7 @@ pub fn check(
                     "grad.permuted_probs",
                     par.grad_probs.view().into_dyn(),
                     expected.grad_probs.view().into_dyn(),
-                    Bounds {
-                        scale: Some(scales.grad_probs.view().into_dyn()),
-                        allowance: None,
-                    },
+                    Bounds { scale: Some(scales.grad_probs.view().into_dyn()), allowance: None },
                     1,
                     exact,
                 ),
@@ -268,16 +230,11 @@ pub fn check(
             for (q, ranks) in par.rank_weight_grads.iter().enumerate() {
                 for (r, grads) in ranks.iter().enumerate() {
                     let rank_cfg = cfg.at_rank(q, r);
-                    let want = full
-                        .shard(&rank_cfg)
-                        .map_err(|e| PropertyFailure::Error(e.to_string()))?;
-                    let want_scales = full_scales
-                        .shard(&rank_cfg)
-                        .map_err(|e| PropertyFailure::Error(e.to_string()))?;
-                    let to_sd = |s: &ExpertSet| {
-                        to_state_dict(&rank_cfg, s)
-                            .map_err(|e| PropertyFailure::Error(e.to_string()))
-                    };
+                    let want = full.shard(&rank_cfg).map_err(|e| PropertyFailure::Error(e.to_string()))?;
+                    let want_scales =
+                        full_scales.shard(&rank_cfg).map_err(|e| PropertyFailure::Error(e.to_string()))?;
+                    let to_sd =
+                        |s: &ExpertSet| to_state_dict(&rank_cfg, s).map_err(|e| PropertyFailure::Error(e.to_string()));
                     diffs.extend(compare_state_dicts(
                         &format!("rank(ep={q},tp={r}).grad."),
                         &rank_cfg,
@@ -297,14 +254,10 @@ pub fn check(
                 Ok(r) => r,
                 Err(e) => return lift(e),
             };
-            let first_grads =
-                moe_reference::from_state_dict(&single_rank_cfg(case), &first.weight_grads)
-                    .map_err(|e| PropertyFailure::Error(e.to_string()))?;
+            let first_grads = moe_reference::from_state_dict(&single_rank_cfg(case), &first.weight_grads)
+                .map_err(|e| PropertyFailure::Error(e.to_string()))?;
             for other in LayerClass::ALL.into_iter().filter(|&c| c != cfg.class) {
-                let other_cfg = LayerConfig {
-                    class: other,
-                    ..cfg.clone()
-                };
+                let other_cfg = LayerConfig { class: other, ..cfg.clone() };
                 if other_cfg.validate().is_err() {
                     continue;
                 }
@@ -324,20 +277,15 @@ pub fn check(
                 let mut d = compare_runs(
                     &single_rank_cfg(case),
                     &first,
-                    &LayerRun {
-                        weight_grads: Default::default(),
-                        ..second.clone()
-                    },
+                    &LayerRun { weight_grads: Default::default(), ..second.clone() },
                     Some((&o).into()),
                     t2,
                 );
                 d.truncate(3);
-                let second_grads =
-                    moe_reference::from_state_dict(&other_cfg.unsharded(), &second.weight_grads)
-                        .map_err(|e| PropertyFailure::Error(e.to_string()))?;
+                let second_grads = moe_reference::from_state_dict(&other_cfg.unsharded(), &second.weight_grads)
+                    .map_err(|e| PropertyFailure::Error(e.to_string()))?;
                 let to_sd = |s: &ExpertSet| {
-                    to_state_dict(&single_rank_cfg(case), s)
-                        .map_err(|e| PropertyFailure::Error(e.to_string()))
+                    to_state_dict(&single_rank_cfg(case), s).map_err(|e| PropertyFailure::Error(e.to_string()))
                 };
                 d.extend(compare_state_dicts(
                     &format!("vs {other}: grad."),
@@ -353,9 +301,7 @@ pub fn check(
                 diffs.extend(d);
             }
             if diffs.is_empty() {
-                return Ok(Verdict::Skipped(
-                    "no other class supports this configuration".into(),
-                ));
+                return Ok(Verdict::Skipped("no other class supports this configuration".into()));
             }
             verdict(diffs)
         }
@@ -368,10 +314,7 @@ pub fn check(
                     *n = 0;
                 }
             }
-            let all_empty = Case {
-                tokens_per_expert: vec![0; e],
-                ..case.clone()
-            };
+            let all_empty = Case { tokens_per_expert: vec![0; e], ..case.clone() };
             let mut diffs = Vec::new();
             for c in [&zeroed, &all_empty] {
                 let p = c.problem();
@@ -417,57 +360,34 @@ pub fn check(
         }
         Property::PaddingNeutrality => {
             if cfg.class == LayerClass::Grouped || cfg.padding_multiple.is_some() {
-                return Ok(Verdict::Skipped(
-                    "class has no padding or case already padded".into(),
-                ));
+                return Ok(Verdict::Skipped("class has no padding or case already padded".into()));
             }
             let unpadded = match run(layer, cfg, &p, WgradTiming::Immediate) {
                 Ok(r) => r,
                 Err(e) => return lift(e),
             };
-            let padded_cfg = LayerConfig {
-                padding_multiple: Some(16),
-                ..cfg.clone()
-            };
+            let padded_cfg = LayerConfig { padding_multiple: Some(16), ..cfg.clone() };
             let padded = match run(layer, &padded_cfg, &p, WgradTiming::Immediate) {
                 Ok(r) => r,
                 Err(e) => return lift(e),
             };
             let o = oracle(cfg, &p)?;
-            verdict(compare_runs(
-                &single_rank_cfg(case),
-                &padded,
-                &unpadded,
-                Some((&o).into()),
-                tol.times(2.0),
-            ))
+            verdict(compare_runs(&single_rank_cfg(case), &padded, &unpadded, Some((&o).into()), tol.times(2.0)))
         }
         Property::DeferredWgrad => {
             if cfg.class == LayerClass::Grouped {
-                return Ok(Verdict::Skipped(
-                    "GroupedMLP never defers weight gradients".into(),
-                ));
+                return Ok(Verdict::Skipped("GroupedMLP never defers weight gradients".into()));
             }
-            let (immediate, deferred) = match (
-                run(layer, cfg, &p, WgradTiming::Immediate),
-                run(layer, cfg, &p, WgradTiming::Deferred),
-            ) {
-                (Ok(a), Ok(b)) => (a, b),
-                (Err(e), _) | (_, Err(e)) => return lift(e),
-            };
-            verdict(compare_runs(
-                &single_rank_cfg(case),
-                &deferred,
-                &immediate,
-                None,
-                Tolerance::EXACT,
-            ))
+            let (immediate, deferred) =
+                match (run(layer, cfg, &p, WgradTiming::Immediate), run(layer, cfg, &p, WgradTiming::Deferred)) {
+                    (Ok(a), Ok(b)) => (a, b),
+                    (Err(e), _) | (_, Err(e)) => return lift(e),
+                };
+            verdict(compare_runs(&single_rank_cfg(case), &deferred, &immediate, None, Tolerance::EXACT))
         }
         Property::ProbsLinearity => {
             if cfg.apply_probs_on_input {
-                return Ok(Verdict::Skipped(
-                    "probs on input: the output is not linear in p".into(),
-                ));
+                return Ok(Verdict::Skipped("probs on input: the output is not linear in p".into()));
             }
             let base = match run(layer, cfg, &p, WgradTiming::Immediate) {
                 Ok(r) => r,
@@ -487,24 +407,17 @@ pub fn check(
                 "y(x, 2p) vs 2 y(x, p)",
                 twice.output.view().into_dyn(),
                 scaled.view().into_dyn(),
-                Bounds {
-                    scale: Some(scaled_scale.view().into_dyn()),
-                    allowance: None,
-                },
+                Bounds { scale: Some(scaled_scale.view().into_dyn()), allowance: None },
                 1,
                 tol.times(2.0),
             )];
             // dp_i = Σ_j G_ij·y_ij / p_i, over rows with p_i ≠ 0, from the oracle's output.
-            let rows: Vec<usize> = (0..p.inputs.num_tokens())
-                .filter(|&i| p.inputs.probs[i] != 0.0)
-                .collect();
+            let rows: Vec<usize> = (0..p.inputs.num_tokens()).filter(|&i| p.inputs.probs[i] != 0.0).collect();
             let implied = Array1::from_iter(rows.iter().map(|&i| {
-                (&p.grad_output.slice(s![i, ..]) * &expected.output.slice(s![i, ..])).sum()
-                    / p.inputs.probs[i]
+                (&p.grad_output.slice(s![i, ..]) * &expected.output.slice(s![i, ..])).sum() / p.inputs.probs[i]
             }));
             let implied_scale = Array1::from_iter(rows.iter().map(|&i| {
-                (p.grad_output.slice(s![i, ..]).mapv(f64::abs) * scales.output.slice(s![i, ..]))
-                    .sum()
+                (p.grad_output.slice(s![i, ..]).mapv(f64::abs) * scales.output.slice(s![i, ..])).sum()
                     / p.inputs.probs[i]
             }));
             let got = Array1::from_iter(rows.iter().map(|&i| base.grad_probs[i]));
@@ -512,10 +425,7 @@ pub fn check(
                 "dp vs G·y/p",
                 got.view().into_dyn(),
                 implied.view().into_dyn(),
-                Bounds {
-                    scale: Some(implied_scale.view().into_dyn()),
-                    allowance: None,
-                },
+                Bounds { scale: Some(implied_scale.view().into_dyn()), allowance: None },
                 1,
                 tol.times(2.0),
             ));

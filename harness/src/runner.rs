@@ -67,16 +67,8 @@ where
     let mut seed_bytes = [0u8; 32];
     seed_bytes[..8].copy_from_slice(&seed.to_le_bytes());
     seed_bytes[8..16].copy_from_slice(&(property as u64).to_le_bytes());
-    let config = Config {
-        cases,
-        failure_persistence: None,
-        max_shrink_iters: 2048,
-        ..Config::default()
-    };
-    let mut runner = TestRunner::new_with_rng(
-        config,
-        TestRng::from_seed(RngAlgorithm::ChaCha, &seed_bytes),
-    );
+    let config = Config { cases, failure_persistence: None, max_shrink_iters: 2048, ..Config::default() };
+    let mut runner = TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &seed_bytes));
     let tally = Mutex::new(Tally::default());
     let result = runner.run(strategy, |case| {
         let outcome = check(backend, property, &case);
@@ -112,14 +104,10 @@ where
     let t = tally.into_inner().unwrap();
     let failure = match result {
         Ok(()) => None,
-        Err(TestError::Fail(reason, case)) => Some(FailureReport {
-            case,
-            message: reason.to_string(),
-        }),
-        Err(TestError::Abort(reason)) => Some(FailureReport {
-            case: strategy_placeholder(),
-            message: format!("aborted: {reason}"),
-        }),
+        Err(TestError::Fail(reason, case)) => Some(FailureReport { case, message: reason.to_string() }),
+        Err(TestError::Abort(reason)) => {
+            Some(FailureReport { case: strategy_placeholder(), message: format!("aborted: {reason}") })
+        }
     };
     PropertyReport {
         backend: backend.name(),

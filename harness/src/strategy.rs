@@ -14,17 +14,8 @@ use proptest::sample::select;
 pub fn tokens_per_expert(num_experts: usize, max_tokens: i64) -> BoxedStrategy<Vec<i64>> {
     let e = num_experts;
     let uniform = proptest::collection::vec(0..=max_tokens, e).boxed();
-    let with_empty = (
-        proptest::collection::vec(1..=max_tokens, e),
-        proptest::collection::vec(any::<bool>(), e),
-    )
-        .prop_map(|(counts, empty)| {
-            counts
-                .into_iter()
-                .zip(empty)
-                .map(|(c, z)| if z { 0 } else { c })
-                .collect()
-        })
+    let with_empty = (proptest::collection::vec(1..=max_tokens, e), proptest::collection::vec(any::<bool>(), e))
+        .prop_map(|(counts, empty)| counts.into_iter().zip(empty).map(|(c, z)| if z { 0 } else { c }).collect())
         .boxed();
     let one_takes_all = (0..e, 1..=max_tokens * 2)
         .prop_map(move |(hot, n)| (0..e).map(|i| if i == hot { n } else { 0 }).collect())
@@ -48,16 +39,14 @@ pub fn tokens_per_expert(num_experts: usize, max_tokens: i64) -> BoxedStrategy<V
             counts
         })
         .boxed();
-    let single_token = (0..e)
-        .prop_map(move |hot| (0..e).map(|i| i64::from(i == hot)).collect())
-        .boxed();
-    let tile_edges =
-        proptest::collection::vec(select(vec![0i64, 1, 15, 16, 17, 127, 128, 129]), e).boxed();
-    prop_oneof![3 => uniform, 2 => with_empty, 1 => one_takes_all, 2 => zipf, 1 => single_token, 1 => tile_edges].boxed()
+    let single_token = (0..e).prop_map(move |hot| (0..e).map(|i| i64::from(i == hot)).collect()).boxed();
+    let tile_edges = proptest::collection::vec(select(vec![0i64, 1, 15, 16, 17, 127, 128, 129]), e).boxed();
+    prop_oneof![3 => uniform, 2 => with_empty, 1 => one_takes_all, 2 => zipf, 1 => single_token, 1 => tile_edges]
+        .boxed()
 }
 
 fn divisors(n: usize, of: &[usize]) -> Vec<usize> {
-    of.iter().copied().filter(|d| n % d == 0).collect()
+    of.iter().copied().filter(|&d| n.is_multiple_of(d)).collect()
 }
 
 /// Valid small configurations of every class, activation, GLU/clamp/offset/bias/probs-on-input
@@ -70,22 +59,14 @@ pub fn layer_config() -> impl Strategy<Value = LayerConfig> {
         select(vec![2usize, 4, 8, 12, 16, 17, 32]),
         any::<bool>(),
         select(Activation::ALL.to_vec()),
-        (
-            any::<bool>(),
-            prop::option::weighted(0.3, select(vec![0.5f64, 1.0, 7.0])),
-            select(vec![0.0f64, 0.0, 1.0]),
-        ),
+        (any::<bool>(), prop::option::weighted(0.3, select(vec![0.5f64, 1.0, 7.0])), select(vec![0.0f64, 0.0, 1.0])),
         (
             any::<bool>(),
             select(Dtype::ALL.to_vec()),
             any::<bool>(),
             prop::option::weighted(0.2, select(vec![4usize, 16])),
         ),
-        (
-            any::<prop::sample::Index>(),
-            any::<prop::sample::Index>(),
-            prop::bool::weighted(0.15),
-        ),
+        (any::<prop::sample::Index>(), any::<prop::sample::Index>(), prop::bool::weighted(0.15)),
     )
         .prop_map(
             |(
@@ -111,11 +92,7 @@ pub fn layer_config() -> impl Strategy<Value = LayerConfig> {
                     glu_linear_offset: if glu { offset } else { 0.0 },
                     apply_probs_on_input: probs_on_input,
                     params_dtype: dtype,
-                    probs_dtype: if bf16_probs && dtype == Dtype::Bf16 {
-                        Dtype::Bf16
-                    } else {
-                        Dtype::F32
-                    },
+                    probs_dtype: if bf16_probs && dtype == Dtype::Bf16 { Dtype::Bf16 } else { Dtype::F32 },
                     padding_multiple: pad,
                     parallel: Parallelism::SINGLE,
                 };
@@ -155,24 +132,15 @@ pub fn make_valid(mut cfg: LayerConfig) -> LayerConfig {
 pub fn case(max_tokens: i64) -> impl Strategy<Value = Case> {
     layer_config().prop_flat_map(move |cfg| {
         let e = cfg.num_experts;
-        (
-            Just(cfg),
-            tokens_per_expert(e, max_tokens),
-            any::<u64>(),
-            any::<bool>(),
-        )
-            .prop_map(|(cfg, tokens, seed, defer)| {
+        (Just(cfg), tokens_per_expert(e, max_tokens), any::<u64>(), any::<bool>()).prop_map(
+            |(cfg, tokens, seed, defer)| {
                 let timing = if defer && cfg.class != LayerClass::Grouped {
                     WgradTiming::Deferred
                 } else {
                     WgradTiming::Immediate
                 };
-                Case {
-                    cfg,
-                    tokens_per_expert: tokens,
-                    seed,
-                    timing,
-                }
-            })
+                Case { cfg, tokens_per_expert: tokens, seed, timing }
+            },
+        )
     })
 }

@@ -75,17 +75,11 @@ impl Tolerance {
     /// Two f64 computations of the same function that differ only in summation order.
     pub fn f64_reordering(k: usize) -> Tolerance {
         let u = 2f64.powi(-53);
-        Tolerance {
-            rtol: C_DEPTH * u + C_ACC * (k.max(1) as f64).sqrt() * u,
-            atol: 0.0,
-        }
+        Tolerance { rtol: C_DEPTH * u + C_ACC * (k.max(1) as f64).sqrt() * u, atol: 0.0 }
     }
 
     /// Exact equality.
-    pub const EXACT: Tolerance = Tolerance {
-        rtol: 0.0,
-        atol: 0.0,
-    };
+    pub const EXACT: Tolerance = Tolerance { rtol: 0.0, atol: 0.0 };
 
     /// The bound for one element of scale `scale` in a block of rms scale `rms`.
     pub fn bound(&self, scale: f64, rms: f64) -> f64 {
@@ -95,16 +89,13 @@ impl Tolerance {
     /// The same tolerance scaled by `factor` (for properties that compare two storage-dtype
     /// runs, each within `self` of the oracle: `factor = 2`).
     pub fn times(self, factor: f64) -> Tolerance {
-        Tolerance {
-            rtol: self.rtol * factor,
-            atol: self.atol * factor,
-        }
+        Tolerance { rtol: self.rtol * factor, atol: self.atol * factor }
     }
 }
 
 impl std::fmt::Display for Tolerance {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.atol > 0.0 && self.atol > 1e-30 {
+        if self.atol > 1e-30 {
             write!(f, "rtol {:.2e} atol {:.1e}", self.rtol, self.atol)
         } else {
             write!(f, "rtol {:.2e}", self.rtol)

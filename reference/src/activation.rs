@@ -68,11 +68,7 @@ mod tests {
             for &x in &[-3.1, -0.7, -1e-3, 0.3, 1.0, 2.5, 6.0] {
                 let h = 1e-6;
                 let fd = (act.apply(x + h) - act.apply(x - h)) / (2.0 * h);
-                assert!(
-                    (fd - act.derivative(x)).abs() < 1e-7,
-                    "{act} at {x}: {fd} vs {}",
-                    act.derivative(x)
-                );
+                assert!((fd - act.derivative(x)).abs() < 1e-7, "{act} at {x}: {fd} vs {}", act.derivative(x));
             }
         }
     }

@@ -5,9 +5,7 @@ use crate::dtype::Dtype;
 use crate::error::ReferenceError;
 
 /// Which Megatron-Core expert class (spec §1).
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub enum LayerClass {
     /// `SequentialMLP`: a loop of ordinary `MLP` experts.
     Sequential,
@@ -19,11 +17,7 @@ pub enum LayerClass {
 
 impl LayerClass {
     /// All classes.
-    pub const ALL: [LayerClass; 3] = [
-        LayerClass::Sequential,
-        LayerClass::Grouped,
-        LayerClass::TeGrouped,
-    ];
+    pub const ALL: [LayerClass; 3] = [LayerClass::Sequential, LayerClass::Grouped, LayerClass::TeGrouped];
 
     /// The dump-metadata name: `sequential`, `grouped` or `te_grouped`.
     pub fn name(self) -> &'static str {
@@ -65,9 +59,7 @@ impl std::fmt::Display for LayerClass {
 }
 
 /// The expert activation function (spec §4.3).
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub enum Activation {
     /// `x·σ(x)` (`F.silu`); with GLU this is SwiGLU.
     Silu,
@@ -81,12 +73,8 @@ pub enum Activation {
 
 impl Activation {
     /// All activations.
-    pub const ALL: [Activation; 4] = [
-        Activation::Silu,
-        Activation::Gelu,
-        Activation::QuickGelu,
-        Activation::SquaredRelu,
-    ];
+    pub const ALL: [Activation; 4] =
+        [Activation::Silu, Activation::Gelu, Activation::QuickGelu, Activation::SquaredRelu];
 
     /// The dump-metadata name: `silu`, `gelu`, `quick_gelu` or `squared_relu`.
     pub fn name(self) -> &'static str {
@@ -135,20 +123,11 @@ pub struct Parallelism {
 
 impl Parallelism {
     /// No parallelism: one rank holds every expert in full.
-    pub const SINGLE: Parallelism = Parallelism {
-        tp_size: 1,
-        tp_rank: 0,
-        ep_size: 1,
-        ep_rank: 0,
-    };
+    pub const SINGLE: Parallelism = Parallelism { tp_size: 1, tp_rank: 0, ep_size: 1, ep_rank: 0 };
 
     /// The same sizes at another rank.
     pub fn at(self, ep_rank: usize, tp_rank: usize) -> Parallelism {
-        Parallelism {
-            ep_rank,
-            tp_rank,
-            ..self
-        }
+        Parallelism { ep_rank, tp_rank, ..self }
     }
 }
 
@@ -239,18 +218,12 @@ impl LayerConfig {
 
     /// The same configuration for a single unsharded rank (t = p_ep = 1).
     pub fn unsharded(&self) -> LayerConfig {
-        LayerConfig {
-            parallel: Parallelism::SINGLE,
-            ..self.clone()
-        }
+        LayerConfig { parallel: Parallelism::SINGLE, ..self.clone() }
     }
 
     /// The same configuration at another (ep_rank, tp_rank).
     pub fn at_rank(&self, ep_rank: usize, tp_rank: usize) -> LayerConfig {
-        LayerConfig {
-            parallel: self.parallel.at(ep_rank, tp_rank),
-            ..self.clone()
-        }
+        LayerConfig { parallel: self.parallel.at(ep_rank, tp_rank), ..self.clone() }
     }
 
     /// Checks the configuration against the rules Megatron-Core enforces (spec §2, §4.4, §4.9,
@@ -265,10 +238,7 @@ impl LayerConfig {
             ));
         }
         if p.tp_size == 0 || p.ep_size == 0 {
-            return bad(format!(
-                "tp_size ({}) and ep_size ({}) must be positive",
-                p.tp_size, p.ep_size
-            ));
+            return bad(format!("tp_size ({}) and ep_size ({}) must be positive", p.tp_size, p.ep_size));
         }
         if p.tp_rank >= p.tp_size || p.ep_rank >= p.ep_size {
             return bad(format!(
@@ -276,13 +246,13 @@ impl LayerConfig {
                 p.tp_rank, p.tp_size, p.ep_rank, p.ep_size
             ));
         }
-        if self.num_experts % p.ep_size != 0 {
+        if !self.num_experts.is_multiple_of(p.ep_size) {
             return bad(format!(
                 "num_experts ({}) is not divisible by the expert-parallel size ({})",
                 self.num_experts, p.ep_size
             ));
         }
-        if self.ffn_hidden_size % p.tp_size != 0 {
+        if !self.ffn_hidden_size.is_multiple_of(p.tp_size) {
             return bad(format!(
                 "ffn_hidden_size ({}) is not divisible by the expert-tensor-parallel size ({})",
                 self.ffn_hidden_size, p.tp_size
@@ -297,16 +267,11 @@ impl LayerConfig {
         }
         if let Some(c) = self.clamp_value {
             if !(c.is_finite() && c > 0.0) {
-                return bad(format!(
-                    "activation_func_clamp_value must be finite and > 0, got {c}"
-                ));
+                return bad(format!("activation_func_clamp_value must be finite and > 0, got {c}"));
             }
         }
         if !self.glu_linear_offset.is_finite() {
-            return bad(format!(
-                "glu_linear_offset must be finite, got {}",
-                self.glu_linear_offset
-            ));
+            return bad(format!("glu_linear_offset must be finite, got {}", self.glu_linear_offset));
         }
         if let Some(m) = self.padding_multiple {
             if m == 0 {
@@ -318,18 +283,10 @@ impl LayerConfig {
         }
         if self.class == LayerClass::Grouped {
             if self.add_bias {
-                return bad(
-                    "GroupedMLP does not support add_bias_linear (Megatron asserts it is False)"
-                        .into(),
-                );
+                return bad("GroupedMLP does not support add_bias_linear (Megatron asserts it is False)".into());
             }
-            if self.gated_linear_unit
-                && !matches!(self.activation, Activation::Silu | Activation::Gelu)
-            {
-                return bad(format!(
-                    "GroupedMLP supports GLU only with silu or gelu, not {}",
-                    self.activation
-                ));
+            if self.gated_linear_unit && !matches!(self.activation, Activation::Silu | Activation::Gelu) {
+                return bad(format!("GroupedMLP supports GLU only with silu or gelu, not {}", self.activation));
             }
             if self.params_dtype != Dtype::Bf16 {
                 return bad(format!(
@@ -338,9 +295,7 @@ impl LayerConfig {
                 ));
             }
             if self.padding_multiple.is_some() {
-                return bad(
-                    "GroupedMLP has no quantization padding (it does not run fp8/fp4)".into(),
-                );
+                return bad("GroupedMLP has no quantization padding (it does not run fp8/fp4)".into());
             }
         }
         Ok(())

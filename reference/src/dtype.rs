@@ -5,9 +5,7 @@ use crate::error::ReferenceError;
 use half::{bf16, f16};
 
 /// A floating-point storage dtype of parameters, activations or probs.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub enum Dtype {
     /// IEEE binary32 (`torch.float32`).
     F32,
@@ -154,10 +152,7 @@ mod tests {
     fn rounding_is_round_to_nearest_even() {
         // 1 + 2^-8 is exactly half way between bf16 neighbours 1 and 1 + 2^-7: ties go to even (1).
         assert_eq!(Dtype::Bf16.round(1.0 + 2f64.powi(-8)), 1.0);
-        assert_eq!(
-            Dtype::Bf16.round(1.0 + 3.0 * 2f64.powi(-8)),
-            1.0 + 2.0 * 2f64.powi(-7)
-        );
+        assert_eq!(Dtype::Bf16.round(1.0 + 3.0 * 2f64.powi(-8)), 1.0 + 2.0 * 2f64.powi(-7));
         assert_eq!(Dtype::F16.round(1.0 + 2f64.powi(-11)), 1.0);
         assert!(Dtype::F32.represents(0.1f32 as f64));
         assert!(!Dtype::Bf16.represents(0.1f32 as f64));

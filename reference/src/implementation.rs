@@ -50,12 +50,7 @@ pub trait ExpertLayer: Send + Sync {
     fn supports(&self, cfg: &LayerConfig) -> Result<(), LayerError>;
 
     /// The layer's forward output `[T, h]`.
-    fn forward(
-        &self,
-        cfg: &LayerConfig,
-        params: &StateDict,
-        inputs: &Inputs,
-    ) -> Result<Array2<f64>, LayerError>;
+    fn forward(&self, cfg: &LayerConfig, params: &StateDict, inputs: &Inputs) -> Result<Array2<f64>, LayerError>;
 
     /// Forward, then backward from `grad_output`. With [`WgradTiming::Deferred`] the
     /// implementation must produce the input and probs grads first and compute the weight
@@ -142,28 +137,16 @@ impl Reference {
 
 impl ExpertLayer for Reference {
     fn name(&self) -> String {
-        if self.oracle {
-            "reference-f64"
-        } else {
-            "reference"
-        }
-        .to_string()
+        if self.oracle { "reference-f64" } else { "reference" }.to_string()
     }
 
     fn supports(&self, cfg: &LayerConfig) -> Result<(), LayerError> {
         cfg.validate().map_err(LayerError::from)
     }
 
-    fn forward(
-        &self,
-        cfg: &LayerConfig,
-        params: &StateDict,
-        inputs: &Inputs,
-    ) -> Result<Array2<f64>, LayerError> {
+    fn forward(&self, cfg: &LayerConfig, params: &StateDict, inputs: &Inputs) -> Result<Array2<f64>, LayerError> {
         let weights = from_state_dict(cfg, params)?;
-        Ok(forward(cfg, &weights, inputs, self.numerics(cfg))?
-            .output()
-            .clone())
+        Ok(forward(cfg, &weights, inputs, self.numerics(cfg))?.output().clone())
     }
 
     fn forward_backward(

@@ -81,18 +81,10 @@ pub fn validate_inputs(cfg: &LayerConfig, inputs: &Inputs) -> Result<Vec<usize>,
         if got == expected.as_slice() {
             Ok(())
         } else {
-            Err(ReferenceError::Shape {
-                name: name.to_string(),
-                expected,
-                got: got.to_vec(),
-            })
+            Err(ReferenceError::Shape { name: name.to_string(), expected, got: got.to_vec() })
         }
     };
-    shape(
-        "input.permuted_local_hidden_states",
-        vec![t, cfg.hidden_size],
-        inputs.hidden_states.shape(),
-    )?;
+    shape("input.permuted_local_hidden_states", vec![t, cfg.hidden_size], inputs.hidden_states.shape())?;
     shape("input.permuted_probs", vec![t], inputs.probs.shape())?;
     let el = cfg.num_local_experts();
     if inputs.tokens_per_expert.len() != el {
@@ -102,15 +94,8 @@ pub fn validate_inputs(cfg: &LayerConfig, inputs: &Inputs) -> Result<Vec<usize>,
             got: vec![inputs.tokens_per_expert.len()],
         });
     }
-    if let Some((e, &n)) = inputs
-        .tokens_per_expert
-        .iter()
-        .enumerate()
-        .find(|(_, &n)| n < 0)
-    {
-        return Err(ReferenceError::TokenCounts(format!(
-            "expert {e} has a negative count {n}"
-        )));
+    if let Some((e, &n)) = inputs.tokens_per_expert.iter().enumerate().find(|(_, &n)| n < 0) {
+        return Err(ReferenceError::TokenCounts(format!("expert {e} has a negative count {n}")));
     }
     check_finite("input.permuted_local_hidden_states", &inputs.hidden_states)?;
     check_finite("input.permuted_probs", &inputs.probs)?;
@@ -124,11 +109,7 @@ pub fn validate_inputs(cfg: &LayerConfig, inputs: &Inputs) -> Result<Vec<usize>,
             inputs.tokens_per_expert
         )));
     }
-    Ok(inputs
-        .tokens_per_expert
-        .iter()
-        .map(|&n| n as usize)
-        .collect())
+    Ok(inputs.tokens_per_expert.iter().map(|&n| n as usize).collect())
 }
 
 /// `a·b` with f32 accumulation of storage-dtype operands (emulated) or in f64 (oracle). The
@@ -261,8 +242,7 @@ impl WeightGradStore {
     /// them, and assigns them into `grads` (TE assigns `.grad`, it does not accumulate).
     pub fn backward_dw(mut self, grads: &mut ExpertSet) {
         for linear in [Linear::Fc2, Linear::Fc1] {
-            let (now, later): (VecDeque<_>, VecDeque<_>) =
-                self.queue.drain(..).partition(|e| e.linear == linear);
+            let (now, later): (VecDeque<_>, VecDeque<_>) = self.queue.drain(..).partition(|e| e.linear == linear);
             self.queue = later;
             for entry in now {
                 let g = &mut grads.experts[entry.expert];
@@ -287,11 +267,7 @@ impl WeightGradStore {
 }
 
 /// `dW = Gᵀ·X` rounded to the storage dtype, and the bias gradient `Σ_i G_i` (fp32 sum, cast).
-fn weight_grad(
-    n: Numerics,
-    grad_output: &Array2<f64>,
-    input: &Array2<f64>,
-) -> (Array2<f64>, Array1<f64>) {
+fn weight_grad(n: Numerics, grad_output: &Array2<f64>, input: &Array2<f64>) -> (Array2<f64>, Array1<f64>) {
     let dw = gemm(n, grad_output.t(), input.view()).mapv(|v| n.store(v));
     let db = grad_output.sum_axis(Axis(0)).mapv(|v| n.store(n.fp32(v)));
     (dw, db)
@@ -344,9 +320,7 @@ fn expert_forward(
     // §4.7: moe_apply_probs_on_input replaces x by cast(p·x) (fp32 product) and p by ones.
     let (x, p) = if cfg.apply_probs_on_input {
         let mut x = x_orig.to_owned();
-        Zip::from(x.rows_mut())
-            .and(p_orig)
-            .for_each(|mut row, &pi| row.mapv_inplace(|v| n.store(n.fp32(pi * v))));
+        Zip::from(x.rows_mut()).and(p_orig).for_each(|mut row, &pi| row.mapv_inplace(|v| n.store(n.fp32(pi * v))));
         (x, Array1::ones(rows))
     } else {
         (x_orig.to_owned(), p_orig.to_owned())
@@ -375,11 +349,7 @@ fn expert_forward(
             };
             *z = if cfg.eager_activation() {
                 let act_g = n.store(act.apply(gc));
-                let lin = if offset != 0.0 {
-                    n.store(lc + offset)
-                } else {
-                    lc
-                };
+                let lin = if offset != 0.0 { n.store(lc + offset) } else { lc };
                 n.store(act_g * lin)
             } else {
                 act.apply(gc) * (lc + offset) // fp32 chain, rounded once with the probs below
@@ -394,46 +364,27 @@ fn expert_forward(
 
     // u = cast(z·p): fp32 product, one cast.
     let mut u = z.clone();
-    Zip::from(u.rows_mut())
-        .and(&p)
-        .for_each(|mut row, &pi| row.mapv_inplace(|v| n.store(n.fp32(v * pi))));
+    Zip::from(u.rows_mut()).and(&p).for_each(|mut row, &pi| row.mapv_inplace(|v| n.store(n.fp32(v * pi))));
 
     // fc2, then the probs-scaled bias: round(out + b2·p) computed in fp32 (§4.5.1 step 7, §4.6).
     let mut y = store2(n, gemm(n, u.view(), w.fc2_weight.t()));
     if let Some(b2) = &w.fc2_bias {
         Zip::from(y.rows_mut()).and(&p).for_each(|mut row, &pi| {
-            Zip::from(&mut row)
-                .and(b2)
-                .for_each(|y, &b| *y = n.store(n.fp32(*y + n.fp32(b * pi))));
+            Zip::from(&mut row).and(b2).for_each(|y, &b| *y = n.store(n.fp32(*y + n.fp32(b * pi))));
         });
     }
-    let cache = SegmentCache {
-        x,
-        x_orig: x_orig.to_owned(),
-        p,
-        p_orig: p_orig.to_owned(),
-        a,
-        z,
-        u,
-    };
+    let cache = SegmentCache { x, x_orig: x_orig.to_owned(), p, p_orig: p_orig.to_owned(), a, z, u };
     (y, cache)
 }
 
 /// The gradient of the activation block: returns `da` `[n, N1]` from `dz` (eager) or from
 /// `du·p` (compiled, unrounded).
-fn activation_backward(
-    cfg: &LayerConfig,
-    n: Numerics,
-    a: &Array2<f64>,
-    dz: &Array2<f64>,
-) -> Array2<f64> {
+fn activation_backward(cfg: &LayerConfig, n: Numerics, a: &Array2<f64>, dz: &Array2<f64>) -> Array2<f64> {
     let act = cfg.activation;
     let eager = cfg.eager_activation();
     if !cfg.gated_linear_unit {
         let mut da = dz.clone();
-        Zip::from(&mut da)
-            .and(a)
-            .for_each(|d, &a| *d = n.store(*d * act.derivative(a)));
+        Zip::from(&mut da).and(a).for_each(|d, &a| *d = n.store(*d * act.derivative(a)));
         return da;
     }
     let clamp = cfg.effective_clamp();
@@ -443,41 +394,23 @@ fn activation_backward(
     let mut da = Array2::zeros(a.raw_dim());
     {
         let (mut dg, mut dl) = da.view_mut().split_at(Axis(1), k);
-        Zip::from(&mut dg)
-            .and(&mut dl)
-            .and(g)
-            .and(l)
-            .and(dz)
-            .for_each(|dg, dl, &g, &l, &dz| {
-                let (gc, lc, gate_mask, lin_mask) = match clamp {
-                    Some(c) => (
-                        n.store(g.min(c)),
-                        n.store(l.clamp(-c, c)),
-                        g <= c,
-                        (-c..=c).contains(&l),
-                    ),
-                    None => (g, l, true, true),
-                };
-                if eager {
-                    let act_g = n.store(act.apply(gc));
-                    let lin = if offset != 0.0 {
-                        n.store(lc + offset)
-                    } else {
-                        lc
-                    };
-                    let d_act_g = n.store(dz * lin);
-                    let d_lin = n.store(dz * act_g);
-                    *dg = if gate_mask {
-                        n.store(d_act_g * act.derivative(gc))
-                    } else {
-                        0.0
-                    };
-                    *dl = if lin_mask { d_lin } else { 0.0 };
-                } else {
-                    *dg = n.store(dz * (lc + offset) * act.derivative(gc));
-                    *dl = n.store(dz * act.apply(gc));
-                }
-            });
+        Zip::from(&mut dg).and(&mut dl).and(g).and(l).and(dz).for_each(|dg, dl, &g, &l, &dz| {
+            let (gc, lc, gate_mask, lin_mask) = match clamp {
+                Some(c) => (n.store(g.min(c)), n.store(l.clamp(-c, c)), g <= c, (-c..=c).contains(&l)),
+                None => (g, l, true, true),
+            };
+            if eager {
+                let act_g = n.store(act.apply(gc));
+                let lin = if offset != 0.0 { n.store(lc + offset) } else { lc };
+                let d_act_g = n.store(dz * lin);
+                let d_lin = n.store(dz * act_g);
+                *dg = if gate_mask { n.store(d_act_g * act.derivative(gc)) } else { 0.0 };
+                *dl = if lin_mask { d_lin } else { 0.0 };
+            } else {
+                *dg = n.store(dz * (lc + offset) * act.derivative(gc));
+                *dl = n.store(dz * act.apply(gc));
+            }
+        });
     }
     da
 }
@@ -505,26 +438,14 @@ pub fn forward(
         // Quantization padding: zero rows with zero probs appended to the segment (§4.5.1).
         let mut x = Array2::zeros((pc, h));
         let mut p = Array1::zeros(pc);
-        x.slice_mut(s![..c, ..])
-            .assign(&inputs.hidden_states.slice(s![start..start + c, ..]));
-        p.slice_mut(s![..c])
-            .assign(&inputs.probs.slice(s![start..start + c]));
+        x.slice_mut(s![..c, ..]).assign(&inputs.hidden_states.slice(s![start..start + c, ..]));
+        p.slice_mut(s![..c]).assign(&inputs.probs.slice(s![start..start + c]));
         let (y, cache) = expert_forward(cfg, numerics, &weights.experts[e], x.view(), p.view());
-        output
-            .slice_mut(s![start..start + c, ..])
-            .assign(&y.slice(s![..c, ..]));
+        output.slice_mut(s![start..start + c, ..]).assign(&y.slice(s![..c, ..]));
         caches.push(cache);
         start += c;
     }
-    Ok(ForwardPass {
-        cfg: cfg.clone(),
-        numerics,
-        weights: weights.clone(),
-        counts,
-        padded_counts,
-        caches,
-        output,
-    })
+    Ok(ForwardPass { cfg: cfg.clone(), numerics, weights: weights.clone(), counts, padded_counts, caches, output })
 }
 
 impl ForwardPass {
@@ -541,11 +462,7 @@ impl ForwardPass {
     /// classes and SequentialMLP's fc1 bias are eager ops outside the linears and get their
     /// gradients immediately. GroupedMLP rejects deferral (Megatron asserts
     /// `delay_wgrad_compute` is incompatible with the legacy grouped GEMM).
-    pub fn backward(
-        &self,
-        grad_output: &Array2<f64>,
-        timing: WgradTiming,
-    ) -> Result<BackwardPass, ReferenceError> {
+    pub fn backward(&self, grad_output: &Array2<f64>, timing: WgradTiming) -> Result<BackwardPass, ReferenceError> {
         let cfg = &self.cfg;
         let n = self.numerics;
         let (t, h) = self.output.dim();
@@ -559,8 +476,7 @@ impl ForwardPass {
         check_finite("input.grad_output", grad_output)?;
         if timing == WgradTiming::Deferred && cfg.class == LayerClass::Grouped {
             return Err(ReferenceError::Config(
-                "GroupedMLP does not support delay_wgrad_compute (backward_dw is a no-op there)"
-                    .into(),
+                "GroupedMLP does not support delay_wgrad_compute (backward_dw is a no-op there)".into(),
             ));
         }
         let deferred = timing == WgradTiming::Deferred;
@@ -579,17 +495,10 @@ impl ForwardPass {
             allowance_weight_grads: ExpertSet::zeros(cfg),
         });
         let mut start = 0;
-        for (e, ((&c, &pc), cache)) in self
-            .counts
-            .iter()
-            .zip(&self.padded_counts)
-            .zip(&self.caches)
-            .enumerate()
-        {
+        for (e, ((&c, &pc), cache)) in self.counts.iter().zip(&self.padded_counts).zip(&self.caches).enumerate() {
             let w = &self.weights.experts[e];
             let mut g = Array2::zeros((pc, h));
-            g.slice_mut(s![..c, ..])
-                .assign(&grad_output.slice(s![start..start + c, ..]));
+            g.slice_mut(s![..c, ..]).assign(&grad_output.slice(s![start..start + c, ..]));
             let out = &mut grads.experts[e];
 
             // fc2 bias: y = cast(o + b2·p) ⇒ db2 = Σ_i p_i·G_i, dp_i += Σ_j G_ij·b2_j (fp32).
@@ -606,17 +515,9 @@ impl ForwardPass {
             let du = store2(n, gemm(n, g.view(), w.fc2_weight.view()));
             // u = cast(z·p): dz = cast(du·p), dp_i += Σ_j du_ij·z_ij (fp32).
             let mut dz = du.clone();
-            Zip::from(dz.rows_mut())
-                .and(&cache.p)
-                .for_each(|mut row, &pi| {
-                    row.mapv_inplace(|v| {
-                        if cfg.eager_activation() {
-                            n.store(n.fp32(v * pi))
-                        } else {
-                            v * pi
-                        }
-                    })
-                });
+            Zip::from(dz.rows_mut()).and(&cache.p).for_each(|mut row, &pi| {
+                row.mapv_inplace(|v| if cfg.eager_activation() { n.store(n.fp32(v * pi)) } else { v * pi })
+            });
             let dp_act = (&du * &cache.z).sum_axis(Axis(1)).mapv(|v| n.fp32(v));
             if !cfg.apply_probs_on_input {
                 dp = (dp + dp_act).mapv(|v| n.fp32(v));
@@ -668,8 +569,7 @@ impl ForwardPass {
                 let mut dp_scale = m.dp;
                 if let Some(b2) = &w.fc2_bias {
                     dp_scale += &g_abs.dot(&b2.mapv(f64::abs));
-                    sc.weight_grads.experts[e].fc2_bias =
-                        Some(g_abs.t().dot(&cache.p.mapv(f64::abs)));
+                    sc.weight_grads.experts[e].fc2_bias = Some(g_abs.t().dot(&cache.p.mapv(f64::abs)));
                 }
                 let mut dx_scale = m.da.dot(&abs(&w.fc1_weight));
                 if cfg.apply_probs_on_input {
@@ -696,38 +596,24 @@ impl ForwardPass {
                     let mut dx_allow = jump.dot(&abs(&w.fc1_weight));
                     if cfg.apply_probs_on_input {
                         let dp_allow = (&dx_allow * &abs(&cache.x_orig)).sum_axis(Axis(1));
-                        sc.allowance_grad_probs
-                            .slice_mut(s![start..start + c])
-                            .assign(&dp_allow.slice(s![..c]));
+                        sc.allowance_grad_probs.slice_mut(s![start..start + c]).assign(&dp_allow.slice(s![..c]));
                         Zip::from(dx_allow.rows_mut())
                             .and(&cache.p_orig)
                             .for_each(|mut row, &pi| row.mapv_inplace(|v| v * pi.abs()));
                     }
-                    sc.allowance_grad_input
-                        .slice_mut(s![start..start + c, ..])
-                        .assign(&dx_allow.slice(s![..c, ..]));
+                    sc.allowance_grad_input.slice_mut(s![start..start + c, ..]).assign(&dx_allow.slice(s![..c, ..]));
                     let wa = &mut sc.allowance_weight_grads.experts[e];
                     wa.fc1_weight = jump.t().dot(&abs(&cache.x));
                     if wa.fc1_bias.is_some() {
                         wa.fc1_bias = Some(jump.sum_axis(Axis(0)));
                     }
                 }
-                sc.output
-                    .slice_mut(s![start..start + c, ..])
-                    .assign(&y_scale.slice(s![..c, ..]));
-                sc.grad_input
-                    .slice_mut(s![start..start + c, ..])
-                    .assign(&dx_scale.slice(s![..c, ..]));
-                sc.grad_probs
-                    .slice_mut(s![start..start + c])
-                    .assign(&dp_scale.slice(s![..c]));
+                sc.output.slice_mut(s![start..start + c, ..]).assign(&y_scale.slice(s![..c, ..]));
+                sc.grad_input.slice_mut(s![start..start + c, ..]).assign(&dx_scale.slice(s![..c, ..]));
+                sc.grad_probs.slice_mut(s![start..start + c]).assign(&dp_scale.slice(s![..c]));
             }
-            grad_input
-                .slice_mut(s![start..start + c, ..])
-                .assign(&dx.slice(s![..c, ..]));
-            grad_probs
-                .slice_mut(s![start..start + c])
-                .assign(&dp.slice(s![..c]).mapv(|v| n.to(cfg.probs_dtype, v)));
+            grad_input.slice_mut(s![start..start + c, ..]).assign(&dx.slice(s![..c, ..]));
+            grad_probs.slice_mut(s![start..start + c]).assign(&dp.slice(s![..c]).mapv(|v| n.to(cfg.probs_dtype, v)));
             start += c;
         }
         Ok(BackwardPass {
@@ -811,9 +697,7 @@ fn magnitudes(
     let p_abs = cache.p.mapv(f64::abs);
     let m_du = abs(g).dot(&abs(&w.fc2_weight)) + abs(du);
     let mut m_dz = m_du.clone();
-    Zip::from(m_dz.rows_mut())
-        .and(&p_abs)
-        .for_each(|mut row, &pi| row.mapv_inplace(|v| v * pi));
+    Zip::from(m_dz.rows_mut()).and(&p_abs).for_each(|mut row, &pi| row.mapv_inplace(|v| v * pi));
     m_dz += &abs(dz);
     let (m_z, m_da) = if cfg.gated_linear_unit {
         let clamp = cfg.effective_clamp();
@@ -830,11 +714,7 @@ fn magnitudes(
                 };
                 let lo = (lc + offset).abs();
                 let (mg, ml) = (m_a[[i, j]], m_a[[i, k + j]]);
-                let (f, f1, f2) = (
-                    act.apply(gc).abs(),
-                    act.derivative(gc).abs(),
-                    act.second_derivative(gc).abs(),
-                );
+                let (f, f1, f2) = (act.apply(gc).abs(), act.derivative(gc).abs(), act.second_derivative(gc).abs());
                 m_z[[i, j]] = f1 * mg * lo + f * (ml + lo) + f * lo;
                 let (d, md) = (dz[[i, j]].abs(), m_dz[[i, j]]);
                 m_da[[i, j]] = md * lo * f1 + d * ml * f1 + d * lo * f2 * mg + d * lo * f1;
@@ -843,31 +723,16 @@ fn magnitudes(
         }
         (m_z, m_da)
     } else {
-        let m_z = Zip::from(a)
-            .and(&m_a)
-            .map_collect(|&a, &ma| act.derivative(a).abs() * ma + act.apply(a).abs());
-        let m_da = Zip::from(a)
-            .and(&m_a)
-            .and(&m_dz)
-            .and(dz)
-            .map_collect(|&a, &ma, &md, &d| {
-                md * act.derivative(a).abs()
-                    + d.abs() * act.second_derivative(a).abs() * ma
-                    + (d * act.derivative(a)).abs()
-            });
+        let m_z = Zip::from(a).and(&m_a).map_collect(|&a, &ma| act.derivative(a).abs() * ma + act.apply(a).abs());
+        let m_da = Zip::from(a).and(&m_a).and(&m_dz).and(dz).map_collect(|&a, &ma, &md, &d| {
+            md * act.derivative(a).abs() + d.abs() * act.second_derivative(a).abs() * ma + (d * act.derivative(a)).abs()
+        });
         (m_z, m_da)
     };
     let mut m_u = m_z.clone();
-    Zip::from(m_u.rows_mut())
-        .and(&p_abs)
-        .for_each(|mut row, &pi| row.mapv_inplace(|v| v * pi));
+    Zip::from(m_u.rows_mut()).and(&p_abs).for_each(|mut row, &pi| row.mapv_inplace(|v| v * pi));
     m_u += &abs(&cache.u);
     let m_y = m_u.dot(&abs(&w.fc2_weight).t());
     let m_dp = (&m_du * &abs(&cache.z) + abs(du) * &m_z).sum_axis(Axis(1));
-    Magnitudes {
-        u: m_u,
-        y: m_y,
-        da: m_da,
-        dp: m_dp,
-    }
+    Magnitudes { u: m_u, y: m_y, da: m_da, dp: m_dp }
 }

@@ -32,11 +32,7 @@ pub mod weights;
 pub use config::{Activation, LayerClass, LayerConfig, Parallelism};
 pub use dtype::{Dtype, Numerics};
 pub use error::ReferenceError;
-pub use implementation::{
-    oracle_with_scales, ExpertLayer, LayerError, LayerRun, OracleRun, Reference,
-};
-pub use layer::{
-    forward, BackwardPass, ErrorScales, ForwardPass, Inputs, WeightGradStore, WgradTiming,
-};
+pub use implementation::{oracle_with_scales, ExpertLayer, LayerError, LayerRun, OracleRun, Reference};
+pub use layer::{forward, BackwardPass, ErrorScales, ForwardPass, Inputs, WeightGradStore, WgradTiming};
 pub use state_dict::{from_state_dict, param_specs, to_state_dict, ParamSpec, StateDict};
 pub use weights::{ExpertSet, ExpertWeights};

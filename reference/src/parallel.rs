@@ -57,10 +57,7 @@ pub fn run_parallel(
         let counts = inputs.tokens_per_expert[q * el..(q + 1) * el].to_vec();
         let rows: usize = counts.iter().map(|&c| c as usize).sum();
         let rank_inputs = Inputs {
-            hidden_states: inputs
-                .hidden_states
-                .slice(s![start..start + rows, ..])
-                .to_owned(),
+            hidden_states: inputs.hidden_states.slice(s![start..start + rows, ..]).to_owned(),
             tokens_per_expert: counts,
             probs: inputs.probs.slice(s![start..start + rows]).to_owned(),
         };
@@ -78,22 +75,11 @@ pub fn run_parallel(
             dp += &run.grad_probs;
             grads.push(from_state_dict(&rank_cfg, &run.weight_grads)?);
         }
-        output
-            .slice_mut(s![start..start + rows, ..])
-            .assign(&y.mapv(|v| reduce.store(reduce.fp32(v))));
-        grad_input
-            .slice_mut(s![start..start + rows, ..])
-            .assign(&dx.mapv(|v| reduce.store(reduce.fp32(v))));
-        grad_probs
-            .slice_mut(s![start..start + rows])
-            .assign(&dp.mapv(|v| reduce.to(cfg.probs_dtype, reduce.fp32(v))));
+        output.slice_mut(s![start..start + rows, ..]).assign(&y.mapv(|v| reduce.store(reduce.fp32(v))));
+        grad_input.slice_mut(s![start..start + rows, ..]).assign(&dx.mapv(|v| reduce.store(reduce.fp32(v))));
+        grad_probs.slice_mut(s![start..start + rows]).assign(&dp.mapv(|v| reduce.to(cfg.probs_dtype, reduce.fp32(v))));
         rank_weight_grads.push(grads);
         start += rows;
     }
-    Ok(ParallelRun {
-        output,
-        grad_input,
-        grad_probs,
-        rank_weight_grads,
-    })
+    Ok(ParallelRun { output, grad_input, grad_probs, rank_weight_grads })
 }

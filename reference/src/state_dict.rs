@@ -37,26 +37,16 @@ pub struct ParamSpec {
 /// Every parameter `cfg`'s class has on this rank, in state-dict order.
 pub fn param_specs(cfg: &LayerConfig) -> Vec<ParamSpec> {
     let (h, n1, n2, el) = (cfg.hidden_size, cfg.n1(), cfg.n2(), cfg.num_local_experts());
-    let one = |name: String, shape: Vec<usize>| ParamSpec {
-        name,
-        shape,
-        expert_blocks: 1,
-    };
+    let one = |name: String, shape: Vec<usize>| ParamSpec { name, shape, expert_blocks: 1 };
     let mut specs = Vec::new();
     match cfg.class {
         LayerClass::Sequential => {
             for e in 0..el {
-                specs.push(one(
-                    format!("local_experts.{e}.linear_fc1.weight"),
-                    vec![n1, h],
-                ));
+                specs.push(one(format!("local_experts.{e}.linear_fc1.weight"), vec![n1, h]));
                 if cfg.add_bias {
                     specs.push(one(format!("local_experts.{e}.linear_fc1.bias"), vec![n1]));
                 }
-                specs.push(one(
-                    format!("local_experts.{e}.linear_fc2.weight"),
-                    vec![h, n2],
-                ));
+                specs.push(one(format!("local_experts.{e}.linear_fc2.weight"), vec![h, n2]));
                 if cfg.add_bias {
                     specs.push(one(format!("local_experts.{e}.linear_fc2.bias"), vec![h]));
                 }
@@ -81,16 +71,8 @@ pub fn param_specs(cfg: &LayerConfig) -> Vec<ParamSpec> {
             }
         }
         LayerClass::Grouped => {
-            specs.push(ParamSpec {
-                name: "weight1".into(),
-                shape: vec![h, el * n1],
-                expert_blocks: el,
-            });
-            specs.push(ParamSpec {
-                name: "weight2".into(),
-                shape: vec![el * n2, h],
-                expert_blocks: el,
-            });
+            specs.push(ParamSpec { name: "weight1".into(), shape: vec![h, el * n1], expert_blocks: el });
+            specs.push(ParamSpec { name: "weight2".into(), shape: vec![el * n2, h], expert_blocks: el });
         }
     }
     specs
@@ -130,14 +112,8 @@ pub fn to_state_dict(cfg: &LayerConfig, set: &ExpertSet) -> Result<StateDict, Re
                 w1.extend(w.fc1_weight.t().iter().copied());
                 w2.extend(w.fc2_weight.t().iter().copied());
             }
-            sd.insert(
-                "weight1".into(),
-                ArrayD::from_shape_vec(IxDyn(&[h, el * n1]), w1).unwrap(),
-            );
-            sd.insert(
-                "weight2".into(),
-                ArrayD::from_shape_vec(IxDyn(&[el * n2, h]), w2).unwrap(),
-            );
+            sd.insert("weight1".into(), ArrayD::from_shape_vec(IxDyn(&[h, el * n1]), w1).unwrap());
+            sd.insert("weight2".into(), ArrayD::from_shape_vec(IxDyn(&[el * n2, h]), w2).unwrap());
         }
     }
     Ok(sd)
@@ -167,12 +143,8 @@ pub fn from_state_dict(cfg: &LayerConfig, sd: &StateDict) -> Result<ExpertSet, R
     let layer = cfg.class.megatron_name();
     let specs = param_specs(cfg);
     for spec in &specs {
-        let t = sd
-            .get(&spec.name)
-            .ok_or_else(|| ReferenceError::MissingParameter {
-                name: spec.name.clone(),
-                layer,
-            })?;
+        let t =
+            sd.get(&spec.name).ok_or_else(|| ReferenceError::MissingParameter { name: spec.name.clone(), layer })?;
         if t.shape() != spec.shape.as_slice() {
             return Err(ReferenceError::Shape {
                 name: spec.name.clone(),
@@ -182,11 +154,7 @@ pub fn from_state_dict(cfg: &LayerConfig, sd: &StateDict) -> Result<ExpertSet, R
         }
     }
     if let Some(extra) = sd.keys().find(|k| !specs.iter().any(|s| &s.name == *k)) {
-        return Err(ReferenceError::UnexpectedParameter {
-            name: extra.clone(),
-            layer,
-            example: specs[0].name.clone(),
-        });
+        return Err(ReferenceError::UnexpectedParameter { name: extra.clone(), layer, example: specs[0].name.clone() });
     }
     let (h, n1, n2) = (cfg.hidden_size, cfg.n1(), cfg.n2());
     let get2 = |name: &str| -> Array2<f64> { sd[name].clone().into_dimensionality().unwrap() };
@@ -209,12 +177,8 @@ pub fn from_state_dict(cfg: &LayerConfig, sd: &StateDict) -> Result<ExpertSet, R
             let w2: Vec<f64> = sd["weight2"].iter().copied().collect();
             (0..cfg.num_local_experts())
                 .map(|e| {
-                    let block1 =
-                        Array2::from_shape_vec((h, n1), w1[e * h * n1..(e + 1) * h * n1].to_vec())
-                            .unwrap();
-                    let block2 =
-                        Array2::from_shape_vec((n2, h), w2[e * n2 * h..(e + 1) * n2 * h].to_vec())
-                            .unwrap();
+                    let block1 = Array2::from_shape_vec((h, n1), w1[e * h * n1..(e + 1) * h * n1].to_vec()).unwrap();
+                    let block2 = Array2::from_shape_vec((n2, h), w2[e * n2 * h..(e + 1) * n2 * h].to_vec()).unwrap();
                     ExpertWeights {
                         fc1_weight: block1.t().to_owned(),
                         fc1_bias: None,
@@ -229,16 +193,9 @@ pub fn from_state_dict(cfg: &LayerConfig, sd: &StateDict) -> Result<ExpertSet, R
 }
 
 /// Converts one class's parameters to another's through the canonical form (lossless).
-pub fn convert(
-    from: &LayerConfig,
-    sd: &StateDict,
-    to: LayerClass,
-) -> Result<StateDict, ReferenceError> {
+pub fn convert(from: &LayerConfig, sd: &StateDict, to: LayerClass) -> Result<StateDict, ReferenceError> {
     let set = from_state_dict(from, sd)?;
-    let to_cfg = LayerConfig {
-        class: to,
-        ..from.clone()
-    };
+    let to_cfg = LayerConfig { class: to, ..from.clone() };
     to_cfg.validate()?;
     to_state_dict(&to_cfg, &set)
 }
@@ -269,10 +226,7 @@ mod tests {
         assert_eq!(w1.shape(), &[2, 6]);
         // Flat memory: expert 0's W1ᵀ ([[0,2,4],[1,3,5]]) then expert 1's ([[10,12,14],[11,13,15]]).
         let flat: Vec<f64> = w1.iter().copied().collect();
-        assert_eq!(
-            flat,
-            vec![0., 2., 4., 1., 3., 5., 10., 12., 14., 11., 13., 15.]
-        );
+        assert_eq!(flat, vec![0., 2., 4., 1., 3., 5., 10., 12., 14., 11., 13., 15.]);
         // So row 0 of the declared [h, E_l*N1] matrix mixes both halves of expert 0: not a column block.
         assert_eq!(from_state_dict(&cfg, &sd).unwrap(), set);
     }

@@ -38,19 +38,11 @@ impl ExpertWeights {
     /// The four tensors by canonical name (`fc1_weight`, `fc1_bias`, `fc2_weight`, `fc2_bias`),
     /// absent biases skipped, as flat slices with their shapes.
     pub fn tensors(&self) -> Vec<(&'static str, Vec<usize>, Vec<f64>)> {
-        let mut out = vec![(
-            "fc1_weight",
-            self.fc1_weight.shape().to_vec(),
-            self.fc1_weight.iter().copied().collect(),
-        )];
+        let mut out = vec![("fc1_weight", self.fc1_weight.shape().to_vec(), self.fc1_weight.iter().copied().collect())];
         if let Some(b) = &self.fc1_bias {
             out.push(("fc1_bias", b.shape().to_vec(), b.to_vec()));
         }
-        out.push((
-            "fc2_weight",
-            self.fc2_weight.shape().to_vec(),
-            self.fc2_weight.iter().copied().collect(),
-        ));
+        out.push(("fc2_weight", self.fc2_weight.shape().to_vec(), self.fc2_weight.iter().copied().collect()));
         if let Some(b) = &self.fc2_bias {
             out.push(("fc2_bias", b.shape().to_vec(), b.to_vec()));
         }
@@ -74,23 +66,14 @@ impl ExpertSet {
         let dtype = cfg.params_dtype;
         let (h, n1, n2) = (cfg.hidden_size, cfg.n1(), cfg.n2());
         let mut uniform = |n: usize, scale: f64| -> Vec<f64> {
-            (0..n)
-                .map(|_| dtype.round(rng.random_range(-1.0..1.0) * scale))
-                .collect()
+            (0..n).map(|_| dtype.round(rng.random_range(-1.0..1.0) * scale)).collect()
         };
         let experts = (0..cfg.num_local_experts())
             .map(|_| ExpertWeights {
-                fc1_weight: Array2::from_shape_vec(
-                    (n1, h),
-                    uniform(n1 * h, 1.0 / (h as f64).sqrt()),
-                )
-                .unwrap(),
+                fc1_weight: Array2::from_shape_vec((n1, h), uniform(n1 * h, 1.0 / (h as f64).sqrt())).unwrap(),
                 fc1_bias: cfg.add_bias.then(|| Array1::from(uniform(n1, 0.5))),
-                fc2_weight: Array2::from_shape_vec(
-                    (h, n2),
-                    uniform(h * n2, 1.0 / (cfg.ffn_hidden_size as f64).sqrt()),
-                )
-                .unwrap(),
+                fc2_weight: Array2::from_shape_vec((h, n2), uniform(h * n2, 1.0 / (cfg.ffn_hidden_size as f64).sqrt()))
+                    .unwrap(),
                 fc2_bias: cfg.add_bias.then(|| Array1::from(uniform(h, 0.5))),
             })
             .collect();
@@ -121,11 +104,7 @@ impl ExpertSet {
                 if got == expected.as_slice() {
                     Ok(())
                 } else {
-                    Err(ReferenceError::Shape {
-                        name: format!("expert {e} {name}"),
-                        expected,
-                        got: got.to_vec(),
-                    })
+                    Err(ReferenceError::Shape { name: format!("expert {e} {name}"), expected, got: got.to_vec() })
                 }
             };
             check("fc1_weight", w.fc1_weight.shape(), vec![n1, h])?;
@@ -180,22 +159,14 @@ impl ExpertSet {
         let k = f / t;
         let rows = |a: &Array2<f64>| -> Array2<f64> {
             if cfg.gated_linear_unit {
-                concatenate![
-                    Axis(0),
-                    a.slice(s![r * k..(r + 1) * k, ..]),
-                    a.slice(s![f + r * k..f + (r + 1) * k, ..])
-                ]
+                concatenate![Axis(0), a.slice(s![r * k..(r + 1) * k, ..]), a.slice(s![f + r * k..f + (r + 1) * k, ..])]
             } else {
                 a.slice(s![r * k..(r + 1) * k, ..]).to_owned()
             }
         };
         let rows1 = |b: &Array1<f64>| -> Array1<f64> {
             if cfg.gated_linear_unit {
-                concatenate![
-                    Axis(0),
-                    b.slice(s![r * k..(r + 1) * k]),
-                    b.slice(s![f + r * k..f + (r + 1) * k])
-                ]
+                concatenate![Axis(0), b.slice(s![r * k..(r + 1) * k]), b.slice(s![f + r * k..f + (r + 1) * k])]
             } else {
                 b.slice(s![r * k..(r + 1) * k]).to_owned()
             }
@@ -216,10 +187,7 @@ impl ExpertSet {
 
     /// The inverse of [`ExpertSet::shard`]: reassembles the full experts from every rank's share,
     /// `shards[ep_rank][tp_rank]`. `cfg` gives the sizes (its ranks are ignored).
-    pub fn unshard(
-        cfg: &LayerConfig,
-        shards: &[Vec<ExpertSet>],
-    ) -> Result<ExpertSet, ReferenceError> {
+    pub fn unshard(cfg: &LayerConfig, shards: &[Vec<ExpertSet>]) -> Result<ExpertSet, ReferenceError> {
         cfg.validate()?;
         let p = cfg.parallel;
         if shards.len() != p.ep_size || shards.iter().any(|s| s.len() != p.tp_size) {
@@ -240,37 +208,19 @@ impl ExpertSet {
             for e in 0..cfg.num_local_experts() {
                 let parts: Vec<&ExpertWeights> = ep_shards.iter().map(|s| &s.experts[e]).collect();
                 let (fc1_weight, fc1_bias) = if cfg.gated_linear_unit {
-                    let gates: Vec<_> = parts
-                        .iter()
-                        .map(|w| w.fc1_weight.slice(s![..k, ..]))
-                        .collect();
-                    let lins: Vec<_> = parts
-                        .iter()
-                        .map(|w| w.fc1_weight.slice(s![k.., ..]))
-                        .collect();
+                    let gates: Vec<_> = parts.iter().map(|w| w.fc1_weight.slice(s![..k, ..])).collect();
+                    let lins: Vec<_> = parts.iter().map(|w| w.fc1_weight.slice(s![k.., ..])).collect();
                     let w = concatenate(
                         Axis(0),
-                        &[
-                            concatenate(Axis(0), &gates).unwrap().view(),
-                            concatenate(Axis(0), &lins).unwrap().view(),
-                        ],
+                        &[concatenate(Axis(0), &gates).unwrap().view(), concatenate(Axis(0), &lins).unwrap().view()],
                     )
                     .unwrap();
                     let b = parts[0].fc1_bias.as_ref().map(|_| {
-                        let g: Vec<_> = parts
-                            .iter()
-                            .map(|w| w.fc1_bias.as_ref().unwrap().slice(s![..k]))
-                            .collect();
-                        let l: Vec<_> = parts
-                            .iter()
-                            .map(|w| w.fc1_bias.as_ref().unwrap().slice(s![k..]))
-                            .collect();
+                        let g: Vec<_> = parts.iter().map(|w| w.fc1_bias.as_ref().unwrap().slice(s![..k])).collect();
+                        let l: Vec<_> = parts.iter().map(|w| w.fc1_bias.as_ref().unwrap().slice(s![k..])).collect();
                         concatenate(
                             Axis(0),
-                            &[
-                                concatenate(Axis(0), &g).unwrap().view(),
-                                concatenate(Axis(0), &l).unwrap().view(),
-                            ],
+                            &[concatenate(Axis(0), &g).unwrap().view(), concatenate(Axis(0), &l).unwrap().view()],
                         )
                         .unwrap()
                     });
@@ -278,10 +228,7 @@ impl ExpertSet {
                 } else {
                     let ws: Vec<_> = parts.iter().map(|w| w.fc1_weight.view()).collect();
                     let b = parts[0].fc1_bias.as_ref().map(|_| {
-                        let bs: Vec<_> = parts
-                            .iter()
-                            .map(|w| w.fc1_bias.as_ref().unwrap().view())
-                            .collect();
+                        let bs: Vec<_> = parts.iter().map(|w| w.fc1_bias.as_ref().unwrap().view()).collect();
                         concatenate(Axis(0), &bs).unwrap()
                     });
                     (concatenate(Axis(0), &ws).unwrap(), b)

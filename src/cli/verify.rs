@@ -54,10 +54,8 @@ pub fn run(args: &VerifyArgs) -> i32 {
     let total = u64::from(args.cases) * (properties.len() * backends.len()) as u64;
     let bar = ProgressBar::new(total);
     bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} cases  {msg}",
-        )
-        .expect("valid template"),
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} cases  {msg}")
+            .expect("valid template"),
     );
     let strategy = strategy::case(args.max_tokens);
     let mut reports: Vec<PropertyReport> = Vec::new();
@@ -65,34 +63,19 @@ pub fn run(args: &VerifyArgs) -> i32 {
         for &property in &properties {
             bar.set_message(format!("{} / {}", backend.name(), property.name()));
             let tick = || bar.inc(1);
-            reports.push(run_property(
-                backend.as_ref(),
-                property,
-                &strategy,
-                args.cases,
-                args.seed,
-                &tick,
-            ));
+            reports.push(run_property(backend.as_ref(), property, &strategy, args.cases, args.seed, &tick));
         }
     }
     bar.finish_and_clear();
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&reports).expect("serializable report")
-        );
+        println!("{}", serde_json::to_string_pretty(&reports).expect("serializable report"));
     } else {
         print_table(&reports);
     }
     let failed: Vec<&PropertyReport> = reports.iter().filter(|r| !r.passed()).collect();
     for r in &failed {
         let f = r.failure.as_ref().expect("failed report has a failure");
-        eprintln!(
-            "\nFAIL {} / {}: minimal failing case ({}):",
-            r.backend,
-            r.property.name(),
-            f.case.summary()
-        );
+        eprintln!("\nFAIL {} / {}: minimal failing case ({}):", r.backend, r.property.name(), f.case.summary());
         eprintln!("{}", f.message);
         eprintln!("\nPaste into a regression test:\n{}", f.case.to_rust());
     }
