@@ -367,10 +367,15 @@ fn expert_forward(
     Zip::from(u.rows_mut()).and(&p).for_each(|mut row, &pi| row.mapv_inplace(|v| n.store(n.fp32(v * pi))));
 
     // fc2, then the probs-scaled bias: round(out + b2·p) computed in fp32 (§4.5.1 step 7, §4.6).
+    // With probs in the storage dtype (bf16 router), b2·p is itself a storage-dtype op (§4.8).
+    let probs_in_storage = cfg.probs_dtype == cfg.params_dtype && cfg.params_dtype != crate::dtype::Dtype::F32;
     let mut y = store2(n, gemm(n, u.view(), w.fc2_weight.t()));
     if let Some(b2) = &w.fc2_bias {
         Zip::from(y.rows_mut()).and(&p).for_each(|mut row, &pi| {
-            Zip::from(&mut row).and(b2).for_each(|y, &b| *y = n.store(n.fp32(*y + n.fp32(b * pi))));
+            Zip::from(&mut row).and(b2).for_each(|y, &b| {
+                let bias = if probs_in_storage { n.store(b * pi) } else { n.fp32(b * pi) };
+                *y = n.store(n.fp32(*y + bias));
+            });
         });
     }
     let cache = SegmentCache { x, x_orig: x_orig.to_owned(), p, p_orig: p_orig.to_owned(), a, z, u };
