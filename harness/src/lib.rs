@@ -1,1 +1,17 @@
-//! placeholder
+//! # moe-harness
+//!
+//! The differential-testing side of moe-verify: the tolerance model ([`tolerance`]), tensor
+//! comparison with worst-element reports ([`compare`]), seeded problem generation and proptest
+//! strategies ([`case`], [`strategy`]), the property checks and the differential runner
+//! ([`properties`], [`runner`]).
+#![deny(missing_docs)]
+
+pub mod case;
+pub mod compare;
+pub mod properties;
+pub mod runner;
+pub mod strategy;
+pub mod tolerance;
+
+pub use compare::{compare_runs, compare_tensor, TensorDiff};
+pub use tolerance::Tolerance;

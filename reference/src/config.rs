@@ -246,13 +246,13 @@ impl LayerConfig {
                 p.tp_rank, p.tp_size, p.ep_rank, p.ep_size
             ));
         }
-        if self.num_experts % p.ep_size != 0 {
+        if !self.num_experts.is_multiple_of(p.ep_size) {
             return bad(format!(
                 "num_experts ({}) is not divisible by the expert-parallel size ({})",
                 self.num_experts, p.ep_size
             ));
         }
-        if self.ffn_hidden_size % p.tp_size != 0 {
+        if !self.ffn_hidden_size.is_multiple_of(p.tp_size) {
             return bad(format!(
                 "ffn_hidden_size ({}) is not divisible by the expert-tensor-parallel size ({})",
                 self.ffn_hidden_size, p.tp_size
@@ -286,10 +286,7 @@ impl LayerConfig {
                 return bad("GroupedMLP does not support add_bias_linear (Megatron asserts it is False)".into());
             }
             if self.gated_linear_unit && !matches!(self.activation, Activation::Silu | Activation::Gelu) {
-                return bad(format!(
-                    "GroupedMLP supports GLU only with silu or gelu, not {}",
-                    self.activation
-                ));
+                return bad(format!("GroupedMLP supports GLU only with silu or gelu, not {}", self.activation));
             }
             if self.params_dtype != Dtype::Bf16 {
                 return bad(format!(

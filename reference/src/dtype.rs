@@ -52,6 +52,16 @@ impl Dtype {
         }
     }
 
+    /// The spacing of the subnormal numbers (the absolute rounding error floor): 2^-24 for f16,
+    /// 2^-133 for bf16, 2^-149 for f32.
+    pub fn subnormal_spacing(self) -> f64 {
+        match self {
+            Dtype::F32 => 2f64.powi(-149),
+            Dtype::Bf16 => 2f64.powi(-133),
+            Dtype::F16 => 2f64.powi(-24),
+        }
+    }
+
     /// Bytes per element.
     pub fn size_bytes(self) -> usize {
         match self {

@@ -65,6 +65,52 @@ pub trait ExpertLayer: Send + Sync {
     ) -> Result<LayerRun, LayerError>;
 }
 
+/// The f64 oracle's results together with what the tolerance model needs.
+#[derive(Clone, Debug)]
+pub struct OracleRun {
+    /// The exact results.
+    pub run: LayerRun,
+    /// Error scales: the magnitudes of the terms of each result's final reduction (see
+    /// [`crate::layer::ErrorScales`]); tolerances are relative to these.
+    pub scales: LayerRun,
+    /// Absolute allowances for rounding-ambiguous branches (clamp masks at the boundary).
+    pub allowance: LayerRun,
+}
+
+/// Runs the f64 oracle and returns its results, error scales and allowances, all in the
+/// [`LayerRun`] layout of `cfg`'s class.
+pub fn oracle_with_scales(
+    cfg: &LayerConfig,
+    params: &StateDict,
+    inputs: &Inputs,
+    grad_output: &Array2<f64>,
+) -> Result<OracleRun, LayerError> {
+    let weights = from_state_dict(cfg, params)?;
+    let fwd = forward(cfg, &weights, inputs, Numerics::Oracle)?;
+    let bwd = fwd.backward(grad_output, WgradTiming::Immediate)?;
+    let scales = bwd.scales.expect("the oracle computes error scales");
+    Ok(OracleRun {
+        run: LayerRun {
+            output: fwd.output().clone(),
+            grad_input: bwd.grad_input,
+            grad_probs: bwd.grad_probs,
+            weight_grads: to_state_dict(cfg, &bwd.weight_grads)?,
+        },
+        allowance: LayerRun {
+            output: Array2::zeros(scales.output.raw_dim()),
+            grad_input: scales.allowance_grad_input,
+            grad_probs: scales.allowance_grad_probs,
+            weight_grads: to_state_dict(cfg, &scales.allowance_weight_grads)?,
+        },
+        scales: LayerRun {
+            output: scales.output,
+            grad_input: scales.grad_input,
+            grad_probs: scales.grad_probs,
+            weight_grads: to_state_dict(cfg, &scales.weight_grads)?,
+        },
+    })
+}
+
 /// The reference implementation: [`Numerics::Oracle`] (f64, no rounding) or the emulation of
 /// `cfg.params_dtype`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

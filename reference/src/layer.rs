@@ -63,7 +63,11 @@ pub fn check_finite<'a, D: ndarray::Dimension>(
                 index[axis] = rest % len;
                 rest /= len;
             }
-            Err(ReferenceError::NonFinite { name: name.to_string(), index, value: a.iter().nth(flat).copied().unwrap_or(f64::NAN) })
+            Err(ReferenceError::NonFinite {
+                name: name.to_string(),
+                index,
+                value: a.iter().nth(flat).copied().unwrap_or(f64::NAN),
+            })
         }
     }
 }
@@ -166,6 +170,34 @@ pub struct BackwardPass {
     pub weight_grads: ExpertSet,
     /// The queued weight-gradient GEMMs (deferred mode only).
     pub pending: Option<WeightGradStore>,
+    /// Error scales (oracle only): for every result, the sum of the absolute values of the
+    /// terms of its final reduction (`|u|·|W2|ᵀ + |b2|·p` for the output, `|da|·|W1|` for the
+    /// input grad, `|G|ᵀ·|u|` for fc2's weight grad, ...). Rounding errors of a storage-dtype
+    /// implementation are proportional to these, not to the (possibly cancelled) results.
+    pub scales: Option<ErrorScales>,
+}
+
+/// Magnitudes of the terms behind each result (see [`BackwardPass::scales`]).
+#[derive(Clone, Debug)]
+pub struct ErrorScales {
+    /// Scale of the output `[T, h]`.
+    pub output: Array2<f64>,
+    /// Scale of the input grad `[T, h]`.
+    pub grad_input: Array2<f64>,
+    /// Scale of the probs grad `[T]`.
+    pub grad_probs: Array1<f64>,
+    /// Scales of the weight and bias grads.
+    pub weight_grads: ExpertSet,
+    /// Absolute allowances for branch ambiguity: a GLU clamp mask (`g ≤ c`, `-c ≤ l ≤ c`)
+    /// decided on a value within storage-dtype rounding distance of the boundary may go either
+    /// way in an implementation, changing the gradient by the masked term. These tensors hold
+    /// the largest such change of each gradient (zero without a clamp). The output is
+    /// continuous in the clamp and gets no allowance.
+    pub allowance_grad_input: Array2<f64>,
+    /// Allowance of the probs grad `[T]` (non-zero only with probs on the input).
+    pub allowance_grad_probs: Array1<f64>,
+    /// Allowances of the weight and bias grads.
+    pub allowance_weight_grads: ExpertSet,
 }
 
 /// Which linear a queued weight-gradient GEMM belongs to.
@@ -335,10 +367,15 @@ fn expert_forward(
     Zip::from(u.rows_mut()).and(&p).for_each(|mut row, &pi| row.mapv_inplace(|v| n.store(n.fp32(v * pi))));
 
     // fc2, then the probs-scaled bias: round(out + b2·p) computed in fp32 (§4.5.1 step 7, §4.6).
+    // With probs in the storage dtype (bf16 router), b2·p is itself a storage-dtype op (§4.8).
+    let probs_in_storage = cfg.probs_dtype == cfg.params_dtype && cfg.params_dtype != crate::dtype::Dtype::F32;
     let mut y = store2(n, gemm(n, u.view(), w.fc2_weight.t()));
     if let Some(b2) = &w.fc2_bias {
         Zip::from(y.rows_mut()).and(&p).for_each(|mut row, &pi| {
-            Zip::from(&mut row).and(b2).for_each(|y, &b| *y = n.store(n.fp32(*y + n.fp32(b * pi))));
+            Zip::from(&mut row).and(b2).for_each(|y, &b| {
+                let bias = if probs_in_storage { n.store(b * pi) } else { n.fp32(b * pi) };
+                *y = n.store(n.fp32(*y + bias));
+            });
         });
     }
     let cache = SegmentCache { x, x_orig: x_orig.to_owned(), p, p_orig: p_orig.to_owned(), a, z, u };
@@ -452,6 +489,16 @@ impl ForwardPass {
         let mut grad_probs = Array1::zeros(t);
         let mut grads = ExpertSet::zeros(cfg);
         let mut queue = VecDeque::new();
+        let oracle = n == Numerics::Oracle;
+        let mut scales = oracle.then(|| ErrorScales {
+            output: Array2::zeros((t, h)),
+            grad_input: Array2::zeros((t, h)),
+            grad_probs: Array1::zeros(t),
+            weight_grads: ExpertSet::zeros(cfg),
+            allowance_grad_input: Array2::zeros((t, h)),
+            allowance_grad_probs: Array1::zeros(t),
+            allowance_weight_grads: ExpertSet::zeros(cfg),
+        });
         let mut start = 0;
         for (e, ((&c, &pc), cache)) in self.counts.iter().zip(&self.padded_counts).zip(&self.caches).enumerate() {
             let w = &self.weights.experts[e];
@@ -486,12 +533,26 @@ impl ForwardPass {
             if cfg.apply_probs_on_input {
                 // x' = cast(p·x): dx = cast(dx'·p), dp_i = Σ_j x_ij·dx'_ij (fp32).
                 dp = (&dx * &cache.x_orig).sum_axis(Axis(1)).mapv(|v| n.fp32(v));
-                Zip::from(dx.rows_mut()).and(&cache.p_orig).for_each(|mut row, &pi| row.mapv_inplace(|v| n.store(n.fp32(v * pi))));
+                Zip::from(dx.rows_mut())
+                    .and(&cache.p_orig)
+                    .for_each(|mut row, &pi| row.mapv_inplace(|v| n.store(n.fp32(v * pi))));
             }
             let te = cfg.class == LayerClass::TeGrouped;
             if deferred {
-                queue.push_back(WgradEntry { linear: Linear::Fc2, expert: e, input: cache.u.clone(), grad_output: g.clone(), with_bias: false });
-                queue.push_back(WgradEntry { linear: Linear::Fc1, expert: e, input: cache.x.clone(), grad_output: da.clone(), with_bias: te && w.fc1_bias.is_some() });
+                queue.push_back(WgradEntry {
+                    linear: Linear::Fc2,
+                    expert: e,
+                    input: cache.u.clone(),
+                    grad_output: g.clone(),
+                    with_bias: false,
+                });
+                queue.push_back(WgradEntry {
+                    linear: Linear::Fc1,
+                    expert: e,
+                    input: cache.x.clone(),
+                    grad_output: da.clone(),
+                    with_bias: te && w.fc1_bias.is_some(),
+                });
                 out.fc2_weight.fill(f64::NAN);
                 out.fc1_weight.fill(f64::NAN);
                 if te {
@@ -506,6 +567,56 @@ impl ForwardPass {
             if w.fc1_bias.is_some() && !(deferred && te) {
                 out.fc1_bias = Some(weight_grad(n, &da, &cache.x).1);
             }
+            if let Some(sc) = scales.as_mut() {
+                let abs = |a: &Array2<f64>| a.mapv(f64::abs);
+                let m = magnitudes(cfg, w, cache, &g, &du, &dz);
+                let g_abs = abs(&g);
+                let mut dp_scale = m.dp;
+                if let Some(b2) = &w.fc2_bias {
+                    dp_scale += &g_abs.dot(&b2.mapv(f64::abs));
+                    sc.weight_grads.experts[e].fc2_bias = Some(g_abs.t().dot(&cache.p.mapv(f64::abs)));
+                }
+                let mut dx_scale = m.da.dot(&abs(&w.fc1_weight));
+                if cfg.apply_probs_on_input {
+                    dp_scale = (&dx_scale * &abs(&cache.x_orig)).sum_axis(Axis(1));
+                    Zip::from(dx_scale.rows_mut())
+                        .and(&cache.p_orig)
+                        .for_each(|mut row, &pi| row.mapv_inplace(|v| v * pi.abs()));
+                }
+                let ws = &mut sc.weight_grads.experts[e];
+                ws.fc2_weight = g_abs.t().dot(&m.u);
+                ws.fc1_weight = m.da.t().dot(&abs(&cache.x));
+                if ws.fc1_bias.is_some() {
+                    ws.fc1_bias = Some(m.da.sum_axis(Axis(0)));
+                }
+                let mut y_scale = m.y;
+                if let Some(b2) = &w.fc2_bias {
+                    let b2_abs = b2.mapv(f64::abs);
+                    Zip::from(y_scale.rows_mut())
+                        .and(&cache.p)
+                        .for_each(|mut row, &pi| row.scaled_add(pi.abs(), &b2_abs));
+                }
+                if let (Some(clamp), true) = (cfg.effective_clamp(), cfg.gated_linear_unit) {
+                    let jump = clamp_ambiguity(cfg, &cache.a, &abs(&cache.x), w, &dz, clamp);
+                    let mut dx_allow = jump.dot(&abs(&w.fc1_weight));
+                    if cfg.apply_probs_on_input {
+                        let dp_allow = (&dx_allow * &abs(&cache.x_orig)).sum_axis(Axis(1));
+                        sc.allowance_grad_probs.slice_mut(s![start..start + c]).assign(&dp_allow.slice(s![..c]));
+                        Zip::from(dx_allow.rows_mut())
+                            .and(&cache.p_orig)
+                            .for_each(|mut row, &pi| row.mapv_inplace(|v| v * pi.abs()));
+                    }
+                    sc.allowance_grad_input.slice_mut(s![start..start + c, ..]).assign(&dx_allow.slice(s![..c, ..]));
+                    let wa = &mut sc.allowance_weight_grads.experts[e];
+                    wa.fc1_weight = jump.t().dot(&abs(&cache.x));
+                    if wa.fc1_bias.is_some() {
+                        wa.fc1_bias = Some(jump.sum_axis(Axis(0)));
+                    }
+                }
+                sc.output.slice_mut(s![start..start + c, ..]).assign(&y_scale.slice(s![..c, ..]));
+                sc.grad_input.slice_mut(s![start..start + c, ..]).assign(&dx_scale.slice(s![..c, ..]));
+                sc.grad_probs.slice_mut(s![start..start + c]).assign(&dp_scale.slice(s![..c]));
+            }
             grad_input.slice_mut(s![start..start + c, ..]).assign(&dx.slice(s![..c, ..]));
             grad_probs.slice_mut(s![start..start + c]).assign(&dp.slice(s![..c]).mapv(|v| n.to(cfg.probs_dtype, v)));
             start += c;
@@ -515,6 +626,118 @@ impl ForwardPass {
             grad_probs,
             weight_grads: grads,
             pending: deferred.then_some(WeightGradStore { numerics: n, queue }),
+            scales,
         })
     }
+}
+
+/// For a clamped GLU: the size of the gradient term a clamp mask would switch on or off, for
+/// every fc1 output element whose pre-activation lies within storage rounding distance of the
+/// clamp boundary (`8·u·(|x|·|W1|ᵀ + |b1|)`, the rounding error bound of `a`, plus `u·c`);
+/// zero elsewhere. `[n, N1]`, gate half then linear half.
+fn clamp_ambiguity(
+    cfg: &LayerConfig,
+    a: &Array2<f64>,
+    x_abs: &Array2<f64>,
+    w: &ExpertWeights,
+    dz: &Array2<f64>,
+    c: f64,
+) -> Array2<f64> {
+    let u = cfg.params_dtype.unit_roundoff();
+    let mut a_mag = x_abs.dot(&w.fc1_weight.mapv(f64::abs).t());
+    if let Some(b1) = &w.fc1_bias {
+        a_mag += &b1.mapv(f64::abs);
+    }
+    let act = cfg.activation;
+    let offset = cfg.effective_offset();
+    let k = a.ncols() / 2;
+    let (g, l) = halves(a);
+    let mut jump = Array2::zeros(a.raw_dim());
+    for i in 0..a.nrows() {
+        for j in 0..k {
+            let (gv, lv, d) = (g[[i, j]], l[[i, j]], dz[[i, j]]);
+            let (gc, lc) = (gv.min(c), lv.clamp(-c, c));
+            if (gv - c).abs() <= 8.0 * u * a_mag[[i, j]] + u * c {
+                jump[[i, j]] = (d * (lc + offset) * act.derivative(gc)).abs();
+            }
+            if (lv.abs() - c).abs() <= 8.0 * u * a_mag[[i, k + j]] + u * c {
+                jump[[i, k + j]] = (d * act.apply(gc)).abs();
+            }
+        }
+    }
+    jump
+}
+
+/// First-order magnitudes of the quantities of one expert segment: for each intermediate `v`,
+/// `M_v` bounds `|∂v|/u` when every input and every rounded intermediate before it is perturbed
+/// by at most `u` relative to its own magnitude (a running error bound). Sums are taken over the
+/// absolute values of their terms, so cancellation in a GEMM or a reduction does not hide the
+/// rounding error of its terms.
+struct Magnitudes {
+    /// `M_u` `[n, N2]`: fc2 input.
+    u: Array2<f64>,
+    /// `M_y` `[n, h]`: output (without fc2 bias).
+    y: Array2<f64>,
+    /// `M_da` `[n, N1]`: gradient of the fc1 output.
+    da: Array2<f64>,
+    /// `M_dp` `[n]`: probs gradient from the activation path.
+    dp: Array1<f64>,
+}
+
+fn magnitudes(
+    cfg: &LayerConfig,
+    w: &ExpertWeights,
+    cache: &SegmentCache,
+    g: &Array2<f64>,
+    du: &Array2<f64>,
+    dz: &Array2<f64>,
+) -> Magnitudes {
+    let abs = |a: &Array2<f64>| a.mapv(f64::abs);
+    let act = cfg.activation;
+    let a = &cache.a;
+    let mut m_a = abs(&cache.x).dot(&abs(&w.fc1_weight).t()) + abs(a);
+    if let Some(b1) = &w.fc1_bias {
+        m_a += &b1.mapv(f64::abs);
+    }
+    let p_abs = cache.p.mapv(f64::abs);
+    let m_du = abs(g).dot(&abs(&w.fc2_weight)) + abs(du);
+    let mut m_dz = m_du.clone();
+    Zip::from(m_dz.rows_mut()).and(&p_abs).for_each(|mut row, &pi| row.mapv_inplace(|v| v * pi));
+    m_dz += &abs(dz);
+    let (m_z, m_da) = if cfg.gated_linear_unit {
+        let clamp = cfg.effective_clamp();
+        let offset = cfg.effective_offset();
+        let k = a.ncols() / 2;
+        let mut m_z = Array2::zeros((a.nrows(), k));
+        let mut m_da = Array2::zeros(a.raw_dim());
+        for i in 0..a.nrows() {
+            for j in 0..k {
+                let (gv, lv) = (a[[i, j]], a[[i, k + j]]);
+                let (gc, lc) = match clamp {
+                    Some(c) => (gv.min(c), lv.clamp(-c, c)),
+                    None => (gv, lv),
+                };
+                let lo = (lc + offset).abs();
+                let (mg, ml) = (m_a[[i, j]], m_a[[i, k + j]]);
+                let (f, f1, f2) = (act.apply(gc).abs(), act.derivative(gc).abs(), act.second_derivative(gc).abs());
+                m_z[[i, j]] = f1 * mg * lo + f * (ml + lo) + f * lo;
+                let (d, md) = (dz[[i, j]].abs(), m_dz[[i, j]]);
+                m_da[[i, j]] = md * lo * f1 + d * ml * f1 + d * lo * f2 * mg + d * lo * f1;
+                m_da[[i, k + j]] = md * f + d * f1 * mg + d * f;
+            }
+        }
+        (m_z, m_da)
+    } else {
+        let m_z = Zip::from(a).and(&m_a).map_collect(|&a, &ma| act.derivative(a).abs() * ma + act.apply(a).abs());
+        let m_da = Zip::from(a).and(&m_a).and(&m_dz).and(dz).map_collect(|&a, &ma, &md, &d| {
+            md * act.derivative(a).abs() + d.abs() * act.second_derivative(a).abs() * ma + (d * act.derivative(a)).abs()
+        });
+        (m_z, m_da)
+    };
+    let mut m_u = m_z.clone();
+    Zip::from(m_u.rows_mut()).and(&p_abs).for_each(|mut row, &pi| row.mapv_inplace(|v| v * pi));
+    m_u += &abs(&cache.u);
+    let m_y = m_u.dot(&abs(&w.fc2_weight).t());
+    let m_dp = (&m_du * &abs(&cache.z) + abs(du) * &m_z).sum_axis(Axis(1));
+    Magnitudes { u: m_u, y: m_y, da: m_da, dp: m_dp }
 }

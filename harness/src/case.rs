@@ -1,0 +1,111 @@
+//! Seeded problems: a [`Case`] is a small, printable description (configuration, token counts,
+//! seed, wgrad timing) from which the full [`Problem`] (weights, inputs, upstream gradient) is
+//! generated deterministically. A failing case prints as Rust that can be pasted into a
+//! regression test.
+
+use moe_reference::{Dtype, ExpertSet, Inputs, LayerConfig, WgradTiming};
+use ndarray::{Array1, Array2};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// One differential test case. `cfg.parallel` gives the EP/ETP sizes to simulate (its ranks are
+/// ignored); `tokens_per_expert` has one count per *global* expert.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Case {
+    /// Layer configuration (global sizes; `parallel` = the layout to simulate).
+    pub cfg: LayerConfig,
+    /// Token count of each of the `E` global experts.
+    pub tokens_per_expert: Vec<i64>,
+    /// Seed of weights, inputs and upstream gradient.
+    pub seed: u64,
+    /// Immediate or deferred weight gradients.
+    pub timing: WgradTiming,
+}
+
+/// The tensors of a [`Case`].
+#[derive(Clone, Debug)]
+pub struct Problem {
+    /// All `E` experts, unsharded, representable in the params dtype.
+    pub weights: ExpertSet,
+    /// Global inputs (rows sorted by global expert).
+    pub inputs: Inputs,
+    /// Upstream gradient `[T, h]`.
+    pub grad_output: Array2<f64>,
+}
+
+impl Case {
+    /// Total token rows `T`.
+    pub fn num_tokens(&self) -> usize {
+        self.tokens_per_expert.iter().map(|&n| n.max(0) as usize).sum()
+    }
+
+    /// Generates the tensors: weights ~ U(-1,1)/√fan_in (biases U(-½,½)), inputs ~ U(-1,1),
+    /// probs ~ U(0,1), upstream gradient ~ U(-1,1), each rounded to its dtype.
+    pub fn problem(&self) -> Problem {
+        let global = self.cfg.unsharded();
+        let weights = ExpertSet::random(&global, self.seed);
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ 0x9E37_79B9_7F4A_7C15);
+        let (t, h) = (self.num_tokens(), self.cfg.hidden_size);
+        let dt = self.cfg.params_dtype;
+        let mut uniform = |lo: f64, hi: f64, dtype: Dtype| dtype.round(rng.random_range(lo..hi));
+        let hidden_states = Array2::from_shape_simple_fn((t, h), || uniform(-1.0, 1.0, dt));
+        let probs = Array1::from_shape_simple_fn(t, || uniform(0.0, 1.0, self.cfg.probs_dtype));
+        let grad_output = Array2::from_shape_simple_fn((t, h), || uniform(-1.0, 1.0, dt));
+        Problem {
+            weights,
+            inputs: Inputs { hidden_states, tokens_per_expert: self.tokens_per_expert.clone(), probs },
+            grad_output,
+        }
+    }
+
+    /// A one-line summary: class, dtype, activation, sizes, layout and token counts.
+    pub fn summary(&self) -> String {
+        let c = &self.cfg;
+        format!(
+            "{} {} {}{}{} E={} h={} f={} tp={} ep={} tokens={:?}{}",
+            c.class,
+            c.params_dtype,
+            if c.gated_linear_unit { "glu-" } else { "" },
+            c.activation,
+            if c.add_bias { " bias" } else { "" },
+            c.num_experts,
+            c.hidden_size,
+            c.ffn_hidden_size,
+            c.parallel.tp_size,
+            c.parallel.ep_size,
+            self.tokens_per_expert,
+            if self.timing == WgradTiming::Deferred { " deferred-wgrad" } else { "" }
+        )
+    }
+
+    /// Rust source that rebuilds this case, for pasting into a regression test.
+    pub fn to_rust(&self) -> String {
+        let c = &self.cfg;
+        let dtype = |d: Dtype| match d {
+            Dtype::F32 => "Dtype::F32",
+            Dtype::Bf16 => "Dtype::Bf16",
+            Dtype::F16 => "Dtype::F16",
+        };
+        format!(
+            "Case {{\n    cfg: LayerConfig {{\n        class: LayerClass::{:?},\n        num_experts: {},\n        hidden_size: {},\n        ffn_hidden_size: {},\n        gated_linear_unit: {},\n        activation: Activation::{:?},\n        add_bias: {},\n        clamp_value: {:?},\n        glu_linear_offset: {:?},\n        apply_probs_on_input: {},\n        params_dtype: {},\n        probs_dtype: {},\n        padding_multiple: {:?},\n        parallel: Parallelism {{ tp_size: {}, tp_rank: 0, ep_size: {}, ep_rank: 0 }},\n    }},\n    tokens_per_expert: vec!{:?},\n    seed: {},\n    timing: WgradTiming::{:?},\n}}",
+            c.class,
+            c.num_experts,
+            c.hidden_size,
+            c.ffn_hidden_size,
+            c.gated_linear_unit,
+            c.activation,
+            c.add_bias,
+            c.clamp_value,
+            c.glu_linear_offset,
+            c.apply_probs_on_input,
+            dtype(c.params_dtype),
+            dtype(c.probs_dtype),
+            c.padding_multiple,
+            c.parallel.tp_size,
+            c.parallel.ep_size,
+            self.tokens_per_expert,
+            self.seed,
+            self.timing
+        )
+    }
+}

@@ -1,0 +1,343 @@
+//! Tensor comparison under the [`Tolerance`] model, with failure reports that name the worst
+//! element and its index.
+
+use crate::tolerance::Tolerance;
+use moe_reference::{LayerConfig, LayerRun, OracleRun, StateDict};
+use ndarray::ArrayViewD;
+
+/// The comparison of one tensor.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct TensorDiff {
+    /// Tensor name (`output`, `grad.permuted_local_hidden_states`, `grad.<parameter>`, ...).
+    pub name: String,
+    /// Its shape.
+    pub shape: Vec<usize>,
+    /// `max |got − exp|`.
+    pub max_abs: f64,
+    /// `max |got − exp| / |exp|` over elements with `exp ≠ 0`.
+    pub max_rel: f64,
+    /// `‖got − exp‖_F / ‖exp‖_F` (0 when both are zero; infinite when only `exp` is zero).
+    pub rel_frobenius: f64,
+    /// The tolerance applied.
+    pub tolerance: Tolerance,
+    /// Elements outside the tolerance (NaN counts as outside).
+    pub violations: usize,
+    /// Index of the worst element (largest error relative to its bound); for `[T, h]` tensors
+    /// this is `(token, feature)`.
+    pub worst_index: Vec<usize>,
+    /// `got` at the worst element.
+    pub worst_got: f64,
+    /// `exp` at the worst element.
+    pub worst_expected: f64,
+    /// `|got − exp| / bound` at the worst element (≤ 1 passes).
+    pub worst_ratio: f64,
+}
+
+impl TensorDiff {
+    /// True when every element is within tolerance.
+    pub fn passed(&self) -> bool {
+        self.violations == 0
+    }
+}
+
+impl std::fmt::Display for TensorDiff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {:?}: {} — max abs {:.3e}, max rel {:.3e}, rel fro {:.3e}, {}; {} violation(s); worst at {:?}: got {:.9e}, expected {:.9e} ({:.2}x the bound)",
+            self.name,
+            self.shape,
+            if self.passed() { "pass" } else { "FAIL" },
+            self.max_abs,
+            self.max_rel,
+            self.rel_frobenius,
+            self.tolerance,
+            self.violations,
+            self.worst_index,
+            self.worst_got,
+            self.worst_expected,
+            self.worst_ratio
+        )
+    }
+}
+
+fn unravel(mut flat: usize, shape: &[usize]) -> Vec<usize> {
+    let mut index = vec![0; shape.len()];
+    for (axis, &len) in shape.iter().enumerate().rev() {
+        if len > 0 {
+            index[axis] = flat % len;
+            flat /= len;
+        }
+    }
+    index
+}
+
+/// Per-element inputs of the bound: the oracle's error scale `S` and absolute allowance `A`.
+#[derive(Clone, Debug, Default)]
+pub struct Bounds<'a> {
+    /// Error scale (default `|exp|`).
+    pub scale: Option<ArrayViewD<'a, f64>>,
+    /// Absolute allowance for rounding-ambiguous branches (default 0).
+    pub allowance: Option<ArrayViewD<'a, f64>>,
+}
+
+impl Bounds<'_> {
+    /// `S = |exp|`, `A = 0`.
+    pub const RELATIVE: Bounds<'static> = Bounds { scale: None, allowance: None };
+}
+
+/// The oracle's error scales and allowances for a whole [`LayerRun`].
+#[derive(Clone, Copy, Debug)]
+pub struct ErrorModel<'a> {
+    /// Error scales, same layout as the run.
+    pub scales: &'a LayerRun,
+    /// Allowances, same layout as the run.
+    pub allowance: &'a LayerRun,
+}
+
+impl<'a> From<&'a OracleRun> for ErrorModel<'a> {
+    fn from(o: &'a OracleRun) -> Self {
+        ErrorModel { scales: &o.scales, allowance: &o.allowance }
+    }
+}
+
+/// Compares `got` with `expected` under `tol`: element `i` passes when
+/// `|got_i − exp_i| ≤ rtol·(S_i + rms(S_block)) + A_i`, where `S` is the oracle's error scale
+/// (see [`moe_reference::oracle_with_scales`]; `|exp|` when not given) and `A` its allowance for
+/// rounding-ambiguous branches (0 when not given). The flat (row-major) data is split into
+/// `blocks` equal contiguous blocks, each with its own rms (one block per expert of packed
+/// weights). A shape mismatch is reported as a total failure.
+pub fn compare_tensor(
+    name: &str,
+    got: ArrayViewD<f64>,
+    expected: ArrayViewD<f64>,
+    bounds: Bounds,
+    blocks: usize,
+    tol: Tolerance,
+) -> TensorDiff {
+    let shape = expected.shape().to_vec();
+    let mut diff = TensorDiff {
+        name: name.to_string(),
+        shape: shape.clone(),
+        max_abs: 0.0,
+        max_rel: 0.0,
+        rel_frobenius: 0.0,
+        tolerance: tol,
+        violations: 0,
+        worst_index: vec![],
+        worst_got: f64::NAN,
+        worst_expected: f64::NAN,
+        worst_ratio: 0.0,
+    };
+    if got.shape() != expected.shape() {
+        diff.violations = expected.len().max(1);
+        diff.max_abs = f64::INFINITY;
+        diff.max_rel = f64::INFINITY;
+        diff.rel_frobenius = f64::INFINITY;
+        diff.worst_ratio = f64::INFINITY;
+        diff.name = format!("{name} (shape mismatch: got {:?})", got.shape());
+        return diff;
+    }
+    let g: Vec<f64> = got.iter().copied().collect();
+    let e: Vec<f64> = expected.iter().copied().collect();
+    let sc: Vec<f64> = match bounds.scale {
+        Some(s) if s.shape() == expected.shape() => s.iter().map(|v| v.abs()).collect(),
+        _ => e.iter().map(|v| v.abs()).collect(),
+    };
+    let allow: Vec<f64> = match bounds.allowance {
+        Some(a) if a.shape() == expected.shape() => a.iter().map(|v| v.abs()).collect(),
+        _ => vec![0.0; e.len()],
+    };
+    let n = e.len();
+    let blocks = blocks.max(1);
+    let block_len = n.div_ceil(blocks).max(1);
+    let (mut err2, mut exp2) = (0.0f64, 0.0f64);
+    let mut worst: Option<usize> = None;
+    for (b, ((gb, eb), sb)) in g.chunks(block_len).zip(e.chunks(block_len)).zip(sc.chunks(block_len)).enumerate() {
+        let rms = (sb.iter().map(|x| x * x).sum::<f64>() / sb.len() as f64).sqrt();
+        for (i, ((&gv, &ev), &sv)) in gb.iter().zip(eb).zip(sb).enumerate() {
+            let d = (gv - ev).abs();
+            let bound = tol.bound(sv, rms) + allow[b * block_len + i];
+            let ratio = if d.is_nan() {
+                f64::INFINITY
+            } else if d == 0.0 {
+                0.0
+            } else if bound == 0.0 {
+                f64::INFINITY
+            } else {
+                d / bound
+            };
+            if ratio > 1.0 {
+                diff.violations += 1;
+            }
+            let d_or_inf = if d.is_nan() { f64::INFINITY } else { d };
+            diff.max_abs = diff.max_abs.max(d_or_inf);
+            if ev != 0.0 {
+                diff.max_rel = diff.max_rel.max(d_or_inf / ev.abs());
+            }
+            err2 += d_or_inf * d_or_inf;
+            exp2 += ev * ev;
+            if worst.is_none() || ratio > diff.worst_ratio {
+                diff.worst_ratio = ratio;
+                worst = Some(b * block_len + i);
+            }
+        }
+    }
+    diff.rel_frobenius = if err2 == 0.0 { 0.0 } else { (err2 / exp2).sqrt() };
+    if let Some(w) = worst {
+        diff.worst_index = unravel(w, &shape);
+        diff.worst_got = g[w];
+        diff.worst_expected = e[w];
+    }
+    diff
+}
+
+/// The contraction length `K` of the error model for a layer call: the largest of `h`, `N1`
+/// and the largest expert segment.
+pub fn contraction_length(cfg: &LayerConfig, tokens_per_expert: &[i64]) -> usize {
+    let max_seg = tokens_per_expert.iter().copied().max().unwrap_or(0).max(0) as usize;
+    cfg.hidden_size.max(cfg.n1()).max(max_seg)
+}
+
+/// Compares every tensor of two [`LayerRun`]s: `output`, `grad.permuted_local_hidden_states`,
+/// `grad.permuted_probs` and `grad.<parameter>` for every parameter of `cfg`'s class (packed
+/// GroupedMLP weights compared per expert block), with the oracle's error model when given.
+/// Missing gradients are reported as failures.
+pub fn compare_runs(
+    cfg: &LayerConfig,
+    got: &LayerRun,
+    expected: &LayerRun,
+    model: Option<ErrorModel>,
+    tol: Tolerance,
+) -> Vec<TensorDiff> {
+    let b = |f: fn(&LayerRun) -> ArrayViewD<f64>| match model {
+        Some(m) => Bounds { scale: Some(f(m.scales)), allowance: Some(f(m.allowance)) },
+        None => Bounds { scale: None, allowance: None },
+    };
+    let mut out = vec![
+        compare_tensor(
+            "output",
+            got.output.view().into_dyn(),
+            expected.output.view().into_dyn(),
+            b(|r| r.output.view().into_dyn()),
+            1,
+            tol,
+        ),
+        compare_tensor(
+            "grad.permuted_local_hidden_states",
+            got.grad_input.view().into_dyn(),
+            expected.grad_input.view().into_dyn(),
+            b(|r| r.grad_input.view().into_dyn()),
+            1,
+            tol,
+        ),
+        compare_tensor(
+            "grad.permuted_probs",
+            got.grad_probs.view().into_dyn(),
+            expected.grad_probs.view().into_dyn(),
+            b(|r| r.grad_probs.view().into_dyn()),
+            1,
+            tol,
+        ),
+    ];
+    out.extend(compare_state_dicts(
+        "grad.",
+        cfg,
+        &got.weight_grads,
+        &expected.weight_grads,
+        model.map(|m| (&m.scales.weight_grads, &m.allowance.weight_grads)),
+        tol,
+    ));
+    out
+}
+
+/// Compares two state dicts of `cfg`'s class parameter by parameter, names prefixed by `prefix`,
+/// with optional (error scales, allowances) in the same layout.
+pub fn compare_state_dicts(
+    prefix: &str,
+    cfg: &LayerConfig,
+    got: &StateDict,
+    expected: &StateDict,
+    model: Option<(&StateDict, &StateDict)>,
+    tol: Tolerance,
+) -> Vec<TensorDiff> {
+    moe_reference::param_specs(cfg)
+        .into_iter()
+        .filter_map(|spec| {
+            let exp = expected.get(&spec.name)?;
+            let name = format!("{prefix}{}", spec.name);
+            Some(match got.get(&spec.name) {
+                Some(g) => compare_tensor(
+                    &name,
+                    g.view(),
+                    exp.view(),
+                    Bounds {
+                        scale: model.and_then(|(s, _)| s.get(&spec.name)).map(|s| s.view()),
+                        allowance: model.and_then(|(_, a)| a.get(&spec.name)).map(|a| a.view()),
+                    },
+                    spec.expert_blocks,
+                    tol,
+                ),
+                None => {
+                    let mut d = compare_tensor(&name, exp.view(), exp.view(), Bounds::RELATIVE, 1, tol);
+                    d.name = format!("{name} (missing)");
+                    d.violations = exp.len().max(1);
+                    d
+                }
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{arr1, arr2};
+
+    #[test]
+    fn reports_worst_element_with_its_token_feature_index() {
+        let exp = arr2(&[[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]);
+        let mut got = exp.clone();
+        got[[1, 2]] = 6.5;
+        let d = compare_tensor(
+            "output",
+            got.view().into_dyn(),
+            exp.view().into_dyn(),
+            Bounds::RELATIVE,
+            1,
+            Tolerance { rtol: 1e-3, atol: 0.0 },
+        );
+        assert!(!d.passed());
+        assert_eq!(d.violations, 1);
+        assert_eq!(d.worst_index, vec![1, 2]);
+        assert_eq!((d.worst_got, d.worst_expected), (6.5, 6.0));
+        assert!((d.max_abs - 0.5).abs() < 1e-15);
+    }
+
+    #[test]
+    fn nan_never_passes_and_empty_blocks_must_be_exact_zero() {
+        let exp = arr1(&[0.0, 0.0, 1.0, 1.0]);
+        let got = arr1(&[f64::NAN, 0.0, 1.0, 1.0]);
+        let d = compare_tensor(
+            "g",
+            got.view().into_dyn(),
+            exp.view().into_dyn(),
+            Bounds::RELATIVE,
+            2,
+            Tolerance { rtol: 0.5, atol: 0.0 },
+        );
+        assert_eq!(d.violations, 1);
+        // Block 0 (an empty expert) has rms 0: a tiny non-zero value fails.
+        let got = arr1(&[1e-30, 0.0, 1.0, 1.0]);
+        let d = compare_tensor(
+            "g",
+            got.view().into_dyn(),
+            exp.view().into_dyn(),
+            Bounds::RELATIVE,
+            2,
+            Tolerance { rtol: 0.5, atol: 0.0 },
+        );
+        assert_eq!(d.violations, 1);
+        assert_eq!(d.worst_index, vec![0]);
+    }
+}

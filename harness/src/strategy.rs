@@ -1,0 +1,146 @@
+//! proptest strategies for configurations, token distributions and whole cases.
+//!
+//! Token distributions deliberately include the shapes that break expert kernels: empty
+//! experts (first, middle, last), one expert taking everything, Zipf-like skew, single tokens,
+//! and segment sizes around tile boundaries (15/16/17, 127/128/129). Dimensions stay small so a
+//! shrunk failure is readable.
+
+use crate::case::Case;
+use moe_reference::{Activation, Dtype, LayerClass, LayerConfig, Parallelism, WgradTiming};
+use proptest::prelude::*;
+use proptest::sample::select;
+
+/// Splits of tokens over `num_experts` experts, with at most `max_tokens` per expert.
+pub fn tokens_per_expert(num_experts: usize, max_tokens: i64) -> BoxedStrategy<Vec<i64>> {
+    let e = num_experts;
+    let uniform = proptest::collection::vec(0..=max_tokens, e).boxed();
+    let with_empty = (proptest::collection::vec(1..=max_tokens, e), proptest::collection::vec(any::<bool>(), e))
+        .prop_map(|(counts, empty)| counts.into_iter().zip(empty).map(|(c, z)| if z { 0 } else { c }).collect())
+        .boxed();
+    let one_takes_all = (0..e, 1..=max_tokens * 2)
+        .prop_map(move |(hot, n)| (0..e).map(|i| if i == hot { n } else { 0 }).collect())
+        .boxed();
+    // Zipf-like: expert i gets about n / (i+1)^1.2 tokens, in a shuffled expert order.
+    let zipf = (
+        1..=max_tokens * 2,
+        Just(()).prop_perturb(move |_, mut rng| {
+            let mut order: Vec<usize> = (0..e).collect();
+            for i in (1..e).rev() {
+                order.swap(i, rng.random_range(0..=i));
+            }
+            order
+        }),
+    )
+        .prop_map(move |(n, order)| {
+            let mut counts = vec![0i64; e];
+            for (rank, &expert) in order.iter().enumerate() {
+                counts[expert] = (n as f64 / ((rank + 1) as f64).powf(1.2)).floor() as i64;
+            }
+            counts
+        })
+        .boxed();
+    let single_token = (0..e).prop_map(move |hot| (0..e).map(|i| i64::from(i == hot)).collect()).boxed();
+    let tile_edges = proptest::collection::vec(select(vec![0i64, 1, 15, 16, 17, 127, 128, 129]), e).boxed();
+    prop_oneof![3 => uniform, 2 => with_empty, 1 => one_takes_all, 2 => zipf, 1 => single_token, 1 => tile_edges]
+        .boxed()
+}
+
+fn divisors(n: usize, of: &[usize]) -> Vec<usize> {
+    of.iter().copied().filter(|&d| n.is_multiple_of(d)).collect()
+}
+
+/// Valid small configurations of every class, activation, GLU/clamp/offset/bias/probs-on-input
+/// option, dtype and EP/ETP layout.
+pub fn layer_config() -> impl Strategy<Value = LayerConfig> {
+    (
+        select(LayerClass::ALL.to_vec()),
+        select(vec![1usize, 2, 3, 4, 8]),
+        select(vec![1usize, 4, 8, 15, 16, 17, 24]),
+        select(vec![2usize, 4, 8, 12, 16, 17, 32]),
+        any::<bool>(),
+        select(Activation::ALL.to_vec()),
+        (any::<bool>(), prop::option::weighted(0.3, select(vec![0.5f64, 1.0, 7.0])), select(vec![0.0f64, 0.0, 1.0])),
+        (
+            any::<bool>(),
+            select(Dtype::ALL.to_vec()),
+            any::<bool>(),
+            prop::option::weighted(0.2, select(vec![4usize, 16])),
+        ),
+        (any::<prop::sample::Index>(), any::<prop::sample::Index>(), prop::bool::weighted(0.15)),
+    )
+        .prop_map(
+            |(
+                class,
+                e,
+                h,
+                f,
+                glu,
+                act,
+                (bias, clamp, offset),
+                (probs_on_input, dtype, bf16_probs, pad),
+                (tp_i, ep_i, parallel),
+            )| {
+                let mut cfg = LayerConfig {
+                    class,
+                    num_experts: e,
+                    hidden_size: h,
+                    ffn_hidden_size: f,
+                    gated_linear_unit: glu,
+                    activation: act,
+                    add_bias: bias,
+                    clamp_value: if glu { clamp } else { None },
+                    glu_linear_offset: if glu { offset } else { 0.0 },
+                    apply_probs_on_input: probs_on_input,
+                    params_dtype: dtype,
+                    probs_dtype: if bf16_probs && dtype == Dtype::Bf16 { Dtype::Bf16 } else { Dtype::F32 },
+                    padding_multiple: pad,
+                    parallel: Parallelism::SINGLE,
+                };
+                if parallel {
+                    let tps = divisors(f, &[1, 2, 4]);
+                    let eps = divisors(e, &[1, 2, 4]);
+                    cfg.parallel.tp_size = *tp_i.get(&tps);
+                    cfg.parallel.ep_size = *ep_i.get(&eps);
+                }
+                make_valid(cfg)
+            },
+        )
+}
+
+/// Adjusts a configuration to the rules Megatron enforces (GroupedMLP: bf16, no bias, GLU only
+/// with silu/gelu, no padding; bias only with ETP size 1).
+pub fn make_valid(mut cfg: LayerConfig) -> LayerConfig {
+    if cfg.class == LayerClass::Grouped {
+        cfg.add_bias = false;
+        cfg.params_dtype = Dtype::Bf16;
+        cfg.padding_multiple = None;
+        if cfg.gated_linear_unit && !matches!(cfg.activation, Activation::Silu | Activation::Gelu) {
+            cfg.activation = Activation::Silu;
+        }
+    }
+    if cfg.add_bias {
+        cfg.parallel.tp_size = 1;
+    }
+    if cfg.probs_dtype == Dtype::F16 && cfg.params_dtype != Dtype::F16 {
+        cfg.probs_dtype = Dtype::F32;
+    }
+    cfg
+}
+
+/// Whole cases: a configuration, a token split over its global experts (≤ `max_tokens` per
+/// expert), a seed and a wgrad timing (deferral only where the class supports it).
+pub fn case(max_tokens: i64) -> impl Strategy<Value = Case> {
+    layer_config().prop_flat_map(move |cfg| {
+        let e = cfg.num_experts;
+        (Just(cfg), tokens_per_expert(e, max_tokens), any::<u64>(), any::<bool>()).prop_map(
+            |(cfg, tokens, seed, defer)| {
+                let timing = if defer && cfg.class != LayerClass::Grouped {
+                    WgradTiming::Deferred
+                } else {
+                    WgradTiming::Immediate
+                };
+                Case { cfg, tokens_per_expert: tokens, seed, timing }
+            },
+        )
+    })
+}
