@@ -31,17 +31,12 @@ fn bench_gpu(c: &mut Criterion) {
     let mut summary = Vec::new();
     for shape in SHAPES {
         let mut group = c.benchmark_group(format!("gpu/{}", shape.name));
-        group
-            .sample_size(10)
-            .warm_up_time(Duration::from_millis(300))
-            .measurement_time(Duration::from_secs(1));
+        group.sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(1));
         group.throughput(Throughput::Elements(shape.tokens as u64));
         for class in LayerClass::ALL {
             let cfg = shape_config(&shape, class);
-            let counts: Vec<usize> = skewed_counts(shape.tokens, shape.experts, 42)
-                .iter()
-                .map(|&c| c as usize)
-                .collect();
+            let counts: Vec<usize> =
+                skewed_counts(shape.tokens, shape.experts, 42).iter().map(|&c| c as usize).collect();
             let w = eng.prepare_random(&cfg, 7).expect("weights");
             let mut ws = eng.workspace(&cfg, &counts, false).expect("workspace");
             eng.random_inputs(&cfg, &mut ws, 9).expect("inputs");

@@ -7,7 +7,7 @@
 #   bench     criterion GPU benches, then the PyTorch comparison
 set -uo pipefail
 out="${OUT:-/tmp/out}"; mkdir -p "$out"
-steps="${STEPS:-tests sanitize sampled bench}"
+steps="${STEPS:-tests sampled bench sanitize}"
 export MOE_REQUIRE_CUDA=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
 for s in $steps; do
@@ -17,13 +17,14 @@ for s in $steps; do
     sanitize)
       for tool in memcheck racecheck; do
         echo "== compute-sanitizer $tool"
-        MOE_GPU_CASES=24 compute-sanitizer --tool "$tool" --error-exitcode 9 .stage/integration gpu:: --test-threads 1 --skip emulating > "$out/sanitizer-$tool.log" 2>&1
+        MOE_GPU_CASES=24 timeout 200 compute-sanitizer --tool "$tool" --error-exitcode 9 .stage/integration \
+          every_gpu_class empty_experts sizes_around compose_under --test-threads 1 > "$out/sanitizer-$tool.log" 2>&1
         echo "exit $?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result" "$out/sanitizer-$tool.log" | tail -3
       done ;;
     sampled)
-      echo "== sampled"; .stage/integration sampled_large --ignored --nocapture --test-threads 1 2>&1 | tee "$out/sampled.log" | grep -vE "^\s*$" | tail -40 ;;
+      echo "== sampled"; (time .stage/integration sampled_large --ignored --nocapture --test-threads 1) 2>&1 | tee "$out/sampled.log" | grep -vE "^\s*$" | tail -60 ;;
     bench)
-      echo "== bench"; .stage/bench --bench gpu 2>&1 | tee "$out/bench.log" | grep -E "TFLOP|SKIP|time:" | head -60
+      echo "== bench"; .stage/bench --bench gpu 2>&1 | tee "$out/bench.log" | sed -n '/== GPU bench summary/,$p' 
       echo "== torch"; PYTHONUNBUFFERED=1 python3 .stage/torch_experts_bench.py 2>&1 | tee "$out/torch.log" | tail -20 ;;
   esac
 done

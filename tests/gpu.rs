@@ -5,24 +5,25 @@
 //! NaN-poisoned output, intermediate and gradient buffers, so a row a kernel forgets to write
 //! fails loudly. `MOE_GPU_CASES` sets the number of random cases (default 300).
 //!
-//! Tolerance (the lead's `moe_harness::compare` model, local copy until it lands in main):
-//! elementwise `|got − exp| ≤ rtol·(|exp| + rms(exp)) + atol` with
-//! `rtol = 8·u_storage + 4·√K·u_f32`, `u` the unit roundoff, `K` the largest contraction length
-//! of the case, `atol = 0`; weight grads are compared per expert block (rms of the block), so an
-//! empty expert's block must be exactly zero.
+//! Tolerance: the harness's error model (`moe_harness::compare`, `Tolerance::for_dtype`), with
+//! the oracle's error scales and clamp allowances (`moe_reference::oracle_with_scales`); weight
+//! grads are compared per expert block, so an empty expert's block must be exactly zero.
 
 use moe_gpu::{CudaGrouped, CudaSequential, CudaTeGrouped, GpuError};
+use moe_harness::compare::{
+    compare_runs as harness_compare_runs, compare_tensor, contraction_length, Bounds, ErrorModel,
+};
+use moe_harness::{TensorDiff, Tolerance};
+use moe_reference::oracle_with_scales;
 use moe_reference::parallel::run_parallel;
 use moe_reference::{
-    param_specs, to_state_dict, Activation, Dtype, ExpertLayer, ExpertSet, Inputs, LayerClass,
-    LayerConfig, LayerError, LayerRun, Numerics, Parallelism, Reference, StateDict, WgradTiming,
+    param_specs, to_state_dict, Activation, Dtype, ExpertLayer, ExpertSet, Inputs, LayerClass, LayerConfig, LayerError,
+    LayerRun, Numerics, Parallelism, Reference, StateDict, WgradTiming,
 };
-use ndarray::{Array1, Array2};
+use ndarray::{Array1, Array2, ArrayView1};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::io::Write;
-
-const U_F32: f64 = 5.960_464_477_539_063e-8; // 2^-24
 
 /// The three GPU implementations with NaN poisoning on, or `None` after printing the skip line.
 struct Gpus {
@@ -70,150 +71,56 @@ struct Worst {
     what: String,
 }
 
-/// Compares `got` with `exp` under the tolerance model; `Err` names the worst element.
-/// Compares `got` with `exp` under the tolerance model (`Err` names the first bad element),
-/// where `emu` (the emulating reference on the same case) widens an element's
-/// tolerance by `2·|emu_i − exp_i| + 4·rms_block(emu − exp)`: an implementation that rounds
-/// where Megatron rounds may be as far from the oracle as that rounding model is, at that
-/// element or typically over the block (its f32 kernels and cuBLAS's summation order draw
-/// different rounding errors than the emulator; a 5-row fp32 wgrad of a squared-ReLU GLU was
-/// seen at 4x the emulator's error on the element where the emulator happened to be exact). The model alone is marginally tight for ~1.5 % of
-/// random cases (see `the_emulating_reference_passes_the_gpu_tolerance_model`).
-fn compare_with(
-    name: &str,
-    got: &[f64],
-    exp: &[f64],
-    emu: Option<&[f64]>,
-    dtype: Dtype,
-    k: usize,
-    worst: &mut Worst,
-) -> Result<(), String> {
-    if got.len() != exp.len() {
-        return Err(format!(
-            "{name}: length {} vs expected {}",
-            got.len(),
-            exp.len()
-        ));
-    }
-    if exp.is_empty() {
-        return Ok(());
-    }
-    let rtol = 8.0 * dtype.unit_roundoff() + 4.0 * (k as f64).sqrt() * U_F32;
-    let rms = (exp.iter().map(|v| v * v).sum::<f64>() / exp.len() as f64).sqrt();
-    // The rounding model's typical error at this block's scale (0 without `emu`).
-    let emu_rms = emu.map_or(0.0, |m| {
-        (m.iter()
-            .zip(exp)
-            .map(|(m, e)| (m - e) * (m - e))
-            .sum::<f64>()
-            / exp.len() as f64)
-            .sqrt()
-    });
-    let mut bad = 0usize;
-    let mut first_bad = None;
-    for (i, (&g, &e)) in got.iter().zip(exp).enumerate() {
-        let tol =
-            rtol * (e.abs() + rms) + emu.map_or(0.0, |m| 2.0 * (m[i] - e).abs()) + 4.0 * emu_rms;
-        let err = (g - e).abs();
-        let ok = err <= tol; // NaN fails
-        if !ok {
-            bad += 1;
-            first_bad.get_or_insert((i, g, e, tol));
-        }
-        let ratio = if tol > 0.0 {
-            err / tol
-        } else if err == 0.0 {
-            0.0
-        } else {
-            f64::INFINITY
-        };
-        if ratio > worst.ratio || ratio.is_nan() {
-            worst.ratio = if ratio.is_nan() { f64::INFINITY } else { ratio };
-            worst.what = format!("{name}[{i}] got {g:e} expected {e:e}");
-        }
-    }
-    match first_bad {
-        None => Ok(()),
-        Some((i, g, e, tol)) => Err(format!(
-            "{name}: {bad} of {} elements out of tolerance (rtol {rtol:.3e}, rms {rms:.3e}); first at flat index {i}: got {g:e}, expected {e:e}, |diff| {:.3e} > tol {tol:.3e}",
-            exp.len(),
-            (g - e).abs()
-        )),
+fn track(worst: &mut Worst, d: &TensorDiff) {
+    if d.worst_ratio > worst.ratio || d.worst_ratio.is_nan() {
+        worst.ratio = if d.worst_ratio.is_nan() { f64::INFINITY } else { d.worst_ratio };
+        worst.what =
+            format!("{} at {:?}: got {:e} expected {:e}", d.name, d.worst_index, d.worst_got, d.worst_expected);
     }
 }
 
-/// Compares two layer runs: output, input grad, probs grad, every weight grad per expert block.
-fn compare_runs_with(
+/// Compares a flat tensor with the harness model and `S = |exp|` (no oracle scales at hand).
+fn compare_with(name: &str, got: &[f64], exp: &[f64], dtype: Dtype, k: usize, worst: &mut Worst) -> Result<(), String> {
+    let d = compare_tensor(
+        name,
+        ArrayView1::from(got).into_dyn(),
+        ArrayView1::from(exp).into_dyn(),
+        Bounds::RELATIVE,
+        1,
+        Tolerance::for_dtype(dtype, k),
+    );
+    track(worst, &d);
+    if d.passed() {
+        Ok(())
+    } else {
+        Err(d.to_string())
+    }
+}
+
+/// Compares `got` with the f64 oracle on the same case under the harness error model.
+fn oracle_check(
     cfg: &LayerConfig,
+    params: &StateDict,
+    inp: &Inputs,
+    g: &Array2<f64>,
     got: &LayerRun,
-    exp: &LayerRun,
-    emu: Option<&LayerRun>,
-    k: usize,
     worst: &mut Worst,
 ) -> Result<(), String> {
-    let dt = cfg.params_dtype;
-    let sl = |a: &Array2<f64>| a.iter().copied().collect::<Vec<f64>>();
-    compare_with(
-        "output",
-        &sl(&got.output),
-        &sl(&exp.output),
-        emu.map(|m| sl(&m.output)).as_deref(),
-        dt,
-        k,
-        worst,
-    )?;
-    compare_with(
-        "grad_input",
-        &sl(&got.grad_input),
-        &sl(&exp.grad_input),
-        emu.map(|m| sl(&m.grad_input)).as_deref(),
-        dt,
-        k,
-        worst,
-    )?;
-    compare_with(
-        "grad_probs",
-        &got.grad_probs.to_vec(),
-        &exp.grad_probs.to_vec(),
-        emu.map(|m| m.grad_probs.to_vec()).as_deref(),
-        dt,
-        k,
-        worst,
-    )?;
-    for spec in param_specs(cfg) {
-        let g: Vec<f64> = got
-            .weight_grads
-            .get(&spec.name)
-            .ok_or(format!("missing grad {}", spec.name))?
-            .iter()
-            .copied()
-            .collect();
-        let e: Vec<f64> = exp.weight_grads[&spec.name].iter().copied().collect();
-        let m: Option<Vec<f64>> = emu.map(|m| m.weight_grads[&spec.name].iter().copied().collect());
-        if g.len() != e.len() {
-            return Err(format!(
-                "grad {}: {} elements vs {}",
-                spec.name,
-                g.len(),
-                e.len()
-            ));
-        }
-        let block = e.len() / spec.expert_blocks;
-        for b in 0..spec.expert_blocks {
-            let name = format!("grad {} block {b}", spec.name);
-            let mb = m.as_ref().map(|m| &m[b * block..(b + 1) * block]);
-            compare_with(
-                &name,
-                &g[b * block..(b + 1) * block],
-                &e[b * block..(b + 1) * block],
-                mb,
-                dt,
-                k,
-                worst,
-            )?;
+    let oracle = oracle_with_scales(cfg, params, inp, g).map_err(|e| e.to_string())?;
+    let tol = Tolerance::for_dtype(cfg.params_dtype, contraction_length(cfg, &inp.tokens_per_expert));
+    let diffs = harness_compare_runs(cfg, got, &oracle.run, Some(ErrorModel::from(&oracle)), tol);
+    let mut bad = Vec::new();
+    for d in &diffs {
+        track(worst, d);
+        if !d.passed() {
+            bad.push(d.to_string());
         }
     }
-    Ok(())
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(bad.join("\n    "))
+    }
 }
 
 /// A random value of `dtype` in `[-scale, scale)`.
@@ -221,87 +128,16 @@ fn val(rng: &mut ChaCha8Rng, dtype: Dtype, scale: f64) -> f64 {
     dtype.round(rng.random_range(-1.0..1.0) * scale)
 }
 
-/// Marks a configuration as clamped; the value is chosen per case by [`safe_clamp`].
-fn clamp_value(_rng: &mut ChaCha8Rng, _dtype: Dtype) -> f64 {
-    1.0
-}
-
-/// A clamp value, representable in the storage dtype, with clearance around it: no exact
-/// (oracle) gate pre-activation `g` and no `|l|` lies within `w = 4·u·(|c| + max|b1| + 1)` of
-/// it. Without clearance, a pre-activation whose exact value is just above `c` can round to `c`
-/// (or double-round across it with a separately added bias) and flip the inclusive clamp mask
-/// between oracle and storage-dtype runs: a legitimate O(1) difference no tolerance covers.
-fn safe_clamp(cfg: &LayerConfig, weights: &ExpertSet, inp: &Inputs) -> f64 {
-    let k = cfg.n2();
-    let mut vals = Vec::new();
-    let mut start = 0usize;
-    let counts: Vec<usize> = if cfg.class == LayerClass::Sequential && cfg.num_local_experts() == 1
-    {
-        vec![inp.num_tokens()]
-    } else {
-        inp.tokens_per_expert.iter().map(|&c| c as usize).collect()
-    };
-    let mut bmax: f64 = 0.0;
-    for (e, &c) in counts.iter().enumerate() {
-        let w = &weights.experts[e];
-        if let Some(b) = &w.fc1_bias {
-            bmax = bmax.max(b.iter().fold(0.0f64, |m, v| m.max(v.abs())));
-        }
-        let pad_rows = if cfg.padding_multiple.is_some() { 1 } else { 0 };
-        for i in 0..c + pad_rows {
-            let x: Vec<f64> = if i < c {
-                let row = inp.hidden_states.row(start + i);
-                let p = if cfg.apply_probs_on_input {
-                    inp.probs[start + i]
-                } else {
-                    1.0
-                };
-                row.iter().map(|v| v * p).collect()
-            } else {
-                vec![0.0; cfg.hidden_size]
-            };
-            for j in 0..2 * k {
-                let mut a: f64 = w.fc1_weight.row(j).iter().zip(&x).map(|(w, x)| w * x).sum();
-                if let Some(b) = &w.fc1_bias {
-                    a += b[j];
-                }
-                vals.push(if j < k { a } else { a.abs() });
-            }
-        }
-        start += c;
-    }
-    vals.retain(|v| *v > 0.05);
-    vals.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let u = cfg.params_dtype.unit_roundoff();
-    let clearance = |c: f64| 4.0 * u * (c.abs() + bmax + 1.0);
-    // Lowest gap that leaves clearance on both sides of a representable value.
-    let mut lo = 0.05;
-    for &v in vals.iter().chain(std::iter::once(&f64::INFINITY)) {
-        let hi = v;
-        let mid = if hi.is_finite() {
-            cfg.params_dtype.round((lo + hi) / 2.0)
-        } else {
-            cfg.params_dtype.round(lo + 4.0 * clearance(lo) + 0.25)
-        };
-        let w = clearance(mid);
-        if mid - lo > w && hi - mid > w {
-            return mid;
-        }
-        lo = v;
-    }
-    unreachable!("the gap above the largest value always fits")
+/// A clamp value representable in the storage dtype. Pre-activations that round onto the
+/// clamp's mask boundary are covered by the oracle's clamp allowance.
+fn clamp_value(rng: &mut ChaCha8Rng, dtype: Dtype) -> f64 {
+    dtype.round(rng.random_range(0.3..1.2))
 }
 
 /// Splits `t` rows over `e` experts, skewed, with some empty experts.
 fn split(rng: &mut ChaCha8Rng, t: usize, e: usize) -> Vec<i64> {
     let weights: Vec<f64> = (0..e)
-        .map(|i| {
-            if rng.random_bool(0.25) {
-                0.0
-            } else {
-                1.0 / (1.0 + i as f64).powf(rng.random_range(0.0..1.5))
-            }
-        })
+        .map(|i| if rng.random_bool(0.25) { 0.0 } else { 1.0 / (1.0 + i as f64).powf(rng.random_range(0.0..1.5)) })
         .collect();
     let total: f64 = weights.iter().sum();
     if total == 0.0 {
@@ -309,10 +145,7 @@ fn split(rng: &mut ChaCha8Rng, t: usize, e: usize) -> Vec<i64> {
         c[rng.random_range(0..e)] = t as i64;
         return c;
     }
-    let mut counts: Vec<i64> = weights
-        .iter()
-        .map(|w| (w / total * t as f64).floor() as i64)
-        .collect();
+    let mut counts: Vec<i64> = weights.iter().map(|w| (w / total * t as f64).floor() as i64).collect();
     let assigned: i64 = counts.iter().sum();
     let nonzero: Vec<usize> = (0..e).filter(|&i| weights[i] > 0.0).collect();
     for j in 0..(t as i64 - assigned) {
@@ -322,25 +155,13 @@ fn split(rng: &mut ChaCha8Rng, t: usize, e: usize) -> Vec<i64> {
 }
 
 /// Random inputs for `cfg` with the given counts.
-fn inputs(
-    rng: &mut ChaCha8Rng,
-    cfg: &LayerConfig,
-    counts: Vec<i64>,
-    rows: usize,
-) -> (Inputs, Array2<f64>) {
+fn inputs(rng: &mut ChaCha8Rng, cfg: &LayerConfig, counts: Vec<i64>, rows: usize) -> (Inputs, Array2<f64>) {
     let h = cfg.hidden_size;
     let dt = cfg.params_dtype;
     let x = Array2::from_shape_fn((rows, h), |_| val(rng, dt, 1.0));
     let probs = Array1::from_shape_fn(rows, |_| cfg.probs_dtype.round(rng.random_range(0.05..1.0)));
     let g = Array2::from_shape_fn((rows, h), |_| val(rng, dt, 1.0));
-    (
-        Inputs {
-            hidden_states: x,
-            tokens_per_expert: counts,
-            probs,
-        },
-        g,
-    )
+    (Inputs { hidden_states: x, tokens_per_expert: counts, probs }, g)
 }
 
 /// A random valid configuration (classes' restrictions honoured by resampling).
@@ -357,39 +178,19 @@ fn random_cfg(rng: &mut ChaCha8Rng, class: LayerClass) -> LayerConfig {
             gated_linear_unit: glu,
             activation: Activation::ALL[rng.random_range(0..4)],
             add_bias: rng.random_bool(0.4),
-            clamp_value: if glu && rng.random_bool(0.3) {
-                Some(clamp_value(rng, dtype))
-            } else {
-                None
-            },
-            glu_linear_offset: if glu && rng.random_bool(0.3) {
-                dtype.round(rng.random_range(-1.0..1.0))
-            } else {
-                0.0
-            },
+            clamp_value: if glu && rng.random_bool(0.3) { Some(clamp_value(rng, dtype)) } else { None },
+            glu_linear_offset: if glu && rng.random_bool(0.3) { dtype.round(rng.random_range(-1.0..1.0)) } else { 0.0 },
             apply_probs_on_input: rng.random_bool(0.25),
             params_dtype: dtype,
-            probs_dtype: if rng.random_bool(0.7) {
-                Dtype::F32
-            } else {
-                dtype
-            },
-            padding_multiple: if rng.random_bool(0.25) {
-                Some([4, 16, 32][rng.random_range(0..3)])
-            } else {
-                None
-            },
+            probs_dtype: if rng.random_bool(0.7) { Dtype::F32 } else { dtype },
+            padding_multiple: if rng.random_bool(0.25) { Some([4, 16, 32][rng.random_range(0..3)]) } else { None },
             parallel: Parallelism::SINGLE,
         };
         // GroupedMLP rejects what its class cannot do; keep its cases in its envelope.
         let cfg = if class == LayerClass::Grouped {
             LayerConfig {
                 params_dtype: Dtype::Bf16,
-                probs_dtype: if cfg.probs_dtype == Dtype::F32 {
-                    Dtype::F32
-                } else {
-                    Dtype::Bf16
-                },
+                probs_dtype: if cfg.probs_dtype == Dtype::F32 { Dtype::F32 } else { Dtype::Bf16 },
                 add_bias: false,
                 padding_multiple: None,
                 activation: if glu {
@@ -409,27 +210,12 @@ fn random_cfg(rng: &mut ChaCha8Rng, class: LayerClass) -> LayerConfig {
     }
 }
 
-fn contraction(cfg: &LayerConfig, counts: &[i64], rows: usize) -> usize {
-    let max_count = counts.iter().copied().max().unwrap_or(0).max(0) as usize;
-    cfg.hidden_size
-        .max(cfg.n1())
-        .max(max_count)
-        .max(rows.min(max_count.max(1)))
-        .max(1)
-}
-
 /// Runs one case on the GPU (immediate and deferred wgrad) and the oracle; compares.
-fn check_case(
-    gpus: &Gpus,
-    cfg: &LayerConfig,
-    seed: u64,
-    counts: Vec<i64>,
-    worst: &mut Worst,
-) -> Result<(), String> {
+fn check_case(gpus: &Gpus, cfg: &LayerConfig, seed: u64, counts: Vec<i64>, worst: &mut Worst) -> Result<(), String> {
     check_layer(gpus.get(cfg.class), cfg, seed, counts, worst)
 }
 
-/// [`check_case`] for any implementation (the CPU self-check runs the emulating reference).
+/// [`check_case`] for any implementation.
 fn check_layer(
     layer: &dyn ExpertLayer,
     cfg: &LayerConfig,
@@ -437,51 +223,22 @@ fn check_layer(
     counts: Vec<i64>,
     worst: &mut Worst,
 ) -> Result<(), String> {
-    let with_emu = !layer.name().starts_with("reference");
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
     let rows = counts.iter().sum::<i64>() as usize;
-    let weights = ExpertSet::random(cfg, seed);
-    let params = to_state_dict(cfg, &weights).map_err(|e| e.to_string())?;
+    let params = to_state_dict(cfg, &ExpertSet::random(cfg, seed)).map_err(|e| e.to_string())?;
     let (inp, g) = inputs(&mut rng, cfg, counts.clone(), rows);
-    let clamped;
-    let cfg = if cfg.clamp_value.is_some() && cfg.class != LayerClass::Grouped {
-        clamped = LayerConfig {
-            clamp_value: Some(safe_clamp(cfg, &weights, &inp)),
-            ..cfg.clone()
-        };
-        &clamped
-    } else {
-        cfg
-    };
-    let exp = Reference::ORACLE
-        .forward_backward(cfg, &params, &inp, &g, WgradTiming::Immediate)
-        .map_err(|e| e.to_string())?;
     let got = layer
         .forward_backward(cfg, &params, &inp, &g, WgradTiming::Immediate)
         .map_err(|e| format!("{}: {e}", layer.name()))?;
-    let k = contraction(cfg, &counts, rows);
-    let emu = if with_emu {
-        Some(
-            Reference::EMULATED
-                .forward_backward(cfg, &params, &inp, &g, WgradTiming::Immediate)
-                .map_err(|e| e.to_string())?,
-        )
-    } else {
-        None
-    };
-    compare_runs_with(cfg, &got, &exp, emu.as_ref(), k, worst)?;
-    let fwd = layer
-        .forward(cfg, &params, &inp)
-        .map_err(|e| e.to_string())?;
+    oracle_check(cfg, &params, &inp, &g, &got, worst)?;
+    let fwd = layer.forward(cfg, &params, &inp).map_err(|e| e.to_string())?;
     if fwd != got.output {
         return Err("forward() differs from forward_backward().output".into());
     }
     if cfg.class != LayerClass::Grouped {
-        // Deferred wgrad (backward then backward_dw, fc2 then fc1) must equal immediate bit for bit:
-        // the same GEMMs on the same buffers.
-        let def = layer
-            .forward_backward(cfg, &params, &inp, &g, WgradTiming::Deferred)
-            .map_err(|e| e.to_string())?;
+        // Deferred wgrad (backward then backward_dw, fc2 then fc1) must equal immediate bit for
+        // bit: the same GEMMs on the same buffers.
+        let def = layer.forward_backward(cfg, &params, &inp, &g, WgradTiming::Deferred).map_err(|e| e.to_string())?;
         if def.output != got.output
             || def.grad_input != got.grad_input
             || def.grad_probs != got.grad_probs
@@ -502,10 +259,7 @@ fn describe(cfg: &LayerConfig, counts: &[i64]) -> String {
 }
 
 fn case_count() -> usize {
-    std::env::var("MOE_GPU_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300)
+    std::env::var("MOE_GPU_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(300)
 }
 
 /// Runs the random-case generator against `layer_for(class)`; returns (failures, worst per dtype).
@@ -514,8 +268,7 @@ fn random_cases(
     layer_for: &dyn Fn(LayerClass) -> &'static dyn ExpertLayer,
 ) -> (Vec<String>, Vec<(Dtype, Worst)>) {
     let mut rng = ChaCha8Rng::seed_from_u64(20261127);
-    let mut worst_by_dtype: Vec<(Dtype, Worst)> =
-        Dtype::ALL.iter().map(|&d| (d, Worst::default())).collect();
+    let mut worst_by_dtype: Vec<(Dtype, Worst)> = Dtype::ALL.iter().map(|&d| (d, Worst::default())).collect();
     let mut failures = Vec::new();
     for case in 0..n {
         let class = LayerClass::ALL[case % 3];
@@ -529,54 +282,25 @@ fn random_cases(
         };
         let counts = split(&mut rng, rows, el);
         let seed = rng.random();
-        let worst = &mut worst_by_dtype
-            .iter_mut()
-            .find(|(d, _)| *d == cfg.params_dtype)
-            .unwrap()
-            .1;
+        let worst = &mut worst_by_dtype.iter_mut().find(|(d, _)| *d == cfg.params_dtype).unwrap().1;
         if let Err(e) = check_layer(layer_for(class), &cfg, seed, counts.clone(), worst) {
-            failures.push(format!(
-                "case {case} seed {seed}: {}\n    {e}",
-                describe(&cfg, &counts)
-            ));
+            failures.push(format!("case {case} seed {seed}: {}\n    {e}", describe(&cfg, &counts)));
         }
     }
     (failures, worst_by_dtype)
 }
 
 /// Runs on every machine: the storage-dtype emulation of the reference, which rounds where the
-/// GPU kernels round, passes the same generator and tolerance model. A failure here is a
-/// generator or tolerance problem, not a kernel bug.
+/// GPU kernels round, passes the same generator and checks (a failure here is a generator or
+/// test problem, not a kernel bug).
 #[test]
-fn the_emulating_reference_passes_the_gpu_tolerance_model() {
+fn the_emulating_reference_passes_the_gpu_checks() {
     static EMU: Reference = Reference::EMULATED;
-    let n = std::env::var("MOE_EMU_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(120);
-    let (failures, worst) = random_cases(n, &|_| &EMU);
+    let (failures, worst) = random_cases(90, &|_| &EMU);
     for (d, w) in &worst {
-        println!(
-            "emulated reference: worst error/tolerance for {d}: {:.3} at {}",
-            w.ratio, w.what
-        );
+        println!("emulated reference: worst error/tolerance for {d}: {:.3} at {}", w.ratio, w.what);
     }
-    println!(
-        "emulated reference: {} of {n} cases exceed the bare model",
-        failures.len()
-    );
-    // The bare model (8u + 4·√K·u_f32) is marginally tight: measured on 1500 cases, 23 exceed
-    // it, by at most 1.5x (bf16/f16) and 3.6x (f32). Guard against the generator drifting.
-    assert!(
-        failures.len() * 100 <= 3 * n.max(34),
-        "{} of {n} cases failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
-    assert!(
-        worst.iter().all(|(_, w)| w.ratio < 8.0),
-        "worst ratios {worst:?}"
-    );
+    assert!(failures.is_empty(), "{} cases failed:\n{}", failures.len(), failures.join("\n"));
 }
 
 #[test]
@@ -588,10 +312,7 @@ fn every_gpu_class_matches_the_f64_oracle_on_random_cases() {
     let n = case_count();
     let (failures, worst_by_dtype) = random_cases(n, &|class| gpus.get(class));
     for (d, w) in &worst_by_dtype {
-        println!(
-            "gpu random cases: worst error/tolerance for {d}: {:.3} at {}",
-            w.ratio, w.what
-        );
+        println!("gpu random cases: worst error/tolerance for {d}: {:.3} at {}", w.ratio, w.what);
     }
     println!(
         "gpu random cases: {n} cases, {} failures; launches seq {} grouped {} te {}",
@@ -600,12 +321,7 @@ fn every_gpu_class_matches_the_f64_oracle_on_random_cases() {
         gpus.grouped.launches(),
         gpus.te.launches()
     );
-    assert!(
-        failures.is_empty(),
-        "{} of {n} cases failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} of {n} cases failed:\n{}", failures.len(), failures.join("\n"));
     assert!(gpus.seq.launches() > 0 && gpus.grouped.launches() > 0 && gpus.te.launches() > 0);
 }
 
@@ -656,26 +372,12 @@ fn every_activation_glu_and_dtype_combination_matches_the_oracle() {
             }
         }
     }
-    println!(
-        "activation grid: worst error/tolerance {:.3} at {}",
-        worst.ratio, worst.what
-    );
-    assert!(
-        failures.is_empty(),
-        "{} failures:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    println!("activation grid: worst error/tolerance {:.3} at {}", worst.ratio, worst.what);
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
 }
 
 fn zero_token_cfg(class: LayerClass) -> LayerConfig {
-    LayerConfig {
-        class,
-        num_experts: 4,
-        hidden_size: 32,
-        ffn_hidden_size: 48,
-        ..LayerConfig::example()
-    }
+    LayerConfig { class, num_experts: 4, hidden_size: 32, ffn_hidden_size: 48, ..LayerConfig::example() }
 }
 
 #[test]
@@ -693,16 +395,10 @@ fn empty_experts_get_exactly_zero_weight_grads_and_full_outputs() {
             let params = to_state_dict(&cfg, &ExpertSet::random(&cfg, 3)).unwrap();
             let (inp, g) = inputs(&mut rng, &cfg, counts.clone(), rows);
             let layer = gpus.get(class);
-            let run = layer
-                .forward_backward(&cfg, &params, &inp, &g, WgradTiming::Immediate)
-                .unwrap();
+            let run = layer.forward_backward(&cfg, &params, &inp, &g, WgradTiming::Immediate).unwrap();
             assert_eq!(run.output.dim(), (rows, 32), "{class} {counts:?}");
             assert!(
-                run.output
-                    .iter()
-                    .chain(run.grad_input.iter())
-                    .chain(run.grad_probs.iter())
-                    .all(|v| v.is_finite()),
+                run.output.iter().chain(run.grad_input.iter()).chain(run.grad_probs.iter()).all(|v| v.is_finite()),
                 "{class} {counts:?}: NaN left in an output"
             );
             let specs = param_specs(&cfg);
@@ -710,11 +406,7 @@ fn empty_experts_get_exactly_zero_weight_grads_and_full_outputs() {
                 let v: Vec<f64> = run.weight_grads[&spec.name].iter().copied().collect();
                 let block = v.len() / spec.expert_blocks;
                 for (b, chunk) in v.chunks(block).enumerate() {
-                    let expert = if spec.expert_blocks > 1 {
-                        b
-                    } else {
-                        expert_of(&spec.name)
-                    };
+                    let expert = if spec.expert_blocks > 1 { b } else { expert_of(&spec.name) };
                     if counts[expert] == 0 {
                         assert!(
                             chunk.iter().all(|&x| x == 0.0),
@@ -722,30 +414,12 @@ fn empty_experts_get_exactly_zero_weight_grads_and_full_outputs() {
                             spec.name
                         );
                     } else {
-                        assert!(
-                            chunk.iter().all(|x| x.is_finite()),
-                            "{class} {counts:?}: {} has NaN",
-                            spec.name
-                        );
+                        assert!(chunk.iter().all(|x| x.is_finite()), "{class} {counts:?}: {} has NaN", spec.name);
                     }
                 }
             }
-            let mut worst = Worst::default();
-            let exp = Reference::ORACLE
-                .forward_backward(&cfg, &params, &inp, &g, WgradTiming::Immediate)
-                .unwrap();
-            let emu = Reference::EMULATED
-                .forward_backward(&cfg, &params, &inp, &g, WgradTiming::Immediate)
-                .unwrap();
-            compare_runs_with(
-                &cfg,
-                &run,
-                &exp,
-                Some(&emu),
-                contraction(&cfg, &counts, rows),
-                &mut worst,
-            )
-            .unwrap_or_else(|e| panic!("{class} {counts:?}: {e}"));
+            oracle_check(&cfg, &params, &inp, &g, &run, &mut Worst::default())
+                .unwrap_or_else(|e| panic!("{class} {counts:?}: {e}"));
         }
     }
 }
@@ -755,14 +429,8 @@ fn expert_of(name: &str) -> usize {
     if let Some(rest) = name.strip_prefix("local_experts.") {
         return rest.split('.').next().unwrap().parse().unwrap();
     }
-    let digits: String = name
-        .chars()
-        .rev()
-        .take_while(|c| c.is_ascii_digit())
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect();
+    let digits: String =
+        name.chars().rev().take_while(|c| c.is_ascii_digit()).collect::<Vec<_>>().into_iter().rev().collect();
     digits.parse().unwrap()
 }
 
@@ -784,25 +452,14 @@ fn sizes_around_tile_edges_and_single_tokens_match_the_oracle() {
                         ffn_hidden_size: f,
                         ..LayerConfig::example()
                     };
-                    if let Err(e) = check_case(
-                        &gpus,
-                        &cfg,
-                        (h * 100 + f) as u64,
-                        counts.clone(),
-                        &mut worst,
-                    ) {
+                    if let Err(e) = check_case(&gpus, &cfg, (h * 100 + f) as u64, counts.clone(), &mut worst) {
                         failures.push(format!("{}\n    {e}", describe(&cfg, &counts)));
                     }
                 }
             }
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} failures:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
 }
 
 #[test]
@@ -812,25 +469,13 @@ fn sequential_with_one_local_expert_ignores_tokens_per_expert() {
     };
     // Megatron's SequentialMLP with E_l == 1 sends every row to expert 0 (spec §4.1), whatever
     // the counts say; the oracle does the same.
-    let cfg = LayerConfig {
-        num_experts: 1,
-        ..LayerConfig::example()
-    };
+    let cfg = LayerConfig { num_experts: 1, ..LayerConfig::example() };
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let params = to_state_dict(&cfg, &ExpertSet::random(&cfg, 5)).unwrap();
     let (mut inp, g) = inputs(&mut rng, &cfg, vec![9], 9);
     inp.tokens_per_expert = vec![3];
-    let got = gpus
-        .seq
-        .forward_backward(&cfg, &params, &inp, &g, WgradTiming::Immediate)
-        .unwrap();
-    let exp = Reference::ORACLE
-        .forward_backward(&cfg, &params, &inp, &g, WgradTiming::Immediate)
-        .unwrap();
-    let emu = Reference::EMULATED
-        .forward_backward(&cfg, &params, &inp, &g, WgradTiming::Immediate)
-        .unwrap();
-    compare_runs_with(&cfg, &got, &exp, Some(&emu), 32, &mut Worst::default()).unwrap();
+    let got = gpus.seq.forward_backward(&cfg, &params, &inp, &g, WgradTiming::Immediate).unwrap();
+    oracle_check(&cfg, &params, &inp, &g, &got, &mut Worst::default()).unwrap();
 }
 
 #[test]
@@ -849,17 +494,8 @@ fn gpu_layers_compose_under_expert_and_tensor_parallelism() {
                     num_experts: 4,
                     hidden_size: 24,
                     ffn_hidden_size: 32,
-                    params_dtype: if class == LayerClass::Grouped {
-                        Dtype::Bf16
-                    } else {
-                        dtype
-                    },
-                    parallel: Parallelism {
-                        tp_size: tp,
-                        tp_rank: 0,
-                        ep_size: ep,
-                        ep_rank: 0,
-                    },
+                    params_dtype: if class == LayerClass::Grouped { Dtype::Bf16 } else { dtype },
+                    parallel: Parallelism { tp_size: tp, tp_rank: 0, ep_size: ep, ep_rank: 0 },
                     ..LayerConfig::example()
                 };
                 let global = ExpertSet::random(&cfg.unsharded(), seed);
@@ -878,74 +514,29 @@ fn gpu_layers_compose_under_expert_and_tensor_parallelism() {
                     Numerics::Emulated(cfg.params_dtype),
                 )
                 .unwrap();
-                let exp = run_parallel(
-                    &Reference::ORACLE,
-                    &cfg,
-                    &global,
-                    &inp,
-                    &g,
-                    WgradTiming::Immediate,
-                    Numerics::Oracle,
-                )
-                .unwrap();
-                let emu = run_parallel(
-                    &Reference::EMULATED,
-                    &cfg,
-                    &global,
-                    &inp,
-                    &g,
-                    WgradTiming::Immediate,
-                    Numerics::Emulated(cfg.params_dtype),
-                )
-                .unwrap();
+                let exp =
+                    run_parallel(&Reference::ORACLE, &cfg, &global, &inp, &g, WgradTiming::Immediate, Numerics::Oracle)
+                        .unwrap();
                 let k = 32;
                 let mut w = Worst::default();
                 let dt = cfg.params_dtype;
                 let f2 = |a: &Array2<f64>| a.iter().copied().collect::<Vec<f64>>();
                 let f1 = |a: &Array1<f64>| a.to_vec();
-                let mut res = compare_with(
-                    "output",
-                    &f2(&got.output),
-                    &f2(&exp.output),
-                    Some(&f2(&emu.output)),
-                    dt,
-                    k,
-                    &mut w,
-                )
-                .and_then(|_| {
-                    compare_with(
-                        "grad_input",
-                        &f2(&got.grad_input),
-                        &f2(&exp.grad_input),
-                        Some(&f2(&emu.grad_input)),
-                        dt,
-                        k,
-                        &mut w,
-                    )
-                })
-                .and_then(|_| {
-                    compare_with(
-                        "grad_probs",
-                        &f1(&got.grad_probs),
-                        &f1(&exp.grad_probs),
-                        Some(&f1(&emu.grad_probs)),
-                        dt,
-                        k,
-                        &mut w,
-                    )
-                });
+                let mut res = compare_with("output", &f2(&got.output), &f2(&exp.output), dt, k, &mut w)
+                    .and_then(|_| compare_with("grad_input", &f2(&got.grad_input), &f2(&exp.grad_input), dt, k, &mut w))
+                    .and_then(|_| {
+                        compare_with("grad_probs", &f1(&got.grad_probs), &f1(&exp.grad_probs), dt, k, &mut w)
+                    });
                 for (q, ranks) in got.rank_weight_grads.iter().enumerate() {
                     for (r, set) in ranks.iter().enumerate() {
                         for (e, wg) in set.experts.iter().enumerate() {
                             let we = &exp.rank_weight_grads[q][r].experts[e];
-                            let wm = &emu.rank_weight_grads[q][r].experts[e];
                             res = res
                                 .and_then(|_| {
                                     compare_with(
                                         &format!("dW1 ep{q} tp{r} e{e}"),
                                         &f2(&wg.fc1_weight),
                                         &f2(&we.fc1_weight),
-                                        Some(&f2(&wm.fc1_weight)),
                                         dt,
                                         k,
                                         &mut w,
@@ -956,7 +547,6 @@ fn gpu_layers_compose_under_expert_and_tensor_parallelism() {
                                         &format!("dW2 ep{q} tp{r} e{e}"),
                                         &f2(&wg.fc2_weight),
                                         &f2(&we.fc2_weight),
-                                        Some(&f2(&wm.fc2_weight)),
                                         dt,
                                         k,
                                         &mut w,
@@ -971,32 +561,19 @@ fn gpu_layers_compose_under_expert_and_tensor_parallelism() {
             }
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} failures:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
 }
 
 #[test]
 fn grouped_mlp_rejects_deferred_wgrad_and_foreign_classes_are_declared_skips() {
-    let Some(gpus) =
-        gpus("grouped_mlp_rejects_deferred_wgrad_and_foreign_classes_are_declared_skips")
-    else {
+    let Some(gpus) = gpus("grouped_mlp_rejects_deferred_wgrad_and_foreign_classes_are_declared_skips") else {
         return;
     };
-    let cfg = LayerConfig {
-        class: LayerClass::Grouped,
-        ..LayerConfig::example()
-    };
+    let cfg = LayerConfig { class: LayerClass::Grouped, ..LayerConfig::example() };
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let params = to_state_dict(&cfg, &ExpertSet::random(&cfg, 1)).unwrap();
     let (inp, g) = inputs(&mut rng, &cfg, vec![2, 2, 2, 2], 8);
-    let err = gpus
-        .grouped
-        .forward_backward(&cfg, &params, &inp, &g, WgradTiming::Deferred)
-        .unwrap_err();
+    let err = gpus.grouped.forward_backward(&cfg, &params, &inp, &g, WgradTiming::Deferred).unwrap_err();
     assert!(matches!(err, LayerError::Invalid(_)), "{err}");
     // A configuration of another class is an Unsupported skip, never a silent pass.
     let err = gpus.seq.supports(&cfg).unwrap_err();
@@ -1012,10 +589,7 @@ fn gpu_implementations_prove_they_launched_kernels() {
         return;
     };
     for class in LayerClass::ALL {
-        let cfg = LayerConfig {
-            class,
-            ..LayerConfig::example()
-        };
+        let cfg = LayerConfig { class, ..LayerConfig::example() };
         let layer = gpus.get(class);
         let before = match class {
             LayerClass::Sequential => gpus.seq.launches(),
@@ -1059,17 +633,11 @@ fn sampled_large_shapes_match_the_oracle() {
             let t0 = std::time::Instant::now();
             let report = moe_gpu::sampled::verify_large_shape_class(class, s.name, 0, 42)
                 .unwrap_or_else(|e| panic!("{} {class}: {e}", s.name));
-            println!(
-                "{report}  (host+device {:.1} s)",
-                t0.elapsed().as_secs_f64()
-            );
+            println!("{report}  (host+device {:.1} s)", t0.elapsed().as_secs_f64());
             if !report.passed() {
                 failed.push(format!("{} {class}", s.name));
             }
         }
     }
-    assert!(
-        failed.is_empty(),
-        "sampled verification failed for {failed:?}"
-    );
+    assert!(failed.is_empty(), "sampled verification failed for {failed:?}");
 }

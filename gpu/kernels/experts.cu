@@ -254,15 +254,19 @@ __device__ void fill_bias_rows(T* a, const T* b, const int* row_expert, int rows
 }
 
 // y[r, c] = round(y[r, c] + b2[e, c] * p[r]) with the sum in f32 (spec §4.5.1 step 7, §4.6).
+// With probs in the storage dtype (bf16/fp16 router, `probs_in_storage`), b2·p is itself a
+// storage-dtype op and is rounded before the add (spec §4.8).
 template <typename T>
 __device__ void fc2_bias_fwd(T* y, const T* b2, const float* p, const int* row_expert, int rows,
-                             int cols) {
+                             int cols, int probs_in_storage) {
     const long long total = (long long)rows * cols;
     for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
          idx += (long long)gridDim.x * blockDim.x) {
         const long long r = idx / cols;
         const int c = (int)(idx % cols);
-        y[idx] = from_f<T>(to_f(y[idx]) + to_f(b2[(long long)row_expert[r] * cols + c]) * p[r]);
+        float bias = to_f(b2[(long long)row_expert[r] * cols + c]) * p[r];
+        if (probs_in_storage) bias = rnd<T>(bias);
+        y[idx] = from_f<T>(to_f(y[idx]) + bias);
     }
 }
 
@@ -327,8 +331,9 @@ __device__ void init_uniform(T* out, long long n, unsigned long long seed, float
         fill_bias_rows<T>(a, b, row_expert, rows, cols);                                         \
     }                                                                                            \
     extern "C" __global__ void fc2_bias_fwd_##S(T* y, const T* b2, const float* p,               \
-                                                const int* row_expert, int rows, int cols) {     \
-        fc2_bias_fwd<T>(y, b2, p, row_expert, rows, cols);                                       \
+                                                const int* row_expert, int rows, int cols,       \
+                                                int probs_in_storage) {                          \
+        fc2_bias_fwd<T>(y, b2, p, row_expert, rows, cols, probs_in_storage);                     \
     }                                                                                            \
     extern "C" __global__ void col_sum_##S(const T* grad, const float* p, const int* seg_off,    \
                                            const int* seg_len, T* out, int cols) {               \

@@ -45,8 +45,6 @@ impl From<GpuError> for LayerError {
 
 impl From<std::num::TryFromIntError> for GpuError {
     fn from(e: std::num::TryFromIntError) -> GpuError {
-        GpuError::Shape(format!(
-            "dimension does not fit a 32-bit CUDA/cuBLAS argument: {e}"
-        ))
+        GpuError::Shape(format!("dimension does not fit a 32-bit CUDA/cuBLAS argument: {e}"))
     }
 }

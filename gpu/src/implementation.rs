@@ -12,8 +12,7 @@ use crate::kernels::{engine, probe};
 use crate::layer::{from_bytes, segments};
 use moe_reference::layer::validate_inputs;
 use moe_reference::{
-    Dtype, ExpertLayer, Inputs, LayerClass, LayerConfig, LayerError, LayerRun, StateDict,
-    WgradTiming,
+    Dtype, ExpertLayer, Inputs, LayerClass, LayerConfig, LayerError, LayerRun, StateDict, WgradTiming,
 };
 use ndarray::{Array1, Array2};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,12 +34,7 @@ impl CudaLayer {
         probe()?;
         // Creates the context and compiles the kernels now, so a broken setup fails here.
         drop(engine()?);
-        Ok(CudaLayer {
-            class,
-            name,
-            poison: false,
-            launches: AtomicU64::new(0),
-        })
+        Ok(CudaLayer { class, name, poison: false, launches: AtomicU64::new(0) })
     }
 
     fn supports(&self, cfg: &LayerConfig) -> Result<(), GpuError> {
@@ -97,10 +91,7 @@ impl CudaLayer {
                 eng.backward(cfg, &w, &mut ws, !deferred)?;
                 // In deferred mode dx and dp are complete (downloaded) before backward_dw runs.
                 let dx = eng.download_rows(&ws, &ws.dx, h, cfg.params_dtype)?;
-                let dp = eng
-                    .download_rows(&ws, &ws.dp, 1, Dtype::F32)?
-                    .column(0)
-                    .to_owned();
+                let dp = eng.download_rows(&ws, &ws.dp, 1, Dtype::F32)?.column(0).to_owned();
                 if deferred {
                     eng.backward_dw(cfg, &mut ws)?;
                 }
@@ -116,12 +107,7 @@ impl CudaLayer {
 }
 
 impl crate::layer::Workspace {
-    fn y_rows(
-        &self,
-        eng: &mut crate::kernels::Engine,
-        cfg: &LayerConfig,
-        h: usize,
-    ) -> Result<Array2<f64>, GpuError> {
+    fn y_rows(&self, eng: &mut crate::kernels::Engine, cfg: &LayerConfig, h: usize) -> Result<Array2<f64>, GpuError> {
         eng.download_rows(self, &self.y, h, cfg.params_dtype)
     }
 }

@@ -8,8 +8,8 @@
 use crate::error::GpuError;
 use cudarc::cublas::{result as cublas_result, sys as cublas_sys, CudaBlas};
 use cudarc::driver::{
-    sys as driver_sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
-    LaunchConfig, PushKernelArg,
+    sys as driver_sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
+    PushKernelArg,
 };
 use moe_reference::Dtype;
 use std::collections::HashMap;
@@ -28,9 +28,7 @@ pub fn probe() -> Result<(), GpuError> {
     match CudaContext::device_count() {
         Ok(n) if n > 0 => Ok(()),
         Ok(_) => Err(GpuError::NoDevice("the driver reports 0 devices".into())),
-        Err(e) => Err(GpuError::NoDevice(format!(
-            "cuInit/cuDeviceGetCount failed: {e}"
-        ))),
+        Err(e) => Err(GpuError::NoDevice(format!("cuInit/cuDeviceGetCount failed: {e}"))),
     }
 }
 
@@ -110,9 +108,7 @@ pub fn engine() -> Result<MutexGuard<'static, Engine>, GpuError> {
             guard.ctx.bind_to_thread()?;
             Ok(guard)
         }
-        Err(msg) => Err(GpuError::NoDevice(format!(
-            "CUDA initialisation failed: {msg}"
-        ))),
+        Err(msg) => Err(GpuError::NoDevice(format!("CUDA initialisation failed: {msg}"))),
     }
 }
 
@@ -128,16 +124,8 @@ fn arch_name(major: i32, minor: i32) -> &'static str {
     }
 }
 
-const KERNEL_NAMES: [&str; 8] = [
-    "act_fwd",
-    "act_bwd",
-    "scale_rows",
-    "probs_in_bwd",
-    "fill_bias_rows",
-    "fc2_bias_fwd",
-    "col_sum",
-    "init_uniform",
-];
+const KERNEL_NAMES: [&str; 8] =
+    ["act_fwd", "act_bwd", "scale_rows", "probs_in_bwd", "fill_bias_rows", "fc2_bias_fwd", "col_sum", "init_uniform"];
 
 /// The kernel-name suffix of a dtype.
 pub fn dtype_suffix(dt: Dtype) -> &'static str {
@@ -158,22 +146,14 @@ fn cuda_dtype(dt: Dtype) -> cublas_sys::cudaDataType {
 
 /// Compiles `kernels/experts.cu` with NVRTC for `arch` (`sm_90`). Needs only libnvrtc, no GPU.
 pub fn compile_kernels(arch: &'static str) -> Result<cudarc::nvrtc::Ptx, GpuError> {
-    let opts = cudarc::nvrtc::CompileOptions {
-        arch: Some(arch),
-        name: Some("experts.cu".into()),
-        ..Default::default()
-    };
+    let opts =
+        cudarc::nvrtc::CompileOptions { arch: Some(arch), name: Some("experts.cu".into()), ..Default::default() };
     cudarc::nvrtc::compile_ptx_with_opts(EXPERTS_CU, opts).map_err(|e| {
         let log = match &e {
-            cudarc::nvrtc::CompileError::CompileError { log, .. } => {
-                log.to_string_lossy().into_owned()
-            }
+            cudarc::nvrtc::CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
             other => format!("{other:?}"),
         };
-        GpuError::Compile {
-            kernel: "experts.cu",
-            log,
-        }
+        GpuError::Compile { kernel: "experts.cu", log }
     })
 }
 
@@ -198,15 +178,7 @@ impl Engine {
                 functions.insert(name.clone(), module.load_function(&name)?);
             }
         }
-        Ok(Engine {
-            ctx,
-            stream,
-            blas,
-            functions,
-            launches: 0,
-            device_name,
-            arch,
-        })
+        Ok(Engine { ctx, stream, blas, functions, launches: 0, device_name, arch })
     }
 
     /// The device's name (`NVIDIA H100 80GB HBM3`, ...).
@@ -252,8 +224,7 @@ impl Engine {
     pub fn upload(&mut self, data: &[u8]) -> Result<Buf, GpuError> {
         let mut buf = self.alloc(data.len())?;
         if !data.is_empty() {
-            self.stream
-                .memcpy_htod(data, &mut buf.mem.slice_mut(..data.len()))?;
+            self.stream.memcpy_htod(data, &mut buf.mem.slice_mut(..data.len()))?;
         }
         Ok(buf)
     }
@@ -261,15 +232,10 @@ impl Engine {
     /// Overwrites the start of `buf` with `data`.
     pub fn write(&mut self, buf: &mut Buf, data: &[u8]) -> Result<(), GpuError> {
         if data.len() > buf.bytes {
-            return Err(GpuError::Shape(format!(
-                "write of {} bytes into a {}-byte buffer",
-                data.len(),
-                buf.bytes
-            )));
+            return Err(GpuError::Shape(format!("write of {} bytes into a {}-byte buffer", data.len(), buf.bytes)));
         }
         if !data.is_empty() {
-            self.stream
-                .memcpy_htod(data, &mut buf.mem.slice_mut(..data.len()))?;
+            self.stream.memcpy_htod(data, &mut buf.mem.slice_mut(..data.len()))?;
         }
         Ok(())
     }
@@ -285,24 +251,14 @@ impl Engine {
     }
 
     /// Downloads `len` bytes at `offset` (synchronizes).
-    pub fn download_range(
-        &mut self,
-        buf: &Buf,
-        offset: usize,
-        len: usize,
-    ) -> Result<Vec<u8>, GpuError> {
+    pub fn download_range(&mut self, buf: &Buf, offset: usize, len: usize) -> Result<Vec<u8>, GpuError> {
         if offset + len > buf.bytes {
-            return Err(GpuError::Shape(format!(
-                "download of {offset}+{len} bytes from a {}-byte buffer",
-                buf.bytes
-            )));
+            return Err(GpuError::Shape(format!("download of {offset}+{len} bytes from a {}-byte buffer", buf.bytes)));
         }
         if len == 0 {
             return Ok(Vec::new());
         }
-        let v = self
-            .stream
-            .clone_dtoh(&buf.mem.slice(offset..offset + len))?;
+        let v = self.stream.clone_dtoh(&buf.mem.slice(offset..offset + len))?;
         self.synchronize()?;
         Ok(v)
     }
@@ -315,9 +271,7 @@ impl Engine {
         }
         // SAFETY: callers pass an address inside a live allocation of this engine's context
         // with at least `bytes` bytes after it; the memset is ordered on the engine's stream.
-        unsafe {
-            cudarc::driver::result::memset_d8_async(ptr, byte, bytes, self.stream.cu_stream())
-        }?;
+        unsafe { cudarc::driver::result::memset_d8_async(ptr, byte, bytes, self.stream.cu_stream()) }?;
         self.launches += 1;
         Ok(())
     }
@@ -329,21 +283,12 @@ impl Engine {
     }
 
     /// Launches `<name>_<dtype>` with `args` (in the kernel's parameter order).
-    pub fn launch(
-        &mut self,
-        name: &str,
-        dt: Dtype,
-        cfg: LaunchConfig,
-        args: &[Arg],
-    ) -> Result<(), GpuError> {
+    pub fn launch(&mut self, name: &str, dt: Dtype, cfg: LaunchConfig, args: &[Arg]) -> Result<(), GpuError> {
         if cfg.grid_dim.0 == 0 || cfg.grid_dim.1 == 0 {
             return Ok(());
         }
         let full = format!("{name}_{}", dtype_suffix(dt));
-        let f = self
-            .functions
-            .get(&full)
-            .ok_or_else(|| GpuError::Unsupported(format!("no kernel {full}")))?;
+        let f = self.functions.get(&full).ok_or_else(|| GpuError::Unsupported(format!("no kernel {full}")))?;
         let mut builder = self.stream.launch_builder(f);
         for a in args {
             match a {
@@ -437,40 +382,20 @@ impl Engine {
     }
 
     /// Fills `n` elements of `dt` at `ptr` with `round(scale·U(-1, 1))`, deterministic in `seed`.
-    pub fn fill_uniform(
-        &mut self,
-        dt: Dtype,
-        ptr: u64,
-        n: usize,
-        seed: u64,
-        scale: f32,
-    ) -> Result<(), GpuError> {
-        let args = [
-            Arg::Ptr(ptr),
-            Arg::I64(i64::try_from(n)?),
-            Arg::U64(seed),
-            Arg::F32(scale),
-        ];
+    pub fn fill_uniform(&mut self, dt: Dtype, ptr: u64, n: usize, seed: u64, scale: f32) -> Result<(), GpuError> {
+        let args = [Arg::Ptr(ptr), Arg::I64(i64::try_from(n)?), Arg::U64(seed), Arg::F32(scale)];
         self.launch("init_uniform", dt, Engine::elementwise(n), &args)
     }
 
     /// A 1-D grid-stride launch shape for `total` elements.
     pub fn elementwise(total: usize) -> LaunchConfig {
         let blocks = total.div_ceil(256).min(132 * 32) as u32;
-        LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        }
+        LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
     }
 
     /// One block of 256 threads per row.
     pub fn per_row(rows: usize) -> Result<LaunchConfig, GpuError> {
-        Ok(LaunchConfig {
-            grid_dim: (u32::try_from(rows)?, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        })
+        Ok(LaunchConfig { grid_dim: (u32::try_from(rows)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 })
     }
 }
 
@@ -492,10 +417,7 @@ mod tests {
         for base in KERNEL_NAMES {
             for dt in Dtype::ALL {
                 let name = format!("{base}_{}", dtype_suffix(dt));
-                assert!(
-                    src.contains(&format!(".entry {name}(")),
-                    "{name} missing from the PTX"
-                );
+                assert!(src.contains(&format!(".entry {name}(")), "{name} missing from the PTX");
             }
         }
     }

@@ -18,12 +18,8 @@ pub fn to_bytes(dt: Dtype, v: impl IntoIterator<Item = f64>) -> Vec<u8> {
     for x in v {
         match dt {
             Dtype::F32 => out.extend_from_slice(&(x as f32).to_le_bytes()),
-            Dtype::Bf16 => {
-                out.extend_from_slice(&half::bf16::from_f32(x as f32).to_bits().to_le_bytes())
-            }
-            Dtype::F16 => {
-                out.extend_from_slice(&half::f16::from_f32(x as f32).to_bits().to_le_bytes())
-            }
+            Dtype::Bf16 => out.extend_from_slice(&half::bf16::from_f32(x as f32).to_bits().to_le_bytes()),
+            Dtype::F16 => out.extend_from_slice(&half::f16::from_f32(x as f32).to_bits().to_le_bytes()),
         }
     }
     out
@@ -32,18 +28,13 @@ pub fn to_bytes(dt: Dtype, v: impl IntoIterator<Item = f64>) -> Vec<u8> {
 /// Converts `dt` bytes to f64 values.
 pub fn from_bytes(dt: Dtype, b: &[u8]) -> Vec<f64> {
     match dt {
-        Dtype::F32 => b
-            .chunks_exact(4)
-            .map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
-            .collect(),
-        Dtype::Bf16 => b
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64())
-            .collect(),
-        Dtype::F16 => b
-            .chunks_exact(2)
-            .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64())
-            .collect(),
+        Dtype::F32 => b.chunks_exact(4).map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect(),
+        Dtype::Bf16 => {
+            b.chunks_exact(2).map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64()).collect()
+        }
+        Dtype::F16 => {
+            b.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64()).collect()
+        }
     }
 }
 
@@ -168,21 +159,13 @@ fn act_params(cfg: &LayerConfig) -> ActParams {
         eager: i32::from(!grouped),
         has_clamp: i32::from(clamp.is_some()),
         clamp: clamp.unwrap_or(0.0) as f32,
-        offset: if grouped {
-            0.0
-        } else {
-            cfg.glu_linear_offset as f32
-        },
+        offset: if grouped { 0.0 } else { cfg.glu_linear_offset as f32 },
     }
 }
 
 /// Row counts of the segments the class processes: `tokens_per_expert`, or `[T]` for
 /// SequentialMLP with one local expert (spec §4.1).
-pub fn segments(
-    cfg: &LayerConfig,
-    tokens_per_expert: &[i64],
-    rows: usize,
-) -> Result<Vec<usize>, GpuError> {
+pub fn segments(cfg: &LayerConfig, tokens_per_expert: &[i64], rows: usize) -> Result<Vec<usize>, GpuError> {
     if tokens_per_expert.len() != cfg.num_local_experts() {
         return Err(GpuError::Shape(format!(
             "tokens_per_expert has {} entries, the rank has {} local experts",
@@ -195,40 +178,25 @@ pub fn segments(
     }
     let counts: Vec<usize> = tokens_per_expert
         .iter()
-        .map(|&c| {
-            usize::try_from(c).map_err(|_| GpuError::Shape(format!("negative token count {c}")))
-        })
+        .map(|&c| usize::try_from(c).map_err(|_| GpuError::Shape(format!("negative token count {c}"))))
         .collect::<Result<_, _>>()?;
     if counts.iter().sum::<usize>() != rows {
-        return Err(GpuError::Shape(format!(
-            "tokens_per_expert {tokens_per_expert:?} does not sum to {rows} rows"
-        )));
+        return Err(GpuError::Shape(format!("tokens_per_expert {tokens_per_expert:?} does not sum to {rows} rows")));
     }
     Ok(counts)
 }
 
 impl Engine {
     /// Uploads one rank's parameters (state-dict layout of `cfg.class`), once.
-    pub fn prepare(
-        &mut self,
-        cfg: &LayerConfig,
-        params: &StateDict,
-    ) -> Result<DeviceWeights, GpuError> {
+    pub fn prepare(&mut self, cfg: &LayerConfig, params: &StateDict) -> Result<DeviceWeights, GpuError> {
         let d = dims(cfg);
         let get = |name: &str| -> Result<&ArrayD<f64>, GpuError> {
-            params
-                .get(name)
-                .ok_or_else(|| GpuError::Shape(format!("missing parameter {name}")))
+            params.get(name).ok_or_else(|| GpuError::Shape(format!("missing parameter {name}")))
         };
         for spec in param_specs(cfg) {
             let t = get(&spec.name)?;
             if t.shape() != spec.shape.as_slice() {
-                return Err(GpuError::Shape(format!(
-                    "{}: expected {:?}, got {:?}",
-                    spec.name,
-                    spec.shape,
-                    t.shape()
-                )));
+                return Err(GpuError::Shape(format!("{}: expected {:?}, got {:?}", spec.name, spec.shape, t.shape())));
             }
         }
         let (mut w1, mut w2, mut b1, mut b2) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -253,16 +221,8 @@ impl Engine {
         Ok(DeviceWeights {
             w1: self.upload(&w1)?,
             w2: self.upload(&w2)?,
-            b1: if cfg.add_bias {
-                Some(self.upload(&b1)?)
-            } else {
-                None
-            },
-            b2: if cfg.add_bias {
-                Some(self.upload(&b2)?)
-            } else {
-                None
-            },
+            b1: if cfg.add_bias { Some(self.upload(&b1)?) } else { None },
+            b2: if cfg.add_bias { Some(self.upload(&b2)?) } else { None },
         })
     }
 
@@ -270,11 +230,7 @@ impl Engine {
     /// verification of model-sized shapes, where a host state dict would not fit): weights
     /// `U(-1, 1)/√fan_in`, biases `U(-0.5, 0.5)`, rounded to the params dtype, deterministic in
     /// `seed`.
-    pub fn prepare_random(
-        &mut self,
-        cfg: &LayerConfig,
-        seed: u64,
-    ) -> Result<DeviceWeights, GpuError> {
+    pub fn prepare_random(&mut self, cfg: &LayerConfig, seed: u64) -> Result<DeviceWeights, GpuError> {
         let d = dims(cfg);
         let n1 = d.el * d.n1 * d.h;
         let n2 = d.el * d.h * d.n2;
@@ -282,13 +238,7 @@ impl Engine {
         let w2 = self.alloc(n2 * d.ds)?;
         let (p1, p2) = (self.ptr(&w1, 0), self.ptr(&w2, 0));
         self.fill_uniform(d.dt, p1, n1, seed, (1.0 / (d.h as f64).sqrt()) as f32)?;
-        self.fill_uniform(
-            d.dt,
-            p2,
-            n2,
-            seed.wrapping_add(1),
-            (1.0 / (cfg.ffn_hidden_size as f64).sqrt()) as f32,
-        )?;
+        self.fill_uniform(d.dt, p2, n2, seed.wrapping_add(1), (1.0 / (cfg.ffn_hidden_size as f64).sqrt()) as f32)?;
         let (b1, b2) = if cfg.add_bias {
             let b1 = self.alloc(d.el * d.n1 * d.ds)?;
             let b2 = self.alloc(d.el * d.h * d.ds)?;
@@ -304,12 +254,7 @@ impl Engine {
 
     /// Random device inputs for a workspace with no padding: `x`, `g` ~ `U(-1, 1)` in the
     /// params dtype, probs ~ `U(0.05, 1)` (f32, rounded to the probs dtype on the host).
-    pub fn random_inputs(
-        &mut self,
-        cfg: &LayerConfig,
-        ws: &mut Workspace,
-        seed: u64,
-    ) -> Result<(), GpuError> {
+    pub fn random_inputs(&mut self, cfg: &LayerConfig, ws: &mut Workspace, seed: u64) -> Result<(), GpuError> {
         let d = dims(cfg);
         let (px, pg) = (self.ptr(&ws.x, 0), self.ptr(&ws.g, 0));
         self.fill_uniform(d.dt, px, ws.rows * d.h, seed ^ 0x1111, 1.0)?;
@@ -317,11 +262,8 @@ impl Engine {
         let mut state = seed ^ 0x3333;
         let probs: Vec<f64> = (0..ws.rows)
             .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                cfg.probs_dtype
-                    .round(0.05 + 0.95 * ((state >> 40) as f64 / (1u64 << 24) as f64))
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                cfg.probs_dtype.round(0.05 + 0.95 * ((state >> 40) as f64 / (1u64 << 24) as f64))
             })
             .collect();
         let pb = to_bytes(Dtype::F32, probs);
@@ -329,12 +271,7 @@ impl Engine {
     }
 
     /// Allocates the buffers for one call with the given segment row counts (see [`segments`]).
-    pub fn workspace(
-        &mut self,
-        cfg: &LayerConfig,
-        counts: &[usize],
-        poison: bool,
-    ) -> Result<Workspace, GpuError> {
+    pub fn workspace(&mut self, cfg: &LayerConfig, counts: &[usize], poison: bool) -> Result<Workspace, GpuError> {
         let d = dims(cfg);
         let padded: Vec<usize> = counts
             .iter()
@@ -358,16 +295,8 @@ impl Engine {
         let grads = DeviceGrads {
             w1: self.alloc(d.el * d.n1 * d.h * d.ds)?,
             w2: self.alloc(d.el * d.h * d.n2 * d.ds)?,
-            b1: if cfg.add_bias {
-                Some(self.alloc(d.el * d.n1 * d.ds)?)
-            } else {
-                None
-            },
-            b2: if cfg.add_bias {
-                Some(self.alloc(d.el * d.h * d.ds)?)
-            } else {
-                None
-            },
+            b1: if cfg.add_bias { Some(self.alloc(d.el * d.n1 * d.ds)?) } else { None },
+            b2: if cfg.add_bias { Some(self.alloc(d.el * d.h * d.ds)?) } else { None },
         };
         Ok(Workspace {
             counts: counts.to_vec(),
@@ -378,11 +307,7 @@ impl Engine {
             seg_off,
             seg_len,
             x: self.alloc(mat(rows, d.h))?,
-            xs: if cfg.apply_probs_on_input {
-                Some(self.alloc(mat(rows, d.h))?)
-            } else {
-                None
-            },
+            xs: if cfg.apply_probs_on_input { Some(self.alloc(mat(rows, d.h))?) } else { None },
             p: self.alloc(rows * 4)?,
             p_act: if cfg.apply_probs_on_input {
                 Some(self.upload(&to_bytes(Dtype::F32, std::iter::repeat_n(1.0, rows)))?)
@@ -476,12 +401,7 @@ impl Engine {
     }
 
     /// The forward pass on device buffers: `ws.y` (and the intermediates backward needs).
-    pub fn forward(
-        &mut self,
-        cfg: &LayerConfig,
-        w: &DeviceWeights,
-        ws: &mut Workspace,
-    ) -> Result<(), GpuError> {
+    pub fn forward(&mut self, cfg: &LayerConfig, w: &DeviceWeights, ws: &mut Workspace) -> Result<(), GpuError> {
         let d = dims(cfg);
         let rows = ws.rows;
         let grouped = cfg.class == LayerClass::Grouped;
@@ -494,11 +414,7 @@ impl Engine {
             }
         }
         let ri = i32::try_from(rows)?;
-        let (hi, n1i, n2i) = (
-            i32::try_from(d.h)?,
-            i32::try_from(d.n1)?,
-            i32::try_from(d.n2)?,
-        );
+        let (hi, n1i, n2i) = (i32::try_from(d.h)?, i32::try_from(d.n1)?, i32::try_from(d.n2)?);
         // §4.7: x' = round(p·x), probs replaced by ones.
         if let Some(xs) = &ws.xs {
             let args = [
@@ -523,12 +439,7 @@ impl Engine {
                 Arg::I32(ri),
                 Arg::I32(n1i),
             ];
-            self.launch(
-                "fill_bias_rows",
-                d.dt,
-                Engine::elementwise(rows * d.n1),
-                &args,
-            )?;
+            self.launch("fill_bias_rows", d.dt, Engine::elementwise(rows * d.n1), &args)?;
         }
         // fc1: a_e = x_e·W1_eᵀ ([out,in] weights) or x_e·W1_e ([in,out] GroupedMLP blocks).
         for e in 0..d.el.min(ws.padded.len()) {
@@ -538,25 +449,11 @@ impl Engine {
                 self.ptr(&w.w1, e * d.n1 * d.h * d.ds),
                 self.seg_ptr(&ws.a, ws, e, d.n1, d.ds),
             );
-            self.gemm(
-                d.dt,
-                false,
-                !grouped,
-                n,
-                d.n1,
-                d.h,
-                xa,
-                wb,
-                ca,
-                if te_bias { 1.0 } else { 0.0 },
-            )?;
+            self.gemm(d.dt, false, !grouped, n, d.n1, d.h, xa, wb, ca, if te_bias { 1.0 } else { 0.0 })?;
         }
         // Activation block: (SequentialMLP fc1 bias) → act/GLU → u = round(z·p).
-        let seq_b1 = if cfg.class == LayerClass::Sequential {
-            w.b1.as_ref().map(|b| self.ptr(b, 0)).unwrap_or(0)
-        } else {
-            0
-        };
+        let seq_b1 =
+            if cfg.class == LayerClass::Sequential { w.b1.as_ref().map(|b| self.ptr(b, 0)).unwrap_or(0) } else { 0 };
         let args = [
             Arg::Ptr(self.ptr(&ws.a, 0)),
             Arg::Ptr(seq_b1),
@@ -579,7 +476,9 @@ impl Engine {
             self.gemm(d.dt, false, !grouped, n, d.h, d.n2, ua, wb, ya, 0.0)?;
         }
         // fc2 bias scaled by the probs: y = round(y + b2·p) in f32.
+        // With storage-dtype probs the product b2·p is rounded first (spec §4.8).
         if let Some(b2) = &w.b2 {
+            let probs_in_storage = cfg.probs_dtype == cfg.params_dtype && cfg.params_dtype != Dtype::F32;
             let args = [
                 Arg::Ptr(self.ptr(&ws.y, 0)),
                 Arg::Ptr(self.ptr(b2, 0)),
@@ -587,6 +486,7 @@ impl Engine {
                 Arg::Ptr(self.ptr(&ws.row_expert, 0)),
                 Arg::I32(ri),
                 Arg::I32(hi),
+                Arg::I32(i32::from(probs_in_storage)),
             ];
             self.launch("fc2_bias_fwd", d.dt, Engine::elementwise(rows * d.h), &args)?;
         }
@@ -614,11 +514,7 @@ impl Engine {
             }
         }
         let ri = i32::try_from(rows)?;
-        let (hi, n1i, n2i) = (
-            i32::try_from(d.h)?,
-            i32::try_from(d.n1)?,
-            i32::try_from(d.n2)?,
-        );
+        let (hi, n1i, n2i) = (i32::try_from(d.h)?, i32::try_from(d.n1)?, i32::try_from(d.n2)?);
         let el = ws.padded.len();
         let el_i = u32::try_from(el)?;
         let p_act = ws.p_act.as_ref().unwrap_or(&ws.p);
@@ -720,12 +616,7 @@ impl Engine {
                 Arg::Ptr(self.ptr(db1, 0)),
                 Arg::I32(i32::try_from(d.n1)?),
             ];
-            self.launch(
-                "col_sum",
-                d.dt,
-                col_sum_cfg(d.n1, u32::try_from(ws.padded.len())?),
-                &args,
-            )?;
+            self.launch("col_sum", d.dt, col_sum_cfg(d.n1, u32::try_from(ws.padded.len())?), &args)?;
         }
         Ok(())
     }
@@ -772,11 +663,7 @@ impl Engine {
     }
 
     /// Downloads the weight grads into a state dict of `cfg.class`'s layout.
-    pub fn download_grads(
-        &mut self,
-        cfg: &LayerConfig,
-        ws: &Workspace,
-    ) -> Result<StateDict, GpuError> {
+    pub fn download_grads(&mut self, cfg: &LayerConfig, ws: &Workspace) -> Result<StateDict, GpuError> {
         let d = dims(cfg);
         let w1 = from_bytes(d.dt, &self.download(&ws.grads.w1)?);
         let w2 = from_bytes(d.dt, &self.download(&ws.grads.w2)?);
@@ -788,9 +675,7 @@ impl Engine {
             Some(b) => Some(from_bytes(d.dt, &self.download(b)?)),
             None => None,
         };
-        let arr = |v: &[f64], shape: &[usize]| {
-            ArrayD::from_shape_vec(IxDyn(shape), v.to_vec()).expect("sizes match")
-        };
+        let arr = |v: &[f64], shape: &[usize]| ArrayD::from_shape_vec(IxDyn(shape), v.to_vec()).expect("sizes match");
         let mut sd = StateDict::new();
         match cfg.class {
             LayerClass::Grouped => {
@@ -800,14 +685,8 @@ impl Engine {
             LayerClass::Sequential | LayerClass::TeGrouped => {
                 for e in 0..d.el {
                     let (n1w, n1b, n2w, n2b) = names(cfg.class, e);
-                    sd.insert(
-                        n1w,
-                        arr(&w1[e * d.n1 * d.h..(e + 1) * d.n1 * d.h], &[d.n1, d.h]),
-                    );
-                    sd.insert(
-                        n2w,
-                        arr(&w2[e * d.h * d.n2..(e + 1) * d.h * d.n2], &[d.h, d.n2]),
-                    );
+                    sd.insert(n1w, arr(&w1[e * d.n1 * d.h..(e + 1) * d.n1 * d.h], &[d.n1, d.h]));
+                    sd.insert(n2w, arr(&w2[e * d.h * d.n2..(e + 1) * d.h * d.n2], &[d.h, d.n2]));
                     if let (Some(b1), Some(b2)) = (&b1, &b2) {
                         sd.insert(n1b, arr(&b1[e * d.n1..(e + 1) * d.n1], &[d.n1]));
                         sd.insert(n2b, arr(&b2[e * d.h..(e + 1) * d.h], &[d.h]));

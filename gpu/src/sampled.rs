@@ -22,8 +22,7 @@ use crate::kernels::engine;
 use crate::layer::{from_bytes, segments};
 use moe_reference::layer::forward as ref_forward;
 use moe_reference::{
-    Activation, Dtype, ExpertSet, ExpertWeights, Inputs, LayerClass, LayerConfig, Numerics,
-    Parallelism, WgradTiming,
+    Activation, Dtype, ExpertSet, ExpertWeights, Inputs, LayerClass, LayerConfig, Numerics, Parallelism, WgradTiming,
 };
 use ndarray::{Array1, Array2};
 use std::fmt;
@@ -46,48 +45,17 @@ pub struct ModelShape {
 
 /// The four model shapes (all GLU silu, bf16).
 pub const SHAPES: [ModelShape; 4] = [
-    ModelShape {
-        name: "mixtral",
-        hidden: 4096,
-        ffn: 14336,
-        experts: 8,
-        tokens: 16384,
-    },
-    ModelShape {
-        name: "deepseek-v3",
-        hidden: 7168,
-        ffn: 2048,
-        experts: 32,
-        tokens: 32768,
-    },
-    ModelShape {
-        name: "qwen3-30b-a3b",
-        hidden: 2048,
-        ffn: 768,
-        experts: 128,
-        tokens: 65536,
-    },
-    ModelShape {
-        name: "gpt-oss-120b",
-        hidden: 2880,
-        ffn: 2880,
-        experts: 128,
-        tokens: 32768,
-    },
+    ModelShape { name: "mixtral", hidden: 4096, ffn: 14336, experts: 8, tokens: 16384 },
+    ModelShape { name: "deepseek-v3", hidden: 7168, ffn: 2048, experts: 32, tokens: 32768 },
+    ModelShape { name: "qwen3-30b-a3b", hidden: 2048, ffn: 768, experts: 128, tokens: 65536 },
+    ModelShape { name: "gpt-oss-120b", hidden: 2880, ffn: 2880, experts: 128, tokens: 32768 },
 ];
 
 /// Looks a shape up by name.
 pub fn shape(name: &str) -> Result<ModelShape, GpuError> {
-    SHAPES
-        .iter()
-        .copied()
-        .find(|s| s.name == name)
-        .ok_or_else(|| {
-            GpuError::Unsupported(format!(
-                "unknown shape {name:?}; expected one of {:?}",
-                SHAPES.map(|s| s.name)
-            ))
-        })
+    SHAPES.iter().copied().find(|s| s.name == name).ok_or_else(|| {
+        GpuError::Unsupported(format!("unknown shape {name:?}; expected one of {:?}", SHAPES.map(|s| s.name)))
+    })
 }
 
 /// The layer configuration of a model shape for `class`.
@@ -125,20 +93,10 @@ pub fn skewed_counts(tokens: usize, experts: usize, seed: u64) -> Vec<i64> {
         (state >> 11) as f64 / (1u64 << 53) as f64
     };
     let empty = |e: usize| experts >= 4 && (e == 1 || e == experts - 2);
-    let w: Vec<f64> = (0..experts)
-        .map(|e| {
-            if empty(e) {
-                0.0
-            } else {
-                (0.5 + next()) / (1.0 + e as f64).powf(0.3)
-            }
-        })
-        .collect();
+    let w: Vec<f64> =
+        (0..experts).map(|e| if empty(e) { 0.0 } else { (0.5 + next()) / (1.0 + e as f64).powf(0.3) }).collect();
     let total: f64 = w.iter().sum();
-    let mut counts: Vec<i64> = w
-        .iter()
-        .map(|x| (x / total * units as f64).floor() as i64)
-        .collect();
+    let mut counts: Vec<i64> = w.iter().map(|x| (x / total * units as f64).floor() as i64).collect();
     let mut rest = units - counts.iter().sum::<i64>();
     let mut e = 0;
     while rest > 0 {
@@ -166,12 +124,7 @@ pub struct CheckStat {
 
 impl CheckStat {
     fn new(name: &str) -> CheckStat {
-        CheckStat {
-            name: name.into(),
-            count: 0,
-            worst_ratio: 0.0,
-            worst_at: String::new(),
-        }
+        CheckStat { name: name.into(), count: 0, worst_ratio: 0.0, worst_at: String::new() }
     }
 
     fn record(&mut self, err: f64, tol: f64, at: impl FnOnce() -> String) {
@@ -238,11 +191,7 @@ impl fmt::Display for LargeShapeReport {
             if self.passed() { "PASS" } else { "FAIL" }
         )?;
         for c in &self.checks {
-            writeln!(
-                f,
-                "  {:<28} n={:<9} worst err/tol {:.3}  {}",
-                c.name, c.count, c.worst_ratio, c.worst_at
-            )?;
+            writeln!(f, "  {:<28} n={:<9} worst err/tol {:.3}  {}", c.name, c.count, c.worst_ratio, c.worst_at)?;
         }
         Ok(())
     }
@@ -250,11 +199,7 @@ impl fmt::Display for LargeShapeReport {
 
 /// Sampled verification of `shape_name` with `tokens` rows (0: the shape's default) on the
 /// GPU for TEGroupedMLP (the class Megatron uses for grouped GEMM today).
-pub fn verify_large_shape(
-    shape_name: &str,
-    tokens: usize,
-    seed: u64,
-) -> Result<LargeShapeReport, GpuError> {
+pub fn verify_large_shape(shape_name: &str, tokens: usize, seed: u64) -> Result<LargeShapeReport, GpuError> {
     verify_large_shape_class(LayerClass::TeGrouped, shape_name, tokens, seed)
 }
 
@@ -275,8 +220,22 @@ fn dsilu(x: f64) -> f64 {
     s * (1.0 + x * (1.0 - s))
 }
 
-/// Everything downloaded for one expert.
+/// Everything downloaded for one expert, as raw storage-dtype bytes (converted to f64 inside the
+/// checker thread, one expert at a time, to bound host memory).
 struct ExpertData {
+    e: usize,
+    start: usize,
+    n: usize,
+    w1: Vec<u8>,
+    w2: Vec<u8>,
+    dw1: Vec<u8>,
+    dw2: Vec<u8>,
+    u: Vec<u8>,
+    da: Vec<u8>,
+}
+
+/// One expert's data in f64.
+struct Expert {
     e: usize,
     start: usize,
     n: usize,
@@ -332,27 +291,18 @@ pub fn verify_large_shape_class(
             e,
             start,
             n,
-            w1: from_bytes(dt, &eng.download_range(&w.w1, wb1, n1 * h * ds)?),
-            w2: from_bytes(dt, &eng.download_range(&w.w2, wb2, h * n2 * ds)?),
-            dw1: from_bytes(dt, &eng.download_range(&ws.grads.w1, wb1, n1 * h * ds)?),
-            dw2: from_bytes(dt, &eng.download_range(&ws.grads.w2, wb2, h * n2 * ds)?),
-            u: from_bytes(
-                dt,
-                &eng.download_range(&ws.u, start * n2 * ds, n * n2 * ds)?,
-            ),
-            da: from_bytes(
-                dt,
-                &eng.download_range(&ws.da, start * n1 * ds, n * n1 * ds)?,
-            ),
+            w1: eng.download_range(&w.w1, wb1, n1 * h * ds)?,
+            w2: eng.download_range(&w.w2, wb2, h * n2 * ds)?,
+            dw1: eng.download_range(&ws.grads.w1, wb1, n1 * h * ds)?,
+            dw2: eng.download_range(&ws.grads.w2, wb2, h * n2 * ds)?,
+            u: eng.download_range(&ws.u, start * n2 * ds, n * n2 * ds)?,
+            da: eng.download_range(&ws.da, start * n1 * ds, n * n1 * ds)?,
         });
     }
     drop(eng);
 
     // Per-expert checks in parallel on the host.
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(4)
-        .min(16);
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(4).min(16);
     let chunks: Vec<Vec<ExpertData>> = {
         let mut c: Vec<Vec<ExpertData>> = (0..threads).map(|_| Vec::new()).collect();
         for (i, ed) in experts.into_iter().enumerate() {
@@ -360,28 +310,12 @@ pub fn verify_large_shape_class(
         }
         c
     };
-    let shared = Shared {
-        cfg: &cfg,
-        x: &x,
-        g: &g,
-        y: &y,
-        dx: &dx,
-        p: &p,
-        dp: &dp,
-        grouped,
-        seed,
-    };
+    let shared = Shared { cfg: &cfg, x: &x, g: &g, y: &y, dx: &dx, p: &p, dp: &dp, grouped, seed };
     let results: Vec<Result<(Vec<CheckStat>, usize), GpuError>> = std::thread::scope(|s| {
-        let handles: Vec<_> = chunks
-            .iter()
-            .map(|chunk| s.spawn(|| check_experts(&shared, chunk)))
-            .collect();
+        let handles: Vec<_> = chunks.iter().map(|chunk| s.spawn(|| check_experts(&shared, chunk))).collect();
         handles
             .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(GpuError::Shape("a checker thread panicked".into())))
-            })
+            .map(|h| h.join().unwrap_or_else(|_| Err(GpuError::Shape("a checker thread panicked".into()))))
             .collect()
     });
     let mut checks: Vec<CheckStat> = Vec::new();
@@ -443,13 +377,25 @@ const NAMES: [&str; 10] = [
 fn check_experts(sh: &Shared, chunk: &[ExpertData]) -> Result<(Vec<CheckStat>, usize), GpuError> {
     let mut st: Vec<CheckStat> = NAMES.iter().map(|n| CheckStat::new(n)).collect();
     let mut rows_checked = 0;
-    for ed in chunk {
-        rows_checked += check_expert(sh, ed, &mut st)?;
+    let dt = sh.cfg.params_dtype;
+    for raw in chunk {
+        let ed = Expert {
+            e: raw.e,
+            start: raw.start,
+            n: raw.n,
+            w1: from_bytes(dt, &raw.w1),
+            w2: from_bytes(dt, &raw.w2),
+            dw1: from_bytes(dt, &raw.dw1),
+            dw2: from_bytes(dt, &raw.dw2),
+            u: from_bytes(dt, &raw.u),
+            da: from_bytes(dt, &raw.da),
+        };
+        rows_checked += check_expert(sh, &ed, &mut st)?;
     }
     Ok((st, rows_checked))
 }
 
-fn check_expert(sh: &Shared, ed: &ExpertData, st: &mut [CheckStat]) -> Result<usize, GpuError> {
+fn check_expert(sh: &Shared, ed: &Expert, st: &mut [CheckStat]) -> Result<usize, GpuError> {
     let cfg = sh.cfg;
     let (h, n1, n2) = (cfg.hidden_size, cfg.n1(), cfg.n2());
     let e = ed.e;
@@ -465,18 +411,12 @@ fn check_expert(sh: &Shared, ed: &ExpertData, st: &mut [CheckStat]) -> Result<us
     }
     // Canonical [out, in] weights of this expert.
     let w1c: Array2<f64> = if sh.grouped {
-        Array2::from_shape_vec((h, n1), ed.w1.clone())
-            .expect("size")
-            .t()
-            .to_owned()
+        Array2::from_shape_vec((h, n1), ed.w1.clone()).expect("size").t().to_owned()
     } else {
         Array2::from_shape_vec((n1, h), ed.w1.clone()).expect("size")
     };
     let w2c: Array2<f64> = if sh.grouped {
-        Array2::from_shape_vec((n2, h), ed.w2.clone())
-            .expect("size")
-            .t()
-            .to_owned()
+        Array2::from_shape_vec((n2, h), ed.w2.clone()).expect("size").t().to_owned()
     } else {
         Array2::from_shape_vec((h, n2), ed.w2.clone()).expect("size")
     };
@@ -484,9 +424,7 @@ fn check_expert(sh: &Shared, ed: &ExpertData, st: &mut [CheckStat]) -> Result<us
     let mut rows = vec![0, ed.n - 1];
     let mut s = sh.seed ^ (e as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     for _ in 0..2 {
-        s = s
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         rows.push((s >> 33) as usize % ed.n);
     }
     rows.sort_unstable();
@@ -497,11 +435,7 @@ fn check_expert(sh: &Shared, ed: &ExpertData, st: &mut [CheckStat]) -> Result<us
     let xs = Array2::from_shape_fn((m, h), |(i, j)| gx(rows[i], j));
     let gs = Array2::from_shape_fn((m, h), |(i, j)| gg(rows[i], j));
     let ps = Array1::from_shape_fn(m, |i| sh.p[ed.start + rows[i]]);
-    let cfg1 = LayerConfig {
-        num_experts: 1,
-        parallel: Parallelism::SINGLE,
-        ..cfg.clone()
-    };
+    let cfg1 = LayerConfig { num_experts: 1, parallel: Parallelism::SINGLE, ..cfg.clone() };
     let set = ExpertSet {
         experts: vec![ExpertWeights {
             fc1_weight: w1c.clone(),
@@ -510,41 +444,22 @@ fn check_expert(sh: &Shared, ed: &ExpertData, st: &mut [CheckStat]) -> Result<us
             fc2_bias: None,
         }],
     };
-    let inp = Inputs {
-        hidden_states: xs.clone(),
-        tokens_per_expert: vec![m as i64],
-        probs: ps.clone(),
-    };
+    let inp = Inputs { hidden_states: xs.clone(), tokens_per_expert: vec![m as i64], probs: ps.clone() };
     let fwd = ref_forward(&cfg1, &set, &inp, Numerics::Oracle)?;
     let bwd = fwd.backward(&gs, WgradTiming::Immediate)?;
     let k = h.max(n1).max(ed.n);
     let rtol = 8.0 * u_s + 4.0 * (k as f64).sqrt() * u32_;
     let mut cmp = |idx: usize, what: &str, got: &dyn Fn(usize, usize) -> f64, exp: &Array2<f64>| {
-        let r = rms(exp
-            .as_slice()
-            .unwrap_or(&exp.iter().copied().collect::<Vec<_>>()));
+        let r = rms(exp.as_slice().unwrap_or(&exp.iter().copied().collect::<Vec<_>>()));
         for ((i, j), &ev) in exp.indexed_iter() {
             let gv = got(i, j);
             st[idx].record((gv - ev).abs(), rtol * (ev.abs() + r), || {
-                format!(
-                    "expert {e} row {} col {j}: got {gv:e} exp {ev:e} ({what})",
-                    rows[i]
-                )
+                format!("expert {e} row {} col {j}: got {gv:e} exp {ev:e} ({what})", rows[i])
             });
         }
     };
-    cmp(
-        0,
-        "y",
-        &|i, j| sh.y[(ed.start + rows[i]) * h + j],
-        fwd.output(),
-    );
-    cmp(
-        1,
-        "dx",
-        &|i, j| sh.dx[(ed.start + rows[i]) * h + j],
-        &bwd.grad_input,
-    );
+    cmp(0, "y", &|i, j| sh.y[(ed.start + rows[i]) * h + j], fwd.output());
+    cmp(1, "dx", &|i, j| sh.dx[(ed.start + rows[i]) * h + j], &bwd.grad_input);
     let dp_exp = bwd.grad_probs.clone().insert_axis(ndarray::Axis(1));
     cmp(2, "dp", &|i, _| sh.dp[ed.start + rows[i]], &dp_exp);
     // Intermediates in f64 on the same rows: a = x·W1ᵀ, z = silu(gate)·lin, u = z·p;
@@ -582,9 +497,7 @@ fn check_expert(sh: &Shared, ed: &ExpertData, st: &mut [CheckStat]) -> Result<us
     };
     let mut s2 = sh.seed ^ 0xf00d ^ (e as u64) << 20;
     let mut sign = || {
-        s2 = s2
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        s2 = s2.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         if (s2 >> 63) == 0 {
             1.0
         } else {
@@ -596,53 +509,30 @@ fn check_expert(sh: &Shared, ed: &ExpertData, st: &mut [CheckStat]) -> Result<us
     // dW2·v vs Gᵀ(U·v)
     {
         let v: Vec<f64> = (0..n2).map(|_| sign()).collect();
-        let uv: Vec<f64> = (0..n)
-            .map(|i| (0..n2).map(|kk| ed.u[i * n2 + kk] * v[kk]).sum())
-            .collect();
-        let unorm: Vec<f64> = (0..n)
-            .map(|i| {
-                (0..n2)
-                    .map(|kk| ed.u[i * n2 + kk].powi(2))
-                    .sum::<f64>()
-                    .sqrt()
-            })
-            .collect();
+        let uv: Vec<f64> = (0..n).map(|i| (0..n2).map(|kk| ed.u[i * n2 + kk] * v[kk]).sum()).collect();
+        let unorm: Vec<f64> = (0..n).map(|i| (0..n2).map(|kk| ed.u[i * n2 + kk].powi(2)).sum::<f64>().sqrt()).collect();
         for j in 0..h {
             let lhs: f64 = (0..n2).map(|kk| dw2(j, kk) * v[kk]).sum();
             let rhs: f64 = (0..n).map(|i| sh.g[(ed.start + i) * h + j] * uv[i]).sum();
             let wnorm = (0..n2).map(|kk| dw2(j, kk).powi(2)).sum::<f64>().sqrt();
-            let acc: f64 = (0..n)
-                .map(|i| sh.g[(ed.start + i) * h + j].abs() * unorm[i])
-                .sum();
+            let acc: f64 = (0..n).map(|i| sh.g[(ed.start + i) * h + j].abs() * unorm[i]).sum();
             let tol = 8.0 * u_s * wnorm + 8.0 * sqrt_n * u32_ * acc;
-            st[5].record((lhs - rhs).abs(), tol, || {
-                format!("expert {e} dW2 row {j}: {lhs:e} vs {rhs:e}")
-            });
+            st[5].record((lhs - rhs).abs(), tol, || format!("expert {e} dW2 row {j}: {lhs:e} vs {rhs:e}"));
         }
     }
     // dW1·v vs DAᵀ(X·v)
     {
         let v: Vec<f64> = (0..h).map(|_| sign()).collect();
-        let xv: Vec<f64> = (0..n)
-            .map(|i| (0..h).map(|kk| sh.x[(ed.start + i) * h + kk] * v[kk]).sum())
-            .collect();
-        let xnorm: Vec<f64> = (0..n)
-            .map(|i| {
-                (0..h)
-                    .map(|kk| sh.x[(ed.start + i) * h + kk].powi(2))
-                    .sum::<f64>()
-                    .sqrt()
-            })
-            .collect();
+        let xv: Vec<f64> = (0..n).map(|i| (0..h).map(|kk| sh.x[(ed.start + i) * h + kk] * v[kk]).sum()).collect();
+        let xnorm: Vec<f64> =
+            (0..n).map(|i| (0..h).map(|kk| sh.x[(ed.start + i) * h + kk].powi(2)).sum::<f64>().sqrt()).collect();
         for j in 0..n1 {
             let lhs: f64 = (0..h).map(|kk| dw1(j, kk) * v[kk]).sum();
             let rhs: f64 = (0..n).map(|i| ed.da[i * n1 + j] * xv[i]).sum();
             let wnorm = (0..h).map(|kk| dw1(j, kk).powi(2)).sum::<f64>().sqrt();
             let acc: f64 = (0..n).map(|i| ed.da[i * n1 + j].abs() * xnorm[i]).sum();
             let tol = 8.0 * u_s * wnorm + 8.0 * sqrt_n * u32_ * acc;
-            st[6].record((lhs - rhs).abs(), tol, || {
-                format!("expert {e} dW1 row {j}: {lhs:e} vs {rhs:e}")
-            });
+            st[6].record((lhs - rhs).abs(), tol, || format!("expert {e} dW1 row {j}: {lhs:e} vs {rhs:e}"));
         }
     }
     // 64 sampled elements of each weight grad against their exact dot products.
@@ -650,28 +540,37 @@ fn check_expert(sh: &Shared, ed: &ExpertData, st: &mut [CheckStat]) -> Result<us
     let rms1 = rms(&ed.dw1);
     let rtol_w = 8.0 * u_s + 4.0 * sqrt_n * u32_;
     for _ in 0..64 {
-        s2 = s2
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        s2 = s2.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         let (j, kk) = ((s2 >> 20) as usize % h, (s2 >> 42) as usize % n2);
-        let exp: f64 = (0..n)
-            .map(|i| sh.g[(ed.start + i) * h + j] * ed.u[i * n2 + kk])
-            .sum();
+        let exp: f64 = (0..n).map(|i| sh.g[(ed.start + i) * h + j] * ed.u[i * n2 + kk]).sum();
         let got = dw2(j, kk);
         st[7].record((got - exp).abs(), rtol_w * (exp.abs() + rms2), || {
             format!("expert {e} dW2[{j},{kk}]: {got:e} vs {exp:e}")
         });
-        s2 = s2
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        s2 = s2.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         let (j, kk) = ((s2 >> 20) as usize % n1, (s2 >> 42) as usize % h);
-        let exp: f64 = (0..n)
-            .map(|i| ed.da[i * n1 + j] * sh.x[(ed.start + i) * h + kk])
-            .sum();
+        let exp: f64 = (0..n).map(|i| ed.da[i * n1 + j] * sh.x[(ed.start + i) * h + kk]).sum();
         let got = dw1(j, kk);
         st[8].record((got - exp).abs(), rtol_w * (exp.abs() + rms1), || {
             format!("expert {e} dW1[{j},{kk}]: {got:e} vs {exp:e}")
         });
     }
     Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `scripts/torch_experts_bench.py` ports this split; both print these counts for seed 42.
+    #[test]
+    fn skewed_counts_match_the_python_port() {
+        let c = skewed_counts(16384, 8, 42);
+        assert_eq!(&c[..6], &[2144, 0, 3648, 1584, 3600, 3184]);
+        assert_eq!(c.iter().sum::<i64>(), 16384);
+        let c = skewed_counts(65536, 128, 42);
+        assert_eq!(&c[..6], &[832, 0, 1424, 624, 1408, 1248]);
+        assert_eq!(c[126], 0);
+        assert!(c.iter().all(|&n| n % 16 == 0));
+    }
 }
