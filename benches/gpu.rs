@@ -33,7 +33,16 @@ fn bench_gpu(c: &mut Criterion) {
         let mut group = c.benchmark_group(format!("gpu/{}", shape.name));
         group.sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(1));
         group.throughput(Throughput::Elements(shape.tokens as u64));
-        for class in LayerClass::ALL {
+        // Every class on one stream, and TEGroupedMLP with its per-expert GEMMs spread over 4
+        // streams (`Engine::set_streams`).
+        let variants = [
+            (LayerClass::Sequential, 1),
+            (LayerClass::Grouped, 1),
+            (LayerClass::TeGrouped, 1),
+            (LayerClass::TeGrouped, 4),
+        ];
+        for (class, streams) in variants {
+            eng.set_streams(streams).expect("streams");
             let cfg = shape_config(&shape, class);
             let counts: Vec<usize> =
                 skewed_counts(shape.tokens, shape.experts, 42).iter().map(|&c| c as usize).collect();
@@ -41,10 +50,11 @@ fn bench_gpu(c: &mut Criterion) {
             let mut ws = eng.workspace(&cfg, &counts, false).expect("workspace");
             eng.random_inputs(&cfg, &mut ws, 9).expect("inputs");
             eng.synchronize().expect("sync");
-            let name = match class {
-                LayerClass::Sequential => "cuda-sequential",
-                LayerClass::Grouped => "cuda-grouped",
-                LayerClass::TeGrouped => "cuda-te-grouped",
+            let name = match (class, streams) {
+                (LayerClass::Sequential, _) => "cuda-sequential",
+                (LayerClass::Grouped, _) => "cuda-grouped",
+                (LayerClass::TeGrouped, 1) => "cuda-te-grouped",
+                (LayerClass::TeGrouped, _) => "cuda-te-grouped-x4",
             };
             let fwd_flops = flops_forward(cfg.hidden_size, cfg.n1(), cfg.n2(), shape.tokens);
             for backward in [false, true] {
@@ -95,6 +105,7 @@ fn bench_gpu(c: &mut Criterion) {
         }
         group.finish();
     }
+    eng.set_streams(1).expect("streams");
     println!("\n== GPU bench summary");
     for l in summary {
         println!("{l}");

@@ -325,6 +325,24 @@ fn every_gpu_class_matches_the_f64_oracle_on_random_cases() {
     assert!(gpus.seq.launches() > 0 && gpus.grouped.launches() > 0 && gpus.te.launches() > 0);
 }
 
+/// The same random cases with each loop of per-expert GEMMs spread over 4 streams (joined by
+/// events): a missing join would read unfinished GEMM outputs.
+#[test]
+fn every_gpu_class_matches_the_oracle_with_gemms_on_four_streams() {
+    let Some(g) = gpus("every_gpu_class_matches_the_oracle_with_gemms_on_four_streams") else { return };
+    let g: &'static Gpus = Box::leak(Box::new(Gpus {
+        seq: g.seq.with_streams(4),
+        grouped: g.grouped.with_streams(4),
+        te: g.te.with_streams(4),
+    }));
+    let n = case_count().min(150);
+    let (failures, worst) = random_cases(n, &|class| g.get(class));
+    for (d, w) in &worst {
+        println!("gpu random cases, 4 streams: worst error/tolerance for {d}: {:.3} at {}", w.ratio, w.what);
+    }
+    assert!(failures.is_empty(), "{} of {n} cases failed:\n{}", failures.len(), failures.join("\n"));
+}
+
 #[test]
 fn every_activation_glu_and_dtype_combination_matches_the_oracle() {
     let Some(gpus) = gpus("every_activation_glu_and_dtype_combination_matches_the_oracle") else {

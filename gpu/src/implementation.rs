@@ -23,6 +23,7 @@ struct CudaLayer {
     class: LayerClass,
     name: &'static str,
     poison: bool,
+    streams: Option<usize>,
     launches: AtomicU64,
 }
 
@@ -34,7 +35,7 @@ impl CudaLayer {
         probe()?;
         // Creates the context and compiles the kernels now, so a broken setup fails here.
         drop(engine()?);
-        Ok(CudaLayer { class, name, poison: false, launches: AtomicU64::new(0) })
+        Ok(CudaLayer { class, name, poison: false, streams: None, launches: AtomicU64::new(0) })
     }
 
     fn supports(&self, cfg: &LayerConfig) -> Result<(), GpuError> {
@@ -77,6 +78,8 @@ impl CudaLayer {
         }
         let counts = segments(cfg, &inputs.tokens_per_expert, inputs.num_tokens())?;
         let mut eng = engine()?;
+        let streams = self.streams.unwrap_or(eng.default_streams());
+        eng.set_streams(streams)?;
         let before = eng.launches();
         let h = cfg.hidden_size;
         let w = eng.prepare(cfg, params)?;
@@ -129,6 +132,13 @@ macro_rules! cuda_layer {
             /// each launch, so a row a kernel forgets to write fails loudly.
             pub fn with_poison(mut self, poison: bool) -> Self {
                 self.0.poison = poison;
+                self
+            }
+
+            /// Spreads each loop of per-expert GEMMs over `n` streams (see
+            /// [`crate::kernels::Engine::set_streams`]); default `MOE_GPU_STREAMS` or 1.
+            pub fn with_streams(mut self, n: usize) -> Self {
+                self.0.streams = Some(n.max(1));
                 self
             }
 

@@ -92,6 +92,14 @@ pub struct Engine {
     blas: CudaBlas,
     functions: HashMap<String, CudaFunction>,
     launches: u64,
+    /// GEMM streams of a batch (1: everything on the main stream).
+    streams: usize,
+    /// Side streams with their own cuBLAS handles (and so their own workspaces).
+    side: Vec<(Arc<CudaStream>, CudaBlas)>,
+    /// Inside `begin_gemms`..`end_gemms`: the index of the next GEMM of the batch.
+    batch: Option<usize>,
+    /// `MOE_GPU_STREAMS` at creation (default 1).
+    default_streams: usize,
     device_name: String,
     arch: &'static str,
 }
@@ -178,7 +186,73 @@ impl Engine {
                 functions.insert(name.clone(), module.load_function(&name)?);
             }
         }
-        Ok(Engine { ctx, stream, blas, functions, launches: 0, device_name, arch })
+        let mut engine = Engine {
+            ctx,
+            stream,
+            blas,
+            functions,
+            launches: 0,
+            streams: 1,
+            side: Vec::new(),
+            batch: None,
+            default_streams: 1,
+            device_name,
+            arch,
+        };
+        let streams = std::env::var("MOE_GPU_STREAMS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+        engine.set_streams(streams)?;
+        engine.default_streams = engine.streams;
+        Ok(engine)
+    }
+
+    /// Spreads the per-expert GEMMs of each loop over `n` streams (round robin, each with its own
+    /// cuBLAS handle), joined back into the main stream by events before the next kernel; 1 (the
+    /// default, or `MOE_GPU_STREAMS`) keeps everything on one stream. Small experts leave most
+    /// SMs idle in one GEMM; concurrent GEMMs fill them.
+    pub fn set_streams(&mut self, n: usize) -> Result<(), GpuError> {
+        let n = n.max(1);
+        while n > 1 && self.side.len() < n {
+            let s = self.ctx.new_stream()?;
+            let b = CudaBlas::new(s.clone())?;
+            self.side.push((s, b));
+        }
+        self.streams = n;
+        Ok(())
+    }
+
+    /// `MOE_GPU_STREAMS` as read at creation (1 when unset).
+    pub fn default_streams(&self) -> usize {
+        self.default_streams
+    }
+
+    /// The number of GEMM streams.
+    pub fn streams(&self) -> usize {
+        self.streams
+    }
+
+    /// Starts a batch of independent GEMMs (one per expert): with several streams, the side
+    /// streams wait for everything queued on the main stream so far.
+    pub fn begin_gemms(&mut self) -> Result<(), GpuError> {
+        self.end_gemms()?;
+        if self.streams > 1 {
+            let ev = self.stream.record_event(None)?;
+            for (s, _) in &self.side[..self.streams] {
+                s.wait(&ev)?;
+            }
+            self.batch = Some(0);
+        }
+        Ok(())
+    }
+
+    /// Ends a batch: the main stream waits for every side stream.
+    pub fn end_gemms(&mut self) -> Result<(), GpuError> {
+        if self.batch.take().is_some() {
+            for (s, _) in &self.side[..self.streams] {
+                let ev = s.record_event(None)?;
+                self.stream.wait(&ev)?;
+            }
+        }
+        Ok(())
     }
 
     /// The device's name (`NVIDIA H100 80GB HBM3`, ...).
@@ -266,12 +340,18 @@ impl Engine {
     /// Fills `bytes` bytes at device address `ptr` with `byte` (0xFF poisons every float dtype
     /// with NaN; 0 writes exact zeros).
     pub fn memset(&mut self, ptr: u64, byte: u8, bytes: usize) -> Result<(), GpuError> {
+        let stream = self.stream.cu_stream();
+        self.memset_on(stream, ptr, byte, bytes)
+    }
+
+    fn memset_on(&mut self, stream: driver_sys::CUstream, ptr: u64, byte: u8, bytes: usize) -> Result<(), GpuError> {
         if bytes == 0 {
             return Ok(());
         }
         // SAFETY: callers pass an address inside a live allocation of this engine's context
-        // with at least `bytes` bytes after it; the memset is ordered on the engine's stream.
-        unsafe { cudarc::driver::result::memset_d8_async(ptr, byte, bytes, self.stream.cu_stream()) }?;
+        // with at least `bytes` bytes after it; the memset is ordered on `stream`, the main
+        // stream or a side stream of a GEMM batch (joined by events).
+        unsafe { cudarc::driver::result::memset_d8_async(ptr, byte, bytes, stream) }?;
         self.launches += 1;
         Ok(())
     }
@@ -332,9 +412,18 @@ impl Engine {
         if m == 0 || n == 0 {
             return Ok(());
         }
+        // Inside a batch, round robin over the side streams (each with its own handle).
+        let (handle, stream) = match self.batch {
+            Some(i) => {
+                self.batch = Some(i + 1);
+                let (st, b) = &self.side[i % self.streams];
+                (*b.handle(), st.cu_stream())
+            }
+            None => (*self.blas.handle(), self.stream.cu_stream()),
+        };
         if k == 0 {
             if beta == 0.0 {
-                return self.memset(c, 0, m * n * dt.size_bytes());
+                return self.memset_on(stream, c, 0, m * n * dt.size_bytes());
             }
             return Ok(());
         }
@@ -356,7 +445,7 @@ impl Engine {
         // handle is bound to the engine's stream.
         unsafe {
             cublas_result::gemm_ex(
-                *self.blas.handle(),
+                handle,
                 op(tb),
                 op(ta),
                 ni,

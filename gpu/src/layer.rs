@@ -402,6 +402,7 @@ impl Engine {
 
     /// The forward pass on device buffers: `ws.y` (and the intermediates backward needs).
     pub fn forward(&mut self, cfg: &LayerConfig, w: &DeviceWeights, ws: &mut Workspace) -> Result<(), GpuError> {
+        self.end_gemms()?; // joins a batch left open by an earlier error
         let d = dims(cfg);
         let rows = ws.rows;
         let grouped = cfg.class == LayerClass::Grouped;
@@ -442,6 +443,7 @@ impl Engine {
             self.launch("fill_bias_rows", d.dt, Engine::elementwise(rows * d.n1), &args)?;
         }
         // fc1: a_e = x_e·W1_eᵀ ([out,in] weights) or x_e·W1_e ([in,out] GroupedMLP blocks).
+        self.begin_gemms()?;
         for e in 0..d.el.min(ws.padded.len()) {
             let n = ws.padded[e];
             let (xa, wb, ca) = (
@@ -451,6 +453,7 @@ impl Engine {
             );
             self.gemm(d.dt, false, !grouped, n, d.n1, d.h, xa, wb, ca, if te_bias { 1.0 } else { 0.0 })?;
         }
+        self.end_gemms()?;
         // Activation block: (SequentialMLP fc1 bias) → act/GLU → u = round(z·p).
         let seq_b1 =
             if cfg.class == LayerClass::Sequential { w.b1.as_ref().map(|b| self.ptr(b, 0)).unwrap_or(0) } else { 0 };
@@ -466,6 +469,7 @@ impl Engine {
         ];
         self.launch("act_fwd", d.dt, Engine::elementwise(rows * d.n2), &args)?;
         // fc2: y_e = u_e·W2_eᵀ (or u_e·W2_e for GroupedMLP blocks [N2, h]).
+        self.begin_gemms()?;
         for e in 0..d.el.min(ws.padded.len()) {
             let n = ws.padded[e];
             let (ua, wb, ya) = (
@@ -475,6 +479,7 @@ impl Engine {
             );
             self.gemm(d.dt, false, !grouped, n, d.h, d.n2, ua, wb, ya, 0.0)?;
         }
+        self.end_gemms()?;
         // fc2 bias scaled by the probs: y = round(y + b2·p) in f32.
         // With storage-dtype probs the product b2·p is rounded first (spec §4.8).
         if let Some(b2) = &w.b2 {
@@ -502,6 +507,7 @@ impl Engine {
         ws: &mut Workspace,
         with_wgrad: bool,
     ) -> Result<(), GpuError> {
+        self.end_gemms()?; // joins a batch left open by an earlier error
         let d = dims(cfg);
         let rows = ws.rows;
         let grouped = cfg.class == LayerClass::Grouped;
@@ -531,6 +537,7 @@ impl Engine {
             self.launch("col_sum", d.dt, col_sum_cfg(d.h, el_i), &args)?;
         }
         // du_e = round(G_e·W2_e) ([h, N2] weights: no transpose; GroupedMLP [N2, h]: transpose).
+        self.begin_gemms()?;
         for e in 0..el {
             let n = ws.padded[e];
             let (ga, wb, ca) = (
@@ -540,6 +547,7 @@ impl Engine {
             );
             self.gemm(d.dt, false, grouped, n, d.n2, d.h, ga, wb, ca, 0.0)?;
         }
+        self.end_gemms()?;
         // Activation backward + dp (fc2-bias term and Σ du·z), one block per row.
         let b2p = w.b2.as_ref().map(|b| self.ptr(b, 0)).unwrap_or(0);
         let args = [
@@ -560,6 +568,7 @@ impl Engine {
         ];
         self.launch("act_bwd", d.dt, Engine::per_row(rows)?, &args)?;
         // dx_e = round(da_e·W1_e) ([N1, h]: no transpose; GroupedMLP [h, N1]: transpose).
+        self.begin_gemms()?;
         for e in 0..el {
             let n = ws.padded[e];
             let (da, wb, ca) = (
@@ -569,6 +578,7 @@ impl Engine {
             );
             self.gemm(d.dt, false, grouped, n, d.h, d.n1, da, wb, ca, 0.0)?;
         }
+        self.end_gemms()?;
         // §4.7 backward: dp = Σ dx'·x, dx = round(dx'·p).
         if cfg.apply_probs_on_input {
             let args = [
@@ -597,6 +607,7 @@ impl Engine {
     /// `backward_dw()`: the deferred weight GEMMs, fc2 then fc1 (TEGroupedMLP's fc1 bias grad
     /// goes with its GEMM).
     pub fn backward_dw(&mut self, cfg: &LayerConfig, ws: &mut Workspace) -> Result<(), GpuError> {
+        self.end_gemms()?; // joins a batch left open by an earlier error
         self.wgrad(cfg, ws, Linear::Fc2)?;
         self.wgrad(cfg, ws, Linear::Fc1)?;
         if cfg.class == LayerClass::TeGrouped {
@@ -626,6 +637,7 @@ impl Engine {
         let d = dims(cfg);
         let grouped = cfg.class == LayerClass::Grouped;
         let xin = ws.xs.as_ref().unwrap_or(&ws.x);
+        self.begin_gemms()?;
         for e in 0..ws.padded.len() {
             let n = ws.padded[e];
             match linear {
@@ -659,6 +671,7 @@ impl Engine {
                 }
             }
         }
+        self.end_gemms()?;
         Ok(())
     }
 
