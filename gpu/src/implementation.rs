@@ -9,7 +9,7 @@
 
 use crate::error::GpuError;
 use crate::kernels::{engine, probe};
-use crate::layer::{from_bytes, segments};
+use crate::layer::segments;
 use moe_reference::layer::validate_inputs;
 use moe_reference::{
     Dtype, ExpertLayer, Inputs, LayerClass, LayerConfig, LayerError, LayerRun, StateDict, WgradTiming,
@@ -86,7 +86,7 @@ impl CudaLayer {
         let mut ws = eng.workspace(cfg, &counts, self.poison)?;
         eng.upload_inputs(cfg, &mut ws, &inputs.hidden_states, &inputs.probs, grad)?;
         eng.forward(cfg, &w, &mut ws)?;
-        let y = ws.y_rows(&mut eng, cfg, h)?;
+        let y = eng.download_rows(&ws, &ws.y, h, cfg.params_dtype)?;
         let result = match grad {
             None => (y, None),
             Some(_) => {
@@ -106,12 +106,6 @@ impl CudaLayer {
         let issued = eng.launches() - before;
         self.launches.fetch_add(issued, Ordering::Relaxed);
         Ok(result)
-    }
-}
-
-impl crate::layer::Workspace {
-    fn y_rows(&self, eng: &mut crate::kernels::Engine, cfg: &LayerConfig, h: usize) -> Result<Array2<f64>, GpuError> {
-        eng.download_rows(self, &self.y, h, cfg.params_dtype)
     }
 }
 
@@ -203,8 +197,3 @@ cuda_layer!(
     LayerClass::TeGrouped,
     "cuda-te-grouped"
 );
-
-/// Converts raw storage-dtype bytes to f64 (re-exported for the sampled verifier and benches).
-pub fn decode(dt: Dtype, bytes: &[u8]) -> Vec<f64> {
-    from_bytes(dt, bytes)
-}

@@ -520,7 +520,7 @@ impl Engine {
             }
         }
         let ri = i32::try_from(rows)?;
-        let (hi, n1i, n2i) = (i32::try_from(d.h)?, i32::try_from(d.n1)?, i32::try_from(d.n2)?);
+        let (hi, n2i) = (i32::try_from(d.h)?, i32::try_from(d.n2)?);
         let el = ws.padded.len();
         let el_i = u32::try_from(el)?;
         let p_act = ws.p_act.as_ref().unwrap_or(&ws.p);
@@ -596,7 +596,6 @@ impl Engine {
         if cfg.class == LayerClass::Sequential || with_wgrad {
             self.fc1_bias_grad(cfg, ws)?;
         }
-        let _ = n1i;
         if with_wgrad {
             self.wgrad(cfg, ws, Linear::Fc2)?;
             self.wgrad(cfg, ws, Linear::Fc1)?;
