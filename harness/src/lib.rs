@@ -7,6 +7,7 @@
 #![deny(missing_docs)]
 
 pub mod compare;
+pub mod dump;
 pub mod tolerance;
 
 pub use compare::{compare_runs, compare_tensor, TensorDiff};

@@ -1,0 +1,3 @@
+//! Subcommands of the `moe-verify` binary.
+
+pub mod compare;
