@@ -979,20 +979,21 @@ impl std::fmt::Display for CompareReport {
             .max("shape".len());
         writeln!(
             f,
-            "{:<name_w$}  {:<shape_w$}  {:>10}  {:>10}  {:>10}  {:>9}  result",
-            "tensor", "shape", "max abs", "max rel", "rel fro", "rtol"
+            "{:<name_w$}  {:<shape_w$}  {:>10}  {:>10}  {:>10}  {:>9}  {:>9}  result",
+            "tensor", "shape", "max abs", "max rel", "rel fro", "rtol", "err/bound"
         )?;
         for r in &self.rows {
             let d = &r.diff;
             writeln!(
                 f,
-                "{:<name_w$}  {:<shape_w$}  {:>10.3e}  {:>10.3e}  {:>10.3e}  {:>9.2e}  {}",
+                "{:<name_w$}  {:<shape_w$}  {:>10.3e}  {:>10.3e}  {:>10.3e}  {:>9.2e}  {:>9.3}  {}",
                 d.name,
                 format!("{:?}", d.shape),
                 d.max_abs,
                 d.max_rel,
                 d.rel_frobenius,
                 d.tolerance.rtol,
+                d.worst_ratio,
                 if r.passed { "pass" } else { "FAIL" }
             )?;
             if !r.passed {
