@@ -539,3 +539,29 @@ fn perturbed_expectation_exits_1_naming_the_tensor() {
         assert_eq!(failed, vec![key]);
     }
 }
+
+/// Dumps written by tools/dump_experts.py from the PyTorch stand-ins on an H100
+/// (docs/gpu-validation.md, "Dumps from PyTorch"): CI has no torch, so these are the files that
+/// keep the reader honest about what the Python `safetensors` writer produces.
+#[test]
+fn pytorch_written_dumps_compare_clean() {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    for (file, class, rows) in [
+        ("pytorch-h100-te_grouped-bf16-swiglu-bias.safetensors", LayerClass::TeGrouped, 19),
+        ("pytorch-h100-grouped-bf16-swiglu.safetensors", LayerClass::Grouped, 5),
+    ] {
+        let path = data.join(file);
+        let dump = Dump::read(&path).unwrap();
+        assert_eq!(dump.config.class, class);
+        assert_eq!(dump.inputs.tokens_per_expert, vec![37, 0, 52, 41]);
+        let report = compare_dump(&dump, file, false).unwrap();
+        assert_eq!(report.rows.len(), rows);
+        assert!(report.passed, "{report}");
+        // Expert 1 had no tokens: PyTorch's grads for it must be exactly zero, and are.
+        if class == LayerClass::TeGrouped {
+            let row = report.rows.iter().find(|r| r.diff.name == "grad.linear_fc1.weight1").unwrap();
+            assert_eq!(row.diff.max_abs, 0.0);
+        }
+        assert_eq!(run_compare(&path, &[]).code, 0);
+    }
+}
