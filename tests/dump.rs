@@ -547,8 +547,16 @@ fn perturbed_expectation_exits_1_naming_the_tensor() {
 fn pytorch_written_dumps_compare_clean() {
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
     for (file, class, rows) in [
-        ("pytorch-h100-te_grouped-bf16-swiglu-bias.safetensors", LayerClass::TeGrouped, 19),
-        ("pytorch-h100-grouped-bf16-swiglu.safetensors", LayerClass::Grouped, 5),
+        (
+            "pytorch-h100-te_grouped-bf16-swiglu-bias.safetensors",
+            LayerClass::TeGrouped,
+            19,
+        ),
+        (
+            "pytorch-h100-grouped-bf16-swiglu.safetensors",
+            LayerClass::Grouped,
+            5,
+        ),
     ] {
         let path = data.join(file);
         let dump = Dump::read(&path).unwrap();
@@ -559,9 +567,34 @@ fn pytorch_written_dumps_compare_clean() {
         assert!(report.passed, "{report}");
         // Expert 1 had no tokens: PyTorch's grads for it must be exactly zero, and are.
         if class == LayerClass::TeGrouped {
-            let row = report.rows.iter().find(|r| r.diff.name == "grad.linear_fc1.weight1").unwrap();
+            let row = report
+                .rows
+                .iter()
+                .find(|r| r.diff.name == "grad.linear_fc1.weight1")
+                .unwrap();
             assert_eq!(row.diff.max_abs, 0.0);
         }
         assert_eq!(run_compare(&path, &[]).code, 0);
+    }
+}
+
+/// Megatron's zero-token call (spec §4.4 step 3, §4.5.1): `T = 0`, every count zero. The dump
+/// holds `[0, h]` tensors, and every weight grad must be exactly zero.
+#[test]
+fn zero_token_dump_round_trips_and_compares_clean() {
+    for class in LayerClass::ALL {
+        let cfg = config(class, Dtype::Bf16);
+        let params = to_state_dict(&cfg, &ExpertSet::random(&cfg, 3)).unwrap();
+        let inputs = Inputs {
+            hidden_states: Array2::zeros((0, cfg.hidden_size)),
+            tokens_per_expert: vec![0, 0],
+            probs: Array1::zeros(0),
+        };
+        let grad = Some(Array2::zeros((0, cfg.hidden_size)));
+        let dump = Dump::from_reference(&cfg, params, inputs, grad, Reference::EMULATED).unwrap();
+        let read = Dump::from_bytes(&dump.to_bytes().unwrap(), "zero").unwrap();
+        assert_eq!(read, dump);
+        let report = compare_dump(&read, "zero", false).unwrap();
+        assert!(report.passed, "{report}");
     }
 }
