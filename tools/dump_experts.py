@@ -65,6 +65,16 @@ def _activation_of(config: Any) -> str:
     )
 
 
+def _group_rank_size(module: torch.nn.Module, attr: str) -> Optional[tuple]:
+    """(rank, size) of a Megatron process group attribute (``tp_group`` = expert-TP,
+    ``ep_group``), or None when the module has none."""
+    group = getattr(module, attr, None)
+    try:
+        return int(group.rank()), int(group.size())
+    except Exception:
+        return None
+
+
 def _bool(v: Any) -> str:
     return "true" if bool(v) else "false"
 
@@ -118,8 +128,8 @@ def dump_experts(
     *,
     layer: Optional[str] = None,
     config: Any = None,
-    tp_rank: int = 0,
-    ep_rank: int = 0,
+    tp_rank: Optional[int] = None,
+    ep_rank: Optional[int] = None,
     tp_size: Optional[int] = None,
     ep_size: Optional[int] = None,
     activation: Optional[str] = None,
@@ -149,9 +159,10 @@ def dump_experts(
         layer, config: override the class (``sequential``/``grouped``/``te_grouped``) and the
             ``TransformerConfig`` (default ``module.config``).
         tp_rank, ep_rank, tp_size, ep_size: this module's expert-tensor-parallel and
-            expert-parallel rank and sizes (sizes default to the config's
-            ``expert_tensor_parallel_size``/``tensor_model_parallel_size`` and
-            ``expert_model_parallel_size``).
+            expert-parallel ranks and sizes. Default: read off the module's ``tp_group``
+            (Megatron's ``pg_collection.expt_tp``) and ``ep_group``; without those, rank 0 and
+            the config's ``expert_tensor_parallel_size`` (else ``tensor_model_parallel_size``)
+            and ``expert_model_parallel_size``.
         activation, ffn_hidden_size, gated_linear_unit, add_bias, apply_probs_on_input,
         glu_linear_offset, clamp_value, padding_multiple: override what is read off the config.
         backward: set False to dump only ``expected.output`` (no gradients).
@@ -207,10 +218,17 @@ def dump_experts(
         counts = torch.tensor(list(tokens_per_expert), dtype=torch.int64)
     num_local_experts = getattr(module, "num_local_experts", None) or counts.numel()
 
+    tp_group = _group_rank_size(module, "tp_group")
+    ep_group = _group_rank_size(module, "ep_group")
+    if tp_rank is None:
+        tp_rank = tp_group[0] if tp_group else 0
+    if ep_rank is None:
+        ep_rank = ep_group[0] if ep_group else 0
     if tp_size is None:
-        tp_size = cfg("expert_tensor_parallel_size") or cfg("tensor_model_parallel_size") or 1
+        tp_size = (tp_group[1] if tp_group else None) or cfg("expert_tensor_parallel_size") \
+            or cfg("tensor_model_parallel_size") or 1
     if ep_size is None:
-        ep_size = cfg("expert_model_parallel_size") or 1
+        ep_size = (ep_group[1] if ep_group else None) or cfg("expert_model_parallel_size") or 1
     gated = pick(gated_linear_unit, cfg("gated_linear_unit"), "gated_linear_unit")
     metadata = {
         "format": FORMAT,
