@@ -269,7 +269,9 @@ def dump_experts(
     for param in params:
         if getattr(param, "main_grad", None) is not None:
             param.main_grad.zero_()  # gradient_accumulation_fusion accumulates into main_grad
-    with torch.enable_grad():
+    # Without backward, run under no_grad: cheaper, and it sidesteps autograd-only failures
+    # such as megatron-core 0.19.2's in-place expert bias add on a custom Function's view.
+    with torch.enable_grad() if backward else torch.no_grad():
         out = module(x, tokens_per_expert, p)  # the counts exactly as the caller passes them
         if isinstance(out, tuple):
             out, bias = out[0], (out[1] if len(out) > 1 else None)
