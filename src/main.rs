@@ -24,12 +24,16 @@ enum Command {
     /// Run the differential harness: every implementation against the f64 oracle, plus the
     /// cross-class, parallel, zero-token, padding, deferred-wgrad and probs properties.
     Verify(cli::verify::VerifyArgs),
+    /// Compare a moe-expert-dump/1 safetensors file (written by tools/dump_experts.py) with the
+    /// reference: one row per expected tensor; exit 0 all pass, 1 any differs, 2 bad input.
+    Compare(cli::compare::CompareArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let code = match &cli.command {
         Command::Verify(args) => cli::verify::run(args),
+        Command::Compare(args) => cli::compare::run_compare(args),
     };
     std::process::exit(code);
 }

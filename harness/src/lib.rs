@@ -3,11 +3,12 @@
 //! The differential-testing side of moe-verify: the tolerance model ([`tolerance`]), tensor
 //! comparison with worst-element reports ([`compare`]), seeded problem generation and proptest
 //! strategies ([`case`], [`strategy`]), the property checks and the differential runner
-//! ([`properties`], [`runner`]).
+//! ([`properties`], [`runner`]), and PyTorch dumps ([`dump`]).
 #![deny(missing_docs)]
 
 pub mod case;
 pub mod compare;
+pub mod dump;
 pub mod properties;
 pub mod runner;
 pub mod strategy;

@@ -1,3 +1,4 @@
-//! Subcommand implementations.
+//! Subcommands of the `moe-verify` binary.
 
+pub mod compare;
 pub mod verify;
