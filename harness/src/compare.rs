@@ -347,7 +347,7 @@ mod tests {
             "g",
             got.view().into_dyn(),
             exp.view().into_dyn(),
-            None,
+            Bounds::RELATIVE,
             2,
             Tolerance {
                 rtol: 0.5,
@@ -361,7 +361,7 @@ mod tests {
             "g",
             got.view().into_dyn(),
             exp.view().into_dyn(),
-            None,
+            Bounds::RELATIVE,
             2,
             Tolerance {
                 rtol: 0.5,
