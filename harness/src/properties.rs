@@ -185,6 +185,11 @@ pub fn check(
         return lift(e);
     }
     let p = case.problem();
+    // A malformed case (negative or mis-sized counts) is an error for every property, also for
+    // those that would skip it (single rank) or rewrite its counts (zero tokens).
+    if let Err(e) = moe_reference::layer::validate_inputs(&cfg.unsharded(), &p.inputs) {
+        return Err(PropertyFailure::Error(format!("invalid case: {e}")));
+    }
     let tol = Tolerance::for_dtype(
         cfg.params_dtype,
         contraction_length(cfg, &case.tokens_per_expert),
