@@ -170,8 +170,13 @@ macro_rules! differential_suite {
 pub(crate) use differential_suite;
 
 // The reference (emulating the storage dtype) against the f64 oracle: exercises the harness,
-// the generators and the error model on every CI run, which has no GPU.
-differential_suite!(reference, moe_harness::properties::ReferenceBackend);
+// the generators and the error model on every CI run, which has no GPU. A case takes about a
+// millisecond here, so 256 cases per property cost a few seconds on two cores.
+differential_suite!(
+    reference,
+    moe_harness::properties::ReferenceBackend,
+    cases = 256
+);
 
 /// The proptest configuration of a suite: `cases` cases (or `PROPTEST_CASES`), a fixed seed (or
 /// `MOE_PROPTEST_SEED`), failures persisted to `proptest-regressions/`.
@@ -312,7 +317,7 @@ pub(crate) fn family_configs(e: usize) -> Vec<(LayerConfig, WgradTiming)> {
             WgradTiming::Immediate,
         ),
     ];
-    if e % 2 == 0 {
+    if e.is_multiple_of(2) {
         // EP = 2 × ETP = 2 SwiGLU (Megatron #360: each rank holds [W_r; V_r]).
         out.push((
             LayerConfig {

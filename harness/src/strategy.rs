@@ -57,7 +57,10 @@ pub fn tokens_per_expert(num_experts: usize, max_tokens: i64) -> BoxedStrategy<V
 }
 
 fn divisors(n: usize, of: &[usize]) -> Vec<usize> {
-    of.iter().copied().filter(|d| n % d == 0).collect()
+    of.iter()
+        .copied()
+        .filter(|d| n.is_multiple_of(*d))
+        .collect()
 }
 
 /// Valid small configurations of every class, activation, GLU/clamp/offset/bias/probs-on-input

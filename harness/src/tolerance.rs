@@ -104,7 +104,7 @@ impl Tolerance {
 
 impl std::fmt::Display for Tolerance {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.atol > 0.0 && self.atol > 1e-30 {
+        if self.atol > 1e-30 {
             write!(f, "rtol {:.2e} atol {:.1e}", self.rtol, self.atol)
         } else {
             write!(f, "rtol {:.2e}", self.rtol)
