@@ -171,11 +171,11 @@ pub(crate) use differential_suite;
 
 // The reference (emulating the storage dtype) against the f64 oracle: exercises the harness,
 // the generators and the error model on every CI run, which has no GPU. A case takes about a
-// millisecond here, so 256 cases per property cost a few seconds on two cores.
+// millisecond here, so 1024 cases per property cost about ten seconds on two cores.
 differential_suite!(
     reference,
     moe_harness::properties::ReferenceBackend,
-    cases = 256
+    cases = 1024
 );
 
 /// The proptest configuration of a suite: `cases` cases (or `PROPTEST_CASES`), a fixed seed (or
