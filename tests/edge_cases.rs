@@ -298,8 +298,10 @@ fn te_grouped_fc2_bias_is_scaled_by_probs_as_in_megatron_apply_bias_test() {
                 "{class} {}",
                 layer.name()
             );
-            // Bias grad = Σ_i p_i·G_i per expert: [1, 1] and [1, 1] (HEAD packed test: .75/1.5
-            // for probs [.25,.5,1.5]; here the probs sum to 1 in both experts).
+            // Bias grad = Σ_i p_i·G_i per expert: [1, 1] and [1, 1] here (the probs sum to 1 in
+            // both experts). HEAD's packed variant (probs [.25,.5,1.5] -> bias grad .75/1.5)
+            // cannot be built exactly through the layer: its row 2 needs z·W2ᵀ = 5/1.5 = 10/3,
+            // not a binary fraction.
             let gr = grads(&cfg, &r);
             assert_eq!(gr.experts[0].fc2_bias, Some(arr1(&[1.0, 1.0])));
             assert_eq!(gr.experts[1].fc2_bias, Some(arr1(&[1.0, 1.0])));
@@ -979,4 +981,55 @@ fn invalid_configurations_are_rejected_naming_the_field() {
             );
         }
     }
+}
+
+/// Large-magnitude activations (style §13, candle's `rms_norm_large_magnitude`): inputs scaled
+/// by 256 push silu/gelu into saturation, quick-GELU's sigmoid to 0/1 and squared ReLU to ~1e5;
+/// the bf16 and f32 emulations must still match the oracle under the error model (relative
+/// error scales, no absolute floor to hide behind). f16 is excluded on purpose: relu(a)² of
+/// such inputs overflows f16's 65504, as it would in PyTorch.
+#[test]
+fn large_magnitude_activations_match_oracle() {
+    use moe_harness::compare::{compare_runs, contraction_length};
+    use moe_harness::properties::run_layout;
+    use moe_harness::Tolerance;
+    use moe_reference::oracle_with_scales;
+    let mut failures = Vec::new();
+    for dtype in [Dtype::Bf16, Dtype::F32] {
+        for activation in Activation::ALL {
+            for glu in [false, true] {
+                let c = LayerConfig {
+                    activation,
+                    gated_linear_unit: glu,
+                    params_dtype: dtype,
+                    ..cfg(LayerClass::TeGrouped, 3, 16, 8)
+                };
+                let case = Case {
+                    cfg: c.clone(),
+                    tokens_per_expert: vec![5, 0, 7],
+                    seed: 256,
+                    timing: WgradTiming::Immediate,
+                };
+                let mut p = case.problem();
+                p.inputs.hidden_states.mapv_inplace(|v| v * 256.0);
+                let sd = to_state_dict(&c, &p.weights).unwrap();
+                let o = oracle_with_scales(&c, &sd, &p.inputs, &p.grad_output).unwrap();
+                let got = run_layout(
+                    &Reference::EMULATED,
+                    &c,
+                    &p,
+                    WgradTiming::Immediate,
+                    Numerics::Emulated(dtype),
+                )
+                .unwrap();
+                let tol = Tolerance::for_dtype(dtype, contraction_length(&c, &[5, 0, 7]));
+                for d in compare_runs(&c, &got, &o.run, Some((&o).into()), tol) {
+                    if !d.passed() {
+                        failures.push(format!("{}: {d}", case.summary()));
+                    }
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
