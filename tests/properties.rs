@@ -49,7 +49,9 @@ macro_rules! differential_suite {
                     Ok(b) => Ok(Box::new(b) as Box<dyn Backend>),
                     Err(e) => Err(e.to_string()),
                 });
-                $crate::properties::backend_or_skip(stringify!($name), b)
+                static WARNED: std::sync::atomic::AtomicBool =
+                    std::sync::atomic::AtomicBool::new(false);
+                $crate::properties::backend_or_skip(stringify!($name), b, &WARNED)
             }
 
             fn check(property: Property, case: &moe_harness::case::Case) -> Result<(), TestCaseError> {
@@ -198,12 +200,14 @@ pub(crate) fn suite_config(cases: u32) -> Config {
     }
 }
 
-/// The backend, or `None` after printing a SKIP line; with `MOE_REQUIRE_CUDA=1` a missing
-/// backend is a failure instead (device-machine runs set it, so a broken library path cannot
-/// "pass").
+/// The backend, or `None` after printing a SKIP line (once per suite: `warned`); with
+/// `MOE_REQUIRE_CUDA=1` a missing backend is a failure instead (device-machine runs set it, so a
+/// broken library path cannot "pass"). libtest captures the output of passing tests, so the
+/// SKIP line shows with `--nocapture`.
 pub(crate) fn backend_or_skip<'a>(
     suite: &str,
     backend: &'a Result<Box<dyn Backend>, String>,
+    warned: &std::sync::atomic::AtomicBool,
 ) -> Option<&'a dyn Backend> {
     match backend {
         Ok(b) => Some(b.as_ref()),
@@ -211,9 +215,11 @@ pub(crate) fn backend_or_skip<'a>(
             if std::env::var("MOE_REQUIRE_CUDA").is_ok_and(|v| v == "1") {
                 panic!("{suite}: backend unavailable ({why}) and MOE_REQUIRE_CUDA=1");
             }
-            eprintln!(
-                "SKIP {suite}: backend unavailable ({why}); set MOE_REQUIRE_CUDA=1 to fail instead"
-            );
+            if !warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                eprintln!(
+                    "SKIP {suite}: backend unavailable ({why}); set MOE_REQUIRE_CUDA=1 to fail instead"
+                );
+            }
             None
         }
     }
