@@ -74,7 +74,7 @@ macro_rules! differential_suite {
                 /// The generic strategy simulates ranks in only ~3% of cases, so this one forces
                 /// an EP/ETP layout wherever the sizes divide.
                 #[test]
-                fn parallel_decomposition(
+                fn parallel_decomposition_reproduces_single_rank(
                     case in moe_harness::strategy::case(MAX_TOKENS)
                         .prop_map($crate::properties::force_parallel_layout)
                 ) {
@@ -83,31 +83,31 @@ macro_rules! differential_suite {
 
                 /// §10.1: the three classes agree on converted weights.
                 #[test]
-                fn class_equivalence(case in moe_harness::strategy::case(MAX_TOKENS)) {
+                fn classes_agree_on_converted_weights(case in moe_harness::strategy::case(MAX_TOKENS)) {
                     check(Property::ClassEquivalence, &case)?;
                 }
 
                 /// §10.4: empty experts get exactly-zero grads; an all-empty call returns [0, h].
                 #[test]
-                fn zero_tokens(case in moe_harness::strategy::case(MAX_TOKENS)) {
+                fn empty_experts_get_exactly_zero_grads(case in moe_harness::strategy::case(MAX_TOKENS)) {
                     check(Property::ZeroTokens, &case)?;
                 }
 
                 /// §10.5: zero rows with zero probs change nothing.
                 #[test]
-                fn padding_neutrality(case in moe_harness::strategy::case(MAX_TOKENS)) {
+                fn padding_is_neutral(case in moe_harness::strategy::case(MAX_TOKENS)) {
                     check(Property::PaddingNeutrality, &case)?;
                 }
 
                 /// §10.6: backward + backward_dw equals the plain backward bit for bit.
                 #[test]
-                fn deferred_wgrad(case in moe_harness::strategy::case(MAX_TOKENS)) {
+                fn deferred_wgrad_equals_immediate(case in moe_harness::strategy::case(MAX_TOKENS)) {
                     check(Property::DeferredWgrad, &case)?;
                 }
 
                 /// §10.7: the output is linear in the probs.
                 #[test]
-                fn probs_linearity(case in moe_harness::strategy::case(MAX_TOKENS)) {
+                fn output_is_linear_in_probs(case in moe_harness::strategy::case(MAX_TOKENS)) {
                     check(Property::ProbsLinearity, &case)?;
                 }
             }
@@ -116,7 +116,7 @@ macro_rules! differential_suite {
 
             /// TE commit 971001394 / PR #1527: GroupedLinear failed when the last split was empty.
             #[test]
-            fn empty_experts_first_middle_last() {
+            fn empty_first_middle_last_experts_satisfy_every_property() {
                 if let Some(b) = backend() {
                     run_family(b, "empty-first/middle/last", &family_tokens::EMPTY);
                 }
@@ -124,7 +124,7 @@ macro_rules! differential_suite {
 
             /// Skew to the extreme: every row on one expert, the rest empty.
             #[test]
-            fn one_expert_takes_everything() {
+            fn one_expert_taking_everything_satisfies_every_property() {
                 if let Some(b) = backend() {
                     run_family(b, "one-takes-all", &family_tokens::ONE_TAKES_ALL);
                 }
@@ -132,7 +132,7 @@ macro_rules! differential_suite {
 
             /// Zipf-like skew of real routers (bugs-shapes-anchors §B.2 skewed cases).
             #[test]
-            fn zipf_skewed_experts() {
+            fn zipf_skew_satisfies_every_property() {
                 if let Some(b) = backend() {
                     run_family(b, "zipf", &family_tokens::zipf());
                 }
@@ -140,7 +140,7 @@ macro_rules! differential_suite {
 
             /// One row per expert, and a single row in the whole call.
             #[test]
-            fn single_tokens() {
+            fn single_tokens_satisfy_every_property() {
                 if let Some(b) = backend() {
                     run_family(b, "single-tokens", &family_tokens::SINGLE);
                 }
@@ -148,7 +148,7 @@ macro_rules! differential_suite {
 
             /// Segment lengths around a 16-row tile (CUTLASS/TE alignment, style §13).
             #[test]
-            fn segments_around_16_row_tiles() {
+            fn segments_around_16_row_tiles_satisfy_every_property() {
                 if let Some(b) = backend() {
                     run_family(b, "15/16/17", &family_tokens::TILE_16);
                 }
@@ -156,7 +156,7 @@ macro_rules! differential_suite {
 
             /// Segment lengths around a 128-row tile (DeepGEMM block M, TE grouped GEMM tiles).
             #[test]
-            fn segments_around_128_row_tiles() {
+            fn segments_around_128_row_tiles_satisfy_every_property() {
                 if let Some(b) = backend() {
                     run_family(b, "127/128/129", &family_tokens::TILE_128);
                 }
