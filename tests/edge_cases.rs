@@ -1033,3 +1033,42 @@ fn large_magnitude_activations_match_oracle() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// pytorch #172439 at its reported size (hidden 2048, inter 768, sizes [162,0,2577,446,0,83]):
+/// the weight grads of the two empty experts are exactly zero and the others are finite (bf16
+/// emulation, ~3 s in the dev profile). The table runs the same split scaled down through every
+/// property.
+#[test]
+fn pytorch_172439_full_size_empty_experts_get_zero_wgrad() {
+    let c = LayerConfig {
+        gated_linear_unit: false,
+        activation: Activation::Gelu,
+        ..cfg(LayerClass::TeGrouped, 6, 2048, 768)
+    };
+    let tokens = [162, 0, 2577, 446, 0, 83];
+    let (w, inputs, g) = problem(&c, &tokens);
+    let r = run(
+        Reference::EMULATED,
+        &c,
+        &w,
+        &inputs,
+        &g,
+        WgradTiming::Immediate,
+    );
+    let gr = grads(&c, &r);
+    for (e, &n) in tokens.iter().enumerate() {
+        for (name, _, values) in gr.experts[e].tensors() {
+            if n == 0 {
+                assert!(
+                    values.iter().all(|&v| v == 0.0),
+                    "expert {e} {name} not zero"
+                );
+            } else {
+                assert!(
+                    values.iter().all(|v| v.is_finite()),
+                    "expert {e} {name} not finite"
+                );
+            }
+        }
+    }
+}
