@@ -1,1 +1,10 @@
-fn main() {}
+//! Criterion benches (style §17): one binary, one module per area. Add a module with a
+//! `benches` criterion group and list it in `criterion_main!` below (`checkpoint`, `gpu`, ...).
+//!
+//! Filter by module prefix: `cargo bench --bench main -- reference`.
+
+use criterion::criterion_main;
+
+mod reference;
+
+criterion_main!(reference::benches);

@@ -166,6 +166,11 @@ pub fn check(backend: &dyn Backend, property: Property, case: &Case) -> Result<V
         return lift(e);
     }
     let p = case.problem();
+    // A malformed case (negative or mis-sized counts) is an error for every property, also for
+    // those that would skip it (single rank) or rewrite its counts (zero tokens).
+    if let Err(e) = moe_reference::layer::validate_inputs(&cfg.unsharded(), &p.inputs) {
+        return Err(PropertyFailure::Error(format!("invalid case: {e}")));
+    }
     let tol = Tolerance::error_model();
     let reduce = backend.reduction(cfg);
     let run =
