@@ -1,1 +1,4 @@
 //! placeholder
+#![deny(missing_docs)]
+
+pub mod checkpoint;
