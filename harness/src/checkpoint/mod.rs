@@ -19,7 +19,8 @@ pub mod tensor;
 pub use format::{save, Checkpoint, Index, LoadPlan, SaveOptions, SavePart, SaveReport};
 pub use reshard::{infer_models, reshard, ModelInfo, ReshardOptions, ReshardReport, ReshardTarget};
 pub use sharded::{
-    sharded_state_dict, ExpertLayout, RankCoord, ShardedEntry, ShardedObject, ShardedTensor,
+    layout_json, sharded_state_dict, ExpertLayout, RankCoord, ShardedEntry, ShardedObject,
+    ShardedTensor,
 };
 pub use tensor::{RawStateDict, RawTensor, Region};
 

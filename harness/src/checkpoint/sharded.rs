@@ -836,3 +836,21 @@ pub fn merge(
     }
     Ok(from_canonical(l, c))
 }
+
+/// Every rank's sharded state dict as printed by `moe-verify layout --json`: ranks in ep-major
+/// then tp order (expert-DP rank 0), entries sorted by key, then global offset.
+pub fn layout_json(l: &ExpertLayout) -> Result<serde_json::Value, CheckpointError> {
+    let mut ranks = Vec::new();
+    for rank in l.ranks() {
+        let entries: Vec<serde_json::Value> = sharded_state_dict(l, rank)?
+            .iter()
+            .map(ShardedEntry::to_json)
+            .collect();
+        ranks.push(serde_json::json!({
+            "tp_rank": rank.tp_rank,
+            "ep_rank": rank.ep_rank,
+            "entries": entries,
+        }));
+    }
+    Ok(serde_json::Value::Array(ranks))
+}
