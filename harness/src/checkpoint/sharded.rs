@@ -806,23 +806,27 @@ pub fn merge(
     dtype: Dtype,
     loaded: Vec<(ShardedTensor, Vec<u8>)>,
 ) -> Result<RawStateDict, CheckpointError> {
-    let el = l.local_experts();
-    let mut c: Canonical<'static> = (0..el)
-        .map(|_| {
-            PARAMS.map(|p| {
-                (l.bias || matches!(p, Param::Fc1Weight | Param::Fc2Weight))
-                    .then(|| Cow::Owned(RawTensor::zeros(dtype, expected_shape(l, p))))
-            })
-        })
-        .collect();
     let _ = rank;
+    let el = l.local_experts();
+    let needed = |p: Param| l.bias || matches!(p, Param::Fc1Weight | Param::Fc2Weight);
+    let mut c: Canonical<'static> = (0..el).map(|_| [None, None, None, None]).collect();
     for (st, data) in loaded {
         let s = &st.source;
-        let per = data.len() / s.experts.len();
+        let want = expected_shape(l, s.param);
+        let full = want.iter().product::<usize>() * dtype.size_bytes();
+        if s.half == Half::All && s.experts.len() == 1 && data.len() == full {
+            // The shard is the whole tensor: move it, no copy.
+            c[s.experts.start][slot(s.param)] = Some(Cow::Owned(RawTensor {
+                dtype,
+                shape: want,
+                data,
+            }));
+            continue;
+        }
+        let per = data.len() / s.experts.len().max(1);
         for (i, e) in s.experts.clone().enumerate() {
             let t = c[e][slot(s.param)]
-                .as_mut()
-                .expect("canonical tensor present")
+                .get_or_insert_with(|| Cow::Owned(RawTensor::zeros(dtype, want.clone())))
                 .to_mut();
             let range = half_bytes(t, s.half);
             if range.len() != per {
@@ -832,6 +836,16 @@ pub fn merge(
                 });
             }
             t.data[range].copy_from_slice(&data[i * per..(i + 1) * per]);
+        }
+    }
+    for (e, row) in c.iter().enumerate() {
+        for p in PARAMS {
+            if needed(p) && row[slot(p)].is_none() {
+                return Err(CheckpointError::State {
+                    key: format!("local expert {e} {p:?}"),
+                    msg: "no shard loaded for it".into(),
+                });
+            }
         }
     }
     Ok(from_canonical(l, c))
