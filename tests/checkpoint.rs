@@ -1274,3 +1274,92 @@ fn cli_reshard_and_inspect() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a moe-verify checkpoint"));
 }
+
+fn arb_layout() -> impl Strategy<Value = ExpertLayout> {
+    (
+        prop::sample::select(LayerClass::ALL.to_vec()),
+        prop::sample::select(vec![1usize, 2, 4]),
+        prop::sample::select(vec![1usize, 2, 4]),
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+        prop::sample::select(vec!["", "0.", "decoder.layers.7.mlp."]),
+    )
+        .prop_map(|(class, tp, ep, glu, bias, singleton, prefix)| {
+            let bias = bias && tp == 1 && class != Grouped;
+            ExpertLayout {
+                class,
+                num_experts: 4,
+                hidden: 6,
+                ffn: 8,
+                glu,
+                bias,
+                tp,
+                ep,
+                singleton,
+                prefix: prefix.into(),
+            }
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Invariants of every sharded state dict, independent of how it was built: offsets are
+    /// multiples of the extents and global = fragmentation x extent on every axis; the main
+    /// replicas of each key tile its global tensor exactly once over all ranks (and over all
+    /// expert-DP ranks only rank 0 writes); every rank emits one `_extra_state` object per local
+    /// expert and linear; and the three classes cover the same logical elements.
+    #[test]
+    fn sharded_state_dicts_tile_their_global_tensors(l in arb_layout(), edp in 1usize..=2) {
+        use moe_harness::checkpoint::format::to_logical;
+        use moe_harness::checkpoint::Region;
+        use std::collections::BTreeMap;
+        let mut covered: BTreeMap<String, (Vec<usize>, usize)> = BTreeMap::new();
+        let mut logical: BTreeMap<String, Vec<Region>> = BTreeMap::new();
+        for rank in l.ranks() {
+            for d in 0..edp {
+                let entries = sharded_state_dict(&l, RankCoord { edp_rank: d, ..rank }).unwrap();
+                let objects = entries.iter().filter(|e| matches!(e, ShardedEntry::Object(_))).count();
+                prop_assert_eq!(objects, 2 * l.local_experts());
+                for e in entries {
+                    if let ShardedEntry::Tensor(t) = e {
+                        prop_assert!(t.key.starts_with(&l.prefix));
+                        let ext = t.extent();
+                        for a in 0..ext.len() {
+                            prop_assert_eq!(t.global_offset[a] % ext[a], 0);
+                            prop_assert_eq!(t.global_shape[a], t.axis_fragmentations[a] * ext[a]);
+                        }
+                        if t.is_main_replica() {
+                            prop_assert_eq!(d, 0);
+                            let c = covered.entry(t.key.clone()).or_insert((t.global_shape.clone(), 0));
+                            prop_assert_eq!(&c.0, &t.global_shape);
+                            c.1 += ext.iter().product::<usize>();
+                            let region = Region { offset: t.global_offset.clone(), shape: ext };
+                            let (k, r, _) = to_logical(&t.key, &region, &t.global_shape, l.num_experts);
+                            logical.entry(k).or_default().push(r);
+                        }
+                    }
+                }
+            }
+        }
+        for (k, (shape, n)) in &covered {
+            prop_assert_eq!(*n, shape.iter().product::<usize>(), "{} not tiled", k);
+        }
+        // Same logical elements as the SequentialMLP layout of the same model.
+        let seq = ExpertLayout { class: Sequential, singleton: false, ..l.clone() };
+        let mut seq_logical: BTreeMap<String, usize> = BTreeMap::new();
+        for rank in seq.ranks() {
+            for e in sharded_state_dict(&seq, rank).unwrap() {
+                if let ShardedEntry::Tensor(t) = e {
+                    if t.is_main_replica() {
+                        *seq_logical.entry(t.key.clone()).or_default() += t.extent().iter().product::<usize>();
+                    }
+                }
+            }
+        }
+        let ours: BTreeMap<String, usize> =
+            logical.iter().map(|(k, rs)| (k.clone(), rs.iter().map(Region::numel).sum())).collect();
+        prop_assert_eq!(ours, seq_logical);
+    }
+}
