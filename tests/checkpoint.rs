@@ -1326,9 +1326,9 @@ proptest! {
                     if let ShardedEntry::Tensor(t) = e {
                         prop_assert!(t.key.starts_with(&l.prefix));
                         let ext = t.extent();
-                        for a in 0..ext.len() {
-                            prop_assert_eq!(t.global_offset[a] % ext[a], 0);
-                            prop_assert_eq!(t.global_shape[a], t.axis_fragmentations[a] * ext[a]);
+                        for (a, &x) in ext.iter().enumerate() {
+                            prop_assert_eq!(t.global_offset[a] % x, 0);
+                            prop_assert_eq!(t.global_shape[a], t.axis_fragmentations[a] * x);
                         }
                         if t.is_main_replica() {
                             prop_assert_eq!(d, 0);
