@@ -1200,6 +1200,25 @@ fn cli_layout_json_matches_library_and_exit_codes() {
     ]);
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains("experts.linear_fc2.weight"));
+    // Expert-DP rank 1: every replica id ends in 1, so no entry is a main replica.
+    let out = moe_verify(&[
+        "layout",
+        "--layer",
+        "te_grouped",
+        "--num-experts",
+        "2",
+        "--hidden",
+        "4",
+        "--ffn",
+        "4",
+        "--expert-dp-rank",
+        "1",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for e in v[0]["entries"].as_array().unwrap() {
+        assert_eq!(e["replica_id"][2], 1);
+    }
     // Bad input: bias on GroupedMLP, unknown class.
     let out = moe_verify(&[
         "layout",
@@ -1362,4 +1381,37 @@ proptest! {
             logical.iter().map(|(k, rs)| (k.clone(), rs.iter().map(Region::numel).sum())).collect();
         prop_assert_eq!(ours, seq_logical);
     }
+}
+
+#[test]
+fn verify_after_write_detects_different_data() {
+    // The check behind `reshard --verify` (exit code 1): two checkpoints of the same layout
+    // with different weights must not verify, and the error names the tensor.
+    use moe_harness::checkpoint::reshard::verify_same;
+    let tmp = tempfile::tempdir().unwrap();
+    let l = ExpertLayout {
+        num_experts: 4,
+        hidden: 8,
+        ffn: 8,
+        ..layout(Sequential, 1, 1, false, false)
+    };
+    for (name, seed) in [("a", 1), ("b", 2)] {
+        let st = rank_states(&l, &l.ranks(), &global_weights(&l, seed));
+        let parts = [SavePart {
+            layout: &l,
+            rank: RankCoord::new(0, 0),
+            state: &st[0],
+        }];
+        save(&tmp.path().join(name), &parts, &SaveOptions::default()).unwrap();
+    }
+    let (a, b) = (
+        Checkpoint::open(&tmp.path().join("a")).unwrap(),
+        Checkpoint::open(&tmp.path().join("b")).unwrap(),
+    );
+    verify_same(&a, &a).unwrap();
+    let err = verify_same(&a, &b).unwrap_err();
+    assert!(
+        err.is_check_failure() && err.to_string().contains("experts.linear_fc1.weight"),
+        "{err}"
+    );
 }

@@ -42,6 +42,9 @@ pub struct LayoutArgs {
     /// Key prefix (e.g. `decoder.layers.3.mlp.`).
     #[arg(long, default_value = "")]
     pub prefix: String,
+    /// Expert-data-parallel rank (third element of every replica id).
+    #[arg(long, default_value_t = 0)]
+    pub expert_dp_rank: usize,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -124,7 +127,7 @@ pub fn run_layout(args: &LayoutArgs) -> i32 {
         singleton: args.singleton_local_shards,
         prefix: args.prefix.clone(),
     };
-    let value = match checkpoint::layout_json(&layout) {
+    let value = match checkpoint::layout_json_at(&layout, args.expert_dp_rank) {
         Ok(v) => v,
         Err(e) => return fail(&e),
     };

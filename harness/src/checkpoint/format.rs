@@ -304,28 +304,54 @@ fn write_safetensors(path: &Path, shards: &[Pending<'_>]) -> Result<u64, Checkpo
     Ok(total)
 }
 
-/// Saves the main-replica shards of every part into `dir`, atomically.
-///
-/// Fails without touching `dir` when it exists and `opts.force` is off, when two parts disagree
-/// on a key's global tensor, or when the main replicas do not tile a global tensor exactly.
-pub fn save(
-    dir: &Path,
-    parts: &[SavePart<'_>],
-    opts: &SaveOptions,
-) -> Result<SaveReport, CheckpointError> {
-    let built = parts
-        .iter()
-        .map(|p| build(p.layout, p.rank, p.state))
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut files: Vec<(String, Vec<Pending<'_>>)> = Vec::new();
-    let mut objects: BTreeMap<String, ObjectRecord> = BTreeMap::new();
-    for (entries, canon) in &built {
-        let file = format!("rank{:05}.safetensors", files.len());
+/// Writes a checkpoint part by part, so that a conversion holds one rank's tensors in memory at
+/// a time: [`CheckpointWriter::create`] makes a hidden temporary directory beside `dir`,
+/// [`CheckpointWriter::write_part`] writes one safetensors file per part with main-replica
+/// shards, and [`CheckpointWriter::finish`] checks that the main replicas tile every global
+/// tensor exactly once, writes `index.json` last, fsyncs and renames into place. Dropping the
+/// writer (or any error) removes the temporary directory.
+pub struct CheckpointWriter {
+    dir: PathBuf,
+    tmp: TempDir,
+    tmp_path: PathBuf,
+    abort_after_files: Option<usize>,
+    files: Vec<FileRecord>,
+    shards: Vec<ShardRecord>,
+    objects: BTreeMap<String, ObjectRecord>,
+    bytes: u64,
+}
+
+impl CheckpointWriter {
+    /// Starts a checkpoint at `dir`; fails when `dir` exists and `opts.force` is off.
+    pub fn create(dir: &Path, opts: &SaveOptions) -> Result<CheckpointWriter, CheckpointError> {
+        if dir.exists() && !opts.force {
+            return Err(CheckpointError::Exists {
+                path: dir.to_path_buf(),
+            });
+        }
+        let tmp_path = sibling(dir, "tmp")?;
+        std::fs::create_dir(&tmp_path).map_err(io(&tmp_path))?;
+        Ok(CheckpointWriter {
+            dir: dir.to_path_buf(),
+            tmp: TempDir(Some(tmp_path.clone())),
+            tmp_path,
+            abort_after_files: opts.abort_after_files,
+            files: Vec::new(),
+            shards: Vec::new(),
+            objects: BTreeMap::new(),
+            bytes: 0,
+        })
+    }
+
+    /// Writes the main-replica shards of one part (one process) into a file of its own.
+    pub fn write_part(&mut self, part: SavePart<'_>) -> Result<(), CheckpointError> {
+        let (entries, canon) = build(part.layout, part.rank, part.state)?;
+        let file = format!("rank{:05}.safetensors", self.files.len());
         let mut pending = Vec::new();
-        for entry in entries {
+        for entry in &entries {
             match entry {
                 ShardedEntry::Tensor(st) if st.is_main_replica() => {
-                    let pieces = shard_pieces(st, canon);
+                    let pieces = shard_pieces(st, &canon);
                     let dtype = canon[st.source.experts.start][slot(st.source.param)]
                         .as_ref()
                         .expect("canonical tensor present")
@@ -357,9 +383,9 @@ pub fn save(
                         global_shape: o.global_shape.clone(),
                         global_offset: o.global_offset.clone(),
                     };
-                    if let Some(prev) = objects.insert(o.unique_key(), rec) {
+                    if self.objects.insert(o.unique_key(), rec).is_some() {
                         return Err(CheckpointError::Overlap {
-                            key: prev.key,
+                            key: o.key.clone(),
                             a: o.unique_key(),
                             b: "another main replica of the same object".into(),
                         });
@@ -368,81 +394,100 @@ pub fn save(
                 _ => {}
             }
         }
-        if !pending.is_empty() {
-            files.push((file, pending));
+        if pending.is_empty() {
+            return Ok(());
         }
-    }
-    let records: Vec<&ShardRecord> = files
-        .iter()
-        .flat_map(|(_, p)| p.iter().map(|s| &s.record))
-        .collect();
-    check_integrity(&records)?;
-    if dir.exists() && !opts.force {
-        return Err(CheckpointError::Exists {
-            path: dir.to_path_buf(),
-        });
-    }
-    let tmp_path = sibling(dir, "tmp")?;
-    std::fs::create_dir(&tmp_path).map_err(io(&tmp_path))?;
-    let mut tmp = TempDir(Some(tmp_path.clone()));
-    let mut file_records = Vec::new();
-    let mut bytes = 0u64;
-    for (i, (name, pending)) in files.iter().enumerate() {
-        if opts.abort_after_files == Some(i) {
-            return Err(CheckpointError::Injected(i));
+        if self.abort_after_files == Some(self.files.len()) {
+            return Err(CheckpointError::Injected(self.files.len()));
         }
-        let size = write_safetensors(&tmp_path.join(name), pending)?;
-        bytes += pending.iter().map(|p| p.record.nbytes).sum::<u64>();
-        file_records.push(FileRecord {
-            name: name.clone(),
+        let size = write_safetensors(&self.tmp_path.join(&file), &pending)?;
+        self.bytes += pending.iter().map(|p| p.record.nbytes).sum::<u64>();
+        self.files.push(FileRecord {
+            name: file,
             bytes: size,
         });
+        self.shards.extend(pending.into_iter().map(|p| p.record));
+        Ok(())
     }
-    let mut shards: Vec<ShardRecord> = records.into_iter().cloned().collect();
-    shards.sort_by(|a, b| (&a.key, &a.global_offset).cmp(&(&b.key, &b.global_offset)));
-    let mut objs: Vec<ObjectRecord> = objects.into_values().collect();
-    objs.sort_by(|a, b| (&a.key, &a.global_offset).cmp(&(&b.key, &b.global_offset)));
-    let index = Index {
-        format: FORMAT.into(),
-        version: 1,
-        files: file_records,
-        shards,
-        objects: objs,
-    };
-    let ipath = tmp_path.join(INDEX);
-    let mut f = File::create(&ipath).map_err(io(&ipath))?;
-    f.write_all(&serde_json::to_vec_pretty(&index).expect("index serializes"))
-        .map_err(io(&ipath))?;
-    f.sync_all().map_err(io(&ipath))?;
-    fsync_dir(&tmp_path)?;
-    let backup = if dir.exists() {
-        let b = sibling(dir, "old")?;
-        std::fs::rename(dir, &b).map_err(io(dir))?;
-        Some(b)
-    } else {
-        None
-    };
-    if let Err(e) = std::fs::rename(&tmp_path, dir) {
-        if let Some(b) = &backup {
-            let _ = std::fs::rename(b, dir);
+
+    /// Checks integrity, writes the index and moves the checkpoint into place.
+    pub fn finish(self) -> Result<SaveReport, CheckpointError> {
+        self.finish_checked(|_| Ok(()))
+    }
+
+    /// As [`CheckpointWriter::finish`], but runs `check` on the complete temporary checkpoint
+    /// directory before it is moved into place; an error leaves the destination untouched.
+    pub fn finish_checked(
+        mut self,
+        check: impl FnOnce(&Path) -> Result<(), CheckpointError>,
+    ) -> Result<SaveReport, CheckpointError> {
+        check_integrity(&self.shards.iter().collect::<Vec<_>>())?;
+        let mut shards = std::mem::take(&mut self.shards);
+        shards.sort_by(|a, b| (&a.key, &a.global_offset).cmp(&(&b.key, &b.global_offset)));
+        let mut objs: Vec<ObjectRecord> = std::mem::take(&mut self.objects).into_values().collect();
+        objs.sort_by(|a, b| (&a.key, &a.global_offset).cmp(&(&b.key, &b.global_offset)));
+        let index = Index {
+            format: FORMAT.into(),
+            version: 1,
+            files: std::mem::take(&mut self.files),
+            shards,
+            objects: objs,
+        };
+        let ipath = self.tmp_path.join(INDEX);
+        let mut f = File::create(&ipath).map_err(io(&ipath))?;
+        f.write_all(&serde_json::to_vec_pretty(&index).expect("index serializes"))
+            .map_err(io(&ipath))?;
+        f.sync_all().map_err(io(&ipath))?;
+        fsync_dir(&self.tmp_path)?;
+        check(&self.tmp_path)?;
+        let dir = self.dir.clone();
+        let backup = if dir.exists() {
+            let b = sibling(&dir, "old")?;
+            std::fs::rename(&dir, &b).map_err(io(&dir))?;
+            Some(b)
+        } else {
+            None
+        };
+        if let Err(e) = std::fs::rename(&self.tmp_path, &dir) {
+            if let Some(b) = &backup {
+                let _ = std::fs::rename(b, &dir);
+            }
+            return Err(CheckpointError::Io {
+                path: dir,
+                source: e,
+            });
         }
-        return Err(CheckpointError::Io {
-            path: dir.to_path_buf(),
-            source: e,
-        });
+        self.tmp.0 = None;
+        if let Some(b) = backup {
+            std::fs::remove_dir_all(&b).map_err(io(&b))?;
+        }
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fsync_dir(parent)?;
+        }
+        Ok(SaveReport {
+            files: index.files.len(),
+            shards: index.shards.len(),
+            bytes: self.bytes,
+        })
     }
-    tmp.0 = None;
-    if let Some(b) = backup {
-        std::fs::remove_dir_all(&b).map_err(io(&b))?;
+}
+
+/// Saves the main-replica shards of every part into `dir`, atomically (a
+/// [`CheckpointWriter`] over `parts`).
+///
+/// Fails, leaving nothing behind, when `dir` exists and `opts.force` is off, when two parts
+/// disagree on a key's global tensor, or when the main replicas do not tile a global tensor
+/// exactly.
+pub fn save(
+    dir: &Path,
+    parts: &[SavePart<'_>],
+    opts: &SaveOptions,
+) -> Result<SaveReport, CheckpointError> {
+    let mut w = CheckpointWriter::create(dir, opts)?;
+    for p in parts {
+        w.write_part(*p)?;
     }
-    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        fsync_dir(parent)?;
-    }
-    Ok(SaveReport {
-        files: files.len(),
-        shards: index.shards.len(),
-        bytes,
-    })
+    w.finish()
 }
 
 /// Where a tensor lives inside an opened safetensors file.
@@ -966,57 +1011,87 @@ impl Checkpoint {
         &self,
         logical: bool,
     ) -> Result<BTreeMap<String, RawTensor>, CheckpointError> {
-        let mut groups: BTreeMap<String, (Vec<usize>, Vec<usize>)> = BTreeMap::new();
-        if logical {
-            groups = self.by_logical.clone();
-        } else {
-            for (i, s) in self.index.shards.iter().enumerate() {
-                groups
-                    .entry(s.key.clone())
-                    .or_insert_with(|| (s.global_shape.clone(), Vec::new()))
-                    .1
-                    .push(i);
-            }
-        }
         let mut files = HashMap::new();
-        let mut out = BTreeMap::new();
-        for (key, (shape, idx)) in groups {
-            let dtype = parse_safetensors_dtype(&self.index.shards[idx[0]].dtype)
-                .expect("validated at open");
-            let mut t = RawTensor::zeros(dtype, shape.clone());
-            let full = Region {
-                offset: vec![0; shape.len()],
-                shape: shape.clone(),
-            };
-            let mut covered = 0;
-            for i in idx {
-                let region = if logical {
-                    self.logical[i].1.clone()
-                } else {
-                    self.index.shards[i].region()
-                };
-                let mut buf = vec![0u8; self.located[i].nbytes as usize];
-                self.read_shard(&mut files, i, &mut buf)?;
-                copy_region(
-                    &buf,
-                    &region,
-                    &mut t.data,
-                    &full,
-                    &region,
-                    dtype.size_bytes(),
-                );
-                covered += region.numel();
-            }
-            if covered != full.numel() {
-                return Err(CheckpointError::Coverage {
-                    key,
-                    region: full.to_string(),
-                    msg: format!("stored shards cover {covered} of {} elements", full.numel()),
-                });
-            }
-            out.insert(key, t);
+        if logical {
+            return self
+                .by_logical
+                .iter()
+                .map(|(k, (shape, idx))| {
+                    Ok((k.clone(), self.assemble(&mut files, k, shape, idx, true)?))
+                })
+                .collect();
         }
-        Ok(out)
+        let mut groups: BTreeMap<String, (Vec<usize>, Vec<usize>)> = BTreeMap::new();
+        for (i, s) in self.index.shards.iter().enumerate() {
+            groups
+                .entry(s.key.clone())
+                .or_insert_with(|| (s.global_shape.clone(), Vec::new()))
+                .1
+                .push(i);
+        }
+        groups
+            .iter()
+            .map(|(k, (shape, idx))| {
+                Ok((k.clone(), self.assemble(&mut files, k, shape, idx, false)?))
+            })
+            .collect()
+    }
+
+    /// One logical global tensor (see [`Checkpoint::logical_tensors`]).
+    pub fn load_logical(&self, key: &str) -> Result<RawTensor, CheckpointError> {
+        let (shape, idx) = self
+            .by_logical
+            .get(key)
+            .ok_or_else(|| CheckpointError::Coverage {
+                key: key.into(),
+                region: "[]".into(),
+                msg: format!("no such tensor in {}", self.dir.display()),
+            })?;
+        self.assemble(&mut HashMap::new(), key, shape, idx, true)
+    }
+
+    fn assemble(
+        &self,
+        files: &mut HashMap<String, File>,
+        key: &str,
+        shape: &[usize],
+        idx: &[usize],
+        logical: bool,
+    ) -> Result<RawTensor, CheckpointError> {
+        let dtype =
+            parse_safetensors_dtype(&self.index.shards[idx[0]].dtype).expect("validated at open");
+        let mut t = RawTensor::zeros(dtype, shape.to_vec());
+        let full = Region {
+            offset: vec![0; shape.len()],
+            shape: shape.to_vec(),
+        };
+        let mut covered = 0;
+        for &i in idx {
+            let region = if logical {
+                self.logical[i].1.clone()
+            } else {
+                self.index.shards[i].region()
+            };
+            let mut buf = vec![0u8; self.located[i].nbytes as usize];
+            self.read_shard(files, i, &mut buf)?;
+            copy_region(
+                &buf,
+                &region,
+                &mut t.data,
+                &full,
+                &region,
+                dtype.size_bytes(),
+            );
+            covered += region.numel();
+        }
+        if covered != full.numel() {
+            return Err(CheckpointError::Coverage {
+                key: key.into(),
+                region: full.to_string(),
+                msg: format!("stored shards cover {covered} of {} elements", full.numel()),
+            });
+        }
+        Ok(t)
     }
 
     /// Reads every shard and checks its CRC; returns the bytes read.

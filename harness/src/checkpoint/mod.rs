@@ -16,11 +16,13 @@ pub mod reshard;
 pub mod sharded;
 pub mod tensor;
 
-pub use format::{save, Checkpoint, Index, LoadPlan, SaveOptions, SavePart, SaveReport};
+pub use format::{
+    save, Checkpoint, CheckpointWriter, Index, LoadPlan, SaveOptions, SavePart, SaveReport,
+};
 pub use reshard::{infer_models, reshard, ModelInfo, ReshardOptions, ReshardReport, ReshardTarget};
 pub use sharded::{
-    layout_json, sharded_state_dict, ExpertLayout, RankCoord, ShardedEntry, ShardedObject,
-    ShardedTensor,
+    layout_json, layout_json_at, sharded_state_dict, ExpertLayout, RankCoord, ShardedEntry,
+    ShardedObject, ShardedTensor,
 };
 pub use tensor::{RawStateDict, RawTensor, Region};
 

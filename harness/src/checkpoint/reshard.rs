@@ -1,6 +1,6 @@
 //! Checkpoint -> checkpoint conversion into another class or parallel layout.
 
-use super::format::{parse_key, save, Checkpoint, SaveOptions, SavePart};
+use super::format::{parse_key, Checkpoint, CheckpointWriter, SaveOptions, SavePart};
 use super::sharded::{ExpertLayout, RankCoord};
 use super::CheckpointError;
 use moe_reference::{Dtype, LayerClass};
@@ -187,30 +187,32 @@ pub fn reshard(
             verified: false,
         });
     }
-    let states = ckpt.execute(plan)?;
-    let save_parts: Vec<SavePart<'_>> = parts
-        .iter()
-        .zip(&states)
-        .map(|((l, r), s)| SavePart {
-            layout: l,
-            rank: *r,
-            state: s,
-        })
-        .collect();
-    let report = save(
+    drop(plan);
+    // One destination rank in memory at a time: load it, write its file, drop it.
+    let mut writer = CheckpointWriter::create(
         dst,
-        &save_parts,
         &SaveOptions {
             force: opts.force,
             abort_after_files: None,
         },
     )?;
-    drop(states);
-    let mut verified = false;
-    if opts.verify {
-        verify_same(&ckpt, &Checkpoint::open(dst)?)?;
-        verified = true;
+    for (l, r) in &parts {
+        let state = ckpt.execute(ckpt.plan(&[(l.clone(), *r)], None)?)?;
+        writer.write_part(SavePart {
+            layout: l,
+            rank: *r,
+            state: &state[0],
+        })?;
     }
+    // Verify-after-write runs on the complete temporary directory, before the rename, so a
+    // failed verification leaves the destination as it was.
+    let report = writer.finish_checked(|tmp| {
+        if opts.verify {
+            verify_same(&ckpt, &Checkpoint::open(tmp)?)?;
+        }
+        Ok(())
+    })?;
+    let verified = opts.verify;
     Ok(ReshardReport {
         layouts,
         read_bytes,
@@ -221,36 +223,40 @@ pub fn reshard(
     })
 }
 
-/// Checks every CRC of `b` and that `a` and `b` hold the same logical global tensors.
+/// Checks every CRC of `b` and that `a` and `b` hold the same logical global tensors, one
+/// tensor in memory at a time.
 pub fn verify_same(a: &Checkpoint, b: &Checkpoint) -> Result<(), CheckpointError> {
     b.verify()?;
-    let (ga, gb) = (a.load_global(true)?, b.load_global(true)?);
-    for (k, ta) in &ga {
-        match gb.get(k) {
-            None => {
-                return Err(CheckpointError::VerifyFailed {
-                    key: k.clone(),
-                    msg: "missing after write".into(),
-                })
-            }
-            Some(tb) if tb != ta => {
-                let first = ta.data.iter().zip(&tb.data).position(|(x, y)| x != y);
-                return Err(CheckpointError::VerifyFailed {
-                    key: k.clone(),
-                    msg: format!(
-                        "{:?} {:?} vs {:?} {:?}; first differing byte {first:?}",
-                        ta.dtype, ta.shape, tb.dtype, tb.shape
-                    ),
-                });
-            }
-            Some(_) => {}
-        }
-    }
-    if let Some(k) = gb.keys().find(|k| !ga.contains_key(*k)) {
+    let (ka, kb) = (a.logical_tensors(), b.logical_tensors());
+    let names =
+        |v: &[(String, Vec<usize>, Dtype)]| v.iter().map(|t| t.0.clone()).collect::<Vec<_>>();
+    if let Some(k) = names(&kb)
+        .into_iter()
+        .find(|k| !ka.iter().any(|t| &t.0 == k))
+    {
         return Err(CheckpointError::VerifyFailed {
-            key: k.clone(),
+            key: k,
             msg: "not in the source".into(),
         });
+    }
+    for (k, _, _) in &ka {
+        if !kb.iter().any(|t| &t.0 == k) {
+            return Err(CheckpointError::VerifyFailed {
+                key: k.clone(),
+                msg: "missing after write".into(),
+            });
+        }
+        let (ta, tb) = (a.load_logical(k)?, b.load_logical(k)?);
+        if ta != tb {
+            let first = ta.data.iter().zip(&tb.data).position(|(x, y)| x != y);
+            return Err(CheckpointError::VerifyFailed {
+                key: k.clone(),
+                msg: format!(
+                    "{:?} {:?} vs {:?} {:?}; first differing byte {first:?}",
+                    ta.dtype, ta.shape, tb.dtype, tb.shape
+                ),
+            });
+        }
     }
     Ok(())
 }

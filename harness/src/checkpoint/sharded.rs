@@ -854,8 +854,17 @@ pub fn merge(
 /// Every rank's sharded state dict as printed by `moe-verify layout --json`: ranks in ep-major
 /// then tp order (expert-DP rank 0), entries sorted by key, then global offset.
 pub fn layout_json(l: &ExpertLayout) -> Result<serde_json::Value, CheckpointError> {
+    layout_json_at(l, 0)
+}
+
+/// As [`layout_json`], on expert-data-parallel rank `edp_rank` (the third replica-id element).
+pub fn layout_json_at(
+    l: &ExpertLayout,
+    edp_rank: usize,
+) -> Result<serde_json::Value, CheckpointError> {
     let mut ranks = Vec::new();
     for rank in l.ranks() {
+        let rank = RankCoord { edp_rank, ..rank };
         let entries: Vec<serde_json::Value> = sharded_state_dict(l, rank)?
             .iter()
             .map(ShardedEntry::to_json)
