@@ -1415,3 +1415,53 @@ fn verify_after_write_detects_different_data() {
         "{err}"
     );
 }
+
+#[test]
+fn many_experts_reshard_quickly() {
+    // DeepSeek-V3's expert count (256) with tiny matrices: opening, planning and overlap checks
+    // must stay fast with thousands of shards per key (the overlap check is a sweep, not all
+    // pairs).
+    let tmp = tempfile::tempdir().unwrap();
+    let l = ExpertLayout {
+        num_experts: 256,
+        hidden: 4,
+        ffn: 8,
+        ..layout(TeGrouped, 2, 8, true, false)
+    };
+    let g = global_weights(&l, 256);
+    let st = rank_states(&l, &l.ranks(), &g);
+    let parts: Vec<SavePart> = l
+        .ranks()
+        .iter()
+        .zip(&st)
+        .map(|(c, s)| SavePart {
+            layout: &l,
+            rank: *c,
+            state: s,
+        })
+        .collect();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let t0 = std::time::Instant::now();
+    save(&a, &parts, &SaveOptions::default()).unwrap();
+    let opts = ReshardOptions {
+        verify: true,
+        ..Default::default()
+    };
+    reshard(
+        &a,
+        &b,
+        ReshardTarget {
+            class: Grouped,
+            tp: 4,
+            ep: 4,
+            singleton: true,
+        },
+        opts,
+    )
+    .unwrap();
+    assert_eq!(
+        Checkpoint::open(&b).unwrap().index.shards.len(),
+        256 * 4 * 3
+    );
+    assert!(t0.elapsed().as_secs() < 60, "took {:?}", t0.elapsed());
+}

@@ -217,8 +217,16 @@ fn check_integrity(records: &[&ShardRecord]) -> Result<(), CheckpointError> {
 fn check_no_overlap(key: &str, regions: &[(Region, &str)]) -> Result<(), CheckpointError> {
     let mut sorted: Vec<&(Region, &str)> = regions.iter().collect();
     sorted.sort_by(|a, b| a.0.offset.cmp(&b.0.offset));
+    // Sweep along axis 0: once a later box starts past this one's end on axis 0, no later box
+    // can meet it (sorted lexicographically, so axis-0 starts are non-decreasing).
     for (i, a) in sorted.iter().enumerate() {
+        let end0 = a.0.offset.first().map(|o| o + a.0.shape[0]);
         for b in &sorted[i + 1..] {
+            if let (Some(e), Some(&b0)) = (end0, b.0.offset.first()) {
+                if b0 >= e {
+                    break;
+                }
+            }
             if a.0.intersect(&b.0).is_some() {
                 return Err(CheckpointError::Overlap {
                     key: key.into(),
