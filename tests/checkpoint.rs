@@ -20,6 +20,15 @@ use LayerClass::{Grouped, Sequential, TeGrouped};
 
 const DTYPE: Dtype = Dtype::Bf16;
 
+thread_local! {
+    /// The params dtype of the current test's round trips (bf16 unless a test changes it).
+    static TEST_DTYPE: std::cell::Cell<Dtype> = const { std::cell::Cell::new(DTYPE) };
+}
+
+fn dtype() -> Dtype {
+    TEST_DTYPE.with(|d| d.get())
+}
+
 /// Megatron's test model (spec §8.1): E = 8, hidden 16, f = 4·16 = 64.
 fn layout(class: LayerClass, tp: usize, ep: usize, glu: bool, singleton: bool) -> ExpertLayout {
     ExpertLayout {
@@ -66,7 +75,7 @@ impl Side {
 
 /// Random global (unsharded) experts of one stage, exactly representable in bf16.
 fn global_weights(l: &ExpertLayout, seed: u64) -> ExpertSet {
-    let cfg = l.layer_config(RankCoord::new(0, 0), DTYPE).unsharded();
+    let cfg = l.layer_config(RankCoord::new(0, 0), dtype()).unsharded();
     ExpertSet::random(&cfg, seed)
 }
 
@@ -75,9 +84,9 @@ fn rank_states(l: &ExpertLayout, coords: &[RankCoord], global: &ExpertSet) -> Ve
     coords
         .iter()
         .map(|&c| {
-            let cfg = l.layer_config(c, DTYPE);
+            let cfg = l.layer_config(c, dtype());
             let sd = to_state_dict(&cfg, &global.shard(&cfg).unwrap()).unwrap();
-            raw_state_dict(&sd, DTYPE).unwrap()
+            raw_state_dict(&sd, dtype()).unwrap()
         })
         .collect()
 }
@@ -121,7 +130,7 @@ fn layer_output(
             .iter()
             .filter(|(c, _)| c.ep_rank == q && c.edp_rank == 0)
         {
-            let cfg = l.layer_config(*c, DTYPE);
+            let cfg = l.layer_config(*c, dtype());
             let w = from_state_dict(&cfg, &f64_state_dict(sd)).unwrap();
             let y = forward(&cfg, &w, &rank_inputs, Numerics::Oracle).unwrap();
             let mut dst = out.slice_mut(s![start..start + rows, ..]);
@@ -140,7 +149,7 @@ fn random_inputs(l: &ExpertLayout, seed: u64) -> Inputs {
     let t: usize = counts.iter().map(|&c| c as usize).sum();
     Inputs {
         hidden_states: Array2::from_shape_fn((t, l.hidden), |_| {
-            DTYPE.round(rng.random_range(-1.0..1.0))
+            dtype().round(rng.random_range(-1.0..1.0))
         }),
         tokens_per_expert: counts,
         probs: Array1::from_shape_fn(t, |_| rng.random_range(0.0..1.0f32) as f64),
@@ -175,7 +184,7 @@ fn reconfigure(a: &Side, b: &Side, seed: u64) {
         .iter()
         .flat_map(|l| b_coords.iter().map(move |c| (l.clone(), *c)))
         .collect();
-    let loaded = ca.load(&requests, Some(DTYPE)).unwrap();
+    let loaded = ca.load(&requests, Some(dtype())).unwrap();
     let b_states: Vec<Vec<RawStateDict>> =
         loaded.chunks(b_coords.len()).map(|c| c.to_vec()).collect();
 
@@ -1464,4 +1473,53 @@ fn many_experts_reshard_quickly() {
         256 * 4 * 3
     );
     assert!(t0.elapsed().as_secs() < 60, "took {:?}", t0.elapsed());
+}
+
+#[test]
+fn f16_and_f32_checkpoints_round_trip_bit_for_bit() {
+    // GroupedMLP runs bf16 only (spec §2), the other classes store any params dtype; the
+    // on-disk bytes are the dtype's own, so f16 and f32 must survive resharding unchanged.
+    for dt in [Dtype::F16, Dtype::F32] {
+        TEST_DTYPE.with(|d| d.set(dt));
+        let mut a = layout(Sequential, 1, 2, true, false);
+        a.bias = true;
+        let b = ExpertLayout {
+            class: TeGrouped,
+            ep: 4,
+            singleton: true,
+            ..a.clone()
+        };
+        reconfigure(
+            &Side {
+                layout: a.clone(),
+                pp: 1,
+                edp: 1,
+            },
+            &Side {
+                layout: b,
+                pp: 1,
+                edp: 1,
+            },
+            16,
+        );
+        let c = ExpertLayout {
+            bias: false,
+            tp: 4,
+            ..a
+        };
+        reconfigure(
+            &Side {
+                layout: c.clone(),
+                pp: 2,
+                edp: 1,
+            },
+            &Side {
+                layout: ExpertLayout { tp: 1, ep: 8, ..c },
+                pp: 2,
+                edp: 1,
+            },
+            32,
+        );
+    }
+    TEST_DTYPE.with(|d| d.set(DTYPE));
 }
