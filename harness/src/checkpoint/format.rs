@@ -337,6 +337,19 @@ impl CheckpointWriter {
                 path: dir.to_path_buf(),
             });
         }
+        let parent = dir
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if !parent.is_dir() {
+            return Err(CheckpointError::Io {
+                path: parent.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "the destination's parent directory does not exist",
+                ),
+            });
+        }
         let tmp_path = sibling(dir, "tmp")?;
         std::fs::create_dir(&tmp_path).map_err(io(&tmp_path))?;
         Ok(CheckpointWriter {
