@@ -1523,3 +1523,30 @@ fn f16_and_f32_checkpoints_round_trip_bit_for_bit() {
     }
     TEST_DTYPE.with(|d| d.set(DTYPE));
 }
+
+#[test]
+fn non_expert_keys_are_reported_not_silently_dropped() {
+    // A real checkpoint holds more than the experts; reshard converts expert layers only and
+    // must say which keys it did not carry over.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = small_checkpoint(tmp.path());
+    edit_index(&src, |v| {
+        let shards = v["shards"].as_array_mut().unwrap();
+        let mut extra = shards[0].clone();
+        extra["key"] = "decoder.final_layernorm.weight".into();
+        extra["global_shape"] = extra["local_shape"].clone();
+        extra["global_offset"] = serde_json::json!([0, 0, 0]);
+        shards.push(extra);
+    });
+    let r = reshard(
+        &src,
+        &tmp.path().join("dst"),
+        target(),
+        ReshardOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        r.skipped_keys,
+        vec!["decoder.final_layernorm.weight".to_string()]
+    );
+}

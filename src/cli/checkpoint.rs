@@ -214,6 +214,13 @@ pub fn run_reshard(args: &ReshardArgs) -> i32 {
                     l.singleton
                 );
             }
+            if !r.skipped_keys.is_empty() {
+                eprintln!(
+                    "warning: {} non-expert keys were not converted (e.g. {})",
+                    r.skipped_keys.len(),
+                    r.skipped_keys[0]
+                );
+            }
             if r.written {
                 println!(
                     "wrote {} ({} files, {} bytes of tensors; read {} bytes){}",

@@ -129,6 +129,8 @@ pub struct ReshardReport {
     pub written: bool,
     /// True when verify-after-write passed.
     pub verified: bool,
+    /// Source keys that are not expert keys and were not carried over.
+    pub skipped_keys: Vec<String>,
 }
 
 /// Converts the checkpoint at `src` into `target`'s layout at `dst`: loads every destination
@@ -153,6 +155,14 @@ pub fn reshard(
         });
     }
     let models = infer_models(&ckpt)?;
+    let mut skipped_keys: Vec<String> = ckpt
+        .index
+        .shards
+        .iter()
+        .filter(|s| parse_key(&s.key).is_none())
+        .map(|s| s.key.clone())
+        .collect();
+    skipped_keys.dedup();
     let layouts: Vec<ExpertLayout> = models
         .iter()
         .map(|m| ExpertLayout {
@@ -185,6 +195,7 @@ pub fn reshard(
             files: 0,
             written: false,
             verified: false,
+            skipped_keys,
         });
     }
     drop(plan);
@@ -220,6 +231,7 @@ pub fn reshard(
         files: report.files,
         written: true,
         verified,
+        skipped_keys,
     })
 }
 
