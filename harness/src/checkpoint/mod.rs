@@ -3,9 +3,9 @@
 //!
 //! * [`sharded`]: the ShardedTensor / ShardedObject entries Megatron-Core builds for each class,
 //!   layout and rank, and the factory build/merge between a class state dict and shard data.
-//! * [`format`]: the on-disk format (safetensors files + JSON index), atomic save, validated
+//! * [`format`](mod@format): the on-disk format (safetensors files + JSON index), atomic save, validated
 //!   open, and load into any layout with exact-coverage checks.
-//! * [`reshard`]: checkpoint -> checkpoint conversion to another class or parallel layout.
+//! * [`reshard`](mod@reshard): checkpoint -> checkpoint conversion to another class or parallel layout.
 //! * [`tensor`]: raw dtype-byte tensors and region copies.
 //!
 //! Values stay in their storage dtype's bytes on this path (save and load are byte copies);
