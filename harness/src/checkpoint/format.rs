@@ -4,7 +4,7 @@
 //! ```text
 //! DIR/
 //!   index.json            {"format": "moe-verify-checkpoint", "version": 1,
-//!                          "files": [{"name", "bytes"}],
+//!                          "files": [{"name", "bytes", "header_crc32"}],
 //!                          "shards": [{"key", "dtype", "global_shape", "global_offset",
 //!                                      "local_shape", "file", "name", "nbytes", "crc32"}],
 //!                          "objects": [{"key", "global_shape", "global_offset"}]}
@@ -89,6 +89,9 @@ pub struct FileRecord {
     pub name: String,
     /// Size in bytes.
     pub bytes: u64,
+    /// CRC-32 of the first `8 + header length` bytes (length prefix and JSON header), so that
+    /// no byte of a file goes unchecked.
+    pub header_crc32: u32,
 }
 
 /// `index.json`.
@@ -279,7 +282,7 @@ fn fsync_dir(dir: &Path) -> Result<(), CheckpointError> {
 
 /// Writes one safetensors file: the 8-byte header length, the JSON header (space-padded to 8
 /// bytes), then every tensor's bytes. Returns the file size.
-fn write_safetensors(path: &Path, shards: &[Pending<'_>]) -> Result<u64, CheckpointError> {
+fn write_safetensors(path: &Path, shards: &[Pending<'_>]) -> Result<(u64, u32), CheckpointError> {
     let mut header = serde_json::Map::new();
     let mut offset = 0u64;
     for s in shards {
@@ -300,8 +303,11 @@ fn write_safetensors(path: &Path, shards: &[Pending<'_>]) -> Result<u64, Checkpo
     let mut f = File::create(path).map_err(io(path))?;
     let total = 8 + hbytes.len() as u64 + offset;
     f.set_len(total).map_err(io(path))?;
-    f.write_all(&(hbytes.len() as u64).to_le_bytes())
-        .map_err(io(path))?;
+    let len = (hbytes.len() as u64).to_le_bytes();
+    let mut hc = crc32fast::Hasher::new();
+    hc.update(&len);
+    hc.update(&hbytes);
+    f.write_all(&len).map_err(io(path))?;
     f.write_all(&hbytes).map_err(io(path))?;
     for s in shards {
         for p in &s.pieces {
@@ -309,7 +315,7 @@ fn write_safetensors(path: &Path, shards: &[Pending<'_>]) -> Result<u64, Checkpo
         }
     }
     f.sync_all().map_err(io(path))?;
-    Ok(total)
+    Ok((total, hc.finalize()))
 }
 
 /// Writes a checkpoint part by part, so that a conversion holds one rank's tensors in memory at
@@ -421,11 +427,12 @@ impl CheckpointWriter {
         if self.abort_after_files == Some(self.files.len()) {
             return Err(CheckpointError::Injected(self.files.len()));
         }
-        let size = write_safetensors(&self.tmp_path.join(&file), &pending)?;
+        let (size, header_crc32) = write_safetensors(&self.tmp_path.join(&file), &pending)?;
         self.bytes += pending.iter().map(|p| p.record.nbytes).sum::<u64>();
         self.files.push(FileRecord {
             name: file,
             bytes: size,
+            header_crc32,
         });
         self.shards.extend(pending.into_iter().map(|p| p.record));
         Ok(())
@@ -694,7 +701,7 @@ impl Checkpoint {
                 });
             }
             let path = dir.join(&f.name);
-            let (start, header) = read_header(&path, f.bytes)?;
+            let (start, header) = read_header(&path, f.bytes, f.header_crc32)?;
             headers.insert(f.name.clone(), (start, header));
         }
         let mut located = Vec::with_capacity(index.shards.len());
@@ -1145,6 +1152,7 @@ impl Checkpoint {
 fn read_header(
     path: &Path,
     expected_size: u64,
+    expected_crc: u32,
 ) -> Result<(u64, serde_json::Map<String, serde_json::Value>), CheckpointError> {
     let corrupt = |reason: String| CheckpointError::Corrupt {
         path: path.to_path_buf(),
@@ -1176,6 +1184,15 @@ fn read_header(
     f.read_exact_at(&mut h, 8).map_err(io(path))?;
     let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&h)
         .map_err(|e| corrupt(format!("safetensors header does not parse: {e}")))?;
+    let mut hc = crc32fast::Hasher::new();
+    hc.update(&n.to_le_bytes());
+    hc.update(&h);
+    let crc = hc.finalize();
+    if crc != expected_crc {
+        return Err(corrupt(format!(
+            "header CRC-32 {crc:08x}, the index records {expected_crc:08x}"
+        )));
+    }
     let mut end = 0u64;
     for (name, info) in &header {
         if name == "__metadata__" {
