@@ -5,6 +5,8 @@
 
 use criterion::criterion_main;
 
+mod checkpoint;
 mod reference;
 
-criterion_main!(reference::benches);
+criterion::criterion_group!(checkpoint_benches, checkpoint::checkpoint);
+criterion_main!(reference::benches, checkpoint_benches);

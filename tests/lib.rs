@@ -10,9 +10,11 @@
 //!   test numbers, plus bad inputs that must be rejected with a clear error.
 //! * [`golden`]: insta snapshots of the reference's outputs on fixed seeded problems.
 //! * [`dump`]: moe-expert-dump/1 files and `moe-verify compare`.
+//! * [`checkpoint`]: Megatron sharded state dicts, the on-disk format, resharding (spec §7, §8.1).
 
 #[macro_use]
 mod properties;
+mod checkpoint;
 mod dump;
 mod edge_cases;
 mod golden;

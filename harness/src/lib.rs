@@ -3,10 +3,11 @@
 //! The differential-testing side of moe-verify: the tolerance model ([`tolerance`]), tensor
 //! comparison with worst-element reports ([`compare`]), seeded problem generation and proptest
 //! strategies ([`case`], [`strategy`]), the property checks and the differential runner
-//! ([`properties`], [`runner`]), and PyTorch dumps ([`dump`]).
+//! ([`properties`], [`runner`]), PyTorch dumps ([`dump`]), and Megatron sharded state dicts and checkpoints ([`checkpoint`]).
 #![deny(missing_docs)]
 
 pub mod case;
+pub mod checkpoint;
 pub mod compare;
 pub mod dump;
 pub mod properties;

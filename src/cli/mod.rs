@@ -1,4 +1,5 @@
 //! Subcommands of the `moe-verify` binary.
 
+pub mod checkpoint;
 pub mod compare;
 pub mod verify;
