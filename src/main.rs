@@ -34,7 +34,19 @@ enum Command {
     Inspect(cli::checkpoint::InspectArgs),
 }
 
+/// Restores the default SIGPIPE disposition so `moe-verify layout ... | head` ends quietly, as
+/// Unix tools do, instead of panicking on a broken pipe inside `println!`.
+fn reset_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: called once at start-up on the main thread before any other thread exists;
+    // `signal` with SIG_DFL installs no handler code, it only resets the disposition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() {
+    reset_sigpipe();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
