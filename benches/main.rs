@@ -1,10 +1,17 @@
-//! Criterion benches: one module per area, one `criterion_main!`.
+//! Criterion benches (style §17): one binary, one module per area. Add a module with a
+//! `benches` criterion group and list it in `criterion_main!` below (`checkpoint`, `gpu`, ...).
+//!
+//! Filter by module prefix: `cargo bench --bench main -- reference`.
 
+use criterion::criterion_main;
+
+mod checkpoint;
 #[cfg(feature = "cuda")]
 mod gpu;
+mod reference;
 
+criterion::criterion_group!(checkpoint_benches, checkpoint::checkpoint);
 #[cfg(feature = "cuda")]
-criterion::criterion_main!(gpu::benches);
-
+criterion_main!(reference::benches, checkpoint_benches, gpu::benches);
 #[cfg(not(feature = "cuda"))]
-fn main() {}
+criterion_main!(reference::benches, checkpoint_benches);

@@ -3,33 +3,64 @@
 //! * `verify` — the differential harness on an embedded default (the README's command 1).
 //! * `compare` — recompute a PyTorch dump with the reference and diff it.
 //! * `layout`, `reshard`, `inspect` — Megatron sharded state dicts and checkpoints.
+//!
+//! Exit codes: 0 success, 1 a check failed, 2 bad input or usage.
 
 mod cli;
 
 use clap::{Parser, Subcommand};
 
-#[derive(Parser)]
-#[command(
-    name = "moe-verify",
-    version,
-    about = "Verify MoE expert-layer implementations against a Megatron-exact reference"
-)]
+/// Verify MoE expert-layer implementations against a Megatron-exact reference.
+#[derive(Parser, Debug)]
+#[command(name = "moe-verify", version, about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
-#[derive(Subcommand)]
+#[derive(Subcommand, Debug)]
 enum Command {
     /// Run the differential harness: every implementation against the f64 oracle, plus the
     /// cross-class, parallel, zero-token, padding, deferred-wgrad and probs properties.
     Verify(cli::verify::VerifyArgs),
+    /// Compare a moe-expert-dump/1 safetensors file (written by tools/dump_experts.py) with the
+    /// reference: one row per expected tensor; exit 0 all pass, 1 any differs, 2 bad input.
+    Compare(cli::compare::CompareArgs),
+    /// Print every rank's Megatron-Core sharded state dict.
+    Layout(cli::checkpoint::LayoutArgs),
+    /// Convert a checkpoint to another class or parallel layout.
+    Reshard(cli::checkpoint::ReshardArgs),
+    /// Summarise a checkpoint.
+    Inspect(cli::checkpoint::InspectArgs),
+}
+
+/// Restores the default SIGPIPE disposition so `moe-verify layout ... | head` ends quietly, as
+/// Unix tools do, instead of panicking on a broken pipe inside `println!`.
+fn reset_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: called once at start-up on the main thread before any other thread exists;
+    // `signal` with SIG_DFL installs no handler code, it only resets the disposition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
 
 fn main() {
-    let cli = Cli::parse();
+    reset_sigpipe();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
     let code = match &cli.command {
         Command::Verify(args) => cli::verify::run(args),
+        Command::Compare(args) => cli::compare::run_compare(args),
+        Command::Layout(a) => cli::checkpoint::run_layout(a),
+        Command::Reshard(a) => cli::checkpoint::run_reshard(a),
+        Command::Inspect(a) => cli::checkpoint::run_inspect(a),
     };
     std::process::exit(code);
 }

@@ -1,4 +1,24 @@
-//! The single integration-test binary.
+//! The integration-test binary (one binary, style §19): the differential property suite,
+//! f64 gradient checks of the oracle, hand-picked edge cases and golden snapshots of the
+//! reference.
+//!
+//! * [`properties`]: `differential_suite!` stamps one proptest per spec §10 property onto a
+//!   backend (`reference` here; the CUDA backends stamp it in their own module), plus one test
+//!   per token-distribution family.
+//! * [`gradcheck`]: central differences of every gradient of the f64 oracle.
+//! * [`edge_cases`]: the regression table of `bugs-shapes-anchors.md` §A and Megatron's own unit
+//!   test numbers, plus bad inputs that must be rejected with a clear error.
+//! * [`golden`]: insta snapshots of the reference's outputs on fixed seeded problems.
+//! * [`dump`]: moe-expert-dump/1 files and `moe-verify compare`.
+//! * [`checkpoint`]: Megatron sharded state dicts, the on-disk format, resharding (spec §7, §8.1).
+//! * [`gpu`]: the CUDA implementations (`moe-gpu`) against the f64 oracle (skip loudly without a GPU).
 
+#[macro_use]
+mod properties;
+mod checkpoint;
+mod dump;
+mod edge_cases;
+mod golden;
 #[cfg(feature = "cuda")]
 mod gpu;
+mod gradcheck;

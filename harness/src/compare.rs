@@ -102,7 +102,7 @@ impl<'a> From<&'a OracleRun> for ErrorModel<'a> {
 }
 
 /// Compares `got` with `expected` under `tol`: element `i` passes when
-/// `|got_i − exp_i| ≤ rtol·(S_i + rms(S_block)) + A_i`, where `S` is the oracle's error scale
+/// `|got_i − exp_i| ≤ rtol·(S_i + A_i + rms(S_block)) + atol`, where `S` is the oracle's error bound
 /// (see [`moe_reference::oracle_with_scales`]; `|exp|` when not given) and `A` its allowance for
 /// rounding-ambiguous branches (0 when not given). The flat (row-major) data is split into
 /// `blocks` equal contiguous blocks, each with its own rms (one block per expert of packed
@@ -157,7 +157,7 @@ pub fn compare_tensor(
         let rms = (sb.iter().map(|x| x * x).sum::<f64>() / sb.len() as f64).sqrt();
         for (i, ((&gv, &ev), &sv)) in gb.iter().zip(eb).zip(sb).enumerate() {
             let d = (gv - ev).abs();
-            let bound = tol.bound(sv, rms) + allow[b * block_len + i];
+            let bound = tol.bound(sv + allow[b * block_len + i], rms);
             let ratio = if d.is_nan() {
                 f64::INFINITY
             } else if d == 0.0 {

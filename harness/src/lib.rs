@@ -3,11 +3,13 @@
 //! The differential-testing side of moe-verify: the tolerance model ([`tolerance`]), tensor
 //! comparison with worst-element reports ([`compare`]), seeded problem generation and proptest
 //! strategies ([`case`], [`strategy`]), the property checks and the differential runner
-//! ([`properties`], [`runner`]).
+//! ([`properties`], [`runner`]), PyTorch dumps ([`dump`]), and Megatron sharded state dicts and checkpoints ([`checkpoint`]).
 #![deny(missing_docs)]
 
 pub mod case;
+pub mod checkpoint;
 pub mod compare;
+pub mod dump;
 pub mod properties;
 pub mod runner;
 pub mod strategy;

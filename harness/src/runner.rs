@@ -2,7 +2,7 @@
 //! proptest, shrinking any failure to a minimal case.
 
 use crate::case::Case;
-use crate::properties::{check, Backend, Property, PropertyFailure, Verdict};
+use crate::properties::{check, Backend, Property, Verdict};
 use proptest::strategy::Strategy;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestError, TestRng, TestRunner};
 use std::sync::Mutex;
@@ -29,8 +29,8 @@ pub struct PropertyReport {
 /// A minimal failing case.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FailureReport {
-    /// The shrunk case.
-    pub case: Case,
+    /// The shrunk case (`None` when the run was aborted before a case failed).
+    pub case: Option<Case>,
     /// The failure message (diffs or error).
     pub message: String,
 }
@@ -97,17 +97,15 @@ where
             }
             Err(f) => {
                 t.failing = true;
-                Err(TestCaseError::fail(failure_message(&f)))
+                Err(TestCaseError::fail(f.to_string()))
             }
         }
     });
     let t = tally.into_inner().unwrap();
     let failure = match result {
         Ok(()) => None,
-        Err(TestError::Fail(reason, case)) => Some(FailureReport { case, message: reason.to_string() }),
-        Err(TestError::Abort(reason)) => {
-            Some(FailureReport { case: strategy_placeholder(), message: format!("aborted: {reason}") })
-        }
+        Err(TestError::Fail(reason, case)) => Some(FailureReport { case: Some(case), message: reason.to_string() }),
+        Err(TestError::Abort(reason)) => Some(FailureReport { case: None, message: format!("aborted: {reason}") }),
     };
     PropertyReport {
         backend: backend.name(),
@@ -117,18 +115,5 @@ where
         worst_ratio: t.worst_ratio,
         worst_where: t.worst_where,
         failure,
-    }
-}
-
-fn failure_message(f: &PropertyFailure) -> String {
-    f.to_string()
-}
-
-fn strategy_placeholder() -> Case {
-    Case {
-        cfg: moe_reference::LayerConfig::example(),
-        tokens_per_expert: vec![0; 4],
-        seed: 0,
-        timing: moe_reference::WgradTiming::Immediate,
     }
 }

@@ -66,7 +66,7 @@ pub fn layer_config() -> impl Strategy<Value = LayerConfig> {
             any::<bool>(),
             prop::option::weighted(0.2, select(vec![4usize, 16])),
         ),
-        (any::<prop::sample::Index>(), any::<prop::sample::Index>(), prop::bool::weighted(0.15)),
+        (any::<prop::sample::Index>(), any::<prop::sample::Index>(), prop::bool::weighted(0.4)),
     )
         .prop_map(
             |(

@@ -569,33 +569,15 @@ impl ForwardPass {
             }
             if let Some(sc) = scales.as_mut() {
                 let abs = |a: &Array2<f64>| a.mapv(f64::abs);
-                let m = magnitudes(cfg, w, cache, &g, &du, &dz);
-                let g_abs = abs(&g);
-                let mut dp_scale = m.dp;
-                if let Some(b2) = &w.fc2_bias {
-                    dp_scale += &g_abs.dot(&b2.mapv(f64::abs));
-                    sc.weight_grads.experts[e].fc2_bias = Some(g_abs.t().dot(&cache.p.mapv(f64::abs)));
-                }
-                let mut dx_scale = m.da.dot(&abs(&w.fc1_weight));
-                if cfg.apply_probs_on_input {
-                    dp_scale = (&dx_scale * &abs(&cache.x_orig)).sum_axis(Axis(1));
-                    Zip::from(dx_scale.rows_mut())
-                        .and(&cache.p_orig)
-                        .for_each(|mut row, &pi| row.mapv_inplace(|v| v * pi.abs()));
-                }
+                let b = error_bounds(cfg, w, cache, &g, &du, &dz, &da);
                 let ws = &mut sc.weight_grads.experts[e];
-                ws.fc2_weight = g_abs.t().dot(&m.u);
-                ws.fc1_weight = m.da.t().dot(&abs(&cache.x));
+                ws.fc1_weight = b.fc1_weight;
+                ws.fc2_weight = b.fc2_weight;
                 if ws.fc1_bias.is_some() {
-                    ws.fc1_bias = Some(m.da.sum_axis(Axis(0)));
+                    ws.fc1_bias = Some(b.fc1_bias);
+                    ws.fc2_bias = Some(b.fc2_bias);
                 }
-                let mut y_scale = m.y;
-                if let Some(b2) = &w.fc2_bias {
-                    let b2_abs = b2.mapv(f64::abs);
-                    Zip::from(y_scale.rows_mut())
-                        .and(&cache.p)
-                        .for_each(|mut row, &pi| row.scaled_add(pi.abs(), &b2_abs));
-                }
+                let (y_scale, dx_scale, dp_scale) = (b.output, b.grad_input, b.grad_probs);
                 if let (Some(clamp), true) = (cfg.effective_clamp(), cfg.gated_linear_unit) {
                     let jump = clamp_ambiguity(cfg, &cache.a, &abs(&cache.x), w, &dz, clamp);
                     let mut dx_allow = jump.dot(&abs(&w.fc1_weight));
@@ -668,76 +650,187 @@ fn clamp_ambiguity(
     jump
 }
 
-/// First-order magnitudes of the quantities of one expert segment: for each intermediate `v`,
-/// `M_v` bounds `|∂v|/u` when every input and every rounded intermediate before it is perturbed
-/// by at most `u` relative to its own magnitude (a running error bound). Sums are taken over the
-/// absolute values of their terms, so cancellation in a GEMM or a reduction does not hide the
-/// rounding error of its terms.
-struct Magnitudes {
-    /// `M_u` `[n, N2]`: fc2 input.
-    u: Array2<f64>,
-    /// `M_y` `[n, h]`: output (without fc2 bias).
-    y: Array2<f64>,
-    /// `M_da` `[n, N1]`: gradient of the fc1 output.
-    da: Array2<f64>,
-    /// `M_dp` `[n]`: probs gradient from the activation path.
-    dp: Array1<f64>,
+/// First-order running error bounds of one expert segment's results (see [`ErrorScales`]).
+struct SegmentBounds {
+    output: Array2<f64>,
+    grad_input: Array2<f64>,
+    grad_probs: Array1<f64>,
+    fc1_weight: Array2<f64>,
+    fc1_bias: Array1<f64>,
+    fc2_weight: Array2<f64>,
+    fc2_bias: Array1<f64>,
 }
 
-fn magnitudes(
+/// A first-order running error bound of a storage-dtype implementation of one expert segment,
+/// in absolute units, propagated through the computation with the oracle's exact values:
+///
+/// * an operation that rounds its result `v` to the storage dtype adds `u·|v| + η` (unit
+///   roundoff `u`, subnormal spacing `η`); one that stays in f32 adds `u_f32·|v|`;
+/// * a GEMM or reduction over `K` terms adds `√K·u_f32·Σ|terms|` for f32 accumulation, and
+///   propagates its operands' bounds as `err(A)·|B| + |A|·err(B)`;
+/// * an elementwise function propagates `|f'(w)|·err(w)` (and `|f''|` for derivatives);
+/// * inputs, weights, probs and the upstream gradient are exact (both sides see the same
+///   values), so they carry no error.
+///
+/// The rounding points are those of an eager implementation (spec §4.8); an implementation
+/// that fuses the elementwise chain rounds less and stays inside the bound.
+#[allow(clippy::too_many_arguments)]
+fn error_bounds(
     cfg: &LayerConfig,
     w: &ExpertWeights,
     cache: &SegmentCache,
     g: &Array2<f64>,
     du: &Array2<f64>,
     dz: &Array2<f64>,
-) -> Magnitudes {
+    da: &Array2<f64>,
+) -> SegmentBounds {
+    let us = cfg.params_dtype.unit_roundoff();
+    let eta = cfg.params_dtype.subnormal_spacing();
+    let ua = crate::dtype::Dtype::F32.unit_roundoff();
+    let eager = cfg.eager_activation();
     let abs = |a: &Array2<f64>| a.mapv(f64::abs);
+    // Rounding to storage (eager ops) or to f32 (fused chains).
+    let rnd = |v: f64| us * v.abs() + eta;
+    let rnd_el = |v: f64| if eager { us * v.abs() + eta } else { ua * v.abs() };
+    let acc = |k: usize| (k.max(1) as f64).sqrt() * ua;
+    let (n, h) = (cache.x.nrows(), cache.x.ncols());
+    let p_abs = cache.p.mapv(f64::abs);
+    let scale_rows = |a: &Array2<f64>, p: &Array1<f64>| {
+        let mut a = a.clone();
+        Zip::from(a.rows_mut()).and(p).for_each(|mut row, &pi| row.mapv_inplace(|v| v * pi));
+        a
+    };
+    let x_abs = abs(&cache.x);
+    // x' = cast(p·x) with probs on the input, else exact.
+    let err_x = if cfg.apply_probs_on_input { cache.x.mapv(rnd) } else { Array2::zeros((n, h)) };
+    // fc1: a = round(x·W1ᵀ (+ b1)); SequentialMLP rounds before the bias add too.
+    let w1_abs = abs(&w.fc1_weight);
+    let mut err_a = err_x.dot(&w1_abs.t()) + x_abs.dot(&w1_abs.t()) * acc(h) + cache.a.mapv(rnd);
+    if let (Some(b1), LayerClass::Sequential) = (&w.fc1_bias, cfg.class) {
+        err_a += &(&cache.a - b1).mapv(rnd);
+    }
     let act = cfg.activation;
     let a = &cache.a;
-    let mut m_a = abs(&cache.x).dot(&abs(&w.fc1_weight).t()) + abs(a);
-    if let Some(b1) = &w.fc1_bias {
-        m_a += &b1.mapv(f64::abs);
-    }
-    let p_abs = cache.p.mapv(f64::abs);
-    let m_du = abs(g).dot(&abs(&w.fc2_weight)) + abs(du);
-    let mut m_dz = m_du.clone();
-    Zip::from(m_dz.rows_mut()).and(&p_abs).for_each(|mut row, &pi| row.mapv_inplace(|v| v * pi));
-    m_dz += &abs(dz);
-    let (m_z, m_da) = if cfg.gated_linear_unit {
+    let err_z = if cfg.gated_linear_unit {
         let clamp = cfg.effective_clamp();
         let offset = cfg.effective_offset();
         let k = a.ncols() / 2;
-        let mut m_z = Array2::zeros((a.nrows(), k));
-        let mut m_da = Array2::zeros(a.raw_dim());
-        for i in 0..a.nrows() {
+        let mut err_z = Array2::zeros((n, k));
+        for i in 0..n {
             for j in 0..k {
                 let (gv, lv) = (a[[i, j]], a[[i, k + j]]);
-                let (gc, lc) = match clamp {
-                    Some(c) => (gv.min(c), lv.clamp(-c, c)),
-                    None => (gv, lv),
+                let (gc, lc, gate_on, lin_on) = match clamp {
+                    Some(c) => (gv.min(c), lv.clamp(-c, c), gv <= c, (-c..=c).contains(&lv)),
+                    None => (gv, lv, true, true),
                 };
-                let lo = (lc + offset).abs();
-                let (mg, ml) = (m_a[[i, j]], m_a[[i, k + j]]);
-                let (f, f1, f2) = (act.apply(gc).abs(), act.derivative(gc).abs(), act.second_derivative(gc).abs());
-                m_z[[i, j]] = f1 * mg * lo + f * (ml + lo) + f * lo;
-                let (d, md) = (dz[[i, j]].abs(), m_dz[[i, j]]);
-                m_da[[i, j]] = md * lo * f1 + d * ml * f1 + d * lo * f2 * mg + d * lo * f1;
-                m_da[[i, k + j]] = md * f + d * f1 * mg + d * f;
+                let (eg, el) =
+                    (if gate_on { err_a[[i, j]] } else { 0.0 }, if lin_on { err_a[[i, k + j]] } else { 0.0 });
+                let (f, f1) = (act.apply(gc), act.derivative(gc));
+                let lin = lc + offset;
+                let err_act = f1.abs() * eg + rnd_el(f);
+                let err_lin = el + if offset != 0.0 { rnd_el(lin) } else { 0.0 };
+                err_z[[i, j]] = lin.abs() * err_act + f.abs() * err_lin + rnd_el(f * lin);
             }
         }
-        (m_z, m_da)
+        err_z
     } else {
-        let m_z = Zip::from(a).and(&m_a).map_collect(|&a, &ma| act.derivative(a).abs() * ma + act.apply(a).abs());
-        let m_da = Zip::from(a).and(&m_a).and(&m_dz).and(dz).map_collect(|&a, &ma, &md, &d| {
-            md * act.derivative(a).abs() + d.abs() * act.second_derivative(a).abs() * ma + (d * act.derivative(a)).abs()
-        });
-        (m_z, m_da)
+        Zip::from(a).and(&err_a).map_collect(|&a, &ea| act.derivative(a).abs() * ea + rnd_el(act.apply(a)))
     };
-    let mut m_u = m_z.clone();
-    Zip::from(m_u.rows_mut()).and(&p_abs).for_each(|mut row, &pi| row.mapv_inplace(|v| v * pi));
-    m_u += &abs(&cache.u);
-    let m_y = m_u.dot(&abs(&w.fc2_weight).t());
-    let m_dp = (&m_du * &abs(&cache.z) + abs(du) * &m_z).sum_axis(Axis(1));
-    Magnitudes { u: m_u, y: m_y, da: m_da, dp: m_dp }
+    // u = cast(z·p): product in f32, one storage rounding.
+    let err_u = scale_rows(&err_z, &p_abs) + cache.u.mapv(rnd);
+    // Output: y = round(u·W2ᵀ) (+ b2·p in f32, one rounding).
+    let w2_abs = abs(&w.fc2_weight);
+    let n2 = w.fc2_weight.ncols();
+    let mut output = err_u.dot(&w2_abs.t()) + abs(&cache.u).dot(&w2_abs.t()) * acc(n2);
+    let y_exact = cache.u.dot(&w.fc2_weight.t());
+    output += &y_exact.mapv(rnd);
+    if let Some(b2) = &w.fc2_bias {
+        let mut yb = y_exact.clone();
+        Zip::from(yb.rows_mut()).and(&cache.p).for_each(|mut row, &pi| row.scaled_add(pi, b2));
+        output += &yb.mapv(rnd);
+        // With probs in the storage dtype, b2·p is itself rounded (§4.8).
+        if cfg.probs_dtype != crate::dtype::Dtype::F32 {
+            let mut bp = Array2::zeros(yb.raw_dim());
+            Zip::from(bp.rows_mut()).and(&cache.p).for_each(|mut row, &pi| row.scaled_add(pi, b2));
+            output += &bp.mapv(rnd);
+        }
+    }
+    // Backward. du = round(G·W2); dz = cast(du·p) (eager) or du·p in f32 (fused).
+    let g_abs = abs(g);
+    let err_du = g_abs.dot(&w2_abs) * acc(h) + du.mapv(rnd);
+    let err_dz = scale_rows(&err_du, &p_abs) + dz.mapv(rnd_el);
+    let err_da = if cfg.gated_linear_unit {
+        let clamp = cfg.effective_clamp();
+        let offset = cfg.effective_offset();
+        let k = a.ncols() / 2;
+        let mut e_da = Array2::zeros(a.raw_dim());
+        for i in 0..n {
+            for j in 0..k {
+                let (gv, lv) = (a[[i, j]], a[[i, k + j]]);
+                let (gc, lc, gate_on, lin_on) = match clamp {
+                    Some(c) => (gv.min(c), lv.clamp(-c, c), gv <= c, (-c..=c).contains(&lv)),
+                    None => (gv, lv, true, true),
+                };
+                let (eg, el) =
+                    (if gate_on { err_a[[i, j]] } else { 0.0 }, if lin_on { err_a[[i, k + j]] } else { 0.0 });
+                let (f, f1, f2) = (act.apply(gc), act.derivative(gc), act.second_derivative(gc).abs());
+                let lin = lc + offset;
+                let (d, ed) = (dz[[i, j]], err_dz[[i, j]]);
+                let err_act = f1.abs() * eg + rnd_el(f);
+                let d_act_g = d * lin;
+                let err_d_act_g = lin.abs() * ed + d.abs() * el + rnd_el(d_act_g);
+                e_da[[i, j]] =
+                    if gate_on { f1.abs() * err_d_act_g + d_act_g.abs() * f2 * eg + rnd(da[[i, j]]) } else { 0.0 };
+                e_da[[i, k + j]] = if lin_on { f.abs() * ed + d.abs() * err_act + rnd(da[[i, k + j]]) } else { 0.0 };
+            }
+        }
+        e_da
+    } else {
+        Zip::from(a).and(&err_a).and(&err_dz).and(dz).map_collect(|&a, &ea, &ed, &d| {
+            act.derivative(a).abs() * ed + d.abs() * act.second_derivative(a).abs() * ea + rnd(d * act.derivative(a))
+        })
+    };
+    let da_abs = abs(da);
+    let n1 = w.fc1_weight.nrows();
+    // dx' = round(da·W1); with probs on the input dx = cast(dx'·p), dp = Σ x·dx'.
+    let dxp = da.dot(&w.fc1_weight);
+    let mut grad_input = err_da.dot(&w1_abs) + da_abs.dot(&w1_abs) * acc(n1) + dxp.mapv(rnd);
+    // The probs grad is stored in the probs dtype.
+    let round_probs = |v: f64| {
+        if cfg.probs_dtype == crate::dtype::Dtype::F32 {
+            ua * v.abs()
+        } else {
+            cfg.probs_dtype.unit_roundoff() * v.abs() + cfg.probs_dtype.subnormal_spacing()
+        }
+    };
+    let grad_probs = if cfg.apply_probs_on_input {
+        let x_orig_abs = abs(&cache.x_orig);
+        let dp_value = (&dxp * &cache.x_orig).sum_axis(Axis(1));
+        let dp = (&grad_input * &x_orig_abs).sum_axis(Axis(1))
+            + (abs(&dxp) * &x_orig_abs).sum_axis(Axis(1)) * acc(h)
+            + dp_value.mapv(round_probs);
+        grad_input = scale_rows(&grad_input, &cache.p_orig.mapv(f64::abs)) + scale_rows(&dxp, &cache.p_orig).mapv(rnd);
+        dp
+    } else {
+        // dp = Σ_j du·z (+ Σ_j G·b2), f32 sums, stored in the probs dtype.
+        let z_abs = abs(&cache.z);
+        let mut dp_value = (du * &cache.z).sum_axis(Axis(1));
+        let mut dp =
+            (&err_du * &z_abs + abs(du) * &err_z).sum_axis(Axis(1)) + (abs(du) * &z_abs).sum_axis(Axis(1)) * acc(n2);
+        if let Some(b2) = &w.fc2_bias {
+            dp += &(g_abs.dot(&b2.mapv(f64::abs)) * acc(h));
+            dp_value += &g.dot(b2);
+        }
+        dp + dp_value.mapv(round_probs)
+    };
+    let x_err_total = &err_x;
+    let fc1_weight = err_da.t().dot(&x_abs)
+        + da_abs.t().dot(x_err_total)
+        + da_abs.t().dot(&x_abs) * acc(n)
+        + da.t().dot(&cache.x).mapv(rnd);
+    let fc1_bias = err_da.sum_axis(Axis(0)) + da_abs.sum_axis(Axis(0)) * acc(n) + da.sum_axis(Axis(0)).mapv(rnd);
+    let fc2_weight = g_abs.t().dot(&err_u) + g_abs.t().dot(&abs(&cache.u)) * acc(n) + g.t().dot(&cache.u).mapv(rnd);
+    let gp = scale_rows(g, &cache.p);
+    let fc2_bias = abs(&gp).sum_axis(Axis(0)) * acc(n) + gp.sum_axis(Axis(0)).mapv(rnd);
+    SegmentBounds { output, grad_input, grad_probs, fc1_weight, fc1_bias, fc2_weight, fc2_bias }
 }

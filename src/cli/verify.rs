@@ -75,9 +75,14 @@ pub fn run(args: &VerifyArgs) -> i32 {
     let failed: Vec<&PropertyReport> = reports.iter().filter(|r| !r.passed()).collect();
     for r in &failed {
         let f = r.failure.as_ref().expect("failed report has a failure");
-        eprintln!("\nFAIL {} / {}: minimal failing case ({}):", r.backend, r.property.name(), f.case.summary());
-        eprintln!("{}", f.message);
-        eprintln!("\nPaste into a regression test:\n{}", f.case.to_rust());
+        match &f.case {
+            Some(case) => {
+                eprintln!("\nFAIL {} / {}: minimal failing case ({}):", r.backend, r.property.name(), case.summary());
+                eprintln!("{}", f.message);
+                eprintln!("\nPaste into a regression test:\n{}", case.to_rust());
+            }
+            None => eprintln!("\nFAIL {} / {}: {}", r.backend, r.property.name(), f.message),
+        }
     }
     i32::from(!failed.is_empty())
 }

@@ -1,0 +1,737 @@
+//! Megatron-Core's `sharded_state_dict` for the three expert classes (spec §7), reproduced
+//! field for field: ShardedTensor key, global shape and offset, local shape, axis
+//! fragmentations, replica id and `prepend_axis_num`, and the `_extra_state` ShardedObjects
+//! (GroupedMLP's placeholder ones included).
+//!
+//! The builder also records, for every ShardedTensor, which part of the rank's canonical
+//! per-expert weights it holds ([`Source`]); [`build`] and [`merge`] use that to turn a class
+//! state dict into shard data and back (Megatron's factory build and merge functions).
+
+use super::tensor::{RawStateDict, RawTensor};
+use super::CheckpointError;
+use moe_reference::{Dtype, LayerClass};
+use serde::Serialize;
+use std::borrow::Cow;
+use std::ops::Range;
+
+/// The expert layer whose checkpoint layout is described: class, sizes, parallel sizes, key
+/// options. Offsets `O` (spec §7.2) are always empty, as in Megatron's own tests; pipeline
+/// parallelism only changes `prefix` (`"{pp_rank}."` in those tests).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+pub struct ExpertLayout {
+    /// Expert class.
+    pub class: LayerClass,
+    /// Global number of experts `E`.
+    pub num_experts: usize,
+    /// `hidden_size` `h`.
+    pub hidden: usize,
+    /// The unsplit `moe_ffn_hidden_size` `f`.
+    pub ffn: usize,
+    /// `gated_linear_unit`.
+    pub glu: bool,
+    /// `add_bias_linear`.
+    pub bias: bool,
+    /// Expert-tensor-parallel size `t`.
+    pub tp: usize,
+    /// Expert-parallel size `p_ep`.
+    pub ep: usize,
+    /// `metadata['singleton_local_shards']`: one key per global expert.
+    pub singleton: bool,
+    /// Key prefix `P` (ends with a dot unless empty).
+    pub prefix: String,
+}
+
+/// One process's position: ETP rank, EP rank and expert-data-parallel rank (the third element
+/// of every replica id).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct RankCoord {
+    /// Expert-tensor-parallel rank `r`.
+    pub tp_rank: usize,
+    /// Expert-parallel rank `r_ep`.
+    pub ep_rank: usize,
+    /// Expert-data-parallel rank.
+    pub edp_rank: usize,
+}
+
+impl RankCoord {
+    /// The rank at (ep_rank, tp_rank) with expert-DP rank 0.
+    pub fn new(ep_rank: usize, tp_rank: usize) -> RankCoord {
+        RankCoord { tp_rank, ep_rank, edp_rank: 0 }
+    }
+}
+
+/// Which canonical per-expert tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum Param {
+    /// fc1 weight `[N1, h]`.
+    Fc1Weight,
+    /// fc1 bias `[N1]`.
+    Fc1Bias,
+    /// fc2 weight `[h, N2]`.
+    Fc2Weight,
+    /// fc2 bias `[h]`.
+    Fc2Bias,
+}
+
+/// Which rows of a GLU fc1 tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum Half {
+    /// All rows.
+    All,
+    /// The gate half (`w`, rows `[0, N2)`).
+    W,
+    /// The linear half (`v`, rows `[N2, 2·N2)`).
+    V,
+}
+
+/// Where a ShardedTensor's local data comes from: the given rows of one canonical parameter of
+/// a range of local experts, stacked along a leading expert axis when `stacked`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Source {
+    /// The parameter.
+    pub param: Param,
+    /// The row half (GLU fc1 only).
+    pub half: Half,
+    /// Local experts, in order.
+    pub experts: Range<usize>,
+    /// True when the local data has a leading axis of `experts.len()` (GroupedMLP).
+    pub stacked: bool,
+}
+
+/// Megatron's `ShardedTensor` (metadata only).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ShardedTensor {
+    /// Checkpoint key.
+    pub key: String,
+    /// Global shape (`prepend_axis_num + local ndim` axes).
+    pub global_shape: Vec<usize>,
+    /// Global offset of this shard.
+    pub global_offset: Vec<usize>,
+    /// Shape of the local data (without the prepended axes).
+    pub local_shape: Vec<usize>,
+    /// Fragmentation of each global axis.
+    pub axis_fragmentations: Vec<usize>,
+    /// `(pp, tp, dp)`; only the main replica `(0, 0, 0)` writes the shard.
+    pub replica_id: [usize; 3],
+    /// Number of leading virtual axes of local size 1.
+    pub prepend_axis_num: usize,
+    /// The local data's origin in the rank's canonical weights.
+    #[serde(skip)]
+    pub source: Source,
+}
+
+impl ShardedTensor {
+    /// Megatron's `ShardedTensor.from_rank_offsets`: each `(axis, rank_offset, fragmentation)`
+    /// scales the local size of `axis` (1 for a prepended axis).
+    pub fn from_rank_offsets(
+        key: String,
+        local_shape: Vec<usize>,
+        rank_offsets: &[(usize, usize, usize)],
+        replica_id: [usize; 3],
+        prepend_axis_num: usize,
+        source: Source,
+    ) -> ShardedTensor {
+        let nd = prepend_axis_num + local_shape.len();
+        let mut global_shape: Vec<usize> = vec![1; prepend_axis_num];
+        global_shape.extend(&local_shape);
+        let mut global_offset = vec![0; nd];
+        let mut axis_fragmentations = vec![1; nd];
+        for &(axis, off, frag) in rank_offsets {
+            assert!(axis < nd && off < frag, "invalid rank offset ({axis}, {off}, {frag}) for {key}");
+            let local = if axis < prepend_axis_num { 1 } else { local_shape[axis - prepend_axis_num] };
+            global_shape[axis] = frag * local;
+            global_offset[axis] = off * local;
+            axis_fragmentations[axis] = frag;
+        }
+        ShardedTensor {
+            key,
+            global_shape,
+            global_offset,
+            local_shape,
+            axis_fragmentations,
+            replica_id,
+            prepend_axis_num,
+            source,
+        }
+    }
+
+    /// True for the main replica, the one that writes the shard.
+    pub fn is_main_replica(&self) -> bool {
+        self.replica_id == [0, 0, 0]
+    }
+
+    /// The local shape with the prepended axes as 1s (the shard's extent in global space).
+    pub fn extent(&self) -> Vec<usize> {
+        let mut s = vec![1; self.prepend_axis_num];
+        s.extend(&self.local_shape);
+        s
+    }
+}
+
+/// Megatron's `ShardedObject` (an atomic, non-reshardable value; here always `_extra_state`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ShardedObject {
+    /// Checkpoint key (without the `/shard_…` suffix).
+    pub key: String,
+    /// Global shape (the fragmentations of the offsets, or `(1,)`).
+    pub global_shape: Vec<usize>,
+    /// Global offset (the rank offsets, or `(0,)`).
+    pub global_offset: Vec<usize>,
+    /// `(pp, tp, dp)`.
+    pub replica_id: [usize; 3],
+}
+
+impl ShardedObject {
+    /// `make_sharded_object_for_checkpoint`: offsets sorted by axis become the object's
+    /// offset (rank offsets) and shape (fragmentations); none gives `(0,)` / `(1,)`.
+    pub fn from_offsets(key: String, offsets: &[(usize, usize, usize)], replica_id: [usize; 3]) -> Self {
+        let (global_shape, global_offset) = if offsets.is_empty() {
+            (vec![1], vec![0])
+        } else {
+            let mut o = offsets.to_vec();
+            o.sort();
+            (o.iter().map(|x| x.2).collect(), o.iter().map(|x| x.1).collect())
+        };
+        ShardedObject { key, global_shape, global_offset, replica_id }
+    }
+
+    /// Megatron's unique key: `"{key}/shard_{offsets joined by '.'}_{shape joined by '.'}"`.
+    pub fn unique_key(&self) -> String {
+        let j = |v: &[usize]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(".");
+        format!("{}/shard_{}_{}", self.key, j(&self.global_offset), j(&self.global_shape))
+    }
+
+    /// True for the main replica.
+    pub fn is_main_replica(&self) -> bool {
+        self.replica_id == [0, 0, 0]
+    }
+}
+
+/// One entry of a sharded state dict.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ShardedEntry {
+    /// A ShardedTensor.
+    Tensor(ShardedTensor),
+    /// A ShardedObject.
+    Object(ShardedObject),
+}
+
+impl ShardedEntry {
+    /// The checkpoint key.
+    pub fn key(&self) -> &str {
+        match self {
+            ShardedEntry::Tensor(t) => &t.key,
+            ShardedEntry::Object(o) => &o.key,
+        }
+    }
+
+    /// The global offset.
+    pub fn global_offset(&self) -> &[usize] {
+        match self {
+            ShardedEntry::Tensor(t) => &t.global_offset,
+            ShardedEntry::Object(o) => &o.global_offset,
+        }
+    }
+
+    /// The JSON form printed by `moe-verify layout --json`.
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            ShardedEntry::Tensor(t) => serde_json::json!({
+                "key": t.key,
+                "kind": "tensor",
+                "global_shape": t.global_shape,
+                "global_offset": t.global_offset,
+                "local_shape": t.local_shape,
+                "axis_fragmentations": t.axis_fragmentations,
+                "replica_id": t.replica_id,
+                "prepend_axis_num": t.prepend_axis_num,
+            }),
+            ShardedEntry::Object(o) => serde_json::json!({
+                "key": o.key,
+                "kind": "object",
+                "global_shape": o.global_shape,
+                "global_offset": o.global_offset,
+                "replica_id": o.replica_id,
+            }),
+        }
+    }
+}
+
+impl ExpertLayout {
+    /// `E_l = E / p_ep`.
+    pub fn local_experts(&self) -> usize {
+        self.num_experts / self.ep
+    }
+
+    /// `N2 = f / t`.
+    pub fn n2(&self) -> usize {
+        self.ffn / self.tp
+    }
+
+    /// `N1`: `2·N2` with GLU, else `N2`.
+    pub fn n1(&self) -> usize {
+        if self.glu {
+            2 * self.n2()
+        } else {
+            self.n2()
+        }
+    }
+
+    /// Checks the sizes and the class rules Megatron enforces (GroupedMLP has no bias; bias
+    /// requires `t == 1`; `E % p_ep == 0`; `f % t == 0`).
+    pub fn validate(&self) -> Result<(), CheckpointError> {
+        let bad = |m: String| Err(CheckpointError::Layout(m));
+        if self.num_experts == 0 || self.hidden == 0 || self.ffn == 0 || self.tp == 0 || self.ep == 0 {
+            return bad(format!(
+                "num_experts ({}), hidden ({}), ffn ({}), tp ({}) and ep ({}) must be positive",
+                self.num_experts, self.hidden, self.ffn, self.tp, self.ep
+            ));
+        }
+        if !self.num_experts.is_multiple_of(self.ep) {
+            return bad(format!("num_experts {} is not divisible by ep {}", self.num_experts, self.ep));
+        }
+        if !self.ffn.is_multiple_of(self.tp) {
+            return bad(format!("ffn {} is not divisible by tp {}", self.ffn, self.tp));
+        }
+        if self.bias && self.tp > 1 {
+            return bad(format!("bias requires expert tp == 1 (Megatron asserts it), got tp {}", self.tp));
+        }
+        if self.bias && self.class == LayerClass::Grouped {
+            return bad("GroupedMLP has no bias (Megatron asserts add_bias_linear=False)".into());
+        }
+        if !self.prefix.is_empty() && !self.prefix.ends_with('.') {
+            return bad(format!("prefix {:?} must end with '.'", self.prefix));
+        }
+        Ok(())
+    }
+
+    /// Every (ep_rank, tp_rank) of this layout, ep-major, expert-DP rank 0.
+    pub fn ranks(&self) -> Vec<RankCoord> {
+        (0..self.ep).flat_map(|q| (0..self.tp).map(move |r| RankCoord::new(q, r))).collect()
+    }
+
+    /// The reference `LayerConfig` of this layout at `rank` (bf16 or another dtype, silu).
+    pub fn layer_config(&self, rank: RankCoord, dtype: Dtype) -> moe_reference::LayerConfig {
+        moe_reference::LayerConfig {
+            class: self.class,
+            num_experts: self.num_experts,
+            hidden_size: self.hidden,
+            ffn_hidden_size: self.ffn,
+            gated_linear_unit: self.glu,
+            add_bias: self.bias,
+            params_dtype: dtype,
+            parallel: moe_reference::Parallelism {
+                tp_size: self.tp,
+                tp_rank: rank.tp_rank,
+                ep_size: self.ep,
+                ep_rank: rank.ep_rank,
+            },
+            ..moe_reference::LayerConfig::example()
+        }
+    }
+}
+
+/// The sharded state dict Megatron-Core builds for `layout` on `rank` (spec §7.3–§7.5), sorted
+/// by key, then global offset.
+pub fn sharded_state_dict(layout: &ExpertLayout, rank: RankCoord) -> Result<Vec<ShardedEntry>, CheckpointError> {
+    layout.validate()?;
+    if rank.tp_rank >= layout.tp || rank.ep_rank >= layout.ep {
+        return Err(CheckpointError::Layout(format!(
+            "rank (ep {}, tp {}) outside ep {} x tp {}",
+            rank.ep_rank, rank.tp_rank, layout.ep, layout.tp
+        )));
+    }
+    let mut out = match layout.class {
+        LayerClass::Sequential | LayerClass::TeGrouped => per_expert_entries(layout, rank),
+        LayerClass::Grouped => grouped_entries(layout, rank),
+    };
+    out.sort_by(|a, b| (a.key(), a.global_offset()).cmp(&(b.key(), b.global_offset())));
+    Ok(out)
+}
+
+/// SequentialMLP and TEGroupedMLP: identical keys, shapes, offsets and replica ids (§7.3, §7.4).
+fn per_expert_entries(l: &ExpertLayout, rank: RankCoord) -> Vec<ShardedEntry> {
+    let (t, r, edp) = (l.tp, rank.tp_rank, rank.edp_rank);
+    let (h, n2, el) = (l.hidden, l.n2(), l.local_experts());
+    let p = &l.prefix;
+    let mut out = Vec::new();
+    for e in 0..el {
+        let g = rank.ep_rank * el + e;
+        // O' = O + ((k, g, E),) (non-singleton) or O; keys `P experts.` or `P experts.{g}.`.
+        let (pre, base): (Vec<(usize, usize, usize)>, String) = if l.singleton {
+            (vec![], format!("{p}experts.{g}."))
+        } else {
+            (vec![(0, g, l.num_experts)], format!("{p}experts."))
+        };
+        let k = pre.len();
+        let src = |param, half| Source { param, half, experts: e..e + 1, stacked: false };
+        let with = |extra: (usize, usize, usize)| -> Vec<(usize, usize, usize)> {
+            let mut v = pre.clone();
+            v.push(extra);
+            v
+        };
+        let weight_replica = [0, 0, edp];
+        let replicated = [0, r, edp];
+        for (name, param, local) in [("weight", Param::Fc1Weight, vec![n2, h]), ("bias", Param::Fc1Bias, vec![n2])] {
+            if param == Param::Fc1Bias && !l.bias {
+                continue;
+            }
+            let key = format!("{base}linear_fc1.{name}");
+            if l.glu {
+                // apply_swiglu_sharded_factory: w = chunk r of 2t, v = chunk t + r of 2t
+                // (singleton: separate `_w`/`_v` keys, chunk r of t each).
+                let (kw, kv, ow, ov) = if l.singleton {
+                    (format!("{key}_w"), format!("{key}_v"), (k, r, t), (k, r, t))
+                } else {
+                    (key.clone(), key.clone(), (k, r, 2 * t), (k, t + r, 2 * t))
+                };
+                out.push(ShardedEntry::Tensor(ShardedTensor::from_rank_offsets(
+                    kw,
+                    local.clone(),
+                    &with(ow),
+                    weight_replica,
+                    k,
+                    src(param, Half::W),
+                )));
+                out.push(ShardedEntry::Tensor(ShardedTensor::from_rank_offsets(
+                    kv,
+                    local,
+                    &with(ov),
+                    weight_replica,
+                    k,
+                    src(param, Half::V),
+                )));
+            } else {
+                out.push(ShardedEntry::Tensor(ShardedTensor::from_rank_offsets(
+                    key,
+                    local,
+                    &with((k, r, t)),
+                    weight_replica,
+                    k,
+                    src(param, Half::All),
+                )));
+            }
+        }
+        out.push(ShardedEntry::Tensor(ShardedTensor::from_rank_offsets(
+            format!("{base}linear_fc2.weight"),
+            vec![h, n2],
+            &with((k + 1, r, t)),
+            weight_replica,
+            k,
+            src(Param::Fc2Weight, Half::All),
+        )));
+        if l.bias {
+            out.push(ShardedEntry::Tensor(ShardedTensor::from_rank_offsets(
+                format!("{base}linear_fc2.bias"),
+                vec![h],
+                &pre,
+                replicated,
+                k,
+                src(Param::Fc2Bias, Half::All),
+            )));
+        }
+        for m in ["linear_fc1", "linear_fc2"] {
+            out.push(ShardedEntry::Object(ShardedObject::from_offsets(
+                format!("{base}{m}._extra_state"),
+                &pre,
+                replicated,
+            )));
+        }
+    }
+    out
+}
+
+/// GroupedMLP (OLD, §7.5): one factory per packed weight plus fake `_extra_state` objects.
+fn grouped_entries(l: &ExpertLayout, rank: RankCoord) -> Vec<ShardedEntry> {
+    let (t, r, edp) = (l.tp, rank.tp_rank, rank.edp_rank);
+    let (h, n2, el) = (l.hidden, l.n2(), l.local_experts());
+    let (q, pe) = (rank.ep_rank, l.ep);
+    let p = &l.prefix;
+    let replica = [0, 0, edp];
+    let mut out = Vec::new();
+    let tensor = |key: String, local: Vec<usize>, offs: &[(usize, usize, usize)], source: Source| {
+        ShardedEntry::Tensor(ShardedTensor::from_rank_offsets(key, local, offs, replica, 0, source))
+    };
+    if !l.singleton {
+        let all = |param, half| Source { param, half, experts: 0..el, stacked: true };
+        let k1 = format!("{p}experts.linear_fc1.weight");
+        if l.glu {
+            out.push(tensor(k1.clone(), vec![el, n2, h], &[(0, q, pe), (1, r, 2 * t)], all(Param::Fc1Weight, Half::W)));
+            out.push(tensor(k1, vec![el, n2, h], &[(0, q, pe), (1, t + r, 2 * t)], all(Param::Fc1Weight, Half::V)));
+        } else {
+            out.push(tensor(k1, vec![el, n2, h], &[(0, q, pe), (1, r, t)], all(Param::Fc1Weight, Half::All)));
+        }
+        out.push(tensor(
+            format!("{p}experts.linear_fc2.weight"),
+            vec![el, h, n2],
+            &[(0, q, pe), (2, r, t)],
+            all(Param::Fc2Weight, Half::All),
+        ));
+    } else {
+        for e in 0..el {
+            let g = q * el + e;
+            let one = |param, half| Source { param, half, experts: e..e + 1, stacked: false };
+            let k1 = format!("{p}experts.{g}.linear_fc1.weight");
+            if l.glu {
+                out.push(tensor(format!("{k1}_w"), vec![n2, h], &[(0, r, t)], one(Param::Fc1Weight, Half::W)));
+                out.push(tensor(format!("{k1}_v"), vec![n2, h], &[(0, r, t)], one(Param::Fc1Weight, Half::V)));
+            } else {
+                out.push(tensor(k1, vec![n2, h], &[(0, r, t)], one(Param::Fc1Weight, Half::All)));
+            }
+            out.push(tensor(
+                format!("{p}experts.{g}.linear_fc2.weight"),
+                vec![h, n2],
+                &[(1, r, t)],
+                one(Param::Fc2Weight, Half::All),
+            ));
+        }
+    }
+    // Placeholder `_extra_state` objects mirroring SequentialMLP's, replica (0, r, edp).
+    for e in 0..el {
+        let g = q * el + e;
+        for m in ["linear_fc1", "linear_fc2"] {
+            let obj = if l.singleton {
+                ShardedObject::from_offsets(format!("{p}experts.{g}.{m}._extra_state"), &[], [0, r, edp])
+            } else {
+                ShardedObject::from_offsets(
+                    format!("{p}experts.{m}._extra_state"),
+                    &[(0, g, l.num_experts)],
+                    [0, r, edp],
+                )
+            };
+            out.push(ShardedEntry::Object(obj));
+        }
+    }
+    out
+}
+
+/// One rank's canonical per-expert tensors (`[out, in]`), each possibly absent (biases);
+/// borrowed from the class state dict where no conversion is needed.
+pub type Canonical<'a> = Vec<[Option<Cow<'a, RawTensor>>; 4]>;
+
+/// The index of `p` in a [`Canonical`] row.
+pub fn slot(p: Param) -> usize {
+    match p {
+        Param::Fc1Weight => 0,
+        Param::Fc1Bias => 1,
+        Param::Fc2Weight => 2,
+        Param::Fc2Bias => 3,
+    }
+}
+
+/// The class state-dict names of local expert `e`'s four tensors (Sequential/TE classes).
+fn names(class: LayerClass, e: usize) -> [String; 4] {
+    match class {
+        LayerClass::TeGrouped => [
+            format!("linear_fc1.weight{e}"),
+            format!("linear_fc1.bias{e}"),
+            format!("linear_fc2.weight{e}"),
+            format!("linear_fc2.bias{e}"),
+        ],
+        _ => [
+            format!("local_experts.{e}.linear_fc1.weight"),
+            format!("local_experts.{e}.linear_fc1.bias"),
+            format!("local_experts.{e}.linear_fc2.weight"),
+            format!("local_experts.{e}.linear_fc2.bias"),
+        ],
+    }
+}
+
+fn expected_shape(l: &ExpertLayout, p: Param) -> Vec<usize> {
+    match p {
+        Param::Fc1Weight => vec![l.n1(), l.hidden],
+        Param::Fc1Bias => vec![l.n1()],
+        Param::Fc2Weight => vec![l.hidden, l.n2()],
+        Param::Fc2Bias => vec![l.hidden],
+    }
+}
+
+const PARAMS: [Param; 4] = [Param::Fc1Weight, Param::Fc1Bias, Param::Fc2Weight, Param::Fc2Bias];
+
+/// Reads a class state dict (one rank) into canonical per-expert tensors, checking names,
+/// shapes and a single dtype. GroupedMLP's packed weights are reinterpreted as
+/// `[E_l, h, N1]` / `[E_l, N2, h]` and transposed per expert (spec §3.3).
+pub fn to_canonical<'a>(l: &ExpertLayout, sd: &'a RawStateDict) -> Result<Canonical<'a>, CheckpointError> {
+    let el = l.local_experts();
+    let get = |name: &str, shape: &[usize]| -> Result<&'a RawTensor, CheckpointError> {
+        let t = sd.get(name).ok_or_else(|| CheckpointError::State {
+            key: name.to_string(),
+            msg: format!("missing from the {} state dict", l.class.megatron_name()),
+        })?;
+        if t.shape != shape {
+            return Err(CheckpointError::State {
+                key: name.to_string(),
+                msg: format!("shape {:?}, expected {:?}", t.shape, shape),
+            });
+        }
+        Ok(t)
+    };
+    let mut out: Canonical = vec![[None, None, None, None]; el];
+    match l.class {
+        LayerClass::Sequential | LayerClass::TeGrouped => {
+            for (e, row) in out.iter_mut().enumerate() {
+                let n = names(l.class, e);
+                for p in PARAMS {
+                    if !l.bias && matches!(p, Param::Fc1Bias | Param::Fc2Bias) {
+                        continue;
+                    }
+                    row[slot(p)] = Some(Cow::Borrowed(get(&n[slot(p)], &expected_shape(l, p))?));
+                }
+            }
+        }
+        LayerClass::Grouped => {
+            let (h, n1, n2) = (l.hidden, l.n1(), l.n2());
+            let w1 = get("weight1", &[h, el * n1])?;
+            let w2 = get("weight2", &[el * n2, h])?;
+            let es = w1.elem();
+            for (e, row) in out.iter_mut().enumerate() {
+                let b1 = RawTensor {
+                    dtype: w1.dtype,
+                    shape: vec![h, n1],
+                    data: w1.data[e * h * n1 * es..(e + 1) * h * n1 * es].to_vec(),
+                };
+                let b2 = RawTensor {
+                    dtype: w2.dtype,
+                    shape: vec![n2, h],
+                    data: w2.data[e * n2 * h * es..(e + 1) * n2 * h * es].to_vec(),
+                };
+                row[0] = Some(Cow::Owned(b1.transpose_last2()));
+                row[2] = Some(Cow::Owned(b2.transpose_last2()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The inverse of [`to_canonical`]: the class state dict of one rank.
+pub fn from_canonical(l: &ExpertLayout, c: Canonical<'_>) -> RawStateDict {
+    let mut sd = RawStateDict::new();
+    match l.class {
+        LayerClass::Sequential | LayerClass::TeGrouped => {
+            for (e, row) in c.into_iter().enumerate() {
+                let n = names(l.class, e);
+                for (i, t) in row.into_iter().enumerate() {
+                    if let Some(t) = t {
+                        sd.insert(n[i].clone(), t.into_owned());
+                    }
+                }
+            }
+        }
+        LayerClass::Grouped => {
+            let (h, n1, n2, el) = (l.hidden, l.n1(), l.n2(), l.local_experts());
+            let dtype = c[0][0].as_ref().expect("fc1 weight").dtype;
+            let (mut w1, mut w2) = (Vec::new(), Vec::new());
+            for row in &c {
+                w1.extend(row[0].as_ref().expect("fc1 weight").transpose_last2().data);
+                w2.extend(row[2].as_ref().expect("fc2 weight").transpose_last2().data);
+            }
+            sd.insert("weight1".into(), RawTensor { dtype, shape: vec![h, el * n1], data: w1 });
+            sd.insert("weight2".into(), RawTensor { dtype, shape: vec![el * n2, h], data: w2 });
+        }
+    }
+    sd
+}
+
+/// The byte range of `half` within one canonical tensor (rows are contiguous, row-major).
+fn half_bytes(t: &RawTensor, half: Half) -> Range<usize> {
+    let n = t.data.len();
+    match half {
+        Half::All => 0..n,
+        Half::W => 0..n / 2,
+        Half::V => n / 2..n,
+    }
+}
+
+/// The local data of `st` as byte slices of the canonical tensors, in row-major order
+/// (the factory build, without copying).
+pub fn shard_pieces<'a>(st: &ShardedTensor, c: &'a Canonical<'_>) -> Vec<&'a [u8]> {
+    let s = &st.source;
+    s.experts
+        .clone()
+        .map(|e| {
+            let t = c[e][slot(s.param)].as_ref().expect("canonical tensor present");
+            &t.data[half_bytes(t, s.half)]
+        })
+        .collect()
+}
+
+/// Megatron's build: every ShardedTensor of `rank` with its local data, from a class state dict.
+pub fn build<'a>(
+    l: &ExpertLayout,
+    rank: RankCoord,
+    sd: &'a RawStateDict,
+) -> Result<(Vec<ShardedEntry>, Canonical<'a>), CheckpointError> {
+    let entries = sharded_state_dict(l, rank)?;
+    let c = to_canonical(l, sd)?;
+    Ok((entries, c))
+}
+
+/// Megatron's merge: the class state dict of `rank` from the loaded local data of each of its
+/// ShardedTensors (`loaded[i]` belongs to the i-th tensor entry of
+/// [`sharded_state_dict`]`(l, rank)`).
+pub fn merge(
+    l: &ExpertLayout,
+    rank: RankCoord,
+    dtype: Dtype,
+    loaded: Vec<(ShardedTensor, Vec<u8>)>,
+) -> Result<RawStateDict, CheckpointError> {
+    let _ = rank;
+    let el = l.local_experts();
+    let needed = |p: Param| l.bias || matches!(p, Param::Fc1Weight | Param::Fc2Weight);
+    let mut c: Canonical<'static> = (0..el).map(|_| [None, None, None, None]).collect();
+    for (st, data) in loaded {
+        let s = &st.source;
+        let want = expected_shape(l, s.param);
+        let full = want.iter().product::<usize>() * dtype.size_bytes();
+        if s.half == Half::All && s.experts.len() == 1 && data.len() == full {
+            // The shard is the whole tensor: move it, no copy.
+            c[s.experts.start][slot(s.param)] = Some(Cow::Owned(RawTensor { dtype, shape: want, data }));
+            continue;
+        }
+        let per = data.len() / s.experts.len().max(1);
+        for (i, e) in s.experts.clone().enumerate() {
+            let t =
+                c[e][slot(s.param)].get_or_insert_with(|| Cow::Owned(RawTensor::zeros(dtype, want.clone()))).to_mut();
+            let range = half_bytes(t, s.half);
+            if range.len() != per {
+                return Err(CheckpointError::State {
+                    key: st.key.clone(),
+                    msg: format!("loaded {} bytes per expert, expected {}", per, range.len()),
+                });
+            }
+            t.data[range].copy_from_slice(&data[i * per..(i + 1) * per]);
+        }
+    }
+    for (e, row) in c.iter().enumerate() {
+        for p in PARAMS {
+            if needed(p) && row[slot(p)].is_none() {
+                return Err(CheckpointError::State {
+                    key: format!("local expert {e} {p:?}"),
+                    msg: "no shard loaded for it".into(),
+                });
+            }
+        }
+    }
+    Ok(from_canonical(l, c))
+}
+
+/// Every rank's sharded state dict as printed by `moe-verify layout --json`: ranks in ep-major
+/// then tp order (expert-DP rank 0), entries sorted by key, then global offset.
+pub fn layout_json(l: &ExpertLayout) -> Result<serde_json::Value, CheckpointError> {
+    layout_json_at(l, 0)
+}
+
+/// As [`layout_json`], on expert-data-parallel rank `edp_rank` (the third replica-id element).
+pub fn layout_json_at(l: &ExpertLayout, edp_rank: usize) -> Result<serde_json::Value, CheckpointError> {
+    let mut ranks = Vec::new();
+    for rank in l.ranks() {
+        let rank = RankCoord { edp_rank, ..rank };
+        let entries: Vec<serde_json::Value> = sharded_state_dict(l, rank)?.iter().map(ShardedEntry::to_json).collect();
+        ranks.push(serde_json::json!({
+            "tp_rank": rank.tp_rank,
+            "ep_rank": rank.ep_rank,
+            "entries": entries,
+        }));
+    }
+    Ok(serde_json::Value::Array(ranks))
+}

@@ -1,0 +1,299 @@
+//! `moe-verify layout`, `reshard` and `inspect`: Megatron-Core sharded state dicts and
+//! checkpoint conversion.
+//!
+//! Exit codes: 0 success, 1 a check failed (verify-after-write), 2 bad input or usage. Errors
+//! go to stderr and name the file or key at fault.
+
+use moe_harness::checkpoint::{self, format::parse_key, CheckpointError, ExpertLayout};
+use moe_reference::LayerClass;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// Arguments of `moe-verify layout`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LayoutArgs {
+    /// Expert class: sequential, grouped or te_grouped.
+    #[arg(long)]
+    pub layer: String,
+    /// Global number of experts E.
+    #[arg(long)]
+    pub num_experts: usize,
+    /// hidden_size h.
+    #[arg(long)]
+    pub hidden: usize,
+    /// Unsplit moe_ffn_hidden_size f.
+    #[arg(long)]
+    pub ffn: usize,
+    /// Expert-tensor-parallel size.
+    #[arg(long, default_value_t = 1)]
+    pub tp: usize,
+    /// Expert-parallel size.
+    #[arg(long, default_value_t = 1)]
+    pub ep: usize,
+    /// Gated linear unit (fc1 is [gate; linear]).
+    #[arg(long)]
+    pub glu: bool,
+    /// add_bias_linear.
+    #[arg(long)]
+    pub bias: bool,
+    /// metadata['singleton_local_shards']: one key per global expert.
+    #[arg(long)]
+    pub singleton_local_shards: bool,
+    /// Key prefix (e.g. `decoder.layers.3.mlp.`).
+    #[arg(long, default_value = "")]
+    pub prefix: String,
+    /// Expert-data-parallel rank (third element of every replica id).
+    #[arg(long, default_value_t = 0)]
+    pub expert_dp_rank: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `moe-verify reshard`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ReshardArgs {
+    /// Source checkpoint directory.
+    pub src: PathBuf,
+    /// Destination directory (must not exist unless --force).
+    pub dst: PathBuf,
+    /// Destination class: sequential, grouped or te_grouped.
+    #[arg(long)]
+    pub layer: String,
+    /// Destination expert-tensor-parallel size.
+    #[arg(long, default_value_t = 1)]
+    pub tp: usize,
+    /// Destination expert-parallel size.
+    #[arg(long, default_value_t = 1)]
+    pub ep: usize,
+    /// Write per-expert (singleton) keys.
+    #[arg(long)]
+    pub singleton_local_shards: bool,
+    /// Replace an existing destination.
+    #[arg(long)]
+    pub force: bool,
+    /// Check layouts, coverage, shapes and dtypes; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// After writing, re-read the destination (CRCs) and compare every tensor with the source.
+    #[arg(long)]
+    pub verify: bool,
+}
+
+/// Arguments of `moe-verify inspect`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct InspectArgs {
+    /// Checkpoint directory.
+    pub dir: PathBuf,
+    /// Read every shard and check its CRC.
+    #[arg(long)]
+    pub verify: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn fail(e: &CheckpointError) -> i32 {
+    eprintln!("error: {e}");
+    if e.is_check_failure() {
+        1
+    } else {
+        2
+    }
+}
+
+fn parse_class(name: &str) -> Result<LayerClass, i32> {
+    LayerClass::parse(name).map_err(|e| {
+        eprintln!("error: --layer: {e}");
+        2
+    })
+}
+
+/// Runs `moe-verify layout`; returns the exit code.
+pub fn run_layout(args: &LayoutArgs) -> i32 {
+    let class = match parse_class(&args.layer) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let layout = ExpertLayout {
+        class,
+        num_experts: args.num_experts,
+        hidden: args.hidden,
+        ffn: args.ffn,
+        glu: args.glu,
+        bias: args.bias,
+        tp: args.tp,
+        ep: args.ep,
+        singleton: args.singleton_local_shards,
+        prefix: args.prefix.clone(),
+    };
+    let value = match checkpoint::layout_json_at(&layout, args.expert_dp_rank) {
+        Ok(v) => v,
+        Err(e) => return fail(&e),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&value).expect("JSON serializes"));
+        return 0;
+    }
+    let fmt = |v: &serde_json::Value| -> String {
+        match v {
+            serde_json::Value::Array(a) => {
+                format!("({})", a.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(","))
+            }
+            serde_json::Value::Null => "-".into(),
+            other => other.to_string(),
+        }
+    };
+    for rank in value.as_array().expect("array of ranks") {
+        println!("ep_rank {} tp_rank {}", rank["ep_rank"], rank["tp_rank"]);
+        println!(
+            "  {:<48} {:<6} {:<14} {:<14} {:<12} {:<12} {:<9} prepend",
+            "key", "kind", "global_shape", "global_offset", "local_shape", "fragments", "replica"
+        );
+        for e in rank["entries"].as_array().expect("entries") {
+            println!(
+                "  {:<48} {:<6} {:<14} {:<14} {:<12} {:<12} {:<9} {}",
+                e["key"].as_str().unwrap_or(""),
+                e["kind"].as_str().unwrap_or(""),
+                fmt(&e["global_shape"]),
+                fmt(&e["global_offset"]),
+                fmt(&e["local_shape"]),
+                fmt(&e["axis_fragmentations"]),
+                fmt(&e["replica_id"]),
+                fmt(&e["prepend_axis_num"]),
+            );
+        }
+    }
+    0
+}
+
+/// Runs `moe-verify reshard`; returns the exit code.
+pub fn run_reshard(args: &ReshardArgs) -> i32 {
+    let class = match parse_class(&args.layer) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let target = checkpoint::ReshardTarget { class, tp: args.tp, ep: args.ep, singleton: args.singleton_local_shards };
+    let opts = checkpoint::ReshardOptions { force: args.force, dry_run: args.dry_run, verify: args.verify };
+    match checkpoint::reshard(&args.src, &args.dst, target, opts) {
+        Ok(r) => {
+            for l in &r.layouts {
+                println!(
+                    "{}: {} E={} h={} f={} glu={} bias={} tp={} ep={} singleton={}",
+                    if l.prefix.is_empty() { "(no prefix)" } else { &l.prefix },
+                    l.class.megatron_name(),
+                    l.num_experts,
+                    l.hidden,
+                    l.ffn,
+                    l.glu,
+                    l.bias,
+                    l.tp,
+                    l.ep,
+                    l.singleton
+                );
+            }
+            if !r.skipped_keys.is_empty() {
+                eprintln!(
+                    "warning: {} non-expert keys were not converted (e.g. {})",
+                    r.skipped_keys.len(),
+                    r.skipped_keys[0]
+                );
+            }
+            if r.written {
+                println!(
+                    "wrote {} ({} files, {} bytes of tensors; read {} bytes){}",
+                    args.dst.display(),
+                    r.files,
+                    r.write_bytes,
+                    r.read_bytes,
+                    if r.verified { "; verified" } else { "" }
+                );
+            } else {
+                println!(
+                    "dry run: would read {} bytes and write {} bytes of tensors to {}",
+                    r.read_bytes,
+                    r.write_bytes,
+                    args.dst.display()
+                );
+            }
+            0
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// Runs `moe-verify inspect`; returns the exit code.
+pub fn run_inspect(args: &InspectArgs) -> i32 {
+    let ckpt = match checkpoint::Checkpoint::open(&args.dir) {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    let verified = if args.verify {
+        match ckpt.verify() {
+            Ok(b) => Some(b),
+            Err(e) => return fail(&e),
+        }
+    } else {
+        None
+    };
+    // key -> (global shape, dtype, shards, bytes)
+    let mut keys: BTreeMap<&str, (Vec<usize>, &str, usize, u64)> = BTreeMap::new();
+    for s in &ckpt.index.shards {
+        let e = keys.entry(&s.key).or_insert((s.global_shape.clone(), &s.dtype, 0, 0));
+        e.2 += 1;
+        e.3 += s.nbytes;
+    }
+    let models = checkpoint::infer_models(&ckpt).unwrap_or_default();
+    let total: u64 = ckpt.index.shards.iter().map(|s| s.nbytes).sum();
+    let files: u64 = ckpt.index.files.iter().map(|f| f.bytes).sum();
+    let expert_keys = keys.keys().filter(|k| parse_key(k).is_some()).count();
+    if args.json {
+        let v = serde_json::json!({
+            "dir": args.dir.display().to_string(),
+            "files": ckpt.index.files.len(),
+            "file_bytes": files,
+            "tensor_bytes": total,
+            "shards": ckpt.index.shards.len(),
+            "objects": ckpt.index.objects.len(),
+            "verified_bytes": verified,
+            "models": models,
+            "keys": keys.iter().map(|(k, (shape, dtype, n, b))| serde_json::json!({
+                "key": k, "global_shape": shape, "dtype": dtype, "shards": n, "bytes": b,
+            })).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v).expect("JSON serializes"));
+        return 0;
+    }
+    println!(
+        "{}: {} files ({} bytes), {} keys ({} expert keys), {} shards, {} objects, {} bytes of tensors",
+        args.dir.display(),
+        ckpt.index.files.len(),
+        files,
+        keys.len(),
+        expert_keys,
+        ckpt.index.shards.len(),
+        ckpt.index.objects.len(),
+        total
+    );
+    for m in &models {
+        println!(
+            "  layer {}: E={} h={} f={} glu={} bias={} singleton={} dtype={}",
+            if m.prefix.is_empty() { "(no prefix)" } else { &m.prefix },
+            m.num_experts,
+            m.hidden,
+            m.ffn,
+            m.glu,
+            m.bias,
+            m.singleton,
+            m.dtype
+        );
+    }
+    println!("  {:<56} {:<18} {:<9} {:>7} {:>14}", "key", "global_shape", "dtype", "shards", "bytes");
+    for (k, (shape, dtype, n, b)) in &keys {
+        println!("  {:<56} {:<18} {:<9} {:>7} {:>14}", k, format!("{shape:?}"), dtype, n, b);
+    }
+    if let Some(b) = verified {
+        println!("verified: every shard's CRC-32 matches ({b} bytes read)");
+    }
+    0
+}
