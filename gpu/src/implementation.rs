@@ -11,7 +11,9 @@ use crate::error::GpuError;
 use crate::kernels::{engine, probe};
 use crate::layer::{from_bytes, segments};
 use moe_reference::layer::validate_inputs;
-use moe_reference::{Dtype, ExpertLayer, Inputs, LayerClass, LayerConfig, LayerError, LayerRun, StateDict, WgradTiming};
+use moe_reference::{
+    Dtype, ExpertLayer, Inputs, LayerClass, LayerConfig, LayerError, LayerRun, StateDict, WgradTiming,
+};
 use ndarray::{Array1, Array2};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -38,17 +40,33 @@ impl CudaLayer {
     fn supports(&self, cfg: &LayerConfig) -> Result<(), GpuError> {
         cfg.validate()?;
         if cfg.class != self.class {
-            return Err(GpuError::Unsupported(format!("{} implements {}, not {}", self.name, self.class.megatron_name(), cfg.class.megatron_name())));
+            return Err(GpuError::Unsupported(format!(
+                "{} implements {}, not {}",
+                self.name,
+                self.class.megatron_name(),
+                cfg.class.megatron_name()
+            )));
         }
         Ok(())
     }
 
-    fn run(&self, cfg: &LayerConfig, params: &StateDict, inputs: &Inputs, grad: Option<&Array2<f64>>, timing: WgradTiming) -> Result<DeviceRun, GpuError> {
+    fn run(
+        &self,
+        cfg: &LayerConfig,
+        params: &StateDict,
+        inputs: &Inputs,
+        grad: Option<&Array2<f64>>,
+        timing: WgradTiming,
+    ) -> Result<DeviceRun, GpuError> {
         self.supports(cfg)?;
         validate_inputs(cfg, inputs)?;
         if let Some(g) = grad {
             if g.dim() != inputs.hidden_states.dim() {
-                return Err(GpuError::Shape(format!("grad_output is {:?}, output is {:?}", g.dim(), inputs.hidden_states.dim())));
+                return Err(GpuError::Shape(format!(
+                    "grad_output is {:?}, output is {:?}",
+                    g.dim(),
+                    inputs.hidden_states.dim()
+                )));
             }
             moe_reference::layer::check_finite("input.grad_output", g)?;
             if timing == WgradTiming::Deferred && cfg.class == LayerClass::Grouped {

@@ -7,7 +7,10 @@
 
 use crate::error::GpuError;
 use cudarc::cublas::{result as cublas_result, sys as cublas_sys, CudaBlas};
-use cudarc::driver::{sys as driver_sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    sys as driver_sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
+    PushKernelArg,
+};
 use moe_reference::Dtype;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -115,7 +118,8 @@ fn arch_name(major: i32, minor: i32) -> &'static str {
     }
 }
 
-const KERNEL_NAMES: [&str; 7] = ["act_fwd", "act_bwd", "scale_rows", "probs_in_bwd", "fill_bias_rows", "fc2_bias_fwd", "col_sum"];
+const KERNEL_NAMES: [&str; 7] =
+    ["act_fwd", "act_bwd", "scale_rows", "probs_in_bwd", "fill_bias_rows", "fc2_bias_fwd", "col_sum"];
 
 /// The kernel-name suffix of a dtype.
 pub fn dtype_suffix(dt: Dtype) -> &'static str {
@@ -146,11 +150,8 @@ impl Engine {
         let (major, minor) = ctx.compute_capability()?;
         let arch = arch_name(major, minor);
         let device_name = ctx.name()?;
-        let opts = cudarc::nvrtc::CompileOptions {
-            arch: Some(arch),
-            name: Some("experts.cu".into()),
-            ..Default::default()
-        };
+        let opts =
+            cudarc::nvrtc::CompileOptions { arch: Some(arch), name: Some("experts.cu".into()), ..Default::default() };
         let ptx = cudarc::nvrtc::compile_ptx_with_opts(EXPERTS_CU, opts).map_err(|e| {
             let log = match &e {
                 cudarc::nvrtc::CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
@@ -301,7 +302,19 @@ impl Engine {
     /// lives: cuBLAS computes `Cᵀ = op(B)ᵀ·op(A)ᵀ` on the same memory. `k = 0` with `beta = 0`
     /// writes exact zeros (by memset, not relying on cuBLAS).
     #[allow(clippy::too_many_arguments)]
-    pub fn gemm(&mut self, dt: Dtype, ta: bool, tb: bool, m: usize, n: usize, k: usize, a: u64, b: u64, c: u64, beta: f32) -> Result<(), GpuError> {
+    pub fn gemm(
+        &mut self,
+        dt: Dtype,
+        ta: bool,
+        tb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: u64,
+        b: u64,
+        c: u64,
+        beta: f32,
+    ) -> Result<(), GpuError> {
         if m == 0 || n == 0 {
             return Ok(());
         }
@@ -314,7 +327,13 @@ impl Engine {
         let (mi, ni, ki) = (i32::try_from(m)?, i32::try_from(n)?, i32::try_from(k)?);
         let lda = if ta { mi } else { ki };
         let ldb = if tb { ki } else { ni };
-        let op = |t: bool| if t { cublas_sys::cublasOperation_t::CUBLAS_OP_T } else { cublas_sys::cublasOperation_t::CUBLAS_OP_N };
+        let op = |t: bool| {
+            if t {
+                cublas_sys::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                cublas_sys::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
         let alpha = 1.0f32;
         let cdt = cuda_dtype(dt);
         // SAFETY: `a`, `b`, `c` are device addresses of row-major matrices of the shapes

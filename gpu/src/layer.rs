@@ -29,8 +29,12 @@ pub fn to_bytes(dt: Dtype, v: impl IntoIterator<Item = f64>) -> Vec<u8> {
 pub fn from_bytes(dt: Dtype, b: &[u8]) -> Vec<f64> {
     match dt {
         Dtype::F32 => b.chunks_exact(4).map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect(),
-        Dtype::Bf16 => b.chunks_exact(2).map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64()).collect(),
-        Dtype::F16 => b.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64()).collect(),
+        Dtype::Bf16 => {
+            b.chunks_exact(2).map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64()).collect()
+        }
+        Dtype::F16 => {
+            b.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64()).collect()
+        }
     }
 }
 
@@ -261,7 +265,11 @@ impl Engine {
             x: self.alloc(mat(rows, d.h))?,
             xs: if cfg.apply_probs_on_input { Some(self.alloc(mat(rows, d.h))?) } else { None },
             p: self.alloc(rows * 4)?,
-            p_act: if cfg.apply_probs_on_input { Some(self.upload(&to_bytes(Dtype::F32, std::iter::repeat_n(1.0, rows)))?) } else { None },
+            p_act: if cfg.apply_probs_on_input {
+                Some(self.upload(&to_bytes(Dtype::F32, std::iter::repeat_n(1.0, rows)))?)
+            } else {
+                None
+            },
             a: self.alloc(mat(rows, d.n1))?,
             u: self.alloc(mat(rows, d.n2))?,
             y: self.alloc(mat(rows, d.h))?,
@@ -277,7 +285,14 @@ impl Engine {
 
     /// Copies host rows into the padded layout: `x` `[T, h]`, `probs` `[T]`, and the upstream
     /// gradient when given. Padding rows are zeros (zero probs).
-    pub fn upload_inputs(&mut self, cfg: &LayerConfig, ws: &mut Workspace, x: &Array2<f64>, probs: &Array1<f64>, grad: Option<&Array2<f64>>) -> Result<(), GpuError> {
+    pub fn upload_inputs(
+        &mut self,
+        cfg: &LayerConfig,
+        ws: &mut Workspace,
+        x: &Array2<f64>,
+        probs: &Array1<f64>,
+        grad: Option<&Array2<f64>>,
+    ) -> Result<(), GpuError> {
         let d = dims(cfg);
         let padded_rows = |src: &Array2<f64>| -> Vec<f64> {
             let mut out = vec![0.0; ws.rows * d.h];
@@ -314,7 +329,13 @@ impl Engine {
 
     /// Downloads the unpadded rows of a `[rows, cols]` buffer (storage dtype, or f32 for cols = 0
     /// meaning a probs vector).
-    pub fn download_rows(&mut self, ws: &Workspace, buf: &Buf, cols: usize, dt: Dtype) -> Result<Array2<f64>, GpuError> {
+    pub fn download_rows(
+        &mut self,
+        ws: &Workspace,
+        buf: &Buf,
+        cols: usize,
+        dt: Dtype,
+    ) -> Result<Array2<f64>, GpuError> {
         let all = from_bytes(dt, &self.download(buf)?);
         let total: usize = ws.counts.iter().sum();
         let mut out = Array2::zeros((total, cols));
@@ -352,7 +373,13 @@ impl Engine {
         let (hi, n1i, n2i) = (i32::try_from(d.h)?, i32::try_from(d.n1)?, i32::try_from(d.n2)?);
         // §4.7: x' = round(p·x), probs replaced by ones.
         if let Some(xs) = &ws.xs {
-            let args = [Arg::Ptr(self.ptr(&ws.x, 0)), Arg::Ptr(self.ptr(&ws.p, 0)), Arg::Ptr(self.ptr(xs, 0)), Arg::I32(ri), Arg::I32(hi)];
+            let args = [
+                Arg::Ptr(self.ptr(&ws.x, 0)),
+                Arg::Ptr(self.ptr(&ws.p, 0)),
+                Arg::Ptr(self.ptr(xs, 0)),
+                Arg::I32(ri),
+                Arg::I32(hi),
+            ];
             self.launch("scale_rows", d.dt, Engine::elementwise(rows * d.h), &args)?;
         }
         let xin = ws.xs.as_ref().unwrap_or(&ws.x);
@@ -361,17 +388,28 @@ impl Engine {
         let te_bias = cfg.class == LayerClass::TeGrouped && w.b1.is_some();
         if te_bias {
             let b1 = w.b1.as_ref().expect("checked");
-            let args = [Arg::Ptr(self.ptr(&ws.a, 0)), Arg::Ptr(self.ptr(b1, 0)), Arg::Ptr(self.ptr(&ws.row_expert, 0)), Arg::I32(ri), Arg::I32(n1i)];
+            let args = [
+                Arg::Ptr(self.ptr(&ws.a, 0)),
+                Arg::Ptr(self.ptr(b1, 0)),
+                Arg::Ptr(self.ptr(&ws.row_expert, 0)),
+                Arg::I32(ri),
+                Arg::I32(n1i),
+            ];
             self.launch("fill_bias_rows", d.dt, Engine::elementwise(rows * d.n1), &args)?;
         }
         // fc1: a_e = x_e·W1_eᵀ ([out,in] weights) or x_e·W1_e ([in,out] GroupedMLP blocks).
         for e in 0..d.el.min(ws.padded.len()) {
             let n = ws.padded[e];
-            let (xa, wb, ca) = (self.seg_ptr(xin, ws, e, d.h, d.ds), self.ptr(&w.w1, e * d.n1 * d.h * d.ds), self.seg_ptr(&ws.a, ws, e, d.n1, d.ds));
+            let (xa, wb, ca) = (
+                self.seg_ptr(xin, ws, e, d.h, d.ds),
+                self.ptr(&w.w1, e * d.n1 * d.h * d.ds),
+                self.seg_ptr(&ws.a, ws, e, d.n1, d.ds),
+            );
             self.gemm(d.dt, false, !grouped, n, d.n1, d.h, xa, wb, ca, if te_bias { 1.0 } else { 0.0 })?;
         }
         // Activation block: (SequentialMLP fc1 bias) → act/GLU → u = round(z·p).
-        let seq_b1 = if cfg.class == LayerClass::Sequential { w.b1.as_ref().map(|b| self.ptr(b, 0)).unwrap_or(0) } else { 0 };
+        let seq_b1 =
+            if cfg.class == LayerClass::Sequential { w.b1.as_ref().map(|b| self.ptr(b, 0)).unwrap_or(0) } else { 0 };
         let args = [
             Arg::Ptr(self.ptr(&ws.a, 0)),
             Arg::Ptr(seq_b1),
@@ -386,12 +424,23 @@ impl Engine {
         // fc2: y_e = u_e·W2_eᵀ (or u_e·W2_e for GroupedMLP blocks [N2, h]).
         for e in 0..d.el.min(ws.padded.len()) {
             let n = ws.padded[e];
-            let (ua, wb, ya) = (self.seg_ptr(&ws.u, ws, e, d.n2, d.ds), self.ptr(&w.w2, e * d.h * d.n2 * d.ds), self.seg_ptr(&ws.y, ws, e, d.h, d.ds));
+            let (ua, wb, ya) = (
+                self.seg_ptr(&ws.u, ws, e, d.n2, d.ds),
+                self.ptr(&w.w2, e * d.h * d.n2 * d.ds),
+                self.seg_ptr(&ws.y, ws, e, d.h, d.ds),
+            );
             self.gemm(d.dt, false, !grouped, n, d.h, d.n2, ua, wb, ya, 0.0)?;
         }
         // fc2 bias scaled by the probs: y = round(y + b2·p) in f32.
         if let Some(b2) = &w.b2 {
-            let args = [Arg::Ptr(self.ptr(&ws.y, 0)), Arg::Ptr(self.ptr(b2, 0)), Arg::Ptr(self.ptr(p_act, 0)), Arg::Ptr(self.ptr(&ws.row_expert, 0)), Arg::I32(ri), Arg::I32(hi)];
+            let args = [
+                Arg::Ptr(self.ptr(&ws.y, 0)),
+                Arg::Ptr(self.ptr(b2, 0)),
+                Arg::Ptr(self.ptr(p_act, 0)),
+                Arg::Ptr(self.ptr(&ws.row_expert, 0)),
+                Arg::I32(ri),
+                Arg::I32(hi),
+            ];
             self.launch("fc2_bias_fwd", d.dt, Engine::elementwise(rows * d.h), &args)?;
         }
         Ok(())
@@ -399,7 +448,13 @@ impl Engine {
 
     /// Backward from `ws.g`: `ws.dx`, `ws.dp`, the fc2 bias grad, SequentialMLP's fc1 bias grad,
     /// and — when `with_wgrad` — the weight grads (else queued for [`Engine::backward_dw`]).
-    pub fn backward(&mut self, cfg: &LayerConfig, w: &DeviceWeights, ws: &mut Workspace, with_wgrad: bool) -> Result<(), GpuError> {
+    pub fn backward(
+        &mut self,
+        cfg: &LayerConfig,
+        w: &DeviceWeights,
+        ws: &mut Workspace,
+        with_wgrad: bool,
+    ) -> Result<(), GpuError> {
         let d = dims(cfg);
         let rows = ws.rows;
         let grouped = cfg.class == LayerClass::Grouped;
@@ -418,13 +473,24 @@ impl Engine {
         let p_act = ws.p_act.as_ref().unwrap_or(&ws.p);
         // db2 = Σ_i p_i·G_i per expert (f32 sum, one rounding).
         if let (Some(db2), Some(_)) = (&ws.grads.b2, &w.b2) {
-            let args = [Arg::Ptr(self.ptr(&ws.g, 0)), Arg::Ptr(self.ptr(p_act, 0)), Arg::Ptr(self.ptr(&ws.seg_off, 0)), Arg::Ptr(self.ptr(&ws.seg_len, 0)), Arg::Ptr(self.ptr(db2, 0)), Arg::I32(hi)];
+            let args = [
+                Arg::Ptr(self.ptr(&ws.g, 0)),
+                Arg::Ptr(self.ptr(p_act, 0)),
+                Arg::Ptr(self.ptr(&ws.seg_off, 0)),
+                Arg::Ptr(self.ptr(&ws.seg_len, 0)),
+                Arg::Ptr(self.ptr(db2, 0)),
+                Arg::I32(hi),
+            ];
             self.launch("col_sum", d.dt, col_sum_cfg(d.h, el_i), &args)?;
         }
         // du_e = round(G_e·W2_e) ([h, N2] weights: no transpose; GroupedMLP [N2, h]: transpose).
         for e in 0..el {
             let n = ws.padded[e];
-            let (ga, wb, ca) = (self.seg_ptr(&ws.g, ws, e, d.h, d.ds), self.ptr(&w.w2, e * d.h * d.n2 * d.ds), self.seg_ptr(&ws.du, ws, e, d.n2, d.ds));
+            let (ga, wb, ca) = (
+                self.seg_ptr(&ws.g, ws, e, d.h, d.ds),
+                self.ptr(&w.w2, e * d.h * d.n2 * d.ds),
+                self.seg_ptr(&ws.du, ws, e, d.n2, d.ds),
+            );
             self.gemm(d.dt, false, grouped, n, d.n2, d.h, ga, wb, ca, 0.0)?;
         }
         // Activation backward + dp (fc2-bias term and Σ du·z), one block per row.
@@ -449,12 +515,24 @@ impl Engine {
         // dx_e = round(da_e·W1_e) ([N1, h]: no transpose; GroupedMLP [h, N1]: transpose).
         for e in 0..el {
             let n = ws.padded[e];
-            let (da, wb, ca) = (self.seg_ptr(&ws.da, ws, e, d.n1, d.ds), self.ptr(&w.w1, e * d.n1 * d.h * d.ds), self.seg_ptr(&ws.dx, ws, e, d.h, d.ds));
+            let (da, wb, ca) = (
+                self.seg_ptr(&ws.da, ws, e, d.n1, d.ds),
+                self.ptr(&w.w1, e * d.n1 * d.h * d.ds),
+                self.seg_ptr(&ws.dx, ws, e, d.h, d.ds),
+            );
             self.gemm(d.dt, false, grouped, n, d.h, d.n1, da, wb, ca, 0.0)?;
         }
         // §4.7 backward: dp = Σ dx'·x, dx = round(dx'·p).
         if cfg.apply_probs_on_input {
-            let args = [Arg::Ptr(self.ptr(&ws.dx, 0)), Arg::Ptr(self.ptr(&ws.x, 0)), Arg::Ptr(self.ptr(&ws.p, 0)), Arg::Ptr(self.ptr(&ws.dp, 0)), Arg::I32(ri), Arg::I32(hi), Arg::I32(probs_code(cfg.probs_dtype))];
+            let args = [
+                Arg::Ptr(self.ptr(&ws.dx, 0)),
+                Arg::Ptr(self.ptr(&ws.x, 0)),
+                Arg::Ptr(self.ptr(&ws.p, 0)),
+                Arg::Ptr(self.ptr(&ws.dp, 0)),
+                Arg::I32(ri),
+                Arg::I32(hi),
+                Arg::I32(probs_code(cfg.probs_dtype)),
+            ];
             self.launch("probs_in_bwd", d.dt, Engine::per_row(rows)?, &args)?;
         }
         // SequentialMLP's fc1 bias is an eager op outside the linear: its grad is never deferred.
@@ -483,7 +561,14 @@ impl Engine {
     fn fc1_bias_grad(&mut self, cfg: &LayerConfig, ws: &Workspace) -> Result<(), GpuError> {
         let d = dims(cfg);
         if let Some(db1) = &ws.grads.b1 {
-            let args = [Arg::Ptr(self.ptr(&ws.da, 0)), Arg::Ptr(0), Arg::Ptr(self.ptr(&ws.seg_off, 0)), Arg::Ptr(self.ptr(&ws.seg_len, 0)), Arg::Ptr(self.ptr(db1, 0)), Arg::I32(i32::try_from(d.n1)?)];
+            let args = [
+                Arg::Ptr(self.ptr(&ws.da, 0)),
+                Arg::Ptr(0),
+                Arg::Ptr(self.ptr(&ws.seg_off, 0)),
+                Arg::Ptr(self.ptr(&ws.seg_len, 0)),
+                Arg::Ptr(self.ptr(db1, 0)),
+                Arg::I32(i32::try_from(d.n1)?),
+            ];
             self.launch("col_sum", d.dt, col_sum_cfg(d.n1, u32::try_from(ws.padded.len())?), &args)?;
         }
         Ok(())
@@ -498,7 +583,11 @@ impl Engine {
             let n = ws.padded[e];
             match linear {
                 Linear::Fc2 => {
-                    let (g, u, c) = (self.seg_ptr(&ws.g, ws, e, d.h, d.ds), self.seg_ptr(&ws.u, ws, e, d.n2, d.ds), self.ptr(&ws.grads.w2, e * d.h * d.n2 * d.ds));
+                    let (g, u, c) = (
+                        self.seg_ptr(&ws.g, ws, e, d.h, d.ds),
+                        self.seg_ptr(&ws.u, ws, e, d.n2, d.ds),
+                        self.ptr(&ws.grads.w2, e * d.h * d.n2 * d.ds),
+                    );
                     if grouped {
                         // [N2, h] = u_eᵀ·G_e
                         self.gemm(d.dt, true, false, d.n2, d.h, n, u, g, c, 0.0)?;
@@ -508,7 +597,11 @@ impl Engine {
                     }
                 }
                 Linear::Fc1 => {
-                    let (da, x, c) = (self.seg_ptr(&ws.da, ws, e, d.n1, d.ds), self.seg_ptr(xin, ws, e, d.h, d.ds), self.ptr(&ws.grads.w1, e * d.n1 * d.h * d.ds));
+                    let (da, x, c) = (
+                        self.seg_ptr(&ws.da, ws, e, d.n1, d.ds),
+                        self.seg_ptr(xin, ws, e, d.h, d.ds),
+                        self.ptr(&ws.grads.w1, e * d.n1 * d.h * d.ds),
+                    );
                     if grouped {
                         // [h, N1] = x_eᵀ·da_e
                         self.gemm(d.dt, true, false, d.h, d.n1, n, x, da, c, 0.0)?;
@@ -559,7 +652,11 @@ impl Engine {
 }
 
 fn col_sum_cfg(cols: usize, experts: u32) -> cudarc::driver::LaunchConfig {
-    cudarc::driver::LaunchConfig { grid_dim: (cols.div_ceil(256) as u32, experts, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+    cudarc::driver::LaunchConfig {
+        grid_dim: (cols.div_ceil(256) as u32, experts, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

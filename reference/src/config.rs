@@ -286,10 +286,7 @@ impl LayerConfig {
                 return bad("GroupedMLP does not support add_bias_linear (Megatron asserts it is False)".into());
             }
             if self.gated_linear_unit && !matches!(self.activation, Activation::Silu | Activation::Gelu) {
-                return bad(format!(
-                    "GroupedMLP supports GLU only with silu or gelu, not {}",
-                    self.activation
-                ));
+                return bad(format!("GroupedMLP supports GLU only with silu or gelu, not {}", self.activation));
             }
             if self.params_dtype != Dtype::Bf16 {
                 return bad(format!(

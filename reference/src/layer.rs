@@ -63,7 +63,11 @@ pub fn check_finite<'a, D: ndarray::Dimension>(
                 index[axis] = rest % len;
                 rest /= len;
             }
-            Err(ReferenceError::NonFinite { name: name.to_string(), index, value: a.iter().nth(flat).copied().unwrap_or(f64::NAN) })
+            Err(ReferenceError::NonFinite {
+                name: name.to_string(),
+                index,
+                value: a.iter().nth(flat).copied().unwrap_or(f64::NAN),
+            })
         }
     }
 }
@@ -486,12 +490,26 @@ impl ForwardPass {
             if cfg.apply_probs_on_input {
                 // x' = cast(p·x): dx = cast(dx'·p), dp_i = Σ_j x_ij·dx'_ij (fp32).
                 dp = (&dx * &cache.x_orig).sum_axis(Axis(1)).mapv(|v| n.fp32(v));
-                Zip::from(dx.rows_mut()).and(&cache.p_orig).for_each(|mut row, &pi| row.mapv_inplace(|v| n.store(n.fp32(v * pi))));
+                Zip::from(dx.rows_mut())
+                    .and(&cache.p_orig)
+                    .for_each(|mut row, &pi| row.mapv_inplace(|v| n.store(n.fp32(v * pi))));
             }
             let te = cfg.class == LayerClass::TeGrouped;
             if deferred {
-                queue.push_back(WgradEntry { linear: Linear::Fc2, expert: e, input: cache.u.clone(), grad_output: g.clone(), with_bias: false });
-                queue.push_back(WgradEntry { linear: Linear::Fc1, expert: e, input: cache.x.clone(), grad_output: da.clone(), with_bias: te && w.fc1_bias.is_some() });
+                queue.push_back(WgradEntry {
+                    linear: Linear::Fc2,
+                    expert: e,
+                    input: cache.u.clone(),
+                    grad_output: g.clone(),
+                    with_bias: false,
+                });
+                queue.push_back(WgradEntry {
+                    linear: Linear::Fc1,
+                    expert: e,
+                    input: cache.x.clone(),
+                    grad_output: da.clone(),
+                    with_bias: te && w.fc1_bias.is_some(),
+                });
                 out.fc2_weight.fill(f64::NAN);
                 out.fc1_weight.fill(f64::NAN);
                 if te {

@@ -33,6 +33,6 @@ pub use config::{Activation, LayerClass, LayerConfig, Parallelism};
 pub use dtype::{Dtype, Numerics};
 pub use error::ReferenceError;
 pub use implementation::{ExpertLayer, LayerError, LayerRun, Reference};
-pub use layer::{forward, BackwardPass, ForwardPass, Inputs, WgradTiming, WeightGradStore};
+pub use layer::{forward, BackwardPass, ForwardPass, Inputs, WeightGradStore, WgradTiming};
 pub use state_dict::{from_state_dict, param_specs, to_state_dict, ParamSpec, StateDict};
 pub use weights::{ExpertSet, ExpertWeights};

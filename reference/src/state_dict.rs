@@ -143,17 +143,18 @@ pub fn from_state_dict(cfg: &LayerConfig, sd: &StateDict) -> Result<ExpertSet, R
     let layer = cfg.class.megatron_name();
     let specs = param_specs(cfg);
     for spec in &specs {
-        let t = sd.get(&spec.name).ok_or_else(|| ReferenceError::MissingParameter { name: spec.name.clone(), layer })?;
+        let t =
+            sd.get(&spec.name).ok_or_else(|| ReferenceError::MissingParameter { name: spec.name.clone(), layer })?;
         if t.shape() != spec.shape.as_slice() {
-            return Err(ReferenceError::Shape { name: spec.name.clone(), expected: spec.shape.clone(), got: t.shape().to_vec() });
+            return Err(ReferenceError::Shape {
+                name: spec.name.clone(),
+                expected: spec.shape.clone(),
+                got: t.shape().to_vec(),
+            });
         }
     }
     if let Some(extra) = sd.keys().find(|k| !specs.iter().any(|s| &s.name == *k)) {
-        return Err(ReferenceError::UnexpectedParameter {
-            name: extra.clone(),
-            layer,
-            example: specs[0].name.clone(),
-        });
+        return Err(ReferenceError::UnexpectedParameter { name: extra.clone(), layer, example: specs[0].name.clone() });
     }
     let (h, n1, n2) = (cfg.hidden_size, cfg.n1(), cfg.n2());
     let get2 = |name: &str| -> Array2<f64> { sd[name].clone().into_dimensionality().unwrap() };

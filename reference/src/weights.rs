@@ -210,12 +210,19 @@ impl ExpertSet {
                 let (fc1_weight, fc1_bias) = if cfg.gated_linear_unit {
                     let gates: Vec<_> = parts.iter().map(|w| w.fc1_weight.slice(s![..k, ..])).collect();
                     let lins: Vec<_> = parts.iter().map(|w| w.fc1_weight.slice(s![k.., ..])).collect();
-                    let w = concatenate(Axis(0), &[concatenate(Axis(0), &gates).unwrap().view(), concatenate(Axis(0), &lins).unwrap().view()])
-                        .unwrap();
+                    let w = concatenate(
+                        Axis(0),
+                        &[concatenate(Axis(0), &gates).unwrap().view(), concatenate(Axis(0), &lins).unwrap().view()],
+                    )
+                    .unwrap();
                     let b = parts[0].fc1_bias.as_ref().map(|_| {
                         let g: Vec<_> = parts.iter().map(|w| w.fc1_bias.as_ref().unwrap().slice(s![..k])).collect();
                         let l: Vec<_> = parts.iter().map(|w| w.fc1_bias.as_ref().unwrap().slice(s![k..])).collect();
-                        concatenate(Axis(0), &[concatenate(Axis(0), &g).unwrap().view(), concatenate(Axis(0), &l).unwrap().view()]).unwrap()
+                        concatenate(
+                            Axis(0),
+                            &[concatenate(Axis(0), &g).unwrap().view(), concatenate(Axis(0), &l).unwrap().view()],
+                        )
+                        .unwrap()
                     });
                     (w, b)
                 } else {
