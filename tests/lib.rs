@@ -1,1 +1,1 @@
-
+mod gpu_grouped;
