@@ -246,13 +246,13 @@ impl LayerConfig {
                 p.tp_rank, p.tp_size, p.ep_rank, p.ep_size
             ));
         }
-        if self.num_experts % p.ep_size != 0 {
+        if !self.num_experts.is_multiple_of(p.ep_size) {
             return bad(format!(
                 "num_experts ({}) is not divisible by the expert-parallel size ({})",
                 self.num_experts, p.ep_size
             ));
         }
-        if self.ffn_hidden_size % p.tp_size != 0 {
+        if !self.ffn_hidden_size.is_multiple_of(p.tp_size) {
             return bad(format!(
                 "ffn_hidden_size ({}) is not divisible by the expert-tensor-parallel size ({})",
                 self.ffn_hidden_size, p.tp_size
