@@ -33,8 +33,8 @@ const SAMPLES: usize = 10;
 pub fn config() -> Criterion {
     Criterion::default()
         .sample_size(SAMPLES)
-        .warm_up_time(Duration::from_millis(150))
-        .measurement_time(Duration::from_millis(400))
+        .warm_up_time(Duration::from_millis(100))
+        .measurement_time(Duration::from_millis(300))
         .nresamples(1000)
 }
 
@@ -315,6 +315,18 @@ pub fn bench(c: &mut Criterion) {
                     strats.push(("graph4-recapture".into(), Strategy::Graph(4), true));
                 }
                 for (label, strategy, recapture) in strats {
+                    // Pre-flight outside timing: a strategy that errors gets an ERR line, and
+                    // the rest of the run goes on.
+                    let pre: Result<(), moe_gpu::GpuError> = calls
+                        .iter()
+                        .try_for_each(|(ta, tb, probs)| eng.grouped_gemm(strategy, DT, *ta, *tb, probs))
+                        .and_then(|()| eng.synchronize());
+                    if let Err(err) = pre {
+                        let line = format!("ERR,rust,{},{dist},{case},{label},{err}", sh.name);
+                        println!("{line}");
+                        report.rows.push(line);
+                        continue;
+                    }
                     let group = format!("gpu_grouped/{}/{dist}/{case}", sh.name);
                     let secs = time(c, eng, &group, &label, |en| {
                         for (ta, tb, probs) in &calls {
