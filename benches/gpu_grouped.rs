@@ -14,7 +14,8 @@
 //! dense 8192³ cuBLAS reference; `MOE_GG_CSV=path` also writes them to a file.
 //!
 //! Filters (comma lists): `MOE_GG_SHAPES`, `MOE_GG_CASES`, `MOE_GG_STRATEGIES` (labels of
-//! [`Strategy::label`], default `loop,ms4,graph4,gbatched,auto`).
+//! [`Strategy::label`], default `loop,ms4,graph4,gbatched,auto`); `MOE_GG_LANE_SMS=n` sets
+//! cuBLAS's SM-count target on the side-stream handles (an experiment).
 
 use criterion::Criterion;
 use moe_gpu::kernels::{engine, Buf, Engine};
@@ -246,6 +247,10 @@ pub fn bench(c: &mut Criterion) {
     let strategies: Vec<String> = env_list("MOE_GG_STRATEGIES")
         .unwrap_or_else(|| ["loop", "ms4", "graph4", "gbatched", "auto"].map(String::from).to_vec());
     let mut report = Report { rows: Vec::new() };
+    if let Some(sms) = std::env::var("MOE_GG_LANE_SMS").ok().and_then(|v| v.parse().ok()) {
+        eng.set_lane_sm_count_target(sms).expect("cublasSetSmCountTarget");
+        println!("lane cuBLAS SM-count target: {sms}");
+    }
 
     // Random bf16 chunk (8 Mi elements) the fills copy from.
     let mut state = 0x9e37_79b9_7f4a_7c15u64;

@@ -19,7 +19,7 @@ use moe_reference::Dtype;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-const STRATEGIES: [Strategy; 8] = [
+const STRATEGIES: [Strategy; 10] = [
     Strategy::Loop,
     Strategy::MultiStream(1),
     Strategy::MultiStream(3),
@@ -28,6 +28,8 @@ const STRATEGIES: [Strategy; 8] = [
     Strategy::GroupedBatched,
     Strategy::Auto,
     Strategy::MultiStream(8),
+    Strategy::Threads(1),
+    Strategy::Threads(3),
 ];
 
 /// One grouped call: per-expert (m, n, k) with transposes, as the layers issue them.
@@ -57,7 +59,7 @@ fn cases() -> Vec<Case> {
         // Uniform groups: Auto takes the strided-batched path.
         fwd("fc1_uniform", true, 96, 64, &[32, 32, 32, 32, 32]),
         wgrad("wgrad_uniform", 64, 96, &[48, 48, 48, 48]),
-        // Uniform with one empty expert (strided progression broken: Auto falls back to graph).
+        // Uniform with one empty expert (strided progression broken: Auto falls back to 4 streams).
         fwd("fc2_uniform_hole", true, 64, 96, &[32, 0, 32, 32]),
     ]
 }

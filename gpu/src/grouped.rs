@@ -62,6 +62,9 @@ pub enum Strategy {
     /// The GEMMs spread over `s` side streams (longest-first onto the least-loaded stream),
     /// each with its own cuBLAS handle, forked from and joined back to the engine's stream.
     MultiStream(usize),
+    /// [`Strategy::MultiStream`] with each stream's calls issued by its own host thread
+    /// (spreads the per-GEMM host cost of cuBLAS and the driver over cores).
+    Threads(usize),
     /// [`Strategy::MultiStream`] captured once into a CUDA graph, keyed by the whole problem
     /// list (pointers included), and replayed: removes the per-GEMM host launch cost when the
     /// same list recurs. A new list pays one capture + instantiate.
@@ -70,16 +73,19 @@ pub enum Strategy {
     /// consecutive problems of equal shape share a group).
     GroupedBatched,
     /// One `cublasGemmStridedBatchedEx` when every problem that computes has the same shape and
-    /// evenly strided `A`, `B`, `C` (uniform routing), else [`Strategy::Graph`]`(4)`.
+    /// evenly strided `A`, `B`, `C` (uniform routing), else [`Strategy::MultiStream`]`(4)`
+    /// (not a graph: with routing that changes every step a graph would be re-captured per
+    /// call, which measured no faster than issuing the streams directly).
     Auto,
 }
 
 impl Strategy {
-    /// A short label (`loop`, `ms4`, `graph4`, `gbatched`, `auto`).
+    /// A short label (`loop`, `ms4`, `mt4`, `graph4`, `gbatched`, `auto`).
     pub fn label(&self) -> String {
         match self {
             Strategy::Loop => "loop".into(),
             Strategy::MultiStream(s) => format!("ms{s}"),
+            Strategy::Threads(s) => format!("mt{s}"),
             Strategy::Graph(s) => format!("graph{s}"),
             Strategy::GroupedBatched => "gbatched".into(),
             Strategy::Auto => "auto".into(),
@@ -95,6 +101,8 @@ impl Strategy {
             _ => {
                 if let Some(n) = s.strip_prefix("ms") {
                     n.parse().ok().filter(|&n| n > 0).map(Strategy::MultiStream)
+                } else if let Some(n) = s.strip_prefix("mt") {
+                    n.parse().ok().filter(|&n| n > 0).map(Strategy::Threads)
                 } else if let Some(n) = s.strip_prefix("graph") {
                     n.parse().ok().filter(|&n| n > 0).map(Strategy::Graph)
                 } else {
@@ -138,6 +146,7 @@ type ListKey = (Dtype, bool, bool, usize, Vec<GemmProblem>);
 #[derive(Default)]
 pub struct GroupedState {
     lanes: Option<Lanes>,
+    lane_sm_target: i32,
     graphs: HashMap<ListKey, SendGraph>,
     pointer_arrays: HashMap<ListKey, CudaSlice<u64>>,
 }
@@ -191,6 +200,32 @@ fn uniform_strides(gemms: &[ColMajorGemm], ds: usize) -> Option<(i64, i64, i64)>
     Some((stride(|g| g.a)?, stride(|g| g.b)?, stride(|g| g.c)?))
 }
 
+fn set_sm_target(blas: &CudaBlas, sms: i32) -> Result<(), GpuError> {
+    // SAFETY: the handle is live (owned by `blas`); the call only sets a heuristic hint.
+    unsafe { cublas_sys::cublasSetSmCountTarget(*blas.handle(), sms) }.result()?;
+    Ok(())
+}
+
+/// Issues one lane's share on its stream (memsets for k = 0, `cublasGemmEx` otherwise).
+fn issue_works(lane: &Lane, dt: Dtype, works: &[Work]) -> Result<(), GpuError> {
+    for work in works {
+        match work {
+            Work::Nothing => {}
+            Work::Zero { c, bytes } => {
+                // SAFETY: `c` addresses the problem's compact `[m, n]` output of `dt` (caller
+                // contract of `grouped_gemm`), `bytes` = m·n·size; ordered on the lane's stream,
+                // which was forked from the origin stream.
+                unsafe { cudarc::driver::result::memset_d8_async(*c, 0, *bytes, lane.stream.cu_stream()) }?;
+            }
+            // SAFETY: the pointers come from the caller's problem list (device addresses of
+            // matrices of the documented shapes); the lane's handle is bound to its stream and
+            // used by one thread at a time.
+            Work::Gemm(g) => unsafe { g.gemm_ex(*lane.blas.handle(), dt, 0.0) }?,
+        }
+    }
+    Ok(())
+}
+
 impl Engine {
     /// Runs the per-expert GEMMs `problems` (all in `dt`, transposes `ta`/`tb` as in
     /// [`Engine::gemm`]) with `strategy`; see the module docs for the `m = 0` / `k = 0`
@@ -210,16 +245,18 @@ impl Engine {
                 }
                 Ok(())
             }
-            Strategy::MultiStream(s) => {
+            Strategy::MultiStream(s) | Strategy::Threads(s) => {
                 self.ensure_lanes(s)?;
                 let main = self.stream.clone();
-                self.issue_lanes(s, dt, ta, tb, problems, &main)
+                self.issue_lanes(s, dt, ta, tb, problems, &main, matches!(strategy, Strategy::Threads(_)))
             }
             Strategy::Graph(s) => self.graph(s, dt, ta, tb, problems),
             Strategy::GroupedBatched => self.grouped_batched(dt, ta, tb, problems),
             Strategy::Auto => {
                 if !self.strided_batched(dt, ta, tb, problems)? {
-                    self.graph(4, dt, ta, tb, problems)?;
+                    self.ensure_lanes(4)?;
+                    let main = self.stream.clone();
+                    self.issue_lanes(4, dt, ta, tb, problems, &main, false)?;
                 }
                 Ok(())
             }
@@ -266,6 +303,9 @@ impl Engine {
                 cublas_sys::cublasSetWorkspace_v2(*blas.handle(), wp as *mut std::ffi::c_void, LANE_WORKSPACE_BYTES)
             }
             .result()?;
+            if self.grouped.lane_sm_target != 0 {
+                set_sm_target(&blas, self.grouped.lane_sm_target)?;
+            }
             let done = self.ctx.new_event(None)?;
             self.grouped.lanes.as_mut().expect("created above").lanes.push(Lane {
                 stream,
@@ -282,6 +322,8 @@ impl Engine {
 
     /// Forks `s` lanes from `origin`, spreads the problems over them (longest first onto the
     /// least-loaded lane), joins them back into `origin`. Works while `origin` is capturing.
+    /// `threaded`: each lane's calls are issued by its own (scoped) host thread.
+    #[allow(clippy::too_many_arguments)]
     fn issue_lanes(
         &mut self,
         s: usize,
@@ -290,16 +332,11 @@ impl Engine {
         tb: bool,
         problems: &[GemmProblem],
         origin: &Arc<CudaStream>,
+        threaded: bool,
     ) -> Result<(), GpuError> {
         let mut order: Vec<usize> = (0..problems.len()).collect();
         order.sort_by(|&x, &y| problems[y].flops().total_cmp(&problems[x].flops()).then(x.cmp(&y)));
-        let lanes = self.grouped.lanes.as_ref().ok_or_else(|| GpuError::Unsupported("lanes not created".into()))?;
-        let lanes = &lanes.lanes[..s];
-        let fork = &self.grouped.lanes.as_ref().expect("checked").fork;
-        fork.record(origin)?;
-        for lane in lanes {
-            lane.stream.wait(fork)?;
-        }
+        let mut per_lane: Vec<Vec<Work>> = (0..s).map(|_| Vec::new()).collect();
         let mut load = vec![0.0f64; s];
         let mut issued = 0u64;
         for &i in &order {
@@ -311,26 +348,54 @@ impl Engine {
             let (li, _) = load.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).expect("s > 0");
             // A memset costs about as much as a small GEMM to issue; weigh it by its bytes.
             load[li] += p.flops().max((p.m * p.n) as f64);
-            let lane = &lanes[li];
-            match work {
-                Work::Nothing => {}
-                Work::Zero { c, bytes } => {
-                    // SAFETY: `c` addresses the problem's compact `[m, n]` output of `dt`
-                    // (caller contract of `grouped_gemm`), `bytes` = m·n·size; ordered on the
-                    // lane's stream, which was forked from `origin`.
-                    unsafe { cudarc::driver::result::memset_d8_async(c, 0, bytes, lane.stream.cu_stream()) }?;
-                }
-                // SAFETY: the pointers come from the caller's problem list (device addresses of
-                // matrices of the documented shapes); the lane's handle is bound to its stream.
-                Work::Gemm(g) => unsafe { g.gemm_ex(*lane.blas.handle(), dt, 0.0) }?,
-            }
+            per_lane[li].push(work);
             issued += 1;
+        }
+        let l = self.grouped.lanes.as_ref().ok_or_else(|| GpuError::Unsupported("lanes not created".into()))?;
+        let lanes = &l.lanes[..s];
+        l.fork.record(origin)?;
+        for lane in lanes {
+            lane.stream.wait(&l.fork)?;
+        }
+        if threaded {
+            let ctx = &self.ctx;
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = lanes
+                    .iter()
+                    .zip(&per_lane)
+                    .filter(|(_, w)| !w.is_empty())
+                    .map(|(lane, works)| {
+                        scope.spawn(move || -> Result<(), GpuError> {
+                            ctx.bind_to_thread()?;
+                            issue_works(lane, dt, works)
+                        })
+                    })
+                    .collect();
+                handles.into_iter().try_for_each(|h| h.join().expect("lane thread panicked"))
+            })?;
+        } else {
+            for (lane, works) in lanes.iter().zip(&per_lane) {
+                issue_works(lane, dt, works)?;
+            }
         }
         for lane in lanes {
             lane.done.record(&lane.stream)?;
             origin.wait(&lane.done)?;
         }
         self.launches += issued;
+        Ok(())
+    }
+
+    /// Sets cuBLAS's SM-count target (`cublasSetSmCountTarget`) on every side-stream handle,
+    /// present and future: kernels are then chosen as if only `sms` multiprocessors were
+    /// available (0 restores the device's count). For concurrent lanes, an experiment.
+    pub fn set_lane_sm_count_target(&mut self, sms: usize) -> Result<(), GpuError> {
+        self.grouped.lane_sm_target = i32::try_from(sms)?;
+        if let Some(l) = &self.grouped.lanes {
+            for lane in &l.lanes {
+                set_sm_target(&lane.blas, self.grouped.lane_sm_target)?;
+            }
+        }
         Ok(())
     }
 
@@ -349,7 +414,7 @@ impl Engine {
                 self.grouped.graphs.clear();
             }
             capture.begin_capture(driver_sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)?;
-            let issued = self.issue_lanes(s, dt, ta, tb, problems, &capture);
+            let issued = self.issue_lanes(s, dt, ta, tb, problems, &capture, false);
             let ended = capture.end_capture(driver_sys::CUgraphInstantiate_flags(0));
             issued?;
             let graph = ended?.ok_or_else(|| GpuError::Unsupported("stream capture produced no graph".into()))?;
@@ -526,9 +591,14 @@ mod tests {
 
     #[test]
     fn strategy_labels_round_trip() {
-        for s in
-            [Strategy::Loop, Strategy::MultiStream(4), Strategy::Graph(8), Strategy::GroupedBatched, Strategy::Auto]
-        {
+        for s in [
+            Strategy::Loop,
+            Strategy::MultiStream(4),
+            Strategy::Graph(8),
+            Strategy::Threads(2),
+            Strategy::GroupedBatched,
+            Strategy::Auto,
+        ] {
             assert_eq!(Strategy::parse(&s.label()), Some(s));
         }
         assert_eq!(Strategy::parse("ms0"), None);
