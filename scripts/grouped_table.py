@@ -3,6 +3,9 @@
 markdown table of docs/performance.md (issue 5).
 
     python3 scripts/grouped_table.py rust.csv torch.csv [rust_extra.csv ...]
+
+Columns: every strategy found, torch, the best strategy that does not re-capture, its % of
+the dense cuBLAS rate of the same run, best / torch, auto / torch and loop / torch.
 """
 import sys
 from collections import OrderedDict
@@ -28,7 +31,8 @@ for path in sys.argv[1:]:
 peak = dense.get("rust")
 print(f"Dense 8192³ bf16: cuBLAS (Rust, Engine::gemm) {dense.get('rust')} TFLOP/s, torch.mm {dense.get('torch')} TFLOP/s.\n")
 fast = [s for s in strategies if s != "graph4-recapture"]
-hdr = ["shape", "dist", "GEMMs"] + strategies + ["torch grouped_mm", "best (no recapture)", "best % dense", "best / torch", "loop / torch"]
+hdr = ["shape", "dist", "GEMMs"] + strategies
+hdr += ["torch grouped_mm", "best (no recapture)", "best % dense", "best / torch", "auto / torch", "loop / torch"]
 print("| " + " | ".join(hdr) + " |")
 print("|" + "---|" * len(hdr))
 for (shape, dist, case), r in rows.items():
@@ -42,5 +46,6 @@ for (shape, dist, case), r in rows.items():
     cells.append(f"{best_s} {best_tf:.0f}")
     cells.append(f"{100 * best_tf / peak:.0f}%" if peak else "")
     cells.append(f"**{best_tf / t[1]:.2f}**" if t else "")
+    cells.append(f"{r['auto'][1] / t[1]:.2f}" if t and "auto" in r else "")
     cells.append(f"{r['loop'][1] / t[1]:.2f}" if t and "loop" in r else "")
     print("| " + " | ".join(cells) + " |")
