@@ -8,10 +8,18 @@ use criterion::criterion_main;
 mod checkpoint;
 #[cfg(feature = "cuda")]
 mod gpu;
+#[cfg(feature = "cuda")]
+mod gpu_grouped;
 mod reference;
 
 criterion::criterion_group!(checkpoint_benches, checkpoint::checkpoint);
 #[cfg(feature = "cuda")]
-criterion_main!(reference::benches, checkpoint_benches, gpu::benches);
+criterion::criterion_group! {
+    name = gpu_grouped_benches;
+    config = gpu_grouped::config();
+    targets = gpu_grouped::bench
+}
+#[cfg(feature = "cuda")]
+criterion_main!(reference::benches, checkpoint_benches, gpu::benches, gpu_grouped_benches);
 #[cfg(not(feature = "cuda"))]
 criterion_main!(reference::benches, checkpoint_benches);

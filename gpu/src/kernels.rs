@@ -87,11 +87,11 @@ pub enum Arg {
 
 /// The process-wide CUDA state.
 pub struct Engine {
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-    blas: CudaBlas,
+    pub(crate) ctx: Arc<CudaContext>,
+    pub(crate) stream: Arc<CudaStream>,
+    pub(crate) blas: CudaBlas,
     functions: HashMap<String, CudaFunction>,
-    launches: u64,
+    pub(crate) launches: u64,
     /// GEMM streams of a batch (1: everything on the main stream).
     streams: usize,
     /// Side streams with their own cuBLAS handles (and so their own workspaces).
@@ -100,6 +100,8 @@ pub struct Engine {
     batch: Option<usize>,
     /// `MOE_GPU_STREAMS` at creation (default 1).
     default_streams: usize,
+    /// Side streams, handles and caches of the grouped executor (created on first use).
+    pub(crate) grouped: crate::grouped::GroupedState,
     device_name: String,
     arch: &'static str,
 }
@@ -144,7 +146,7 @@ pub fn dtype_suffix(dt: Dtype) -> &'static str {
     }
 }
 
-fn cuda_dtype(dt: Dtype) -> cublas_sys::cudaDataType {
+pub(crate) fn cuda_dtype(dt: Dtype) -> cublas_sys::cudaDataType {
     match dt {
         Dtype::F32 => cublas_sys::cudaDataType::CUDA_R_32F,
         Dtype::Bf16 => cublas_sys::cudaDataType::CUDA_R_16BF,
@@ -163,6 +165,105 @@ pub fn compile_kernels(arch: &'static str) -> Result<cudarc::nvrtc::Ptx, GpuErro
         };
         GpuError::Compile { kernel: "experts.cu", log }
     })
+}
+
+/// A row-major GEMM `C[m, n] = op(A)·op(B)` (`A` stored `[m, k]`, `[k, m]` when `ta`; `B`
+/// stored `[k, n]`, `[n, k]` when `tb`; `C` compact `[m, n]`) expressed as the column-major
+/// cuBLAS call on the same memory: cuBLAS computes `Cᵀ = op(B)ᵀ·op(A)ᵀ`, so its first operand
+/// is `B`, its `m` is our `n`, and every leading dimension is a row length. The only place
+/// this mapping lives ([`Engine::gemm`] and the grouped executor both use it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ColMajorGemm {
+    /// cuBLAS `transa` (applies to our `B`).
+    pub transa: cublas_sys::cublasOperation_t,
+    /// cuBLAS `transb` (applies to our `A`).
+    pub transb: cublas_sys::cublasOperation_t,
+    /// cuBLAS `m` (= our `n`).
+    pub m: i32,
+    /// cuBLAS `n` (= our `m`).
+    pub n: i32,
+    /// cuBLAS `k` (= our `k`).
+    pub k: i32,
+    /// cuBLAS `A` pointer (= our `B`).
+    pub a: u64,
+    /// Leading dimension of cuBLAS `A`.
+    pub lda: i32,
+    /// cuBLAS `B` pointer (= our `A`).
+    pub b: u64,
+    /// Leading dimension of cuBLAS `B`.
+    pub ldb: i32,
+    /// `C` pointer.
+    pub c: u64,
+    /// Leading dimension of `C` (= our `n`).
+    pub ldc: i32,
+}
+
+fn op(t: bool) -> cublas_sys::cublasOperation_t {
+    if t {
+        cublas_sys::cublasOperation_t::CUBLAS_OP_T
+    } else {
+        cublas_sys::cublasOperation_t::CUBLAS_OP_N
+    }
+}
+
+impl ColMajorGemm {
+    /// Maps a row-major problem (see the type's docs); dimensions must fit `i32`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(ta: bool, tb: bool, m: usize, n: usize, k: usize, a: u64, b: u64, c: u64) -> Result<Self, GpuError> {
+        let (mi, ni, ki) = (i32::try_from(m)?, i32::try_from(n)?, i32::try_from(k)?);
+        Ok(ColMajorGemm {
+            transa: op(tb),
+            transb: op(ta),
+            m: ni,
+            n: mi,
+            k: ki,
+            a: b,
+            lda: if tb { ki } else { ni },
+            b: a,
+            ldb: if ta { mi } else { ki },
+            c,
+            ldc: ni,
+        })
+    }
+
+    /// Issues `cublasGemmEx` (alpha 1, `beta` host f32, COMPUTE_32F, default algorithm) on
+    /// `handle`'s stream.
+    ///
+    /// # Safety
+    /// The three pointers must address live device memory of `dt` holding the matrices this
+    /// problem was built for, `handle` must be a live cuBLAS handle of the current context,
+    /// and `k`, `m`, `n` must be positive.
+    pub unsafe fn gemm_ex(&self, handle: cublas_sys::cublasHandle_t, dt: Dtype, beta: f32) -> Result<(), GpuError> {
+        let alpha = 1.0f32;
+        let cdt = cuda_dtype(dt);
+        // SAFETY: the caller guarantees the pointers and handle (this fn's contract); leading
+        // dimensions are the row lengths computed in `new`; alpha/beta are host f32 as
+        // COMPUTE_32F with the default host pointer mode requires, alive for the call.
+        unsafe {
+            cublas_result::gemm_ex(
+                handle,
+                self.transa,
+                self.transb,
+                self.m,
+                self.n,
+                self.k,
+                (&alpha as *const f32).cast(),
+                self.a as *const std::ffi::c_void,
+                cdt,
+                self.lda,
+                self.b as *const std::ffi::c_void,
+                cdt,
+                self.ldb,
+                (&beta as *const f32).cast(),
+                self.c as *mut std::ffi::c_void,
+                cdt,
+                self.ldc,
+                cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }?;
+        Ok(())
+    }
 }
 
 impl Engine {
@@ -192,6 +293,7 @@ impl Engine {
             blas,
             functions,
             launches: 0,
+            grouped: crate::grouped::GroupedState::default(),
             streams: 1,
             side: Vec::new(),
             batch: None,
@@ -392,9 +494,9 @@ impl Engine {
 
     /// Row-major `C[m, n] = op(A)·op(B) + beta·C` with `A` stored `[m, k]` (`[k, m]` when
     /// `ta`), `B` stored `[k, n]` (`[n, k]` when `tb`), all in `dt`, f32 accumulation
-    /// (`CUBLAS_COMPUTE_32F`, no TF32). The only place the row-major → column-major mapping
-    /// lives: cuBLAS computes `Cᵀ = op(B)ᵀ·op(A)ᵀ` on the same memory. `k = 0` with `beta = 0`
-    /// writes exact zeros (by memset, not relying on cuBLAS).
+    /// (`CUBLAS_COMPUTE_32F`, no TF32). The row-major → column-major mapping lives in
+    /// [`ColMajorGemm`] (shared with [`Engine::grouped_gemm`](crate::grouped)). `k = 0` with
+    /// `beta = 0` writes exact zeros (by memset, not relying on cuBLAS).
     #[allow(clippy::too_many_arguments)]
     pub fn gemm(
         &mut self,
@@ -427,45 +529,11 @@ impl Engine {
             }
             return Ok(());
         }
-        let (mi, ni, ki) = (i32::try_from(m)?, i32::try_from(n)?, i32::try_from(k)?);
-        let lda = if ta { mi } else { ki };
-        let ldb = if tb { ki } else { ni };
-        let op = |t: bool| {
-            if t {
-                cublas_sys::cublasOperation_t::CUBLAS_OP_T
-            } else {
-                cublas_sys::cublasOperation_t::CUBLAS_OP_N
-            }
-        };
-        let alpha = 1.0f32;
-        let cdt = cuda_dtype(dt);
+        let g = ColMajorGemm::new(ta, tb, m, n, k, a, b, c)?;
         // SAFETY: `a`, `b`, `c` are device addresses of row-major matrices of the shapes
-        // documented above (checked by the callers in layer.rs against their buffers); leading
-        // dimensions are the row lengths; alpha/beta are host f32 as COMPUTE_32F requires; the
+        // documented above (checked by the callers in layer.rs against their buffers); the
         // handle is bound to the engine's stream.
-        unsafe {
-            cublas_result::gemm_ex(
-                handle,
-                op(tb),
-                op(ta),
-                ni,
-                mi,
-                ki,
-                (&alpha as *const f32).cast(),
-                b as *const std::ffi::c_void,
-                cdt,
-                ldb,
-                a as *const std::ffi::c_void,
-                cdt,
-                lda,
-                (&beta as *const f32).cast(),
-                c as *mut std::ffi::c_void,
-                cdt,
-                ni,
-                cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }?;
+        unsafe { g.gemm_ex(handle, dt, beta) }?;
         self.launches += 1;
         Ok(())
     }

@@ -10,6 +10,9 @@
 //! * [`kernels`]: device probe, context, NVRTC compilation of `kernels/experts.cu` (embedded,
 //!   compiled at first use for the device's compute capability), raw launches and the one
 //!   row-major cuBLAS helper.
+//! * [`grouped`]: the grouped-GEMM executor ([`kernels::Engine::grouped_gemm`]): per-expert
+//!   GEMMs as a cuBLAS loop, over several streams, as a replayed CUDA graph, or through
+//!   cuBLAS's grouped/strided batched APIs (issue 5).
 //! * [`layer`]: the device-resident forward/backward/backward_dw on [`layer::Workspace`]
 //!   buffers (the path benches time: weights uploaded once with [`kernels::Engine::prepare`]).
 //! * [`implementation`]: the `ExpertLayer` impls (host in, host out).
@@ -19,12 +22,14 @@
 //! before any context is created and constructors return [`GpuError::NoDevice`].
 
 pub mod error;
+pub mod grouped;
 pub mod implementation;
 pub mod kernels;
 pub mod layer;
 pub mod sampled;
 
 pub use error::GpuError;
+pub use grouped::{GemmProblem, Strategy};
 pub use implementation::{CudaGrouped, CudaSequential, CudaTeGrouped};
 
 /// The message tests print (once) when they skip for lack of a GPU.

@@ -1,0 +1,354 @@
+//! Issue 5: grouped-GEMM strategies of the expert layers at model shapes, GPU-timed.
+//!
+//! Shapes and token distributions come from `benches/data/grouped_counts.json` (the same file
+//! `scripts/torch_grouped_bench.py` reads, so both time identical problems). Cases per
+//! (shape, distribution): fc1/fc2/dgrad1/wgrad1 of TEGroupedMLP (`[out, in]` weights), the
+//! forward pair, and all six GEMMs of forward+backward for TEGroupedMLP and for GroupedMLP
+//! (`[in, out]` weights). bf16 in and out, f32 accumulation, random data (never zeros).
+//!
+//! Timing: `iter_custom`, the engine's stream synchronized before starting the clock and after
+//! the last iteration; buffers, fills, graph captures and pointer-array uploads happen in
+//! set-up and warm-up (the `graph4-recapture` rows clear the caches inside the timed loop to
+//! show what a capture per call costs). One `ROW,rust,<shape>,<dist>,<case>,<strategy>,<ms>,
+//! <TFLOP/s>` line per benchmark (median per-iteration time of criterion's samples), plus the
+//! dense 8192³ cuBLAS reference; `MOE_GG_CSV=path` also writes them to a file.
+//!
+//! Filters (comma lists): `MOE_GG_SHAPES`, `MOE_GG_CASES`, `MOE_GG_STRATEGIES` (labels of
+//! [`Strategy::label`], default `loop,ms4,graph4,gbatched,auto`); `MOE_GG_LANE_SMS=n` sets
+//! cuBLAS's SM-count target on the side-stream handles (an experiment).
+
+use criterion::Criterion;
+use moe_gpu::kernels::{engine, Buf, Engine};
+use moe_gpu::{GemmProblem, Strategy};
+use moe_reference::Dtype;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+const COUNTS_JSON: &str = include_str!("data/grouped_counts.json");
+const DT: Dtype = Dtype::Bf16;
+const CASES: [&str; 7] = ["fc1_te", "fc2_te", "dgrad1_te", "wgrad1_te", "fwd_te", "fwdbwd_te", "fwdbwd_grp"];
+const SAMPLES: usize = 10;
+
+/// The criterion settings for the GPU groups: few samples, short windows (device time is
+/// scarce; the GEMM sets run 0.1-40 ms each).
+pub fn config() -> Criterion {
+    Criterion::default()
+        .sample_size(SAMPLES)
+        .warm_up_time(Duration::from_millis(100))
+        .measurement_time(Duration::from_millis(300))
+        .nresamples(1000)
+}
+
+#[derive(serde::Deserialize)]
+struct Counts {
+    shapes: Vec<ShapeSpec>,
+}
+
+#[derive(serde::Deserialize)]
+struct ShapeSpec {
+    name: String,
+    hidden: usize,
+    ffn: usize,
+    experts: usize,
+    rows: usize,
+    dists: BTreeMap<String, Vec<usize>>,
+}
+
+fn env_list(var: &str) -> Option<Vec<String>> {
+    std::env::var(var).ok().filter(|s| !s.is_empty()).map(|s| s.split(',').map(str::to_string).collect())
+}
+
+struct Buffers {
+    x: Buf,
+    a: Buf,
+    u: Buf,
+    y: Buf,
+    g: Buf,
+    da: Buf,
+    du: Buf,
+    dx: Buf,
+    w1: Buf,
+    w2: Buf,
+    dw1: Buf,
+    dw2: Buf,
+}
+
+/// Fills `buf` with copies of the random `chunk` (device-to-device; no zeros anywhere).
+fn fill(eng: &mut Engine, buf: &Buf, chunk: &Buf) {
+    let (dst, src, cb) = (eng.ptr(buf, 0), eng.ptr(chunk, 0), chunk.bytes());
+    let mut off = 0;
+    while off < buf.bytes() {
+        let n = cb.min(buf.bytes() - off);
+        eng.copy_dtod(dst + off as u64, src, n).expect("fill");
+        off += n;
+    }
+}
+
+/// One grouped call of a case.
+type Call = (bool, bool, Vec<GemmProblem>);
+
+struct Layout {
+    h: usize,
+    n1: usize,
+    n2: usize,
+}
+
+/// The six grouped calls of a layer for `counts`; `te`: `[out, in]` weights, else `[in, out]`.
+fn gemm(eng: &Engine, b: &Buffers, l: &Layout, counts: &[usize], te: bool, which: &str) -> Call {
+    let ds = DT.size_bytes();
+    let (h, n1, n2) = (l.h, l.n1, l.n2);
+    let mut off = 0;
+    let mut probs = Vec::new();
+    let (mut ta, mut tb) = (false, false);
+    for (e, &c) in counts.iter().enumerate() {
+        let p = |buf: &Buf, elems: usize| eng.ptr(buf, elems * ds);
+        let pr = match which {
+            // x_e·W1_e(ᵀ) -> a
+            "fc1" => {
+                tb = te;
+                GemmProblem { m: c, n: n1, k: h, a: p(&b.x, off * h), b: p(&b.w1, e * n1 * h), c: p(&b.a, off * n1) }
+            }
+            "fc2" => {
+                tb = te;
+                GemmProblem { m: c, n: h, k: n2, a: p(&b.u, off * n2), b: p(&b.w2, e * h * n2), c: p(&b.y, off * h) }
+            }
+            "dgrad2" => {
+                tb = !te;
+                GemmProblem { m: c, n: n2, k: h, a: p(&b.g, off * h), b: p(&b.w2, e * h * n2), c: p(&b.du, off * n2) }
+            }
+            "dgrad1" => {
+                tb = !te;
+                GemmProblem { m: c, n: h, k: n1, a: p(&b.da, off * n1), b: p(&b.w1, e * n1 * h), c: p(&b.dx, off * h) }
+            }
+            "wgrad2" => {
+                ta = true;
+                if te {
+                    // [h, n2] = g_eᵀ·u_e
+                    GemmProblem {
+                        m: h,
+                        n: n2,
+                        k: c,
+                        a: p(&b.g, off * h),
+                        b: p(&b.u, off * n2),
+                        c: p(&b.dw2, e * h * n2),
+                    }
+                } else {
+                    // [n2, h] = u_eᵀ·g_e
+                    GemmProblem {
+                        m: n2,
+                        n: h,
+                        k: c,
+                        a: p(&b.u, off * n2),
+                        b: p(&b.g, off * h),
+                        c: p(&b.dw2, e * h * n2),
+                    }
+                }
+            }
+            "wgrad1" => {
+                ta = true;
+                if te {
+                    // [n1, h] = da_eᵀ·x_e
+                    GemmProblem {
+                        m: n1,
+                        n: h,
+                        k: c,
+                        a: p(&b.da, off * n1),
+                        b: p(&b.x, off * h),
+                        c: p(&b.dw1, e * n1 * h),
+                    }
+                } else {
+                    // [h, n1] = x_eᵀ·da_e
+                    GemmProblem {
+                        m: h,
+                        n: n1,
+                        k: c,
+                        a: p(&b.x, off * h),
+                        b: p(&b.da, off * n1),
+                        c: p(&b.dw1, e * n1 * h),
+                    }
+                }
+            }
+            other => panic!("unknown GEMM {other}"),
+        };
+        probs.push(pr);
+        off += c;
+    }
+    (ta, tb, probs)
+}
+
+fn case_calls(eng: &Engine, b: &Buffers, l: &Layout, counts: &[usize], case: &str) -> Vec<Call> {
+    let (base, layout) = case.rsplit_once('_').expect("case_layout");
+    let te = layout == "te";
+    let names: &[&str] = match base {
+        "fwd" => &["fc1", "fc2"],
+        "fwdbwd" => &["fc1", "fc2", "dgrad2", "dgrad1", "wgrad2", "wgrad1"],
+        one => return vec![gemm(eng, b, l, counts, te, one)],
+    };
+    names.iter().map(|n| gemm(eng, b, l, counts, te, n)).collect()
+}
+
+fn flops(calls: &[Call]) -> f64 {
+    calls.iter().flat_map(|c| c.2.iter()).map(GemmProblem::flops).sum()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+struct Report {
+    rows: Vec<String>,
+}
+
+impl Report {
+    fn emit(&mut self, shape: &str, dist: &str, case: &str, strat: &str, secs: f64, flops: f64) {
+        let line = format!("ROW,rust,{shape},{dist},{case},{strat},{:.4},{:.1}", secs * 1e3, flops / secs / 1e12);
+        println!("{line}");
+        self.rows.push(line);
+    }
+}
+
+/// Times `run` under criterion and returns the median per-iteration seconds of its samples.
+fn time<F: FnMut(&mut Engine)>(c: &mut Criterion, eng: &mut Engine, group: &str, id: &str, mut run: F) -> f64 {
+    let mut per_iter = Vec::new();
+    let mut g = c.benchmark_group(group);
+    g.bench_function(id, |bch| {
+        bch.iter_custom(|iters| {
+            eng.synchronize().expect("sync");
+            let t = Instant::now();
+            for _ in 0..iters {
+                run(eng);
+            }
+            eng.synchronize().expect("sync");
+            let d = t.elapsed();
+            per_iter.push(d.as_secs_f64() / iters as f64);
+            d
+        })
+    });
+    g.finish();
+    let tail = per_iter.len().saturating_sub(SAMPLES);
+    median(per_iter.split_off(tail))
+}
+
+/// The bench entry point (registered in `benches/main.rs`).
+pub fn bench(c: &mut Criterion) {
+    let mut guard = match engine() {
+        Ok(e) => e,
+        Err(e) => {
+            println!("{}", moe_gpu::skip_message("bench gpu_grouped", &e));
+            return;
+        }
+    };
+    let eng: &mut Engine = &mut guard;
+    println!("gpu_grouped on {} ({})", eng.device_name(), eng.arch());
+    let counts: Counts = serde_json::from_str(COUNTS_JSON).expect("grouped_counts.json");
+    let shapes = env_list("MOE_GG_SHAPES");
+    let cases = env_list("MOE_GG_CASES");
+    let strategies: Vec<String> = env_list("MOE_GG_STRATEGIES")
+        .unwrap_or_else(|| ["loop", "ms4", "graph4", "gbatched", "auto"].map(String::from).to_vec());
+    let mut report = Report { rows: Vec::new() };
+    if let Some(sms) = std::env::var("MOE_GG_LANE_SMS").ok().and_then(|v| v.parse().ok()) {
+        eng.set_lane_sm_count_target(sms).expect("cublasSetSmCountTarget");
+        println!("lane cuBLAS SM-count target: {sms}");
+    }
+
+    // Random bf16 chunk (8 Mi elements) the fills copy from.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let host: Vec<u8> = moe_gpu::layer::to_bytes(
+        DT,
+        (0..(8usize << 20)).map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 11) as f64 / (1u64 << 53) as f64 - 0.5) * 0.25
+        }),
+    );
+    let chunk = eng.upload(&host).expect("upload chunk");
+
+    // Dense reference: 8192³ bf16 GEMM through the same cuBLAS helper.
+    {
+        let nn = 8192usize;
+        let bufs: Vec<Buf> = (0..3).map(|_| eng.alloc(nn * nn * 2).expect("alloc")).collect();
+        for b in &bufs {
+            fill(eng, b, &chunk);
+        }
+        let (pa, pb, pc) = (eng.ptr(&bufs[0], 0), eng.ptr(&bufs[1], 0), eng.ptr(&bufs[2], 0));
+        let secs = time(c, eng, "gpu_dense", "gemm8192", |e| {
+            e.gemm(DT, false, false, nn, nn, nn, pa, pb, pc, 0.0).expect("gemm")
+        });
+        report.emit("dense", "-", "gemm8192", "cublas", secs, 2.0 * (nn as f64).powi(3));
+    }
+
+    for sh in &counts.shapes {
+        if shapes.as_ref().is_some_and(|s| !s.contains(&sh.name)) {
+            continue;
+        }
+        let (h, e, t) = (sh.hidden, sh.experts, sh.rows);
+        let l = Layout { h, n1: 2 * sh.ffn, n2: sh.ffn };
+        let ds = DT.size_bytes();
+        let mut alloc = |elems: usize| eng.alloc(elems * ds).expect("alloc");
+        let b = Buffers {
+            x: alloc(t * h),
+            a: alloc(t * l.n1),
+            u: alloc(t * l.n2),
+            y: alloc(t * h),
+            g: alloc(t * h),
+            da: alloc(t * l.n1),
+            du: alloc(t * l.n2),
+            dx: alloc(t * h),
+            w1: alloc(e * l.n1 * h),
+            w2: alloc(e * h * l.n2),
+            dw1: alloc(e * l.n1 * h),
+            dw2: alloc(e * h * l.n2),
+        };
+        for buf in [&b.x, &b.a, &b.u, &b.y, &b.g, &b.da, &b.du, &b.dx, &b.w1, &b.w2, &b.dw1, &b.dw2] {
+            fill(eng, buf, &chunk);
+        }
+        eng.synchronize().expect("fill");
+        for (dist, cnt) in &sh.dists {
+            for case in CASES {
+                if cases.as_ref().is_some_and(|cs| !cs.iter().any(|c| c == case)) {
+                    continue;
+                }
+                let calls = case_calls(eng, &b, &l, cnt, case);
+                let fl = flops(&calls);
+                let mut strats: Vec<(String, Strategy, bool)> = strategies
+                    .iter()
+                    .map(|s| (s.clone(), Strategy::parse(s).unwrap_or_else(|| panic!("unknown strategy {s}")), false))
+                    .collect();
+                if case == "fwdbwd_te" && strategies.iter().any(|s| s == "graph4") {
+                    strats.push(("graph4-recapture".into(), Strategy::Graph(4), true));
+                }
+                for (label, strategy, recapture) in strats {
+                    // Pre-flight outside timing: a strategy that errors gets an ERR line, and
+                    // the rest of the run goes on.
+                    let pre: Result<(), moe_gpu::GpuError> = calls
+                        .iter()
+                        .try_for_each(|(ta, tb, probs)| eng.grouped_gemm(strategy, DT, *ta, *tb, probs))
+                        .and_then(|()| eng.synchronize());
+                    if let Err(err) = pre {
+                        let line = format!("ERR,rust,{},{dist},{case},{label},{err}", sh.name);
+                        println!("{line}");
+                        report.rows.push(line);
+                        continue;
+                    }
+                    let group = format!("gpu_grouped/{}/{dist}/{case}", sh.name);
+                    let secs = time(c, eng, &group, &label, |en| {
+                        for (ta, tb, probs) in &calls {
+                            if recapture {
+                                en.clear_grouped_caches();
+                            }
+                            en.grouped_gemm(strategy, DT, *ta, *tb, probs).expect("grouped_gemm");
+                        }
+                    });
+                    report.emit(&sh.name, dist, case, &label, secs, fl);
+                }
+            }
+        }
+        drop(b);
+        eng.synchronize().expect("sync");
+    }
+    if let Ok(path) = std::env::var("MOE_GG_CSV") {
+        std::fs::write(&path, report.rows.join("\n") + "\n").expect("write MOE_GG_CSV");
+    }
+}

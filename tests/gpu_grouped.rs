@@ -1,0 +1,203 @@
+//! The grouped-GEMM executor (issue 5): every [`Strategy`] against the `Loop` baseline and an
+//! f64 host reference, on ragged groups with empty experts (m = 0 in fc1/fc2/dgrad, k = 0 in
+//! wgrad), outputs poisoned with NaN before every run.
+//!
+//! Why these cases: an expert with k = 0 in wgrad must come back exactly 0 (tgale96/grouped_gemm
+//! 398709f, pytorch #172439, TE #2499); an empty first/middle/last group broke TE (PR #1527);
+//! pointer arrays for cuBLAS's grouped API must live on the device (cudarc's safe wrapper
+//! faults). Loop vs MultiStream/Graph issue the same `cublasGemmEx` calls with the same
+//! workspace size, so they are expected bit-identical; GroupedBatched and the strided-batched
+//! path of Auto run other cuBLAS kernels, so they are held to the f32-accumulation tolerance
+//! (bf16 output: |d| <= 2^-7·|ref| + 1e-3). The test prints which strategies were bit-exact.
+
+#![cfg(feature = "cuda")]
+
+use moe_gpu::kernels::{engine, Engine};
+use moe_gpu::layer::{from_bytes, to_bytes};
+use moe_gpu::{GemmProblem, GpuError, Strategy};
+use moe_reference::Dtype;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const STRATEGIES: [Strategy; 10] = [
+    Strategy::Loop,
+    Strategy::MultiStream(1),
+    Strategy::MultiStream(3),
+    Strategy::Graph(1),
+    Strategy::Graph(4),
+    Strategy::GroupedBatched,
+    Strategy::Auto,
+    Strategy::MultiStream(8),
+    Strategy::Threads(1),
+    Strategy::Threads(3),
+];
+
+/// One grouped call: per-expert (m, n, k) with transposes, as the layers issue them.
+struct Case {
+    name: &'static str,
+    ta: bool,
+    tb: bool,
+    /// (m, n, k) per expert.
+    dims: Vec<(usize, usize, usize)>,
+}
+
+fn cases() -> Vec<Case> {
+    let fwd =
+        |name, tb, n, k, ms: &[usize]| Case { name, ta: false, tb, dims: ms.iter().map(|&m| (m, n, k)).collect() };
+    let wgrad =
+        |name, m, n, ks: &[usize]| Case { name, ta: true, tb: false, dims: ks.iter().map(|&k| (m, n, k)).collect() };
+    vec![
+        // fc1 of TEGroupedMLP ([out, in] weights): empty first, middle and last experts.
+        fwd("fc1_te_ragged", true, 48, 40, &[0, 5, 17, 0, 8, 33, 0]),
+        // fc1 of GroupedMLP ([in, out] weights), odd sizes around tile edges.
+        fwd("fc1_grp_ragged", false, 72, 24, &[1, 0, 127, 129, 16]),
+        // dgrad (TE: no transpose of [out, in] weights), larger so tensor-core kernels run.
+        fwd("dgrad_te_tc", false, 256, 192, &[64, 0, 320, 96, 0, 128]),
+        // wgrad: k = tokens, experts with 0 tokens must get exact zeros.
+        wgrad("wgrad_ragged_k0", 24, 40, &[0, 7, 13, 0, 3, 0]),
+        wgrad("wgrad_tc_k0", 128, 192, &[256, 0, 64, 512, 0]),
+        // Uniform groups: Auto takes the strided-batched path.
+        fwd("fc1_uniform", true, 96, 64, &[32, 32, 32, 32, 32]),
+        wgrad("wgrad_uniform", 64, 96, &[48, 48, 48, 48]),
+        // Uniform with one empty expert (strided progression broken: Auto falls back to 4 streams).
+        fwd("fc2_uniform_hole", true, 64, 96, &[32, 0, 32, 32]),
+    ]
+}
+
+fn rand_vals(rng: &mut ChaCha8Rng, n: usize) -> Vec<f64> {
+    (0..n).map(|_| f64::from(half::bf16::from_f64(rng.random_range(-1.0..1.0)).to_f32())).collect()
+}
+
+struct Prepared {
+    problems: Vec<GemmProblem>,
+    c_offsets: Vec<usize>,
+    c_elems: usize,
+    reference: Vec<f64>,
+    c: moe_gpu::kernels::Buf,
+    _a: moe_gpu::kernels::Buf,
+    _b: moe_gpu::kernels::Buf,
+}
+
+const GUARD: usize = 64;
+
+fn prepare(eng: &mut Engine, case: &Case, dt: Dtype, seed: u64) -> Result<Prepared, GpuError> {
+    let ds = dt.size_bytes();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let a_len: usize = case.dims.iter().map(|&(m, _, k)| m * k).sum();
+    let b_len: usize = case.dims.iter().map(|&(_, n, k)| k * n).sum();
+    let c_len: usize = case.dims.iter().map(|&(m, n, _)| m * n).sum();
+    let av = rand_vals(&mut rng, a_len);
+    let bv = rand_vals(&mut rng, b_len);
+    let a = eng.upload(&to_bytes(dt, av.iter().copied()))?;
+    let b = eng.upload(&to_bytes(dt, bv.iter().copied()))?;
+    let c = eng.alloc((c_len + GUARD) * ds)?;
+    let (mut ao, mut bo, mut co) = (0, 0, 0);
+    let mut problems = Vec::new();
+    let mut c_offsets = Vec::new();
+    let mut reference = vec![0.0; c_len];
+    for &(m, n, k) in &case.dims {
+        problems.push(GemmProblem {
+            m,
+            n,
+            k,
+            a: eng.ptr(&a, ao * ds),
+            b: eng.ptr(&b, bo * ds),
+            c: eng.ptr(&c, co * ds),
+        });
+        c_offsets.push(co);
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0.0;
+                for l in 0..k {
+                    let x = if case.ta { av[ao + l * m + i] } else { av[ao + i * k + l] };
+                    let y = if case.tb { bv[bo + j * k + l] } else { bv[bo + l * n + j] };
+                    s += x * y;
+                }
+                reference[co + i * n + j] = s;
+            }
+        }
+        ao += m * k;
+        bo += k * n;
+        co += m * n;
+    }
+    Ok(Prepared { problems, c_offsets, c_elems: c_len, reference, c, _a: a, _b: b })
+}
+
+/// Poisons C (and its guard tail), runs `strategy` (twice: the second run replays cached
+/// graphs / pointer arrays), returns C's bytes.
+fn run(eng: &mut Engine, p: &Prepared, case: &Case, dt: Dtype, strategy: Strategy) -> Result<Vec<u8>, GpuError> {
+    let mut out = Vec::new();
+    for _ in 0..2 {
+        eng.poison(&p.c)?;
+        eng.grouped_gemm(strategy, dt, case.ta, case.tb, &p.problems)?;
+        eng.synchronize()?;
+        out = eng.download(&p.c)?;
+    }
+    Ok(out)
+}
+
+#[test]
+fn every_strategy_matches_loop_and_reference() {
+    let mut eng = match engine() {
+        Ok(e) => e,
+        Err(e) => {
+            if moe_gpu::cuda_required() {
+                panic!("MOE_REQUIRE_CUDA=1 but {e}");
+            }
+            println!("{}", moe_gpu::skip_message("gpu_grouped::every_strategy_matches_loop_and_reference", &e));
+            return;
+        }
+    };
+    let mut exact_report = Vec::new();
+    for dt in [Dtype::Bf16, Dtype::F32] {
+        let ds = dt.size_bytes();
+        for (ci, case) in cases().iter().enumerate() {
+            let p = prepare(&mut eng, case, dt, 0x5eed + ci as u64).expect("prepare");
+            let base = run(&mut eng, &p, case, dt, Strategy::Loop).expect("loop");
+            let base_v = from_bytes(dt, &base[..p.c_elems * ds]);
+            // Loop against the f64 reference (one rounding to dt of an f32-accumulated sum).
+            let rel = if dt == Dtype::Bf16 { 1.0 / 128.0 } else { 1e-5 };
+            for (i, (&g, &r)) in base_v.iter().zip(&p.reference).enumerate() {
+                assert!((g - r).abs() <= rel * r.abs() + 1e-3, "{} {dt:?} loop[{i}] = {g}, reference {r}", case.name);
+            }
+            for strategy in STRATEGIES {
+                let got =
+                    run(&mut eng, &p, case, dt, strategy).unwrap_or_else(|e| panic!("{} {strategy:?}: {e}", case.name));
+                // The guard tail after the last expert is never written.
+                assert!(got[p.c_elems * ds..].iter().all(|&x| x == 0xFF), "{} {strategy:?}: wrote past C", case.name);
+                // k = 0 experts: exact zeros (all bytes 0, i.e. +0.0).
+                for (e, &(m, n, k)) in case.dims.iter().enumerate() {
+                    if k == 0 && m > 0 {
+                        let s = p.c_offsets[e] * ds;
+                        assert!(
+                            got[s..s + m * n * ds].iter().all(|&x| x == 0),
+                            "{} {strategy:?}: expert {e} with k = 0 not zeroed",
+                            case.name
+                        );
+                    }
+                }
+                let v = from_bytes(dt, &got[..p.c_elems * ds]);
+                let mut max_diff = 0.0f64;
+                for (i, (&g, &b)) in v.iter().zip(&base_v).enumerate() {
+                    assert!(!g.is_nan(), "{} {strategy:?}: NaN (unwritten) at {i}", case.name);
+                    let d = (g - b).abs();
+                    max_diff = max_diff.max(d);
+                    assert!(d <= rel * b.abs() + 1e-3, "{} {dt:?} {strategy:?}[{i}] = {g}, loop {b}", case.name);
+                }
+                let exact = got[..p.c_elems * ds] == base[..p.c_elems * ds];
+                exact_report.push(format!(
+                    "{}/{dt:?}/{}: {}",
+                    case.name,
+                    strategy.label(),
+                    if exact { "exact".to_string() } else { format!("max |diff| {max_diff:.3e}") }
+                ));
+            }
+        }
+    }
+    let inexact: Vec<_> = exact_report.iter().filter(|l| !l.ends_with("exact")).collect();
+    println!(
+        "gpu_grouped: {} strategy runs, {} bit-exact vs loop; not exact: {inexact:?}",
+        exact_report.len(),
+        exact_report.len() - inexact.len()
+    );
+}
