@@ -22,8 +22,12 @@ for l in sys.stdin:
 test_exe="$(exe_of test test --release --test integration)"
 bench_exe="$(exe_of bench bench --bench main)"
 [ -n "$test_exe" ] && [ -n "$bench_exe" ] || { echo "build failed" >&2; exit 1; }
+cargo build --release --bin moe-verify >/dev/null 2>&1 || { echo "moe-verify build failed" >&2; exit 1; }
 cp "$test_exe" "$stage/integration"
 cp "$bench_exe" "$stage/bench"
+cp target/release/moe-verify "$stage/moe-verify"
+mkdir -p "$stage/tools"
+cp tools/*.py "$stage/tools/"
 cp scripts/gpu-device.sh scripts/torch_experts_bench.py "$stage/" 2>/dev/null || true
 ls -la "$stage"
 echo

@@ -664,37 +664,15 @@ fn sampled_large_shapes_match_the_oracle() {
     assert!(failed.is_empty(), "sampled verification failed for {failed:?}");
 }
 
-/// The CUDA implementations as a harness backend (defined here: `moe-gpu` does not depend on
-/// the harness), NaN poisoning on.
-struct CudaBackend {
-    seq: CudaSequential,
-    grouped: CudaGrouped,
-    te: CudaTeGrouped,
-}
-
-impl CudaBackend {
-    fn new() -> Result<CudaBackend, GpuError> {
-        Ok(CudaBackend {
-            seq: CudaSequential::new()?.with_poison(true),
-            grouped: CudaGrouped::new()?.with_poison(true),
-            te: CudaTeGrouped::new()?.with_poison(true),
-        })
-    }
-}
-
-impl moe_harness::properties::Backend for CudaBackend {
-    fn name(&self) -> String {
-        "cuda".into()
-    }
-
-    fn layer(&self, class: LayerClass) -> Option<&dyn ExpertLayer> {
-        Some(match class {
-            LayerClass::Sequential => &self.seq,
-            LayerClass::Grouped => &self.grouped,
-            LayerClass::TeGrouped => &self.te,
-        })
-    }
+/// The CUDA implementations as a harness backend, NaN poisoning on.
+fn cuda_backend() -> Result<moe_harness::properties::PerClassBackend, GpuError> {
+    Ok(moe_harness::properties::PerClassBackend::new(
+        "cuda",
+        Some(Box::new(CudaSequential::new()?.with_poison(true))),
+        Some(Box::new(CudaGrouped::new()?.with_poison(true))),
+        Some(Box::new(CudaTeGrouped::new()?.with_poison(true))),
+    ))
 }
 
 // The spec §10 property suite and token-distribution families (tests/properties.rs) on the GPU.
-differential_suite!(cuda, try super::CudaBackend::new(), cases = 32);
+differential_suite!(cuda, try super::cuda_backend(), cases = 32);

@@ -37,6 +37,41 @@ impl Backend for ReferenceBackend {
     }
 }
 
+/// A backend made of one implementation per class (the shape of the CUDA backend: one struct per
+/// Megatron class). A class without an implementation is reported as skipped.
+pub struct PerClassBackend {
+    name: String,
+    sequential: Option<Box<dyn ExpertLayer>>,
+    grouped: Option<Box<dyn ExpertLayer>>,
+    te_grouped: Option<Box<dyn ExpertLayer>>,
+}
+
+impl PerClassBackend {
+    /// A backend named `name` with the given implementations of `SequentialMLP`, `GroupedMLP`
+    /// and `TEGroupedMLP`.
+    pub fn new(
+        name: &str,
+        sequential: Option<Box<dyn ExpertLayer>>,
+        grouped: Option<Box<dyn ExpertLayer>>,
+        te_grouped: Option<Box<dyn ExpertLayer>>,
+    ) -> PerClassBackend {
+        PerClassBackend { name: name.to_string(), sequential, grouped, te_grouped }
+    }
+}
+
+impl Backend for PerClassBackend {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+    fn layer(&self, class: LayerClass) -> Option<&dyn ExpertLayer> {
+        match class {
+            LayerClass::Sequential => self.sequential.as_deref(),
+            LayerClass::Grouped => self.grouped.as_deref(),
+            LayerClass::TeGrouped => self.te_grouped.as_deref(),
+        }
+    }
+}
+
 /// The checked properties (spec §10).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub enum Property {

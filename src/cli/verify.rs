@@ -24,10 +24,91 @@ pub struct VerifyArgs {
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Require the CUDA implementations (fail instead of skipping when no GPU is found). Without
+    /// this flag they run whenever a GPU is present, and a missing GPU prints one SKIP line
+    /// (unless `MOE_REQUIRE_CUDA=1`, which also makes it fail).
+    #[arg(long)]
+    pub gpu: bool,
+    /// With `--gpu`: verify one model-sized layer by sampling instead of the random cases
+    /// (mixtral, deepseek-v3, qwen3-30b-a3b, gpt-oss-120b).
+    #[arg(long, requires = "gpu")]
+    pub shape: Option<String>,
+    /// With `--shape`: token rows (0 = the shape's default).
+    #[arg(long, default_value_t = 0, requires = "shape")]
+    pub tokens: usize,
+    /// With `--shape`: the class to verify (sequential, grouped, te_grouped).
+    #[arg(long, default_value = "te_grouped", requires = "shape")]
+    pub class: String,
 }
 
-fn backends() -> Vec<Box<dyn Backend>> {
-    vec![Box::new(ReferenceBackend)]
+/// The CUDA backend, when the `cuda` feature is on and a GPU is found. `Err` carries the
+/// one-line reason it is not available.
+#[cfg(feature = "cuda")]
+fn cuda_backend() -> Result<Box<dyn Backend>, String> {
+    use moe_gpu::{CudaGrouped, CudaSequential, CudaTeGrouped};
+    use moe_harness::properties::PerClassBackend;
+    let make = || -> Result<PerClassBackend, moe_gpu::GpuError> {
+        Ok(PerClassBackend::new(
+            "cuda",
+            Some(Box::new(CudaSequential::new()?.with_poison(true))),
+            Some(Box::new(CudaGrouped::new()?.with_poison(true))),
+            Some(Box::new(CudaTeGrouped::new()?.with_poison(true))),
+        ))
+    };
+    make().map(|b| Box::new(b) as Box<dyn Backend>).map_err(|e| moe_gpu::skip_message("verify", &e))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_backend() -> Result<Box<dyn Backend>, String> {
+    Err("SKIP gpu::verify: built without the `cuda` feature".into())
+}
+
+/// The implementation families to check: the reference always, CUDA when available. `None`
+/// when CUDA is required but missing (the reason is printed).
+fn backends(require_gpu: bool) -> Option<Vec<Box<dyn Backend>>> {
+    let mut out: Vec<Box<dyn Backend>> = vec![Box::new(ReferenceBackend)];
+    let required = require_gpu || std::env::var("MOE_REQUIRE_CUDA").is_ok_and(|v| v == "1");
+    match cuda_backend() {
+        Ok(b) => out.push(b),
+        Err(why) if required => {
+            eprintln!("error: the CUDA implementations are required but unavailable: {why}");
+            return None;
+        }
+        Err(why) => eprintln!("{why}"),
+    }
+    Some(out)
+}
+
+/// `verify --gpu --shape NAME`: sampled verification of one model-sized layer.
+#[cfg(feature = "cuda")]
+fn run_shape(args: &VerifyArgs, shape: &str) -> i32 {
+    let class = match moe_reference::LayerClass::parse(&args.class) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: --class: {e}");
+            return 2;
+        }
+    };
+    match moe_gpu::sampled::verify_large_shape_class(class, shape, args.tokens, args.seed) {
+        Ok(report) => {
+            print!("{report}");
+            i32::from(!report.passed())
+        }
+        Err(moe_gpu::GpuError::NoDevice(why)) => {
+            eprintln!("error: --shape needs a GPU: {why}");
+            2
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            2
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_shape(_args: &VerifyArgs, _shape: &str) -> i32 {
+    eprintln!("error: --shape needs the `cuda` feature");
+    2
 }
 
 /// Runs the harness; returns the process exit code (0 pass, 1 failure, 2 bad arguments).
@@ -50,7 +131,12 @@ pub fn run(args: &VerifyArgs) -> i32 {
         }
         out
     };
-    let backends = backends();
+    if let Some(shape) = &args.shape {
+        return run_shape(args, shape);
+    }
+    let Some(backends) = backends(args.gpu) else {
+        return 2;
+    };
     let total = u64::from(args.cases) * (properties.len() * backends.len()) as u64;
     let bar = ProgressBar::new(total);
     bar.set_style(
