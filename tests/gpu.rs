@@ -676,3 +676,15 @@ fn cuda_backend() -> Result<moe_harness::properties::PerClassBackend, GpuError> 
 
 // The spec §10 property suite and token-distribution families (tests/properties.rs) on the GPU.
 differential_suite!(cuda, try super::cuda_backend(), cases = 32);
+
+/// Issue 4: a GPU layer loaded from a checkpoint saved under another class and (tp, ep) layout
+/// reproduces the f64 oracle (output, dx, dp, every rank's weight grads).
+#[test]
+fn gpu_layer_loaded_from_a_checkpoint_of_another_layout_reproduces_the_oracle() {
+    let Some(_gpus) = gpus("gpu_layer_loaded_from_a_checkpoint_of_another_layout_reproduces_the_oracle") else {
+        return;
+    };
+    let backend = cuda_backend().expect("the GPU was usable a moment ago");
+    let failures = crate::checkpoint::checkpoint_load_reproduces_oracle(&backend);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
