@@ -724,20 +724,6 @@ enum Linear {
     Fc2,
 }
 
-/// State-dict names of expert `e`'s fc1 weight, fc1 bias, fc2 weight, fc2 bias.
-pub fn names(class: LayerClass, e: usize) -> (String, String, String, String) {
-    match class {
-        LayerClass::TeGrouped => (
-            format!("linear_fc1.weight{e}"),
-            format!("linear_fc1.bias{e}"),
-            format!("linear_fc2.weight{e}"),
-            format!("linear_fc2.bias{e}"),
-        ),
-        _ => (
-            format!("local_experts.{e}.linear_fc1.weight"),
-            format!("local_experts.{e}.linear_fc1.bias"),
-            format!("local_experts.{e}.linear_fc2.weight"),
-            format!("local_experts.{e}.linear_fc2.bias"),
-        ),
-    }
-}
+/// State-dict names of expert `e`'s fc1 weight, fc1 bias, fc2 weight, fc2 bias (the
+/// reference's naming, so both sides read the same parameters).
+pub use moe_reference::state_dict::per_expert_names as names;

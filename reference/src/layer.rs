@@ -343,10 +343,8 @@ fn expert_forward(
         let (g, l) = halves(&a);
         let mut z = Array2::zeros(g.raw_dim());
         Zip::from(&mut z).and(g).and(l).for_each(|z, &g, &l| {
-            let (gc, lc) = match clamp {
-                Some(c) => (n.store(g.min(c)), n.store(l.clamp(-c, c))),
-                None => (g, l),
-            };
+            let (gc, lc, _, _) = clamp_glu(g, l, clamp);
+            let (gc, lc) = (n.store(gc), n.store(lc));
             *z = if cfg.eager_activation() {
                 let act_g = n.store(act.apply(gc));
                 let lin = if offset != 0.0 { n.store(lc + offset) } else { lc };
@@ -400,10 +398,8 @@ fn activation_backward(cfg: &LayerConfig, n: Numerics, a: &Array2<f64>, dz: &Arr
     {
         let (mut dg, mut dl) = da.view_mut().split_at(Axis(1), k);
         Zip::from(&mut dg).and(&mut dl).and(g).and(l).and(dz).for_each(|dg, dl, &g, &l, &dz| {
-            let (gc, lc, gate_mask, lin_mask) = match clamp {
-                Some(c) => (n.store(g.min(c)), n.store(l.clamp(-c, c)), g <= c, (-c..=c).contains(&l)),
-                None => (g, l, true, true),
-            };
+            let (gc, lc, gate_mask, lin_mask) = clamp_glu(g, l, clamp);
+            let (gc, lc) = (n.store(gc), n.store(lc));
             if eager {
                 let act_g = n.store(act.apply(gc));
                 let lin = if offset != 0.0 { n.store(lc + offset) } else { lc };
@@ -650,6 +646,15 @@ fn clamp_ambiguity(
     jump
 }
 
+/// The GLU clamp (spec §4.3): `(min(g, c), clamp(l, -c, c), g ≤ c, -c ≤ l ≤ c)`, the last two
+/// being the (inclusive) masks of the gradient; without a clamp the values pass unchanged.
+fn clamp_glu(g: f64, l: f64, clamp: Option<f64>) -> (f64, f64, bool, bool) {
+    match clamp {
+        Some(c) => (g.min(c), l.clamp(-c, c), g <= c, (-c..=c).contains(&l)),
+        None => (g, l, true, true),
+    }
+}
+
 /// First-order running error bounds of one expert segment's results (see [`ErrorScales`]).
 struct SegmentBounds {
     output: Array2<f64>,
@@ -718,11 +723,7 @@ fn error_bounds(
         let mut err_z = Array2::zeros((n, k));
         for i in 0..n {
             for j in 0..k {
-                let (gv, lv) = (a[[i, j]], a[[i, k + j]]);
-                let (gc, lc, gate_on, lin_on) = match clamp {
-                    Some(c) => (gv.min(c), lv.clamp(-c, c), gv <= c, (-c..=c).contains(&lv)),
-                    None => (gv, lv, true, true),
-                };
+                let (gc, lc, gate_on, lin_on) = clamp_glu(a[[i, j]], a[[i, k + j]], clamp);
                 let (eg, el) =
                     (if gate_on { err_a[[i, j]] } else { 0.0 }, if lin_on { err_a[[i, k + j]] } else { 0.0 });
                 let (f, f1) = (act.apply(gc), act.derivative(gc));
@@ -766,11 +767,7 @@ fn error_bounds(
         let mut e_da = Array2::zeros(a.raw_dim());
         for i in 0..n {
             for j in 0..k {
-                let (gv, lv) = (a[[i, j]], a[[i, k + j]]);
-                let (gc, lc, gate_on, lin_on) = match clamp {
-                    Some(c) => (gv.min(c), lv.clamp(-c, c), gv <= c, (-c..=c).contains(&lv)),
-                    None => (gv, lv, true, true),
-                };
+                let (gc, lc, gate_on, lin_on) = clamp_glu(a[[i, j]], a[[i, k + j]], clamp);
                 let (eg, el) =
                     (if gate_on { err_a[[i, j]] } else { 0.0 }, if lin_on { err_a[[i, k + j]] } else { 0.0 });
                 let (f, f1, f2) = (act.apply(gc), act.derivative(gc), act.second_derivative(gc).abs());

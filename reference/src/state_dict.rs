@@ -119,7 +119,11 @@ pub fn to_state_dict(cfg: &LayerConfig, set: &ExpertSet) -> Result<StateDict, Re
     Ok(sd)
 }
 
-fn per_expert_names(class: LayerClass, e: usize) -> (String, String, String, String) {
+/// State-dict names of local expert `e`'s fc1 weight, fc1 bias, fc2 weight and fc2 bias for the
+/// per-expert classes (SequentialMLP's `local_experts.{e}.linear_fc*.*`, TEGroupedMLP's
+/// `linear_fc*.weight{e}`/`bias{e}`). GroupedMLP packs all experts into `weight1`/`weight2`
+/// and has no per-expert names; it gets SequentialMLP's.
+pub fn per_expert_names(class: LayerClass, e: usize) -> (String, String, String, String) {
     match class {
         LayerClass::TeGrouped => (
             format!("linear_fc1.weight{e}"),
