@@ -828,7 +828,7 @@ impl std::fmt::Display for CompareReport {
         writeln!(
             f,
             "{:<name_w$}  {:<shape_w$}  {:>10}  {:>10}  {:>10}  {:>9}  {:>9}  result",
-            "tensor", "shape", "max abs", "max rel", "rel fro", "rtol", "err/bound"
+            "tensor", "shape", "max abs", "max rel", "rel fro", "tol x", "err/bound"
         )?;
         for r in &self.rows {
             let d = &r.diff;
