@@ -101,23 +101,15 @@ fn save_side(dir: &Path, side: &Side, layouts: &[ExpertLayout], states: &[Vec<Ra
 fn layer_output(l: &ExpertLayout, states: &[(RankCoord, &RawStateDict)], inputs: &Inputs) -> Array2<f64> {
     let el = l.local_experts();
     let mut out = Array2::zeros(inputs.hidden_states.dim());
-    let mut start = 0;
     for q in 0..l.ep {
-        let counts = inputs.tokens_per_expert[q * el..(q + 1) * el].to_vec();
-        let rows: usize = counts.iter().map(|&c| c as usize).sum();
-        let rank_inputs = Inputs {
-            hidden_states: inputs.hidden_states.slice(s![start..start + rows, ..]).to_owned(),
-            tokens_per_expert: counts,
-            probs: inputs.probs.slice(s![start..start + rows]).to_owned(),
-        };
+        let (rows, rank_inputs) = moe_reference::parallel::ep_rank_inputs(inputs, el, q);
         for (c, sd) in states.iter().filter(|(c, _)| c.ep_rank == q && c.edp_rank == 0) {
             let cfg = l.layer_config(*c, dtype());
             let w = from_state_dict(&cfg, &f64_state_dict(sd)).unwrap();
             let y = forward(&cfg, &w, &rank_inputs, Numerics::Oracle).unwrap();
-            let mut dst = out.slice_mut(s![start..start + rows, ..]);
+            let mut dst = out.slice_mut(s![rows.clone(), ..]);
             dst += y.output();
         }
-        start += rows;
     }
     out
 }
@@ -1145,16 +1137,9 @@ pub(crate) fn checkpoint_load_reproduces_oracle(backend: &dyn moe_harness::prope
         let (t, h) = p.inputs.hidden_states.dim();
         let reduce = Numerics::Emulated(dtype());
         let (mut y, mut dx, mut dp) = (Array2::<f64>::zeros((t, h)), Array2::<f64>::zeros((t, h)), Array1::zeros(t));
-        let mut start = 0;
         for q in 0..b.ep {
-            let counts = p.inputs.tokens_per_expert[q * el..(q + 1) * el].to_vec();
-            let rows: usize = counts.iter().map(|&c| c as usize).sum();
-            let inputs = Inputs {
-                hidden_states: p.inputs.hidden_states.slice(s![start..start + rows, ..]).to_owned(),
-                tokens_per_expert: counts,
-                probs: p.inputs.probs.slice(s![start..start + rows]).to_owned(),
-            };
-            let g = p.grad_output.slice(s![start..start + rows, ..]).to_owned();
+            let (rows, inputs) = moe_reference::parallel::ep_rank_inputs(&p.inputs, el, q);
+            let g = p.grad_output.slice(s![rows.clone(), ..]).to_owned();
             for (c, sd) in b_coords.iter().zip(&loaded).filter(|(c, _)| c.ep_rank == q) {
                 let cfg = b.layer_config(*c, dtype());
                 let params = f64_state_dict(sd);
@@ -1182,14 +1167,13 @@ pub(crate) fn checkpoint_load_reproduces_oracle(backend: &dyn moe_harness::prope
                         failures.push(d.to_string());
                     }
                 }
-                let mut ys = y.slice_mut(s![start..start + rows, ..]);
+                let mut ys = y.slice_mut(s![rows.clone(), ..]);
                 ys += &run.output.mapv(|v| reduce.fp32(v));
-                let mut dxs = dx.slice_mut(s![start..start + rows, ..]);
+                let mut dxs = dx.slice_mut(s![rows.clone(), ..]);
                 dxs += &run.grad_input.mapv(|v| reduce.fp32(v));
-                let mut dps = dp.slice_mut(s![start..start + rows]);
+                let mut dps = dp.slice_mut(s![rows.clone()]);
                 dps += &run.grad_probs;
             }
-            start += rows;
         }
         let got = LayerRun {
             output: y.mapv(|v| reduce.store(v)),

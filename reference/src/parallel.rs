@@ -14,6 +14,23 @@ use crate::state_dict::{from_state_dict, to_state_dict};
 use crate::weights::ExpertSet;
 use ndarray::{s, Array1, Array2};
 
+/// The rows and inputs EP rank `ep_rank` receives from global inputs (rows sorted by global
+/// expert): the rows of global experts `ep_rank·E_l .. (ep_rank+1)·E_l`, with their counts.
+/// Counts must be non-negative (validate the inputs first).
+pub fn ep_rank_inputs(inputs: &Inputs, num_local_experts: usize, ep_rank: usize) -> (std::ops::Range<usize>, Inputs) {
+    let el = num_local_experts;
+    let rows_of = |counts: &[i64]| counts.iter().map(|&c| c.max(0) as usize).sum::<usize>();
+    let start = rows_of(&inputs.tokens_per_expert[..ep_rank * el]);
+    let counts = inputs.tokens_per_expert[ep_rank * el..(ep_rank + 1) * el].to_vec();
+    let rows = start..start + rows_of(&counts);
+    let rank_inputs = Inputs {
+        hidden_states: inputs.hidden_states.slice(s![rows.clone(), ..]).to_owned(),
+        tokens_per_expert: counts,
+        probs: inputs.probs.slice(s![rows.clone()]).to_owned(),
+    };
+    (rows, rank_inputs)
+}
+
 /// The assembled result of running every (EP, ETP) rank.
 #[derive(Clone, Debug)]
 pub struct ParallelRun {
@@ -52,16 +69,10 @@ pub fn run_parallel(
     let mut grad_input = Array2::zeros((t, h));
     let mut grad_probs = Array1::zeros(t);
     let mut rank_weight_grads = Vec::with_capacity(p.ep_size);
-    let mut start = 0usize;
     for q in 0..p.ep_size {
-        let counts = inputs.tokens_per_expert[q * el..(q + 1) * el].to_vec();
-        let rows: usize = counts.iter().map(|&c| c as usize).sum();
-        let rank_inputs = Inputs {
-            hidden_states: inputs.hidden_states.slice(s![start..start + rows, ..]).to_owned(),
-            tokens_per_expert: counts,
-            probs: inputs.probs.slice(s![start..start + rows]).to_owned(),
-        };
-        let g = grad_output.slice(s![start..start + rows, ..]).to_owned();
+        let (rank_rows, rank_inputs) = ep_rank_inputs(inputs, el, q);
+        let (start, rows) = (rank_rows.start, rank_rows.len());
+        let g = grad_output.slice(s![rank_rows.clone(), ..]).to_owned();
         let mut y = Array2::<f64>::zeros((rows, h));
         let mut dx = Array2::<f64>::zeros((rows, h));
         let mut dp = Array1::<f64>::zeros(rows);
@@ -79,7 +90,6 @@ pub fn run_parallel(
         grad_input.slice_mut(s![start..start + rows, ..]).assign(&dx.mapv(|v| reduce.store(reduce.fp32(v))));
         grad_probs.slice_mut(s![start..start + rows]).assign(&dp.mapv(|v| reduce.to(cfg.probs_dtype, reduce.fp32(v))));
         rank_weight_grads.push(grads);
-        start += rows;
     }
     Ok(ParallelRun { output, grad_input, grad_probs, rank_weight_grads })
 }
