@@ -141,7 +141,7 @@ pub fn per_expert_names(class: LayerClass, e: usize) -> (String, String, String,
 }
 
 /// Reads canonical weights from `cfg`'s class layout, checking that every expected name is
-/// present with its exact shape and that no other name is.
+/// present with its exact shape and finite values, and that no other name is.
 pub fn from_state_dict(cfg: &LayerConfig, sd: &StateDict) -> Result<ExpertSet, ReferenceError> {
     cfg.validate()?;
     let layer = cfg.class.megatron_name();
@@ -156,6 +156,9 @@ pub fn from_state_dict(cfg: &LayerConfig, sd: &StateDict) -> Result<ExpertSet, R
                 got: t.shape().to_vec(),
             });
         }
+    }
+    for spec in &specs {
+        crate::layer::check_finite(&spec.name, &sd[&spec.name])?;
     }
     if let Some(extra) = sd.keys().find(|k| !specs.iter().any(|s| &s.name == *k)) {
         return Err(ReferenceError::UnexpectedParameter { name: extra.clone(), layer, example: specs[0].name.clone() });
@@ -233,5 +236,18 @@ mod tests {
         assert_eq!(flat, vec![0., 2., 4., 1., 3., 5., 10., 12., 14., 11., 13., 15.]);
         // So row 0 of the declared [h, E_l*N1] matrix mixes both halves of expert 0: not a column block.
         assert_eq!(from_state_dict(&cfg, &sd).unwrap(), set);
+    }
+
+    #[test]
+    fn non_finite_parameters_are_rejected_with_name_and_index() {
+        // Bad input must never reach the math: a NaN weight names the parameter and element.
+        let cfg = LayerConfig::example();
+        let mut sd = to_state_dict(&cfg, &ExpertSet::random(&cfg, 1)).unwrap();
+        sd.get_mut("local_experts.2.linear_fc2.weight").unwrap()[[3, 5]] = f64::INFINITY;
+        let err = from_state_dict(&cfg, &sd).unwrap_err().to_string();
+        assert!(
+            err.contains("local_experts.2.linear_fc2.weight") && err.contains("[3, 5]") && err.contains("inf"),
+            "{err}"
+        );
     }
 }
