@@ -86,6 +86,14 @@ fn rank_states(l: &ExpertLayout, coords: &[RankCoord], global: &ExpertSet) -> Ve
         .collect()
 }
 
+/// Saves every rank of `l` holding `global` into `dir` (default options).
+fn save_every_rank(dir: &Path, l: &ExpertLayout, global: &ExpertSet) {
+    let states = rank_states(l, &l.ranks(), global);
+    let parts: Vec<SavePart> =
+        l.ranks().iter().zip(&states).map(|(c, s)| SavePart { layout: l, rank: *c, state: s }).collect();
+    save(dir, &parts, &SaveOptions::default()).unwrap();
+}
+
 fn save_side(dir: &Path, side: &Side, layouts: &[ExpertLayout], states: &[Vec<RawStateDict>]) {
     let coords = side.coords();
     let mut parts = Vec::new();
@@ -417,10 +425,7 @@ fn swiglu_tp_rank_holds_its_gate_and_linear_slices() {
     let global = global_weights(&src, 11);
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path().join("c");
-    let states = rank_states(&src, &src.ranks(), &global);
-    let parts: Vec<SavePart> =
-        src.ranks().iter().zip(&states).map(|(c, s)| SavePart { layout: &src, rank: *c, state: s }).collect();
-    save(&d, &parts, &SaveOptions::default()).unwrap();
+    save_every_rank(&d, &src, &global);
     let ck = Checkpoint::open(&d).unwrap();
     for s in ck.index.shards.iter().filter(|s| s.key == "experts.linear_fc1.weight") {
         assert_eq!(s.local_shape, vec![1, 16, 16]);
@@ -446,10 +451,7 @@ fn every_etp_shard_is_saved() {
             let tmp = tempfile::tempdir().unwrap();
             let d = tmp.path().join("c");
             let g = global_weights(&l, 3);
-            let states = rank_states(&l, &l.ranks(), &g);
-            let parts: Vec<SavePart> =
-                l.ranks().iter().zip(&states).map(|(c, s)| SavePart { layout: &l, rank: *c, state: s }).collect();
-            save(&d, &parts, &SaveOptions::default()).unwrap();
+            save_every_rank(&d, &l, &g);
             let ck = Checkpoint::open(&d).unwrap();
             let bytes: u64 = ck.index.shards.iter().map(|s| s.nbytes).sum();
             // E · (2f·h + h·f) bf16 values.
@@ -519,10 +521,7 @@ fn ep_save_keeps_every_ranks_experts() {
     let g = global_weights(&a, 202);
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path().join("c");
-    let st = rank_states(&a, &a.ranks(), &g);
-    let parts: Vec<SavePart> =
-        a.ranks().iter().zip(&st).map(|(c, s)| SavePart { layout: &a, rank: *c, state: s }).collect();
-    save(&d, &parts, &SaveOptions::default()).unwrap();
+    save_every_rank(&d, &a, &g);
     let b = layout(Sequential, 1, 1, false, false);
     let got = Checkpoint::open(&d).unwrap().load(&[(b.clone(), RankCoord::new(0, 0))], Some(DTYPE)).unwrap();
     let w = from_state_dict(&b.layer_config(RankCoord::new(0, 0), DTYPE), &f64_state_dict(&got[0])).unwrap();
@@ -538,10 +537,7 @@ fn te_grouped_reshards_across_tp_and_ep() {
     let g = global_weights(&a, 3944);
     let tmp = tempfile::tempdir().unwrap();
     let (da, db, dc) = (tmp.path().join("a"), tmp.path().join("b"), tmp.path().join("c"));
-    let st = rank_states(&a, &a.ranks(), &g);
-    let parts: Vec<SavePart> =
-        a.ranks().iter().zip(&st).map(|(c, s)| SavePart { layout: &a, rank: *c, state: s }).collect();
-    save(&da, &parts, &SaveOptions::default()).unwrap();
+    save_every_rank(&da, &a, &g);
     let verify = ReshardOptions { verify: true, ..Default::default() };
     let r = reshard(&da, &db, ReshardTarget { class: TeGrouped, tp: 1, ep: 1, singleton: false }, verify).unwrap();
     assert!(r.written && r.verified);
@@ -557,11 +553,8 @@ fn te_grouped_reshards_across_tp_and_ep() {
 fn small_checkpoint(dir: &Path) -> std::path::PathBuf {
     let l = ExpertLayout { num_experts: 4, hidden: 8, ffn: 8, ..layout(Sequential, 2, 2, true, false) };
     let g = global_weights(&l, 1);
-    let st = rank_states(&l, &l.ranks(), &g);
-    let parts: Vec<SavePart> =
-        l.ranks().iter().zip(&st).map(|(c, s)| SavePart { layout: &l, rank: *c, state: s }).collect();
     let d = dir.join("src");
-    save(&d, &parts, &SaveOptions::default()).unwrap();
+    save_every_rank(&d, &l, &g);
     d
 }
 
@@ -1107,12 +1100,8 @@ pub(crate) fn checkpoint_load_reproduces_oracle(backend: &dyn moe_harness::prope
         let b = layout(dst, dtp, dep, glu, singleton);
         let global = global_weights(&a, 100 + i as u64);
         let tmp = tempfile::tempdir().unwrap();
-        let a_coords = a.ranks();
-        let a_states = rank_states(&a, &a_coords, &global);
-        let parts: Vec<SavePart> =
-            a_coords.iter().zip(&a_states).map(|(c, s)| SavePart { layout: &a, rank: *c, state: s }).collect();
         let dir = tmp.path().join("ckpt");
-        save(&dir, &parts, &SaveOptions::default()).unwrap();
+        save_every_rank(&dir, &a, &global);
         let ckpt = Checkpoint::open(&dir).unwrap();
         let b_coords = b.ranks();
         let requests: Vec<(ExpertLayout, RankCoord)> = b_coords.iter().map(|c| (b.clone(), *c)).collect();

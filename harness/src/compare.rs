@@ -214,32 +214,14 @@ pub fn compare_runs(
         Some(m) => Bounds { scale: Some(f(m.scales)), allowance: Some(f(m.allowance)) },
         None => Bounds { scale: None, allowance: None },
     };
-    let mut out = vec![
-        compare_tensor(
-            "output",
-            got.output.view().into_dyn(),
-            expected.output.view().into_dyn(),
-            b(|r| r.output.view().into_dyn()),
-            1,
-            tol,
-        ),
-        compare_tensor(
-            "grad.permuted_local_hidden_states",
-            got.grad_input.view().into_dyn(),
-            expected.grad_input.view().into_dyn(),
-            b(|r| r.grad_input.view().into_dyn()),
-            1,
-            tol,
-        ),
-        compare_tensor(
-            "grad.permuted_probs",
-            got.grad_probs.view().into_dyn(),
-            expected.grad_probs.view().into_dyn(),
-            b(|r| r.grad_probs.view().into_dyn()),
-            1,
-            tol,
-        ),
+    type View = fn(&LayerRun) -> ArrayViewD<f64>;
+    let activations: [(&str, View); 3] = [
+        ("output", |r| r.output.view().into_dyn()),
+        ("grad.permuted_local_hidden_states", |r| r.grad_input.view().into_dyn()),
+        ("grad.permuted_probs", |r| r.grad_probs.view().into_dyn()),
     ];
+    let mut out: Vec<TensorDiff> =
+        activations.iter().map(|&(name, f)| compare_tensor(name, f(got), f(expected), b(f), 1, tol)).collect();
     out.extend(compare_state_dicts(
         "grad.",
         cfg,
