@@ -9,6 +9,7 @@
 //! calls. Registered only when a GPU is found (prints why not otherwise).
 
 use criterion::{BenchmarkId, Criterion, Throughput};
+use moe_gpu::grouped::Strategy;
 use moe_gpu::kernels::engine;
 use moe_gpu::sampled::{shape_config, skewed_counts, SHAPES};
 use moe_reference::LayerClass;
@@ -33,16 +34,15 @@ fn bench_gpu(c: &mut Criterion) {
         let mut group = c.benchmark_group(format!("gpu/{}", shape.name));
         group.sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(1));
         group.throughput(Throughput::Elements(shape.tokens as u64));
-        // Every class on one stream, and TEGroupedMLP with its per-expert GEMMs spread over 4
-        // streams (`Engine::set_streams`).
+        // Every class with the default strategy, and TEGroupedMLP with the per-expert loop.
         let variants = [
-            (LayerClass::Sequential, 1),
-            (LayerClass::Grouped, 1),
-            (LayerClass::TeGrouped, 1),
-            (LayerClass::TeGrouped, 4),
+            (LayerClass::Sequential, Strategy::Auto),
+            (LayerClass::Grouped, Strategy::Auto),
+            (LayerClass::TeGrouped, Strategy::Auto),
+            (LayerClass::TeGrouped, Strategy::Loop),
         ];
-        for (class, streams) in variants {
-            eng.set_streams(streams).expect("streams");
+        for (class, strategy) in variants {
+            eng.set_gemm_strategy(strategy);
             let cfg = shape_config(&shape, class);
             let counts: Vec<usize> =
                 skewed_counts(shape.tokens, shape.experts, 42).iter().map(|&c| c as usize).collect();
@@ -50,11 +50,11 @@ fn bench_gpu(c: &mut Criterion) {
             let mut ws = eng.workspace(&cfg, &counts, false).expect("workspace");
             eng.random_inputs(&cfg, &mut ws, 9).expect("inputs");
             eng.synchronize().expect("sync");
-            let name = match (class, streams) {
+            let name = match (class, strategy) {
                 (LayerClass::Sequential, _) => "cuda-sequential",
                 (LayerClass::Grouped, _) => "cuda-grouped",
-                (LayerClass::TeGrouped, 1) => "cuda-te-grouped",
-                (LayerClass::TeGrouped, _) => "cuda-te-grouped-x4",
+                (LayerClass::TeGrouped, Strategy::Auto) => "cuda-te-grouped",
+                (LayerClass::TeGrouped, _) => "cuda-te-grouped-loop",
             };
             let fwd_flops = flops_forward(cfg.hidden_size, cfg.n1(), cfg.n2(), shape.tokens);
             for backward in [false, true] {
@@ -105,7 +105,7 @@ fn bench_gpu(c: &mut Criterion) {
         }
         group.finish();
     }
-    eng.set_streams(1).expect("streams");
+    eng.set_gemm_strategy(Strategy::Auto);
     println!("\n== GPU bench summary");
     for l in summary {
         println!("{l}");

@@ -9,6 +9,7 @@
 //! the oracle's running error bound plus clamp allowances, `moe_reference::oracle_with_scales`);
 //! weight grads are compared per expert block, so an empty expert's block must be exactly zero.
 
+use moe_gpu::grouped::Strategy;
 use moe_gpu::{CudaGrouped, CudaSequential, CudaTeGrouped, GpuError};
 use moe_harness::compare::{compare_runs as harness_compare_runs, compare_tensor, Bounds, ErrorModel};
 use moe_harness::{TensorDiff, Tolerance};
@@ -329,22 +330,32 @@ fn every_gpu_class_matches_the_f64_oracle_on_random_cases() {
     assert!(gpus.seq.launches() > 0 && gpus.grouped.launches() > 0 && gpus.te.launches() > 0);
 }
 
-/// The same random cases with each loop of per-expert GEMMs spread over 4 streams (joined by
-/// events): a missing join would read unfinished GEMM outputs.
+/// The same random cases with each set of per-expert GEMMs issued by the other strategies of
+/// the grouped executor (the default, `Auto`, runs in the test above): a missing stream join
+/// would read unfinished GEMM outputs, a wrong tile edge or k = 0 case would show as an error.
 #[test]
-fn every_gpu_class_matches_the_oracle_with_gemms_on_four_streams() {
-    let Some(g) = gpus("every_gpu_class_matches_the_oracle_with_gemms_on_four_streams") else { return };
-    let g: &'static Gpus = Box::leak(Box::new(Gpus {
-        seq: g.seq.with_streams(4),
-        grouped: g.grouped.with_streams(4),
-        te: g.te.with_streams(4),
-    }));
-    let n = case_count().min(150);
-    let (failures, worst) = random_cases(n, &|class| g.get(class));
-    for (d, w) in &worst {
-        println!("gpu random cases, 4 streams: worst error/tolerance for {d}: {:.3} at {}", w.ratio, w.what);
+fn every_gpu_class_matches_the_oracle_with_every_gemm_strategy() {
+    let n = case_count().min(100);
+    let mut failures = Vec::new();
+    for strategy in [Strategy::Loop, Strategy::MultiStream(4)] {
+        let Some(g) = gpus("every_gpu_class_matches_the_oracle_with_every_gemm_strategy") else { return };
+        let g: &'static Gpus = Box::leak(Box::new(Gpus {
+            seq: g.seq.with_strategy(strategy),
+            grouped: g.grouped.with_strategy(strategy),
+            te: g.te.with_strategy(strategy),
+        }));
+        let (f, worst) = random_cases(n, &|class| g.get(class));
+        for (d, w) in &worst {
+            println!(
+                "gpu random cases, {}: worst error/tolerance for {d}: {:.3} at {}",
+                strategy.label(),
+                w.ratio,
+                w.what
+            );
+        }
+        failures.extend(f.into_iter().map(|f| format!("[{}] {f}", strategy.label())));
     }
-    assert!(failures.is_empty(), "{} of {n} cases failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(failures.is_empty(), "{} cases failed:\n{}", failures.len(), failures.join("\n"));
 }
 
 #[test]

@@ -57,7 +57,7 @@ impl GemmProblem {
 /// How the per-expert GEMMs are issued.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Strategy {
-    /// One `cublasGemmEx` per expert on the engine's stream (the baseline; what the layers do).
+    /// One `cublasGemmEx` per expert on the engine's stream (the baseline).
     Loop,
     /// The GEMMs spread over `s` side streams (longest-first onto the least-loaded stream),
     /// each with its own cuBLAS handle, forked from and joined back to the engine's stream.

@@ -8,6 +8,7 @@
 //! [`launches`]: CudaSequential::launches
 
 use crate::error::GpuError;
+use crate::grouped::Strategy;
 use crate::kernels::{engine, probe};
 use crate::layer::segments;
 use moe_reference::layer::validate_inputs;
@@ -23,7 +24,7 @@ struct CudaLayer {
     class: LayerClass,
     name: &'static str,
     poison: bool,
-    streams: Option<usize>,
+    strategy: Option<Strategy>,
     launches: AtomicU64,
 }
 
@@ -35,7 +36,7 @@ impl CudaLayer {
         probe()?;
         // Creates the context and compiles the kernels now, so a broken setup fails here.
         drop(engine()?);
-        Ok(CudaLayer { class, name, poison: false, streams: None, launches: AtomicU64::new(0) })
+        Ok(CudaLayer { class, name, poison: false, strategy: None, launches: AtomicU64::new(0) })
     }
 
     fn supports(&self, cfg: &LayerConfig) -> Result<(), GpuError> {
@@ -78,8 +79,8 @@ impl CudaLayer {
         }
         let counts = segments(cfg, &inputs.tokens_per_expert, inputs.num_tokens())?;
         let mut eng = engine()?;
-        let streams = self.streams.unwrap_or(eng.default_streams());
-        eng.set_streams(streams)?;
+        let strategy = self.strategy.unwrap_or(eng.default_gemm_strategy());
+        eng.set_gemm_strategy(strategy);
         let before = eng.launches();
         let h = cfg.hidden_size;
         let w = eng.prepare(cfg, params)?;
@@ -129,10 +130,11 @@ macro_rules! cuda_layer {
                 self
             }
 
-            /// Spreads each loop of per-expert GEMMs over `n` streams (see
-            /// [`crate::kernels::Engine::set_streams`]); default `MOE_GPU_STREAMS` or 1.
-            pub fn with_streams(mut self, n: usize) -> Self {
-                self.0.streams = Some(n.max(1));
+            /// Issues each set of per-expert GEMMs with `strategy` (see
+            /// [`crate::kernels::Engine::set_gemm_strategy`]); default `MOE_GPU_GEMM` or
+            /// [`Strategy::Auto`].
+            pub fn with_strategy(mut self, strategy: Strategy) -> Self {
+                self.0.strategy = Some(strategy);
                 self
             }
 

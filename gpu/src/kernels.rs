@@ -6,6 +6,7 @@
 //! buffers addressed by raw device pointers.
 
 use crate::error::GpuError;
+use crate::grouped::Strategy;
 use cudarc::cublas::{result as cublas_result, sys as cublas_sys, CudaBlas};
 use cudarc::driver::{
     sys as driver_sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
@@ -92,14 +93,10 @@ pub struct Engine {
     pub(crate) blas: CudaBlas,
     functions: HashMap<String, CudaFunction>,
     pub(crate) launches: u64,
-    /// GEMM streams of a batch (1: everything on the main stream).
-    streams: usize,
-    /// Side streams with their own cuBLAS handles (and so their own workspaces).
-    side: Vec<(Arc<CudaStream>, CudaBlas)>,
-    /// Inside `begin_gemms`..`end_gemms`: the index of the next GEMM of the batch.
-    batch: Option<usize>,
-    /// `MOE_GPU_STREAMS` at creation (default 1).
-    default_streams: usize,
+    /// How the layers issue each set of per-expert GEMMs (see [`Engine::set_gemm_strategy`]).
+    gemm_strategy: Strategy,
+    /// `MOE_GPU_GEMM` at creation (default [`Strategy::Auto`]).
+    default_gemm_strategy: Strategy,
     /// Side streams, handles and caches of the grouped executor (created on first use).
     pub(crate) grouped: crate::grouped::GroupedState,
     device_name: String,
@@ -294,67 +291,38 @@ impl Engine {
             functions,
             launches: 0,
             grouped: crate::grouped::GroupedState::default(),
-            streams: 1,
-            side: Vec::new(),
-            batch: None,
-            default_streams: 1,
+            gemm_strategy: Strategy::Auto,
+            default_gemm_strategy: Strategy::Auto,
             device_name,
             arch,
         };
-        let streams = std::env::var("MOE_GPU_STREAMS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
-        engine.set_streams(streams)?;
-        engine.default_streams = engine.streams;
+        if let Ok(label) = std::env::var("MOE_GPU_GEMM") {
+            let s = Strategy::parse(&label).ok_or_else(|| {
+                GpuError::Unsupported(format!(
+                    "MOE_GPU_GEMM={label:?} is not a GEMM strategy (expected auto, persistent, loop, msN, mtN, graphN or gbatched)"
+                ))
+            })?;
+            engine.gemm_strategy = s;
+            engine.default_gemm_strategy = s;
+        }
         Ok(engine)
     }
 
-    /// Spreads the per-expert GEMMs of each loop over `n` streams (round robin, each with its own
-    /// cuBLAS handle), joined back into the main stream by events before the next kernel; 1 (the
-    /// default, or `MOE_GPU_STREAMS`) keeps everything on one stream. Small experts leave most
-    /// SMs idle in one GEMM; concurrent GEMMs fill them.
-    pub fn set_streams(&mut self, n: usize) -> Result<(), GpuError> {
-        let n = n.max(1);
-        while n > 1 && self.side.len() < n {
-            let s = self.ctx.new_stream()?;
-            let b = CudaBlas::new(s.clone())?;
-            self.side.push((s, b));
-        }
-        self.streams = n;
-        Ok(())
+    /// Sets how the layers issue each set of per-expert GEMMs (fc1, fc2, the two dgrads, the
+    /// two wgrads): any [`Strategy`] of the grouped executor. Every strategy computes the same
+    /// function (see `grouped.rs`); they differ in speed only.
+    pub fn set_gemm_strategy(&mut self, strategy: Strategy) {
+        self.gemm_strategy = strategy;
     }
 
-    /// `MOE_GPU_STREAMS` as read at creation (1 when unset).
-    pub fn default_streams(&self) -> usize {
-        self.default_streams
+    /// The strategy the layers use now.
+    pub fn gemm_strategy(&self) -> Strategy {
+        self.gemm_strategy
     }
 
-    /// The number of GEMM streams.
-    pub fn streams(&self) -> usize {
-        self.streams
-    }
-
-    /// Starts a batch of independent GEMMs (one per expert): with several streams, the side
-    /// streams wait for everything queued on the main stream so far.
-    pub fn begin_gemms(&mut self) -> Result<(), GpuError> {
-        self.end_gemms()?;
-        if self.streams > 1 {
-            let ev = self.stream.record_event(None)?;
-            for (s, _) in &self.side[..self.streams] {
-                s.wait(&ev)?;
-            }
-            self.batch = Some(0);
-        }
-        Ok(())
-    }
-
-    /// Ends a batch: the main stream waits for every side stream.
-    pub fn end_gemms(&mut self) -> Result<(), GpuError> {
-        if self.batch.take().is_some() {
-            for (s, _) in &self.side[..self.streams] {
-                let ev = s.record_event(None)?;
-                self.stream.wait(&ev)?;
-            }
-        }
-        Ok(())
+    /// `MOE_GPU_GEMM` as read at creation ([`Strategy::Auto`] when unset).
+    pub fn default_gemm_strategy(&self) -> Strategy {
+        self.default_gemm_strategy
     }
 
     /// The device's name (`NVIDIA H100 80GB HBM3`, ...).
@@ -514,15 +482,7 @@ impl Engine {
         if m == 0 || n == 0 {
             return Ok(());
         }
-        // Inside a batch, round robin over the side streams (each with its own handle).
-        let (handle, stream) = match self.batch {
-            Some(i) => {
-                self.batch = Some(i + 1);
-                let (st, b) = &self.side[i % self.streams];
-                (*b.handle(), st.cu_stream())
-            }
-            None => (*self.blas.handle(), self.stream.cu_stream()),
-        };
+        let (handle, stream) = (*self.blas.handle(), self.stream.cu_stream());
         if k == 0 {
             if beta == 0.0 {
                 return self.memset_on(stream, c, 0, m * n * dt.size_bytes());

@@ -8,6 +8,7 @@
 //! `weight2` as `[E_l, N2, h]` (`[in, out]` blocks), and its GEMMs use the other transposes.
 
 use crate::error::GpuError;
+use crate::grouped::GemmProblem;
 use crate::kernels::{ActParams, Arg, Buf, Engine};
 use moe_reference::{param_specs, Activation, Dtype, LayerClass, LayerConfig, StateDict};
 use ndarray::{Array1, Array2, ArrayD, IxDyn};
@@ -402,7 +403,6 @@ impl Engine {
 
     /// The forward pass on device buffers: `ws.y` (and the intermediates backward needs).
     pub fn forward(&mut self, cfg: &LayerConfig, w: &DeviceWeights, ws: &mut Workspace) -> Result<(), GpuError> {
-        self.end_gemms()?; // joins a batch left open by an earlier error
         let d = dims(cfg);
         let rows = ws.rows;
         let grouped = cfg.class == LayerClass::Grouped;
@@ -443,17 +443,24 @@ impl Engine {
             self.launch("fill_bias_rows", d.dt, Engine::elementwise(rows * d.n1), &args)?;
         }
         // fc1: a_e = x_e·W1_eᵀ ([out,in] weights) or x_e·W1_e ([in,out] GroupedMLP blocks).
-        self.begin_gemms()?;
-        for e in 0..d.el.min(ws.padded.len()) {
-            let n = ws.padded[e];
-            let (xa, wb, ca) = (
-                self.seg_ptr(xin, ws, e, d.h, d.ds),
-                self.ptr(&w.w1, e * d.n1 * d.h * d.ds),
-                self.seg_ptr(&ws.a, ws, e, d.n1, d.ds),
-            );
-            self.gemm(d.dt, false, !grouped, n, d.n1, d.h, xa, wb, ca, if te_bias { 1.0 } else { 0.0 })?;
+        let fc1: Vec<GemmProblem> = (0..d.el.min(ws.padded.len()))
+            .map(|e| GemmProblem {
+                m: ws.padded[e],
+                n: d.n1,
+                k: d.h,
+                a: self.seg_ptr(xin, ws, e, d.h, d.ds),
+                b: self.ptr(&w.w1, e * d.n1 * d.h * d.ds),
+                c: self.seg_ptr(&ws.a, ws, e, d.n1, d.ds),
+            })
+            .collect();
+        if te_bias {
+            // beta = 1 on the bias-filled output: one cuBLAS call per expert.
+            for p in &fc1 {
+                self.gemm(d.dt, false, !grouped, p.m, p.n, p.k, p.a, p.b, p.c, 1.0)?;
+            }
+        } else {
+            self.expert_gemms(d.dt, false, !grouped, &fc1)?;
         }
-        self.end_gemms()?;
         // Activation block: (SequentialMLP fc1 bias) → act/GLU → u = round(z·p).
         let seq_b1 =
             if cfg.class == LayerClass::Sequential { w.b1.as_ref().map(|b| self.ptr(b, 0)).unwrap_or(0) } else { 0 };
@@ -469,17 +476,17 @@ impl Engine {
         ];
         self.launch("act_fwd", d.dt, Engine::elementwise(rows * d.n2), &args)?;
         // fc2: y_e = u_e·W2_eᵀ (or u_e·W2_e for GroupedMLP blocks [N2, h]).
-        self.begin_gemms()?;
-        for e in 0..d.el.min(ws.padded.len()) {
-            let n = ws.padded[e];
-            let (ua, wb, ya) = (
-                self.seg_ptr(&ws.u, ws, e, d.n2, d.ds),
-                self.ptr(&w.w2, e * d.h * d.n2 * d.ds),
-                self.seg_ptr(&ws.y, ws, e, d.h, d.ds),
-            );
-            self.gemm(d.dt, false, !grouped, n, d.h, d.n2, ua, wb, ya, 0.0)?;
-        }
-        self.end_gemms()?;
+        let fc2: Vec<GemmProblem> = (0..d.el.min(ws.padded.len()))
+            .map(|e| GemmProblem {
+                m: ws.padded[e],
+                n: d.h,
+                k: d.n2,
+                a: self.seg_ptr(&ws.u, ws, e, d.n2, d.ds),
+                b: self.ptr(&w.w2, e * d.h * d.n2 * d.ds),
+                c: self.seg_ptr(&ws.y, ws, e, d.h, d.ds),
+            })
+            .collect();
+        self.expert_gemms(d.dt, false, !grouped, &fc2)?;
         // fc2 bias scaled by the probs: y = round(y + b2·p) in f32.
         // With storage-dtype probs the product b2·p is rounded first (spec §4.8).
         if let Some(b2) = &w.b2 {
@@ -507,7 +514,6 @@ impl Engine {
         ws: &mut Workspace,
         with_wgrad: bool,
     ) -> Result<(), GpuError> {
-        self.end_gemms()?; // joins a batch left open by an earlier error
         let d = dims(cfg);
         let rows = ws.rows;
         let grouped = cfg.class == LayerClass::Grouped;
@@ -537,17 +543,17 @@ impl Engine {
             self.launch("col_sum", d.dt, col_sum_cfg(d.h, el_i), &args)?;
         }
         // du_e = round(G_e·W2_e) ([h, N2] weights: no transpose; GroupedMLP [N2, h]: transpose).
-        self.begin_gemms()?;
-        for e in 0..el {
-            let n = ws.padded[e];
-            let (ga, wb, ca) = (
-                self.seg_ptr(&ws.g, ws, e, d.h, d.ds),
-                self.ptr(&w.w2, e * d.h * d.n2 * d.ds),
-                self.seg_ptr(&ws.du, ws, e, d.n2, d.ds),
-            );
-            self.gemm(d.dt, false, grouped, n, d.n2, d.h, ga, wb, ca, 0.0)?;
-        }
-        self.end_gemms()?;
+        let dgrad2: Vec<GemmProblem> = (0..el)
+            .map(|e| GemmProblem {
+                m: ws.padded[e],
+                n: d.n2,
+                k: d.h,
+                a: self.seg_ptr(&ws.g, ws, e, d.h, d.ds),
+                b: self.ptr(&w.w2, e * d.h * d.n2 * d.ds),
+                c: self.seg_ptr(&ws.du, ws, e, d.n2, d.ds),
+            })
+            .collect();
+        self.expert_gemms(d.dt, false, grouped, &dgrad2)?;
         // Activation backward + dp (fc2-bias term and Σ du·z), one block per row.
         let b2p = w.b2.as_ref().map(|b| self.ptr(b, 0)).unwrap_or(0);
         let args = [
@@ -568,17 +574,17 @@ impl Engine {
         ];
         self.launch("act_bwd", d.dt, Engine::per_row(rows)?, &args)?;
         // dx_e = round(da_e·W1_e) ([N1, h]: no transpose; GroupedMLP [h, N1]: transpose).
-        self.begin_gemms()?;
-        for e in 0..el {
-            let n = ws.padded[e];
-            let (da, wb, ca) = (
-                self.seg_ptr(&ws.da, ws, e, d.n1, d.ds),
-                self.ptr(&w.w1, e * d.n1 * d.h * d.ds),
-                self.seg_ptr(&ws.dx, ws, e, d.h, d.ds),
-            );
-            self.gemm(d.dt, false, grouped, n, d.h, d.n1, da, wb, ca, 0.0)?;
-        }
-        self.end_gemms()?;
+        let dgrad1: Vec<GemmProblem> = (0..el)
+            .map(|e| GemmProblem {
+                m: ws.padded[e],
+                n: d.h,
+                k: d.n1,
+                a: self.seg_ptr(&ws.da, ws, e, d.n1, d.ds),
+                b: self.ptr(&w.w1, e * d.n1 * d.h * d.ds),
+                c: self.seg_ptr(&ws.dx, ws, e, d.h, d.ds),
+            })
+            .collect();
+        self.expert_gemms(d.dt, false, grouped, &dgrad1)?;
         // §4.7 backward: dp = Σ dx'·x, dx = round(dx'·p).
         if cfg.apply_probs_on_input {
             let args = [
@@ -606,7 +612,6 @@ impl Engine {
     /// `backward_dw()`: the deferred weight GEMMs, fc2 then fc1 (TEGroupedMLP's fc1 bias grad
     /// goes with its GEMM).
     pub fn backward_dw(&mut self, cfg: &LayerConfig, ws: &mut Workspace) -> Result<(), GpuError> {
-        self.end_gemms()?; // joins a batch left open by an earlier error
         self.wgrad(cfg, ws, Linear::Fc2)?;
         self.wgrad(cfg, ws, Linear::Fc1)?;
         if cfg.class == LayerClass::TeGrouped {
@@ -636,42 +641,35 @@ impl Engine {
         let d = dims(cfg);
         let grouped = cfg.class == LayerClass::Grouped;
         let xin = ws.xs.as_ref().unwrap_or(&ws.x);
-        self.begin_gemms()?;
-        for e in 0..ws.padded.len() {
-            let n = ws.padded[e];
-            match linear {
-                Linear::Fc2 => {
-                    let (g, u, c) = (
-                        self.seg_ptr(&ws.g, ws, e, d.h, d.ds),
-                        self.seg_ptr(&ws.u, ws, e, d.n2, d.ds),
-                        self.ptr(&ws.grads.w2, e * d.h * d.n2 * d.ds),
-                    );
-                    if grouped {
-                        // [N2, h] = u_eᵀ·G_e
-                        self.gemm(d.dt, true, false, d.n2, d.h, n, u, g, c, 0.0)?;
-                    } else {
-                        // [h, N2] = G_eᵀ·u_e
-                        self.gemm(d.dt, true, false, d.h, d.n2, n, g, u, c, 0.0)?;
-                    }
-                }
-                Linear::Fc1 => {
-                    let (da, x, c) = (
-                        self.seg_ptr(&ws.da, ws, e, d.n1, d.ds),
-                        self.seg_ptr(xin, ws, e, d.h, d.ds),
-                        self.ptr(&ws.grads.w1, e * d.n1 * d.h * d.ds),
-                    );
-                    if grouped {
-                        // [h, N1] = x_eᵀ·da_e
-                        self.gemm(d.dt, true, false, d.h, d.n1, n, x, da, c, 0.0)?;
-                    } else {
-                        // [N1, h] = da_eᵀ·x_e
-                        self.gemm(d.dt, true, false, d.n1, d.h, n, da, x, c, 0.0)?;
-                    }
-                }
-            }
-        }
-        self.end_gemms()?;
-        Ok(())
+        // (left operand, its columns, right operand, its columns, weight-grad buffer): the
+        // [out, in] grad is leftᵀ·right with left = the output-side activation grad.
+        let (out_side, out_cols, in_side, in_cols, grad) = match linear {
+            Linear::Fc2 => (&ws.g, d.h, &ws.u, d.n2, &ws.grads.w2),
+            Linear::Fc1 => (&ws.da, d.n1, xin, d.h, &ws.grads.w1),
+        };
+        // GroupedMLP's blocks are [in, out]: the grad is in_sideᵀ·out_side instead.
+        let ((l, lc), (r, rc)) = if grouped {
+            ((in_side, in_cols), (out_side, out_cols))
+        } else {
+            ((out_side, out_cols), (in_side, in_cols))
+        };
+        let problems: Vec<GemmProblem> = (0..ws.padded.len())
+            .map(|e| GemmProblem {
+                m: lc,
+                n: rc,
+                k: ws.padded[e],
+                a: self.seg_ptr(l, ws, e, lc, d.ds),
+                b: self.seg_ptr(r, ws, e, rc, d.ds),
+                c: self.ptr(grad, e * lc * rc * d.ds),
+            })
+            .collect();
+        self.expert_gemms(d.dt, true, false, &problems)
+    }
+
+    /// One set of per-expert GEMMs, issued with the engine's [`Engine::gemm_strategy`].
+    fn expert_gemms(&mut self, dt: Dtype, ta: bool, tb: bool, problems: &[GemmProblem]) -> Result<(), GpuError> {
+        let strategy = self.gemm_strategy();
+        self.grouped_gemm(strategy, dt, ta, tb, problems)
     }
 
     /// Downloads the weight grads into a state dict of `cfg.class`'s layout.
