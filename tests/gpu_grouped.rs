@@ -19,7 +19,7 @@ use moe_reference::Dtype;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-const STRATEGIES: [Strategy; 10] = [
+const STRATEGIES: [Strategy; 13] = [
     Strategy::Loop,
     Strategy::MultiStream(1),
     Strategy::MultiStream(3),
@@ -30,6 +30,9 @@ const STRATEGIES: [Strategy; 10] = [
     Strategy::MultiStream(8),
     Strategy::Threads(1),
     Strategy::Threads(3),
+    Strategy::Persistent(0),
+    Strategy::Persistent(128),
+    Strategy::Persistent(256),
 ];
 
 /// One grouped call: per-expert (m, n, k) with transposes, as the layers issue them.
@@ -62,6 +65,97 @@ fn cases() -> Vec<Case> {
         // Uniform with one empty expert (strided progression broken: Auto falls back to 4 streams).
         fwd("fc2_uniform_hole", true, 64, 96, &[32, 0, 32, 32]),
     ]
+}
+
+/// Cases for the persistent kernel beyond the executor's common ones: k spanning more k-tiles
+/// than its 4-5 stage ring (the ring wraps), n ragged against both tile widths, m ragged
+/// against the 128-row tile, all four operand layouts, and more experts than one launch's
+/// table holds (130 > MAX_PROBLEMS = 128: two launches).
+fn persistent_cases() -> Vec<Case> {
+    let ms = [300, 0, 1, 128, 257, 64];
+    let mk = |name, ta, tb, n, k| Case { name, ta, tb, dims: ms.iter().map(|&m| (m, n, k)).collect() };
+    let mut many: Vec<(usize, usize, usize)> = (0..130).map(|e| ((e * 37) % 200, 64, 72)).collect();
+    many[129] = (40, 64, 72);
+    vec![
+        mk("fwd_te_kk_ring", false, true, 200, 704),
+        mk("fwd_grp_kn_ring", false, false, 392, 520),
+        Case {
+            name: "wgrad_mn_ragged_k",
+            ta: true,
+            tb: false,
+            dims: vec![(200, 136, 777), (200, 136, 0), (200, 136, 65)],
+        },
+        Case { name: "mk_layout", ta: true, tb: true, dims: vec![(136, 264, 333), (136, 264, 8), (136, 264, 0)] },
+        Case { name: "130_experts", ta: false, tb: true, dims: many },
+    ]
+}
+
+/// The persistent Hopper kernel (issue 5) against the f64 reference, in bf16 and f16, with
+/// both tile widths: every element within one rounding of an f32-accumulated sum, k = 0
+/// experts exactly +0.0, nothing unwritten, nothing past C, and proof that the kernel ran
+/// (one launch per 128 problems, not a cuBLAS fallback).
+#[test]
+fn persistent_kernel_matches_the_reference_on_ragged_groups() {
+    let mut eng = match engine() {
+        Ok(e) => e,
+        Err(e) => {
+            if moe_gpu::cuda_required() {
+                panic!("MOE_REQUIRE_CUDA=1 but {e}");
+            }
+            println!(
+                "{}",
+                moe_gpu::skip_message("gpu_grouped::persistent_kernel_matches_the_reference_on_ragged_groups", &e)
+            );
+            return;
+        }
+    };
+    if eng.arch() != "sm_90" {
+        println!(
+            "SKIP gpu_grouped::persistent_kernel_matches_the_reference_on_ragged_groups: {} is not sm_90",
+            eng.arch()
+        );
+        return;
+    }
+    let mut worst = 0.0f64;
+    for dt in [Dtype::Bf16, Dtype::F16] {
+        let ds = dt.size_bytes();
+        let rel = if dt == Dtype::Bf16 { 1.0 / 128.0 } else { 1.0 / 1024.0 };
+        for (ci, case) in persistent_cases().iter().enumerate() {
+            let p = prepare(&mut eng, case, dt, 0xbeef + ci as u64).expect("prepare");
+            for tile_n in [128, 256] {
+                let before = eng.launches();
+                let got = run(&mut eng, &p, case, dt, Strategy::Persistent(tile_n))
+                    .unwrap_or_else(|e| panic!("{} {dt:?} n{tile_n}: {e}", case.name));
+                let computing = case.dims.iter().filter(|d| d.0 > 0 && d.1 > 0).count();
+                let launches = eng.launches() - before;
+                assert_eq!(
+                    launches,
+                    2 * (computing.div_ceil(moe_gpu::persistent::MAX_PROBLEMS) as u64 + 1),
+                    "{} {dt:?} n{tile_n}: expected the persistent kernel (plus the poison memset) in each of 2 runs",
+                    case.name
+                );
+                assert!(got[p.c_elems * ds..].iter().all(|&x| x == 0xFF), "{} n{tile_n}: wrote past C", case.name);
+                for (e, &(m, n, k)) in case.dims.iter().enumerate() {
+                    if k == 0 && m > 0 {
+                        let s = p.c_offsets[e] * ds;
+                        assert!(
+                            got[s..s + m * n * ds].iter().all(|&x| x == 0),
+                            "{} n{tile_n}: expert {e} k = 0",
+                            case.name
+                        );
+                    }
+                }
+                let v = from_bytes(dt, &got[..p.c_elems * ds]);
+                for (i, (&g, &r)) in v.iter().zip(&p.reference).enumerate() {
+                    assert!(!g.is_nan(), "{} {dt:?} n{tile_n}: NaN (unwritten) at {i}", case.name);
+                    let bound = rel * r.abs() + 1e-3;
+                    worst = worst.max((g - r).abs() / bound);
+                    assert!((g - r).abs() <= bound, "{} {dt:?} n{tile_n}[{i}] = {g}, reference {r}", case.name);
+                }
+            }
+        }
+    }
+    println!("gpu_grouped: persistent kernel, worst |error| / bound = {worst:.3}");
 }
 
 fn rand_vals(rng: &mut ChaCha8Rng, n: usize) -> Vec<f64> {

@@ -72,6 +72,11 @@ pub enum Strategy {
     /// One `cublasGemmGroupedBatchedEx` call (device pointer arrays, cached per problem list;
     /// consecutive problems of equal shape share a group).
     GroupedBatched,
+    /// The persistent Hopper grouped GEMM (`kernels/grouped_gemm.cu`, [`crate::persistent`]):
+    /// one launch for all experts, output tiles 128 rows by `tile_n` columns (128 or 256; 0
+    /// chooses per problem list). Falls back to [`Strategy::Auto`]'s cuBLAS choice for lists the
+    /// kernel does not take (fp32, extents not multiples of 8, not a compute capability 9.0 GPU).
+    Persistent(usize),
     /// One `cublasGemmStridedBatchedEx` when every problem that computes has the same shape and
     /// evenly strided `A`, `B`, `C` (uniform routing), else [`Strategy::MultiStream`]`(4)`
     /// (not a graph: with routing that changes every step a graph would be re-captured per
@@ -88,6 +93,8 @@ impl Strategy {
             Strategy::Threads(s) => format!("mt{s}"),
             Strategy::Graph(s) => format!("graph{s}"),
             Strategy::GroupedBatched => "gbatched".into(),
+            Strategy::Persistent(0) => "persistent".into(),
+            Strategy::Persistent(n) => format!("persistent{n}"),
             Strategy::Auto => "auto".into(),
         }
     }
@@ -98,7 +105,11 @@ impl Strategy {
             "loop" => Some(Strategy::Loop),
             "gbatched" => Some(Strategy::GroupedBatched),
             "auto" => Some(Strategy::Auto),
+            "persistent" => Some(Strategy::Persistent(0)),
             _ => {
+                if let Some(n) = s.strip_prefix("persistent") {
+                    return n.parse().ok().filter(|n| crate::persistent::TILE_N.contains(n)).map(Strategy::Persistent);
+                }
                 if let Some(n) = s.strip_prefix("ms") {
                     n.parse().ok().filter(|&n| n > 0).map(Strategy::MultiStream)
                 } else if let Some(n) = s.strip_prefix("mt") {
@@ -149,6 +160,8 @@ pub struct GroupedState {
     lane_sm_target: i32,
     graphs: HashMap<ListKey, SendGraph>,
     pointer_arrays: HashMap<ListKey, CudaSlice<u64>>,
+    /// The persistent kernels, loaded on first use (or why they cannot be).
+    pub(crate) persistent: Option<Result<crate::persistent::PersistentKernels, String>>,
 }
 
 impl std::fmt::Debug for GroupedState {
@@ -252,6 +265,12 @@ impl Engine {
             }
             Strategy::Graph(s) => self.graph(s, dt, ta, tb, problems),
             Strategy::GroupedBatched => self.grouped_batched(dt, ta, tb, problems),
+            Strategy::Persistent(tile_n) => {
+                if !self.persistent_gemm(tile_n, dt, ta, tb, problems)? {
+                    self.grouped_gemm(Strategy::Auto, dt, ta, tb, problems)?;
+                }
+                Ok(())
+            }
             Strategy::Auto => {
                 if !self.strided_batched(dt, ta, tb, problems)? {
                     self.ensure_lanes(4)?;
@@ -597,10 +616,13 @@ mod tests {
             Strategy::Graph(8),
             Strategy::Threads(2),
             Strategy::GroupedBatched,
+            Strategy::Persistent(0),
+            Strategy::Persistent(256),
             Strategy::Auto,
         ] {
             assert_eq!(Strategy::parse(&s.label()), Some(s));
         }
+        assert_eq!(Strategy::parse("persistent64"), None);
         assert_eq!(Strategy::parse("ms0"), None);
         assert_eq!(Strategy::parse("nope"), None);
     }

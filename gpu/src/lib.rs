@@ -12,7 +12,8 @@
 //!   row-major cuBLAS helper.
 //! * [`grouped`]: the grouped-GEMM executor ([`kernels::Engine::grouped_gemm`]): per-expert
 //!   GEMMs as a cuBLAS loop, over several streams, as a replayed CUDA graph, or through
-//!   cuBLAS's grouped/strided batched APIs (issue 5).
+//!   cuBLAS's grouped/strided batched APIs, or on [`persistent`], this crate's own
+//!   persistent Hopper grouped GEMM (wgmma) (issue 5).
 //! * [`layer`]: the device-resident forward/backward/backward_dw on [`layer::Workspace`]
 //!   buffers (the path benches time: weights uploaded once with [`kernels::Engine::prepare`]).
 //! * [`implementation`]: the `ExpertLayer` impls (host in, host out).
@@ -26,6 +27,7 @@ pub mod grouped;
 pub mod implementation;
 pub mod kernels;
 pub mod layer;
+pub mod persistent;
 pub mod sampled;
 
 pub use error::GpuError;
