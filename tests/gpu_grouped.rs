@@ -85,7 +85,7 @@ fn persistent_cases() -> Vec<Case> {
             tb: false,
             dims: vec![(200, 136, 777), (200, 136, 0), (200, 136, 65)],
         },
-        Case { name: "mk_layout", ta: true, tb: true, dims: vec![(136, 264, 333), (136, 264, 8), (136, 264, 0)] },
+        Case { name: "mk_layout", ta: true, tb: true, dims: vec![(136, 264, 344), (136, 264, 8), (136, 264, 0)] },
         Case { name: "130_experts", ta: false, tb: true, dims: many },
     ]
 }
