@@ -3,6 +3,8 @@
 
     python3 scripts/torch_experts_bench.py [--counts PATH] [--csv OUT.csv] [--shapes a,b]
         [--classes GroupedMLP,TEGroupedMLP] [--samples 10] [--sample-ms 30] [--warmup 3]
+        [--device cuda]   (--device cpu: a smoke test of the logic with a small counts file;
+                           host-timed, a 256^3 dense row; torch._grouped_mm runs on CPU too)
 
 Rows: shape x distribution (benches/data/grouped_counts.json, the file the Rust bench embeds)
 x class x mode (fwd, fwdbwd), plus a dense torch.mm 8192^3 bf16 row. CSV columns, as the Rust
@@ -61,6 +63,21 @@ def min_bytes(counts, h, n1, n2, backward):
     return fwd
 
 
+def layer(x, w1, w2, p, offs, te):
+    """The expert layer: GLU silu between two torch._grouped_mm calls (see the module doc).
+    `te`: weights are [E, out, in] (TEGroupedMLP), else [E, in, out] (GroupedMLP)."""
+    import torch
+    import torch.nn.functional as F
+
+    b1 = w1.transpose(-2, -1) if te else w1
+    b2 = w2.transpose(-2, -1) if te else w2
+    act = torch._grouped_mm(x, b1, offs=offs)
+    gate, lin = act.chunk(2, dim=-1)
+    z = F.silu(gate) * lin
+    u = (z.float() * p.unsqueeze(-1)).to(x.dtype)
+    return torch._grouped_mm(u, b2, offs=offs)
+
+
 def median(v):
     v = sorted(v)
     return v[len(v) // 2]  # upper median, as the Rust bench
@@ -76,6 +93,7 @@ def main():
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--sample-ms", type=float, default=30.0)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cuda", help="cuda; cpu only as a smoke test of the logic (host-timed)")
     args = ap.parse_args()
     classes = [c for c in args.classes.split(",") if c]
     for c in classes:
@@ -88,15 +106,16 @@ def main():
         if s not in [sh["name"] for sh in spec["shapes"]]:
             sys.exit(f"--shapes: unknown shape {s!r} (the counts file has {[sh['name'] for sh in spec['shapes']]})")
 
+    import time
+
     import torch
-    import torch.nn.functional as F
 
     if not hasattr(torch, "_grouped_mm"):
         sys.exit(f"torch {torch.__version__} has no torch._grouped_mm")
-    dev = torch.device("cuda")
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
     bf = torch.bfloat16
-    gm = torch._grouped_mm
-    device = torch.cuda.get_device_name(0)
+    device = torch.cuda.get_device_name(dev) if cuda else f"{args.device} (smoke test)"
     print(f"torch {torch.__version__} on {device}; counts {args.counts}", flush=True)
 
     out = None
@@ -122,12 +141,25 @@ def main():
                              ms_s, tf_s, device])
             out.flush()
 
+    class HostEvent:  # --device cpu: the torch.cuda.Event calls used below, on the host clock
+        def record(self):
+            self.t = time.perf_counter()
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3
+
+    def event():
+        return torch.cuda.Event(enable_timing=True) if cuda else HostEvent()
+
     def timeit(fn):
         for _ in range(args.warmup):
             fn()
-        torch.cuda.synchronize()
-        s = torch.cuda.Event(enable_timing=True)
-        e = torch.cuda.Event(enable_timing=True)
+        if cuda:
+            torch.cuda.synchronize()
+        s, e = event(), event()
         s.record()
         fn()
         e.record()
@@ -143,16 +175,18 @@ def main():
             ts.append(s.elapsed_time(e) / n)
         return median(ts)
 
-    # Dense reference: torch.mm 8192^3 bf16 on random data.
+    # Dense reference: torch.mm 8192^3 bf16 on random data (256^3 in a cpu smoke test).
+    n = DENSE_N if cuda else 256
     gen = torch.Generator(device=dev).manual_seed(1)
-    a = torch.rand(DENSE_N, DENSE_N, device=dev, dtype=bf, generator=gen) - 0.5
-    b = torch.rand(DENSE_N, DENSE_N, device=dev, dtype=bf, generator=gen) - 0.5
+    a = torch.rand(n, n, device=dev, dtype=bf, generator=gen) - 0.5
+    b = torch.rand(n, n, device=dev, dtype=bf, generator=gen) - 0.5
     ms = timeit(lambda: torch.mm(a, b))
-    dense_flops = 2 * DENSE_N ** 3
+    dense_flops = 2 * n ** 3
     dense_tf[0] = dense_flops / (ms * 1e-3) / 1e12
-    emit("dense", "-", "-", "gemm8192", DENSE_N, 0, dense_flops, 3 * 2 * DENSE_N * DENSE_N, ms)
+    emit("dense", "-", "-", f"gemm{n}", n, 0, dense_flops, 3 * 2 * n * n, ms)
     del a, b
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
 
     def uniform(shape, scale, gen):
         t = torch.rand(*shape, device=dev, dtype=bf, generator=gen)
@@ -177,15 +211,6 @@ def main():
             p = torch.rand(T, device=dev, dtype=torch.float32, generator=gen) * 0.95 + 0.05
             params = (x, w1, w2, p)
 
-            def layer(offs):
-                b1 = w1.transpose(-2, -1) if te else w1
-                b2 = w2.transpose(-2, -1) if te else w2
-                act = gm(x, b1, offs=offs)
-                gate, lin = act.chunk(2, dim=-1)
-                z = F.silu(gate) * lin
-                u = (z.float() * p.unsqueeze(-1)).to(bf)
-                return gm(u, b2, offs=offs)
-
             for dist, counts in sh["dists"].items():
                 if len(counts) != E or sum(counts) != T:
                     sys.exit(f"{sh['name']}/{dist}: {len(counts)} counts summing to {sum(counts)}, expected {E} / {T}")
@@ -202,12 +227,12 @@ def main():
                             def fb():
                                 for t in params:
                                     t.grad = None
-                                layer(offs).backward(g)
+                                layer(x, w1, w2, p, offs, te).backward(g)
 
                             ms = timeit(fb)
                         else:
                             with torch.no_grad():
-                                ms = timeit(lambda: layer(offs))
+                                ms = timeit(lambda: layer(x, w1, w2, p, offs, te))
                     except Exception as ex:  # report, keep going
                         msg = f"{type(ex).__name__}: {ex}".replace("\n", " ")
                         print(f"ERR,torch,{sh['name']},{dist},{cls},{mode},{msg}", flush=True)
@@ -218,7 +243,8 @@ def main():
                             t.grad = None
                     emit(sh["name"], dist, cls, mode, T, E, fl, mb, ms)
             del w1, w2, x, g, p, params
-            torch.cuda.empty_cache()
+            if cuda:
+                torch.cuda.empty_cache()
     if out:
         out.close()
         print(f"CSV: {args.csv}", flush=True)
