@@ -80,7 +80,7 @@ fn strategies() -> Vec<(String, Strategy)> {
         let s = Strategy::parse(&label).unwrap_or_else(|| {
             panic!(
                 "MOE_LAYER_STRATEGIES: unknown GEMM strategy {label:?} (moe_gpu::grouped::Strategy::parse rejects \
-                 it; labels look like auto, loop, ms4, mt4, graph4, gbatched)"
+                 it; labels look like auto, loop, persistent, ms4, mt4, graph4, gbatched)"
             )
         });
         if !out.iter().any(|(_, t)| *t == s) {
