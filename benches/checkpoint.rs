@@ -43,6 +43,9 @@ fn state(l: &ExpertLayout) -> RawStateDict {
 
 /// Registers the checkpoint benchmarks.
 pub fn checkpoint(c: &mut Criterion) {
+    if !crate::selected(&["checkpoint"]) {
+        return;
+    }
     let l = ExpertLayout {
         class: LayerClass::TeGrouped,
         num_experts: experts(),

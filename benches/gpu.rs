@@ -1,115 +1,371 @@
-//! GPU benches: forward and forward+backward of each CUDA class at the four model shapes
-//! (moe_gpu::sampled::SHAPES: GLU silu, bf16, skewed token split with two empty experts).
+//! Issue 5, per expert layer: forward and forward+backward of the CUDA GroupedMLP and
+//! TEGroupedMLP at the four model shapes, with each GEMM strategy, against the card's dense rate.
 //!
-//! Device-resident: weights and inputs are generated on the device, kernels compiled and
-//! buffers allocated before the timed region; each timed region is synchronized on both
-//! ends (`Engine::synchronize`), so no PCIe copy is timed. FLOPs counted: forward
-//! `2·T·h·(N1 + N2)`, backward twice that (dgrad + wgrad); elementwise work not counted.
-//! After criterion's samples each case prints one `TFLOP/s` line from a median of 10 timed
-//! calls. Registered only when a GPU is found (prints why not otherwise).
+//! **Rows**: shape × distribution × class × mode × strategy.
+//! * Shapes and token distributions: `benches/data/grouped_counts.json` (Mixtral 8x7B, the
+//!   DeepSeek-V3 EP slice of 32 experts, Qwen3-30B-A3B, GPT-OSS-120B; `uniform` and a Zipf split
+//!   with empty experts), the file `scripts/torch_experts_bench.py` reads, so both time the same
+//!   problems. Each shape's layer configuration is `moe_gpu::sampled::shape_config` of the
+//!   `moe_gpu::sampled::SHAPES` entry with the same `h`, `f`, `E`: GLU silu, bf16 weights and
+//!   activations, fp32 probs, no bias, no padding.
+//! * Classes: `GroupedMLP` (weights `[E, in, out]`) and `TEGroupedMLP` (`[E, out, in]`);
+//!   `MOE_LAYER_CLASSES=sequential,grouped,te` adds `SequentialMLP` (comma list of `sequential`,
+//!   `grouped`, `te`; default `grouped,te`).
+//! * Modes: `fwd` = `Engine::forward`; `fwdbwd` = `Engine::forward` + `Engine::backward` with
+//!   immediate weight gradients (dx, dprobs, dW1, dW2).
+//! * Strategies: `MOE_LAYER_STRATEGIES`, a comma list of labels of
+//!   `moe_gpu::grouped::Strategy::parse` (default `auto,loop`); every set of per-expert GEMMs of
+//!   the layer is issued with it (`Engine::set_gemm_strategy`). An unknown label stops the bench
+//!   with a message naming it.
+//! * `MOE_LAYER_SHAPES`: comma list of shape names to keep (default all).
+//!
+//! **Timing**: device-resident. Weights (`Engine::prepare_random`, `U(-1, 1)/√fan_in`) and
+//! inputs (`Engine::random_inputs`: x and the upstream grad `U(-1, 1)`, probs `U(0.05, 1)`) are
+//! generated on the device; kernels compiled, buffers allocated and one untimed call made
+//! (which also surfaces errors: a failing strategy gets an `ERR` line and row, the rest goes on)
+//! before criterion's warm-up. Criterion, flat sampling: 10 samples of the same number of
+//! back-to-back calls (about 30 ms of them), the engine's stream synchronized before the clock
+//! starts and after each sample's last call; the reported time is the median per-call time of
+//! the 10 samples. Ids: `gpu_layer/<shape>/<dist>/<class>/<mode>/<strategy>`, and
+//! `gpu_layer/dense/gemm8192`.
+//!
+//! **Dense reference**: one 8192³ bf16 `Engine::gemm` (cuBLAS, f32 accumulation) on random
+//! data, same process, same timing; `% dense` = layer TFLOP/s over its TFLOP/s.
+//!
+//! **FLOPs** (GEMMs only, elementwise work not counted), with `T` = routed rows (the sum of the
+//! counts), `N1 = 2f` (GLU), `N2 = f`: forward `2·T·h·(N1 + N2)`; forward+backward 3× that
+//! (dgrad and wgrad each cost one forward).
+//!
+//! **Min bytes** (each input and weight read once, each output written once; bf16 = 2 bytes,
+//! probs fp32 = 4 bytes; `E_live` = experts with at least one token, `E` = all local experts):
+//! * forward: `2·T·h` (x) + `2·E_live·(N1·h + h·N2)` (W1, W2 of experts with tokens) + `4·T`
+//!   (probs) + `2·T·h` (y);
+//! * forward+backward: the forward's bytes + `2·T·h` (upstream grad read) + `2·T·h` (dx) +
+//!   `2·E·(N1·h + h·N2)` (dW1, dW2 of every expert: empty experts' grads are written as zeros) +
+//!   `4·T` (dprobs).
+//!
+//! Intermediates (fc1 output, fc2 input, their grads) are not counted: a fused layer need not
+//! store them.
+//!
+//! **Output**: one `TFLOP/s` line per row as it finishes and a summary at the end; with
+//! `MOE_LAYER_CSV=path`, a CSV (header `shape,dist,class,mode,strategy,tokens,experts,flops,
+//! min_bytes,median_ms,tflops,device`; a `dense` row first; rows appended as they finish;
+//! `ERR` in `median_ms` and `tflops` for a strategy that failed) that
+//! `scripts/layer_table.py` joins with `scripts/torch_experts_bench.py`'s. Registered only when
+//! a GPU is found (prints why not otherwise).
 
-use criterion::{BenchmarkId, Criterion, Throughput};
-use moe_gpu::grouped::Strategy;
-use moe_gpu::kernels::engine;
-use moe_gpu::sampled::{shape_config, skewed_counts, SHAPES};
-use moe_reference::LayerClass;
-use std::time::{Duration, Instant};
+use crate::gpu_common::{counts, dense_gemm, env_list, random_chunk, time, DENSE_N, SAMPLES};
+use criterion::{Criterion, SamplingMode};
+use moe_gpu::kernels::{engine, Engine};
+use moe_gpu::layer::{DeviceWeights, Workspace};
+use moe_gpu::sampled::{shape_config, SHAPES};
+use moe_gpu::{GpuError, Strategy};
+use moe_reference::{LayerClass, LayerConfig};
+use std::io::Write;
 
-fn flops_forward(h: usize, n1: usize, n2: usize, t: usize) -> f64 {
-    2.0 * t as f64 * h as f64 * (n1 + n2) as f64
+/// Criterion group prefix of this module.
+const PREFIX: &str = "gpu_layer";
+/// Default `MOE_LAYER_STRATEGIES`.
+const DEFAULT_STRATEGIES: &str = "auto,loop";
+/// CSV header (shared with `scripts/torch_experts_bench.py`).
+const CSV_HEADER: &str = "shape,dist,class,mode,strategy,tokens,experts,flops,min_bytes,median_ms,tflops,device";
+
+/// The strategies of `MOE_LAYER_STRATEGIES` (default [`DEFAULT_STRATEGIES`]), labelled by
+/// [`Strategy::label`], duplicates dropped. Panics naming an unknown label.
+fn strategies() -> Vec<(String, Strategy)> {
+    let labels =
+        env_list("MOE_LAYER_STRATEGIES").unwrap_or_else(|| DEFAULT_STRATEGIES.split(',').map(String::from).collect());
+    let mut out: Vec<(String, Strategy)> = Vec::new();
+    for label in labels {
+        let s = Strategy::parse(&label).unwrap_or_else(|| {
+            panic!(
+                "MOE_LAYER_STRATEGIES: unknown GEMM strategy {label:?} (moe_gpu::grouped::Strategy::parse rejects \
+                 it; labels look like auto, loop, persistent, ms4, mt4, graph4, gbatched)"
+            )
+        });
+        if !out.iter().any(|(_, t)| *t == s) {
+            out.push((s.label(), s));
+        }
+    }
+    out
 }
 
-/// One bench case: `backward` false = forward only, true = forward + backward.
-fn bench_gpu(c: &mut Criterion) {
-    let mut eng = match engine() {
+/// The classes of `MOE_LAYER_CLASSES` (default GroupedMLP and TEGroupedMLP).
+fn classes() -> Vec<LayerClass> {
+    let labels = env_list("MOE_LAYER_CLASSES").unwrap_or_else(|| vec!["grouped".into(), "te".into()]);
+    labels
+        .iter()
+        .map(|l| match l.to_ascii_lowercase().as_str() {
+            "sequential" | "sequentialmlp" => LayerClass::Sequential,
+            "grouped" | "groupedmlp" => LayerClass::Grouped,
+            "te" | "te_grouped" | "te-grouped" | "tegroupedmlp" => LayerClass::TeGrouped,
+            other => panic!("MOE_LAYER_CLASSES: unknown class {other:?} (expected sequential, grouped or te)"),
+        })
+        .collect()
+}
+
+/// The `class` column: Megatron-Core's class name.
+fn class_name(class: LayerClass) -> &'static str {
+    match class {
+        LayerClass::Sequential => "SequentialMLP",
+        LayerClass::Grouped => "GroupedMLP",
+        LayerClass::TeGrouped => "TEGroupedMLP",
+    }
+}
+
+/// GEMM FLOPs of one call: forward `2·T·h·(N1 + N2)`, forward+backward 3× that.
+fn layer_flops(t: usize, h: usize, n1: usize, n2: usize, backward: bool) -> f64 {
+    let fwd = 2.0 * t as f64 * h as f64 * (n1 + n2) as f64;
+    if backward {
+        3.0 * fwd
+    } else {
+        fwd
+    }
+}
+
+/// Minimum bytes moved by one call (see the module docs): bf16 activations and weights, fp32
+/// probs, each input/weight read once and each output written once.
+fn layer_min_bytes(counts: &[usize], h: usize, n1: usize, n2: usize, backward: bool) -> f64 {
+    let (bf16, f32b) = (2.0, 4.0);
+    let t = counts.iter().sum::<usize>() as f64;
+    let live = counts.iter().filter(|&&c| c > 0).count() as f64;
+    let experts = counts.len() as f64;
+    let act = bf16 * t * h as f64; // one [T, h] tensor
+    let weights = bf16 * (n1 * h + h * n2) as f64; // W1 + W2 of one expert
+    let fwd = act + live * weights + f32b * t + act;
+    if backward {
+        fwd + act + act + experts * weights + f32b * t
+    } else {
+        fwd
+    }
+}
+
+/// One timed call: forward, and with `backward` the backward with immediate weight grads.
+fn step(
+    eng: &mut Engine,
+    cfg: &LayerConfig,
+    w: &DeviceWeights,
+    ws: &mut Workspace,
+    backward: bool,
+) -> Result<(), GpuError> {
+    eng.forward(cfg, w, ws)?;
+    if backward {
+        eng.backward(cfg, w, ws, true)?;
+    }
+    Ok(())
+}
+
+/// A CSV field (quoted when it holds a comma or a quote).
+fn csv_field(s: &str) -> String {
+    if s.contains(',') || s.contains('"') {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// The rows, printed and (with `MOE_LAYER_CSV`) appended to the CSV as they come.
+struct Report {
+    csv: Option<(String, std::fs::File)>,
+    device: String,
+    dense_tflops: Option<f64>,
+    summary: Vec<String>,
+}
+
+/// One row's identity and work.
+struct Row<'a> {
+    shape: &'a str,
+    dist: &'a str,
+    class: &'a str,
+    mode: &'a str,
+    strategy: &'a str,
+    tokens: usize,
+    experts: usize,
+    flops: f64,
+    min_bytes: f64,
+}
+
+impl Report {
+    fn new(device: &str) -> Report {
+        let csv = std::env::var("MOE_LAYER_CSV").ok().filter(|p| !p.is_empty()).map(|path| {
+            let mut f =
+                std::fs::File::create(&path).unwrap_or_else(|e| panic!("MOE_LAYER_CSV: cannot create {path:?}: {e}"));
+            writeln!(f, "{CSV_HEADER}").unwrap_or_else(|e| panic!("MOE_LAYER_CSV: cannot write {path:?}: {e}"));
+            (path, f)
+        });
+        Report { csv, device: device.to_string(), dense_tflops: None, summary: Vec::new() }
+    }
+
+    fn csv_line(&mut self, r: &Row, ms: &str, tflops: &str) {
+        if let Some((path, f)) = &mut self.csv {
+            let line = format!(
+                "{},{},{},{},{},{},{},{:.0},{:.0},{ms},{tflops},{}",
+                csv_field(r.shape),
+                csv_field(r.dist),
+                csv_field(r.class),
+                csv_field(r.mode),
+                csv_field(r.strategy),
+                r.tokens,
+                r.experts,
+                r.flops,
+                r.min_bytes,
+                csv_field(&self.device)
+            );
+            writeln!(f, "{line}")
+                .and_then(|()| f.flush())
+                .unwrap_or_else(|e| panic!("MOE_LAYER_CSV: cannot write {path:?}: {e}"));
+        }
+    }
+
+    fn ok(&mut self, r: &Row, secs: f64) {
+        let tflops = r.flops / secs / 1e12;
+        let dense = self.dense_tflops.map(|d| format!("{:>5.1}% dense", 100.0 * tflops / d)).unwrap_or_default();
+        let line = format!(
+            "TFLOP/s {:<9} {:<11} {:<13} {:<7} {:<11} T={:<6} median {:>9.3} ms  {:>7.1} TFLOP/s {dense}  {:>7.1} GB min  ({})",
+            r.shape,
+            r.dist,
+            r.class,
+            r.mode,
+            r.strategy,
+            r.tokens,
+            secs * 1e3,
+            tflops,
+            r.min_bytes / 1e9,
+            self.device
+        );
+        println!("{line}");
+        self.summary.push(line);
+        self.csv_line(r, &format!("{:.4}", secs * 1e3), &format!("{tflops:.1}"));
+    }
+
+    fn err(&mut self, r: &Row, err: &GpuError) {
+        let line = format!("ERR {} {} {} {} {}: {err}", r.shape, r.dist, r.class, r.mode, r.strategy);
+        println!("{line}");
+        self.summary.push(line);
+        self.csv_line(r, "ERR", "ERR");
+    }
+}
+
+/// The bench entry point (registered in `benches/main.rs`).
+pub fn bench(c: &mut Criterion) {
+    if !crate::selected(&[PREFIX]) {
+        return;
+    }
+    // Parse the environment before touching the GPU: a typo fails at once.
+    let strategies = strategies();
+    let classes = classes();
+    let shapes = env_list("MOE_LAYER_SHAPES");
+    let counts = counts();
+    let mut guard = match engine() {
         Ok(e) => e,
         Err(e) => {
-            println!("SKIP gpu benches: {e}");
+            assert!(!moe_gpu::cuda_required(), "MOE_REQUIRE_CUDA=1 but no usable GPU for the gpu_layer bench: {e}");
+            println!("{}", moe_gpu::skip_message("bench gpu_layer", &e));
             return;
         }
     };
+    let eng: &mut Engine = &mut guard;
     let device = eng.device_name().to_string();
-    let mut summary = Vec::new();
-    for shape in SHAPES {
-        let mut group = c.benchmark_group(format!("gpu/{}", shape.name));
-        group.sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(1));
-        group.throughput(Throughput::Elements(shape.tokens as u64));
-        // Every class with the default strategy, and TEGroupedMLP with the per-expert loop.
-        let variants = [
-            (LayerClass::Sequential, Strategy::Auto),
-            (LayerClass::Grouped, Strategy::Auto),
-            (LayerClass::TeGrouped, Strategy::Auto),
-            (LayerClass::TeGrouped, Strategy::Loop),
-        ];
-        for (class, strategy) in variants {
-            eng.set_gemm_strategy(strategy);
-            let cfg = shape_config(&shape, class);
-            let counts: Vec<usize> =
-                skewed_counts(shape.tokens, shape.experts, 42).iter().map(|&c| c as usize).collect();
-            let w = eng.prepare_random(&cfg, 7).expect("weights");
-            let mut ws = eng.workspace(&cfg, &counts, false).expect("workspace");
-            eng.random_inputs(&cfg, &mut ws, 9).expect("inputs");
-            eng.synchronize().expect("sync");
-            let name = match (class, strategy) {
-                (LayerClass::Sequential, _) => "cuda-sequential",
-                (LayerClass::Grouped, _) => "cuda-grouped",
-                (LayerClass::TeGrouped, Strategy::Auto) => "cuda-te-grouped",
-                (LayerClass::TeGrouped, _) => "cuda-te-grouped-loop",
+    println!(
+        "gpu_layer on {device} ({}); strategies {:?}; classes {:?}",
+        eng.arch(),
+        strategies.iter().map(|s| s.0.as_str()).collect::<Vec<_>>(),
+        classes.iter().map(|&c| class_name(c)).collect::<Vec<_>>()
+    );
+    let mut report = Report::new(&device);
+
+    {
+        let chunk = random_chunk(eng);
+        if let Some((secs, fl)) = dense_gemm(c, eng, &chunk, &format!("{PREFIX}/dense"), SamplingMode::Flat) {
+            let n = DENSE_N;
+            let row = Row {
+                shape: "dense",
+                dist: "-",
+                class: "-",
+                mode: "gemm8192",
+                strategy: "cublas",
+                tokens: n,
+                experts: 0,
+                flops: fl,
+                min_bytes: 3.0 * 2.0 * (n * n) as f64,
             };
-            let fwd_flops = flops_forward(cfg.hidden_size, cfg.n1(), cfg.n2(), shape.tokens);
-            for backward in [false, true] {
-                let mode = if backward { "fwd+bwd" } else { "fwd" };
-                let mut step = |eng: &mut moe_gpu::kernels::Engine| {
-                    eng.forward(&cfg, &w, &mut ws).expect("forward");
-                    if backward {
-                        eng.backward(&cfg, &w, &mut ws, true).expect("backward");
-                    }
-                };
-                step(&mut eng);
-                eng.synchronize().expect("sync");
-                group.bench_function(BenchmarkId::new(name, mode), |b| {
-                    b.iter_custom(|iters| {
-                        eng.synchronize().expect("sync");
-                        let t0 = Instant::now();
-                        for _ in 0..iters {
-                            step(&mut eng);
+            report.ok(&row, secs);
+            report.dense_tflops = Some(fl / secs / 1e12);
+        }
+    }
+
+    for sh in &counts.shapes {
+        if shapes.as_ref().is_some_and(|s| !s.contains(&sh.name)) {
+            continue;
+        }
+        let model = SHAPES
+            .iter()
+            .find(|m| (m.hidden, m.ffn, m.experts, m.tokens) == (sh.hidden, sh.ffn, sh.experts, sh.rows))
+            .unwrap_or_else(|| {
+                panic!(
+                    "grouped_counts.json shape {} (h {}, f {}, E {}, T {}) matches no moe_gpu::sampled::SHAPES entry",
+                    sh.name, sh.hidden, sh.ffn, sh.experts, sh.rows
+                )
+            });
+        for &class in &classes {
+            let cname = class_name(class);
+            let cfg = shape_config(model, class);
+            let (h, n1, n2) = (cfg.hidden_size, cfg.n1(), cfg.n2());
+            let w = eng
+                .prepare_random(&cfg, 7)
+                .unwrap_or_else(|e| panic!("gpu_layer {} {cname}: Engine::prepare_random failed: {e}", sh.name));
+            for (dist, cnt) in &sh.dists {
+                let ctx = format!("gpu_layer {} {dist} {cname}", sh.name);
+                let mut ws =
+                    eng.workspace(&cfg, cnt, false).unwrap_or_else(|e| panic!("{ctx}: Engine::workspace failed: {e}"));
+                eng.random_inputs(&cfg, &mut ws, 9)
+                    .and_then(|()| eng.synchronize())
+                    .unwrap_or_else(|e| panic!("{ctx}: Engine::random_inputs failed: {e}"));
+                for backward in [false, true] {
+                    let mode = if backward { "fwdbwd" } else { "fwd" };
+                    for (label, strategy) in &strategies {
+                        let row = Row {
+                            shape: &sh.name,
+                            dist,
+                            class: cname,
+                            mode,
+                            strategy: label,
+                            tokens: sh.rows,
+                            experts: sh.experts,
+                            flops: layer_flops(sh.rows, h, n1, n2, backward),
+                            min_bytes: layer_min_bytes(cnt, h, n1, n2, backward),
+                        };
+                        eng.set_gemm_strategy(*strategy);
+                        // Untimed first call: compiles/warms, and a failing strategy is
+                        // reported without stopping the other rows.
+                        let pre = step(eng, &cfg, &w, &mut ws, backward).and_then(|()| eng.synchronize());
+                        if let Err(err) = pre {
+                            report.err(&row, &err);
+                            continue;
                         }
-                        eng.synchronize().expect("sync");
-                        t0.elapsed()
-                    })
-                });
-                let mut times: Vec<f64> = (0..10)
-                    .map(|_| {
-                        eng.synchronize().expect("sync");
-                        let t0 = Instant::now();
-                        step(&mut eng);
-                        eng.synchronize().expect("sync");
-                        t0.elapsed().as_secs_f64()
-                    })
-                    .collect();
-                times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-                let med = times[times.len() / 2];
-                let flops = if backward { 3.0 * fwd_flops } else { fwd_flops };
-                let line = format!(
-                    "TFLOP/s {:<14} {:<16} {:<8} T={:<6} median {:>9.3} ms  {:>7.1} TFLOP/s  ({device})",
-                    shape.name,
-                    name,
-                    mode,
-                    shape.tokens,
-                    med * 1e3,
-                    flops / med / 1e12
-                );
-                println!("{line}");
-                summary.push(line);
+                        let group = format!("{PREFIX}/{}/{dist}/{cname}", sh.name);
+                        let id = format!("{mode}/{label}");
+                        let secs = time(c, eng, &group, &id, SamplingMode::Flat, |en| {
+                            step(en, &cfg, &w, &mut ws, backward)
+                                .unwrap_or_else(|e| panic!("{ctx} {mode} {label}: timed call failed: {e}"))
+                        });
+                        if let Some(secs) = secs {
+                            report.ok(&row, secs);
+                        }
+                    }
+                }
+                drop(ws);
+                eng.synchronize().unwrap_or_else(|e| panic!("{ctx}: synchronize failed: {e}"));
             }
         }
-        group.finish();
     }
-    eng.set_gemm_strategy(Strategy::Auto);
-    println!("\n== GPU bench summary");
-    for l in summary {
+    let default = eng.default_gemm_strategy();
+    eng.set_gemm_strategy(default);
+    println!("\n== GPU layer bench summary (median of {SAMPLES} criterion samples per row)");
+    for l in &report.summary {
         println!("{l}");
     }
+    if let Some((path, _)) = &report.csv {
+        println!("CSV: {path}");
+    }
 }
-
-criterion::criterion_group!(benches, bench_gpu);

@@ -11,52 +11,22 @@
 //! set-up and warm-up (the `graph4-recapture` rows clear the caches inside the timed loop to
 //! show what a capture per call costs). One `ROW,rust,<shape>,<dist>,<case>,<strategy>,<ms>,
 //! <TFLOP/s>` line per benchmark (median per-iteration time of criterion's samples), plus the
-//! dense 8192³ cuBLAS reference; `MOE_GG_CSV=path` also writes them to a file.
+//! dense 8192³ cuBLAS reference; `MOE_GG_CSV=path` also writes them to a file. Criterion ids:
+//! `gpu_grouped/<shape>/<dist>/<case>/<strategy>` and `gpu_grouped/dense/gemm8192`; run this
+//! module alone with the filter `gpu_grouped` (`scripts/gpu-device.sh`'s `grouped` step).
 //!
 //! Filters (comma lists): `MOE_GG_SHAPES`, `MOE_GG_CASES`, `MOE_GG_STRATEGIES` (labels of
 //! [`Strategy::label`], default `loop,ms4,graph4,gbatched,auto`); `MOE_GG_LANE_SMS=n` sets
 //! cuBLAS's SM-count target on the side-stream handles (an experiment).
 
-use criterion::Criterion;
+use crate::gpu_common::{counts, dense_gemm, env_list, fill, random_chunk, time};
+use criterion::{Criterion, SamplingMode};
 use moe_gpu::kernels::{engine, Buf, Engine};
 use moe_gpu::{GemmProblem, Strategy};
 use moe_reference::Dtype;
-use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
 
-const COUNTS_JSON: &str = include_str!("data/grouped_counts.json");
 const DT: Dtype = Dtype::Bf16;
 const CASES: [&str; 7] = ["fc1_te", "fc2_te", "dgrad1_te", "wgrad1_te", "fwd_te", "fwdbwd_te", "fwdbwd_grp"];
-const SAMPLES: usize = 10;
-
-/// The criterion settings for the GPU groups: few samples, short windows (device time is
-/// scarce; the GEMM sets run 0.1-40 ms each).
-pub fn config() -> Criterion {
-    Criterion::default()
-        .sample_size(SAMPLES)
-        .warm_up_time(Duration::from_millis(100))
-        .measurement_time(Duration::from_millis(300))
-        .nresamples(1000)
-}
-
-#[derive(serde::Deserialize)]
-struct Counts {
-    shapes: Vec<ShapeSpec>,
-}
-
-#[derive(serde::Deserialize)]
-struct ShapeSpec {
-    name: String,
-    hidden: usize,
-    ffn: usize,
-    experts: usize,
-    rows: usize,
-    dists: BTreeMap<String, Vec<usize>>,
-}
-
-fn env_list(var: &str) -> Option<Vec<String>> {
-    std::env::var(var).ok().filter(|s| !s.is_empty()).map(|s| s.split(',').map(str::to_string).collect())
-}
 
 struct Buffers {
     x: Buf,
@@ -71,17 +41,6 @@ struct Buffers {
     w2: Buf,
     dw1: Buf,
     dw2: Buf,
-}
-
-/// Fills `buf` with copies of the random `chunk` (device-to-device; no zeros anywhere).
-fn fill(eng: &mut Engine, buf: &Buf, chunk: &Buf) {
-    let (dst, src, cb) = (eng.ptr(buf, 0), eng.ptr(chunk, 0), chunk.bytes());
-    let mut off = 0;
-    while off < buf.bytes() {
-        let n = cb.min(buf.bytes() - off);
-        eng.copy_dtod(dst + off as u64, src, n).expect("fill");
-        off += n;
-    }
 }
 
 /// One grouped call of a case.
@@ -191,11 +150,6 @@ fn flops(calls: &[Call]) -> f64 {
     calls.iter().flat_map(|c| c.2.iter()).map(GemmProblem::flops).sum()
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 struct Report {
     rows: Vec<String>,
 }
@@ -208,40 +162,22 @@ impl Report {
     }
 }
 
-/// Times `run` under criterion and returns the median per-iteration seconds of its samples.
-fn time<F: FnMut(&mut Engine)>(c: &mut Criterion, eng: &mut Engine, group: &str, id: &str, mut run: F) -> f64 {
-    let mut per_iter = Vec::new();
-    let mut g = c.benchmark_group(group);
-    g.bench_function(id, |bch| {
-        bch.iter_custom(|iters| {
-            eng.synchronize().expect("sync");
-            let t = Instant::now();
-            for _ in 0..iters {
-                run(eng);
-            }
-            eng.synchronize().expect("sync");
-            let d = t.elapsed();
-            per_iter.push(d.as_secs_f64() / iters as f64);
-            d
-        })
-    });
-    g.finish();
-    let tail = per_iter.len().saturating_sub(SAMPLES);
-    median(per_iter.split_off(tail))
-}
-
 /// The bench entry point (registered in `benches/main.rs`).
 pub fn bench(c: &mut Criterion) {
+    if !crate::selected(&["gpu_grouped"]) {
+        return;
+    }
     let mut guard = match engine() {
         Ok(e) => e,
         Err(e) => {
+            assert!(!moe_gpu::cuda_required(), "MOE_REQUIRE_CUDA=1 but no usable GPU for the gpu_grouped bench: {e}");
             println!("{}", moe_gpu::skip_message("bench gpu_grouped", &e));
             return;
         }
     };
     let eng: &mut Engine = &mut guard;
     println!("gpu_grouped on {} ({})", eng.device_name(), eng.arch());
-    let counts: Counts = serde_json::from_str(COUNTS_JSON).expect("grouped_counts.json");
+    let counts = counts();
     let shapes = env_list("MOE_GG_SHAPES");
     let cases = env_list("MOE_GG_CASES");
     let strategies: Vec<String> = env_list("MOE_GG_STRATEGIES")
@@ -253,30 +189,11 @@ pub fn bench(c: &mut Criterion) {
     }
 
     // Random bf16 chunk (8 Mi elements) the fills copy from.
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let host: Vec<u8> = moe_gpu::layer::to_bytes(
-        DT,
-        (0..(8usize << 20)).map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            ((state >> 11) as f64 / (1u64 << 53) as f64 - 0.5) * 0.25
-        }),
-    );
-    let chunk = eng.upload(&host).expect("upload chunk");
+    let chunk = random_chunk(eng);
 
     // Dense reference: 8192³ bf16 GEMM through the same cuBLAS helper.
-    {
-        let nn = 8192usize;
-        let bufs: Vec<Buf> = (0..3).map(|_| eng.alloc(nn * nn * 2).expect("alloc")).collect();
-        for b in &bufs {
-            fill(eng, b, &chunk);
-        }
-        let (pa, pb, pc) = (eng.ptr(&bufs[0], 0), eng.ptr(&bufs[1], 0), eng.ptr(&bufs[2], 0));
-        let secs = time(c, eng, "gpu_dense", "gemm8192", |e| {
-            e.gemm(DT, false, false, nn, nn, nn, pa, pb, pc, 0.0).expect("gemm")
-        });
-        report.emit("dense", "-", "gemm8192", "cublas", secs, 2.0 * (nn as f64).powi(3));
+    if let Some((secs, fl)) = dense_gemm(c, eng, &chunk, "gpu_grouped/dense", SamplingMode::Auto) {
+        report.emit("dense", "-", "gemm8192", "cublas", secs, fl);
     }
 
     for sh in &counts.shapes {
@@ -333,7 +250,7 @@ pub fn bench(c: &mut Criterion) {
                         continue;
                     }
                     let group = format!("gpu_grouped/{}/{dist}/{case}", sh.name);
-                    let secs = time(c, eng, &group, &label, |en| {
+                    let secs = time(c, eng, &group, &label, SamplingMode::Auto, |en| {
                         for (ta, tb, probs) in &calls {
                             if recapture {
                                 en.clear_grouped_caches();
@@ -341,7 +258,9 @@ pub fn bench(c: &mut Criterion) {
                             en.grouped_gemm(strategy, DT, *ta, *tb, probs).expect("grouped_gemm");
                         }
                     });
-                    report.emit(&sh.name, dist, case, &label, secs, fl);
+                    if let Some(secs) = secs {
+                        report.emit(&sh.name, dist, case, &label, secs, fl);
+                    }
                 }
             }
         }

@@ -58,6 +58,9 @@ impl Shape {
 }
 
 fn forward_backward(c: &mut Criterion) {
+    if !crate::selected(&["reference"]) {
+        return;
+    }
     for &(label, shape) in SHAPES {
         let mut group = c.benchmark_group(format!("reference/fwd+bwd/{label}"));
         group.throughput(Throughput::Elements(shape.flops()));
@@ -92,6 +95,9 @@ fn generated_cases(n: usize) -> Vec<Case> {
 }
 
 fn property_cases(c: &mut Criterion) {
+    if !crate::selected(&["reference"]) {
+        return;
+    }
     const N: usize = 32;
     let cases = generated_cases(N);
     // Skipped cases (not applicable: single rank, GroupedMLP without deferral, ...) are cheap

@@ -4,7 +4,13 @@
 #   tests     release integration tests with MOE_REQUIRE_CUDA=1
 #   sanitize  compute-sanitizer memcheck and racecheck on the GPU tests, fewer cases
 #   sampled   sampled verification of the four model shapes
-#   bench     criterion GPU benches, then the PyTorch comparison
+#   bench     issue 5 per-layer table: benches/gpu.rs (`.stage/bench gpu_layer`, strategies from
+#             $MOE_LAYER_STRATEGIES, default auto,loop) -> $OUT/layer-rust.csv, then
+#             torch_experts_bench.py -> $OUT/layer-torch.csv, then layer_table.py ->
+#             $OUT/layer-table.md (printed); logs layer-bench.log, layer-torch.log
+#   grouped   issue 5 GEMM-set table: benches/gpu_grouped.rs (`.stage/bench gpu_grouped`) ->
+#             $OUT/grouped-rust.csv, torch_grouped_bench.py -> $OUT/grouped-torch.csv,
+#             grouped_table.py -> $OUT/grouped-table.md (printed)
 #   verify    `moe-verify verify --gpu` (random cases, every property, reference and CUDA) and
 #             `verify --gpu --shape` on two model shapes
 #   dumps     tools/test_dump_experts.py: PyTorch stand-ins of the three classes write dumps,
@@ -14,6 +20,17 @@ out="${OUT:-/tmp/out}"; mkdir -p "$out"
 steps="${STEPS:-tests sampled bench sanitize}"
 export MOE_REQUIRE_CUDA=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
+# logged LOG CMD...: runs CMD with stdout+stderr to LOG, prints its exit status and wall time,
+# and the log's tail when it failed.
+logged() {
+  local log="$1"; shift
+  local t0=$SECONDS
+  "$@" > "$log" 2>&1
+  local rc=$?
+  echo "exit $rc after $((SECONDS - t0)) s (log: $log)"
+  [ "$rc" -eq 0 ] || tail -20 "$log"
+  return "$rc"
+}
 for s in $steps; do
   case "$s" in
     tests)
@@ -38,7 +55,26 @@ for s in $steps; do
       echo "== dumps"; PYTHONUNBUFFERED=1 python3 .stage/tools/test_dump_experts.py --bin .stage/moe-verify > "$out/dumps.log" 2>&1
       echo "exit $?"; tail -20 "$out/dumps.log" ;;
     bench)
-      echo "== bench"; .stage/bench --bench gpu 2>&1 | tee "$out/bench.log" | sed -n '/== GPU bench summary/,$p' 
-      echo "== torch"; PYTHONUNBUFFERED=1 python3 .stage/torch_experts_bench.py 2>&1 | tee "$out/torch.log" | tail -20 ;;
+      echo "== layer bench (Rust), strategies ${MOE_LAYER_STRATEGIES:-auto,loop}"
+      logged "$out/layer-bench.log" env MOE_LAYER_CSV="$out/layer-rust.csv" .stage/bench --bench gpu_layer
+      grep -E "^ERR|^TFLOP/s dense " "$out/layer-bench.log" | head -40
+      echo "== layer bench (torch)"
+      logged "$out/layer-torch.log" env PYTHONUNBUFFERED=1 python3 .stage/torch_experts_bench.py \
+        --counts .stage/grouped_counts.json --csv "$out/layer-torch.csv"
+      grep -E "^torch |^ERR|TFLOP/s dense " "$out/layer-torch.log" | head -40
+      echo "== layer table"
+      python3 .stage/layer_table.py "$out/layer-rust.csv" "$out/layer-torch.csv" > "$out/layer-table.md"
+      echo "exit $?"; cat "$out/layer-table.md" ;;
+    grouped)
+      echo "== grouped GEMM sets (Rust)"
+      logged "$out/grouped-bench.log" env MOE_GG_CSV="$out/grouped-rust.csv" .stage/bench --bench gpu_grouped
+      grep -E "^ERR|^ROW,rust,dense" "$out/grouped-bench.log" | head -40
+      echo "== grouped GEMM sets (torch)"
+      logged "$out/grouped-torch.log" env PYTHONUNBUFFERED=1 python3 .stage/torch_grouped_bench.py \
+        --counts .stage/grouped_counts.json --csv "$out/grouped-torch.csv"
+      grep -E "^torch |^ERR|^ROW,torch,dense" "$out/grouped-torch.log" | head -40
+      echo "== grouped table"
+      python3 .stage/grouped_table.py "$out/grouped-rust.csv" "$out/grouped-torch.csv" > "$out/grouped-table.md"
+      echo "exit $?"; cat "$out/grouped-table.md" ;;
   esac
 done

@@ -28,8 +28,14 @@ cp "$bench_exe" "$stage/bench"
 cp target/release/moe-verify "$stage/moe-verify"
 mkdir -p "$stage/tools"
 cp tools/*.py "$stage/tools/"
-cp scripts/gpu-device.sh scripts/torch_experts_bench.py "$stage/" 2>/dev/null || true
+# Device-side scripts and the token counts both benches' torch halves read (the Rust benches
+# embed the same file at build time).
+cp scripts/gpu-device.sh scripts/torch_experts_bench.py scripts/torch_grouped_bench.py scripts/layer_table.py \
+  scripts/grouped_table.py benches/data/grouped_counts.json "$stage/"
 ls -la "$stage"
 echo
 echo "device command (carry [\".stage\"]):"
-echo "  bash .stage/gpu-device.sh"
+echo "  bash .stage/gpu-device.sh                                  (default steps)"
+echo "  STEPS=bench bash .stage/gpu-device.sh                      (issue 5 per-layer table)"
+echo "  STEPS=bench MOE_LAYER_STRATEGIES=auto,loop,persistent bash .stage/gpu-device.sh"
+echo "  STEPS=grouped bash .stage/gpu-device.sh                    (issue 5 GEMM-set table)"

@@ -1,129 +1,254 @@
 #!/usr/bin/env python3
-"""The expert layer in PyTorch, for a ratio table against the Rust CUDA benches (benches/gpu.rs).
+"""The expert layer written in PyTorch, timed like benches/gpu.rs (issue 5, per-layer rows).
 
-Same shapes (moe_gpu::sampled::SHAPES), same skewed token split (a port of
-moe_gpu::sampled::skewed_counts, seed 42), same math as TEGroupedMLP's non-fused path without
-bias: a = x·W1ᵀ (torch._grouped_mm), z = silu(gate)·lin (eager), u = bf16(z·p) (fp32 probs),
-y = u·W2ᵀ (torch._grouped_mm); backward through autograd. bf16 weights and activations.
-Timed with CUDA events: median of 10 after 3 warm-ups. FLOPs: forward 2·T·h·(N1+N2), forward+
-backward three times that (elementwise work not counted), as in the Rust benches.
+    python3 scripts/torch_experts_bench.py [--counts PATH] [--csv OUT.csv] [--shapes a,b]
+        [--classes GroupedMLP,TEGroupedMLP] [--samples 10] [--sample-ms 30] [--warmup 3]
+        [--device cuda]   (--device cpu: a smoke test of the logic with a small counts file;
+                           host-timed, a 256^3 dense row; torch._grouped_mm runs on CPU too)
+
+Rows: shape x distribution (benches/data/grouped_counts.json, the file the Rust bench embeds)
+x class x mode (fwd, fwdbwd), plus a dense torch.mm 8192^3 bf16 row. CSV columns, as the Rust
+bench's MOE_LAYER_CSV: shape,dist,class,mode,strategy,tokens,experts,flops,min_bytes,
+median_ms,tflops,device, with strategy = "torch"; a failed row has ERR in median_ms and tflops.
+
+The layer, as moe_gpu's Engine::forward/backward compute it (GLU silu, no bias, bf16 weights
+and activations, fp32 probs):
+    a = x . W1_e          torch._grouped_mm, offs = int32 cumulative token counts
+    z = silu(a[:, :f]) * a[:, f:]          (gate = first half, eager bf16 ops)
+    u = bf16(float(z) * p)                 (p fp32, as Megatron's weighted swiglu)
+    y = u . W2_e          torch._grouped_mm
+GroupedMLP weights are [E, in, out] (W1 [E, h, 2f], W2 [E, f, h]) and go to _grouped_mm as
+they are; TEGroupedMLP weights are [E, out, in] (W1 [E, 2f, h], W2 [E, h, f]) and go as
+transposed views. fwd runs under torch.no_grad(); fwdbwd is the forward with autograd plus
+y.backward(g): grads of x, p, W1, W2 (.grad reset to None before each call, so weight grads
+are written, not accumulated), as the Rust backward with immediate weight grads.
+
+Random data: x, g ~ U(-1, 1), W1 ~ U(-1, 1)/sqrt(h), W2 ~ U(-1, 1)/sqrt(f) (bf16), p ~ U(0.05,
+1) fp32. Timing: CUDA events; `--warmup` calls, then `--samples` samples of n back-to-back
+calls each (n chosen from one timed call so that a sample lasts about `--sample-ms`), per-call
+time = sample / n, median over the samples (the Rust bench: criterion flat sampling, 10
+samples of about 30 ms of back-to-back calls, median). FLOPs and min bytes: the formulas of
+benches/gpu.rs (forward 2*T*h*(N1+N2), fwdbwd 3x; see min_bytes below).
 """
+import argparse
+import csv
+import json
+import math
+import os
 import sys
-import time
 
-import torch
-import torch.nn.functional as F
-
-SHAPES = [
-    ("mixtral", 4096, 14336, 8, 16384),
-    ("deepseek-v3", 7168, 2048, 32, 32768),
-    ("qwen3-30b-a3b", 2048, 768, 128, 65536),
-    ("gpt-oss-120b", 2880, 2880, 128, 32768),
-]
-M64 = (1 << 64) - 1
+HEADER = ["shape", "dist", "class", "mode", "strategy", "tokens", "experts", "flops", "min_bytes",
+          "median_ms", "tflops", "device"]
+CLASSES = ["GroupedMLP", "TEGroupedMLP"]
+MODES = ["fwd", "fwdbwd"]
+DENSE_N = 8192
 
 
-def skewed_counts(tokens, experts, seed):
-    unit = 16 if tokens % 16 == 0 else 1
-    units = tokens // unit
-    state = seed | 1
-
-    def nxt():
-        nonlocal state
-        state ^= (state << 13) & M64
-        state ^= state >> 7
-        state ^= (state << 17) & M64
-        return (state >> 11) / float(1 << 53)
-
-    def empty(e):
-        return experts >= 4 and (e == 1 or e == experts - 2)
-
-    w = [0.0 if empty(e) else (0.5 + nxt()) / (1.0 + e) ** 0.3 for e in range(experts)]
-    total = sum(w)
-    counts = [int(x / total * units) for x in w]
-    rest = units - sum(counts)
-    e = 0
-    while rest > 0:
-        if not empty(e % experts):
-            counts[e % experts] += 1
-            rest -= 1
-        e += 1
-    return [c * unit for c in counts]
+def layer_flops(t, h, n1, n2, backward):
+    fwd = 2 * t * h * (n1 + n2)
+    return 3 * fwd if backward else fwd
 
 
-def grouped_mm(a, b, offs, counts):
-    if hasattr(torch, "_grouped_mm"):
-        return torch._grouped_mm(a, b, offs=offs)
-    outs, start = [], 0
-    for e, c in enumerate(counts):
-        outs.append(a[start:start + c] @ b[e])
-        start += c
-    return torch.cat(outs)
+def min_bytes(counts, h, n1, n2, backward):
+    """Each input/weight read once, each output written once (bf16 2 bytes, probs fp32 4):
+    fwd: x, W1+W2 of experts with tokens, p read; y written. fwdbwd: + g read; dx, dW1+dW2 of
+    every expert (zeros for empty ones), dp written. Same formula as benches/gpu.rs."""
+    t = sum(counts)
+    live = sum(1 for c in counts if c > 0)
+    act = 2 * t * h
+    weights = 2 * (n1 * h + h * n2)
+    fwd = act + live * weights + 4 * t + act
+    if backward:
+        return fwd + act + act + len(counts) * weights + 4 * t
+    return fwd
 
 
-def layer(x, w1, w2, p, offs, counts):
-    a = grouped_mm(x, w1.transpose(-2, -1), offs, counts)
-    g, l = a.chunk(2, dim=-1)
-    z = F.silu(g) * l
-    u = (z.float() * p[:, None]).to(torch.bfloat16)
-    return grouped_mm(u, w2.transpose(-2, -1), offs, counts)
+def layer(x, w1, w2, p, offs, te):
+    """The expert layer: GLU silu between two torch._grouped_mm calls (see the module doc).
+    `te`: weights are [E, out, in] (TEGroupedMLP), else [E, in, out] (GroupedMLP)."""
+    import torch
+    import torch.nn.functional as F
+
+    b1 = w1.transpose(-2, -1) if te else w1
+    b2 = w2.transpose(-2, -1) if te else w2
+    act = torch._grouped_mm(x, b1, offs=offs)
+    gate, lin = act.chunk(2, dim=-1)
+    z = F.silu(gate) * lin
+    u = (z.float() * p.unsqueeze(-1)).to(x.dtype)
+    return torch._grouped_mm(u, b2, offs=offs)
 
 
-def timed(fn, reps=10, warm=3):
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e))
-    ts.sort()
-    return ts[len(ts) // 2]
+def median(v):
+    v = sorted(v)
+    return v[len(v) // 2]  # upper median, as the Rust bench
 
 
 def main():
-    dev = torch.device("cuda")
-    name = torch.cuda.get_device_name(0)
-    print(f"torch {torch.__version__} on {name}; grouped_mm: {hasattr(torch, '_grouped_mm')}")
-    only = sys.argv[1:]
-    for shape, h, f, E, T in SHAPES:
-        if only and shape not in only:
-            continue
-        n1, n2 = 2 * f, f
-        counts = skewed_counts(T, E, 42)
-        offs = torch.tensor(counts, device=dev, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        gen = torch.Generator(device=dev).manual_seed(7)
-        w1 = ((torch.rand(E, n1, h, device=dev, generator=gen) * 2 - 1) / h ** 0.5).to(torch.bfloat16)
-        w2 = ((torch.rand(E, h, n2, device=dev, generator=gen) * 2 - 1) / f ** 0.5).to(torch.bfloat16)
-        x = (torch.rand(T, h, device=dev, generator=gen) * 2 - 1).to(torch.bfloat16)
-        g = (torch.rand(T, h, device=dev, generator=gen) * 2 - 1).to(torch.bfloat16)
-        p = torch.rand(T, device=dev, generator=gen) * 0.95 + 0.05
-        fwd_flops = 2.0 * T * h * (n1 + n2)
-        with torch.no_grad():
-            ms = timed(lambda: layer(x, w1, w2, p, offs, counts))
-        print(f"TORCH TFLOP/s {shape:<14} torch-grouped-mm fwd     T={T:<6} median {ms:9.3f} ms  {fwd_flops / ms / 1e9:7.1f} TFLOP/s  ({name})")
-        for t in (x, w1, w2, p):
-            t.requires_grad_(True)
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--counts", default=os.path.join(here, "..", "benches", "data", "grouped_counts.json"))
+    ap.add_argument("--csv")
+    ap.add_argument("--shapes", default="", help="comma list of shape names (default: all)")
+    ap.add_argument("--classes", default=",".join(CLASSES))
+    ap.add_argument("--samples", type=int, default=10)
+    ap.add_argument("--sample-ms", type=float, default=30.0)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cuda", help="cuda; cpu only as a smoke test of the logic (host-timed)")
+    args = ap.parse_args()
+    classes = [c for c in args.classes.split(",") if c]
+    for c in classes:
+        if c not in CLASSES:
+            sys.exit(f"--classes: unknown class {c!r} (expected {', '.join(CLASSES)})")
+    with open(args.counts) as f:
+        spec = json.load(f)
+    shapes = [s for s in args.shapes.split(",") if s]
+    for s in shapes:
+        if s not in [sh["name"] for sh in spec["shapes"]]:
+            sys.exit(f"--shapes: unknown shape {s!r} (the counts file has {[sh['name'] for sh in spec['shapes']]})")
 
-        def fb():
-            for t in (x, w1, w2, p):
-                t.grad = None
-            layer(x, w1, w2, p, offs, counts).backward(g)
+    import time
 
-        ms = timed(fb)
-        print(f"TORCH TFLOP/s {shape:<14} torch-grouped-mm fwd+bwd T={T:<6} median {ms:9.3f} ms  {3 * fwd_flops / ms / 1e9:7.1f} TFLOP/s  ({name})")
-        for t in (x, w1, w2, p):
-            t.requires_grad_(False)
-            t.grad = None
-        del w1, w2, x, g, p
+    import torch
+
+    if not hasattr(torch, "_grouped_mm"):
+        sys.exit(f"torch {torch.__version__} has no torch._grouped_mm")
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    bf = torch.bfloat16
+    device = torch.cuda.get_device_name(dev) if cuda else f"{args.device} (smoke test)"
+    print(f"torch {torch.__version__} on {device}; counts {args.counts}", flush=True)
+
+    out = None
+    writer = None
+    if args.csv:
+        out = open(args.csv, "w", newline="")
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(HEADER)
+        out.flush()
+    dense_tf = [None]
+
+    def emit(shape, dist, cls, mode, tokens, experts, flops, mbytes, ms):
+        if ms is None:
+            ms_s, tf_s = "ERR", "ERR"
+        else:
+            tf = flops / (ms * 1e-3) / 1e12
+            ms_s, tf_s = f"{ms:.4f}", f"{tf:.1f}"
+            pct = f"{100 * tf / dense_tf[0]:5.1f}% dense" if dense_tf[0] else ""
+            print(f"TORCH TFLOP/s {shape:<9} {dist:<11} {cls:<13} {mode:<7} T={tokens:<6} "
+                  f"median {ms:9.3f} ms  {tf:7.1f} TFLOP/s {pct}  {mbytes / 1e9:7.1f} GB min  ({device})", flush=True)
+        if writer:
+            writer.writerow([shape, dist, cls, mode, "torch", tokens, experts, f"{flops:.0f}", f"{mbytes:.0f}",
+                             ms_s, tf_s, device])
+            out.flush()
+
+    class HostEvent:  # --device cpu: the torch.cuda.Event calls used below, on the host clock
+        def record(self):
+            self.t = time.perf_counter()
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3
+
+    def event():
+        return torch.cuda.Event(enable_timing=True) if cuda else HostEvent()
+
+    def timeit(fn):
+        for _ in range(args.warmup):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+        s, e = event(), event()
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        n = max(1, math.ceil(args.sample_ms / max(s.elapsed_time(e), 1e-3)))
+        ts = []
+        for _ in range(args.samples):
+            s.record()
+            for _ in range(n):
+                fn()
+            e.record()
+            e.synchronize()
+            ts.append(s.elapsed_time(e) / n)
+        return median(ts)
+
+    # Dense reference: torch.mm 8192^3 bf16 on random data (256^3 in a cpu smoke test).
+    n = DENSE_N if cuda else 256
+    gen = torch.Generator(device=dev).manual_seed(1)
+    a = torch.rand(n, n, device=dev, dtype=bf, generator=gen) - 0.5
+    b = torch.rand(n, n, device=dev, dtype=bf, generator=gen) - 0.5
+    ms = timeit(lambda: torch.mm(a, b))
+    dense_flops = 2 * n ** 3
+    dense_tf[0] = dense_flops / (ms * 1e-3) / 1e12
+    emit("dense", "-", "-", f"gemm{n}", n, 0, dense_flops, 3 * 2 * n * n, ms)
+    del a, b
+    if cuda:
         torch.cuda.empty_cache()
+
+    def uniform(shape, scale, gen):
+        t = torch.rand(*shape, device=dev, dtype=bf, generator=gen)
+        return t.mul_(2).sub_(1).mul_(scale)
+
+    for sh in spec["shapes"]:
+        if shapes and sh["name"] not in shapes:
+            continue
+        h, f, E, T = sh["hidden"], sh["ffn"], sh["experts"], sh["rows"]
+        n1, n2 = 2 * f, f
+        for cls in classes:
+            te = cls == "TEGroupedMLP"
+            gen = torch.Generator(device=dev).manual_seed(7)
+            if te:  # [E, out, in]
+                w1 = uniform((E, n1, h), 1 / math.sqrt(h), gen)
+                w2 = uniform((E, h, n2), 1 / math.sqrt(f), gen)
+            else:  # [E, in, out]
+                w1 = uniform((E, h, n1), 1 / math.sqrt(h), gen)
+                w2 = uniform((E, n2, h), 1 / math.sqrt(f), gen)
+            x = uniform((T, h), 1.0, gen)
+            g = uniform((T, h), 1.0, gen)
+            p = torch.rand(T, device=dev, dtype=torch.float32, generator=gen) * 0.95 + 0.05
+            params = (x, w1, w2, p)
+
+            for dist, counts in sh["dists"].items():
+                if len(counts) != E or sum(counts) != T:
+                    sys.exit(f"{sh['name']}/{dist}: {len(counts)} counts summing to {sum(counts)}, expected {E} / {T}")
+                offs = torch.tensor(counts, device=dev, dtype=torch.int64).cumsum(0).to(torch.int32)
+                for mode in MODES:
+                    backward = mode == "fwdbwd"
+                    fl = layer_flops(T, h, n1, n2, backward)
+                    mb = min_bytes(counts, h, n1, n2, backward)
+                    try:
+                        if backward:
+                            for t in params:
+                                t.requires_grad_(True)
+
+                            def fb():
+                                for t in params:
+                                    t.grad = None
+                                layer(x, w1, w2, p, offs, te).backward(g)
+
+                            ms = timeit(fb)
+                        else:
+                            with torch.no_grad():
+                                ms = timeit(lambda: layer(x, w1, w2, p, offs, te))
+                    except Exception as ex:  # report, keep going
+                        msg = f"{type(ex).__name__}: {ex}".replace("\n", " ")
+                        print(f"ERR,torch,{sh['name']},{dist},{cls},{mode},{msg}", flush=True)
+                        ms = None
+                    finally:
+                        for t in params:
+                            t.requires_grad_(False)
+                            t.grad = None
+                    emit(sh["name"], dist, cls, mode, T, E, fl, mb, ms)
+            del w1, w2, x, g, p, params
+            if cuda:
+                torch.cuda.empty_cache()
+    if out:
+        out.close()
+        print(f"CSV: {args.csv}", flush=True)
 
 
 if __name__ == "__main__":
-    t0 = time.time()
     main()
-    print(f"total {time.time() - t0:.1f} s")

@@ -1,0 +1,172 @@
+//! Pieces the GPU benches share (`gpu.rs`: the expert layers, `gpu_grouped.rs`: the grouped
+//! GEMM sets): criterion settings, the token distributions of `benches/data/grouped_counts.json`,
+//! random device fills, the criterion-driven timer and the dense 8192³ cuBLAS reference.
+
+use criterion::{Criterion, SamplingMode};
+use moe_gpu::kernels::{Buf, Engine};
+use moe_reference::Dtype;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// Per-shape token counts, shared with `scripts/torch_grouped_bench.py` (which generates the
+/// file with `--write-counts`) and `scripts/torch_experts_bench.py`.
+pub const COUNTS_JSON: &str = include_str!("data/grouped_counts.json");
+
+/// Criterion samples per benchmark (the medians reported are over these).
+pub const SAMPLES: usize = 10;
+
+/// The criterion settings for the GPU groups: few samples, short windows (device time is
+/// scarce; the timed calls run 0.1-40 ms each).
+pub fn config() -> Criterion {
+    Criterion::default()
+        .sample_size(SAMPLES)
+        .warm_up_time(Duration::from_millis(100))
+        .measurement_time(Duration::from_millis(300))
+        .nresamples(1000)
+}
+
+/// `benches/data/grouped_counts.json`.
+#[derive(serde::Deserialize)]
+pub struct Counts {
+    /// The model shapes, in order.
+    pub shapes: Vec<ShapeSpec>,
+}
+
+/// One model shape of the counts file and its token distributions.
+#[derive(serde::Deserialize)]
+pub struct ShapeSpec {
+    /// Short name (`mixtral`, `deepseek`, `qwen3`, `gptoss`): the `shape` column of the CSVs.
+    pub name: String,
+    /// Hidden size `h`.
+    pub hidden: usize,
+    /// MoE FFN size `f` (fc1 is `2f` wide: GLU).
+    pub ffn: usize,
+    /// Local experts.
+    pub experts: usize,
+    /// Routed token rows `T` (every distribution sums to it).
+    pub rows: usize,
+    /// Distribution name (`uniform`, `zipf2empty`, `zipf8empty`) → tokens per expert.
+    pub dists: BTreeMap<String, Vec<usize>>,
+}
+
+/// Parses the embedded counts file and checks that every distribution has one count per expert
+/// and sums to the shape's rows.
+pub fn counts() -> Counts {
+    let counts: Counts = serde_json::from_str(COUNTS_JSON).expect("benches/data/grouped_counts.json does not parse");
+    for sh in &counts.shapes {
+        for (dist, c) in &sh.dists {
+            assert!(
+                c.len() == sh.experts && c.iter().sum::<usize>() == sh.rows,
+                "grouped_counts.json: {}/{dist} has {} counts summing to {}, expected {} summing to {}",
+                sh.name,
+                c.len(),
+                c.iter().sum::<usize>(),
+                sh.experts,
+                sh.rows
+            );
+        }
+    }
+    counts
+}
+
+/// A comma list from the environment (`None` when unset or empty); items are trimmed.
+pub fn env_list(var: &str) -> Option<Vec<String>> {
+    std::env::var(var)
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect())
+}
+
+/// The median (upper median for an even count) of a non-empty list.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// 8 Mi random bf16 values in ±0.125 on the device (never zero in bulk), for [`fill`].
+pub fn random_chunk(eng: &mut Engine) -> Buf {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let host: Vec<u8> = moe_gpu::layer::to_bytes(
+        Dtype::Bf16,
+        (0..(8usize << 20)).map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 11) as f64 / (1u64 << 53) as f64 - 0.5) * 0.25
+        }),
+    );
+    eng.upload(&host).expect("upload the random chunk")
+}
+
+/// Fills `buf` with copies of the random `chunk` (device-to-device; no zeros anywhere).
+pub fn fill(eng: &mut Engine, buf: &Buf, chunk: &Buf) {
+    let (dst, src, cb) = (eng.ptr(buf, 0), eng.ptr(chunk, 0), chunk.bytes());
+    let mut off = 0;
+    while off < buf.bytes() {
+        let n = cb.min(buf.bytes() - off);
+        eng.copy_dtod(dst + off as u64, src, n).expect("device fill (copy_dtod)");
+        off += n;
+    }
+}
+
+/// Times `run` under criterion (group `group`, id `id`; [`SAMPLES`] samples of back-to-back
+/// calls, the engine's stream synchronized before the clock starts and after the last call of
+/// each sample) and returns the median per-call seconds of its samples. `SamplingMode::Flat`
+/// gives every sample the same call count (about 30 ms of calls with [`config`]). `None` when
+/// criterion did not run the benchmark (filtered out, `--list`).
+pub fn time<F: FnMut(&mut Engine)>(
+    c: &mut Criterion,
+    eng: &mut Engine,
+    group: &str,
+    id: &str,
+    mode: SamplingMode,
+    mut run: F,
+) -> Option<f64> {
+    let mut per_iter = Vec::new();
+    let mut g = c.benchmark_group(group);
+    g.sampling_mode(mode);
+    g.bench_function(id, |bch| {
+        bch.iter_custom(|iters| {
+            eng.synchronize().expect("synchronize before a timed sample");
+            let t = Instant::now();
+            for _ in 0..iters {
+                run(eng);
+            }
+            eng.synchronize().expect("synchronize after a timed sample");
+            let d = t.elapsed();
+            per_iter.push(d.as_secs_f64() / iters as f64);
+            d
+        })
+    });
+    g.finish();
+    // Warm-up calls the routine too: the measurement samples are the last SAMPLES.
+    let tail = per_iter.len().saturating_sub(SAMPLES);
+    let samples = per_iter.split_off(tail);
+    (!samples.is_empty()).then(|| median(samples))
+}
+
+/// Side of the dense reference GEMM.
+pub const DENSE_N: usize = 8192;
+
+/// The dense reference: one `DENSE_N`³ bf16 GEMM through `Engine::gemm` (cuBLAS, f32
+/// accumulation) on random data, timed by [`time`] under `group`/`gemm8192`. Returns
+/// (median seconds, FLOPs), or `None` when filtered out.
+pub fn dense_gemm(
+    c: &mut Criterion,
+    eng: &mut Engine,
+    chunk: &Buf,
+    group: &str,
+    mode: SamplingMode,
+) -> Option<(f64, f64)> {
+    let nn = DENSE_N;
+    let bufs: Vec<Buf> = (0..3).map(|_| eng.alloc(nn * nn * 2).expect("alloc for the dense GEMM")).collect();
+    for b in &bufs {
+        fill(eng, b, chunk);
+    }
+    let (pa, pb, pc) = (eng.ptr(&bufs[0], 0), eng.ptr(&bufs[1], 0), eng.ptr(&bufs[2], 0));
+    let secs = time(c, eng, group, "gemm8192", mode, |e| {
+        e.gemm(Dtype::Bf16, false, false, nn, nn, nn, pa, pb, pc, 0.0).expect("dense 8192³ Engine::gemm")
+    });
+    eng.synchronize().expect("synchronize after the dense GEMM");
+    secs.map(|s| (s, 2.0 * (nn as f64).powi(3)))
+}
