@@ -60,8 +60,9 @@ pub fn checkpoint(c: &mut Criterion) {
     };
     let sd = state(&l);
     let bytes: u64 = sd.values().map(|t| t.data.len() as u64).sum();
-    let tmp = tempfile::tempdir_in(std::env::var("MOE_CKPT_BENCH_DIR").unwrap_or_else(|_| "target".into()))
-        .expect("bench temp dir");
+    let base = std::env::var("MOE_CKPT_BENCH_DIR").unwrap_or_else(|_| "target".into());
+    std::fs::create_dir_all(&base).unwrap_or_else(|e| panic!("bench temp dir {base}: {e}"));
+    let tmp = tempfile::tempdir_in(&base).unwrap_or_else(|e| panic!("bench temp dir in {base}: {e}"));
     let dir = tmp.path().join("ckpt");
     let copy = tmp.path().join("copy.bin");
     let parts = [SavePart { layout: &l, rank: RankCoord::new(0, 0), state: &sd }];
