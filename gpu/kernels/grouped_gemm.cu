@@ -9,8 +9,10 @@
 // Per tile (BM x BN, BM = 128): a STAGES-deep ring of shared-memory stages, each holding the
 // BM x 64 slice of A and the BN x 64 slice of B, filled with cp.async (16-byte chunks,
 // zero-filled past the expert's m, n or k: ragged edges and k = 0 cost nothing special) and
-// stored in the 128-byte-swizzled layout that wgmma reads through matrix descriptors. Two
-// warpgroups each own 64 rows of the tile and issue wgmma.m64nBNk16 from shared memory.
+// stored in the 128-byte-swizzled layout that wgmma reads through matrix descriptors. The CTA
+// is warp-specialized: one producer warpgroup fills the ring, two consumer warpgroups each own
+// 64 rows of the tile and issue wgmma.m64nBNk16 from shared memory; full/empty mbarriers per
+// slot hand stages between them (see grouped_gemm_body).
 //
 // Operand layouts (the `ta`/`tb` of Engine::gemm): A is K-major ([m, k] rows) or M-major
 // ([k, m] rows, the weight-gradient GEMMs); B is K-major ([n, k]) or N-major ([k, n]).
@@ -43,7 +45,7 @@ struct ProblemTable {
 
 constexpr int BM = 128;
 constexpr int BK = 64;
-constexpr int THREADS = 256;  // two warpgroups
+constexpr int THREADS = 384;  // a producer and two consumer warpgroups
 
 __device__ __forceinline__ u32 smem_addr(const void* p) {
     return static_cast<u32>(__cvta_generic_to_shared(p));
@@ -63,7 +65,6 @@ __device__ __forceinline__ void cp_async_wait() {
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
 
 // Keeps the compiler from moving accumulator accesses across wgmma issue/wait.
 template <int N>
@@ -137,114 +138,187 @@ __device__ __forceinline__ u32 pack2(float x, float y) {
     return r;
 }
 
-// Issues the cp.async chunks of one operand's stage: `R` rows of the tile (m or n), 64 k.
-// K-major: element (r, k) at src[(r0 + r)·ld + k0 + k], smem row r = 128 bytes.
-// MN-major: element (r, k) at src[(k0 + k)·ld + r0 + r], smem blocks of 64 k x 64 r.
+// Issues one loading thread's cp.async chunks of one operand's stage: `R` rows of the tile
+// (m or n) by 64 k, spread over `LOADERS` threads.
+// K-major: element (r, k) at src[(r0 + r)·ld + k0 + k]; smem row r is 128 bytes (64 k).
+// MN-major: element (r, k) at src[(k0 + k)·ld + r0 + r]; smem blocks of 64 k-rows x 64 r.
 // Either way the 16-byte chunk index within a 128-byte smem row is XORed with the row's
-// index mod 8 (the 128-byte swizzle, a function of the address bits wgmma decodes).
-template <int R, bool MN>
+// index mod 8 (the 128-byte swizzle, a function of the address bits wgmma decodes). Each
+// thread keeps one chunk column and walks rows, so its addresses are one base plus a stride.
+template <int R, bool MN, int LOADERS>
 __device__ __forceinline__ void load_operand(u32 dst, const unsigned char* src, int ld, int r0, int rmax, int k0,
                                              int kmax, int tid) {
-    constexpr int CHUNKS = R * 8;
-    static_assert(CHUNKS % THREADS == 0, "tile must split evenly over the threads");
+    constexpr int CHUNKS = R * 8, ITERS = CHUNKS / LOADERS;
+    static_assert(CHUNKS % LOADERS == 0, "tile must split evenly over the loading threads");
+    if constexpr (!MN) {
+        constexpr int STEP = LOADERS / 8;  // tile rows per iteration
+        const int r = tid >> 3, c = tid & 7;
+        const bool k_ok = k0 + c * 8 < kmax;
+        const unsigned char* p = src + (static_cast<size_t>(r0 + r) * ld + k0 + c * 8) * 2;
+        const size_t step = static_cast<size_t>(STEP) * ld * 2;
 #pragma unroll
-    for (int i = 0; i < CHUNKS / THREADS; ++i) {
-        const int idx = tid + i * THREADS;
-        if constexpr (!MN) {
-            const int r = idx >> 3, c = idx & 7;
-            const int gr = r0 + r, gk = k0 + c * 8;
-            const bool ok = gr < rmax && gk < kmax;
-            const unsigned char* p = src + (ok ? (static_cast<size_t>(gr) * ld + gk) * 2 : 0);
-            cp_async16(dst + r * 128 + ((c ^ (r & 7)) << 4), p, ok);
-        } else {
-            constexpr int CPR = R / 8;  // chunks per k-row
-            const int kr = idx / CPR, c = idx % CPR;
-            const int gk = k0 + kr, gr = r0 + c * 8;
-            const bool ok = gk < kmax && gr < rmax;
-            const unsigned char* p = src + (ok ? (static_cast<size_t>(gk) * ld + gr) * 2 : 0);
-            cp_async16(dst + (c >> 3) * 8192 + kr * 128 + (((c & 7) ^ (kr & 7)) << 4), p, ok);
+        for (int i = 0; i < ITERS; ++i) {
+            const int row = r + i * STEP;
+            const bool ok = k_ok && r0 + row < rmax;
+            cp_async16(dst + row * 128 + ((c ^ (row & 7)) << 4), ok ? p + i * step : src, ok);
+        }
+    } else {
+        constexpr int CPR = R / 8, STEP = LOADERS / CPR;  // chunks per k-row; k-rows per iteration
+        static_assert(LOADERS % CPR == 0, "a k-row must split evenly over the loading threads");
+        const int kr = tid / CPR, c = tid % CPR;
+        const bool r_ok = r0 + c * 8 < rmax;
+        const unsigned char* p = src + (static_cast<size_t>(k0 + kr) * ld + r0 + c * 8) * 2;
+        const size_t step = static_cast<size_t>(STEP) * ld * 2;
+#pragma unroll
+        for (int i = 0; i < ITERS; ++i) {
+            const int k = kr + i * STEP;
+            const bool ok = r_ok && k0 + k < kmax;
+            cp_async16(dst + (c >> 3) * 8192 + k * 128 + (((c & 7) ^ (k & 7)) << 4), ok ? p + i * step : src, ok);
         }
     }
 }
 
+// mbarrier helpers (shared::cta). Phases start at parity 0; waiting on parity P returns once
+// the phase with parity P has completed, so waiting on parity 1 of a fresh barrier returns at
+// once (the producer's first pass over the empty slots).
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    u32 done = 0;
+    while (!done) {
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    }
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+// The problem owning `tile`: the last one whose tile_start <= tile (the host leaves out
+// problems without tiles).
+__device__ __forceinline__ const Problem& find_problem(const ProblemTable& table, int tile) {
+    int lo = 0, hi = table.num_problems - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (table.p[mid].tile_start <= tile) lo = mid;
+        else hi = mid - 1;
+    }
+    return table.p[lo];
+}
+
+// Warp-specialized persistent loop. Warpgroup 0 produces: for every k-step of every tile this
+// CTA owns, it waits for the ring slot to be empty, fills it with cp.async, and — LAG steps
+// later, once its own copies of that step have landed (cp.async.wait_group) — fences them
+// for the async proxy and arrives on the slot's `full` barrier. Warpgroups 1 and 2 consume:
+// each waits on `full`, issues its 64-row half of the tile's wgmmas, keeps one k-step of
+// wgmma in flight, and releases the previous step's slot on `empty` when that step's wgmmas
+// have completed. The epilogue of one tile overlaps the producer's loads of the next.
 template <int BN, int STAGES, bool F16, bool A_MN, bool B_MN>
 __device__ __forceinline__ void grouped_gemm_body(const ProblemTable& table) {
-    const Problem* problems = table.p;
-    const int num_problems = table.num_problems, total_tiles = table.total_tiles;
+    constexpr int LAG = 2;  // k-steps of cp.async the producer keeps in flight before arriving
+    static_assert(STAGES >= LAG + 2, "a slot must free up while the producer holds LAG unsignalled steps");
     extern __shared__ unsigned char smem_raw[];
     constexpr u32 A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
     const u32 smem = (smem_addr(smem_raw) + 1023u) & ~1023u;  // swizzle atoms are 1024-aligned
+    const u32 bars = smem + STAGES * STAGE_BYTES;              // full[STAGES], empty[STAGES]
     const int tid = threadIdx.x, wg = tid >> 7, t = tid & 127;
-    float acc[BN / 2];
+    const int total_tiles = table.total_tiles;
 
-    for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
-        // The problem owning `tile`: last one whose tile_start <= tile (problems with no tiles
-        // share a start with their successor and are skipped by taking the last).
-        int lo = 0, hi = num_problems - 1;
-        while (lo < hi) {
-            const int mid = (lo + hi + 1) >> 1;
-            if (problems[mid].tile_start <= tile) lo = mid;
-            else hi = mid - 1;
+    if (tid == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(bars + 8 * s, 128);             // full: every producer thread arrives
+            mbar_init(bars + 8 * (STAGES + s), 2);    // empty: one thread per consumer warpgroup
         }
-        const Problem p = problems[lo];
-        const int local = tile - p.tile_start;
-        const int m0 = (local % p.tiles_m) * BM, n0 = (local / p.tiles_m) * BN;
-        const int lda = A_MN ? p.m : p.k, ldb = B_MN ? p.n : p.k;
-        const unsigned char* A = reinterpret_cast<const unsigned char*>(p.a);
-        const unsigned char* B = reinterpret_cast<const unsigned char*>(p.b);
-        const int ktiles = (p.k + BK - 1) / BK;
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
 
-        auto load_stage = [&](int kt) {
-            const u32 base = smem + (kt % STAGES) * STAGE_BYTES;
-            load_operand<BM, A_MN>(base, A, lda, m0, p.m, kt * BK, p.k, tid);
-            load_operand<BN, B_MN>(base + A_BYTES, B, ldb, n0, p.n, kt * BK, p.k, tid);
-        };
-
-#pragma unroll
-        for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
-#pragma unroll
-        for (int s = 0; s < STAGES - 1; ++s) {
-            if (s < ktiles) load_stage(s);
-            cp_async_commit();
-        }
-        for (int kt = 0; kt < ktiles; ++kt) {
-            cp_async_wait<STAGES - 2>();  // this thread's chunks of stage kt have landed
-            fence_proxy_async();
-            __syncthreads();  // everyone's chunks landed; every wgmma of stage kt-1 finished
-            const u32 a_base = smem + (kt % STAGES) * STAGE_BYTES, b_base = a_base + A_BYTES;
-            fence_regs(acc);
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < BK / 16; ++kk) {
-                const u64 da = A_MN ? make_desc(a_base + wg * 8192 + kk * 2048, 8192, 1024)
-                                    : make_desc(a_base + wg * 64 * 128 + kk * 32, 16, 1024);
-                const u64 db = B_MN ? make_desc(b_base + kk * 2048, 8192, 1024) : make_desc(b_base + kk * 32, 16, 1024);
-                wgmma<BN, F16, A_MN ? 1 : 0, B_MN ? 1 : 0>(acc, da, db);
+    if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 72;\n" ::: "memory");
+        int it = 0;
+        for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
+            const Problem& p = find_problem(table, tile);
+            const int local = tile - p.tile_start;
+            const int m0 = (local % p.tiles_m) * BM, n0 = (local / p.tiles_m) * BN;
+            const int lda = A_MN ? p.m : p.k, ldb = B_MN ? p.n : p.k;
+            const unsigned char* A = reinterpret_cast<const unsigned char*>(p.a);
+            const unsigned char* B = reinterpret_cast<const unsigned char*>(p.b);
+            const int ktiles = (p.k + BK - 1) / BK;
+            for (int kt = 0; kt < ktiles; ++kt, ++it) {
+                const int slot = it % STAGES;
+                mbar_wait(bars + 8 * (STAGES + slot), ((it / STAGES) & 1) ^ 1);
+                const u32 base = smem + slot * STAGE_BYTES;
+                load_operand<BM, A_MN, 128>(base, A, lda, m0, p.m, kt * BK, p.k, t);
+                load_operand<BN, B_MN, 128>(base + A_BYTES, B, ldb, n0, p.n, kt * BK, p.k, t);
+                cp_async_commit();
+                if (it >= LAG) {
+                    cp_async_wait<LAG>();
+                    fence_proxy_async();
+                    mbar_arrive(bars + 8 * ((it - LAG) % STAGES));
+                }
             }
-            wgmma_commit();
-            // Refill the slot of stage kt-1 (free: all its wgmmas completed before the barrier)
-            // while the tensor cores work on stage kt.
-            if (kt + STAGES - 1 < ktiles) load_stage(kt + STAGES - 1);
-            cp_async_commit();
-            wgmma_wait_all();
-            fence_regs(acc);
         }
         cp_async_wait<0>();
-        __syncthreads();  // no warpgroup still reads a slot the next tile's prologue refills
-
-        // Epilogue: the m64nBNk16 accumulator layout: warp w of the warpgroup holds rows
-        // 16w + lane/4 (+8); register 4j + {0,1} (+{2,3} for the +8 row) holds columns
-        // 8j + 2·(lane%4) + {0,1}.
-        const int warp = t >> 5, lane = t & 31;
-        const int row = m0 + wg * 64 + warp * 16 + (lane >> 2);
-        u32* C = reinterpret_cast<u32*>(p.c);
+        fence_proxy_async();
+        for (int j = it - LAG < 0 ? 0 : it - LAG; j < it; ++j) mbar_arrive(bars + 8 * (j % STAGES));
+    } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 208;\n" ::: "memory");
+        const int cw = wg - 1;  // consumer warpgroup: rows 64·cw .. 64·cw + 63 of the tile
+        float acc[BN / 2];
+        int it = 0;
+        for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
+            const Problem& p = find_problem(table, tile);
+            const int local = tile - p.tile_start;
+            const int m0 = (local % p.tiles_m) * BM, n0 = (local / p.tiles_m) * BN;
+            const int ktiles = (p.k + BK - 1) / BK;
 #pragma unroll
-        for (int j = 0; j < BN / 8; ++j) {
-            const int col = n0 + j * 8 + (lane & 3) * 2;
-            if (col < p.n) {
-                if (row < p.m) C[(static_cast<size_t>(row) * p.n + col) >> 1] = pack2<F16>(acc[4 * j], acc[4 * j + 1]);
-                if (row + 8 < p.m)
-                    C[(static_cast<size_t>(row + 8) * p.n + col) >> 1] = pack2<F16>(acc[4 * j + 2], acc[4 * j + 3]);
+            for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
+            for (int kt = 0; kt < ktiles; ++kt, ++it) {
+                const int slot = it % STAGES;
+                mbar_wait(bars + 8 * slot, (it / STAGES) & 1);
+                const u32 a_base = smem + slot * STAGE_BYTES, b_base = a_base + A_BYTES;
+                fence_regs(acc);
+                wgmma_fence();
+#pragma unroll
+                for (int kk = 0; kk < BK / 16; ++kk) {
+                    const u64 da = A_MN ? make_desc(a_base + cw * 8192 + kk * 2048, 8192, 1024)
+                                        : make_desc(a_base + cw * 64 * 128 + kk * 32, 16, 1024);
+                    const u64 db =
+                        B_MN ? make_desc(b_base + kk * 2048, 8192, 1024) : make_desc(b_base + kk * 32, 16, 1024);
+                    wgmma<BN, F16, A_MN ? 1 : 0, B_MN ? 1 : 0>(acc, da, db);
+                }
+                wgmma_commit();
+                wgmma_wait<1>();  // the previous k-step's wgmmas are done: release its slot
+                fence_regs(acc);
+                if (kt > 0 && t == 0) mbar_arrive(bars + 8 * (STAGES + (it - 1) % STAGES));
+            }
+            wgmma_wait<0>();
+            fence_regs(acc);
+            if (ktiles > 0 && t == 0) mbar_arrive(bars + 8 * (STAGES + (it - 1) % STAGES));
+
+            // Epilogue: the m64nBNk16 accumulator layout: warp w of the warpgroup holds rows
+            // 16w + lane/4 (+8); register 4j + {0,1} (+{2,3} for the +8 row) holds columns
+            // 8j + 2·(lane%4) + {0,1}.
+            const int warp = t >> 5, lane = t & 31;
+            const int row = m0 + cw * 64 + warp * 16 + (lane >> 2);
+            u32* C = reinterpret_cast<u32*>(p.c);
+#pragma unroll
+            for (int j = 0; j < BN / 8; ++j) {
+                const int col = n0 + j * 8 + (lane & 3) * 2;
+                if (col < p.n) {
+                    if (row < p.m)
+                        C[(static_cast<size_t>(row) * p.n + col) >> 1] = pack2<F16>(acc[4 * j], acc[4 * j + 1]);
+                    if (row + 8 < p.m)
+                        C[(static_cast<size_t>(row + 8) * p.n + col) >> 1] = pack2<F16>(acc[4 * j + 2], acc[4 * j + 3]);
+                }
             }
         }
     }

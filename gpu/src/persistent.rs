@@ -25,7 +25,8 @@ pub const MAX_PROBLEMS: usize = 128;
 pub const TILE_M: usize = 128;
 /// The output-tile widths compiled (`BN`), with their pipeline depths and shared memory.
 pub const TILE_N: [usize; 2] = [128, 256];
-const THREADS: u32 = 256;
+/// A producer warpgroup and two consumer warpgroups.
+const THREADS: u32 = 384;
 
 fn stages(bn: usize) -> usize {
     if bn == 256 {
@@ -35,10 +36,10 @@ fn stages(bn: usize) -> usize {
     }
 }
 
-/// Dynamic shared memory of a tile width: the stage ring plus 1 KiB to align it to the
-/// 1024-byte swizzle atom.
+/// Dynamic shared memory of a tile width: the stage ring, its `full`/`empty` mbarriers, and
+/// 1 KiB to align the ring to the 1024-byte swizzle atom.
 fn smem_bytes(bn: usize) -> usize {
-    stages(bn) * (TILE_M + bn) * 64 * 2 + 1024
+    stages(bn) * (TILE_M + bn) * 64 * 2 + 2 * 8 * stages(bn) + 1024
 }
 
 /// One problem as the kernel reads it (`struct Problem`).
