@@ -6,40 +6,59 @@
 // the flat list of output tiles of all experts (tile t, t + gridDim.x, ...), so small and
 // large experts share the machine instead of running one small GEMM at a time.
 //
-// Per tile (BM x BN, BM = 128): a STAGES-deep ring of shared-memory stages, each holding the
-// BM x 64 slice of A and the BN x 64 slice of B, filled with cp.async (16-byte chunks,
-// zero-filled past the expert's m, n or k: ragged edges and k = 0 cost nothing special) and
-// stored in the 128-byte-swizzled layout that wgmma reads through matrix descriptors. The CTA
-// is warp-specialized: one producer warpgroup fills the ring, two consumer warpgroups each own
-// 64 rows of the tile and issue wgmma.m64nBNk16 from shared memory; full/empty mbarriers per
-// slot hand stages between them (see grouped_gemm_body).
+// Operands come through two TMA tensor maps, one over all experts' A and one over all
+// experts' B: in the layers each is one packed buffer (tokens of expert e after those of
+// expert e-1; weights stacked by expert), so expert e's operand is the same 2-D tensor from
+// row a_row (b_row) on. Per tile (BM x BN, BM = 128), a STAGES-deep ring of shared-memory
+// stages holds the BM x 64 slice of A and the BN x 64 slice of B, written by the bulk tensor
+// copy engine in the 128-byte-swizzled layout that wgmma reads through matrix descriptors.
+// The CTA is warp-specialized: one producer thread issues the copies (completing on the
+// slot's `full` mbarrier with a byte count), two consumer warpgroups each own 64 rows of the
+// tile, issue wgmma.m64nBNk16 from shared memory and release the slot on its `empty` barrier.
+//
+// Edges. Rows past an expert's m (or n) are rows of the next expert, or zeros past the end
+// of the tensor: they are computed and never stored. Columns past k in a K-major operand lie
+// past the tensor's row width: zero-filled by TMA. Only a contraction over rows (an MN-major
+// operand, the weight-gradient GEMMs, K = the expert's tokens) would pick up the next
+// expert's rows: there the consumers zero the rows past k_e of the last k-step in shared
+// memory before multiplying. k = 0 writes zeros.
 //
 // Operand layouts (the `ta`/`tb` of Engine::gemm): A is K-major ([m, k] rows) or M-major
-// ([k, m] rows, the weight-gradient GEMMs); B is K-major ([n, k]) or N-major ([k, n]).
-// Both are read as stored: K-major tiles are `rows x 64 k` (128 bytes per row, swizzle atoms
-// of 8 rows = 1024 bytes); MN-major tiles are blocks of `64 k x 64 mn` (8 KiB each), and wgmma
-// transposes them (imm-trans = 1). Requirements, checked on the host: bf16 or f16, every
-// contiguous extent (and so every row length) a multiple of 8 elements, 16-byte aligned
-// operands.
+// ([k, m] rows); B is K-major ([n, k]) or N-major ([k, n]). K-major tiles are `rows x 64 k`
+// (128 bytes per row, swizzle atoms of 8 rows = 1024 bytes, one TMA box); MN-major tiles are
+// blocks of `64 k x 64 mn` (8 KiB each, one TMA box per block), which wgmma transposes
+// (imm-trans = 1). Requirements, checked on the host: bf16 or f16, each operand of every
+// expert inside one 2-D tensor with 16-byte aligned rows, C rows a multiple of 8 elements.
 
 typedef unsigned long long u64;
 typedef unsigned int u32;
 
 // One expert's problem; the host writes the same #[repr(C)] layout.
 struct Problem {
-    u64 a, b, c;     // device addresses
-    int m, n, k;     // C is [m, n]; k may be 0 (C = 0)
+    u64 c;           // C's device address (compact [m, n])
+    int m, n, k;     // k may be 0 (C = 0)
+    int a_row;       // A_e's first row in the A tensor map (an m index if K-major, a k index if MN-major)
+    int b_row;       // B_e's first row in the B tensor map (an n index if K-major, a k index if MN-major)
     int tile_start;  // index of this problem's first tile in the flat tile list
     int tiles_m;     // ceil(m / BM)
     int pad_;
 };
 
-// The whole launch's problem list, passed by value (kernel parameters may take 32 KiB on
-// sm_90): no upload, no host synchronisation. Problems with no tiles are left out by the host.
 constexpr int MAX_PROBLEMS = 128;
-struct ProblemTable {
+
+// A driver tensor map (CUtensorMap): opaque, 128-byte aligned.
+struct __align__(128) TensorMap {
+    u64 opaque[16];
+};
+
+// The whole launch's parameters, passed by value (kernel parameters may take 32 KiB on sm_90):
+// no upload, no host synchronisation. Problems with no tiles are left out by the host.
+struct __align__(128) Params {
+    TensorMap map_a;
+    TensorMap map_b;
     int num_problems;
     int total_tiles;
+    int pad_[2];
     Problem p[MAX_PROBLEMS];
 };
 
@@ -51,20 +70,15 @@ __device__ __forceinline__ u32 smem_addr(const void* p) {
     return static_cast<u32>(__cvta_generic_to_shared(p));
 }
 
-// cp.async of one 16-byte chunk; `ok = false` writes 16 zero bytes and reads nothing.
-__device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool ok) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-// Orders this thread's generic-proxy shared-memory writes (cp.async) before async-proxy
-// reads (wgmma) that follow a barrier.
+// Orders this thread's generic-proxy shared-memory writes before async-proxy reads (wgmma)
+// that follow a barrier.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
 
 // Keeps the compiler from moving accumulator accesses across wgmma issue/wait.
 template <int N>
@@ -77,6 +91,38 @@ __device__ __forceinline__ void fence_regs(float (&d)[N]) {
 __device__ __forceinline__ u64 make_desc(u32 addr, u32 lbo, u32 sbo) {
     return static_cast<u64>((addr & 0x3FFFF) >> 4) | (static_cast<u64>(lbo >> 4) << 16) |
            (static_cast<u64>(sbo >> 4) << 32) | (1ull << 62);
+}
+
+// mbarrier helpers (shared::cta). Phases start at parity 0; waiting on parity P returns once
+// the phase with parity P has completed, so waiting on parity 1 of a fresh barrier returns at
+// once (the producer's first pass over the empty slots).
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    u32 done = 0;
+    while (!done) {
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    }
+}
+
+// One TMA box (c0 = element index along the contiguous dimension, c1 = row) into shared
+// memory, completing `bytes` on `bar`.
+__device__ __forceinline__ void tma_load_2d(u32 dst, const TensorMap& map, int c0, int c1, u32 bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+        "l"(reinterpret_cast<u64>(&map)), "r"(c0), "r"(c1), "r"(bar)
+        : "memory");
 }
 
 // GENERATED BEGIN (scripts/gen_wgmma.py)
@@ -138,144 +184,88 @@ __device__ __forceinline__ u32 pack2(float x, float y) {
     return r;
 }
 
-// Issues one loading thread's cp.async chunks of one operand's stage: `R` rows of the tile
-// (m or n) by 64 k, spread over `LOADERS` threads.
-// K-major: element (r, k) at src[(r0 + r)·ld + k0 + k]; smem row r is 128 bytes (64 k).
-// MN-major: element (r, k) at src[(k0 + k)·ld + r0 + r]; smem blocks of 64 k-rows x 64 r.
-// Either way the 16-byte chunk index within a 128-byte smem row is XORed with the row's
-// index mod 8 (the 128-byte swizzle, a function of the address bits wgmma decodes). Each
-// thread keeps one chunk column and walks rows, so its addresses are one base plus a stride.
-template <int R, bool MN, int LOADERS>
-__device__ __forceinline__ void load_operand(u32 dst, const unsigned char* src, int ld, int r0, int rmax, int k0,
-                                             int kmax, int tid) {
-    constexpr int CHUNKS = R * 8, ITERS = CHUNKS / LOADERS;
-    static_assert(CHUNKS % LOADERS == 0, "tile must split evenly over the loading threads");
-    if constexpr (!MN) {
-        constexpr int STEP = LOADERS / 8;  // tile rows per iteration
-        const int r = tid >> 3, c = tid & 7;
-        const bool k_ok = k0 + c * 8 < kmax;
-        const unsigned char* p = src + (static_cast<size_t>(r0 + r) * ld + k0 + c * 8) * 2;
-        const size_t step = static_cast<size_t>(STEP) * ld * 2;
-#pragma unroll
-        for (int i = 0; i < ITERS; ++i) {
-            const int row = r + i * STEP;
-            const bool ok = k_ok && r0 + row < rmax;
-            cp_async16(dst + row * 128 + ((c ^ (row & 7)) << 4), ok ? p + i * step : src, ok);
-        }
-    } else {
-        constexpr int CPR = R / 8, STEP = LOADERS / CPR;  // chunks per k-row; k-rows per iteration
-        static_assert(LOADERS % CPR == 0, "a k-row must split evenly over the loading threads");
-        const int kr = tid / CPR, c = tid % CPR;
-        const bool r_ok = r0 + c * 8 < rmax;
-        const unsigned char* p = src + (static_cast<size_t>(k0 + kr) * ld + r0 + c * 8) * 2;
-        const size_t step = static_cast<size_t>(STEP) * ld * 2;
-#pragma unroll
-        for (int i = 0; i < ITERS; ++i) {
-            const int k = kr + i * STEP;
-            const bool ok = r_ok && k0 + k < kmax;
-            cp_async16(dst + (c >> 3) * 8192 + k * 128 + (((c & 7) ^ (k & 7)) << 4), ok ? p + i * step : src, ok);
-        }
-    }
-}
-
-// mbarrier helpers (shared::cta). Phases start at parity 0; waiting on parity P returns once
-// the phase with parity P has completed, so waiting on parity 1 of a fresh barrier returns at
-// once (the producer's first pass over the empty slots).
-__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(u32 bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
-    u32 done = 0;
-    while (!done) {
-        asm volatile(
-            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-            : "=r"(done)
-            : "r"(bar), "r"(parity)
-            : "memory");
-    }
-}
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-
-// The problem owning `tile`: the last one whose tile_start <= tile (the host leaves out
-// problems without tiles).
-__device__ __forceinline__ const Problem& find_problem(const ProblemTable& table, int tile) {
-    int lo = 0, hi = table.num_problems - 1;
+// The problem owning `tile`: the last one whose tile_start <= tile.
+__device__ __forceinline__ const Problem& find_problem(const Params& params, int tile) {
+    int lo = 0, hi = params.num_problems - 1;
     while (lo < hi) {
         const int mid = (lo + hi + 1) >> 1;
-        if (table.p[mid].tile_start <= tile) lo = mid;
+        if (params.p[mid].tile_start <= tile) lo = mid;
         else hi = mid - 1;
     }
-    return table.p[lo];
+    return params.p[lo];
 }
 
-// Warp-specialized persistent loop. Warpgroup 0 produces: for every k-step of every tile this
-// CTA owns, it waits for the ring slot to be empty, fills it with cp.async, and — LAG steps
-// later, once its own copies of that step have landed (cp.async.wait_group) — fences them
-// for the async proxy and arrives on the slot's `full` barrier. Warpgroups 1 and 2 consume:
-// each waits on `full`, issues its 64-row half of the tile's wgmmas, keeps one k-step of
-// wgmma in flight, and releases the previous step's slot on `empty` when that step's wgmmas
-// have completed. The epilogue of one tile overlaps the producer's loads of the next.
+// Issues the TMA boxes of one operand's stage: `R` tile rows (m or n) by 64 k.
+template <int R, bool MN>
+__device__ __forceinline__ void load_operand(u32 dst, const TensorMap& map, int row0, int r0, int k0, u32 bar) {
+    if constexpr (!MN) {
+        tma_load_2d(dst, map, k0, row0 + r0, bar);  // box {64 k, R rows}
+    } else {
+#pragma unroll
+        for (int j = 0; j < R / 64; ++j) tma_load_2d(dst + j * 8192, map, r0 + 64 * j, row0 + k0, bar);  // box {64, 64}
+    }
+}
+
+// Zeroes k-rows [from, 64) of an MN-major operand's stage (R / 64 blocks of 64 k-rows x
+// 128 bytes), spread over the 256 consumer threads.
+template <int R>
+__device__ __forceinline__ void zero_k_tail(unsigned char* tile, int from, int ct) {
+    const int rows = 64 - from, chunks = (R / 64) * rows * 8;  // 16-byte chunks
+    for (int i = ct; i < chunks; i += 256) {
+        const int block = i / (rows * 8), rest = i % (rows * 8);
+        *reinterpret_cast<uint4*>(tile + block * 8192 + (from + rest / 8) * 128 + (rest % 8) * 16) = make_uint4(0, 0, 0, 0);
+    }
+}
+
+// Warp-specialized persistent loop (see the file header). Thread 0 of warpgroup 0 produces;
+// warpgroups 1 and 2 consume, keeping one k-step of wgmma in flight and releasing the
+// previous step's slot when its wgmmas have completed. The epilogue of one tile overlaps
+// the producer's loads of the next.
 template <int BN, int STAGES, bool F16, bool A_MN, bool B_MN>
-__device__ __forceinline__ void grouped_gemm_body(const ProblemTable& table) {
-    constexpr int LAG = 2;  // k-steps of cp.async the producer keeps in flight before arriving
-    static_assert(STAGES >= LAG + 2, "a slot must free up while the producer holds LAG unsignalled steps");
+__device__ __forceinline__ void grouped_gemm_body(const Params& params) {
     extern __shared__ unsigned char smem_raw[];
     constexpr u32 A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
-    const u32 smem = (smem_addr(smem_raw) + 1023u) & ~1023u;  // swizzle atoms are 1024-aligned
-    const u32 bars = smem + STAGES * STAGE_BYTES;              // full[STAGES], empty[STAGES]
+    // Swizzle atoms (and TMA's 128-byte swizzle) need 1024-byte aligned tiles.
+    const u32 raw = smem_addr(smem_raw), smem = (raw + 1023u) & ~1023u;
+    unsigned char* smem_ptr = smem_raw + (smem - raw);
+    const u32 bars = smem + STAGES * STAGE_BYTES;  // full[STAGES], empty[STAGES]
     const int tid = threadIdx.x, wg = tid >> 7, t = tid & 127;
-    const int total_tiles = table.total_tiles;
+    const int total_tiles = params.total_tiles;
 
     if (tid == 0) {
         for (int s = 0; s < STAGES; ++s) {
-            mbar_init(bars + 8 * s, 128);             // full: every producer thread arrives
-            mbar_init(bars + 8 * (STAGES + s), 2);    // empty: one thread per consumer warpgroup
+            mbar_init(bars + 8 * s, 1);             // full: the producer's arrive + the copies' bytes
+            mbar_init(bars + 8 * (STAGES + s), 2);  // empty: one thread per consumer warpgroup
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     __syncthreads();
 
     if (wg == 0) {
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 72;\n" ::: "memory");
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+        if (t != 0) return;
         int it = 0;
         for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
-            const Problem& p = find_problem(table, tile);
+            const Problem& p = find_problem(params, tile);
             const int local = tile - p.tile_start;
             const int m0 = (local % p.tiles_m) * BM, n0 = (local / p.tiles_m) * BN;
-            const int lda = A_MN ? p.m : p.k, ldb = B_MN ? p.n : p.k;
-            const unsigned char* A = reinterpret_cast<const unsigned char*>(p.a);
-            const unsigned char* B = reinterpret_cast<const unsigned char*>(p.b);
             const int ktiles = (p.k + BK - 1) / BK;
             for (int kt = 0; kt < ktiles; ++kt, ++it) {
                 const int slot = it % STAGES;
                 mbar_wait(bars + 8 * (STAGES + slot), ((it / STAGES) & 1) ^ 1);
-                const u32 base = smem + slot * STAGE_BYTES;
-                load_operand<BM, A_MN, 128>(base, A, lda, m0, p.m, kt * BK, p.k, t);
-                load_operand<BN, B_MN, 128>(base + A_BYTES, B, ldb, n0, p.n, kt * BK, p.k, t);
-                cp_async_commit();
-                if (it >= LAG) {
-                    cp_async_wait<LAG>();
-                    fence_proxy_async();
-                    mbar_arrive(bars + 8 * ((it - LAG) % STAGES));
-                }
+                const u32 full = bars + 8 * slot, base = smem + slot * STAGE_BYTES;
+                mbar_arrive_expect_tx(full, STAGE_BYTES);
+                load_operand<BM, A_MN>(base, params.map_a, p.a_row, m0, kt * BK, full);
+                load_operand<BN, B_MN>(base + A_BYTES, params.map_b, p.b_row, n0, kt * BK, full);
             }
         }
-        cp_async_wait<0>();
-        fence_proxy_async();
-        for (int j = it - LAG < 0 ? 0 : it - LAG; j < it; ++j) mbar_arrive(bars + 8 * (j % STAGES));
     } else {
-        asm volatile("setmaxnreg.inc.sync.aligned.u32 208;\n" ::: "memory");
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
         const int cw = wg - 1;  // consumer warpgroup: rows 64·cw .. 64·cw + 63 of the tile
         float acc[BN / 2];
         int it = 0;
         for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
-            const Problem& p = find_problem(table, tile);
+            const Problem& p = find_problem(params, tile);
             const int local = tile - p.tile_start;
             const int m0 = (local % p.tiles_m) * BM, n0 = (local / p.tiles_m) * BN;
             const int ktiles = (p.k + BK - 1) / BK;
@@ -285,6 +275,18 @@ __device__ __forceinline__ void grouped_gemm_body(const ProblemTable& table) {
                 const int slot = it % STAGES;
                 mbar_wait(bars + 8 * slot, (it / STAGES) & 1);
                 const u32 a_base = smem + slot * STAGE_BYTES, b_base = a_base + A_BYTES;
+                if constexpr (A_MN || B_MN) {
+                    // A contraction over rows: the last k-step's rows past k belong to the next
+                    // expert. Zero them (in both operands: 0 x non-finite would still be NaN).
+                    const int valid = p.k - kt * BK;
+                    if (valid < BK) {
+                        unsigned char* st = smem_ptr + slot * STAGE_BYTES;
+                        if constexpr (A_MN) zero_k_tail<BM>(st, valid, tid - 128);
+                        if constexpr (B_MN) zero_k_tail<BN>(st + A_BYTES, valid, tid - 128);
+                        fence_proxy_async();
+                        asm volatile("bar.sync 1, 256;\n" ::: "memory");
+                    }
+                }
                 fence_regs(acc);
                 wgmma_fence();
 #pragma unroll
@@ -326,10 +328,10 @@ __device__ __forceinline__ void grouped_gemm_body(const ProblemTable& table) {
 
 // Kernel names: grouped_gemm_{bf16|f16}_n{128|256}_{a}{b}, with a = k (K-major A) or m
 // (M-major A) and b = k (K-major B) or n (N-major B).
-#define GROUPED_GEMM(DT, F16, BN, STAGES, AL, A_MN, BL, B_MN)                                              \
-    extern "C" __global__ void __launch_bounds__(THREADS, 1)                                             \
-        grouped_gemm_##DT##_n##BN##_##AL##BL(const __grid_constant__ ProblemTable table) {                \
-        grouped_gemm_body<BN, STAGES, F16, A_MN, B_MN>(table);                                           \
+#define GROUPED_GEMM(DT, F16, BN, STAGES, AL, A_MN, BL, B_MN)                                   \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1)                                  \
+        grouped_gemm_##DT##_n##BN##_##AL##BL(const __grid_constant__ Params params) {         \
+        grouped_gemm_body<BN, STAGES, F16, A_MN, B_MN>(params);                               \
     }
 #define GROUPED_GEMM_LAYOUTS(DT, F16, BN, STAGES) \
     GROUPED_GEMM(DT, F16, BN, STAGES, k, false, k, false) \
@@ -337,7 +339,7 @@ __device__ __forceinline__ void grouped_gemm_body(const ProblemTable& table) {
     GROUPED_GEMM(DT, F16, BN, STAGES, m, true, k, false)  \
     GROUPED_GEMM(DT, F16, BN, STAGES, m, true, n, true)
 
-GROUPED_GEMM_LAYOUTS(bf16, false, 128, 5)
-GROUPED_GEMM_LAYOUTS(f16, true, 128, 5)
+GROUPED_GEMM_LAYOUTS(bf16, false, 128, 6)
+GROUPED_GEMM_LAYOUTS(f16, true, 128, 6)
 GROUPED_GEMM_LAYOUTS(bf16, false, 256, 4)
 GROUPED_GEMM_LAYOUTS(f16, true, 256, 4)

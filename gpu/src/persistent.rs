@@ -32,7 +32,7 @@ fn stages(bn: usize) -> usize {
     if bn == 256 {
         4
     } else {
-        5
+        6
     }
 }
 
@@ -46,29 +46,37 @@ fn smem_bytes(bn: usize) -> usize {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 struct ProblemRepr {
-    a: u64,
-    b: u64,
     c: u64,
     m: i32,
     n: i32,
     k: i32,
+    a_row: i32,
+    b_row: i32,
     tile_start: i32,
     tiles_m: i32,
     pad: i32,
 }
 
-/// The kernel's by-value parameter (`struct ProblemTable`).
-#[repr(C)]
+/// A driver tensor map (`CUtensorMap`), written by `cuTensorMapEncodeTiled`.
+#[repr(C, align(128))]
 #[derive(Clone, Copy, Debug)]
-struct ProblemTable {
+struct TensorMap([u64; 16]);
+
+/// The kernel's by-value parameter (`struct Params`).
+#[repr(C, align(128))]
+#[derive(Clone, Copy, Debug)]
+struct Params {
+    map_a: TensorMap,
+    map_b: TensorMap,
     num_problems: i32,
     total_tiles: i32,
+    pad: [i32; 2],
     p: [ProblemRepr; MAX_PROBLEMS],
 }
 
-// SAFETY: `ProblemTable` is `#[repr(C)]` plain data (integers only) with the field order,
-// sizes and alignment of the kernel's `struct ProblemTable` (checked by the size test below).
-unsafe impl DeviceRepr for ProblemTable {}
+// SAFETY: `Params` is `#[repr(C)]` plain data (integers only) with the field order, sizes and
+// alignment of the kernel's `struct Params` (checked by the size test below).
+unsafe impl DeviceRepr for Params {}
 
 /// The compiled kernels (one per dtype × tile width × operand layout) and the SM count.
 pub(crate) struct PersistentKernels {
@@ -134,33 +142,148 @@ impl PersistentKernels {
     }
 }
 
-/// Why `problems` cannot run on the persistent kernel (`None`: they can). `ta`/`tb` as in
-/// [`Engine::gemm`].
-pub fn persistent_eligible(dt: Dtype, ta: bool, tb: bool, problems: &[GemmProblem]) -> Option<String> {
+/// One operand of every expert as rows of a single 2-D tensor (what a TMA tensor map
+/// describes): `width` elements per row, `rows` rows from `base`; expert `e` starts at row
+/// `first_row[e]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OperandTensor {
+    /// Device address of row 0.
+    pub base: u64,
+    /// Elements per row (the operand's contiguous extent).
+    pub width: usize,
+    /// Rows spanned by all experts' operands.
+    pub rows: usize,
+    /// Each problem's first row (0 for problems that read nothing).
+    pub first_row: Vec<usize>,
+}
+
+/// Lays the operand `(pointer, width, rows)` of each problem out as one tensor, or says why it
+/// cannot be (different widths, pointers not a whole number of rows apart, misalignment).
+fn operand_tensor(which: &str, ops: &[(u64, usize, usize)]) -> Result<OperandTensor, String> {
+    let reading: Vec<&(u64, usize, usize)> = ops.iter().filter(|o| o.2 > 0).collect();
+    let Some(&&(_, width, _)) = reading.first() else {
+        return Ok(OperandTensor { base: 0, width: 8, rows: 1, first_row: vec![0; ops.len()] });
+    };
+    if let Some(o) = reading.iter().find(|o| o.1 != width) {
+        return Err(format!("{which}: rows of {} and {width} elements in one call", o.1));
+    }
+    let row_bytes = (width * 2) as u64;
+    if row_bytes % 16 != 0 {
+        return Err(format!("{which}: rows of {width} elements are not a multiple of 16 bytes"));
+    }
+    let base = reading.iter().map(|o| o.0).min().expect("non-empty");
+    if base % 16 != 0 {
+        return Err(format!("{which}: base address is not 16-byte aligned"));
+    }
+    let mut first_row = Vec::with_capacity(ops.len());
+    let mut rows = 0usize;
+    for &(ptr, _, n) in ops {
+        if n == 0 {
+            first_row.push(0);
+            continue;
+        }
+        if (ptr - base) % row_bytes != 0 {
+            return Err(format!("{which}: operands are not a whole number of {width}-element rows apart"));
+        }
+        let r = usize::try_from((ptr - base) / row_bytes).map_err(|e| e.to_string())?;
+        rows = rows.max(r + n);
+        first_row.push(r);
+    }
+    if rows > i32::MAX as usize {
+        return Err(format!("{which}: {rows} rows exceed the kernel's 32-bit row index"));
+    }
+    Ok(OperandTensor { base, width, rows, first_row })
+}
+
+/// The A and B tensors of a problem list for the kernel, or why it cannot run it. `ta`/`tb`
+/// as in [`Engine::gemm`] (`ta`: A stored `[k, m]`; `tb`: B stored `[n, k]`).
+pub fn persistent_layout(
+    dt: Dtype,
+    ta: bool,
+    tb: bool,
+    problems: &[GemmProblem],
+) -> Result<(OperandTensor, OperandTensor), String> {
     if dt == Dtype::F32 {
-        return Some("fp32 GEMMs stay on cuBLAS (no TF32)".into());
+        return Err("fp32 GEMMs stay on cuBLAS (no TF32)".into());
     }
     for (i, p) in problems.iter().enumerate() {
         if p.m == 0 || p.n == 0 {
             continue;
         }
-        // The contiguous extent of each operand: A [m, k] / [k, m]; B [k, n] / [n, k]; C [m, n].
-        let a_row = if ta { p.m } else { p.k };
-        let b_row = if tb { p.k } else { p.n };
-        if a_row % 8 != 0 || b_row % 8 != 0 || p.n % 8 != 0 {
-            return Some(format!(
-                "problem {i} ({}x{}x{}): rows of A ({a_row}), B ({b_row}) and C ({}) must be multiples of 8 elements",
-                p.m, p.n, p.k, p.n
-            ));
-        }
-        if (p.a | p.b | p.c) % 16 != 0 {
-            return Some(format!("problem {i}: operands must be 16-byte aligned"));
+        if p.n % 8 != 0 || p.c % 16 != 0 {
+            return Err(format!("problem {i}: C rows of {} elements (need a multiple of 8, 16-byte aligned)", p.n));
         }
         if [p.m, p.n, p.k].iter().any(|&d| d > i32::MAX as usize / 2) {
-            return Some(format!("problem {i}: a dimension exceeds the kernel's 32-bit indexing"));
+            return Err(format!("problem {i}: a dimension exceeds the kernel's 32-bit indexing"));
         }
     }
-    None
+    // (pointer, row width, rows read) per problem; nothing is read when C is empty or k = 0.
+    let reads = |p: &GemmProblem| p.m > 0 && p.n > 0 && p.k > 0;
+    let a: Vec<_> =
+        problems
+            .iter()
+            .map(|p| {
+                if ta {
+                    (p.a, p.m, if reads(p) { p.k } else { 0 })
+                } else {
+                    (p.a, p.k, if reads(p) { p.m } else { 0 })
+                }
+            })
+            .collect();
+    let b: Vec<_> =
+        problems
+            .iter()
+            .map(|p| {
+                if tb {
+                    (p.b, p.k, if reads(p) { p.n } else { 0 })
+                } else {
+                    (p.b, p.n, if reads(p) { p.k } else { 0 })
+                }
+            })
+            .collect();
+    Ok((operand_tensor("A", &a)?, operand_tensor("B", &b)?))
+}
+
+/// Why `problems` cannot run on the persistent kernel (`None`: they can).
+pub fn persistent_eligible(dt: Dtype, ta: bool, tb: bool, problems: &[GemmProblem]) -> Option<String> {
+    persistent_layout(dt, ta, tb, problems).err()
+}
+
+/// Encodes a 2-D tensor map over `t` with boxes of 64 elements by `box_rows` rows, 128-byte
+/// swizzle (the layout wgmma's descriptors read), zero fill out of bounds.
+fn encode_map(dt: Dtype, t: &OperandTensor, box_rows: usize) -> Result<TensorMap, GpuError> {
+    let mut map = TensorMap([0; 16]);
+    let dims = [t.width as u64, t.rows as u64];
+    let strides = [(t.width * 2) as u64];
+    let boxes = [64u32, u32::try_from(box_rows)?];
+    let elem_strides = [1u32, 1];
+    let ty = if dt == Dtype::F16 {
+        driver_sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+    } else {
+        driver_sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+    };
+    // SAFETY: `map` is 128 writable, 128-byte aligned bytes (a CUtensorMap); the arrays hold
+    // `rank` (2) entries (`rank - 1` for the strides) and outlive the call; `base` is a device
+    // address of a live allocation holding `rows` rows of `width` elements (the caller's
+    // problem list). The driver validates the rest and returns an error code.
+    unsafe {
+        driver_sys::cuTensorMapEncodeTiled(
+            (&mut map as *mut TensorMap).cast(),
+            ty,
+            2,
+            t.base as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            elem_strides.as_ptr(),
+            driver_sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            driver_sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            driver_sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            driver_sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    }
+    .result()?;
+    Ok(map)
 }
 
 /// The output-tile width for a problem list: the one with fewer waves of tiles over the SMs,
@@ -191,9 +314,9 @@ impl Engine {
         tb: bool,
         problems: &[GemmProblem],
     ) -> Result<bool, GpuError> {
-        if persistent_eligible(dt, ta, tb, problems).is_some() {
+        let Ok((ta_tensor, tb_tensor)) = persistent_layout(dt, ta, tb, problems) else {
             return Ok(false);
-        }
+        };
         if self.grouped.persistent.is_none() {
             self.grouped.persistent = Some(PersistentKernels::load(&self.ctx).map_err(|e| e.to_string()));
         }
@@ -207,27 +330,37 @@ impl Engine {
         };
         let f = kernels.functions.get(&kernel_name(dt, bn, ta, tb)).expect("every combination is loaded").clone();
         let sms = kernels.sms;
-        let computing: Vec<&GemmProblem> = problems.iter().filter(|p| p.m > 0 && p.n > 0).collect();
+        // K-major operands take one box of all the tile's rows; MN-major ones 64 x 64 blocks.
+        let map_a = encode_map(dt, &ta_tensor, if ta { 64 } else { TILE_M })?;
+        let map_b = encode_map(dt, &tb_tensor, if tb { bn } else { 64 })?;
+        let computing: Vec<usize> = (0..problems.len()).filter(|&i| problems[i].m > 0 && problems[i].n > 0).collect();
         for chunk in computing.chunks(MAX_PROBLEMS) {
-            let mut table = ProblemTable { num_problems: 0, total_tiles: 0, p: [ProblemRepr::default(); MAX_PROBLEMS] };
+            let mut params = Params {
+                map_a,
+                map_b,
+                num_problems: i32::try_from(chunk.len())?,
+                total_tiles: 0,
+                pad: [0; 2],
+                p: [ProblemRepr::default(); MAX_PROBLEMS],
+            };
             let mut tiles = 0usize;
-            for (slot, p) in table.p.iter_mut().zip(chunk) {
+            for (slot, &i) in params.p.iter_mut().zip(chunk) {
+                let p = &problems[i];
                 let tiles_m = p.m.div_ceil(TILE_M);
                 *slot = ProblemRepr {
-                    a: p.a,
-                    b: p.b,
                     c: p.c,
                     m: i32::try_from(p.m)?,
                     n: i32::try_from(p.n)?,
                     k: i32::try_from(p.k)?,
+                    a_row: i32::try_from(ta_tensor.first_row[i])?,
+                    b_row: i32::try_from(tb_tensor.first_row[i])?,
                     tile_start: i32::try_from(tiles)?,
                     tiles_m: i32::try_from(tiles_m)?,
                     pad: 0,
                 };
                 tiles += tiles_m * p.n.div_ceil(bn);
             }
-            table.num_problems = i32::try_from(chunk.len())?;
-            table.total_tiles = i32::try_from(tiles)?;
+            params.total_tiles = i32::try_from(tiles)?;
             let grid = u32::try_from(tiles.min(sms))?;
             let cfg = LaunchConfig {
                 grid_dim: (grid, 1, 1),
@@ -235,12 +368,12 @@ impl Engine {
                 shared_mem_bytes: u32::try_from(smem_bytes(bn))?,
             };
             let mut builder = self.stream.launch_builder(&f);
-            builder.arg(&table);
-            // SAFETY: the kernel takes exactly one `ProblemTable` by value; every pointer in it
-            // is a caller-provided device address of a matrix of the documented shape
-            // (`grouped_gemm`'s contract), the eligibility check guaranteed the alignment and
-            // multiple-of-8 extents the 16-byte loads and stores need, and the dynamic shared
-            // memory matches the attribute set at load.
+            builder.arg(&params);
+            // SAFETY: the kernel takes exactly one `Params` by value; its tensor maps cover the
+            // caller's operands (`persistent_layout` checked that every expert's A and B are
+            // rows of one tensor each, aligned), every C pointer is a caller-provided device
+            // address of a compact [m, n] matrix (`grouped_gemm`'s contract), and the dynamic
+            // shared memory matches the attribute set at load.
             unsafe { builder.launch(cfg) }?;
             self.launches += 1;
         }
@@ -252,12 +385,14 @@ impl Engine {
 mod tests {
     use super::*;
 
-    /// The kernel indexes the table by the C layout: 8 bytes of counts, then 48-byte problems.
+    /// The kernel reads `Params` by the C layout: two 128-byte tensor maps, counts, 40-byte problems.
     #[test]
     fn problem_table_has_the_kernel_layout() {
-        assert_eq!(std::mem::size_of::<ProblemRepr>(), 48);
-        assert_eq!(std::mem::size_of::<ProblemTable>(), 8 + 48 * MAX_PROBLEMS);
-        assert!(std::mem::size_of::<ProblemTable>() < 32 * 1024, "sm_90 kernel parameters are limited to 32 KiB");
+        assert_eq!(std::mem::size_of::<ProblemRepr>(), 40);
+        assert_eq!(std::mem::align_of::<Params>(), 128);
+        assert_eq!(std::mem::offset_of!(Params, num_problems), 256);
+        assert_eq!(std::mem::offset_of!(Params, p), 272);
+        assert!(std::mem::size_of::<Params>() < 32 * 1024, "sm_90 kernel parameters are limited to 32 KiB");
     }
 
     #[test]
@@ -265,13 +400,28 @@ mod tests {
         let p = |m, n, k| GemmProblem { m, n, k, a: 0, b: 0, c: 0 };
         assert!(persistent_eligible(Dtype::Bf16, false, true, &[p(17, 64, 32), p(0, 64, 32), p(5, 64, 0)]).is_none());
         assert!(persistent_eligible(Dtype::F32, false, true, &[p(16, 64, 32)]).unwrap().contains("fp32"));
-        assert!(persistent_eligible(Dtype::Bf16, false, true, &[p(16, 64, 12)]).unwrap().contains("problem 0"));
+        assert!(persistent_eligible(Dtype::Bf16, false, true, &[p(16, 64, 12)]).unwrap().contains("16 bytes"));
+        assert!(persistent_eligible(Dtype::Bf16, false, true, &[p(16, 60, 16)]).unwrap().contains("problem 0"));
         // ta: A is [k, m], so m must be a multiple of 8 and k may be anything.
         assert!(persistent_eligible(Dtype::Bf16, true, false, &[p(16, 64, 13)]).is_none());
         assert!(persistent_eligible(Dtype::Bf16, true, false, &[p(12, 64, 16)]).is_some());
         let mut q = p(16, 64, 32);
         q.b = 8;
         assert!(persistent_eligible(Dtype::F16, false, true, &[q]).unwrap().contains("aligned"));
+    }
+
+    /// Packed per-expert operands become one tensor with each expert's first row; anything
+    /// else is refused with the operand named.
+    #[test]
+    fn operands_of_all_experts_form_one_tensor() {
+        // Three experts of 5, 0 and 3 rows of 64 bf16 (128 bytes), packed from 0x1000.
+        let t = operand_tensor("A", &[(0x1000, 64, 5), (0x1000 + 5 * 128, 64, 0), (0x1000 + 5 * 128, 64, 3)]).unwrap();
+        assert_eq!((t.base, t.width, t.rows, t.first_row), (0x1000, 64, 8, vec![0, 0, 5]));
+        // Weights stacked in any order are fine too.
+        let t = operand_tensor("B", &[(0x2000 + 256, 64, 2), (0x2000, 64, 2)]).unwrap();
+        assert_eq!((t.base, t.rows, t.first_row), (0x2000, 4, vec![2, 0]));
+        assert!(operand_tensor("A", &[(0x1000, 64, 5), (0x1000 + 100, 64, 3)]).unwrap_err().contains("whole number"));
+        assert!(operand_tensor("B", &[(0x1000, 64, 5), (0x3000, 32, 3)]).unwrap_err().starts_with("B:"));
     }
 
     #[test]
