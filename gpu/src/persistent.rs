@@ -168,11 +168,11 @@ fn operand_tensor(which: &str, ops: &[(u64, usize, usize)]) -> Result<OperandTen
         return Err(format!("{which}: rows of {} and {width} elements in one call", o.1));
     }
     let row_bytes = (width * 2) as u64;
-    if row_bytes % 16 != 0 {
+    if !row_bytes.is_multiple_of(16) {
         return Err(format!("{which}: rows of {width} elements are not a multiple of 16 bytes"));
     }
     let base = reading.iter().map(|o| o.0).min().expect("non-empty");
-    if base % 16 != 0 {
+    if !base.is_multiple_of(16) {
         return Err(format!("{which}: base address is not 16-byte aligned"));
     }
     let mut first_row = Vec::with_capacity(ops.len());
@@ -182,7 +182,7 @@ fn operand_tensor(which: &str, ops: &[(u64, usize, usize)]) -> Result<OperandTen
             first_row.push(0);
             continue;
         }
-        if (ptr - base) % row_bytes != 0 {
+        if !(ptr - base).is_multiple_of(row_bytes) {
             return Err(format!("{which}: operands are not a whole number of {width}-element rows apart"));
         }
         let r = usize::try_from((ptr - base) / row_bytes).map_err(|e| e.to_string())?;
@@ -210,7 +210,7 @@ pub fn persistent_layout(
         if p.m == 0 || p.n == 0 {
             continue;
         }
-        if p.n % 8 != 0 || p.c % 16 != 0 {
+        if !p.n.is_multiple_of(8) || !p.c.is_multiple_of(16) {
             return Err(format!("problem {i}: C rows of {} elements (need a multiple of 8, 16-byte aligned)", p.n));
         }
         if [p.m, p.n, p.k].iter().any(|&d| d > i32::MAX as usize / 2) {
