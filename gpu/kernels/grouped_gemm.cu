@@ -14,7 +14,9 @@
 // copy engine in the 128-byte-swizzled layout that wgmma reads through matrix descriptors.
 // The CTA is warp-specialized: one producer thread issues the copies (completing on the
 // slot's `full` mbarrier with a byte count), two consumer warpgroups each own 64 rows of the
-// tile, issue wgmma.m64nBNk16 from shared memory and release the slot on its `empty` barrier.
+// tile, issue wgmma.m64nBNk16 from shared memory and release the slot on its `empty` barrier,
+// then round the tile into a shared-memory output buffer that three storer warps write out
+// with coalesced 16-byte stores while the consumers start the next tile.
 //
 // Edges. Rows past an expert's m (or n) are rows of the next expert, or zeros past the end
 // of the tensor: they are computed and never stored. Columns past k in a K-major operand lie
@@ -225,10 +227,14 @@ template <int BN, int STAGES, bool F16, bool A_MN, bool B_MN>
 __device__ __forceinline__ void grouped_gemm_body(const Params& params) {
     extern __shared__ unsigned char smem_raw[];
     constexpr u32 A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
+    constexpr u32 C_ROW = BN * 2, C_BYTES = BM * C_ROW;  // the staged output tile (bf16/f16)
     // Swizzle atoms (and TMA's 128-byte swizzle) need 1024-byte aligned tiles.
     const u32 raw = smem_addr(smem_raw), smem = (raw + 1023u) & ~1023u;
     unsigned char* smem_ptr = smem_raw + (smem - raw);
-    const u32 bars = smem + STAGES * STAGE_BYTES;  // full[STAGES], empty[STAGES]
+    const u32 c_tile = smem + STAGES * STAGE_BYTES;
+    unsigned char* c_ptr = smem_ptr + STAGES * STAGE_BYTES;
+    // full[STAGES], empty[STAGES], c_full, c_empty
+    const u32 bars = c_tile + C_BYTES, c_full = bars + 16 * STAGES, c_empty = c_full + 8;
     const int tid = threadIdx.x, wg = tid >> 7, t = tid & 127;
     const int total_tiles = params.total_tiles;
 
@@ -237,37 +243,63 @@ __device__ __forceinline__ void grouped_gemm_body(const Params& params) {
             mbar_init(bars + 8 * s, 1);             // full: the producer's arrive + the copies' bytes
             mbar_init(bars + 8 * (STAGES + s), 2);  // empty: one thread per consumer warpgroup
         }
+        mbar_init(c_full, 256);  // every consumer thread, after writing its part of the tile
+        mbar_init(c_empty, 96);  // every storer thread, after reading the tile
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     __syncthreads();
 
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-        if (t != 0) return;
-        int it = 0;
-        for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
-            const Problem& p = find_problem(params, tile);
-            const int local = tile - p.tile_start;
-            const int m0 = (local % p.tiles_m) * BM, n0 = (local / p.tiles_m) * BN;
-            const int ktiles = (p.k + BK - 1) / BK;
-            for (int kt = 0; kt < ktiles; ++kt, ++it) {
-                const int slot = it % STAGES;
-                mbar_wait(bars + 8 * (STAGES + slot), ((it / STAGES) & 1) ^ 1);
-                const u32 full = bars + 8 * slot, base = smem + slot * STAGE_BYTES;
-                mbar_arrive_expect_tx(full, STAGE_BYTES);
-                load_operand<BM, A_MN>(base, params.map_a, p.a_row, m0, kt * BK, full);
-                load_operand<BN, B_MN>(base + A_BYTES, params.map_b, p.b_row, n0, kt * BK, full);
+        if (t < 32) {
+            // Warp 0, one thread: the TMA producer.
+            if (t != 0) return;
+            int it = 0;
+            for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
+                const Problem& p = find_problem(params, tile);
+                const int local = tile - p.tile_start;
+                const int m0 = (local % p.tiles_m) * BM, n0 = (local / p.tiles_m) * BN;
+                const int ktiles = (p.k + BK - 1) / BK;
+                for (int kt = 0; kt < ktiles; ++kt, ++it) {
+                    const int slot = it % STAGES;
+                    mbar_wait(bars + 8 * (STAGES + slot), ((it / STAGES) & 1) ^ 1);
+                    const u32 full = bars + 8 * slot, base = smem + slot * STAGE_BYTES;
+                    mbar_arrive_expect_tx(full, STAGE_BYTES);
+                    load_operand<BM, A_MN>(base, params.map_a, p.a_row, m0, kt * BK, full);
+                    load_operand<BN, B_MN>(base + A_BYTES, params.map_b, p.b_row, n0, kt * BK, full);
+                }
+            }
+        } else {
+            // Warps 1-3: the storers. Each tile's output waits in shared memory (16-byte chunks,
+            // chunk index XOR row % 8 so neither side conflicts on banks) and leaves as
+            // coalesced 16-byte stores while the consumers already multiply the next tile.
+            const int st = t - 32;
+            constexpr int CPR = BN / 8;  // 16-byte chunks per row
+            int tc = 0;
+            for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x, ++tc) {
+                const Problem& p = find_problem(params, tile);
+                const int local = tile - p.tile_start;
+                const int m0 = (local % p.tiles_m) * BM, n0 = (local / p.tiles_m) * BN;
+                const int rows = min(BM, p.m - m0), chunks = min(CPR, (p.n - n0) / 8);
+                unsigned char* C = reinterpret_cast<unsigned char*>(p.c);
+                mbar_wait(c_full, tc & 1);
+                for (int i = st; i < BM * CPR; i += 96) {
+                    const int r = i / CPR, c = i % CPR;
+                    if (r < rows && c < chunks) {
+                        const uint4 v = *reinterpret_cast<const uint4*>(c_ptr + r * C_ROW + ((c ^ (r & 7)) << 4));
+                        *reinterpret_cast<uint4*>(C + ((static_cast<size_t>(m0 + r) * p.n + n0) + c * 8) * 2) = v;
+                    }
+                }
+                mbar_arrive(c_empty);
             }
         }
     } else {
         asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
         const int cw = wg - 1;  // consumer warpgroup: rows 64·cw .. 64·cw + 63 of the tile
         float acc[BN / 2];
-        int it = 0;
-        for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
+        int it = 0, tc = 0;
+        for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x, ++tc) {
             const Problem& p = find_problem(params, tile);
-            const int local = tile - p.tile_start;
-            const int m0 = (local % p.tiles_m) * BM, n0 = (local / p.tiles_m) * BN;
             const int ktiles = (p.k + BK - 1) / BK;
 #pragma unroll
             for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
@@ -280,9 +312,9 @@ __device__ __forceinline__ void grouped_gemm_body(const Params& params) {
                     // expert. Zero them (in both operands: 0 x non-finite would still be NaN).
                     const int valid = p.k - kt * BK;
                     if (valid < BK) {
-                        unsigned char* st = smem_ptr + slot * STAGE_BYTES;
-                        if constexpr (A_MN) zero_k_tail<BM>(st, valid, tid - 128);
-                        if constexpr (B_MN) zero_k_tail<BN>(st + A_BYTES, valid, tid - 128);
+                        unsigned char* stage = smem_ptr + slot * STAGE_BYTES;
+                        if constexpr (A_MN) zero_k_tail<BM>(stage, valid, tid - 128);
+                        if constexpr (B_MN) zero_k_tail<BN>(stage + A_BYTES, valid, tid - 128);
                         fence_proxy_async();
                         asm volatile("bar.sync 1, 256;\n" ::: "memory");
                     }
@@ -306,22 +338,22 @@ __device__ __forceinline__ void grouped_gemm_body(const Params& params) {
             fence_regs(acc);
             if (ktiles > 0 && t == 0) mbar_arrive(bars + 8 * (STAGES + (it - 1) % STAGES));
 
-            // Epilogue: the m64nBNk16 accumulator layout: warp w of the warpgroup holds rows
-            // 16w + lane/4 (+8); register 4j + {0,1} (+{2,3} for the +8 row) holds columns
-            // 8j + 2·(lane%4) + {0,1}.
+            // Epilogue: round once and stage the tile for the storers. The m64nBNk16
+            // accumulator layout: warp w of the warpgroup holds rows 16w + lane/4 (+8);
+            // register 4j + {0,1} (+{2,3} for the +8 row) holds columns 8j + 2·(lane%4) + {0,1},
+            // i.e. bytes 4·(lane%4) of 16-byte chunk j.
+            mbar_wait(c_empty, (tc & 1) ^ 1);  // the storers have read the previous tile
             const int warp = t >> 5, lane = t & 31;
-            const int row = m0 + cw * 64 + warp * 16 + (lane >> 2);
-            u32* C = reinterpret_cast<u32*>(p.c);
+            const int r = cw * 64 + warp * 16 + (lane >> 2);
+            unsigned char* row0 = c_ptr + r * C_ROW + (lane & 3) * 4;
+            unsigned char* row8 = row0 + 8 * C_ROW;
 #pragma unroll
             for (int j = 0; j < BN / 8; ++j) {
-                const int col = n0 + j * 8 + (lane & 3) * 2;
-                if (col < p.n) {
-                    if (row < p.m)
-                        C[(static_cast<size_t>(row) * p.n + col) >> 1] = pack2<F16>(acc[4 * j], acc[4 * j + 1]);
-                    if (row + 8 < p.m)
-                        C[(static_cast<size_t>(row + 8) * p.n + col) >> 1] = pack2<F16>(acc[4 * j + 2], acc[4 * j + 3]);
-                }
+                const int off = (j ^ (r & 7)) << 4;  // (r + 8) & 7 == r & 7
+                *reinterpret_cast<u32*>(row0 + off) = pack2<F16>(acc[4 * j], acc[4 * j + 1]);
+                *reinterpret_cast<u32*>(row8 + off) = pack2<F16>(acc[4 * j + 2], acc[4 * j + 3]);
             }
+            mbar_arrive(c_full);
         }
     }
 }
@@ -339,7 +371,7 @@ __device__ __forceinline__ void grouped_gemm_body(const Params& params) {
     GROUPED_GEMM(DT, F16, BN, STAGES, m, true, k, false)  \
     GROUPED_GEMM(DT, F16, BN, STAGES, m, true, n, true)
 
-GROUPED_GEMM_LAYOUTS(bf16, false, 128, 6)
-GROUPED_GEMM_LAYOUTS(f16, true, 128, 6)
-GROUPED_GEMM_LAYOUTS(bf16, false, 256, 4)
-GROUPED_GEMM_LAYOUTS(f16, true, 256, 4)
+GROUPED_GEMM_LAYOUTS(bf16, false, 128, 5)
+GROUPED_GEMM_LAYOUTS(f16, true, 128, 5)
+GROUPED_GEMM_LAYOUTS(bf16, false, 256, 3)
+GROUPED_GEMM_LAYOUTS(f16, true, 256, 3)

@@ -30,16 +30,17 @@ const THREADS: u32 = 384;
 
 fn stages(bn: usize) -> usize {
     if bn == 256 {
-        4
+        3
     } else {
-        6
+        5
     }
 }
 
-/// Dynamic shared memory of a tile width: the stage ring, its `full`/`empty` mbarriers, and
-/// 1 KiB to align the ring to the 1024-byte swizzle atom.
+/// Dynamic shared memory of a tile width: the stage ring, the staged output tile, the ring's
+/// `full`/`empty` mbarriers and the output tile's two, and 1 KiB to align the ring to the
+/// 1024-byte swizzle atom.
 fn smem_bytes(bn: usize) -> usize {
-    stages(bn) * (TILE_M + bn) * 64 * 2 + 2 * 8 * stages(bn) + 1024
+    stages(bn) * (TILE_M + bn) * 64 * 2 + TILE_M * bn * 2 + 2 * 8 * stages(bn) + 16 + 1024
 }
 
 /// One problem as the kernel reads it (`struct Problem`).
