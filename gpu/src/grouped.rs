@@ -77,10 +77,13 @@ pub enum Strategy {
     /// chooses per problem list). Falls back to [`Strategy::Auto`]'s cuBLAS choice for lists the
     /// kernel does not take (fp32, extents not multiples of 8, not a compute capability 9.0 GPU).
     Persistent(usize),
-    /// One `cublasGemmStridedBatchedEx` when every problem that computes has the same shape and
-    /// evenly strided `A`, `B`, `C` (uniform routing), else [`Strategy::MultiStream`]`(4)`
-    /// (not a graph: with routing that changes every step a graph would be re-captured per
-    /// call, which measured no faster than issuing the streams directly).
+    /// The layers' default, chosen per call from measurements (docs/performance.md): one
+    /// `cublasGemmStridedBatchedEx` when every problem that computes has the same shape and
+    /// evenly strided `A`, `B`, `C` (uniform routing); else the persistent kernel for many
+    /// small experts ([`crate::persistent::prefer_persistent`]) when the list is eligible;
+    /// else [`Strategy::MultiStream`]`(4)` (not a graph: with routing that changes every step
+    /// a graph would be re-captured per call, which measured no faster than issuing the
+    /// streams directly).
     Auto,
 }
 
@@ -272,11 +275,15 @@ impl Engine {
                 Ok(())
             }
             Strategy::Auto => {
-                if !self.strided_batched(dt, ta, tb, problems)? {
-                    self.ensure_lanes(4)?;
-                    let main = self.stream.clone();
-                    self.issue_lanes(4, dt, ta, tb, problems, &main, false)?;
+                if self.strided_batched(dt, ta, tb, problems)? {
+                    return Ok(());
                 }
+                if crate::persistent::prefer_persistent(problems) && self.persistent_gemm(0, dt, ta, tb, problems)? {
+                    return Ok(());
+                }
+                self.ensure_lanes(4)?;
+                let main = self.stream.clone();
+                self.issue_lanes(4, dt, ta, tb, problems, &main, false)?;
                 Ok(())
             }
         }

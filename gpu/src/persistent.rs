@@ -287,20 +287,35 @@ fn encode_map(dt: Dtype, t: &OperandTensor, box_rows: usize) -> Result<TensorMap
     Ok(map)
 }
 
-/// The output-tile width for a problem list: the one with fewer waves of tiles over the SMs,
-/// counting a 256-wide tile as the time of 1.8 narrow ones (its better operand reuse); ties
-/// go to the narrower tile.
+/// The output-tile width for a problem list: 256 (better operand reuse; measured at least as
+/// fast as 128 on every model-shape row, docs/performance.md run 6) unless the 256-wide tiles
+/// would not cover the SMs once, where the narrower tile spreads the work wider.
 pub fn choose_tile_n(problems: &[GemmProblem], sms: usize) -> usize {
-    let cost = |bn: usize, weight: f64| -> f64 {
-        let tiles: usize =
-            problems.iter().filter(|p| p.m > 0 && p.n > 0).map(|p| p.m.div_ceil(TILE_M) * p.n.div_ceil(bn)).sum();
-        tiles.div_ceil(sms.max(1)) as f64 * weight
-    };
-    if cost(256, 1.8) < cost(128, 1.0) {
+    let tiles: usize =
+        problems.iter().filter(|p| p.m > 0 && p.n > 0).map(|p| p.m.div_ceil(TILE_M) * p.n.div_ceil(256)).sum();
+    if tiles >= sms {
         256
     } else {
         128
     }
+}
+
+/// Whether [`crate::grouped::Strategy::Auto`] should run a non-uniform list on the
+/// persistent kernel rather than cuBLAS on several streams. Measured (docs/performance.md,
+/// run 6, H100): the kernel wins where experts are many and small — the mean expert GEMM
+/// under 8·10⁹ multiply-adds (Qwen3-30B-A3B, GPT-OSS-120B) — as long as each output tile
+/// has enough k-steps to hide its epilogue (mean k of at least 384; GPT-OSS's weight
+/// gradients with 256 tokens per expert stay on cuBLAS). Few large experts (Mixtral,
+/// DeepSeek-V3) fill the GPU one cuBLAS GEMM at a time, which is faster.
+pub fn prefer_persistent(problems: &[GemmProblem]) -> bool {
+    let computing: Vec<&GemmProblem> = problems.iter().filter(|p| p.m > 0 && p.n > 0 && p.k > 0).collect();
+    if computing.is_empty() {
+        return false;
+    }
+    let n = computing.len() as f64;
+    let mean_macs = computing.iter().map(|p| p.m as f64 * p.n as f64 * p.k as f64).sum::<f64>() / n;
+    let mean_k = computing.iter().map(|p| p.k as f64).sum::<f64>() / n;
+    mean_macs < 8e9 && mean_k >= 384.0
 }
 
 impl Engine {
@@ -428,10 +443,31 @@ mod tests {
     #[test]
     fn tile_width_follows_the_waves() {
         let p = |m, n| GemmProblem { m, n, k: 64, a: 0, b: 0, c: 0 };
-        // 132 SMs, one 128x256 tile vs two 128x128: one wave either way, narrow wins the tie.
+        // One 128x256 tile cannot cover 132 SMs: narrow tiles.
         assert_eq!(choose_tile_n(&[p(128, 256)], 132), 128);
-        // Many tiles: 256 halves the waves.
         assert_eq!(choose_tile_n(&vec![p(4096, 4096); 8], 132), 256);
+    }
+
+    /// The Auto policy on the model shapes' Zipf lists (benches/data/grouped_counts.json
+    /// sizes): many small experts go to the kernel, few large ones and short-k weight
+    /// gradients stay on cuBLAS.
+    #[test]
+    fn auto_prefers_the_kernel_for_many_small_experts() {
+        let fwd = |rows: &[usize], n, k| -> Vec<GemmProblem> {
+            rows.iter().map(|&m| GemmProblem { m, n, k, a: 0, b: 0, c: 0 }).collect()
+        };
+        let wgrad = |rows: &[usize], m, n| -> Vec<GemmProblem> {
+            rows.iter().map(|&k| GemmProblem { m, n, k, a: 0, b: 0, c: 0 }).collect()
+        };
+        let qwen: Vec<usize> = (0..128).map(|e| if e < 8 { 0 } else { 512 + e }).collect();
+        let gptoss: Vec<usize> = (0..128).map(|e| if e < 8 { 0 } else { 256 + e }).collect();
+        let mixtral = [0, 7616, 3000, 2000, 1500, 1200, 1068, 0];
+        assert!(prefer_persistent(&fwd(&qwen, 1536, 2048)));
+        assert!(prefer_persistent(&wgrad(&qwen, 1536, 2048)));
+        assert!(prefer_persistent(&fwd(&gptoss, 5760, 2880)));
+        assert!(!prefer_persistent(&wgrad(&gptoss, 5760, 2880)));
+        assert!(!prefer_persistent(&fwd(&mixtral, 28672, 4096)));
+        assert!(!prefer_persistent(&fwd(&[0, 0], 64, 64)));
     }
 
     /// The kernel source compiles for sm_90a wherever libnvrtc is loadable (no GPU needed),
