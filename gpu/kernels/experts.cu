@@ -7,7 +7,8 @@
 //     is the local expert of row r (needed for per-expert biases).
 //   * probs are f32 on the device (every probs dtype is a subset of f32); `probs_dt` says how
 //     probs gradients are rounded on store: 0 = f32, 1 = bf16, 2 = fp16.
-//   * Elementwise kernels use a grid-stride loop with any 1-D grid; row kernels (`act_bwd`,
+//   * Elementwise kernels use a grid-stride loop over rows with any 1-D grid (threads over the
+//     row's columns, so no per-element index division); row kernels (`act_bwd`,
 //     `probs_in_bwd`) take one block of 256 threads per row (grid.x = rows); `col_sum` takes
 //     grid = (ceil(cols / 256), experts), block 256.
 // No CUDA headers: bf16/fp16 conversions are done here (bf16 by bit arithmetic, fp16 by cvt.rn).
@@ -107,30 +108,31 @@ __device__ __forceinline__ float act_z(const ActParams& ap, float g, float l) {
 // Forward activation block. a: [rows, n1] fc1 output (n1 = 2*n2 with GLU, n2 otherwise);
 // b1: [experts, n1] or null (SequentialMLP's separately added fc1 bias: a <- round(a + b1),
 // written back into a for backward); p: [rows] probs as applied after the activation;
-// u: [rows, n2] output round(z * p). One thread per (row, j < n2).
+// u: [rows, n2] output round(z * p).
 template <typename T>
 __device__ void act_fwd(T* a, const T* b1, const float* p, const int* row_expert, T* u,
                         int rows, int n2, ActParams ap) {
     const int n1 = ap.glu ? 2 * n2 : n2;
-    const long long total = (long long)rows * n2;
-    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
-         idx += (long long)gridDim.x * blockDim.x) {
-        const long long r = idx / n2;
-        const int j = (int)(idx % n2);
+    // Grid-stride over rows, threads over columns: no per-element 64-bit division.
+    for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
         T* arow = a + r * n1;
-        float g = to_f(arow[j]);
-        float l = ap.glu ? to_f(arow[n2 + j]) : 0.0f;
-        if (b1 != nullptr) {
-            const T* brow = b1 + (long long)row_expert[r] * n1;
-            g = rnd<T>(g + to_f(brow[j]));
-            arow[j] = from_f<T>(g);
-            if (ap.glu) {
-                l = rnd<T>(l + to_f(brow[n2 + j]));
-                arow[n2 + j] = from_f<T>(l);
+        T* urow = u + r * n2;
+        const float pr = p[r];
+        const T* brow = b1 != nullptr ? b1 + (long long)row_expert[r] * n1 : nullptr;
+        for (int j = threadIdx.x; j < n2; j += blockDim.x) {
+            float g = to_f(arow[j]);
+            float l = ap.glu ? to_f(arow[n2 + j]) : 0.0f;
+            if (brow != nullptr) {
+                g = rnd<T>(g + to_f(brow[j]));
+                arow[j] = from_f<T>(g);
+                if (ap.glu) {
+                    l = rnd<T>(l + to_f(brow[n2 + j]));
+                    arow[n2 + j] = from_f<T>(l);
+                }
             }
+            float z = act_z<T>(ap, g, l);
+            urow[j] = from_f<T>(z * pr);
         }
-        float z = act_z<T>(ap, g, l);
-        u[r * n2 + j] = from_f<T>(z * p[r]);
     }
 }
 
@@ -211,10 +213,9 @@ __device__ void act_bwd(const T* a, const T* du, const float* p, const T* gout, 
 // out[r, c] = round(x[r, c] * p[r]) (moe_apply_probs_on_input, spec §4.7).
 template <typename T>
 __device__ void scale_rows(const T* x, const float* p, T* out, int rows, int cols) {
-    const long long total = (long long)rows * cols;
-    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
-         idx += (long long)gridDim.x * blockDim.x) {
-        out[idx] = from_f<T>(to_f(x[idx]) * p[idx / cols]);
+    for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+        const float pr = p[r];
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) out[r * cols + c] = from_f<T>(to_f(x[r * cols + c]) * pr);
     }
 }
 
@@ -244,12 +245,9 @@ __device__ void probs_in_bwd(T* dx, const T* x, const float* p, float* dp, int r
 // beta = 1 rounds x·W1ᵀ + b1 once (bias inside the GEMM, spec §4.2).
 template <typename T>
 __device__ void fill_bias_rows(T* a, const T* b, const int* row_expert, int rows, int cols) {
-    const long long total = (long long)rows * cols;
-    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
-         idx += (long long)gridDim.x * blockDim.x) {
-        const long long r = idx / cols;
-        const int c = (int)(idx % cols);
-        a[idx] = b[(long long)row_expert[r] * cols + c];
+    for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+        const T* brow = b + (long long)row_expert[r] * cols;
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) a[r * cols + c] = brow[c];
     }
 }
 
@@ -259,14 +257,14 @@ __device__ void fill_bias_rows(T* a, const T* b, const int* row_expert, int rows
 template <typename T>
 __device__ void fc2_bias_fwd(T* y, const T* b2, const float* p, const int* row_expert, int rows,
                              int cols, int probs_in_storage) {
-    const long long total = (long long)rows * cols;
-    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
-         idx += (long long)gridDim.x * blockDim.x) {
-        const long long r = idx / cols;
-        const int c = (int)(idx % cols);
-        float bias = to_f(b2[(long long)row_expert[r] * cols + c]) * p[r];
-        if (probs_in_storage) bias = rnd<T>(bias);
-        y[idx] = from_f<T>(to_f(y[idx]) + bias);
+    for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+        const T* brow = b2 + (long long)row_expert[r] * cols;
+        const float pr = p[r];
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+            float bias = to_f(brow[c]) * pr;
+            if (probs_in_storage) bias = rnd<T>(bias);
+            y[r * cols + c] = from_f<T>(to_f(y[r * cols + c]) + bias);
+        }
     }
 }
 

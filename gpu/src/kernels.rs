@@ -510,6 +510,13 @@ impl Engine {
         LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
     }
 
+    /// The grid of the row-looping elementwise kernels (`act_fwd`, `scale_rows`,
+    /// `fill_bias_rows`, `fc2_bias_fwd`): blocks of 256 threads striding over `rows`.
+    pub fn over_rows(rows: usize) -> LaunchConfig {
+        let blocks = rows.min(132 * 32) as u32; // 0 rows: no launch
+        LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+    }
+
     /// One block of 256 threads per row.
     pub fn per_row(rows: usize) -> Result<LaunchConfig, GpuError> {
         Ok(LaunchConfig { grid_dim: (u32::try_from(rows)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 })

@@ -425,7 +425,7 @@ impl Engine {
                 Arg::I32(ri),
                 Arg::I32(hi),
             ];
-            self.launch("scale_rows", d.dt, Engine::elementwise(rows * d.h), &args)?;
+            self.launch("scale_rows", d.dt, Engine::over_rows(rows), &args)?;
         }
         let xin = ws.xs.as_ref().unwrap_or(&ws.x);
         let p_act = ws.p_act.as_ref().unwrap_or(&ws.p);
@@ -440,7 +440,7 @@ impl Engine {
                 Arg::I32(ri),
                 Arg::I32(n1i),
             ];
-            self.launch("fill_bias_rows", d.dt, Engine::elementwise(rows * d.n1), &args)?;
+            self.launch("fill_bias_rows", d.dt, Engine::over_rows(rows), &args)?;
         }
         // fc1: a_e = x_e·W1_eᵀ ([out,in] weights) or x_e·W1_e ([in,out] GroupedMLP blocks).
         let fc1: Vec<GemmProblem> = (0..d.el.min(ws.padded.len()))
@@ -474,7 +474,7 @@ impl Engine {
             Arg::I32(n2i),
             Arg::Act(act_params(cfg)),
         ];
-        self.launch("act_fwd", d.dt, Engine::elementwise(rows * d.n2), &args)?;
+        self.launch("act_fwd", d.dt, Engine::over_rows(rows), &args)?;
         // fc2: y_e = u_e·W2_eᵀ (or u_e·W2_e for GroupedMLP blocks [N2, h]).
         let fc2: Vec<GemmProblem> = (0..d.el.min(ws.padded.len()))
             .map(|e| GemmProblem {
@@ -500,7 +500,7 @@ impl Engine {
                 Arg::I32(hi),
                 Arg::I32(i32::from(probs_in_storage)),
             ];
-            self.launch("fc2_bias_fwd", d.dt, Engine::elementwise(rows * d.h), &args)?;
+            self.launch("fc2_bias_fwd", d.dt, Engine::over_rows(rows), &args)?;
         }
         Ok(())
     }
