@@ -443,16 +443,7 @@ impl Engine {
             self.launch("fill_bias_rows", d.dt, Engine::over_rows(rows), &args)?;
         }
         // fc1: a_e = x_e·W1_eᵀ ([out,in] weights) or x_e·W1_e ([in,out] GroupedMLP blocks).
-        let fc1: Vec<GemmProblem> = (0..d.el.min(ws.padded.len()))
-            .map(|e| GemmProblem {
-                m: ws.padded[e],
-                n: d.n1,
-                k: d.h,
-                a: self.seg_ptr(xin, ws, e, d.h, d.ds),
-                b: self.ptr(&w.w1, e * d.n1 * d.h * d.ds),
-                c: self.seg_ptr(&ws.a, ws, e, d.n1, d.ds),
-            })
-            .collect();
+        let fc1 = self.token_gemms(ws, d.el.min(ws.padded.len()), d.n1, d.h, xin, &w.w1, &ws.a, d.ds);
         if te_bias {
             // beta = 1 on the bias-filled output: one cuBLAS call per expert.
             for p in &fc1 {
@@ -476,16 +467,7 @@ impl Engine {
         ];
         self.launch("act_fwd", d.dt, Engine::over_rows(rows), &args)?;
         // fc2: y_e = u_e·W2_eᵀ (or u_e·W2_e for GroupedMLP blocks [N2, h]).
-        let fc2: Vec<GemmProblem> = (0..d.el.min(ws.padded.len()))
-            .map(|e| GemmProblem {
-                m: ws.padded[e],
-                n: d.h,
-                k: d.n2,
-                a: self.seg_ptr(&ws.u, ws, e, d.n2, d.ds),
-                b: self.ptr(&w.w2, e * d.h * d.n2 * d.ds),
-                c: self.seg_ptr(&ws.y, ws, e, d.h, d.ds),
-            })
-            .collect();
+        let fc2 = self.token_gemms(ws, d.el.min(ws.padded.len()), d.h, d.n2, &ws.u, &w.w2, &ws.y, d.ds);
         self.expert_gemms(d.dt, false, !grouped, &fc2)?;
         // fc2 bias scaled by the probs: y = round(y + b2·p) in f32.
         // With storage-dtype probs the product b2·p is rounded first (spec §4.8).
@@ -543,16 +525,7 @@ impl Engine {
             self.launch("col_sum", d.dt, col_sum_cfg(d.h, el_i), &args)?;
         }
         // du_e = round(G_e·W2_e) ([h, N2] weights: no transpose; GroupedMLP [N2, h]: transpose).
-        let dgrad2: Vec<GemmProblem> = (0..el)
-            .map(|e| GemmProblem {
-                m: ws.padded[e],
-                n: d.n2,
-                k: d.h,
-                a: self.seg_ptr(&ws.g, ws, e, d.h, d.ds),
-                b: self.ptr(&w.w2, e * d.h * d.n2 * d.ds),
-                c: self.seg_ptr(&ws.du, ws, e, d.n2, d.ds),
-            })
-            .collect();
+        let dgrad2 = self.token_gemms(ws, el, d.n2, d.h, &ws.g, &w.w2, &ws.du, d.ds);
         self.expert_gemms(d.dt, false, grouped, &dgrad2)?;
         // Activation backward + dp (fc2-bias term and Σ du·z), one block per row.
         let b2p = w.b2.as_ref().map(|b| self.ptr(b, 0)).unwrap_or(0);
@@ -574,16 +547,7 @@ impl Engine {
         ];
         self.launch("act_bwd", d.dt, Engine::per_row(rows)?, &args)?;
         // dx_e = round(da_e·W1_e) ([N1, h]: no transpose; GroupedMLP [h, N1]: transpose).
-        let dgrad1: Vec<GemmProblem> = (0..el)
-            .map(|e| GemmProblem {
-                m: ws.padded[e],
-                n: d.h,
-                k: d.n1,
-                a: self.seg_ptr(&ws.da, ws, e, d.n1, d.ds),
-                b: self.ptr(&w.w1, e * d.n1 * d.h * d.ds),
-                c: self.seg_ptr(&ws.dx, ws, e, d.h, d.ds),
-            })
-            .collect();
+        let dgrad1 = self.token_gemms(ws, el, d.h, d.n1, &ws.da, &w.w1, &ws.dx, d.ds);
         self.expert_gemms(d.dt, false, grouped, &dgrad1)?;
         // §4.7 backward: dp = Σ dx'·x, dx = round(dx'·p).
         if cfg.apply_probs_on_input {
@@ -664,6 +628,33 @@ impl Engine {
             })
             .collect();
         self.expert_gemms(d.dt, true, false, &problems)
+    }
+
+    /// The per-expert GEMMs over token rows, `out_e[m_e, n] = in_e[m_e, k]·op(weight_e)`, for
+    /// the first `experts` experts: `input`/`output` segmented by the workspace's row offsets,
+    /// `weight` a stack of `n·k` blocks (fc1, fc2 and the two data gradients).
+    #[allow(clippy::too_many_arguments)]
+    fn token_gemms(
+        &self,
+        ws: &Workspace,
+        experts: usize,
+        n: usize,
+        k: usize,
+        input: &Buf,
+        weight: &Buf,
+        output: &Buf,
+        ds: usize,
+    ) -> Vec<GemmProblem> {
+        (0..experts)
+            .map(|e| GemmProblem {
+                m: ws.padded[e],
+                n,
+                k,
+                a: self.seg_ptr(input, ws, e, k, ds),
+                b: self.ptr(weight, e * n * k * ds),
+                c: self.seg_ptr(output, ws, e, n, ds),
+            })
+            .collect()
     }
 
     /// One set of per-expert GEMMs, issued with the engine's [`Engine::gemm_strategy`].
