@@ -72,7 +72,7 @@ fn cases() -> Vec<Case> {
 /// against the 128-row tile, all four operand layouts, k past a 64-multiple in the row
 /// contraction of MN-major operands (the rows past k belong to the next expert and must not
 /// count), and more experts than one launch's table holds (130 > MAX_PROBLEMS = 128: two
-/// launches). A K-major operand's row width is k, so those cases keep k equal across experts,
+/// launches), and lists that read nothing. A K-major operand's row width is k, so those cases keep k equal across experts,
 /// as the layers do (a list with different k there is not one tensor: cuBLAS runs it).
 fn persistent_cases() -> Vec<Case> {
     let ms = [300, 0, 1, 128, 257, 64];
@@ -90,6 +90,10 @@ fn persistent_cases() -> Vec<Case> {
         },
         Case { name: "mk_layout", ta: true, tb: true, dims: vec![(136, 264, 344), (136, 264, 344), (136, 264, 0)] },
         Case { name: "130_experts", ta: false, tb: true, dims: many },
+        // Nothing to read: every expert has k = 0 (the kernel only writes zeros, without tensor
+        // maps), or every expert has m = 0 (no tile, no launch).
+        Case { name: "wgrad_all_k0", ta: true, tb: false, dims: vec![(64, 72, 0), (136, 72, 0)] },
+        Case { name: "fwd_all_m0", ta: false, tb: true, dims: vec![(0, 64, 72), (0, 64, 72)] },
     ]
 }
 

@@ -347,8 +347,17 @@ impl Engine {
         let f = kernels.functions.get(&kernel_name(dt, bn, ta, tb)).expect("every combination is loaded").clone();
         let sms = kernels.sms;
         // K-major operands take one box of all the tile's rows; MN-major ones 64 x 64 blocks.
-        let map_a = encode_map(dt, &ta_tensor, if ta { 64 } else { TILE_M })?;
-        let map_b = encode_map(dt, &tb_tensor, if tb { bn } else { 64 })?;
+        // When no problem reads anything (every k = 0: the tiles only write zeros) the kernel
+        // issues no copy, and there is no operand to describe.
+        let reads = problems.iter().any(|p| p.m > 0 && p.n > 0 && p.k > 0);
+        let (map_a, map_b) = if reads {
+            (
+                encode_map(dt, &ta_tensor, if ta { 64 } else { TILE_M })?,
+                encode_map(dt, &tb_tensor, if tb { bn } else { 64 })?,
+            )
+        } else {
+            (TensorMap([0; 16]), TensorMap([0; 16]))
+        };
         let computing: Vec<usize> = (0..problems.len()).filter(|&i| problems[i].m > 0 && problems[i].n > 0).collect();
         for chunk in computing.chunks(MAX_PROBLEMS) {
             let mut params = Params {
