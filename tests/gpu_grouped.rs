@@ -68,12 +68,13 @@ fn cases() -> Vec<Case> {
 }
 
 /// Cases for the persistent kernel beyond the executor's common ones: k spanning more k-tiles
-/// than its 4-5 stage ring (the ring wraps), n ragged against both tile widths, m ragged
+/// than its 3-5 stage ring (the ring wraps), n ragged against both tile widths, m ragged
 /// against the 128-row tile, all four operand layouts, k past a 64-multiple in the row
 /// contraction of MN-major operands (the rows past k belong to the next expert and must not
-/// count), and more experts than one launch's table holds (130 > MAX_PROBLEMS = 128: two
-/// launches), and lists that read nothing. A K-major operand's row width is k, so those cases keep k equal across experts,
-/// as the layers do (a list with different k there is not one tensor: cuBLAS runs it).
+/// count), more experts than one launch's table holds (130 > MAX_PROBLEMS = 128: two
+/// launches), and lists that read nothing. A K-major operand's row width is k, so those cases
+/// keep k equal across experts, as the layers do (a list with different k there is not one
+/// tensor: cuBLAS runs it).
 fn persistent_cases() -> Vec<Case> {
     let ms = [300, 0, 1, 128, 257, 64];
     let mk = |name, ta, tb, n, k| Case { name, ta, tb, dims: ms.iter().map(|&m| (m, n, k)).collect() };
