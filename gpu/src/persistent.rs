@@ -1,13 +1,16 @@
 //! The persistent grouped GEMM of `kernels/grouped_gemm.cu` (Hopper, sm_90a): one launch for
 //! all experts' GEMMs of a grouped call, a CTA per SM walking the flat list of output tiles,
-//! wgmma on 128-byte-swizzled shared-memory tiles filled by cp.async (see the kernel file's
-//! header for the design). Same function as [`crate::grouped::Strategy::Loop`]: f32
-//! accumulation, one rounding, `k = 0` → exact zeros, `m = 0` → nothing written.
+//! operands through TMA tensor maps into 128-byte-swizzled shared-memory stages, wgmma,
+//! warp-specialized producer / consumers / storers (see the kernel file's header for the
+//! design). Same function as [`crate::grouped::Strategy::Loop`]: f32 accumulation, one
+//! rounding, `k = 0` → exact zeros, `m = 0` → nothing written.
 //!
-//! Eligibility ([`persistent_eligible`]): bf16 or f16 (fp32 GEMMs stay on cuBLAS, whose
-//! `COMPUTE_32F` without TF32 is what the reference models), every operand's contiguous
-//! extent a multiple of 8 elements and every pointer 16-byte aligned, a compute capability
-//! 9.0 device. Anything else runs on cuBLAS instead (the caller's fallback).
+//! Eligibility ([`persistent_layout`]): bf16 or f16 (fp32 GEMMs stay on cuBLAS, whose
+//! `COMPUTE_32F` without TF32 is what the reference models); every expert's A inside one 2-D
+//! tensor and every expert's B inside another (packed buffers, as the layers have them), with
+//! rows of a multiple of 16 bytes and 16-byte aligned; C rows a multiple of 8 elements; a
+//! compute capability 9.0 device. Anything else runs on cuBLAS instead (the caller's
+//! fallback).
 
 use crate::error::GpuError;
 use crate::grouped::GemmProblem;
@@ -28,6 +31,7 @@ pub const TILE_N: [usize; 2] = [128, 256];
 /// A producer warpgroup and two consumer warpgroups.
 const THREADS: u32 = 384;
 
+/// Pipeline stages of a tile width (the `STAGES` of the kernel's `GROUPED_GEMM_LAYOUTS` lines).
 fn stages(bn: usize) -> usize {
     if bn == 256 {
         3
@@ -418,6 +422,23 @@ mod tests {
         assert_eq!(std::mem::offset_of!(Params, num_problems), 256);
         assert_eq!(std::mem::offset_of!(Params, p), 272);
         assert!(std::mem::size_of::<Params>() < 32 * 1024, "sm_90 kernel parameters are limited to 32 KiB");
+    }
+
+    /// The host's constants and the kernel source's must agree: shared-memory size, the
+    /// problem table and the tile widths are computed from them on both sides.
+    #[test]
+    fn host_constants_match_the_kernel_source() {
+        let src = GROUPED_GEMM_CU;
+        assert!(src.contains(&format!("constexpr int MAX_PROBLEMS = {MAX_PROBLEMS};")));
+        assert!(src.contains(&format!("constexpr int BM = {TILE_M};")));
+        assert!(src.contains(&format!("constexpr int THREADS = {THREADS};")));
+        for bn in TILE_N {
+            for dt in ["bf16, false", "f16, true"] {
+                let line = format!("GROUPED_GEMM_LAYOUTS({dt}, {bn}, {})", stages(bn));
+                assert!(src.contains(&line), "{line} not in grouped_gemm.cu");
+            }
+        }
+        assert!(smem_bytes(256) <= 227 * 1024 && smem_bytes(128) <= 227 * 1024, "over the sm_90 shared-memory limit");
     }
 
     #[test]
