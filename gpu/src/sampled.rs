@@ -22,7 +22,7 @@ use crate::kernels::engine;
 use crate::layer::{from_bytes, segments};
 use moe_reference::layer::forward as ref_forward;
 use moe_reference::{
-    Activation, Dtype, ExpertSet, ExpertWeights, Inputs, LayerClass, LayerConfig, Numerics, Parallelism, WgradTiming,
+    Dtype, ExpertSet, ExpertWeights, Inputs, LayerClass, LayerConfig, Numerics, Parallelism, WgradTiming,
 };
 use ndarray::{Array1, Array2};
 use std::fmt;
@@ -59,22 +59,14 @@ pub fn shape(name: &str) -> Result<ModelShape, GpuError> {
 }
 
 /// The layer configuration of a model shape for `class`.
+/// GLU silu, bf16 parameters, fp32 probs, no bias: [`LayerConfig::example`] at the shape's sizes.
 pub fn shape_config(shape: &ModelShape, class: LayerClass) -> LayerConfig {
     LayerConfig {
         class,
         num_experts: shape.experts,
         hidden_size: shape.hidden,
         ffn_hidden_size: shape.ffn,
-        gated_linear_unit: true,
-        activation: Activation::Silu,
-        add_bias: false,
-        clamp_value: None,
-        glu_linear_offset: 0.0,
-        apply_probs_on_input: false,
-        params_dtype: Dtype::Bf16,
-        probs_dtype: Dtype::F32,
-        padding_multiple: None,
-        parallel: Parallelism::SINGLE,
+        ..LayerConfig::example()
     }
 }
 
@@ -561,6 +553,23 @@ fn check_expert(sh: &Shared, ed: &Expert, st: &mut [CheckStat]) -> Result<usize,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The model shapes are timed and verified as GLU silu, bf16, fp32 probs, no bias (what the
+    /// PyTorch benches build too); `shape_config` takes the rest from `LayerConfig::example`,
+    /// so a change there must not move them.
+    #[test]
+    fn shape_configs_are_glu_silu_bf16_without_bias() {
+        for s in SHAPES {
+            let c = shape_config(&s, LayerClass::TeGrouped);
+            assert!(c.gated_linear_unit && c.activation == moe_reference::Activation::Silu && !c.add_bias);
+            assert_eq!(
+                (c.params_dtype, c.probs_dtype, c.clamp_value, c.padding_multiple),
+                (Dtype::Bf16, Dtype::F32, None, None)
+            );
+            assert!(!c.apply_probs_on_input && c.glu_linear_offset == 0.0 && c.parallel == Parallelism::SINGLE);
+            assert!(c.validate().is_ok());
+        }
+    }
 
     /// `scripts/torch_experts_bench.py` ports this split; both print these counts for seed 42.
     #[test]
