@@ -22,7 +22,7 @@ use crate::kernels::engine;
 use crate::layer::{from_bytes, segments};
 use moe_reference::layer::forward as ref_forward;
 use moe_reference::{
-    Dtype, ExpertSet, ExpertWeights, Inputs, LayerClass, LayerConfig, Numerics, Parallelism, WgradTiming,
+    Activation, Dtype, ExpertSet, ExpertWeights, Inputs, LayerClass, LayerConfig, Numerics, Parallelism, WgradTiming,
 };
 use ndarray::{Array1, Array2};
 use std::fmt;
@@ -59,14 +59,23 @@ pub fn shape(name: &str) -> Result<ModelShape, GpuError> {
 }
 
 /// The layer configuration of a model shape for `class`.
-/// GLU silu, bf16 parameters, fp32 probs, no bias: [`LayerConfig::example`] at the shape's sizes.
+/// GLU silu, bf16 parameters, fp32 probs, no bias.
 pub fn shape_config(shape: &ModelShape, class: LayerClass) -> LayerConfig {
     LayerConfig {
         class,
         num_experts: shape.experts,
         hidden_size: shape.hidden,
         ffn_hidden_size: shape.ffn,
-        ..LayerConfig::example()
+        gated_linear_unit: true,
+        activation: Activation::Silu,
+        add_bias: false,
+        clamp_value: None,
+        glu_linear_offset: 0.0,
+        apply_probs_on_input: false,
+        params_dtype: Dtype::Bf16,
+        probs_dtype: Dtype::F32,
+        padding_multiple: None,
+        parallel: Parallelism::SINGLE,
     }
 }
 
@@ -555,8 +564,7 @@ mod tests {
     use super::*;
 
     /// The model shapes are timed and verified as GLU silu, bf16, fp32 probs, no bias (what the
-    /// PyTorch benches build too); `shape_config` takes the rest from `LayerConfig::example`,
-    /// so a change there must not move them.
+    /// PyTorch benches build too).
     #[test]
     fn shape_configs_are_glu_silu_bf16_without_bias() {
         for s in SHAPES {
