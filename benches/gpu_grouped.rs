@@ -52,6 +52,14 @@ struct Layout {
     n2: usize,
 }
 
+/// One expert's weight-gradient GEMM from its output-side and input-side activation segments
+/// `(pointer, columns)`: `[out, in] = outᵀ·in` with `te` (`[out, in]` weights), else the
+/// `[in, out]` block `inᵀ·out` (A and B stored `[k, ·]`: `ta`).
+fn wgrad(out_side: (u64, usize), in_side: (u64, usize), grad: u64, tokens: usize, te: bool) -> GemmProblem {
+    let ((a, m), (b, n)) = if te { (out_side, in_side) } else { (in_side, out_side) };
+    GemmProblem { m, n, k: tokens, a, b, c: grad }
+}
+
 /// The six grouped calls of a layer for `counts`; `te`: `[out, in]` weights, else `[in, out]`.
 fn gemm(eng: &Engine, b: &Buffers, l: &Layout, counts: &[usize], te: bool, which: &str) -> Call {
     let ds = DT.size_bytes();
@@ -79,53 +87,15 @@ fn gemm(eng: &Engine, b: &Buffers, l: &Layout, counts: &[usize], te: bool, which
                 tb = !te;
                 GemmProblem { m: c, n: h, k: n1, a: p(&b.da, off * n1), b: p(&b.w1, e * n1 * h), c: p(&b.dx, off * h) }
             }
+            // Weight grads, K = the expert's tokens: [out, in] = out_sideᵀ·in_side (TE), or the
+            // transposed block in_sideᵀ·out_side for GroupedMLP's [in, out] weights.
             "wgrad2" => {
                 ta = true;
-                if te {
-                    // [h, n2] = g_eᵀ·u_e
-                    GemmProblem {
-                        m: h,
-                        n: n2,
-                        k: c,
-                        a: p(&b.g, off * h),
-                        b: p(&b.u, off * n2),
-                        c: p(&b.dw2, e * h * n2),
-                    }
-                } else {
-                    // [n2, h] = u_eᵀ·g_e
-                    GemmProblem {
-                        m: n2,
-                        n: h,
-                        k: c,
-                        a: p(&b.u, off * n2),
-                        b: p(&b.g, off * h),
-                        c: p(&b.dw2, e * h * n2),
-                    }
-                }
+                wgrad((p(&b.g, off * h), h), (p(&b.u, off * n2), n2), p(&b.dw2, e * h * n2), c, te)
             }
             "wgrad1" => {
                 ta = true;
-                if te {
-                    // [n1, h] = da_eᵀ·x_e
-                    GemmProblem {
-                        m: n1,
-                        n: h,
-                        k: c,
-                        a: p(&b.da, off * n1),
-                        b: p(&b.x, off * h),
-                        c: p(&b.dw1, e * n1 * h),
-                    }
-                } else {
-                    // [h, n1] = x_eᵀ·da_e
-                    GemmProblem {
-                        m: h,
-                        n: n1,
-                        k: c,
-                        a: p(&b.x, off * h),
-                        b: p(&b.da, off * n1),
-                        c: p(&b.dw1, e * n1 * h),
-                    }
-                }
+                wgrad((p(&b.da, off * n1), n1), (p(&b.x, off * h), h), p(&b.dw1, e * n1 * h), c, te)
             }
             other => panic!("unknown GEMM {other}"),
         };
