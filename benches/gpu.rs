@@ -17,7 +17,10 @@
 //!   `moe_gpu::grouped::Strategy::parse` (default `auto,loop`); every set of per-expert GEMMs of
 //!   the layer is issued with it (`Engine::set_gemm_strategy`). An unknown label stops the bench
 //!   with a message naming it.
-//! * `MOE_LAYER_SHAPES`: comma list of shape names to keep (default all).
+//! * `MOE_LAYER_SHAPES`: comma list of shape names to keep (default all);
+//!   `MOE_LAYER_MODES`: comma list of `fwd`, `fwdbwd` (default both). With a criterion filter
+//!   that matches no row, each kept row still makes its one untimed call: that is how
+//!   `scripts/gpu-device.sh`'s `profile` step gets one call per row under `ncu`.
 //!
 //! **Timing**: device-resident. Weights (`Engine::prepare_random`, `U(-1, 1)/√fan_in`) and
 //! inputs (`Engine::random_inputs`: x and the upstream grad `U(-1, 1)`, probs `U(0.05, 1)`) are
@@ -30,9 +33,13 @@
 //! `gpu_layer/dense/gemm8192` (before the layers), `gpu_layer/dense/gemm8192_end` (after).
 //!
 //! **Dense reference**: one 8192³ bf16 `Engine::gemm` (cuBLAS, f32 accumulation) on random
-//! data, same process, same timing, measured before and after the layers (the sustained
-//! clock drifts over a run); `% dense` = layer TFLOP/s over the higher of the two (per-row
-//! lines printed during the run use the first).
+//! data, same process, same timing, measured before the first shape (`gemm8192`), before
+//! each later shape (`gemm8192_before_<shape>`) and after the last (`gemm8192_end`): the
+//! card's sustained clock drops as it heats under a long run (H100: about 700 W, SM clock
+//! median 1.4 GHz during the layer rows, 1.98 GHz peak). `scripts/layer_table.py` reports
+//! `% dense` against the highest reading (conservative: usually the cool card's first) and
+//! `% adjacent dense` against the mean of the two readings that bracket the shape's rows
+//! (per-row lines printed during the run use the highest so far).
 //!
 //! **FLOPs** (GEMMs only, elementwise work not counted), with `T` = routed rows (the sum of the
 //! counts), `N1 = 2f` (GLU), `N2 = f`: forward `2·T·h·(N1 + N2)`; forward+backward 3× that
@@ -102,6 +109,19 @@ fn classes() -> Vec<LayerClass> {
             "grouped" | "groupedmlp" => LayerClass::Grouped,
             "te" | "te_grouped" | "te-grouped" | "tegroupedmlp" => LayerClass::TeGrouped,
             other => panic!("MOE_LAYER_CLASSES: unknown class {other:?} (expected sequential, grouped or te)"),
+        })
+        .collect()
+}
+
+/// The modes of `MOE_LAYER_MODES` as `backward` flags (default forward, then forward+backward).
+fn modes() -> Vec<bool> {
+    let labels = env_list("MOE_LAYER_MODES").unwrap_or_else(|| vec!["fwd".into(), "fwdbwd".into()]);
+    labels
+        .iter()
+        .map(|l| match l.as_str() {
+            "fwd" => false,
+            "fwdbwd" => true,
+            other => panic!("MOE_LAYER_MODES: unknown mode {other:?} (expected fwd or fwdbwd)"),
         })
         .collect()
 }
@@ -256,6 +276,7 @@ pub fn bench(c: &mut Criterion) {
     // Parse the environment before touching the GPU: a typo fails at once.
     let strategies = strategies();
     let classes = classes();
+    let modes = modes();
     let shapes = env_list("MOE_LAYER_SHAPES");
     let counts = counts();
     let mut guard = match engine() {
@@ -278,7 +299,7 @@ pub fn bench(c: &mut Criterion) {
 
     // The dense reference, measured before the layers and again after them: the card's
     // sustained clock drifts over a long run, so the table divides by the higher of the two.
-    let measure_dense = |c: &mut Criterion, eng: &mut Engine, report: &mut Report, mode: &'static str| {
+    let measure_dense = |c: &mut Criterion, eng: &mut Engine, report: &mut Report, mode: &str| {
         let chunk = random_chunk(eng);
         if let Some((secs, fl)) = dense_gemm(c, eng, &chunk, &format!("{PREFIX}/dense/{mode}"), SamplingMode::Flat) {
             let n = DENSE_N;
@@ -300,10 +321,18 @@ pub fn bench(c: &mut Criterion) {
     };
     measure_dense(c, eng, &mut report, "gemm8192");
 
+    let mut first = true;
     for sh in &counts.shapes {
         if shapes.as_ref().is_some_and(|s| !s.contains(&sh.name)) {
             continue;
         }
+        // The dense rate again right before each later shape, so that every shape's rows are
+        // bracketed by two dense readings taken in the same thermal state (layer_table.py's
+        // "% adjacent dense").
+        if !first {
+            measure_dense(c, eng, &mut report, &format!("gemm8192_before_{}", sh.name));
+        }
+        first = false;
         let model = SHAPES
             .iter()
             .find(|m| (m.hidden, m.ffn, m.experts, m.tokens) == (sh.hidden, sh.ffn, sh.experts, sh.rows))
@@ -327,7 +356,7 @@ pub fn bench(c: &mut Criterion) {
                 eng.random_inputs(&cfg, &mut ws, 9)
                     .and_then(|()| eng.synchronize())
                     .unwrap_or_else(|e| panic!("{ctx}: Engine::random_inputs failed: {e}"));
-                for backward in [false, true] {
+                for &backward in &modes {
                     let mode = if backward { "fwdbwd" } else { "fwd" };
                     for (label, strategy) in &strategies {
                         let row = Row {

@@ -13,10 +13,18 @@
 #             grouped_table.py -> $OUT/grouped-table.md (printed)
 #   verify    `moe-verify verify --gpu` (random cases, every property, reference and CUDA) and
 #             `verify --gpu --shape` on two model shapes
+#   profile   per-kernel time of one layer call per row: the layer bench under ncu
+#             (gpu__time_duration.sum) with a filter that matches no row, for each shape of
+#             $PROFILE_SHAPES (default mixtral deepseek) x GroupedMLP/TEGroupedMLP, mode
+#             $PROFILE_MODE (default fwdbwd), strategy $MOE_LAYER_STRATEGIES (default auto);
+#             layer_profile.py -> $OUT/profile.md (printed), raw logs in $OUT/profile-raw.tgz
 #   dumps     tools/test_dump_experts.py: PyTorch stand-ins of the three classes write dumps,
 #             `moe-verify compare` checks them
+# $BENCH names the bench binary of the bench and profile steps (default .stage/bench; an A/B
+# run stages a second one, e.g. .stage/bench-base, and runs the step again with it).
 set -uo pipefail
 out="${OUT:-/tmp/out}"; mkdir -p "$out"
+bench="${BENCH:-.stage/bench}"
 steps="${STEPS:-tests sampled bench sanitize}"
 export MOE_REQUIRE_CUDA=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
@@ -51,12 +59,29 @@ for s in $steps; do
         echo "== verify --gpu --shape ${sc%%:*} --class ${sc##*:}"
         .stage/moe-verify verify --gpu --shape "${sc%%:*}" --class "${sc##*:}" 2>&1 | tee -a "$out/verify-shapes.log" | tail -14
       done ;;
+    profile)
+      prof=/tmp/moe-profile; rm -rf "$prof"; mkdir -p "$prof"; specs=()
+      for sh in ${PROFILE_SHAPES:-mixtral deepseek}; do
+        for cl in grouped te; do
+          echo "== ncu layer calls: $sh $cl ${PROFILE_MODE:-fwdbwd} ${MOE_LAYER_STRATEGIES:-auto}"
+          cname=GroupedMLP; [ "$cl" = te ] && cname=TEGroupedMLP
+          MOE_LAYER_SHAPES="$sh" MOE_LAYER_CLASSES="$cl" MOE_LAYER_MODES="${PROFILE_MODE:-fwdbwd}" \
+            MOE_LAYER_STRATEGIES="${MOE_LAYER_STRATEGIES:-auto}" timeout 300 ncu --clock-control none \
+            --metrics gpu__time_duration.sum --csv --print-units base --log-file "$prof/$sh-$cl.csv" \
+            "$bench" --bench gpu_layer/no-row > "$prof/$sh-$cl.log" 2>&1
+          echo "exit $?"
+          specs+=("$prof/$sh-$cl.csv:$sh:$cname:${PROFILE_MODE:-fwdbwd}")
+        done
+      done
+      python3 .stage/layer_profile.py --counts .stage/grouped_counts.json "${specs[@]}" > "$out/profile.md"
+      echo "exit $?"; cat "$out/profile.md"
+      tar czf "$out/profile-raw.tgz" -C "$prof" . ;;
     dumps)
       echo "== dumps"; PYTHONUNBUFFERED=1 python3 .stage/tools/test_dump_experts.py --bin .stage/moe-verify > "$out/dumps.log" 2>&1
       echo "exit $?"; tail -20 "$out/dumps.log" ;;
     bench)
       echo "== layer bench (Rust), strategies ${MOE_LAYER_STRATEGIES:-auto,loop}"
-      logged "$out/layer-bench.log" env MOE_LAYER_CSV="$out/layer-rust.csv" .stage/bench --bench gpu_layer
+      logged "$out/layer-bench.log" env MOE_LAYER_CSV="$out/layer-rust.csv" "$bench" --bench gpu_layer
       grep -E "^ERR|^TFLOP/s dense " "$out/layer-bench.log" | head -40
       echo "== layer bench (torch)"
       logged "$out/layer-torch.log" env PYTHONUNBUFFERED=1 python3 .stage/torch_experts_bench.py \
@@ -67,7 +92,7 @@ for s in $steps; do
       echo "exit $?"; cat "$out/layer-table.md" ;;
     grouped)
       echo "== grouped GEMM sets (Rust)"
-      logged "$out/grouped-bench.log" env MOE_GG_CSV="$out/grouped-rust.csv" .stage/bench --bench gpu_grouped
+      logged "$out/grouped-bench.log" env MOE_GG_CSV="$out/grouped-rust.csv" "$bench" --bench gpu_grouped
       grep -E "^ERR|^ROW,rust,dense" "$out/grouped-bench.log" | head -40
       echo "== grouped GEMM sets (torch)"
       logged "$out/grouped-torch.log" env PYTHONUNBUFFERED=1 python3 .stage/torch_grouped_bench.py \

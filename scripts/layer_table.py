@@ -7,8 +7,11 @@
 Rows: shape, dist, class, mode (Rust CSV order). Columns: min GB (each input/weight read once,
 each output written once), TFLOP/s of every Rust strategy found, torch TFLOP/s, the best Rust
 strategy, its % of the dense cuBLAS rate of the Rust run (Engine::gemm 8192^3 bf16, same
-process), best / torch and auto / torch as time ratios (torch ms / Rust ms: > 1 means Rust is
-faster). ERR: that run failed; blank: not run. Warnings (rows on one side only, FLOP or byte
+process) against the highest reading of the run ("best % dense", conservative) and against the
+mean of the two readings that bracket the shape's rows ("% adjacent dense": benches/gpu.rs
+measures the dense rate before the first shape, before each later shape and at the end, so
+both sides of the ratio see the same thermal state; blank for CSVs without those readings),
+best / torch and auto / torch as time ratios (torch ms / Rust ms: > 1 means Rust is faster). ERR: that run failed; blank: not run. Warnings (rows on one side only, FLOP or byte
 counts that disagree, different devices) go to stderr and under the table.
 """
 import csv
@@ -31,6 +34,8 @@ def main(paths):
     rows = OrderedDict()  # key -> {"strategies": {label: (ms, tf) or None}, "flops", "min_bytes"}
     dense = {}  # "rust" / "torch" -> (highest tflops, device)
     dense_all = {}  # "rust" / "torch" -> every dense measurement
+    rust_dense_seq = []  # (mode, tflops) of the Rust dense rows, in file (= time) order
+    rust_shapes = []  # shapes of the Rust rows, in file order
     devices = {}  # "rust" / "torch" -> set of device names
     strategies = []
     notes = []
@@ -45,6 +50,10 @@ def main(paths):
                 side = "torch" if r["strategy"] == "torch" else "rust"
                 devices.setdefault(side, set()).add(r["device"])
                 ms, tf = num(r["median_ms"]), num(r["tflops"])
+                if r["shape"] == "dense" and side == "rust" and tf is not None:
+                    rust_dense_seq.append((r["mode"], tf))
+                if r["shape"] != "dense" and side == "rust" and r["shape"] not in rust_shapes:
+                    rust_shapes.append(r["shape"])
                 if r["shape"] == "dense":
                     # Measured before and after the layers: keep the higher (conservative).
                     if tf is not None and (side not in dense or tf > dense[side][0]):
@@ -82,6 +91,15 @@ def main(paths):
         notes.append(f"Rust ran on {sorted(devices['rust'])}, torch on {sorted(devices['torch'])}: ratios compare different cards")
 
     peak = dense.get("rust", (None,))[0]
+    # Bracketing dense readings: gemm8192, gemm8192_before_<shape 2..n>, gemm8192_end.
+    adjacent = {}
+    expected = ["gemm8192"] + [f"gemm8192_before_{x}" for x in rust_shapes[1:]] + ["gemm8192_end"]
+    if [m for m, _ in rust_dense_seq] == expected:
+        for i, shape in enumerate(rust_shapes):
+            adjacent[shape] = (rust_dense_seq[i][1] + rust_dense_seq[i + 1][1]) / 2
+    elif rust_dense_seq:
+        notes.append("no bracketing dense readings (expected modes " + ", ".join(expected) + "; found "
+                     + ", ".join(m for m, _ in rust_dense_seq) + "): % adjacent dense left blank")
     parts = []
     for side, what in (("rust", "cuBLAS (Rust, Engine::gemm)"), ("torch", "torch.mm")):
         if side in dense:
@@ -91,7 +109,7 @@ def main(paths):
     dev = sorted(devices.get("rust", set()) | devices.get("torch", set()))
     print(f"Device: {', '.join(dev) or 'unknown'}. Dense 8192³ bf16: {', '.join(parts) or 'not measured'}.\n")
 
-    hdr = list(KEY) + ["min GB"] + strategies + ["torch", "best", "best % dense", "best / torch"]
+    hdr = list(KEY) + ["min GB"] + strategies + ["torch", "best", "best % dense", "% adjacent dense", "best / torch"]
     if "auto" in strategies:
         hdr.append("auto / torch")
     print("| " + " | ".join(hdr) + " |")
@@ -123,14 +141,19 @@ def main(paths):
             best_tf = st[best][1]
             cells.append(f"{best} {best_tf:.0f}")
             cells.append(f"{100 * best_tf / peak:.0f}%" if peak else "")
+            adj = adjacent.get(key[0])
+            cells.append(f"{100 * best_tf / adj:.0f}%" if adj else "")
             cells.append(f"**{torch_ms / best_ms:.2f}**" if torch_ms else "")
         else:
-            cells += ["", "", ""]
+            cells += ["", "", "", ""]
         if "auto" in strategies:
             cells.append(f"{torch_ms / st['auto'][0]:.2f}" if torch_ms and st.get("auto") is not None else "")
         print("| " + " | ".join(cells) + " |")
     print("\nTFLOP/s per column; ratios are time ratios torch / Rust (> 1: Rust faster); "
-          "% dense against the higher of the Rust run's dense cuBLAS measurements (before and after the layers).")
+          "% dense against the highest of the Rust run's dense cuBLAS readings; % adjacent dense against the mean "
+          "of the two readings taken right before and right after the shape's rows.")
+    if adjacent:
+        print("Bracketing dense readings (TFLOP/s): " + ", ".join(f"{m} {tf:.1f}" for m, tf in rust_dense_seq) + ".")
     if notes:
         print()
         for n in notes:

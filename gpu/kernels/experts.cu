@@ -11,7 +11,12 @@
 //     row's columns, so no per-element index division); row kernels (`act_bwd`,
 //     `probs_in_bwd`) take one block of 256 threads per row (grid.x = rows); `col_sum` takes
 //     grid = (ceil(cols / 256), experts), block 256.
-// No CUDA headers: bf16/fp16 conversions are done here (bf16 by bit arithmetic, fp16 by cvt.rn).
+// No CUDA headers: bf16/fp16 conversions are done here, the rounding by cvt.rn (round to nearest
+// even; the bf16 form needs sm_80 or later).
+// The activation kernels are memory-bound only when their per-element code is short: the
+// common case (GLU silu without clamp, offset or separate fc1 bias) takes a path specialized at
+// compile time (act_fwd_glu_silu, act_bwd_glu_silu; bit-identical to the general one), which
+// measured at the copy roofline on an H100 (docs/performance.md, "Activation kernels").
 
 typedef unsigned short u16;
 struct bf16_t { u16 bits; };
@@ -28,14 +33,8 @@ __device__ __forceinline__ float to_f(f16_t v) {
 template <typename T> __device__ __forceinline__ T from_f(float f);
 template <> __device__ __forceinline__ float from_f<float>(float f) { return f; }
 template <> __device__ __forceinline__ bf16_t from_f<bf16_t>(float f) {
-    unsigned u = __float_as_uint(f);
     bf16_t r;
-    if ((u & 0x7fffffffu) > 0x7f800000u) {
-        r.bits = (u16)((u >> 16) | 0x40u);  // quiet NaN, sign kept
-        return r;
-    }
-    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
-    r.bits = (u16)(u >> 16);
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.bits) : "f"(f));
     return r;
 }
 template <> __device__ __forceinline__ f16_t from_f<f16_t>(float f) {
@@ -105,6 +104,100 @@ __device__ __forceinline__ float act_z(const ActParams& ap, float g, float l) {
     return ap.eager ? rnd<T>(act_apply(ap.act, g)) : act_apply(ap.act, g);
 }
 
+// 16-byte vectors of T (8 bf16/fp16, 4 f32), the access width of the row kernels when a row's
+// extent is a multiple of it and every pointer is 16-byte aligned (else they fall back to
+// one element per thread). The arithmetic per element is the same either way.
+template <typename T> struct Vec { static constexpr int N = 16 / sizeof(T); };
+template <typename T>
+__device__ __forceinline__ void vload(const T* p, float (&f)[Vec<T>::N]) {
+    const uint4 w = *reinterpret_cast<const uint4*>(p);
+    const T* e = reinterpret_cast<const T*>(&w);
+#pragma unroll
+    for (int i = 0; i < Vec<T>::N; ++i) f[i] = to_f(e[i]);
+}
+template <typename T>
+__device__ __forceinline__ void vstore(T* p, const float (&f)[Vec<T>::N]) {
+    uint4 w;
+    T* e = reinterpret_cast<T*>(&w);
+#pragma unroll
+    for (int i = 0; i < Vec<T>::N; ++i) e[i] = from_f<T>(f[i]);
+    *reinterpret_cast<uint4*>(p) = w;
+}
+__device__ __forceinline__ bool aligned16(const void* p) {
+    return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
+}
+
+// One element of the forward activation block: the fc1 bias (SequentialMLP) added and rounded
+// into g and l when `bias`, then z as the class computes it (act_z).
+template <typename T>
+__device__ __forceinline__ float act_fwd_elem(const ActParams& ap, float& g, float& l, bool bias,
+                                              float bg, float bl) {
+    if (bias) {
+        g = rnd<T>(g + bg);
+        if (ap.glu) l = rnd<T>(l + bl);
+    }
+    return act_z<T>(ap, g, l);
+}
+
+
+// The hot path: GLU silu without clamp, offset or fc1 bias, 16-byte vectors; EAGER = per-op
+// rounding (SequentialMLP, TEGroupedMLP), else the fp32 chain (GroupedMLP). The same arithmetic
+// as act_z / act_bwd_elem with those settings, in the same order (so the same bits), with the
+// sigmoid computed once per element and no per-element branches.
+template <typename T, bool EAGER>
+__device__ __forceinline__ void act_fwd_glu_silu(const T* a, const float* p, T* u, int rows, int n2) {
+    constexpr int N = Vec<T>::N;
+    for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+        const T* arow = a + r * 2 * n2;
+        T* urow = u + r * n2;
+        const float pr = p[r];
+        for (int j = threadIdx.x * N; j < n2; j += blockDim.x * N) {
+            float g[N], l[N], z[N];
+            vload<T>(arow + j, g);
+            vload<T>(arow + n2 + j, l);
+#pragma unroll
+            for (int i = 0; i < N; ++i) {
+                const float act = g[i] * sigmoidf_(g[i]);
+                z[i] = (EAGER ? rnd<T>(rnd<T>(act) * l[i]) : act * (l[i] + 0.0f)) * pr;
+            }
+            vstore<T>(urow + j, z);
+        }
+    }
+}
+template <typename T, bool EAGER>
+__device__ __forceinline__ float act_bwd_glu_silu(const T* arow, const T* durow, T* darow, float pr, int n2) {
+    constexpr int N = Vec<T>::N;
+    float acc = 0.0f;
+    for (int j = threadIdx.x * N; j < n2; j += blockDim.x * N) {
+        float dui[N], g[N], l[N], dg[N], dl[N];
+        vload<T>(durow + j, dui);
+        vload<T>(arow + j, g);
+        vload<T>(arow + n2 + j, l);
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            const float s = sigmoidf_(g[i]);
+            const float act = g[i] * s, deriv = s * (1.0f + g[i] * (1.0f - s));
+            float z;
+            if (EAGER) {
+                const float dz = rnd<T>(dui[i] * pr);
+                const float act_g = rnd<T>(act);
+                const float d_act_g = rnd<T>(dz * l[i]);
+                dl[i] = rnd<T>(dz * act_g);
+                dg[i] = rnd<T>(d_act_g * deriv);
+                z = rnd<T>(act_g * l[i]);
+            } else {
+                const float dz = dui[i] * pr, lin = l[i] + 0.0f;
+                dg[i] = rnd<T>(dz * lin * deriv);
+                dl[i] = rnd<T>(dz * act);
+                z = act * lin;
+            }
+            acc += dui[i] * z;
+        }
+        vstore<T>(darow + j, dg);
+        vstore<T>(darow + n2 + j, dl);
+    }
+    return acc;
+}
 // Forward activation block. a: [rows, n1] fc1 output (n1 = 2*n2 with GLU, n2 otherwise);
 // b1: [experts, n1] or null (SequentialMLP's separately added fc1 bias: a <- round(a + b1),
 // written back into a for backward); p: [rows] probs as applied after the activation;
@@ -112,28 +205,91 @@ __device__ __forceinline__ float act_z(const ActParams& ap, float g, float l) {
 template <typename T>
 __device__ void act_fwd(T* a, const T* b1, const float* p, const int* row_expert, T* u,
                         int rows, int n2, ActParams ap) {
+    constexpr int N = Vec<T>::N;
     const int n1 = ap.glu ? 2 * n2 : n2;
+    const bool vec = n2 % N == 0 && aligned16(a) && aligned16(u) && (b1 == nullptr || aligned16(b1));
+    if (vec && ap.glu && ap.act == 0 && !ap.has_clamp && ap.offset == 0.0f && b1 == nullptr) {
+        if (ap.eager) act_fwd_glu_silu<T, true>(a, p, u, rows, n2);
+        else act_fwd_glu_silu<T, false>(a, p, u, rows, n2);
+        return;
+    }
     // Grid-stride over rows, threads over columns: no per-element 64-bit division.
     for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
         T* arow = a + r * n1;
         T* urow = u + r * n2;
         const float pr = p[r];
         const T* brow = b1 != nullptr ? b1 + (long long)row_expert[r] * n1 : nullptr;
-        for (int j = threadIdx.x; j < n2; j += blockDim.x) {
-            float g = to_f(arow[j]);
-            float l = ap.glu ? to_f(arow[n2 + j]) : 0.0f;
-            if (brow != nullptr) {
-                g = rnd<T>(g + to_f(brow[j]));
-                arow[j] = from_f<T>(g);
-                if (ap.glu) {
-                    l = rnd<T>(l + to_f(brow[n2 + j]));
-                    arow[n2 + j] = from_f<T>(l);
+        if (vec) {
+            for (int j = threadIdx.x * N; j < n2; j += blockDim.x * N) {
+                float g[N], l[N], bg[N], bl[N], z[N];
+                vload<T>(arow + j, g);
+                if (ap.glu) vload<T>(arow + n2 + j, l);
+                if (brow != nullptr) {
+                    vload<T>(brow + j, bg);
+                    if (ap.glu) vload<T>(brow + n2 + j, bl);
                 }
+#pragma unroll
+                for (int i = 0; i < N; ++i) {
+                    if (!ap.glu) l[i] = 0.0f;
+                    const bool bias = brow != nullptr;
+                    z[i] = act_fwd_elem<T>(ap, g[i], l[i], bias, bias ? bg[i] : 0.0f,
+                                           bias && ap.glu ? bl[i] : 0.0f) * pr;
+                }
+                if (brow != nullptr) {
+                    vstore<T>(arow + j, g);
+                    if (ap.glu) vstore<T>(arow + n2 + j, l);
+                }
+                vstore<T>(urow + j, z);
             }
-            float z = act_z<T>(ap, g, l);
-            urow[j] = from_f<T>(z * pr);
+        } else {
+            for (int j = threadIdx.x; j < n2; j += blockDim.x) {
+                float g = to_f(arow[j]);
+                float l = ap.glu ? to_f(arow[n2 + j]) : 0.0f;
+                const bool bias = brow != nullptr;
+                const float z = act_fwd_elem<T>(ap, g, l, bias, bias ? to_f(brow[j]) : 0.0f,
+                                                bias && ap.glu ? to_f(brow[n2 + j]) : 0.0f);
+                if (bias) {
+                    arow[j] = from_f<T>(g);
+                    if (ap.glu) arow[n2 + j] = from_f<T>(l);
+                }
+                urow[j] = from_f<T>(z * pr);
+            }
         }
     }
+}
+
+// One element of the backward activation block: from du and the fc1 output (g, l; l unused
+// without GLU) the grads dg, dl (dl unused without GLU); returns z, whose product with du
+// the probs gradient sums.
+template <typename T>
+__device__ __forceinline__ float act_bwd_elem(const ActParams& ap, float dui, float pr, float g,
+                                              float l, float& dg, float& dl) {
+    const float dz = ap.eager ? rnd<T>(dui * pr) : dui * pr;
+    if (!ap.glu) {
+        dg = dz * act_deriv(ap.act, g);
+        dl = 0.0f;
+        return ap.eager ? rnd<T>(act_apply(ap.act, g)) : act_apply(ap.act, g);
+    }
+    float gc = g, lc = l;
+    bool gate_mask = true, lin_mask = true;
+    if (ap.has_clamp) {
+        gc = rnd<T>(fminf(g, ap.clamp));
+        lc = rnd<T>(fminf(fmaxf(l, -ap.clamp), ap.clamp));
+        gate_mask = g <= ap.clamp;
+        lin_mask = (l >= -ap.clamp) && (l <= ap.clamp);
+    }
+    if (ap.eager) {
+        const float act_g = rnd<T>(act_apply(ap.act, gc));
+        const float lin = ap.offset != 0.0f ? rnd<T>(lc + ap.offset) : lc;
+        const float d_act_g = rnd<T>(dz * lin);
+        const float d_lin = rnd<T>(dz * act_g);
+        dg = gate_mask ? rnd<T>(d_act_g * act_deriv(ap.act, gc)) : 0.0f;
+        dl = lin_mask ? d_lin : 0.0f;
+        return rnd<T>(act_g * lin);
+    }
+    dg = rnd<T>(dz * (lc + ap.offset) * act_deriv(ap.act, gc));
+    dl = rnd<T>(dz * act_apply(ap.act, gc));
+    return act_apply(ap.act, gc) * (lc + ap.offset);
 }
 
 // Backward activation block, one block per row r. Inputs: a [rows, n1] (bias included), du
@@ -143,6 +299,7 @@ template <typename T>
 __device__ void act_bwd(const T* a, const T* du, const float* p, const T* gout, const T* b2,
                         const int* row_expert, T* da, float* dp, int write_dp, int rows, int n2,
                         int h, ActParams ap, int probs_dt) {
+    constexpr int N = Vec<T>::N;
     __shared__ float red_act[256];
     __shared__ float red_bias[256];
     const int r = blockIdx.x;
@@ -153,42 +310,32 @@ __device__ void act_bwd(const T* a, const T* du, const float* p, const T* gout, 
     T* darow = da + (long long)r * n1;
     const float pr = p[r];
     float acc = 0.0f;
-    for (int j = threadIdx.x; j < n2; j += blockDim.x) {
-        float dui = to_f(durow[j]);
-        float dz = ap.eager ? rnd<T>(dui * pr) : dui * pr;
-        if (ap.glu) {
-            float g = to_f(arow[j]);
-            float l = to_f(arow[n2 + j]);
-            float gc = g, lc = l;
-            bool gate_mask = true, lin_mask = true;
-            if (ap.has_clamp) {
-                gc = rnd<T>(fminf(g, ap.clamp));
-                lc = rnd<T>(fminf(fmaxf(l, -ap.clamp), ap.clamp));
-                gate_mask = g <= ap.clamp;
-                lin_mask = (l >= -ap.clamp) && (l <= ap.clamp);
+    const bool vec = n2 % N == 0 && aligned16(a) && aligned16(du) && aligned16(da);
+    if (vec && ap.glu && ap.act == 0 && !ap.has_clamp && ap.offset == 0.0f) {
+        acc = ap.eager ? act_bwd_glu_silu<T, true>(arow, durow, darow, pr, n2)
+                       : act_bwd_glu_silu<T, false>(arow, durow, darow, pr, n2);
+    } else if (vec) {
+        for (int j = threadIdx.x * N; j < n2; j += blockDim.x * N) {
+            float dui[N], g[N], l[N], dg[N], dl[N];
+            vload<T>(durow + j, dui);
+            vload<T>(arow + j, g);
+            if (ap.glu) vload<T>(arow + n2 + j, l);
+#pragma unroll
+            for (int i = 0; i < N; ++i) {
+                if (!ap.glu) l[i] = 0.0f;
+                acc += dui[i] * act_bwd_elem<T>(ap, dui[i], pr, g[i], l[i], dg[i], dl[i]);
             }
-            float dg, dl, z;
-            if (ap.eager) {
-                float act_g = rnd<T>(act_apply(ap.act, gc));
-                float lin = ap.offset != 0.0f ? rnd<T>(lc + ap.offset) : lc;
-                z = rnd<T>(act_g * lin);
-                float d_act_g = rnd<T>(dz * lin);
-                float d_lin = rnd<T>(dz * act_g);
-                dg = gate_mask ? rnd<T>(d_act_g * act_deriv(ap.act, gc)) : 0.0f;
-                dl = lin_mask ? d_lin : 0.0f;
-            } else {
-                z = act_apply(ap.act, gc) * (lc + ap.offset);
-                dg = rnd<T>(dz * (lc + ap.offset) * act_deriv(ap.act, gc));
-                dl = rnd<T>(dz * act_apply(ap.act, gc));
-            }
+            vstore<T>(darow + j, dg);
+            if (ap.glu) vstore<T>(darow + n2 + j, dl);
+        }
+    } else {
+        for (int j = threadIdx.x; j < n2; j += blockDim.x) {
+            const float dui = to_f(durow[j]);
+            float dg, dl;
+            acc += dui * act_bwd_elem<T>(ap, dui, pr, to_f(arow[j]), ap.glu ? to_f(arow[n2 + j]) : 0.0f,
+                                         dg, dl);
             darow[j] = from_f<T>(dg);
-            darow[n2 + j] = from_f<T>(dl);
-            acc += dui * z;
-        } else {
-            float x = to_f(arow[j]);
-            float z = ap.eager ? rnd<T>(act_apply(ap.act, x)) : act_apply(ap.act, x);
-            darow[j] = from_f<T>(dz * act_deriv(ap.act, x));
-            acc += dui * z;
+            if (ap.glu) darow[n2 + j] = from_f<T>(dl);
         }
     }
     float accb = 0.0f;

@@ -3,8 +3,8 @@
 // One launch computes every expert's row-major GEMM C_e[m_e, n_e] = op(A_e)·op(B_e)
 // (f32 accumulation, one rounding to the storage dtype, beta = 0): the same function as one
 // cublasGemmEx per expert, in another summation order. A fixed grid of one CTA per SM walks
-// the flat list of output tiles of all experts (tile t, t + gridDim.x, ...), so small and
-// large experts share the machine instead of running one small GEMM at a time.
+// the flat list of output tiles of all experts in waves of gridDim.x tiles (cta_tile), so
+// small and large experts share the machine instead of running one small GEMM at a time.
 //
 // Operands come through two TMA tensor maps, one over all experts' A and one over all
 // experts' B: in the layers each is one packed buffer (tokens of expert e after those of
@@ -197,6 +197,17 @@ __device__ __forceinline__ const Problem& find_problem(const Params& params, int
     return params.p[lo];
 }
 
+// The i-th tile of this CTA, or past total_tiles when it has no more. Waves of gridDim.x
+// consecutive tiles, walked forward on even waves and backward on odd ones: the host orders
+// the problems by decreasing k (the cost of their tiles), so a CTA that takes one of a
+// wave's costlier tiles takes one of the next wave's cheaper ones (the weight-gradient
+// GEMMs, whose k is the expert's tokens, balance instead of leaving the CTAs with the extra
+// long tiles as the tail).
+__device__ __forceinline__ int cta_tile(int i) {
+    const int g = gridDim.x, b = blockIdx.x;
+    return i * g + ((i & 1) ? g - 1 - b : b);
+}
+
 // Issues the TMA boxes of one operand's stage: `R` tile rows (m or n) by 64 k.
 template <int R, bool MN>
 __device__ __forceinline__ void load_operand(u32 dst, const TensorMap& map, int row0, int r0, int k0, u32 bar) {
@@ -255,7 +266,7 @@ __device__ __forceinline__ void grouped_gemm_body(const Params& params) {
             // Warp 0, one thread: the TMA producer.
             if (t != 0) return;
             int it = 0;
-            for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
+            for (int i = 0, tile = cta_tile(0); tile < total_tiles; tile = cta_tile(++i)) {
                 const Problem& p = find_problem(params, tile);
                 const int local = tile - p.tile_start;
                 const int m0 = (local % p.tiles_m) * BM, n0 = (local / p.tiles_m) * BN;
@@ -276,7 +287,7 @@ __device__ __forceinline__ void grouped_gemm_body(const Params& params) {
             const int st = t - 32;
             constexpr int CPR = BN / 8;  // 16-byte chunks per row
             int tc = 0;
-            for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x, ++tc) {
+            for (int i = 0, tile = cta_tile(0); tile < total_tiles; tile = cta_tile(++i), ++tc) {
                 const Problem& p = find_problem(params, tile);
                 const int local = tile - p.tile_start;
                 const int m0 = (local % p.tiles_m) * BM, n0 = (local / p.tiles_m) * BN;
@@ -298,7 +309,7 @@ __device__ __forceinline__ void grouped_gemm_body(const Params& params) {
         const int cw = wg - 1;  // consumer warpgroup: rows 64·cw .. 64·cw + 63 of the tile
         float acc[BN / 2];
         int it = 0, tc = 0;
-        for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x, ++tc) {
+        for (int i = 0, tile = cta_tile(0); tile < total_tiles; tile = cta_tile(++i), ++tc) {
             const Problem& p = find_problem(params, tile);
             const int ktiles = (p.k + BK - 1) / BK;
 #pragma unroll

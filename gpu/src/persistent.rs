@@ -362,7 +362,11 @@ impl Engine {
         } else {
             (TensorMap([0; 16]), TensorMap([0; 16]))
         };
-        let computing: Vec<usize> = (0..problems.len()).filter(|&i| problems[i].m > 0 && problems[i].n > 0).collect();
+        // Costliest tiles (largest k) first: the kernel's alternating waves (`cta_tile`) then
+        // balance the CTAs when k differs between experts (weight gradients).
+        let mut computing: Vec<usize> =
+            (0..problems.len()).filter(|&i| problems[i].m > 0 && problems[i].n > 0).collect();
+        computing.sort_by_key(|&i| std::cmp::Reverse(problems[i].k));
         for chunk in computing.chunks(MAX_PROBLEMS) {
             let mut params = Params {
                 map_a,

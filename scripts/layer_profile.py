@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""Per-kernel time breakdown of CUDA expert-layer calls, from Nsight Compute logs.
+
+`scripts/gpu-device.sh`'s `profile` step runs the layer bench (`benches/gpu.rs`) under
+`ncu --metrics gpu__time_duration.sum --csv` with a criterion filter that matches no row, once
+per (shape, class): each of the shape's token distributions then makes exactly one untimed
+layer call, right after the `init_uniform` kernels that fill its inputs. This script splits a
+log at those `init_uniform` runs (one segment per distribution, in the bench's order: sorted
+names), sums each segment's kernel durations by category, and prints a markdown table:
+
+    shape | dist | class | mode | kernels | total ms | GEMM ms | act_fwd ms | act_bwd ms | other ms |
+    elementwise share | act GB/s
+
+`act GB/s` is the activation kernels' bytes (read a [T, 2f] and write u [T, f] forward; read a
+and du, write da backward, bf16) over their time. ncu serializes kernels, so the total is the
+sum of kernel times, without overlap between streams and without launch gaps.
+
+Usage: layer_profile.py --counts grouped_counts.json LOG:SHAPE:CLASS:MODE ... > profile.md
+(the distributions, rows T and FFN size f of SHAPE come from the counts file).
+"""
+import csv
+import json
+import sys
+
+ELEMENTWISE = ("scale_rows", "probs_in_bwd", "fill_bias_rows", "fc2_bias_fwd", "col_sum")
+
+
+def kernels(path):
+    """(name, ns) per profiled kernel, in launch order."""
+    rows = []
+    with open(path, newline="") as f:
+        lines = [l for l in f if l.startswith('"')]
+    for r in csv.DictReader(lines):
+        if r.get("Metric Name") != "gpu__time_duration.sum":
+            continue
+        value = float(r["Metric Value"].replace(",", ""))
+        unit = r.get("Metric Unit", "ns")
+        scale = {"ns": 1.0, "nsecond": 1.0, "us": 1e3, "usecond": 1e3, "ms": 1e6, "msecond": 1e6}.get(unit, 1.0)
+        rows.append((r["Kernel Name"], value * scale))
+    return rows
+
+
+def category(name):
+    if name.startswith("act_fwd"):
+        return "act_fwd"
+    if name.startswith("act_bwd"):
+        return "act_bwd"
+    if name.startswith(ELEMENTWISE):
+        return "other"
+    return "gemm"  # cuBLAS kernels and grouped_gemm_* (the persistent kernel)
+
+
+def segments(rows):
+    """Maximal runs of kernels that are not init_uniform (one layer call each)."""
+    out, cur = [], []
+    for name, ns in rows:
+        if name.startswith("init_uniform"):
+            if cur:
+                out.append(cur)
+                cur = []
+        else:
+            cur.append((name, ns))
+    if cur:
+        out.append(cur)
+    return out
+
+
+def main(args):
+    if len(args) < 3 or args[0] != "--counts":
+        sys.exit(__doc__)
+    shapes = {s["name"]: s for s in json.load(open(args[1]))["shapes"]}
+    args = args[2:]
+    print("| shape | dist | class | mode | kernels | total ms | GEMM ms | act_fwd ms | act_bwd ms | other ms "
+          "| elementwise share | act GB/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for spec in args:
+        path, shape, cls, mode = spec.split(":")
+        if shape not in shapes:
+            sys.exit(f"layer_profile.py: shape {shape!r} is not in the counts file ({', '.join(shapes)})")
+        dists = sorted(shapes[shape]["dists"])
+        tf = (shapes[shape]["rows"], shapes[shape]["ffn"])
+        try:
+            segs = segments(kernels(path))
+        except OSError as e:
+            print(f"| {shape} | - | {cls} | {mode} | ERR: {e} |")
+            continue
+        if len(segs) != len(dists):
+            print(f"| {shape} | ? | {cls} | {mode} | ERR: {len(segs)} call segments in {path}, expected "
+                  f"{len(dists)} ({','.join(dists)}) |")
+            continue
+        for dist, seg in zip(dists, segs):
+            by = {"gemm": 0.0, "act_fwd": 0.0, "act_bwd": 0.0, "other": 0.0}
+            for name, ns in seg:
+                by[category(name)] += ns
+            total = sum(by.values())
+            act = by["act_fwd"] + by["act_bwd"]
+            gbs = "-"
+            if act > 0:
+                t, f = tf
+                nbytes = 0
+                if by["act_fwd"] > 0:
+                    nbytes += 2 * t * (2 * f + f)
+                if by["act_bwd"] > 0:
+                    nbytes += 2 * t * (2 * f + f + 2 * f)
+                gbs = f"{nbytes / act:.0f}"
+            ms = lambda v: f"{v / 1e6:.3f}"
+            share = (total - by["gemm"]) / total if total else 0.0
+            print(f"| {shape} | {dist} | {cls} | {mode} | {len(seg)} | {ms(total)} | {ms(by['gemm'])} | "
+                  f"{ms(by['act_fwd'])} | {ms(by['act_bwd'])} | {ms(by['other'])} | {100 * share:.1f}% | {gbs} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
