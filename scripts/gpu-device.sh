@@ -46,7 +46,7 @@ for s in $steps; do
     sanitize)
       for tool in memcheck racecheck; do
         echo "== compute-sanitizer $tool"
-        MOE_GPU_CASES=24 timeout 200 compute-sanitizer --tool "$tool" --error-exitcode 9 .stage/integration \
+        MOE_GPU_CASES=24 timeout 300 compute-sanitizer --tool "$tool" --error-exitcode 9 .stage/integration \
           every_gpu_class empty_experts sizes_around compose_under every_gemm_strategy every_strategy persistent_kernel --test-threads 1 > "$out/sanitizer-$tool.log" 2>&1
         echo "exit $?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result" "$out/sanitizer-$tool.log" | tail -3
       done ;;
