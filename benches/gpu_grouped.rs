@@ -140,7 +140,10 @@ pub fn bench(c: &mut Criterion) {
     let mut guard = match engine() {
         Ok(e) => e,
         Err(e) => {
-            assert!(!moe_gpu::cuda_required(), "MOE_REQUIRE_CUDA=1 but no usable GPU for the gpu_grouped bench: {e}");
+            assert!(
+                moe_gpu::is_no_device(&e) && !moe_gpu::cuda_required(),
+                "gpu_grouped bench: the GPU is required (MOE_REQUIRE_CUDA=1) or the engine cannot be built: {e}"
+            );
             println!("{}", moe_gpu::skip_message("bench gpu_grouped", &e));
             return;
         }

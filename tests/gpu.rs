@@ -56,6 +56,8 @@ fn gpus(test: &str) -> Option<Gpus> {
             if moe_gpu::cuda_required() {
                 panic!("MOE_REQUIRE_CUDA=1 but the GPU is unusable: {e}");
             }
+            // Only a missing GPU skips; a bad setting (MOE_GPU_GEMM=typo) must not pass silently.
+            assert!(moe_gpu::is_no_device(&e), "gpu::{test}: the GPU layers cannot be built: {e}");
             // Straight to the stderr handle: libtest captures print!/eprint! of passing tests.
             let _ = writeln!(std::io::stderr(), "{msg}");
             None
@@ -679,12 +681,16 @@ fn sampled_large_shapes_match_the_oracle() {
 
 /// The CUDA implementations as a harness backend, NaN poisoning on.
 fn cuda_backend() -> Result<moe_harness::properties::PerClassBackend, GpuError> {
-    Ok(moe_harness::properties::PerClassBackend::new(
-        "cuda",
-        Some(Box::new(CudaSequential::new()?.with_poison(true))),
-        Some(Box::new(CudaGrouped::new()?.with_poison(true))),
-        Some(Box::new(CudaTeGrouped::new()?.with_poison(true))),
-    ))
+    let make = || -> Result<moe_harness::properties::PerClassBackend, GpuError> {
+        Ok(moe_harness::properties::PerClassBackend::new(
+            "cuda",
+            Some(Box::new(CudaSequential::new()?.with_poison(true))),
+            Some(Box::new(CudaGrouped::new()?.with_poison(true))),
+            Some(Box::new(CudaTeGrouped::new()?.with_poison(true))),
+        ))
+    };
+    // The suite skips on any backend error; only a missing GPU may get that far.
+    make().inspect_err(|e| assert!(moe_gpu::is_no_device(e), "cuda backend: the GPU layers cannot be built: {e}"))
 }
 
 // The spec §10 property suite and token-distribution families (tests/properties.rs) on the GPU.
@@ -700,4 +706,25 @@ fn gpu_layer_loaded_from_a_checkpoint_of_another_layout_reproduces_the_oracle() 
     let backend = cuda_backend().expect("the GPU was usable a moment ago");
     let failures = crate::checkpoint::checkpoint_load_reproduces_oracle(&backend);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// A typo in `MOE_GPU_GEMM` used to surface as "no CUDA device", so every GPU test skipped and
+/// `verify` ran the reference alone: a silent pass. It must be a clear error, GPU or not.
+#[test]
+fn an_unknown_gemm_strategy_setting_is_an_error_not_a_skip() {
+    // The library's parse (the environment of this process is shared by the other tests, so
+    // the variable itself is only set for the child process below).
+    let err = moe_gpu::kernels::parse_gemm_setting("ms-four").expect_err("ms-four is no strategy");
+    assert!(!moe_gpu::is_no_device(&err), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("MOE_GPU_GEMM=\"ms-four\"") && msg.contains("not a GEMM strategy"), "{msg}");
+    assert_eq!(moe_gpu::kernels::parse_gemm_setting(" ms4 ").ok(), Some(moe_gpu::Strategy::MultiStream(4)));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_moe-verify"))
+        .args(["verify", "--cases", "1", "--property", "zero-tokens"])
+        .env("MOE_GPU_GEMM", "ms-four")
+        .output()
+        .expect("run moe-verify");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(stderr.contains("invalid setting: MOE_GPU_GEMM=\"ms-four\""), "stderr: {stderr}");
 }

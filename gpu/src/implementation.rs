@@ -33,6 +33,8 @@ type DeviceRun = (Array2<f64>, Option<(Array2<f64>, Array1<f64>, StateDict)>);
 
 impl CudaLayer {
     fn new(class: LayerClass, name: &'static str) -> Result<CudaLayer, GpuError> {
+        // A bad setting is an error on any machine, checked before the GPU is looked for.
+        crate::kernels::gemm_strategy_setting()?;
         probe()?;
         // Creates the context and compiles the kernels now, so a broken setup fails here.
         drop(engine()?);

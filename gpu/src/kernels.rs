@@ -105,8 +105,10 @@ pub struct Engine {
 
 static ENGINE: OnceLock<Result<Mutex<Engine>, String>> = OnceLock::new();
 
-/// The engine, created on first use, locked for the caller. `NoDevice` when there is no GPU.
+/// The engine, created on first use, locked for the caller. `NoDevice` when there is no GPU;
+/// `Config` (checked first, GPU or not) when `MOE_GPU_GEMM` names no strategy.
 pub fn engine() -> Result<MutexGuard<'static, Engine>, GpuError> {
+    gemm_strategy_setting()?;
     probe()?;
     let cell = ENGINE.get_or_init(|| Engine::create().map(Mutex::new).map_err(|e| e.to_string()));
     match cell {
@@ -263,6 +265,25 @@ impl ColMajorGemm {
     }
 }
 
+/// `MOE_GPU_GEMM` as a strategy: `None` when unset or empty, `Config` when it names none.
+pub fn gemm_strategy_setting() -> Result<Option<Strategy>, GpuError> {
+    match std::env::var("MOE_GPU_GEMM") {
+        Ok(label) if !label.trim().is_empty() => parse_gemm_setting(&label).map(Some),
+        _ => Ok(None),
+    }
+}
+
+/// One `MOE_GPU_GEMM` value as a strategy, or an error that names the variable, the value and
+/// the accepted forms.
+pub fn parse_gemm_setting(label: &str) -> Result<Strategy, GpuError> {
+    Strategy::parse(label.trim()).ok_or_else(|| {
+        GpuError::Config(format!(
+            "MOE_GPU_GEMM={label:?} is not a GEMM strategy (expected auto, persistent, persistent128, persistent256, \
+             loop, msN, mtN, graphN or gbatched)"
+        ))
+    })
+}
+
 impl Engine {
     fn create() -> Result<Engine, GpuError> {
         let ctx = CudaContext::new(0)?;
@@ -296,12 +317,7 @@ impl Engine {
             device_name,
             arch,
         };
-        if let Ok(label) = std::env::var("MOE_GPU_GEMM") {
-            let s = Strategy::parse(&label).ok_or_else(|| {
-                GpuError::Unsupported(format!(
-                    "MOE_GPU_GEMM={label:?} is not a GEMM strategy (expected auto, persistent, loop, msN, mtN, graphN or gbatched)"
-                ))
-            })?;
+        if let Some(s) = gemm_strategy_setting()? {
             engine.gemm_strategy = s;
             engine.default_gemm_strategy = s;
         }

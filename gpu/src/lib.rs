@@ -43,6 +43,13 @@ pub fn skip_message(test: &str, err: &GpuError) -> String {
     format!("SKIP gpu::{test}: no CUDA device ({why}); set MOE_REQUIRE_CUDA=1 to fail instead")
 }
 
+/// Whether `err` means there is no usable GPU on this machine: the one reason a GPU test,
+/// bench or backend may skip (and only without `MOE_REQUIRE_CUDA=1`). Every other error, such
+/// as an invalid `MOE_GPU_GEMM` ([`GpuError::Config`]), must fail instead of skipping.
+pub fn is_no_device(err: &GpuError) -> bool {
+    matches!(err, GpuError::NoDevice(_))
+}
+
 /// True when `MOE_REQUIRE_CUDA=1`: a missing GPU must fail instead of skipping.
 pub fn cuda_required() -> bool {
     std::env::var("MOE_REQUIRE_CUDA").is_ok_and(|v| v == "1")

@@ -41,10 +41,18 @@ pub struct VerifyArgs {
     pub class: String,
 }
 
-/// The CUDA backend, when the `cuda` feature is on and a GPU is found. `Err` carries the
-/// one-line reason it is not available.
+/// Why the CUDA backend is not there.
+enum Unavailable {
+    /// No GPU here (or no `cuda` feature): the one-line SKIP reason.
+    Skip(String),
+    /// The GPU layers cannot be built for another reason (an invalid `MOE_GPU_GEMM`, ...):
+    /// a user-facing error, exit 2.
+    Fatal(String),
+}
+
+/// The CUDA backend, when the `cuda` feature is on and a GPU is found.
 #[cfg(feature = "cuda")]
-fn cuda_backend() -> Result<Box<dyn Backend>, String> {
+fn cuda_backend() -> Result<Box<dyn Backend>, Unavailable> {
     use moe_gpu::{CudaGrouped, CudaSequential, CudaTeGrouped};
     use moe_harness::properties::PerClassBackend;
     let make = || -> Result<PerClassBackend, moe_gpu::GpuError> {
@@ -55,12 +63,18 @@ fn cuda_backend() -> Result<Box<dyn Backend>, String> {
             Some(Box::new(CudaTeGrouped::new()?.with_poison(true))),
         ))
     };
-    make().map(|b| Box::new(b) as Box<dyn Backend>).map_err(|e| moe_gpu::skip_message("verify", &e))
+    make().map(|b| Box::new(b) as Box<dyn Backend>).map_err(|e| {
+        if moe_gpu::is_no_device(&e) {
+            Unavailable::Skip(moe_gpu::skip_message("verify", &e))
+        } else {
+            Unavailable::Fatal(e.to_string())
+        }
+    })
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_backend() -> Result<Box<dyn Backend>, String> {
-    Err("SKIP gpu::verify: built without the `cuda` feature".into())
+fn cuda_backend() -> Result<Box<dyn Backend>, Unavailable> {
+    Err(Unavailable::Skip("SKIP gpu::verify: built without the `cuda` feature".into()))
 }
 
 /// The implementation families to check: the reference always, CUDA when available. `None`
@@ -70,11 +84,15 @@ fn backends(require_gpu: bool) -> Option<Vec<Box<dyn Backend>>> {
     let required = require_gpu || std::env::var("MOE_REQUIRE_CUDA").is_ok_and(|v| v == "1");
     match cuda_backend() {
         Ok(b) => out.push(b),
-        Err(why) if required => {
+        Err(Unavailable::Fatal(why)) => {
+            eprintln!("error: the CUDA implementations cannot be built: {why}");
+            return None;
+        }
+        Err(Unavailable::Skip(why)) if required => {
             eprintln!("error: the CUDA implementations are required but unavailable: {why}");
             return None;
         }
-        Err(why) => eprintln!("{why}"),
+        Err(Unavailable::Skip(why)) => eprintln!("{why}"),
     }
     Some(out)
 }
