@@ -22,6 +22,7 @@
 use crate::gpu_common::{counts, dense_gemm, env_list, fill, random_chunk, time};
 use criterion::{Criterion, SamplingMode};
 use moe_gpu::kernels::{engine, Buf, Engine};
+use moe_gpu::layer::wgrad_problem;
 use moe_gpu::{GemmProblem, Strategy};
 use moe_reference::Dtype;
 
@@ -50,14 +51,6 @@ struct Layout {
     h: usize,
     n1: usize,
     n2: usize,
-}
-
-/// One expert's weight-gradient GEMM from its output-side and input-side activation segments
-/// `(pointer, columns)`: `[out, in] = outᵀ·in` with `te` (`[out, in]` weights), else the
-/// `[in, out]` block `inᵀ·out` (A and B stored `[k, ·]`: `ta`).
-fn wgrad(out_side: (u64, usize), in_side: (u64, usize), grad: u64, tokens: usize, te: bool) -> GemmProblem {
-    let ((a, m), (b, n)) = if te { (out_side, in_side) } else { (in_side, out_side) };
-    GemmProblem { m, n, k: tokens, a, b, c: grad }
 }
 
 /// The six grouped calls of a layer for `counts`; `te`: `[out, in]` weights, else `[in, out]`.
@@ -91,11 +84,11 @@ fn gemm(eng: &Engine, b: &Buffers, l: &Layout, counts: &[usize], te: bool, which
             // transposed block in_sideᵀ·out_side for GroupedMLP's [in, out] weights.
             "wgrad2" => {
                 ta = true;
-                wgrad((p(&b.g, off * h), h), (p(&b.u, off * n2), n2), p(&b.dw2, e * h * n2), c, te)
+                wgrad_problem((p(&b.g, off * h), h), (p(&b.u, off * n2), n2), p(&b.dw2, e * h * n2), c, te)
             }
             "wgrad1" => {
                 ta = true;
-                wgrad((p(&b.da, off * n1), n1), (p(&b.x, off * h), h), p(&b.dw1, e * n1 * h), c, te)
+                wgrad_problem((p(&b.da, off * n1), n1), (p(&b.x, off * h), h), p(&b.dw1, e * n1 * h), c, te)
             }
             other => panic!("unknown GEMM {other}"),
         };

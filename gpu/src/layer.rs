@@ -605,26 +605,21 @@ impl Engine {
         let d = dims(cfg);
         let grouped = cfg.class == LayerClass::Grouped;
         let xin = ws.xs.as_ref().unwrap_or(&ws.x);
-        // (left operand, its columns, right operand, its columns, weight-grad buffer): the
-        // [out, in] grad is leftᵀ·right with left = the output-side activation grad.
+        // (output-side activation grad, its columns, input-side activation, its columns,
+        // weight-grad buffer).
         let (out_side, out_cols, in_side, in_cols, grad) = match linear {
             Linear::Fc2 => (&ws.g, d.h, &ws.u, d.n2, &ws.grads.w2),
             Linear::Fc1 => (&ws.da, d.n1, xin, d.h, &ws.grads.w1),
         };
-        // GroupedMLP's blocks are [in, out]: the grad is in_sideᵀ·out_side instead.
-        let ((l, lc), (r, rc)) = if grouped {
-            ((in_side, in_cols), (out_side, out_cols))
-        } else {
-            ((out_side, out_cols), (in_side, in_cols))
-        };
         let problems: Vec<GemmProblem> = (0..ws.padded.len())
-            .map(|e| GemmProblem {
-                m: lc,
-                n: rc,
-                k: ws.padded[e],
-                a: self.seg_ptr(l, ws, e, lc, d.ds),
-                b: self.seg_ptr(r, ws, e, rc, d.ds),
-                c: self.ptr(grad, e * lc * rc * d.ds),
+            .map(|e| {
+                wgrad_problem(
+                    (self.seg_ptr(out_side, ws, e, out_cols, d.ds), out_cols),
+                    (self.seg_ptr(in_side, ws, e, in_cols, d.ds), in_cols),
+                    self.ptr(grad, e * out_cols * in_cols * d.ds),
+                    ws.padded[e],
+                    !grouped,
+                )
             })
             .collect();
         self.expert_gemms(d.dt, true, false, &problems)
@@ -699,6 +694,24 @@ impl Engine {
     }
 }
 
+/// One expert's weight-gradient GEMM over its `tokens` rows, for [`Engine::grouped_gemm`] with
+/// `ta = true, tb = false`: `out_side = (address, columns)` is the expert's rows of the
+/// output-side activation gradient, `in_side` those of the input-side activation, both
+/// row-major with `tokens` rows. With `[out, in]` weights (`weights_out_in`: SequentialMLP,
+/// TEGroupedMLP) the grad at `grad` is `out_sideᵀ·in_side`; GroupedMLP's `[in, out]` blocks
+/// take `in_sideᵀ·out_side`. The layers and `benches/gpu_grouped.rs` build their weight
+/// gradients with it.
+pub fn wgrad_problem(
+    out_side: (u64, usize),
+    in_side: (u64, usize),
+    grad: u64,
+    tokens: usize,
+    weights_out_in: bool,
+) -> GemmProblem {
+    let ((a, m), (b, n)) = if weights_out_in { (out_side, in_side) } else { (in_side, out_side) };
+    GemmProblem { m, n, k: tokens, a, b, c: grad }
+}
+
 fn col_sum_cfg(cols: usize, experts: u32) -> cudarc::driver::LaunchConfig {
     cudarc::driver::LaunchConfig {
         grid_dim: (cols.div_ceil(256) as u32, experts, 1),
@@ -716,3 +729,23 @@ enum Linear {
 /// State-dict names of expert `e`'s fc1 weight, fc1 bias, fc2 weight, fc2 bias (the
 /// reference's naming, so both sides read the same parameters).
 pub use moe_reference::state_dict::per_expert_names as names;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The weight-gradient orientation both the layers and the GEMM-set bench use: `[out, in]`
+    /// weights take out_sideᵀ·in_side, GroupedMLP's `[in, out]` blocks in_sideᵀ·out_side; the
+    /// contraction is over the expert's token rows either way.
+    #[test]
+    fn wgrad_problem_orients_by_weight_layout() {
+        let (out_side, in_side) = ((0x1000, 4), (0x2000, 6));
+        let te = wgrad_problem(out_side, in_side, 0x3000, 5, true);
+        assert_eq!((te.m, te.n, te.k, te.a, te.b, te.c), (4, 6, 5, 0x1000, 0x2000, 0x3000));
+        let grouped = wgrad_problem(out_side, in_side, 0x3000, 5, false);
+        assert_eq!(
+            (grouped.m, grouped.n, grouped.k, grouped.a, grouped.b, grouped.c),
+            (6, 4, 5, 0x2000, 0x1000, 0x3000)
+        );
+    }
+}
