@@ -719,11 +719,19 @@ fn an_unknown_gemm_strategy_setting_is_an_error_not_a_skip() {
     let msg = err.to_string();
     assert!(msg.contains("MOE_GPU_GEMM=\"ms-four\"") && msg.contains("not a GEMM strategy"), "{msg}");
     assert_eq!(moe_gpu::kernels::parse_gemm_setting(" ms4 ").ok(), Some(moe_gpu::Strategy::MultiStream(4)));
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_moe-verify"))
+    // The binary cargo built, or the one staged next to this test binary on the GPU machine
+    // (scripts/gpu-run.sh copies both into .stage/, where cargo's path does not exist).
+    let built = std::path::PathBuf::from(env!("CARGO_BIN_EXE_moe-verify"));
+    let staged = std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.join("moe-verify")));
+    let bin = match staged {
+        Some(s) if !built.exists() && s.exists() => s,
+        _ => built,
+    };
+    let out = std::process::Command::new(&bin)
         .args(["verify", "--cases", "1", "--property", "zero-tokens"])
         .env("MOE_GPU_GEMM", "ms-four")
         .output()
-        .expect("run moe-verify");
+        .unwrap_or_else(|e| panic!("run {}: {e}", bin.display()));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
     assert!(stderr.contains("invalid setting: MOE_GPU_GEMM=\"ms-four\""), "stderr: {stderr}");
