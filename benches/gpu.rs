@@ -283,7 +283,7 @@ pub fn bench(c: &mut Criterion) {
         Ok(e) => e,
         Err(e) => {
             assert!(
-                moe_gpu::is_no_device(&e) && !moe_gpu::cuda_required(),
+                moe_gpu::may_skip(&e),
                 "gpu_layer bench: the GPU is required (MOE_REQUIRE_CUDA=1) or the engine cannot be built: {e}"
             );
             println!("{}", moe_gpu::skip_message("bench gpu_layer", &e));

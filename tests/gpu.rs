@@ -53,11 +53,12 @@ fn gpus(test: &str) -> Option<Gpus> {
         Ok(g) => Some(g),
         Err(e) => {
             let msg = moe_gpu::skip_message(test, &e);
-            if moe_gpu::cuda_required() {
-                panic!("MOE_REQUIRE_CUDA=1 but the GPU is unusable: {e}");
-            }
-            // Only a missing GPU skips; a bad setting (MOE_GPU_GEMM=typo) must not pass silently.
-            assert!(moe_gpu::is_no_device(&e), "gpu::{test}: the GPU layers cannot be built: {e}");
+            // Only a missing GPU without MOE_REQUIRE_CUDA=1 skips; a bad setting
+            // (MOE_GPU_GEMM=typo) must not pass silently.
+            assert!(
+                moe_gpu::may_skip(&e),
+                "gpu::{test}: the GPU is required (MOE_REQUIRE_CUDA=1) or the GPU layers cannot be built: {e}"
+            );
             // Straight to the stderr handle: libtest captures print!/eprint! of passing tests.
             let _ = writeln!(std::io::stderr(), "{msg}");
             None

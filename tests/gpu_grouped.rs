@@ -98,24 +98,31 @@ fn persistent_cases() -> Vec<Case> {
     ]
 }
 
+/// The engine, or `None` after printing the SKIP line of `gpu_grouped::<test>`; panics where a
+/// skip is not allowed (`moe_gpu::may_skip`: under MOE_REQUIRE_CUDA=1, or any error but a
+/// missing GPU).
+fn engine_or_skip(test: &str) -> Option<std::sync::MutexGuard<'static, Engine>> {
+    match engine() {
+        Ok(e) => Some(e),
+        Err(e) => {
+            assert!(
+                moe_gpu::may_skip(&e),
+                "gpu_grouped::{test}: the GPU is required (MOE_REQUIRE_CUDA=1) or the engine cannot be built: {e}"
+            );
+            println!("{}", moe_gpu::skip_message(&format!("gpu_grouped::{test}"), &e));
+            None
+        }
+    }
+}
+
 /// The persistent Hopper kernel (issue 5) against the f64 reference, in bf16 and f16, with
 /// both tile widths: every element within one rounding of an f32-accumulated sum, k = 0
 /// experts exactly +0.0, nothing unwritten, nothing past C, and proof that the kernel ran
 /// (one launch per 128 problems, not a cuBLAS fallback).
 #[test]
 fn persistent_kernel_matches_the_reference_on_ragged_groups() {
-    let mut eng = match engine() {
-        Ok(e) => e,
-        Err(e) => {
-            if moe_gpu::cuda_required() || !moe_gpu::is_no_device(&e) {
-                panic!("the GPU is required (MOE_REQUIRE_CUDA=1) or the engine cannot be built: {e}");
-            }
-            println!(
-                "{}",
-                moe_gpu::skip_message("gpu_grouped::persistent_kernel_matches_the_reference_on_ragged_groups", &e)
-            );
-            return;
-        }
+    let Some(mut eng) = engine_or_skip("persistent_kernel_matches_the_reference_on_ragged_groups") else {
+        return;
     };
     if eng.arch() != "sm_90" {
         println!(
@@ -240,15 +247,8 @@ fn run(eng: &mut Engine, p: &Prepared, case: &Case, dt: Dtype, strategy: Strateg
 
 #[test]
 fn every_strategy_matches_loop_and_reference() {
-    let mut eng = match engine() {
-        Ok(e) => e,
-        Err(e) => {
-            if moe_gpu::cuda_required() || !moe_gpu::is_no_device(&e) {
-                panic!("the GPU is required (MOE_REQUIRE_CUDA=1) or the engine cannot be built: {e}");
-            }
-            println!("{}", moe_gpu::skip_message("gpu_grouped::every_strategy_matches_loop_and_reference", &e));
-            return;
-        }
+    let Some(mut eng) = engine_or_skip("every_strategy_matches_loop_and_reference") else {
+        return;
     };
     let mut exact_report = Vec::new();
     for dt in [Dtype::Bf16, Dtype::F32] {

@@ -9,7 +9,7 @@
 
 use crate::error::GpuError;
 use crate::grouped::Strategy;
-use crate::kernels::{engine, probe};
+use crate::kernels::engine;
 use crate::layer::segments;
 use moe_reference::layer::validate_inputs;
 use moe_reference::{
@@ -33,10 +33,8 @@ type DeviceRun = (Array2<f64>, Option<(Array2<f64>, Array1<f64>, StateDict)>);
 
 impl CudaLayer {
     fn new(class: LayerClass, name: &'static str) -> Result<CudaLayer, GpuError> {
-        // A bad setting is an error on any machine, checked before the GPU is looked for.
-        crate::kernels::gemm_strategy_setting()?;
-        probe()?;
-        // Creates the context and compiles the kernels now, so a broken setup fails here.
+        // Checks the settings, probes for the GPU, creates the context and compiles the
+        // kernels now (see `engine`), so a bad setting or a broken setup fails here.
         drop(engine()?);
         Ok(CudaLayer { class, name, poison: false, strategy: None, launches: AtomicU64::new(0) })
     }

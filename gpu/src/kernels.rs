@@ -108,9 +108,9 @@ static ENGINE: OnceLock<Result<Mutex<Engine>, String>> = OnceLock::new();
 /// The engine, created on first use, locked for the caller. `NoDevice` when there is no GPU;
 /// `Config` (checked first, GPU or not) when `MOE_GPU_GEMM` names no strategy.
 pub fn engine() -> Result<MutexGuard<'static, Engine>, GpuError> {
-    gemm_strategy_setting()?;
+    let strategy = gemm_strategy_setting()?;
     probe()?;
-    let cell = ENGINE.get_or_init(|| Engine::create().map(Mutex::new).map_err(|e| e.to_string()));
+    let cell = ENGINE.get_or_init(|| Engine::create(strategy).map(Mutex::new).map_err(|e| e.to_string()));
     match cell {
         Ok(m) => {
             let guard = m.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -285,7 +285,8 @@ pub fn parse_gemm_setting(label: &str) -> Result<Strategy, GpuError> {
 }
 
 impl Engine {
-    fn create() -> Result<Engine, GpuError> {
+    /// A new engine; `strategy` is `MOE_GPU_GEMM` as [`engine`] read it (`None`: `Auto`).
+    fn create(strategy: Option<Strategy>) -> Result<Engine, GpuError> {
         let ctx = CudaContext::new(0)?;
         // SAFETY: this engine uses one stream for every allocation, launch and copy, so the
         // cross-stream event tracking cudarc does is not needed; turning it off before any
@@ -305,23 +306,19 @@ impl Engine {
                 functions.insert(name.clone(), module.load_function(&name)?);
             }
         }
-        let mut engine = Engine {
+        let strategy = strategy.unwrap_or(Strategy::Auto);
+        Ok(Engine {
             ctx,
             stream,
             blas,
             functions,
             launches: 0,
             grouped: crate::grouped::GroupedState::default(),
-            gemm_strategy: Strategy::Auto,
-            default_gemm_strategy: Strategy::Auto,
+            gemm_strategy: strategy,
+            default_gemm_strategy: strategy,
             device_name,
             arch,
-        };
-        if let Some(s) = gemm_strategy_setting()? {
-            engine.gemm_strategy = s;
-            engine.default_gemm_strategy = s;
-        }
-        Ok(engine)
+        })
     }
 
     /// Sets how the layers issue each set of per-expert GEMMs (fc1, fc2, the two dgrads, the

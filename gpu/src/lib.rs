@@ -50,6 +50,12 @@ pub fn is_no_device(err: &GpuError) -> bool {
     matches!(err, GpuError::NoDevice(_))
 }
 
+/// Whether a GPU test or bench that could not get the GPU (`err`) may skip: only for a
+/// missing GPU ([`is_no_device`]) and only without `MOE_REQUIRE_CUDA=1`. Otherwise it must fail.
+pub fn may_skip(err: &GpuError) -> bool {
+    is_no_device(err) && !cuda_required()
+}
+
 /// True when `MOE_REQUIRE_CUDA=1`: a missing GPU must fail instead of skipping.
 pub fn cuda_required() -> bool {
     std::env::var("MOE_REQUIRE_CUDA").is_ok_and(|v| v == "1")
