@@ -32,9 +32,7 @@ def main(paths):
     if len(paths) < 1:
         sys.exit(__doc__)
     rows = OrderedDict()  # key -> {"strategies": {label: (ms, tf) or None}, "flops", "min_bytes"}
-    dense = {}  # "rust" / "torch" -> (highest tflops, device)
-    dense_all = {}  # "rust" / "torch" -> every dense measurement
-    rust_dense_seq = []  # (mode, tflops) of the Rust dense rows, in file (= time) order
+    dense_seq = {}  # "rust" / "torch" -> [(mode, tflops)] of the dense rows, in file (= time) order
     rust_shapes = []  # shapes of the Rust rows, in file order
     devices = {}  # "rust" / "torch" -> set of device names
     strategies = []
@@ -50,17 +48,11 @@ def main(paths):
                 side = "torch" if r["strategy"] == "torch" else "rust"
                 devices.setdefault(side, set()).add(r["device"])
                 ms, tf = num(r["median_ms"]), num(r["tflops"])
-                if r["shape"] == "dense" and side == "rust" and tf is not None:
-                    rust_dense_seq.append((r["mode"], tf))
                 if r["shape"] != "dense" and side == "rust" and r["shape"] not in rust_shapes:
                     rust_shapes.append(r["shape"])
                 if r["shape"] == "dense":
-                    # Measured before and after the layers: keep the higher (conservative).
-                    if tf is not None and (side not in dense or tf > dense[side][0]):
-                        dense[side] = (tf, r["device"])
-                        dense_all.setdefault(side, []).append(tf)
-                    elif tf is not None:
-                        dense_all.setdefault(side, []).append(tf)
+                    if tf is not None:
+                        dense_seq.setdefault(side, []).append((r["mode"], tf))
                     continue
                 key = tuple(r[k] for k in KEY)
                 entry = rows.setdefault(key, {"strategies": {}, "flops": {}, "min_bytes": {}})
@@ -90,7 +82,10 @@ def main(paths):
     if devices.get("rust") and devices.get("torch") and devices["rust"] != devices["torch"]:
         notes.append(f"Rust ran on {sorted(devices['rust'])}, torch on {sorted(devices['torch'])}: ratios compare different cards")
 
-    peak = dense.get("rust", (None,))[0]
+    # Conservative peak: the highest reading (measured before, between and after the layers).
+    dense = {side: max(tf for _, tf in seq) for side, seq in dense_seq.items()}
+    rust_dense_seq = dense_seq.get("rust", [])
+    peak = dense.get("rust")
     # Bracketing dense readings: gemm8192, gemm8192_before_<shape 2..n>, gemm8192_end.
     adjacent = {}
     expected = ["gemm8192"] + [f"gemm8192_before_{x}" for x in rust_shapes[1:]] + ["gemm8192_end"]
@@ -103,9 +98,9 @@ def main(paths):
     parts = []
     for side, what in (("rust", "cuBLAS (Rust, Engine::gemm)"), ("torch", "torch.mm")):
         if side in dense:
-            runs = dense_all.get(side, [])
+            runs = [tf for _, tf in dense_seq[side]]
             each = f" (measurements: {', '.join(f'{x:.1f}' for x in runs)})" if len(runs) > 1 else ""
-            parts.append(f"{what} {dense[side][0]:.1f} TFLOP/s{each}")
+            parts.append(f"{what} {dense[side]:.1f} TFLOP/s{each}")
     dev = sorted(devices.get("rust", set()) | devices.get("torch", set()))
     print(f"Device: {', '.join(dev) or 'unknown'}. Dense 8192³ bf16: {', '.join(parts) or 'not measured'}.\n")
 
