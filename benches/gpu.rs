@@ -56,6 +56,18 @@
 //! Intermediates (fc1 output, fc2 input, their grads) are not counted: a fused layer need not
 //! store them.
 //!
+//! **Interleaved rounds** (`MOE_LAYER_ROUNDS=R`, default 0 = off): after a (shape,
+//! distribution, class, mode)'s criterion rows, `R` rounds that each time one block of about
+//! 20 ms of back-to-back calls of the dense 8192³ GEMM and of every strategy (host clock
+//! between two stream synchronizations; the order reversed every other round), so every
+//! strategy's reading has a dense reading taken within tens of milliseconds of it, in the same
+//! thermal state, and strategies are compared round by round rather than minutes apart. One
+//! `ROUNDS` line per strategy (median TFLOP/s, median and range of its per-round % of dense,
+//! median and range of its per-round time ratio to the first strategy); with
+//! `MOE_LAYER_ROUNDS_CSV=path` every block goes to a CSV (header `shape,dist,class,mode,item,
+//! round,calls,ms,tflops,device`; `item` = `dense` or a strategy label) that
+//! `scripts/rounds_table.py` summarizes.
+//!
 //! **Output**: one `TFLOP/s` line per row as it finishes and a summary at the end; with
 //! `MOE_LAYER_CSV=path`, a CSV (header `shape,dist,class,mode,strategy,tokens,experts,flops,
 //! min_bytes,median_ms,tflops,device`; a `dense` row first; rows appended as they finish;
@@ -63,7 +75,9 @@
 //! `scripts/layer_table.py` joins with `scripts/torch_experts_bench.py`'s. Registered only when
 //! a GPU is found (prints why not otherwise).
 
-use crate::gpu_common::{counts, dense_gemm, env_list, random_chunk, time, DENSE_N, SAMPLES};
+use crate::gpu_common::{
+    block_calls, counts, dense_gemm, env_list, median, random_chunk, time, timed_block, DenseGemm, DENSE_N, SAMPLES,
+};
 use criterion::{Criterion, SamplingMode};
 use moe_gpu::kernels::{engine, Engine};
 use moe_gpu::layer::{DeviceWeights, Workspace};
@@ -268,6 +282,117 @@ impl Report {
     }
 }
 
+/// A (shape, distribution, class, mode) of the interleaved rounds.
+struct RowId<'a> {
+    shape: &'a str,
+    dist: &'a str,
+    class: &'a str,
+    mode: &'a str,
+}
+
+/// One timed block of the interleaved rounds: (item, round, calls, seconds per call).
+type Block = (usize, usize, usize, f64);
+
+/// `rounds` rounds over `items` items (`run(eng, item, calls)` times `calls` calls of item
+/// `item` and returns the seconds per call), the order reversed every other round. Each item's
+/// block length is set once, from a 2-call block before the first round, to about
+/// [`crate::gpu_common::BLOCK_SECS`].
+fn interleaved(
+    eng: &mut Engine,
+    rounds: usize,
+    items: usize,
+    run: &mut dyn FnMut(&mut Engine, usize, usize) -> Result<f64, GpuError>,
+) -> Result<Vec<Block>, GpuError> {
+    let calls: Vec<usize> = (0..items).map(|i| run(eng, i, 2).map(block_calls)).collect::<Result<_, _>>()?;
+    let mut blocks = Vec::with_capacity(rounds * items);
+    for r in 0..rounds {
+        let order: Vec<usize> = if r % 2 == 0 { (0..items).collect() } else { (0..items).rev().collect() };
+        for i in order {
+            blocks.push((i, r, calls[i], run(eng, i, calls[i])?));
+        }
+    }
+    Ok(blocks)
+}
+
+/// Per strategy (item ≥ 1): median TFLOP/s, its per-round % of the same round's dense reading
+/// (median, min-max) and its per-round time ratio to the first strategy (median, min-max; > 1:
+/// faster than the first).
+fn rounds_summary(id: &RowId, labels: &[&str], blocks: &[Block], flops: &dyn Fn(usize) -> f64) -> Vec<String> {
+    let per_round = |item: usize| -> Vec<f64> {
+        let mut v: Vec<(usize, f64)> = blocks.iter().filter(|b| b.0 == item).map(|b| (b.1, b.3)).collect();
+        v.sort_by_key(|x| x.0);
+        v.into_iter().map(|x| x.1).collect()
+    };
+    let range = |v: &[f64]| -> (f64, f64, f64) {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        (median(v.to_vec()), lo, hi)
+    };
+    let dense = per_round(0);
+    let first = per_round(1);
+    let mut out = Vec::new();
+    let (dm, dlo, dhi) = range(&dense.iter().map(|s| flops(0) / s / 1e12).collect::<Vec<_>>());
+    out.push(format!(
+        "ROUNDS {} {} {} {} dense: {dm:.1} TFLOP/s (rounds {}, {dlo:.1}-{dhi:.1})",
+        id.shape,
+        id.dist,
+        id.class,
+        id.mode,
+        dense.len()
+    ));
+    for (item, label) in labels.iter().enumerate().skip(1) {
+        let t = per_round(item);
+        let (tm, _, _) = range(&t.iter().map(|s| flops(item) / s / 1e12).collect::<Vec<_>>());
+        let pct: Vec<f64> = t.iter().zip(&dense).map(|(s, d)| 100.0 * (flops(item) / s) / (flops(0) / d)).collect();
+        let (pm, plo, phi) = range(&pct);
+        let ratio: Vec<f64> = first.iter().zip(&t).map(|(f, s)| f / s).collect();
+        let (rm, rlo, rhi) = range(&ratio);
+        out.push(format!(
+            "ROUNDS {} {} {} {} {label}: {tm:.1} TFLOP/s, {pm:.1}% of interleaved dense ({plo:.1}-{phi:.1}), \
+             x{rm:.3} vs {} ({rlo:.3}-{rhi:.3})",
+            id.shape, id.dist, id.class, id.mode, labels[1]
+        ));
+    }
+    out
+}
+
+/// `MOE_LAYER_ROUNDS_CSV`: every block of the interleaved rounds.
+struct RoundsCsv(Option<(String, std::fs::File)>);
+
+impl RoundsCsv {
+    const HEADER: &'static str = "shape,dist,class,mode,item,round,calls,ms,tflops,device";
+
+    fn open() -> RoundsCsv {
+        RoundsCsv(std::env::var("MOE_LAYER_ROUNDS_CSV").ok().filter(|p| !p.is_empty()).map(|path| {
+            let mut f = std::fs::File::create(&path)
+                .unwrap_or_else(|e| panic!("MOE_LAYER_ROUNDS_CSV: cannot create {path:?}: {e}"));
+            writeln!(f, "{}", Self::HEADER)
+                .unwrap_or_else(|e| panic!("MOE_LAYER_ROUNDS_CSV: cannot write {path:?}: {e}"));
+            (path, f)
+        }))
+    }
+
+    fn write(&mut self, id: &RowId, labels: &[&str], blocks: &[Block], flops: &dyn Fn(usize) -> f64, device: &str) {
+        let Some((path, f)) = &mut self.0 else { return };
+        for &(item, round, calls, secs) in blocks {
+            writeln!(
+                f,
+                "{},{},{},{},{},{round},{calls},{:.4},{:.1},{}",
+                csv_field(id.shape),
+                csv_field(id.dist),
+                csv_field(id.class),
+                csv_field(id.mode),
+                csv_field(labels[item]),
+                secs * 1e3,
+                flops(item) / secs / 1e12,
+                csv_field(device)
+            )
+            .and_then(|()| f.flush())
+            .unwrap_or_else(|e| panic!("MOE_LAYER_ROUNDS_CSV: cannot write {path:?}: {e}"));
+        }
+    }
+}
+
 /// The bench entry point (registered in `benches/main.rs`).
 pub fn bench(c: &mut Criterion) {
     if !crate::selected(&[PREFIX]) {
@@ -278,6 +403,10 @@ pub fn bench(c: &mut Criterion) {
     let classes = classes();
     let modes = modes();
     let shapes = env_list("MOE_LAYER_SHAPES");
+    let rounds: usize = std::env::var("MOE_LAYER_ROUNDS").ok().filter(|v| !v.trim().is_empty()).map_or(0, |v| {
+        v.trim().parse().unwrap_or_else(|_| panic!("MOE_LAYER_ROUNDS={v:?}: expected a count of rounds (0 = off)"))
+    });
+    let mut rounds_csv = RoundsCsv::open();
     let counts = counts();
     let mut guard = match engine() {
         Ok(e) => e,
@@ -323,6 +452,10 @@ pub fn bench(c: &mut Criterion) {
         }
     };
     measure_dense(c, eng, &mut report, "gemm8192");
+    let interleave_dense = (rounds > 0).then(|| {
+        let chunk = random_chunk(eng);
+        DenseGemm::new(eng, &chunk)
+    });
 
     let mut first = true;
     for sh in &counts.shapes {
@@ -389,6 +522,41 @@ pub fn bench(c: &mut Criterion) {
                         });
                         if let Some(secs) = secs {
                             report.ok(&row, secs);
+                        }
+                    }
+                    if let Some(dense) = &interleave_dense {
+                        let flops = layer_flops(sh.rows, h, n1, n2, backward);
+                        let id = RowId { shape: &sh.name, dist, class: cname, mode };
+                        let mut run_item = |eng: &mut Engine, item: usize, calls: usize| -> Result<f64, GpuError> {
+                            if item == 0 {
+                                return Ok(timed_block(eng, calls, |e| dense.run(e)));
+                            }
+                            eng.set_gemm_strategy(strategies[item - 1].1);
+                            step(eng, &cfg, &w, &mut ws, backward)?;
+                            let mut failed = None;
+                            let secs = timed_block(eng, calls, |e| {
+                                if let Err(err) = step(e, &cfg, &w, &mut ws, backward) {
+                                    failed.get_or_insert(err);
+                                }
+                            });
+                            failed.map_or(Ok(secs), Err)
+                        };
+                        match interleaved(eng, rounds, 1 + strategies.len(), &mut run_item) {
+                            Ok(blocks) => {
+                                let labels: Vec<&str> =
+                                    std::iter::once("dense").chain(strategies.iter().map(|s| s.0.as_str())).collect();
+                                let item_flops = |item: usize| if item == 0 { dense.flops() } else { flops };
+                                rounds_csv.write(&id, &labels, &blocks, &item_flops, &device);
+                                for line in rounds_summary(&id, &labels, &blocks, &item_flops) {
+                                    println!("{line}");
+                                    report.summary.push(line);
+                                }
+                            }
+                            Err(err) => {
+                                let line = format!("ERR ROUNDS {} {dist} {cname} {mode}: {err}", sh.name);
+                                println!("{line}");
+                                report.summary.push(line);
+                            }
                         }
                     }
                 }

@@ -148,6 +148,36 @@ pub fn time<F: FnMut(&mut Engine)>(
 /// Side of the dense reference GEMM.
 pub const DENSE_N: usize = 8192;
 
+/// The dense reference GEMM's operands: `DENSE_N`² bf16 matrices of random data.
+pub struct DenseGemm {
+    _bufs: Vec<Buf>,
+    ptrs: (u64, u64, u64),
+}
+
+impl DenseGemm {
+    /// Allocates and fills the three matrices from `chunk`.
+    pub fn new(eng: &mut Engine, chunk: &Buf) -> DenseGemm {
+        let nn = DENSE_N;
+        let bufs: Vec<Buf> = (0..3).map(|_| eng.alloc(nn * nn * 2).expect("alloc for the dense GEMM")).collect();
+        for b in &bufs {
+            fill(eng, b, chunk);
+        }
+        let ptrs = (eng.ptr(&bufs[0], 0), eng.ptr(&bufs[1], 0), eng.ptr(&bufs[2], 0));
+        DenseGemm { _bufs: bufs, ptrs }
+    }
+
+    /// FLOPs of one call.
+    pub fn flops(&self) -> f64 {
+        2.0 * (DENSE_N as f64).powi(3)
+    }
+
+    /// One `DENSE_N`³ bf16 `Engine::gemm` (cuBLAS, f32 accumulation), queued.
+    pub fn run(&self, eng: &mut Engine) {
+        let (nn, (pa, pb, pc)) = (DENSE_N, self.ptrs);
+        eng.gemm(Dtype::Bf16, false, false, nn, nn, nn, pa, pb, pc, 0.0).expect("dense 8192³ Engine::gemm");
+    }
+}
+
 /// The dense reference: one `DENSE_N`³ bf16 GEMM through `Engine::gemm` (cuBLAS, f32
 /// accumulation) on random data, timed by [`time`] under `group`/`gemm8192`. Returns
 /// (median seconds, FLOPs), or `None` when filtered out.
@@ -158,15 +188,28 @@ pub fn dense_gemm(
     group: &str,
     mode: SamplingMode,
 ) -> Option<(f64, f64)> {
-    let nn = DENSE_N;
-    let bufs: Vec<Buf> = (0..3).map(|_| eng.alloc(nn * nn * 2).expect("alloc for the dense GEMM")).collect();
-    for b in &bufs {
-        fill(eng, b, chunk);
-    }
-    let (pa, pb, pc) = (eng.ptr(&bufs[0], 0), eng.ptr(&bufs[1], 0), eng.ptr(&bufs[2], 0));
-    let secs = time(c, eng, group, "gemm8192", mode, |e| {
-        e.gemm(Dtype::Bf16, false, false, nn, nn, nn, pa, pb, pc, 0.0).expect("dense 8192³ Engine::gemm")
-    });
+    let dense = DenseGemm::new(eng, chunk);
+    let secs = time(c, eng, group, "gemm8192", mode, |e| dense.run(e));
     eng.synchronize().expect("synchronize after the dense GEMM");
-    secs.map(|s| (s, 2.0 * (nn as f64).powi(3)))
+    secs.map(|s| (s, dense.flops()))
 }
+
+/// Per-call seconds of `calls` back-to-back calls of `run`, host-timed between two
+/// synchronizations of the engine's stream.
+pub fn timed_block<F: FnMut(&mut Engine)>(eng: &mut Engine, calls: usize, mut run: F) -> f64 {
+    eng.synchronize().expect("synchronize before a timed block");
+    let t = Instant::now();
+    for _ in 0..calls {
+        run(eng);
+    }
+    eng.synchronize().expect("synchronize after a timed block");
+    t.elapsed().as_secs_f64() / calls as f64
+}
+
+/// Calls per interleaved block: about [`BLOCK_SECS`] of calls of `per_call` seconds, at least 1.
+pub fn block_calls(per_call: f64) -> usize {
+    ((BLOCK_SECS / per_call).round() as usize).max(1)
+}
+
+/// Length of one timed block of the interleaved measurement.
+pub const BLOCK_SECS: f64 = 0.02;

@@ -7,7 +7,9 @@
 #   bench     issue 5 per-layer table: benches/gpu.rs (`.stage/bench gpu_layer`, strategies from
 #             $MOE_LAYER_STRATEGIES, default auto,loop) -> $OUT/layer-rust.csv, then
 #             torch_experts_bench.py -> $OUT/layer-torch.csv, then layer_table.py ->
-#             $OUT/layer-table.md (printed); logs layer-bench.log, layer-torch.log
+#             $OUT/layer-table.md (printed); logs layer-bench.log, layer-torch.log; and
+#             $MOE_LAYER_ROUNDS (default 12) interleaved rounds per row -> $OUT/layer-rounds.csv,
+#             rounds_table.py -> $OUT/rounds-table.md (printed)
 #   grouped   issue 5 GEMM-set table: benches/gpu_grouped.rs (`.stage/bench gpu_grouped`) ->
 #             $OUT/grouped-rust.csv, torch_grouped_bench.py -> $OUT/grouped-torch.csv,
 #             grouped_table.py -> $OUT/grouped-table.md (printed)
@@ -81,7 +83,8 @@ for s in $steps; do
       echo "exit $?"; tail -20 "$out/dumps.log" ;;
     bench)
       echo "== layer bench (Rust), strategies ${MOE_LAYER_STRATEGIES:-auto,loop}"
-      logged "$out/layer-bench.log" env MOE_LAYER_CSV="$out/layer-rust.csv" "$bench" --bench gpu_layer
+      logged "$out/layer-bench.log" env MOE_LAYER_CSV="$out/layer-rust.csv" MOE_LAYER_ROUNDS="${MOE_LAYER_ROUNDS:-12}" \
+        MOE_LAYER_ROUNDS_CSV="$out/layer-rounds.csv" "$bench" --bench gpu_layer
       grep -E "^ERR|^TFLOP/s dense " "$out/layer-bench.log" | head -40
       echo "== layer bench (torch)"
       logged "$out/layer-torch.log" env PYTHONUNBUFFERED=1 python3 .stage/torch_experts_bench.py \
@@ -89,7 +92,12 @@ for s in $steps; do
       grep -E "^torch |^ERR|TFLOP/s dense " "$out/layer-torch.log" | head -40
       echo "== layer table"
       python3 .stage/layer_table.py "$out/layer-rust.csv" "$out/layer-torch.csv" > "$out/layer-table.md"
-      echo "exit $?"; cat "$out/layer-table.md" ;;
+      echo "exit $?"; cat "$out/layer-table.md"
+      if [ -s "$out/layer-rounds.csv" ]; then
+        echo "== interleaved rounds table"
+        python3 .stage/rounds_table.py "$out/layer-rounds.csv" "$out/layer-torch.csv" > "$out/rounds-table.md"
+        echo "exit $?"; cat "$out/rounds-table.md"
+      fi ;;
     grouped)
       echo "== grouped GEMM sets (Rust)"
       logged "$out/grouped-bench.log" env MOE_GG_CSV="$out/grouped-rust.csv" "$bench" --bench gpu_grouped

@@ -31,7 +31,7 @@ cp tools/*.py "$stage/tools/"
 # Device-side scripts and the token counts both benches' torch halves read (the Rust benches
 # embed the same file at build time).
 cp scripts/gpu-device.sh scripts/torch_experts_bench.py scripts/torch_grouped_bench.py scripts/layer_table.py \
-  scripts/grouped_table.py scripts/layer_profile.py benches/data/grouped_counts.json "$stage/"
+  scripts/grouped_table.py scripts/layer_profile.py scripts/rounds_table.py benches/data/grouped_counts.json "$stage/"
 ls -la "$stage"
 echo
 echo "device command (carry [\".stage\"]):"

@@ -337,12 +337,13 @@ fn every_gpu_class_matches_the_f64_oracle_on_random_cases() {
 /// the grouped executor (the default, `Auto`, runs in the test above): a missing stream join
 /// would read unfinished GEMM outputs, a wrong tile edge or k = 0 case would show as an error.
 /// `persistent` forces the Hopper kernel wherever the case is eligible (bf16/f16 with sizes
-/// that are multiples of 8: most of these cases), which `Auto` only picks for large lists.
+/// that are multiples of 8: most of these cases), which `Auto` only picks for large lists;
+/// `hybrid1` sends every GEMM of these small cases the same way, through its own split.
 #[test]
 fn every_gpu_class_matches_the_oracle_with_every_gemm_strategy() {
     let n = case_count().min(100);
     let mut failures = Vec::new();
-    for strategy in [Strategy::Loop, Strategy::MultiStream(4), Strategy::Persistent(0)] {
+    for strategy in [Strategy::Loop, Strategy::MultiStream(4), Strategy::Persistent(0), Strategy::Hybrid(1)] {
         let Some(g) = gpus("every_gpu_class_matches_the_oracle_with_every_gemm_strategy") else { return };
         let g: &'static Gpus = Box::leak(Box::new(Gpus {
             seq: g.seq.with_strategy(strategy),

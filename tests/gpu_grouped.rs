@@ -19,7 +19,7 @@ use moe_reference::Dtype;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-const STRATEGIES: [Strategy; 13] = [
+const STRATEGIES: [Strategy; 14] = [
     Strategy::Loop,
     Strategy::MultiStream(1),
     Strategy::MultiStream(3),
@@ -33,6 +33,7 @@ const STRATEGIES: [Strategy; 13] = [
     Strategy::Persistent(0),
     Strategy::Persistent(128),
     Strategy::Persistent(256),
+    Strategy::Hybrid(1),
 ];
 
 /// One grouped call: per-expert (m, n, k) with transposes, as the layers issue them.
@@ -190,6 +191,12 @@ struct Prepared {
 const GUARD: usize = 64;
 
 fn prepare(eng: &mut Engine, case: &Case, dt: Dtype, seed: u64) -> Result<Prepared, GpuError> {
+    prepare_rows(eng, case, dt, seed, 1)
+}
+
+/// [`prepare`] with the f64 reference computed for every `row_step`-th row of each expert and
+/// its last row only (the others are NaN): for cases too large to reference in full.
+fn prepare_rows(eng: &mut Engine, case: &Case, dt: Dtype, seed: u64, row_step: usize) -> Result<Prepared, GpuError> {
     let ds = dt.size_bytes();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let a_len: usize = case.dims.iter().map(|&(m, _, k)| m * k).sum();
@@ -203,7 +210,7 @@ fn prepare(eng: &mut Engine, case: &Case, dt: Dtype, seed: u64) -> Result<Prepar
     let (mut ao, mut bo, mut co) = (0, 0, 0);
     let mut problems = Vec::new();
     let mut c_offsets = Vec::new();
-    let mut reference = vec![0.0; c_len];
+    let mut reference = vec![f64::NAN; c_len];
     for &(m, n, k) in &case.dims {
         problems.push(GemmProblem {
             m,
@@ -214,7 +221,7 @@ fn prepare(eng: &mut Engine, case: &Case, dt: Dtype, seed: u64) -> Result<Prepar
             c: eng.ptr(&c, co * ds),
         });
         c_offsets.push(co);
-        for i in 0..m {
+        for i in (0..m).filter(|&i| i % row_step == 0 || i + 1 == m) {
             for j in 0..n {
                 let mut s = 0.0;
                 for l in 0..k {
@@ -243,6 +250,63 @@ fn run(eng: &mut Engine, p: &Prepared, case: &Case, dt: Dtype, strategy: Strateg
         out = eng.download(&p.c)?;
     }
     Ok(out)
+}
+
+/// `Strategy::Hybrid` splits a list by size: this case has one expert large enough to fill
+/// every SM for a wave on its own (133 x 1 output tiles of 128 x 256 on a 132-SM H100, k =
+/// 1024), which must run on cuBLAS, exactly as `Loop` runs it, while the small ones (an empty
+/// one, ragged ones) take the persistent kernel in one launch. The small cases of
+/// `every_strategy_matches_loop_and_reference` never split (all small). The large expert is
+/// checked against the f64 reference on every 97th row (4.4·10⁹ multiply-adds in full).
+#[test]
+fn hybrid_strategy_runs_large_experts_on_cublas_and_the_rest_on_the_persistent_kernel() {
+    let test = "hybrid_strategy_runs_large_experts_on_cublas_and_the_rest_on_the_persistent_kernel";
+    let Some(mut eng) = engine_or_skip(test) else {
+        return;
+    };
+    if eng.arch() != "sm_90" {
+        println!("SKIP gpu_grouped::{test}: {} is not sm_90", eng.arch());
+        return;
+    }
+    let sms = eng.sm_count();
+    let big = (sms + 1) * moe_gpu::persistent::TILE_M - 8;
+    let case = Case {
+        name: "hybrid_split",
+        ta: false,
+        tb: true,
+        dims: vec![(40, 256, 1024), (0, 256, 1024), (big, 256, 1024), (200, 256, 1024), (8, 256, 1024)],
+    };
+    let waves = 1;
+    let large: Vec<bool> = case
+        .dims
+        .iter()
+        .map(|&(m, n, k)| {
+            let p = GemmProblem { m, n, k, a: 0, b: 0, c: 0 };
+            moe_gpu::persistent::fills_gpu_alone(&p, waves, sms)
+        })
+        .collect();
+    assert_eq!(large, [false, false, true, false, false], "the split this case is built for");
+    let dt = Dtype::Bf16;
+    let ds = dt.size_bytes();
+    let p = prepare_rows(&mut eng, &case, dt, 0x4b1d, 97).expect("prepare");
+    let base = run(&mut eng, &p, &case, dt, Strategy::Loop).expect("loop");
+    let before = eng.launches();
+    let got = run(&mut eng, &p, &case, dt, Strategy::Hybrid(waves)).expect("hybrid");
+    // Per run: the poison memset, one persistent launch, one cuBLAS call.
+    assert_eq!(eng.launches() - before, 2 * 3, "expected poison + persistent + one cuBLAS GEMM per run");
+    assert!(got[p.c_elems * ds..].iter().all(|&x| x == 0xFF), "hybrid wrote past C");
+    let (s, e) = (p.c_offsets[2] * ds, (p.c_offsets[2] + big * 256) * ds);
+    assert!(got[s..e] == base[s..e], "the large expert must be Loop's cublasGemmEx, bit for bit");
+    let v = from_bytes(dt, &got[..p.c_elems * ds]);
+    let mut checked = 0;
+    for (i, (&g, &r)) in v.iter().zip(&p.reference).enumerate() {
+        assert!(!g.is_nan(), "hybrid: NaN (unwritten) at {i}");
+        if !r.is_nan() {
+            assert!((g - r).abs() <= r.abs() / 128.0 + 1e-3, "hybrid[{i}] = {g}, reference {r}");
+            checked += 1;
+        }
+    }
+    println!("gpu_grouped: hybrid split checked on {checked} reference elements");
 }
 
 #[test]

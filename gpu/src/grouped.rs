@@ -25,6 +25,11 @@ use std::sync::Arc;
 /// graph capture never allocates and algorithm choice matches the engine's main handle.
 const LANE_WORKSPACE_BYTES: usize = 32 << 20;
 
+/// [`Strategy::Auto`]'s [`Strategy::Hybrid`] threshold, in waves (session 9 interleaved
+/// rounds, docs/performance.md: Qwen3-30B-A3B with Zipf routing +1-8% over the persistent
+/// kernel alone; Hybrid(2) within 2% of it).
+const AUTO_HYBRID_WAVES: usize = 4;
+
 /// Cached graphs / pointer arrays kept before the caches are flushed.
 const CACHE_LIMIT: usize = 256;
 
@@ -77,18 +82,27 @@ pub enum Strategy {
     /// chooses per problem list). Falls back to [`Strategy::Auto`]'s cuBLAS choice for lists the
     /// kernel does not take (fp32, extents not multiples of 8, not a compute capability 9.0 GPU).
     Persistent(usize),
+    /// Split by size: the problems that fill the GPU on their own for at least `waves` waves
+    /// ([`crate::persistent::fills_gpu_alone`]) run one `cublasGemmEx` each on the engine's
+    /// stream, the rest as [`Strategy::Auto`] would run a non-uniform list: one persistent-kernel
+    /// launch where [`crate::persistent::prefer_persistent`] says so and the kernel takes the
+    /// list, else cuBLAS over 4 streams. For skewed routing: cuBLAS's kernels are fastest on a
+    /// large expert, and the small ones then overlap without it.
+    Hybrid(usize),
     /// The layers' default, chosen per call from measurements (docs/performance.md): one
     /// `cublasGemmStridedBatchedEx` when every problem that computes has the same shape and
-    /// evenly strided `A`, `B`, `C` (uniform routing); else the persistent kernel for many
-    /// small experts ([`crate::persistent::prefer_persistent`]) when the list is eligible;
-    /// else [`Strategy::MultiStream`]`(4)` (not a graph: with routing that changes every step
-    /// a graph would be re-captured per call, which measured no faster than issuing the
-    /// streams directly).
+    /// evenly strided `A`, `B`, `C` (uniform routing); else, for many small experts
+    /// ([`crate::persistent::prefer_persistent`]), [`Strategy::Hybrid`]`(4)`: the persistent
+    /// kernel (where the list is eligible) with any expert that fills the GPU for 4 waves on
+    /// its own taken out to cuBLAS; else [`Strategy::MultiStream`]`(4)` (not a graph: with
+    /// routing that changes every step a graph would be re-captured per call, which measured no
+    /// faster than issuing the streams directly).
     Auto,
 }
 
 impl Strategy {
-    /// A short label (`loop`, `ms4`, `mt4`, `graph4`, `gbatched`, `auto`).
+    /// A short label (`loop`, `ms4`, `mt4`, `graph4`, `gbatched`, `persistent`,
+    /// `persistent128`, `hybrid2`, `auto`).
     pub fn label(&self) -> String {
         match self {
             Strategy::Loop => "loop".into(),
@@ -98,6 +112,7 @@ impl Strategy {
             Strategy::GroupedBatched => "gbatched".into(),
             Strategy::Persistent(0) => "persistent".into(),
             Strategy::Persistent(n) => format!("persistent{n}"),
+            Strategy::Hybrid(w) => format!("hybrid{w}"),
             Strategy::Auto => "auto".into(),
         }
     }
@@ -112,6 +127,9 @@ impl Strategy {
             _ => {
                 if let Some(n) = s.strip_prefix("persistent") {
                     return n.parse().ok().filter(|n| crate::persistent::TILE_N.contains(n)).map(Strategy::Persistent);
+                }
+                if let Some(w) = s.strip_prefix("hybrid") {
+                    return w.parse().ok().filter(|&w| w > 0).map(Strategy::Hybrid);
                 }
                 if let Some(n) = s.strip_prefix("ms") {
                     n.parse().ok().filter(|&n| n > 0).map(Strategy::MultiStream)
@@ -274,12 +292,13 @@ impl Engine {
                 }
                 Ok(())
             }
+            Strategy::Hybrid(waves) => self.hybrid(waves, dt, ta, tb, problems),
             Strategy::Auto => {
                 if self.strided_batched(dt, ta, tb, problems)? {
                     return Ok(());
                 }
-                if crate::persistent::prefer_persistent(problems) && self.persistent_gemm(0, dt, ta, tb, problems)? {
-                    return Ok(());
+                if crate::persistent::prefer_persistent(problems) {
+                    return self.hybrid(AUTO_HYBRID_WAVES, dt, ta, tb, problems);
                 }
                 self.ensure_lanes(4)?;
                 let main = self.stream.clone();
@@ -287,6 +306,31 @@ impl Engine {
                 Ok(())
             }
         }
+    }
+
+    /// [`Strategy::Hybrid`]: the small problems (persistent kernel or cuBLAS on 4 streams), then
+    /// each large one on cuBLAS, all ordered on the engine's stream.
+    fn hybrid(
+        &mut self,
+        waves: usize,
+        dt: Dtype,
+        ta: bool,
+        tb: bool,
+        problems: &[GemmProblem],
+    ) -> Result<(), GpuError> {
+        let sms = self.sm_count();
+        let (large, small): (Vec<GemmProblem>, Vec<GemmProblem>) =
+            problems.iter().partition(|p| crate::persistent::fills_gpu_alone(p, waves, sms));
+        let on_kernel = crate::persistent::prefer_persistent(&small) && self.persistent_gemm(0, dt, ta, tb, &small)?;
+        if !small.is_empty() && !on_kernel {
+            self.ensure_lanes(4)?;
+            let main = self.stream.clone();
+            self.issue_lanes(4, dt, ta, tb, &small, &main, false)?;
+        }
+        for p in &large {
+            self.gemm(dt, ta, tb, p.m, p.n, p.k, p.a, p.b, p.c, 0.0)?;
+        }
+        Ok(())
     }
 
     /// Drops every cached graph and pointer array (benches use it to time a capture per call).
@@ -625,12 +669,14 @@ mod tests {
             Strategy::GroupedBatched,
             Strategy::Persistent(0),
             Strategy::Persistent(256),
+            Strategy::Hybrid(2),
             Strategy::Auto,
         ] {
             assert_eq!(Strategy::parse(&s.label()), Some(s));
         }
         assert_eq!(Strategy::parse("persistent64"), None);
         assert_eq!(Strategy::parse("ms0"), None);
+        assert_eq!(Strategy::parse("hybrid0"), None);
         assert_eq!(Strategy::parse("nope"), None);
     }
 

@@ -101,6 +101,8 @@ pub struct Engine {
     pub(crate) grouped: crate::grouped::GroupedState,
     device_name: String,
     arch: &'static str,
+    /// Multiprocessors of the device.
+    sms: usize,
 }
 
 static ENGINE: OnceLock<Result<Mutex<Engine>, String>> = OnceLock::new();
@@ -279,7 +281,7 @@ pub fn parse_gemm_setting(label: &str) -> Result<Strategy, GpuError> {
     Strategy::parse(label.trim()).ok_or_else(|| {
         GpuError::Config(format!(
             "MOE_GPU_GEMM={label:?} is not a GEMM strategy (expected auto, persistent, persistent128, persistent256, \
-             loop, msN, mtN, graphN or gbatched)"
+             hybridN, loop, msN, mtN, graphN or gbatched)"
         ))
     })
 }
@@ -297,6 +299,9 @@ impl Engine {
         let (major, minor) = ctx.compute_capability()?;
         let arch = arch_name(major, minor);
         let device_name = ctx.name()?;
+        let sms = usize::try_from(
+            ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
+        )?;
         let ptx = compile_kernels(arch)?;
         let module = ctx.load_module(ptx)?;
         let mut functions = HashMap::new();
@@ -318,7 +323,13 @@ impl Engine {
             default_gemm_strategy: strategy,
             device_name,
             arch,
+            sms,
         })
+    }
+
+    /// The device's multiprocessor count.
+    pub fn sm_count(&self) -> usize {
+        self.sms
     }
 
     /// Sets how the layers issue each set of per-expert GEMMs (fc1, fc2, the two dgrads, the

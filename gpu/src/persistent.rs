@@ -304,6 +304,19 @@ pub fn choose_tile_n(problems: &[GemmProblem], sms: usize) -> usize {
     }
 }
 
+/// Whether `p` keeps the GPU busy on its own, for [`crate::grouped::Strategy::Hybrid`]: at least
+/// `waves` waves of 128 x 256 output tiles over `sms` multiprocessors, and a contraction of at
+/// least [`HYBRID_MIN_K`] (16 k-steps of 64, so a tile's epilogue, which cuBLAS does not
+/// overlap with the next tile, is a small part of it). Such a GEMM runs on cuBLAS at about the
+/// dense rate; smaller ones leave SMs idle or spend their time in epilogues, which the
+/// persistent kernel overlaps across experts.
+pub fn fills_gpu_alone(p: &GemmProblem, waves: usize, sms: usize) -> bool {
+    p.k >= HYBRID_MIN_K && p.m.div_ceil(TILE_M) * p.n.div_ceil(256) >= waves * sms
+}
+
+/// The shortest contraction [`fills_gpu_alone`] counts as large.
+pub const HYBRID_MIN_K: usize = 1024;
+
 /// Whether [`crate::grouped::Strategy::Auto`] should run a non-uniform list on the
 /// persistent kernel rather than cuBLAS on several streams. Measured (docs/performance.md,
 /// run 6, H100): the kernel wins where experts are many and small — the mean expert GEMM
@@ -443,6 +456,21 @@ mod tests {
             }
         }
         assert!(smem_bytes(256) <= 227 * 1024 && smem_bytes(128) <= 227 * 1024, "over the sm_90 shared-memory limit");
+    }
+
+    /// The hybrid split at the DeepSeek-V3 shape on a 132-SM H100: fc1 (n = 2·2048, k = 7168)
+    /// of an expert with 2176 tokens is 17 x 16 = 272 tiles, two waves; one with 2048 tokens
+    /// is 256 tiles, under two; a weight gradient with 512 tokens is short in k however many
+    /// tiles it has.
+    #[test]
+    fn fills_gpu_alone_counts_waves_of_tiles_and_needs_a_long_contraction() {
+        let p = |m, n, k| GemmProblem { m, n, k, a: 0, b: 0, c: 0 };
+        assert!(fills_gpu_alone(&p(2176, 4096, 7168), 2, 132));
+        assert!(!fills_gpu_alone(&p(2048, 4096, 7168), 2, 132));
+        assert!(fills_gpu_alone(&p(2048, 4096, 7168), 1, 132));
+        assert!(!fills_gpu_alone(&p(4096, 7168, 512), 1, 132));
+        assert!(fills_gpu_alone(&p(4096, 7168, HYBRID_MIN_K), 1, 132));
+        assert!(!fills_gpu_alone(&p(0, 4096, 7168), 1, 132));
     }
 
     #[test]
