@@ -49,7 +49,7 @@ for s in $steps; do
       for tool in memcheck racecheck; do
         echo "== compute-sanitizer $tool"
         MOE_GPU_CASES=24 timeout 300 compute-sanitizer --tool "$tool" --error-exitcode 9 .stage/integration \
-          every_gpu_class empty_experts sizes_around compose_under every_gemm_strategy every_strategy persistent_kernel --test-threads 1 > "$out/sanitizer-$tool.log" 2>&1
+          every_gpu_class empty_experts sizes_around compose_under every_gemm_strategy every_strategy persistent_kernel hybrid_strategy --test-threads 1 > "$out/sanitizer-$tool.log" 2>&1
         echo "exit $?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result" "$out/sanitizer-$tool.log" | tail -3
       done ;;
     sampled)

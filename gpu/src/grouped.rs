@@ -25,10 +25,11 @@ use std::sync::Arc;
 /// graph capture never allocates and algorithm choice matches the engine's main handle.
 const LANE_WORKSPACE_BYTES: usize = 32 << 20;
 
-/// [`Strategy::Auto`]'s [`Strategy::Hybrid`] threshold, in waves (session 9 interleaved
-/// rounds, docs/performance.md: Qwen3-30B-A3B with Zipf routing +1-8% over the persistent
-/// kernel alone; Hybrid(2) within 2% of it).
-const AUTO_HYBRID_WAVES: usize = 4;
+/// [`Strategy::Auto`]'s [`Strategy::Hybrid`] threshold, in waves (issue 5 session 9,
+/// interleaved rounds in docs/performance.md: on Qwen3-30B-A3B with Zipf routing Hybrid(2)
+/// ran 2.5-4% faster than the persistent kernel alone and than Hybrid(4), in two device calls;
+/// GPT-OSS-120B with Zipf routing within -1% to +5%).
+const AUTO_HYBRID_WAVES: usize = 2;
 
 /// Cached graphs / pointer arrays kept before the caches are flushed.
 const CACHE_LIMIT: usize = 256;
@@ -92,8 +93,8 @@ pub enum Strategy {
     /// The layers' default, chosen per call from measurements (docs/performance.md): one
     /// `cublasGemmStridedBatchedEx` when every problem that computes has the same shape and
     /// evenly strided `A`, `B`, `C` (uniform routing); else, for many small experts
-    /// ([`crate::persistent::prefer_persistent`]), [`Strategy::Hybrid`]`(4)`: the persistent
-    /// kernel (where the list is eligible) with any expert that fills the GPU for 4 waves on
+    /// ([`crate::persistent::prefer_persistent`]), [`Strategy::Hybrid`]`(2)`: the persistent
+    /// kernel (where the list is eligible) with any expert that fills the GPU for 2 waves on
     /// its own taken out to cuBLAS; else [`Strategy::MultiStream`]`(4)` (not a graph: with
     /// routing that changes every step a graph would be re-captured per call, which measured no
     /// faster than issuing the streams directly).
