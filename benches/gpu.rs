@@ -19,8 +19,9 @@
 //!   with a message naming it.
 //! * `MOE_LAYER_SHAPES`: comma list of shape names to keep (default all);
 //!   `MOE_LAYER_MODES`: comma list of `fwd`, `fwdbwd` (default both). With a criterion filter
-//!   that matches no row, each kept row still makes its one untimed call: that is how
-//!   `scripts/gpu-device.sh`'s `profile` step gets one call per row under `ncu`.
+//!   that matches no row, each kept row still makes its one untimed call (and its interleaved
+//!   rounds, below): that is how `scripts/gpu-device.sh`'s `profile` step gets one call per row
+//!   under `ncu`, and how the rounds run alone.
 //!
 //! **Timing**: device-resident. Weights (`Engine::prepare_random`, `U(-1, 1)/√fan_in`) and
 //! inputs (`Engine::random_inputs`: x and the upstream grad `U(-1, 1)`, probs `U(0.05, 1)`) are

@@ -46,10 +46,18 @@ for s in $steps; do
     tests)
       echo "== tests"; (time .stage/integration gpu --test-threads 4 --nocapture) 2>&1 | tee "$out/tests.log" | grep -E "^test |test result|worst|cases|SKIP|panicked|failed" ;;
     sanitize)
+      # racecheck leaves out the hybrid test: its one large GEMM makes cuBLAS pick a 2-CTA
+      # cluster kernel (nvjet_sm90_tst_128x272_64x4_2x1_v_bz_coopA_TNT) that racecheck reports
+      # hazards in, for the Loop baseline's launch as much as for the hybrid's (session 9,
+      # docs/gpu-validation.md); racecheck checks shared memory, and the test's own kernels
+      # (the persistent kernel's launch) are the ones the persistent_kernel test covers.
       for tool in memcheck racecheck; do
         echo "== compute-sanitizer $tool"
+        tests="every_gpu_class empty_experts sizes_around compose_under every_gemm_strategy every_strategy persistent_kernel"
+        [ "$tool" = memcheck ] && tests="$tests hybrid_strategy"
+        # shellcheck disable=SC2086
         MOE_GPU_CASES=24 timeout 300 compute-sanitizer --tool "$tool" --error-exitcode 9 .stage/integration \
-          every_gpu_class empty_experts sizes_around compose_under every_gemm_strategy every_strategy persistent_kernel hybrid_strategy --test-threads 1 > "$out/sanitizer-$tool.log" 2>&1
+          $tests --test-threads 1 > "$out/sanitizer-$tool.log" 2>&1
         echo "exit $?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result" "$out/sanitizer-$tool.log" | tail -3
       done ;;
     sampled)
