@@ -22,7 +22,6 @@ use moe_reference::{
 use ndarray::{Array1, Array2, ArrayView1};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::io::Write;
 
 /// The three GPU implementations with NaN poisoning on, or `None` after printing the skip line.
 struct Gpus {
@@ -52,15 +51,14 @@ fn gpus(test: &str) -> Option<Gpus> {
     match made {
         Ok(g) => Some(g),
         Err(e) => {
-            let msg = moe_gpu::skip_message(test, &e);
+            let msg = moe_gpu::skip_message(&format!("gpu::{test}"), &e);
             // Only a missing GPU without MOE_REQUIRE_CUDA=1 skips; a bad setting
             // (MOE_GPU_GEMM=typo) must not pass silently.
             assert!(
                 moe_gpu::may_skip(&e),
                 "gpu::{test}: the GPU is required (MOE_REQUIRE_CUDA=1) or the GPU layers cannot be built: {e}"
             );
-            // Straight to the stderr handle: libtest captures print!/eprint! of passing tests.
-            let _ = writeln!(std::io::stderr(), "{msg}");
+            moe_gpu::print_skip(&msg);
             None
         }
     }

@@ -110,7 +110,7 @@ fn engine_or_skip(test: &str) -> Option<std::sync::MutexGuard<'static, Engine>> 
                 moe_gpu::may_skip(&e),
                 "gpu_grouped::{test}: the GPU is required (MOE_REQUIRE_CUDA=1) or the engine cannot be built: {e}"
             );
-            println!("{}", moe_gpu::skip_message(&format!("gpu_grouped::{test}"), &e));
+            moe_gpu::print_skip(&moe_gpu::skip_message(&format!("gpu_grouped::{test}"), &e));
             None
         }
     }
@@ -126,10 +126,10 @@ fn persistent_kernel_matches_the_reference_on_ragged_groups() {
         return;
     };
     if eng.arch() != "sm_90" {
-        println!(
+        moe_gpu::print_skip(&format!(
             "SKIP gpu_grouped::persistent_kernel_matches_the_reference_on_ragged_groups: {} is not sm_90",
             eng.arch()
-        );
+        ));
         return;
     }
     let mut worst = 0.0f64;
@@ -265,7 +265,7 @@ fn hybrid_strategy_runs_large_experts_on_cublas_and_the_rest_on_the_persistent_k
         return;
     };
     if eng.arch() != "sm_90" {
-        println!("SKIP gpu_grouped::{test}: {} is not sm_90", eng.arch());
+        moe_gpu::print_skip(&format!("SKIP gpu_grouped::{test}: {} is not sm_90", eng.arch()));
         return;
     }
     let sms = eng.sm_count();

@@ -196,8 +196,8 @@ pub(crate) fn suite_config(cases: u32) -> Config {
 
 /// The backend, or `None` after printing a SKIP line (once per suite: `warned`); with
 /// `MOE_REQUIRE_CUDA=1` a missing backend is a failure instead (device-machine runs set it, so a
-/// broken library path cannot "pass"). libtest captures the output of passing tests, so the
-/// SKIP line shows with `--nocapture`.
+/// broken library path cannot "pass"). The SKIP line goes straight to the stderr handle, which
+/// libtest does not capture, so it shows in a plain `cargo test`.
 pub(crate) fn backend_or_skip<'a>(
     suite: &str,
     backend: &'a Result<Box<dyn Backend>, String>,
@@ -210,7 +210,11 @@ pub(crate) fn backend_or_skip<'a>(
                 panic!("{suite}: backend unavailable ({why}) and MOE_REQUIRE_CUDA=1");
             }
             if !warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                eprintln!("SKIP {suite}: backend unavailable ({why}); set MOE_REQUIRE_CUDA=1 to fail instead");
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "SKIP {suite}: backend unavailable ({why}); set MOE_REQUIRE_CUDA=1 to fail instead"
+                );
             }
             None
         }

@@ -557,7 +557,7 @@ mod tests {
     fn kernels_compile_with_nvrtc_for_sm_90() {
         // SAFETY: only tries to dlopen libnvrtc by name.
         if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-            println!("SKIP gpu::kernels_compile_with_nvrtc_for_sm_90: libnvrtc not found");
+            crate::print_skip("SKIP gpu::kernels_compile_with_nvrtc_for_sm_90: libnvrtc not found");
             return;
         }
         let ptx = compile_kernels("sm_90").unwrap_or_else(|e| panic!("{e}"));

@@ -34,13 +34,21 @@ pub use error::GpuError;
 pub use grouped::{GemmProblem, Strategy};
 pub use implementation::{CudaGrouped, CudaSequential, CudaTeGrouped};
 
-/// The message tests print (once) when they skip for lack of a GPU.
+/// The message tests print (once) when they skip for lack of a GPU; `test` is the full name
+/// (`gpu::<test>`, `gpu_grouped::<test>`, `bench gpu_layer`).
 pub fn skip_message(test: &str, err: &GpuError) -> String {
     let why = match err {
         GpuError::NoDevice(reason) => reason.clone(),
         other => other.to_string(),
     };
-    format!("SKIP gpu::{test}: no CUDA device ({why}); set MOE_REQUIRE_CUDA=1 to fail instead")
+    format!("SKIP {test}: no CUDA device ({why}); set MOE_REQUIRE_CUDA=1 to fail instead")
+}
+
+/// Prints a SKIP line where a passing test's output still shows: straight to the stderr handle,
+/// which libtest does not capture (it captures `print!`/`eprint!` only).
+pub fn print_skip(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// Whether `err` means there is no usable GPU on this machine: the one reason a GPU test,

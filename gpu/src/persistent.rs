@@ -539,7 +539,7 @@ mod tests {
     fn persistent_kernels_compile_with_nvrtc_for_sm_90a() {
         // SAFETY: only tries to dlopen libnvrtc by name.
         if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-            println!("SKIP gpu::persistent_kernels_compile_with_nvrtc_for_sm_90a: libnvrtc not found");
+            crate::print_skip("SKIP gpu::persistent_kernels_compile_with_nvrtc_for_sm_90a: libnvrtc not found");
             return;
         }
         let src = compile_persistent().unwrap_or_else(|e| panic!("{e}")).to_src();

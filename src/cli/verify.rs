@@ -65,7 +65,7 @@ fn cuda_backend() -> Result<Box<dyn Backend>, Unavailable> {
     };
     make().map(|b| Box::new(b) as Box<dyn Backend>).map_err(|e| {
         if moe_gpu::is_no_device(&e) {
-            Unavailable::Skip(moe_gpu::skip_message("verify", &e))
+            Unavailable::Skip(moe_gpu::skip_message("gpu::verify", &e))
         } else {
             Unavailable::Fatal(e.to_string())
         }
