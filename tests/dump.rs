@@ -185,6 +185,21 @@ impl Raw {
         self
     }
 
+    /// Replaces the per-expert tensors `{key}0`, `{key}1`, ... with their stack `key`
+    /// (`[E_l, ...]`, expert-major), the single grouped form of Megatron HEAD's TEGroupedMLP.
+    fn packed(mut self, key: &str) -> Raw {
+        let mut e = 0;
+        let mut stacked: Option<(safetensors::Dtype, Vec<usize>, Vec<u8>)> = None;
+        while let Some((dtype, shape, data)) = self.tensors.remove(&format!("{key}{e}")) {
+            let s = stacked.get_or_insert_with(|| (dtype, [vec![0], shape].concat(), Vec::new()));
+            s.1[0] += 1;
+            s.2.extend(data);
+            e += 1;
+        }
+        let (dtype, shape, data) = stacked.unwrap_or_else(|| panic!("no {key}0"));
+        self.with_tensor(key, dtype, shape, data)
+    }
+
     fn counts(self, counts: &[i64]) -> Raw {
         let data = counts.iter().flat_map(|c| c.to_le_bytes()).collect();
         self.with_tensor("input.tokens_per_expert", safetensors::Dtype::I64, vec![counts.len()], data)
@@ -323,6 +338,58 @@ fn bad_input_exits_2_naming_the_file_and_key() {
     assert!(out.stderr.contains("absent.safetensors") && out.stderr.contains("cannot read"), "{}", out.stderr);
     let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
     assert!(v["error"].as_str().unwrap().contains("absent.safetensors"));
+}
+
+/// Megatron HEAD can build TEGroupedMLP with single grouped parameters
+/// (`moe_single_grouped_weight` / `moe_single_grouped_bias`, spec §3.2): its `state_dict()` then
+/// holds `linear_fc1.weight` `[E_l, N1, h]` instead of `linear_fc1.weight0..`, and a user's dump
+/// of it must compare exactly like the per-expert dump of the same layer, parameters and
+/// gradients packed independently; a parameter in both forms, or a stack of the wrong expert
+/// count, is bad input naming the key.
+#[test]
+fn single_grouped_te_dumps_compare_like_per_expert_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let dump = reference_dump(LayerClass::TeGrouped, Dtype::Bf16);
+    let discrete = compare_dump(&dump, "mem", false).unwrap();
+    let raw = Raw::of(&dump);
+    let params = ["linear_fc1.weight", "linear_fc2.weight", "linear_fc1.bias", "linear_fc2.bias"];
+    let grads = params.map(|p| format!("expected.grad.{p}"));
+    let all_packed = params.iter().copied().chain(grads.iter().map(String::as_str)).fold(raw.clone(), Raw::packed);
+    let weights_only = raw.clone().packed("linear_fc1.weight").packed("linear_fc2.weight");
+    let grads_only = grads.iter().fold(raw.clone(), |r, g| r.packed(g));
+    for (case, packed) in [("all", all_packed.clone()), ("weights", weights_only), ("grads", grads_only)] {
+        let bytes = packed.bytes();
+        let read = Dump::from_bytes(&bytes, case).unwrap_or_else(|e| panic!("{case}: {e}"));
+        assert_eq!(read.params, dump.params, "{case}: parameters read as the per-expert ones");
+        assert_eq!(read.expected, dump.expected, "{case}: expectations read as the per-expert ones");
+        assert_eq!(compare_dump(&read, "mem", false).unwrap(), discrete, "{case}");
+        let path = dir.path().join(format!("{case}.safetensors"));
+        std::fs::write(&path, bytes).unwrap();
+        let out = run_compare(&path, &[]);
+        assert_eq!(out.code, 0, "{case}: {}{}", out.stdout, out.stderr);
+        assert!(out.stdout.contains("grad.linear_fc1.weight1"), "{case}: {}", out.stdout);
+    }
+    let both = all_packed.clone().with_tensor(
+        "linear_fc2.weight1",
+        raw.tensors["linear_fc2.weight1"].0,
+        raw.tensors["linear_fc2.weight1"].1.clone(),
+        raw.tensors["linear_fc2.weight1"].2.clone(),
+    );
+    let (dt, shape, data) = all_packed.tensors["expected.grad.linear_fc1.bias"].clone();
+    let short =
+        all_packed.with_tensor("expected.grad.linear_fc1.bias", dt, vec![1, shape[1]], data[..data.len() / 2].to_vec());
+    for (case, bad, needles) in [
+        ("both-layouts", both, vec!["linear_fc2.weight", "linear_fc2.weight1", "both present"]),
+        ("short-stack", short, vec!["expected.grad.linear_fc1.bias", "[2, 48]"]),
+    ] {
+        let path = dir.path().join(format!("{case}.safetensors"));
+        std::fs::write(&path, bad.bytes()).unwrap();
+        let out = run_compare(&path, &[]);
+        assert_eq!(out.code, 2, "{case}: {}{}", out.stdout, out.stderr);
+        for needle in needles {
+            assert!(out.stderr.contains(needle), "{case}: {needle:?} not in {}", out.stderr);
+        }
+    }
 }
 
 #[test]

@@ -7,6 +7,7 @@
 //! | key | shape | dtype |
 //! |---|---|---|
 //! | the layer's own state-dict names (`local_experts.0.linear_fc1.weight`, `weight1`, `linear_fc2.weight3`, ...) | per-rank parameter shape (spec §3) | `params_dtype` |
+//! | or, for TEGroupedMLP, Megatron HEAD's single grouped names (`linear_fc1.weight` `[E_l, N1, h]`, `linear_fc2.bias` `[E_l, h]`, ...), per parameter | the per-expert tensors stacked on a leading `E_l` axis | `params_dtype` |
 //! | `input.permuted_local_hidden_states` | `[T, h]` | `params_dtype` |
 //! | `input.tokens_per_expert` | `[E_l]` | int64 or int32 |
 //! | `input.permuted_probs` | `[T]` | float32, bfloat16 (float16 for a float16 model); sets the probs dtype |
@@ -14,7 +15,7 @@
 //! | `expected.output` (optional) | `[T, h]` | `params_dtype` or float32 |
 //! | `expected.grad.permuted_local_hidden_states` (optional) | `[T, h]` | `params_dtype` or float32 |
 //! | `expected.grad.permuted_probs` (optional) | `[T]` | the probs dtype or float32 |
-//! | `expected.grad.<parameter name>` (optional) | the parameter's shape | `params_dtype` or float32 |
+//! | `expected.grad.<parameter name>` (optional; either name form of a single grouped parameter) | the parameter's shape | `params_dtype` or float32 |
 //!
 //! String metadata (`__metadata__`): `format` = `moe-expert-dump/1`, `layer`
 //! (`sequential`|`grouped`|`te_grouped`), `num_local_experts`, `hidden_size`, `ffn_hidden_size`
@@ -26,6 +27,11 @@
 //! Booleans are `true`|`false`. Unknown metadata keys are ignored; unknown `input.*` or
 //! `expected.*` tensors are rejected (a misspelt expectation must not be skipped silently).
 //!
+//! A single grouped tensor is read as its per-expert tensors
+//! ([`moe_reference::unpack_single_grouped`]): the comparison reports `grad.linear_fc1.weight3`
+//! for expert 3's block of `linear_fc1.weight`, and [`Dump::write`] writes the per-expert names.
+//! A parameter given in both forms is rejected.
+//!
 //! Every rejection is a [`DumpError`] naming the file, the key and what was expected.
 
 use crate::compare::{compare_tensor, contraction_length, TensorDiff};
@@ -33,8 +39,8 @@ use crate::tolerance::Tolerance;
 use moe_reference::implementation::LayerError;
 use moe_reference::layer::{check_finite, validate_inputs};
 use moe_reference::{
-    from_state_dict, oracle_with_scales, param_specs, Activation, Dtype, ExpertLayer, Inputs, LayerClass, LayerConfig,
-    Parallelism, Reference, ReferenceError, StateDict, WgradTiming,
+    from_state_dict, oracle_with_scales, param_specs, single_grouped_specs, unpack_single_grouped, Activation, Dtype,
+    ExpertLayer, Inputs, LayerClass, LayerConfig, Parallelism, Reference, ReferenceError, StateDict, WgradTiming,
 };
 use ndarray::{Array1, Array2, ArrayD, IxDyn};
 use safetensors::tensor::TensorView;
@@ -228,6 +234,7 @@ impl<'a> Reader<'a> {
             ReferenceError::Shape { name, .. }
             | ReferenceError::MissingParameter { name, .. }
             | ReferenceError::UnexpectedParameter { name, .. }
+            | ReferenceError::TwoLayouts { name, .. }
             | ReferenceError::NonFinite { name, .. } => name.clone(),
             ReferenceError::TokenCounts(_) => TOKENS_PER_EXPERT.to_string(),
             ReferenceError::Config(_) | ReferenceError::UnknownName { .. } => default_key.to_string(),
@@ -422,6 +429,8 @@ impl<'a> Reader<'a> {
             check_finite(name, &a).map_err(|e| self.reference_err(name, e))?;
             params.insert(name.to_string(), a);
         }
+        // Megatron HEAD's single grouped TEGroupedMLP tensors read as their per-expert names.
+        let params = unpack_single_grouped(&cfg, params).map_err(|e| self.reference_err("__metadata__", e))?;
         from_state_dict(&cfg, &params).map_err(|e| self.reference_err("__metadata__", e))?;
 
         // Inputs.
@@ -450,6 +459,7 @@ impl<'a> Reader<'a> {
         let act = [pd, Dtype::F32];
         let probs_dt = [cfg.probs_dtype, Dtype::F32];
         let specs = param_specs(&cfg);
+        let packed_specs = single_grouped_specs(&cfg);
         for name in self.st.names() {
             match name {
                 HIDDEN_STATES | TOKENS_PER_EXPERT | PROBS | GRAD_OUTPUT => {}
@@ -467,7 +477,7 @@ impl<'a> Reader<'a> {
                 }
                 _ if name.starts_with(EXPECTED_GRAD_PREFIX) => {
                     let param = &name[EXPECTED_GRAD_PREFIX.len()..];
-                    let spec = specs.iter().find(|s| s.name == param).ok_or_else(|| {
+                    let spec = specs.iter().chain(&packed_specs).find(|s| s.name == param).ok_or_else(|| {
                         self.err(
                             name,
                             format!(
@@ -492,6 +502,14 @@ impl<'a> Reader<'a> {
                 _ => {}
             }
         }
+        // Gradients of single grouped parameters, split like the parameters (either layout, per
+        // parameter, independently of the parameters' own).
+        expected.weight_grads =
+            unpack_single_grouped(&cfg, std::mem::take(&mut expected.weight_grads)).map_err(|e| {
+                let mut err = self.reference_err("", e);
+                err.key = format!("{EXPECTED_GRAD_PREFIX}{}", err.key);
+                err
+            })?;
         if expected.needs_backward() && grad_output.is_none() {
             return Err(self.err(
                 GRAD_OUTPUT,

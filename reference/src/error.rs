@@ -44,6 +44,19 @@ pub enum ReferenceError {
         /// One name the layer does have.
         example: String,
     },
+    /// A parameter given in two layouts at once: a TEGroupedMLP state dict with both a single
+    /// grouped tensor (`linear_fc1.weight`, `[E_l, ...]`) and a per-expert one
+    /// (`linear_fc1.weight0`, ...) of the same linear.
+    #[error(
+        "parameter {name:?} (single grouped, [E_l, ...]) and {other:?} (one per expert) are both present; a \
+         TEGroupedMLP state dict holds each linear's weight (and bias) in one layout"
+    )]
+    TwoLayouts {
+        /// The single grouped name.
+        name: String,
+        /// A per-expert name of the same parameter that is present too.
+        other: String,
+    },
     /// A value that is NaN or infinite where finite values are required.
     #[error("tensor {name} has a non-finite value {value} at index {index:?}")]
     NonFinite {

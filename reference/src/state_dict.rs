@@ -6,6 +6,7 @@
 //! | SequentialMLP | `local_experts.{e}.linear_fc1.weight` `[N1,h]`, `.bias` `[N1]`, `local_experts.{e}.linear_fc2.weight` `[h,N2]`, `.bias` `[h]` |
 //! | GroupedMLP | `weight1` declared `[h, E_l·N1]`, memory `[E_l, h, N1]`; `weight2` `[E_l·N2, h]`, memory `[E_l, N2, h]` |
 //! | TEGroupedMLP | `linear_fc1.weight{e}` `[N1,h]`, `linear_fc1.bias{e}`, `linear_fc2.weight{e}` `[h,N2]`, `linear_fc2.bias{e}` |
+//! | TEGroupedMLP, single grouped (Megatron HEAD) | `linear_fc1.weight` `[E_l,N1,h]`, `linear_fc1.bias` `[E_l,N1]`, `linear_fc2.weight` `[E_l,h,N2]`, `linear_fc2.bias` `[E_l,h]`: read by [`unpack_single_grouped`] |
 //!
 //! GroupedMLP's `weight1` is the subtle one: the forward does `weight1.view(E_l, h, N1)`, a
 //! reinterpretation of the contiguous buffer, so expert `e` occupies the flat elements
@@ -78,6 +79,50 @@ pub fn param_specs(cfg: &LayerConfig) -> Vec<ParamSpec> {
     specs
 }
 
+/// TEGroupedMLP's single grouped parameters (Megatron HEAD's `moe_single_grouped_weight` /
+/// `moe_single_grouped_bias`, spec §3.2), each the expert-major stack of the per-expert tensors
+/// `{name}{e}` of [`param_specs`]: `linear_fc1.weight` `[E_l, N1, h]`, `linear_fc2.weight`
+/// `[E_l, h, N2]` and, with biases, `linear_fc1.bias` `[E_l, N1]`, `linear_fc2.bias`
+/// `[E_l, h]`. Empty for the other classes.
+pub fn single_grouped_specs(cfg: &LayerConfig) -> Vec<ParamSpec> {
+    if cfg.class != LayerClass::TeGrouped {
+        return Vec::new();
+    }
+    let (h, n1, n2, el) = (cfg.hidden_size, cfg.n1(), cfg.n2(), cfg.num_local_experts());
+    let packed = |name: &str, shape: Vec<usize>| ParamSpec { name: name.into(), shape, expert_blocks: el };
+    let mut specs = vec![packed("linear_fc1.weight", vec![el, n1, h]), packed("linear_fc2.weight", vec![el, h, n2])];
+    if cfg.add_bias {
+        specs.push(packed("linear_fc1.bias", vec![el, n1]));
+        specs.push(packed("linear_fc2.bias", vec![el, h]));
+    }
+    specs
+}
+
+/// Splits every single grouped TEGroupedMLP tensor of `sd` ([`single_grouped_specs`]) into its
+/// per-expert tensors (`linear_fc1.weight` `[E_l, N1, h]` → `linear_fc1.weight0` ...
+/// `linear_fc1.weight{E_l-1}`), as Megatron's load pre-hook does, so that a state dict (or a
+/// set of weight gradients) of a layer built with `moe_single_grouped_weight` /
+/// `moe_single_grouped_bias` reads like any other; weight and bias are packed independently.
+/// Everything else in `sd`, and every state dict of the other classes, is returned unchanged
+/// (an unknown name is left for [`from_state_dict`] to reject). A single grouped tensor of the
+/// wrong shape, or one whose per-expert names are present too, is an error naming it.
+pub fn unpack_single_grouped(cfg: &LayerConfig, mut sd: StateDict) -> Result<StateDict, ReferenceError> {
+    for spec in single_grouped_specs(cfg) {
+        let Some(packed) = sd.remove(&spec.name) else { continue };
+        if packed.shape() != spec.shape.as_slice() {
+            return Err(ReferenceError::Shape { name: spec.name, expected: spec.shape, got: packed.shape().to_vec() });
+        }
+        let per_expert = |e: usize| format!("{}{e}", spec.name);
+        if let Some(other) = (0..spec.expert_blocks).map(per_expert).find(|n| sd.contains_key(n)) {
+            return Err(ReferenceError::TwoLayouts { name: spec.name, other });
+        }
+        for (e, block) in packed.outer_iter().enumerate() {
+            sd.insert(per_expert(e), block.to_owned());
+        }
+    }
+    Ok(sd)
+}
+
 fn to_dyn2(a: &Array2<f64>) -> ArrayD<f64> {
     a.clone().into_dyn()
 }
@@ -141,7 +186,9 @@ pub fn per_expert_names(class: LayerClass, e: usize) -> (String, String, String,
 }
 
 /// Reads canonical weights from `cfg`'s class layout, checking that every expected name is
-/// present with its exact shape and finite values, and that no other name is.
+/// present with its exact shape and finite values, and that no other name is. A TEGroupedMLP
+/// state dict with Megatron HEAD's single grouped tensors is converted first, at the boundary
+/// where it comes in, by [`unpack_single_grouped`] (the dump reader does).
 pub fn from_state_dict(cfg: &LayerConfig, sd: &StateDict) -> Result<ExpertSet, ReferenceError> {
     cfg.validate()?;
     let layer = cfg.class.megatron_name();
@@ -211,6 +258,66 @@ pub fn convert(from: &LayerConfig, sd: &StateDict, to: LayerClass) -> Result<Sta
 mod tests {
     use super::*;
     use crate::config::Parallelism;
+
+    /// Stacks `cfg`'s per-expert TEGroupedMLP tensors named in `packed` into single grouped
+    /// tensors, as a layer built with `moe_single_grouped_weight`/`_bias` holds them.
+    fn pack(cfg: &LayerConfig, mut sd: StateDict, packed: &[&str]) -> StateDict {
+        for spec in single_grouped_specs(cfg).into_iter().filter(|s| packed.contains(&s.name.as_str())) {
+            let blocks: Vec<ArrayD<f64>> =
+                (0..spec.expert_blocks).map(|e| sd.remove(&format!("{}{e}", spec.name)).unwrap()).collect();
+            let views: Vec<_> = blocks.iter().map(|b| b.view()).collect();
+            sd.insert(spec.name, ndarray::stack(ndarray::Axis(0), &views).unwrap());
+        }
+        sd
+    }
+
+    /// Megatron HEAD's single grouped TEGroupedMLP parameters (spec §3.2) read as the same
+    /// experts as the per-expert layout, with weight and bias packed independently (the two
+    /// flags are separate). Square per-expert matrices (h = N1 = N2) so that a transposed or
+    /// expert-swapped unpacking cannot hide behind a shape check.
+    #[test]
+    fn single_grouped_te_parameters_unpack_to_the_per_expert_layout() {
+        let cfg = LayerConfig {
+            class: LayerClass::TeGrouped,
+            num_experts: 3,
+            hidden_size: 4,
+            ffn_hidden_size: 4,
+            gated_linear_unit: false,
+            add_bias: true,
+            parallel: Parallelism::SINGLE,
+            ..LayerConfig::example()
+        };
+        let set = ExpertSet::random(&cfg, 5);
+        let discrete = to_state_dict(&cfg, &set).unwrap();
+        for packed in [
+            &["linear_fc1.weight", "linear_fc2.weight", "linear_fc1.bias", "linear_fc2.bias"][..],
+            &["linear_fc1.weight", "linear_fc2.weight"],
+            &["linear_fc1.bias", "linear_fc2.bias"],
+        ] {
+            let sd = pack(&cfg, discrete.clone(), packed);
+            assert!(packed.iter().all(|p| sd.contains_key(*p)));
+            let unpacked = unpack_single_grouped(&cfg, sd).unwrap();
+            assert_eq!(unpacked, discrete, "{packed:?}");
+            assert_eq!(from_state_dict(&cfg, &unpacked).unwrap(), set);
+        }
+        // Both layouts of one parameter: an error naming both.
+        let mut both = pack(&cfg, discrete.clone(), &["linear_fc2.weight"]);
+        both.insert("linear_fc2.weight1".into(), discrete["linear_fc2.weight1"].clone());
+        let err = unpack_single_grouped(&cfg, both).unwrap_err();
+        assert_eq!(
+            err,
+            ReferenceError::TwoLayouts { name: "linear_fc2.weight".into(), other: "linear_fc2.weight1".into() }
+        );
+        // A packed tensor of another expert count.
+        let mut short = pack(&cfg, discrete.clone(), &["linear_fc1.weight"]);
+        short.insert("linear_fc1.weight".into(), ArrayD::zeros(IxDyn(&[2, 4, 4])));
+        let err = unpack_single_grouped(&cfg, short).unwrap_err();
+        assert!(matches!(err, ReferenceError::Shape { ref name, .. } if name == "linear_fc1.weight"), "{err}");
+        // Other classes have no single grouped layout: their state dicts pass through as given.
+        let seq = LayerConfig { class: LayerClass::Sequential, ..cfg.clone() };
+        let seq_sd = to_state_dict(&seq, &set).unwrap();
+        assert_eq!(unpack_single_grouped(&seq, seq_sd.clone()).unwrap(), seq_sd);
+    }
 
     #[test]
     fn grouped_weight1_is_a_view_reinterpretation_not_column_blocks() {
