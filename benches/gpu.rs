@@ -201,6 +201,16 @@ fn csv_field(s: &str) -> String {
     }
 }
 
+/// The CSV file named by the environment variable `var` (none when unset or empty), created
+/// with its `header` line; panics naming the variable and path when it cannot be written.
+fn create_csv(var: &str, header: &str) -> Option<(String, std::fs::File)> {
+    std::env::var(var).ok().filter(|p| !p.is_empty()).map(|path| {
+        let mut f = std::fs::File::create(&path).unwrap_or_else(|e| panic!("{var}: cannot create {path:?}: {e}"));
+        writeln!(f, "{header}").unwrap_or_else(|e| panic!("{var}: cannot write {path:?}: {e}"));
+        (path, f)
+    })
+}
+
 /// The rows, printed and (with `MOE_LAYER_CSV`) appended to the CSV as they come.
 struct Report {
     csv: Option<(String, std::fs::File)>,
@@ -224,12 +234,7 @@ struct Row<'a> {
 
 impl Report {
     fn new(device: &str) -> Report {
-        let csv = std::env::var("MOE_LAYER_CSV").ok().filter(|p| !p.is_empty()).map(|path| {
-            let mut f =
-                std::fs::File::create(&path).unwrap_or_else(|e| panic!("MOE_LAYER_CSV: cannot create {path:?}: {e}"));
-            writeln!(f, "{CSV_HEADER}").unwrap_or_else(|e| panic!("MOE_LAYER_CSV: cannot write {path:?}: {e}"));
-            (path, f)
-        });
+        let csv = create_csv("MOE_LAYER_CSV", CSV_HEADER);
         Report { csv, device: device.to_string(), dense_tflops: None, summary: Vec::new() }
     }
 
@@ -364,13 +369,7 @@ impl RoundsCsv {
     const HEADER: &'static str = "shape,dist,class,mode,item,round,calls,ms,tflops,device";
 
     fn open() -> RoundsCsv {
-        RoundsCsv(std::env::var("MOE_LAYER_ROUNDS_CSV").ok().filter(|p| !p.is_empty()).map(|path| {
-            let mut f = std::fs::File::create(&path)
-                .unwrap_or_else(|e| panic!("MOE_LAYER_ROUNDS_CSV: cannot create {path:?}: {e}"));
-            writeln!(f, "{}", Self::HEADER)
-                .unwrap_or_else(|e| panic!("MOE_LAYER_ROUNDS_CSV: cannot write {path:?}: {e}"));
-            (path, f)
-        }))
+        RoundsCsv(create_csv("MOE_LAYER_ROUNDS_CSV", Self::HEADER))
     }
 
     fn write(&mut self, id: &RowId, labels: &[&str], blocks: &[Block], flops: &dyn Fn(usize) -> f64, device: &str) {

@@ -127,15 +127,9 @@ pub fn time<F: FnMut(&mut Engine)>(
     g.sampling_mode(mode);
     g.bench_function(id, |bch| {
         bch.iter_custom(|iters| {
-            eng.synchronize().expect("synchronize before a timed sample");
-            let t = Instant::now();
-            for _ in 0..iters {
-                run(eng);
-            }
-            eng.synchronize().expect("synchronize after a timed sample");
-            let d = t.elapsed();
-            per_iter.push(d.as_secs_f64() / iters as f64);
-            d
+            let per_call = timed_block(eng, iters as usize, &mut run);
+            per_iter.push(per_call);
+            Duration::from_secs_f64(per_call * iters as f64)
         })
     });
     g.finish();

@@ -150,17 +150,7 @@ fn persistent_kernel_matches_the_reference_on_ragged_groups() {
                     "{} {dt:?} n{tile_n}: expected the persistent kernel (plus the poison memset) in each of 2 runs",
                     case.name
                 );
-                assert!(got[p.c_elems * ds..].iter().all(|&x| x == 0xFF), "{} n{tile_n}: wrote past C", case.name);
-                for (e, &(m, n, k)) in case.dims.iter().enumerate() {
-                    if k == 0 && m > 0 {
-                        let s = p.c_offsets[e] * ds;
-                        assert!(
-                            got[s..s + m * n * ds].iter().all(|&x| x == 0),
-                            "{} n{tile_n}: expert {e} k = 0",
-                            case.name
-                        );
-                    }
-                }
+                assert_untouched_guard_and_zero_k0(case, &p, &got, ds, &format!("{dt:?} n{tile_n}"));
                 let v = from_bytes(dt, &got[..p.c_elems * ds]);
                 for (i, (&g, &r)) in v.iter().zip(&p.reference).enumerate() {
                     assert!(!g.is_nan(), "{} {dt:?} n{tile_n}: NaN (unwritten) at {i}", case.name);
@@ -239,6 +229,23 @@ fn prepare_rows(eng: &mut Engine, case: &Case, dt: Dtype, seed: u64, row_step: u
     Ok(Prepared { problems, c_offsets, c_elems: c_len, reference, c, _a: a, _b: b })
 }
 
+/// What every run must leave in C (`got`, bytes of `ds`-byte elements): the guard tail after the
+/// last expert never written (still the 0xFF poison), and every expert with k = 0 (and rows)
+/// exactly +0.0 (all bytes 0). `what` names the run in a failure.
+fn assert_untouched_guard_and_zero_k0(case: &Case, p: &Prepared, got: &[u8], ds: usize, what: &str) {
+    assert!(got[p.c_elems * ds..].iter().all(|&x| x == 0xFF), "{} {what}: wrote past C", case.name);
+    for (e, &(m, n, k)) in case.dims.iter().enumerate() {
+        if k == 0 && m > 0 {
+            let s = p.c_offsets[e] * ds;
+            assert!(
+                got[s..s + m * n * ds].iter().all(|&x| x == 0),
+                "{} {what}: expert {e} with k = 0 not zeroed",
+                case.name
+            );
+        }
+    }
+}
+
 /// Poisons C (and its guard tail), runs `strategy` (twice: the second run replays cached
 /// graphs / pointer arrays), returns C's bytes.
 fn run(eng: &mut Engine, p: &Prepared, case: &Case, dt: Dtype, strategy: Strategy) -> Result<Vec<u8>, GpuError> {
@@ -294,7 +301,7 @@ fn hybrid_strategy_runs_large_experts_on_cublas_and_the_rest_on_the_persistent_k
     let got = run(&mut eng, &p, &case, dt, Strategy::Hybrid(waves)).expect("hybrid");
     // Per run: the poison memset, one persistent launch, one cuBLAS call.
     assert_eq!(eng.launches() - before, 2 * 3, "expected poison + persistent + one cuBLAS GEMM per run");
-    assert!(got[p.c_elems * ds..].iter().all(|&x| x == 0xFF), "hybrid wrote past C");
+    assert_untouched_guard_and_zero_k0(&case, &p, &got, ds, "hybrid");
     let (s, e) = (p.c_offsets[2] * ds, (p.c_offsets[2] + big * 256) * ds);
     assert!(got[s..e] == base[s..e], "the large expert must be Loop's cublasGemmEx, bit for bit");
     let v = from_bytes(dt, &got[..p.c_elems * ds]);
@@ -329,19 +336,7 @@ fn every_strategy_matches_loop_and_reference() {
             for strategy in STRATEGIES {
                 let got =
                     run(&mut eng, &p, case, dt, strategy).unwrap_or_else(|e| panic!("{} {strategy:?}: {e}", case.name));
-                // The guard tail after the last expert is never written.
-                assert!(got[p.c_elems * ds..].iter().all(|&x| x == 0xFF), "{} {strategy:?}: wrote past C", case.name);
-                // k = 0 experts: exact zeros (all bytes 0, i.e. +0.0).
-                for (e, &(m, n, k)) in case.dims.iter().enumerate() {
-                    if k == 0 && m > 0 {
-                        let s = p.c_offsets[e] * ds;
-                        assert!(
-                            got[s..s + m * n * ds].iter().all(|&x| x == 0),
-                            "{} {strategy:?}: expert {e} with k = 0 not zeroed",
-                            case.name
-                        );
-                    }
-                }
+                assert_untouched_guard_and_zero_k0(case, &p, &got, ds, &format!("{dt:?} {strategy:?}"));
                 let v = from_bytes(dt, &got[..p.c_elems * ds]);
                 let mut max_diff = 0.0f64;
                 for (i, (&g, &b)) in v.iter().zip(&base_v).enumerate() {
