@@ -5,7 +5,7 @@
 
 use moe_harness::case::Case;
 use moe_harness::properties::{check, Property, PropertyFailure, ReferenceBackend, Verdict};
-use moe_reference::parallel::run_parallel;
+use moe_reference::parallel::{run_parallel, EtpReduction};
 use moe_reference::state_dict::convert;
 use moe_reference::{
     forward, param_specs, to_state_dict, Activation, Dtype, ExpertLayer, ExpertSet, Inputs, LayerClass, LayerConfig,
@@ -715,7 +715,7 @@ fn invalid_configurations_are_rejected_naming_the_field() {
                 &pr.inputs,
                 &pr.grad_output,
                 WgradTiming::Immediate,
-                Numerics::Emulated(c.params_dtype),
+                EtpReduction::megatron(&c),
             )
             .unwrap_err();
             assert_mentions(&e.to_string(), words);
@@ -762,7 +762,7 @@ fn large_magnitude_activations_match_oracle() {
                 p.inputs.hidden_states.mapv_inplace(|v| v * 256.0);
                 let sd = to_state_dict(&c, &p.weights).unwrap();
                 let o = oracle_with_scales(&c, &sd, &p.inputs, &p.grad_output).unwrap();
-                let got = run_layout(&Reference::EMULATED, &c, &p, WgradTiming::Immediate, Numerics::Emulated(dtype))
+                let got = run_layout(&Reference::EMULATED, &c, &p, WgradTiming::Immediate, EtpReduction::megatron(&c))
                     .unwrap();
                 let tol = Tolerance::error_model();
                 for d in compare_runs(&c, &got, &o.run, Some((&o).into()), tol) {

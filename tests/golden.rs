@@ -16,9 +16,10 @@
 
 use moe_harness::case::Case;
 use moe_harness::properties::run_layout;
+use moe_reference::parallel::EtpReduction;
 use moe_reference::{
     from_state_dict, to_state_dict, Activation, Dtype, ExpertLayer, ExpertSet, Inputs, LayerClass, LayerConfig,
-    LayerRun, Numerics, Parallelism, Reference, WgradTiming,
+    LayerRun, Parallelism, Reference, WgradTiming,
 };
 use ndarray::{arr1, arr2, Array2, ArrayViewD};
 use std::fmt::Write;
@@ -64,11 +65,10 @@ fn render_case(case: &Case) -> String {
         case.cfg.probs_dtype
     );
     let oracle =
-        run_layout(&Reference::ORACLE, &case.cfg, &p, case.timing, Numerics::Oracle).expect("golden case runs");
+        run_layout(&Reference::ORACLE, &case.cfg, &p, case.timing, EtpReduction::Exact).expect("golden case runs");
     render_run(&mut out, "f64 oracle (6 significant digits)", &oracle, 5);
-    let emulated =
-        run_layout(&Reference::EMULATED, &case.cfg, &p, case.timing, Numerics::Emulated(case.cfg.params_dtype))
-            .expect("golden case runs");
+    let emulated = run_layout(&Reference::EMULATED, &case.cfg, &p, case.timing, EtpReduction::megatron(&case.cfg))
+        .expect("golden case runs");
     render_run(&mut out, &format!("{} emulation (4 significant digits)", case.cfg.params_dtype), &emulated, 3);
     out
 }

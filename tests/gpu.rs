@@ -14,10 +14,10 @@ use moe_gpu::{CudaGrouped, CudaSequential, CudaTeGrouped, GpuError};
 use moe_harness::compare::{compare_runs as harness_compare_runs, compare_tensor, Bounds, ErrorModel};
 use moe_harness::{TensorDiff, Tolerance};
 use moe_reference::oracle_with_scales;
-use moe_reference::parallel::run_parallel;
+use moe_reference::parallel::{run_parallel, EtpReduction};
 use moe_reference::{
     param_specs, to_state_dict, Activation, Dtype, ExpertLayer, ExpertSet, Inputs, LayerClass, LayerConfig, LayerError,
-    LayerRun, Numerics, Parallelism, Reference, StateDict, WgradTiming,
+    LayerRun, Parallelism, Reference, StateDict, WgradTiming,
 };
 use ndarray::{Array1, Array2, ArrayView1};
 use rand::{Rng, SeedableRng};
@@ -541,19 +541,19 @@ fn gpu_layers_compose_under_expert_and_tensor_parallelism() {
                 let mut rng = ChaCha8Rng::seed_from_u64(seed);
                 let (inp, g) = inputs(&mut rng, &cfg, counts.clone(), rows);
                 let layer = gpus.get(class);
-                let got = run_parallel(
-                    layer,
+                let got =
+                    run_parallel(layer, &cfg, &global, &inp, &g, WgradTiming::Immediate, EtpReduction::megatron(&cfg))
+                        .unwrap();
+                let exp = run_parallel(
+                    &Reference::ORACLE,
                     &cfg,
                     &global,
                     &inp,
                     &g,
                     WgradTiming::Immediate,
-                    Numerics::Emulated(cfg.params_dtype),
+                    EtpReduction::Exact,
                 )
                 .unwrap();
-                let exp =
-                    run_parallel(&Reference::ORACLE, &cfg, &global, &inp, &g, WgradTiming::Immediate, Numerics::Oracle)
-                        .unwrap();
                 let k = 32;
                 let mut w = Worst::default();
                 let dt = cfg.params_dtype;

@@ -25,3 +25,4 @@ mod gpu;
 #[cfg(feature = "cuda")]
 mod gpu_grouped;
 mod gradcheck;
+mod self_test;

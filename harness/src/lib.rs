@@ -10,6 +10,7 @@ pub mod case;
 pub mod checkpoint;
 pub mod compare;
 pub mod dump;
+pub mod planted;
 pub mod properties;
 pub mod runner;
 pub mod strategy;

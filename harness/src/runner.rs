@@ -3,9 +3,12 @@
 
 use crate::case::Case;
 use crate::properties::{check, Backend, Property, Verdict};
+use moe_reference::{ExpertLayer, Inputs, LayerClass, LayerConfig, LayerError, LayerRun, StateDict, WgradTiming};
+use ndarray::Array2;
 use proptest::strategy::Strategy;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestError, TestRng, TestRunner};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// The result of one (backend, property) run.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -18,6 +21,9 @@ pub struct PropertyReport {
     pub checked: usize,
     /// Cases skipped as not applicable/unsupported.
     pub skipped: usize,
+    /// Checked cases in which the implementation was called at least once at EP > 1 or
+    /// ETP > 1 (counted from the calls it received, not from the case's layout).
+    pub sharded: usize,
     /// The largest `error / bound` seen in passing cases (≤ 1).
     pub worst_ratio: f64,
     /// The tensor and case summary of that worst passing element.
@@ -46,6 +52,7 @@ impl PropertyReport {
 struct Tally {
     checked: usize,
     skipped: usize,
+    sharded: usize,
     worst_ratio: f64,
     worst_where: String,
     failing: bool,
@@ -70,8 +77,11 @@ where
     let config = Config { cases, failure_persistence: None, max_shrink_iters: 2048, ..Config::default() };
     let mut runner = TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &seed_bytes));
     let tally = Mutex::new(Tally::default());
+    let recording = Recording::new(backend);
     let result = runner.run(strategy, |case| {
-        let outcome = check(backend, property, &case);
+        recording.sharded_calls.store(0, Ordering::Relaxed);
+        let outcome = check(&recording, property, &case);
+        let sharded = recording.sharded_calls.load(Ordering::Relaxed) > 0;
         let mut t = tally.lock().unwrap();
         if !t.failing {
             on_case();
@@ -80,6 +90,7 @@ where
             Ok(Verdict::Checked(diffs)) => {
                 if !t.failing {
                     t.checked += 1;
+                    t.sharded += usize::from(sharded);
                     for d in diffs {
                         if d.worst_ratio > t.worst_ratio {
                             t.worst_ratio = d.worst_ratio;
@@ -112,8 +123,77 @@ where
         property,
         checked: t.checked,
         skipped: t.skipped,
+        sharded: t.sharded,
         worst_ratio: t.worst_ratio,
         worst_where: t.worst_where,
         failure,
+    }
+}
+
+/// A backend that forwards every call to another and counts the calls made at a sharded
+/// layout, so the report states how many cases exercised the implementation at EP/ETP > 1.
+struct Recording<'a> {
+    inner: &'a dyn Backend,
+    layers: [Option<RecordingLayer<'a>>; 3],
+    sharded_calls: Arc<AtomicUsize>,
+}
+
+impl<'a> Recording<'a> {
+    fn new(inner: &'a dyn Backend) -> Recording<'a> {
+        // One counter shared by the three class wrappers.
+        let counter = Arc::new(AtomicUsize::new(0));
+        let layers = LayerClass::ALL
+            .map(|c| inner.layer(c).map(|l| RecordingLayer { inner: l, sharded_calls: Arc::clone(&counter) }));
+        Recording { inner, layers, sharded_calls: counter }
+    }
+}
+
+impl Backend for Recording<'_> {
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+    fn layer(&self, class: LayerClass) -> Option<&dyn ExpertLayer> {
+        let i = LayerClass::ALL.iter().position(|&c| c == class)?;
+        self.layers[i].as_ref().map(|l| l as &dyn ExpertLayer)
+    }
+    fn reduction(&self, cfg: &LayerConfig) -> moe_reference::parallel::EtpReduction {
+        self.inner.reduction(cfg)
+    }
+}
+
+struct RecordingLayer<'a> {
+    inner: &'a dyn ExpertLayer,
+    sharded_calls: Arc<AtomicUsize>,
+}
+
+impl RecordingLayer<'_> {
+    fn note(&self, cfg: &LayerConfig) {
+        if cfg.parallel.tp_size > 1 || cfg.parallel.ep_size > 1 {
+            self.sharded_calls.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl ExpertLayer for RecordingLayer<'_> {
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+    fn supports(&self, cfg: &LayerConfig) -> Result<(), LayerError> {
+        self.inner.supports(cfg)
+    }
+    fn forward(&self, cfg: &LayerConfig, params: &StateDict, inputs: &Inputs) -> Result<Array2<f64>, LayerError> {
+        self.note(cfg);
+        self.inner.forward(cfg, params, inputs)
+    }
+    fn forward_backward(
+        &self,
+        cfg: &LayerConfig,
+        params: &StateDict,
+        inputs: &Inputs,
+        grad_output: &Array2<f64>,
+        timing: WgradTiming,
+    ) -> Result<LayerRun, LayerError> {
+        self.note(cfg);
+        self.inner.forward_backward(cfg, params, inputs, grad_output, timing)
     }
 }

@@ -193,15 +193,16 @@ pub fn run(args: &VerifyArgs) -> i32 {
 
 fn print_table(reports: &[PropertyReport]) {
     println!(
-        "{:<18} {:<24} {:>7} {:>7} {:>12}  {:<6}  worst element",
-        "implementation", "property", "cases", "skipped", "worst err/tol", "result"
+        "{:<18} {:<24} {:>7} {:>7} {:>7} {:>12}  {:<6}  worst element",
+        "implementation", "property", "cases", "sharded", "skipped", "worst err/tol", "result"
     );
     for r in reports {
         println!(
-            "{:<18} {:<24} {:>7} {:>7} {:>12.3e}  {:<6}  {}",
+            "{:<18} {:<24} {:>7} {:>7} {:>7} {:>12.3e}  {:<6}  {}",
             r.backend,
             r.property.name(),
             r.checked,
+            r.sharded,
             r.skipped,
             r.worst_ratio,
             if r.passed() { "pass" } else { "FAIL" },
