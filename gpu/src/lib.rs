@@ -22,6 +22,8 @@
 //! The crate builds and its tests run without CUDA: [`kernels::probe`] checks for the driver
 //! before any context is created and constructors return [`GpuError::NoDevice`].
 
+#![deny(missing_docs)]
+
 pub mod error;
 pub mod grouped;
 pub mod implementation;

@@ -33,9 +33,41 @@
 //! The constants are fixed; no test tunes them. Comparisons of two f64 computations (the
 //! parallel decomposition of the oracle) use [`Tolerance::f64_reordering`] on the magnitudes
 //! `S / u` with `u = 2⁻⁵³`.
+//!
+//! # Checks without a whole-layer oracle run
+//!
+//! Where the oracle cannot be run on the whole problem (model-sized layers sampled by
+//! `moe_gpu::sampled`, one grouped GEMM in `tests/gpu_grouped.rs`), the same model is written
+//! out for the one operation checked, with the terms below ([`rounding`], [`f32_accumulation`],
+//! [`gemm_element_scale`]: the terms the oracle's running bound adds at each rounding point),
+//! and the element passes under the same [`Tolerance::error_model`]. `moe_gpu::sampled`'s module
+//! doc derives its sampled-row, intermediate, weight-grad-element and projection bounds from
+//! these.
+
+use moe_reference::Dtype;
 
 /// Safety factor on the oracle's first-order running error bound.
 pub const C_SAFETY: f64 = 2.0;
+
+/// The model's term for one rounding of a value `v` to `dtype`: `u·|v| + η` (unit roundoff `u`,
+/// subnormal spacing `η`).
+pub fn rounding(dtype: Dtype, v: f64) -> f64 {
+    dtype.unit_roundoff() * v.abs() + dtype.subnormal_spacing()
+}
+
+/// The model's term for an f32 accumulation of `k` terms whose absolute values sum to
+/// `sum_abs`: `√K·u_f32·Σ|terms|` (`K` at least 1).
+pub fn f32_accumulation(k: usize, sum_abs: f64) -> f64 {
+    (k.max(1) as f64).sqrt() * Dtype::F32.unit_roundoff() * sum_abs.abs()
+}
+
+/// The running error bound `S` of one GEMM output element whose operands are exact (both sides
+/// see the same values): the f32 accumulation of its `k` products, whose absolute values sum to
+/// `sum_abs`, and the rounding of the result `value` to the output dtype `dtype`:
+/// `u·|value| + η + √K·u_f32·Σ|a_k·b_k|`.
+pub fn gemm_element_scale(dtype: Dtype, value: f64, k: usize, sum_abs: f64) -> f64 {
+    rounding(dtype, value) + f32_accumulation(k, sum_abs)
+}
 
 /// A tolerance: `bound = rtol·(scale + rms(scale_block)) + atol`, where `scale` is the oracle's
 /// error bound (then `rtol` is a safety factor) or `|exp|` (then `rtol` is relative).
@@ -83,5 +115,19 @@ impl std::fmt::Display for Tolerance {
         } else {
             write!(f, "{:.2e}x", self.rtol)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The terms are the oracle's: `u·|v| + η` per rounding, `√K·u_f32·Σ|terms|` per f32 sum.
+    #[test]
+    fn gemm_element_scale_is_one_rounding_plus_an_f32_accumulation() {
+        let s = gemm_element_scale(Dtype::Bf16, -1.5, 16, 10.0);
+        assert_eq!(s, 2f64.powi(-8) * 1.5 + 2f64.powi(-133) + 4.0 * 2f64.powi(-24) * 10.0);
+        assert_eq!(rounding(Dtype::F16, 0.0), 2f64.powi(-24));
+        assert_eq!(f32_accumulation(0, 3.0), 3.0 * 2f64.powi(-24));
     }
 }

@@ -188,6 +188,13 @@ pub struct ErrorScales {
     pub grad_probs: Array1<f64>,
     /// Scales of the weight and bias grads.
     pub weight_grads: ExpertSet,
+    /// Scale of the fc2 input `u = cast(act(a)·p)` `[T, N2]`, an intermediate (GPU checks
+    /// that download it compare it on sampled rows, `moe_gpu::sampled`).
+    pub fc2_input: Array2<f64>,
+    /// Scale of the fc1 output gradient `da` `[T, N1]`, an intermediate (see
+    /// [`ErrorScales::fc2_input`]). Without allowances: a clamped GLU's ambiguous masks are not
+    /// covered here.
+    pub fc1_output_grad: Array2<f64>,
     /// Absolute allowances for branch ambiguity: a GLU clamp mask (`g ≤ c`, `-c ≤ l ≤ c`)
     /// decided on a value within storage-dtype rounding distance of the boundary may go either
     /// way in an implementation, changing the gradient by the masked term. These tensors hold
@@ -491,6 +498,8 @@ impl ForwardPass {
             grad_input: Array2::zeros((t, h)),
             grad_probs: Array1::zeros(t),
             weight_grads: ExpertSet::zeros(cfg),
+            fc2_input: Array2::zeros((t, cfg.n2())),
+            fc1_output_grad: Array2::zeros((t, cfg.n1())),
             allowance_grad_input: Array2::zeros((t, h)),
             allowance_grad_probs: Array1::zeros(t),
             allowance_weight_grads: ExpertSet::zeros(cfg),
@@ -594,6 +603,8 @@ impl ForwardPass {
                 sc.output.slice_mut(s![start..start + c, ..]).assign(&y_scale.slice(s![..c, ..]));
                 sc.grad_input.slice_mut(s![start..start + c, ..]).assign(&dx_scale.slice(s![..c, ..]));
                 sc.grad_probs.slice_mut(s![start..start + c]).assign(&dp_scale.slice(s![..c]));
+                sc.fc2_input.slice_mut(s![start..start + c, ..]).assign(&b.fc2_input.slice(s![..c, ..]));
+                sc.fc1_output_grad.slice_mut(s![start..start + c, ..]).assign(&b.fc1_output_grad.slice(s![..c, ..]));
             }
             grad_input.slice_mut(s![start..start + c, ..]).assign(&dx.slice(s![..c, ..]));
             grad_probs.slice_mut(s![start..start + c]).assign(&dp.slice(s![..c]).mapv(|v| n.to(cfg.probs_dtype, v)));
@@ -664,6 +675,8 @@ struct SegmentBounds {
     fc1_bias: Array1<f64>,
     fc2_weight: Array2<f64>,
     fc2_bias: Array1<f64>,
+    fc2_input: Array2<f64>,
+    fc1_output_grad: Array2<f64>,
 }
 
 /// A first-order running error bound of a storage-dtype implementation of one expert segment,
@@ -829,5 +842,15 @@ fn error_bounds(
     let fc2_weight = g_abs.t().dot(&err_u) + g_abs.t().dot(&abs(&cache.u)) * acc(n) + g.t().dot(&cache.u).mapv(rnd);
     let gp = scale_rows(g, &cache.p);
     let fc2_bias = abs(&gp).sum_axis(Axis(0)) * acc(n) + gp.sum_axis(Axis(0)).mapv(rnd);
-    SegmentBounds { output, grad_input, grad_probs, fc1_weight, fc1_bias, fc2_weight, fc2_bias }
+    SegmentBounds {
+        output,
+        grad_input,
+        grad_probs,
+        fc1_weight,
+        fc1_bias,
+        fc2_weight,
+        fc2_bias,
+        fc2_input: err_u,
+        fc1_output_grad: err_da,
+    }
 }
