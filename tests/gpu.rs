@@ -8,20 +8,28 @@
 //! Tolerance: the harness's error model (`moe_harness::compare`, `Tolerance::error_model()`: twice
 //! the oracle's running error bound plus clamp allowances, `moe_reference::oracle_with_scales`);
 //! weight grads are compared per expert block, so an empty expert's block must be exactly zero.
+//! The EP/ETP test goes through `moe_harness::properties::check(ParallelDecomposition)` (the
+//! backend rank by rank against the unsharded oracle under the same model); no test here has a
+//! tolerance of its own. CPU tests show each check fails on an error 1.2x its bound and passes
+//! at 0.8x (`the_gpu_oracle_check_…`, `the_parallel_decomposition_check_…`).
 
 use moe_gpu::grouped::Strategy;
 use moe_gpu::{CudaGrouped, CudaSequential, CudaTeGrouped, GpuError};
-use moe_harness::compare::{compare_runs as harness_compare_runs, compare_tensor, Bounds, ErrorModel};
+use moe_harness::case::Case;
+use moe_harness::compare::{compare_runs as harness_compare_runs, ErrorModel};
+use moe_harness::properties::{self, Backend, PerClassBackend, Property, PropertyFailure, Verdict};
+use moe_harness::tolerance::C_SAFETY;
 use moe_harness::{TensorDiff, Tolerance};
 use moe_reference::oracle_with_scales;
-use moe_reference::parallel::{run_parallel, EtpReduction};
 use moe_reference::{
     param_specs, to_state_dict, Activation, Dtype, ExpertLayer, ExpertSet, Inputs, LayerClass, LayerConfig, LayerError,
     LayerRun, Parallelism, Reference, StateDict, WgradTiming,
 };
-use ndarray::{Array1, Array2, ArrayView1};
+use ndarray::{Array1, Array2};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 /// The three GPU implementations with NaN poisoning on, or `None` after printing the skip line.
 struct Gpus {
@@ -76,31 +84,6 @@ fn track(worst: &mut Worst, d: &TensorDiff) {
         worst.ratio = if d.worst_ratio.is_nan() { f64::INFINITY } else { d.worst_ratio };
         worst.what =
             format!("{} at {:?}: got {:e} expected {:e}", d.name, d.worst_index, d.worst_got, d.worst_expected);
-    }
-}
-
-/// A plain relative tolerance for comparisons without the oracle's running error bounds (the
-/// EP/ETP runs of `run_parallel`): `rtol = 32·u_storage + 4·√K·u_f32` on `|exp| + rms(exp)`.
-fn relative_tolerance(dtype: Dtype, k: usize) -> Tolerance {
-    let u32_ = Dtype::F32.unit_roundoff();
-    Tolerance { rtol: 32.0 * dtype.unit_roundoff() + 4.0 * (k.max(1) as f64).sqrt() * u32_, atol: 0.0 }
-}
-
-/// Compares a flat tensor with `S = |exp|` (no oracle error bounds at hand).
-fn compare_with(name: &str, got: &[f64], exp: &[f64], dtype: Dtype, k: usize, worst: &mut Worst) -> Result<(), String> {
-    let d = compare_tensor(
-        name,
-        ArrayView1::from(got).into_dyn(),
-        ArrayView1::from(exp).into_dyn(),
-        Bounds::RELATIVE,
-        1,
-        relative_tolerance(dtype, k),
-    );
-    track(worst, &d);
-    if d.passed() {
-        Ok(())
-    } else {
-        Err(d.to_string())
     }
 }
 
@@ -515,90 +498,292 @@ fn sequential_with_one_local_expert_ignores_tokens_per_expert() {
     oracle_check(&cfg, &params, &inp, &g, &got, &mut Worst::default()).unwrap();
 }
 
-#[test]
-fn gpu_layers_compose_under_expert_and_tensor_parallelism() {
-    let Some(gpus) = gpus("gpu_layers_compose_under_expert_and_tensor_parallelism") else {
-        return;
-    };
-    let mut failures = Vec::new();
+/// The EP/ETP layouts of `gpu_layers_compose_under_expert_and_tensor_parallelism`: every class
+/// at (tp, ep) = (2, 1), (1, 2), (2, 2), (4, 1), EP 4 (an EP rank whose one expert has no
+/// tokens), EP 8 (8 experts, ranks without tokens), ETP 8 (`N2 = 4` per rank), (2, 4), and a split
+/// where EP rank 0 gets no tokens at all; bf16 and fp32 (GroupedMLP: bf16 only).
+fn parallel_cases() -> Vec<Case> {
+    let four = vec![5i64, 0, 17, 3];
+    let eight = vec![5i64, 0, 17, 3, 0, 9, 1, 2];
+    let layouts: [(usize, usize, &[i64]); 9] = [
+        (2, 1, &four),
+        (1, 2, &four),
+        (2, 2, &four),
+        (4, 1, &four),
+        (1, 4, &four),
+        (8, 1, &four),
+        (1, 8, &eight),
+        (2, 4, &eight),
+        (1, 2, &[0, 0, 17, 3]),
+    ];
+    let mut cases = Vec::new();
     let mut seed = 100u64;
     for class in LayerClass::ALL {
-        for (tp, ep) in [(2, 1), (1, 2), (2, 2), (4, 1)] {
+        for &(tp, ep, counts) in &layouts {
             for dtype in [Dtype::Bf16, Dtype::F32] {
+                if class == LayerClass::Grouped && dtype != Dtype::Bf16 {
+                    continue;
+                }
                 seed += 1;
-                let cfg = LayerConfig {
-                    class,
-                    num_experts: 4,
-                    hidden_size: 24,
-                    ffn_hidden_size: 32,
-                    params_dtype: if class == LayerClass::Grouped { Dtype::Bf16 } else { dtype },
-                    parallel: Parallelism { tp_size: tp, tp_rank: 0, ep_size: ep, ep_rank: 0 },
-                    ..LayerConfig::example()
-                };
-                let global = ExpertSet::random(&cfg.unsharded(), seed);
-                let counts = vec![5i64, 0, 17, 3];
-                let rows = 25;
-                let mut rng = ChaCha8Rng::seed_from_u64(seed);
-                let (inp, g) = inputs(&mut rng, &cfg, counts.clone(), rows);
-                let layer = gpus.get(class);
-                let got =
-                    run_parallel(layer, &cfg, &global, &inp, &g, WgradTiming::Immediate, EtpReduction::megatron(&cfg))
-                        .unwrap();
-                let exp = run_parallel(
-                    &Reference::ORACLE,
-                    &cfg,
-                    &global,
-                    &inp,
-                    &g,
-                    WgradTiming::Immediate,
-                    EtpReduction::Exact,
-                )
-                .unwrap();
-                let k = 32;
-                let mut w = Worst::default();
-                let dt = cfg.params_dtype;
-                let f2 = |a: &Array2<f64>| a.iter().copied().collect::<Vec<f64>>();
-                let f1 = |a: &Array1<f64>| a.to_vec();
-                let mut res = compare_with("output", &f2(&got.output), &f2(&exp.output), dt, k, &mut w)
-                    .and_then(|_| compare_with("grad_input", &f2(&got.grad_input), &f2(&exp.grad_input), dt, k, &mut w))
-                    .and_then(|_| {
-                        compare_with("grad_probs", &f1(&got.grad_probs), &f1(&exp.grad_probs), dt, k, &mut w)
-                    });
-                for (q, ranks) in got.rank_weight_grads.iter().enumerate() {
-                    for (r, set) in ranks.iter().enumerate() {
-                        for (e, wg) in set.experts.iter().enumerate() {
-                            let we = &exp.rank_weight_grads[q][r].experts[e];
-                            res = res
-                                .and_then(|_| {
-                                    compare_with(
-                                        &format!("dW1 ep{q} tp{r} e{e}"),
-                                        &f2(&wg.fc1_weight),
-                                        &f2(&we.fc1_weight),
-                                        dt,
-                                        k,
-                                        &mut w,
-                                    )
-                                })
-                                .and_then(|_| {
-                                    compare_with(
-                                        &format!("dW2 ep{q} tp{r} e{e}"),
-                                        &f2(&wg.fc2_weight),
-                                        &f2(&we.fc2_weight),
-                                        dt,
-                                        k,
-                                        &mut w,
-                                    )
-                                });
-                        }
-                    }
-                }
-                if let Err(e) = res {
-                    failures.push(format!("{class} tp={tp} ep={ep} {dtype}: {e}"));
-                }
+                cases.push(Case {
+                    cfg: LayerConfig {
+                        class,
+                        num_experts: counts.len(),
+                        hidden_size: 24,
+                        ffn_hidden_size: 32,
+                        params_dtype: dtype,
+                        parallel: Parallelism { tp_size: tp, tp_rank: 0, ep_size: ep, ep_rank: 0 },
+                        ..LayerConfig::example()
+                    },
+                    tokens_per_expert: counts.to_vec(),
+                    seed,
+                    timing: WgradTiming::Immediate,
+                });
             }
         }
     }
+    cases
+}
+
+/// An implementation that counts its `forward_backward` calls (to show a property ran it).
+struct Counting {
+    inner: Box<dyn ExpertLayer>,
+    calls: Arc<AtomicUsize>,
+}
+
+impl ExpertLayer for Counting {
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+    fn supports(&self, cfg: &LayerConfig) -> Result<(), LayerError> {
+        self.inner.supports(cfg)
+    }
+    fn forward(&self, cfg: &LayerConfig, params: &StateDict, inputs: &Inputs) -> Result<Array2<f64>, LayerError> {
+        self.inner.forward(cfg, params, inputs)
+    }
+    fn forward_backward(
+        &self,
+        cfg: &LayerConfig,
+        params: &StateDict,
+        inputs: &Inputs,
+        grad_output: &Array2<f64>,
+        timing: WgradTiming,
+    ) -> Result<LayerRun, LayerError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.inner.forward_backward(cfg, params, inputs, grad_output, timing)
+    }
+}
+
+/// `layers` (SequentialMLP, GroupedMLP, TEGroupedMLP) as a harness backend whose calls are
+/// counted in the returned counter.
+fn counting_backend(name: &str, layers: [Box<dyn ExpertLayer>; 3]) -> (PerClassBackend, Arc<AtomicUsize>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let [seq, grouped, te] = layers
+        .map(|inner| -> Option<Box<dyn ExpertLayer>> { Some(Box::new(Counting { inner, calls: calls.clone() })) });
+    (PerClassBackend::new(name, seq, grouped, te), calls)
+}
+
+/// Checks [`Property::ParallelDecomposition`] on every case of [`parallel_cases`] for `backend`
+/// (whose calls `calls` counts): the backend run rank by rank on its shards, the ETP partials
+/// reduced as Megatron's dispatcher does, compared with the unsharded f64 oracle under the error
+/// model (`moe_harness::properties`), with no tolerance of this test's own. A skip or a case in
+/// which the backend was not called is a failure. Returns the failures and the worst
+/// error/bound.
+fn check_parallel_cases(backend: &dyn Backend, calls: &AtomicUsize) -> (Vec<String>, Worst) {
+    let mut failures = Vec::new();
+    let mut worst = Worst::default();
+    for case in parallel_cases() {
+        let before = calls.load(Ordering::Relaxed);
+        let ranks = case.cfg.parallel.tp_size * case.cfg.parallel.ep_size;
+        match properties::check(backend, Property::ParallelDecomposition, &case) {
+            Ok(Verdict::Checked(diffs)) => diffs.iter().for_each(|d| track(&mut worst, d)),
+            Ok(Verdict::Skipped(why)) => failures.push(format!("{}: skipped: {why}", case.summary())),
+            Err(e) => failures.push(format!("{}:\n    {e}", case.summary())),
+        }
+        let called = calls.load(Ordering::Relaxed) - before;
+        if called < ranks {
+            failures.push(format!("{}: the backend ran {called} times for {ranks} ranks", case.summary()));
+        }
+    }
+    (failures, worst)
+}
+
+#[test]
+fn gpu_layers_compose_under_expert_and_tensor_parallelism() {
+    let Some(_gpus) = gpus("gpu_layers_compose_under_expert_and_tensor_parallelism") else {
+        return;
+    };
+    let layers = (|| -> Result<[Box<dyn ExpertLayer>; 3], GpuError> {
+        Ok([
+            Box::new(CudaSequential::new()?.with_poison(true)),
+            Box::new(CudaGrouped::new()?.with_poison(true)),
+            Box::new(CudaTeGrouped::new()?.with_poison(true)),
+        ])
+    })()
+    .expect("the GPU was usable a moment ago");
+    let (backend, calls) = counting_backend("cuda", layers);
+    let (failures, worst) = check_parallel_cases(&backend, &calls);
+    println!("gpu EP/ETP decomposition: worst error/bound {:.3} at {}", worst.ratio, worst.what);
     assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// Runs on every machine: the EP/ETP cases of the GPU test are valid configurations of every
+/// class and cover what they are meant to: EP 4 and 8, ETP 8, and an EP rank without tokens.
+#[test]
+fn the_gpu_parallel_cases_are_valid_and_cover_ep_8_etp_8_and_an_idle_ep_rank() {
+    let cases = parallel_cases();
+    for case in &cases {
+        case.cfg.validate().unwrap_or_else(|e| panic!("{}: {e}", case.summary()));
+        Reference::EMULATED.supports(&case.cfg).unwrap_or_else(|e| panic!("{}: {e}", case.summary()));
+    }
+    let layout = |c: &Case| (c.cfg.parallel.tp_size, c.cfg.parallel.ep_size);
+    for class in LayerClass::ALL {
+        let of_class: Vec<&Case> = cases.iter().filter(|c| c.cfg.class == class).collect();
+        for want in [(2, 1), (1, 2), (2, 2), (4, 1), (1, 4), (8, 1), (1, 8), (2, 4)] {
+            assert!(of_class.iter().any(|c| layout(c) == want), "{class}: no case at (tp, ep) = {want:?}");
+        }
+        // Some EP rank gets no rows at all.
+        assert!(
+            of_class.iter().any(|c| {
+                let el = c.cfg.num_local_experts();
+                c.tokens_per_expert.chunks(el).any(|rank| rank.iter().all(|&n| n == 0))
+            }),
+            "{class}: no case with an EP rank without tokens"
+        );
+    }
+}
+
+/// Runs on every machine: the EP/ETP cases of the GPU test with the emulating reference, through
+/// the same property and call counter.
+#[test]
+fn the_emulating_reference_passes_the_gpu_parallel_cases() {
+    let layers: [Box<dyn ExpertLayer>; 3] =
+        [Box::new(Reference::EMULATED), Box::new(Reference::EMULATED), Box::new(Reference::EMULATED)];
+    let (backend, calls) = counting_backend("reference", layers);
+    let (failures, worst) = check_parallel_cases(&backend, &calls);
+    println!("emulated reference, EP/ETP decomposition: worst error/bound {:.3} at {}", worst.ratio, worst.what);
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// The f64 oracle, with one element of EP rank 0's first weight grad (expert 0, element 0) moved
+/// by `factor` × its error-model bound `C_SAFETY·(S + A + rms(S_block))` (from the rank call's own
+/// oracle run, which for an EP-only layout equals the unsharded oracle's for that expert).
+struct Perturbed {
+    factor: f64,
+}
+
+impl ExpertLayer for Perturbed {
+    fn name(&self) -> String {
+        format!("reference-f64 with rank 0's dW1[0] off by {}x its bound", self.factor)
+    }
+    fn supports(&self, cfg: &LayerConfig) -> Result<(), LayerError> {
+        Reference::ORACLE.supports(cfg)
+    }
+    fn forward(&self, cfg: &LayerConfig, params: &StateDict, inputs: &Inputs) -> Result<Array2<f64>, LayerError> {
+        Reference::ORACLE.forward(cfg, params, inputs)
+    }
+    fn forward_backward(
+        &self,
+        cfg: &LayerConfig,
+        params: &StateDict,
+        inputs: &Inputs,
+        grad_output: &Array2<f64>,
+        timing: WgradTiming,
+    ) -> Result<LayerRun, LayerError> {
+        let mut run = Reference::ORACLE.forward_backward(cfg, params, inputs, grad_output, timing)?;
+        if cfg.parallel.ep_rank == 0 && cfg.parallel.tp_rank == 0 {
+            let o = oracle_with_scales(cfg, params, inputs, grad_output)?;
+            let spec = &param_specs(cfg)[0];
+            let scale = &o.scales.weight_grads[&spec.name];
+            let block = scale.len() / spec.expert_blocks;
+            let floor = (scale.iter().take(block).map(|v| v * v).sum::<f64>() / block as f64).sqrt();
+            let s0 = scale.iter().next().copied().unwrap_or(0.0);
+            let a0 = o.allowance.weight_grads[&spec.name].iter().next().copied().unwrap_or(0.0);
+            let bound = C_SAFETY * (s0 + a0 + floor);
+            let grad = run.weight_grads.get_mut(&spec.name).expect("the first parameter's grad");
+            if let Some(v) = grad.iter_mut().next() {
+                *v += self.factor * bound;
+            }
+        }
+        Ok(run)
+    }
+}
+
+/// The check behind `gpu_layers_compose_under_expert_and_tensor_parallelism`
+/// (`Property::ParallelDecomposition`) fails on a rank weight grad 1.2x its bound away from the
+/// oracle and passes at 0.8x, for every class.
+#[test]
+fn the_parallel_decomposition_check_fails_at_1_2x_its_bound_and_passes_at_0_8x() {
+    for class in LayerClass::ALL {
+        let case = Case {
+            cfg: LayerConfig {
+                class,
+                num_experts: 4,
+                hidden_size: 24,
+                ffn_hidden_size: 32,
+                parallel: Parallelism { tp_size: 1, tp_rank: 0, ep_size: 2, ep_rank: 0 },
+                ..LayerConfig::example()
+            },
+            tokens_per_expert: vec![5, 0, 17, 3],
+            seed: 9,
+            timing: WgradTiming::Immediate,
+        };
+        for (factor, passes) in [(1.2, false), (0.8, true)] {
+            let layers: [Box<dyn ExpertLayer>; 3] =
+                [Box::new(Perturbed { factor }), Box::new(Perturbed { factor }), Box::new(Perturbed { factor })];
+            let (backend, calls) = counting_backend("perturbed", layers);
+            let verdict = properties::check(&backend, Property::ParallelDecomposition, &case);
+            assert!(calls.load(Ordering::Relaxed) >= 2, "{class}: the property did not run the backend");
+            // The property's bound of that element is the one computed above, to rounding.
+            let worst = |diffs: &[TensorDiff]| diffs.iter().map(|d| d.worst_ratio).fold(0.0, f64::max);
+            match (passes, verdict) {
+                (true, Ok(Verdict::Checked(diffs))) | (false, Err(PropertyFailure::Mismatch(diffs))) => {
+                    let w = worst(&diffs);
+                    assert!((w - factor).abs() < 1e-6, "{class}: {factor}x the bound reported as {w}x");
+                }
+                (_, other) => panic!("{class}: {factor}x the bound: {other:?}"),
+            }
+        }
+    }
+}
+
+/// `oracle_check`, the comparison of the whole-layer GPU tests, fails on one element 1.2x its
+/// bound away from the oracle and passes at 0.8x, in the output, the input and probs grads and
+/// a weight grad, for every class.
+#[test]
+fn the_gpu_oracle_check_fails_at_1_2x_its_bound_and_passes_at_0_8x() {
+    type Element = for<'a> fn(&'a mut LayerRun, &str) -> &'a mut f64;
+    let elements: [(&str, Element); 4] = [
+        ("output", |r, _| &mut r.output[[1, 2]]),
+        ("grad_input", |r, _| &mut r.grad_input[[2, 1]]),
+        ("grad_probs", |r, _| &mut r.grad_probs[1]),
+        ("weight grad", |r, name| r.weight_grads.get_mut(name).unwrap().iter_mut().next().unwrap()),
+    ];
+    for class in LayerClass::ALL {
+        let cfg = zero_token_cfg(class);
+        let counts = vec![6i64, 0, 9, 2];
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let params = to_state_dict(&cfg, &ExpertSet::random(&cfg, 5)).unwrap();
+        let (inp, g) = inputs(&mut rng, &cfg, counts, 17);
+        let exact = oracle_with_scales(&cfg, &params, &inp, &g).unwrap().run;
+        let first = param_specs(&cfg)[0].name.clone();
+        assert!(oracle_check(&cfg, &params, &inp, &g, &exact, &mut Worst::default()).is_ok());
+        for (what, element) in elements {
+            let with = |delta: f64| {
+                let mut got = exact.clone();
+                *element(&mut got, &first) += delta;
+                let mut worst = Worst::default();
+                (oracle_check(&cfg, &params, &inp, &g, &got, &mut worst), worst.ratio)
+            };
+            // The bound does not depend on `got`: one probe gives it.
+            let (_, ratio) = with(1.0);
+            let bound = 1.0 / ratio;
+            let (high, r) = with(1.2 * bound);
+            assert!(high.is_err() && (r - 1.2).abs() < 1e-6, "{class} {what}: 1.2x gave {r} {high:?}");
+            let (low, r) = with(0.8 * bound);
+            assert!(low.is_ok() && (r - 0.8).abs() < 1e-6, "{class} {what}: 0.8x gave {r} {low:?}");
+        }
+    }
 }
 
 #[test]
