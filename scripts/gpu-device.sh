@@ -46,19 +46,41 @@ for s in $steps; do
     tests)
       echo "== tests"; (time .stage/integration gpu --test-threads 4 --nocapture) 2>&1 | tee "$out/tests.log" | grep -E "^test |test result|worst|cases|SKIP|panicked|failed" ;;
     sanitize)
+      # The tests are selected exactly (libtest `--exact` with full test paths): substring filters
+      # selected more than meant (`persistent_kernel` also matched the hybrid test, whose name
+      # ends in `..._persistent_kernel`, into racecheck; `empty_experts` matched CPU tests of
+      # other modules). Each log starts with libtest's `--list` of the selection, which must be
+      # exactly the list below (else the step fails without running the sanitizer).
       # racecheck leaves out the hybrid test: its one large GEMM makes cuBLAS pick a 2-CTA
       # cluster kernel (nvjet_sm90_tst_128x272_64x4_2x1_v_bz_coopA_TNT) that racecheck reports
       # hazards in, for the Loop baseline's launch as much as for the hybrid's (session 9,
       # docs/gpu-validation.md); racecheck checks shared memory, and the test's own kernels
       # (the persistent kernel's launch) are the ones the persistent_kernel test covers.
+      common=(
+        gpu::every_gpu_class_matches_the_f64_oracle_on_random_cases
+        gpu::every_gpu_class_matches_the_oracle_with_every_gemm_strategy
+        gpu::empty_experts_get_exactly_zero_weight_grads_and_full_outputs
+        gpu::sizes_around_tile_edges_and_single_tokens_match_the_oracle
+        gpu::gpu_layers_compose_under_expert_and_tensor_parallelism
+        gpu_grouped::every_strategy_matches_loop_and_reference
+        gpu_grouped::persistent_kernel_matches_the_reference_on_ragged_groups
+      )
+      hybrid=gpu_grouped::hybrid_strategy_runs_large_experts_on_cublas_and_the_rest_on_the_persistent_kernel
       for tool in memcheck racecheck; do
         echo "== compute-sanitizer $tool"
-        tests="every_gpu_class empty_experts sizes_around compose_under every_gemm_strategy every_strategy persistent_kernel"
-        [ "$tool" = memcheck ] && tests="$tests hybrid_strategy"
-        # shellcheck disable=SC2086
+        tests=("${common[@]}")
+        [ "$tool" = memcheck ] && tests+=("$hybrid")
+        log="$out/sanitizer-$tool.log"
+        echo "selected tests (.stage/integration --exact --list):" > "$log"
+        .stage/integration "${tests[@]}" --exact --list >> "$log" 2>&1
+        if ! diff <(printf '%s\n' "${tests[@]}" | sort) <(sed -n 's/: test$//p' "$log" | sort) > /dev/null; then
+          echo "exit 2: the selection is not exactly the ${#tests[@]} tests meant:"; cat "$log"
+          continue
+        fi
+        echo "${#tests[@]} tests selected (list in $log)"
         MOE_GPU_CASES=24 timeout 300 compute-sanitizer --tool "$tool" --error-exitcode 9 .stage/integration \
-          $tests --test-threads 1 > "$out/sanitizer-$tool.log" 2>&1
-        echo "exit $?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result" "$out/sanitizer-$tool.log" | tail -3
+          "${tests[@]}" --exact --test-threads 1 >> "$log" 2>&1
+        echo "exit $?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result" "$log" | tail -3
       done ;;
     sampled)
       echo "== sampled"; (time .stage/integration sampled_large --ignored --nocapture --test-threads 1) 2>&1 | tee "$out/sampled.log" | grep -vE "^\s*$" | tail -60 ;;
