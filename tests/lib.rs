@@ -9,6 +9,8 @@
 //! * [`edge_cases`]: the regression table of `bugs-shapes-anchors.md` §A and Megatron's own unit
 //!   test numbers, plus bad inputs that must be rejected with a clear error.
 //! * [`golden`]: insta snapshots of the reference's outputs on fixed seeded problems.
+//! * [`pins`]: hand-derived and externally sourced values of the activations, the GLU clamp and
+//!   every storage-dtype rounding point of the eager path (independent of the snapshots).
 //! * [`dump`]: moe-expert-dump/1 files and `moe-verify compare`.
 //! * [`checkpoint`]: Megatron sharded state dicts, the on-disk format, resharding (spec §7, §8.1).
 //! * [`gpu`]: the CUDA implementations (`moe-gpu`) against the f64 oracle (skip loudly without a GPU).
@@ -25,4 +27,5 @@ mod gpu;
 #[cfg(feature = "cuda")]
 mod gpu_grouped;
 mod gradcheck;
+mod pins;
 mod self_test;
