@@ -11,6 +11,8 @@
 //! * [`golden`]: insta snapshots of the reference's outputs on fixed seeded problems.
 //! * [`pins`]: hand-derived and externally sourced values of the activations, the GLU clamp and
 //!   every storage-dtype rounding point of the eager path (independent of the snapshots).
+//! * [`tight_bounds`]: the error model's bound pinned from both sides (one element at 1.2× its
+//!   bound must fail, at 0.8× pass) for every tensor kind, dtype and class.
 //! * [`dump`]: moe-expert-dump/1 files and `moe-verify compare`.
 //! * [`checkpoint`]: Megatron sharded state dicts, the on-disk format, resharding (spec §7, §8.1).
 //! * [`gpu`]: the CUDA implementations (`moe-gpu`) against the f64 oracle (skip loudly without a GPU).
@@ -29,3 +31,4 @@ mod gpu_grouped;
 mod gradcheck;
 mod pins;
 mod self_test;
+mod tight_bounds;
