@@ -106,8 +106,8 @@ fn assert_close(what: &str, x: f64, got: f64, want: f64) {
 // ---------------------------------------------------------------------------------------------
 
 /// quick-GELU with Megatron's 1.702 (and its derivative), plus three values computed outside
-/// (CPython, `x/(1+exp(-1.702x))`). Kills: a changed slope (1.7, 1.0, √2·... any other
-/// constant), quick-GELU implemented as exact or tanh GELU.
+/// (CPython, `x/(1+exp(-1.702x))`). Kills: any other slope (1.7 moves the values by 1e-4),
+/// quick-GELU implemented as exact or tanh GELU.
 #[test]
 fn quick_gelu_is_x_sigmoid_1_702_x() {
     for x in POINTS {
@@ -194,6 +194,9 @@ fn tokens(x: Array2<f64>, p: Array1<f64>) -> Inputs {
     Inputs { tokens_per_expert: vec![x.nrows() as i64], hidden_states: x, probs: p }
 }
 
+/// An activation's `(value, derivative)` at a point.
+type Formula<'a> = &'a dyn Fn(f64) -> (f64, f64);
+
 /// Non-GLU `h = f = 1`, `W1 = W2 = [[1]]`, `p = 1`, `G = 1`, one token per point: then
 /// `y = act(x)`, `dL/dx = act'(x)` and `dL/dp = act(x)`, so the layer's values are the formulas'
 /// (every class; GroupedMLP's packed layout too). Kills the same mutations as the function pins
@@ -206,7 +209,7 @@ fn activations_through_the_oracle_layer() {
     let g = Array2::ones((POINTS.len(), 1));
     let w = ExpertWeights { fc1_weight: arr2(&[[1.0]]), fc1_bias: None, fc2_weight: arr2(&[[1.0]]), fc2_bias: None };
     let gelu = |x: f64| GELU_TABLE.iter().find(|t| t.0 == x).map(|t| (t.1, t.2)).unwrap_or((0.0, 0.5));
-    let formulas: [(Activation, &dyn Fn(f64) -> (f64, f64)); 4] = [
+    let formulas: [(Activation, Formula); 4] = [
         (Activation::Silu, &|x| (silu(x), silu_derivative(x))),
         (Activation::Gelu, &gelu),
         (Activation::QuickGelu, &|x| (quick_gelu(x), quick_gelu_derivative(x))),
@@ -396,17 +399,25 @@ enum Point {
 /// exactly representable.
 #[derive(Clone, Copy, Debug)]
 struct Scalar {
+    /// The token's one input value.
     x: f32,
     /// fc1 weight of the gate (or the only row without GLU).
     w_gate: f32,
     /// fc1 weight of the linear half (GLU only).
     w_linear: Option<f32>,
+    /// fc1 bias (non-GLU cases only).
     b1: Option<f32>,
+    /// fc2 weight.
     w2: f32,
+    /// fc2 bias.
     b2: Option<f32>,
+    /// The token's prob.
     p: f32,
+    /// The activation and its formula as written in this file.
     act: (Activation, fn(f64) -> f64),
+    /// `glu_linear_offset`.
     offset: f32,
+    /// Probs in bf16 (the default router dtype) instead of fp32.
     probs_bf16: bool,
 }
 
@@ -531,7 +542,7 @@ fn pin_sequential_fc1_rounds_before_the_bias_add() {
     let s = Scalar { b1: Some(-1.5), ..Scalar::new(1.5625, 1.5625, 0.625, 0.6875, SQUARED_RELU) };
     pin_rounding_point(Point::Fc1, &s, 0.37890625, &[LayerClass::Sequential]);
     let te = eager_chain(&s, &[Point::Fc1]);
-    assert_eq!(te, 0.380859375);
+    assert_eq!(te, 195.0 / 512.0); // 0.380859375
     assert_eq!(emulated_output(LayerClass::TeGrouped, &s), te, "TEGroupedMLP: bias inside the fc1 GEMM");
 }
 
@@ -588,7 +599,8 @@ fn pin_glu_product_rounding() {
 /// down. Kills: the offset add kept in f32.
 #[test]
 fn pin_glu_offset_rounding() {
-    let s = Scalar { w_linear: Some(0.365234375), offset: 1.0, ..Scalar::new(1.0, 1.0, 1.75, 0.9375, SILU) };
+    // w_linear = 187/512 = 0.365234375 (8 significant bits: a bf16 value).
+    let s = Scalar { w_linear: Some(187.0 / 512.0), offset: 1.0, ..Scalar::new(1.0, 1.0, 1.75, 0.9375, SILU) };
     pin_rounding_point(Point::GluOffset, &s, 1.640625, &EAGER);
 }
 
