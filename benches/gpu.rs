@@ -80,11 +80,10 @@ use crate::gpu_common::{
     block_calls, counts, dense_gemm, env_list, median, random_chunk, time, timed_block, DenseGemm, DENSE_N, SAMPLES,
 };
 use criterion::{Criterion, SamplingMode};
-use moe_gpu::kernels::{engine, Engine};
-use moe_gpu::layer::{DeviceWeights, Workspace};
+use moe_gpu::layer::{DeviceLayer, Workspace};
 use moe_gpu::sampled::{shape_config, SHAPES};
-use moe_gpu::{GpuError, Strategy};
-use moe_reference::{LayerClass, LayerConfig};
+use moe_gpu::{Engine, GpuError, Strategy};
+use moe_reference::LayerClass;
 use std::io::Write;
 
 /// Criterion group prefix of this module.
@@ -177,17 +176,18 @@ fn layer_min_bytes(counts: &[usize], h: usize, n1: usize, n2: usize, backward: b
     }
 }
 
-/// One timed call: forward, and with `backward` the backward with immediate weight grads.
+/// One timed call: forward, and with `backward` the backward with immediate weight grads, the
+/// GEMMs issued with `strategy`.
 fn step(
     eng: &mut Engine,
-    cfg: &LayerConfig,
-    w: &DeviceWeights,
+    layer: &DeviceLayer,
     ws: &mut Workspace,
     backward: bool,
+    strategy: Strategy,
 ) -> Result<(), GpuError> {
-    eng.forward(cfg, w, ws)?;
+    layer.forward(eng, ws, strategy)?;
     if backward {
-        eng.backward(cfg, w, ws, true)?;
+        layer.backward(eng, ws, true, strategy)?;
     }
     Ok(())
 }
@@ -408,17 +408,10 @@ pub fn bench(c: &mut Criterion) {
     });
     let mut rounds_csv = RoundsCsv::open();
     let counts = counts();
-    let mut guard = match engine() {
-        Ok(e) => e,
-        Err(e) => {
-            assert!(
-                moe_gpu::may_skip(&e),
-                "gpu_layer bench: the GPU is required (MOE_REQUIRE_CUDA=1) or the engine cannot be built: {e}"
-            );
-            println!("{}", moe_gpu::skip_message("bench gpu_layer", &e));
-            return;
-        }
+    let Some(gpu) = moe_gpu::gpu_or_skip("bench gpu_layer") else {
+        return;
     };
+    let mut guard = gpu.lock().expect("the engine");
     let eng: &mut Engine = &mut guard;
     let device = eng.device_name().to_string();
     println!(
@@ -482,16 +475,16 @@ pub fn bench(c: &mut Criterion) {
             let cname = class_name(class);
             let cfg = shape_config(model, class);
             let (h, n1, n2) = (cfg.hidden_size, cfg.n1(), cfg.n2());
-            let w = eng
-                .prepare_random(&cfg, 7)
-                .unwrap_or_else(|e| panic!("gpu_layer {} {cname}: Engine::prepare_random failed: {e}", sh.name));
+            let layer = DeviceLayer::random(eng, &cfg, 7)
+                .unwrap_or_else(|e| panic!("gpu_layer {} {cname}: DeviceLayer::random failed: {e}", sh.name));
             for (dist, cnt) in &sh.dists {
                 let ctx = format!("gpu_layer {} {dist} {cname}", sh.name);
-                let mut ws =
-                    eng.workspace(&cfg, cnt, false).unwrap_or_else(|e| panic!("{ctx}: Engine::workspace failed: {e}"));
-                eng.random_inputs(&cfg, &mut ws, 9)
+                let mut ws = layer
+                    .workspace(eng, cnt, false)
+                    .unwrap_or_else(|e| panic!("{ctx}: DeviceLayer::workspace failed: {e}"));
+                ws.random_inputs(eng, 9)
                     .and_then(|()| eng.synchronize())
-                    .unwrap_or_else(|e| panic!("{ctx}: Engine::random_inputs failed: {e}"));
+                    .unwrap_or_else(|e| panic!("{ctx}: Workspace::random_inputs failed: {e}"));
                 for &backward in &modes {
                     let mode = if backward { "fwdbwd" } else { "fwd" };
                     for (label, strategy) in &strategies {
@@ -506,10 +499,10 @@ pub fn bench(c: &mut Criterion) {
                             flops: layer_flops(sh.rows, h, n1, n2, backward),
                             min_bytes: layer_min_bytes(cnt, h, n1, n2, backward),
                         };
-                        eng.set_gemm_strategy(*strategy);
+                        let strategy = *strategy;
                         // Untimed first call: compiles/warms, and a failing strategy is
                         // reported without stopping the other rows.
-                        let pre = step(eng, &cfg, &w, &mut ws, backward).and_then(|()| eng.synchronize());
+                        let pre = step(eng, &layer, &mut ws, backward, strategy).and_then(|()| eng.synchronize());
                         if let Err(err) = pre {
                             report.err(&row, &err);
                             continue;
@@ -517,7 +510,7 @@ pub fn bench(c: &mut Criterion) {
                         let group = format!("{PREFIX}/{}/{dist}/{cname}", sh.name);
                         let id = format!("{mode}/{label}");
                         let secs = time(c, eng, &group, &id, SamplingMode::Flat, |en| {
-                            step(en, &cfg, &w, &mut ws, backward)
+                            step(en, &layer, &mut ws, backward, strategy)
                                 .unwrap_or_else(|e| panic!("{ctx} {mode} {label}: timed call failed: {e}"))
                         });
                         if let Some(secs) = secs {
@@ -531,11 +524,11 @@ pub fn bench(c: &mut Criterion) {
                             if item == 0 {
                                 return Ok(timed_block(eng, calls, |e| dense.run(e)));
                             }
-                            eng.set_gemm_strategy(strategies[item - 1].1);
-                            step(eng, &cfg, &w, &mut ws, backward)?;
+                            let strategy = strategies[item - 1].1;
+                            step(eng, &layer, &mut ws, backward, strategy)?;
                             let mut failed = None;
                             let secs = timed_block(eng, calls, |e| {
-                                if let Err(err) = step(e, &cfg, &w, &mut ws, backward) {
+                                if let Err(err) = step(e, &layer, &mut ws, backward, strategy) {
                                     failed.get_or_insert(err);
                                 }
                             });
@@ -566,8 +559,6 @@ pub fn bench(c: &mut Criterion) {
         }
     }
     measure_dense(c, eng, &mut report, "gemm8192_end");
-    let default = eng.default_gemm_strategy();
-    eng.set_gemm_strategy(default);
     println!("\n== GPU layer bench summary (median of {SAMPLES} criterion samples per row)");
     for l in &report.summary {
         println!("{l}");

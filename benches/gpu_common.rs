@@ -3,7 +3,7 @@
 //! random device fills, the criterion-driven timer and the dense 8192³ cuBLAS reference.
 
 use criterion::{Criterion, SamplingMode};
-use moe_gpu::kernels::{Buf, Engine};
+use moe_gpu::{DeviceBuffer, Engine, GemmProblem};
 use moe_reference::Dtype;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -84,7 +84,7 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// 8 Mi random bf16 values in ±0.125 on the device (never zero in bulk), for [`fill`].
-pub fn random_chunk(eng: &mut Engine) -> Buf {
+pub fn random_chunk(eng: &mut Engine) -> DeviceBuffer {
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     let host: Vec<u8> = moe_gpu::layer::to_bytes(
         Dtype::Bf16,
@@ -99,12 +99,12 @@ pub fn random_chunk(eng: &mut Engine) -> Buf {
 }
 
 /// Fills `buf` with copies of the random `chunk` (device-to-device; no zeros anywhere).
-pub fn fill(eng: &mut Engine, buf: &Buf, chunk: &Buf) {
-    let (dst, src, cb) = (eng.ptr(buf, 0), eng.ptr(chunk, 0), chunk.bytes());
+pub fn fill(eng: &mut Engine, buf: &mut DeviceBuffer, chunk: &DeviceBuffer) {
+    let cb = chunk.bytes();
     let mut off = 0;
     while off < buf.bytes() {
         let n = cb.min(buf.bytes() - off);
-        eng.copy_dtod(dst + off as u64, src, n).expect("device fill (copy_dtod)");
+        eng.copy(buf, off, chunk, 0, n).expect("device fill (Engine::copy)");
         off += n;
     }
 }
@@ -144,20 +144,18 @@ pub const DENSE_N: usize = 8192;
 
 /// The dense reference GEMM's operands: `DENSE_N`² bf16 matrices of random data.
 pub struct DenseGemm {
-    _bufs: Vec<Buf>,
-    ptrs: (u64, u64, u64),
+    bufs: [DeviceBuffer; 3],
 }
 
 impl DenseGemm {
     /// Allocates and fills the three matrices from `chunk`.
-    pub fn new(eng: &mut Engine, chunk: &Buf) -> DenseGemm {
+    pub fn new(eng: &mut Engine, chunk: &DeviceBuffer) -> DenseGemm {
         let nn = DENSE_N;
-        let bufs: Vec<Buf> = (0..3).map(|_| eng.alloc(nn * nn * 2).expect("alloc for the dense GEMM")).collect();
-        for b in &bufs {
+        let mut bufs = [(); 3].map(|()| eng.alloc(nn * nn * 2).expect("alloc for the dense GEMM"));
+        for b in &mut bufs {
             fill(eng, b, chunk);
         }
-        let ptrs = (eng.ptr(&bufs[0], 0), eng.ptr(&bufs[1], 0), eng.ptr(&bufs[2], 0));
-        DenseGemm { _bufs: bufs, ptrs }
+        DenseGemm { bufs }
     }
 
     /// FLOPs of one call.
@@ -167,8 +165,10 @@ impl DenseGemm {
 
     /// One `DENSE_N`³ bf16 `Engine::gemm` (cuBLAS, f32 accumulation), queued.
     pub fn run(&self, eng: &mut Engine) {
-        let (nn, (pa, pb, pc)) = (DENSE_N, self.ptrs);
-        eng.gemm(Dtype::Bf16, false, false, nn, nn, nn, pa, pb, pc, 0.0).expect("dense 8192³ Engine::gemm");
+        let nn = DENSE_N;
+        let [a, b, c] = &self.bufs;
+        let p = GemmProblem { m: nn, n: nn, k: nn, a: a.at(0), b: b.at(0), c: c.at(0) };
+        eng.gemm(Dtype::Bf16, false, false, &p, 0.0).expect("dense 8192³ Engine::gemm");
     }
 }
 
@@ -178,7 +178,7 @@ impl DenseGemm {
 pub fn dense_gemm(
     c: &mut Criterion,
     eng: &mut Engine,
-    chunk: &Buf,
+    chunk: &DeviceBuffer,
     group: &str,
     mode: SamplingMode,
 ) -> Option<(f64, f64)> {

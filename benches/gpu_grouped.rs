@@ -21,31 +21,30 @@
 
 use crate::gpu_common::{counts, dense_gemm, env_list, fill, random_chunk, time};
 use criterion::{Criterion, SamplingMode};
-use moe_gpu::kernels::{engine, Buf, Engine};
-use moe_gpu::layer::wgrad_problem;
-use moe_gpu::{GemmProblem, Strategy};
+use moe_gpu::gemm::wgrad_problem;
+use moe_gpu::{DeviceBuffer, Engine, GemmProblem, Region, Strategy};
 use moe_reference::Dtype;
 
 const DT: Dtype = Dtype::Bf16;
 const CASES: [&str; 7] = ["fc1_te", "fc2_te", "dgrad1_te", "wgrad1_te", "fwd_te", "fwdbwd_te", "fwdbwd_grp"];
 
 struct Buffers {
-    x: Buf,
-    a: Buf,
-    u: Buf,
-    y: Buf,
-    g: Buf,
-    da: Buf,
-    du: Buf,
-    dx: Buf,
-    w1: Buf,
-    w2: Buf,
-    dw1: Buf,
-    dw2: Buf,
+    x: DeviceBuffer,
+    a: DeviceBuffer,
+    u: DeviceBuffer,
+    y: DeviceBuffer,
+    g: DeviceBuffer,
+    da: DeviceBuffer,
+    du: DeviceBuffer,
+    dx: DeviceBuffer,
+    w1: DeviceBuffer,
+    w2: DeviceBuffer,
+    dw1: DeviceBuffer,
+    dw2: DeviceBuffer,
 }
 
 /// One grouped call of a case.
-type Call = (bool, bool, Vec<GemmProblem>);
+type Call<'a> = (bool, bool, Vec<GemmProblem<Region<'a>>>);
 
 struct Layout {
     h: usize,
@@ -54,14 +53,14 @@ struct Layout {
 }
 
 /// The six grouped calls of a layer for `counts`; `te`: `[out, in]` weights, else `[in, out]`.
-fn gemm(eng: &Engine, b: &Buffers, l: &Layout, counts: &[usize], te: bool, which: &str) -> Call {
+fn gemm<'a>(b: &'a Buffers, l: &Layout, counts: &[usize], te: bool, which: &str) -> Call<'a> {
     let ds = DT.size_bytes();
     let (h, n1, n2) = (l.h, l.n1, l.n2);
     let mut off = 0;
     let mut probs = Vec::new();
     let (mut ta, mut tb) = (false, false);
     for (e, &c) in counts.iter().enumerate() {
-        let p = |buf: &Buf, elems: usize| eng.ptr(buf, elems * ds);
+        let p = |buf: &'a DeviceBuffer, elems: usize| buf.at(elems * ds);
         let pr = match which {
             // x_e·W1_e(ᵀ) -> a
             "fc1" => {
@@ -98,15 +97,15 @@ fn gemm(eng: &Engine, b: &Buffers, l: &Layout, counts: &[usize], te: bool, which
     (ta, tb, probs)
 }
 
-fn case_calls(eng: &Engine, b: &Buffers, l: &Layout, counts: &[usize], case: &str) -> Vec<Call> {
+fn case_calls<'a>(b: &'a Buffers, l: &Layout, counts: &[usize], case: &str) -> Vec<Call<'a>> {
     let (base, layout) = case.rsplit_once('_').expect("case_layout");
     let te = layout == "te";
     let names: &[&str] = match base {
         "fwd" => &["fc1", "fc2"],
         "fwdbwd" => &["fc1", "fc2", "dgrad2", "dgrad1", "wgrad2", "wgrad1"],
-        one => return vec![gemm(eng, b, l, counts, te, one)],
+        one => return vec![gemm(b, l, counts, te, one)],
     };
-    names.iter().map(|n| gemm(eng, b, l, counts, te, n)).collect()
+    names.iter().map(|n| gemm(b, l, counts, te, n)).collect()
 }
 
 fn flops(calls: &[Call]) -> f64 {
@@ -130,17 +129,10 @@ pub fn bench(c: &mut Criterion) {
     if !crate::selected(&["gpu_grouped"]) {
         return;
     }
-    let mut guard = match engine() {
-        Ok(e) => e,
-        Err(e) => {
-            assert!(
-                moe_gpu::may_skip(&e),
-                "gpu_grouped bench: the GPU is required (MOE_REQUIRE_CUDA=1) or the engine cannot be built: {e}"
-            );
-            println!("{}", moe_gpu::skip_message("bench gpu_grouped", &e));
-            return;
-        }
+    let Some(gpu) = moe_gpu::gpu_or_skip("bench gpu_grouped") else {
+        return;
     };
+    let mut guard = gpu.lock().expect("the engine");
     let eng: &mut Engine = &mut guard;
     println!("gpu_grouped on {} ({})", eng.device_name(), eng.arch());
     let counts = counts();
@@ -170,7 +162,7 @@ pub fn bench(c: &mut Criterion) {
         let l = Layout { h, n1: 2 * sh.ffn, n2: sh.ffn };
         let ds = DT.size_bytes();
         let mut alloc = |elems: usize| eng.alloc(elems * ds).expect("alloc");
-        let b = Buffers {
+        let mut b = Buffers {
             x: alloc(t * h),
             a: alloc(t * l.n1),
             u: alloc(t * l.n2),
@@ -184,7 +176,10 @@ pub fn bench(c: &mut Criterion) {
             dw1: alloc(e * l.n1 * h),
             dw2: alloc(e * h * l.n2),
         };
-        for buf in [&b.x, &b.a, &b.u, &b.y, &b.g, &b.da, &b.du, &b.dx, &b.w1, &b.w2, &b.dw1, &b.dw2] {
+        for buf in [
+            &mut b.x, &mut b.a, &mut b.u, &mut b.y, &mut b.g, &mut b.da, &mut b.du, &mut b.dx, &mut b.w1, &mut b.w2,
+            &mut b.dw1, &mut b.dw2,
+        ] {
             fill(eng, buf, &chunk);
         }
         eng.synchronize().expect("fill");
@@ -193,7 +188,7 @@ pub fn bench(c: &mut Criterion) {
                 if cases.as_ref().is_some_and(|cs| !cs.iter().any(|c| c == case)) {
                     continue;
                 }
-                let calls = case_calls(eng, &b, &l, cnt, case);
+                let calls = case_calls(&b, &l, cnt, case);
                 let fl = flops(&calls);
                 let mut strats: Vec<(String, Strategy, bool)> = strategies
                     .iter()

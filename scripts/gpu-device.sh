@@ -78,7 +78,7 @@ for s in $steps; do
           continue
         fi
         echo "${#tests[@]} tests selected (list in $log)"
-        MOE_GPU_CASES=24 timeout 300 compute-sanitizer --tool "$tool" --error-exitcode 9 .stage/integration \
+        PROPTEST_CASES=24 timeout 300 compute-sanitizer --tool "$tool" --error-exitcode 9 .stage/integration \
           "${tests[@]}" --exact --test-threads 1 >> "$log" 2>&1
         echo "exit $?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result" "$log" | tail -3
       done ;;

@@ -11,7 +11,7 @@ x class x mode (fwd, fwdbwd), plus a dense torch.mm 8192^3 bf16 row. CSV columns
 bench's MOE_LAYER_CSV: shape,dist,class,mode,strategy,tokens,experts,flops,min_bytes,
 median_ms,tflops,device, with strategy = "torch"; a failed row has ERR in median_ms and tflops.
 
-The layer, as moe_gpu's Engine::forward/backward compute it (GLU silu, no bias, bf16 weights
+The layer, as moe_gpu's DeviceLayer::forward/backward compute it (GLU silu, no bias, bf16 weights
 and activations, fp32 probs):
     a = x . W1_e          torch._grouped_mm, offs = int32 cumulative token counts
     z = silu(a[:, :f]) * a[:, f:]          (gate = first half, eager bf16 ops)

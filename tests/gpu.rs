@@ -3,7 +3,8 @@
 //! Every test skips loudly (one `SKIP gpu::<test>: ...` line) on a machine without CUDA, and
 //! fails instead when `MOE_REQUIRE_CUDA=1` (set on every device-machine run). All GPU runs use
 //! NaN-poisoned output, intermediate and gradient buffers, so a row a kernel forgets to write
-//! fails loudly. `MOE_GPU_CASES` sets the number of random cases (default 300).
+//! fails loudly. `PROPTEST_CASES` sets the number of random cases of the random-case tests
+//! (default 300), as it sets the proptest cases of the differential suite.
 //!
 //! Tolerance: the harness's error model (`moe_harness::compare`, `Tolerance::error_model()`: twice
 //! the oracle's running error bound plus clamp allowances, `moe_reference::oracle_with_scales`);
@@ -13,8 +14,7 @@
 //! tolerance of its own. CPU tests show each check fails on an error 1.2x its bound and passes
 //! at 0.8x (`the_gpu_oracle_check_…`, `the_parallel_decomposition_check_…`).
 
-use moe_gpu::grouped::Strategy;
-use moe_gpu::{CudaGrouped, CudaSequential, CudaTeGrouped, GpuError};
+use moe_gpu::{CudaGrouped, CudaSequential, CudaTeGrouped, Gpu, GpuError, Strategy};
 use moe_harness::case::Case;
 use moe_harness::compare::{compare_runs as harness_compare_runs, ErrorModel};
 use moe_harness::properties::{self, Backend, PerClassBackend, Property, PropertyFailure, Verdict};
@@ -31,8 +31,9 @@ use rand_chacha::ChaCha8Rng;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-/// The three GPU implementations with NaN poisoning on, or `None` after printing the skip line.
+/// The three GPU implementations with NaN poisoning on, on one engine.
 struct Gpus {
+    gpu: Gpu,
     seq: CudaSequential,
     grouped: CudaGrouped,
     te: CudaTeGrouped,
@@ -46,30 +47,27 @@ impl Gpus {
             LayerClass::TeGrouped => &self.te,
         }
     }
-}
 
-fn gpus(test: &str) -> Option<Gpus> {
-    let made = (|| -> Result<Gpus, GpuError> {
-        Ok(Gpus {
-            seq: CudaSequential::new()?.with_poison(true),
-            grouped: CudaGrouped::new()?.with_poison(true),
-            te: CudaTeGrouped::new()?.with_poison(true),
-        })
-    })();
-    match made {
-        Ok(g) => Some(g),
-        Err(e) => {
-            let msg = moe_gpu::skip_message(&format!("gpu::{test}"), &e);
-            // Only a missing GPU without MOE_REQUIRE_CUDA=1 skips; a bad setting
-            // (MOE_GPU_GEMM=typo) must not pass silently.
-            assert!(
-                moe_gpu::may_skip(&e),
-                "gpu::{test}: the GPU is required (MOE_REQUIRE_CUDA=1) or the GPU layers cannot be built: {e}"
-            );
-            moe_gpu::print_skip(&msg);
-            None
+    /// The three layers issuing their GEMMs with `strategy`, on the same engine.
+    fn with_strategy(&self, strategy: Strategy) -> Gpus {
+        Gpus::on(&self.gpu, strategy)
+    }
+
+    fn on(gpu: &Gpu, strategy: Strategy) -> Gpus {
+        Gpus {
+            gpu: gpu.clone(),
+            seq: CudaSequential::new(gpu).with_poison(true).with_strategy(strategy),
+            grouped: CudaGrouped::new(gpu).with_poison(true).with_strategy(strategy),
+            te: CudaTeGrouped::new(gpu).with_poison(true).with_strategy(strategy),
         }
     }
+}
+
+/// The three GPU implementations (default strategy) on a new engine, or `None` after printing
+/// the SKIP line of `gpu::<test>` (`moe_gpu::gpu_or_skip`: only a missing GPU without
+/// MOE_REQUIRE_CUDA=1 skips).
+fn gpus(test: &str) -> Option<Gpus> {
+    moe_gpu::gpu_or_skip(&format!("gpu::{test}")).map(|gpu| Gpus::on(&gpu, Strategy::Auto))
 }
 
 /// Worst error of one comparison, for the summary.
@@ -247,8 +245,9 @@ fn describe(cfg: &LayerConfig, counts: &[i64]) -> String {
     )
 }
 
+/// Random cases per run: `PROPTEST_CASES` (the convention for case counts), default 300.
 fn case_count() -> usize {
-    std::env::var("MOE_GPU_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(300)
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(300)
 }
 
 /// Runs the random-case generator against `layer_for(class)`; returns (failures, worst per dtype).
@@ -324,13 +323,9 @@ fn every_gpu_class_matches_the_f64_oracle_on_random_cases() {
 fn every_gpu_class_matches_the_oracle_with_every_gemm_strategy() {
     let n = case_count().min(100);
     let mut failures = Vec::new();
+    let Some(gpus) = gpus("every_gpu_class_matches_the_oracle_with_every_gemm_strategy") else { return };
     for strategy in [Strategy::Loop, Strategy::MultiStream(4), Strategy::Persistent(0), Strategy::Hybrid(1)] {
-        let Some(g) = gpus("every_gpu_class_matches_the_oracle_with_every_gemm_strategy") else { return };
-        let g: &'static Gpus = Box::leak(Box::new(Gpus {
-            seq: g.seq.with_strategy(strategy),
-            grouped: g.grouped.with_strategy(strategy),
-            te: g.te.with_strategy(strategy),
-        }));
+        let g: &'static Gpus = Box::leak(Box::new(gpus.with_strategy(strategy)));
         let (f, worst) = random_cases(n, &|class| g.get(class));
         for (d, w) in &worst {
             println!(
@@ -610,17 +605,11 @@ fn check_parallel_cases(backend: &dyn Backend, calls: &AtomicUsize) -> (Vec<Stri
 
 #[test]
 fn gpu_layers_compose_under_expert_and_tensor_parallelism() {
-    let Some(_gpus) = gpus("gpu_layers_compose_under_expert_and_tensor_parallelism") else {
+    let Some(gpus) = gpus("gpu_layers_compose_under_expert_and_tensor_parallelism") else {
         return;
     };
-    let layers = (|| -> Result<[Box<dyn ExpertLayer>; 3], GpuError> {
-        Ok([
-            Box::new(CudaSequential::new()?.with_poison(true)),
-            Box::new(CudaGrouped::new()?.with_poison(true)),
-            Box::new(CudaTeGrouped::new()?.with_poison(true)),
-        ])
-    })()
-    .expect("the GPU was usable a moment ago");
+    let Gpus { seq, grouped, te, .. } = gpus;
+    let layers: [Box<dyn ExpertLayer>; 3] = [Box::new(seq), Box::new(grouped), Box::new(te)];
     let (backend, calls) = counting_backend("cuda", layers);
     let (failures, worst) = check_parallel_cases(&backend, &calls);
     println!("gpu EP/ETP decomposition: worst error/bound {:.3} at {}", worst.ratio, worst.what);
@@ -838,7 +827,7 @@ fn gpu_implementations_prove_they_launched_kernels() {
 #[test]
 #[ignore]
 fn sampled_large_shapes_match_the_oracle() {
-    let Some(_gpus) = gpus("sampled_large_shapes_match_the_oracle") else {
+    let Some(gpus) = gpus("sampled_large_shapes_match_the_oracle") else {
         return;
     };
     let only = std::env::var("MOE_SAMPLED_SHAPES").unwrap_or_default();
@@ -853,7 +842,7 @@ fn sampled_large_shapes_match_the_oracle() {
         }
         for class in classes {
             let t0 = std::time::Instant::now();
-            let report = moe_gpu::sampled::verify_large_shape_class(class, s.name, 0, 42)
+            let report = moe_gpu::sampled::verify_large_shape_class(&gpus.gpu, Strategy::Auto, class, s.name, 0, 42)
                 .unwrap_or_else(|e| panic!("{} {class}: {e}", s.name));
             println!("{report}  (host+device {:.1} s)", t0.elapsed().as_secs_f64());
             if !report.passed() {
@@ -864,18 +853,17 @@ fn sampled_large_shapes_match_the_oracle() {
     assert!(failed.is_empty(), "sampled verification failed for {failed:?}");
 }
 
-/// The CUDA implementations as a harness backend, NaN poisoning on.
+/// The CUDA implementations on a new engine as a harness backend, NaN poisoning on.
 fn cuda_backend() -> Result<moe_harness::properties::PerClassBackend, GpuError> {
-    let make = || -> Result<moe_harness::properties::PerClassBackend, GpuError> {
-        Ok(moe_harness::properties::PerClassBackend::new(
-            "cuda",
-            Some(Box::new(CudaSequential::new()?.with_poison(true))),
-            Some(Box::new(CudaGrouped::new()?.with_poison(true))),
-            Some(Box::new(CudaTeGrouped::new()?.with_poison(true))),
-        ))
-    };
     // The suite skips on any backend error; only a missing GPU may get that far.
-    make().inspect_err(|e| assert!(moe_gpu::is_no_device(e), "cuda backend: the GPU layers cannot be built: {e}"))
+    let gpu = Gpu::new(0)
+        .inspect_err(|e| assert!(moe_gpu::is_no_device(e), "cuda backend: the GPU layers cannot be built: {e}"))?;
+    Ok(moe_harness::properties::PerClassBackend::new(
+        "cuda",
+        Some(Box::new(CudaSequential::new(&gpu).with_poison(true))),
+        Some(Box::new(CudaGrouped::new(&gpu).with_poison(true))),
+        Some(Box::new(CudaTeGrouped::new(&gpu).with_poison(true))),
+    ))
 }
 
 // The spec §10 property suite and token-distribution families (tests/properties.rs) on the GPU.
@@ -893,17 +881,14 @@ fn gpu_layer_loaded_from_a_checkpoint_of_another_layout_reproduces_the_oracle() 
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// A typo in `MOE_GPU_GEMM` used to surface as "no CUDA device", so every GPU test skipped and
+/// A typo in a GEMM strategy used to surface as "no CUDA device", so every GPU test skipped and
 /// `verify` ran the reference alone: a silent pass. It must be a clear error, GPU or not.
 #[test]
 fn an_unknown_gemm_strategy_setting_is_an_error_not_a_skip() {
-    // The library's parse (the environment of this process is shared by the other tests, so
-    // the variable itself is only set for the child process below).
-    let err = moe_gpu::kernels::parse_gemm_setting("ms-four").expect_err("ms-four is no strategy");
-    assert!(!moe_gpu::is_no_device(&err), "{err}");
-    let msg = err.to_string();
-    assert!(msg.contains("MOE_GPU_GEMM=\"ms-four\"") && msg.contains("not a GEMM strategy"), "{msg}");
-    assert_eq!(moe_gpu::kernels::parse_gemm_setting(" ms4 ").ok(), Some(moe_gpu::Strategy::MultiStream(4)));
+    // The library's parse, which the command line's `--gemm` uses.
+    let msg = "ms-four".parse::<Strategy>().expect_err("ms-four is no strategy");
+    assert!(msg.contains("\"ms-four\"") && msg.contains("not a GEMM strategy"), "{msg}");
+    assert_eq!(" ms4 ".parse::<Strategy>().ok(), Some(Strategy::MultiStream(4)));
     // The binary cargo built, or the one staged next to this test binary on the GPU machine
     // (scripts/gpu-run.sh copies both into .stage/, where cargo's path does not exist).
     let built = std::path::PathBuf::from(env!("CARGO_BIN_EXE_moe-verify"));
@@ -913,11 +898,10 @@ fn an_unknown_gemm_strategy_setting_is_an_error_not_a_skip() {
         _ => built,
     };
     let out = std::process::Command::new(&bin)
-        .args(["verify", "--cases", "1", "--property", "zero-tokens"])
-        .env("MOE_GPU_GEMM", "ms-four")
+        .args(["verify", "--cases", "1", "--property", "zero-tokens", "--gemm", "ms-four"])
         .output()
         .unwrap_or_else(|e| panic!("run {}: {e}", bin.display()));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
-    assert!(stderr.contains("invalid setting: MOE_GPU_GEMM=\"ms-four\""), "stderr: {stderr}");
+    assert!(stderr.contains("'ms-four'") && stderr.contains("not a GEMM strategy"), "stderr: {stderr}");
 }

@@ -17,9 +17,8 @@
 
 #![cfg(feature = "cuda")]
 
-use moe_gpu::kernels::{engine, Engine};
 use moe_gpu::layer::{from_bytes, to_bytes};
-use moe_gpu::{GemmProblem, GpuError, Strategy};
+use moe_gpu::{DeviceBuffer, Engine, GemmProblem, Gpu, GpuError, Region, Strategy};
 use moe_harness::tolerance::gemm_element_scale;
 use moe_harness::Tolerance;
 use moe_reference::Dtype;
@@ -106,21 +105,10 @@ fn persistent_cases() -> Vec<Case> {
     ]
 }
 
-/// The engine, or `None` after printing the SKIP line of `gpu_grouped::<test>`; panics where a
-/// skip is not allowed (`moe_gpu::may_skip`: under MOE_REQUIRE_CUDA=1, or any error but a
-/// missing GPU).
-fn engine_or_skip(test: &str) -> Option<std::sync::MutexGuard<'static, Engine>> {
-    match engine() {
-        Ok(e) => Some(e),
-        Err(e) => {
-            assert!(
-                moe_gpu::may_skip(&e),
-                "gpu_grouped::{test}: the GPU is required (MOE_REQUIRE_CUDA=1) or the engine cannot be built: {e}"
-            );
-            moe_gpu::print_skip(&moe_gpu::skip_message(&format!("gpu_grouped::{test}"), &e));
-            None
-        }
-    }
+/// A new engine, or `None` after printing the SKIP line of `gpu_grouped::<test>`
+/// (`moe_gpu::gpu_or_skip`: panics where a skip is not allowed).
+fn gpu(test: &str) -> Option<Gpu> {
+    moe_gpu::gpu_or_skip(&format!("gpu_grouped::{test}"))
 }
 
 /// The persistent Hopper kernel (issue 5) against the f64 reference, in bf16 and f16, with
@@ -129,9 +117,10 @@ fn engine_or_skip(test: &str) -> Option<std::sync::MutexGuard<'static, Engine>> 
 /// (one launch per 128 problems, not a cuBLAS fallback).
 #[test]
 fn persistent_kernel_matches_the_reference_on_ragged_groups() {
-    let Some(mut eng) = engine_or_skip("persistent_kernel_matches_the_reference_on_ragged_groups") else {
+    let Some(gpu) = gpu("persistent_kernel_matches_the_reference_on_ragged_groups") else {
         return;
     };
+    let mut eng = gpu.lock().expect("the engine");
     if eng.arch() != "sm_90" {
         moe_gpu::print_skip(&format!(
             "SKIP gpu_grouped::persistent_kernel_matches_the_reference_on_ragged_groups: {} is not sm_90",
@@ -143,10 +132,10 @@ fn persistent_kernel_matches_the_reference_on_ragged_groups() {
     for dt in [Dtype::Bf16, Dtype::F16] {
         let ds = dt.size_bytes();
         for (ci, case) in persistent_cases().iter().enumerate() {
-            let p = prepare(&mut eng, case, dt, 0xbeef + ci as u64).expect("prepare");
+            let mut p = prepare(&mut eng, case, dt, 0xbeef + ci as u64).expect("prepare");
             for tile_n in [128, 256] {
                 let before = eng.launches();
-                let got = run(&mut eng, &p, case, dt, Strategy::Persistent(tile_n))
+                let got = run(&mut eng, &mut p, case, dt, Strategy::Persistent(tile_n))
                     .unwrap_or_else(|e| panic!("{} {dt:?} n{tile_n}: {e}", case.name));
                 let computing = case.dims.iter().filter(|d| d.0 > 0 && d.1 > 0).count();
                 let launches = eng.launches() - before;
@@ -172,13 +161,24 @@ fn rand_vals(rng: &mut ChaCha8Rng, n: usize) -> Vec<f64> {
 }
 
 struct Prepared {
-    problems: Vec<GemmProblem>,
+    /// Each expert's (m, n, k) and A, B, C offsets in bytes.
+    problems: Vec<GemmProblem<usize>>,
     c_offsets: Vec<usize>,
     c_elems: usize,
     host: HostReference,
-    c: moe_gpu::kernels::Buf,
-    _a: moe_gpu::kernels::Buf,
-    _b: moe_gpu::kernels::Buf,
+    c: DeviceBuffer,
+    a: DeviceBuffer,
+    b: DeviceBuffer,
+}
+
+impl Prepared {
+    /// The problems on the device buffers.
+    fn problems(&self) -> Vec<GemmProblem<Region<'_>>> {
+        self.problems
+            .iter()
+            .map(|p| GemmProblem { m: p.m, n: p.n, k: p.k, a: self.a.at(p.a), b: self.b.at(p.b), c: self.c.at(p.c) })
+            .collect()
+    }
 }
 
 const GUARD: usize = 64;
@@ -291,21 +291,14 @@ fn prepare_rows(eng: &mut Engine, case: &Case, dt: Dtype, seed: u64, row_step: u
     let mut problems = Vec::new();
     let mut c_offsets = Vec::new();
     for &(m, n, k) in &case.dims {
-        problems.push(GemmProblem {
-            m,
-            n,
-            k,
-            a: eng.ptr(&a, ao * ds),
-            b: eng.ptr(&b, bo * ds),
-            c: eng.ptr(&c, co * ds),
-        });
+        problems.push(GemmProblem { m, n, k, a: ao * ds, b: bo * ds, c: co * ds });
         c_offsets.push(co);
         ao += m * k;
         bo += k * n;
         co += m * n;
     }
     let host = host_reference(case, &av, &bv, dt, row_step);
-    Ok(Prepared { problems, c_offsets, c_elems: c_len, host, c, _a: a, _b: b })
+    Ok(Prepared { problems, c_offsets, c_elems: c_len, host, c, a, b })
 }
 
 /// What every run must leave in C (`got`, bytes of `ds`-byte elements): the guard tail after the
@@ -327,11 +320,11 @@ fn assert_untouched_guard_and_zero_k0(case: &Case, p: &Prepared, got: &[u8], ds:
 
 /// Poisons C (and its guard tail), runs `strategy` (twice: the second run replays cached
 /// graphs / pointer arrays), returns C's bytes.
-fn run(eng: &mut Engine, p: &Prepared, case: &Case, dt: Dtype, strategy: Strategy) -> Result<Vec<u8>, GpuError> {
+fn run(eng: &mut Engine, p: &mut Prepared, case: &Case, dt: Dtype, strategy: Strategy) -> Result<Vec<u8>, GpuError> {
     let mut out = Vec::new();
     for _ in 0..2 {
-        eng.poison(&p.c)?;
-        eng.grouped_gemm(strategy, dt, case.ta, case.tb, &p.problems)?;
+        eng.poison(&mut p.c)?;
+        eng.grouped_gemm(strategy, dt, case.ta, case.tb, &p.problems())?;
         eng.synchronize()?;
         out = eng.download(&p.c)?;
     }
@@ -347,15 +340,16 @@ fn run(eng: &mut Engine, p: &Prepared, case: &Case, dt: Dtype, strategy: Strateg
 #[test]
 fn hybrid_strategy_runs_large_experts_on_cublas_and_the_rest_on_the_persistent_kernel() {
     let test = "hybrid_strategy_runs_large_experts_on_cublas_and_the_rest_on_the_persistent_kernel";
-    let Some(mut eng) = engine_or_skip(test) else {
+    let Some(gpu) = gpu(test) else {
         return;
     };
+    let mut eng = gpu.lock().expect("the engine");
     if eng.arch() != "sm_90" {
         moe_gpu::print_skip(&format!("SKIP gpu_grouped::{test}: {} is not sm_90", eng.arch()));
         return;
     }
     let sms = eng.sm_count();
-    let big = (sms + 1) * moe_gpu::persistent::TILE_M - 8;
+    let big = (sms + 1) * moe_gpu::gemm::TILE_M - 8;
     let case = Case {
         name: "hybrid_split",
         ta: false,
@@ -366,18 +360,15 @@ fn hybrid_strategy_runs_large_experts_on_cublas_and_the_rest_on_the_persistent_k
     let large: Vec<bool> = case
         .dims
         .iter()
-        .map(|&(m, n, k)| {
-            let p = GemmProblem { m, n, k, a: 0, b: 0, c: 0 };
-            moe_gpu::persistent::fills_gpu_alone(&p, waves, sms)
-        })
+        .map(|&(m, n, k)| moe_gpu::gemm::fills_gpu_alone(&GemmProblem::dims(m, n, k), waves, sms))
         .collect();
     assert_eq!(large, [false, false, true, false, false], "the split this case is built for");
     let dt = Dtype::Bf16;
     let ds = dt.size_bytes();
-    let p = prepare_rows(&mut eng, &case, dt, 0x4b1d, 97).expect("prepare");
-    let base = run(&mut eng, &p, &case, dt, Strategy::Loop).expect("loop");
+    let mut p = prepare_rows(&mut eng, &case, dt, 0x4b1d, 97).expect("prepare");
+    let base = run(&mut eng, &mut p, &case, dt, Strategy::Loop).expect("loop");
     let before = eng.launches();
-    let got = run(&mut eng, &p, &case, dt, Strategy::Hybrid(waves)).expect("hybrid");
+    let got = run(&mut eng, &mut p, &case, dt, Strategy::Hybrid(waves)).expect("hybrid");
     // Per run: the poison memset, one persistent launch, one cuBLAS call.
     assert_eq!(eng.launches() - before, 2 * 3, "expected poison + persistent + one cuBLAS GEMM per run");
     assert_untouched_guard_and_zero_k0(&case, &p, &got, ds, "hybrid");
@@ -394,21 +385,22 @@ fn hybrid_strategy_runs_large_experts_on_cublas_and_the_rest_on_the_persistent_k
 
 #[test]
 fn every_strategy_matches_loop_and_reference() {
-    let Some(mut eng) = engine_or_skip("every_strategy_matches_loop_and_reference") else {
+    let Some(gpu) = gpu("every_strategy_matches_loop_and_reference") else {
         return;
     };
+    let mut eng = gpu.lock().expect("the engine");
     let mut exact_report = Vec::new();
     for dt in [Dtype::Bf16, Dtype::F32] {
         let ds = dt.size_bytes();
         for (ci, case) in cases().iter().enumerate() {
-            let p = prepare(&mut eng, case, dt, 0x5eed + ci as u64).expect("prepare");
-            let base = run(&mut eng, &p, case, dt, Strategy::Loop).expect("loop");
+            let mut p = prepare(&mut eng, case, dt, 0x5eed + ci as u64).expect("prepare");
+            let base = run(&mut eng, &mut p, case, dt, Strategy::Loop).expect("loop");
             let base_v = from_bytes(dt, &base[..p.c_elems * ds]);
             // Loop against the f64 reference (one rounding to dt of an f32-accumulated sum).
             check_gemm_output(&base_v, &p.host).unwrap_or_else(|e| panic!("{} {dt:?} loop: {e}", case.name));
             for strategy in STRATEGIES {
-                let got =
-                    run(&mut eng, &p, case, dt, strategy).unwrap_or_else(|e| panic!("{} {strategy:?}: {e}", case.name));
+                let got = run(&mut eng, &mut p, case, dt, strategy)
+                    .unwrap_or_else(|e| panic!("{} {strategy:?}: {e}", case.name));
                 assert_untouched_guard_and_zero_k0(case, &p, &got, ds, &format!("{dt:?} {strategy:?}"));
                 let v = from_bytes(dt, &got[..p.c_elems * ds]);
                 let mut max_diff = 0.0f64;

@@ -22,10 +22,6 @@ pub enum GpuError {
         /// NVRTC's log, as text.
         log: String,
     },
-    /// An invalid setting (an environment variable such as `MOE_GPU_GEMM` with a value this
-    /// crate does not know): a user error, never a reason to skip.
-    #[error("invalid setting: {0}")]
-    Config(String),
     /// A configuration this implementation does not handle (a declared skip).
     #[error("unsupported: {0}")]
     Unsupported(String),

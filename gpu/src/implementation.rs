@@ -1,5 +1,7 @@
 //! The three CUDA implementations of [`ExpertLayer`], one struct per Megatron class.
 //!
+//! Each layer is built on a [`Gpu`] (the engine of one device, shared by the layers built on
+//! it) and issues its per-expert GEMMs with its own [`Strategy`] (default [`Strategy::Auto`]).
 //! Each call uploads the parameters and inputs, runs the device path of [`crate::layer`] and
 //! downloads the results; nothing is computed on the host and the reference is never called
 //! (its validation and state-dict names are reused). Proof of GPU execution: [`launches`]
@@ -7,10 +9,10 @@
 //!
 //! [`launches`]: CudaSequential::launches
 
+use crate::engine::{Engine, Gpu};
 use crate::error::GpuError;
-use crate::grouped::Strategy;
-use crate::kernels::engine;
-use crate::layer::segments;
+use crate::gemm::Strategy;
+use crate::layer::{segments, DeviceLayer};
 use moe_reference::layer::validate_inputs;
 use moe_reference::{
     Dtype, ExpertLayer, Inputs, LayerClass, LayerConfig, LayerError, LayerRun, StateDict, WgradTiming,
@@ -18,13 +20,15 @@ use moe_reference::{
 use ndarray::{Array1, Array2};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// What a CUDA implementation shares: its class, the test option and the launch counter.
+/// What a CUDA implementation shares: its device, class, GEMM strategy, the test option and
+/// the launch counter.
 #[derive(Debug)]
 struct CudaLayer {
+    gpu: Gpu,
     class: LayerClass,
     name: &'static str,
     poison: bool,
-    strategy: Option<Strategy>,
+    strategy: Strategy,
     launches: AtomicU64,
 }
 
@@ -32,11 +36,15 @@ struct CudaLayer {
 type DeviceRun = (Array2<f64>, Option<(Array2<f64>, Array1<f64>, StateDict)>);
 
 impl CudaLayer {
-    fn new(class: LayerClass, name: &'static str) -> Result<CudaLayer, GpuError> {
-        // Checks the settings, probes for the GPU, creates the context and compiles the
-        // kernels now (see `engine`), so a bad setting or a broken setup fails here.
-        drop(engine()?);
-        Ok(CudaLayer { class, name, poison: false, strategy: None, launches: AtomicU64::new(0) })
+    fn new(gpu: &Gpu, class: LayerClass, name: &'static str) -> CudaLayer {
+        CudaLayer {
+            gpu: gpu.clone(),
+            class,
+            name,
+            poison: false,
+            strategy: Strategy::Auto,
+            launches: AtomicU64::new(0),
+        }
     }
 
     fn supports(&self, cfg: &LayerConfig) -> Result<(), GpuError> {
@@ -78,28 +86,28 @@ impl CudaLayer {
             }
         }
         let counts = segments(cfg, &inputs.tokens_per_expert, inputs.num_tokens())?;
-        let mut eng = engine()?;
-        let strategy = self.strategy.unwrap_or(eng.default_gemm_strategy());
-        eng.set_gemm_strategy(strategy);
+        let mut guard = self.gpu.lock()?;
+        let eng: &mut Engine = &mut guard;
+        let strategy = self.strategy;
         let before = eng.launches();
         let h = cfg.hidden_size;
-        let w = eng.prepare(cfg, params)?;
-        let mut ws = eng.workspace(cfg, &counts, self.poison)?;
-        eng.upload_inputs(cfg, &mut ws, &inputs.hidden_states, &inputs.probs, grad)?;
-        eng.forward(cfg, &w, &mut ws)?;
-        let y = eng.download_rows(&ws, &ws.y, h, cfg.params_dtype)?;
+        let layer = DeviceLayer::upload(eng, cfg, params)?;
+        let mut ws = layer.workspace(eng, &counts, self.poison)?;
+        ws.upload_inputs(eng, &inputs.hidden_states, &inputs.probs, grad)?;
+        layer.forward(eng, &mut ws, strategy)?;
+        let y = ws.download_rows(eng, &ws.y, h, cfg.params_dtype)?;
         let result = match grad {
             None => (y, None),
             Some(_) => {
                 let deferred = timing == WgradTiming::Deferred;
-                eng.backward(cfg, &w, &mut ws, !deferred)?;
+                layer.backward(eng, &mut ws, !deferred, strategy)?;
                 // In deferred mode dx and dp are complete (downloaded) before backward_dw runs.
-                let dx = eng.download_rows(&ws, &ws.dx, h, cfg.params_dtype)?;
-                let dp = eng.download_rows(&ws, &ws.dp, 1, Dtype::F32)?.column(0).to_owned();
+                let dx = ws.download_rows(eng, &ws.dx, h, cfg.params_dtype)?;
+                let dp = ws.download_rows(eng, &ws.dp, 1, Dtype::F32)?.column(0).to_owned();
                 if deferred {
-                    eng.backward_dw(cfg, &mut ws)?;
+                    layer.backward_dw(eng, &mut ws, strategy)?;
                 }
-                let grads = eng.download_grads(cfg, &ws)?;
+                let grads = layer.download_grads(eng, &ws)?;
                 (y, Some((dx, dp, grads)))
             }
         };
@@ -117,10 +125,9 @@ macro_rules! cuda_layer {
         pub struct $ty(CudaLayer);
 
         impl $ty {
-            /// Probes for a CUDA device, creates the shared context and compiles the kernels.
-            /// [`GpuError::NoDevice`] when there is no usable GPU.
-            pub fn new() -> Result<Self, GpuError> {
-                Ok($ty(CudaLayer::new($class, $name)?))
+            /// The layer on `gpu`'s engine, issuing its GEMMs with [`Strategy::Auto`].
+            pub fn new(gpu: &Gpu) -> Self {
+                $ty(CudaLayer::new(gpu, $class, $name))
             }
 
             /// Test option: fill every output, intermediate and gradient buffer with NaN before
@@ -130,12 +137,18 @@ macro_rules! cuda_layer {
                 self
             }
 
-            /// Issues each set of per-expert GEMMs with `strategy` (see
-            /// [`crate::kernels::Engine::set_gemm_strategy`]); default `MOE_GPU_GEMM` or
-            /// [`Strategy::Auto`].
+            /// Issues each set of per-expert GEMMs (fc1, fc2, the two data gradients, the two
+            /// weight gradients) with `strategy`, any [`Strategy`] of the grouped executor
+            /// (default [`Strategy::Auto`]). Every strategy computes the same function; they
+            /// differ in speed only.
             pub fn with_strategy(mut self, strategy: Strategy) -> Self {
-                self.0.strategy = Some(strategy);
+                self.0.strategy = strategy;
                 self
+            }
+
+            /// The GEMM strategy this layer issues its per-expert GEMMs with.
+            pub fn strategy(&self) -> Strategy {
+                self.0.strategy
             }
 
             /// Kernel launches, cuBLAS calls and memsets this implementation has issued (proof
@@ -180,21 +193,25 @@ macro_rules! cuda_layer {
 }
 
 cuda_layer!(
-    /// `SequentialMLP` on CUDA: per-expert cuBLAS GEMMs, fc1 bias added in a separate rounding.
+    /// `SequentialMLP` on CUDA: the per-expert GEMMs of each linear as one grouped call (the
+    /// layer's [`Strategy`], default [`Strategy::Auto`]), fc1 bias added in a separate rounding.
     CudaSequential,
     LayerClass::Sequential,
     "cuda-sequential"
 );
 cuda_layer!(
-    /// Legacy `GroupedMLP` on CUDA: `[in, out]` weight blocks, a loop of cuBLAS GEMMs over
-    /// experts, fp32 activation chain rounded once; bf16 only, no bias, no deferral.
+    /// Legacy `GroupedMLP` on CUDA: `[in, out]` weight blocks, the per-expert GEMMs of each
+    /// linear as one grouped call (the layer's [`Strategy`], default [`Strategy::Auto`]), fp32
+    /// activation chain rounded once; bf16 only, no bias, no deferral.
     CudaGrouped,
     LayerClass::Grouped,
     "cuda-grouped"
 );
 cuda_layer!(
-    /// `TEGroupedMLP` (non-fused) on CUDA: a loop of cuBLAS GEMMs over experts, fc1 bias inside
-    /// the GEMM (beta = 1 on a bias-filled output), eager activation rounding.
+    /// `TEGroupedMLP` (non-fused) on CUDA: the per-expert GEMMs of each linear as one grouped
+    /// call (the layer's [`Strategy`], default [`Strategy::Auto`]); with an fc1 bias, fc1 is one
+    /// cuBLAS GEMM per expert with beta = 1 on a bias-filled output (the bias inside the GEMM);
+    /// eager activation rounding.
     CudaTeGrouped,
     LayerClass::TeGrouped,
     "cuda-te-grouped"

@@ -1,145 +1,30 @@
-//! The CUDA engine: device probe, context, NVRTC compilation of `kernels/experts.cu`, raw
-//! launches, and the one row-major cuBLAS GEMM helper.
+//! The elementwise kernels of `kernels/experts.cu` (compiled by NVRTC for the device's compute
+//! capability when an engine is created), one typed wrapper per kernel.
 //!
-//! Single-stream design: one process-wide [`Engine`] behind a mutex (the implementations are
-//! `Send + Sync` and tests run on many threads), cudarc's multi-stream event tracking disabled,
-//! buffers addressed by raw device pointers.
+//! Each wrapper takes the device buffers the kernel reads and writes, checks that every one
+//! holds what the kernel touches for the given sizes, and launches with the shape the `.cu`
+//! header's launch contract asks for. The per-row expert indices come from a [`RowMap`],
+//! which is built from host-side counts only, so they are in range by construction.
 
 use crate::error::GpuError;
-use crate::grouped::Strategy;
-use cudarc::cublas::{result as cublas_result, sys as cublas_sys, CudaBlas};
-use cudarc::driver::{
-    sys as driver_sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
-    PushKernelArg,
-};
-use moe_reference::Dtype;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use crate::memory::DeviceBuffer;
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+use moe_reference::{Activation, Dtype, LayerClass, LayerConfig};
+use std::sync::Arc;
 
-/// The kernel source, embedded; compiled by NVRTC at first use.
+/// The kernel source, embedded; compiled by NVRTC when an engine is created.
 const EXPERTS_CU: &str = include_str!("../kernels/experts.cu");
 
-/// Checks for a CUDA driver and at least one device *before* any context is created (dynamic
-/// loading panics on a missing `libcuda`).
-pub fn probe() -> Result<(), GpuError> {
-    // SAFETY: `is_culib_present` only tries to dlopen the driver library by name.
-    if !unsafe { driver_sys::is_culib_present() } {
-        return Err(GpuError::NoDevice("libcuda not found".into()));
-    }
-    match CudaContext::device_count() {
-        Ok(n) if n > 0 => Ok(()),
-        Ok(_) => Err(GpuError::NoDevice("the driver reports 0 devices".into())),
-        Err(e) => Err(GpuError::NoDevice(format!("cuInit/cuDeviceGetCount failed: {e}"))),
-    }
-}
-
-/// A device allocation addressed by raw pointer (bytes).
-#[derive(Debug)]
-pub struct Buf {
-    mem: CudaSlice<u8>,
-    bytes: usize,
-}
-
-impl Buf {
-    /// Size in bytes (0 for an empty tensor; the allocation itself is at least 1 byte).
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
-}
-
-/// Parameters of the activation kernels (mirrors `struct ActParams` in `experts.cu`).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ActParams {
-    /// Gated linear unit.
-    pub glu: i32,
-    /// 0 silu, 1 gelu, 2 quick_gelu, 3 squared_relu.
-    pub act: i32,
-    /// 1: eager per-op rounding; 0: fp32 chain rounded once (GroupedMLP).
-    pub eager: i32,
-    /// Clamp set and honoured.
-    pub has_clamp: i32,
-    /// Clamp value.
-    pub clamp: f32,
-    /// GLU linear offset.
-    pub offset: f32,
-}
-
-// SAFETY: `ActParams` is `repr(C)`, plain old data (four i32 and two f32, no padding), and
-// matches the layout of the CUDA struct it is passed as.
-unsafe impl DeviceRepr for ActParams {}
-
-/// A kernel argument: a raw device pointer (0 for null) or a scalar.
-#[derive(Clone, Copy, Debug)]
-pub enum Arg {
-    /// Device pointer.
-    Ptr(u64),
-    /// 32-bit integer.
-    I32(i32),
-    /// Activation parameters.
-    Act(ActParams),
-    /// 64-bit integer.
-    I64(i64),
-    /// 64-bit unsigned integer.
-    U64(u64),
-    /// 32-bit float.
-    F32(f32),
-}
-
-/// The process-wide CUDA state.
-pub struct Engine {
-    pub(crate) ctx: Arc<CudaContext>,
-    pub(crate) stream: Arc<CudaStream>,
-    pub(crate) blas: CudaBlas,
-    functions: HashMap<String, CudaFunction>,
-    pub(crate) launches: u64,
-    /// How the layers issue each set of per-expert GEMMs (see [`Engine::set_gemm_strategy`]).
-    gemm_strategy: Strategy,
-    /// `MOE_GPU_GEMM` at creation (default [`Strategy::Auto`]).
-    default_gemm_strategy: Strategy,
-    /// Side streams, handles and caches of the grouped executor (created on first use).
-    pub(crate) grouped: crate::grouped::GroupedState,
-    device_name: String,
-    arch: &'static str,
-    /// Multiprocessors of the device.
-    sms: usize,
-}
-
-static ENGINE: OnceLock<Result<Mutex<Engine>, String>> = OnceLock::new();
-
-/// The engine, created on first use, locked for the caller. `NoDevice` when there is no GPU;
-/// `Config` (checked first, GPU or not) when `MOE_GPU_GEMM` names no strategy.
-pub fn engine() -> Result<MutexGuard<'static, Engine>, GpuError> {
-    let strategy = gemm_strategy_setting()?;
-    probe()?;
-    let cell = ENGINE.get_or_init(|| Engine::create(strategy).map(Mutex::new).map_err(|e| e.to_string()));
-    match cell {
-        Ok(m) => {
-            let guard = m.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            guard.ctx.bind_to_thread()?;
-            Ok(guard)
-        }
-        Err(msg) => Err(GpuError::NoDevice(format!("CUDA initialisation failed: {msg}"))),
-    }
-}
-
-fn arch_name(major: i32, minor: i32) -> &'static str {
-    match (major, minor) {
-        (9, 0) => "sm_90",
-        (8, 0) => "sm_80",
-        (8, 6) => "sm_86",
-        (8, 9) => "sm_89",
-        (10, 0) => "sm_100",
-        (12, 0) => "sm_120",
-        (ma, mi) => Box::leak(format!("sm_{ma}{mi}").into_boxed_str()),
-    }
-}
-
+/// The kernels of `experts.cu`, each instantiated as `<name>_<dtype suffix>`.
+#[cfg(test)]
 const KERNEL_NAMES: [&str; 8] =
     ["act_fwd", "act_bwd", "scale_rows", "probs_in_bwd", "fill_bias_rows", "fc2_bias_fwd", "col_sum", "init_uniform"];
 
+/// Blocks of the grid-stride launches (enough to fill an H100 32 blocks per SM deep).
+const MAX_BLOCKS: usize = 132 * 32;
+
 /// The kernel-name suffix of a dtype.
-pub fn dtype_suffix(dt: Dtype) -> &'static str {
+fn dtype_suffix(dt: Dtype) -> &'static str {
     match dt {
         Dtype::F32 => "f32",
         Dtype::Bf16 => "bf16",
@@ -147,403 +32,429 @@ pub fn dtype_suffix(dt: Dtype) -> &'static str {
     }
 }
 
-pub(crate) fn cuda_dtype(dt: Dtype) -> cublas_sys::cudaDataType {
+/// The `probs_dt` code of the kernels: how probs gradients are rounded on store.
+fn probs_code(dt: Dtype) -> i32 {
     match dt {
-        Dtype::F32 => cublas_sys::cudaDataType::CUDA_R_32F,
-        Dtype::Bf16 => cublas_sys::cudaDataType::CUDA_R_16BF,
-        Dtype::F16 => cublas_sys::cudaDataType::CUDA_R_16F,
+        Dtype::F32 => 0,
+        Dtype::Bf16 => 1,
+        Dtype::F16 => 2,
     }
 }
 
 /// Compiles `kernels/experts.cu` with NVRTC for `arch` (`sm_90`). Needs only libnvrtc, no GPU.
 pub fn compile_kernels(arch: &'static str) -> Result<cudarc::nvrtc::Ptx, GpuError> {
-    let opts =
-        cudarc::nvrtc::CompileOptions { arch: Some(arch), name: Some("experts.cu".into()), ..Default::default() };
-    cudarc::nvrtc::compile_ptx_with_opts(EXPERTS_CU, opts).map_err(|e| {
-        let log = match &e {
-            cudarc::nvrtc::CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
-            other => format!("{other:?}"),
-        };
-        GpuError::Compile { kernel: "experts.cu", log }
+    crate::nvrtc::compile(EXPERTS_CU, "experts.cu", arch, &[])
+}
+
+/// Parameters of the activation kernels (mirrors `struct ActParams` in `experts.cu`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct ActParams {
+    /// Gated linear unit.
+    glu: i32,
+    /// 0 silu, 1 gelu, 2 quick_gelu, 3 squared_relu.
+    act: i32,
+    /// 1: eager per-op rounding; 0: fp32 chain rounded once (GroupedMLP).
+    eager: i32,
+    /// Clamp set and honoured.
+    has_clamp: i32,
+    /// Clamp value.
+    clamp: f32,
+    /// GLU linear offset.
+    offset: f32,
+}
+
+// SAFETY: `ActParams` is `repr(C)`, plain old data (four i32 and two f32, no padding), and
+// matches the layout of the CUDA struct it is passed as.
+unsafe impl DeviceRepr for ActParams {}
+
+impl ActParams {
+    /// The activation of `cfg` as its class computes it: GroupedMLP ignores clamp and offset
+    /// and keeps the activation chain in fp32 (spec §4.4, §4.9); the others round every op.
+    pub(crate) fn of(cfg: &LayerConfig) -> ActParams {
+        let grouped = cfg.class == LayerClass::Grouped;
+        let clamp = if grouped { None } else { cfg.clamp_value };
+        ActParams {
+            glu: i32::from(cfg.gated_linear_unit),
+            act: match cfg.activation {
+                Activation::Silu => 0,
+                Activation::Gelu => 1,
+                Activation::QuickGelu => 2,
+                Activation::SquaredRelu => 3,
+            },
+            eager: i32::from(!grouped),
+            has_clamp: i32::from(clamp.is_some()),
+            clamp: clamp.unwrap_or(0.0) as f32,
+            offset: if grouped { 0.0 } else { cfg.glu_linear_offset as f32 },
+        }
+    }
+}
+
+/// The padded row layout of one call on the device: `row_expert[r]`, the local expert of row
+/// `r`, and each segment's first row and row count (int32 each). Built from host counts only,
+/// so every expert index is below [`RowMap::segments`] and the segments tile the rows.
+#[derive(Debug)]
+pub(crate) struct RowMap {
+    row_expert: DeviceBuffer,
+    seg_off: DeviceBuffer,
+    seg_len: DeviceBuffer,
+    rows: usize,
+    segments: usize,
+}
+
+impl RowMap {
+    /// The host arrays of the layout of segments of `padded` rows each: `row_expert`, the
+    /// first row of each segment, and the total row count.
+    pub(crate) fn host(padded: &[usize]) -> (Vec<usize>, Vec<usize>, usize) {
+        let mut offsets = Vec::with_capacity(padded.len());
+        let mut row_expert = Vec::new();
+        let mut rows = 0;
+        for (e, &pc) in padded.iter().enumerate() {
+            offsets.push(rows);
+            rows += pc;
+            row_expert.extend(std::iter::repeat_n(e, pc));
+        }
+        (row_expert, offsets, rows)
+    }
+
+    /// Wraps the uploads of [`RowMap::host`]'s arrays for `padded` (int32 each).
+    pub(crate) fn new(
+        padded: &[usize],
+        row_expert: DeviceBuffer,
+        seg_off: DeviceBuffer,
+        seg_len: DeviceBuffer,
+    ) -> Result<RowMap, GpuError> {
+        let rows: usize = padded.iter().sum();
+        let segments = padded.len();
+        let fits = row_expert.bytes() == rows * 4 && seg_off.bytes() == segments * 4 && seg_len.bytes() == segments * 4;
+        if !fits {
+            return Err(GpuError::Shape("row map uploads do not match the segment counts".into()));
+        }
+        Ok(RowMap { row_expert, seg_off, seg_len, rows, segments })
+    }
+}
+
+/// One dtype's instantiation of every kernel.
+struct KernelSet {
+    act_fwd: CudaFunction,
+    act_bwd: CudaFunction,
+    scale_rows: CudaFunction,
+    probs_in_bwd: CudaFunction,
+    fill_bias_rows: CudaFunction,
+    fc2_bias_fwd: CudaFunction,
+    col_sum: CudaFunction,
+    init_uniform: CudaFunction,
+}
+
+/// The compiled kernels of `experts.cu` for every dtype, and the count of launches issued.
+pub(crate) struct ExpertKernels {
+    sets: [KernelSet; 3],
+    launches: u64,
+}
+
+impl std::fmt::Debug for ExpertKernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExpertKernels").field("launches", &self.launches).finish()
+    }
+}
+
+/// A pointer argument: the address of `buf`, after checking it holds `len` bytes.
+fn arg(buf: &DeviceBuffer, len: usize, what: &str) -> Result<u64, GpuError> {
+    buf.addr(0, len, what)
+}
+
+/// A nullable pointer argument (0 when absent).
+fn opt_arg(buf: Option<&DeviceBuffer>, len: usize, what: &str) -> Result<u64, GpuError> {
+    buf.map_or(Ok(0), |b| arg(b, len, what))
+}
+
+/// A 1-D grid-stride launch for `total` elements.
+fn elementwise(total: usize) -> LaunchConfig {
+    let blocks = total.div_ceil(256).min(MAX_BLOCKS) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// The grid of the row-looping elementwise kernels (`act_fwd`, `scale_rows`, `fill_bias_rows`,
+/// `fc2_bias_fwd`): blocks of 256 threads striding over `rows`.
+fn over_rows(rows: usize) -> LaunchConfig {
+    let blocks = rows.min(MAX_BLOCKS) as u32; // 0 rows: no launch
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// One block of 256 threads per row (`act_bwd`, `probs_in_bwd`).
+fn per_row(rows: usize) -> Result<LaunchConfig, GpuError> {
+    Ok(LaunchConfig { grid_dim: (u32::try_from(rows)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 })
+}
+
+/// `col_sum`'s grid: (ceil(cols / 256), segments), blocks of 256.
+fn col_sum_grid(cols: usize, segments: usize) -> Result<LaunchConfig, GpuError> {
+    Ok(LaunchConfig {
+        grid_dim: (u32::try_from(cols.div_ceil(256))?, u32::try_from(segments)?, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
     })
 }
 
-/// A row-major GEMM `C[m, n] = op(A)·op(B)` (`A` stored `[m, k]`, `[k, m]` when `ta`; `B`
-/// stored `[k, n]`, `[n, k]` when `tb`; `C` compact `[m, n]`) expressed as the column-major
-/// cuBLAS call on the same memory: cuBLAS computes `Cᵀ = op(B)ᵀ·op(A)ᵀ`, so its first operand
-/// is `B`, its `m` is our `n`, and every leading dimension is a row length. The only place
-/// this mapping lives ([`Engine::gemm`] and the grouped executor both use it).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ColMajorGemm {
-    /// cuBLAS `transa` (applies to our `B`).
-    pub transa: cublas_sys::cublasOperation_t,
-    /// cuBLAS `transb` (applies to our `A`).
-    pub transb: cublas_sys::cublasOperation_t,
-    /// cuBLAS `m` (= our `n`).
-    pub m: i32,
-    /// cuBLAS `n` (= our `m`).
-    pub n: i32,
-    /// cuBLAS `k` (= our `k`).
-    pub k: i32,
-    /// cuBLAS `A` pointer (= our `B`).
-    pub a: u64,
-    /// Leading dimension of cuBLAS `A`.
-    pub lda: i32,
-    /// cuBLAS `B` pointer (= our `A`).
-    pub b: u64,
-    /// Leading dimension of cuBLAS `B`.
-    pub ldb: i32,
-    /// `C` pointer.
-    pub c: u64,
-    /// Leading dimension of `C` (= our `n`).
-    pub ldc: i32,
+/// Bytes of `rows` f32 probs.
+fn probs_bytes(rows: usize) -> usize {
+    rows * 4
 }
 
-fn op(t: bool) -> cublas_sys::cublasOperation_t {
-    if t {
-        cublas_sys::cublasOperation_t::CUBLAS_OP_T
-    } else {
-        cublas_sys::cublasOperation_t::CUBLAS_OP_N
-    }
-}
-
-impl ColMajorGemm {
-    /// Maps a row-major problem (see the type's docs); dimensions must fit `i32`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(ta: bool, tb: bool, m: usize, n: usize, k: usize, a: u64, b: u64, c: u64) -> Result<Self, GpuError> {
-        let (mi, ni, ki) = (i32::try_from(m)?, i32::try_from(n)?, i32::try_from(k)?);
-        Ok(ColMajorGemm {
-            transa: op(tb),
-            transb: op(ta),
-            m: ni,
-            n: mi,
-            k: ki,
-            a: b,
-            lda: if tb { ki } else { ni },
-            b: a,
-            ldb: if ta { mi } else { ki },
-            c,
-            ldc: ni,
-        })
-    }
-
-    /// Issues `cublasGemmEx` (alpha 1, `beta` host f32, COMPUTE_32F, default algorithm) on
-    /// `handle`'s stream.
-    ///
-    /// # Safety
-    /// The three pointers must address live device memory of `dt` holding the matrices this
-    /// problem was built for, `handle` must be a live cuBLAS handle of the current context,
-    /// and `k`, `m`, `n` must be positive.
-    pub unsafe fn gemm_ex(&self, handle: cublas_sys::cublasHandle_t, dt: Dtype, beta: f32) -> Result<(), GpuError> {
-        let alpha = 1.0f32;
-        let cdt = cuda_dtype(dt);
-        // SAFETY: the caller guarantees the pointers and handle (this fn's contract); leading
-        // dimensions are the row lengths computed in `new`; alpha/beta are host f32 as
-        // COMPUTE_32F with the default host pointer mode requires, alive for the call.
-        unsafe {
-            cublas_result::gemm_ex(
-                handle,
-                self.transa,
-                self.transb,
-                self.m,
-                self.n,
-                self.k,
-                (&alpha as *const f32).cast(),
-                self.a as *const std::ffi::c_void,
-                cdt,
-                self.lda,
-                self.b as *const std::ffi::c_void,
-                cdt,
-                self.ldb,
-                (&beta as *const f32).cast(),
-                self.c as *mut std::ffi::c_void,
-                cdt,
-                self.ldc,
-                cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }?;
-        Ok(())
-    }
-}
-
-/// `MOE_GPU_GEMM` as a strategy: `None` when unset or empty, `Config` when it names none.
-pub fn gemm_strategy_setting() -> Result<Option<Strategy>, GpuError> {
-    match std::env::var("MOE_GPU_GEMM") {
-        Ok(label) if !label.trim().is_empty() => parse_gemm_setting(&label).map(Some),
-        _ => Ok(None),
-    }
-}
-
-/// One `MOE_GPU_GEMM` value as a strategy, or an error that names the variable, the value and
-/// the accepted forms.
-pub fn parse_gemm_setting(label: &str) -> Result<Strategy, GpuError> {
-    Strategy::parse(label.trim()).ok_or_else(|| {
-        GpuError::Config(format!(
-            "MOE_GPU_GEMM={label:?} is not a GEMM strategy (expected auto, persistent, persistent128, persistent256, \
-             hybridN, loop, msN, mtN, graphN or gbatched)"
-        ))
-    })
-}
-
-impl Engine {
-    /// A new engine; `strategy` is `MOE_GPU_GEMM` as [`engine`] read it (`None`: `Auto`).
-    fn create(strategy: Option<Strategy>) -> Result<Engine, GpuError> {
-        let ctx = CudaContext::new(0)?;
-        // SAFETY: this engine uses one stream for every allocation, launch and copy, so the
-        // cross-stream event tracking cudarc does is not needed; turning it off before any
-        // allocation exists is the documented use.
-        unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
-        let blas = CudaBlas::new(stream.clone())?;
-        let (major, minor) = ctx.compute_capability()?;
-        let arch = arch_name(major, minor);
-        let device_name = ctx.name()?;
-        let sms = usize::try_from(
-            ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
-        )?;
-        let ptx = compile_kernels(arch)?;
-        let module = ctx.load_module(ptx)?;
-        let mut functions = HashMap::new();
-        for base in KERNEL_NAMES {
-            for dt in Dtype::ALL {
-                let name = format!("{base}_{}", dtype_suffix(dt));
-                functions.insert(name.clone(), module.load_function(&name)?);
-            }
-        }
-        let strategy = strategy.unwrap_or(Strategy::Auto);
-        Ok(Engine {
-            ctx,
-            stream,
-            blas,
-            functions,
-            launches: 0,
-            grouped: crate::grouped::GroupedState::default(),
-            gemm_strategy: strategy,
-            default_gemm_strategy: strategy,
-            device_name,
-            arch,
-            sms,
-        })
-    }
-
-    /// The device's multiprocessor count.
-    pub fn sm_count(&self) -> usize {
-        self.sms
-    }
-
-    /// Sets how the layers issue each set of per-expert GEMMs (fc1, fc2, the two dgrads, the
-    /// two wgrads): any [`Strategy`] of the grouped executor. Every strategy computes the same
-    /// function (see `grouped.rs`); they differ in speed only.
-    pub fn set_gemm_strategy(&mut self, strategy: Strategy) {
-        self.gemm_strategy = strategy;
-    }
-
-    /// The strategy the layers use now.
-    pub fn gemm_strategy(&self) -> Strategy {
-        self.gemm_strategy
-    }
-
-    /// `MOE_GPU_GEMM` as read at creation ([`Strategy::Auto`] when unset).
-    pub fn default_gemm_strategy(&self) -> Strategy {
-        self.default_gemm_strategy
-    }
-
-    /// The device's name (`NVIDIA H100 80GB HBM3`, ...).
-    pub fn device_name(&self) -> &str {
-        &self.device_name
-    }
-
-    /// The NVRTC target the kernels were compiled for (`sm_90`).
-    pub fn arch(&self) -> &'static str {
-        self.arch
-    }
-
-    /// Kernel launches plus cuBLAS calls plus memsets issued since the engine was created.
-    pub fn launches(&self) -> u64 {
-        self.launches
-    }
-
-    /// The engine's stream.
-    pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
-    }
-
-    /// Waits for all queued work and surfaces asynchronous errors.
-    pub fn synchronize(&self) -> Result<(), GpuError> {
-        self.stream.synchronize()?;
-        self.ctx.check_err()?;
-        Ok(())
-    }
-
-    /// Allocates `bytes` (at least one byte is allocated so that empty tensors have an address).
-    pub fn alloc(&mut self, bytes: usize) -> Result<Buf, GpuError> {
-        let mem = self.stream.alloc_zeros::<u8>(bytes.max(1))?;
-        Ok(Buf { mem, bytes })
-    }
-
-    /// The raw device address of `buf` plus `offset_bytes`.
-    pub fn ptr(&self, buf: &Buf, offset_bytes: usize) -> u64 {
-        let (p, _sync) = buf.mem.device_ptr(&self.stream);
-        p + offset_bytes as u64
-    }
-
-    /// Allocates and uploads.
-    pub fn upload(&mut self, data: &[u8]) -> Result<Buf, GpuError> {
-        let mut buf = self.alloc(data.len())?;
-        if !data.is_empty() {
-            self.stream.memcpy_htod(data, &mut buf.mem.slice_mut(..data.len()))?;
-        }
-        Ok(buf)
-    }
-
-    /// Overwrites the start of `buf` with `data`.
-    pub fn write(&mut self, buf: &mut Buf, data: &[u8]) -> Result<(), GpuError> {
-        if data.len() > buf.bytes {
-            return Err(GpuError::Shape(format!("write of {} bytes into a {}-byte buffer", data.len(), buf.bytes)));
-        }
-        if !data.is_empty() {
-            self.stream.memcpy_htod(data, &mut buf.mem.slice_mut(..data.len()))?;
-        }
-        Ok(())
-    }
-
-    /// Downloads the whole buffer (synchronizes).
-    pub fn download(&mut self, buf: &Buf) -> Result<Vec<u8>, GpuError> {
-        if buf.bytes == 0 {
-            return Ok(Vec::new());
-        }
-        let v = self.stream.clone_dtoh(&buf.mem.slice(..buf.bytes))?;
-        self.synchronize()?;
-        Ok(v)
-    }
-
-    /// Downloads `len` bytes at `offset` (synchronizes).
-    pub fn download_range(&mut self, buf: &Buf, offset: usize, len: usize) -> Result<Vec<u8>, GpuError> {
-        if offset + len > buf.bytes {
-            return Err(GpuError::Shape(format!("download of {offset}+{len} bytes from a {}-byte buffer", buf.bytes)));
-        }
-        if len == 0 {
-            return Ok(Vec::new());
-        }
-        let v = self.stream.clone_dtoh(&buf.mem.slice(offset..offset + len))?;
-        self.synchronize()?;
-        Ok(v)
-    }
-
-    /// Fills `bytes` bytes at device address `ptr` with `byte` (0xFF poisons every float dtype
-    /// with NaN; 0 writes exact zeros).
-    pub fn memset(&mut self, ptr: u64, byte: u8, bytes: usize) -> Result<(), GpuError> {
-        let stream = self.stream.cu_stream();
-        self.memset_on(stream, ptr, byte, bytes)
-    }
-
-    fn memset_on(&mut self, stream: driver_sys::CUstream, ptr: u64, byte: u8, bytes: usize) -> Result<(), GpuError> {
-        if bytes == 0 {
-            return Ok(());
-        }
-        // SAFETY: callers pass an address inside a live allocation of this engine's context
-        // with at least `bytes` bytes after it; the memset is ordered on `stream`, the main
-        // stream or a side stream of a GEMM batch (joined by events).
-        unsafe { cudarc::driver::result::memset_d8_async(ptr, byte, bytes, stream) }?;
-        self.launches += 1;
-        Ok(())
-    }
-
-    /// Poisons a whole buffer with NaN bytes.
-    pub fn poison(&mut self, buf: &Buf) -> Result<(), GpuError> {
-        let p = self.ptr(buf, 0);
-        self.memset(p, 0xFF, buf.bytes)
-    }
-
-    /// Launches `<name>_<dtype>` with `args` (in the kernel's parameter order).
-    pub fn launch(&mut self, name: &str, dt: Dtype, cfg: LaunchConfig, args: &[Arg]) -> Result<(), GpuError> {
+/// Launches `$f` on `$stream` with `$cfg` and the arguments, in order, unless the grid is empty;
+/// counts the launch. Callers check every buffer argument against the sizes the kernel touches
+/// before, and pass the arguments of the kernel's `extern "C"` signature in `experts.cu`.
+macro_rules! launch {
+    ($self:ident, $stream:expr, $f:expr, $cfg:expr, [$($arg:expr),* $(,)?]) => {{
+        let cfg: LaunchConfig = $cfg;
         if cfg.grid_dim.0 == 0 || cfg.grid_dim.1 == 0 {
             return Ok(());
         }
-        let full = format!("{name}_{}", dtype_suffix(dt));
-        let f = self.functions.get(&full).ok_or_else(|| GpuError::Unsupported(format!("no kernel {full}")))?;
-        let mut builder = self.stream.launch_builder(f);
-        for a in args {
-            match a {
-                Arg::Ptr(p) => builder.arg(p),
-                Arg::I32(v) => builder.arg(v),
-                Arg::Act(ap) => builder.arg(ap),
-                Arg::I64(v) => builder.arg(v),
-                Arg::U64(v) => builder.arg(v),
-                Arg::F32(v) => builder.arg(v),
-            };
-        }
-        // SAFETY: every `experts.cu` kernel takes exactly the arguments its Rust caller in
-        // `layer.rs` passes, in order (pointers as 64-bit device addresses into live buffers of
-        // the sizes documented at each call, ints as i32, ActParams by value); the launch
-        // shapes follow the contract in the `.cu` header (1-D grid-stride or one block of 256
-        // threads per row).
+        let mut builder = $stream.launch_builder($f);
+        $(builder.arg($arg);)*
+        // SAFETY: the arguments are, in order and type, the parameters of the kernel's
+        // `extern "C"` signature in `experts.cu` (pointers as 64-bit device addresses, ints as
+        // i32, `ActParams` by value); every pointer is null where the kernel allows it or the
+        // address of a live buffer of this engine checked above to hold what the kernel reads
+        // or writes at these sizes (expert indices come from a `RowMap`, in range by
+        // construction); the launch shape is the one the `.cu` header's contract asks for.
         unsafe { builder.launch(cfg) }?;
-        self.launches += 1;
+        $self.launches += 1;
         Ok(())
+    }};
+}
+
+impl ExpertKernels {
+    /// Compiles `experts.cu` for `arch` and loads every kernel into `ctx`.
+    pub(crate) fn load(ctx: &Arc<CudaContext>, arch: &'static str) -> Result<ExpertKernels, GpuError> {
+        let module = ctx.load_module(compile_kernels(arch)?)?;
+        let set = |dt: Dtype| -> Result<KernelSet, GpuError> {
+            let f = |base: &str| module.load_function(&format!("{base}_{}", dtype_suffix(dt)));
+            Ok(KernelSet {
+                act_fwd: f("act_fwd")?,
+                act_bwd: f("act_bwd")?,
+                scale_rows: f("scale_rows")?,
+                probs_in_bwd: f("probs_in_bwd")?,
+                fill_bias_rows: f("fill_bias_rows")?,
+                fc2_bias_fwd: f("fc2_bias_fwd")?,
+                col_sum: f("col_sum")?,
+                init_uniform: f("init_uniform")?,
+            })
+        };
+        Ok(ExpertKernels { sets: [set(Dtype::F32)?, set(Dtype::Bf16)?, set(Dtype::F16)?], launches: 0 })
     }
 
-    /// Row-major `C[m, n] = op(A)·op(B) + beta·C` with `A` stored `[m, k]` (`[k, m]` when
-    /// `ta`), `B` stored `[k, n]` (`[n, k]` when `tb`), all in `dt`, f32 accumulation
-    /// (`CUBLAS_COMPUTE_32F`, no TF32). The row-major → column-major mapping lives in
-    /// [`ColMajorGemm`] (shared with [`Engine::grouped_gemm`](crate::grouped)). `k = 0` with
-    /// `beta = 0` writes exact zeros (by memset, not relying on cuBLAS).
+    /// Launches issued so far.
+    pub(crate) fn launches(&self) -> u64 {
+        self.launches
+    }
+
+    fn set(&self, dt: Dtype) -> &KernelSet {
+        match dt {
+            Dtype::F32 => &self.sets[0],
+            Dtype::Bf16 => &self.sets[1],
+            Dtype::F16 => &self.sets[2],
+        }
+    }
+
+    /// `out[r, c] = round(x[r, c]·p[r])` over `[rows, cols]` (probs on the input, spec §4.7).
     #[allow(clippy::too_many_arguments)]
-    pub fn gemm(
+    pub(crate) fn scale_rows(
         &mut self,
+        stream: &CudaStream,
         dt: Dtype,
-        ta: bool,
-        tb: bool,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: u64,
-        b: u64,
-        c: u64,
-        beta: f32,
+        x: &DeviceBuffer,
+        p: &DeviceBuffer,
+        out: &mut DeviceBuffer,
+        rows: usize,
+        cols: usize,
     ) -> Result<(), GpuError> {
-        if m == 0 || n == 0 {
-            return Ok(());
-        }
-        let (handle, stream) = (*self.blas.handle(), self.stream.cu_stream());
-        if k == 0 {
-            if beta == 0.0 {
-                return self.memset_on(stream, c, 0, m * n * dt.size_bytes());
-            }
-            return Ok(());
-        }
-        let g = ColMajorGemm::new(ta, tb, m, n, k, a, b, c)?;
-        // SAFETY: `a`, `b`, `c` are device addresses of row-major matrices of the shapes
-        // documented above (checked by the callers in layer.rs against their buffers); the
-        // handle is bound to the engine's stream.
-        unsafe { g.gemm_ex(handle, dt, beta) }?;
-        self.launches += 1;
-        Ok(())
+        let mat = rows * cols * dt.size_bytes();
+        let (x, p, out) = (
+            arg(x, mat, "scale_rows x")?,
+            arg(p, probs_bytes(rows), "scale_rows p")?,
+            arg(out, mat, "scale_rows out")?,
+        );
+        let (ri, ci) = (i32::try_from(rows)?, i32::try_from(cols)?);
+        launch!(self, stream, &self.set(dt).scale_rows, over_rows(rows), [&x, &p, &out, &ri, &ci])
     }
 
-    /// Fills `n` elements of `dt` at `ptr` with `round(scale·U(-1, 1))`, deterministic in `seed`.
-    pub fn fill_uniform(&mut self, dt: Dtype, ptr: u64, n: usize, seed: u64, scale: f32) -> Result<(), GpuError> {
-        let args = [Arg::Ptr(ptr), Arg::I64(i64::try_from(n)?), Arg::U64(seed), Arg::F32(scale)];
-        self.launch("init_uniform", dt, Engine::elementwise(n), &args)
+    /// `a[r, c] = b[row_expert[r], c]` over `[rows, cols]`: TEGroupedMLP's fc1 bias, pre-filled
+    /// so that the GEMM with beta = 1 rounds `x·W1ᵀ + b1` once.
+    pub(crate) fn fill_bias_rows(
+        &mut self,
+        stream: &CudaStream,
+        dt: Dtype,
+        a: &mut DeviceBuffer,
+        b: &DeviceBuffer,
+        map: &RowMap,
+        cols: usize,
+    ) -> Result<(), GpuError> {
+        let ds = dt.size_bytes();
+        let a = arg(a, map.rows * cols * ds, "fill_bias_rows a")?;
+        let b = arg(b, map.segments * cols * ds, "fill_bias_rows b")?;
+        let re = arg(&map.row_expert, map.rows * 4, "row_expert")?;
+        let (ri, ci) = (i32::try_from(map.rows)?, i32::try_from(cols)?);
+        launch!(self, stream, &self.set(dt).fill_bias_rows, over_rows(map.rows), [&a, &b, &re, &ri, &ci])
     }
 
-    /// A 1-D grid-stride launch shape for `total` elements.
-    pub fn elementwise(total: usize) -> LaunchConfig {
-        let blocks = total.div_ceil(256).min(132 * 32) as u32;
-        LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+    /// The forward activation block over `map`'s rows: `a` `[rows, N1]` (`N1 = 2·n2` with a
+    /// GLU) gets SequentialMLP's fc1 bias `b1` `[segments, N1]` added in place when given, then
+    /// `u[r] = round(z(a[r])·p[r])` `[rows, n2]`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn act_fwd(
+        &mut self,
+        stream: &CudaStream,
+        dt: Dtype,
+        ap: ActParams,
+        a: &mut DeviceBuffer,
+        b1: Option<&DeviceBuffer>,
+        p: &DeviceBuffer,
+        map: &RowMap,
+        u: &mut DeviceBuffer,
+        n2: usize,
+    ) -> Result<(), GpuError> {
+        let ds = dt.size_bytes();
+        let n1 = if ap.glu != 0 { 2 * n2 } else { n2 };
+        let rows = map.rows;
+        let a = arg(a, rows * n1 * ds, "act_fwd a")?;
+        let b1 = opt_arg(b1, map.segments * n1 * ds, "act_fwd b1")?;
+        let p = arg(p, probs_bytes(rows), "act_fwd p")?;
+        let re = arg(&map.row_expert, rows * 4, "row_expert")?;
+        let u = arg(u, rows * n2 * ds, "act_fwd u")?;
+        let (ri, n2i) = (i32::try_from(rows)?, i32::try_from(n2)?);
+        launch!(self, stream, &self.set(dt).act_fwd, over_rows(rows), [&a, &b1, &p, &re, &u, &ri, &n2i, &ap])
     }
 
-    /// The grid of the row-looping elementwise kernels (`act_fwd`, `scale_rows`,
-    /// `fill_bias_rows`, `fc2_bias_fwd`): blocks of 256 threads striding over `rows`.
-    pub fn over_rows(rows: usize) -> LaunchConfig {
-        let blocks = rows.min(132 * 32) as u32; // 0 rows: no launch
-        LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+    /// `y[r, c] = round(y[r, c] + b2[row_expert[r], c]·p[r])` over `[rows, cols]`, with `b2·p`
+    /// rounded first when the probs are in the storage dtype (spec §4.8).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn fc2_bias_fwd(
+        &mut self,
+        stream: &CudaStream,
+        dt: Dtype,
+        y: &mut DeviceBuffer,
+        b2: &DeviceBuffer,
+        p: &DeviceBuffer,
+        map: &RowMap,
+        cols: usize,
+        probs_in_storage: bool,
+    ) -> Result<(), GpuError> {
+        let ds = dt.size_bytes();
+        let rows = map.rows;
+        let y = arg(y, rows * cols * ds, "fc2_bias_fwd y")?;
+        let b2 = arg(b2, map.segments * cols * ds, "fc2_bias_fwd b2")?;
+        let p = arg(p, probs_bytes(rows), "fc2_bias_fwd p")?;
+        let re = arg(&map.row_expert, rows * 4, "row_expert")?;
+        let (ri, ci, storage) = (i32::try_from(rows)?, i32::try_from(cols)?, i32::from(probs_in_storage));
+        launch!(self, stream, &self.set(dt).fc2_bias_fwd, over_rows(rows), [&y, &b2, &p, &re, &ri, &ci, &storage])
     }
 
-    /// One block of 256 threads per row.
-    pub fn per_row(rows: usize) -> Result<LaunchConfig, GpuError> {
-        Ok(LaunchConfig { grid_dim: (u32::try_from(rows)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 })
+    /// The backward activation block, one block per row: from `a` `[rows, N1]` (bias included),
+    /// `du` `[rows, n2]`, the probs `p` and, with an fc2 bias `b2` `[segments, h]`, the upstream
+    /// gradient `gout` `[rows, h]`: `da` `[rows, N1]`, and `dp[r]` rounded as `probs_dt` when
+    /// `write_dp`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn act_bwd(
+        &mut self,
+        stream: &CudaStream,
+        dt: Dtype,
+        ap: ActParams,
+        (a, du, p, gout): (&DeviceBuffer, &DeviceBuffer, &DeviceBuffer, &DeviceBuffer),
+        b2: Option<&DeviceBuffer>,
+        map: &RowMap,
+        (da, dp): (&mut DeviceBuffer, &mut DeviceBuffer),
+        write_dp: bool,
+        (n2, h): (usize, usize),
+        probs_dt: Dtype,
+    ) -> Result<(), GpuError> {
+        let ds = dt.size_bytes();
+        let n1 = if ap.glu != 0 { 2 * n2 } else { n2 };
+        let rows = map.rows;
+        let a = arg(a, rows * n1 * ds, "act_bwd a")?;
+        let du = arg(du, rows * n2 * ds, "act_bwd du")?;
+        let p = arg(p, probs_bytes(rows), "act_bwd p")?;
+        let gout = arg(gout, rows * h * ds, "act_bwd g")?;
+        let b2 = opt_arg(b2, map.segments * h * ds, "act_bwd b2")?;
+        let re = arg(&map.row_expert, rows * 4, "row_expert")?;
+        let da = arg(da, rows * n1 * ds, "act_bwd da")?;
+        let dp = arg(dp, probs_bytes(rows), "act_bwd dp")?;
+        let (wdp, ri, n2i, hi, pc) =
+            (i32::from(write_dp), i32::try_from(rows)?, i32::try_from(n2)?, i32::try_from(h)?, probs_code(probs_dt));
+        launch!(
+            self,
+            stream,
+            &self.set(dt).act_bwd,
+            per_row(rows)?,
+            [&a, &du, &p, &gout, &b2, &re, &da, &dp, &wdp, &ri, &n2i, &hi, &ap, &pc]
+        )
+    }
+
+    /// Backward of the probs-on-input scaling over `[rows, cols]`, one block per row:
+    /// `dp[r] = round_probs(Σ_c dx'_rc·x_rc)`, then `dx_rc = round(dx'_rc·p_r)` in place.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn probs_in_bwd(
+        &mut self,
+        stream: &CudaStream,
+        dt: Dtype,
+        dx: &mut DeviceBuffer,
+        x: &DeviceBuffer,
+        p: &DeviceBuffer,
+        dp: &mut DeviceBuffer,
+        (rows, cols): (usize, usize),
+        probs_dt: Dtype,
+    ) -> Result<(), GpuError> {
+        let mat = rows * cols * dt.size_bytes();
+        let dx = arg(dx, mat, "probs_in_bwd dx")?;
+        let x = arg(x, mat, "probs_in_bwd x")?;
+        let p = arg(p, probs_bytes(rows), "probs_in_bwd p")?;
+        let dp = arg(dp, probs_bytes(rows), "probs_in_bwd dp")?;
+        let (ri, ci, pc) = (i32::try_from(rows)?, i32::try_from(cols)?, probs_code(probs_dt));
+        launch!(self, stream, &self.set(dt).probs_in_bwd, per_row(rows)?, [&dx, &x, &p, &dp, &ri, &ci, &pc])
+    }
+
+    /// `out[e, c] = round(Σ_{r in segment e} w_r·grad[r, c])` `[segments, cols]` with `w = p`
+    /// (`None`: `w = 1`), summed in f32; an empty segment gets exact zeros.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn col_sum(
+        &mut self,
+        stream: &CudaStream,
+        dt: Dtype,
+        grad: &DeviceBuffer,
+        p: Option<&DeviceBuffer>,
+        map: &RowMap,
+        out: &mut DeviceBuffer,
+        cols: usize,
+    ) -> Result<(), GpuError> {
+        let ds = dt.size_bytes();
+        let grad = arg(grad, map.rows * cols * ds, "col_sum grad")?;
+        let p = opt_arg(p, probs_bytes(map.rows), "col_sum p")?;
+        let off = arg(&map.seg_off, map.segments * 4, "seg_off")?;
+        let len = arg(&map.seg_len, map.segments * 4, "seg_len")?;
+        let out = arg(out, map.segments * cols * ds, "col_sum out")?;
+        let ci = i32::try_from(cols)?;
+        launch!(
+            self,
+            stream,
+            &self.set(dt).col_sum,
+            col_sum_grid(cols, map.segments)?,
+            [&grad, &p, &off, &len, &out, &ci]
+        )
+    }
+
+    /// Fills the first `n` elements of `out` with `round(scale·U(-1, 1))`, deterministic in
+    /// `seed`.
+    pub(crate) fn init_uniform(
+        &mut self,
+        stream: &CudaStream,
+        dt: Dtype,
+        out: &mut DeviceBuffer,
+        n: usize,
+        seed: u64,
+        scale: f32,
+    ) -> Result<(), GpuError> {
+        let out = arg(out, n * dt.size_bytes(), "init_uniform out")?;
+        let ni = i64::try_from(n)?;
+        launch!(self, stream, &self.set(dt).init_uniform, elementwise(n), [&out, &ni, &seed, &scale])
     }
 }
 
@@ -555,8 +466,7 @@ mod tests {
     /// point the engine loads is in the PTX. Skips loudly elsewhere.
     #[test]
     fn kernels_compile_with_nvrtc_for_sm_90() {
-        // SAFETY: only tries to dlopen libnvrtc by name.
-        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        if !crate::nvrtc::nvrtc_present() {
             crate::print_skip("SKIP gpu::kernels_compile_with_nvrtc_for_sm_90: libnvrtc not found");
             return;
         }
@@ -568,5 +478,61 @@ mod tests {
                 assert!(src.contains(&format!(".entry {name}(")), "{name} missing from the PTX");
             }
         }
+    }
+
+    /// The wrappers' parameter lists are the kernels' (names and order), as `experts.cu`
+    /// declares them: a kernel whose signature changes must change its wrapper too.
+    #[test]
+    fn kernel_signatures_are_the_ones_the_wrappers_pass() {
+        let sig = |name: &str| -> String {
+            let start = EXPERTS_CU.find(&format!("void {name}_##S(")).unwrap_or_else(|| panic!("{name} not declared"));
+            let rest = &EXPERTS_CU[start..];
+            rest[..rest.find(')').expect("closing parenthesis")].replace(['\\', '\n'], " ")
+        };
+        let params = |name: &str| -> Vec<String> {
+            let s = sig(name);
+            s[s.find('(').expect("(") + 1..]
+                .split(',')
+                .map(|p| p.split_whitespace().last().expect("parameter name").trim_start_matches('*').to_string())
+                .collect()
+        };
+        let expect: [(&str, &[&str]); 8] = [
+            ("act_fwd", &["a", "b1", "p", "row_expert", "u", "rows", "n2", "ap"]),
+            (
+                "act_bwd",
+                &[
+                    "a",
+                    "du",
+                    "p",
+                    "gout",
+                    "b2",
+                    "row_expert",
+                    "da",
+                    "dp",
+                    "write_dp",
+                    "rows",
+                    "n2",
+                    "h",
+                    "ap",
+                    "probs_dt",
+                ],
+            ),
+            ("scale_rows", &["x", "p", "out", "rows", "cols"]),
+            ("probs_in_bwd", &["dx", "x", "p", "dp", "rows", "cols", "probs_dt"]),
+            ("fill_bias_rows", &["a", "b", "row_expert", "rows", "cols"]),
+            ("fc2_bias_fwd", &["y", "b2", "p", "row_expert", "rows", "cols", "probs_in_storage"]),
+            ("col_sum", &["grad", "p", "seg_off", "seg_len", "out", "cols"]),
+            ("init_uniform", &["out", "n", "seed", "scale"]),
+        ];
+        for (name, want) in expect {
+            assert!(KERNEL_NAMES.contains(&name));
+            assert_eq!(params(name), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn row_map_tiles_the_rows_by_segment() {
+        let (row_expert, offsets, rows) = RowMap::host(&[2, 0, 3]);
+        assert_eq!((row_expert, offsets, rows), (vec![0, 0, 2, 2, 2], vec![0, 2, 2], 5));
     }
 }

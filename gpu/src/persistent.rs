@@ -2,20 +2,22 @@
 //! all experts' GEMMs of a grouped call, a CTA per SM walking the flat list of output tiles,
 //! operands through TMA tensor maps into 128-byte-swizzled shared-memory stages, wgmma,
 //! warp-specialized producer / consumers / storers (see the kernel file's header for the
-//! design). Same function as [`crate::grouped::Strategy::Loop`]: f32 accumulation, one
-//! rounding, `k = 0` → exact zeros, `m = 0` → nothing written.
+//! design). Same function as [`Strategy::Loop`](crate::gemm::Strategy::Loop): f32 accumulation,
+//! one rounding, `k = 0` → exact zeros, `m = 0` → nothing written.
 //!
 //! Eligibility ([`persistent_layout`]): bf16 or f16 (fp32 GEMMs stay on cuBLAS, whose
 //! `COMPUTE_32F` without TF32 is what the reference models); every expert's A inside one 2-D
-//! tensor and every expert's B inside another (packed buffers, as the layers have them), with
-//! rows of a multiple of 16 bytes and 16-byte aligned; C rows a multiple of 8 elements; a
-//! compute capability 9.0 device. Anything else runs on cuBLAS instead (the caller's
-//! fallback).
+//! tensor in one buffer and every expert's B inside another (packed buffers, as the layers have
+//! them), with rows of a multiple of 16 bytes and 16-byte aligned; C rows a multiple of 8
+//! elements; a compute capability 9.0 device. Anything else runs on cuBLAS instead (the grouped
+//! executor's fallback).
 
 use crate::error::GpuError;
-use crate::grouped::GemmProblem;
-use crate::kernels::Engine;
-use cudarc::driver::{sys as driver_sys, CudaContext, CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
+use crate::gemm::{choose_tile_n, GemmProblem, TILE_M, TILE_N};
+use crate::memory::Operand;
+use cudarc::driver::{
+    sys as driver_sys, CudaContext, CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use moe_reference::Dtype;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,10 +26,8 @@ const GROUPED_GEMM_CU: &str = include_str!("../kernels/grouped_gemm.cu");
 
 /// Problems per launch (the kernel's `MAX_PROBLEMS`; longer lists take several launches).
 pub const MAX_PROBLEMS: usize = 128;
-/// Output-tile rows (the kernel's `BM`).
-pub const TILE_M: usize = 128;
-/// The output-tile widths compiled (`BN`), with their pipeline depths and shared memory.
-pub const TILE_N: [usize; 2] = [128, 256];
+/// A problem list at the device-address level.
+type RawProblem = GemmProblem<Operand>;
 /// A producer warpgroup and two consumer warpgroups.
 const THREADS: u32 = 384;
 
@@ -102,19 +102,7 @@ fn kernel_name(dt: Dtype, bn: usize, ta: bool, tb: bool) -> String {
 
 /// Compiles `kernels/grouped_gemm.cu` with NVRTC for `sm_90a` (needs only libnvrtc, no GPU).
 pub fn compile_persistent() -> Result<cudarc::nvrtc::Ptx, GpuError> {
-    let opts = cudarc::nvrtc::CompileOptions {
-        arch: Some("sm_90a"),
-        name: Some("grouped_gemm.cu".into()),
-        options: vec!["-std=c++17".into()],
-        ..Default::default()
-    };
-    cudarc::nvrtc::compile_ptx_with_opts(GROUPED_GEMM_CU, opts).map_err(|e| {
-        let log = match &e {
-            cudarc::nvrtc::CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
-            other => format!("{other:?}"),
-        };
-        GpuError::Compile { kernel: "grouped_gemm.cu", log }
-    })
+    crate::nvrtc::compile(GROUPED_GEMM_CU, "grouped_gemm.cu", "sm_90a", &["-std=c++17"])
 }
 
 impl PersistentKernels {
@@ -151,24 +139,28 @@ impl PersistentKernels {
 /// describes): `width` elements per row, `rows` rows from `base`; expert `e` starts at row
 /// `first_row[e]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct OperandTensor {
+pub(crate) struct OperandTensor {
     /// Device address of row 0.
-    pub base: u64,
+    base: u64,
     /// Elements per row (the operand's contiguous extent).
-    pub width: usize,
+    width: usize,
     /// Rows spanned by all experts' operands.
-    pub rows: usize,
+    rows: usize,
     /// Each problem's first row (0 for problems that read nothing).
-    pub first_row: Vec<usize>,
+    first_row: Vec<usize>,
 }
 
-/// Lays the operand `(pointer, width, rows)` of each problem out as one tensor, or says why it
-/// cannot be (different widths, pointers not a whole number of rows apart, misalignment).
-fn operand_tensor(which: &str, ops: &[(u64, usize, usize)]) -> Result<OperandTensor, String> {
-    let reading: Vec<&(u64, usize, usize)> = ops.iter().filter(|o| o.2 > 0).collect();
-    let Some(&&(_, width, _)) = reading.first() else {
+/// Lays the operand `(operand, width, rows)` of each problem out as one tensor, or says why it
+/// cannot be (different buffers or widths, pointers not a whole number of rows apart,
+/// misalignment). The tensor then lies inside the one buffer every operand lies in.
+fn operand_tensor(which: &str, ops: &[(Operand, usize, usize)]) -> Result<OperandTensor, String> {
+    let reading: Vec<&(Operand, usize, usize)> = ops.iter().filter(|o| o.2 > 0).collect();
+    let Some(&&(first, width, _)) = reading.first() else {
         return Ok(OperandTensor { base: 0, width: 8, rows: 1, first_row: vec![0; ops.len()] });
     };
+    if reading.iter().any(|o| o.0.alloc != first.alloc) {
+        return Err(format!("{which}: operands in more than one buffer"));
+    }
     if let Some(o) = reading.iter().find(|o| o.1 != width) {
         return Err(format!("{which}: rows of {} and {width} elements in one call", o.1));
     }
@@ -176,21 +168,21 @@ fn operand_tensor(which: &str, ops: &[(u64, usize, usize)]) -> Result<OperandTen
     if !row_bytes.is_multiple_of(16) {
         return Err(format!("{which}: rows of {width} elements are not a multiple of 16 bytes"));
     }
-    let base = reading.iter().map(|o| o.0).min().expect("non-empty");
+    let base = reading.iter().map(|o| o.0.addr).min().expect("non-empty");
     if !base.is_multiple_of(16) {
         return Err(format!("{which}: base address is not 16-byte aligned"));
     }
     let mut first_row = Vec::with_capacity(ops.len());
     let mut rows = 0usize;
-    for &(ptr, _, n) in ops {
+    for &(op, _, n) in ops {
         if n == 0 {
             first_row.push(0);
             continue;
         }
-        if !(ptr - base).is_multiple_of(row_bytes) {
+        if !(op.addr - base).is_multiple_of(row_bytes) {
             return Err(format!("{which}: operands are not a whole number of {width}-element rows apart"));
         }
-        let r = usize::try_from((ptr - base) / row_bytes).map_err(|e| e.to_string())?;
+        let r = usize::try_from((op.addr - base) / row_bytes).map_err(|e| e.to_string())?;
         rows = rows.max(r + n);
         first_row.push(r);
     }
@@ -201,12 +193,12 @@ fn operand_tensor(which: &str, ops: &[(u64, usize, usize)]) -> Result<OperandTen
 }
 
 /// The A and B tensors of a problem list for the kernel, or why it cannot run it. `ta`/`tb`
-/// as in [`Engine::gemm`] (`ta`: A stored `[k, m]`; `tb`: B stored `[n, k]`).
-pub fn persistent_layout(
+/// as in a grouped GEMM (`ta`: A stored `[k, m]`; `tb`: B stored `[n, k]`).
+pub(crate) fn persistent_layout(
     dt: Dtype,
     ta: bool,
     tb: bool,
-    problems: &[GemmProblem],
+    problems: &[RawProblem],
 ) -> Result<(OperandTensor, OperandTensor), String> {
     if dt == Dtype::F32 {
         return Err("fp32 GEMMs stay on cuBLAS (no TF32)".into());
@@ -215,15 +207,15 @@ pub fn persistent_layout(
         if p.m == 0 || p.n == 0 {
             continue;
         }
-        if !p.n.is_multiple_of(8) || !p.c.is_multiple_of(16) {
+        if !p.n.is_multiple_of(8) || !p.c.addr.is_multiple_of(16) {
             return Err(format!("problem {i}: C rows of {} elements (need a multiple of 8, 16-byte aligned)", p.n));
         }
         if [p.m, p.n, p.k].iter().any(|&d| d > i32::MAX as usize / 2) {
             return Err(format!("problem {i}: a dimension exceeds the kernel's 32-bit indexing"));
         }
     }
-    // (pointer, row width, rows read) per problem; nothing is read when C is empty or k = 0.
-    let reads = |p: &GemmProblem| p.m > 0 && p.n > 0 && p.k > 0;
+    // (operand, row width, rows read) per problem; nothing is read when C is empty or k = 0.
+    let reads = |p: &RawProblem| p.computes();
     let a: Vec<_> =
         problems
             .iter()
@@ -250,7 +242,8 @@ pub fn persistent_layout(
 }
 
 /// Why `problems` cannot run on the persistent kernel (`None`: they can).
-pub fn persistent_eligible(dt: Dtype, ta: bool, tb: bool, problems: &[GemmProblem]) -> Option<String> {
+#[cfg(test)]
+fn persistent_eligible(dt: Dtype, ta: bool, tb: bool, problems: &[RawProblem]) -> Option<String> {
     persistent_layout(dt, ta, tb, problems).err()
 }
 
@@ -268,9 +261,10 @@ fn encode_map(dt: Dtype, t: &OperandTensor, box_rows: usize) -> Result<TensorMap
         driver_sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
     };
     // SAFETY: `map` is 128 writable, 128-byte aligned bytes (a CUtensorMap); the arrays hold
-    // `rank` (2) entries (`rank - 1` for the strides) and outlive the call; `base` is a device
-    // address of a live allocation holding `rows` rows of `width` elements (the caller's
-    // problem list). The driver validates the rest and returns an error code.
+    // `rank` (2) entries (`rank - 1` for the strides) and outlive the call; `base` is the
+    // device address of `rows` rows of `width` elements inside one live buffer
+    // (`operand_tensor` over operands the engine checked against their buffers). The driver
+    // validates the rest and returns an error code.
     unsafe {
         driver_sys::cuTensorMapEncodeTiled(
             (&mut map as *mut TensorMap).cast(),
@@ -291,86 +285,33 @@ fn encode_map(dt: Dtype, t: &OperandTensor, box_rows: usize) -> Result<TensorMap
     Ok(map)
 }
 
-/// The output-tile width for a problem list: 256 (better operand reuse; measured at least as
-/// fast as 128 on every model-shape row, docs/performance.md run 6) unless the 256-wide tiles
-/// would not cover the SMs once, where the narrower tile spreads the work wider.
-pub fn choose_tile_n(problems: &[GemmProblem], sms: usize) -> usize {
-    let tiles: usize =
-        problems.iter().filter(|p| p.m > 0 && p.n > 0).map(|p| p.m.div_ceil(TILE_M) * p.n.div_ceil(256)).sum();
-    if tiles >= sms {
-        256
-    } else {
-        128
-    }
-}
-
-/// Whether `p` keeps the GPU busy on its own, for [`crate::grouped::Strategy::Hybrid`]: at least
-/// `waves` waves of 128 x 256 output tiles over `sms` multiprocessors, and a contraction of at
-/// least [`HYBRID_MIN_K`] (16 k-steps of 64, so a tile's epilogue, which cuBLAS does not
-/// overlap with the next tile, is a small part of it). Such a GEMM runs on cuBLAS at about the
-/// dense rate; smaller ones leave SMs idle or spend their time in epilogues, which the
-/// persistent kernel overlaps across experts.
-pub fn fills_gpu_alone(p: &GemmProblem, waves: usize, sms: usize) -> bool {
-    p.k >= HYBRID_MIN_K && p.m.div_ceil(TILE_M) * p.n.div_ceil(256) >= waves * sms
-}
-
-/// The shortest contraction [`fills_gpu_alone`] counts as large.
-pub const HYBRID_MIN_K: usize = 1024;
-
-/// Whether [`crate::grouped::Strategy::Auto`] should run a non-uniform list on the
-/// persistent kernel rather than cuBLAS on several streams. Measured (docs/performance.md,
-/// run 6, H100): the kernel wins where experts are many and small — the mean expert GEMM
-/// under 8·10⁹ multiply-adds (Qwen3-30B-A3B, GPT-OSS-120B) — as long as each output tile
-/// has enough k-steps to hide its epilogue (mean k of at least 384; GPT-OSS's weight
-/// gradients with 256 tokens per expert stay on cuBLAS). Few large experts (Mixtral,
-/// DeepSeek-V3) fill the GPU one cuBLAS GEMM at a time, which is faster.
-pub fn prefer_persistent(problems: &[GemmProblem]) -> bool {
-    let computing: Vec<&GemmProblem> = problems.iter().filter(|p| p.m > 0 && p.n > 0 && p.k > 0).collect();
-    if computing.is_empty() {
-        return false;
-    }
-    let n = computing.len() as f64;
-    let mean_macs = computing.iter().map(|p| p.m as f64 * p.n as f64 * p.k as f64).sum::<f64>() / n;
-    let mean_k = computing.iter().map(|p| p.k as f64).sum::<f64>() / n;
-    mean_macs < 8e9 && mean_k >= 384.0
-}
-
-impl Engine {
-    /// Runs `problems` on the persistent kernel with output tiles `tile_n` wide (128, 256, or
-    /// 0 = [`choose_tile_n`]). `Ok(false)` (nothing issued) when the list is not eligible
-    /// ([`persistent_eligible`]) or the GPU is not a Hopper; the caller then uses cuBLAS.
-    pub fn persistent_gemm(
-        &mut self,
+impl PersistentKernels {
+    /// Runs `problems`, laid out as `layout` (their [`persistent_layout`]), on `stream` with
+    /// output tiles `tile_n` wide (128, 256, or 0 = [`choose_tile_n`]). Returns the number of
+    /// launches.
+    pub(crate) fn run(
+        &self,
+        stream: &CudaStream,
         tile_n: usize,
         dt: Dtype,
-        ta: bool,
-        tb: bool,
-        problems: &[GemmProblem],
-    ) -> Result<bool, GpuError> {
-        let Ok((ta_tensor, tb_tensor)) = persistent_layout(dt, ta, tb, problems) else {
-            return Ok(false);
-        };
-        if self.grouped.persistent.is_none() {
-            self.grouped.persistent = Some(PersistentKernels::load(&self.ctx).map_err(|e| e.to_string()));
-        }
-        let Some(Ok(kernels)) = &self.grouped.persistent else {
-            return Ok(false);
-        };
+        (ta, tb): (bool, bool),
+        problems: &[RawProblem],
+        (ta_tensor, tb_tensor): &(OperandTensor, OperandTensor),
+    ) -> Result<u64, GpuError> {
         let bn = match tile_n {
-            0 => choose_tile_n(problems, kernels.sms),
+            0 => choose_tile_n(problems, self.sms),
             128 | 256 => tile_n,
             other => return Err(GpuError::Unsupported(format!("persistent tile width {other} (expected 128 or 256)"))),
         };
-        let f = kernels.functions.get(&kernel_name(dt, bn, ta, tb)).expect("every combination is loaded").clone();
-        let sms = kernels.sms;
+        let f = self.functions.get(&kernel_name(dt, bn, ta, tb)).expect("every combination is loaded");
         // K-major operands take one box of all the tile's rows; MN-major ones 64 x 64 blocks.
         // When no problem reads anything (every k = 0: the tiles only write zeros) the kernel
         // issues no copy, and there is no operand to describe.
-        let reads = problems.iter().any(|p| p.m > 0 && p.n > 0 && p.k > 0);
+        let reads = problems.iter().any(|p| p.computes());
         let (map_a, map_b) = if reads {
             (
-                encode_map(dt, &ta_tensor, if ta { 64 } else { TILE_M })?,
-                encode_map(dt, &tb_tensor, if tb { bn } else { 64 })?,
+                encode_map(dt, ta_tensor, if ta { 64 } else { TILE_M })?,
+                encode_map(dt, tb_tensor, if tb { bn } else { 64 })?,
             )
         } else {
             (TensorMap([0; 16]), TensorMap([0; 16]))
@@ -380,6 +321,7 @@ impl Engine {
         let mut computing: Vec<usize> =
             (0..problems.len()).filter(|&i| problems[i].m > 0 && problems[i].n > 0).collect();
         computing.sort_by_key(|&i| std::cmp::Reverse(problems[i].k));
+        let mut launches = 0;
         for chunk in computing.chunks(MAX_PROBLEMS) {
             let mut params = Params {
                 map_a,
@@ -394,7 +336,7 @@ impl Engine {
                 let p = &problems[i];
                 let tiles_m = p.m.div_ceil(TILE_M);
                 *slot = ProblemRepr {
-                    c: p.c,
+                    c: p.c.addr,
                     m: i32::try_from(p.m)?,
                     n: i32::try_from(p.n)?,
                     k: i32::try_from(p.k)?,
@@ -407,23 +349,23 @@ impl Engine {
                 tiles += tiles_m * p.n.div_ceil(bn);
             }
             params.total_tiles = i32::try_from(tiles)?;
-            let grid = u32::try_from(tiles.min(sms))?;
+            let grid = u32::try_from(tiles.min(self.sms))?;
             let cfg = LaunchConfig {
                 grid_dim: (grid, 1, 1),
                 block_dim: (THREADS, 1, 1),
                 shared_mem_bytes: u32::try_from(smem_bytes(bn))?,
             };
-            let mut builder = self.stream.launch_builder(&f);
+            let mut builder = stream.launch_builder(f);
             builder.arg(&params);
             // SAFETY: the kernel takes exactly one `Params` by value; its tensor maps cover the
-            // caller's operands (`persistent_layout` checked that every expert's A and B are
-            // rows of one tensor each, aligned), every C pointer is a caller-provided device
-            // address of a compact [m, n] matrix (`grouped_gemm`'s contract), and the dynamic
-            // shared memory matches the attribute set at load.
+            // problems' operands (`persistent_layout` checked that every expert's A and B are
+            // rows of one tensor each inside one buffer, aligned), every C pointer is the
+            // address of a compact [m, n] matrix the engine checked against its buffer, and the
+            // dynamic shared memory matches the attribute set at load.
             unsafe { builder.launch(cfg) }?;
-            self.launches += 1;
+            launches += 1;
         }
-        Ok(true)
+        Ok(launches)
     }
 }
 
@@ -458,24 +400,18 @@ mod tests {
         assert!(smem_bytes(256) <= 227 * 1024 && smem_bytes(128) <= 227 * 1024, "over the sm_90 shared-memory limit");
     }
 
-    /// The hybrid split at the DeepSeek-V3 shape on a 132-SM H100: fc1 (n = 2·2048, k = 7168)
-    /// of an expert with 2176 tokens is 17 x 16 = 272 tiles, two waves; one with 2048 tokens
-    /// is 256 tiles, under two; a weight gradient with 512 tokens is short in k however many
-    /// tiles it has.
-    #[test]
-    fn fills_gpu_alone_counts_waves_of_tiles_and_needs_a_long_contraction() {
-        let p = |m, n, k| GemmProblem { m, n, k, a: 0, b: 0, c: 0 };
-        assert!(fills_gpu_alone(&p(2176, 4096, 7168), 2, 132));
-        assert!(!fills_gpu_alone(&p(2048, 4096, 7168), 2, 132));
-        assert!(fills_gpu_alone(&p(2048, 4096, 7168), 1, 132));
-        assert!(!fills_gpu_alone(&p(4096, 7168, 512), 1, 132));
-        assert!(fills_gpu_alone(&p(4096, 7168, HYBRID_MIN_K), 1, 132));
-        assert!(!fills_gpu_alone(&p(0, 4096, 7168), 1, 132));
+    /// A problem at address 0 of one buffer.
+    fn p(m: usize, n: usize, k: usize) -> RawProblem {
+        GemmProblem::dims(m, n, k).map(|_| Operand::default())
+    }
+
+    /// An operand at `addr` of the buffer at 0.
+    fn at(addr: u64) -> Operand {
+        Operand { addr, alloc: 0 }
     }
 
     #[test]
     fn eligibility_names_the_reason() {
-        let p = |m, n, k| GemmProblem { m, n, k, a: 0, b: 0, c: 0 };
         assert!(persistent_eligible(Dtype::Bf16, false, true, &[p(17, 64, 32), p(0, 64, 32), p(5, 64, 0)]).is_none());
         assert!(persistent_eligible(Dtype::F32, false, true, &[p(16, 64, 32)]).unwrap().contains("fp32"));
         assert!(persistent_eligible(Dtype::Bf16, false, true, &[p(16, 64, 12)]).unwrap().contains("16 bytes"));
@@ -484,8 +420,14 @@ mod tests {
         assert!(persistent_eligible(Dtype::Bf16, true, false, &[p(16, 64, 13)]).is_none());
         assert!(persistent_eligible(Dtype::Bf16, true, false, &[p(12, 64, 16)]).is_some());
         let mut q = p(16, 64, 32);
-        q.b = 8;
+        q.b = at(8);
         assert!(persistent_eligible(Dtype::F16, false, true, &[q]).unwrap().contains("aligned"));
+        // Operands of one kind in two buffers are no tensor (the map would span the gap).
+        let mut r = p(16, 64, 32);
+        r.a = Operand { addr: 16 * 32 * 2, alloc: 1 << 20 };
+        assert!(persistent_eligible(Dtype::Bf16, false, true, &[p(16, 64, 32), r])
+            .unwrap()
+            .contains("more than one buffer"));
     }
 
     /// Packed per-expert operands become one tensor with each expert's first row; anything
@@ -493,43 +435,17 @@ mod tests {
     #[test]
     fn operands_of_all_experts_form_one_tensor() {
         // Three experts of 5, 0 and 3 rows of 64 bf16 (128 bytes), packed from 0x1000.
-        let t = operand_tensor("A", &[(0x1000, 64, 5), (0x1000 + 5 * 128, 64, 0), (0x1000 + 5 * 128, 64, 3)]).unwrap();
+        let t =
+            operand_tensor("A", &[(at(0x1000), 64, 5), (at(0x1000 + 5 * 128), 64, 0), (at(0x1000 + 5 * 128), 64, 3)])
+                .unwrap();
         assert_eq!((t.base, t.width, t.rows, t.first_row), (0x1000, 64, 8, vec![0, 0, 5]));
         // Weights stacked in any order are fine too.
-        let t = operand_tensor("B", &[(0x2000 + 256, 64, 2), (0x2000, 64, 2)]).unwrap();
+        let t = operand_tensor("B", &[(at(0x2000 + 256), 64, 2), (at(0x2000), 64, 2)]).unwrap();
         assert_eq!((t.base, t.rows, t.first_row), (0x2000, 4, vec![2, 0]));
-        assert!(operand_tensor("A", &[(0x1000, 64, 5), (0x1000 + 100, 64, 3)]).unwrap_err().contains("whole number"));
-        assert!(operand_tensor("B", &[(0x1000, 64, 5), (0x3000, 32, 3)]).unwrap_err().starts_with("B:"));
-    }
-
-    #[test]
-    fn tile_width_follows_the_waves() {
-        let p = |m, n| GemmProblem { m, n, k: 64, a: 0, b: 0, c: 0 };
-        // One 128x256 tile cannot cover 132 SMs: narrow tiles.
-        assert_eq!(choose_tile_n(&[p(128, 256)], 132), 128);
-        assert_eq!(choose_tile_n(&vec![p(4096, 4096); 8], 132), 256);
-    }
-
-    /// The Auto policy on the model shapes' Zipf lists (benches/data/grouped_counts.json
-    /// sizes): many small experts go to the kernel, few large ones and short-k weight
-    /// gradients stay on cuBLAS.
-    #[test]
-    fn auto_prefers_the_kernel_for_many_small_experts() {
-        let fwd = |rows: &[usize], n, k| -> Vec<GemmProblem> {
-            rows.iter().map(|&m| GemmProblem { m, n, k, a: 0, b: 0, c: 0 }).collect()
-        };
-        let wgrad = |rows: &[usize], m, n| -> Vec<GemmProblem> {
-            rows.iter().map(|&k| GemmProblem { m, n, k, a: 0, b: 0, c: 0 }).collect()
-        };
-        let qwen: Vec<usize> = (0..128).map(|e| if e < 8 { 0 } else { 512 + e }).collect();
-        let gptoss: Vec<usize> = (0..128).map(|e| if e < 8 { 0 } else { 256 + e }).collect();
-        let mixtral = [0, 7616, 3000, 2000, 1500, 1200, 1068, 0];
-        assert!(prefer_persistent(&fwd(&qwen, 1536, 2048)));
-        assert!(prefer_persistent(&wgrad(&qwen, 1536, 2048)));
-        assert!(prefer_persistent(&fwd(&gptoss, 5760, 2880)));
-        assert!(!prefer_persistent(&wgrad(&gptoss, 5760, 2880)));
-        assert!(!prefer_persistent(&fwd(&mixtral, 28672, 4096)));
-        assert!(!prefer_persistent(&fwd(&[0, 0], 64, 64)));
+        assert!(operand_tensor("A", &[(at(0x1000), 64, 5), (at(0x1000 + 100), 64, 3)])
+            .unwrap_err()
+            .contains("whole number"));
+        assert!(operand_tensor("B", &[(at(0x1000), 64, 5), (at(0x3000), 32, 3)]).unwrap_err().starts_with("B:"));
     }
 
     /// The kernel source compiles for sm_90a wherever libnvrtc is loadable (no GPU needed),
@@ -537,8 +453,7 @@ mod tests {
     /// elsewhere.
     #[test]
     fn persistent_kernels_compile_with_nvrtc_for_sm_90a() {
-        // SAFETY: only tries to dlopen libnvrtc by name.
-        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        if !crate::nvrtc::nvrtc_present() {
             crate::print_skip("SKIP gpu::persistent_kernels_compile_with_nvrtc_for_sm_90a: libnvrtc not found");
             return;
         }

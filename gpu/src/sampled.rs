@@ -57,9 +57,10 @@
 //! The checks are pure functions of host data (`check_expert`), so unit tests feed them
 //! synthetic results with errors injected at 1.2× and 0.8× of each bound, without a GPU.
 
+use crate::engine::{Engine, Gpu};
 use crate::error::GpuError;
-use crate::kernels::engine;
-use crate::layer::{from_bytes, segments};
+use crate::gemm::Strategy;
+use crate::layer::{from_bytes, segments, DeviceLayer};
 use moe_harness::tolerance::{gemm_element_scale, Tolerance, C_SAFETY};
 use moe_reference::layer::forward as ref_forward;
 use moe_reference::{
@@ -373,12 +374,6 @@ impl fmt::Display for LargeShapeReport {
     }
 }
 
-/// Sampled verification of `shape_name` with `tokens` rows (0: the shape's default) on the
-/// GPU for TEGroupedMLP (the class Megatron uses for grouped GEMM today).
-pub fn verify_large_shape(shape_name: &str, tokens: usize, seed: u64) -> Result<LargeShapeReport, GpuError> {
-    verify_large_shape_class(LayerClass::TeGrouped, shape_name, tokens, seed)
-}
-
 fn rms(v: impl IntoIterator<Item = f64>) -> f64 {
     let (mut sum, mut n) = (0.0, 0usize);
     for x in v {
@@ -421,8 +416,11 @@ struct Expert {
     da: Vec<f64>,
 }
 
-/// [`verify_large_shape`] for any of the three classes.
+/// Sampled verification of `shape_name` with `tokens` rows (0: the shape's default) on `gpu`
+/// for `class`, its per-expert GEMMs issued with `strategy`.
 pub fn verify_large_shape_class(
+    gpu: &Gpu,
+    strategy: Strategy,
     class: LayerClass,
     shape_name: &str,
     tokens: usize,
@@ -439,15 +437,17 @@ pub fn verify_large_shape_class(
     let ds = dt.size_bytes();
     let grouped = class == LayerClass::Grouped;
 
-    let mut eng = engine()?;
+    let mut guard = gpu.lock()?;
+    let eng: &mut Engine = &mut guard;
     let device = eng.device_name().to_string();
-    let w = eng.prepare_random(&cfg, seed)?;
-    let mut ws = eng.workspace(&cfg, &counts, false)?;
-    eng.random_inputs(&cfg, &mut ws, seed)?;
+    let layer = DeviceLayer::random(eng, &cfg, seed)?;
+    let w = layer.weights();
+    let mut ws = layer.workspace(eng, &counts, false)?;
+    ws.random_inputs(eng, seed)?;
     eng.synchronize()?;
     let t0 = Instant::now();
-    eng.forward(&cfg, &w, &mut ws)?;
-    eng.backward(&cfg, &w, &mut ws, true)?;
+    layer.forward(eng, &mut ws, strategy)?;
+    layer.backward(eng, &mut ws, true, strategy)?;
     eng.synchronize()?;
     let gpu_ms = t0.elapsed().as_secs_f64() * 1e3;
 
@@ -474,7 +474,7 @@ pub fn verify_large_shape_class(
             da: eng.download_range(&ws.da, start * n1 * ds, n * n1 * ds)?,
         });
     }
-    drop(eng);
+    drop(guard);
 
     // Per-expert checks in parallel on the host.
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(4).min(16);

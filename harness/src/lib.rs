@@ -18,3 +18,10 @@ pub mod tolerance;
 
 pub use compare::{compare_runs, compare_tensor, TensorDiff};
 pub use tolerance::Tolerance;
+
+/// True when `MOE_REQUIRE_CUDA=1`: a GPU test, bench or `verify` run that finds no usable CUDA
+/// device must fail instead of skipping (device-machine runs set it, so a broken library path
+/// cannot "pass"). The one place the variable is read.
+pub fn cuda_required() -> bool {
+    std::env::var("MOE_REQUIRE_CUDA").is_ok_and(|v| v == "1")
+}

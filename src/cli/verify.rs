@@ -39,50 +39,56 @@ pub struct VerifyArgs {
     /// With `--shape`: the class to verify (sequential, grouped, te_grouped).
     #[arg(long, default_value = "te_grouped", requires = "shape")]
     pub class: String,
+    /// How the CUDA implementations issue their per-expert GEMMs: auto, loop, msN, mtN,
+    /// graphN, gbatched, persistent, persistent128, persistent256 or hybridN. Every strategy
+    /// computes the same function; they differ in speed only.
+    #[cfg(feature = "cuda")]
+    #[arg(long, value_name = "STRATEGY", default_value = "auto")]
+    pub gemm: moe_gpu::Strategy,
 }
 
 /// Why the CUDA backend is not there.
 enum Unavailable {
     /// No GPU here (or no `cuda` feature): the one-line SKIP reason.
     Skip(String),
-    /// The GPU layers cannot be built for another reason (an invalid `MOE_GPU_GEMM`, ...):
-    /// a user-facing error, exit 2.
+    /// The GPU layers cannot be built for another reason (a broken CUDA setup the probe did
+    /// not catch, ...): a user-facing error, exit 2.
     Fatal(String),
 }
 
-/// The CUDA backend, when the `cuda` feature is on and a GPU is found.
+/// The CUDA backend on device 0, issuing its GEMMs with `--gemm`, when the `cuda` feature is
+/// on and a GPU is found.
 #[cfg(feature = "cuda")]
-fn cuda_backend() -> Result<Box<dyn Backend>, Unavailable> {
-    use moe_gpu::{CudaGrouped, CudaSequential, CudaTeGrouped};
+fn cuda_backend(args: &VerifyArgs) -> Result<Box<dyn Backend>, Unavailable> {
+    use moe_gpu::{CudaGrouped, CudaSequential, CudaTeGrouped, Gpu};
     use moe_harness::properties::PerClassBackend;
-    let make = || -> Result<PerClassBackend, moe_gpu::GpuError> {
-        Ok(PerClassBackend::new(
-            "cuda",
-            Some(Box::new(CudaSequential::new()?.with_poison(true))),
-            Some(Box::new(CudaGrouped::new()?.with_poison(true))),
-            Some(Box::new(CudaTeGrouped::new()?.with_poison(true))),
-        ))
-    };
-    make().map(|b| Box::new(b) as Box<dyn Backend>).map_err(|e| {
+    let gpu = Gpu::new(0).map_err(|e| {
         if moe_gpu::is_no_device(&e) {
             Unavailable::Skip(moe_gpu::skip_message("gpu::verify", &e))
         } else {
             Unavailable::Fatal(e.to_string())
         }
-    })
+    })?;
+    let s = args.gemm;
+    Ok(Box::new(PerClassBackend::new(
+        "cuda",
+        Some(Box::new(CudaSequential::new(&gpu).with_poison(true).with_strategy(s))),
+        Some(Box::new(CudaGrouped::new(&gpu).with_poison(true).with_strategy(s))),
+        Some(Box::new(CudaTeGrouped::new(&gpu).with_poison(true).with_strategy(s))),
+    )))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_backend() -> Result<Box<dyn Backend>, Unavailable> {
+fn cuda_backend(_args: &VerifyArgs) -> Result<Box<dyn Backend>, Unavailable> {
     Err(Unavailable::Skip("SKIP gpu::verify: built without the `cuda` feature".into()))
 }
 
 /// The implementation families to check: the reference always, CUDA when available. `None`
 /// when CUDA is required but missing (the reason is printed).
-fn backends(require_gpu: bool) -> Option<Vec<Box<dyn Backend>>> {
+fn backends(args: &VerifyArgs) -> Option<Vec<Box<dyn Backend>>> {
     let mut out: Vec<Box<dyn Backend>> = vec![Box::new(ReferenceBackend)];
-    let required = require_gpu || std::env::var("MOE_REQUIRE_CUDA").is_ok_and(|v| v == "1");
-    match cuda_backend() {
+    let required = args.gpu || moe_harness::cuda_required();
+    match cuda_backend(args) {
         Ok(b) => out.push(b),
         Err(Unavailable::Fatal(why)) => {
             eprintln!("error: the CUDA implementations cannot be built: {why}");
@@ -107,7 +113,10 @@ fn run_shape(args: &VerifyArgs, shape: &str) -> i32 {
             return 2;
         }
     };
-    match moe_gpu::sampled::verify_large_shape_class(class, shape, args.tokens, args.seed) {
+    let verified = moe_gpu::Gpu::new(0).and_then(|gpu| {
+        moe_gpu::sampled::verify_large_shape_class(&gpu, args.gemm, class, shape, args.tokens, args.seed)
+    });
+    match verified {
         Ok(report) => {
             print!("{report}");
             i32::from(!report.passed())
@@ -152,7 +161,7 @@ pub fn run(args: &VerifyArgs) -> i32 {
     if let Some(shape) = &args.shape {
         return run_shape(args, shape);
     }
-    let Some(backends) = backends(args.gpu) else {
+    let Some(backends) = backends(args) else {
         return 2;
     };
     let total = u64::from(args.cases) * (properties.len() * backends.len()) as u64;
