@@ -81,8 +81,8 @@ use crate::gpu_common::{
 };
 use criterion::{Criterion, SamplingMode};
 use moe_gpu::layer::{DeviceLayer, Workspace};
-use moe_gpu::sampled::{shape_config, SHAPES};
 use moe_gpu::{Engine, GpuError, Strategy};
+use moe_harness::shapes::ModelShape;
 use moe_reference::LayerClass;
 use std::io::Write;
 
@@ -462,18 +462,10 @@ pub fn bench(c: &mut Criterion) {
             measure_dense(c, eng, &mut report, &format!("gemm8192_before_{}", sh.name));
         }
         first = false;
-        let model = SHAPES
-            .iter()
-            .find(|m| (m.hidden, m.ffn, m.experts, m.tokens) == (sh.hidden, sh.ffn, sh.experts, sh.rows))
-            .unwrap_or_else(|| {
-                panic!(
-                    "grouped_counts.json shape {} (h {}, f {}, E {}, T {}) matches no moe_gpu::sampled::SHAPES entry",
-                    sh.name, sh.hidden, sh.ffn, sh.experts, sh.rows
-                )
-            });
+        let model = ModelShape::parse(&sh.name).expect("the registry's own shape");
         for &class in &classes {
             let cname = class_name(class);
-            let cfg = shape_config(model, class);
+            let cfg = model.config(class);
             let (h, n1, n2) = (cfg.hidden_size, cfg.n1(), cfg.n2());
             let layer = DeviceLayer::random(eng, &cfg, 7)
                 .unwrap_or_else(|e| panic!("gpu_layer {} {cname}: DeviceLayer::random failed: {e}", sh.name));

@@ -1,16 +1,11 @@
 //! Pieces the GPU benches share (`gpu.rs`: the expert layers, `gpu_grouped.rs`: the grouped
-//! GEMM sets): criterion settings, the token distributions of `benches/data/grouped_counts.json`,
+//! GEMM sets): criterion settings, the token distributions of the shape registry,
 //! random device fills, the criterion-driven timer and the dense 8192³ cuBLAS reference.
 
 use criterion::{Criterion, SamplingMode};
 use moe_gpu::{DeviceBuffer, Engine, GemmProblem};
 use moe_reference::Dtype;
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
-
-/// Per-shape token counts, shared with `scripts/torch_grouped_bench.py` (which generates the
-/// file with `--write-counts`) and `scripts/torch_experts_bench.py`.
-pub const COUNTS_JSON: &str = include_str!("data/grouped_counts.json");
 
 /// Criterion samples per benchmark (the medians reported are over these).
 pub const SAMPLES: usize = 10;
@@ -25,48 +20,10 @@ pub fn config() -> Criterion {
         .nresamples(1000)
 }
 
-/// `benches/data/grouped_counts.json`.
-#[derive(serde::Deserialize)]
-pub struct Counts {
-    /// The model shapes, in order.
-    pub shapes: Vec<ShapeSpec>,
-}
-
-/// One model shape of the counts file and its token distributions.
-#[derive(serde::Deserialize)]
-pub struct ShapeSpec {
-    /// Short name (`mixtral`, `deepseek`, `qwen3`, `gptoss`): the `shape` column of the CSVs.
-    pub name: String,
-    /// Hidden size `h`.
-    pub hidden: usize,
-    /// MoE FFN size `f` (fc1 is `2f` wide: GLU).
-    pub ffn: usize,
-    /// Local experts.
-    pub experts: usize,
-    /// Routed token rows `T` (every distribution sums to it).
-    pub rows: usize,
-    /// Distribution name (`uniform`, `zipf2empty`, `zipf8empty`) → tokens per expert.
-    pub dists: BTreeMap<String, Vec<usize>>,
-}
-
-/// Parses the embedded counts file and checks that every distribution has one count per expert
-/// and sums to the shape's rows.
-pub fn counts() -> Counts {
-    let counts: Counts = serde_json::from_str(COUNTS_JSON).expect("benches/data/grouped_counts.json does not parse");
-    for sh in &counts.shapes {
-        for (dist, c) in &sh.dists {
-            assert!(
-                c.len() == sh.experts && c.iter().sum::<usize>() == sh.rows,
-                "grouped_counts.json: {}/{dist} has {} counts summing to {}, expected {} summing to {}",
-                sh.name,
-                c.len(),
-                c.iter().sum::<usize>(),
-                sh.experts,
-                sh.rows
-            );
-        }
-    }
-    counts
+/// The model shapes and their bench token distributions (`moe_harness::shapes`, the registry
+/// `scripts/shapes.json` copies for the PyTorch scripts).
+pub fn counts() -> moe_harness::shapes::RegistryJson {
+    moe_harness::shapes::registry_json()
 }
 
 /// A comma list from the environment (`None` when unset or empty); items are trimmed.

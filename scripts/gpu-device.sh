@@ -3,7 +3,8 @@
 # .stage/. Writes logs under $OUT (when set). Steps are chosen by $STEPS (default: all):
 #   tests     release integration tests with MOE_REQUIRE_CUDA=1
 #   sanitize  compute-sanitizer memcheck and racecheck on the GPU tests, fewer cases
-#   sampled   sampled verification of the four model shapes
+#   sampled   sampled verification of the four model shapes (the ignored tests
+#             gpu::sampled_large_shapes_match_the_oracle_<shape>)
 #   bench     issue 5 per-layer table: benches/gpu.rs (`.stage/bench gpu_layer`, strategies from
 #             $MOE_LAYER_STRATEGIES, default auto,loop) -> $OUT/layer-rust.csv, then
 #             torch_experts_bench.py -> $OUT/layer-torch.csv, then layer_table.py ->
@@ -17,7 +18,7 @@
 #             `verify --gpu --shape` on two model shapes
 #   profile   per-kernel time of one layer call per row: the layer bench under ncu
 #             (gpu__time_duration.sum) with a filter that matches no row, for each shape of
-#             $PROFILE_SHAPES (default mixtral deepseek) x GroupedMLP/TEGroupedMLP, mode
+#             $PROFILE_SHAPES (default mixtral deepseek-v3) x GroupedMLP/TEGroupedMLP, mode
 #             $PROFILE_MODE (default fwdbwd), strategy $MOE_LAYER_STRATEGIES (default auto);
 #             layer_profile.py -> $OUT/profile.md (printed), raw logs in $OUT/profile-raw.tgz
 #   dumps     tools/test_dump_experts.py: PyTorch stand-ins of the three classes write dumps,
@@ -53,8 +54,8 @@ for s in $steps; do
       # exactly the list below (else the step fails without running the sanitizer).
       # racecheck leaves out the hybrid test: its one large GEMM makes cuBLAS pick a 2-CTA
       # cluster kernel (nvjet_sm90_tst_128x272_64x4_2x1_v_bz_coopA_TNT) that racecheck reports
-      # hazards in, for the Loop baseline's launch as much as for the hybrid's (session 9,
-      # docs/gpu-validation.md); racecheck checks shared memory, and the test's own kernels
+      # hazards in, for the Loop baseline's launch as much as for the hybrid's
+      # (docs/gpu-validation.md); racecheck checks shared memory, and the test's own kernels
       # (the persistent kernel's launch) are the ones the persistent_kernel test covers.
       common=(
         gpu::every_gpu_class_matches_the_f64_oracle_on_random_cases
@@ -93,7 +94,7 @@ for s in $steps; do
       done ;;
     profile)
       prof=/tmp/moe-profile; rm -rf "$prof"; mkdir -p "$prof"; specs=()
-      for sh in ${PROFILE_SHAPES:-mixtral deepseek}; do
+      for sh in ${PROFILE_SHAPES:-mixtral deepseek-v3}; do
         for cl in grouped te; do
           echo "== ncu layer calls: $sh $cl ${PROFILE_MODE:-fwdbwd} ${MOE_LAYER_STRATEGIES:-auto}"
           cname=GroupedMLP; [ "$cl" = te ] && cname=TEGroupedMLP
@@ -105,7 +106,7 @@ for s in $steps; do
           specs+=("$prof/$sh-$cl.csv:$sh:$cname:${PROFILE_MODE:-fwdbwd}")
         done
       done
-      python3 .stage/layer_profile.py --counts .stage/grouped_counts.json "${specs[@]}" > "$out/profile.md"
+      python3 .stage/layer_profile.py --counts .stage/shapes.json "${specs[@]}" > "$out/profile.md"
       echo "exit $?"; cat "$out/profile.md"
       tar czf "$out/profile-raw.tgz" -C "$prof" . ;;
     dumps)
@@ -118,7 +119,7 @@ for s in $steps; do
       grep -E "^ERR|^TFLOP/s dense " "$out/layer-bench.log" | head -40
       echo "== layer bench (torch)"
       logged "$out/layer-torch.log" env PYTHONUNBUFFERED=1 python3 .stage/torch_experts_bench.py \
-        --counts .stage/grouped_counts.json --csv "$out/layer-torch.csv"
+        --counts .stage/shapes.json --csv "$out/layer-torch.csv"
       grep -E "^torch |^ERR|TFLOP/s dense " "$out/layer-torch.log" | head -40
       echo "== layer table"
       python3 .stage/layer_table.py "$out/layer-rust.csv" "$out/layer-torch.csv" > "$out/layer-table.md"
@@ -134,7 +135,7 @@ for s in $steps; do
       grep -E "^ERR|^ROW,rust,dense" "$out/grouped-bench.log" | head -40
       echo "== grouped GEMM sets (torch)"
       logged "$out/grouped-torch.log" env PYTHONUNBUFFERED=1 python3 .stage/torch_grouped_bench.py \
-        --counts .stage/grouped_counts.json --csv "$out/grouped-torch.csv"
+        --counts .stage/shapes.json --csv "$out/grouped-torch.csv"
       grep -E "^torch |^ERR|^ROW,torch,dense" "$out/grouped-torch.log" | head -40
       echo "== grouped table"
       python3 .stage/grouped_table.py "$out/grouped-rust.csv" "$out/grouped-torch.csv" > "$out/grouped-table.md"

@@ -28,10 +28,10 @@ cp "$bench_exe" "$stage/bench"
 cp target/release/moe-verify "$stage/moe-verify"
 mkdir -p "$stage/tools"
 cp tools/*.py "$stage/tools/"
-# Device-side scripts and the token counts both benches' torch halves read (the Rust benches
-# embed the same file at build time).
+# Device-side scripts and the shape registry the torch halves of the benches read
+# (scripts/shapes.json: `moe-verify shapes --json`, the registry the Rust benches use).
 cp scripts/gpu-device.sh scripts/torch_experts_bench.py scripts/torch_grouped_bench.py scripts/layer_table.py \
-  scripts/grouped_table.py scripts/layer_profile.py scripts/rounds_table.py benches/data/grouped_counts.json "$stage/"
+  scripts/grouped_table.py scripts/layer_profile.py scripts/rounds_table.py scripts/shapes.json "$stage/"
 ls -la "$stage"
 echo
 echo "device command (carry [\".stage\"]):"

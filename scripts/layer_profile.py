@@ -15,7 +15,7 @@ names), sums each segment's kernel durations by category, and prints a markdown 
 and du, write da backward, bf16) over their time. ncu serializes kernels, so the total is the
 sum of kernel times, without overlap between streams and without launch gaps.
 
-Usage: layer_profile.py --counts grouped_counts.json LOG:SHAPE:CLASS:MODE ... > profile.md
+Usage: layer_profile.py --counts scripts/shapes.json LOG:SHAPE:CLASS:MODE ... > profile.md
 (the distributions, rows T and FFN size f of SHAPE come from the counts file).
 """
 import csv

@@ -6,7 +6,7 @@
         [--device cuda]   (--device cpu: a smoke test of the logic with a small counts file;
                            host-timed, a 256^3 dense row; torch._grouped_mm runs on CPU too)
 
-Rows: shape x distribution (benches/data/grouped_counts.json, the file the Rust bench embeds)
+Rows: shape x distribution (scripts/shapes.json, the Rust shape registry the Rust bench uses)
 x class x mode (fwd, fwdbwd), plus a dense torch.mm 8192^3 bf16 row. CSV columns, as the Rust
 bench's MOE_LAYER_CSV: shape,dist,class,mode,strategy,tokens,experts,flops,min_bytes,
 median_ms,tflops,device, with strategy = "torch"; a failed row has ERR in median_ms and tflops.
@@ -86,7 +86,7 @@ def median(v):
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--counts", default=os.path.join(here, "..", "benches", "data", "grouped_counts.json"))
+    ap.add_argument("--counts", default=os.path.join(here, "shapes.json"))
     ap.add_argument("--csv")
     ap.add_argument("--shapes", default="", help="comma list of shape names (default: all)")
     ap.add_argument("--classes", default=",".join(CLASSES))

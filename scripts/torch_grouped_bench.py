@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """torch._grouped_mm baseline for issue 5 (the same GEMM sets as benches/gpu_grouped.rs).
 
-    python3 scripts/torch_grouped_bench.py --write-counts benches/data/grouped_counts.json
-        regenerate the token distributions (no torch needed; deterministic, committed)
     python3 scripts/torch_grouped_bench.py [--counts PATH] [--csv OUT.csv] [--iters 20]
         time every (shape, distribution, case) with torch._grouped_mm, plus torch.mm 8192^3
+
+Shapes and token distributions: scripts/shapes.json (default --counts), the Rust shape
+registry (moe_harness::shapes) as `moe-verify shapes --json` prints it; a Rust test keeps the
+file equal to the registry.
 
 Rows printed: ROW,torch,<shape>,<dist>,<case>,grouped_mm,<median ms>,<TFLOP/s>
 bf16 operands and outputs; offs = cumulative token counts (int32, on device); CUDA-event
@@ -22,71 +24,8 @@ GroupedMLP weights [E, in, out].
 """
 import argparse
 import json
-import math
 import os
 import sys
-
-SHAPES = [
-    # name, hidden, moe ffn, experts, routed rows
-    ("mixtral", 4096, 14336, 8, 16384),
-    ("deepseek", 7168, 2048, 32, 32768),
-    ("qwen3", 2048, 768, 128, 65536),
-    ("gptoss", 2880, 2880, 128, 32768),
-]
-ALIGN = 16  # token counts are multiples of 16 (grouped_mm needs 16-byte aligned offsets)
-ZIPF_S = 1.2
-
-
-def zipf_counts(total, experts, empty):
-    """Zipf(s=1.2) over experts-empty ranks, multiples of ALIGN, exact sum; `empty` experts
-    get 0 tokens (placed first, last and spread between); ranks are shuffled by a fixed LCG."""
-    live = experts - empty
-    w = [1.0 / (r + 1) ** ZIPF_S for r in range(live)]
-    sw = sum(w)
-    blocks = total // ALIGN
-    cnt = [int(blocks * x / sw) for x in w]
-    rem = blocks - sum(cnt)
-    i = 0
-    while rem > 0:
-        cnt[i % live] += 1
-        rem -= 1
-        i += 1
-    # empty slots: first, last, and evenly between
-    if empty == 1:
-        empty_pos = {0}
-    else:
-        empty_pos = {round(j * (experts - 1) / (empty - 1)) for j in range(empty)}
-    assert len(empty_pos) == empty
-    # fixed shuffle of the live ranks over the remaining slots
-    slots = [e for e in range(experts) if e not in empty_pos]
-    state = 12345
-    for j in range(len(slots) - 1, 0, -1):
-        state = (state * 6364136223846793005 + 1442695040888963407) % (1 << 64)
-        k = (state >> 33) % (j + 1)
-        slots[j], slots[k] = slots[k], slots[j]
-    out = [0] * experts
-    for r, e in enumerate(slots):
-        out[e] = cnt[r] * ALIGN
-    assert sum(out) == total and sum(1 for c in out if c == 0) == empty
-    return out
-
-
-def make_counts():
-    shapes = []
-    for name, h, ffn, e, t in SHAPES:
-        empty = 8 if e >= 32 else 2  # 8 of 8 Mixtral experts empty would be no layer at all
-        shapes.append(
-            {
-                "name": name,
-                "hidden": h,
-                "ffn": ffn,
-                "experts": e,
-                "rows": t,
-                "dists": {"uniform": [t // e] * e, f"zipf{empty}empty": zipf_counts(t, e, empty)},
-            }
-        )
-    return {"align": ALIGN, "zipf_s": ZIPF_S, "shapes": shapes}
-
 
 CASES = ["fc1_te", "fc2_te", "dgrad1_te", "wgrad1_te", "fwd_te", "fwdbwd_te", "fwdbwd_grp"]
 
@@ -116,17 +55,11 @@ def case_gemms(case):
 def main():
     ap = argparse.ArgumentParser()
     here = os.path.dirname(os.path.abspath(__file__))
-    ap.add_argument("--counts", default=os.path.join(here, "..", "benches", "data", "grouped_counts.json"))
-    ap.add_argument("--write-counts")
+    ap.add_argument("--counts", default=os.path.join(here, "shapes.json"))
     ap.add_argument("--csv")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--shapes", default="")
     args = ap.parse_args()
-    if args.write_counts:
-        with open(args.write_counts, "w") as f:
-            json.dump(make_counts(), f, indent=1)
-            f.write("\n")
-        return
 
     import torch
 

@@ -3,6 +3,7 @@
 //! * `verify` — the differential harness on an embedded default (the README's command 1).
 //! * `compare` — recompute a PyTorch dump with the reference and diff it.
 //! * `layout`, `reshard`, `inspect` — Megatron sharded state dicts and checkpoints.
+//! * `shapes` — the model-shape registry (`--json`: the file the PyTorch bench scripts read).
 //!
 //! Exit codes: 0 success, 1 a check failed, 2 bad input or usage.
 
@@ -32,6 +33,9 @@ enum Command {
     Reshard(cli::checkpoint::ReshardArgs),
     /// Summarise a checkpoint.
     Inspect(cli::checkpoint::InspectArgs),
+    /// List the model shapes (sizes and bench token distributions); `--json` writes the form
+    /// the PyTorch bench scripts read (scripts/shapes.json).
+    Shapes(cli::shapes::ShapesArgs),
 }
 
 /// Restores the default SIGPIPE disposition so `moe-verify layout ... | head` ends quietly, as
@@ -61,6 +65,7 @@ fn main() {
         Command::Layout(a) => cli::checkpoint::run_layout(a),
         Command::Reshard(a) => cli::checkpoint::run_reshard(a),
         Command::Inspect(a) => cli::checkpoint::run_inspect(a),
+        Command::Shapes(a) => cli::shapes::run(a),
     };
     std::process::exit(code);
 }

@@ -18,6 +18,7 @@ use moe_gpu::{CudaGrouped, CudaSequential, CudaTeGrouped, Gpu, GpuError, Strateg
 use moe_harness::case::Case;
 use moe_harness::compare::{compare_runs as harness_compare_runs, ErrorModel};
 use moe_harness::properties::{self, Backend, PerClassBackend, Property, PropertyFailure, Verdict};
+use moe_harness::shapes::ModelShape;
 use moe_harness::tolerance::C_SAFETY;
 use moe_harness::{TensorDiff, Tolerance};
 use moe_reference::oracle_with_scales;
@@ -821,36 +822,68 @@ fn gpu_implementations_prove_they_launched_kernels() {
     }
 }
 
-/// Model-sized shapes, verified by sampling (moe_gpu::sampled): every shape on TEGroupedMLP,
-/// DeepSeek-V3 and Qwen3 on the other two classes. Ignored by default (minutes of host work);
-/// the device script runs it with `--ignored`. `MOE_SAMPLED_SHAPES` narrows the shapes.
-#[test]
-#[ignore]
-fn sampled_large_shapes_match_the_oracle() {
-    let Some(gpus) = gpus("sampled_large_shapes_match_the_oracle") else {
+/// Sampled verification of one model-sized shape (moe_gpu::sampled, checks in
+/// moe_harness::sampled) on each class given, with the default GEMM strategy.
+fn sampled_shape_matches_the_oracle(test: &str, shape: ModelShape, classes: &[LayerClass]) {
+    let Some(gpus) = gpus(test) else {
         return;
     };
-    let only = std::env::var("MOE_SAMPLED_SHAPES").unwrap_or_default();
     let mut failed = Vec::new();
-    for s in moe_gpu::sampled::SHAPES {
-        if !only.is_empty() && !only.split(',').any(|o| o == s.name) {
-            continue;
-        }
-        let mut classes = vec![LayerClass::TeGrouped];
-        if s.name == "deepseek-v3" || s.name == "qwen3-30b-a3b" {
-            classes.extend([LayerClass::Sequential, LayerClass::Grouped]);
-        }
-        for class in classes {
-            let t0 = std::time::Instant::now();
-            let report = moe_gpu::sampled::verify_large_shape_class(&gpus.gpu, Strategy::Auto, class, s.name, 0, 42)
-                .unwrap_or_else(|e| panic!("{} {class}: {e}", s.name));
-            println!("{report}  (host+device {:.1} s)", t0.elapsed().as_secs_f64());
-            if !report.passed() {
-                failed.push(format!("{} {class}", s.name));
-            }
+    for &class in classes {
+        let t0 = std::time::Instant::now();
+        let report = moe_gpu::sampled::verify_shape(&gpus.gpu, Strategy::Auto, class, shape, 0, 42)
+            .unwrap_or_else(|e| panic!("{shape} {class}: {e}"));
+        println!("{report}  (host+device {:.1} s)", t0.elapsed().as_secs_f64());
+        if !report.passed() {
+            failed.push(format!("{shape} {class}"));
         }
     }
     assert!(failed.is_empty(), "sampled verification failed for {failed:?}");
+}
+
+// Model-sized shapes, verified by sampling: every shape on TEGroupedMLP, DeepSeek-V3 and Qwen3
+// on the other two classes. Ignored by default (minutes of host work); the device script runs
+// them with `--ignored` (the filter `sampled_large_shapes` selects all four, a shape's name
+// one).
+
+#[test]
+#[ignore]
+fn sampled_large_shapes_match_the_oracle_mixtral() {
+    sampled_shape_matches_the_oracle(
+        "sampled_large_shapes_match_the_oracle_mixtral",
+        ModelShape::Mixtral,
+        &[LayerClass::TeGrouped],
+    );
+}
+
+#[test]
+#[ignore]
+fn sampled_large_shapes_match_the_oracle_deepseek_v3() {
+    sampled_shape_matches_the_oracle(
+        "sampled_large_shapes_match_the_oracle_deepseek_v3",
+        ModelShape::DeepseekV3,
+        &[LayerClass::TeGrouped, LayerClass::Sequential, LayerClass::Grouped],
+    );
+}
+
+#[test]
+#[ignore]
+fn sampled_large_shapes_match_the_oracle_qwen3_30b_a3b() {
+    sampled_shape_matches_the_oracle(
+        "sampled_large_shapes_match_the_oracle_qwen3_30b_a3b",
+        ModelShape::Qwen3,
+        &[LayerClass::TeGrouped, LayerClass::Sequential, LayerClass::Grouped],
+    );
+}
+
+#[test]
+#[ignore]
+fn sampled_large_shapes_match_the_oracle_gpt_oss_120b() {
+    sampled_shape_matches_the_oracle(
+        "sampled_large_shapes_match_the_oracle_gpt_oss_120b",
+        ModelShape::GptOss,
+        &[LayerClass::TeGrouped],
+    );
 }
 
 /// The CUDA implementations on a new engine as a harness backend, NaN poisoning on.

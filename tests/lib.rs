@@ -17,6 +17,8 @@
 //! * [`checkpoint`]: Megatron sharded state dicts, the on-disk format, resharding (spec §7, §8.1).
 //! * [`gpu`]: the CUDA implementations (`moe-gpu`) against the f64 oracle (skip loudly without a GPU).
 //! * [`gpu_grouped`]: every grouped-GEMM strategy of `moe-gpu` against the per-expert loop.
+//! * [`shapes`]: the model-shape registry and `scripts/shapes.json`, its copy for the PyTorch
+//!   scripts.
 
 #[macro_use]
 mod properties;
@@ -31,4 +33,5 @@ mod gpu_grouped;
 mod gradcheck;
 mod pins;
 mod self_test;
+mod shapes;
 mod tight_bounds;

@@ -4,6 +4,8 @@
 //! comparison with worst-element reports ([`compare`]), seeded problem generation and proptest
 //! strategies ([`case`], [`strategy`]), the property checks and the differential runner
 //! ([`properties`], [`runner`]), PyTorch dumps ([`dump`]), and Megatron sharded state dicts and checkpoints ([`checkpoint`]).
+//! The model shapes ([`shapes`]) and the sampled verification of model-sized layers
+//! ([`sampled`]) live here too.
 #![deny(missing_docs)]
 
 pub mod case;
@@ -13,6 +15,8 @@ pub mod dump;
 pub mod planted;
 pub mod properties;
 pub mod runner;
+pub mod sampled;
+pub mod shapes;
 pub mod strategy;
 pub mod tolerance;
 

@@ -2,4 +2,5 @@
 
 pub mod checkpoint;
 pub mod compare;
+pub mod shapes;
 pub mod verify;

@@ -3,6 +3,7 @@
 use indicatif::{ProgressBar, ProgressStyle};
 use moe_harness::properties::{Backend, Property, ReferenceBackend};
 use moe_harness::runner::{run_property, PropertyReport};
+use moe_harness::shapes::ModelShape;
 use moe_harness::strategy;
 
 /// Arguments of `moe-verify verify`.
@@ -30,9 +31,9 @@ pub struct VerifyArgs {
     #[arg(long)]
     pub gpu: bool,
     /// With `--gpu`: verify one model-sized layer by sampling instead of the random cases
-    /// (mixtral, deepseek-v3, qwen3-30b-a3b, gpt-oss-120b).
-    #[arg(long, requires = "gpu")]
-    pub shape: Option<String>,
+    /// (`moe-verify shapes` lists the shapes).
+    #[arg(long, value_enum, requires = "gpu")]
+    pub shape: Option<ModelShape>,
     /// With `--shape`: token rows (0 = the shape's default).
     #[arg(long, default_value_t = 0, requires = "shape")]
     pub tokens: usize,
@@ -105,7 +106,7 @@ fn backends(args: &VerifyArgs) -> Option<Vec<Box<dyn Backend>>> {
 
 /// `verify --gpu --shape NAME`: sampled verification of one model-sized layer.
 #[cfg(feature = "cuda")]
-fn run_shape(args: &VerifyArgs, shape: &str) -> i32 {
+fn run_shape(args: &VerifyArgs, shape: ModelShape) -> i32 {
     let class = match moe_reference::LayerClass::parse(&args.class) {
         Ok(c) => c,
         Err(e) => {
@@ -113,9 +114,8 @@ fn run_shape(args: &VerifyArgs, shape: &str) -> i32 {
             return 2;
         }
     };
-    let verified = moe_gpu::Gpu::new(0).and_then(|gpu| {
-        moe_gpu::sampled::verify_large_shape_class(&gpu, args.gemm, class, shape, args.tokens, args.seed)
-    });
+    let verified = moe_gpu::Gpu::new(0)
+        .and_then(|gpu| moe_gpu::sampled::verify_shape(&gpu, args.gemm, class, shape, args.tokens, args.seed));
     match verified {
         Ok(report) => {
             print!("{report}");
@@ -133,7 +133,7 @@ fn run_shape(args: &VerifyArgs, shape: &str) -> i32 {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn run_shape(_args: &VerifyArgs, _shape: &str) -> i32 {
+fn run_shape(_args: &VerifyArgs, _shape: ModelShape) -> i32 {
     eprintln!("error: --shape needs the `cuda` feature");
     2
 }
@@ -158,7 +158,7 @@ pub fn run(args: &VerifyArgs) -> i32 {
         }
         out
     };
-    if let Some(shape) = &args.shape {
+    if let Some(shape) = args.shape {
         return run_shape(args, shape);
     }
     let Some(backends) = backends(args) else {

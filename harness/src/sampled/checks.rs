@@ -1,0 +1,310 @@
+//! The checks of one expert (the parent module's doc derives each bound): rows against the
+//! f64 oracle, the implementation's intermediates against the same math in f64, and the
+//! weight gradients by element samples and projections.
+
+use super::{intermediates_supported, CheckStat, ExpertTensors, SampledChecks, SampledError, SampledLayer};
+use super::{ELEMENT_SAMPLES, PROJECTION_T};
+use crate::compare::{compare_tensor, Bounds};
+use crate::tolerance::{gemm_element_scale, Tolerance, C_SAFETY};
+use moe_reference::layer::forward as ref_forward;
+use moe_reference::{
+    Activation, Dtype, ExpertSet, ExpertWeights, Inputs, LayerConfig, Numerics, Parallelism, ReferenceError,
+    WgradTiming,
+};
+use ndarray::{Array1, Array2, ArrayView2, Axis};
+
+/// A 64-bit LCG (Knuth's MMIX constants): the sampled rows, signs and elements, deterministic in
+/// the seed and the expert.
+pub(super) struct Lcg(u64);
+
+impl Lcg {
+    pub(super) fn new(seed: u64, expert: usize, stream: u64) -> Lcg {
+        Lcg(seed ^ (expert as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ stream.wrapping_mul(0xd1b5_4a32_d192_ed03))
+    }
+
+    pub(super) fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() >> 33) as usize % n.max(1)
+    }
+
+    pub(super) fn sign(&mut self) -> f64 {
+        if self.next() >> 63 == 0 {
+            1.0
+        } else {
+            -1.0
+        }
+    }
+}
+
+/// The rows of expert `e` (of `n > 0`) checked against the oracle: first, last and two
+/// pseudo-random ones, sorted, without duplicates.
+fn sample_rows(seed: u64, e: usize, n: usize) -> Vec<usize> {
+    let mut rng = Lcg::new(seed, e, 1);
+    let mut rows = vec![0, n - 1, rng.below(n), rng.below(n)];
+    rows.sort_unstable();
+    rows.dedup();
+    rows
+}
+
+/// The random signs `v` of the projections of expert `e`'s `dW2` (`which = 2`) or `dW1` (1).
+fn projection_signs(seed: u64, e: usize, which: u64, len: usize) -> Vec<f64> {
+    let mut rng = Lcg::new(seed, e, 10 + which);
+    (0..len).map(|_| rng.sign()).collect()
+}
+
+/// The [`ELEMENT_SAMPLES`] canonical positions `(j, k)` of expert `e`'s `dW2` (`which = 2`) or
+/// `dW1` (1) checked element by element.
+pub(super) fn sample_elements(seed: u64, e: usize, which: u64, rows: usize, cols: usize) -> Vec<(usize, usize)> {
+    let mut rng = Lcg::new(seed, e, 20 + which);
+    (0..ELEMENT_SAMPLES).map(|_| (rng.below(rows), rng.below(cols))).collect()
+}
+
+/// Records `got` against `exp` under the error model with [`compare_tensor`]: the bound of
+/// element `(i, j)` is `C_SAFETY·(S + A + rms(S))` with `S` = `scale`, `A` = `allowance` (zero
+/// when `None`) and the rms over all of `scale` (the expert's sampled rows). `at(i, j)` names
+/// element `(i, j)`.
+fn check_sampled(
+    stat: &mut CheckStat,
+    got: ArrayView2<f64>,
+    exp: ArrayView2<f64>,
+    scale: ArrayView2<f64>,
+    allowance: Option<ArrayView2<f64>>,
+    at: impl Fn(usize, usize) -> String,
+) {
+    let bounds = Bounds { scale: Some(scale.into_dyn()), allowance: allowance.map(|a| a.into_dyn()) };
+    let diff = compare_tensor(&stat.name, got.into_dyn(), exp.into_dyn(), bounds, 1, Tolerance::error_model());
+    stat.record_diff(&diff, |index| at(index[0], index[1]));
+}
+
+/// `U = act(gate)·lin·p` `[m, N2]` and `DA = [dz·lin·act'(gate), dz·act(gate)]` `[m, N1]` with
+/// `dz = (G·W2)·p`, in f64, for the rows `xs`, `gs`, `ps` of one expert with canonical weights
+/// `w1` `[N1, h]`, `w2` `[h, N2]` (a GLU without clamp, offset, bias or probs on the input:
+/// [`intermediates_supported`]).
+pub(super) fn intermediates(
+    act: Activation,
+    xs: &Array2<f64>,
+    gs: &Array2<f64>,
+    ps: &Array1<f64>,
+    w1: &Array2<f64>,
+    w2: &Array2<f64>,
+) -> (Array2<f64>, Array2<f64>) {
+    let a = xs.dot(&w1.t());
+    let du = gs.dot(w2);
+    let (m, n2) = du.dim();
+    let mut u = Array2::zeros((m, n2));
+    let mut da = Array2::zeros((m, 2 * n2));
+    for i in 0..m {
+        for j in 0..n2 {
+            let (gate, lin) = (a[[i, j]], a[[i, n2 + j]]);
+            u[[i, j]] = act.apply(gate) * lin * ps[i];
+            let dz = du[[i, j]] * ps[i];
+            da[[i, j]] = dz * lin * act.derivative(gate);
+            da[[i, n2 + j]] = dz * act.apply(gate);
+        }
+    }
+    (u, da)
+}
+
+/// Checks one expert's canonical weight grad `D = Aᵀ·B` `[J, K']` (`dims = (n, J, K')`), given
+/// the operands the GPU used (`a(i, j)` of `A` `[n, J]`, `b(i, k)` of `B` `[n, K']`) and the
+/// GPU's result `got(j, k)`: the projection of every row on `signs` into `projections`, and the
+/// `samples` elements against their exact dot products into `elements`, with the bounds the
+/// module doc derives. `label` names the matrix in reports.
+#[allow(clippy::too_many_arguments)]
+fn check_wgrad(
+    dt: Dtype,
+    dims: (usize, usize, usize),
+    a: impl Fn(usize, usize) -> f64,
+    b: impl Fn(usize, usize) -> f64,
+    got: impl Fn(usize, usize) -> f64,
+    signs: &[f64],
+    samples: &[(usize, usize)],
+    projections: &mut CheckStat,
+    elements: &mut CheckStat,
+    label: &str,
+) {
+    let (n, rows, cols) = dims;
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    let (us, eta) = (dt.unit_roundoff(), dt.subnormal_spacing());
+    let acc = (n.max(1) as f64).sqrt() * Dtype::F32.unit_roundoff();
+    // B·v and the 1- and 2-norms of B's rows.
+    let mut bv = vec![0.0; n];
+    let mut b1 = vec![0.0; n];
+    let mut b2 = vec![0.0; n];
+    for i in 0..n {
+        for (k, &v) in signs.iter().enumerate().take(cols) {
+            let x = b(i, k);
+            bv[i] += x * v;
+            b1[i] += x.abs();
+            b2[i] += x * x;
+        }
+        b2[i] = b2[i].sqrt();
+    }
+    // Per row j of D: Aᵀ·(B·v), Σ_i |A_ij|·‖B_i‖₁ and Σ_i |A_ij|·‖B_i‖₂ (A's rows are contiguous).
+    let mut rhs = vec![0.0; rows];
+    let mut acc1 = vec![0.0; rows];
+    let mut acc2 = vec![0.0; rows];
+    for i in 0..n {
+        for j in 0..rows {
+            let x = a(i, j);
+            rhs[j] += x * bv[i];
+            acc1[j] += x.abs() * b1[i];
+            acc2[j] += x.abs() * b2[i];
+        }
+    }
+    // The GPU's rows: projection, ‖got_j‖₁, ‖got_j‖₂.
+    let mut lhs = vec![0.0; rows];
+    let mut g1 = vec![0.0; rows];
+    let mut g2 = vec![0.0; rows];
+    for j in 0..rows {
+        for (k, &v) in signs.iter().enumerate().take(cols) {
+            let x = got(j, k);
+            lhs[j] += x * v;
+            g1[j] += x.abs();
+            g2[j] += x * x;
+        }
+    }
+    let kf = cols as f64;
+    // s_j ≥ ‖S_j‖₂, and the block's rms floor R̄ ≥ rms(S).
+    let s2: Vec<f64> = (0..rows).map(|j| us * g2[j].sqrt() + kf.sqrt() * eta + acc * acc2[j]).collect();
+    let r_bar = (s2.iter().map(|s| s * s).sum::<f64>() / (rows as f64 * kf)).sqrt();
+    for j in 0..rows {
+        let worst = C_SAFETY * (us * g1[j] + kf * eta + acc * acc1[j] + kf * r_bar);
+        let random = PROJECTION_T * C_SAFETY * (s2[j] + kf.sqrt() * r_bar);
+        let (l, r) = (lhs[j], rhs[j]);
+        projections.record((l - r).abs(), worst.min(random), || format!("{label} row {j}: {l:e} vs {r:e}"));
+    }
+    let tol = Tolerance::error_model();
+    for &(j, k) in samples {
+        let (mut exact, mut sum_abs) = (0.0, 0.0);
+        for i in 0..n {
+            let t = a(i, j) * b(i, k);
+            exact += t;
+            sum_abs += t.abs();
+        }
+        let gv = got(j, k);
+        let bound = tol.bound(gemm_element_scale(dt, exact, n, sum_abs), r_bar);
+        elements.record((gv - exact).abs(), bound, || format!("{label}[{j},{k}]: {gv:e} vs {exact:e}"));
+    }
+}
+
+/// Checks one expert (module doc); returns the number of rows checked against the oracle.
+pub(super) fn check_expert(
+    sh: &SampledLayer,
+    ed: &ExpertTensors,
+    st: &mut SampledChecks,
+) -> Result<usize, SampledError> {
+    let cfg = sh.cfg;
+    intermediates_supported(cfg)?;
+    let (h, n1, n2, dt) = (cfg.hidden_size, cfg.n1(), cfg.n2(), cfg.params_dtype);
+    let e = ed.e;
+    if ed.n == 0 {
+        for (name, v) in [("dW1", &ed.dw1), ("dW2", &ed.dw2)] {
+            for (i, &x) in v.iter().enumerate() {
+                st.empty_expert_grads.record(x.abs(), 0.0, || format!("expert {e} {name}[{i}] = {x}"));
+            }
+        }
+        return Ok(0);
+    }
+    // Canonical [out, in] weights of this expert.
+    let w1c: Array2<f64> = if sh.grouped() {
+        Array2::from_shape_vec((h, n1), ed.w1.clone()).expect("size").t().to_owned()
+    } else {
+        Array2::from_shape_vec((n1, h), ed.w1.clone()).expect("size")
+    };
+    let w2c: Array2<f64> = if sh.grouped() {
+        Array2::from_shape_vec((n2, h), ed.w2.clone()).expect("size").t().to_owned()
+    } else {
+        Array2::from_shape_vec((h, n2), ed.w2.clone()).expect("size")
+    };
+    let rows = sample_rows(sh.seed, e, ed.n);
+    let m = rows.len();
+    let global = |i: usize| ed.start + rows[i];
+    let xs = Array2::from_shape_fn((m, h), |(i, j)| sh.x[global(i) * h + j]);
+    let gs = Array2::from_shape_fn((m, h), |(i, j)| sh.g[global(i) * h + j]);
+    let ps = Array1::from_shape_fn(m, |i| sh.p[global(i)]);
+    // The f64 oracle with its running error bounds on a one-expert layer of the sampled rows.
+    let cfg1 = LayerConfig { num_experts: 1, parallel: Parallelism::SINGLE, ..cfg.clone() };
+    let set = ExpertSet {
+        experts: vec![ExpertWeights {
+            fc1_weight: w1c.clone(),
+            fc1_bias: None,
+            fc2_weight: w2c.clone(),
+            fc2_bias: None,
+        }],
+    };
+    let inp = Inputs { hidden_states: xs.clone(), tokens_per_expert: vec![m as i64], probs: ps.clone() };
+    let fwd = ref_forward(&cfg1, &set, &inp, Numerics::Oracle)?;
+    let bwd = fwd.backward(&gs, WgradTiming::Immediate)?;
+    let sc =
+        bwd.scales.as_ref().ok_or_else(|| ReferenceError::Config("the f64 oracle returned no error scales".into()))?;
+    let sampled = &rows;
+    let at = |what: &'static str| move |i: usize, j: usize| format!("expert {e} row {} col {j} ({what})", sampled[i]);
+    let rows_of = |v: &[f64], width: usize| Array2::from_shape_fn((m, width), |(i, j)| v[global(i) * width + j]);
+    check_sampled(&mut st.output_rows, rows_of(sh.y, h).view(), fwd.output().view(), sc.output.view(), None, at("y"));
+    check_sampled(
+        &mut st.grad_input_rows,
+        rows_of(sh.dx, h).view(),
+        bwd.grad_input.view(),
+        sc.grad_input.view(),
+        Some(sc.allowance_grad_input.view()),
+        at("dx"),
+    );
+    let column = |v: &Array1<f64>| v.view().insert_axis(Axis(1)).to_owned();
+    check_sampled(
+        &mut st.grad_probs_rows,
+        rows_of(sh.dp, 1).view(),
+        column(&bwd.grad_probs).view(),
+        column(&sc.grad_probs).view(),
+        Some(column(&sc.allowance_grad_probs).view()),
+        at("dp"),
+    );
+    // The GPU's intermediates on the same rows against the same math in f64.
+    let (u_exp, da_exp) = intermediates(cfg.activation, &xs, &gs, &ps, &w1c, &w2c);
+    let local = |v: &[f64], width: usize| Array2::from_shape_fn((m, width), |(i, j)| v[rows[i] * width + j]);
+    check_sampled(&mut st.fc2_input_rows, local(&ed.u, n2).view(), u_exp.view(), sc.fc2_input.view(), None, at("u"));
+    check_sampled(
+        &mut st.fc1_output_grad_rows,
+        local(&ed.da, n1).view(),
+        da_exp.view(),
+        sc.fc1_output_grad.view(),
+        None,
+        at("da"),
+    );
+
+    // Weight grads, canonical: dW2 [h, N2] = G_eᵀ·U_e, dW1 [N1, h] = DA_eᵀ·X_e.
+    let dw2 = |j: usize, k: usize| if sh.grouped() { ed.dw2[k * h + j] } else { ed.dw2[j * n2 + k] };
+    let dw1 = |j: usize, k: usize| if sh.grouped() { ed.dw1[k * n1 + j] } else { ed.dw1[j * h + k] };
+    let (n, start) = (ed.n, ed.start);
+    check_wgrad(
+        dt,
+        (n, h, n2),
+        |i, j| sh.g[(start + i) * h + j],
+        |i, k| ed.u[i * n2 + k],
+        dw2,
+        &projection_signs(sh.seed, e, 2, n2),
+        &sample_elements(sh.seed, e, 2, h, n2),
+        &mut st.dw2_projections,
+        &mut st.dw2_elements,
+        &format!("expert {e} dW2"),
+    );
+    check_wgrad(
+        dt,
+        (n, n1, h),
+        |i, j| ed.da[i * n1 + j],
+        |i, k| sh.x[(start + i) * h + k],
+        dw1,
+        &projection_signs(sh.seed, e, 1, h),
+        &sample_elements(sh.seed, e, 1, n1, h),
+        &mut st.dw1_projections,
+        &mut st.dw1_elements,
+        &format!("expert {e} dW1"),
+    );
+    Ok(m)
+}

@@ -1,0 +1,490 @@
+//! Sampled verification of model-sized layers (the shapes of [`crate::shapes`]: Mixtral 8x7B,
+//! DeepSeek-V3 EP slice, Qwen3-30B-A3B, GPT-OSS-120B; GLU silu, bf16), too large for an f64
+//! oracle on every element: the checks, on host data. An implementation runs the layer, hands
+//! over the whole layer's rows ([`SampledLayer`]) and each expert's weights, weight gradients and
+//! intermediates ([`ExpertSource`]), and [`check_layer`] checks them (`moe_gpu::sampled` does
+//! this for the CUDA layers).
+//!
+//! Every bound here is the harness's error model ([`crate::tolerance`]): an element passes
+//! when `|got − exp| ≤ C_SAFETY·(S + A + rms(S_block))`, `C_SAFETY = 2`, `S` the running error
+//! bound of the element, `A` the clamp allowance. What differs from a whole-layer comparison is
+//! only where `S` and the rms floor come from; nothing below is a tolerance of its own.
+//!
+//! # Checks and their bounds
+//!
+//! * **Rows** of the output, dx and dprobs. Rows are independent in these three, so for a sample
+//!   of rows of **every** expert (first, last and two random rows) the f64 oracle runs on a
+//!   one-expert layer built from that expert's downloaded weights and the sampled rows
+//!   (`moe_reference::forward` + `backward` with [`moe_reference::Numerics::Oracle`], what
+//!   `moe_reference::oracle_with_scales` runs). Its [`moe_reference::ErrorScales`] give `S` and `A`
+//!   of every sampled element exactly as a whole-layer oracle run would (the bound of a row
+//!   depends on that row alone). The rms floor is the rms of `S` over the expert's sampled rows
+//!   (an estimate of the whole tensor's, from rows of the same distribution). These are compared
+//!   by [`crate::compare::compare_tensor`] with the oracle's scales and allowances.
+//! * **Intermediates** `U_e = cast(act(gate)·lin·p)` (fc2 input) and `DA_e` (fc1 output grad)
+//!   of the GPU on the same rows, against the same math in f64 (the reference's
+//!   [`moe_reference::Activation`]); `S` is the oracle's running bound of these intermediates
+//!   ([`moe_reference::ErrorScales::fc2_input`], [`moe_reference::ErrorScales::fc1_output_grad`]:
+//!   the rounding of `a`, its f32 accumulation and every later rounding, propagated), with the
+//!   same rms floor.
+//! * **Weight-grad elements**: [`ELEMENT_SAMPLES`] elements of each expert's canonical
+//!   `dW2 = G_eᵀ·U_e` and `dW1 = DA_eᵀ·X_e` against their exact dot products over the GPU's own
+//!   operands (`U_e` and `DA_e`, checked above; `G_e` and `X_e` are exact inputs). With exact
+//!   operands an element `D_jk = Σ_i A_ij·B_ik` over the expert's `n` rows has the bound of one
+//!   GEMM element ([`moe_harness::tolerance::gemm_element_scale`]):
+//!   `S_jk = u_s·|D_jk| + η + √n·u_f32·Σ_i |A_ij·B_ik|`; its rms floor `R` is bounded below.
+//! * **Projections** (Freivalds) of every row `j` of `dW2` and `dW1`:
+//!   `P_j = Σ_k v_k·got_jk − Σ_i A_ij·(B·v)_i` with random signs `v_k = ±1` over the row's `K'`
+//!   columns, drawn independently of the GPU's results. With `E_jk = got_jk − D_jk`,
+//!   `P_j = Σ_k v_k·E_jk` (the f64 evaluation adds about 10⁻¹⁶ of the terms, nothing next to
+//!   the bound). Every `|E_jk| ≤ b_jk = C_SAFETY·(S_jk + R)`, the element bound above, so
+//!   - worst case, whatever the signs: `|P_j| ≤ Σ_k b_jk`;
+//!   - random signs (Hoeffding: the `v_k·E_jk` are independent, mean 0, in `[−b_jk, b_jk]`):
+//!     `P(|P_j| ≥ t·‖b_j‖₂) ≤ 2·exp(−t²/2)`.
+//!
+//!   The check uses `min(Σ_k b_jk, t·‖b_j‖₂)` with `t` = [`PROJECTION_T`] = 8: `2·e⁻³² ≈
+//!   2.5·10⁻¹⁴` per row, about 10⁻⁷ for the 3.7·10⁶ projected rows of all the shape × class
+//!   pairs the sampled test runs. The worst case alone is `√K'/t` times looser (15x for
+//!   Mixtral's `dW2` rows, `K'` = 14336) and would let a wrong 128-column tile through, which is
+//!   what the projections are for (the element samples rarely hit one tile).
+//! * **Computable forms.** `S_jk` for every `(j, k)` needs `Σ_i |A_ij|·|B_ik|` in full, a second
+//!   GEMM of the checked size. Upper bounds keep every bound valid: `|D_jk|` is taken as
+//!   `|got_jk|` (first order: they differ by `E_jk ≤ b_jk`), and
+//!   `Σ_k Σ_i |A_ij|·|B_ik| = Σ_i |A_ij|·‖B_i‖₁` (exact),
+//!   `‖Σ_i |A_ij|·|B_i|‖₂ ≤ Σ_i |A_ij|·‖B_i‖₂` (Minkowski; nearly tight for non-negative rows).
+//!   So with `s_j = u_s·‖got_j‖₂ + √K'·η + √n·u_f32·Σ_i |A_ij|·‖B_i‖₂ ≥ ‖S_j‖₂`:
+//!   `Σ_k b_jk ≤ C_SAFETY·(u_s·‖got_j‖₁ + K'·η + √n·u_f32·Σ_i |A_ij|·‖B_i‖₁ + K'·R)`,
+//!   `‖b_j‖₂ ≤ C_SAFETY·(s_j + √K'·R)`, and the block's rms floor
+//!   `R = rms(S) ≤ R̄ = (Σ_j s_j² / (J·K'))^½`, used for the projections and the element samples
+//!   alike.
+//! * **Empty experts**: `S = 0`, so their weight grads must be exactly zero.
+//!
+//! The checks are pure functions of host data (`checks::check_expert`), so unit tests feed them
+//! synthetic results with errors injected at 1.2× and 0.8× of each bound, without a GPU.
+
+use crate::compare::TensorDiff;
+use moe_reference::{LayerClass, LayerConfig, ReferenceError};
+use std::fmt;
+
+mod checks;
+#[cfg(test)]
+mod tests;
+
+/// The `t` of the projection bound `min(Σ_k b_jk, t·‖b_j‖₂)` (module doc): a row whose
+/// elements are all within their bounds fails with probability at most `2·exp(−t²/2)`.
+pub const PROJECTION_T: f64 = 8.0;
+
+/// Elements of each expert's `dW1` and `dW2` checked against their exact dot products.
+pub const ELEMENT_SAMPLES: usize = 64;
+
+/// A skewed split of `tokens` rows over `experts` (Zipf-like weights, deterministic in `seed`),
+/// with experts 1 and `E − 2` empty when `E ≥ 4`. Counts are multiples of 16 when `tokens` is
+/// (rows are handed out in units of 16), as `torch._grouped_mm` comparisons want. The counts
+/// for seed 42 are pinned by a test (a change of the split changes what `verify --shape`
+/// checks).
+pub fn skewed_counts(tokens: usize, experts: usize, seed: u64) -> Vec<i64> {
+    let unit: usize = if tokens.is_multiple_of(16) { 16 } else { 1 };
+    let units = (tokens / unit) as i64;
+    let mut state = seed | 1;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let empty = |e: usize| experts >= 4 && (e == 1 || e == experts - 2);
+    let w: Vec<f64> =
+        (0..experts).map(|e| if empty(e) { 0.0 } else { (0.5 + next()) / (1.0 + e as f64).powf(0.3) }).collect();
+    let total: f64 = w.iter().sum();
+    let mut counts: Vec<i64> = w.iter().map(|x| (x / total * units as f64).floor() as i64).collect();
+    let mut rest = units - counts.iter().sum::<i64>();
+    let mut e = 0;
+    while rest > 0 {
+        if !empty(e % experts) {
+            counts[e % experts] += 1;
+            rest -= 1;
+        }
+        e += 1;
+    }
+    counts.iter().map(|&c| c * unit as i64).collect()
+}
+
+/// One kind of check and its worst error.
+#[derive(Clone, Debug)]
+pub struct CheckStat {
+    /// What was compared.
+    pub name: String,
+    /// How many values were compared.
+    pub count: usize,
+    /// Worst `|got − exp| / bound` (≤ 1 passes).
+    pub worst_ratio: f64,
+    /// Where the worst value was.
+    pub worst_at: String,
+}
+
+impl CheckStat {
+    fn new(name: &str) -> CheckStat {
+        CheckStat { name: name.into(), count: 0, worst_ratio: 0.0, worst_at: String::new() }
+    }
+
+    /// Counts one value with error `err` and bound `bound` (a zero bound admits only a zero
+    /// error; NaN never passes).
+    fn record(&mut self, err: f64, bound: f64, at: impl FnOnce() -> String) {
+        self.count += 1;
+        let ratio = if err.is_nan() {
+            f64::INFINITY
+        } else if err == 0.0 {
+            0.0
+        } else if bound > 0.0 {
+            err / bound
+        } else {
+            f64::INFINITY
+        };
+        if ratio > self.worst_ratio {
+            self.worst_ratio = ratio;
+            self.worst_at = at();
+        }
+    }
+
+    /// Counts the elements of a tensor comparison and keeps its worst element when worse;
+    /// `at(index)` names the element at `index` of the compared tensor.
+    fn record_diff(&mut self, diff: &TensorDiff, at: impl FnOnce(&[usize]) -> String) {
+        self.count += diff.shape.iter().product::<usize>();
+        if diff.worst_ratio > self.worst_ratio {
+            self.worst_ratio = diff.worst_ratio;
+            let (gv, ev) = (diff.worst_got, diff.worst_expected);
+            self.worst_at = format!("{}: got {gv:e} exp {ev:e}", at(&diff.worst_index));
+        }
+    }
+
+    /// Adds `other`'s counts and keeps the worse of the two worst values.
+    fn merge(&mut self, other: CheckStat) {
+        self.count += other.count;
+        if other.worst_ratio > self.worst_ratio {
+            self.worst_ratio = other.worst_ratio;
+            self.worst_at = other.worst_at;
+        }
+    }
+
+    /// True when every value was within its bound.
+    pub fn passed(&self) -> bool {
+        self.worst_ratio <= 1.0
+    }
+}
+
+/// The checks of one sampled verification (module doc: what each compares, and its bound).
+#[derive(Clone, Debug)]
+pub struct SampledChecks {
+    /// Sampled output rows against the oracle.
+    pub output_rows: CheckStat,
+    /// Sampled input-grad rows against the oracle.
+    pub grad_input_rows: CheckStat,
+    /// Sampled probs grads against the oracle.
+    pub grad_probs_rows: CheckStat,
+    /// The GPU's fc2 input `U_e` on the sampled rows.
+    pub fc2_input_rows: CheckStat,
+    /// The GPU's fc1 output grad `DA_e` on the sampled rows.
+    pub fc1_output_grad_rows: CheckStat,
+    /// Projections `dW2·v` of every row of every expert's `dW2`.
+    pub dw2_projections: CheckStat,
+    /// Projections `dW1·v` of every row of every expert's `dW1`.
+    pub dw1_projections: CheckStat,
+    /// Sampled elements of `dW2` against their exact dot products.
+    pub dw2_elements: CheckStat,
+    /// Sampled elements of `dW1` against their exact dot products.
+    pub dw1_elements: CheckStat,
+    /// Every weight-grad element of the experts without rows (must be exactly zero).
+    pub empty_expert_grads: CheckStat,
+}
+
+impl Default for SampledChecks {
+    fn default() -> Self {
+        SampledChecks {
+            output_rows: CheckStat::new("output rows"),
+            grad_input_rows: CheckStat::new("grad_input rows"),
+            grad_probs_rows: CheckStat::new("grad_probs rows"),
+            fc2_input_rows: CheckStat::new("U_e rows (fc2 input)"),
+            fc1_output_grad_rows: CheckStat::new("DA_e rows (fc1 out grad)"),
+            dw2_projections: CheckStat::new("dW2·v (Freivalds)"),
+            dw1_projections: CheckStat::new("dW1·v (Freivalds)"),
+            dw2_elements: CheckStat::new("dW2 sampled elements"),
+            dw1_elements: CheckStat::new("dW1 sampled elements"),
+            empty_expert_grads: CheckStat::new("empty-expert grads == 0"),
+        }
+    }
+}
+
+impl SampledChecks {
+    /// Every check, in report order.
+    pub fn all(&self) -> [&CheckStat; 10] {
+        [
+            &self.output_rows,
+            &self.grad_input_rows,
+            &self.grad_probs_rows,
+            &self.fc2_input_rows,
+            &self.fc1_output_grad_rows,
+            &self.dw2_projections,
+            &self.dw1_projections,
+            &self.dw2_elements,
+            &self.dw1_elements,
+            &self.empty_expert_grads,
+        ]
+    }
+
+    fn all_mut(&mut self) -> [&mut CheckStat; 10] {
+        [
+            &mut self.output_rows,
+            &mut self.grad_input_rows,
+            &mut self.grad_probs_rows,
+            &mut self.fc2_input_rows,
+            &mut self.fc1_output_grad_rows,
+            &mut self.dw2_projections,
+            &mut self.dw1_projections,
+            &mut self.dw2_elements,
+            &mut self.dw1_elements,
+            &mut self.empty_expert_grads,
+        ]
+    }
+
+    /// Adds the counts of `other` (checks of other experts) and keeps the worst values.
+    pub fn merge(&mut self, other: SampledChecks) {
+        let SampledChecks {
+            output_rows,
+            grad_input_rows,
+            grad_probs_rows,
+            fc2_input_rows,
+            fc1_output_grad_rows,
+            dw2_projections,
+            dw1_projections,
+            dw2_elements,
+            dw1_elements,
+            empty_expert_grads,
+        } = other;
+        let others = [
+            output_rows,
+            grad_input_rows,
+            grad_probs_rows,
+            fc2_input_rows,
+            fc1_output_grad_rows,
+            dw2_projections,
+            dw1_projections,
+            dw2_elements,
+            dw1_elements,
+            empty_expert_grads,
+        ];
+        for (mine, theirs) in self.all_mut().into_iter().zip(others) {
+            mine.merge(theirs);
+        }
+    }
+
+    /// True when every check passed.
+    pub fn passed(&self) -> bool {
+        self.all().iter().all(|c| c.passed())
+    }
+}
+
+/// The result of a sampled verification of one layer.
+#[derive(Clone, Debug)]
+pub struct SampledReport {
+    /// Shape name.
+    pub shape: String,
+    /// Class verified.
+    pub class: LayerClass,
+    /// The GPU.
+    pub device: String,
+    /// Token rows `T`.
+    pub tokens: usize,
+    /// Local experts.
+    pub experts: usize,
+    /// Experts with zero rows.
+    pub empty_experts: usize,
+    /// Rows checked against the oracle.
+    pub rows_checked: usize,
+    /// Forward + backward GPU time (ms, one call, synchronized).
+    pub gpu_ms: f64,
+    /// Checks and their worst ratios.
+    pub checks: SampledChecks,
+}
+
+impl SampledReport {
+    /// True when every check's worst ratio is ≤ 1.
+    pub fn passed(&self) -> bool {
+        self.checks.passed()
+    }
+}
+
+impl fmt::Display for SampledReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{} {} on {}: T={} E_l={} ({} empty), {} rows checked, fwd+bwd {:.2} ms: {}",
+            self.shape,
+            self.class.megatron_name(),
+            self.device,
+            self.tokens,
+            self.experts,
+            self.empty_experts,
+            self.rows_checked,
+            self.gpu_ms,
+            if self.passed() { "PASS" } else { "FAIL" }
+        )?;
+        for c in self.checks.all() {
+            writeln!(f, "  {:<28} n={:<9} worst err/bound {:.3}  {}", c.name, c.count, c.worst_ratio, c.worst_at)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+fn rms(v: impl IntoIterator<Item = f64>) -> f64 {
+    let (mut sum, mut n) = (0.0, 0usize);
+    for x in v {
+        sum += x * x;
+        n += 1;
+    }
+    if n == 0 {
+        0.0
+    } else {
+        (sum / n as f64).sqrt()
+    }
+}
+
+/// Why a sampled verification could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum SampledError {
+    /// The configuration is one the checks do not recompute (see [`intermediates_supported`]).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// The f64 oracle refused the sampled rows, or returned no error scales.
+    #[error(transparent)]
+    Reference(#[from] ReferenceError),
+    /// A checker thread panicked.
+    #[error("a checker thread panicked")]
+    Panicked,
+}
+
+/// The whole layer's host data every expert's checks read: its configuration, the `[T, h]`
+/// input, upstream gradient, output and input grad, and the `[T]` probs and probs grad, all
+/// with rows sorted by expert (expert `e`'s rows start at its [`ExpertTensors::start`]), and
+/// the seed of the sampled rows, signs and elements.
+#[derive(Clone, Copy, Debug)]
+pub struct SampledLayer<'a> {
+    /// The layer's configuration (one rank, a GLU without clamp, offset, bias or probs on the
+    /// input: [`intermediates_supported`]).
+    pub cfg: &'a LayerConfig,
+    /// Input `[T, h]`.
+    pub x: &'a [f64],
+    /// Upstream gradient `[T, h]`.
+    pub g: &'a [f64],
+    /// Output `[T, h]`.
+    pub y: &'a [f64],
+    /// Input gradient `[T, h]`.
+    pub dx: &'a [f64],
+    /// Probs `[T]`.
+    pub p: &'a [f64],
+    /// Probs gradient `[T]`.
+    pub dp: &'a [f64],
+    /// Seed of the samples.
+    pub seed: u64,
+}
+
+impl SampledLayer<'_> {
+    fn grouped(&self) -> bool {
+        self.cfg.class == LayerClass::Grouped
+    }
+}
+
+/// One expert's data in f64: weights and weight grads in the class's layout (GroupedMLP:
+/// `[in, out]`, the others `[out, in]`), `u` `[n, N2]` and `da` `[n, N1]` row-major.
+#[derive(Clone, Debug, Default)]
+pub struct ExpertTensors {
+    /// Local expert index.
+    pub e: usize,
+    /// Its first row in the layer's rows.
+    pub start: usize,
+    /// Its row count.
+    pub n: usize,
+    /// fc1 weight.
+    pub w1: Vec<f64>,
+    /// fc2 weight.
+    pub w2: Vec<f64>,
+    /// fc1 weight gradient.
+    pub dw1: Vec<f64>,
+    /// fc2 weight gradient.
+    pub dw2: Vec<f64>,
+    /// The implementation's fc2 input `U_e` on the expert's rows.
+    pub u: Vec<f64>,
+    /// The implementation's fc1 output gradient `DA_e` on the expert's rows.
+    pub da: Vec<f64>,
+}
+
+/// One expert's data as the implementation produced it (raw device bytes, say), turned into
+/// [`ExpertTensors`] when its checks run: one expert at a time per checker thread, which
+/// bounds host memory at model sizes.
+pub trait ExpertSource: Send + Sync {
+    /// The expert's data in f64.
+    fn tensors(&self) -> ExpertTensors;
+}
+
+impl ExpertSource for ExpertTensors {
+    fn tensors(&self) -> ExpertTensors {
+        self.clone()
+    }
+}
+
+/// Checks every expert of `layer` (module doc), in parallel over up to 16 host threads.
+/// Returns the checks and the number of rows checked against the oracle.
+pub fn check_layer<E: ExpertSource>(
+    layer: &SampledLayer,
+    experts: Vec<E>,
+) -> Result<(SampledChecks, usize), SampledError> {
+    intermediates_supported(layer.cfg)?;
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(4).min(16);
+    let mut chunks: Vec<Vec<E>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, ed) in experts.into_iter().enumerate() {
+        chunks[i % threads].push(ed);
+    }
+    let results: Vec<Result<(SampledChecks, usize), SampledError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = chunks
+            .iter()
+            .map(|chunk| {
+                s.spawn(move || {
+                    let mut st = SampledChecks::default();
+                    let mut rows_checked = 0;
+                    for source in chunk {
+                        rows_checked += checks::check_expert(layer, &source.tensors(), &mut st)?;
+                    }
+                    Ok((st, rows_checked))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or(Err(SampledError::Panicked))).collect()
+    });
+    let mut checks = SampledChecks::default();
+    let mut rows_checked = 0;
+    for r in results {
+        let (stats, rows) = r?;
+        rows_checked += rows;
+        checks.merge(stats);
+    }
+    Ok((checks, rows_checked))
+}
+
+/// The intermediates check recomputes `U_e` and `DA_e` for a GLU without clamp, linear offset,
+/// bias or probs on the input (what [`crate::shapes::ShapeDims::config`] builds); anything else
+/// is refused.
+pub fn intermediates_supported(cfg: &LayerConfig) -> Result<(), SampledError> {
+    if cfg.gated_linear_unit
+        && cfg.clamp_value.is_none()
+        && cfg.glu_linear_offset == 0.0
+        && !cfg.add_bias
+        && !cfg.apply_probs_on_input
+    {
+        Ok(())
+    } else {
+        Err(SampledError::Unsupported(
+            "sampled verification recomputes U_e and DA_e for a GLU without clamp, offset, bias or probs on the input"
+                .into(),
+        ))
+    }
+}

@@ -1,0 +1,337 @@
+//! The sampled checks on synthetic layers, without a GPU: results inside the error model
+//! pass, one value 1.2x its bound away fails the check it belongs to and 0.8x passes.
+
+use super::checks::{check_expert, intermediates, sample_elements, Lcg};
+use super::*;
+use crate::shapes::ShapeDims;
+use crate::tolerance::{gemm_element_scale, C_SAFETY};
+use moe_reference::layer::forward as ref_forward;
+use moe_reference::{Dtype, ExpertSet, Inputs, LayerClass, LayerConfig, Numerics, WgradTiming};
+use ndarray::{Array1, Array2};
+
+/// The split of `verify --shape` for seed 42, pinned.
+#[test]
+fn skewed_counts_are_pinned() {
+    let c = skewed_counts(16384, 8, 42);
+    assert_eq!(&c[..6], &[2144, 0, 3648, 1584, 3600, 3184]);
+    assert_eq!(c.iter().sum::<i64>(), 16384);
+    let c = skewed_counts(65536, 128, 42);
+    assert_eq!(&c[..6], &[832, 0, 1424, 624, 1408, 1248]);
+    assert_eq!(c[126], 0);
+    assert!(c.iter().all(|&n| n % 16 == 0));
+}
+
+const SEED: u64 = 7;
+
+/// A small layer of `class` (GLU silu, bf16, as the model shapes; 3 experts, the middle one
+/// empty) with "GPU" results that are the f64 values rounded once to their dtype (inside the
+/// model: one rounding is at most `u·|v| ≤ S`), the weight grads computed from the rounded
+/// intermediates, as the GPU computes them from its own. Injections overwrite one value with
+/// its exact value plus an error.
+#[derive(Clone)]
+struct Synth {
+    cfg: LayerConfig,
+    x: Vec<f64>,
+    g: Vec<f64>,
+    p: Vec<f64>,
+    y: Vec<f64>,
+    dx: Vec<f64>,
+    dp: Vec<f64>,
+    y_exact: Array2<f64>,
+    dx_exact: Array2<f64>,
+    dp_exact: Array1<f64>,
+    u_exact: Vec<Array2<f64>>,
+    da_exact: Vec<Array2<f64>>,
+    experts: Vec<ExpertTensors>,
+}
+
+impl Synth {
+    fn new(class: LayerClass) -> Synth {
+        let shape = ShapeDims { hidden: 48, ffn: 40, experts: 3, tokens: 23 };
+        let cfg = shape.config(class);
+        let counts = [9usize, 0, 14];
+        let (t, h, dt) = (shape.tokens, cfg.hidden_size, cfg.params_dtype);
+        let mut rng = Lcg::new(SEED, 0, 99);
+        let mut uniform = |lo: f64, hi: f64| lo + (hi - lo) * ((rng.next() >> 11) as f64 / (1u64 << 53) as f64);
+        let x = Array2::from_shape_fn((t, h), |_| dt.round(uniform(-1.0, 1.0)));
+        let g = Array2::from_shape_fn((t, h), |_| dt.round(uniform(-1.0, 1.0)));
+        let p = Array1::from_shape_fn(t, |_| Dtype::F32.round(uniform(0.05, 1.0)));
+        let set = ExpertSet::random(&cfg, SEED);
+        let tokens_per_expert = counts.iter().map(|&c| c as i64).collect();
+        let inputs = Inputs { hidden_states: x.clone(), tokens_per_expert, probs: p.clone() };
+        let fwd = ref_forward(&cfg, &set, &inputs, Numerics::Oracle).unwrap();
+        let bwd = fwd.backward(&g, WgradTiming::Immediate).unwrap();
+        let rounded = |a: &Array2<f64>| a.iter().map(|&v| dt.round(v)).collect::<Vec<f64>>();
+        let layout = |w: &Array2<f64>| -> Vec<f64> {
+            if class == LayerClass::Grouped {
+                w.t().iter().copied().collect()
+            } else {
+                w.iter().copied().collect()
+            }
+        };
+        let (mut experts, mut u_exact, mut da_exact) = (Vec::new(), Vec::new(), Vec::new());
+        let mut start = 0;
+        for (e, &n) in counts.iter().enumerate() {
+            let w = &set.experts[e];
+            let rows = ndarray::s![start..start + n, ..];
+            let (u, da) = intermediates(
+                cfg.activation,
+                &x.slice(rows).to_owned(),
+                &g.slice(rows).to_owned(),
+                &p.slice(ndarray::s![start..start + n]).to_owned(),
+                &w.fc1_weight,
+                &w.fc2_weight,
+            );
+            experts.push(ExpertTensors {
+                e,
+                start,
+                n,
+                w1: layout(&w.fc1_weight),
+                w2: layout(&w.fc2_weight),
+                dw1: vec![],
+                dw2: vec![],
+                u: rounded(&u),
+                da: rounded(&da),
+            });
+            u_exact.push(u);
+            da_exact.push(da);
+            start += n;
+        }
+        let mut s = Synth {
+            x: x.iter().copied().collect(),
+            g: g.iter().copied().collect(),
+            p: p.to_vec(),
+            y: rounded(fwd.output()),
+            dx: rounded(&bwd.grad_input),
+            dp: bwd.grad_probs.iter().map(|&v| Dtype::F32.round(v)).collect(),
+            y_exact: fwd.output().clone(),
+            dx_exact: bwd.grad_input.clone(),
+            dp_exact: bwd.grad_probs.clone(),
+            u_exact,
+            da_exact,
+            experts,
+            cfg,
+        };
+        s.derive_wgrads();
+        s
+    }
+
+    fn grouped(&self) -> bool {
+        self.cfg.class == LayerClass::Grouped
+    }
+
+    /// Expert `e`'s canonical `dW2 = G_eᵀ·U_e` (`which = 2`) or `dW1 = DA_eᵀ·X_e` (1) in f64,
+    /// from the "GPU"'s intermediates.
+    fn exact_wgrad(&self, e: usize, which: u64) -> Array2<f64> {
+        let (h, n1, n2) = (self.cfg.hidden_size, self.cfg.n1(), self.cfg.n2());
+        let ed = &self.experts[e];
+        let rows = |v: &[f64]| Array2::from_shape_fn((ed.n, h), |(i, j)| v[(ed.start + i) * h + j]);
+        if which == 2 {
+            rows(&self.g).t().dot(&Array2::from_shape_vec((ed.n, n2), ed.u.clone()).unwrap())
+        } else {
+            Array2::from_shape_vec((ed.n, n1), ed.da.clone()).unwrap().t().dot(&rows(&self.x))
+        }
+    }
+
+    /// The flat index of canonical element `(j, k)` of expert weight grad `which` in the
+    /// class's layout.
+    fn wgrad_index(&self, which: u64, j: usize, k: usize) -> usize {
+        let (h, n1, n2) = (self.cfg.hidden_size, self.cfg.n1(), self.cfg.n2());
+        match (which, self.grouped()) {
+            (2, true) => k * h + j,
+            (2, false) => j * n2 + k,
+            (_, true) => k * n1 + j,
+            (_, false) => j * h + k,
+        }
+    }
+
+    fn set_wgrad(&mut self, e: usize, which: u64, j: usize, k: usize, value: f64) {
+        let i = self.wgrad_index(which, j, k);
+        let ed = &mut self.experts[e];
+        if which == 2 {
+            ed.dw2[i] = value;
+        } else {
+            ed.dw1[i] = value;
+        }
+    }
+
+    /// The weight grads from each expert's (GPU) intermediates, exact then rounded once, in
+    /// the class's layout; zeros for empty experts.
+    fn derive_wgrads(&mut self) {
+        let (h, n1, n2, dt) = (self.cfg.hidden_size, self.cfg.n1(), self.cfg.n2(), self.cfg.params_dtype);
+        for e in 0..self.experts.len() {
+            let (mut dw1, mut dw2) = (vec![0.0; n1 * h], vec![0.0; h * n2]);
+            if self.experts[e].n > 0 {
+                for (which, out) in [(1, &mut dw1), (2, &mut dw2)] {
+                    for ((j, k), &v) in self.exact_wgrad(e, which).indexed_iter() {
+                        out[self.wgrad_index(which, j, k)] = dt.round(v);
+                    }
+                }
+            }
+            self.experts[e].dw1 = dw1;
+            self.experts[e].dw2 = dw2;
+        }
+    }
+
+    fn run(&self) -> SampledChecks {
+        let sh = SampledLayer {
+            cfg: &self.cfg,
+            x: &self.x,
+            g: &self.g,
+            y: &self.y,
+            dx: &self.dx,
+            p: &self.p,
+            dp: &self.dp,
+            seed: SEED,
+        };
+        let mut st = SampledChecks::default();
+        for ed in &self.experts {
+            check_expert(&sh, ed, &mut st).unwrap();
+        }
+        st
+    }
+}
+
+fn report(c: &SampledChecks) -> String {
+    c.all().iter().map(|s| format!("{}: {:.3} at {}", s.name, s.worst_ratio, s.worst_at)).collect::<Vec<_>>().join("\n")
+}
+
+/// Injects an error of 1.2x and of 0.8x of the bound the check `stat` computes for the injected
+/// element (`inject(δ)` runs the checks with an error `δ` there): the first must fail that
+/// check, the second pass every check. The bound moves with `δ` only through `|got|` terms,
+/// so a few fixed-point steps find the `δ` of 1.2x.
+fn assert_fails_at_1_2x_and_passes_at_0_8x(
+    what: &str,
+    inject: &dyn Fn(f64) -> SampledChecks,
+    stat: fn(&SampledChecks) -> &CheckStat,
+) {
+    let mut delta = 1.0;
+    for _ in 0..12 {
+        delta *= 1.2 / stat(&inject(delta)).worst_ratio;
+    }
+    let high = inject(delta);
+    let r = stat(&high).worst_ratio;
+    assert!((1.19..1.21).contains(&r), "{what}: 1.2x the bound gave {r:.4}\n{}", report(&high));
+    assert!(!high.passed());
+    let low = inject(delta * 0.8 / 1.2);
+    assert!(low.passed(), "{what}: 0.8x the bound fails\n{}", report(&low));
+    assert!(stat(&low).worst_ratio <= 0.81, "{what}: {}", report(&low));
+}
+
+/// Results within the model (one rounding of the exact values) pass every check, for both
+/// weight layouts, and every check saw values.
+#[test]
+fn results_inside_the_model_pass_every_check() {
+    for class in [LayerClass::TeGrouped, LayerClass::Grouped] {
+        let c = Synth::new(class).run();
+        assert!(c.passed(), "{class}\n{}", report(&c));
+        assert!(c.all().iter().all(|s| s.count > 0), "{class}\n{}", report(&c));
+        // One rounding is at most u·|v|, at most half the bound (C_SAFETY = 2).
+        assert!(c.all().iter().all(|s| s.worst_ratio <= 0.5), "{class}\n{}", report(&c));
+    }
+}
+
+/// Every check fails on one value 1.2x its bound away from the exact value, and passes at
+/// 0.8x; empty experts' grads fail on any non-zero value.
+#[test]
+fn every_check_fails_at_1_2x_its_bound_and_passes_at_0_8x() {
+    for class in [LayerClass::TeGrouped, LayerClass::Grouped] {
+        let base = Synth::new(class);
+        let (h, n1, n2) = (base.cfg.hidden_size, base.cfg.n1(), base.cfg.n2());
+        let s0 = base.experts[0].start; // row 0 of expert 0 is always sampled
+        let check = |what: &str, f: &dyn Fn(&mut Synth, f64), stat: fn(&SampledChecks) -> &CheckStat| {
+            let inject = |delta: f64| {
+                let mut s = base.clone();
+                f(&mut s, delta);
+                s.run()
+            };
+            assert_fails_at_1_2x_and_passes_at_0_8x(&format!("{class} {what}"), &inject, stat);
+        };
+        check("output row", &|s, d| s.y[s0 * h + 3] = s.y_exact[[s0, 3]] + d, |c| &c.output_rows);
+        check("grad_input row", &|s, d| s.dx[s0 * h + 5] = s.dx_exact[[s0, 5]] - d, |c| &c.grad_input_rows);
+        check("grad_probs row", &|s, d| s.dp[s0] = s.dp_exact[s0] + d, |c| &c.grad_probs_rows);
+        check(
+            "U_e row",
+            &|s, d| {
+                s.experts[0].u[2] = s.u_exact[0][[0, 2]] + d;
+                s.derive_wgrads();
+            },
+            |c| &c.fc2_input_rows,
+        );
+        check(
+            "DA_e row",
+            &|s, d| {
+                s.experts[0].da[n2 + 1] = s.da_exact[0][[0, n2 + 1]] - d;
+                s.derive_wgrads();
+            },
+            |c| &c.fc1_output_grad_rows,
+        );
+        // Element samples: the first sampled element of expert 2's dW2 and dW1.
+        for (which, stat) in
+            [(2u64, (|c| &c.dw2_elements) as fn(&SampledChecks) -> &CheckStat), (1, |c| &c.dw1_elements)]
+        {
+            let (rows, cols) = if which == 2 { (h, n2) } else { (n1, h) };
+            let (j, k) = sample_elements(SEED, 2, which, rows, cols)[0];
+            let exact = base.exact_wgrad(2, which)[[j, k]];
+            check(&format!("dW{which} element"), &|s, d| s.set_wgrad(2, which, j, k, exact + d), stat);
+        }
+        // Projections: row 5 of expert 2's dW2 and dW1 set to the exact values, one element
+        // off by δ (not a sampled element, which would fail at far less).
+        for (which, stat) in
+            [(2u64, (|c| &c.dw2_projections) as fn(&SampledChecks) -> &CheckStat), (1, |c| &c.dw1_projections)]
+        {
+            let (rows, cols) = if which == 2 { (h, n2) } else { (n1, h) };
+            let samples = sample_elements(SEED, 2, which, rows, cols);
+            let j = 5;
+            let k = (0..cols).find(|&k| !samples.contains(&(j, k))).unwrap();
+            let exact = base.exact_wgrad(2, which);
+            check(
+                &format!("dW{which} projection"),
+                &|s, d| {
+                    for kk in 0..cols {
+                        s.set_wgrad(2, which, j, kk, exact[[j, kk]] + if kk == k { d } else { 0.0 });
+                    }
+                },
+                stat,
+            );
+        }
+        // Empty experts: S = 0, any non-zero value fails.
+        let mut s = base.clone();
+        s.experts[1].dw1[7] = 1e-30;
+        let c = s.run();
+        assert!(!c.empty_expert_grads.passed() && c.empty_expert_grads.count > 0, "{}", report(&c));
+    }
+}
+
+/// The projection bound follows from the element bounds: errors of 0.9x every element's own
+/// bound `C_SAFETY·(S_jk + rms(S))` (signs drawn independently of the projection's) pass both
+/// the projections and the element samples, while the worst-case sum of those errors would be
+/// far above the projection bound if they were aligned with the signs.
+#[test]
+fn errors_within_every_element_bound_pass_the_projections() {
+    let mut s = Synth::new(LayerClass::TeGrouped);
+    let (dt, n) = (s.cfg.params_dtype, s.experts[2].n);
+    let mut rng = Lcg::new(SEED, 2, 77);
+    for which in [1u64, 2] {
+        let d = s.exact_wgrad(2, which);
+        let (a, b) = if which == 2 {
+            let h = s.cfg.hidden_size;
+            let gs = Array2::from_shape_fn((n, h), |(i, j)| s.g[(s.experts[2].start + i) * h + j]);
+            (gs, Array2::from_shape_vec((n, s.cfg.n2()), s.experts[2].u.clone()).unwrap())
+        } else {
+            let h = s.cfg.hidden_size;
+            let xs = Array2::from_shape_fn((n, h), |(i, j)| s.x[(s.experts[2].start + i) * h + j]);
+            (Array2::from_shape_vec((n, s.cfg.n1()), s.experts[2].da.clone()).unwrap(), xs)
+        };
+        let sum_abs = a.mapv(f64::abs).t().dot(&b.mapv(f64::abs));
+        let scale = Array2::from_shape_fn(d.dim(), |(j, k)| gemm_element_scale(dt, d[[j, k]], n, sum_abs[[j, k]]));
+        let floor = rms(scale.iter().copied());
+        for ((j, k), &v) in d.indexed_iter() {
+            let err = 0.9 * C_SAFETY * (scale[[j, k]] + floor) * rng.sign();
+            s.set_wgrad(2, which, j, k, v + err);
+        }
+    }
+    let c = s.run();
+    assert!(c.passed(), "{}", report(&c));
+    assert!(c.dw1_elements.worst_ratio > 0.5 && c.dw2_elements.worst_ratio > 0.5, "{}", report(&c));
+}
