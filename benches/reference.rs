@@ -13,6 +13,7 @@ use moe_harness::properties::{check, Property, ReferenceBackend, Verdict};
 use moe_reference::{forward, Dtype, LayerConfig, Numerics, WgradTiming};
 use proptest::strategy::{Strategy, ValueTree};
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+use std::cell::OnceCell;
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -58,9 +59,6 @@ impl Shape {
 }
 
 fn forward_backward(c: &mut Criterion) {
-    if !crate::selected(&["reference"]) {
-        return;
-    }
     for &(label, shape) in SHAPES {
         let mut group = c.benchmark_group(format!("reference/fwd+bwd/{label}"));
         group.throughput(Throughput::Elements(shape.flops()));
@@ -73,9 +71,11 @@ fn forward_backward(c: &mut Criterion) {
             group.measurement_time(Duration::from_secs(20));
         }
         let case = shape.case(Dtype::Bf16);
-        let p = case.problem();
+        // Built on first use: criterion calls the closures of the ids its filter keeps only.
+        let problem = OnceCell::new();
         for numerics in [Numerics::Emulated(Dtype::Bf16), Numerics::Oracle] {
             group.bench_function(BenchmarkId::from_parameter(numerics.label()), |b| {
+                let p = problem.get_or_init(|| case.problem());
                 b.iter(|| {
                     let fwd = forward(&case.cfg, &p.weights, &p.inputs, numerics).unwrap();
                     black_box(fwd.backward(&p.grad_output, WgradTiming::Immediate).unwrap())
@@ -95,23 +95,20 @@ fn generated_cases(n: usize) -> Vec<Case> {
 }
 
 fn property_cases(c: &mut Criterion) {
-    if !crate::selected(&["reference"]) {
-        return;
-    }
     const N: usize = 32;
     let cases = generated_cases(N);
-    // Skipped cases (not applicable: single rank, GroupedMLP without deferral, ...) are cheap
-    // and count as cases; say how many there are so the rate can be read honestly.
-    for property in Property::ALL {
-        let checked =
-            cases.iter().filter(|c| matches!(check(&ReferenceBackend, property, c), Ok(Verdict::Checked(_)))).count();
-        eprintln!("reference/property-cases/{}: {checked} of {N} cases checked, the rest skipped", property.name());
-    }
     let mut group = c.benchmark_group("reference/property-cases");
     group.throughput(Throughput::Elements(N as u64));
     group.sample_size(10);
     for property in Property::ALL {
         group.bench_function(BenchmarkId::from_parameter(property.name()), |b| {
+            // Skipped cases (not applicable: single rank, GroupedMLP without deferral, ...) are
+            // cheap and count as cases; say how many there are so the rate can be read honestly.
+            let checked = cases
+                .iter()
+                .filter(|c| matches!(check(&ReferenceBackend, property, c), Ok(Verdict::Checked(_))))
+                .count();
+            eprintln!("reference/property-cases/{}: {checked} of {N} cases checked, the rest skipped", property.name());
             b.iter(|| {
                 for case in &cases {
                     black_box(check(&ReferenceBackend, property, case).unwrap());

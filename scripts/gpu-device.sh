@@ -1,33 +1,37 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine from the repository root, with the binaries staged by gpu-run.sh in
-# .stage/. Writes logs under $OUT (when set). Steps are chosen by $STEPS (default: all):
+# .stage/. Writes logs under $OUT (when set). Steps are chosen by $STEPS (default: tests sampled
+# bench sanitize):
 #   tests     release integration tests with MOE_REQUIRE_CUDA=1
 #   sanitize  compute-sanitizer memcheck and racecheck on the GPU tests, fewer cases
 #   sampled   sampled verification of the four model shapes (the ignored tests
 #             gpu::sampled_large_shapes_match_the_oracle_<shape>)
-#   bench     issue 5 per-layer table: benches/gpu.rs (`.stage/bench gpu_layer`, strategies from
-#             $MOE_LAYER_STRATEGIES, default auto,loop) -> $OUT/layer-rust.csv, then
-#             torch_experts_bench.py -> $OUT/layer-torch.csv, then layer_table.py ->
-#             $OUT/layer-table.md (printed); logs layer-bench.log, layer-torch.log; and
-#             $MOE_LAYER_ROUNDS (default 12) interleaved rounds per row -> $OUT/layer-rounds.csv,
-#             rounds_table.py -> $OUT/rounds-table.md (printed)
-#   grouped   issue 5 GEMM-set table: benches/gpu_grouped.rs (`.stage/bench gpu_grouped`) ->
-#             $OUT/grouped-rust.csv, torch_grouped_bench.py -> $OUT/grouped-torch.csv,
-#             grouped_table.py -> $OUT/grouped-table.md (printed)
+#   bench     per-layer table: `moe-verify bench layer --rounds 12` -> $OUT/layer-rust.csv and
+#             $OUT/layer-rounds.csv, then torch_experts_bench.py -> $OUT/layer-torch.csv, then
+#             layer_table.py -> $OUT/layer-table.md and rounds_table.py -> $OUT/rounds-table.md
+#             (printed); logs layer-bench.log, layer-torch.log. $LAYER_ARGS adds flags to the
+#             bench (e.g. LAYER_ARGS="--strategy auto,loop,persistent --rounds 0").
+#   grouped   GEMM-set table: `moe-verify bench grouped` -> $OUT/grouped-rust.csv,
+#             torch_grouped_bench.py -> $OUT/grouped-torch.csv, grouped_table.py ->
+#             $OUT/grouped-table.md (printed); $GROUPED_ARGS adds flags.
+#   ab        the layer bench of the base build staged by `BASE=<rev> scripts/gpu-run.sh`
+#             (.stage/base/) against this build, run base, new, new, base (default rows: auto
+#             and loop, no rounds; $LAYER_ARGS applies to a base that has `moe-verify bench`
+#             too), compared by layer_ab.py -> $OUT/ab.md (printed; rows slower than the
+#             run-to-run noise are flagged), the CSVs and logs in $OUT/ab-raw.tgz
 #   verify    `moe-verify verify --gpu` (random cases, every property, reference and CUDA) and
 #             `verify --gpu --shape` on two model shapes
-#   profile   per-kernel time of one layer call per row: the layer bench under ncu
-#             (gpu__time_duration.sum) with a filter that matches no row, for each shape of
-#             $PROFILE_SHAPES (default mixtral deepseek-v3) x GroupedMLP/TEGroupedMLP, mode
-#             $PROFILE_MODE (default fwdbwd), strategy $MOE_LAYER_STRATEGIES (default auto);
-#             layer_profile.py -> $OUT/profile.md (printed), raw logs in $OUT/profile-raw.tgz
+#   profile   per-kernel time of one layer call per row: `moe-verify bench layer --untimed`
+#             under ncu (gpu__time_duration.sum) for each shape of $PROFILE_SHAPES (default
+#             mixtral deepseek-v3) x GroupedMLP/TEGroupedMLP, mode $PROFILE_MODE (default
+#             fwdbwd), strategy $PROFILE_STRATEGY (default auto); layer_profile.py ->
+#             $OUT/profile.md (printed), raw logs in $OUT/profile-raw.tgz
 #   dumps     tools/test_dump_experts.py: PyTorch stand-ins of the three classes write dumps,
 #             `moe-verify compare` checks them
-# $BENCH names the bench binary of the bench and profile steps (default .stage/bench; an A/B
-# run stages a second one, e.g. .stage/bench-base, and runs the step again with it).
+# Every Rust setting is a flag of the staged binaries (`.stage/moe-verify bench layer --help`);
+# the variables above only choose steps and extra flags of this script.
 set -uo pipefail
 out="${OUT:-/tmp/out}"; mkdir -p "$out"
-bench="${BENCH:-.stage/bench}"
 steps="${STEPS:-tests sampled bench sanitize}"
 export MOE_REQUIRE_CUDA=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
@@ -95,13 +99,12 @@ for s in $steps; do
     profile)
       prof=/tmp/moe-profile; rm -rf "$prof"; mkdir -p "$prof"; specs=()
       for sh in ${PROFILE_SHAPES:-mixtral deepseek-v3}; do
-        for cl in grouped te; do
-          echo "== ncu layer calls: $sh $cl ${PROFILE_MODE:-fwdbwd} ${MOE_LAYER_STRATEGIES:-auto}"
-          cname=GroupedMLP; [ "$cl" = te ] && cname=TEGroupedMLP
-          MOE_LAYER_SHAPES="$sh" MOE_LAYER_CLASSES="$cl" MOE_LAYER_MODES="${PROFILE_MODE:-fwdbwd}" \
-            MOE_LAYER_STRATEGIES="${MOE_LAYER_STRATEGIES:-auto}" timeout 300 ncu --clock-control none \
-            --metrics gpu__time_duration.sum --csv --print-units base --log-file "$prof/$sh-$cl.csv" \
-            "$bench" --bench gpu_layer/no-row > "$prof/$sh-$cl.log" 2>&1
+        for cl in grouped te_grouped; do
+          echo "== ncu layer calls: $sh $cl ${PROFILE_MODE:-fwdbwd} ${PROFILE_STRATEGY:-auto}"
+          cname=GroupedMLP; [ "$cl" = te_grouped ] && cname=TEGroupedMLP
+          timeout 300 ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
+            --log-file "$prof/$sh-$cl.csv" .stage/moe-verify bench layer --untimed --shape "$sh" --class "$cl" \
+            --mode "${PROFILE_MODE:-fwdbwd}" --strategy "${PROFILE_STRATEGY:-auto}" > "$prof/$sh-$cl.log" 2>&1
           echo "exit $?"
           specs+=("$prof/$sh-$cl.csv:$sh:$cname:${PROFILE_MODE:-fwdbwd}")
         done
@@ -113,9 +116,10 @@ for s in $steps; do
       echo "== dumps"; PYTHONUNBUFFERED=1 python3 .stage/tools/test_dump_experts.py --bin .stage/moe-verify > "$out/dumps.log" 2>&1
       echo "exit $?"; tail -20 "$out/dumps.log" ;;
     bench)
-      echo "== layer bench (Rust), strategies ${MOE_LAYER_STRATEGIES:-auto,loop}"
-      logged "$out/layer-bench.log" env MOE_LAYER_CSV="$out/layer-rust.csv" MOE_LAYER_ROUNDS="${MOE_LAYER_ROUNDS:-12}" \
-        MOE_LAYER_ROUNDS_CSV="$out/layer-rounds.csv" "$bench" --bench gpu_layer
+      echo "== layer bench (Rust) ${LAYER_ARGS:-}"
+      # shellcheck disable=SC2086 # LAYER_ARGS is a list of flags
+      logged "$out/layer-bench.log" .stage/moe-verify bench layer --rounds 12 --csv "$out/layer-rust.csv" \
+        --rounds-csv "$out/layer-rounds.csv" ${LAYER_ARGS:-}
       grep -E "^ERR|^TFLOP/s dense " "$out/layer-bench.log" | head -40
       echo "== layer bench (torch)"
       logged "$out/layer-torch.log" env PYTHONUNBUFFERED=1 python3 .stage/torch_experts_bench.py \
@@ -131,7 +135,8 @@ for s in $steps; do
       fi ;;
     grouped)
       echo "== grouped GEMM sets (Rust)"
-      logged "$out/grouped-bench.log" env MOE_GG_CSV="$out/grouped-rust.csv" "$bench" --bench gpu_grouped
+      # shellcheck disable=SC2086 # GROUPED_ARGS is a list of flags
+      logged "$out/grouped-bench.log" .stage/moe-verify bench grouped --csv "$out/grouped-rust.csv" ${GROUPED_ARGS:-}
       grep -E "^ERR|^ROW,rust,dense" "$out/grouped-bench.log" | head -40
       echo "== grouped GEMM sets (torch)"
       logged "$out/grouped-torch.log" env PYTHONUNBUFFERED=1 python3 .stage/torch_grouped_bench.py \
@@ -140,5 +145,26 @@ for s in $steps; do
       echo "== grouped table"
       python3 .stage/grouped_table.py "$out/grouped-rust.csv" "$out/grouped-torch.csv" > "$out/grouped-table.md"
       echo "exit $?"; cat "$out/grouped-table.md" ;;
+    ab)
+      # The base build: .stage/base/moe-verify with a `bench layer` command, or (a build from
+      # before it) .stage/base/bench, the criterion bench binary configured by MOE_LAYER_*.
+      ab=/tmp/moe-ab; rm -rf "$ab"; mkdir -p "$ab"
+      base_run() { # $1 = CSV
+        if .stage/base/moe-verify bench layer --help > /dev/null 2>&1; then
+          # shellcheck disable=SC2086
+          .stage/base/moe-verify bench layer --csv "$1" ${LAYER_ARGS:-}
+        else
+          MOE_LAYER_CSV="$1" .stage/base/bench --bench gpu_layer
+        fi
+      }
+      # shellcheck disable=SC2086
+      new_run() { .stage/moe-verify bench layer --csv "$1" ${LAYER_ARGS:-}; }
+      for run in base:A1 new:B1 new:B2 base:A2; do
+        echo "== layer bench ${run%%:*} (${run##*:})"
+        logged "$ab/${run##*:}.log" "${run%%:*}_run" "$ab/${run##*:}.csv"
+      done
+      python3 .stage/layer_ab.py "$ab/A1.csv" "$ab/B1.csv" "$ab/B2.csv" "$ab/A2.csv" > "$out/ab.md"
+      echo "exit $?"; cat "$out/ab.md"
+      tar czf "$out/ab-raw.tgz" -C "$ab" . ;;
   esac
 done

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Merge ROW lines of benches/gpu_grouped.rs and scripts/torch_grouped_bench.py into the
-markdown table of docs/performance.md (issue 5).
+"""Merge ROW lines of `moe-verify bench grouped --csv` (bench/src/grouped.rs) and
+scripts/torch_grouped_bench.py into the markdown table of docs/performance.md.
 
     python3 scripts/grouped_table.py rust.csv torch.csv [rust_extra.csv ...]
 

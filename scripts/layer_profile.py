@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Per-kernel time breakdown of CUDA expert-layer calls, from Nsight Compute logs.
 
-`scripts/gpu-device.sh`'s `profile` step runs the layer bench (`benches/gpu.rs`) under
-`ncu --metrics gpu__time_duration.sum --csv` with a criterion filter that matches no row, once
-per (shape, class): each of the shape's token distributions then makes exactly one untimed
+`scripts/gpu-device.sh`'s `profile` step runs the layer bench (`moe-verify bench layer
+--untimed`) under `ncu --metrics gpu__time_duration.sum --csv`, once per (shape, class): each
+of the shape's token distributions then makes exactly one untimed
 layer call, right after the `init_uniform` kernels that fill its inputs. This script splits a
 log at those `init_uniform` runs (one segment per distribution, in the bench's order: sorted
 names), sums each segment's kernel durations by category, and prints a markdown table:

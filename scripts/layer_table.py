@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Join the per-layer CSVs of benches/gpu.rs (MOE_LAYER_CSV) and scripts/torch_experts_bench.py
-(--csv) into the markdown table of docs/performance.md (issue 5, per expert layer).
+"""Join the per-layer CSVs of `moe-verify bench layer --csv` (bench/src/layer) and
+scripts/torch_experts_bench.py (--csv) into the markdown table of docs/performance.md.
 
     python3 scripts/layer_table.py layer-rust.csv layer-torch.csv [more.csv ...]
 
@@ -8,7 +8,7 @@ Rows: shape, dist, class, mode (Rust CSV order). Columns: min GB (each input/wei
 each output written once), TFLOP/s of every Rust strategy found, torch TFLOP/s, the best Rust
 strategy, its % of the dense cuBLAS rate of the Rust run (Engine::gemm 8192^3 bf16, same
 process) against the highest reading of the run ("best % dense", conservative) and against the
-mean of the two readings that bracket the shape's rows ("% adjacent dense": benches/gpu.rs
+mean of the two readings that bracket the shape's rows ("% adjacent dense": the layer bench
 measures the dense rate before the first shape, before each later shape and at the end, so
 both sides of the ratio see the same thermal state; blank for CSVs without those readings),
 best / torch and auto / torch as time ratios (torch ms / Rust ms: > 1 means Rust is faster). ERR: that run failed; blank: not run. Warnings (rows on one side only, FLOP or byte

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Summarize the interleaved rounds of benches/gpu.rs (MOE_LAYER_ROUNDS=R,
-MOE_LAYER_ROUNDS_CSV=path) as the markdown table of docs/performance.md.
+"""Summarize the interleaved rounds of `moe-verify bench layer --rounds R --rounds-csv PATH`
+as the markdown table of docs/performance.md.
 
     python3 scripts/rounds_table.py rounds.csv [torch.csv]
 

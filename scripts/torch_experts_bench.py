@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The expert layer written in PyTorch, timed like benches/gpu.rs (issue 5, per-layer rows).
+"""The expert layer written in PyTorch, timed like `moe-verify bench layer` (per-layer rows).
 
     python3 scripts/torch_experts_bench.py [--counts PATH] [--csv OUT.csv] [--shapes a,b]
         [--classes GroupedMLP,TEGroupedMLP] [--samples 10] [--sample-ms 30] [--warmup 3]
@@ -8,7 +8,7 @@
 
 Rows: shape x distribution (scripts/shapes.json, the Rust shape registry the Rust bench uses)
 x class x mode (fwd, fwdbwd), plus a dense torch.mm 8192^3 bf16 row. CSV columns, as the Rust
-bench's MOE_LAYER_CSV: shape,dist,class,mode,strategy,tokens,experts,flops,min_bytes,
+bench's --csv: shape,dist,class,mode,strategy,tokens,experts,flops,min_bytes,
 median_ms,tflops,device, with strategy = "torch"; a failed row has ERR in median_ms and tflops.
 
 The layer, as moe_gpu's DeviceLayer::forward/backward compute it (GLU silu, no bias, bf16 weights
@@ -28,7 +28,7 @@ Random data: x, g ~ U(-1, 1), W1 ~ U(-1, 1)/sqrt(h), W2 ~ U(-1, 1)/sqrt(f) (bf16
 calls each (n chosen from one timed call so that a sample lasts about `--sample-ms`), per-call
 time = sample / n, median over the samples (the Rust bench: criterion flat sampling, 10
 samples of about 30 ms of back-to-back calls, median). FLOPs and min bytes: the formulas of
-benches/gpu.rs (forward 2*T*h*(N1+N2), fwdbwd 3x; see min_bytes below).
+bench/src/layer (forward 2*T*h*(N1+N2), fwdbwd 3x; see min_bytes below).
 """
 import argparse
 import csv
@@ -52,7 +52,7 @@ def layer_flops(t, h, n1, n2, backward):
 def min_bytes(counts, h, n1, n2, backward):
     """Each input/weight read once, each output written once (bf16 2 bytes, probs fp32 4):
     fwd: x, W1+W2 of experts with tokens, p read; y written. fwdbwd: + g read; dx, dW1+dW2 of
-    every expert (zeros for empty ones), dp written. Same formula as benches/gpu.rs."""
+    every expert (zeros for empty ones), dp written. Same formula as bench/src/layer."""
     t = sum(counts)
     live = sum(1 for c in counts if c > 0)
     act = 2 * t * h

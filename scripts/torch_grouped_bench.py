@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""torch._grouped_mm baseline for issue 5 (the same GEMM sets as benches/gpu_grouped.rs).
+"""torch._grouped_mm baseline (the same GEMM sets as `moe-verify bench grouped`, bench/src/grouped.rs).
 
     python3 scripts/torch_grouped_bench.py [--counts PATH] [--csv OUT.csv] [--iters 20]
         time every (shape, distribution, case) with torch._grouped_mm, plus torch.mm 8192^3

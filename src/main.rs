@@ -4,6 +4,7 @@
 //! * `compare` — recompute a PyTorch dump with the reference and diff it.
 //! * `layout`, `reshard`, `inspect` — Megatron sharded state dicts and checkpoints.
 //! * `shapes` — the model-shape registry (`--json`: the file the PyTorch bench scripts read).
+//! * `bench layer`, `bench grouped` — the GPU benchmarks (with the `cuda` feature).
 //!
 //! Exit codes: 0 success, 1 a check failed, 2 bad input or usage.
 
@@ -36,6 +37,9 @@ enum Command {
     /// List the model shapes (sizes and bench token distributions); `--json` writes the form
     /// the PyTorch bench scripts read (scripts/shapes.json).
     Shapes(cli::shapes::ShapesArgs),
+    /// Time the CUDA layers and grouped GEMMs at the model shapes (needs a GPU).
+    #[cfg(feature = "cuda")]
+    Bench(cli::bench::BenchArgs),
 }
 
 /// Restores the default SIGPIPE disposition so `moe-verify layout ... | head` ends quietly, as
@@ -66,6 +70,8 @@ fn main() {
         Command::Reshard(a) => cli::checkpoint::run_reshard(a),
         Command::Inspect(a) => cli::checkpoint::run_inspect(a),
         Command::Shapes(a) => cli::shapes::run(a),
+        #[cfg(feature = "cuda")]
+        Command::Bench(a) => cli::bench::run(a),
     };
     std::process::exit(code);
 }

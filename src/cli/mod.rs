@@ -1,5 +1,7 @@
 //! Subcommands of the `moe-verify` binary.
 
+#[cfg(feature = "cuda")]
+pub mod bench;
 pub mod checkpoint;
 pub mod compare;
 pub mod shapes;

@@ -1,33 +1,125 @@
-//! Issue 5: grouped-GEMM strategies of the expert layers at model shapes, GPU-timed.
+//! The grouped-GEMM strategies of the expert layers at the model shapes, GPU-timed
+//! (`moe-verify bench grouped`).
 //!
-//! Shapes and token distributions come from `benches/data/grouped_counts.json` (the same file
-//! `scripts/torch_grouped_bench.py` reads, so both time identical problems). Cases per
-//! (shape, distribution): fc1/fc2/dgrad1/wgrad1 of TEGroupedMLP (`[out, in]` weights), the
-//! forward pair, and all six GEMMs of forward+backward for TEGroupedMLP and for GroupedMLP
-//! (`[in, out]` weights). bf16 in and out, f32 accumulation, random data (never zeros).
+//! Shapes and token distributions come from the shape registry ([`moe_harness::shapes`], which
+//! `scripts/torch_grouped_bench.py` reads as `scripts/shapes.json`, so both time identical
+//! problems). Cases per (shape, distribution) ([`GroupedCase`]): fc1/fc2/dgrad1/wgrad1 of
+//! TEGroupedMLP (`[out, in]` weights), the forward pair, and all six GEMMs of forward+backward
+//! for TEGroupedMLP and for GroupedMLP (`[in, out]` weights). bf16 in and out, f32
+//! accumulation, random data (never zeros).
 //!
 //! Timing: `iter_custom`, the engine's stream synchronized before starting the clock and after
 //! the last iteration; buffers, fills, graph captures and pointer-array uploads happen in
-//! set-up and warm-up (the `graph4-recapture` rows clear the caches inside the timed loop to
-//! show what a capture per call costs). One `ROW,rust,<shape>,<dist>,<case>,<strategy>,<ms>,
-//! <TFLOP/s>` line per benchmark (median per-iteration time of criterion's samples), plus the
-//! dense 8192³ cuBLAS reference; `MOE_GG_CSV=path` also writes them to a file. Criterion ids:
-//! `gpu_grouped/<shape>/<dist>/<case>/<strategy>` and `gpu_grouped/dense/gemm8192`; run this
-//! module alone with the filter `gpu_grouped` (`scripts/gpu-device.sh`'s `grouped` step).
+//! set-up and warm-up (the `graph4-recapture` rows, added when `graph4` is among the
+//! strategies, clear the caches inside the timed loop to show what a capture per call costs).
+//! One `ROW,rust,<shape>,<dist>,<case>,<strategy>,<ms>,<TFLOP/s>` line per benchmark (median
+//! per-iteration time of criterion's samples), plus the dense 8192³ cuBLAS reference; `--csv
+//! PATH` also writes them to a file. Criterion ids: `gpu_grouped/<shape>/<dist>/<case>/
+//! <strategy>` and `gpu_grouped/dense/gemm8192`.
 //!
-//! Filters (comma lists): `MOE_GG_SHAPES`, `MOE_GG_CASES`, `MOE_GG_STRATEGIES` (labels of
-//! [`Strategy::label`], default `loop,ms4,graph4,gbatched,auto`); `MOE_GG_LANE_SMS=n` sets
-//! cuBLAS's SM-count target on the side-stream handles (an experiment).
+//! Choices ([`GroupedBench`], the command line's flags): `--shape`, `--case`, `--strategy`
+//! (default `loop,ms4,graph4,gbatched,auto`), `--lane-sms N` (cuBLAS's SM-count target on the
+//! side-stream handles, an experiment), `--filter`/`--untimed` ([`Selection`]).
 
-use crate::gpu_common::{counts, dense_gemm, env_list, fill, random_chunk, time};
-use criterion::{Criterion, SamplingMode};
+use crate::timing::{criterion, dense_gemm, fill, random_chunk, time, Selection};
+use criterion::SamplingMode;
 use moe_gpu::gemm::wgrad_problem;
 use moe_gpu::{DeviceBuffer, Engine, GemmProblem, Region, Strategy};
+use moe_harness::shapes::ModelShape;
 use moe_reference::Dtype;
+use std::path::PathBuf;
+
+/// One timed set of grouped calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum GroupedCase {
+    /// fc1 of TEGroupedMLP.
+    #[cfg_attr(feature = "clap", value(name = "fc1_te"))]
+    Fc1Te,
+    /// fc2 of TEGroupedMLP.
+    #[cfg_attr(feature = "clap", value(name = "fc2_te"))]
+    Fc2Te,
+    /// fc1's data gradient of TEGroupedMLP.
+    #[cfg_attr(feature = "clap", value(name = "dgrad1_te"))]
+    Dgrad1Te,
+    /// fc1's weight gradient of TEGroupedMLP.
+    #[cfg_attr(feature = "clap", value(name = "wgrad1_te"))]
+    Wgrad1Te,
+    /// fc1 and fc2 of TEGroupedMLP.
+    #[cfg_attr(feature = "clap", value(name = "fwd_te"))]
+    FwdTe,
+    /// The six GEMMs of TEGroupedMLP's forward and backward.
+    #[cfg_attr(feature = "clap", value(name = "fwdbwd_te"))]
+    FwdbwdTe,
+    /// The six GEMMs of GroupedMLP's forward and backward.
+    #[cfg_attr(feature = "clap", value(name = "fwdbwd_grp"))]
+    FwdbwdGrp,
+}
+
+impl GroupedCase {
+    /// Every case, in the bench's order.
+    pub const ALL: [GroupedCase; 7] = [
+        GroupedCase::Fc1Te,
+        GroupedCase::Fc2Te,
+        GroupedCase::Dgrad1Te,
+        GroupedCase::Wgrad1Te,
+        GroupedCase::FwdTe,
+        GroupedCase::FwdbwdTe,
+        GroupedCase::FwdbwdGrp,
+    ];
+
+    /// The `case` column (`fc1_te`, ..., `fwdbwd_grp`).
+    pub fn name(self) -> &'static str {
+        match self {
+            GroupedCase::Fc1Te => "fc1_te",
+            GroupedCase::Fc2Te => "fc2_te",
+            GroupedCase::Dgrad1Te => "dgrad1_te",
+            GroupedCase::Wgrad1Te => "wgrad1_te",
+            GroupedCase::FwdTe => "fwd_te",
+            GroupedCase::FwdbwdTe => "fwdbwd_te",
+            GroupedCase::FwdbwdGrp => "fwdbwd_grp",
+        }
+    }
+}
+
+/// The rows and output of one grouped-GEMM bench run (module doc).
+#[derive(Clone, Debug)]
+pub struct GroupedBench {
+    /// Shapes, in this order.
+    pub shapes: Vec<ModelShape>,
+    /// Cases (run in [`GroupedCase::ALL`] order).
+    pub cases: Vec<GroupedCase>,
+    /// GEMM strategies.
+    pub strategies: Vec<Strategy>,
+    /// cuBLAS's SM-count target on the side-stream handles (an experiment).
+    pub lane_sms: Option<usize>,
+    /// The rows' CSV.
+    pub csv: Option<PathBuf>,
+    /// Which rows criterion times.
+    pub selection: Selection,
+}
+
+impl Default for GroupedBench {
+    /// Every shape and case, `loop,ms4,graph4,gbatched,auto`, no SM target, no CSV, all timed.
+    fn default() -> Self {
+        GroupedBench {
+            shapes: ModelShape::ALL.to_vec(),
+            cases: GroupedCase::ALL.to_vec(),
+            strategies: vec![
+                Strategy::Loop,
+                Strategy::MultiStream(4),
+                Strategy::Graph(4),
+                Strategy::GroupedBatched,
+                Strategy::Auto,
+            ],
+            lane_sms: None,
+            csv: None,
+            selection: Selection::All,
+        }
+    }
+}
 
 const DT: Dtype = Dtype::Bf16;
-const CASES: [&str; 7] = ["fc1_te", "fc2_te", "dgrad1_te", "wgrad1_te", "fwd_te", "fwdbwd_te", "fwdbwd_grp"];
-
 struct Buffers {
     x: DeviceBuffer,
     a: DeviceBuffer,
@@ -124,25 +216,14 @@ impl Report {
     }
 }
 
-/// The bench entry point (registered in `benches/main.rs`).
-pub fn bench(c: &mut Criterion) {
-    if !crate::selected(&["gpu_grouped"]) {
-        return;
-    }
-    let Some(gpu) = moe_gpu::gpu_or_skip("bench gpu_grouped") else {
-        return;
-    };
-    let mut guard = gpu.lock().expect("the engine");
-    let eng: &mut Engine = &mut guard;
+/// Runs the grouped-GEMM bench `bench` on `eng` (module doc). `Err` when the SM-count target
+/// cannot be set or the CSV cannot be written.
+pub fn run(eng: &mut Engine, bench: &GroupedBench) -> Result<(), String> {
+    let c = &mut criterion(&bench.selection);
     println!("gpu_grouped on {} ({})", eng.device_name(), eng.arch());
-    let counts = counts();
-    let shapes = env_list("MOE_GG_SHAPES");
-    let cases = env_list("MOE_GG_CASES");
-    let strategies: Vec<String> = env_list("MOE_GG_STRATEGIES")
-        .unwrap_or_else(|| ["loop", "ms4", "graph4", "gbatched", "auto"].map(String::from).to_vec());
     let mut report = Report { rows: Vec::new() };
-    if let Some(sms) = std::env::var("MOE_GG_LANE_SMS").ok().and_then(|v| v.parse().ok()) {
-        eng.set_lane_sm_count_target(sms).expect("cublasSetSmCountTarget");
+    if let Some(sms) = bench.lane_sms {
+        eng.set_lane_sm_count_target(sms).map_err(|e| format!("--lane-sms {sms}: {e}"))?;
         println!("lane cuBLAS SM-count target: {sms}");
     }
 
@@ -154,12 +235,10 @@ pub fn bench(c: &mut Criterion) {
         report.emit("dense", "-", "gemm8192", "cublas", secs, fl);
     }
 
-    for sh in &counts.shapes {
-        if shapes.as_ref().is_some_and(|s| !s.contains(&sh.name)) {
-            continue;
-        }
-        let (h, e, t) = (sh.hidden, sh.experts, sh.rows);
-        let l = Layout { h, n1: 2 * sh.ffn, n2: sh.ffn };
+    for &shape in &bench.shapes {
+        let (name, d) = (shape.name(), shape.dims());
+        let (h, e, t) = (d.hidden, d.experts, d.tokens);
+        let l = Layout { h, n1: 2 * d.ffn, n2: d.ffn };
         let ds = DT.size_bytes();
         let mut alloc = |elems: usize| eng.alloc(elems * ds).expect("alloc");
         let mut b = Buffers {
@@ -183,18 +262,13 @@ pub fn bench(c: &mut Criterion) {
             fill(eng, buf, &chunk);
         }
         eng.synchronize().expect("fill");
-        for (dist, cnt) in &sh.dists {
-            for case in CASES {
-                if cases.as_ref().is_some_and(|cs| !cs.iter().any(|c| c == case)) {
-                    continue;
-                }
+        for (dist, cnt) in &shape.bench_distributions() {
+            for case in GroupedCase::ALL.into_iter().filter(|c| bench.cases.contains(c)).map(GroupedCase::name) {
                 let calls = case_calls(&b, &l, cnt, case);
                 let fl = flops(&calls);
-                let mut strats: Vec<(String, Strategy, bool)> = strategies
-                    .iter()
-                    .map(|s| (s.clone(), Strategy::parse(s).unwrap_or_else(|| panic!("unknown strategy {s}")), false))
-                    .collect();
-                if case == "fwdbwd_te" && strategies.iter().any(|s| s == "graph4") {
+                let mut strats: Vec<(String, Strategy, bool)> =
+                    bench.strategies.iter().map(|&s| (s.label(), s, false)).collect();
+                if case == "fwdbwd_te" && bench.strategies.contains(&Strategy::Graph(4)) {
                     strats.push(("graph4-recapture".into(), Strategy::Graph(4), true));
                 }
                 for (label, strategy, recapture) in strats {
@@ -205,12 +279,12 @@ pub fn bench(c: &mut Criterion) {
                         .try_for_each(|(ta, tb, probs)| eng.grouped_gemm(strategy, DT, *ta, *tb, probs))
                         .and_then(|()| eng.synchronize());
                     if let Err(err) = pre {
-                        let line = format!("ERR,rust,{},{dist},{case},{label},{err}", sh.name);
+                        let line = format!("ERR,rust,{name},{dist},{case},{label},{err}");
                         println!("{line}");
                         report.rows.push(line);
                         continue;
                     }
-                    let group = format!("gpu_grouped/{}/{dist}/{case}", sh.name);
+                    let group = format!("gpu_grouped/{name}/{dist}/{case}");
                     let secs = time(c, eng, &group, &label, SamplingMode::Auto, |en| {
                         for (ta, tb, probs) in &calls {
                             if recapture {
@@ -220,7 +294,7 @@ pub fn bench(c: &mut Criterion) {
                         }
                     });
                     if let Some(secs) = secs {
-                        report.emit(&sh.name, dist, case, &label, secs, fl);
+                        report.emit(name, dist, case, &label, secs, fl);
                     }
                 }
             }
@@ -228,7 +302,10 @@ pub fn bench(c: &mut Criterion) {
         drop(b);
         eng.synchronize().expect("sync");
     }
-    if let Ok(path) = std::env::var("MOE_GG_CSV") {
-        std::fs::write(&path, report.rows.join("\n") + "\n").expect("write MOE_GG_CSV");
+    c.final_summary();
+    if let Some(path) = &bench.csv {
+        std::fs::write(path, report.rows.join("\n") + "\n")
+            .map_err(|e| format!("--csv: cannot write {}: {e}", path.display()))?;
     }
+    Ok(())
 }

@@ -1,8 +1,8 @@
-//! Pieces the GPU benches share (`gpu.rs`: the expert layers, `gpu_grouped.rs`: the grouped
-//! GEMM sets): criterion settings, the token distributions of the shape registry,
-//! random device fills, the criterion-driven timer and the dense 8192³ cuBLAS reference.
+//! What the GPU benches share ([`crate::layer`]: the expert layers, [`crate::grouped`]: the
+//! grouped GEMM sets): criterion settings, random device fills, the criterion-driven timer and
+//! the dense 8192³ cuBLAS reference.
 
-use criterion::{Criterion, SamplingMode};
+use criterion::{BenchmarkFilter, Criterion, SamplingMode};
 use moe_gpu::{DeviceBuffer, Engine, GemmProblem};
 use moe_reference::Dtype;
 use std::time::{Duration, Instant};
@@ -10,28 +10,33 @@ use std::time::{Duration, Instant};
 /// Criterion samples per benchmark (the medians reported are over these).
 pub const SAMPLES: usize = 10;
 
-/// The criterion settings for the GPU groups: few samples, short windows (device time is
-/// scarce; the timed calls run 0.1-40 ms each).
-pub fn config() -> Criterion {
-    Criterion::default()
+/// Which benchmarks criterion times.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Selection {
+    /// Every benchmark of the run.
+    #[default]
+    All,
+    /// The benchmarks whose id (`gpu_layer/<shape>/<dist>/<class>/<mode>/<strategy>`, ...)
+    /// matches this regular expression (criterion's filter).
+    Filter(String),
+    /// None: every row still makes its one untimed call (and the interleaved rounds run), so a
+    /// profiler sees one call per row.
+    Untimed,
+}
+
+/// The criterion settings for the GPU benches: few samples, short windows (device time is
+/// scarce; the timed calls run 0.1-40 ms each), and the benchmarks `selection` picks.
+pub fn criterion(selection: &Selection) -> Criterion {
+    let c = Criterion::default()
         .sample_size(SAMPLES)
         .warm_up_time(Duration::from_millis(100))
         .measurement_time(Duration::from_millis(300))
-        .nresamples(1000)
-}
-
-/// The model shapes and their bench token distributions (`moe_harness::shapes`, the registry
-/// `scripts/shapes.json` copies for the PyTorch scripts).
-pub fn counts() -> moe_harness::shapes::RegistryJson {
-    moe_harness::shapes::registry_json()
-}
-
-/// A comma list from the environment (`None` when unset or empty); items are trimmed.
-pub fn env_list(var: &str) -> Option<Vec<String>> {
-    std::env::var(var)
-        .ok()
-        .filter(|s| !s.trim().is_empty())
-        .map(|s| s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect())
+        .nresamples(1000);
+    match selection {
+        Selection::All => c,
+        Selection::Filter(regex) => c.with_filter(regex),
+        Selection::Untimed => c.with_benchmark_filter(BenchmarkFilter::RejectAll),
+    }
 }
 
 /// The median (upper median for an even count) of a non-empty list.
@@ -69,8 +74,8 @@ pub fn fill(eng: &mut Engine, buf: &mut DeviceBuffer, chunk: &DeviceBuffer) {
 /// Times `run` under criterion (group `group`, id `id`; [`SAMPLES`] samples of back-to-back
 /// calls, the engine's stream synchronized before the clock starts and after the last call of
 /// each sample) and returns the median per-call seconds of its samples. `SamplingMode::Flat`
-/// gives every sample the same call count (about 30 ms of calls with [`config`]). `None` when
-/// criterion did not run the benchmark (filtered out, `--list`).
+/// gives every sample the same call count (about 30 ms of calls with [`criterion`]). `None` when
+/// criterion did not run the benchmark (filtered out).
 pub fn time<F: FnMut(&mut Engine)>(
     c: &mut Criterion,
     eng: &mut Engine,

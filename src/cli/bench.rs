@@ -1,0 +1,162 @@
+//! `moe-verify bench`: the GPU benchmarks of `moe_bench`, configured by flags.
+//!
+//! * `bench layer`: whole layer calls at the model shapes (`moe_bench::layer`).
+//! * `bench grouped`: the grouped-GEMM strategies on the layers' GEMM sets
+//!   (`moe_bench::grouped`).
+//!
+//! Lists take commas or repeated flags (`--strategy auto,loop` = `--strategy auto --strategy
+//! loop`). Both need a GPU (exit 2 without one).
+
+use moe_bench::grouped::{GroupedBench, GroupedCase};
+use moe_bench::layer::{LayerBench, Mode};
+use moe_bench::Selection;
+use moe_gpu::{Engine, Gpu, Strategy};
+use moe_harness::shapes::ModelShape;
+use moe_reference::LayerClass;
+use std::path::PathBuf;
+
+/// Arguments of `moe-verify bench`.
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    bench: Which,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Which {
+    /// Forward and forward+backward of the CUDA expert layers at the model shapes, per GEMM
+    /// strategy, against the dense 8192³ cuBLAS rate.
+    Layer(LayerArgs),
+    /// The grouped-GEMM strategies on the GEMM sets of the layers at the model shapes.
+    Grouped(GroupedArgs),
+}
+
+/// Which benchmarks criterion times (both benches).
+#[derive(clap::Args, Debug)]
+struct Timing {
+    /// Time only the benchmarks whose id matches this regular expression (criterion's filter;
+    /// ids look like gpu_layer/mixtral/uniform/TEGroupedMLP/fwd/auto).
+    #[arg(long, value_name = "REGEX", conflicts_with = "untimed")]
+    filter: Option<String>,
+    /// Time nothing: each row makes its one untimed call (for a profiler such as ncu).
+    #[arg(long)]
+    untimed: bool,
+}
+
+impl Timing {
+    fn selection(&self) -> Selection {
+        match (&self.filter, self.untimed) {
+            (_, true) => Selection::Untimed,
+            (Some(regex), false) => Selection::Filter(regex.clone()),
+            (None, false) => Selection::All,
+        }
+    }
+}
+
+fn parse_class(s: &str) -> Result<LayerClass, String> {
+    LayerClass::parse(s).map_err(|e| e.to_string())
+}
+
+/// Arguments of `moe-verify bench layer`.
+#[derive(clap::Args, Debug)]
+struct LayerArgs {
+    /// Model shapes (default: all, in registry order).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    shape: Vec<ModelShape>,
+    /// Layer classes: sequential, grouped, te_grouped.
+    #[arg(long, value_parser = parse_class, value_delimiter = ',', default_value = "grouped,te_grouped")]
+    class: Vec<LayerClass>,
+    /// Modes: fwd, fwdbwd.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "fwd,fwdbwd")]
+    mode: Vec<Mode>,
+    /// GEMM strategies (auto, loop, msN, mtN, graphN, gbatched, persistent, persistent128,
+    /// persistent256, hybridN).
+    #[arg(long, value_name = "STRATEGY", value_delimiter = ',', default_value = "auto,loop")]
+    strategy: Vec<Strategy>,
+    /// Interleaved rounds of dense and strategy blocks per (shape, distribution, class, mode);
+    /// 0 = none.
+    #[arg(long, default_value_t = 0)]
+    rounds: usize,
+    /// Write the rows to this CSV (the file scripts/layer_table.py reads).
+    #[arg(long, value_name = "PATH")]
+    csv: Option<PathBuf>,
+    /// Write every interleaved-round block to this CSV (the file scripts/rounds_table.py reads).
+    #[arg(long, value_name = "PATH")]
+    rounds_csv: Option<PathBuf>,
+    #[command(flatten)]
+    timing: Timing,
+}
+
+/// Arguments of `moe-verify bench grouped`.
+#[derive(clap::Args, Debug)]
+struct GroupedArgs {
+    /// Model shapes (default: all, in registry order).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    shape: Vec<ModelShape>,
+    /// GEMM sets (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    case: Vec<GroupedCase>,
+    /// GEMM strategies.
+    #[arg(long, value_name = "STRATEGY", value_delimiter = ',', default_value = "loop,ms4,graph4,gbatched,auto")]
+    strategy: Vec<Strategy>,
+    /// cuBLAS's SM-count target on the side-stream handles (an experiment).
+    #[arg(long, value_name = "SMS")]
+    lane_sms: Option<usize>,
+    /// Write the ROW lines to this CSV (the file scripts/grouped_table.py reads).
+    #[arg(long, value_name = "PATH")]
+    csv: Option<PathBuf>,
+    #[command(flatten)]
+    timing: Timing,
+}
+
+/// `moe-verify bench ...`; returns the exit code (0 done, 2 no GPU or bad output path).
+pub fn run(args: &BenchArgs) -> i32 {
+    let gpu = match Gpu::new(0) {
+        Ok(gpu) => gpu,
+        Err(e) => {
+            eprintln!("error: moe-verify bench needs a GPU: {e}");
+            return 2;
+        }
+    };
+    let mut guard = match gpu.lock() {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    let eng: &mut Engine = &mut guard;
+    let done = match &args.bench {
+        Which::Layer(a) => moe_bench::layer::run(
+            eng,
+            &LayerBench {
+                shapes: if a.shape.is_empty() { ModelShape::ALL.to_vec() } else { a.shape.clone() },
+                classes: a.class.clone(),
+                modes: a.mode.clone(),
+                strategies: a.strategy.clone(),
+                rounds: a.rounds,
+                csv: a.csv.clone(),
+                rounds_csv: a.rounds_csv.clone(),
+                selection: a.timing.selection(),
+            },
+        ),
+        Which::Grouped(a) => moe_bench::grouped::run(
+            eng,
+            &GroupedBench {
+                shapes: if a.shape.is_empty() { ModelShape::ALL.to_vec() } else { a.shape.clone() },
+                cases: if a.case.is_empty() { GroupedCase::ALL.to_vec() } else { a.case.clone() },
+                strategies: a.strategy.clone(),
+                lane_sms: a.lane_sms,
+                csv: a.csv.clone(),
+                selection: a.timing.selection(),
+            },
+        ),
+    };
+    match done {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e}");
+            2
+        }
+    }
+}
