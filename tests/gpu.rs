@@ -902,7 +902,7 @@ fn cuda_backend() -> Result<moe_harness::properties::PerClassBackend, GpuError> 
 // The spec §10 property suite and token-distribution families (tests/properties.rs) on the GPU.
 differential_suite!(cuda, try super::cuda_backend(), cases = 32);
 
-/// Issue 4: a GPU layer loaded from a checkpoint saved under another class and (tp, ep) layout
+/// A GPU layer loaded from a checkpoint saved under another class and (tp, ep) layout
 /// reproduces the f64 oracle (output, dx, dp, every rank's weight grads).
 #[test]
 fn gpu_layer_loaded_from_a_checkpoint_of_another_layout_reproduces_the_oracle() {

@@ -1,4 +1,4 @@
-//! The grouped-GEMM executor (issue 5): every [`Strategy`] against the `Loop` baseline and an
+//! The grouped-GEMM executor: every [`Strategy`] against the `Loop` baseline and an
 //! f64 host reference, on ragged groups with empty experts (m = 0 in fc1/fc2/dgrad, k = 0 in
 //! wgrad), outputs poisoned with NaN before every run.
 //!
@@ -111,7 +111,7 @@ fn gpu(test: &str) -> Option<Gpu> {
     moe_gpu::gpu_or_skip(&format!("gpu_grouped::{test}"))
 }
 
-/// The persistent Hopper kernel (issue 5) against the f64 reference, in bf16 and f16, with
+/// The persistent Hopper kernel against the f64 reference, in bf16 and f16, with
 /// both tile widths: every element within one rounding of an f32-accumulated sum, k = 0
 /// experts exactly +0.0, nothing unwritten, nothing past C, and proof that the kernel ran
 /// (one launch per 128 problems, not a cuBLAS fallback).

@@ -11,7 +11,7 @@ use crate::gemm::{GemmProblem, Strategy};
 use crate::grouped::{GroupedExecutor, RawProblem};
 use crate::kernels::ExpertKernels;
 use crate::memory::{DeviceBuffer, Region};
-use cudarc::driver::{sys as driver_sys, CudaContext, CudaStream, DevicePtr};
+use cudarc::driver::{sys as driver_sys, CudaContext, CudaStream};
 use moe_reference::Dtype;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -131,11 +131,7 @@ impl Engine {
     /// have an address).
     pub fn alloc(&mut self, bytes: usize) -> Result<DeviceBuffer, GpuError> {
         let mem = self.stream.alloc_zeros::<u8>(bytes.max(1))?;
-        let base = {
-            let (base, _sync) = mem.device_ptr(&self.stream);
-            base
-        };
-        Ok(DeviceBuffer::new(mem, base, bytes))
+        DeviceBuffer::new(mem, &self.stream, bytes)
     }
 
     /// Allocates and uploads.

@@ -4,7 +4,7 @@
 //! region's buffer first.
 
 use crate::error::GpuError;
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
 /// A device allocation of `bytes` bytes (at least one byte is allocated, so that an empty
 /// tensor has an address). Freed, ordered after the work queued on the engine's stream, when
@@ -18,10 +18,17 @@ pub struct DeviceBuffer {
 }
 
 impl DeviceBuffer {
-    /// Wraps an allocation of at least `bytes.max(1)` bytes whose first byte is at `base`.
-    pub(crate) fn new(mem: CudaSlice<u8>, base: u64, bytes: usize) -> DeviceBuffer {
-        debug_assert!(mem.len() >= bytes.max(1));
-        DeviceBuffer { mem, base, bytes }
+    /// Wraps `mem`, an allocation of `bytes.max(1)` bytes made on `stream`, as a buffer of
+    /// `bytes` bytes.
+    pub(crate) fn new(mem: CudaSlice<u8>, stream: &CudaStream, bytes: usize) -> Result<DeviceBuffer, GpuError> {
+        if mem.len() < bytes.max(1) {
+            return Err(GpuError::Shape(format!("a {}-byte allocation for a {bytes}-byte buffer", mem.len())));
+        }
+        let base = {
+            let (base, _sync) = mem.device_ptr(stream);
+            base
+        };
+        Ok(DeviceBuffer { mem, base, bytes })
     }
 
     /// Size in bytes (0 for an empty tensor).

@@ -54,6 +54,7 @@ enum Unavailable {
     Skip(String),
     /// The GPU layers cannot be built for another reason (a broken CUDA setup the probe did
     /// not catch, ...): a user-facing error, exit 2.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     Fatal(String),
 }
 
