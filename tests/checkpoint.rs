@@ -414,7 +414,7 @@ fn worked_example_offsets_match_spec() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Regression cases (shared/spec/bugs-shapes-anchors.md section A).
+// Regression cases (docs/spec/bugs-shapes-anchors.md section A).
 
 #[test]
 fn swiglu_tp_rank_holds_its_gate_and_linear_slices() {

@@ -6,7 +6,7 @@
 //! parameter layouts and rounding points. Every other implementation in moe-verify is diffed
 //! against it.
 //!
-//! The behaviour is specified in `shared/spec/megatron-experts.md`; section numbers (§) in the
+//! The behaviour is specified in `docs/spec/megatron-experts.md`; section numbers (§) in the
 //! docs refer to it.
 //!
 //! * [`config`]: the configuration that matters ([`LayerConfig`]).
