@@ -297,6 +297,26 @@ mod tests {
     }
 
     #[test]
+    fn a_failure_prints_the_tensor_the_worst_element_its_index_and_the_errors() {
+        // The report a user reads when a verdict fails: every number in it must be the diff's.
+        let exp = arr2(&[[1.0, 2.0], [4.0, 8.0]]);
+        let mut got = exp.clone();
+        got[[1, 0]] = 4.5;
+        let tol = Tolerance { rtol: 0.01, atol: 0.0 };
+        let d = compare_tensor("output", got.view().into_dyn(), exp.view().into_dyn(), Bounds::RELATIVE, 1, tol);
+        let text = d.to_string();
+        // By hand: rel fro = 0.5/√85 = 5.423e-2; the bound of [1, 0] is 0.01·(|4| + rms) with
+        // rms = √(85/4) = 4.6098, so 0.5 / 0.086098 = 5.81.
+        assert_eq!(
+            text,
+            "output [2, 2]: FAIL — max abs 5.000e-1, max rel 1.250e-1, rel fro 5.423e-2, 1.00e-2x; 1 violation(s); \
+             worst at [1, 0]: got 4.500000000e0, expected 4.000000000e0 (5.81x the bound)"
+        );
+        let pass = compare_tensor("output", exp.view().into_dyn(), exp.view().into_dyn(), Bounds::RELATIVE, 1, tol);
+        assert!(pass.to_string().starts_with("output [2, 2]: pass — max abs 0.000e0"), "{pass}");
+    }
+
+    #[test]
     fn nan_never_passes_and_empty_blocks_must_be_exact_zero() {
         let exp = arr1(&[0.0, 0.0, 1.0, 1.0]);
         let got = arr1(&[f64::NAN, 0.0, 1.0, 1.0]);
