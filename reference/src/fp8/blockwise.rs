@@ -11,7 +11,7 @@
 //!   partial edge tile behaves as if zero-padded, which is how TE's Python reference
 //!   `blockwise_quantizer_reference.py` writes it: pad, quantize, slice);
 //! * `scale = compute_scale_from_types<IType, OType>(amax, eps, pow_2)`, i.e.
-//!   [`scale::block_scale`](super::scale::block_scale) with the *input* dtype's largest finite
+//!   [`scale::block_scale`] with the *input* dtype's largest finite
 //!   value for an infinite quotient;
 //! * codes `encode(x·scale)`, stored `scale_inv = 1/scale`.
 //!

@@ -2,8 +2,8 @@
 //!
 //! TE's `Float8CurrentScalingQuantizer::quantize_impl` (`pytorch/csrc/quantizer.cpp`) runs
 //! three kernels: `nvte_compute_amax` (amax of the input, NaN ignored, see
-//! [`scale::amax`](super::scale::amax)), `nvte_compute_scale_from_amax` (the scale, see
-//! [`scale::current_scale`](super::scale::current_scale)) and the cast, which writes
+//! [`scale::amax`]), `nvte_compute_scale_from_amax` (the scale, see
+//! [`scale::current_scale`]) and the cast, which writes
 //! `encode(x·scale)` for every element and `scale_inv = 1/scale`. The columnwise copy is the
 //! same codes transposed with the same `scale_inv` (`cast_transpose`; on Blackwell no separate
 //! transpose is stored at all, `Float8CurrentScalingQuantizer.inner_tensor_specs`).

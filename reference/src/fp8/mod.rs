@@ -5,7 +5,7 @@
 //! `docs/spec/fp8-recipes.md`; every source path below is at TE commit [`TE_COMMIT`] or
 //! Megatron-LM commit [`MEGATRON_COMMIT`].
 //!
-//! * [`format`]: [`Fp8Format`] (E4M3/E5M2), TE's [`TeFormat`] (E4M3/HYBRID), [`Fp8Recipe`]
+//! * [`format`](mod@format): [`Fp8Format`] (E4M3/E5M2), TE's [`TeFormat`] (E4M3/HYBRID), [`Fp8Recipe`]
 //!   (tensorwise, delayed, blockwise, mxfp8), [`TensorRole`].
 //! * [`codec`]: encode (TE's satfinite cast, and PyTorch's cast) and decode.
 //! * [`scale`]: TE's `compute_scale_from_amax` (epsilon, zero/inf/NaN amax, power-of-2 scales)
