@@ -23,6 +23,7 @@ mod properties;
 mod checkpoint;
 mod dump;
 mod edge_cases;
+mod fp8_quantizers;
 mod golden;
 #[cfg(feature = "cuda")]
 mod gpu;

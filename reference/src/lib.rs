@@ -23,6 +23,7 @@ pub mod activation;
 pub mod config;
 pub mod dtype;
 pub mod error;
+pub mod fp8;
 pub mod implementation;
 pub mod layer;
 pub mod parallel;
