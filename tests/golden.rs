@@ -189,8 +189,8 @@ fn error_model_matches_golden_snapshots() {
         let global = case.cfg.unsharded();
         let p = case.problem();
         let params = to_state_dict(&global, &p.weights).expect("golden case converts");
-        let o = moe_reference::oracle_with_scales(&global, &params, &p.inputs, &p.grad_output)
-            .expect("golden case runs");
+        let o =
+            moe_reference::oracle_with_scales(&global, &params, &p.inputs, &p.grad_output).expect("golden case runs");
         let mut out = format!("case: {}\n", case.summary());
         render_run(&mut out, "error scales S (6 significant digits)", &o.scales, 5);
         render_run(&mut out, "clamp allowances A (6 significant digits)", &o.allowance, 5);
