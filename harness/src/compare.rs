@@ -357,6 +357,23 @@ mod tests {
     }
 
     #[test]
+    fn an_error_exactly_at_its_bound_passes() {
+        // "≤ 1 passes": error 0.5 against the bound 1·(0.25 + rms 0.25) = 0.5, both exact in
+        // binary, is a ratio of exactly 1.
+        let exp = arr1(&[1.0]);
+        let scale = arr1(&[0.25]);
+        let d = compare_tensor(
+            "g",
+            arr1(&[1.5]).view().into_dyn(),
+            exp.view().into_dyn(),
+            Bounds { scale: Some(scale.view().into_dyn()), allowance: None },
+            1,
+            Tolerance { rtol: 1.0, atol: 0.0 },
+        );
+        assert_eq!((d.worst_ratio, d.violations), (1.0, 0));
+    }
+
+    #[test]
     fn bounds_of_the_wrong_shape_fail_instead_of_being_replaced() {
         let exp = arr1(&[1.0, 2.0]);
         let wrong = arr1(&[1.0, 2.0, 3.0]);
