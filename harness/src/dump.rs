@@ -191,31 +191,6 @@ fn join_dtypes(allowed: &[Dtype]) -> String {
     names.join(" or ")
 }
 
-fn decode_floats(view: &TensorView<'_>, dtype: Dtype) -> Vec<f64> {
-    let data = view.data();
-    match dtype {
-        Dtype::F32 => data.chunks_exact(4).map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect(),
-        Dtype::Bf16 => {
-            data.chunks_exact(2).map(|c| f64::from(half::bf16::from_le_bytes([c[0], c[1]]).to_f32())).collect()
-        }
-        Dtype::F16 => {
-            data.chunks_exact(2).map(|c| f64::from(half::f16::from_le_bytes([c[0], c[1]]).to_f32())).collect()
-        }
-    }
-}
-
-fn encode_floats(values: impl Iterator<Item = f64>, dtype: Dtype) -> Vec<u8> {
-    let mut out = Vec::new();
-    for v in values {
-        match dtype {
-            Dtype::F32 => out.extend_from_slice(&(v as f32).to_le_bytes()),
-            Dtype::Bf16 => out.extend_from_slice(&half::bf16::from_f64(v).to_le_bytes()),
-            Dtype::F16 => out.extend_from_slice(&half::f16::from_f64(v).to_le_bytes()),
-        }
-    }
-    out
-}
-
 /// A reader over one parsed file that attaches the file name to every error.
 struct Reader<'a> {
     file: &'a str,
@@ -369,7 +344,8 @@ impl<'a> Reader<'a> {
         let dtype = float_dtype(v.dtype()).filter(|d| allowed.contains(d)).ok_or_else(|| {
             self.err(key, format!("dtype {}; expected {}", describe_st(v.dtype()), join_dtypes(allowed)))
         })?;
-        Ok(ArrayD::from_shape_vec(IxDyn(v.shape()), decode_floats(&v, dtype)).expect("safetensors checked the length"))
+        let values = moe_reference::codec::from_bytes(dtype, v.data());
+        Ok(ArrayD::from_shape_vec(IxDyn(v.shape()), values).expect("safetensors checked the length"))
     }
 
     fn floats_shaped(
@@ -607,13 +583,14 @@ impl Dump {
         m
     }
 
-    /// Serializes the dump. Values are rounded to the dtype they are stored in (a no-op for
-    /// values that are already representable, as every value the reference produces is).
+    /// Serializes the dump. Values are rounded to the dtype they are stored in
+    /// ([`moe_reference::codec`]; a no-op for values that are already representable, as every
+    /// value the reference produces is).
     pub fn to_bytes(&self) -> Result<Vec<u8>, safetensors::SafeTensorError> {
         let (pd, probs) = (self.config.params_dtype, self.config.probs_dtype);
         let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
         let mut float = |name: String, a: ndarray::ArrayViewD<f64>, d: Dtype| {
-            tensors.push((name, st_dtype(d), a.shape().to_vec(), encode_floats(a.iter().copied(), d)));
+            tensors.push((name, st_dtype(d), a.shape().to_vec(), moe_reference::codec::to_bytes(d, a.iter().copied())));
         };
         for (name, a) in &self.params {
             float(name.clone(), a.view(), pd);

@@ -11,6 +11,7 @@
 //!
 //! * [`config`]: the configuration that matters ([`LayerConfig`]).
 //! * [`dtype`]: storage dtypes and [`Numerics`] (f64 oracle or storage-dtype emulation).
+//! * [`codec`]: f64 values to and from storage-dtype bytes, with one rounding rule.
 //! * [`weights`]: canonical `[out, in]` expert weights and EP/ETP sharding.
 //! * [`state_dict`]: each class's parameter names and layouts, converted losslessly.
 //! * [`layer`]: forward, backward and `backward_dw`.
@@ -20,6 +21,7 @@
 #![deny(missing_docs)]
 
 pub mod activation;
+pub mod codec;
 pub mod config;
 pub mod dtype;
 pub mod error;

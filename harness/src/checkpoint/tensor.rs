@@ -5,8 +5,7 @@
 //! two where the reference needs values.
 
 use super::CheckpointError;
-use half::{bf16, f16};
-use moe_reference::Dtype;
+use moe_reference::{codec, Dtype};
 use ndarray::{ArrayD, IxDyn};
 use std::collections::BTreeMap;
 
@@ -62,36 +61,22 @@ impl RawTensor {
         RawTensor { dtype, shape, data: vec![0; n] }
     }
 
-    /// Encodes `f64` values in `dtype`. Fails (naming `name`) when a value is not exactly
-    /// representable, because a checkpoint must round-trip bit for bit.
+    /// Encodes `f64` values in `dtype` ([`moe_reference::codec`]). Fails (naming `name`) when a
+    /// value is not exactly representable, because a checkpoint must round-trip bit for bit.
     pub fn from_f64(name: &str, a: &ArrayD<f64>, dtype: Dtype) -> Result<RawTensor, CheckpointError> {
-        let mut data = Vec::with_capacity(a.len() * dtype.size_bytes());
-        for (i, &x) in a.iter().enumerate() {
-            if !dtype.represents(x) {
-                return Err(CheckpointError::Value {
-                    key: name.to_string(),
-                    msg: format!("element {i} = {x:e} is not exactly representable in {dtype}"),
-                });
-            }
-            match dtype {
-                Dtype::F32 => data.extend_from_slice(&(x as f32).to_le_bytes()),
-                Dtype::Bf16 => data.extend_from_slice(&bf16::from_f64(x).to_le_bytes()),
-                Dtype::F16 => data.extend_from_slice(&f16::from_f64(x).to_le_bytes()),
-            }
+        if let Some((i, x)) = a.iter().enumerate().find(|(_, &x)| !dtype.represents(x)) {
+            return Err(CheckpointError::Value {
+                key: name.to_string(),
+                msg: format!("element {i} = {x:e} is not exactly representable in {dtype}"),
+            });
         }
-        Ok(RawTensor { dtype, shape: a.shape().to_vec(), data })
+        Ok(RawTensor { dtype, shape: a.shape().to_vec(), data: codec::to_bytes(dtype, a.iter().copied()) })
     }
 
     /// Decodes to `f64` (exact: every storage dtype embeds in f64).
     pub fn to_f64(&self) -> ArrayD<f64> {
-        let vals: Vec<f64> = match self.dtype {
-            Dtype::F32 => {
-                self.data.chunks_exact(4).map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect()
-            }
-            Dtype::Bf16 => self.data.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f64()).collect(),
-            Dtype::F16 => self.data.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f64()).collect(),
-        };
-        ArrayD::from_shape_vec(IxDyn(&self.shape), vals).expect("RawTensor bytes match its shape")
+        ArrayD::from_shape_vec(IxDyn(&self.shape), codec::from_bytes(self.dtype, &self.data))
+            .expect("RawTensor bytes match its shape")
     }
 
     /// Bytes per element.
