@@ -37,6 +37,7 @@ pub use error::ReferenceError;
 pub use implementation::{oracle_with_scales, ExpertLayer, LayerError, LayerRun, OracleRun, Reference};
 pub use layer::{forward, BackwardPass, ErrorScales, ForwardPass, Inputs, WeightGradStore, WgradTiming};
 pub use state_dict::{
-    from_state_dict, param_specs, single_grouped_specs, to_state_dict, unpack_single_grouped, ParamSpec, StateDict,
+    from_state_dict, param_specs, single_grouped_specs, to_state_dict, unpack_single_grouped, ExpertParam,
+    GroupedWeight, ParamSpec, StateDict,
 };
 pub use weights::{ExpertSet, ExpertWeights};
