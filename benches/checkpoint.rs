@@ -11,9 +11,7 @@
 //!   holds the files, which it does on a machine with room for them.
 
 use criterion::{BenchmarkId, Criterion, Throughput};
-use moe_harness::checkpoint::{
-    save, Checkpoint, ExpertLayout, RankCoord, RawStateDict, RawTensor, SaveOptions, SavePart,
-};
+use moe_checkpoint::{save, Checkpoint, ExpertLayout, RankCoord, RawStateDict, RawTensor, SaveOptions, SavePart};
 use moe_reference::{Dtype, LayerClass};
 use std::io::Write;
 use std::time::{Duration, Instant};

@@ -1,9 +1,9 @@
 //! Checkpoints: Megatron-Core's sharded state dict layouts, save -> load under another layout
 //! or class, bad input, and the CLI (issue 3; spec §7, §8.1).
 
-use moe_harness::checkpoint::format::{parse_key, INDEX};
-use moe_harness::checkpoint::tensor::{f64_state_dict, raw_state_dict};
-use moe_harness::checkpoint::{
+use moe_checkpoint::format::{parse_key, INDEX};
+use moe_checkpoint::tensor::{f64_state_dict, raw_state_dict};
+use moe_checkpoint::{
     layout_json, reshard, save, sharded_state_dict, Checkpoint, CheckpointError, ExpertLayout, RankCoord, RawStateDict,
     ReshardOptions, ReshardTarget, SaveOptions, SavePart, ShardedEntry,
 };
@@ -927,8 +927,8 @@ proptest! {
     /// expert and linear; and the three classes cover the same logical elements.
     #[test]
     fn sharded_state_dicts_tile_their_global_tensors(l in arb_layout(), edp in 1usize..=2) {
-        use moe_harness::checkpoint::format::to_logical;
-        use moe_harness::checkpoint::Region;
+        use moe_checkpoint::format::to_logical;
+        use moe_checkpoint::Region;
         use std::collections::BTreeMap;
         let mut covered: BTreeMap<String, (Vec<usize>, usize)> = BTreeMap::new();
         let mut logical: BTreeMap<String, Vec<Region>> = BTreeMap::new();
@@ -983,7 +983,7 @@ proptest! {
 fn verify_after_write_detects_different_data() {
     // The check behind `reshard --verify` (exit code 1): two checkpoints of the same layout
     // with different weights must not verify, and the error names the tensor.
-    use moe_harness::checkpoint::reshard::verify_same;
+    use moe_checkpoint::reshard::verify_same;
     let tmp = tempfile::tempdir().unwrap();
     let l = ExpertLayout { num_experts: 4, hidden: 8, ffn: 8, ..layout(Sequential, 1, 1, false, false) };
     for (name, seed) in [("a", 1), ("b", 2)] {
@@ -1266,7 +1266,7 @@ fn layout_matches_real_megatron_core() {
     let mut failures = Vec::new();
     for (name, c, theirs) in &fixtures {
         let (l, edp) = fixture_layout(c);
-        let ours = moe_harness::checkpoint::layout_json_at(&l, edp).unwrap();
+        let ours = moe_checkpoint::layout_json_at(&l, edp).unwrap();
         if let Some(d) = json_diff("layout", &ours, theirs) {
             failures.push(format!("{name}: {d}"));
         }

@@ -3,11 +3,11 @@
 //! The differential-testing side of moe-verify: the tolerance model ([`tolerance`]), tensor
 //! comparison with worst-element reports ([`compare`]), seeded problem generation and proptest
 //! strategies ([`case`], [`strategy`]), the property checks and the differential runner
-//! ([`properties`], [`runner`]), PyTorch dumps ([`dump`]), and Megatron sharded state dicts and checkpoints ([`checkpoint`]).
+//! ([`properties`], [`runner`]), and PyTorch dumps ([`dump`]). Megatron sharded state dicts
+//! and checkpoints are their own crate, `moe-checkpoint`.
 #![deny(missing_docs)]
 
 pub mod case;
-pub mod checkpoint;
 pub mod compare;
 pub mod dump;
 pub mod planted;

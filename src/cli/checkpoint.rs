@@ -4,7 +4,7 @@
 //! Exit codes: 0 success, 1 a check failed (verify-after-write), 2 bad input or usage. Errors
 //! go to stderr and name the file or key at fault.
 
-use moe_harness::checkpoint::{self, format::parse_key, CheckpointError, ExpertLayout};
+use moe_checkpoint::{self as checkpoint, format::parse_key, CheckpointError, ExpertLayout};
 use moe_reference::LayerClass;
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -1,3 +1,5 @@
+//! # moe-checkpoint
+//!
 //! Distributed checkpoints of the expert layers, interchangeable with Megatron-Core's
 //! `sharded_state_dict` layout (spec §7).
 //!
@@ -10,6 +12,8 @@
 //!
 //! Values stay in their storage dtype's bytes on this path (save and load are byte copies);
 //! [`tensor::RawTensor::to_f64`] converts where the reference needs `f64`.
+
+#![deny(missing_docs)]
 
 pub mod format;
 pub mod reshard;
