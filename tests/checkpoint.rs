@@ -7,7 +7,9 @@ use moe_checkpoint::{
     layout_json, reshard, save, sharded_state_dict, Checkpoint, CheckpointError, ExpertLayout, RankCoord, RawStateDict,
     ReshardOptions, ReshardTarget, SaveOptions, SavePart, ShardedEntry,
 };
-use moe_reference::{forward, from_state_dict, to_state_dict, Dtype, ExpertSet, Inputs, LayerClass, Numerics};
+use moe_reference::{
+    forward, from_state_dict, to_state_dict, Dtype, ExpertSet, Inputs, LayerClass, LayerConfig, Numerics, Parallelism,
+};
 use ndarray::{s, Array1, Array2};
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
@@ -29,18 +31,32 @@ fn dtype() -> Dtype {
 
 /// Megatron's test model (spec §8.1): E = 8, hidden 16, f = 4·16 = 64.
 fn layout(class: LayerClass, tp: usize, ep: usize, glu: bool, singleton: bool) -> ExpertLayout {
-    ExpertLayout {
+    let config = LayerConfig {
         class,
         num_experts: 8,
-        hidden: 16,
-        ffn: 64,
-        glu,
-        bias: false,
-        tp,
-        ep,
-        singleton,
-        prefix: String::new(),
-    }
+        hidden_size: 16,
+        ffn_hidden_size: 64,
+        gated_linear_unit: glu,
+        add_bias: false,
+        parallel: Parallelism { tp_size: tp, ep_size: ep, ..Parallelism::SINGLE },
+        ..LayerConfig::example()
+    };
+    ExpertLayout { singleton, ..ExpertLayout::new(config) }
+}
+
+/// `l` with its layer changed by `f`.
+fn with(mut l: ExpertLayout, f: impl FnOnce(&mut LayerConfig)) -> ExpertLayout {
+    f(&mut l.config);
+    l
+}
+
+/// `l` with `E`, `h` and `f` set.
+fn sized(l: ExpertLayout, num_experts: usize, hidden: usize, ffn: usize) -> ExpertLayout {
+    with(l, |c| {
+        c.num_experts = num_experts;
+        c.hidden_size = hidden;
+        c.ffn_hidden_size = ffn;
+    })
 }
 
 /// One side of a save/load: a layout on `pp` pipeline stages (prefix `"{pp_rank}."`) with
@@ -109,7 +125,7 @@ fn save_side(dir: &Path, side: &Side, layouts: &[ExpertLayout], states: &[Vec<Ra
 fn layer_output(l: &ExpertLayout, states: &[(RankCoord, &RawStateDict)], inputs: &Inputs) -> Array2<f64> {
     let el = l.local_experts();
     let mut out = Array2::zeros(inputs.hidden_states.dim());
-    for q in 0..l.ep {
+    for q in 0..l.config.parallel.ep_size {
         let (rows, rank_inputs) = moe_reference::parallel::ep_rank_inputs(inputs, el, q);
         for (c, sd) in states.iter().filter(|(c, _)| c.ep_rank == q && c.edp_rank == 0) {
             let cfg = l.layer_config(*c, dtype());
@@ -124,10 +140,10 @@ fn layer_output(l: &ExpertLayout, states: &[(RankCoord, &RawStateDict)], inputs:
 
 fn random_inputs(l: &ExpertLayout, seed: u64) -> Inputs {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let counts: Vec<i64> = (0..l.num_experts).map(|e| (e % 3) as i64 + (e == 1) as i64 * 2).collect();
+    let counts: Vec<i64> = (0..l.config.num_experts).map(|e| (e % 3) as i64 + (e == 1) as i64 * 2).collect();
     let t: usize = counts.iter().map(|&c| c as usize).sum();
     Inputs {
-        hidden_states: Array2::from_shape_fn((t, l.hidden), |_| dtype().round(rng.random_range(-1.0..1.0))),
+        hidden_states: Array2::from_shape_fn((t, l.config.hidden_size), |_| dtype().round(rng.random_range(-1.0..1.0))),
         tokens_per_expert: counts,
         probs: Array1::from_shape_fn(t, |_| rng.random_range(0.0..1.0f32) as f64),
     }
@@ -265,8 +281,8 @@ fn biases_round_trip_between_classes_and_ep() {
         for (ca, cb, ep_a, ep_b) in [(Sequential, TeGrouped, 1, 4), (TeGrouped, Sequential, 2, 1)] {
             let mut la = layout(ca, 1, ep_a, glu, singleton);
             let mut lb = layout(cb, 1, ep_b, glu, !singleton);
-            la.bias = true;
-            lb.bias = true;
+            la.config.add_bias = true;
+            lb.config.add_bias = true;
             reconfigure(&Side { layout: la, pp: 1, edp: 2 }, &Side { layout: lb, pp: 1, edp: 1 }, 7);
         }
     }
@@ -283,18 +299,7 @@ fn arb_side(glu: bool, bias: bool) -> impl Strategy<Value = Side> {
         1usize..=2,
     )
         .prop_map(move |(class, tp, ep, singleton, edp)| Side {
-            layout: ExpertLayout {
-                class,
-                num_experts: 4,
-                hidden: 8,
-                ffn: 8,
-                glu,
-                bias,
-                tp,
-                ep,
-                singleton,
-                prefix: String::new(),
-            },
+            layout: with(sized(layout(class, tp, ep, glu, singleton), 4, 8, 8), |c| c.add_bias = bias),
             pp: 1,
             edp,
         })
@@ -318,9 +323,37 @@ proptest! {
 // ---------------------------------------------------------------------------------------------
 // Layout: golden snapshots and hand-checked cases.
 
+/// The snapshots' `info`: the layout's fields as the goldens record them.
+#[derive(serde::Serialize)]
+struct LayoutInfo<'a> {
+    class: LayerClass,
+    num_experts: usize,
+    hidden: usize,
+    ffn: usize,
+    glu: bool,
+    bias: bool,
+    tp: usize,
+    ep: usize,
+    singleton: bool,
+    prefix: &'a str,
+}
+
 fn snapshot(name: &str, l: &ExpertLayout) {
     let v = layout_json(l).unwrap();
-    insta::with_settings!({snapshot_path => "../golden", prepend_module_to_snapshot => false, info => l}, {
+    let c = &l.config;
+    let info = LayoutInfo {
+        class: c.class,
+        num_experts: c.num_experts,
+        hidden: c.hidden_size,
+        ffn: c.ffn_hidden_size,
+        glu: c.gated_linear_unit,
+        bias: c.add_bias,
+        tp: c.parallel.tp_size,
+        ep: c.parallel.ep_size,
+        singleton: l.singleton,
+        prefix: &l.prefix,
+    };
+    insta::with_settings!({snapshot_path => "../golden", prepend_module_to_snapshot => false, info => &info}, {
         insta::assert_yaml_snapshot!(name, v);
     });
 }
@@ -328,39 +361,17 @@ fn snapshot(name: &str, l: &ExpertLayout) {
 #[test]
 fn layout_golden_snapshots() {
     // The worked example of spec §7.6: E = 4, p_ep = 2, t = 2, h = 16, f = 8, GLU.
-    let ex = |class, singleton| ExpertLayout {
-        class,
-        num_experts: 4,
-        hidden: 16,
-        ffn: 8,
-        glu: true,
-        bias: false,
-        tp: 2,
-        ep: 2,
-        singleton,
-        prefix: String::new(),
-    };
+    let ex = |class, singleton| sized(layout(class, 2, 2, true, singleton), 4, 16, 8);
     snapshot("layout__sequential_glu_tp2_ep2", &ex(Sequential, false));
     snapshot("layout__grouped_glu_tp2_ep2", &ex(Grouped, false));
     snapshot("layout__sequential_glu_tp2_ep2_singleton", &ex(Sequential, true));
     snapshot("layout__grouped_glu_tp2_ep2_singleton", &ex(Grouped, true));
     let bias = ExpertLayout {
-        class: TeGrouped,
-        num_experts: 4,
-        hidden: 8,
-        ffn: 16,
-        glu: false,
-        bias: true,
-        tp: 1,
-        ep: 2,
-        singleton: false,
         prefix: "decoder.layers.3.mlp.".into(),
+        ..with(sized(layout(TeGrouped, 1, 2, false, false), 4, 8, 16), |c| c.add_bias = true)
     };
     snapshot("layout__te_grouped_bias_ep2_prefix", &bias);
-    snapshot(
-        "layout__grouped_tp2_ep1",
-        &ExpertLayout { class: Grouped, glu: false, tp: 2, ep: 1, ..ex(Grouped, false) },
-    );
+    snapshot("layout__grouped_tp2_ep1", &sized(layout(Grouped, 2, 1, false, false), 4, 16, 8));
 }
 
 #[test]
@@ -369,8 +380,8 @@ fn te_grouped_layout_equals_sequential_layout() {
     for (glu, bias, singleton, tp, ep) in
         [(true, false, false, 2, 2), (false, true, true, 1, 4), (true, true, false, 1, 1)]
     {
-        let seq = ExpertLayout { class: Sequential, bias, ..layout(Sequential, tp, ep, glu, singleton) };
-        let te = ExpertLayout { class: TeGrouped, ..seq.clone() };
+        let seq = with(layout(Sequential, tp, ep, glu, singleton), |c| c.add_bias = bias);
+        let te = with(seq.clone(), |c| c.class = TeGrouped);
         assert_eq!(layout_json(&seq).unwrap(), layout_json(&te).unwrap());
     }
 }
@@ -379,18 +390,7 @@ fn te_grouped_layout_equals_sequential_layout() {
 fn worked_example_offsets_match_spec() {
     // spec §7.6, rank r_ep = 1, r = 1: SequentialMLP expert e = 0 (g = 2): w at rows 4-7 and
     // v at rows 12-15 of expert 2; GroupedMLP: one shard per half covering experts 2-3.
-    let l = ExpertLayout {
-        class: Sequential,
-        num_experts: 4,
-        hidden: 16,
-        ffn: 8,
-        glu: true,
-        bias: false,
-        tp: 2,
-        ep: 2,
-        singleton: false,
-        prefix: String::new(),
-    };
+    let l = sized(layout(Sequential, 2, 2, true, false), 4, 16, 8);
     let fc1 = |l: &ExpertLayout| -> Vec<(Vec<usize>, Vec<usize>, Vec<usize>)> {
         sharded_state_dict(l, RankCoord::new(1, 1))
             .unwrap()
@@ -406,7 +406,7 @@ fn worked_example_offsets_match_spec() {
     let seq = fc1(&l);
     assert_eq!(seq[0], (vec![2, 4, 0], vec![4, 16], vec![4, 4, 1]));
     assert_eq!(seq[1], (vec![2, 12, 0], vec![4, 16], vec![4, 4, 1]));
-    let grp = fc1(&ExpertLayout { class: Grouped, ..l.clone() });
+    let grp = fc1(&with(l.clone(), |c| c.class = Grouped));
     assert_eq!(
         grp,
         vec![(vec![2, 4, 0], vec![2, 4, 16], vec![2, 4, 1]), (vec![2, 12, 0], vec![2, 4, 16], vec![2, 4, 1])]
@@ -477,7 +477,7 @@ fn sequential_grouped_sequential_is_identity_with_ep_and_many_experts() {
     // 6.x vs SequentialMLP's 1.x (EP > 1, > 8 experts); grouped weights are [in, out],
     // sequential [out, in] (#756). Round trip sequential -> grouped -> sequential with 16
     // experts on EP 2 must be the identity and keep the forward output.
-    let base = |class, ep| ExpertLayout { num_experts: 16, ..layout(class, 1, ep, true, false) };
+    let base = |class, ep| with(layout(class, 1, ep, true, false), |c| c.num_experts = 16);
     let a = Side { layout: base(Sequential, 2), pp: 1, edp: 1 };
     let b = Side { layout: base(Grouped, 4), pp: 1, edp: 1 };
     reconfigure(&a, &b, 909);
@@ -492,8 +492,7 @@ fn square_expert_matrices_keep_their_orientation() {
     // so the comparison must be on values.
     for (glu, ffn) in [(false, 16), (true, 8)] {
         for (ca, cb) in [(Sequential, Grouped), (Grouped, TeGrouped)] {
-            let mk =
-                |class, tp, ep| ExpertLayout { hidden: 16, ffn, num_experts: 4, ..layout(class, tp, ep, glu, false) };
+            let mk = |class, tp, ep| sized(layout(class, tp, ep, glu, false), 4, 16, ffn);
             let a = Side { layout: mk(ca, 2, 2), pp: 1, edp: 1 };
             let b = Side { layout: mk(cb, 1, 1), pp: 1, edp: 1 };
             reconfigure(&a, &b, 47031);
@@ -551,7 +550,7 @@ fn te_grouped_reshards_across_tp_and_ep() {
 
 /// A small saved checkpoint (Sequential, GLU, TP 2, EP 2) in `dir/src`.
 fn small_checkpoint(dir: &Path) -> std::path::PathBuf {
-    let l = ExpertLayout { num_experts: 4, hidden: 8, ffn: 8, ..layout(Sequential, 2, 2, true, false) };
+    let l = sized(layout(Sequential, 2, 2, true, false), 4, 8, 8);
     let g = global_weights(&l, 1);
     let d = dir.join("src");
     save_every_rank(&d, &l, &g);
@@ -665,17 +664,17 @@ fn shape_or_dtype_mismatch_is_rejected_naming_the_key() {
     let tmp = tempfile::tempdir().unwrap();
     let src = small_checkpoint(tmp.path());
     let ck = Checkpoint::open(&src).unwrap();
-    let wrong_h = ExpertLayout { num_experts: 4, hidden: 16, ffn: 8, ..layout(Sequential, 1, 1, true, false) };
+    let wrong_h = sized(layout(Sequential, 1, 1, true, false), 4, 16, 8);
     let err = ck.load(&[(wrong_h, RankCoord::new(0, 0))], Some(DTYPE)).unwrap_err();
     assert!(
         matches!(err, CheckpointError::Mismatch { .. }) && err.to_string().contains("experts.linear_fc1.weight"),
         "{err}"
     );
-    let ok = ExpertLayout { num_experts: 4, hidden: 8, ffn: 8, ..layout(Sequential, 1, 1, true, false) };
+    let ok = sized(layout(Sequential, 1, 1, true, false), 4, 8, 8);
     let err = ck.load(&[(ok.clone(), RankCoord::new(0, 0))], Some(Dtype::F32)).unwrap_err();
     assert!(err.to_string().contains("float32") && err.to_string().contains("bfloat16"), "{err}");
     // Non-GLU request against a GLU checkpoint: global fc1 rows differ.
-    let err = ck.load(&[(ExpertLayout { glu: false, ..ok }, RankCoord::new(0, 0))], None).unwrap_err();
+    let err = ck.load(&[(with(ok, |c| c.gated_linear_unit = false), RankCoord::new(0, 0))], None).unwrap_err();
     assert!(err.to_string().contains("experts.linear_fc1.weight"), "{err}");
     // A reshard into a layout the model cannot take (bias would need tp 1 etc.) is bad input.
     let err = reshard(
@@ -722,7 +721,7 @@ fn nothing_is_overwritten_without_force() {
 #[test]
 fn interrupted_save_leaves_nothing_that_loads() {
     let tmp = tempfile::tempdir().unwrap();
-    let l = ExpertLayout { num_experts: 4, hidden: 8, ffn: 8, ..layout(Grouped, 2, 2, true, true) };
+    let l = sized(layout(Grouped, 2, 2, true, true), 4, 8, 8);
     let g = global_weights(&l, 1);
     let st = rank_states(&l, &l.ranks(), &g);
     let parts: Vec<SavePart> =
@@ -799,18 +798,7 @@ fn cli_layout_json_matches_library_and_exit_codes() {
     ]);
     assert_eq!(out.status.code(), Some(0));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let l = ExpertLayout {
-        class: Grouped,
-        num_experts: 4,
-        hidden: 16,
-        ffn: 8,
-        glu: true,
-        bias: false,
-        tp: 2,
-        ep: 2,
-        singleton: false,
-        prefix: String::new(),
-    };
+    let l = sized(layout(Grouped, 2, 2, true, false), 4, 16, 8);
     assert_eq!(v, layout_json(&l).unwrap());
     let ranks: Vec<(u64, u64)> = v
         .as_array()
@@ -903,16 +891,8 @@ fn arb_layout() -> impl Strategy<Value = ExpertLayout> {
         .prop_map(|(class, tp, ep, glu, bias, singleton, prefix)| {
             let bias = bias && tp == 1 && class != Grouped;
             ExpertLayout {
-                class,
-                num_experts: 4,
-                hidden: 6,
-                ffn: 8,
-                glu,
-                bias,
-                tp,
-                ep,
-                singleton,
                 prefix: prefix.into(),
+                ..with(sized(layout(class, tp, ep, glu, singleton), 4, 6, 8), |c| c.add_bias = bias)
             }
         })
 }
@@ -951,7 +931,7 @@ proptest! {
                             prop_assert_eq!(&c.0, &t.global_shape);
                             c.1 += ext.iter().product::<usize>();
                             let region = Region { offset: t.global_offset.clone(), shape: ext };
-                            let (k, r, _) = to_logical(&t.key, &region, &t.global_shape, l.num_experts);
+                            let (k, r, _) = to_logical(&t.key, &region, &t.global_shape, l.config.num_experts);
                             logical.entry(k).or_default().push(r);
                         }
                     }
@@ -962,7 +942,7 @@ proptest! {
             prop_assert_eq!(*n, shape.iter().product::<usize>(), "{} not tiled", k);
         }
         // Same logical elements as the SequentialMLP layout of the same model.
-        let seq = ExpertLayout { class: Sequential, singleton: false, ..l.clone() };
+        let seq = ExpertLayout { singleton: false, ..with(l.clone(), |c| c.class = Sequential) };
         let mut seq_logical: BTreeMap<String, usize> = BTreeMap::new();
         for rank in seq.ranks() {
             for e in sharded_state_dict(&seq, rank).unwrap() {
@@ -985,7 +965,7 @@ fn verify_after_write_detects_different_data() {
     // with different weights must not verify, and the error names the tensor.
     use moe_checkpoint::reshard::verify_same;
     let tmp = tempfile::tempdir().unwrap();
-    let l = ExpertLayout { num_experts: 4, hidden: 8, ffn: 8, ..layout(Sequential, 1, 1, false, false) };
+    let l = sized(layout(Sequential, 1, 1, false, false), 4, 8, 8);
     for (name, seed) in [("a", 1), ("b", 2)] {
         let st = rank_states(&l, &l.ranks(), &global_weights(&l, seed));
         let parts = [SavePart { layout: &l, rank: RankCoord::new(0, 0), state: &st[0] }];
@@ -1003,7 +983,7 @@ fn many_experts_reshard_quickly() {
     // must stay fast with thousands of shards per key (the overlap check is a sweep, not all
     // pairs).
     let tmp = tempfile::tempdir().unwrap();
-    let l = ExpertLayout { num_experts: 256, hidden: 4, ffn: 8, ..layout(TeGrouped, 2, 8, true, false) };
+    let l = sized(layout(TeGrouped, 2, 8, true, false), 256, 4, 8);
     let g = global_weights(&l, 256);
     let st = rank_states(&l, &l.ranks(), &g);
     let parts: Vec<SavePart> =
@@ -1023,16 +1003,24 @@ fn f16_and_f32_checkpoints_round_trip_bit_for_bit() {
     // on-disk bytes are the dtype's own, so f16 and f32 must survive resharding unchanged.
     for dt in [Dtype::F16, Dtype::F32] {
         TEST_DTYPE.with(|d| d.set(dt));
-        let mut a = layout(Sequential, 1, 2, true, false);
-        a.bias = true;
-        let b = ExpertLayout { class: TeGrouped, ep: 4, singleton: true, ..a.clone() };
+        let a = with(layout(Sequential, 1, 2, true, false), |c| c.add_bias = true);
+        let b = ExpertLayout {
+            singleton: true,
+            ..with(a.clone(), |c| {
+                c.class = TeGrouped;
+                c.parallel.ep_size = 4;
+            })
+        };
         reconfigure(&Side { layout: a.clone(), pp: 1, edp: 1 }, &Side { layout: b, pp: 1, edp: 1 }, 16);
-        let c = ExpertLayout { bias: false, tp: 4, ..a };
-        reconfigure(
-            &Side { layout: c.clone(), pp: 2, edp: 1 },
-            &Side { layout: ExpertLayout { tp: 1, ep: 8, ..c }, pp: 2, edp: 1 },
-            32,
-        );
+        let c = with(a, |c| {
+            c.add_bias = false;
+            c.parallel.tp_size = 4;
+        });
+        let d = with(c.clone(), |c| {
+            c.parallel.tp_size = 1;
+            c.parallel.ep_size = 8;
+        });
+        reconfigure(&Side { layout: c, pp: 2, edp: 1 }, &Side { layout: d, pp: 2, edp: 1 }, 32);
     }
     TEST_DTYPE.with(|d| d.set(DTYPE));
 }
@@ -1126,7 +1114,7 @@ pub(crate) fn checkpoint_load_reproduces_oracle(backend: &dyn moe_harness::prope
         let (t, h) = p.inputs.hidden_states.dim();
         let reduce = Numerics::Emulated(dtype());
         let (mut y, mut dx, mut dp) = (Array2::<f64>::zeros((t, h)), Array2::<f64>::zeros((t, h)), Array1::zeros(t));
-        for q in 0..b.ep {
+        for q in 0..b.config.parallel.ep_size {
             let (rows, inputs) = moe_reference::parallel::ep_rank_inputs(&p.inputs, el, q);
             let g = p.grad_output.slice(s![rows.clone(), ..]).to_owned();
             for (c, sd) in b_coords.iter().zip(&loaded).filter(|(c, _)| c.ep_rank == q) {
@@ -1242,17 +1230,20 @@ fn megatron_layout_fixtures() -> Vec<(String, serde_json::Value, serde_json::Val
 fn fixture_layout(c: &serde_json::Value) -> (ExpertLayout, usize) {
     let u = |k: &str| c[k].as_u64().unwrap_or_else(|| panic!("config.{k}")) as usize;
     let b = |k: &str| c[k].as_bool().unwrap_or_else(|| panic!("config.{k}"));
-    let l = ExpertLayout {
+    let config = LayerConfig {
         class: LayerClass::parse(c["layer"].as_str().unwrap()).unwrap(),
         num_experts: u("num_experts"),
-        hidden: u("hidden"),
-        ffn: u("ffn"),
-        glu: b("glu"),
-        bias: b("bias"),
-        tp: u("tp"),
-        ep: u("ep"),
+        hidden_size: u("hidden"),
+        ffn_hidden_size: u("ffn"),
+        gated_linear_unit: b("glu"),
+        add_bias: b("bias"),
+        parallel: Parallelism { tp_size: u("tp"), ep_size: u("ep"), ..Parallelism::SINGLE },
+        ..LayerConfig::example()
+    };
+    let l = ExpertLayout {
         singleton: b("singleton_local_shards"),
         prefix: c["prefix"].as_str().unwrap().to_string(),
+        ..ExpertLayout::new(config)
     };
     (l, u("expert_dp_rank"))
 }
@@ -1280,17 +1271,20 @@ fn layout_cli_json_matches_real_megatron_core() {
     let mut failures = Vec::new();
     for (name, c, theirs) in megatron_layout_fixtures().iter().step_by(5) {
         let (l, edp) = fixture_layout(c);
+        let lc = &l.config;
         let (e, h, f, tp, ep, d) = (
-            l.num_experts.to_string(),
-            l.hidden.to_string(),
-            l.ffn.to_string(),
-            l.tp.to_string(),
-            l.ep.to_string(),
+            lc.num_experts.to_string(),
+            lc.hidden_size.to_string(),
+            lc.ffn_hidden_size.to_string(),
+            lc.parallel.tp_size.to_string(),
+            lc.parallel.ep_size.to_string(),
             edp.to_string(),
         );
         let mut args = vec!["layout", "--layer", c["layer"].as_str().unwrap(), "--num-experts", &e, "--hidden", &h];
         args.extend(["--ffn", &f, "--tp", &tp, "--ep", &ep, "--prefix", &l.prefix, "--expert-dp-rank", &d, "--json"]);
-        for (on, flag) in [(l.glu, "--glu"), (l.bias, "--bias"), (l.singleton, "--singleton-local-shards")] {
+        for (on, flag) in
+            [(lc.gated_linear_unit, "--glu"), (lc.add_bias, "--bias"), (l.singleton, "--singleton-local-shards")]
+        {
             if on {
                 args.push(flag);
             }

@@ -21,7 +21,7 @@
 //! save never leaves a directory that opens as a checkpoint.
 
 use super::sharded::{build, merge, shard_pieces, sharded_state_dict, ExpertLayout, RankCoord};
-use super::sharded::{slot, ShardedEntry, ShardedTensor};
+use super::sharded::{present, ShardedEntry, ShardedTensor};
 use super::tensor::{copy_region, numel, parse_safetensors_dtype, safetensors_dtype};
 use super::tensor::{RawStateDict, RawTensor, Region};
 use super::CheckpointError;
@@ -343,10 +343,7 @@ impl CheckpointWriter {
             match entry {
                 ShardedEntry::Tensor(st) if st.is_main_replica() => {
                     let pieces = shard_pieces(st, &canon);
-                    let dtype = canon[st.source.experts.start][slot(st.source.param)]
-                        .as_ref()
-                        .expect("canonical tensor present")
-                        .dtype;
+                    let dtype = present(&canon[st.source.experts.start], st.source.param).dtype;
                     let nbytes: usize = pieces.iter().map(|p| p.len()).sum();
                     let mut h = crc32fast::Hasher::new();
                     for p in &pieces {
@@ -721,7 +718,7 @@ impl Checkpoint {
                     ShardedEntry::Tensor(st) => {
                         let region = Region { offset: st.global_offset.clone(), shape: st.extent() };
                         let (lkey, lregion, lglobal) =
-                            to_logical(&st.key, &region, &st.global_shape, layout.num_experts);
+                            to_logical(&st.key, &region, &st.global_shape, layout.config.num_experts);
                         let Some((stored_global, idx)) = self.by_logical.get(&lkey) else {
                             return Err(CheckpointError::Coverage {
                                 key: st.key.clone(),

@@ -9,32 +9,22 @@
 
 use super::tensor::{RawStateDict, RawTensor};
 use super::CheckpointError;
-use moe_reference::{Dtype, LayerClass};
+use moe_reference::state_dict::per_expert_name;
+use moe_reference::{Dtype, ExpertParam, GroupedWeight, LayerClass, LayerConfig, ReferenceError};
 use serde::Serialize;
 use std::borrow::Cow;
 use std::ops::Range;
 
-/// The expert layer whose checkpoint layout is described: class, sizes, parallel sizes, key
-/// options. Offsets `O` (spec §7.2) are always empty, as in Megatron's own tests; pipeline
-/// parallelism only changes `prefix` (`"{pp_rank}."` in those tests).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+/// The expert layer whose checkpoint layout is described, and the key options. Offsets `O`
+/// (spec §7.2) are always empty, as in Megatron's own tests; pipeline parallelism only changes
+/// `prefix` (`"{pp_rank}."` in those tests).
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct ExpertLayout {
-    /// Expert class.
-    pub class: LayerClass,
-    /// Global number of experts `E`.
-    pub num_experts: usize,
-    /// `hidden_size` `h`.
-    pub hidden: usize,
-    /// The unsplit `moe_ffn_hidden_size` `f`.
-    pub ffn: usize,
-    /// `gated_linear_unit`.
-    pub glu: bool,
-    /// `add_bias_linear`.
-    pub bias: bool,
-    /// Expert-tensor-parallel size `t`.
-    pub tp: usize,
-    /// Expert-parallel size `p_ep`.
-    pub ep: usize,
+    /// The layer: class, `E`, `h`, `f`, GLU, bias and the expert-parallel and
+    /// expert-tensor-parallel *sizes*. Its ranks are not used (a rank is a [`RankCoord`]), nor
+    /// are its numerics: a checkpoint's tensors keep the dtype they were saved in, and
+    /// [`ExpertLayout::layer_config`] sets the one a rank computes in.
+    pub config: LayerConfig,
     /// `metadata['singleton_local_shards']`: one key per global expert.
     pub singleton: bool,
     /// Key prefix `P` (ends with a dot unless empty).
@@ -60,19 +50,6 @@ impl RankCoord {
     }
 }
 
-/// Which canonical per-expert tensor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-pub enum Param {
-    /// fc1 weight `[N1, h]`.
-    Fc1Weight,
-    /// fc1 bias `[N1]`.
-    Fc1Bias,
-    /// fc2 weight `[h, N2]`.
-    Fc2Weight,
-    /// fc2 bias `[h]`.
-    Fc2Bias,
-}
-
 /// Which rows of a GLU fc1 tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 pub enum Half {
@@ -89,7 +66,7 @@ pub enum Half {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Source {
     /// The parameter.
-    pub param: Param,
+    pub param: ExpertParam,
     /// The row half (GLU fc1 only).
     pub half: Half,
     /// Local experts, in order.
@@ -258,76 +235,39 @@ impl ShardedEntry {
 }
 
 impl ExpertLayout {
+    /// The layout of `config`'s layer (its ranks set to 0): non-singleton keys, no prefix.
+    pub fn new(config: LayerConfig) -> ExpertLayout {
+        ExpertLayout { config: config.at_rank(0, 0), singleton: false, prefix: String::new() }
+    }
+
     /// `E_l = E / p_ep`.
     pub fn local_experts(&self) -> usize {
-        self.num_experts / self.ep
+        self.config.num_local_experts()
     }
 
-    /// `N2 = f / t`.
-    pub fn n2(&self) -> usize {
-        self.ffn / self.tp
-    }
-
-    /// `N1`: `2·N2` with GLU, else `N2`.
-    pub fn n1(&self) -> usize {
-        if self.glu {
-            2 * self.n2()
-        } else {
-            self.n2()
-        }
-    }
-
-    /// Checks the sizes and the class rules Megatron enforces (GroupedMLP has no bias; bias
-    /// requires `t == 1`; `E % p_ep == 0`; `f % t == 0`).
+    /// Checks the layer against the rules Megatron enforces ([`LayerConfig::validate`]:
+    /// positive sizes, `E % p_ep == 0`, `f % t == 0`, bias only with `t == 1` and not on
+    /// GroupedMLP, ...) and the prefix.
     pub fn validate(&self) -> Result<(), CheckpointError> {
-        let bad = |m: String| Err(CheckpointError::Layout(m));
-        if self.num_experts == 0 || self.hidden == 0 || self.ffn == 0 || self.tp == 0 || self.ep == 0 {
-            return bad(format!(
-                "num_experts ({}), hidden ({}), ffn ({}), tp ({}) and ep ({}) must be positive",
-                self.num_experts, self.hidden, self.ffn, self.tp, self.ep
-            ));
-        }
-        if !self.num_experts.is_multiple_of(self.ep) {
-            return bad(format!("num_experts {} is not divisible by ep {}", self.num_experts, self.ep));
-        }
-        if !self.ffn.is_multiple_of(self.tp) {
-            return bad(format!("ffn {} is not divisible by tp {}", self.ffn, self.tp));
-        }
-        if self.bias && self.tp > 1 {
-            return bad(format!("bias requires expert tp == 1 (Megatron asserts it), got tp {}", self.tp));
-        }
-        if self.bias && self.class == LayerClass::Grouped {
-            return bad("GroupedMLP has no bias (Megatron asserts add_bias_linear=False)".into());
-        }
+        self.config.validate().map_err(|e| match e {
+            ReferenceError::Config(msg) => CheckpointError::Layout(msg),
+            other => CheckpointError::Layout(other.to_string()),
+        })?;
         if !self.prefix.is_empty() && !self.prefix.ends_with('.') {
-            return bad(format!("prefix {:?} must end with '.'", self.prefix));
+            return Err(CheckpointError::Layout(format!("prefix {:?} must end with '.'", self.prefix)));
         }
         Ok(())
     }
 
     /// Every (ep_rank, tp_rank) of this layout, ep-major, expert-DP rank 0.
     pub fn ranks(&self) -> Vec<RankCoord> {
-        (0..self.ep).flat_map(|q| (0..self.tp).map(move |r| RankCoord::new(q, r))).collect()
+        let p = self.config.parallel;
+        (0..p.ep_size).flat_map(|q| (0..p.tp_size).map(move |r| RankCoord::new(q, r))).collect()
     }
 
-    /// The reference `LayerConfig` of this layout at `rank` (bf16 or another dtype, silu).
-    pub fn layer_config(&self, rank: RankCoord, dtype: Dtype) -> moe_reference::LayerConfig {
-        moe_reference::LayerConfig {
-            class: self.class,
-            num_experts: self.num_experts,
-            hidden_size: self.hidden,
-            ffn_hidden_size: self.ffn,
-            gated_linear_unit: self.glu,
-            add_bias: self.bias,
-            params_dtype: dtype,
-            parallel: moe_reference::Parallelism {
-                tp_size: self.tp,
-                tp_rank: rank.tp_rank,
-                ep_size: self.ep,
-                ep_rank: rank.ep_rank,
-            },
-            ..moe_reference::LayerConfig::example()
-        }
+    /// The reference `LayerConfig` of this layout at `rank`, computing in `dtype`.
+    pub fn layer_config(&self, rank: RankCoord, dtype: Dtype) -> LayerConfig {
+        LayerConfig { params_dtype: dtype, ..self.config.at_rank(rank.ep_rank, rank.tp_rank) }
     }
 }
 
@@ -335,13 +275,14 @@ impl ExpertLayout {
 /// by key, then global offset.
 pub fn sharded_state_dict(layout: &ExpertLayout, rank: RankCoord) -> Result<Vec<ShardedEntry>, CheckpointError> {
     layout.validate()?;
-    if rank.tp_rank >= layout.tp || rank.ep_rank >= layout.ep {
+    let p = layout.config.parallel;
+    if rank.tp_rank >= p.tp_size || rank.ep_rank >= p.ep_size {
         return Err(CheckpointError::Layout(format!(
             "rank (ep {}, tp {}) outside ep {} x tp {}",
-            rank.ep_rank, rank.tp_rank, layout.ep, layout.tp
+            rank.ep_rank, rank.tp_rank, p.ep_size, p.tp_size
         )));
     }
-    let mut out = match layout.class {
+    let mut out = match layout.config.class {
         LayerClass::Sequential | LayerClass::TeGrouped => per_expert_entries(layout, rank),
         LayerClass::Grouped => grouped_entries(layout, rank),
     };
@@ -351,8 +292,9 @@ pub fn sharded_state_dict(layout: &ExpertLayout, rank: RankCoord) -> Result<Vec<
 
 /// SequentialMLP and TEGroupedMLP: identical keys, shapes, offsets and replica ids (§7.3, §7.4).
 fn per_expert_entries(l: &ExpertLayout, rank: RankCoord) -> Vec<ShardedEntry> {
-    let (t, r, edp) = (l.tp, rank.tp_rank, rank.edp_rank);
-    let (h, n2, el) = (l.hidden, l.n2(), l.local_experts());
+    let c = &l.config;
+    let (t, r, edp) = (c.parallel.tp_size, rank.tp_rank, rank.edp_rank);
+    let (h, n2, el) = (c.hidden_size, c.n2(), c.num_local_experts());
     let p = &l.prefix;
     let mut out = Vec::new();
     for e in 0..el {
@@ -361,7 +303,7 @@ fn per_expert_entries(l: &ExpertLayout, rank: RankCoord) -> Vec<ShardedEntry> {
         let (pre, base): (Vec<(usize, usize, usize)>, String) = if l.singleton {
             (vec![], format!("{p}experts.{g}."))
         } else {
-            (vec![(0, g, l.num_experts)], format!("{p}experts."))
+            (vec![(0, g, c.num_experts)], format!("{p}experts."))
         };
         let k = pre.len();
         let src = |param, half| Source { param, half, experts: e..e + 1, stacked: false };
@@ -372,12 +314,14 @@ fn per_expert_entries(l: &ExpertLayout, rank: RankCoord) -> Vec<ShardedEntry> {
         };
         let weight_replica = [0, 0, edp];
         let replicated = [0, r, edp];
-        for (name, param, local) in [("weight", Param::Fc1Weight, vec![n2, h]), ("bias", Param::Fc1Bias, vec![n2])] {
-            if param == Param::Fc1Bias && !l.bias {
+        for (name, param, local) in
+            [("weight", ExpertParam::Fc1Weight, vec![n2, h]), ("bias", ExpertParam::Fc1Bias, vec![n2])]
+        {
+            if !param.present(c) {
                 continue;
             }
             let key = format!("{base}linear_fc1.{name}");
-            if l.glu {
+            if c.gated_linear_unit {
                 // apply_swiglu_sharded_factory: w = chunk r of 2t, v = chunk t + r of 2t
                 // (singleton: separate `_w`/`_v` keys, chunk r of t each).
                 let (kw, kv, ow, ov) = if l.singleton {
@@ -418,16 +362,16 @@ fn per_expert_entries(l: &ExpertLayout, rank: RankCoord) -> Vec<ShardedEntry> {
             &with((k + 1, r, t)),
             weight_replica,
             k,
-            src(Param::Fc2Weight, Half::All),
+            src(ExpertParam::Fc2Weight, Half::All),
         )));
-        if l.bias {
+        if c.add_bias {
             out.push(ShardedEntry::Tensor(ShardedTensor::from_rank_offsets(
                 format!("{base}linear_fc2.bias"),
                 vec![h],
                 &pre,
                 replicated,
                 k,
-                src(Param::Fc2Bias, Half::All),
+                src(ExpertParam::Fc2Bias, Half::All),
             )));
         }
         for m in ["linear_fc1", "linear_fc2"] {
@@ -443,9 +387,10 @@ fn per_expert_entries(l: &ExpertLayout, rank: RankCoord) -> Vec<ShardedEntry> {
 
 /// GroupedMLP (OLD, §7.5): one factory per packed weight plus fake `_extra_state` objects.
 fn grouped_entries(l: &ExpertLayout, rank: RankCoord) -> Vec<ShardedEntry> {
-    let (t, r, edp) = (l.tp, rank.tp_rank, rank.edp_rank);
-    let (h, n2, el) = (l.hidden, l.n2(), l.local_experts());
-    let (q, pe) = (rank.ep_rank, l.ep);
+    let c = &l.config;
+    let (t, r, edp) = (c.parallel.tp_size, rank.tp_rank, rank.edp_rank);
+    let (h, n2, el) = (c.hidden_size, c.n2(), c.num_local_experts());
+    let (q, pe) = (rank.ep_rank, c.parallel.ep_size);
     let p = &l.prefix;
     let replica = [0, 0, edp];
     let mut out = Vec::new();
@@ -455,34 +400,44 @@ fn grouped_entries(l: &ExpertLayout, rank: RankCoord) -> Vec<ShardedEntry> {
     if !l.singleton {
         let all = |param, half| Source { param, half, experts: 0..el, stacked: true };
         let k1 = format!("{p}experts.linear_fc1.weight");
-        if l.glu {
-            out.push(tensor(k1.clone(), vec![el, n2, h], &[(0, q, pe), (1, r, 2 * t)], all(Param::Fc1Weight, Half::W)));
-            out.push(tensor(k1, vec![el, n2, h], &[(0, q, pe), (1, t + r, 2 * t)], all(Param::Fc1Weight, Half::V)));
+        if c.gated_linear_unit {
+            out.push(tensor(
+                k1.clone(),
+                vec![el, n2, h],
+                &[(0, q, pe), (1, r, 2 * t)],
+                all(ExpertParam::Fc1Weight, Half::W),
+            ));
+            out.push(tensor(
+                k1,
+                vec![el, n2, h],
+                &[(0, q, pe), (1, t + r, 2 * t)],
+                all(ExpertParam::Fc1Weight, Half::V),
+            ));
         } else {
-            out.push(tensor(k1, vec![el, n2, h], &[(0, q, pe), (1, r, t)], all(Param::Fc1Weight, Half::All)));
+            out.push(tensor(k1, vec![el, n2, h], &[(0, q, pe), (1, r, t)], all(ExpertParam::Fc1Weight, Half::All)));
         }
         out.push(tensor(
             format!("{p}experts.linear_fc2.weight"),
             vec![el, h, n2],
             &[(0, q, pe), (2, r, t)],
-            all(Param::Fc2Weight, Half::All),
+            all(ExpertParam::Fc2Weight, Half::All),
         ));
     } else {
         for e in 0..el {
             let g = q * el + e;
             let one = |param, half| Source { param, half, experts: e..e + 1, stacked: false };
             let k1 = format!("{p}experts.{g}.linear_fc1.weight");
-            if l.glu {
-                out.push(tensor(format!("{k1}_w"), vec![n2, h], &[(0, r, t)], one(Param::Fc1Weight, Half::W)));
-                out.push(tensor(format!("{k1}_v"), vec![n2, h], &[(0, r, t)], one(Param::Fc1Weight, Half::V)));
+            if c.gated_linear_unit {
+                out.push(tensor(format!("{k1}_w"), vec![n2, h], &[(0, r, t)], one(ExpertParam::Fc1Weight, Half::W)));
+                out.push(tensor(format!("{k1}_v"), vec![n2, h], &[(0, r, t)], one(ExpertParam::Fc1Weight, Half::V)));
             } else {
-                out.push(tensor(k1, vec![n2, h], &[(0, r, t)], one(Param::Fc1Weight, Half::All)));
+                out.push(tensor(k1, vec![n2, h], &[(0, r, t)], one(ExpertParam::Fc1Weight, Half::All)));
             }
             out.push(tensor(
                 format!("{p}experts.{g}.linear_fc2.weight"),
                 vec![h, n2],
                 &[(1, r, t)],
-                one(Param::Fc2Weight, Half::All),
+                one(ExpertParam::Fc2Weight, Half::All),
             ));
         }
     }
@@ -495,7 +450,7 @@ fn grouped_entries(l: &ExpertLayout, rank: RankCoord) -> Vec<ShardedEntry> {
             } else {
                 ShardedObject::from_offsets(
                     format!("{p}experts.{m}._extra_state"),
-                    &[(0, g, l.num_experts)],
+                    &[(0, g, c.num_experts)],
                     [0, r, edp],
                 )
             };
@@ -505,58 +460,25 @@ fn grouped_entries(l: &ExpertLayout, rank: RankCoord) -> Vec<ShardedEntry> {
     out
 }
 
-/// One rank's canonical per-expert tensors (`[out, in]`), each possibly absent (biases);
-/// borrowed from the class state dict where no conversion is needed.
+/// One rank's canonical per-expert tensors (`[out, in]`, indexed by [`ExpertParam::index`]),
+/// each possibly absent (biases); borrowed from the class state dict where no conversion is
+/// needed.
 pub type Canonical<'a> = Vec<[Option<Cow<'a, RawTensor>>; 4]>;
 
-/// The index of `p` in a [`Canonical`] row.
-pub fn slot(p: Param) -> usize {
-    match p {
-        Param::Fc1Weight => 0,
-        Param::Fc1Bias => 1,
-        Param::Fc2Weight => 2,
-        Param::Fc2Bias => 3,
-    }
+/// Tensor `p` of one expert's [`Canonical`] row, which must hold it.
+pub fn present<'c>(row: &'c [Option<Cow<'_, RawTensor>>; 4], p: ExpertParam) -> &'c RawTensor {
+    row[p.index()].as_deref().unwrap_or_else(|| panic!("canonical {p:?} absent"))
 }
 
-/// The class state-dict names of local expert `e`'s four tensors (Sequential/TE classes).
-fn names(class: LayerClass, e: usize) -> [String; 4] {
-    match class {
-        LayerClass::TeGrouped => [
-            format!("linear_fc1.weight{e}"),
-            format!("linear_fc1.bias{e}"),
-            format!("linear_fc2.weight{e}"),
-            format!("linear_fc2.bias{e}"),
-        ],
-        _ => [
-            format!("local_experts.{e}.linear_fc1.weight"),
-            format!("local_experts.{e}.linear_fc1.bias"),
-            format!("local_experts.{e}.linear_fc2.weight"),
-            format!("local_experts.{e}.linear_fc2.bias"),
-        ],
-    }
-}
-
-fn expected_shape(l: &ExpertLayout, p: Param) -> Vec<usize> {
-    match p {
-        Param::Fc1Weight => vec![l.n1(), l.hidden],
-        Param::Fc1Bias => vec![l.n1()],
-        Param::Fc2Weight => vec![l.hidden, l.n2()],
-        Param::Fc2Bias => vec![l.hidden],
-    }
-}
-
-const PARAMS: [Param; 4] = [Param::Fc1Weight, Param::Fc1Bias, Param::Fc2Weight, Param::Fc2Bias];
-
-/// Reads a class state dict (one rank) into canonical per-expert tensors, checking names,
-/// shapes and a single dtype. GroupedMLP's packed weights are reinterpreted as
-/// `[E_l, h, N1]` / `[E_l, N2, h]` and transposed per expert (spec §3.3).
+/// Reads a class state dict (one rank) into canonical per-expert tensors, checking names and
+/// shapes. GroupedMLP's packed weights are reinterpreted per expert as the reference does
+/// ([`GroupedWeight::unpack`], spec §3.3), here on the dtype's bytes.
 pub fn to_canonical<'a>(l: &ExpertLayout, sd: &'a RawStateDict) -> Result<Canonical<'a>, CheckpointError> {
-    let el = l.local_experts();
+    let c = &l.config;
     let get = |name: &str, shape: &[usize]| -> Result<&'a RawTensor, CheckpointError> {
         let t = sd.get(name).ok_or_else(|| CheckpointError::State {
             key: name.to_string(),
-            msg: format!("missing from the {} state dict", l.class.megatron_name()),
+            msg: format!("missing from the {} state dict", c.class.megatron_name()),
         })?;
         if t.shape != shape {
             return Err(CheckpointError::State {
@@ -566,37 +488,23 @@ pub fn to_canonical<'a>(l: &ExpertLayout, sd: &'a RawStateDict) -> Result<Canoni
         }
         Ok(t)
     };
-    let mut out: Canonical = vec![[None, None, None, None]; el];
-    match l.class {
+    let mut out: Canonical = vec![[None, None, None, None]; c.num_local_experts()];
+    match c.class {
         LayerClass::Sequential | LayerClass::TeGrouped => {
             for (e, row) in out.iter_mut().enumerate() {
-                let n = names(l.class, e);
-                for p in PARAMS {
-                    if !l.bias && matches!(p, Param::Fc1Bias | Param::Fc2Bias) {
-                        continue;
-                    }
-                    row[slot(p)] = Some(Cow::Borrowed(get(&n[slot(p)], &expected_shape(l, p))?));
+                for p in ExpertParam::ALL.into_iter().filter(|p| p.present(c)) {
+                    row[p.index()] = Some(Cow::Borrowed(get(&per_expert_name(c.class, e, p), &p.shape(c))?));
                 }
             }
         }
         LayerClass::Grouped => {
-            let (h, n1, n2) = (l.hidden, l.n1(), l.n2());
-            let w1 = get("weight1", &[h, el * n1])?;
-            let w2 = get("weight2", &[el * n2, h])?;
-            let es = w1.elem();
-            for (e, row) in out.iter_mut().enumerate() {
-                let b1 = RawTensor {
-                    dtype: w1.dtype,
-                    shape: vec![h, n1],
-                    data: w1.data[e * h * n1 * es..(e + 1) * h * n1 * es].to_vec(),
-                };
-                let b2 = RawTensor {
-                    dtype: w2.dtype,
-                    shape: vec![n2, h],
-                    data: w2.data[e * n2 * h * es..(e + 1) * n2 * h * es].to_vec(),
-                };
-                row[0] = Some(Cow::Owned(b1.transpose_last2()));
-                row[2] = Some(Cow::Owned(b2.transpose_last2()));
+            for w in GroupedWeight::ALL {
+                let packed = get(w.name(), &w.shape(c))?;
+                let p = w.param();
+                for (e, row) in out.iter_mut().enumerate() {
+                    let data = w.unpack(c, &packed.data, packed.elem(), e);
+                    row[p.index()] = Some(Cow::Owned(RawTensor { dtype: packed.dtype, shape: p.shape(c), data }));
+                }
             }
         }
     }
@@ -604,29 +512,26 @@ pub fn to_canonical<'a>(l: &ExpertLayout, sd: &'a RawStateDict) -> Result<Canoni
 }
 
 /// The inverse of [`to_canonical`]: the class state dict of one rank.
-pub fn from_canonical(l: &ExpertLayout, c: Canonical<'_>) -> RawStateDict {
+pub fn from_canonical(l: &ExpertLayout, canonical: Canonical<'_>) -> RawStateDict {
+    let c = &l.config;
     let mut sd = RawStateDict::new();
-    match l.class {
+    match c.class {
         LayerClass::Sequential | LayerClass::TeGrouped => {
-            for (e, row) in c.into_iter().enumerate() {
-                let n = names(l.class, e);
-                for (i, t) in row.into_iter().enumerate() {
+            for (e, row) in canonical.into_iter().enumerate() {
+                for (p, t) in ExpertParam::ALL.into_iter().zip(row) {
                     if let Some(t) = t {
-                        sd.insert(n[i].clone(), t.into_owned());
+                        sd.insert(per_expert_name(c.class, e, p), t.into_owned());
                     }
                 }
             }
         }
         LayerClass::Grouped => {
-            let (h, n1, n2, el) = (l.hidden, l.n1(), l.n2(), l.local_experts());
-            let dtype = c[0][0].as_ref().expect("fc1 weight").dtype;
-            let (mut w1, mut w2) = (Vec::new(), Vec::new());
-            for row in &c {
-                w1.extend(row[0].as_ref().expect("fc1 weight").transpose_last2().data);
-                w2.extend(row[2].as_ref().expect("fc2 weight").transpose_last2().data);
+            for w in GroupedWeight::ALL {
+                let p = w.param();
+                let dtype = present(&canonical[0], p).dtype;
+                let data = w.pack(c, canonical.iter().map(|row| present(row, p).data.as_slice()), dtype.size_bytes());
+                sd.insert(w.name().into(), RawTensor { dtype, shape: w.shape(c), data });
             }
-            sd.insert("weight1".into(), RawTensor { dtype, shape: vec![h, el * n1], data: w1 });
-            sd.insert("weight2".into(), RawTensor { dtype, shape: vec![el * n2, h], data: w2 });
         }
     }
     sd
@@ -649,7 +554,7 @@ pub fn shard_pieces<'a>(st: &ShardedTensor, c: &'a Canonical<'_>) -> Vec<&'a [u8
     s.experts
         .clone()
         .map(|e| {
-            let t = c[e][slot(s.param)].as_ref().expect("canonical tensor present");
+            let t = present(&c[e], s.param);
             &t.data[half_bytes(t, s.half)]
         })
         .collect()
@@ -676,22 +581,21 @@ pub fn merge(
     loaded: Vec<(ShardedTensor, Vec<u8>)>,
 ) -> Result<RawStateDict, CheckpointError> {
     let _ = rank;
-    let el = l.local_experts();
-    let needed = |p: Param| l.bias || matches!(p, Param::Fc1Weight | Param::Fc2Weight);
-    let mut c: Canonical<'static> = (0..el).map(|_| [None, None, None, None]).collect();
+    let cfg = &l.config;
+    let mut c: Canonical<'static> = (0..l.local_experts()).map(|_| [None, None, None, None]).collect();
     for (st, data) in loaded {
         let s = &st.source;
-        let want = expected_shape(l, s.param);
+        let want = s.param.shape(cfg);
         let full = want.iter().product::<usize>() * dtype.size_bytes();
         if s.half == Half::All && s.experts.len() == 1 && data.len() == full {
             // The shard is the whole tensor: move it, no copy.
-            c[s.experts.start][slot(s.param)] = Some(Cow::Owned(RawTensor { dtype, shape: want, data }));
+            c[s.experts.start][s.param.index()] = Some(Cow::Owned(RawTensor { dtype, shape: want, data }));
             continue;
         }
         let per = data.len() / s.experts.len().max(1);
         for (i, e) in s.experts.clone().enumerate() {
             let t =
-                c[e][slot(s.param)].get_or_insert_with(|| Cow::Owned(RawTensor::zeros(dtype, want.clone()))).to_mut();
+                c[e][s.param.index()].get_or_insert_with(|| Cow::Owned(RawTensor::zeros(dtype, want.clone()))).to_mut();
             let range = half_bytes(t, s.half);
             if range.len() != per {
                 return Err(CheckpointError::State {
@@ -703,8 +607,8 @@ pub fn merge(
         }
     }
     for (e, row) in c.iter().enumerate() {
-        for p in PARAMS {
-            if needed(p) && row[slot(p)].is_none() {
+        for p in ExpertParam::ALL {
+            if p.present(cfg) && row[p.index()].is_none() {
                 return Err(CheckpointError::State {
                     key: format!("local expert {e} {p:?}"),
                     msg: "no shard loaded for it".into(),

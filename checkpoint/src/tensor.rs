@@ -5,6 +5,7 @@
 //! two where the reference needs values.
 
 use super::CheckpointError;
+use moe_reference::state_dict::transpose;
 use moe_reference::{codec, Dtype};
 use ndarray::{ArrayD, IxDyn};
 use std::collections::BTreeMap;
@@ -89,19 +90,12 @@ impl RawTensor {
         let nd = self.shape.len();
         assert!(nd >= 2, "transpose_last2 needs at least 2 axes");
         let (rows, cols) = (self.shape[nd - 2], self.shape[nd - 1]);
-        let batch = numel(&self.shape[..nd - 2]);
-        let es = self.elem();
-        let mut data = vec![0u8; self.data.len()];
-        for b in 0..batch {
-            let base = b * rows * cols * es;
-            for i in 0..rows {
-                for j in 0..cols {
-                    let s = base + (i * cols + j) * es;
-                    let d = base + (j * rows + i) * es;
-                    data[d..d + es].copy_from_slice(&self.data[s..s + es]);
-                }
-            }
-        }
+        let block = rows * cols * self.elem();
+        let data = if block == 0 {
+            Vec::new()
+        } else {
+            self.data.chunks_exact(block).flat_map(|b| transpose(b, rows, cols, self.elem())).collect()
+        };
         let mut shape = self.shape.clone();
         shape.swap(nd - 2, nd - 1);
         RawTensor { dtype: self.dtype, shape, data }

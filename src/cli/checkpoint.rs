@@ -5,7 +5,7 @@
 //! go to stderr and name the file or key at fault.
 
 use moe_checkpoint::{self as checkpoint, format::parse_key, CheckpointError, ExpertLayout};
-use moe_reference::LayerClass;
+use moe_reference::{LayerClass, LayerConfig, Parallelism};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -115,17 +115,20 @@ pub fn run_layout(args: &LayoutArgs) -> i32 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let layout = ExpertLayout {
+    let config = LayerConfig {
         class,
         num_experts: args.num_experts,
-        hidden: args.hidden,
-        ffn: args.ffn,
-        glu: args.glu,
-        bias: args.bias,
-        tp: args.tp,
-        ep: args.ep,
+        hidden_size: args.hidden,
+        ffn_hidden_size: args.ffn,
+        gated_linear_unit: args.glu,
+        add_bias: args.bias,
+        parallel: Parallelism { tp_size: args.tp, ep_size: args.ep, ..Parallelism::SINGLE },
+        ..LayerConfig::example()
+    };
+    let layout = ExpertLayout {
         singleton: args.singleton_local_shards,
         prefix: args.prefix.clone(),
+        ..ExpertLayout::new(config)
     };
     let value = match checkpoint::layout_json_at(&layout, args.expert_dp_rank) {
         Ok(v) => v,
@@ -181,14 +184,14 @@ pub fn run_reshard(args: &ReshardArgs) -> i32 {
                 println!(
                     "{}: {} E={} h={} f={} glu={} bias={} tp={} ep={} singleton={}",
                     if l.prefix.is_empty() { "(no prefix)" } else { &l.prefix },
-                    l.class.megatron_name(),
-                    l.num_experts,
-                    l.hidden,
-                    l.ffn,
-                    l.glu,
-                    l.bias,
-                    l.tp,
-                    l.ep,
+                    l.config.class.megatron_name(),
+                    l.config.num_experts,
+                    l.config.hidden_size,
+                    l.config.ffn_hidden_size,
+                    l.config.gated_linear_unit,
+                    l.config.add_bias,
+                    l.config.parallel.tp_size,
+                    l.config.parallel.ep_size,
                     l.singleton
                 );
             }
