@@ -5,7 +5,7 @@
 //! differential_suite!(reference, moe_harness::properties::ReferenceBackend);
 //! // A backend whose constructor can fail (no CUDA device) is skipped loudly, unless
 //! // MOE_REQUIRE_CUDA=1, which turns the skip into a failure:
-//! differential_suite!(cuda, try moe_gpu::CudaBackend::new(), cases = 16);
+//! differential_suite!(cuda, try super::cuda_backend(), cases = 16);
 //! ```
 //!
 //! Each stamp is a module (`reference::matches_oracle`, `reference::zero_tokens`, ...), so
@@ -206,7 +206,7 @@ pub(crate) fn backend_or_skip<'a>(
     match backend {
         Ok(b) => Some(b.as_ref()),
         Err(why) => {
-            if std::env::var("MOE_REQUIRE_CUDA").is_ok_and(|v| v == "1") {
+            if moe_harness::cuda_required() {
                 panic!("{suite}: backend unavailable ({why}) and MOE_REQUIRE_CUDA=1");
             }
             if !warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
