@@ -4,17 +4,18 @@
 //! Exit codes: 0 success, 1 a check failed (verify-after-write), 2 bad input or usage. Errors
 //! go to stderr and name the file or key at fault.
 
+use super::args::ClassArg;
 use moe_checkpoint::{self as checkpoint, format::parse_key, CheckpointError, ExpertLayout};
-use moe_reference::{LayerClass, LayerConfig, Parallelism};
+use moe_reference::{LayerConfig, Parallelism};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 /// Arguments of `moe-verify layout`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct LayoutArgs {
-    /// Expert class: sequential, grouped or te_grouped.
-    #[arg(long)]
-    pub layer: String,
+    /// Expert class (`--layer` is accepted too).
+    #[arg(long, alias = "layer")]
+    pub class: ClassArg,
     /// Global number of experts E.
     #[arg(long)]
     pub num_experts: usize,
@@ -57,9 +58,9 @@ pub struct ReshardArgs {
     pub src: PathBuf,
     /// Destination directory (must not exist unless --force).
     pub dst: PathBuf,
-    /// Destination class: sequential, grouped or te_grouped.
-    #[arg(long)]
-    pub layer: String,
+    /// Destination class (`--layer` is accepted too).
+    #[arg(long, alias = "layer")]
+    pub class: ClassArg,
     /// Destination expert-tensor-parallel size.
     #[arg(long, default_value_t = 1)]
     pub tp: usize,
@@ -102,21 +103,10 @@ fn fail(e: &CheckpointError) -> i32 {
     }
 }
 
-fn parse_class(name: &str) -> Result<LayerClass, i32> {
-    LayerClass::parse(name).map_err(|e| {
-        eprintln!("error: --layer: {e}");
-        2
-    })
-}
-
 /// Runs `moe-verify layout`; returns the exit code.
 pub fn run_layout(args: &LayoutArgs) -> i32 {
-    let class = match parse_class(&args.layer) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
     let config = LayerConfig {
-        class,
+        class: args.class.0,
         num_experts: args.num_experts,
         hidden_size: args.hidden,
         ffn_hidden_size: args.ffn,
@@ -172,11 +162,12 @@ pub fn run_layout(args: &LayoutArgs) -> i32 {
 
 /// Runs `moe-verify reshard`; returns the exit code.
 pub fn run_reshard(args: &ReshardArgs) -> i32 {
-    let class = match parse_class(&args.layer) {
-        Ok(c) => c,
-        Err(code) => return code,
+    let target = checkpoint::ReshardTarget {
+        class: args.class.0,
+        tp: args.tp,
+        ep: args.ep,
+        singleton: args.singleton_local_shards,
     };
-    let target = checkpoint::ReshardTarget { class, tp: args.tp, ep: args.ep, singleton: args.singleton_local_shards };
     let opts = checkpoint::ReshardOptions { force: args.force, dry_run: args.dry_run, verify: args.verify };
     match checkpoint::reshard(&args.src, &args.dst, target, opts) {
         Ok(r) => {

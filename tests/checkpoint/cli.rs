@@ -12,7 +12,7 @@ pub(super) fn moe_verify(args: &[&str]) -> std::process::Output {
 fn cli_layout_json_matches_library_and_exit_codes() {
     let out = moe_verify(&[
         "layout",
-        "--layer",
+        "--class",
         "grouped",
         "--num-experts",
         "4",
@@ -38,14 +38,14 @@ fn cli_layout_json_matches_library_and_exit_codes() {
         .map(|r| (r["ep_rank"].as_u64().unwrap(), r["tp_rank"].as_u64().unwrap()))
         .collect();
     assert_eq!(ranks, vec![(0, 0), (0, 1), (1, 0), (1, 1)]);
-    // Table form.
+    // Table form (and `--layer`, the old spelling of `--class`, still accepted).
     let out = moe_verify(&["layout", "--layer", "sequential", "--num-experts", "2", "--hidden", "4", "--ffn", "4"]);
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains("experts.linear_fc2.weight"));
     // Expert-DP rank 1: every replica id ends in 1, so no entry is a main replica.
     let out = moe_verify(&[
         "layout",
-        "--layer",
+        "--class",
         "te_grouped",
         "--num-experts",
         "2",
@@ -63,7 +63,7 @@ fn cli_layout_json_matches_library_and_exit_codes() {
     }
     // Bad input: bias on GroupedMLP, unknown class.
     let out =
-        moe_verify(&["layout", "--layer", "grouped", "--num-experts", "2", "--hidden", "4", "--ffn", "4", "--bias"]);
+        moe_verify(&["layout", "--class", "grouped", "--num-experts", "2", "--hidden", "4", "--ffn", "4", "--bias"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("bias"));
     let out = moe_verify(&["layout", "--layer", "mixtral", "--num-experts", "2", "--hidden", "4", "--ffn", "4"]);
@@ -80,7 +80,7 @@ fn cli_reshard_and_inspect() {
         "reshard",
         s,
         d,
-        "--layer",
+        "--class",
         "te_grouped",
         "--tp",
         "1",

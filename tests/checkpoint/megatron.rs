@@ -106,7 +106,7 @@ fn layout_cli_json_matches_real_megatron_core() {
             lc.parallel.ep_size.to_string(),
             edp.to_string(),
         );
-        let mut args = vec!["layout", "--layer", c["layer"].as_str().unwrap(), "--num-experts", &e, "--hidden", &h];
+        let mut args = vec!["layout", "--class", c["layer"].as_str().unwrap(), "--num-experts", &e, "--hidden", &h];
         args.extend(["--ffn", &f, "--tp", &tp, "--ep", &ep, "--prefix", &l.prefix, "--expert-dp-rank", &d, "--json"]);
         for (on, flag) in
             [(lc.gated_linear_unit, "--glu"), (lc.add_bias, "--bias"), (l.singleton, "--singleton-local-shards")]
