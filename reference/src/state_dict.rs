@@ -477,17 +477,23 @@ mod tests {
         );
     }
 
-    #[test]
-    fn grouped_packing_works_on_bytes_as_on_values() {
-        // The same reinterpretation on 2-byte elements: expert e's fc2 weight [h, N2] = [2, 3].
-        let cfg = LayerConfig {
+    /// GroupedMLP with E_l = 2, h = 2, N1 = N2 = 3 (no GLU, f = 3).
+    fn small_grouped() -> LayerConfig {
+        LayerConfig {
             class: LayerClass::Grouped,
             num_experts: 2,
             hidden_size: 2,
             ffn_hidden_size: 3,
             gated_linear_unit: false,
+            parallel: Parallelism::SINGLE,
             ..LayerConfig::example()
-        };
+        }
+    }
+
+    #[test]
+    fn grouped_packing_works_on_bytes_as_on_values() {
+        // The same reinterpretation on 2-byte elements: expert e's fc2 weight [h, N2] = [2, 3].
+        let cfg = small_grouped();
         let experts: Vec<Vec<u8>> = (0..2u8).map(|e| (0..12).map(|b| e * 100 + b).collect()).collect();
         let packed = GroupedWeight::Weight2.pack(&cfg, experts.iter().map(Vec::as_slice), 2);
         // Block 0 is W2[0]ᵀ [N2, h]: element (i, j) is W2[0] element (j, i).
@@ -500,15 +506,7 @@ mod tests {
     #[test]
     fn grouped_weight1_is_a_view_reinterpretation_not_column_blocks() {
         // E_l = 2, h = 2, N1 = 3 (no GLU, f = 3). Expert e's fc1 W1[e] = [[e*10 + 0, +1], [+2, +3], [+4, +5]].
-        let cfg = LayerConfig {
-            class: LayerClass::Grouped,
-            num_experts: 2,
-            hidden_size: 2,
-            ffn_hidden_size: 3,
-            gated_linear_unit: false,
-            parallel: Parallelism::SINGLE,
-            ..LayerConfig::example()
-        };
+        let cfg = small_grouped();
         let mut set = ExpertSet::zeros(&cfg);
         for (e, w) in set.experts.iter_mut().enumerate() {
             w.fc1_weight = Array2::from_shape_fn((3, 2), |(i, j)| (e * 10 + i * 2 + j) as f64);
