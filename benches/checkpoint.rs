@@ -11,10 +11,8 @@
 //!   holds the files, which it does on a machine with room for them.
 
 use criterion::{BenchmarkId, Criterion, Throughput};
-use moe_harness::checkpoint::{
-    save, Checkpoint, ExpertLayout, RankCoord, RawStateDict, RawTensor, SaveOptions, SavePart,
-};
-use moe_reference::{Dtype, LayerClass};
+use moe_checkpoint::{save, Checkpoint, ExpertLayout, RankCoord, RawStateDict, RawTensor, SaveOptions, SavePart};
+use moe_reference::{Dtype, LayerClass, LayerConfig, Parallelism};
 use std::io::Write;
 use std::time::{Duration, Instant};
 
@@ -27,8 +25,8 @@ fn state(l: &ExpertLayout) -> RawStateDict {
     let mut fill = 0u8;
     for e in 0..l.local_experts() {
         for (name, shape) in [
-            (format!("linear_fc1.weight{e}"), vec![2 * l.ffn, l.hidden]),
-            (format!("linear_fc2.weight{e}"), vec![l.hidden, l.ffn]),
+            (format!("linear_fc1.weight{e}"), vec![2 * l.config.ffn_hidden_size, l.config.hidden_size]),
+            (format!("linear_fc2.weight{e}"), vec![l.config.hidden_size, l.config.ffn_hidden_size]),
         ] {
             let mut t = RawTensor::zeros(Dtype::Bf16, shape);
             for (i, b) in t.data.iter_mut().enumerate() {
@@ -47,16 +45,17 @@ pub fn checkpoint(c: &mut Criterion) {
         return;
     }
     let l = ExpertLayout {
-        class: LayerClass::TeGrouped,
-        num_experts: experts(),
-        hidden: 7168,
-        ffn: 2048,
-        glu: true,
-        bias: false,
-        tp: 1,
-        ep: 1,
-        singleton: false,
         prefix: "decoder.layers.3.mlp.".into(),
+        ..ExpertLayout::new(LayerConfig {
+            class: LayerClass::TeGrouped,
+            num_experts: experts(),
+            hidden_size: 7168,
+            ffn_hidden_size: 2048,
+            gated_linear_unit: true,
+            add_bias: false,
+            parallel: Parallelism::SINGLE,
+            ..LayerConfig::example()
+        })
     };
     let sd = state(&l);
     let bytes: u64 = sd.values().map(|t| t.data.len() as u64).sum();
@@ -66,7 +65,7 @@ pub fn checkpoint(c: &mut Criterion) {
     let dir = tmp.path().join("ckpt");
     let copy = tmp.path().join("copy.bin");
     let parts = [SavePart { layout: &l, rank: RankCoord::new(0, 0), state: &sd }];
-    let label = format!("{}x7168x2048x3_bf16", l.num_experts);
+    let label = format!("{}x7168x2048x3_bf16", l.config.num_experts);
 
     let mut g = c.benchmark_group("checkpoint");
     g.sample_size(10).warm_up_time(Duration::from_millis(1)).measurement_time(Duration::from_secs(20));

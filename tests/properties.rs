@@ -209,7 +209,7 @@ pub(crate) fn backend_or_skip<'a>(
     match backend {
         Ok(b) => Some(b.as_ref()),
         Err(why) => {
-            if std::env::var("MOE_REQUIRE_CUDA").is_ok_and(|v| v == "1") {
+            if moe_harness::cuda_required() {
                 panic!("{suite}: backend unavailable ({why}) and MOE_REQUIRE_CUDA=1");
             }
             if !warned.swap(true, std::sync::atomic::Ordering::Relaxed) {

@@ -11,6 +11,7 @@
 //!
 //! * [`config`]: the configuration that matters ([`LayerConfig`]).
 //! * [`dtype`]: storage dtypes and [`Numerics`] (f64 oracle or storage-dtype emulation).
+//! * [`codec`]: f64 values to and from storage-dtype bytes, with one rounding rule.
 //! * [`weights`]: canonical `[out, in]` expert weights and EP/ETP sharding.
 //! * [`state_dict`]: each class's parameter names and layouts, converted losslessly.
 //! * [`layer`]: forward, backward and `backward_dw`.
@@ -20,6 +21,7 @@
 #![deny(missing_docs)]
 
 pub mod activation;
+pub mod codec;
 pub mod config;
 pub mod dtype;
 pub mod error;
@@ -36,6 +38,7 @@ pub use error::ReferenceError;
 pub use implementation::{oracle_with_scales, ExpertLayer, LayerError, LayerRun, OracleRun, Reference};
 pub use layer::{forward, BackwardPass, ErrorScales, ForwardPass, Inputs, WeightGradStore, WgradTiming};
 pub use state_dict::{
-    from_state_dict, param_specs, single_grouped_specs, to_state_dict, unpack_single_grouped, ParamSpec, StateDict,
+    from_state_dict, param_specs, single_grouped_specs, to_state_dict, unpack_single_grouped, ExpertParam,
+    GroupedWeight, ParamSpec, StateDict,
 };
 pub use weights::{ExpertSet, ExpertWeights};

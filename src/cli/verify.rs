@@ -1,5 +1,6 @@
 //! `moe-verify verify`: the differential harness over random cases.
 
+use super::args::{ClassArg, PropertyArg};
 use indicatif::{ProgressBar, ProgressStyle};
 use moe_harness::properties::{Backend, Property, ReferenceBackend};
 use moe_harness::runner::{run_property, PropertyReport};
@@ -17,10 +18,9 @@ pub struct VerifyArgs {
     /// Largest token count per expert in generated cases.
     #[arg(long, default_value_t = 40)]
     pub max_tokens: i64,
-    /// Only these properties (repeatable), by name: matches-oracle, parallel-decomposition,
-    /// class-equivalence, zero-tokens, padding-neutrality, deferred-wgrad, probs-linearity.
-    #[arg(long = "property")]
-    pub properties: Vec<String>,
+    /// Only these properties (repeatable).
+    #[arg(long = "property", value_name = "PROPERTY")]
+    pub properties: Vec<PropertyArg>,
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -36,9 +36,9 @@ pub struct VerifyArgs {
     /// With `--shape`: token rows (0 = the shape's default).
     #[arg(long, default_value_t = 0, requires = "shape")]
     pub tokens: usize,
-    /// With `--shape`: the class to verify (sequential, grouped, te_grouped).
+    /// With `--shape`: the class to verify.
     #[arg(long, default_value = "te_grouped", requires = "shape")]
-    pub class: String,
+    pub class: ClassArg,
 }
 
 /// Why the CUDA backend is not there.
@@ -81,7 +81,7 @@ fn cuda_backend() -> Result<Box<dyn Backend>, Unavailable> {
 /// when CUDA is required but missing (the reason is printed).
 fn backends(require_gpu: bool) -> Option<Vec<Box<dyn Backend>>> {
     let mut out: Vec<Box<dyn Backend>> = vec![Box::new(ReferenceBackend)];
-    let required = require_gpu || std::env::var("MOE_REQUIRE_CUDA").is_ok_and(|v| v == "1");
+    let required = require_gpu || moe_harness::cuda_required();
     match cuda_backend() {
         Ok(b) => out.push(b),
         Err(Unavailable::Fatal(why)) => {
@@ -100,14 +100,7 @@ fn backends(require_gpu: bool) -> Option<Vec<Box<dyn Backend>>> {
 /// `verify --gpu --shape NAME`: sampled verification of one model-sized layer.
 #[cfg(feature = "cuda")]
 fn run_shape(args: &VerifyArgs, shape: &str) -> i32 {
-    let class = match moe_reference::LayerClass::parse(&args.class) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: --class: {e}");
-            return 2;
-        }
-    };
-    match moe_gpu::sampled::verify_large_shape_class(class, shape, args.tokens, args.seed) {
+    match moe_gpu::sampled::verify_large_shape_class(args.class.0, shape, args.tokens, args.seed) {
         Ok(report) => {
             print!("{report}");
             i32::from(!report.passed())
@@ -131,24 +124,8 @@ fn run_shape(_args: &VerifyArgs, _shape: &str) -> i32 {
 
 /// Runs the harness; returns the process exit code (0 pass, 1 failure, 2 bad arguments).
 pub fn run(args: &VerifyArgs) -> i32 {
-    let properties: Vec<Property> = if args.properties.is_empty() {
-        Property::ALL.to_vec()
-    } else {
-        let mut out = Vec::new();
-        for name in &args.properties {
-            match Property::ALL.iter().find(|p| p.name() == name) {
-                Some(p) => out.push(*p),
-                None => {
-                    eprintln!(
-                        "error: unknown property {name:?}; expected one of {}",
-                        Property::ALL.map(|p| p.name()).join(", ")
-                    );
-                    return 2;
-                }
-            }
-        }
-        out
-    };
+    let properties: Vec<Property> =
+        if args.properties.is_empty() { Property::ALL.to_vec() } else { args.properties.iter().map(|p| p.0).collect() };
     if let Some(shape) = &args.shape {
         return run_shape(args, shape);
     }

@@ -1,3 +1,5 @@
+//! # moe-checkpoint
+//!
 //! Distributed checkpoints of the expert layers, interchangeable with Megatron-Core's
 //! `sharded_state_dict` layout (spec §7).
 //!
@@ -10,6 +12,14 @@
 //!
 //! Values stay in their storage dtype's bytes on this path (save and load are byte copies);
 //! [`tensor::RawTensor::to_f64`] converts where the reference needs `f64`.
+//!
+//! What a class's state dict holds is the reference's knowledge, used here as is: layouts are
+//! built on [`moe_reference::LayerConfig`] (and validated by it), per-expert names and
+//! canonical shapes come from [`moe_reference::state_dict`], GroupedMLP's `weight1`/`weight2`
+//! are reinterpreted by [`moe_reference::GroupedWeight`] (on bytes here, on values there), and
+//! values are encoded by [`moe_reference::codec`].
+
+#![deny(missing_docs)]
 
 pub mod format;
 pub mod reshard;

@@ -3,7 +3,7 @@
 use super::format::{parse_key, Checkpoint, CheckpointWriter, SaveOptions, SavePart};
 use super::sharded::{ExpertLayout, RankCoord};
 use super::CheckpointError;
-use moe_reference::{Dtype, LayerClass};
+use moe_reference::{Dtype, LayerClass, LayerConfig, Parallelism};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -26,6 +26,23 @@ pub struct ModelInfo {
     pub singleton: bool,
     /// Storage dtype.
     pub dtype: Dtype,
+}
+
+impl ModelInfo {
+    /// This expert layer in `target`'s class and parallel layout.
+    pub fn layout(&self, target: &ReshardTarget) -> ExpertLayout {
+        let config = LayerConfig {
+            class: target.class,
+            num_experts: self.num_experts,
+            hidden_size: self.hidden,
+            ffn_hidden_size: self.ffn,
+            gated_linear_unit: self.glu,
+            add_bias: self.bias,
+            parallel: Parallelism { tp_size: target.tp, ep_size: target.ep, ..Parallelism::SINGLE },
+            ..LayerConfig::example()
+        };
+        ExpertLayout { singleton: target.singleton, prefix: self.prefix.clone(), ..ExpertLayout::new(config) }
+    }
 }
 
 /// Finds the expert layers of a checkpoint from its keys and global shapes.
@@ -97,7 +114,7 @@ pub struct ReshardOptions {
 }
 
 /// What [`reshard`] did.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ReshardReport {
     /// The destination layout of each expert layer.
     pub layouts: Vec<ExpertLayout>,
@@ -136,21 +153,7 @@ pub fn reshard(
     let mut skipped_keys: Vec<String> =
         ckpt.index.shards.iter().filter(|s| parse_key(&s.key).is_none()).map(|s| s.key.clone()).collect();
     skipped_keys.dedup();
-    let layouts: Vec<ExpertLayout> = models
-        .iter()
-        .map(|m| ExpertLayout {
-            class: target.class,
-            num_experts: m.num_experts,
-            hidden: m.hidden,
-            ffn: m.ffn,
-            glu: m.glu,
-            bias: m.bias,
-            tp: target.tp,
-            ep: target.ep,
-            singleton: target.singleton,
-            prefix: m.prefix.clone(),
-        })
-        .collect();
+    let layouts: Vec<ExpertLayout> = models.iter().map(|m| m.layout(&target)).collect();
     for l in &layouts {
         l.validate()?;
     }

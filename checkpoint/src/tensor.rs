@@ -5,8 +5,8 @@
 //! two where the reference needs values.
 
 use super::CheckpointError;
-use half::{bf16, f16};
-use moe_reference::Dtype;
+use moe_reference::state_dict::transpose;
+use moe_reference::{codec, Dtype};
 use ndarray::{ArrayD, IxDyn};
 use std::collections::BTreeMap;
 
@@ -62,36 +62,22 @@ impl RawTensor {
         RawTensor { dtype, shape, data: vec![0; n] }
     }
 
-    /// Encodes `f64` values in `dtype`. Fails (naming `name`) when a value is not exactly
-    /// representable, because a checkpoint must round-trip bit for bit.
+    /// Encodes `f64` values in `dtype` ([`moe_reference::codec`]). Fails (naming `name`) when a
+    /// value is not exactly representable, because a checkpoint must round-trip bit for bit.
     pub fn from_f64(name: &str, a: &ArrayD<f64>, dtype: Dtype) -> Result<RawTensor, CheckpointError> {
-        let mut data = Vec::with_capacity(a.len() * dtype.size_bytes());
-        for (i, &x) in a.iter().enumerate() {
-            if !dtype.represents(x) {
-                return Err(CheckpointError::Value {
-                    key: name.to_string(),
-                    msg: format!("element {i} = {x:e} is not exactly representable in {dtype}"),
-                });
-            }
-            match dtype {
-                Dtype::F32 => data.extend_from_slice(&(x as f32).to_le_bytes()),
-                Dtype::Bf16 => data.extend_from_slice(&bf16::from_f64(x).to_le_bytes()),
-                Dtype::F16 => data.extend_from_slice(&f16::from_f64(x).to_le_bytes()),
-            }
+        if let Some((i, x)) = a.iter().enumerate().find(|(_, &x)| !dtype.represents(x)) {
+            return Err(CheckpointError::Value {
+                key: name.to_string(),
+                msg: format!("element {i} = {x:e} is not exactly representable in {dtype}"),
+            });
         }
-        Ok(RawTensor { dtype, shape: a.shape().to_vec(), data })
+        Ok(RawTensor { dtype, shape: a.shape().to_vec(), data: codec::to_bytes(dtype, a.iter().copied()) })
     }
 
     /// Decodes to `f64` (exact: every storage dtype embeds in f64).
     pub fn to_f64(&self) -> ArrayD<f64> {
-        let vals: Vec<f64> = match self.dtype {
-            Dtype::F32 => {
-                self.data.chunks_exact(4).map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect()
-            }
-            Dtype::Bf16 => self.data.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f64()).collect(),
-            Dtype::F16 => self.data.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f64()).collect(),
-        };
-        ArrayD::from_shape_vec(IxDyn(&self.shape), vals).expect("RawTensor bytes match its shape")
+        ArrayD::from_shape_vec(IxDyn(&self.shape), codec::from_bytes(self.dtype, &self.data))
+            .expect("RawTensor bytes match its shape")
     }
 
     /// Bytes per element.
@@ -104,19 +90,12 @@ impl RawTensor {
         let nd = self.shape.len();
         assert!(nd >= 2, "transpose_last2 needs at least 2 axes");
         let (rows, cols) = (self.shape[nd - 2], self.shape[nd - 1]);
-        let batch = numel(&self.shape[..nd - 2]);
-        let es = self.elem();
-        let mut data = vec![0u8; self.data.len()];
-        for b in 0..batch {
-            let base = b * rows * cols * es;
-            for i in 0..rows {
-                for j in 0..cols {
-                    let s = base + (i * cols + j) * es;
-                    let d = base + (j * rows + i) * es;
-                    data[d..d + es].copy_from_slice(&self.data[s..s + es]);
-                }
-            }
-        }
+        let block = rows * cols * self.elem();
+        let data = if block == 0 {
+            Vec::new()
+        } else {
+            self.data.chunks_exact(block).flat_map(|b| transpose(b, rows, cols, self.elem())).collect()
+        };
         let mut shape = self.shape.clone();
         shape.swap(nd - 2, nd - 1);
         RawTensor { dtype: self.dtype, shape, data }
