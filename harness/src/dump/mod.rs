@@ -168,3 +168,31 @@ pub(super) fn st_dtype(d: Dtype) -> safetensors::Dtype {
         Dtype::F16 => safetensors::Dtype::F16,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{ArrayD, IxDyn};
+
+    #[test]
+    fn only_expected_gradients_need_the_upstream_gradient() {
+        // A forward-only dump carries no `input.grad_output`; any expected gradient needs it.
+        let rows = Some(Array2::zeros((2, 3)));
+        let forward = Expectations { output: rows.clone(), ..Default::default() };
+        assert!(!forward.needs_backward());
+        assert_eq!((forward.len(), forward.is_empty()), (1, false));
+        let dx = Expectations { grad_input: rows.clone(), ..Default::default() };
+        let dp = Expectations { grad_probs: Some(Array1::zeros(2)), ..Default::default() };
+        let mut weight_grads = StateDict::new();
+        weight_grads.insert("linear_fc1.weight0".into(), ArrayD::zeros(IxDyn(&[4, 3])));
+        weight_grads.insert("linear_fc2.weight0".into(), ArrayD::zeros(IxDyn(&[3, 2])));
+        let dw = Expectations { weight_grads: weight_grads.clone(), ..Default::default() };
+        for (name, e) in [("grad_input", &dx), ("grad_probs", &dp), ("weight grads", &dw)] {
+            assert!(e.needs_backward(), "{name} alone needs the upstream gradient");
+        }
+        let all =
+            Expectations { output: rows.clone(), grad_input: rows, grad_probs: Some(Array1::zeros(2)), weight_grads };
+        assert_eq!((dx.len(), dp.len(), dw.len(), all.len()), (1, 1, 2, 5));
+        assert!(Expectations::default().is_empty() && !Expectations::default().needs_backward());
+    }
+}
