@@ -14,10 +14,8 @@
 //!   holds the files, which it does on a machine with room for them.
 
 use criterion::{BenchmarkId, Criterion, Throughput};
-use moe_harness::checkpoint::{
-    save, Checkpoint, ExpertLayout, RankCoord, RawStateDict, RawTensor, SaveOptions, SavePart,
-};
-use moe_reference::{Dtype, LayerClass};
+use moe_checkpoint::{save, Checkpoint, ExpertLayout, RankCoord, RawStateDict, RawTensor, SaveOptions, SavePart};
+use moe_reference::{Dtype, LayerClass, LayerConfig, Parallelism};
 use std::cell::OnceCell;
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -30,8 +28,8 @@ fn state(l: &ExpertLayout) -> RawStateDict {
     let mut fill = 0u8;
     for e in 0..l.local_experts() {
         for (name, shape) in [
-            (format!("linear_fc1.weight{e}"), vec![2 * l.ffn, l.hidden]),
-            (format!("linear_fc2.weight{e}"), vec![l.hidden, l.ffn]),
+            (format!("linear_fc1.weight{e}"), vec![2 * l.config.ffn_hidden_size, l.config.hidden_size]),
+            (format!("linear_fc2.weight{e}"), vec![l.config.hidden_size, l.config.ffn_hidden_size]),
         ] {
             let mut t = RawTensor::zeros(Dtype::Bf16, shape);
             for (i, b) in t.data.iter_mut().enumerate() {
@@ -56,16 +54,17 @@ struct Setup {
 impl Setup {
     fn new(experts: usize) -> Setup {
         let layout = ExpertLayout {
-            class: LayerClass::TeGrouped,
-            num_experts: experts,
-            hidden: 7168,
-            ffn: 2048,
-            glu: true,
-            bias: false,
-            tp: 1,
-            ep: 1,
-            singleton: false,
             prefix: "decoder.layers.3.mlp.".into(),
+            ..ExpertLayout::new(LayerConfig {
+                class: LayerClass::TeGrouped,
+                num_experts: experts,
+                hidden_size: 7168,
+                ffn_hidden_size: 2048,
+                gated_linear_unit: true,
+                add_bias: false,
+                parallel: Parallelism::SINGLE,
+                ..LayerConfig::example()
+            })
         };
         let state = state(&layout);
         let base = env!("CARGO_TARGET_TMPDIR");

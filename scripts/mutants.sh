@@ -26,6 +26,6 @@ fi
 exec cargo mutants \
   --package moe-reference --package moe-harness --package moe-verify \
   --exclude 'src/main.rs' --exclude 'benches/**' --exclude 'tests/**' --exclude 'gpu/**' \
-  --test-workspace=true --test-tool nextest \
+  --test-package moe-verify --test-package moe-reference --test-package moe-harness --test-tool nextest \
   --minimum-test-timeout 120 \
   "$@"

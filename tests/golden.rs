@@ -177,6 +177,27 @@ fn reference_matches_golden_snapshots() {
     }
 }
 
+/// The error model is part of the spec of every verdict: the f64 oracle's running error bounds
+/// and clamp allowances of each golden case (unsharded) are pinned too, so a change to any term
+/// of the bound (a dropped rounding point, a wrong √K, a missing propagation through an
+/// activation derivative) shows up as a diff. The bounds have no external source of truth; the
+/// soundness side is `tests/properties.rs` (the emulation stays inside them) and the
+/// tightness side `tests/tight_bounds.rs`.
+#[test]
+fn error_model_matches_golden_snapshots() {
+    for (name, case) in golden_cases() {
+        let global = case.cfg.unsharded();
+        let p = case.problem();
+        let params = to_state_dict(&global, &p.weights).expect("golden case converts");
+        let o =
+            moe_reference::oracle_with_scales(&global, &params, &p.inputs, &p.grad_output).expect("golden case runs");
+        let mut out = format!("case: {}\n", case.summary());
+        render_run(&mut out, "error scales S (6 significant digits)", &o.scales, 5);
+        render_run(&mut out, "clamp allowances A (6 significant digits)", &o.allowance, 5);
+        snapshot(&format!("error_model__{name}"), out);
+    }
+}
+
 fn tiny(class: LayerClass, glu: bool) -> LayerConfig {
     LayerConfig {
         class,

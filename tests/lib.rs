@@ -13,6 +13,10 @@
 //!   every storage-dtype rounding point of the eager path (independent of the snapshots).
 //! * [`tight_bounds`]: the error model's bound pinned from both sides (one element at 1.2× its
 //!   bound must fail, at 0.8× pass) for every tensor kind, dtype and class.
+//! * [`self_test`]: a planted bug per property (`moe_harness::planted`): the verdict matrix, and
+//!   how often the generated cases are sharded.
+//! * [`fp8_quantizers`]: TransformerEngine's FP8 casts and scaling recipes, bit for bit
+//!   (`moe_reference::fp8`, fixtures in `tests/data/fp8/` made by TE's own Python references).
 //! * [`dump`]: moe-expert-dump/1 files and `moe-verify compare`.
 //! * [`checkpoint`]: Megatron sharded state dicts, the on-disk format, resharding (spec §7, §8.1).
 //! * [`gpu`]: the CUDA implementations (`moe-gpu`) against the f64 oracle (skip loudly without a GPU).
@@ -25,6 +29,7 @@ mod properties;
 mod checkpoint;
 mod dump;
 mod edge_cases;
+mod fp8_quantizers;
 mod golden;
 #[cfg(feature = "cuda")]
 mod gpu;

@@ -4,8 +4,10 @@
 //! ```ignore
 //! differential_suite!(reference, moe_harness::properties::ReferenceBackend);
 //! // A backend whose constructor can fail (no CUDA device) is skipped loudly, unless
-//! // MOE_REQUIRE_CUDA=1, which turns the skip into a failure:
-//! differential_suite!(cuda, try moe_gpu::CudaBackend::new(), cases = 16);
+//! // MOE_REQUIRE_CUDA=1, which turns the skip into a failure. The CUDA backend is a
+//! // `moe_harness::properties::PerClassBackend` of `moe_gpu::{CudaSequential, CudaGrouped,
+//! // CudaTeGrouped}` (`cuda_backend` in `tests/gpu.rs`):
+//! differential_suite!(cuda, try super::cuda_backend(), cases = 32);
 //! ```
 //!
 //! Each stamp is a module (`reference::matches_oracle`, `reference::zero_tokens`, ...), so
@@ -14,10 +16,11 @@
 //! token-distribution family (empty experts, one expert taking everything, Zipf, single tokens,
 //! tile edges), each run through every property on a fixed set of configurations.
 //!
-//! Proptest failures are persisted under `proptest-regressions/` (commit it) and replayed first
-//! on the next run. The case count defaults to the stamp's `cases` (small: CI has two cores) and
-//! can be raised with `PROPTEST_CASES=2000` for a deep run; the generator seed is fixed
-//! (`MOE_PROPTEST_SEED` overrides it).
+//! Proptest failures are persisted under `proptest-regressions/`, in a file named after the file
+//! that invokes the stamp (`properties.txt` for the reference stamp below, `gpu.txt` for the
+//! CUDA one; commit it), and replayed first on the next run. The case count defaults to the
+//! stamp's `cases` (small: CI has two cores) and can be raised with `PROPTEST_CASES=2000` for a
+//! deep run; the generator seed is fixed (`MOE_PROPTEST_SEED` overrides it).
 
 use moe_harness::case::Case;
 use moe_harness::properties::{check, Backend, Property, Verdict};

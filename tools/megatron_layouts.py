@@ -49,7 +49,7 @@ def cfg(name, layer, e, h, f, tp, ep, glu=False, bias=False, singleton=False, pr
 
 def configs():
     out = []
-    # The golden snapshots of tests/checkpoint.rs (layout_golden_snapshots): E=4, h=16, f=8.
+    # The golden snapshots of tests/checkpoint/layout.rs (layout_golden_snapshots): E=4, h=16, f=8.
     for layer in ("sequential", "grouped"):
         out.append(cfg(f"{layer}_e4_h16_f8_glu_tp2_ep2", layer, 4, 16, 8, 2, 2, glu=True))
         out.append(cfg(f"{layer}_e4_h16_f8_glu_tp2_ep2_singleton", layer, 4, 16, 8, 2, 2, glu=True, singleton=True))

@@ -31,28 +31,20 @@ use std::path::PathBuf;
 
 /// One timed set of grouped calls.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum GroupedCase {
     /// fc1 of TEGroupedMLP.
-    #[cfg_attr(feature = "clap", value(name = "fc1_te"))]
     Fc1Te,
     /// fc2 of TEGroupedMLP.
-    #[cfg_attr(feature = "clap", value(name = "fc2_te"))]
     Fc2Te,
     /// fc1's data gradient of TEGroupedMLP.
-    #[cfg_attr(feature = "clap", value(name = "dgrad1_te"))]
     Dgrad1Te,
     /// fc1's weight gradient of TEGroupedMLP.
-    #[cfg_attr(feature = "clap", value(name = "wgrad1_te"))]
     Wgrad1Te,
     /// fc1 and fc2 of TEGroupedMLP.
-    #[cfg_attr(feature = "clap", value(name = "fwd_te"))]
     FwdTe,
     /// The six GEMMs of TEGroupedMLP's forward and backward.
-    #[cfg_attr(feature = "clap", value(name = "fwdbwd_te"))]
     FwdbwdTe,
     /// The six GEMMs of GroupedMLP's forward and backward.
-    #[cfg_attr(feature = "clap", value(name = "fwdbwd_grp"))]
     FwdbwdGrp,
 }
 

@@ -23,31 +23,9 @@ use ndarray::ArrayD;
 
 pub use workspace::Workspace;
 
-/// Converts f64 values (exactly representable in `dt`, or to be rounded to it) to `dt` bytes.
-pub fn to_bytes(dt: Dtype, v: impl IntoIterator<Item = f64>) -> Vec<u8> {
-    let mut out = Vec::new();
-    for x in v {
-        match dt {
-            Dtype::F32 => out.extend_from_slice(&(x as f32).to_le_bytes()),
-            Dtype::Bf16 => out.extend_from_slice(&half::bf16::from_f32(x as f32).to_bits().to_le_bytes()),
-            Dtype::F16 => out.extend_from_slice(&half::f16::from_f32(x as f32).to_bits().to_le_bytes()),
-        }
-    }
-    out
-}
-
-/// Converts `dt` bytes to f64 values.
-pub fn from_bytes(dt: Dtype, b: &[u8]) -> Vec<f64> {
-    match dt {
-        Dtype::F32 => b.chunks_exact(4).map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect(),
-        Dtype::Bf16 => {
-            b.chunks_exact(2).map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64()).collect()
-        }
-        Dtype::F16 => {
-            b.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64()).collect()
-        }
-    }
-}
+/// f64 values to and from `dt` bytes: the reference's codec (one rounding, to nearest-even
+/// directly from f64), so uploads, downloads, dumps and checkpoints encode alike.
+pub use moe_reference::codec::{from_bytes, to_bytes};
 
 fn i32_bytes(v: &[usize]) -> Result<Vec<u8>, GpuError> {
     let mut out = Vec::with_capacity(v.len() * 4);

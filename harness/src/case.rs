@@ -109,3 +109,90 @@ impl Case {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moe_reference::{Activation, LayerClass, Parallelism};
+
+    /// Evaluates the tokens as an expression and also returns them as text, so a test can
+    /// check that printed Rust is exactly what, pasted, rebuilds the value.
+    macro_rules! pasted {
+        ($($t:tt)*) => {
+            ($($t)*, stringify!($($t)*))
+        };
+    }
+
+    fn without_whitespace(s: &str) -> String {
+        s.chars().filter(|c| !c.is_whitespace()).collect()
+    }
+
+    #[test]
+    fn the_printed_regression_case_is_rust_that_rebuilds_the_case() {
+        // A shrunk failure prints `to_rust()` for pasting into a regression test: the text must
+        // be that Rust, with every field of the case (non-default values everywhere).
+        let (case, text) = pasted!(Case {
+            cfg: LayerConfig {
+                class: LayerClass::TeGrouped,
+                num_experts: 4,
+                hidden_size: 17,
+                ffn_hidden_size: 24,
+                gated_linear_unit: true,
+                activation: Activation::QuickGelu,
+                add_bias: false,
+                clamp_value: Some(7.0),
+                glu_linear_offset: 1.0,
+                apply_probs_on_input: true,
+                params_dtype: Dtype::F16,
+                probs_dtype: Dtype::F32,
+                padding_multiple: Some(16),
+                parallel: Parallelism { tp_size: 2, tp_rank: 0, ep_size: 4, ep_rank: 0 },
+            },
+            tokens_per_expert: vec![3, 0, 40, 1],
+            seed: 1234,
+            timing: WgradTiming::Deferred,
+        });
+        assert_eq!(without_whitespace(&case.to_rust()), without_whitespace(text));
+        let (bf16, text) = pasted!(Case {
+            cfg: LayerConfig {
+                class: LayerClass::Grouped,
+                num_experts: 1,
+                hidden_size: 1,
+                ffn_hidden_size: 2,
+                gated_linear_unit: false,
+                activation: Activation::Gelu,
+                add_bias: true,
+                clamp_value: None,
+                glu_linear_offset: 0.0,
+                apply_probs_on_input: false,
+                params_dtype: Dtype::Bf16,
+                probs_dtype: Dtype::Bf16,
+                padding_multiple: None,
+                parallel: Parallelism { tp_size: 1, tp_rank: 0, ep_size: 1, ep_rank: 0 },
+            },
+            tokens_per_expert: vec![],
+            seed: 0,
+            timing: WgradTiming::Immediate,
+        });
+        assert_eq!(without_whitespace(&bf16.to_rust()), without_whitespace(text));
+    }
+
+    #[test]
+    fn the_summary_names_every_varying_setting() {
+        let case = Case {
+            cfg: LayerConfig {
+                add_bias: true,
+                parallel: Parallelism { tp_size: 1, tp_rank: 0, ep_size: 2, ep_rank: 0 },
+                ..LayerConfig::example()
+            },
+            tokens_per_expert: vec![1, 2, 0, 3],
+            seed: 1,
+            timing: WgradTiming::Deferred,
+        };
+        assert_eq!(
+            case.summary(),
+            "sequential bfloat16 glu-silu bias E=4 h=16 f=32 tp=1 ep=2 tokens=[1, 2, 0, 3] deferred-wgrad"
+        );
+        assert_eq!(case.num_tokens(), 6);
+    }
+}

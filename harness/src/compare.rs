@@ -129,35 +129,47 @@ pub fn compare_tensor(
         worst_expected: f64::NAN,
         worst_ratio: 0.0,
     };
-    if got.shape() != expected.shape() {
+    // A tensor of the wrong shape, or bounds of the wrong shape (a harness bug), fail every
+    // element rather than being compared against something else.
+    let mismatch = if got.shape() != expected.shape() {
+        Some(format!("shape mismatch: got {:?}", got.shape()))
+    } else if bounds.scale.as_ref().is_some_and(|s| s.shape() != expected.shape()) {
+        Some(format!("error-scale shape mismatch: {:?}", bounds.scale.as_ref().map(|s| s.shape().to_vec())))
+    } else if bounds.allowance.as_ref().is_some_and(|a| a.shape() != expected.shape()) {
+        Some(format!("allowance shape mismatch: {:?}", bounds.allowance.as_ref().map(|a| a.shape().to_vec())))
+    } else {
+        None
+    };
+    if let Some(why) = mismatch {
         diff.violations = expected.len().max(1);
         diff.max_abs = f64::INFINITY;
         diff.max_rel = f64::INFINITY;
         diff.rel_frobenius = f64::INFINITY;
         diff.worst_ratio = f64::INFINITY;
-        diff.name = format!("{name} (shape mismatch: got {:?})", got.shape());
+        diff.name = format!("{name} ({why})");
         return diff;
     }
     let g: Vec<f64> = got.iter().copied().collect();
     let e: Vec<f64> = expected.iter().copied().collect();
     let sc: Vec<f64> = match bounds.scale {
-        Some(s) if s.shape() == expected.shape() => s.iter().map(|v| v.abs()).collect(),
-        _ => e.iter().map(|v| v.abs()).collect(),
+        Some(s) => s.iter().map(|v| v.abs()).collect(),
+        None => e.iter().map(|v| v.abs()).collect(),
     };
     let allow: Vec<f64> = match bounds.allowance {
-        Some(a) if a.shape() == expected.shape() => a.iter().map(|v| v.abs()).collect(),
-        _ => vec![0.0; e.len()],
+        Some(a) => a.iter().map(|v| v.abs()).collect(),
+        None => vec![0.0; e.len()],
     };
     let n = e.len();
     let blocks = blocks.max(1);
     let block_len = n.div_ceil(blocks).max(1);
     let (mut err2, mut exp2) = (0.0f64, 0.0f64);
     let mut worst: Option<usize> = None;
-    for (b, ((gb, eb), sb)) in g.chunks(block_len).zip(e.chunks(block_len)).zip(sc.chunks(block_len)).enumerate() {
+    let chunks = g.chunks(block_len).zip(e.chunks(block_len)).zip(sc.chunks(block_len)).zip(allow.chunks(block_len));
+    for (b, (((gb, eb), sb), ab)) in chunks.enumerate() {
         let rms = (sb.iter().map(|x| x * x).sum::<f64>() / sb.len() as f64).sqrt();
-        for (i, ((&gv, &ev), &sv)) in gb.iter().zip(eb).zip(sb).enumerate() {
+        for (i, (((&gv, &ev), &sv), &av)) in gb.iter().zip(eb).zip(sb).zip(ab).enumerate() {
             let d = (gv - ev).abs();
-            let bound = tol.bound(sv + allow[b * block_len + i], rms);
+            let bound = tol.bound(sv + av, rms);
             let ratio = if d.is_nan() {
                 f64::INFINITY
             } else if d == 0.0 {
@@ -294,6 +306,96 @@ mod tests {
         assert_eq!(d.worst_index, vec![1, 2]);
         assert_eq!((d.worst_got, d.worst_expected), (6.5, 6.0));
         assert!((d.max_abs - 0.5).abs() < 1e-15);
+    }
+
+    #[test]
+    fn a_failure_prints_the_tensor_the_worst_element_its_index_and_the_errors() {
+        // The report a user reads when a verdict fails: every number in it must be the diff's.
+        let exp = arr2(&[[1.0, 2.0], [4.0, 8.0]]);
+        let mut got = exp.clone();
+        got[[1, 0]] = 4.5;
+        let tol = Tolerance { rtol: 0.01, atol: 0.0 };
+        let d = compare_tensor("output", got.view().into_dyn(), exp.view().into_dyn(), Bounds::RELATIVE, 1, tol);
+        let text = d.to_string();
+        // By hand: rel fro = 0.5/√85 = 5.423e-2; the bound of [1, 0] is 0.01·(|4| + rms) with
+        // rms = √(85/4) = 4.6098, so 0.5 / 0.086098 = 5.81.
+        assert_eq!(
+            text,
+            "output [2, 2]: FAIL — max abs 5.000e-1, max rel 1.250e-1, rel fro 5.423e-2, 1.00e-2x; 1 violation(s); \
+             worst at [1, 0]: got 4.500000000e0, expected 4.000000000e0 (5.81x the bound)"
+        );
+        let pass = compare_tensor("output", exp.view().into_dyn(), exp.view().into_dyn(), Bounds::RELATIVE, 1, tol);
+        assert!(pass.to_string().starts_with("output [2, 2]: pass — max abs 0.000e0"), "{pass}");
+    }
+
+    #[test]
+    fn allowances_and_rms_floors_are_per_block() {
+        // Two experts' blocks: the second has an allowance of 1 on its first element, which
+        // lets an error of 0.9 through there (and only there), and its own rms floor.
+        let exp = arr1(&[1.0, 1.0, 4.0, 4.0]);
+        let allowance = arr1(&[0.0, 0.0, 1.0, 0.0]);
+        let tol = Tolerance { rtol: 1.0, atol: 0.0 };
+        let check = |got: ndarray::Array1<f64>| {
+            compare_tensor(
+                "g",
+                got.view().into_dyn(),
+                exp.view().into_dyn(),
+                Bounds {
+                    scale: Some(arr1(&[0.1, 0.1, 0.1, 0.1]).into_dyn().view()),
+                    allowance: Some(allowance.view().into_dyn()),
+                },
+                2,
+                tol,
+            )
+        };
+        // bound of [2] = 0.1 + 1 + rms 0.1 = 1.2; of [3] = 0.2; of [0] = 0.2.
+        assert!(check(arr1(&[1.0, 1.0, 5.1, 4.0])).passed());
+        assert_eq!(check(arr1(&[1.0, 1.0, 4.0, 4.3])).worst_index, vec![3]);
+        assert_eq!(check(arr1(&[1.3, 1.0, 4.0, 4.0])).violations, 1);
+        let d = check(arr1(&[1.0, 1.0, 5.1, 4.0]));
+        assert!((d.worst_ratio - 1.1 / 1.2).abs() < 1e-12, "{d}");
+    }
+
+    #[test]
+    fn an_error_exactly_at_its_bound_passes() {
+        // "≤ 1 passes": error 0.5 against the bound 1·(0.25 + rms 0.25) = 0.5, both exact in
+        // binary, is a ratio of exactly 1.
+        let exp = arr1(&[1.0]);
+        let scale = arr1(&[0.25]);
+        let d = compare_tensor(
+            "g",
+            arr1(&[1.5]).view().into_dyn(),
+            exp.view().into_dyn(),
+            Bounds { scale: Some(scale.view().into_dyn()), allowance: None },
+            1,
+            Tolerance { rtol: 1.0, atol: 0.0 },
+        );
+        assert_eq!((d.worst_ratio, d.violations), (1.0, 0));
+    }
+
+    #[test]
+    fn bounds_of_the_wrong_shape_fail_instead_of_being_replaced() {
+        let exp = arr1(&[1.0, 2.0]);
+        let wrong = arr1(&[1.0, 2.0, 3.0]);
+        let tol = Tolerance { rtol: 1.0, atol: 0.0 };
+        let scale = compare_tensor(
+            "g",
+            exp.view().into_dyn(),
+            exp.view().into_dyn(),
+            Bounds { scale: Some(wrong.view().into_dyn()), allowance: None },
+            1,
+            tol,
+        );
+        assert!(!scale.passed() && scale.name.contains("error-scale shape mismatch"), "{scale}");
+        let allowance = compare_tensor(
+            "g",
+            exp.view().into_dyn(),
+            exp.view().into_dyn(),
+            Bounds { scale: None, allowance: Some(wrong.view().into_dyn()) },
+            1,
+            tol,
+        );
+        assert!(!allowance.passed() && allowance.name.contains("allowance shape mismatch"), "{allowance}");
     }
 
     #[test]

@@ -3,13 +3,12 @@
 //! The differential-testing side of moe-verify: the tolerance model ([`tolerance`]), tensor
 //! comparison with worst-element reports ([`compare`]), seeded problem generation and proptest
 //! strategies ([`case`], [`strategy`]), the property checks and the differential runner
-//! ([`properties`], [`runner`]), PyTorch dumps ([`dump`]), and Megatron sharded state dicts and checkpoints ([`checkpoint`]).
-//! The model shapes ([`shapes`]) and the sampled verification of model-sized layers
-//! ([`sampled`]) live here too.
+//! ([`properties`], [`runner`]), and PyTorch dumps ([`dump`]). The model shapes ([`shapes`])
+//! and the sampled verification of model-sized layers ([`sampled`]) live here too. Megatron
+//! sharded state dicts and checkpoints are their own crate, `moe-checkpoint`.
 #![deny(missing_docs)]
 
 pub mod case;
-pub mod checkpoint;
 pub mod compare;
 pub mod dump;
 pub mod planted;
@@ -23,9 +22,12 @@ pub mod tolerance;
 pub use compare::{compare_runs, compare_tensor, TensorDiff};
 pub use tolerance::Tolerance;
 
-/// True when `MOE_REQUIRE_CUDA=1`: a GPU test, bench or `verify` run that finds no usable CUDA
-/// device must fail instead of skipping (device-machine runs set it, so a broken library path
-/// cannot "pass"). The one place the variable is read.
+/// The environment variable that makes a missing CUDA device a failure instead of a skip:
+/// `MOE_REQUIRE_CUDA=1` (device-machine runs set it, so a broken library path cannot pass).
+pub const REQUIRE_CUDA_VAR: &str = "MOE_REQUIRE_CUDA";
+
+/// True when `MOE_REQUIRE_CUDA=1`: tests, benches and `moe-verify verify` must fail rather than
+/// skip when the CUDA implementations are unavailable. The one place the variable is read.
 pub fn cuda_required() -> bool {
-    std::env::var("MOE_REQUIRE_CUDA").is_ok_and(|v| v == "1")
+    std::env::var(REQUIRE_CUDA_VAR).is_ok_and(|v| v == "1")
 }

@@ -2,7 +2,7 @@
 //! configuration and the token distributions the GPU benches time.
 //!
 //! Everything that names a model shape reads it from here: `moe-verify verify --shape` and
-//! `moe-verify bench --shape` (a clap value enum with the `clap` feature), the sampled
+//! `moe-verify bench --shape` (values and names from [`ModelShape::ALL`]), the sampled
 //! verification, the Rust benches, and the PyTorch bench scripts through `scripts/shapes.json`,
 //! which `moe-verify shapes --json` writes and a test keeps equal to [`registry_json`].
 
@@ -17,19 +17,14 @@ pub const ZIPF_S: f64 = 1.2;
 
 /// A model's expert shape (bugs-shapes-anchors §C): GLU silu, bf16.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum ModelShape {
     /// Mixtral 8x7B: h 4096, f 14336, 8 experts, 16384 rows.
-    #[cfg_attr(feature = "clap", value(name = "mixtral"))]
     Mixtral,
     /// One expert-parallel slice of DeepSeek-V3: h 7168, f 2048, 32 local experts, 32768 rows.
-    #[cfg_attr(feature = "clap", value(name = "deepseek-v3"))]
     DeepseekV3,
     /// Qwen3-30B-A3B: h 2048, f 768, 128 experts, 65536 rows.
-    #[cfg_attr(feature = "clap", value(name = "qwen3-30b-a3b"))]
     Qwen3,
     /// GPT-OSS-120B: h 2880, f 2880, 128 experts, 32768 rows.
-    #[cfg_attr(feature = "clap", value(name = "gpt-oss-120b"))]
     GptOss,
 }
 

@@ -6,11 +6,12 @@
 //! parameter layouts and rounding points. Every other implementation in moe-verify is diffed
 //! against it.
 //!
-//! The behaviour is specified in `shared/spec/megatron-experts.md`; section numbers (§) in the
+//! The behaviour is specified in `docs/spec/megatron-experts.md`; section numbers (§) in the
 //! docs refer to it.
 //!
 //! * [`config`]: the configuration that matters ([`LayerConfig`]).
 //! * [`dtype`]: storage dtypes and [`Numerics`] (f64 oracle or storage-dtype emulation).
+//! * [`codec`]: f64 values to and from storage-dtype bytes, with one rounding rule.
 //! * [`weights`]: canonical `[out, in]` expert weights and EP/ETP sharding.
 //! * [`state_dict`]: each class's parameter names and layouts, converted losslessly.
 //! * [`layer`]: forward, backward and `backward_dw`.
@@ -20,9 +21,11 @@
 #![deny(missing_docs)]
 
 pub mod activation;
+pub mod codec;
 pub mod config;
 pub mod dtype;
 pub mod error;
+pub mod fp8;
 pub mod implementation;
 pub mod layer;
 pub mod parallel;
@@ -35,6 +38,7 @@ pub use error::ReferenceError;
 pub use implementation::{oracle_with_scales, ExpertLayer, LayerError, LayerRun, OracleRun, Reference};
 pub use layer::{forward, BackwardPass, ErrorScales, ForwardPass, Inputs, WeightGradStore, WgradTiming};
 pub use state_dict::{
-    from_state_dict, param_specs, single_grouped_specs, to_state_dict, unpack_single_grouped, ParamSpec, StateDict,
+    from_state_dict, param_specs, single_grouped_specs, to_state_dict, unpack_single_grouped, ExpertParam,
+    GroupedWeight, ParamSpec, StateDict,
 };
 pub use weights::{ExpertSet, ExpertWeights};

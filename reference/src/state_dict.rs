@@ -35,48 +35,157 @@ pub struct ParamSpec {
     pub expert_blocks: usize,
 }
 
-/// Every parameter `cfg`'s class has on this rank, in state-dict order.
-pub fn param_specs(cfg: &LayerConfig) -> Vec<ParamSpec> {
-    let (h, n1, n2, el) = (cfg.hidden_size, cfg.n1(), cfg.n2(), cfg.num_local_experts());
-    let one = |name: String, shape: Vec<usize>| ParamSpec { name, shape, expert_blocks: 1 };
-    let mut specs = Vec::new();
-    match cfg.class {
-        LayerClass::Sequential => {
-            for e in 0..el {
-                specs.push(one(format!("local_experts.{e}.linear_fc1.weight"), vec![n1, h]));
-                if cfg.add_bias {
-                    specs.push(one(format!("local_experts.{e}.linear_fc1.bias"), vec![n1]));
-                }
-                specs.push(one(format!("local_experts.{e}.linear_fc2.weight"), vec![h, n2]));
-                if cfg.add_bias {
-                    specs.push(one(format!("local_experts.{e}.linear_fc2.bias"), vec![h]));
-                }
-            }
-        }
-        LayerClass::TeGrouped => {
-            for e in 0..el {
-                specs.push(one(format!("linear_fc1.weight{e}"), vec![n1, h]));
-            }
-            if cfg.add_bias {
-                for e in 0..el {
-                    specs.push(one(format!("linear_fc1.bias{e}"), vec![n1]));
-                }
-            }
-            for e in 0..el {
-                specs.push(one(format!("linear_fc2.weight{e}"), vec![h, n2]));
-            }
-            if cfg.add_bias {
-                for e in 0..el {
-                    specs.push(one(format!("linear_fc2.bias{e}"), vec![h]));
-                }
-            }
-        }
-        LayerClass::Grouped => {
-            specs.push(ParamSpec { name: "weight1".into(), shape: vec![h, el * n1], expert_blocks: el });
-            specs.push(ParamSpec { name: "weight2".into(), shape: vec![el * n2, h], expert_blocks: el });
+/// One of a local expert's four canonical tensors (`[out, in]` weights).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub enum ExpertParam {
+    /// fc1 weight `[N1, h]`.
+    Fc1Weight,
+    /// fc1 bias `[N1]`.
+    Fc1Bias,
+    /// fc2 weight `[h, N2]`.
+    Fc2Weight,
+    /// fc2 bias `[h]`.
+    Fc2Bias,
+}
+
+impl ExpertParam {
+    /// The four, in state-dict order (the order of [`per_expert_names`]).
+    pub const ALL: [ExpertParam; 4] =
+        [ExpertParam::Fc1Weight, ExpertParam::Fc1Bias, ExpertParam::Fc2Weight, ExpertParam::Fc2Bias];
+
+    /// The position in [`ExpertParam::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// True for the biases (present only with `add_bias_linear`).
+    pub fn is_bias(self) -> bool {
+        matches!(self, ExpertParam::Fc1Bias | ExpertParam::Fc2Bias)
+    }
+
+    /// True when `cfg`'s layer has this tensor (the biases only with `add_bias`).
+    pub fn present(self, cfg: &LayerConfig) -> bool {
+        cfg.add_bias || !self.is_bias()
+    }
+
+    /// The canonical per-rank shape: fc1 weight `[N1, h]`, fc1 bias `[N1]`, fc2 weight
+    /// `[h, N2]`, fc2 bias `[h]`.
+    pub fn shape(self, cfg: &LayerConfig) -> Vec<usize> {
+        let (h, n1, n2) = (cfg.hidden_size, cfg.n1(), cfg.n2());
+        match self {
+            ExpertParam::Fc1Weight => vec![n1, h],
+            ExpertParam::Fc1Bias => vec![n1],
+            ExpertParam::Fc2Weight => vec![h, n2],
+            ExpertParam::Fc2Bias => vec![h],
         }
     }
-    specs
+}
+
+/// GroupedMLP's two packed weights and their view reinterpretation (spec §3.3): `weight1` is
+/// declared `[h, E_l·N1]` but its flat memory is `E_l` blocks `[h, N1]`, block `e` being
+/// `W1[e]ᵀ` (`[in, out]`); `weight2` is declared `[E_l·N2, h]`, memory `E_l` blocks `[N2, h]`
+/// = `W2[e]ᵀ`. [`GroupedWeight::unpack`] and [`GroupedWeight::pack`] work on the flat
+/// row-major elements of any representation: `f64` values here, storage-dtype bytes in
+/// checkpoints (an element is then `elem` consecutive items).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GroupedWeight {
+    /// `weight1`, the packed fc1 weights.
+    Weight1,
+    /// `weight2`, the packed fc2 weights.
+    Weight2,
+}
+
+impl GroupedWeight {
+    /// Both, in state-dict order.
+    pub const ALL: [GroupedWeight; 2] = [GroupedWeight::Weight1, GroupedWeight::Weight2];
+
+    /// The state-dict name (`weight1`, `weight2`).
+    pub fn name(self) -> &'static str {
+        match self {
+            GroupedWeight::Weight1 => "weight1",
+            GroupedWeight::Weight2 => "weight2",
+        }
+    }
+
+    /// The canonical per-expert tensor packed here.
+    pub fn param(self) -> ExpertParam {
+        match self {
+            GroupedWeight::Weight1 => ExpertParam::Fc1Weight,
+            GroupedWeight::Weight2 => ExpertParam::Fc2Weight,
+        }
+    }
+
+    /// The declared shape: `[h, E_l·N1]` or `[E_l·N2, h]`.
+    pub fn shape(self, cfg: &LayerConfig) -> Vec<usize> {
+        let (h, el) = (cfg.hidden_size, cfg.num_local_experts());
+        match self {
+            GroupedWeight::Weight1 => vec![h, el * cfg.n1()],
+            GroupedWeight::Weight2 => vec![el * cfg.n2(), h],
+        }
+    }
+
+    /// One expert's block in memory, `[in, out]`: `(h, N1)` or `(N2, h)`.
+    fn block(self, cfg: &LayerConfig) -> (usize, usize) {
+        match self {
+            GroupedWeight::Weight1 => (cfg.hidden_size, cfg.n1()),
+            GroupedWeight::Weight2 => (cfg.n2(), cfg.hidden_size),
+        }
+    }
+
+    /// Local expert `e`'s canonical `[out, in]` matrix, row-major, read off the packed tensor's
+    /// flat row-major elements (`elem` items each).
+    pub fn unpack<T: Copy>(self, cfg: &LayerConfig, packed: &[T], elem: usize, e: usize) -> Vec<T> {
+        let (rows, cols) = self.block(cfg);
+        let n = rows * cols * elem;
+        transpose(&packed[e * n..(e + 1) * n], rows, cols, elem)
+    }
+
+    /// The packed tensor's flat row-major elements (`elem` items each) from every local
+    /// expert's canonical `[out, in]` matrix, row-major, in expert order.
+    pub fn pack<'a, T: Copy + 'a>(
+        self,
+        cfg: &LayerConfig,
+        experts: impl IntoIterator<Item = &'a [T]>,
+        elem: usize,
+    ) -> Vec<T> {
+        let (rows, cols) = self.block(cfg);
+        experts.into_iter().flat_map(|w| transpose(w, cols, rows, elem)).collect()
+    }
+}
+
+/// The transpose of a row-major `[rows, cols]` matrix whose elements are `elem` consecutive
+/// items of `data`.
+pub fn transpose<T: Copy>(data: &[T], rows: usize, cols: usize, elem: usize) -> Vec<T> {
+    assert_eq!(data.len(), rows * cols * elem, "transpose: {rows}x{cols} elements of {elem}");
+    let mut out = Vec::with_capacity(data.len());
+    for j in 0..cols {
+        for i in 0..rows {
+            let at = (i * cols + j) * elem;
+            out.extend_from_slice(&data[at..at + elem]);
+        }
+    }
+    out
+}
+
+/// Every parameter `cfg`'s class has on this rank, in state-dict order.
+pub fn param_specs(cfg: &LayerConfig) -> Vec<ParamSpec> {
+    let el = cfg.num_local_experts();
+    let one = |e: usize, p: ExpertParam| ParamSpec {
+        name: per_expert_name(cfg.class, e, p),
+        shape: p.shape(cfg),
+        expert_blocks: 1,
+    };
+    let present = ExpertParam::ALL.into_iter().filter(|p| p.present(cfg));
+    match cfg.class {
+        // Expert-major: local_experts.{e}.linear_fc1.weight, .bias, linear_fc2.weight, .bias.
+        LayerClass::Sequential => (0..el).flat_map(|e| present.clone().map(move |p| one(e, p))).collect(),
+        // Parameter-major: linear_fc1.weight0..{E_l-1}, linear_fc1.bias0.., ...
+        LayerClass::TeGrouped => present.flat_map(|p| (0..el).map(move |e| one(e, p))).collect(),
+        LayerClass::Grouped => GroupedWeight::ALL
+            .into_iter()
+            .map(|w| ParamSpec { name: w.name().into(), shape: w.shape(cfg), expert_blocks: el })
+            .collect(),
+    }
 }
 
 /// TEGroupedMLP's single grouped parameters (Megatron HEAD's `moe_single_grouped_weight` /
@@ -123,66 +232,63 @@ pub fn unpack_single_grouped(cfg: &LayerConfig, mut sd: StateDict) -> Result<Sta
     Ok(sd)
 }
 
-fn to_dyn2(a: &Array2<f64>) -> ArrayD<f64> {
-    a.clone().into_dyn()
-}
-
-fn to_dyn1(a: &Array1<f64>) -> ArrayD<f64> {
-    a.clone().into_dyn()
-}
-
 /// Writes canonical weights (or gradients) in `cfg`'s class layout.
 pub fn to_state_dict(cfg: &LayerConfig, set: &ExpertSet) -> Result<StateDict, ReferenceError> {
     set.check_shapes(cfg)?;
     let mut sd = StateDict::new();
-    let (h, n1, n2) = (cfg.hidden_size, cfg.n1(), cfg.n2());
     match cfg.class {
         LayerClass::Sequential | LayerClass::TeGrouped => {
             for (e, w) in set.experts.iter().enumerate() {
                 let (fc1w, fc1b, fc2w, fc2b) = per_expert_names(cfg.class, e);
-                sd.insert(fc1w, to_dyn2(&w.fc1_weight));
-                sd.insert(fc2w, to_dyn2(&w.fc2_weight));
+                sd.insert(fc1w, w.fc1_weight.clone().into_dyn());
+                sd.insert(fc2w, w.fc2_weight.clone().into_dyn());
                 if let (Some(b1), Some(b2)) = (&w.fc1_bias, &w.fc2_bias) {
-                    sd.insert(fc1b, to_dyn1(b1));
-                    sd.insert(fc2b, to_dyn1(b2));
+                    sd.insert(fc1b, b1.clone().into_dyn());
+                    sd.insert(fc2b, b2.clone().into_dyn());
                 }
             }
         }
         LayerClass::Grouped => {
-            let el = set.experts.len();
-            // weight1 memory is [E_l, h, N1]: expert e's block is W1[e]ᵀ ([in, out]).
-            let mut w1 = Vec::with_capacity(el * h * n1);
-            let mut w2 = Vec::with_capacity(el * n2 * h);
-            for w in &set.experts {
-                w1.extend(w.fc1_weight.t().iter().copied());
-                w2.extend(w.fc2_weight.t().iter().copied());
+            for packed in GroupedWeight::ALL {
+                let canonical: Vec<_> = set.experts.iter().map(|w| grouped_canonical(w, packed)).collect();
+                let flat = packed.pack(cfg, canonical.iter().map(|w| w.as_slice().expect("standard layout")), 1);
+                sd.insert(packed.name().into(), ArrayD::from_shape_vec(IxDyn(&packed.shape(cfg)), flat).unwrap());
             }
-            sd.insert("weight1".into(), ArrayD::from_shape_vec(IxDyn(&[h, el * n1]), w1).unwrap());
-            sd.insert("weight2".into(), ArrayD::from_shape_vec(IxDyn(&[el * n2, h]), w2).unwrap());
         }
     }
     Ok(sd)
 }
 
-/// State-dict names of local expert `e`'s fc1 weight, fc1 bias, fc2 weight and fc2 bias for the
-/// per-expert classes (SequentialMLP's `local_experts.{e}.linear_fc*.*`, TEGroupedMLP's
+/// The canonical weight of `w` that `packed` holds, in standard (row-major) layout.
+fn grouped_canonical(w: &ExpertWeights, packed: GroupedWeight) -> ndarray::CowArray<'_, f64, ndarray::Ix2> {
+    match packed {
+        GroupedWeight::Weight1 => w.fc1_weight.as_standard_layout(),
+        GroupedWeight::Weight2 => w.fc2_weight.as_standard_layout(),
+    }
+}
+
+/// The state-dict name of local expert `e`'s `param` for the per-expert classes
+/// (SequentialMLP's `local_experts.{e}.linear_fc*.*`, TEGroupedMLP's
 /// `linear_fc*.weight{e}`/`bias{e}`). GroupedMLP packs all experts into `weight1`/`weight2`
 /// and has no per-expert names; it gets SequentialMLP's.
-pub fn per_expert_names(class: LayerClass, e: usize) -> (String, String, String, String) {
+pub fn per_expert_name(class: LayerClass, e: usize, param: ExpertParam) -> String {
+    let (linear, kind) = match param {
+        ExpertParam::Fc1Weight => ("linear_fc1", "weight"),
+        ExpertParam::Fc1Bias => ("linear_fc1", "bias"),
+        ExpertParam::Fc2Weight => ("linear_fc2", "weight"),
+        ExpertParam::Fc2Bias => ("linear_fc2", "bias"),
+    };
     match class {
-        LayerClass::TeGrouped => (
-            format!("linear_fc1.weight{e}"),
-            format!("linear_fc1.bias{e}"),
-            format!("linear_fc2.weight{e}"),
-            format!("linear_fc2.bias{e}"),
-        ),
-        _ => (
-            format!("local_experts.{e}.linear_fc1.weight"),
-            format!("local_experts.{e}.linear_fc1.bias"),
-            format!("local_experts.{e}.linear_fc2.weight"),
-            format!("local_experts.{e}.linear_fc2.bias"),
-        ),
+        LayerClass::TeGrouped => format!("{linear}.{kind}{e}"),
+        LayerClass::Sequential | LayerClass::Grouped => format!("local_experts.{e}.{linear}.{kind}"),
     }
+}
+
+/// [`per_expert_name`] of local expert `e`'s fc1 weight, fc1 bias, fc2 weight and fc2 bias
+/// ([`ExpertParam::ALL`] order).
+pub fn per_expert_names(class: LayerClass, e: usize) -> (String, String, String, String) {
+    let [fc1w, fc1b, fc2w, fc2b] = ExpertParam::ALL.map(|p| per_expert_name(class, e, p));
+    (fc1w, fc1b, fc2w, fc2b)
 }
 
 /// Reads canonical weights from `cfg`'s class layout, checking that every expected name is
@@ -210,7 +316,6 @@ pub fn from_state_dict(cfg: &LayerConfig, sd: &StateDict) -> Result<ExpertSet, R
     if let Some(extra) = sd.keys().find(|k| !specs.iter().any(|s| &s.name == *k)) {
         return Err(ReferenceError::UnexpectedParameter { name: extra.clone(), layer, example: specs[0].name.clone() });
     }
-    let (h, n1, n2) = (cfg.hidden_size, cfg.n1(), cfg.n2());
     let get2 = |name: &str| -> Array2<f64> { sd[name].clone().into_dimensionality().unwrap() };
     let get1 = |name: &str| -> Array1<f64> { sd[name].clone().into_dimensionality().unwrap() };
     let experts = match cfg.class {
@@ -227,18 +332,19 @@ pub fn from_state_dict(cfg: &LayerConfig, sd: &StateDict) -> Result<ExpertSet, R
             .collect(),
         LayerClass::Grouped => {
             // The view reinterpretation of spec §3.3, read off the flat (row-major) buffers.
-            let w1: Vec<f64> = sd["weight1"].iter().copied().collect();
-            let w2: Vec<f64> = sd["weight2"].iter().copied().collect();
+            // Indexed by discriminant, the order of `GroupedWeight::ALL`.
+            let packed = GroupedWeight::ALL.map(|w| sd[w.name()].as_standard_layout());
+            let expert = |w: GroupedWeight, e: usize| {
+                let flat = packed[w as usize].as_slice().expect("standard layout");
+                let [rows, cols] = w.param().shape(cfg)[..] else { unreachable!("weights are matrices") };
+                Array2::from_shape_vec((rows, cols), w.unpack(cfg, flat, 1, e)).unwrap()
+            };
             (0..cfg.num_local_experts())
-                .map(|e| {
-                    let block1 = Array2::from_shape_vec((h, n1), w1[e * h * n1..(e + 1) * h * n1].to_vec()).unwrap();
-                    let block2 = Array2::from_shape_vec((n2, h), w2[e * n2 * h..(e + 1) * n2 * h].to_vec()).unwrap();
-                    ExpertWeights {
-                        fc1_weight: block1.t().to_owned(),
-                        fc1_bias: None,
-                        fc2_weight: block2.t().to_owned(),
-                        fc2_bias: None,
-                    }
+                .map(|e| ExpertWeights {
+                    fc1_weight: expert(GroupedWeight::Weight1, e),
+                    fc1_bias: None,
+                    fc2_weight: expert(GroupedWeight::Weight2, e),
+                    fc2_bias: None,
                 })
                 .collect()
         }
@@ -320,9 +426,60 @@ mod tests {
     }
 
     #[test]
-    fn grouped_weight1_is_a_view_reinterpretation_not_column_blocks() {
-        // E_l = 2, h = 2, N1 = 3 (no GLU, f = 3). Expert e's fc1 W1[e] = [[e*10 + 0, +1], [+2, +3], [+4, +5]].
+    fn parameter_names_shapes_and_order_per_class() {
         let cfg = LayerConfig {
+            num_experts: 2,
+            hidden_size: 4,
+            ffn_hidden_size: 3,
+            add_bias: true,
+            ..LayerConfig::example()
+        };
+        let specs = |class| {
+            let cfg = LayerConfig { class, add_bias: class != LayerClass::Grouped, ..cfg.clone() };
+            param_specs(&cfg).into_iter().map(|s| (s.name, s.shape, s.expert_blocks)).collect::<Vec<_>>()
+        };
+        let v = |n: &str, shape: &[usize], b: usize| (n.to_string(), shape.to_vec(), b);
+        assert_eq!(
+            specs(LayerClass::Sequential),
+            vec![
+                v("local_experts.0.linear_fc1.weight", &[6, 4], 1),
+                v("local_experts.0.linear_fc1.bias", &[6], 1),
+                v("local_experts.0.linear_fc2.weight", &[4, 3], 1),
+                v("local_experts.0.linear_fc2.bias", &[4], 1),
+                v("local_experts.1.linear_fc1.weight", &[6, 4], 1),
+                v("local_experts.1.linear_fc1.bias", &[6], 1),
+                v("local_experts.1.linear_fc2.weight", &[4, 3], 1),
+                v("local_experts.1.linear_fc2.bias", &[4], 1),
+            ]
+        );
+        assert_eq!(
+            specs(LayerClass::TeGrouped),
+            vec![
+                v("linear_fc1.weight0", &[6, 4], 1),
+                v("linear_fc1.weight1", &[6, 4], 1),
+                v("linear_fc1.bias0", &[6], 1),
+                v("linear_fc1.bias1", &[6], 1),
+                v("linear_fc2.weight0", &[4, 3], 1),
+                v("linear_fc2.weight1", &[4, 3], 1),
+                v("linear_fc2.bias0", &[4], 1),
+                v("linear_fc2.bias1", &[4], 1),
+            ]
+        );
+        assert_eq!(specs(LayerClass::Grouped), vec![v("weight1", &[4, 12], 2), v("weight2", &[6, 4], 2)]);
+        assert_eq!(
+            per_expert_names(LayerClass::TeGrouped, 3),
+            (
+                "linear_fc1.weight3".into(),
+                "linear_fc1.bias3".into(),
+                "linear_fc2.weight3".into(),
+                "linear_fc2.bias3".into()
+            )
+        );
+    }
+
+    /// GroupedMLP with E_l = 2, h = 2, N1 = N2 = 3 (no GLU, f = 3).
+    fn small_grouped() -> LayerConfig {
+        LayerConfig {
             class: LayerClass::Grouped,
             num_experts: 2,
             hidden_size: 2,
@@ -330,7 +487,26 @@ mod tests {
             gated_linear_unit: false,
             parallel: Parallelism::SINGLE,
             ..LayerConfig::example()
-        };
+        }
+    }
+
+    #[test]
+    fn grouped_packing_works_on_bytes_as_on_values() {
+        // The same reinterpretation on 2-byte elements: expert e's fc2 weight [h, N2] = [2, 3].
+        let cfg = small_grouped();
+        let experts: Vec<Vec<u8>> = (0..2u8).map(|e| (0..12).map(|b| e * 100 + b).collect()).collect();
+        let packed = GroupedWeight::Weight2.pack(&cfg, experts.iter().map(Vec::as_slice), 2);
+        // Block 0 is W2[0]ᵀ [N2, h]: element (i, j) is W2[0] element (j, i).
+        assert_eq!(&packed[..12], &[0, 1, 6, 7, 2, 3, 8, 9, 4, 5, 10, 11]);
+        for (e, w) in experts.iter().enumerate() {
+            assert_eq!(&GroupedWeight::Weight2.unpack(&cfg, &packed, 2, e), w);
+        }
+    }
+
+    #[test]
+    fn grouped_weight1_is_a_view_reinterpretation_not_column_blocks() {
+        // E_l = 2, h = 2, N1 = 3 (no GLU, f = 3). Expert e's fc1 W1[e] = [[e*10 + 0, +1], [+2, +3], [+4, +5]].
+        let cfg = small_grouped();
         let mut set = ExpertSet::zeros(&cfg);
         for (e, w) in set.experts.iter_mut().enumerate() {
             w.fc1_weight = Array2::from_shape_fn((3, 2), |(i, j)| (e * 10 + i * 2 + j) as f64);

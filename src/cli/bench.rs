@@ -7,12 +7,12 @@
 //! Lists take commas or repeated flags (`--strategy auto,loop` = `--strategy auto --strategy
 //! loop`). Both need a GPU (exit 2 without one).
 
+use super::args::{CaseArg, ClassArg, ModeArg, ShapeArg};
 use moe_bench::grouped::{GroupedBench, GroupedCase};
-use moe_bench::layer::{LayerBench, Mode};
+use moe_bench::layer::LayerBench;
 use moe_bench::Selection;
 use moe_gpu::{Engine, Gpu, Strategy};
 use moe_harness::shapes::ModelShape;
-use moe_reference::LayerClass;
 use std::path::PathBuf;
 
 /// Arguments of `moe-verify bench`.
@@ -53,22 +53,18 @@ impl Timing {
     }
 }
 
-fn parse_class(s: &str) -> Result<LayerClass, String> {
-    LayerClass::parse(s).map_err(|e| e.to_string())
-}
-
 /// Arguments of `moe-verify bench layer`.
 #[derive(clap::Args, Debug)]
 struct LayerArgs {
     /// Model shapes (default: all, in registry order).
-    #[arg(long, value_enum, value_delimiter = ',')]
-    shape: Vec<ModelShape>,
-    /// Layer classes: sequential, grouped, te_grouped.
-    #[arg(long, value_parser = parse_class, value_delimiter = ',', default_value = "grouped,te_grouped")]
-    class: Vec<LayerClass>,
-    /// Modes: fwd, fwdbwd.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "fwd,fwdbwd")]
-    mode: Vec<Mode>,
+    #[arg(long, value_delimiter = ',')]
+    shape: Vec<ShapeArg>,
+    /// Expert classes.
+    #[arg(long, value_delimiter = ',', default_value = "grouped,te_grouped")]
+    class: Vec<ClassArg>,
+    /// Modes.
+    #[arg(long, value_delimiter = ',', default_value = "fwd,fwdbwd")]
+    mode: Vec<ModeArg>,
     /// GEMM strategies (auto, loop, msN, mtN, graphN, gbatched, persistent, persistent128,
     /// persistent256, hybridN).
     #[arg(long, value_name = "STRATEGY", value_delimiter = ',', default_value = "auto,loop")]
@@ -91,11 +87,11 @@ struct LayerArgs {
 #[derive(clap::Args, Debug)]
 struct GroupedArgs {
     /// Model shapes (default: all, in registry order).
-    #[arg(long, value_enum, value_delimiter = ',')]
-    shape: Vec<ModelShape>,
+    #[arg(long, value_delimiter = ',')]
+    shape: Vec<ShapeArg>,
     /// GEMM sets (default: all).
-    #[arg(long, value_enum, value_delimiter = ',')]
-    case: Vec<GroupedCase>,
+    #[arg(long, value_delimiter = ',')]
+    case: Vec<CaseArg>,
     /// GEMM strategies.
     #[arg(long, value_name = "STRATEGY", value_delimiter = ',', default_value = "loop,ms4,graph4,gbatched,auto")]
     strategy: Vec<Strategy>,
@@ -107,6 +103,15 @@ struct GroupedArgs {
     csv: Option<PathBuf>,
     #[command(flatten)]
     timing: Timing,
+}
+
+/// The shapes of `--shape`, or every shape.
+fn shapes(given: &[ShapeArg]) -> Vec<ModelShape> {
+    if given.is_empty() {
+        ModelShape::ALL.to_vec()
+    } else {
+        given.iter().map(|s| s.0).collect()
+    }
 }
 
 /// `moe-verify bench ...`; returns the exit code (0 done, 2 no GPU or bad output path).
@@ -130,9 +135,9 @@ pub fn run(args: &BenchArgs) -> i32 {
         Which::Layer(a) => moe_bench::layer::run(
             eng,
             &LayerBench {
-                shapes: if a.shape.is_empty() { ModelShape::ALL.to_vec() } else { a.shape.clone() },
-                classes: a.class.clone(),
-                modes: a.mode.clone(),
+                shapes: shapes(&a.shape),
+                classes: a.class.iter().map(|c| c.0).collect(),
+                modes: a.mode.iter().map(|m| m.0).collect(),
                 strategies: a.strategy.clone(),
                 rounds: a.rounds,
                 csv: a.csv.clone(),
@@ -143,8 +148,8 @@ pub fn run(args: &BenchArgs) -> i32 {
         Which::Grouped(a) => moe_bench::grouped::run(
             eng,
             &GroupedBench {
-                shapes: if a.shape.is_empty() { ModelShape::ALL.to_vec() } else { a.shape.clone() },
-                cases: if a.case.is_empty() { GroupedCase::ALL.to_vec() } else { a.case.clone() },
+                shapes: shapes(&a.shape),
+                cases: if a.case.is_empty() { GroupedCase::ALL.to_vec() } else { a.case.iter().map(|c| c.0).collect() },
                 strategies: a.strategy.clone(),
                 lane_sms: a.lane_sms,
                 csv: a.csv.clone(),

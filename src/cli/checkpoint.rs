@@ -4,17 +4,18 @@
 //! Exit codes: 0 success, 1 a check failed (verify-after-write), 2 bad input or usage. Errors
 //! go to stderr and name the file or key at fault.
 
-use moe_harness::checkpoint::{self, format::parse_key, CheckpointError, ExpertLayout};
-use moe_reference::LayerClass;
+use super::args::ClassArg;
+use moe_checkpoint::{self as checkpoint, format::parse_key, CheckpointError, ExpertLayout};
+use moe_reference::{LayerConfig, Parallelism};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 /// Arguments of `moe-verify layout`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct LayoutArgs {
-    /// Expert class: sequential, grouped or te_grouped.
-    #[arg(long)]
-    pub layer: String,
+    /// Expert class (`--layer` is accepted too).
+    #[arg(long, alias = "layer")]
+    pub class: ClassArg,
     /// Global number of experts E.
     #[arg(long)]
     pub num_experts: usize,
@@ -57,9 +58,9 @@ pub struct ReshardArgs {
     pub src: PathBuf,
     /// Destination directory (must not exist unless --force).
     pub dst: PathBuf,
-    /// Destination class: sequential, grouped or te_grouped.
-    #[arg(long)]
-    pub layer: String,
+    /// Destination class (`--layer` is accepted too).
+    #[arg(long, alias = "layer")]
+    pub class: ClassArg,
     /// Destination expert-tensor-parallel size.
     #[arg(long, default_value_t = 1)]
     pub tp: usize,
@@ -102,30 +103,22 @@ fn fail(e: &CheckpointError) -> i32 {
     }
 }
 
-fn parse_class(name: &str) -> Result<LayerClass, i32> {
-    LayerClass::parse(name).map_err(|e| {
-        eprintln!("error: --layer: {e}");
-        2
-    })
-}
-
 /// Runs `moe-verify layout`; returns the exit code.
 pub fn run_layout(args: &LayoutArgs) -> i32 {
-    let class = match parse_class(&args.layer) {
-        Ok(c) => c,
-        Err(code) => return code,
+    let config = LayerConfig {
+        class: args.class.0,
+        num_experts: args.num_experts,
+        hidden_size: args.hidden,
+        ffn_hidden_size: args.ffn,
+        gated_linear_unit: args.glu,
+        add_bias: args.bias,
+        parallel: Parallelism { tp_size: args.tp, ep_size: args.ep, ..Parallelism::SINGLE },
+        ..LayerConfig::example()
     };
     let layout = ExpertLayout {
-        class,
-        num_experts: args.num_experts,
-        hidden: args.hidden,
-        ffn: args.ffn,
-        glu: args.glu,
-        bias: args.bias,
-        tp: args.tp,
-        ep: args.ep,
         singleton: args.singleton_local_shards,
         prefix: args.prefix.clone(),
+        ..ExpertLayout::new(config)
     };
     let value = match checkpoint::layout_json_at(&layout, args.expert_dp_rank) {
         Ok(v) => v,
@@ -169,11 +162,12 @@ pub fn run_layout(args: &LayoutArgs) -> i32 {
 
 /// Runs `moe-verify reshard`; returns the exit code.
 pub fn run_reshard(args: &ReshardArgs) -> i32 {
-    let class = match parse_class(&args.layer) {
-        Ok(c) => c,
-        Err(code) => return code,
+    let target = checkpoint::ReshardTarget {
+        class: args.class.0,
+        tp: args.tp,
+        ep: args.ep,
+        singleton: args.singleton_local_shards,
     };
-    let target = checkpoint::ReshardTarget { class, tp: args.tp, ep: args.ep, singleton: args.singleton_local_shards };
     let opts = checkpoint::ReshardOptions { force: args.force, dry_run: args.dry_run, verify: args.verify };
     match checkpoint::reshard(&args.src, &args.dst, target, opts) {
         Ok(r) => {
@@ -181,14 +175,14 @@ pub fn run_reshard(args: &ReshardArgs) -> i32 {
                 println!(
                     "{}: {} E={} h={} f={} glu={} bias={} tp={} ep={} singleton={}",
                     if l.prefix.is_empty() { "(no prefix)" } else { &l.prefix },
-                    l.class.megatron_name(),
-                    l.num_experts,
-                    l.hidden,
-                    l.ffn,
-                    l.glu,
-                    l.bias,
-                    l.tp,
-                    l.ep,
+                    l.config.class.megatron_name(),
+                    l.config.num_experts,
+                    l.config.hidden_size,
+                    l.config.ffn_hidden_size,
+                    l.config.gated_linear_unit,
+                    l.config.add_bias,
+                    l.config.parallel.tp_size,
+                    l.config.parallel.ep_size,
                     l.singleton
                 );
             }

@@ -1,5 +1,6 @@
 //! Subcommands of the `moe-verify` binary.
 
+pub mod args;
 #[cfg(feature = "cuda")]
 pub mod bench;
 pub mod checkpoint;

@@ -1,5 +1,6 @@
 //! `moe-verify verify`: the differential harness over random cases.
 
+use super::args::{ClassArg, PropertyArg, ShapeArg};
 use indicatif::{ProgressBar, ProgressStyle};
 use moe_harness::properties::{Backend, Property, ReferenceBackend};
 use moe_harness::runner::{run_property, PropertyReport};
@@ -18,10 +19,9 @@ pub struct VerifyArgs {
     /// Largest token count per expert in generated cases.
     #[arg(long, default_value_t = 40)]
     pub max_tokens: i64,
-    /// Only these properties (repeatable), by name: matches-oracle, parallel-decomposition,
-    /// class-equivalence, zero-tokens, padding-neutrality, deferred-wgrad, probs-linearity.
-    #[arg(long = "property")]
-    pub properties: Vec<String>,
+    /// Only these properties (repeatable).
+    #[arg(long = "property", value_name = "PROPERTY")]
+    pub properties: Vec<PropertyArg>,
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -32,14 +32,14 @@ pub struct VerifyArgs {
     pub gpu: bool,
     /// With `--gpu`: verify one model-sized layer by sampling instead of the random cases
     /// (`moe-verify shapes` lists the shapes).
-    #[arg(long, value_enum, requires = "gpu")]
-    pub shape: Option<ModelShape>,
+    #[arg(long, requires = "gpu")]
+    pub shape: Option<ShapeArg>,
     /// With `--shape`: token rows (0 = the shape's default).
     #[arg(long, default_value_t = 0, requires = "shape")]
     pub tokens: usize,
-    /// With `--shape`: the class to verify (sequential, grouped, te_grouped).
+    /// With `--shape`: the class to verify.
     #[arg(long, default_value = "te_grouped", requires = "shape")]
-    pub class: String,
+    pub class: ClassArg,
     /// How the CUDA implementations issue their per-expert GEMMs: auto, loop, msN, mtN,
     /// graphN, gbatched, persistent, persistent128, persistent256 or hybridN. Every strategy
     /// computes the same function; they differ in speed only.
@@ -108,15 +108,8 @@ fn backends(args: &VerifyArgs) -> Option<Vec<Box<dyn Backend>>> {
 /// `verify --gpu --shape NAME`: sampled verification of one model-sized layer.
 #[cfg(feature = "cuda")]
 fn run_shape(args: &VerifyArgs, shape: ModelShape) -> i32 {
-    let class = match moe_reference::LayerClass::parse(&args.class) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: --class: {e}");
-            return 2;
-        }
-    };
     let verified = moe_gpu::Gpu::new(0)
-        .and_then(|gpu| moe_gpu::sampled::verify_shape(&gpu, args.gemm, class, shape, args.tokens, args.seed));
+        .and_then(|gpu| moe_gpu::sampled::verify_shape(&gpu, args.gemm, args.class.0, shape, args.tokens, args.seed));
     match verified {
         Ok(report) => {
             print!("{report}");
@@ -141,25 +134,9 @@ fn run_shape(_args: &VerifyArgs, _shape: ModelShape) -> i32 {
 
 /// Runs the harness; returns the process exit code (0 pass, 1 failure, 2 bad arguments).
 pub fn run(args: &VerifyArgs) -> i32 {
-    let properties: Vec<Property> = if args.properties.is_empty() {
-        Property::ALL.to_vec()
-    } else {
-        let mut out = Vec::new();
-        for name in &args.properties {
-            match Property::ALL.iter().find(|p| p.name() == name) {
-                Some(p) => out.push(*p),
-                None => {
-                    eprintln!(
-                        "error: unknown property {name:?}; expected one of {}",
-                        Property::ALL.map(|p| p.name()).join(", ")
-                    );
-                    return 2;
-                }
-            }
-        }
-        out
-    };
-    if let Some(shape) = args.shape {
+    let properties: Vec<Property> =
+        if args.properties.is_empty() { Property::ALL.to_vec() } else { args.properties.iter().map(|p| p.0).collect() };
+    if let Some(ShapeArg(shape)) = args.shape {
         return run_shape(args, shape);
     }
     let Some(backends) = backends(args) else {

@@ -90,7 +90,6 @@ const PREFIX: &str = "gpu_layer";
 
 /// What a layer call runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Mode {
     /// The forward pass.
     Fwd,
@@ -99,6 +98,9 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// Both modes, forward first.
+    pub const ALL: [Mode; 2] = [Mode::Fwd, Mode::Fwdbwd];
+
     /// The `mode` column (`fwd`, `fwdbwd`).
     pub fn name(self) -> &'static str {
         match self {

@@ -1,0 +1,122 @@
+//! Writing a dump: the reference's own results as expectations, the metadata, and the
+//! safetensors bytes.
+
+use super::{
+    st_dtype, CountDtype, Dump, DumpError, Expectations, EXPECTED_GRAD_INPUT, EXPECTED_GRAD_PREFIX,
+    EXPECTED_GRAD_PROBS, EXPECTED_OUTPUT, FORMAT, GRAD_OUTPUT, HIDDEN_STATES, PROBS, TOKENS_PER_EXPERT,
+};
+use moe_reference::implementation::LayerError;
+use moe_reference::{Dtype, ExpertLayer, Inputs, LayerConfig, Reference, StateDict, WgradTiming};
+use ndarray::Array2;
+use safetensors::tensor::TensorView;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+impl Dump {
+    /// A dump of `config` and these inputs whose expectations are the `reference`'s own results:
+    /// the output, and with `grad_output` also every gradient.
+    pub fn from_reference(
+        config: &LayerConfig,
+        params: StateDict,
+        inputs: Inputs,
+        grad_output: Option<Array2<f64>>,
+        reference: Reference,
+    ) -> Result<Dump, LayerError> {
+        let expected = match &grad_output {
+            Some(g) => {
+                let run = reference.forward_backward(config, &params, &inputs, g, WgradTiming::Immediate)?;
+                Expectations {
+                    output: Some(run.output),
+                    grad_input: Some(run.grad_input),
+                    grad_probs: Some(run.grad_probs),
+                    weight_grads: run.weight_grads,
+                }
+            }
+            None => Expectations { output: Some(reference.forward(config, &params, &inputs)?), ..Default::default() },
+        };
+        Ok(Dump { config: config.clone(), params, inputs, grad_output, expected, count_dtype: CountDtype::I64 })
+    }
+
+    /// The string metadata this dump is written with.
+    pub fn metadata(&self) -> BTreeMap<String, String> {
+        let c = &self.config;
+        let mut m = BTreeMap::new();
+        let mut put = |k: &str, v: String| {
+            m.insert(k.to_string(), v);
+        };
+        put("format", FORMAT.into());
+        put("layer", c.class.name().into());
+        put("num_local_experts", c.num_local_experts().to_string());
+        put("num_experts", c.num_experts.to_string());
+        put("hidden_size", c.hidden_size.to_string());
+        put("ffn_hidden_size", c.ffn_hidden_size.to_string());
+        put("gated_linear_unit", c.gated_linear_unit.to_string());
+        put("activation", c.activation.name().into());
+        put("add_bias", c.add_bias.to_string());
+        put("params_dtype", c.params_dtype.torch_name().into());
+        put("apply_probs_on_input", c.apply_probs_on_input.to_string());
+        put("glu_linear_offset", format!("{:?}", c.glu_linear_offset));
+        if let Some(v) = c.clamp_value {
+            put("clamp_value", format!("{v:?}"));
+        }
+        if let Some(v) = c.padding_multiple {
+            put("padding_multiple", v.to_string());
+        }
+        put("tp_size", c.parallel.tp_size.to_string());
+        put("tp_rank", c.parallel.tp_rank.to_string());
+        put("ep_size", c.parallel.ep_size.to_string());
+        put("ep_rank", c.parallel.ep_rank.to_string());
+        m
+    }
+
+    /// Serializes the dump. Values are rounded to the dtype they are stored in
+    /// ([`moe_reference::codec`]; a no-op for values that are already representable, as every
+    /// value the reference produces is).
+    pub fn to_bytes(&self) -> Result<Vec<u8>, safetensors::SafeTensorError> {
+        let (pd, probs) = (self.config.params_dtype, self.config.probs_dtype);
+        let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        let mut float = |name: String, a: ndarray::ArrayViewD<f64>, d: Dtype| {
+            tensors.push((name, st_dtype(d), a.shape().to_vec(), moe_reference::codec::to_bytes(d, a.iter().copied())));
+        };
+        for (name, a) in &self.params {
+            float(name.clone(), a.view(), pd);
+        }
+        float(HIDDEN_STATES.into(), self.inputs.hidden_states.view().into_dyn(), pd);
+        float(PROBS.into(), self.inputs.probs.view().into_dyn(), probs);
+        if let Some(g) = &self.grad_output {
+            float(GRAD_OUTPUT.into(), g.view().into_dyn(), pd);
+        }
+        if let Some(a) = &self.expected.output {
+            float(EXPECTED_OUTPUT.into(), a.view().into_dyn(), pd);
+        }
+        if let Some(a) = &self.expected.grad_input {
+            float(EXPECTED_GRAD_INPUT.into(), a.view().into_dyn(), pd);
+        }
+        if let Some(a) = &self.expected.grad_probs {
+            float(EXPECTED_GRAD_PROBS.into(), a.view().into_dyn(), probs);
+        }
+        for (name, a) in &self.expected.weight_grads {
+            float(format!("{EXPECTED_GRAD_PREFIX}{name}"), a.view(), pd);
+        }
+        let counts = &self.inputs.tokens_per_expert;
+        let (dtype, bytes) = match self.count_dtype {
+            CountDtype::I64 => (safetensors::Dtype::I64, counts.iter().flat_map(|n| n.to_le_bytes()).collect()),
+            CountDtype::I32 => {
+                (safetensors::Dtype::I32, counts.iter().flat_map(|&n| (n as i32).to_le_bytes()).collect::<Vec<u8>>())
+            }
+        };
+        tensors.push((TOKENS_PER_EXPERT.into(), dtype, vec![counts.len()], bytes));
+        let views = tensors
+            .iter()
+            .map(|(name, d, shape, bytes)| Ok((name.clone(), TensorView::new(*d, shape.clone(), bytes)?)))
+            .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+        safetensors::serialize(views, Some(self.metadata().into_iter().collect()))
+    }
+
+    /// Writes the dump to `path`.
+    pub fn write(&self, path: &Path) -> Result<(), DumpError> {
+        let err = |message: String| DumpError { file: path.display().to_string(), key: String::new(), message };
+        let bytes = self.to_bytes().map_err(|e| err(format!("cannot serialize: {e}")))?;
+        std::fs::write(path, bytes).map_err(|e| err(format!("cannot write: {e}")))
+    }
+}

@@ -1,0 +1,372 @@
+//! Forward, backward and deferred weight gradients of the three expert classes (spec §4, §5).
+//!
+//! The code follows the canonical per-expert function of spec §0 with each class's rounding
+//! points (spec §4.8) and divergences (spec §4.9):
+//!
+//! ```text
+//! a = x·W1ᵀ (+ b1)          SequentialMLP: rounded, then +b1 rounds again; TEGroupedMLP: bias inside the GEMM
+//! z = act(a)                GLU: act(min(g, c))·(clamp(l, -c, c) + offset); GroupedMLP ignores c and offset
+//! u = z ⊙ p                 product in fp32, cast to the storage dtype
+//! y = u·W2ᵀ (+ b2 ⊙ p)      bias product and sum in fp32, one cast
+//! ```
+//!
+//! In [`Numerics::Oracle`] every rounding is the identity, so the same code is the f64 oracle.
+//!
+//! This file runs the forward; `backward` runs the backward pass step by step (and the
+//! deferred weight-gradient queue), `bounds` derives the error model's scales from the
+//! oracle's values.
+
+mod backward;
+mod bounds;
+
+pub use backward::WeightGradStore;
+
+use crate::config::{LayerClass, LayerConfig};
+use crate::dtype::Numerics;
+use crate::error::ReferenceError;
+use crate::weights::{ExpertSet, ExpertWeights};
+use ndarray::{s, Array1, Array2, ArrayView1, ArrayView2, Zip};
+
+/// The inputs of one expert-layer call (spec §0 call contract).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Inputs {
+    /// `permuted_local_hidden_states` `[T, h]`, rows sorted by local expert.
+    pub hidden_states: Array2<f64>,
+    /// `tokens_per_expert` `[E_l]`; must be non-negative and sum to `T`.
+    pub tokens_per_expert: Vec<i64>,
+    /// `permuted_probs` `[T]`, the routing weight of each row.
+    pub probs: Array1<f64>,
+}
+
+impl Inputs {
+    /// Number of token rows `T`.
+    pub fn num_tokens(&self) -> usize {
+        self.hidden_states.nrows()
+    }
+}
+
+/// When weight gradients are computed (spec §5.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum WgradTiming {
+    /// Weight gradients are computed during backward.
+    Immediate,
+    /// `delay_wgrad_compute`: backward computes input and probs gradients and queues the
+    /// weight-gradient GEMMs; `backward_dw` (fc2 then fc1) computes them later.
+    Deferred,
+}
+
+/// Checks `x` for NaN or infinity, naming the tensor and the first bad index.
+pub fn check_finite<'a, D: ndarray::Dimension>(
+    name: &str,
+    a: impl Into<ndarray::ArrayView<'a, f64, D>>,
+) -> Result<(), ReferenceError> {
+    let a = a.into();
+    match a.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(flat) => {
+            // Row-major multi-index of the first bad element.
+            let mut index = vec![0; a.ndim()];
+            let mut rest = flat;
+            for (axis, &len) in a.shape().iter().enumerate().rev() {
+                index[axis] = rest % len;
+                rest /= len;
+            }
+            Err(ReferenceError::NonFinite {
+                name: name.to_string(),
+                index,
+                value: a.iter().nth(flat).copied().unwrap_or(f64::NAN),
+            })
+        }
+    }
+}
+
+/// Validates inputs against `cfg` and returns the row count of each segment the layer
+/// processes (for SequentialMLP with one local expert this is `[T]`: Megatron ignores
+/// `tokens_per_expert` there, spec §4.1).
+pub fn validate_inputs(cfg: &LayerConfig, inputs: &Inputs) -> Result<Vec<usize>, ReferenceError> {
+    let t = inputs.hidden_states.nrows();
+    let shape = |name: &str, expected: Vec<usize>, got: &[usize]| {
+        if got == expected.as_slice() {
+            Ok(())
+        } else {
+            Err(ReferenceError::Shape { name: name.to_string(), expected, got: got.to_vec() })
+        }
+    };
+    shape("input.permuted_local_hidden_states", vec![t, cfg.hidden_size], inputs.hidden_states.shape())?;
+    shape("input.permuted_probs", vec![t], inputs.probs.shape())?;
+    let el = cfg.num_local_experts();
+    if inputs.tokens_per_expert.len() != el {
+        return Err(ReferenceError::Shape {
+            name: "input.tokens_per_expert".into(),
+            expected: vec![el],
+            got: vec![inputs.tokens_per_expert.len()],
+        });
+    }
+    if let Some((e, &n)) = inputs.tokens_per_expert.iter().enumerate().find(|(_, &n)| n < 0) {
+        return Err(ReferenceError::TokenCounts(format!("expert {e} has a negative count {n}")));
+    }
+    check_finite("input.permuted_local_hidden_states", &inputs.hidden_states)?;
+    check_finite("input.permuted_probs", &inputs.probs)?;
+    if cfg.class == LayerClass::Sequential && el == 1 {
+        return Ok(vec![t]);
+    }
+    let sum: i64 = inputs.tokens_per_expert.iter().sum();
+    if usize::try_from(sum).ok() != Some(t) {
+        return Err(ReferenceError::TokenCounts(format!(
+            "counts {:?} sum to {sum}, but permuted_local_hidden_states has {t} rows",
+            inputs.tokens_per_expert
+        )));
+    }
+    Ok(inputs.tokens_per_expert.iter().map(|&n| n as usize).collect())
+}
+
+/// `a·b` with f32 accumulation of storage-dtype operands (emulated) or in f64 (oracle). The
+/// result is not yet rounded to the storage dtype.
+pub fn gemm(n: Numerics, a: ArrayView2<f64>, b: ArrayView2<f64>) -> Array2<f64> {
+    match n {
+        Numerics::Oracle => a.dot(&b),
+        Numerics::Emulated(_) => {
+            let a32 = a.mapv(|x| x as f32);
+            let b32 = b.mapv(|x| x as f32);
+            a32.dot(&b32).mapv(f64::from)
+        }
+    }
+}
+
+/// What backward needs from one expert segment's forward.
+#[derive(Clone, Debug)]
+struct SegmentCache {
+    /// fc1 input (after `moe_apply_probs_on_input` scaling) `[n, h]`.
+    x: Array2<f64>,
+    /// Original input rows (for the probs-on-input gradient) `[n, h]`.
+    x_orig: Array2<f64>,
+    /// The probs as used after the activation (ones with probs-on-input).
+    p: Array1<f64>,
+    /// The segment's original probs (zeros on padding rows).
+    p_orig: Array1<f64>,
+    /// fc1 output, bias included, as stored `[n, N1]`.
+    a: Array2<f64>,
+    /// Activation output `z` (before the probs) `[n, N2]`.
+    z: Array2<f64>,
+    /// fc2 input `u = cast(z·p)` `[n, N2]`.
+    u: Array2<f64>,
+}
+
+/// A completed forward pass, holding what backward needs.
+#[derive(Clone, Debug)]
+pub struct ForwardPass {
+    cfg: LayerConfig,
+    numerics: Numerics,
+    weights: ExpertSet,
+    /// Row count of each processed segment, before padding.
+    counts: Vec<usize>,
+    /// Row count of each processed segment, after quantization padding.
+    padded_counts: Vec<usize>,
+    caches: Vec<SegmentCache>,
+    output: Array2<f64>,
+}
+
+/// Input and probs gradients plus the weight gradients available after backward.
+#[derive(Clone, Debug)]
+pub struct BackwardPass {
+    /// `dL/dx` `[T, h]`.
+    pub grad_input: Array2<f64>,
+    /// `dL/dp` `[T]`, in the probs dtype.
+    pub grad_probs: Array1<f64>,
+    /// Weight and bias gradients in canonical form. With [`WgradTiming::Deferred`] the tensors
+    /// whose GEMMs were queued hold NaN until [`WeightGradStore::backward_dw`] assigns them.
+    pub weight_grads: ExpertSet,
+    /// The queued weight-gradient GEMMs (deferred mode only).
+    pub pending: Option<WeightGradStore>,
+    /// Error scales (oracle only): for every result, the sum of the absolute values of the
+    /// terms of its final reduction (`|u|·|W2|ᵀ + |b2|·p` for the output, `|da|·|W1|` for the
+    /// input grad, `|G|ᵀ·|u|` for fc2's weight grad, ...). Rounding errors of a storage-dtype
+    /// implementation are proportional to these, not to the (possibly cancelled) results.
+    pub scales: Option<ErrorScales>,
+}
+
+/// Magnitudes of the terms behind each result (see [`BackwardPass::scales`]).
+#[derive(Clone, Debug)]
+pub struct ErrorScales {
+    /// Scale of the output `[T, h]`.
+    pub output: Array2<f64>,
+    /// Scale of the input grad `[T, h]`.
+    pub grad_input: Array2<f64>,
+    /// Scale of the probs grad `[T]`.
+    pub grad_probs: Array1<f64>,
+    /// Scales of the weight and bias grads.
+    pub weight_grads: ExpertSet,
+    /// Scale of the fc2 input `u = cast(act(a)·p)` `[T, N2]`, an intermediate (GPU checks
+    /// that download it compare it on sampled rows, `moe_gpu::sampled`).
+    pub fc2_input: Array2<f64>,
+    /// Scale of the fc1 output gradient `da` `[T, N1]`, an intermediate (see
+    /// [`ErrorScales::fc2_input`]). Without allowances: a clamped GLU's ambiguous masks are not
+    /// covered here.
+    pub fc1_output_grad: Array2<f64>,
+    /// Absolute allowances for branch ambiguity: a GLU clamp mask (`g ≤ c`, `-c ≤ l ≤ c`)
+    /// decided on a value within storage-dtype rounding distance of the boundary may go either
+    /// way in an implementation, changing the gradient by the masked term. These tensors hold
+    /// the largest such change of each gradient (zero without a clamp). The output is
+    /// continuous in the clamp and gets no allowance.
+    pub allowance_grad_input: Array2<f64>,
+    /// Allowance of the probs grad `[T]` (non-zero only with probs on the input).
+    pub allowance_grad_probs: Array1<f64>,
+    /// Allowances of the weight and bias grads.
+    pub allowance_weight_grads: ExpertSet,
+}
+
+fn store2(n: Numerics, a: Array2<f64>) -> Array2<f64> {
+    a.mapv_into(|v| n.store(v))
+}
+
+/// Splits a GLU-width row block `[n, 2k]` into gate `[n, k]` and linear `[n, k]` halves.
+fn halves(a: &Array2<f64>) -> (ArrayView2<'_, f64>, ArrayView2<'_, f64>) {
+    let k = a.ncols() / 2;
+    (a.slice(s![.., ..k]), a.slice(s![.., k..]))
+}
+
+impl LayerConfig {
+    /// True when this class evaluates the activation with eager per-op rounding (SequentialMLP,
+    /// TEGroupedMLP); GroupedMLP's `torch.compile`d helper keeps the chain in fp32 and rounds once.
+    fn eager_activation(&self) -> bool {
+        self.class != LayerClass::Grouped
+    }
+
+    /// The clamp value as this class applies it (GroupedMLP ignores it).
+    fn effective_clamp(&self) -> Option<f64> {
+        if self.class == LayerClass::Grouped {
+            None
+        } else {
+            self.clamp_value
+        }
+    }
+
+    /// The GLU linear offset as this class applies it (GroupedMLP ignores it).
+    fn effective_offset(&self) -> f64 {
+        if self.class == LayerClass::Grouped {
+            0.0
+        } else {
+            self.glu_linear_offset
+        }
+    }
+}
+
+fn expert_forward(
+    cfg: &LayerConfig,
+    n: Numerics,
+    w: &ExpertWeights,
+    x_orig: ArrayView2<f64>,
+    p_orig: ArrayView1<f64>,
+) -> (Array2<f64>, SegmentCache) {
+    let rows = x_orig.nrows();
+    // §4.7: moe_apply_probs_on_input replaces x by cast(p·x) (fp32 product) and p by ones.
+    let (x, p) = if cfg.apply_probs_on_input {
+        let mut x = x_orig.to_owned();
+        Zip::from(x.rows_mut()).and(p_orig).for_each(|mut row, &pi| row.mapv_inplace(|v| n.store(n.fp32(pi * v))));
+        (x, Array1::ones(rows))
+    } else {
+        (x_orig.to_owned(), p_orig.to_owned())
+    };
+
+    // fc1 (§4.2): one rounding of the GEMM; SequentialMLP adds the bias in a separate bf16 op,
+    // TEGroupedMLP inside the GEMM (fp32 add, one rounding).
+    let xw = gemm(n, x.view(), w.fc1_weight.t());
+    let a = match (&w.fc1_bias, cfg.class) {
+        (None, _) => store2(n, xw),
+        (Some(b1), LayerClass::TeGrouped) => store2(n, xw + b1),
+        (Some(b1), _) => store2(n, store2(n, xw) + b1),
+    };
+
+    // Activation (§4.3, §4.8).
+    let clamp = cfg.effective_clamp();
+    let offset = cfg.effective_offset();
+    let act = cfg.activation;
+    let z = if cfg.gated_linear_unit {
+        let (g, l) = halves(&a);
+        let mut z = Array2::zeros(g.raw_dim());
+        Zip::from(&mut z).and(g).and(l).for_each(|z, &g, &l| {
+            let (gc, lc, _, _) = clamp_glu(g, l, clamp);
+            let (gc, lc) = (n.store(gc), n.store(lc));
+            *z = if cfg.eager_activation() {
+                let act_g = n.store(act.apply(gc));
+                let lin = if offset != 0.0 { n.store(lc + offset) } else { lc };
+                n.store(act_g * lin)
+            } else {
+                act.apply(gc) * (lc + offset) // fp32 chain, rounded once with the probs below
+            };
+        });
+        z
+    } else if cfg.eager_activation() {
+        a.mapv(|v| n.store(act.apply(v)))
+    } else {
+        a.mapv(|v| act.apply(v))
+    };
+
+    // u = cast(z·p): fp32 product, one cast.
+    let mut u = z.clone();
+    Zip::from(u.rows_mut()).and(&p).for_each(|mut row, &pi| row.mapv_inplace(|v| n.store(n.fp32(v * pi))));
+
+    // fc2, then the probs-scaled bias: round(out + b2·p) computed in fp32 (§4.5.1 step 7, §4.6).
+    // With probs in the storage dtype (bf16 router), b2·p is itself a storage-dtype op (§4.8).
+    let probs_in_storage = cfg.probs_dtype == cfg.params_dtype && cfg.params_dtype != crate::dtype::Dtype::F32;
+    let mut y = store2(n, gemm(n, u.view(), w.fc2_weight.t()));
+    if let Some(b2) = &w.fc2_bias {
+        Zip::from(y.rows_mut()).and(&p).for_each(|mut row, &pi| {
+            Zip::from(&mut row).and(b2).for_each(|y, &b| {
+                let bias = if probs_in_storage { n.store(b * pi) } else { n.fp32(b * pi) };
+                *y = n.store(n.fp32(*y + bias));
+            });
+        });
+    }
+    let cache = SegmentCache { x, x_orig: x_orig.to_owned(), p, p_orig: p_orig.to_owned(), a, z, u };
+    (y, cache)
+}
+
+/// The GLU clamp (spec §4.3): `(min(g, c), clamp(l, -c, c), g ≤ c, -c ≤ l ≤ c)`, the last two
+/// being the (inclusive) masks of the gradient; without a clamp the values pass unchanged.
+fn clamp_glu(g: f64, l: f64, clamp: Option<f64>) -> (f64, f64, bool, bool) {
+    match clamp {
+        Some(c) => (g.min(c), l.clamp(-c, c), g <= c, (-c..=c).contains(&l)),
+        None => (g, l, true, true),
+    }
+}
+
+/// Runs the forward of `cfg`'s class on this rank's canonical weights.
+pub fn forward(
+    cfg: &LayerConfig,
+    weights: &ExpertSet,
+    inputs: &Inputs,
+    numerics: Numerics,
+) -> Result<ForwardPass, ReferenceError> {
+    cfg.validate()?;
+    weights.check_shapes(cfg)?;
+    let counts = validate_inputs(cfg, inputs)?;
+    let h = cfg.hidden_size;
+    let pad = |c: usize| match cfg.padding_multiple {
+        Some(m) => c.div_ceil(m) * m,
+        None => c,
+    };
+    let padded_counts: Vec<usize> = counts.iter().map(|&c| pad(c)).collect();
+    let mut output = Array2::zeros((inputs.num_tokens(), h));
+    let mut caches = Vec::with_capacity(counts.len());
+    let mut start = 0;
+    for (e, (&c, &pc)) in counts.iter().zip(&padded_counts).enumerate() {
+        // Quantization padding: zero rows with zero probs appended to the segment (§4.5.1).
+        let mut x = Array2::zeros((pc, h));
+        let mut p = Array1::zeros(pc);
+        x.slice_mut(s![..c, ..]).assign(&inputs.hidden_states.slice(s![start..start + c, ..]));
+        p.slice_mut(s![..c]).assign(&inputs.probs.slice(s![start..start + c]));
+        let (y, cache) = expert_forward(cfg, numerics, &weights.experts[e], x.view(), p.view());
+        output.slice_mut(s![start..start + c, ..]).assign(&y.slice(s![..c, ..]));
+        caches.push(cache);
+        start += c;
+    }
+    Ok(ForwardPass { cfg: cfg.clone(), numerics, weights: weights.clone(), counts, padded_counts, caches, output })
+}
+
+impl ForwardPass {
+    /// The layer output `[T, h]`.
+    pub fn output(&self) -> &Array2<f64> {
+        &self.output
+    }
+}
