@@ -74,7 +74,7 @@ pub fn fill(eng: &mut Engine, buf: &mut DeviceBuffer, chunk: &DeviceBuffer) {
 /// Times `run` under criterion (group `group`, id `id`; [`SAMPLES`] samples of back-to-back
 /// calls, the engine's stream synchronized before the clock starts and after the last call of
 /// each sample) and returns the median per-call seconds of its samples. `SamplingMode::Flat`
-/// gives every sample the same call count (about 30 ms of calls with [`criterion`]). `None` when
+/// gives every sample the same call count (about 30 ms of calls with [`criterion()`]). `None` when
 /// criterion did not run the benchmark (filtered out).
 pub fn time<F: FnMut(&mut Engine)>(
     c: &mut Criterion,

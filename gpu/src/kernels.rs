@@ -3,7 +3,7 @@
 //!
 //! Each wrapper takes the device buffers the kernel reads and writes, checks that every one
 //! holds what the kernel touches for the given sizes, and launches with the shape the `.cu`
-//! header's launch contract asks for. The per-row expert indices come from a [`RowMap`],
+//! header's launch contract asks for. The per-row expert indices come from a `RowMap`,
 //! which is built from host-side counts only, so they are in range by construction.
 
 use crate::error::GpuError;

@@ -1,6 +1,6 @@
 //! Forward, backward and deferred weight gradients of the three expert classes on the GPU
 //! (spec §4, §5), mirroring `moe_reference::layer` step for step: cuBLAS GEMMs per expert
-//! segment with f32 accumulation (issued by the grouped executor with the [`Strategy`] each
+//! segment with f32 accumulation (issued by the grouped executor with the [`Strategy`](crate::Strategy) each
 //! call passes), and the elementwise work in the fused kernels of `kernels/experts.cu`,
 //! rounding to the storage dtype at the same points as the reference.
 //!
@@ -9,8 +9,8 @@
 //! `weight2` as `[E_l, N2, h]` (`[in, out]` blocks), and its GEMMs use the other transposes.
 //!
 //! * [`DeviceLayer`]: one rank's layer on the device (configuration and weights), with the
-//!   passes ([`pass`]).
-//! * [`Workspace`]: the buffers of one call, in the padded row layout ([`workspace`]).
+//!   passes (`layer/pass.rs`).
+//! * [`Workspace`]: the buffers of one call, in the padded row layout (`layer/workspace.rs`).
 
 mod pass;
 mod workspace;

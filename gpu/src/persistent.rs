@@ -5,7 +5,7 @@
 //! design). Same function as [`Strategy::Loop`](crate::gemm::Strategy::Loop): f32 accumulation,
 //! one rounding, `k = 0` → exact zeros, `m = 0` → nothing written.
 //!
-//! Eligibility ([`persistent_layout`]): bf16 or f16 (fp32 GEMMs stay on cuBLAS, whose
+//! Eligibility (`persistent_layout`): bf16 or f16 (fp32 GEMMs stay on cuBLAS, whose
 //! `COMPUTE_32F` without TF32 is what the reference models); every expert's A inside one 2-D
 //! tensor in one buffer and every expert's B inside another (packed buffers, as the layers have
 //! them), with rows of a multiple of 16 bytes and 16-byte aligned; C rows a multiple of 8

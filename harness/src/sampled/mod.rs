@@ -31,7 +31,7 @@
 //!   `dW2 = G_eᵀ·U_e` and `dW1 = DA_eᵀ·X_e` against their exact dot products over the GPU's own
 //!   operands (`U_e` and `DA_e`, checked above; `G_e` and `X_e` are exact inputs). With exact
 //!   operands an element `D_jk = Σ_i A_ij·B_ik` over the expert's `n` rows has the bound of one
-//!   GEMM element ([`moe_harness::tolerance::gemm_element_scale`]):
+//!   GEMM element ([`crate::tolerance::gemm_element_scale`]):
 //!   `S_jk = u_s·|D_jk| + η + √n·u_f32·Σ_i |A_ij·B_ik|`; its rms floor `R` is bounded below.
 //! * **Projections** (Freivalds) of every row `j` of `dW2` and `dW1`:
 //!   `P_j = Σ_k v_k·got_jk − Σ_i A_ij·(B·v)_i` with random signs `v_k = ±1` over the row's `K'`
