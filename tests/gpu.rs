@@ -922,14 +922,7 @@ fn an_unknown_gemm_strategy_setting_is_an_error_not_a_skip() {
     let msg = "ms-four".parse::<Strategy>().expect_err("ms-four is no strategy");
     assert!(msg.contains("\"ms-four\"") && msg.contains("not a GEMM strategy"), "{msg}");
     assert_eq!(" ms4 ".parse::<Strategy>().ok(), Some(Strategy::MultiStream(4)));
-    // The binary cargo built, or the one staged next to this test binary on the GPU machine
-    // (scripts/gpu-run.sh copies both into .stage/, where cargo's path does not exist).
-    let built = std::path::PathBuf::from(env!("CARGO_BIN_EXE_moe-verify"));
-    let staged = std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.join("moe-verify")));
-    let bin = match staged {
-        Some(s) if !built.exists() && s.exists() => s,
-        _ => built,
-    };
+    let bin = crate::moe_verify_bin();
     let out = std::process::Command::new(&bin)
         .args(["verify", "--cases", "1", "--property", "zero-tokens", "--gemm", "ms-four"])
         .output()

@@ -40,3 +40,15 @@ mod pins;
 mod self_test;
 mod shapes;
 mod tight_bounds;
+
+/// The `moe-verify` binary: the one cargo built, or on the GPU machine the one staged beside
+/// this test binary (`scripts/gpu-run.sh` copies both into `.stage/`, where cargo's path does
+/// not exist).
+pub(crate) fn moe_verify_bin() -> std::path::PathBuf {
+    let built = std::path::PathBuf::from(env!("CARGO_BIN_EXE_moe-verify"));
+    let staged = std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.join("moe-verify")));
+    match staged {
+        Some(s) if !built.exists() && s.exists() => s,
+        _ => built,
+    }
+}

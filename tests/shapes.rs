@@ -13,14 +13,8 @@ fn the_scripts_shapes_json_is_the_registry() {
         committed == registry,
         "scripts/shapes.json differs from the registry: run `moe-verify shapes --json > scripts/shapes.json`"
     );
-    // The command prints the same bytes (the binary cargo built, or the one staged beside this
-    // test binary on the GPU machine).
-    let built = std::path::PathBuf::from(env!("CARGO_BIN_EXE_moe-verify"));
-    let staged = std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.join("moe-verify")));
-    let bin = match staged {
-        Some(s) if !built.exists() && s.exists() => s,
-        _ => built,
-    };
+    // The command prints the same bytes.
+    let bin = crate::moe_verify_bin();
     let out = std::process::Command::new(&bin)
         .args(["shapes", "--json"])
         .output()
