@@ -35,6 +35,7 @@ pub mod weights;
 pub use config::{Activation, LayerClass, LayerConfig, Parallelism};
 pub use dtype::{Dtype, Numerics};
 pub use error::ReferenceError;
+pub use fp8::{Fp8Config, Fp8Recipe, TeFormat};
 pub use implementation::{oracle_with_scales, ExpertLayer, LayerError, LayerRun, OracleRun, Reference};
 pub use layer::{forward, BackwardPass, ErrorScales, ForwardPass, Inputs, WeightGradStore, WgradTiming};
 pub use state_dict::{
