@@ -124,6 +124,7 @@ pub fn shape_config(shape: &ModelShape, class: LayerClass) -> LayerConfig {
         probs_dtype: Dtype::F32,
         padding_multiple: None,
         parallel: Parallelism::SINGLE,
+        fp8: None,
     }
 }
 
