@@ -1,6 +1,7 @@
 //! FP8 quantizers of TransformerEngine's recipes, bit-exact (issue 12, items 1 and 2).
 //!
-//! A standalone module: not yet wired into [`LayerConfig`](crate::LayerConfig) or the layers.
+//! The layers use it through [`LayerConfig::fp8`](crate::LayerConfig::fp8) ([`Fp8Config`]) and
+//! the fp8 GEMMs of [`crate::layer`] (`docs/spec/fp8-recipes.md` §11).
 //! The rules, each with its TransformerEngine (TE) or Megatron-LM source, are collected in
 //! `docs/spec/fp8-recipes.md`; every source path below is at TE commit [`TE_COMMIT`] or
 //! Megatron-LM commit [`MEGATRON_COMMIT`].

@@ -12,6 +12,10 @@
 //!
 //! In [`Numerics::Oracle`] every rounding is the identity, so the same code is the f64 oracle.
 //!
+//! With `cfg.fp8` set, the emulated GEMMs are TransformerEngine's fp8 GEMMs (the `fp8` module
+//! here: quantized operands, GEMM model, explicit delayed-scaling state) and the oracle's error
+//! model gains their quantization terms (`fp8_bounds`); the oracle itself stays unquantized.
+//!
 //! This file runs the forward; `backward` runs the backward pass step by step (and the
 //! deferred weight-gradient queue), `bounds` derives the error model's scales from the
 //! oracle's values.
