@@ -200,6 +200,7 @@ fn sweep() -> Vec<LayerConfig> {
                                     probs_dtype: Dtype::F32,
                                     padding_multiple: None,
                                     parallel: Default::default(),
+                                    fp8: None,
                                 };
                                 if cfg.validate().is_ok() {
                                     out.push(cfg);

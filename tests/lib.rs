@@ -17,6 +17,8 @@
 //!   how often the generated cases are sharded.
 //! * [`fp8_quantizers`]: TransformerEngine's FP8 casts and scaling recipes, bit for bit
 //!   (`moe_reference::fp8`, fixtures in `tests/data/fp8/` made by TE's own Python references).
+//! * [`fp8_layers`]: fp8 expert layers under every recipe against the oracle's fp8 error model,
+//!   planted fp8 bugs, TE's refusals of unaligned splits.
 //! * [`dump`]: moe-expert-dump/1 files and `moe-verify compare`.
 //! * [`checkpoint`]: Megatron sharded state dicts, the on-disk format, resharding (spec §7, §8.1).
 //! * [`gpu`]: the CUDA implementations (`moe-gpu`) against the f64 oracle (skip loudly without a GPU).
@@ -29,6 +31,7 @@ mod properties;
 mod checkpoint;
 mod dump;
 mod edge_cases;
+mod fp8_layers;
 mod fp8_quantizers;
 mod golden;
 #[cfg(feature = "cuda")]

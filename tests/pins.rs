@@ -180,6 +180,7 @@ fn one_expert(class: LayerClass, hidden: usize, ffn: usize, glu: bool, activatio
         probs_dtype: Dtype::F32,
         padding_multiple: None,
         parallel: Parallelism::SINGLE,
+        fp8: None,
     }
 }
 

@@ -106,6 +106,7 @@ fn fixed_case(class: LayerClass, dtype: Dtype) -> Case {
             probs_dtype: Dtype::F32,
             padding_multiple: None,
             parallel: Parallelism::SINGLE,
+            fp8: None,
         },
         tokens_per_expert: vec![3, 4],
         seed: 11,

@@ -3,7 +3,7 @@
 //! generated deterministically. A failing case prints as Rust that can be pasted into a
 //! regression test.
 
-use moe_reference::{Dtype, ExpertSet, Inputs, LayerConfig, WgradTiming};
+use moe_reference::{Dtype, ExpertSet, Fp8Config, Inputs, LayerConfig, WgradTiming};
 use ndarray::{Array1, Array2};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -62,7 +62,7 @@ impl Case {
     pub fn summary(&self) -> String {
         let c = &self.cfg;
         format!(
-            "{} {} {}{}{} E={} h={} f={} tp={} ep={} tokens={:?}{}",
+            "{} {} {}{}{} E={} h={} f={} tp={} ep={} tokens={:?}{}{}",
             c.class,
             c.params_dtype,
             if c.gated_linear_unit { "glu-" } else { "" },
@@ -74,7 +74,8 @@ impl Case {
             c.parallel.tp_size,
             c.parallel.ep_size,
             self.tokens_per_expert,
-            if self.timing == WgradTiming::Deferred { " deferred-wgrad" } else { "" }
+            if self.timing == WgradTiming::Deferred { " deferred-wgrad" } else { "" },
+            c.fp8.map(|f| format!(" fp8={}", f.label())).unwrap_or_default()
         )
     }
 
@@ -87,7 +88,7 @@ impl Case {
             Dtype::F16 => "Dtype::F16",
         };
         format!(
-            "Case {{\n    cfg: LayerConfig {{\n        class: LayerClass::{:?},\n        num_experts: {},\n        hidden_size: {},\n        ffn_hidden_size: {},\n        gated_linear_unit: {},\n        activation: Activation::{:?},\n        add_bias: {},\n        clamp_value: {:?},\n        glu_linear_offset: {:?},\n        apply_probs_on_input: {},\n        params_dtype: {},\n        probs_dtype: {},\n        padding_multiple: {:?},\n        parallel: Parallelism {{ tp_size: {}, tp_rank: 0, ep_size: {}, ep_rank: 0 }},\n    }},\n    tokens_per_expert: vec!{:?},\n    seed: {},\n    timing: WgradTiming::{:?},\n}}",
+            "Case {{\n    cfg: LayerConfig {{\n        class: LayerClass::{:?},\n        num_experts: {},\n        hidden_size: {},\n        ffn_hidden_size: {},\n        gated_linear_unit: {},\n        activation: Activation::{:?},\n        add_bias: {},\n        clamp_value: {:?},\n        glu_linear_offset: {:?},\n        apply_probs_on_input: {},\n        params_dtype: {},\n        probs_dtype: {},\n        padding_multiple: {:?},\n        parallel: Parallelism {{ tp_size: {}, tp_rank: 0, ep_size: {}, ep_rank: 0 }},\n        fp8: {},\n    }},\n    tokens_per_expert: vec!{:?},\n    seed: {},\n    timing: WgradTiming::{:?},\n}}",
             c.class,
             c.num_experts,
             c.hidden_size,
@@ -103,6 +104,7 @@ impl Case {
             c.padding_multiple,
             c.parallel.tp_size,
             c.parallel.ep_size,
+            fp8_to_rust(c.fp8.as_ref()),
             self.tokens_per_expert,
             self.seed,
             self.timing
@@ -110,10 +112,31 @@ impl Case {
     }
 }
 
+/// Rust source for an optional [`Fp8Config`] (`None`, or `Some(Fp8Config { .. })` with every
+/// field spelled out).
+fn fp8_to_rust(fp8: Option<&Fp8Config>) -> String {
+    let Some(f) = fp8 else { return "None".into() };
+    let d = &f.delayed;
+    format!(
+        "Some(Fp8Config {{ recipe: Fp8Recipe::{:?}, format: TeFormat::{:?}, power_2_scales: {}, delayed: \
+         DelayedScalingConfig {{ margin: {}, amax_history_len: {}, amax_compute_algo: AmaxComputeAlgo::{:?} }}, \
+         pad_to_alignment: {}, activation_input_store: {} }})",
+        f.recipe,
+        f.format,
+        f.power_2_scales,
+        d.margin,
+        d.amax_history_len,
+        d.amax_compute_algo,
+        f.pad_to_alignment,
+        f.activation_input_store
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use moe_reference::{Activation, LayerClass, Parallelism};
+    use moe_reference::fp8::{AmaxComputeAlgo, DelayedScalingConfig};
+    use moe_reference::{Activation, Fp8Recipe, LayerClass, Parallelism, TeFormat};
 
     /// Evaluates the tokens as an expression and also returns them as text, so a test can
     /// check that printed Rust is exactly what, pasted, rebuilds the value.
@@ -147,6 +170,18 @@ mod tests {
                 probs_dtype: Dtype::F32,
                 padding_multiple: Some(16),
                 parallel: Parallelism { tp_size: 2, tp_rank: 0, ep_size: 4, ep_rank: 0 },
+                fp8: Some(Fp8Config {
+                    recipe: Fp8Recipe::Delayed,
+                    format: TeFormat::E4M3,
+                    power_2_scales: true,
+                    delayed: DelayedScalingConfig {
+                        margin: 2,
+                        amax_history_len: 16,
+                        amax_compute_algo: AmaxComputeAlgo::MostRecent
+                    },
+                    pad_to_alignment: false,
+                    activation_input_store: true
+                }),
             },
             tokens_per_expert: vec![3, 0, 40, 1],
             seed: 1234,
@@ -169,6 +204,7 @@ mod tests {
                 probs_dtype: Dtype::Bf16,
                 padding_multiple: None,
                 parallel: Parallelism { tp_size: 1, tp_rank: 0, ep_size: 1, ep_rank: 0 },
+                fp8: None,
             },
             tokens_per_expert: vec![],
             seed: 0,

@@ -43,7 +43,7 @@ pub struct ShapeDims {
 
 impl ShapeDims {
     /// The layer configuration of the shape for `class`: GLU silu, bf16 parameters, fp32
-    /// probs, no bias, no clamp, no padding, one rank.
+    /// probs, no bias, no clamp, no padding, one rank, no fp8.
     pub fn config(&self, class: LayerClass) -> LayerConfig {
         LayerConfig {
             class,
@@ -60,6 +60,7 @@ impl ShapeDims {
             probs_dtype: Dtype::F32,
             padding_multiple: None,
             parallel: Parallelism::SINGLE,
+            fp8: None,
         }
     }
 }

@@ -104,6 +104,7 @@ pub fn layer_config() -> impl Strategy<Value = LayerConfig> {
                     probs_dtype: if bf16_probs && dtype == Dtype::Bf16 { Dtype::Bf16 } else { Dtype::F32 },
                     padding_multiple: pad,
                     parallel: Parallelism::SINGLE,
+                    fp8: None,
                 };
                 // GroupedMLP never has a bias (make_valid drops it): decide the layout without it.
                 let bias = bias && class != LayerClass::Grouped;

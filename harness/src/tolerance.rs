@@ -34,6 +34,29 @@
 //! parallel decomposition of the oracle) use [`Tolerance::f64_reordering`] on the magnitudes
 //! `S / u` with `u = 2⁻⁵³`.
 //!
+//! # FP8
+//!
+//! With `LayerConfig::fp8` set the oracle stays unquantized and `S` gains the quantization of
+//! every operand TE quantizes (`moe_reference::layer` fp8 module doc: `x`, `W` in fprop, `dy`,
+//! `Wᵀ` in dgrad, `dyᵀ`, `xᵀ` in wgrad, for fc1 and fc2). An operand held by the implementation
+//! with error `e_v` gets `q(v) = u_fmt·(|v| + e_v) + 2·u_f32·|v| + ½·sub_fmt·s⁻¹ (+ saturation
+//! for delayed scaling)`, `u_fmt` = 2⁻⁴ (E4M3) or 2⁻³ (E5M2), `s⁻¹` bounded from the operand's
+//! amax (doubled for power-of-2 and E8M0 scales) or taken from the delayed-scaling state. Each
+//! GEMM `A·B` adds `q_A·|B| + |A|·q_B + (e_A + q_A)·q_B` and an accumulation term `1.5·(√K·2⁻¹³ +
+//! 2·u_f32·(⌈K/32⌉ + 1))·Σ|terms|` (Hopper's fast accumulation is not modelled bit for bit;
+//! 2⁻¹³ stands for its ~14 bits); these propagate through the activation and every later GEMM
+//! like the storage roundings. `activation_func_fp8_input_store` adds PyTorch's unscaled e4m3
+//! cast (`|a|/16 + 2⁻¹⁰`, infinite from 464 where the cast gives NaN) to the backward's view of
+//! the activation input. A clamped GLU's ambiguity window widens by the fp8 units.
+//!
+//! The fp8 terms are worst case (absolute values summed over `K`), unlike the `√K` accumulation
+//! model: with three chained fp8 GEMMs on `K = 32` the bound of an output is several times the
+//! output itself, about 100× the observed error. Every property works unchanged, but only
+//! gross fp8 bugs fail `matches-oracle` (a scale 16× off does, 2× and 4× do not; a skipped
+//! quantization never can, it makes the result *more* accurate): subtle fp8 bugs need the
+//! bit-exact comparison with the reference's fp8 emulation (`tests/fp8_layers.rs`), or a
+//! statistical (`√K`) channel for the fp8 terms, not built yet.
+//!
 //! # Checks without a whole-layer oracle run
 //!
 //! Where the oracle cannot be run on the whole problem (model-sized layers sampled by

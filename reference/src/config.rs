@@ -3,6 +3,7 @@
 
 use crate::dtype::Dtype;
 use crate::error::ReferenceError;
+use crate::fp8::Fp8Config;
 
 /// Which Megatron-Core expert class (spec §1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
@@ -169,6 +170,13 @@ pub struct LayerConfig {
     pub padding_multiple: Option<usize>,
     /// EP/ETP sizes and this layer's ranks.
     pub parallel: Parallelism,
+    /// FP8 GEMMs through TransformerEngine (`None`: no quantization, every GEMM in the storage
+    /// dtype). With a recipe, each expert's rows are padded to its alignment (unless
+    /// [`Fp8Config::pad_to_alignment`] is off) and the reference quantizes what TE quantizes
+    /// (`crate::layer` module doc, `docs/spec/fp8-recipes.md` §11). Missing in serialised
+    /// configurations = `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fp8: Option<Fp8Config>,
 }
 
 impl LayerConfig {
@@ -189,7 +197,15 @@ impl LayerConfig {
             probs_dtype: Dtype::F32,
             padding_multiple: None,
             parallel: Parallelism::SINGLE,
+            fp8: None,
         }
+    }
+
+    /// The row multiple every expert segment is padded to (zero rows, zero probs): the explicit
+    /// [`LayerConfig::padding_multiple`], else with fp8 the recipe's alignment (16, 32 for MXFP8;
+    /// Megatron's `get_fp8_align_size`) unless [`Fp8Config::pad_to_alignment`] is off.
+    pub fn row_padding(&self) -> Option<usize> {
+        self.padding_multiple.or(self.fp8.filter(|f| f.pad_to_alignment).map(|f| f.align_size()))
     }
 
     /// `E_l = E / p_ep`.
@@ -296,6 +312,25 @@ impl LayerConfig {
             }
             if self.padding_multiple.is_some() {
                 return bad("GroupedMLP has no quantization padding (it does not run fp8/fp4)".into());
+            }
+            if let Some(f) = &self.fp8 {
+                return bad(format!(
+                    "GroupedMLP has no fp8 path: its GEMMs are grouped_gemm's bf16 gmm (Megatron \
+                     experts.py GroupedMLP: no TE linears, no quantizers, no Fp8Padding), so fp8 recipe {} \
+                     cannot apply to it; use te_grouped or sequential",
+                    f.recipe
+                ));
+            }
+        }
+        if let Some(f) = &self.fp8 {
+            f.validate()?;
+            if f.activation_input_store && !(self.gated_linear_unit && self.activation == Activation::Silu) {
+                return bad(format!(
+                    "activation_func_fp8_input_store applies to Megatron's fused SwiGLU only \
+                     (bias_swiglu_impl, weighted_bias_swiglu_impl), not to {}{}",
+                    if self.gated_linear_unit { "GLU " } else { "" },
+                    self.activation
+                ));
             }
         }
         Ok(())

@@ -4,7 +4,7 @@
 use crate::config::LayerConfig;
 use crate::dtype::Numerics;
 use crate::error::ReferenceError;
-use crate::layer::{forward, Inputs, WgradTiming};
+use crate::layer::{forward_fp8, Fp8Run, Fp8State, Inputs, WgradTiming};
 use crate::state_dict::{from_state_dict, to_state_dict, StateDict};
 use ndarray::{Array1, Array2};
 
@@ -79,14 +79,38 @@ pub struct OracleRun {
 
 /// Runs the f64 oracle and returns its results, error scales and allowances, all in the
 /// [`LayerRun`] layout of `cfg`'s class.
+///
+/// With `cfg.fp8` set the results are the unquantized f64 ones and the error model includes the
+/// fp8 quantization terms, for TE's initial delayed-scaling state (see [`oracle_with_scales_fp8`]).
 pub fn oracle_with_scales(
     cfg: &LayerConfig,
     params: &StateDict,
     inputs: &Inputs,
     grad_output: &Array2<f64>,
 ) -> Result<OracleRun, LayerError> {
+    oracle_with_scales_fp8(cfg, params, inputs, grad_output, initial_fp8_run(cfg)?)
+}
+
+/// The fp8 run a stateless call starts from: TE's initial delayed-scaling state, no fault
+/// (`None` without fp8).
+pub fn initial_fp8_run(cfg: &LayerConfig) -> Result<Option<Fp8Run>, ReferenceError> {
+    Ok(match cfg.fp8 {
+        Some(config) => Some(Fp8Run { config, state: Fp8State::new(cfg)?, fault: None }),
+        None => None,
+    })
+}
+
+/// [`oracle_with_scales`] for an explicit fp8 run (a delayed-scaling state from earlier steps:
+/// the bounds use its scales). `run` must be `Some` exactly when `cfg.fp8` is.
+pub fn oracle_with_scales_fp8(
+    cfg: &LayerConfig,
+    params: &StateDict,
+    inputs: &Inputs,
+    grad_output: &Array2<f64>,
+    run: Option<Fp8Run>,
+) -> Result<OracleRun, LayerError> {
     let weights = from_state_dict(cfg, params)?;
-    let fwd = forward(cfg, &weights, inputs, Numerics::Oracle)?;
+    let fwd = forward_fp8(cfg, &weights, inputs, Numerics::Oracle, run)?;
     let bwd = fwd.backward(grad_output, WgradTiming::Immediate)?;
     let scales = bwd.scales.expect("the oracle computes error scales");
     Ok(OracleRun {
@@ -146,7 +170,7 @@ impl ExpertLayer for Reference {
 
     fn forward(&self, cfg: &LayerConfig, params: &StateDict, inputs: &Inputs) -> Result<Array2<f64>, LayerError> {
         let weights = from_state_dict(cfg, params)?;
-        Ok(forward(cfg, &weights, inputs, self.numerics(cfg))?.output().clone())
+        Ok(forward_fp8(cfg, &weights, inputs, self.numerics(cfg), initial_fp8_run(cfg)?)?.output().clone())
     }
 
     fn forward_backward(
@@ -157,17 +181,35 @@ impl ExpertLayer for Reference {
         grad_output: &Array2<f64>,
         timing: WgradTiming,
     ) -> Result<LayerRun, LayerError> {
+        Ok(self.forward_backward_fp8(cfg, params, inputs, grad_output, timing, initial_fp8_run(cfg)?)?.0)
+    }
+}
+
+impl Reference {
+    /// [`ExpertLayer::forward_backward`] with an explicit fp8 run (delayed-scaling state in, the
+    /// state with this step's amaxes recorded out; call [`Fp8State::update`] before the next
+    /// step). `run` must be `Some` exactly when `cfg.fp8` is.
+    pub fn forward_backward_fp8(
+        &self,
+        cfg: &LayerConfig,
+        params: &StateDict,
+        inputs: &Inputs,
+        grad_output: &Array2<f64>,
+        timing: WgradTiming,
+        run: Option<Fp8Run>,
+    ) -> Result<(LayerRun, Option<Fp8State>), LayerError> {
         let weights = from_state_dict(cfg, params)?;
-        let fwd = forward(cfg, &weights, inputs, self.numerics(cfg))?;
+        let fwd = forward_fp8(cfg, &weights, inputs, self.numerics(cfg), run)?;
         let mut bwd = fwd.backward(grad_output, timing)?;
         if let Some(store) = bwd.pending.take() {
             store.backward_dw(&mut bwd.weight_grads);
         }
-        Ok(LayerRun {
+        let run = LayerRun {
             output: fwd.output().clone(),
             grad_input: bwd.grad_input,
             grad_probs: bwd.grad_probs,
             weight_grads: to_state_dict(cfg, &bwd.weight_grads)?,
-        })
+        };
+        Ok((run, fwd.fp8_state()))
     }
 }

@@ -35,7 +35,11 @@ pub mod weights;
 pub use config::{Activation, LayerClass, LayerConfig, Parallelism};
 pub use dtype::{Dtype, Numerics};
 pub use error::ReferenceError;
-pub use implementation::{oracle_with_scales, ExpertLayer, LayerError, LayerRun, OracleRun, Reference};
+pub use fp8::{Fp8Config, Fp8Recipe, TeFormat};
+pub use implementation::{
+    initial_fp8_run, oracle_with_scales, oracle_with_scales_fp8, ExpertLayer, LayerError, LayerRun, OracleRun,
+    Reference,
+};
 pub use layer::{forward, BackwardPass, ErrorScales, ForwardPass, Inputs, WeightGradStore, WgradTiming};
 pub use state_dict::{
     from_state_dict, param_specs, single_grouped_specs, to_state_dict, unpack_single_grouped, ExpertParam,

@@ -52,6 +52,9 @@ pub(super) fn class_equivalence(ctx: &Ctx) -> Result<Verdict, PropertyFailure> {
         let second = match ctx.run(other_layer, &other_cfg, p, WgradTiming::Immediate) {
             Ok(r) => r,
             Err(LayerError::Unsupported(_)) => continue,
+            // TE refuses some fp8 shapes in one class only (SequentialMLP's `Linear` asserts
+            // `assert_dim_for_fp8_exec`, `GroupedLinear` does not): no equivalence to check.
+            Err(LayerError::Invalid(_)) if other_cfg.fp8.is_some() => continue,
             Err(e) => return Err(internal(e)),
         };
         let mut d = compare_runs(
@@ -140,7 +143,7 @@ pub(super) fn zero_tokens(ctx: &Ctx) -> Result<Verdict, PropertyFailure> {
     verdict(diffs)
 }
 
-/// Padding every segment to 16 rows changes nothing.
+/// Padding every segment to 16 rows (fp8: to twice the recipe's alignment) changes nothing.
 pub(super) fn padding_neutrality(ctx: &Ctx) -> Result<Verdict, PropertyFailure> {
     let (cfg, p) = (ctx.cfg(), &ctx.problem);
     if cfg.class == LayerClass::Grouped || cfg.padding_multiple.is_some() {
@@ -150,7 +153,10 @@ pub(super) fn padding_neutrality(ctx: &Ctx) -> Result<Verdict, PropertyFailure> 
         Ok(r) => r,
         Err(e) => return lift(e),
     };
-    let padded_cfg = LayerConfig { padding_multiple: Some(16), ..cfg.clone() };
+    // Megatron's 16 rows; with fp8 the segments are already padded to the recipe's alignment
+    // (16, or 32 for MXFP8), so pad them further, to twice the alignment.
+    let multiple = cfg.fp8.map_or(16, |f| 2 * f.align_size());
+    let padded_cfg = LayerConfig { padding_multiple: Some(multiple), ..cfg.clone() };
     let padded = match ctx.run(ctx.layer, &padded_cfg, p, WgradTiming::Immediate) {
         Ok(r) => r,
         Err(e) => return lift(e),

@@ -1,6 +1,7 @@
 //! FP8 quantizers of TransformerEngine's recipes, bit-exact (issue 12, items 1 and 2).
 //!
-//! A standalone module: not yet wired into [`LayerConfig`](crate::LayerConfig) or the layers.
+//! The layers use it through [`LayerConfig::fp8`](crate::LayerConfig::fp8) ([`Fp8Config`]) and
+//! the fp8 GEMMs of [`crate::layer`] (`docs/spec/fp8-recipes.md` §11).
 //! The rules, each with its TransformerEngine (TE) or Megatron-LM source, are collected in
 //! `docs/spec/fp8-recipes.md`; every source path below is at TE commit [`TE_COMMIT`] or
 //! Megatron-LM commit [`MEGATRON_COMMIT`].
@@ -54,6 +55,7 @@ pub mod codec;
 pub mod current;
 pub mod delayed;
 pub mod format;
+pub mod layer_config;
 pub mod mxfp8;
 pub mod scale;
 pub mod tensor;
@@ -63,6 +65,7 @@ pub use codec::{decode, decode_f64, encode, encode_torch};
 pub use current::CurrentScalingQuantizer;
 pub use delayed::{AmaxComputeAlgo, DelayedScaling, DelayedScalingConfig};
 pub use format::{Fp8Format, Fp8Recipe, TeFormat, TensorRole};
+pub use layer_config::Fp8Config;
 pub use mxfp8::{MxBlock, Mxfp8Quantizer};
 pub use scale::ScaleOptions;
 pub use tensor::{ColumnwiseCopy, Fp8Quantizer, Fp8Tensor, Quantized, Scales, Usage};

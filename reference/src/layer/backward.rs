@@ -2,6 +2,7 @@
 //! product, the activation and fc1 on the way down, then the weight gradients (now, or queued
 //! for `backward_dw`), then, for the oracle, the error model's scales.
 
+use super::fp8::{fp8_gemm, fp8_input_store, Fp8Operand, GemmOperand, QuantizedOperand};
 use super::{check_finite, clamp_glu, gemm, halves, store2, BackwardPass, ErrorScales, ForwardPass, WgradTiming};
 use crate::config::{LayerClass, LayerConfig};
 use crate::dtype::Numerics;
@@ -22,6 +23,8 @@ pub(super) struct SegmentGrads {
     pub(super) dx: Array2<f64>,
     /// The probs gradient `[n]` in f32 (cast to the probs dtype when stored).
     pub(super) dp: Array1<f64>,
+    /// fp8 (emulated): the columnwise copies of fc2's and fc1's output gradients, for wgrad.
+    pub(super) grad_cols: Option<(GemmOperand, GemmOperand)>,
 }
 
 impl ForwardPass {
@@ -50,8 +53,8 @@ impl ForwardPass {
             let mut g = Array2::zeros((pc, h));
             g.slice_mut(s![..c, ..]).assign(&grad_output.slice(s![rows.clone(), ..]));
             let out = &mut grads.experts[e];
-            let sg = self.segment_grads(e, &g, out);
-            queue.extend(self.weight_grads(e, &g, &sg.da, deferred, out));
+            let sg = self.segment_grads(e, &g, out)?;
+            queue.extend(self.weight_grads(e, &g, &sg, deferred, out));
             if let Some(sc) = scales.as_mut() {
                 self.record_scales(sc, e, &g, &sg, rows.clone());
             }
@@ -90,7 +93,12 @@ impl ForwardPass {
 
     /// Segment `e`'s gradients from fc2 down to the input, given its upstream gradient `g`;
     /// fc2's bias gradient (an eager op, never deferred) goes into `out`.
-    fn segment_grads(&self, e: usize, g: &Array2<f64>, out: &mut ExpertWeights) -> SegmentGrads {
+    fn segment_grads(
+        &self,
+        e: usize,
+        g: &Array2<f64>,
+        out: &mut ExpertWeights,
+    ) -> Result<SegmentGrads, ReferenceError> {
         let (cfg, n) = (&self.cfg, self.numerics);
         let (w, cache) = (&self.weights.experts[e], &self.caches[e]);
         let (pc, h) = g.dim();
@@ -104,8 +112,9 @@ impl ForwardPass {
             out.fc2_bias = Some(db2.mapv(|v| n.store(n.fp32(v))));
             dp += &g.dot(b2).mapv(|v| n.fp32(v));
         }
-        // fc2: dW2 = Gᵀ·u, du = G·W2.
-        let du = store2(n, gemm(n, g.view(), w.fc2_weight.view()));
+        // fc2: dW2 = Gᵀ·u, du = G·W2 (fp8: G rowwise times W2's columnwise copy).
+        let (du, g_col) = self.dgrad(e, Fp8Operand::Fc2GradOutput, g, &w.fc2_weight, |f| &f.w2)?;
+        let du = store2(n, du);
         // u = cast(z·p): dz = cast(du·p), dp_i += Σ_j du_ij·z_ij (fp32).
         let mut dz = du.clone();
         Zip::from(dz.rows_mut()).and(&cache.p).for_each(|mut row, &pi| {
@@ -115,9 +124,15 @@ impl ForwardPass {
         if !cfg.apply_probs_on_input {
             dp = (dp + dp_act).mapv(|v| n.fp32(v));
         }
-        let da = activation_backward(cfg, n, &cache.a, &dz);
+        // activation_func_fp8_input_store: the backward sees the activation input cast to e4m3.
+        let a_bwd = match (&cache.fp8, cfg.fp8) {
+            (Some(_), Some(f)) if f.activation_input_store => fp8_input_store(&cache.a),
+            _ => cache.a.clone(),
+        };
+        let da = activation_backward(cfg, n, &a_bwd, &dz);
         // fc1: dx = da·W1, dW1 = daᵀ·x, db1 = Σ_i da_i.
-        let mut dx = store2(n, gemm(n, da.view(), w.fc1_weight.view()));
+        let (dx, da_col) = self.dgrad(e, Fp8Operand::Fc1GradOutput, &da, &w.fc1_weight, |f| &f.w1)?;
+        let mut dx = store2(n, dx);
         if cfg.apply_probs_on_input {
             // x' = cast(p·x): dx = cast(dx'·p), dp_i = Σ_j x_ij·dx'_ij (fp32).
             dp = (&dx * &cache.x_orig).sum_axis(Axis(1)).mapv(|v| n.fp32(v));
@@ -125,7 +140,29 @@ impl ForwardPass {
                 .and(&cache.p_orig)
                 .for_each(|mut row, &pi| row.mapv_inplace(|v| n.store(n.fp32(v * pi))));
         }
-        SegmentGrads { du, dz, da, dx, dp }
+        let grad_cols = g_col.zip(da_col);
+        Ok(SegmentGrads { du, dz, da, dx, dp, grad_cols })
+    }
+
+    /// A linear's dgrad `dy·W`: in fp8 (emulated, `cfg.fp8` set) `dy` is quantized as `op` of
+    /// expert `e` and multiplied with the weight's columnwise copy kept by the forward; returns
+    /// the unrounded product and `dy`'s columnwise copy (for wgrad).
+    fn dgrad(
+        &self,
+        e: usize,
+        op: Fp8Operand,
+        dy: &Array2<f64>,
+        w: &Array2<f64>,
+        pick: impl Fn(&super::SegmentFp8) -> &QuantizedOperand,
+    ) -> Result<(Array2<f64>, Option<GemmOperand>), ReferenceError> {
+        let n = self.numerics;
+        match (&self.caches[e].fp8, &self.fp8, n) {
+            (Some(f), Some(run), Numerics::Emulated(dt)) => {
+                let q = run.borrow_mut().quantize(e, op, dy, dt)?;
+                Ok((fp8_gemm(&q.rowwise, &pick(f).columnwise), Some(q.columnwise)))
+            }
+            _ => Ok((gemm(n, dy.view(), w.view()), None)),
+        }
     }
 
     /// Segment `e`'s weight gradients (and fc1's bias gradient) into `out`: computed now, or,
@@ -134,12 +171,20 @@ impl ForwardPass {
         &self,
         e: usize,
         g: &Array2<f64>,
-        da: &Array2<f64>,
+        sg: &SegmentGrads,
         deferred: bool,
         out: &mut ExpertWeights,
     ) -> Vec<WgradEntry> {
         let n = self.numerics;
+        let da = &sg.da;
         let (w, cache) = (&self.weights.experts[e], &self.caches[e]);
+        // fp8: (dy columnwise, x columnwise) of each wgrad GEMM, quantized already.
+        let (fc2_q, fc1_q) = match (&cache.fp8, &sg.grad_cols) {
+            (Some(f), Some((g_col, da_col))) => {
+                (Some((g_col.clone(), f.u_col.clone())), Some((da_col.clone(), f.x_col.clone())))
+            }
+            _ => (None, None),
+        };
         let te = self.cfg.class == LayerClass::TeGrouped;
         let mut queued = Vec::new();
         if deferred {
@@ -149,6 +194,7 @@ impl ForwardPass {
                 input: cache.u.clone(),
                 grad_output: g.clone(),
                 with_bias: false,
+                fp8: fc2_q.clone(),
             });
             queued.push(WgradEntry {
                 linear: Linear::Fc1,
@@ -156,6 +202,7 @@ impl ForwardPass {
                 input: cache.x.clone(),
                 grad_output: da.clone(),
                 with_bias: te && w.fc1_bias.is_some(),
+                fp8: fc1_q.clone(),
             });
             out.fc2_weight.fill(f64::NAN);
             out.fc1_weight.fill(f64::NAN);
@@ -165,11 +212,11 @@ impl ForwardPass {
                 }
             }
         } else {
-            out.fc2_weight = weight_grad(n, g, &cache.u).0;
-            out.fc1_weight = weight_grad(n, da, &cache.x).0;
+            out.fc2_weight = weight_grad(n, g, &cache.u, fc2_q.as_ref()).0;
+            out.fc1_weight = weight_grad(n, da, &cache.x, fc1_q.as_ref()).0;
         }
         if w.fc1_bias.is_some() && !(deferred && te) {
-            out.fc1_bias = Some(weight_grad(n, da, &cache.x).1);
+            out.fc1_bias = Some(weight_grad(n, da, &cache.x, None).1);
         }
         queued
     }
@@ -192,6 +239,8 @@ struct WgradEntry {
     grad_output: Array2<f64>,
     /// Whether the bias gradient is computed with the weight gradient (TE's grouped linear).
     with_bias: bool,
+    /// fp8: the GEMM's operands as quantized in the backward (`dy` and `x` columnwise).
+    fp8: Option<(GemmOperand, GemmOperand)>,
 }
 
 /// The FIFO of queued weight-gradient GEMMs (TE's `WeightGradStore`).
@@ -221,7 +270,7 @@ impl WeightGradStore {
             self.queue = later;
             for entry in now {
                 let g = &mut grads.experts[entry.expert];
-                let (dw, db) = weight_grad(self.numerics, &entry.grad_output, &entry.input);
+                let (dw, db) = weight_grad(self.numerics, &entry.grad_output, &entry.input, entry.fp8.as_ref());
                 match linear {
                     Linear::Fc2 => {
                         g.fc2_weight = dw;
@@ -241,9 +290,20 @@ impl WeightGradStore {
     }
 }
 
-/// `dW = Gᵀ·X` rounded to the storage dtype, and the bias gradient `Σ_i G_i` (fp32 sum, cast).
-fn weight_grad(n: Numerics, grad_output: &Array2<f64>, input: &Array2<f64>) -> (Array2<f64>, Array1<f64>) {
-    let dw = gemm(n, grad_output.t(), input.view()).mapv(|v| n.store(v));
+/// `dW = Gᵀ·X` rounded to the storage dtype (in fp8 from the quantized columnwise copies
+/// `(Gᶜ, Xᶜ)` when given), and the bias gradient `Σ_i G_i` (fp32 sum of the high-precision
+/// gradient, cast).
+fn weight_grad(
+    n: Numerics,
+    grad_output: &Array2<f64>,
+    input: &Array2<f64>,
+    fp8: Option<&(GemmOperand, GemmOperand)>,
+) -> (Array2<f64>, Array1<f64>) {
+    let dw = match fp8 {
+        Some((g_col, x_col)) => fp8_gemm(g_col, x_col),
+        None => gemm(n, grad_output.t(), input.view()),
+    }
+    .mapv(|v| n.store(v));
     let db = grad_output.sum_axis(Axis(0)).mapv(|v| n.store(n.fp32(v)));
     (dw, db)
 }

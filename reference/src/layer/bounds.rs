@@ -3,6 +3,8 @@
 //! the allowances for a clamped GLU's ambiguous masks.
 
 use super::backward::SegmentGrads;
+use super::fp8::Fp8Operand;
+use super::fp8_bounds::Fp8Bound;
 use super::{clamp_glu, halves, ErrorScales, ForwardPass, SegmentCache};
 use crate::config::{LayerClass, LayerConfig};
 use crate::weights::{ExpertSet, ExpertWeights};
@@ -41,7 +43,9 @@ impl ForwardPass {
         let (w, cache) = (&self.weights.experts[e], &self.caches[e]);
         let (start, c) = (rows.start, rows.len());
         let abs = |a: &Array2<f64>| a.mapv(f64::abs);
-        let b = error_bounds(cfg, w, cache, g, &sg.du, &sg.dz, &sg.da);
+        let state = self.fp8.as_ref().map(|r| r.borrow().state.clone());
+        let fq = cfg.fp8.map(|config| Fp8Bound { config, state: state.as_ref(), expert: e });
+        let b = error_bounds(cfg, w, cache, g, &sg.du, &sg.dz, &sg.da, fq.as_ref());
         let ws = &mut sc.weight_grads.experts[e];
         ws.fc1_weight = b.fc1_weight;
         ws.fc2_weight = b.fc2_weight;
@@ -87,7 +91,10 @@ fn clamp_ambiguity(
     dz: &Array2<f64>,
     c: f64,
 ) -> Array2<f64> {
-    let u = cfg.params_dtype.unit_roundoff();
+    // With fp8 both fc1 operands carry up to half an fp8 ulp (and the stored activation input
+    // another), which widens the window of ambiguous masks.
+    let fp8_window = cfg.fp8.map_or(0.0, |f| if f.activation_input_store { 3.0 } else { 2.0 } / 16.0);
+    let u = cfg.params_dtype.unit_roundoff() + fp8_window;
     let mut a_mag = x_abs.dot(&w.fc1_weight.mapv(f64::abs).t());
     if let Some(b1) = &w.fc1_bias {
         a_mag += &b1.mapv(f64::abs);
@@ -147,6 +154,7 @@ fn error_bounds(
     du: &Array2<f64>,
     dz: &Array2<f64>,
     da: &Array2<f64>,
+    fq: Option<&Fp8Bound>,
 ) -> SegmentBounds {
     let us = cfg.params_dtype.unit_roundoff();
     let eta = cfg.params_dtype.subnormal_spacing();
@@ -170,6 +178,20 @@ fn error_bounds(
     // fc1: a = round(x·W1ᵀ (+ b1)); SequentialMLP rounds before the bias add too.
     let w1_abs = abs(&w.fc1_weight);
     let mut err_a = err_x.dot(&w1_abs.t()) + x_abs.dot(&w1_abs.t()) * acc(h) + cache.a.mapv(rnd);
+    // fp8 (fprop of fc1): quantization errors of x and W1, first order plus their product.
+    let zeros_like = |a: &Array2<f64>| Array2::<f64>::zeros(a.raw_dim());
+    let quant = |op: Fp8Operand, v: &Array2<f64>, e: &Array2<f64>| match fq {
+        Some(f) => f.quantization(op, v, e),
+        None => zeros_like(v),
+    };
+    let acc8 = |k: usize| if fq.is_some() { Fp8Bound::accumulation(k) } else { 0.0 };
+    let qx = quant(Fp8Operand::Fc1Input, &cache.x, &err_x);
+    let qw1 = quant(Fp8Operand::Fc1Weight, &w.fc1_weight, &zeros_like(&w.fc1_weight));
+    let qw2 = quant(Fp8Operand::Fc2Weight, &w.fc2_weight, &zeros_like(&w.fc2_weight));
+    if fq.is_some() {
+        err_a += &(qx.dot(&w1_abs.t()) + x_abs.dot(&qw1.t()) + (&err_x + &qx).dot(&qw1.t()));
+        err_a += &(x_abs.dot(&w1_abs.t()) * acc8(h));
+    }
     if let (Some(b1), LayerClass::Sequential) = (&w.fc1_bias, cfg.class) {
         err_a += &(&cache.a - b1).mapv(rnd);
     }
@@ -198,10 +220,14 @@ fn error_bounds(
     };
     // u = cast(z·p): product in f32, one storage rounding.
     let err_u = scale_rows(&err_z, &p_abs) + cache.u.mapv(rnd);
+    let qu = quant(Fp8Operand::Fc2Input, &cache.u, &err_u);
     // Output: y = round(u·W2ᵀ) (+ b2·p in f32, one rounding).
     let w2_abs = abs(&w.fc2_weight);
     let n2 = w.fc2_weight.ncols();
-    let mut output = err_u.dot(&w2_abs.t()) + abs(&cache.u).dot(&w2_abs.t()) * acc(n2);
+    let mut output = err_u.dot(&w2_abs.t()) + abs(&cache.u).dot(&w2_abs.t()) * (acc(n2) + acc8(n2));
+    if fq.is_some() {
+        output += &(qu.dot(&w2_abs.t()) + abs(&cache.u).dot(&qw2.t()) + (&err_u + &qu).dot(&qw2.t()));
+    }
     let y_exact = cache.u.dot(&w.fc2_weight.t());
     output += &y_exact.mapv(rnd);
     if let Some(b2) = &w.fc2_bias {
@@ -217,7 +243,18 @@ fn error_bounds(
     }
     // Backward. du = round(G·W2); dz = cast(du·p) (eager) or du·p in f32 (fused).
     let g_abs = abs(g);
-    let err_du = g_abs.dot(&w2_abs) * acc(h) + du.mapv(rnd);
+    let qg = quant(Fp8Operand::Fc2GradOutput, g, &zeros_like(g));
+    let mut err_du = g_abs.dot(&w2_abs) * (acc(h) + acc8(h)) + du.mapv(rnd);
+    if fq.is_some() {
+        err_du += &(qg.dot(&w2_abs) + g_abs.dot(&qw2) + qg.dot(&qw2));
+    }
+    // activation_func_fp8_input_store: the backward's activation input is cast to e4m3.
+    let err_a_b = match (fq, cfg.fp8) {
+        (Some(_), Some(f)) if f.activation_input_store => {
+            Zip::from(a).and(&err_a).map_collect(|&v, &e| e + Fp8Bound::input_store(v, e))
+        }
+        _ => err_a.clone(),
+    };
     let err_dz = scale_rows(&err_du, &p_abs) + dz.mapv(rnd_el);
     let err_da = if cfg.gated_linear_unit {
         let clamp = cfg.effective_clamp();
@@ -228,7 +265,7 @@ fn error_bounds(
             for j in 0..k {
                 let (gc, lc, gate_on, lin_on) = clamp_glu(a[[i, j]], a[[i, k + j]], clamp);
                 let (eg, el) =
-                    (if gate_on { err_a[[i, j]] } else { 0.0 }, if lin_on { err_a[[i, k + j]] } else { 0.0 });
+                    (if gate_on { err_a_b[[i, j]] } else { 0.0 }, if lin_on { err_a_b[[i, k + j]] } else { 0.0 });
                 let (f, f1, f2) = (act.apply(gc), act.derivative(gc), act.second_derivative(gc).abs());
                 let lin = lc + offset;
                 let (d, ed) = (dz[[i, j]], err_dz[[i, j]]);
@@ -242,7 +279,7 @@ fn error_bounds(
         }
         e_da
     } else {
-        Zip::from(a).and(&err_a).and(&err_dz).and(dz).map_collect(|&a, &ea, &ed, &d| {
+        Zip::from(a).and(&err_a_b).and(&err_dz).and(dz).map_collect(|&a, &ea, &ed, &d| {
             act.derivative(a).abs() * ed + d.abs() * act.second_derivative(a).abs() * ea + rnd(d * act.derivative(a))
         })
     };
@@ -250,7 +287,11 @@ fn error_bounds(
     let n1 = w.fc1_weight.nrows();
     // dx' = round(da·W1); with probs on the input dx = cast(dx'·p), dp = Σ x·dx'.
     let dxp = da.dot(&w.fc1_weight);
-    let mut grad_input = err_da.dot(&w1_abs) + da_abs.dot(&w1_abs) * acc(n1) + dxp.mapv(rnd);
+    let mut grad_input = err_da.dot(&w1_abs) + da_abs.dot(&w1_abs) * (acc(n1) + acc8(n1)) + dxp.mapv(rnd);
+    let qda = quant(Fp8Operand::Fc1GradOutput, da, &err_da);
+    if fq.is_some() {
+        grad_input += &(qda.dot(&w1_abs) + da_abs.dot(&qw1) + (&err_da + &qda).dot(&qw1));
+    }
     // The probs grad is stored in the probs dtype.
     let round_probs = |v: f64| {
         if cfg.probs_dtype == crate::dtype::Dtype::F32 {
@@ -280,12 +321,19 @@ fn error_bounds(
         dp + dp_value.mapv(round_probs)
     };
     let x_err_total = &err_x;
-    let fc1_weight = err_da.t().dot(&x_abs)
+    let mut fc1_weight = err_da.t().dot(&x_abs)
         + da_abs.t().dot(x_err_total)
-        + da_abs.t().dot(&x_abs) * acc(n)
+        + da_abs.t().dot(&x_abs) * (acc(n) + acc8(n))
         + da.t().dot(&cache.x).mapv(rnd);
+    if fq.is_some() {
+        fc1_weight += &(qda.t().dot(&x_abs) + da_abs.t().dot(&qx) + (&err_da + &qda).t().dot(&(x_err_total + &qx)));
+    }
     let fc1_bias = err_da.sum_axis(Axis(0)) + da_abs.sum_axis(Axis(0)) * acc(n) + da.sum_axis(Axis(0)).mapv(rnd);
-    let fc2_weight = g_abs.t().dot(&err_u) + g_abs.t().dot(&abs(&cache.u)) * acc(n) + g.t().dot(&cache.u).mapv(rnd);
+    let mut fc2_weight =
+        g_abs.t().dot(&err_u) + g_abs.t().dot(&abs(&cache.u)) * (acc(n) + acc8(n)) + g.t().dot(&cache.u).mapv(rnd);
+    if fq.is_some() {
+        fc2_weight += &(qg.t().dot(&abs(&cache.u)) + g_abs.t().dot(&qu) + qg.t().dot(&(&err_u + &qu)));
+    }
     let gp = scale_rows(g, &cache.p);
     let fc2_bias = abs(&gp).sum_axis(Axis(0)) * acc(n) + gp.sum_axis(Axis(0)).mapv(rnd);
     SegmentBounds {

@@ -12,14 +12,24 @@
 //!
 //! In [`Numerics::Oracle`] every rounding is the identity, so the same code is the f64 oracle.
 //!
+//! With `cfg.fp8` set, the emulated GEMMs are TransformerEngine's fp8 GEMMs (the `fp8` module
+//! here: quantized operands, GEMM model, explicit delayed-scaling state) and the oracle's error
+//! model gains their quantization terms (`fp8_bounds`); the oracle itself stays unquantized.
+//!
 //! This file runs the forward; `backward` runs the backward pass step by step (and the
 //! deferred weight-gradient queue), `bounds` derives the error model's scales from the
 //! oracle's values.
 
 mod backward;
 mod bounds;
+mod fp8;
+mod fp8_bounds;
 
 pub use backward::WeightGradStore;
+pub use fp8::{
+    check_dim_for_fp8_exec, fp8_gemm, fp8_input_store, Fp8Fault, Fp8Operand, Fp8Run, Fp8State, GemmOperand,
+    QuantizedOperand,
+};
 
 use crate::config::{LayerClass, LayerConfig};
 use crate::dtype::Numerics;
@@ -150,6 +160,21 @@ struct SegmentCache {
     z: Array2<f64>,
     /// fc2 input `u = cast(z·p)` `[n, N2]`.
     u: Array2<f64>,
+    /// The quantized operands kept for backward (emulated fp8 only).
+    fp8: Option<SegmentFp8>,
+}
+
+/// The fp8 operands one segment's forward keeps for its backward.
+#[derive(Clone, Debug)]
+struct SegmentFp8 {
+    /// fc1's input, columnwise copy (wgrad).
+    x_col: GemmOperand,
+    /// fc1's weight, both copies (columnwise for dgrad).
+    w1: QuantizedOperand,
+    /// fc2's input, columnwise copy (wgrad).
+    u_col: GemmOperand,
+    /// fc2's weight, both copies.
+    w2: QuantizedOperand,
 }
 
 /// A completed forward pass, holding what backward needs.
@@ -164,6 +189,9 @@ pub struct ForwardPass {
     padded_counts: Vec<usize>,
     caches: Vec<SegmentCache>,
     output: Array2<f64>,
+    /// The fp8 run (configuration, delayed-scaling state, planted fault) when `cfg.fp8` is set;
+    /// the backward records its amaxes into the state.
+    fp8: Option<std::cell::RefCell<Fp8Run>>,
 }
 
 /// Input and probs gradients plus the weight gradients available after backward.
@@ -251,13 +279,34 @@ impl LayerConfig {
     }
 }
 
+/// The GEMM `x·Wᵀ` of a linear's fprop: in fp8 when `q` holds the run (quantizing `x` as
+/// `input` and `W` as `weight` of local expert `e`), else in the storage dtype (or f64).
+#[allow(clippy::type_complexity)]
+fn fprop(
+    n: Numerics,
+    q: &mut Option<(&mut Fp8Run, usize)>,
+    ops: [Fp8Operand; 2],
+    x: &Array2<f64>,
+    w: &Array2<f64>,
+) -> Result<(Array2<f64>, Option<(GemmOperand, QuantizedOperand)>), ReferenceError> {
+    match (q.as_mut(), n) {
+        (Some((run, e)), Numerics::Emulated(dt)) => {
+            let xq = run.quantize(*e, ops[0], x, dt)?;
+            let wq = run.quantize(*e, ops[1], w, dt)?;
+            Ok((fp8_gemm(&xq.rowwise, &wq.rowwise), Some((xq.columnwise, wq))))
+        }
+        _ => Ok((gemm(n, x.view(), w.t()), None)),
+    }
+}
+
 fn expert_forward(
     cfg: &LayerConfig,
     n: Numerics,
     w: &ExpertWeights,
     x_orig: ArrayView2<f64>,
     p_orig: ArrayView1<f64>,
-) -> (Array2<f64>, SegmentCache) {
+    mut q: Option<(&mut Fp8Run, usize)>,
+) -> Result<(Array2<f64>, SegmentCache), ReferenceError> {
     let rows = x_orig.nrows();
     // §4.7: moe_apply_probs_on_input replaces x by cast(p·x) (fp32 product) and p by ones.
     let (x, p) = if cfg.apply_probs_on_input {
@@ -270,7 +319,7 @@ fn expert_forward(
 
     // fc1 (§4.2): one rounding of the GEMM; SequentialMLP adds the bias in a separate bf16 op,
     // TEGroupedMLP inside the GEMM (fp32 add, one rounding).
-    let xw = gemm(n, x.view(), w.fc1_weight.t());
+    let (xw, fc1_q) = fprop(n, &mut q, [Fp8Operand::Fc1Input, Fp8Operand::Fc1Weight], &x, &w.fc1_weight)?;
     let a = match (&w.fc1_bias, cfg.class) {
         (None, _) => store2(n, xw),
         (Some(b1), LayerClass::TeGrouped) => store2(n, xw + b1),
@@ -309,7 +358,8 @@ fn expert_forward(
     // fc2, then the probs-scaled bias: round(out + b2·p) computed in fp32 (§4.5.1 step 7, §4.6).
     // With probs in the storage dtype (bf16 router), b2·p is itself a storage-dtype op (§4.8).
     let probs_in_storage = cfg.probs_dtype == cfg.params_dtype && cfg.params_dtype != crate::dtype::Dtype::F32;
-    let mut y = store2(n, gemm(n, u.view(), w.fc2_weight.t()));
+    let (uw, fc2_q) = fprop(n, &mut q, [Fp8Operand::Fc2Input, Fp8Operand::Fc2Weight], &u, &w.fc2_weight)?;
+    let mut y = store2(n, uw);
     if let Some(b2) = &w.fc2_bias {
         Zip::from(y.rows_mut()).and(&p).for_each(|mut row, &pi| {
             Zip::from(&mut row).and(b2).for_each(|y, &b| {
@@ -318,8 +368,12 @@ fn expert_forward(
             });
         });
     }
-    let cache = SegmentCache { x, x_orig: x_orig.to_owned(), p, p_orig: p_orig.to_owned(), a, z, u };
-    (y, cache)
+    let fp8 = match (fc1_q, fc2_q) {
+        (Some((x_col, w1)), Some((u_col, w2))) => Some(SegmentFp8 { x_col, w1, u_col, w2 }),
+        _ => None,
+    };
+    let cache = SegmentCache { x, x_orig: x_orig.to_owned(), p, p_orig: p_orig.to_owned(), a, z, u, fp8 };
+    Ok((y, cache))
 }
 
 /// The GLU clamp (spec §4.3): `(min(g, c), clamp(l, -c, c), g ≤ c, -c ≤ l ≤ c)`, the last two
@@ -332,21 +386,48 @@ fn clamp_glu(g: f64, l: f64, clamp: Option<f64>) -> (f64, f64, bool, bool) {
 }
 
 /// Runs the forward of `cfg`'s class on this rank's canonical weights.
+///
+/// With `cfg.fp8` set this is [`forward_fp8`] from TE's initial delayed-scaling state
+/// ([`Fp8State::new`]) without a fault.
 pub fn forward(
     cfg: &LayerConfig,
     weights: &ExpertSet,
     inputs: &Inputs,
     numerics: Numerics,
 ) -> Result<ForwardPass, ReferenceError> {
+    let run = match cfg.fp8 {
+        Some(config) => Some(Fp8Run { config, state: Fp8State::new(cfg)?, fault: None }),
+        None => None,
+    };
+    forward_fp8(cfg, weights, inputs, numerics, run)
+}
+
+/// [`forward`] with an explicit fp8 run: its delayed-scaling state supplies the scales (and, for
+/// the oracle, the error model's scales); amaxes are recorded into it (read it back with
+/// [`ForwardPass::fp8_state`] after the backward, then [`Fp8State::update`] for the next step).
+/// `run` must be `Some` exactly when `cfg.fp8` is.
+pub fn forward_fp8(
+    cfg: &LayerConfig,
+    weights: &ExpertSet,
+    inputs: &Inputs,
+    numerics: Numerics,
+    mut run: Option<Fp8Run>,
+) -> Result<ForwardPass, ReferenceError> {
     cfg.validate()?;
     weights.check_shapes(cfg)?;
+    if run.is_some() != cfg.fp8.is_some() {
+        return Err(ReferenceError::Config("an fp8 run is given exactly when the configuration has fp8".into()));
+    }
     let counts = validate_inputs(cfg, inputs)?;
     let h = cfg.hidden_size;
-    let pad = |c: usize| match cfg.padding_multiple {
+    let pad = |c: usize| match cfg.row_padding() {
         Some(m) => c.div_ceil(m) * m,
         None => c,
     };
     let padded_counts: Vec<usize> = counts.iter().map(|&c| pad(c)).collect();
+    if let Some(f) = &cfg.fp8 {
+        check_fp8_shapes(cfg, f.recipe, &padded_counts)?;
+    }
     let mut output = Array2::zeros((inputs.num_tokens(), h));
     let mut caches = Vec::with_capacity(counts.len());
     let mut start = 0;
@@ -356,17 +437,67 @@ pub fn forward(
         let mut p = Array1::zeros(pc);
         x.slice_mut(s![..c, ..]).assign(&inputs.hidden_states.slice(s![start..start + c, ..]));
         p.slice_mut(s![..c]).assign(&inputs.probs.slice(s![start..start + c]));
-        let (y, cache) = expert_forward(cfg, numerics, &weights.experts[e], x.view(), p.view());
+        let q = run.as_mut().map(|r| (r, e));
+        let (y, cache) = expert_forward(cfg, numerics, &weights.experts[e], x.view(), p.view(), q)?;
         output.slice_mut(s![start..start + c, ..]).assign(&y.slice(s![..c, ..]));
         caches.push(cache);
         start += c;
     }
-    Ok(ForwardPass { cfg: cfg.clone(), numerics, weights: weights.clone(), counts, padded_counts, caches, output })
+    Ok(ForwardPass {
+        cfg: cfg.clone(),
+        numerics,
+        weights: weights.clone(),
+        counts,
+        padded_counts,
+        caches,
+        output,
+        fp8: run.map(std::cell::RefCell::new),
+    })
+}
+
+/// Refuses the fp8 shapes TE refuses, naming the tensor: MXFP8 quantizes every operand and needs
+/// both dims of each to be multiples of 32 (`MXFP8Quantizer::create_tensor`); SequentialMLP's TE
+/// `Linear`s assert `assert_dim_for_fp8_exec` on their input and weight under every recipe.
+/// TEGroupedMLP's `GroupedLinear` accepts any split with the per-tensor and block recipes.
+fn check_fp8_shapes(cfg: &LayerConfig, recipe: crate::fp8::Fp8Recipe, padded: &[usize]) -> Result<(), ReferenceError> {
+    let (h, n1, n2) = (cfg.hidden_size, cfg.n1(), cfg.n2());
+    for (e, &rows) in padded.iter().enumerate() {
+        let named = |what: &str| format!("expert {e} {what}");
+        if recipe == crate::fp8::Fp8Recipe::Mxfp8 {
+            for (what, shape) in [
+                ("linear_fc1.input", [rows, h]),
+                ("linear_fc1.weight", [n1, h]),
+                ("linear_fc2.input", [rows, n2]),
+                ("linear_fc2.weight", [h, n2]),
+                ("linear_fc2.grad_output", [rows, h]),
+                ("linear_fc1.grad_output", [rows, n1]),
+            ] {
+                crate::fp8::mxfp8::check_mxfp8_shape(&named(what), shape)?;
+            }
+        }
+        if cfg.class == LayerClass::Sequential {
+            for (what, shape) in [
+                ("linear_fc1.input", [rows, h]),
+                ("linear_fc1.weight", [n1, h]),
+                ("linear_fc2.input", [rows, n2]),
+                ("linear_fc2.weight", [h, n2]),
+            ] {
+                check_dim_for_fp8_exec(&named(what), shape)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 impl ForwardPass {
     /// The layer output `[T, h]`.
     pub fn output(&self) -> &Array2<f64> {
         &self.output
+    }
+
+    /// The delayed-scaling state after this pass (amaxes of the forward, and of the backward once
+    /// it ran, recorded); `None` without fp8.
+    pub fn fp8_state(&self) -> Option<Fp8State> {
+        self.fp8.as_ref().map(|r| r.borrow().state.clone())
     }
 }
