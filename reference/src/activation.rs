@@ -60,6 +60,32 @@ impl Activation {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn second_derivatives_match_the_closed_forms() {
+        // The error model propagates rounding through act'' (the GLU and activation terms), so
+        // its value matters: closed forms written out, at points on both sides of 0.
+        use super::Activation;
+        let sigmoid = |x: f64| 1.0 / (1.0 + (-x).exp());
+        let silu2 = |x: f64| {
+            let s = sigmoid(x);
+            s * (1.0 - s) * (2.0 + x * (1.0 - 2.0 * s))
+        };
+        let quick2 = |x: f64| 1.702 * silu2(1.702 * x);
+        let pdf = |x: f64| (-x * x / 2.0).exp() / (2.0 * std::f64::consts::PI).sqrt();
+        let gelu2 = |x: f64| pdf(x) * (2.0 - x * x);
+        for x in [-3.0, -0.7, 0.4, 1.3, 5.0] {
+            for (act, want) in [
+                (Activation::Silu, silu2(x)),
+                (Activation::QuickGelu, quick2(x)),
+                (Activation::Gelu, gelu2(x)),
+                (Activation::SquaredRelu, if x > 0.0 { 2.0 } else { 0.0 }),
+            ] {
+                let got = act.second_derivative(x);
+                assert!((got - want).abs() <= 1e-6 * want.abs().max(1e-3), "{act:?}''({x}) = {got}, want {want}");
+            }
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -173,6 +173,19 @@ mod tests {
     }
 
     #[test]
+    fn the_sticky_bit_survives_when_the_truncated_f32_is_already_odd() {
+        // 1 + 2^-8 is the bf16 midpoint between 1 and 1 + 2^-7. One f32 ulp above it plus a
+        // little more truncates to an f32 whose last bit is already 1; round-to-odd must keep
+        // it (an XOR would clear it and land on the midpoint, which ties down to 1).
+        let x = 1.0 + 2f64.powi(-8) + 2f64.powi(-23) + 2f64.powi(-40);
+        assert_eq!(round(Dtype::Bf16, x), 1.0 + 2f64.powi(-7));
+        assert_eq!(round(Dtype::Bf16, -x), -(1.0 + 2f64.powi(-7)));
+        // The same for f16 (spacing 2^-10 at 1, midpoint 1 + 2^-11).
+        let y = 1.0 + 2f64.powi(-11) + 2f64.powi(-23) + 2f64.powi(-40);
+        assert_eq!(round(Dtype::F16, y), 1.0 + 2f64.powi(-10));
+    }
+
+    #[test]
     fn values_the_dtype_holds_round_trip() {
         for dtype in Dtype::ALL {
             let values = [0.0, -0.0, 1.0, -2.5, 0.1f32 as f64, 65504.0, 2f64.powi(-24), f64::INFINITY];
