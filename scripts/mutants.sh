@@ -4,8 +4,9 @@
 # in tests/ are what exercise the reference and the harness). Not part of CI: a full run is
 # ~2,200 mutants, hours on two cores.
 #
-#   scripts/mutants.sh                 # everything
-#   scripts/mutants.sh --shard 3/16    # one round-robin shard (a uniform sample), any cargo-mutants flag
+#   scripts/mutants.sh                                          # everything
+#   scripts/mutants.sh --sharding round-robin --shard 0/16      # a uniform 1/16 sample
+#   (any cargo-mutants flag can be added; `--shard` alone takes consecutive slices, not a sample)
 #
 # Installs the pinned cargo-mutants (and cargo-nextest, which stops a mutant's test run at the
 # first failure) with `cargo install --locked` when missing. Results: mutants.out/ (outcomes.json,
