@@ -20,7 +20,7 @@
 //! that invokes the stamp (`properties.txt` for the reference stamp below, `gpu.txt` for the
 //! CUDA one; commit it), and replayed first on the next run. The case count defaults to the
 //! stamp's `cases` (small: CI has two cores) and can be raised with `PROPTEST_CASES=2000` for a
-//! deep run; the generator seed is fixed (`MOE_PROPTEST_SEED` overrides it).
+//! deep run; the generator seed is fixed (proptest's own `PROPTEST_RNG_SEED` overrides it).
 
 use moe_harness::case::Case;
 use moe_harness::properties::{check, Backend, Property, Verdict};
@@ -185,12 +185,12 @@ pub(crate) use differential_suite;
 differential_suite!(reference, moe_harness::properties::ReferenceBackend, cases = 1024);
 
 /// The proptest configuration of a suite: `cases` cases (or `PROPTEST_CASES`), a fixed seed (or
-/// `MOE_PROPTEST_SEED`), failures persisted to `proptest-regressions/`.
+/// `PROPTEST_RNG_SEED`, proptest's own variable), failures persisted to `proptest-regressions/`.
 pub(crate) fn suite_config(cases: u32) -> Config {
     let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
     Config {
         cases: env("PROPTEST_CASES").map_or(cases, |n| n as u32),
-        rng_seed: RngSeed::Fixed(env("MOE_PROPTEST_SEED").unwrap_or(0x5EED)),
+        rng_seed: RngSeed::Fixed(env("PROPTEST_RNG_SEED").unwrap_or(0x5EED)),
         failure_persistence: Some(Box::new(FileFailurePersistence::SourceParallel("proptest-regressions"))),
         max_shrink_iters: 1024,
         ..Config::default()
