@@ -1,7 +1,6 @@
 //! Golden fixtures from TransformerEngine's reference quantizers (`tests/data/fp8/`), bit for bit.
 
 use super::E4M3;
-use std::io::Write;
 use std::path::PathBuf;
 
 use half::bf16;
@@ -25,26 +24,17 @@ const FIXTURE_COMMAND: &str = "python3 tools/fp8_fixtures.py --te-references $TE
      --te-mxfp8-test $TE/tests/pytorch/test_mxfp8_2d_quantize.py --te-quantization \
      $TE/transformer_engine/pytorch/quantization.py --te-commit <sha> --out tests/data/fp8";
 
-/// The parsed fixture, or `None` after one SKIP line; a failure when the file is missing and
-/// `MOE_REQUIRE_FP8_FIXTURES=1`.
-fn fixture(test: &str, file: &str) -> Option<Value> {
+/// The parsed fixture. The fixtures are committed: a missing or unreadable one is a failure
+/// (it names the file and how to regenerate it), never a skip.
+fn fixture(test: &str, file: &str) -> Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/fp8").join(file);
-    match std::fs::read_to_string(&path) {
-        Ok(text) => Some(serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))),
-        Err(e) => {
-            assert!(
-                !std::env::var("MOE_REQUIRE_FP8_FIXTURES").is_ok_and(|v| v == "1"),
-                "fp8_quantizers::{test}: fixture {} is missing ({e}) and MOE_REQUIRE_FP8_FIXTURES=1; generate it with \
-                 {FIXTURE_COMMAND}",
-                path.display()
-            );
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIP fp8_quantizers::{test}: fixture tests/data/fp8/{file} not found; generate it with {FIXTURE_COMMAND}"
-            );
-            None
-        }
-    }
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "fp8_quantizers::{test}: fixture {} is missing ({e}); regenerate it with {FIXTURE_COMMAND}",
+            path.display()
+        )
+    });
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 fn b64(text: &str) -> Vec<u8> {
@@ -129,7 +119,7 @@ fn assert_scale_grid(what: &str, got: &Scales, want: &[f32], shape: (usize, usiz
 
 #[test]
 fn fixture_per_tensor_current_scaling() {
-    let Some(doc) = fixture("fixture_per_tensor_current_scaling", "per_tensor.json") else { return };
+    let doc = fixture("fixture_per_tensor_current_scaling", "per_tensor.json");
     let inputs = inputs(&doc);
     let cases = doc["cases"].as_array().expect("cases");
     assert!(cases.len() >= 32, "{} cases", cases.len());
@@ -154,7 +144,7 @@ fn fixture_per_tensor_current_scaling() {
 
 #[test]
 fn fixture_blockwise() {
-    let Some(doc) = fixture("fixture_blockwise", "blockwise.json") else { return };
+    let doc = fixture("fixture_blockwise", "blockwise.json");
     let inputs = inputs(&doc);
     for case in doc["cases"].as_array().expect("cases") {
         let (x, dtype) = &inputs[str_of(case, "input")];
@@ -182,7 +172,7 @@ fn fixture_blockwise() {
 
 #[test]
 fn fixture_mxfp8() {
-    let Some(doc) = fixture("fixture_mxfp8", "mxfp8.json") else { return };
+    let doc = fixture("fixture_mxfp8", "mxfp8.json");
     let table = &doc["e8m0"];
     let amaxes = table["amax_bits"].as_array().unwrap();
     let want = table["e8m0"].as_array().unwrap();
@@ -220,7 +210,7 @@ fn fixture_mxfp8() {
 /// the fused kernel's scale within one ulp of it (`reciprocal(amax)·fp8_max` vs one division).
 #[test]
 fn fixture_delayed_scaling() {
-    let Some(doc) = fixture("fixture_delayed_scaling", "delayed.json") else { return };
+    let doc = fixture("fixture_delayed_scaling", "delayed.json");
     let (mut off_by_one, mut steps) = (0, 0);
     for seq in doc["sequences"].as_array().expect("sequences") {
         let format = Fp8Format::parse(str_of(seq, "format")).unwrap();
@@ -255,7 +245,7 @@ fn fixture_delayed_scaling() {
 
 #[test]
 fn fixture_torch_cast() {
-    let Some(doc) = fixture("fixture_torch_cast", "torch_cast.json") else { return };
+    let doc = fixture("fixture_torch_cast", "torch_cast.json");
     let xs: Vec<f32> =
         doc["input_bits"].as_array().unwrap().iter().map(|b| f32::from_bits(b.as_u64().unwrap() as u32)).collect();
     for fmt in Fp8Format::ALL {

@@ -11,8 +11,8 @@
 //!   rounding cases, bad inputs.
 //! * Golden fixtures (`tests/data/fp8/*.json`, written by `tools/fp8_fixtures.py` from
 //!   TransformerEngine's own Python reference quantizers): codes and scales must be equal bit for
-//!   bit. A missing fixture file prints one `SKIP` line, or fails under
-//!   `MOE_REQUIRE_FP8_FIXTURES=1`.
+//!   bit. The fixtures are committed; a missing one fails, naming the file and the command
+//!   that regenerates it.
 //!
 //! [`codec`] holds the codec and name checks, [`scaling`] the per-tensor scales and delayed
 //! scaling, [`blocks`] the 1×128/128×128 blocks and MXFP8, [`fixtures`] the golden fixtures;
