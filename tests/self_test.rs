@@ -100,6 +100,15 @@ fn random_cases_find_the_sharding_bug_and_shrink_it() {
 }
 
 #[test]
+fn the_runner_checks_exactly_the_requested_number_of_cases() {
+    // `verify --cases N` promises N cases per (implementation, property): checked + skipped.
+    for n in [1, 7] {
+        let r = run_property(&ReferenceBackend, Property::DeferredWgrad, &strategy::case(40), n, 9, &|| {});
+        assert_eq!(r.checked + r.skipped, n as usize, "{r:?}");
+    }
+}
+
+#[test]
 fn the_report_counts_sharded_calls_from_the_backend() {
     // matches-oracle calls the backend unsharded only; zero-tokens calls it at the case's layout.
     let mo = run_property(&ReferenceBackend, Property::MatchesOracle, &strategy::case(40), 48, 1, &|| {});

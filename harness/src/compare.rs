@@ -357,6 +357,24 @@ mod tests {
     }
 
     #[test]
+    fn the_contraction_length_is_the_longest_sum_of_the_call() {
+        // K of the error model's √K: the hidden size (fc1), the fc1 width N1 (fc2) or the
+        // largest expert segment (the weight-gradient GEMMs), whichever is longest.
+        let cfg = LayerConfig { hidden_size: 16, ffn_hidden_size: 32, ..LayerConfig::example() };
+        assert_eq!(contraction_length(&cfg, &[3, 40, 0]), 64, "GLU: N1 = 2f");
+        assert_eq!(contraction_length(&cfg, &[3, 100, 0]), 100);
+        let wide = LayerConfig { hidden_size: 200, gated_linear_unit: false, ..cfg };
+        assert_eq!(contraction_length(&wide, &[-1, 5]), 200);
+        assert_eq!(
+            contraction_length(
+                &LayerConfig { hidden_size: 1, ffn_hidden_size: 1, gated_linear_unit: false, ..cfg },
+                &[]
+            ),
+            1
+        );
+    }
+
+    #[test]
     fn an_error_exactly_at_its_bound_passes() {
         // "≤ 1 passes": error 0.5 against the bound 1·(0.25 + rms 0.25) = 0.5, both exact in
         // binary, is a ratio of exactly 1.

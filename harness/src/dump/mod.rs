@@ -195,4 +195,22 @@ mod tests {
         assert_eq!((dx.len(), dp.len(), dw.len(), all.len()), (1, 1, 2, 5));
         assert!(Expectations::default().is_empty() && !Expectations::default().needs_backward());
     }
+
+    #[test]
+    fn a_forward_only_dump_from_the_reference_expects_the_reference_output() {
+        use moe_reference::{ExpertLayer, Reference};
+        let case = crate::case::Case {
+            cfg: LayerConfig { num_experts: 2, hidden_size: 4, ffn_hidden_size: 4, ..LayerConfig::example() },
+            tokens_per_expert: vec![2, 1],
+            seed: 3,
+            timing: moe_reference::WgradTiming::Immediate,
+        };
+        let p = case.problem();
+        let params = moe_reference::to_state_dict(&case.cfg, &p.weights).unwrap();
+        let dump =
+            Dump::from_reference(&case.cfg, params.clone(), p.inputs.clone(), None, Reference::EMULATED).unwrap();
+        let want = Reference::EMULATED.forward(&case.cfg, &params, &p.inputs).unwrap();
+        assert_eq!(dump.expected.output.as_ref(), Some(&want));
+        assert!(!dump.expected.needs_backward() && dump.grad_output.is_none());
+    }
 }

@@ -5,7 +5,7 @@ use super::{internal, lift, oracle, verdict, Ctx, PropertyFailure, Verdict};
 use crate::case::Case;
 use crate::compare::{compare_runs, compare_state_dicts, compare_tensor, Bounds};
 use crate::tolerance::Tolerance;
-use moe_reference::{to_state_dict, ExpertSet, LayerClass, LayerConfig, LayerError, LayerRun, WgradTiming};
+use moe_reference::{to_state_dict, ExpertSet, LayerClass, LayerConfig, LayerError, WgradTiming};
 use ndarray::{s, Array1, Array2};
 
 /// The unsharded layer against the oracle.
@@ -57,13 +57,9 @@ pub(super) fn class_equivalence(ctx: &Ctx) -> Result<Verdict, PropertyFailure> {
             Err(LayerError::Invalid(_)) if other_cfg.fp8.is_some() => continue,
             Err(e) => return Err(internal(e)),
         };
-        let mut d = compare_runs(
-            &global,
-            &first,
-            &LayerRun { weight_grads: Default::default(), ..second.clone() },
-            Some((&o).into()),
-            t2,
-        );
+        // The output and the input/probs grads (the first three diffs); the weight grads are
+        // in the other class's layout and are compared below, converted.
+        let mut d = compare_runs(&global, &first, &second, Some((&o).into()), t2);
         d.truncate(3);
         for x in &mut d {
             x.name = format!("vs {other}: {}", x.name);
