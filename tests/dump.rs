@@ -476,3 +476,21 @@ fn zero_token_dump_round_trips_and_compares_clean() {
         assert!(report.passed, "{report}");
     }
 }
+
+/// Dumps written before `num_experts` was recorded give the global count as
+/// `num_local_experts × ep_size`; 3 local experts on EP 2 tell a product from a sum.
+#[test]
+fn a_dump_without_num_experts_has_num_local_experts_times_ep_size() {
+    let cfg = LayerConfig { num_experts: 6, ..config(LayerClass::TeGrouped, Dtype::Bf16) };
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let t = 4;
+    let hidden_states = Array2::from_shape_fn((t, cfg.hidden_size), |_| Dtype::Bf16.round(rng.random_range(-1.0..1.0)));
+    let probs = Array1::from_elem(t, 0.5);
+    let params = to_state_dict(&cfg, &ExpertSet::random(&cfg, 5)).unwrap();
+    let inputs = Inputs { hidden_states, tokens_per_expert: vec![1, 0, 3], probs };
+    let dump = Dump::from_reference(&cfg, params, inputs, None, Reference::EMULATED).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.safetensors");
+    std::fs::write(&path, Raw::of(&dump).without("num_experts").bytes()).unwrap();
+    assert_eq!(Dump::read(&path).unwrap().config.num_experts, 6);
+}
