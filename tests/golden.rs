@@ -185,7 +185,25 @@ fn reference_matches_golden_snapshots() {
 /// tightness side `tests/tight_bounds.rs`.
 #[test]
 fn error_model_matches_golden_snapshots() {
-    for (name, case) in golden_cases() {
+    // Two fp8 cases too: the quantization terms of every operand (per-tensor current scaling
+    // with E5M2 gradients, and 1×128/128×128 blocks with split accumulation), unaligned splits.
+    let fp8 = |recipe, format| LayerConfig {
+        class: LayerClass::TeGrouped,
+        num_experts: 2,
+        hidden_size: 16,
+        ffn_hidden_size: 8,
+        fp8: Some(moe_reference::Fp8Config::new(recipe).with_format(format)),
+        ..LayerConfig::example()
+    };
+    let fp8_case = |cfg| Case { cfg, tokens_per_expert: vec![3, 1], seed: 21, timing: WgradTiming::Immediate };
+    let fp8_cases = [
+        (
+            "te_grouped_bf16_fp8_tensorwise_hybrid",
+            fp8_case(fp8(moe_reference::Fp8Recipe::Tensorwise, moe_reference::TeFormat::Hybrid)),
+        ),
+        ("te_grouped_bf16_fp8_blockwise", fp8_case(fp8(moe_reference::Fp8Recipe::Blockwise, moe_reference::TeFormat::E4M3))),
+    ];
+    for (name, case) in golden_cases().into_iter().chain(fp8_cases) {
         let global = case.cfg.unsharded();
         let p = case.problem();
         let params = to_state_dict(&global, &p.weights).expect("golden case converts");
