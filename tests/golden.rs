@@ -201,7 +201,10 @@ fn error_model_matches_golden_snapshots() {
             "te_grouped_bf16_fp8_tensorwise_hybrid",
             fp8_case(fp8(moe_reference::Fp8Recipe::Tensorwise, moe_reference::TeFormat::Hybrid)),
         ),
-        ("te_grouped_bf16_fp8_blockwise", fp8_case(fp8(moe_reference::Fp8Recipe::Blockwise, moe_reference::TeFormat::E4M3))),
+        (
+            "te_grouped_bf16_fp8_blockwise",
+            fp8_case(fp8(moe_reference::Fp8Recipe::Blockwise, moe_reference::TeFormat::E4M3)),
+        ),
     ];
     for (name, case) in golden_cases().into_iter().chain(fp8_cases) {
         let global = case.cfg.unsharded();
