@@ -17,7 +17,8 @@
 use moe_gpu::{CudaGrouped, CudaSequential, CudaTeGrouped, Gpu, GpuError, Strategy};
 use moe_harness::case::Case;
 use moe_harness::compare::{compare_runs as harness_compare_runs, ErrorModel};
-use moe_harness::properties::{self, Backend, PerClassBackend, Property, PropertyFailure, Verdict};
+use moe_harness::properties::{self, PerClassBackend, Property, PropertyFailure, Verdict};
+use moe_harness::runner::CallCounting;
 use moe_harness::shapes::ModelShape;
 use moe_harness::tolerance::C_SAFETY;
 use moe_harness::{TensorDiff, Tolerance};
@@ -29,8 +30,6 @@ use moe_reference::{
 use ndarray::{Array1, Array2};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 
 /// The three GPU implementations with NaN poisoning on, on one engine.
 struct Gpus {
@@ -543,62 +542,30 @@ fn parallel_cases() -> Vec<Case> {
     cases
 }
 
-/// An implementation that counts its `forward_backward` calls (to show a property ran it).
-struct Counting {
-    inner: Box<dyn ExpertLayer>,
-    calls: Arc<AtomicUsize>,
-}
-
-impl ExpertLayer for Counting {
-    fn name(&self) -> String {
-        self.inner.name()
-    }
-    fn supports(&self, cfg: &LayerConfig) -> Result<(), LayerError> {
-        self.inner.supports(cfg)
-    }
-    fn forward(&self, cfg: &LayerConfig, params: &StateDict, inputs: &Inputs) -> Result<Array2<f64>, LayerError> {
-        self.inner.forward(cfg, params, inputs)
-    }
-    fn forward_backward(
-        &self,
-        cfg: &LayerConfig,
-        params: &StateDict,
-        inputs: &Inputs,
-        grad_output: &Array2<f64>,
-        timing: WgradTiming,
-    ) -> Result<LayerRun, LayerError> {
-        self.calls.fetch_add(1, Ordering::Relaxed);
-        self.inner.forward_backward(cfg, params, inputs, grad_output, timing)
-    }
-}
-
-/// `layers` (SequentialMLP, GroupedMLP, TEGroupedMLP) as a harness backend whose calls are
-/// counted in the returned counter.
-fn counting_backend(name: &str, layers: [Box<dyn ExpertLayer>; 3]) -> (PerClassBackend, Arc<AtomicUsize>) {
-    let calls = Arc::new(AtomicUsize::new(0));
-    let [seq, grouped, te] = layers
-        .map(|inner| -> Option<Box<dyn ExpertLayer>> { Some(Box::new(Counting { inner, calls: calls.clone() })) });
-    (PerClassBackend::new(name, seq, grouped, te), calls)
+/// `layers` (SequentialMLP, GroupedMLP, TEGroupedMLP) as one harness backend.
+fn per_class(name: &str, layers: [Box<dyn ExpertLayer>; 3]) -> PerClassBackend {
+    let [seq, grouped, te] = layers.map(Some);
+    PerClassBackend::new(name, seq, grouped, te)
 }
 
 /// Checks [`Property::ParallelDecomposition`] on every case of [`parallel_cases`] for `backend`
-/// (whose calls `calls` counts): the backend run rank by rank on its shards, the ETP partials
+/// (its calls counted): the backend run rank by rank on its shards, the ETP partials
 /// reduced as Megatron's dispatcher does, compared with the unsharded f64 oracle under the error
 /// model (`moe_harness::properties`), with no tolerance of this test's own. A skip or a case in
 /// which the backend was not called is a failure. Returns the failures and the worst
 /// error/bound.
-fn check_parallel_cases(backend: &dyn Backend, calls: &AtomicUsize) -> (Vec<String>, Worst) {
+fn check_parallel_cases(backend: &CallCounting) -> (Vec<String>, Worst) {
     let mut failures = Vec::new();
     let mut worst = Worst::default();
     for case in parallel_cases() {
-        let before = calls.load(Ordering::Relaxed);
+        let before = backend.calls();
         let ranks = case.cfg.parallel.tp_size * case.cfg.parallel.ep_size;
         match properties::check(backend, Property::ParallelDecomposition, &case) {
             Ok(Verdict::Checked(diffs)) => diffs.iter().for_each(|d| track(&mut worst, d)),
             Ok(Verdict::Skipped(why)) => failures.push(format!("{}: skipped: {why}", case.summary())),
             Err(e) => failures.push(format!("{}:\n    {e}", case.summary())),
         }
-        let called = calls.load(Ordering::Relaxed) - before;
+        let called = backend.calls() - before;
         if called < ranks {
             failures.push(format!("{}: the backend ran {called} times for {ranks} ranks", case.summary()));
         }
@@ -613,8 +580,8 @@ fn gpu_layers_compose_under_expert_and_tensor_parallelism() {
     };
     let Gpus { seq, grouped, te, .. } = gpus;
     let layers: [Box<dyn ExpertLayer>; 3] = [Box::new(seq), Box::new(grouped), Box::new(te)];
-    let (backend, calls) = counting_backend("cuda", layers);
-    let (failures, worst) = check_parallel_cases(&backend, &calls);
+    let backend = per_class("cuda", layers);
+    let (failures, worst) = check_parallel_cases(&CallCounting::new(&backend));
     println!("gpu EP/ETP decomposition: worst error/bound {:.3} at {}", worst.ratio, worst.what);
     assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
 }
@@ -651,8 +618,8 @@ fn the_gpu_parallel_cases_are_valid_and_cover_ep_8_etp_8_and_an_idle_ep_rank() {
 fn the_emulating_reference_passes_the_gpu_parallel_cases() {
     let layers: [Box<dyn ExpertLayer>; 3] =
         [Box::new(Reference::EMULATED), Box::new(Reference::EMULATED), Box::new(Reference::EMULATED)];
-    let (backend, calls) = counting_backend("reference", layers);
-    let (failures, worst) = check_parallel_cases(&backend, &calls);
+    let backend = per_class("reference", layers);
+    let (failures, worst) = check_parallel_cases(&CallCounting::new(&backend));
     println!("emulated reference, EP/ETP decomposition: worst error/bound {:.3} at {}", worst.ratio, worst.what);
     assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
 }
@@ -723,9 +690,10 @@ fn the_parallel_decomposition_check_fails_at_1_2x_its_bound_and_passes_at_0_8x()
         for (factor, passes) in [(1.2, false), (0.8, true)] {
             let layers: [Box<dyn ExpertLayer>; 3] =
                 [Box::new(Perturbed { factor }), Box::new(Perturbed { factor }), Box::new(Perturbed { factor })];
-            let (backend, calls) = counting_backend("perturbed", layers);
+            let inner = per_class("perturbed", layers);
+            let backend = CallCounting::new(&inner);
             let verdict = properties::check(&backend, Property::ParallelDecomposition, &case);
-            assert!(calls.load(Ordering::Relaxed) >= 2, "{class}: the property did not run the backend");
+            assert!(backend.calls() >= 2, "{class}: the property did not run the backend");
             // The property's bound of that element is the one computed above, to rounding.
             let worst = |diffs: &[TensorDiff]| diffs.iter().map(|d| d.worst_ratio).fold(0.0, f64::max);
             match (passes, verdict) {

@@ -77,11 +77,11 @@ where
     let config = Config { cases, failure_persistence: None, max_shrink_iters: 2048, ..Config::default() };
     let mut runner = TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &seed_bytes));
     let tally = Mutex::new(Tally::default());
-    let recording = Recording::new(backend);
+    let counting = CallCounting::new(backend);
     let result = runner.run(strategy, |case| {
-        recording.sharded_calls.store(0, Ordering::Relaxed);
-        let outcome = check(&recording, property, &case);
-        let sharded = recording.sharded_calls.load(Ordering::Relaxed) > 0;
+        let sharded_before = counting.sharded_calls();
+        let outcome = check(&counting, property, &case);
+        let sharded = counting.sharded_calls() > sharded_before;
         let mut t = tally.lock().unwrap();
         if !t.failing {
             on_case();
@@ -130,25 +130,43 @@ where
     }
 }
 
-/// A backend that forwards every call to another and counts the calls made at a sharded
-/// layout, so the report states how many cases exercised the implementation at EP/ETP > 1.
-struct Recording<'a> {
+/// A backend that forwards every call to another and counts the `forward`/`forward_backward`
+/// calls its layers receive, all of them and those made at a sharded layout (EP > 1 or
+/// ETP > 1): how the runner reports the `sharded` column, and how a test shows that a property
+/// ran the implementation it is reported for.
+pub struct CallCounting<'a> {
     inner: &'a dyn Backend,
-    layers: [Option<RecordingLayer<'a>>; 3],
-    sharded_calls: Arc<AtomicUsize>,
+    layers: [Option<CountingLayer<'a>>; 3],
+    counts: Arc<CallCounts>,
 }
 
-impl<'a> Recording<'a> {
-    fn new(inner: &'a dyn Backend) -> Recording<'a> {
-        // One counter shared by the three class wrappers.
-        let counter = Arc::new(AtomicUsize::new(0));
-        let layers = LayerClass::ALL
-            .map(|c| inner.layer(c).map(|l| RecordingLayer { inner: l, sharded_calls: Arc::clone(&counter) }));
-        Recording { inner, layers, sharded_calls: counter }
+#[derive(Default)]
+struct CallCounts {
+    all: AtomicUsize,
+    sharded: AtomicUsize,
+}
+
+impl<'a> CallCounting<'a> {
+    /// `inner`, its calls counted from zero.
+    pub fn new(inner: &'a dyn Backend) -> CallCounting<'a> {
+        let counts = Arc::new(CallCounts::default());
+        let layers =
+            LayerClass::ALL.map(|c| inner.layer(c).map(|l| CountingLayer { inner: l, counts: Arc::clone(&counts) }));
+        CallCounting { inner, layers, counts }
+    }
+
+    /// Calls received so far.
+    pub fn calls(&self) -> usize {
+        self.counts.all.load(Ordering::Relaxed)
+    }
+
+    /// Calls received so far at EP > 1 or ETP > 1.
+    pub fn sharded_calls(&self) -> usize {
+        self.counts.sharded.load(Ordering::Relaxed)
     }
 }
 
-impl Backend for Recording<'_> {
+impl Backend for CallCounting<'_> {
     fn name(&self) -> String {
         self.inner.name()
     }
@@ -161,20 +179,21 @@ impl Backend for Recording<'_> {
     }
 }
 
-struct RecordingLayer<'a> {
+struct CountingLayer<'a> {
     inner: &'a dyn ExpertLayer,
-    sharded_calls: Arc<AtomicUsize>,
+    counts: Arc<CallCounts>,
 }
 
-impl RecordingLayer<'_> {
+impl CountingLayer<'_> {
     fn note(&self, cfg: &LayerConfig) {
+        self.counts.all.fetch_add(1, Ordering::Relaxed);
         if cfg.parallel.tp_size > 1 || cfg.parallel.ep_size > 1 {
-            self.sharded_calls.fetch_add(1, Ordering::Relaxed);
+            self.counts.sharded.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
 
-impl ExpertLayer for RecordingLayer<'_> {
+impl ExpertLayer for CountingLayer<'_> {
     fn name(&self) -> String {
         self.inner.name()
     }
