@@ -21,11 +21,13 @@
 
 #![deny(missing_docs)]
 
+pub mod experts;
 pub mod format;
 pub mod reshard;
 pub mod sharded;
 pub mod tensor;
 
+pub use experts::{ExpertEntry, ExpertKey, ExpertSource, ExpertValues, SourceFormat, SourceInfo};
 pub use format::{save, Checkpoint, CheckpointWriter, Index, LoadPlan, SaveOptions, SavePart, SaveReport};
 pub use reshard::{infer_models, reshard, ModelInfo, ReshardOptions, ReshardReport, ReshardTarget};
 pub use sharded::{
