@@ -25,6 +25,7 @@
 //! rounding-point pins; this file the formulas and the one-expert layer helpers they share.
 
 mod activations;
+mod clamp_window;
 mod glu_clamp;
 mod rounding;
 
