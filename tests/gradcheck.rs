@@ -201,6 +201,7 @@ fn sweep() -> Vec<LayerConfig> {
                                     padding_multiple: None,
                                     parallel: Default::default(),
                                     fp8: None,
+                                    glu_interleave_size: None,
                                 };
                                 if cfg.validate().is_ok() {
                                     out.push(cfg);

@@ -127,6 +127,7 @@ fn one_expert(class: LayerClass, hidden: usize, ffn: usize, glu: bool, activatio
         padding_multiple: None,
         parallel: Parallelism::SINGLE,
         fp8: None,
+        glu_interleave_size: None,
     }
 }
 
