@@ -14,7 +14,7 @@
 //! GroupedMLP's `weight1`/`weight2`, dequantizes) and says in [`ExpertEntry::stored_as`] what it
 //! found on disk, so that a report can name the stored form.
 //!
-//! A GLU-interleaved TEGroupedMLP (Megatron HEAD's `moe_mlp_glu_interleave_size`, spec §7.6)
+//! A GLU-interleaved TEGroupedMLP (Megatron HEAD's `moe_mlp_glu_interleave_size`, spec §7.9)
 //! stores its fc1 `_w`/`_v` parts as halves of each rank's *interleaved* rows, which are not
 //! the gate and linear halves; a reader that knows the saving expert-TP size and interleave
 //! size (moe-verify's index records them, Megatron keeps them in the run's arguments) converts

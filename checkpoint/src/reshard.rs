@@ -27,7 +27,7 @@ pub struct ModelInfo {
     /// Storage dtype.
     pub dtype: Dtype,
     /// The GLU interleave size it was saved with (Megatron HEAD's
-    /// `moe_mlp_glu_interleave_size`, spec §7.6), from the index; `None` for the plain halves.
+    /// `moe_mlp_glu_interleave_size`, spec §7.9), from the index; `None` for the plain halves.
     pub glu_interleave_size: Option<usize>,
 }
 
@@ -43,7 +43,7 @@ impl ModelInfo {
             add_bias: self.bias,
             parallel: Parallelism { tp_size: target.tp, ep_size: target.ep, ..Parallelism::SINGLE },
             // The model keeps its interleaving in a TEGroupedMLP (the only class that has it);
-            // loading checks that the stored halves mean the same units there (spec §7.6).
+            // loading checks that the stored halves mean the same units there (spec §7.9).
             glu_interleave_size: self.glu_interleave_size.filter(|_| target.class == LayerClass::TeGrouped),
             ..LayerConfig::example()
         };

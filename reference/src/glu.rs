@@ -108,10 +108,20 @@ mod tests {
         assert_eq!(deinterleave_index(8, 4), (0..8).collect::<Vec<_>>());
     }
 
+    /// Megatron HEAD's own test of `_remove_glu_interleaving`
+    /// (`tests/unit_tests/transformer/moe/test_grouped_mlp.py::
+    /// test_remove_glu_interleaving_restores_contiguous_gate_and_linear_halves`, d98e8a64dd).
+    #[test]
+    fn megatrons_test_vector() {
+        let interleaved = ndarray::arr2(&[[1., 2., 5., 6., 3., 4., 7., 8.], [11., 12., 15., 16., 13., 14., 17., 18.]]);
+        let expected = ndarray::arr2(&[[1., 2., 3., 4., 5., 6., 7., 8.], [11., 12., 13., 14., 15., 16., 17., 18.]]);
+        assert_eq!(deinterleave_columns(&interleaved, Some(2)), expected);
+    }
+
     #[test]
     fn apply_inverts_remove_on_rows_of_any_item() {
         let data: Vec<u16> = (0..24).collect(); // 6 rows of 4 items (bytes of 2 elements of 2)
-        // s = 3 = N1/2 is one block of each: the identity.
+                                                // s = 3 = N1/2 is one block of each: the identity.
         for (s, moves) in [(1, true), (3, false)] {
             let canon = remove_glu_interleaving(&data, 6, 4, s);
             assert_eq!(canon != data, moves, "s = {s}");

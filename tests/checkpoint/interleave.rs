@@ -1,5 +1,5 @@
 //! Checkpoints of a GLU-interleaved TEGroupedMLP (Megatron HEAD's `moe_mlp_glu_interleave_size`,
-//! spec §7.6): what the `_w`/`_v` halves hold, the reloads Megatron's semantics keep consistent
+//! spec §7.9): what the `_w`/`_v` halves hold, the reloads Megatron's semantics keep consistent
 //! (same expert-TP and interleave size, any EP, singleton or not), the ones refused (another
 //! expert-TP, another class), and the canonical per-expert view `diff` reads.
 

@@ -99,7 +99,7 @@ pub struct FileRecord {
 }
 
 /// The GLU fc1 row order an expert layer was saved in, when it is interleaved (Megatron HEAD's
-/// `moe_mlp_glu_interleave_size`, spec §7.6): the stored `_w`/`_v` halves then depend on the
+/// `moe_mlp_glu_interleave_size`, spec §7.9): the stored `_w`/`_v` halves then depend on the
 /// expert-TP size and interleave size ([`crate::sharded::interleave`]). Absent: the halves
 /// `[gate; linear]`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -210,7 +210,7 @@ impl Checkpoint {
         let mut ckpt_dtype: Option<Dtype> = None;
         for (pi, (layout, rank)) in parts.iter().enumerate() {
             // A GLU-interleaved save's `_w`/`_v` halves mean the same units only in a layout
-            // that orders fc1 rows the same way (spec §7.6).
+            // that orders fc1 rows the same way (spec §7.9).
             if let Some(load) = layout.glu_order() {
                 check_compatible(
                     &format!("{}experts.linear_fc1.weight", layout.prefix),

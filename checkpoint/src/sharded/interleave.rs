@@ -1,5 +1,5 @@
 //! What a checkpoint of a GLU-interleaved TEGroupedMLP holds (Megatron-Core HEAD's
-//! `moe_mlp_glu_interleave_size`, spec §4.10, §7.6), and when it can be loaded elsewhere.
+//! `moe_mlp_glu_interleave_size`, spec §4.10, §7.9), and when it can be loaded elsewhere.
 //!
 //! `TEGroupedMLP.sharded_state_dict` (Megatron-LM `megatron/core/transformer/moe/experts.py`,
 //! commit d98e8a64dd) hands each rank's local fc1 tensor, rows in the module's *interleaved*
