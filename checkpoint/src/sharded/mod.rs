@@ -281,7 +281,7 @@ impl ExpertLayout {
     /// without GLU.
     pub fn glu_order(&self) -> Option<interleave::GluOrder> {
         let c = &self.config;
-        c.gated_linear_unit.then(|| interleave::GluOrder { tp: c.parallel.tp_size, size: c.glu_interleave_size })
+        c.gated_linear_unit.then_some(interleave::GluOrder { tp: c.parallel.tp_size, size: c.glu_interleave_size })
     }
 
     /// The reference `LayerConfig` of this layout at `rank`, computing in `dtype`.

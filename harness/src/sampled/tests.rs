@@ -346,7 +346,7 @@ fn errors_within_every_element_bound_pass_the_projections() {
 fn f32_wgrad_element_bound_carries_the_accumulation_term() {
     use super::checks::check_wgrad;
     let (n, cols) = (256, 64);
-    let a = |i: usize, _j: usize| if i % 2 == 0 { 1.0 } else { -1.0 };
+    let a = |i: usize, _j: usize| if i.is_multiple_of(2) { 1.0 } else { -1.0 };
     // Column 0 is all ones (exact dot product 0, Σ|a·b| = n); the others are tiny.
     let b = |_i: usize, k: usize| if k == 0 { 1.0 } else { 1e-6 };
     let exact = |j: usize, k: usize| (0..n).map(|i| a(i, j) * b(i, k)).sum::<f64>();
