@@ -190,8 +190,6 @@ def dump_experts(
     for flag in ("fp8", "fp4"):
         if cfg(flag):
             raise ValueError(f"config.{flag} is set: quantized expert GEMMs are not covered by the dump format")
-    if cfg("moe_mlp_glu_interleave_size"):
-        raise ValueError("moe_mlp_glu_interleave_size (interleaved GLU) is not covered by the dump format")
     if cfg("use_te_activation_func"):
         warnings.warn("use_te_activation_func: TE's GELU/GEGLU use the tanh approximation; "
                       "the reference uses exact erf GELU")
