@@ -365,3 +365,15 @@ fn f32_wgrad_element_bound_carries_the_accumulation_term() {
     );
     assert!(proj.worst_ratio <= 1.0, "projection ratio {}", proj.worst_ratio);
 }
+
+/// The sampled intermediates recompute a plain-halves GLU: a GLU-interleaved TEGroupedMLP
+/// (spec §4.10) would pair the wrong gate and linear units, so it is refused, saying why,
+/// instead of reporting bogus errors.
+#[test]
+fn interleaved_glu_is_refused_by_the_intermediates_check() {
+    let cfg = ShapeDims { hidden: 16, ffn: 32, experts: 2, tokens: 8 }.config(LayerClass::TeGrouped);
+    assert!(intermediates_supported(&cfg).is_ok());
+    let interleaved = LayerConfig { glu_interleave_size: Some(2), ..cfg };
+    let err = intermediates_supported(&interleaved).unwrap_err().to_string();
+    assert!(err.contains("GLU interleaving"), "{err}");
+}
