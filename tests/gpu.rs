@@ -173,6 +173,7 @@ fn random_cfg(rng: &mut ChaCha8Rng, class: LayerClass) -> LayerConfig {
             padding_multiple: if rng.random_bool(0.25) { Some([4, 16, 32][rng.random_range(0..3)]) } else { None },
             parallel: Parallelism::SINGLE,
             fp8: None,
+            glu_interleave_size: None,
         };
         // GroupedMLP rejects what its class cannot do; keep its cases in its envelope.
         let cfg = if class == LayerClass::Grouped {
@@ -375,6 +376,7 @@ fn every_activation_glu_and_dtype_combination_matches_the_oracle() {
                             probs_dtype: Dtype::F32,
                             padding_multiple: pad,
                             fp8: None,
+                            glu_interleave_size: None,
                             parallel: Parallelism::SINGLE,
                         };
                         if cfg.validate().is_err() {

@@ -107,6 +107,7 @@ fn fixed_case(class: LayerClass, dtype: Dtype) -> Case {
             padding_multiple: None,
             parallel: Parallelism::SINGLE,
             fp8: None,
+            glu_interleave_size: None,
         },
         tokens_per_expert: vec![3, 4],
         seed: 11,

@@ -190,8 +190,6 @@ def dump_experts(
     for flag in ("fp8", "fp4"):
         if cfg(flag):
             raise ValueError(f"config.{flag} is set: quantized expert GEMMs are not covered by the dump format")
-    if cfg("moe_mlp_glu_interleave_size"):
-        raise ValueError("moe_mlp_glu_interleave_size (interleaved GLU) is not covered by the dump format")
     if cfg("use_te_activation_func"):
         warnings.warn("use_te_activation_func: TE's GELU/GEGLU use the tanh approximation; "
                       "the reference uses exact erf GELU")
@@ -257,6 +255,12 @@ def dump_experts(
         metadata["clamp_value"] = _num(clamp)
     if padding_multiple is not None:
         metadata["padding_multiple"] = str(int(padding_multiple))
+    # Megatron-Core >= 0.18.0: TEGroupedMLP with GLU un-interleaves fc1 blocks of this size
+    # (experts.py `_remove_glu_interleaving`); SequentialMLP ignores the option, so it is
+    # recorded only where it changes what the layer computes (docs/spec §4.10).
+    interleave = cfg("moe_mlp_glu_interleave_size")
+    if interleave is not None and layer == "te_grouped" and gated:
+        metadata["glu_interleave_size"] = str(int(interleave))
     if cfg("num_moe_experts") is not None:
         metadata["num_experts"] = str(int(cfg("num_moe_experts")))
     metadata.update({k: str(v) for k, v in (extra_metadata or {}).items()})

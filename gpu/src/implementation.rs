@@ -57,6 +57,13 @@ impl CudaLayer {
                 cfg.class.megatron_name()
             )));
         }
+        if let Some(size) = cfg.glu_interleave_size {
+            return Err(GpuError::Unsupported(format!(
+                "{} has no GLU interleaving (Megatron HEAD's moe_mlp_glu_interleave_size = {size}): its \
+                 activation kernels read fc1's halves [gate; linear]",
+                self.name
+            )));
+        }
         Ok(())
     }
 

@@ -22,8 +22,10 @@
 //! (the unsplit `moe_ffn_hidden_size`), `gated_linear_unit`, `activation`
 //! (`silu`|`gelu`|`quick_gelu`|`squared_relu`), `add_bias`, `params_dtype`
 //! (`float32`|`bfloat16`|`float16`), `apply_probs_on_input`, `glu_linear_offset`, `tp_size`,
-//! `tp_rank`, `ep_size`, `ep_rank`; optional `clamp_value`, `padding_multiple` and
-//! `num_experts` (the global count, which must then equal `num_local_experts · ep_size`).
+//! `tp_rank`, `ep_size`, `ep_rank`; optional `clamp_value`, `padding_multiple`,
+//! `glu_interleave_size` (Megatron HEAD's `moe_mlp_glu_interleave_size`; the parameters and
+//! their grads are then in the module's interleaved fc1 row order) and `num_experts` (the
+//! global count, which must then equal `num_local_experts · ep_size`).
 //! Booleans are `true`|`false`. Unknown metadata keys are ignored; unknown `input.*` or
 //! `expected.*` tensors are rejected (a misspelt expectation must not be skipped silently).
 //!

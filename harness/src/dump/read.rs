@@ -138,6 +138,12 @@ impl<'a> Reader<'a> {
                 self.err(Self::meta_key("padding_multiple"), format!("expected a positive integer or none, got {s:?}"))
             })?),
         };
+        let glu_interleave_size = match self.meta_opt("glu_interleave_size") {
+            None => None,
+            Some(s) => Some(s.parse().map_err(|_| {
+                self.err(Self::meta_key("glu_interleave_size"), format!("expected a positive integer, got {s:?}"))
+            })?),
+        };
         let offset = self.meta("glu_linear_offset", "a number (0.0 unless set)")?;
         let probs_dtype = self.probs_dtype()?;
         let cfg = LayerConfig {
@@ -157,6 +163,7 @@ impl<'a> Reader<'a> {
             parallel,
             // moe-expert-dump/1 carries no fp8 recipe yet (issue 12 item 6): refused below.
             fp8: None,
+            glu_interleave_size,
         };
         if let Some(recipe) = self.meta_opt("fp8_recipe") {
             return Err(self.err(

@@ -346,7 +346,7 @@ fn errors_within_every_element_bound_pass_the_projections() {
 fn f32_wgrad_element_bound_carries_the_accumulation_term() {
     use super::checks::check_wgrad;
     let (n, cols) = (256, 64);
-    let a = |i: usize, _j: usize| if i % 2 == 0 { 1.0 } else { -1.0 };
+    let a = |i: usize, _j: usize| if i.is_multiple_of(2) { 1.0 } else { -1.0 };
     // Column 0 is all ones (exact dot product 0, Σ|a·b| = n); the others are tiny.
     let b = |_i: usize, k: usize| if k == 0 { 1.0 } else { 1e-6 };
     let exact = |j: usize, k: usize| (0..n).map(|i| a(i, j) * b(i, k)).sum::<f64>();
@@ -364,4 +364,16 @@ fn f32_wgrad_element_bound_carries_the_accumulation_term() {
         elems.worst_ratio
     );
     assert!(proj.worst_ratio <= 1.0, "projection ratio {}", proj.worst_ratio);
+}
+
+/// The sampled intermediates recompute a plain-halves GLU: a GLU-interleaved TEGroupedMLP
+/// (spec §4.10) would pair the wrong gate and linear units, so it is refused, saying why,
+/// instead of reporting bogus errors.
+#[test]
+fn interleaved_glu_is_refused_by_the_intermediates_check() {
+    let cfg = ShapeDims { hidden: 16, ffn: 32, experts: 2, tokens: 8 }.config(LayerClass::TeGrouped);
+    assert!(intermediates_supported(&cfg).is_ok());
+    let interleaved = LayerConfig { glu_interleave_size: Some(2), ..cfg };
+    let err = intermediates_supported(&interleaved).unwrap_err().to_string();
+    assert!(err.contains("GLU interleaving"), "{err}");
 }

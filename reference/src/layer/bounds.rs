@@ -7,6 +7,7 @@ use super::fp8::Fp8Operand;
 use super::fp8_bounds::Fp8Bound;
 use super::{clamp_glu, halves, ErrorScales, ForwardPass, SegmentCache};
 use crate::config::{LayerClass, LayerConfig};
+use crate::glu::{deinterleave_columns, interleave_columns};
 use crate::weights::{ExpertSet, ExpertWeights};
 use ndarray::{s, Array1, Array2, Axis, Zip};
 use std::ops::Range;
@@ -101,6 +102,9 @@ fn clamp_ambiguity(
     }
     let act = cfg.activation;
     let offset = cfg.effective_offset();
+    // §4.10: pair gate and linear units in the un-interleaved order, answer in the module's.
+    let size = cfg.glu_interleave_size;
+    let (a, a_mag) = (&deinterleave_columns(a, size), deinterleave_columns(&a_mag, size));
     let k = a.ncols() / 2;
     let (g, l) = halves(a);
     let mut jump = Array2::zeros(a.raw_dim());
@@ -116,7 +120,7 @@ fn clamp_ambiguity(
             }
         }
     }
-    jump
+    interleave_columns(&jump, size)
 }
 
 /// First-order running error bounds of one expert segment's results (see [`ErrorScales`]).
@@ -197,9 +201,12 @@ fn error_bounds(
     }
     let act = cfg.activation;
     let a = &cache.a;
+    let size = cfg.glu_interleave_size;
     let err_z = if cfg.gated_linear_unit {
         let clamp = cfg.effective_clamp();
         let offset = cfg.effective_offset();
+        // §4.10: gate and linear units paired in the un-interleaved order.
+        let (a, err_a) = (&deinterleave_columns(a, size), deinterleave_columns(&err_a, size));
         let k = a.ncols() / 2;
         let mut err_z = Array2::zeros((n, k));
         for i in 0..n {
@@ -259,6 +266,8 @@ fn error_bounds(
     let err_da = if cfg.gated_linear_unit {
         let clamp = cfg.effective_clamp();
         let offset = cfg.effective_offset();
+        let (a, err_a_b, da) =
+            (&deinterleave_columns(a, size), deinterleave_columns(&err_a_b, size), deinterleave_columns(da, size));
         let k = a.ncols() / 2;
         let mut e_da = Array2::zeros(a.raw_dim());
         for i in 0..n {
@@ -277,7 +286,7 @@ fn error_bounds(
                 e_da[[i, k + j]] = if lin_on { f.abs() * ed + d.abs() * err_act + rnd(da[[i, k + j]]) } else { 0.0 };
             }
         }
-        e_da
+        interleave_columns(&e_da, size)
     } else {
         Zip::from(a).and(&err_a_b).and(&err_dz).and(dz).map_collect(|&a, &ea, &ed, &d| {
             act.derivative(a).abs() * ed + d.abs() * act.second_derivative(a).abs() * ea + rnd(d * act.derivative(a))
