@@ -1,0 +1,345 @@
+//! The fp8 kernels of `moe-gpu` (`kernels/fp8.cu`, issue 13) against the reference quantizers
+//! of `moe_reference::fp8` **bit for bit**, and the cuBLASLt fp8 GEMM against the reference's
+//! GEMM model on operands whose products and sums are exact (so any accumulation order gives
+//! the same bits).
+//!
+//! Every test skips loudly (one `SKIP gpu_fp8::<test>` line) without CUDA and fails instead under
+//! `MOE_REQUIRE_CUDA=1`. No tolerance anywhere: codes, scales, E8M0 bytes and GEMM output bits
+//! must be equal.
+
+use moe_gpu::fp8::{QuantSpec, SegmentMap};
+use moe_gpu::{Engine, Gpu};
+use moe_reference::codec::{round, to_bytes};
+use moe_reference::fp8::tensor::{Fp8Quantizer, Fp8Tensor, Scales, Usage};
+use moe_reference::fp8::{
+    BlockQuantizer, BlockTile, CurrentScalingQuantizer, Fp8Format, Fp8Recipe, MxBlock, Mxfp8Quantizer, ScaleOptions,
+};
+use moe_reference::layer::{fp8_gemm, GemmOperand};
+use moe_reference::Dtype;
+use ndarray::Array2;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn gpu(test: &str) -> Option<Gpu> {
+    moe_gpu::gpu_or_skip(&format!("gpu_fp8::{test}"))
+}
+
+/// The input families: each exercises a rule of the quantizers (why each exists is in its
+/// name): ordinary values, exact zeros mixed in, subnormals of the input dtype, ±inf and NaN
+/// (amax ignores NaN, inf amax gives scale 1, inf/NaN encode to ±max/0x7F), a tiny amax (the
+/// scale quotient overflows to value_for_inf), a huge amax (scales far below 1), all zeros.
+const FAMILIES: [&str; 8] =
+    ["normal", "zeros_mixed", "subnormal", "inf_nan", "tiny_amax", "huge_amax", "all_zero", "wide_range"];
+
+fn sample(family: &str, rng: &mut ChaCha8Rng, dtype: Dtype) -> f64 {
+    let u: f64 = rng.random_range(-1.0..1.0);
+    let v = match family {
+        "normal" => 3.0 * u,
+        "zeros_mixed" => {
+            if rng.random_bool(0.4) {
+                if rng.random_bool(0.5) {
+                    0.0
+                } else {
+                    -0.0
+                }
+            } else {
+                u
+            }
+        }
+        "subnormal" => match dtype {
+            Dtype::F32 => u * 1e-39,
+            Dtype::Bf16 => u * 1e-39,
+            Dtype::F16 => u * 5e-6,
+        },
+        "inf_nan" => match rng.random_range(0..10) {
+            0 => f64::INFINITY,
+            1 => f64::NEG_INFINITY,
+            2 => f64::NAN,
+            _ => 100.0 * u,
+        },
+        "tiny_amax" => match dtype {
+            Dtype::F16 => u * 1e-7,
+            _ => u * 1e-42,
+        },
+        "huge_amax" => match dtype {
+            Dtype::F16 => u * 60000.0,
+            _ => u * 3e38,
+        },
+        "all_zero" => 0.0,
+        _ => u * 2f64.powi(rng.random_range(-30..30)),
+    };
+    round(dtype, v)
+}
+
+/// A `[rows, cols]` tensor of `family` values of `dtype`, as f64 (exact).
+fn tensor(family: &str, rows: usize, cols: usize, dtype: Dtype, seed: u64) -> Array2<f64> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    Array2::from_shape_fn((rows, cols), |_| sample(family, &mut rng, dtype))
+}
+
+/// Asserts two quantized tensors are equal bit for bit, naming the first difference.
+fn assert_same(what: &str, gpu: &Fp8Tensor, reference: &Fp8Tensor, x: &Array2<f64>, columnwise: bool) {
+    assert_eq!(gpu.format, reference.format, "{what}: format");
+    assert_eq!(gpu.shape(), reference.shape(), "{what}: shape");
+    if let Some(((i, j), _)) =
+        gpu.data.indexed_iter().zip(reference.data.iter()).find(|((_, g), r)| g != r).map(|(a, _)| a)
+    {
+        let input = if columnwise { x[[j, i]] } else { x[[i, j]] };
+        panic!(
+            "{what}: code [{i}, {j}] = {:#04x} on the GPU, {:#04x} in the reference (input {input:e}, GPU scale_inv {}, \
+             reference {})",
+            gpu.data[[i, j]],
+            reference.data[[i, j]],
+            gpu.scales.scale_inv_at(i, j),
+            reference.scales.scale_inv_at(i, j)
+        );
+    }
+    match (&gpu.scales, &reference.scales) {
+        (Scales::PerTensor { scale_inv: g }, Scales::PerTensor { scale_inv: r }) => {
+            assert_eq!(g.to_bits(), r.to_bits(), "{what}: scale_inv {g:e} vs reference {r:e}")
+        }
+        (Scales::Block { rows: gr, cols: gc, scale_inv: g }, Scales::Block { rows: rr, cols: rc, scale_inv: r }) => {
+            assert_eq!((gr, gc), (rr, rc), "{what}: block shape");
+            assert_eq!(g.dim(), r.dim(), "{what}: scale grid");
+            for ((ij, a), b) in g.indexed_iter().zip(r.iter()) {
+                assert_eq!(a.to_bits(), b.to_bits(), "{what}: block scale_inv {ij:?} = {a:e}, reference {b:e}");
+            }
+        }
+        (Scales::E8m0 { rows: gr, cols: gc, exponents: g }, Scales::E8m0 { rows: rr, cols: rc, exponents: r }) => {
+            assert_eq!((gr, gc), (rr, rc), "{what}: block shape");
+            assert_eq!(g, r, "{what}: E8M0 exponents");
+        }
+        (g, r) => panic!("{what}: scale kinds differ: {g:?} vs {r:?}"),
+    }
+}
+
+/// Runs `spec` on the GPU and the matching reference quantizer on `x`, both copies, and
+/// asserts they are equal bit for bit.
+fn check(eng: &mut Engine, spec: QuantSpec, x: &Array2<f64>, dtype: Dtype, what: &str) {
+    let (rows, cols) = x.dim();
+    let x32 = x.mapv(|v| v as f32);
+    let reference = match spec {
+        QuantSpec::Current { format, options } => {
+            CurrentScalingQuantizer { format, options }.quantize(what, x32.view(), dtype, Usage::BOTH)
+        }
+        QuantSpec::Block { format, tile, options } => {
+            BlockQuantizer { format, tile, options }.quantize(what, x32.view(), dtype, Usage::BOTH)
+        }
+        QuantSpec::Mxfp8 { format, block } => {
+            Mxfp8Quantizer { format, block }.quantize(what, x32.view(), dtype, Usage::BOTH)
+        }
+    }
+    .unwrap_or_else(|e| panic!("{what}: reference refused: {e}"));
+    let input = eng.upload(&to_bytes(dtype, x.iter().copied())).expect("upload");
+    let q = eng.quantize(spec, &input, dtype, (rows, cols), Usage::BOTH).unwrap_or_else(|e| panic!("{what}: {e}"));
+    let rowwise = q.rowwise.expect("rowwise copy").download(eng).expect("download");
+    let columnwise = q.columnwise.expect("columnwise copy").download(eng).expect("download");
+    assert_same(&format!("{what} rowwise"), &rowwise, reference.rowwise.as_ref().expect("reference rowwise"), x, false);
+    assert_same(
+        &format!("{what} columnwise"),
+        &columnwise,
+        reference.columnwise.as_ref().expect("reference columnwise"),
+        x,
+        true,
+    );
+}
+
+fn specs() -> Vec<(String, QuantSpec)> {
+    let mut out = Vec::new();
+    for format in Fp8Format::ALL {
+        for (pow2, eps) in [(false, 0.0f32), (true, 0.0), (false, 1e-4)] {
+            let options = ScaleOptions { force_pow_2_scales: pow2, amax_epsilon: eps };
+            out.push((format!("current/{format}/pow2={pow2}/eps={eps}"), QuantSpec::Current { format, options }));
+            for tile in [BlockTile::Row1x128, BlockTile::Square128] {
+                out.push((
+                    format!("block{}/{format}/pow2={pow2}/eps={eps}", tile.name()),
+                    QuantSpec::Block { format, tile, options },
+                ));
+            }
+        }
+        for block in [MxBlock::Row1x32, MxBlock::Square32] {
+            out.push((format!("mxfp8 {block:?}/{format}"), QuantSpec::Mxfp8 { format, block }));
+        }
+    }
+    out
+}
+
+/// Every quantizer, both formats and copies, on f32/bf16/fp16 inputs of every family and of
+/// shapes with partial edge tiles (1×128 and 128×128 tiles cut at 200 and 257 columns, 130
+/// rows): codes, scales and E8M0 bytes equal the reference's bit for bit.
+#[test]
+fn quantizers_match_the_reference_bit_for_bit() {
+    let Some(gpu) = gpu("quantizers_match_the_reference_bit_for_bit") else { return };
+    let mut eng = gpu.lock().expect("engine");
+    let mut checked = 0;
+    for dtype in Dtype::ALL {
+        for (fi, family) in FAMILIES.iter().enumerate() {
+            for (si, &(rows, cols)) in [(3usize, 200usize), (130, 257), (64, 96), (256, 128)].iter().enumerate() {
+                let x = tensor(family, rows, cols, dtype, (fi * 16 + si) as u64);
+                for (name, spec) in specs() {
+                    if matches!(spec, QuantSpec::Mxfp8 { .. }) && (rows % 32 != 0 || cols % 32 != 0) {
+                        continue;
+                    }
+                    check(&mut eng, spec, &x, dtype, &format!("{name} {dtype} {family} [{rows}, {cols}]"));
+                    checked += 1;
+                }
+            }
+        }
+    }
+    eprintln!("gpu_fp8::quantizers_match_the_reference_bit_for_bit: {checked} (spec, input) pairs equal bit for bit");
+}
+
+/// Per-expert current scaling (what the fp8 layers run): each row segment, empty ones included,
+/// gets its own amax and scale, and its codes and transposed copy equal the reference quantizer
+/// applied to that segment alone.
+#[test]
+fn segmented_current_scaling_matches_the_reference_per_segment() {
+    let Some(gpu) = gpu("segmented_current_scaling_matches_the_reference_per_segment") else { return };
+    let mut eng = gpu.lock().expect("engine");
+    let lens = [0usize, 5, 17, 0, 48, 1];
+    let cols = 80;
+    let rows: usize = lens.iter().sum();
+    for dtype in [Dtype::Bf16, Dtype::F32] {
+        for format in Fp8Format::ALL {
+            let mut x = tensor("wide_range", rows, cols, dtype, 7);
+            x[[6, 3]] = f64::NAN; // segment 2: NaN ignored by its amax only
+            let map = SegmentMap::new(&mut eng, &lens).expect("map");
+            let input = eng.upload(&to_bytes(dtype, x.iter().copied())).expect("upload");
+            let options = ScaleOptions::CURRENT_SCALING_DEFAULT;
+            let q = eng.quantize_segments(&input, dtype, &map, cols, format, options, true).expect("quantize");
+            let codes = eng.download(&q.codes).expect("codes");
+            let codes_t = eng.download(q.codes_t.as_ref().expect("transposed copy")).expect("codes_t");
+            let inv = eng.download(&q.scale_inv).expect("scale_inv");
+            for (s, &off) in map.offsets().iter().enumerate() {
+                let l = lens[s];
+                let seg = x.slice(ndarray::s![off..off + l, ..]).mapv(|v| v as f32);
+                let r = CurrentScalingQuantizer { format, options }
+                    .quantize("segment", seg.view(), dtype, Usage::BOTH)
+                    .expect("reference");
+                let (rw, cw) = (r.rowwise.expect("rowwise"), r.columnwise.expect("columnwise"));
+                let what = format!("{dtype} {format} segment {s} ({l} rows)");
+                let g_inv = f32::from_le_bytes([inv[4 * s], inv[4 * s + 1], inv[4 * s + 2], inv[4 * s + 3]]);
+                let Scales::PerTensor { scale_inv } = rw.scales else { panic!("per-tensor scales expected") };
+                assert_eq!(g_inv.to_bits(), scale_inv.to_bits(), "{what}: scale_inv");
+                assert_eq!(
+                    &codes[off * cols..(off + l) * cols],
+                    rw.data.as_slice().expect("contiguous"),
+                    "{what}: codes"
+                );
+                assert_eq!(
+                    &codes_t[off * cols..(off + l) * cols],
+                    cw.data.as_standard_layout().as_slice().expect("contiguous"),
+                    "{what}: transposed codes"
+                );
+            }
+        }
+    }
+}
+
+/// Integer-valued operands: with amax 16 (e4m3) or 4 (e5m2) and power-of-2 scales every
+/// quantized value is the integer itself, every product and partial sum is an exact f32
+/// integer below 2^11, and `s_a·s_b` is a power of two; so the GEMM result before the output
+/// rounding is exact in any summation order, with or without fast accumulation, and cuBLASLt's
+/// bf16 output must equal the reference GEMM model's bit for bit.
+#[test]
+fn fp8_gemm_equals_the_reference_model_on_exact_operands() {
+    let Some(gpu) = gpu("fp8_gemm_equals_the_reference_model_on_exact_operands") else { return };
+    let mut eng = gpu.lock().expect("engine");
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let options = ScaleOptions { force_pow_2_scales: true, amax_epsilon: 0.0 };
+    for (m, n, k) in [(16usize, 32usize, 16usize), (48, 80, 64), (1, 16, 32), (37, 24, 128)] {
+        for (fa, fb) in
+            [(Fp8Format::E4M3, Fp8Format::E4M3), (Fp8Format::E5M2, Fp8Format::E4M3), (Fp8Format::E4M3, Fp8Format::E5M2)]
+        {
+            for fast in [false, true] {
+                let ints = |f: Fp8Format, rng: &mut ChaCha8Rng| -> f64 {
+                    let lim = if f == Fp8Format::E4M3 { 16 } else { 4 };
+                    f64::from(rng.random_range(-lim..=lim))
+                };
+                let mut a = Array2::from_shape_fn((m, k), |_| ints(fa, &mut rng));
+                let mut b = Array2::from_shape_fn((n, k), |_| ints(fb, &mut rng));
+                let lim_a = if fa == Fp8Format::E4M3 { 16.0 } else { 4.0 };
+                let lim_b = if fb == Fp8Format::E4M3 { 16.0 } else { 4.0 };
+                // Only the first 8 entries of each row are non-zero (Σ|a·b| ≤ 2^11), and one
+                // entry pins the amax so the pow2 scale keeps the values integers in fp8.
+                for mut row in a.rows_mut() {
+                    row.iter_mut().skip(8).for_each(|v| *v = 0.0);
+                }
+                for mut row in b.rows_mut() {
+                    row.iter_mut().skip(8).for_each(|v| *v = 0.0);
+                }
+                a[[0, 0]] = lim_a;
+                b[[0, 0]] = lim_b;
+                let what = format!("[{m}, {n}, {k}] {fa}x{fb} fast_accum={fast}");
+                let upload = |eng: &mut Engine, x: &Array2<f64>| {
+                    eng.upload(&to_bytes(Dtype::Bf16, x.iter().copied())).expect("upload")
+                };
+                let (ia, ib) = (upload(&mut eng, &a), upload(&mut eng, &b));
+                let qa = eng
+                    .quantize(QuantSpec::Current { format: fa, options }, &ia, Dtype::Bf16, (m, k), Usage::ROWWISE)
+                    .expect("qa");
+                let qb = eng
+                    .quantize(QuantSpec::Current { format: fb, options }, &ib, Dtype::Bf16, (n, k), Usage::ROWWISE)
+                    .expect("qb");
+                let (qa, qb) = (qa.rowwise.expect("a"), qb.rowwise.expect("b"));
+                let out = eng.alloc(m * n * 2).expect("out");
+                let pa = match &qa.scales {
+                    moe_gpu::fp8::DeviceScales::PerTensor(s) => s,
+                    _ => unreachable!("per-tensor"),
+                };
+                let pb = match &qb.scales {
+                    moe_gpu::fp8::DeviceScales::PerTensor(s) => s,
+                    _ => unreachable!("per-tensor"),
+                };
+                eng.fp8_gemm(
+                    (m, n, k),
+                    (qa.codes.at(0), fa, pa.at(0)),
+                    (qb.codes.at(0), fb, pb.at(0)),
+                    out.at(0),
+                    Dtype::Bf16,
+                    0.0,
+                    fast,
+                )
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+                let got = moe_reference::codec::from_bytes(Dtype::Bf16, &eng.download(&out).expect("download"));
+                let (ta, tb) = (qa.download(&mut eng).expect("a"), qb.download(&mut eng).expect("b"));
+                let model = fp8_gemm(
+                    &GemmOperand::from_fp8(&ta, Fp8Recipe::Tensorwise),
+                    &GemmOperand::from_fp8(&tb, Fp8Recipe::Tensorwise),
+                );
+                let exact = a.dot(&b.t());
+                for ((i, j), &want) in model.indexed_iter() {
+                    assert_eq!(want, exact[[i, j]], "{what}: the reference model is exact here by construction");
+                    let want = round(Dtype::Bf16, want);
+                    assert_eq!(
+                        got[i * n + j].to_bits(),
+                        want.to_bits(),
+                        "{what}: C[{i}, {j}] = {} on the GPU, {want} in the model",
+                        got[i * n + j]
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// `k = 0` writes exact zeros, `m = 0` writes nothing, and e5m2 × e5m2 (which cuBLASLt does not
+/// run) is a declared `Unsupported`, not an error or a wrong result.
+#[test]
+fn fp8_gemm_edge_shapes_and_refusals() {
+    let Some(gpu) = gpu("fp8_gemm_edge_shapes_and_refusals") else { return };
+    let mut eng = gpu.lock().expect("engine");
+    let codes = eng.alloc(16 * 16).expect("codes");
+    let scale = eng.upload(&1f32.to_le_bytes()).expect("scale");
+    let mut out = eng.alloc(16 * 16 * 2).expect("out");
+    eng.poison(&mut out).expect("poison");
+    let a = (codes.at(0), Fp8Format::E4M3, scale.at(0));
+    eng.fp8_gemm((16, 16, 0), a, a, out.at(0), Dtype::Bf16, 0.0, false).expect("k = 0");
+    assert!(eng.download(&out).expect("download").iter().all(|&b| b == 0), "k = 0 must write exact zeros");
+    eng.poison(&mut out).expect("poison");
+    eng.fp8_gemm((0, 16, 16), a, a, out.at(0), Dtype::Bf16, 0.0, false).expect("m = 0");
+    assert!(eng.download(&out).expect("download").iter().all(|&b| b == 0xFF), "m = 0 must write nothing");
+    let e5 = (codes.at(0), Fp8Format::E5M2, scale.at(0));
+    let err = eng.fp8_gemm((16, 16, 16), e5, e5, out.at(0), Dtype::Bf16, 0.0, false).expect_err("e5m2 x e5m2");
+    assert!(matches!(err, moe_gpu::GpuError::Unsupported(_)), "{err}");
+}
