@@ -49,12 +49,8 @@ impl CudaLayer {
 
     fn supports(&self, cfg: &LayerConfig) -> Result<(), GpuError> {
         cfg.validate()?;
-        if let Some(f) = cfg.fp8 {
-            return Err(GpuError::Unsupported(format!(
-                "{}: fp8 ({}) runs on the fp8 CUDA layers (moe_gpu::fp8), not the bf16 ones",
-                self.name,
-                f.label()
-            )));
+        if cfg.fp8.is_some() {
+            crate::layer::fp8_support(cfg, None)?;
         }
         if cfg.class != self.class {
             return Err(GpuError::Unsupported(format!(

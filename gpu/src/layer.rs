@@ -10,8 +10,11 @@
 //!
 //! * [`DeviceLayer`]: one rank's layer on the device (configuration and weights), with the
 //!   passes (`layer/pass.rs`).
+//! * `layer/fp8.rs`: the same passes with fp8 GEMMs (per-expert current scaling, cuBLASLt),
+//!   taken when the configuration has fp8.
 //! * [`Workspace`]: the buffers of one call, in the padded row layout (`layer/workspace.rs`).
 
+mod fp8;
 mod pass;
 mod workspace;
 
@@ -21,6 +24,7 @@ use crate::memory::DeviceBuffer;
 use moe_reference::{param_specs, Dtype, LayerClass, LayerConfig, StateDict};
 use ndarray::ArrayD;
 
+pub use fp8::fp8_support;
 pub use workspace::Workspace;
 
 /// f64 values to and from `dt` bytes: the reference's codec (one rounding, to nearest-even
