@@ -223,7 +223,8 @@ fn segmented_current_scaling_matches_the_reference_per_segment() {
                     .expect("reference");
                 let (rw, cw) = (r.rowwise.expect("rowwise"), r.columnwise.expect("columnwise"));
                 let what = format!("{dtype} {format} segment {s} ({l} rows)");
-                let g_inv = f32::from_le_bytes([inv[4 * s], inv[4 * s + 1], inv[4 * s + 2], inv[4 * s + 3]]);
+                let at = 4 * moe_gpu::fp8::SCALE_STRIDE * s;
+                let g_inv = f32::from_le_bytes([inv[at], inv[at + 1], inv[at + 2], inv[at + 3]]);
                 let Scales::PerTensor { scale_inv } = rw.scales else { panic!("per-tensor scales expected") };
                 assert_eq!(g_inv.to_bits(), scale_inv.to_bits(), "{what}: scale_inv");
                 assert_eq!(
@@ -456,7 +457,8 @@ fn fp8_zero_token_experts_get_exactly_zero_weight_grads() {
 
 /// The recipes the GPU does not run are declared skips with their reason (counted as skips in
 /// reports), never a bf16 run under an fp8 name nor an error: MXFP8 GEMMs are Blackwell-only in
-/// cuBLASLt; delayed and blockwise are not on the GPU yet; GroupedMLP has no fp8 path.
+/// cuBLASLt; delayed and blockwise are not on the GPU yet. GroupedMLP with fp8 is an invalid
+/// configuration (no fp8 path), refused as such.
 #[test]
 fn unsupported_fp8_recipes_are_declared_skips() {
     let Some(gpu) = gpu("unsupported_fp8_recipes_are_declared_skips") else { return };

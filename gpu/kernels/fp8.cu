@@ -17,9 +17,10 @@
 //     [seg_off[s], seg_off[s] + seg_len[s]) of a row-major [rows, cols] tensor; `amax` (one u32
 //     per segment, the f32 bits of a non-negative value) must be zeroed before (atomicMax of
 //     the bits orders non-negative floats).
-//   * `compute_scales`: any 1-D grid covering n; reads amax bits, writes scale and scale_inv.
+//   * `compute_scales`: any 1-D grid covering n; reads amax bits, writes scale and scale_inv of
+//     segment i at index i·stride (each scale on its own 256-byte line for cuBLASLt).
 //   * `cast_seg`: grid-stride over rows (any 1-D grid, block 256); row r uses
-//     scale[row_seg[r]].
+//     scale[row_seg[r]·stride].
 //   * `transpose_u8`: grid (ceil(cols/32), ceil(rows/32)), block (32, 8); `out` [cols, rows].
 //   * `block_quant`: grid (ceil(R/tile_r), ceil(C/tile_c)), block 256, one block per tile of
 //     the logical tensor L: L = x ([R, C] = [rows, cols]) or, with `trans`, L = xᵀ
@@ -119,19 +120,19 @@ __device__ void amax_seg(const T* x, const int* seg_off, const int* seg_len, int
     if (threadIdx.x == 0 && acc > 0.0f) atomicMax(amax + s, __float_as_uint(acc));
 }
 
-extern "C" __global__ void compute_scales(const u32* amax, int n, float fp8_max, int pow2, float eps, float vinf,
-                                          float* scale, float* scale_inv) {
+extern "C" __global__ void compute_scales(const u32* amax, int n, int stride, float fp8_max, int pow2, float eps,
+                                          float vinf, float* scale, float* scale_inv) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float s = scale_from_amax(__uint_as_float(amax[i]), fp8_max, pow2, eps, vinf);
-    scale[i] = s;
-    scale_inv[i] = __frcp_rn(s);
+    scale[(long)i * stride] = s;
+    scale_inv[(long)i * stride] = __frcp_rn(s);
 }
 
 template <typename T, int F>
-__device__ void cast_seg(const T* x, const int* row_seg, int rows, int cols, const float* scale, u8* out) {
+__device__ void cast_seg(const T* x, const int* row_seg, int rows, int cols, const float* scale, int stride, u8* out) {
     for (int r = blockIdx.x; r < rows; r += gridDim.x) {
-        float s = scale[row_seg[r]];
+        float s = scale[(long)row_seg[r] * stride];
         long base = (long)r * cols;
         for (int c = threadIdx.x; c < cols; c += blockDim.x) out[base + c] = encode<F>(__fmul_rn(to_f(x[base + c]), s));
     }
@@ -200,12 +201,12 @@ __device__ void block_quant(const T* x, int rows, int cols, BlockParams bp, u8* 
         amax_seg<T>(x, seg_off, seg_len, cols, amax);                                                          \
     }                                                                                                           \
     extern "C" __global__ void cast_seg_##S##_e4m3(const T* x, const int* row_seg, int rows, int cols,         \
-                                                   const float* scale, u8* out) {                               \
-        cast_seg<T, 0>(x, row_seg, rows, cols, scale, out);                                                     \
+                                                   const float* scale, int stride, u8* out) {                   \
+        cast_seg<T, 0>(x, row_seg, rows, cols, scale, stride, out);                                             \
     }                                                                                                           \
     extern "C" __global__ void cast_seg_##S##_e5m2(const T* x, const int* row_seg, int rows, int cols,         \
-                                                   const float* scale, u8* out) {                               \
-        cast_seg<T, 1>(x, row_seg, rows, cols, scale, out);                                                     \
+                                                   const float* scale, int stride, u8* out) {                   \
+        cast_seg<T, 1>(x, row_seg, rows, cols, scale, stride, out);                                             \
     }                                                                                                           \
     extern "C" __global__ void block_quant_##S##_e4m3(const T* x, int rows, int cols, BlockParams bp,          \
                                                       u8* codes, float* scale_inv, u8* e8m0) {                  \

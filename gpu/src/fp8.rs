@@ -30,6 +30,10 @@ use std::ffi::c_void;
 /// The kernel source, embedded; compiled by NVRTC on first use.
 const FP8_CU: &str = include_str!("../kernels/fp8.cu");
 
+/// The f32 stride between the per-segment scales of a [`SegmentedFp8`]: each scale on its own
+/// 256-byte line, the alignment of a fresh allocation (what TE's scale tensors have).
+pub const SCALE_STRIDE: usize = 64;
+
 /// cuBLASLt workspace (TE uses 32 MiB on Hopper).
 const LT_WORKSPACE: usize = 32 << 20;
 
@@ -201,6 +205,7 @@ pub(crate) struct Fp8Engine {
     transpose: CudaFunction,
     lt: LtHandle,
     lt_workspace: DeviceBuffer,
+    plans: std::collections::HashMap<PlanKey, Plan>,
     launches: u64,
 }
 
@@ -230,6 +235,15 @@ fn fmt_index(f: Fp8Format) -> usize {
     match f {
         Fp8Format::E4M3 => 0,
         Fp8Format::E5M2 => 1,
+    }
+}
+
+/// `e` with the GEMM's description and the failing step.
+fn in_context(e: GpuError, step: &str, context: &str) -> GpuError {
+    match e {
+        GpuError::Unsupported(why) => GpuError::Unsupported(format!("{context}: {step}: {why}")),
+        GpuError::CublasLt(why) => GpuError::CublasLt(format!("{context}: {step}: {why}")),
+        other => other,
     }
 }
 
@@ -274,6 +288,7 @@ impl Fp8Engine {
             transpose: f("transpose_u8".into())?,
             lt,
             lt_workspace,
+            plans: Default::default(),
             launches: 0,
         })
     }
@@ -359,7 +374,8 @@ impl SegmentMap {
 
 /// Per-segment per-tensor scaled codes on the device: for segment `s` of `[rows_s, cols]`, the
 /// rowwise codes at rows `off_s..`, its columnwise copy (`[cols, rows_s]`, at byte
-/// `off_s·cols` of `codes_t`), `scale_inv[s]` (f32) and the forward `scale[s]`.
+/// `off_s·cols` of `codes_t`), `scale_inv` and the forward `scale` (f32 at index
+/// `s·`[`SCALE_STRIDE`]).
 #[derive(Debug)]
 pub struct SegmentedFp8 {
     /// Element format.
@@ -376,6 +392,23 @@ pub struct SegmentedFp8 {
     pub scale: DeviceBuffer,
     /// f32 scale_inv per segment.
     pub scale_inv: DeviceBuffer,
+}
+
+impl SegmentedFp8 {
+    /// Segment `s`'s `scale_inv` (one f32 on the device).
+    pub fn scale_inv_at(&self, s: usize) -> Region<'_> {
+        self.scale_inv.at(4 * SCALE_STRIDE * s)
+    }
+}
+
+/// The alignment cuBLASLt may assume for a device address: its largest power-of-two divisor,
+/// at most 256 (TE's `_getAlignment`).
+fn alignment(addr: u64) -> u32 {
+    if addr == 0 {
+        256
+    } else {
+        1u32 << addr.trailing_zeros().min(8)
+    }
 }
 
 impl Engine {
@@ -405,8 +438,9 @@ impl Engine {
         let segs = map.lens.len();
         let rows = map.rows;
         let mut amax = self.alloc(segs * 4)?;
-        let scale = self.alloc(segs * 4)?;
-        let scale_inv = self.alloc(segs * 4)?;
+        let scale_bytes = segs * SCALE_STRIDE * 4;
+        let scale = self.alloc(scale_bytes)?;
+        let scale_inv = self.alloc(scale_bytes)?;
         let codes = self.alloc(rows * cols)?;
         let codes_t = if columnwise { Some(self.alloc(rows * cols)?) } else { None };
         self.fill_bytes(&mut amax, 0)?;
@@ -434,14 +468,15 @@ impl Engine {
         let si32 = i32::try_from(segs)?;
         let cfg =
             LaunchConfig { grid_dim: (segs.div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        launch!(fe, stream, &fe.compute_scales, cfg, [&am, &si32, &fmax, &pow2, &eps, &vinf, &sc, &si]);
+        let stride = SCALE_STRIDE as i32;
+        launch!(fe, stream, &fe.compute_scales, cfg, [&am, &si32, &stride, &fmax, &pow2, &eps, &vinf, &sc, &si]);
         let ri = i32::try_from(rows)?;
         let cfg = LaunchConfig {
             grid_dim: (rows.clamp(0, 132 * 16) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        launch!(fe, stream, &fe.cast[dt_index(dtype)][fmt_index(format)], cfg, [&xa, &rs, &ri, &ci, &sc, &co]);
+        launch!(fe, stream, &fe.cast[dt_index(dtype)][fmt_index(format)], cfg, [&xa, &rs, &ri, &ci, &sc, &stride, &co]);
         if let Some(t) = &codes_t {
             let mut start = 0usize;
             for &l in &map.lens {
@@ -627,95 +662,196 @@ impl Engine {
         let b_addr = b.0.addr(n * k, "fp8 GEMM operand B")?;
         let sa = a.2.addr(4, "fp8 GEMM scale_inv A")?;
         let sb = b.2.addr(4, "fp8 GEMM scale_inv B")?;
+        let context = format!(
+            "fp8 GEMM (m, n, k) = ({m}, {n}, {k}), {}x{}, fast_accum {fast_accum}, beta {beta}, alignments A {} B {} C {} \
+             scale_inv A {} B {}",
+            a.1,
+            b.1,
+            alignment(a_addr),
+            alignment(b_addr),
+            alignment(c_addr),
+            alignment(sa),
+            alignment(sb)
+        );
         let stream = self.stream.cu_stream();
         let fe = self.fp8_engine()?;
         let ws = fe.lt_workspace.addr(0, LT_WORKSPACE, "cuBLASLt workspace")?;
+        let key = PlanKey {
+            dims: (m, n, k),
+            formats: (a.1, b.1),
+            out: out_dt,
+            fast_accum,
+            beta_one: beta != 0.0,
+            align: [alignment(a_addr), alignment(b_addr), alignment(c_addr)],
+        };
+        if !fe.plans.contains_key(&key) {
+            if fe.plans.len() >= PLAN_CACHE_LIMIT {
+                fe.plans.clear();
+            }
+            let plan = Plan::new(fe.lt.0, &key, (sa, sb)).map_err(|e| in_context(e, "plan", &context))?;
+            fe.plans.insert(key, plan);
+        }
+        let plan = fe.plans.get(&key).ok_or_else(|| GpuError::CublasLt("plan cache".into()))?;
+        plan.set_scales(sa, sb)?;
+        let alpha = 1f32;
+        // SAFETY: A, B, C and the scales are device ranges checked above to hold what this GEMM
+        // reads and writes, and the plan's layouts describe exactly these shapes (its key); the
+        // workspace is the engine's, `LT_WORKSPACE` bytes; the call is ordered on the engine's
+        // stream (the driver and runtime stream types are the same `CUstream_st` handle).
+        unsafe {
+            lt::matmul(
+                fe.lt.0,
+                plan.desc,
+                (&alpha as *const f32).cast(),
+                (&beta as *const f32).cast(),
+                b_addr as *const c_void,
+                plan.la,
+                a_addr as *const c_void,
+                plan.lb,
+                c_addr as *const c_void,
+                plan.lc,
+                c_addr as *mut c_void,
+                plan.lc,
+                &plan.algo,
+                ws as *mut c_void,
+                LT_WORKSPACE,
+                stream as lt_sys::cudaStream_t,
+            )
+        }
+        .map_err(|e| in_context(lt_err(e), "cublasLtMatmul", &context))?;
+        fe.launches += 1;
+        Ok(())
+    }
+}
+
+/// Plans kept per engine before the cache is emptied (a bench or test makes a few hundred).
+const PLAN_CACHE_LIMIT: usize = 4096;
+
+/// What a cuBLASLt fp8 plan depends on: shape, formats, output type, accumulation, beta and
+/// the operands' alignments (the scale pointers are set per call).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct PlanKey {
+    dims: (usize, usize, usize),
+    formats: (Fp8Format, Fp8Format),
+    out: Dtype,
+    fast_accum: bool,
+    beta_one: bool,
+    align: [u32; 3],
+}
+
+/// A cuBLASLt fp8 GEMM ready to run: descriptor, layouts and the heuristic's algorithm.
+struct Plan {
+    desc: lt_sys::cublasLtMatmulDesc_t,
+    la: lt_sys::cublasLtMatrixLayout_t,
+    lb: lt_sys::cublasLtMatrixLayout_t,
+    lc: lt_sys::cublasLtMatrixLayout_t,
+    algo: lt_sys::cublasLtMatmulAlgo_t,
+}
+
+// SAFETY: the descriptors are plain cuBLASLt objects owned by one engine's plan cache, used only
+// under the engine's `&mut self`, never concurrently.
+unsafe impl Send for Plan {}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        // SAFETY: each object was created in `Plan::new` and is destroyed once, here.
+        unsafe {
+            let _ = lt::destroy_matmul_desc(self.desc);
+            let _ = lt::destroy_matrix_layout(self.lc);
+            let _ = lt::destroy_matrix_layout(self.lb);
+            let _ = lt::destroy_matrix_layout(self.la);
+        }
+    }
+}
+
+impl Plan {
+    /// Builds the plan of `key` (column-major view: `D[n, m] = op(A_lt)·op(B_lt)` with
+    /// `A_lt` = B stored `[k, n]`, ld k, transposed, and `B_lt` = A stored `[k, m]`, ld k; D ld
+    /// n), with the scale pointers `scales` = (A's, B's) set before the heuristic query.
+    fn new(handle: lt_sys::cublasLtHandle_t, key: &PlanKey, scales: (u64, u64)) -> Result<Plan, GpuError> {
+        let (m, n, k) = key.dims;
         let lt_type = |f: Fp8Format| match f {
             Fp8Format::E4M3 => lt_sys::cudaDataType::CUDA_R_8F_E4M3,
             Fp8Format::E5M2 => lt_sys::cudaDataType::CUDA_R_8F_E5M2,
         };
-        let out_type = match out_dt {
+        let out_type = match key.out {
             Dtype::F32 => lt_sys::cudaDataType::CUDA_R_32F,
             Dtype::Bf16 => lt_sys::cudaDataType::CUDA_R_16BF,
             Dtype::F16 => lt_sys::cudaDataType::CUDA_R_16F,
         };
         let (m64, n64, k64) = (m as u64, n as u64, k as u64);
-        // Column-major view: D[n, m] = op(A_lt)·op(B_lt) with A_lt = B stored [k, n] (ld k,
-        // transposed) and B_lt = A stored [k, m] (ld k), D ld n.
-        let la = lt::create_matrix_layout(lt_type(b.1), k64, n64, k as i64).map_err(lt_err)?;
-        let lb = lt::create_matrix_layout(lt_type(a.1), k64, m64, k as i64).map_err(lt_err)?;
-        let lc = lt::create_matrix_layout(out_type, n64, m64, n as i64).map_err(lt_err)?;
-        let desc =
+        let la = lt::create_matrix_layout(lt_type(key.formats.1), k64, n64, k as i64).map_err(lt_err)?;
+        let mut plan = Plan {
+            desc: std::ptr::null_mut(),
+            la,
+            lb: std::ptr::null_mut(),
+            lc: std::ptr::null_mut(),
+            algo: lt_sys::cublasLtMatmulAlgo_t { data: [0; 8] },
+        };
+        plan.lb = lt::create_matrix_layout(lt_type(key.formats.0), k64, m64, k as i64).map_err(lt_err)?;
+        plan.lc = lt::create_matrix_layout(out_type, n64, m64, n as i64).map_err(lt_err)?;
+        plan.desc =
             lt::create_matmul_desc(lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, lt_sys::cudaDataType::CUDA_R_32F)
                 .map_err(lt_err)?;
+        use lt_sys::cublasLtMatmulDescAttributes_t as A;
+        // cublasOperation_t as i32: CUBLAS_OP_N = 0, CUBLAS_OP_T = 1.
+        let (ta, tb) = (1i32, 0i32);
+        plan.set(A::CUBLASLT_MATMUL_DESC_TRANSA, (&ta as *const i32).cast(), 4)?;
+        plan.set(A::CUBLASLT_MATMUL_DESC_TRANSB, (&tb as *const i32).cast(), 4)?;
+        let fast = i8::from(key.fast_accum);
+        plan.set(A::CUBLASLT_MATMUL_DESC_FAST_ACCUM, (&fast as *const i8).cast(), 1)?;
+        plan.set_scales(scales.0, scales.1)?;
         let pref = lt::create_matmul_pref().map_err(lt_err)?;
-        let result = (|| -> Result<(), GpuError> {
-            let set = |attr: lt_sys::cublasLtMatmulDescAttributes_t, p: *const c_void, size: usize| {
-                // SAFETY: `desc` is a live descriptor; `p` points to `size` bytes of the
-                // attribute's documented type, alive for the call.
-                unsafe { lt::set_matmul_desc_attribute(desc, attr, p, size) }.map_err(lt_err)
-            };
-            use lt_sys::cublasLtMatmulDescAttributes_t as A;
-            // cublasOperation_t as i32: CUBLAS_OP_N = 0, CUBLAS_OP_T = 1.
-            let (ta, tb) = (1i32, 0i32);
-            set(A::CUBLASLT_MATMUL_DESC_TRANSA, (&ta as *const i32).cast(), 4)?;
-            set(A::CUBLASLT_MATMUL_DESC_TRANSB, (&tb as *const i32).cast(), 4)?;
-            set(A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, (&sb as *const u64).cast(), 8)?;
-            set(A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, (&sa as *const u64).cast(), 8)?;
-            let fast = i8::from(fast_accum);
-            set(A::CUBLASLT_MATMUL_DESC_FAST_ACCUM, (&fast as *const i8).cast(), 1)?;
+        let found = (|| -> Result<lt_sys::cublasLtMatmulAlgo_t, GpuError> {
+            use lt_sys::cublasLtMatmulPreferenceAttributes_t as P;
             let wsb = LT_WORKSPACE as u64;
             // SAFETY: `pref` is a live preference; the attribute is a u64 byte count.
             unsafe {
                 lt::set_matmul_pref_attribute(
                     pref,
-                    lt_sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                    P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                     (&wsb as *const u64).cast(),
                     8,
                 )
             }
             .map_err(lt_err)?;
-            // SAFETY: every descriptor and layout is live and describes the operands above.
-            let heuristic =
-                unsafe { lt::get_matmul_algo_heuristic(fe.lt.0, desc, la, lb, lc, lc, pref) }.map_err(lt_err)?;
-            let alpha = 1f32;
-            // SAFETY: A, B, C and the scales are device ranges checked above to hold what this
-            // GEMM reads and writes; the workspace is the engine's, `LT_WORKSPACE` bytes; the
-            // call is ordered on the engine's stream (the driver and runtime stream types are
-            // the same `CUstream_st` handle).
-            unsafe {
-                lt::matmul(
-                    fe.lt.0,
-                    desc,
-                    (&alpha as *const f32).cast(),
-                    (&beta as *const f32).cast(),
-                    b_addr as *const c_void,
-                    la,
-                    a_addr as *const c_void,
-                    lb,
-                    c_addr as *const c_void,
-                    lc,
-                    c_addr as *mut c_void,
-                    lc,
-                    &heuristic.algo,
-                    ws as *mut c_void,
-                    LT_WORKSPACE,
-                    stream as lt_sys::cudaStream_t,
-                )
+            // The operands' real alignments (cuBLASLt otherwise assumes 256 bytes), as TE sets them.
+            let [aa, ab, ac] = key.align;
+            for (attr, bytes) in [
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, ab),
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, aa),
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, ac),
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, ac),
+            ] {
+                // SAFETY: `pref` is a live preference; the attribute is a u32 byte count.
+                unsafe { lt::set_matmul_pref_attribute(pref, attr, (&bytes as *const u32).cast(), 4) }
+                    .map_err(lt_err)?;
             }
-            .map_err(lt_err)?;
-            fe.launches += 1;
-            Ok(())
+            // SAFETY: the descriptor and layouts are live and describe the GEMM of `key`.
+            let h =
+                unsafe { lt::get_matmul_algo_heuristic(handle, plan.desc, plan.la, plan.lb, plan.lc, plan.lc, pref) }
+                    .map_err(|e| in_context(lt_err(e), "no algorithm (heuristic)", ""))?;
+            Ok(h.algo)
         })();
-        // SAFETY: each object was created above and is destroyed once.
-        unsafe {
-            let _ = lt::destroy_matmul_pref(pref);
-            let _ = lt::destroy_matmul_desc(desc);
-            let _ = lt::destroy_matrix_layout(lc);
-            let _ = lt::destroy_matrix_layout(lb);
-            let _ = lt::destroy_matrix_layout(la);
-        }
-        result
+        // SAFETY: `pref` was created above and is destroyed once.
+        let _ = unsafe { lt::destroy_matmul_pref(pref) };
+        plan.algo = found?;
+        Ok(plan)
+    }
+
+    /// Sets one attribute of the descriptor.
+    fn set(&self, attr: lt_sys::cublasLtMatmulDescAttributes_t, p: *const c_void, size: usize) -> Result<(), GpuError> {
+        // SAFETY: `desc` is a live descriptor; `p` points to `size` bytes of the attribute's
+        // documented type, alive for the call.
+        unsafe { lt::set_matmul_desc_attribute(self.desc, attr, p, size) }.map_err(lt_err)
+    }
+
+    /// Points the descriptor at this call's scales: `sa` of the row-major A (cuBLASLt's B),
+    /// `sb` of B (cuBLASLt's A).
+    fn set_scales(&self, sa: u64, sb: u64) -> Result<(), GpuError> {
+        use lt_sys::cublasLtMatmulDescAttributes_t as A;
+        self.set(A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, (&sb as *const u64).cast(), 8)?;
+        self.set(A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, (&sa as *const u64).cast(), 8)
     }
 }
 

@@ -15,6 +15,12 @@
 //!   with immediate weight gradients (dx, dprobs, dW1, dW2). `--mode` (default both).
 //! * Strategies: `--strategy` (default `auto,loop`), labels of [`Strategy::parse`]; every set of
 //!   per-expert GEMMs of the layer is issued with it.
+//! * fp8 (`--fp8 RECIPE`, default none): one more row per (shape, distribution, class, mode),
+//!   strategy column `fp8-<recipe>`: the same layer with `LayerConfig::fp8` set (the recipe's
+//!   TE defaults; each expert's rows padded to the recipe's alignment; quantization kernels and
+//!   per-expert cuBLASLt fp8 GEMMs, `moe_gpu::fp8`), timed in the same call as the bf16 rows
+//!   and with the same FLOPs (padding rows not counted). Not for GroupedMLP (no fp8 path), not
+//!   in the interleaved rounds.
 //! * Which rows criterion times: [`Selection`] (`--filter REGEX`, `--untimed`). With none timed
 //!   each kept row still makes its one untimed call (and its interleaved rounds, below): that
 //!   is how `scripts/gpu-device.sh`'s `profile` step gets one call per row under `ncu`, and how
@@ -80,7 +86,7 @@ use criterion::{Criterion, SamplingMode};
 use moe_gpu::layer::{DeviceLayer, Workspace};
 use moe_gpu::{Engine, GpuError, Strategy};
 use moe_harness::shapes::ModelShape;
-use moe_reference::LayerClass;
+use moe_reference::{Fp8Config, LayerClass, LayerConfig};
 use report::{Report, RoundsCsv, Row, RowId};
 use rounds::{interleaved, rounds_summary};
 use std::path::PathBuf;
@@ -129,6 +135,8 @@ pub struct LayerBench {
     pub rounds_csv: Option<PathBuf>,
     /// Which rows criterion times.
     pub selection: Selection,
+    /// An fp8 row per (shape, distribution, class, mode) with this configuration (module doc).
+    pub fp8: Option<Fp8Config>,
 }
 
 impl Default for LayerBench {
@@ -144,6 +152,7 @@ impl Default for LayerBench {
             csv: None,
             rounds_csv: None,
             selection: Selection::All,
+            fp8: None,
         }
     }
 }
@@ -263,6 +272,13 @@ pub fn run(eng: &mut Engine, bench: &LayerBench) -> Result<(), String> {
             let (h, n1, n2) = (cfg.hidden_size, cfg.n1(), cfg.n2());
             let layer = DeviceLayer::random(eng, &cfg, 7)
                 .unwrap_or_else(|e| panic!("gpu_layer {} {cname}: DeviceLayer::random failed: {e}", name));
+            let fp8_cfg =
+                bench.fp8.filter(|_| class != LayerClass::Grouped).map(|f| LayerConfig { fp8: Some(f), ..cfg.clone() });
+            let fp8_layer = fp8_cfg.as_ref().map(|c| {
+                DeviceLayer::random(eng, c, 7)
+                    .unwrap_or_else(|e| panic!("gpu_layer {} {cname} fp8: DeviceLayer::random failed: {e}", name))
+            });
+            let fp8_label = bench.fp8.map(|f| format!("fp8-{}", f.recipe)).unwrap_or_default();
             for (dist, cnt) in &dists {
                 let ctx = format!("gpu_layer {} {dist} {cname}", name);
                 let mut ws = layer
@@ -271,6 +287,14 @@ pub fn run(eng: &mut Engine, bench: &LayerBench) -> Result<(), String> {
                 ws.random_inputs(eng, 9)
                     .and_then(|()| eng.synchronize())
                     .unwrap_or_else(|e| panic!("{ctx}: Workspace::random_inputs failed: {e}"));
+                let mut fp8_ws = fp8_layer.as_ref().map(|l| {
+                    let mut w =
+                        l.workspace(eng, cnt, false).unwrap_or_else(|e| panic!("{ctx} fp8: workspace failed: {e}"));
+                    w.random_inputs(eng, 9)
+                        .and_then(|()| eng.synchronize())
+                        .unwrap_or_else(|e| panic!("{ctx} fp8: Workspace::random_inputs failed: {e}"));
+                    w
+                });
                 for &backward in &modes {
                     let mode = if backward { "fwdbwd" } else { "fwd" };
                     for (label, strategy) in &strategies {
@@ -301,6 +325,34 @@ pub fn run(eng: &mut Engine, bench: &LayerBench) -> Result<(), String> {
                         });
                         if let Some(secs) = secs {
                             report.ok(&row, secs);
+                        }
+                    }
+                    if let (Some(fl), Some(fws)) = (&fp8_layer, fp8_ws.as_mut()) {
+                        let row = Row {
+                            shape: name,
+                            dist,
+                            class: cname,
+                            mode,
+                            strategy: &fp8_label,
+                            tokens: dims.tokens,
+                            experts: dims.experts,
+                            flops: layer_flops(dims.tokens, h, n1, n2, backward),
+                            min_bytes: layer_min_bytes(cnt, h, n1, n2, backward),
+                        };
+                        let pre = step(eng, fl, fws, backward, Strategy::Auto).and_then(|()| eng.synchronize());
+                        match pre {
+                            Err(err) => report.err(&row, &err),
+                            Ok(()) => {
+                                let group = format!("{PREFIX}/{}/{dist}/{cname}", name);
+                                let id = format!("{mode}/{fp8_label}");
+                                let secs = time(c, eng, &group, &id, SamplingMode::Flat, |en| {
+                                    step(en, fl, fws, backward, Strategy::Auto)
+                                        .unwrap_or_else(|e| panic!("{ctx} {mode} {fp8_label}: timed call failed: {e}"))
+                                });
+                                if let Some(secs) = secs {
+                                    report.ok(&row, secs);
+                                }
+                            }
                         }
                     }
                     if let Some(dense) = &interleave_dense {
@@ -340,6 +392,7 @@ pub fn run(eng: &mut Engine, bench: &LayerBench) -> Result<(), String> {
                     }
                 }
                 drop(ws);
+                drop(fp8_ws);
                 eng.synchronize().unwrap_or_else(|e| panic!("{ctx}: synchronize failed: {e}"));
             }
         }

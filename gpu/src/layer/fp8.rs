@@ -103,7 +103,7 @@ fn op<'a>(
     } else {
         &t.codes
     };
-    Ok((codes.at(row * t.cols), t.format, t.scale_inv.at(4 * e)))
+    Ok((codes.at(row * t.cols), t.format, t.scale_inv_at(e)))
 }
 
 impl DeviceLayer {
