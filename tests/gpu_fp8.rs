@@ -472,10 +472,9 @@ fn unsupported_fp8_recipes_are_declared_skips() {
             other => panic!("{recipe}: expected a declared skip, got {other:?}"),
         }
     }
+    // GroupedMLP with fp8 is an invalid configuration (the reference's validation: it has no
+    // fp8 path), refused as such rather than skipped.
     let grouped = CudaGrouped::new(&gpu);
     let cfg = LayerConfig { class: LayerClass::Grouped, ..fp8_cfg(LayerClass::Grouped, TeFormat::E4M3) };
-    assert!(
-        matches!(grouped.supports(&cfg), Err(LayerError::Unsupported(_))),
-        "GroupedMLP fp8 must be a declared skip"
-    );
+    assert!(matches!(grouped.supports(&cfg), Err(LayerError::Invalid(_))), "GroupedMLP fp8 must be refused as invalid");
 }
