@@ -13,14 +13,16 @@
 //
 // Launch contract:
 //   * `T` is the input dtype (f32, bf16 or fp16 bits); `F` the fp8 format (0 e4m3, 1 e5m2).
+//   * `vec` (amax_seg, cast_seg): 1 only when cols % 8 == 0 and x is 16-byte aligned: eight
+//     elements per load (the same per-element arithmetic).
 //   * `amax_seg`: grid (any, segments), block 256; segment s covers rows
 //     [seg_off[s], seg_off[s] + seg_len[s]) of a row-major [rows, cols] tensor; `amax` (one u32
 //     per segment, the f32 bits of a non-negative value) must be zeroed before (atomicMax of
 //     the bits orders non-negative floats).
 //   * `compute_scales`: any 1-D grid covering n; reads amax bits, writes scale and scale_inv of
 //     segment i at index i·stride (each scale on its own 256-byte line for cuBLASLt).
-//   * `cast_seg`: grid-stride over rows (any 1-D grid, block 256); row r uses
-//     scale[row_seg[r]·stride].
+//   * `cast_seg`: any 1-D grid, block 256 (grid-stride over rows, or over 8-element chunks with
+//     vec); row r uses scale[row_seg[r]·stride]; with vec `out` is 8-byte aligned.
 //   * `transpose_u8`: grid (ceil(cols/32), ceil(rows/32)), block (32, 8); `out` [cols, rows].
 //   * `block_quant`: grid (ceil(R/tile_r), ceil(C/tile_c)), block 256, one block per tile of
 //     the logical tensor L: L = x ([R, C] = [rows, cols]) or, with `trans`, L = xᵀ
@@ -43,6 +45,31 @@ __device__ __forceinline__ float to_f(f16_t v) {
     return f;
 }
 
+// Eight consecutive elements from a 16-byte-aligned address, as f32.
+__device__ __forceinline__ void load8(const float* p, float v[8]) {
+    float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+__device__ __forceinline__ void load8(const bf16_t* p, float v[8]) {
+    uint4 a = *reinterpret_cast<const uint4*>(p);
+    u32 w[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        v[2 * i] = __uint_as_float(w[i] << 16);
+        v[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
+    }
+}
+__device__ __forceinline__ void load8(const f16_t* p, float v[8]) {
+    uint4 a = *reinterpret_cast<const uint4*>(p);
+    u32 w[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f16_t lo = {(u16)(w[i] & 0xFFFF)}, hi = {(u16)(w[i] >> 16)};
+        v[2 * i] = to_f(lo);
+        v[2 * i + 1] = to_f(hi);
+    }
+}
+
 template <int F> __device__ __forceinline__ u8 encode(float v);
 template <> __device__ __forceinline__ u8 encode<0>(float v) {
     u16 r;
@@ -53,6 +80,20 @@ template <> __device__ __forceinline__ u8 encode<1>(float v) {
     u16 r;
     asm("cvt.rn.satfinite.e5m2x2.f32 %0, %1, %2;" : "=h"(r) : "f"(0.0f), "f"(v));
     return (u8)(r & 0xFF);
+}
+
+// Two encodes in one cvt: the low byte is `lo`'s code, the high byte `hi`'s (each converted
+// independently, bit-identical to `encode`).
+template <int F> __device__ __forceinline__ u32 encode2(float lo, float hi);
+template <> __device__ __forceinline__ u32 encode2<0>(float lo, float hi) {
+    u16 r;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+template <> __device__ __forceinline__ u32 encode2<1>(float lo, float hi) {
+    u16 r;
+    asm("cvt.rn.satfinite.e5m2x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+    return r;
 }
 
 __device__ __forceinline__ bool is_inf(float v) { return (__float_as_uint(v) & 0x7FFFFFFFu) == 0x7F800000u; }
@@ -109,13 +150,23 @@ __device__ __forceinline__ float block_max(float v) {
 }
 
 template <typename T>
-__device__ void amax_seg(const T* x, const int* seg_off, const int* seg_len, int cols, u32* amax) {
+__device__ void amax_seg(const T* x, const int* seg_off, const int* seg_len, int cols, int vec, u32* amax) {
     int s = blockIdx.y;
     long base = (long)seg_off[s] * cols;
     long n = (long)seg_len[s] * cols;
     float acc = 0.0f;
-    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
-        acc = fmaxf(acc, fabsf(to_f(x[base + i])));
+    long stride = (long)gridDim.x * blockDim.x;
+    if (vec) {  // cols % 8 == 0: every segment starts 16-byte aligned
+        for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n / 8; i += stride) {
+            float v[8];
+            load8(x + base + 8 * i, v);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc = fmaxf(acc, fabsf(v[j]));
+        }
+    } else {
+        for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+            acc = fmaxf(acc, fabsf(to_f(x[base + i])));
+    }
     acc = block_max(acc);
     if (threadIdx.x == 0 && acc > 0.0f) atomicMax(amax + s, __float_as_uint(acc));
 }
@@ -130,7 +181,22 @@ extern "C" __global__ void compute_scales(const u32* amax, int n, int stride, fl
 }
 
 template <typename T, int F>
-__device__ void cast_seg(const T* x, const int* row_seg, int rows, int cols, const float* scale, int stride, u8* out) {
+__device__ void cast_seg(const T* x, const int* row_seg, int rows, int cols, const float* scale, int stride, int vec,
+                         u8* out) {
+    if (vec) {  // cols % 8 == 0: eight elements of one row per step, one 8-byte store
+        long chunks = (long)rows * cols / 8;
+        for (long c = (long)blockIdx.x * blockDim.x + threadIdx.x; c < chunks; c += (long)gridDim.x * blockDim.x) {
+            long r = c * 8 / cols;
+            float s = scale[(long)row_seg[r] * stride];
+            float v[8];
+            load8(x + 8 * c, v);
+            uint2 w;
+            w.x = encode2<F>(__fmul_rn(v[0], s), __fmul_rn(v[1], s)) | (encode2<F>(__fmul_rn(v[2], s), __fmul_rn(v[3], s)) << 16);
+            w.y = encode2<F>(__fmul_rn(v[4], s), __fmul_rn(v[5], s)) | (encode2<F>(__fmul_rn(v[6], s), __fmul_rn(v[7], s)) << 16);
+            reinterpret_cast<uint2*>(out)[c] = w;
+        }
+        return;
+    }
     for (int r = blockIdx.x; r < rows; r += gridDim.x) {
         float s = scale[(long)row_seg[r] * stride];
         long base = (long)r * cols;
@@ -197,16 +263,16 @@ __device__ void block_quant(const T* x, int rows, int cols, BlockParams bp, u8* 
 
 #define INSTANTIATE_IN(T, S)                                                                                    \
     extern "C" __global__ void amax_seg_##S(const T* x, const int* seg_off, const int* seg_len, int cols,      \
-                                            u32* amax) {                                                        \
-        amax_seg<T>(x, seg_off, seg_len, cols, amax);                                                          \
+                                            int vec, u32* amax) {                                               \
+        amax_seg<T>(x, seg_off, seg_len, cols, vec, amax);                                                     \
     }                                                                                                           \
     extern "C" __global__ void cast_seg_##S##_e4m3(const T* x, const int* row_seg, int rows, int cols,         \
-                                                   const float* scale, int stride, u8* out) {                   \
-        cast_seg<T, 0>(x, row_seg, rows, cols, scale, stride, out);                                             \
+                                                   const float* scale, int stride, int vec, u8* out) {          \
+        cast_seg<T, 0>(x, row_seg, rows, cols, scale, stride, vec, out);                                        \
     }                                                                                                           \
     extern "C" __global__ void cast_seg_##S##_e5m2(const T* x, const int* row_seg, int rows, int cols,         \
-                                                   const float* scale, int stride, u8* out) {                   \
-        cast_seg<T, 1>(x, row_seg, rows, cols, scale, stride, out);                                             \
+                                                   const float* scale, int stride, int vec, u8* out) {          \
+        cast_seg<T, 1>(x, row_seg, rows, cols, scale, stride, vec, out);                                        \
     }                                                                                                           \
     extern "C" __global__ void block_quant_##S##_e4m3(const T* x, int rows, int cols, BlockParams bp,          \
                                                       u8* codes, float* scale_inv, u8* e8m0) {                  \

@@ -380,8 +380,12 @@ impl SegmentMap {
 pub struct SegmentedFp8 {
     /// Element format.
     pub format: Fp8Format,
+    /// Rows (all segments).
+    pub rows: usize,
     /// Columns.
     pub cols: usize,
+    /// Segments.
+    pub segments: usize,
     /// Rowwise codes `[rows, cols]`.
     pub codes: DeviceBuffer,
     /// Per-segment transposed codes, when requested.
@@ -395,6 +399,27 @@ pub struct SegmentedFp8 {
 }
 
 impl SegmentedFp8 {
+    /// Buffers for the segments of `map`, `cols` wide, in `format` (no columnwise copy yet).
+    pub fn alloc(eng: &mut Engine, map: &SegmentMap, cols: usize, format: Fp8Format) -> Result<SegmentedFp8, GpuError> {
+        let segs = map.lens.len();
+        Ok(SegmentedFp8 {
+            format,
+            rows: map.rows,
+            cols,
+            segments: segs,
+            codes: eng.alloc(map.rows * cols)?,
+            codes_t: None,
+            amax: eng.alloc(segs * 4)?,
+            scale: eng.alloc(segs * SCALE_STRIDE * 4)?,
+            scale_inv: eng.alloc(segs * SCALE_STRIDE * 4)?,
+        })
+    }
+
+    /// Whether these buffers hold the rows and segments of `map`.
+    pub fn fits(&self, map: &SegmentMap) -> bool {
+        self.rows == map.rows && self.segments == map.lens.len()
+    }
+
     /// Segment `s`'s `scale_inv` (one f32 on the device).
     pub fn scale_inv_at(&self, s: usize) -> Region<'_> {
         self.scale_inv.at(4 * SCALE_STRIDE * s)
@@ -435,15 +460,36 @@ impl Engine {
         options: ScaleOptions,
         columnwise: bool,
     ) -> Result<SegmentedFp8, GpuError> {
-        let segs = map.lens.len();
-        let rows = map.rows;
-        let mut amax = self.alloc(segs * 4)?;
+        let mut t = SegmentedFp8::alloc(self, map, cols, format)?;
+        self.quantize_segments_into(x, dtype, map, options, &mut t)?;
+        if columnwise {
+            self.transpose_segments(&mut t, map)?;
+        }
+        Ok(t)
+    }
+
+    /// [`Engine::quantize_segments`] into the buffers of `t` (its format and columns; rows and
+    /// segments of `map`), without the columnwise copy.
+    pub fn quantize_segments_into(
+        &mut self,
+        x: &DeviceBuffer,
+        dtype: Dtype,
+        map: &SegmentMap,
+        options: ScaleOptions,
+        t: &mut SegmentedFp8,
+    ) -> Result<(), GpuError> {
+        if !t.fits(map) {
+            return Err(GpuError::Shape(format!(
+                "fp8 quantize: buffers for {} rows in {} segments, asked for {} rows in {}",
+                t.rows,
+                t.segments,
+                map.rows,
+                map.lens.len()
+            )));
+        }
+        let (segs, rows, cols, format) = (map.lens.len(), map.rows, t.cols, t.format);
         let scale_bytes = segs * SCALE_STRIDE * 4;
-        let scale = self.alloc(scale_bytes)?;
-        let scale_inv = self.alloc(scale_bytes)?;
-        let codes = self.alloc(rows * cols)?;
-        let codes_t = if columnwise { Some(self.alloc(rows * cols)?) } else { None };
-        self.fill_bytes(&mut amax, 0)?;
+        self.fill_bytes(&mut t.amax, 0)?;
         let stream = self.stream.clone();
         let fe = self.fp8_engine()?;
         let xa = x.addr(0, rows * cols * dtype.size_bytes(), "fp8 quantize input")?;
@@ -453,16 +499,19 @@ impl Engine {
             map.row_seg.addr(0, rows * 4, "row_seg")?,
         );
         let (am, sc, si, co) = (
-            amax.addr(0, segs * 4, "amax")?,
-            scale.addr(0, segs * 4, "scale")?,
-            scale_inv.addr(0, segs * 4, "scale_inv")?,
-            codes.addr(0, rows * cols, "codes")?,
+            t.amax.addr(0, segs * 4, "amax")?,
+            t.scale.addr(0, scale_bytes, "scale")?,
+            t.scale_inv.addr(0, scale_bytes, "scale_inv")?,
+            t.codes.addr(0, rows * cols, "codes")?,
         );
+        // Eight elements per load where every row starts 16-byte aligned.
+        let vec = i32::from(cols.is_multiple_of(8) && xa.is_multiple_of(16));
         let ci = i32::try_from(cols)?;
         let max_seg = map.lens.iter().copied().max().unwrap_or(0) * cols;
-        let bx = max_seg.div_ceil(256).clamp(1, 1024) as u32;
+        let per_thread = if vec == 1 { 8 * 4 } else { 4 };
+        let bx = max_seg.div_ceil(256 * per_thread).clamp(1, 1024) as u32;
         let cfg = LaunchConfig { grid_dim: (bx, u32::try_from(segs)?, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        launch!(fe, stream, &fe.amax[dt_index(dtype)], cfg, [&xa, &off, &len, &ci, &am]);
+        launch!(fe, stream, &fe.amax[dt_index(dtype)], cfg, [&xa, &off, &len, &ci, &vec, &am]);
         let (fmax, pow2, eps, vinf) =
             (format.max_finite(), i32::from(options.force_pow_2_scales), options.amax_epsilon, f32::MAX);
         let si32 = i32::try_from(segs)?;
@@ -471,23 +520,45 @@ impl Engine {
         let stride = SCALE_STRIDE as i32;
         launch!(fe, stream, &fe.compute_scales, cfg, [&am, &si32, &stride, &fmax, &pow2, &eps, &vinf, &sc, &si]);
         let ri = i32::try_from(rows)?;
+        let blocks = if vec == 1 { (rows * cols / 8).div_ceil(256 * 4) } else { rows };
         let cfg = LaunchConfig {
-            grid_dim: (rows.clamp(0, 132 * 16) as u32, 1, 1),
+            grid_dim: (blocks.clamp(0, 132 * 32) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        launch!(fe, stream, &fe.cast[dt_index(dtype)][fmt_index(format)], cfg, [&xa, &rs, &ri, &ci, &sc, &stride, &co]);
-        if let Some(t) = &codes_t {
-            let mut start = 0usize;
-            for &l in &map.lens {
-                let src = codes.addr(start * cols, l * cols, "transpose input")?;
-                let dst = t.addr(start * cols, l * cols, "transpose output")?;
-                let (li, cfg) = (i32::try_from(l)?, transpose_cfg(l, cols)?);
-                launch!(fe, stream, &fe.transpose, cfg, [&src, &li, &ci, &dst]);
-                start += l;
-            }
+        launch!(
+            fe,
+            stream,
+            &fe.cast[dt_index(dtype)][fmt_index(format)],
+            cfg,
+            [&xa, &rs, &ri, &ci, &sc, &stride, &vec, &co]
+        );
+        Ok(())
+    }
+
+    /// Writes the columnwise copy of `t` (each segment's codes transposed, `[cols, rows_s]` at
+    /// byte `off_s·cols`), allocating it on first use.
+    pub fn transpose_segments(&mut self, t: &mut SegmentedFp8, map: &SegmentMap) -> Result<(), GpuError> {
+        if !t.fits(map) {
+            return Err(GpuError::Shape("fp8 transpose: the segments are not the quantized tensor's".into()));
         }
-        Ok(SegmentedFp8 { format, cols, codes, codes_t, amax, scale, scale_inv })
+        let (rows, cols) = (t.rows, t.cols);
+        if t.codes_t.is_none() {
+            t.codes_t = Some(self.alloc(rows * cols)?);
+        }
+        let stream = self.stream.clone();
+        let fe = self.fp8_engine()?;
+        let ci = i32::try_from(cols)?;
+        let codes_t = t.codes_t.as_ref().ok_or_else(|| GpuError::Shape("fp8 transpose output".into()))?;
+        let mut start = 0usize;
+        for &l in &map.lens {
+            let src = t.codes.addr(start * cols, l * cols, "transpose input")?;
+            let dst = codes_t.addr(start * cols, l * cols, "transpose output")?;
+            let (li, cfg) = (i32::try_from(l)?, transpose_cfg(l, cols)?);
+            launch!(fe, stream, &fe.transpose, cfg, [&src, &li, &ci, &dst]);
+            start += l;
+        }
+        Ok(())
     }
 
     /// Quantizes `x` (`[rows, cols]` values of `dtype` on the device) with `spec` into the

@@ -118,6 +118,10 @@ pub fn segments(cfg: &LayerConfig, tokens_per_expert: &[i64], rows: usize) -> Re
 pub struct DeviceLayer {
     cfg: LayerConfig,
     weights: DeviceWeights,
+    /// fp8: the weights quantized (with their columnwise copies) on the first call. The weights
+    /// never change after upload, so their quantization is the same every call (TE quantizes
+    /// a weight once per weight version and reuses it across micro-batches).
+    fp8_weights: std::sync::OnceLock<fp8::Fp8Weights>,
 }
 
 impl DeviceLayer {
@@ -158,7 +162,7 @@ impl DeviceLayer {
             b1: if cfg.add_bias { Some(eng.upload(&b1)?) } else { None },
             b2: if cfg.add_bias { Some(eng.upload(&b2)?) } else { None },
         };
-        Ok(DeviceLayer { cfg: cfg.clone(), weights })
+        Ok(DeviceLayer { cfg: cfg.clone(), weights, fp8_weights: Default::default() })
     }
 
     /// Random weights generated on the device in `cfg.class`'s layout (benches and sampled
@@ -182,7 +186,7 @@ impl DeviceLayer {
         } else {
             (None, None)
         };
-        Ok(DeviceLayer { cfg: cfg.clone(), weights: DeviceWeights { w1, w2, b1, b2 } })
+        Ok(DeviceLayer { cfg: cfg.clone(), weights: DeviceWeights { w1, w2, b1, b2 }, fp8_weights: Default::default() })
     }
 
     /// The layer's configuration.

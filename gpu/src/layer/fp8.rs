@@ -28,17 +28,39 @@ const FPROP_FAST_ACCUM: bool = true;
 const DGRAD_FAST_ACCUM: bool = false;
 const WGRAD_FAST_ACCUM: bool = false;
 
-/// The quantized operands of one call: the forward's (kept for backward) and the backward's
-/// output gradients (kept for a deferred `backward_dw`).
+/// The quantized weights of a layer (rowwise and columnwise), made on its first fp8 call.
+#[derive(Debug)]
+pub(crate) struct Fp8Weights {
+    w1: SegmentedFp8,
+    w2: SegmentedFp8,
+}
+
+/// The quantized activations of one call: the forward's (kept for backward, their columnwise
+/// copies made by the backward) and the backward's output gradients (kept for a deferred
+/// `backward_dw`). The buffers stay in the workspace and are reused by its next call.
 #[derive(Debug)]
 pub(crate) struct Fp8Operands {
     tok: SegmentMap,
     x: SegmentedFp8,
-    w1: SegmentedFp8,
     u: SegmentedFp8,
-    w2: SegmentedFp8,
     g: Option<SegmentedFp8>,
     da: Option<SegmentedFp8>,
+    /// Set by the backward of this forward: `g`, `da` and the columnwise copies are current.
+    backward_done: bool,
+}
+
+/// `prev` when its buffers fit `map`, else new ones.
+fn reuse(
+    eng: &mut Engine,
+    prev: Option<SegmentedFp8>,
+    map: &SegmentMap,
+    cols: usize,
+    format: Fp8Format,
+) -> Result<SegmentedFp8, GpuError> {
+    match prev {
+        Some(t) if t.fits(map) && t.cols == cols && t.format == format => Ok(t),
+        _ => SegmentedFp8::alloc(eng, map, cols, format),
+    }
 }
 
 /// Whether the fp8 CUDA path runs `cfg` (with `padded` rows per expert when known): its fp8
@@ -123,12 +145,24 @@ impl DeviceLayer {
             let Engine { kernels, stream, .. } = &mut *eng;
             kernels.scale_rows(stream, d.dt, &ws.x, &ws.p, xs, ws.rows, d.h)?;
         }
-        let tok = SegmentMap::new(eng, &ws.padded)?;
+        let prev = ws.fp8.take();
+        let (tok, px, pu, pg, pda) = match prev {
+            Some(o) if o.tok.lens() == ws.padded.as_slice() => (o.tok, Some(o.x), Some(o.u), o.g, o.da),
+            _ => (SegmentMap::new(eng, &ws.padded)?, None, None, None, None),
+        };
         let el = ws.padded.len();
+        if self.fp8_weights.get().is_none() {
+            let w1map = SegmentMap::new(eng, &vec![d.n1; el])?;
+            let w1 = eng.quantize_segments(&w.w1, d.dt, &w1map, d.h, fw, opts, true)?;
+            let w2map = SegmentMap::new(eng, &vec![d.h; el])?;
+            let w2 = eng.quantize_segments(&w.w2, d.dt, &w2map, d.n2, fw, opts, true)?;
+            let _ = self.fp8_weights.set(Fp8Weights { w1, w2 });
+        }
+        let wq = self.fp8_weights.get().ok_or_else(|| GpuError::Shape("fp8 weights not quantized".into()))?;
+        let (w1q, w2q) = (&wq.w1, &wq.w2);
         let xin = ws.xs.as_ref().unwrap_or(&ws.x);
-        let xq = eng.quantize_segments(xin, d.dt, &tok, d.h, fi, opts, true)?;
-        let w1map = SegmentMap::new(eng, &vec![d.n1; el])?;
-        let w1q = eng.quantize_segments(&w.w1, d.dt, &w1map, d.h, fw, opts, true)?;
+        let mut xq = reuse(eng, px, &tok, d.h, fi)?;
+        eng.quantize_segments_into(xin, d.dt, &tok, opts, &mut xq)?;
         let beta = match (&w.b1, cfg.class) {
             (Some(b1), LayerClass::TeGrouped) => {
                 let Engine { kernels, stream, .. } = &mut *eng;
@@ -154,9 +188,8 @@ impl DeviceLayer {
         let p_act = ws.p_act.as_ref().unwrap_or(&ws.p);
         let Engine { kernels, stream, .. } = &mut *eng;
         kernels.act_fwd(stream, d.dt, ActParams::of(cfg), &mut ws.a, seq_b1, p_act, &ws.map, &mut ws.u, d.n2)?;
-        let uq = eng.quantize_segments(&ws.u, d.dt, &tok, d.n2, fi, opts, true)?;
-        let w2map = SegmentMap::new(eng, &vec![d.h; el])?;
-        let w2q = eng.quantize_segments(&w.w2, d.dt, &w2map, d.n2, fw, opts, true)?;
+        let mut uq = reuse(eng, pu, &tok, d.n2, fi)?;
+        eng.quantize_segments_into(&ws.u, d.dt, &tok, opts, &mut uq)?;
         for e in 0..el {
             let (m, off) = (ws.padded[e], ws.offsets[e]);
             let c = ws.y.at(off * d.h * d.ds);
@@ -176,7 +209,7 @@ impl DeviceLayer {
             let Engine { kernels, stream, .. } = &mut *eng;
             kernels.fc2_bias_fwd(stream, d.dt, &mut ws.y, b2, p_act, &ws.map, d.h, probs_in_storage)?;
         }
-        ws.fp8 = Some(Fp8Operands { tok, x: xq, w1: w1q, u: uq, w2: w2q, g: None, da: None });
+        ws.fp8 = Some(Fp8Operands { tok, x: xq, u: uq, g: pg, da: pda, backward_done: false });
         Ok(())
     }
 
@@ -189,6 +222,7 @@ impl DeviceLayer {
         let (_, _, fg) = formats(&f);
         let opts = options(&f);
         let mut ops = ws.fp8.take().ok_or_else(|| GpuError::Shape("fp8 backward before its forward".into()))?;
+        let wq = self.fp8_weights.get().ok_or_else(|| GpuError::Shape("fp8 backward before its forward".into()))?;
         if ws.poison {
             let grads = &mut ws.grads;
             let all = [&mut ws.du, &mut ws.da, &mut ws.dx, &mut ws.dp, &mut grads.w1, &mut grads.w2];
@@ -203,14 +237,15 @@ impl DeviceLayer {
             kernels.col_sum(stream, d.dt, &ws.g, Some(p_act), &ws.map, db2, d.h)?;
         }
         // du_e = G_e·W2_e: G rowwise times W2's columnwise copy [N2, h].
-        let gq = eng.quantize_segments(&ws.g, d.dt, &ops.tok, d.h, fg, opts, true)?;
+        let mut gq = reuse(eng, ops.g.take(), &ops.tok, d.h, fg)?;
+        eng.quantize_segments_into(&ws.g, d.dt, &ops.tok, opts, &mut gq)?;
         for e in 0..el {
             let (m, off) = (ws.padded[e], ws.offsets[e]);
             let c = ws.du.at(off * d.n2 * d.ds);
             eng.fp8_gemm(
                 (m, d.n2, d.h),
                 op(&gq, e, off, false)?,
-                op(&ops.w2, e, e * d.h, true)?,
+                op(&wq.w2, e, e * d.h, true)?,
                 c,
                 d.dt,
                 0.0,
@@ -232,14 +267,15 @@ impl DeviceLayer {
             cfg.probs_dtype,
         )?;
         // dx_e = da_e·W1_e: da rowwise times W1's columnwise copy [h, N1].
-        let daq = eng.quantize_segments(&ws.da, d.dt, &ops.tok, d.n1, fg, opts, true)?;
+        let mut daq = reuse(eng, ops.da.take(), &ops.tok, d.n1, fg)?;
+        eng.quantize_segments_into(&ws.da, d.dt, &ops.tok, opts, &mut daq)?;
         for e in 0..el {
             let (m, off) = (ws.padded[e], ws.offsets[e]);
             let c = ws.dx.at(off * d.h * d.ds);
             eng.fp8_gemm(
                 (m, d.h, d.n1),
                 op(&daq, e, off, false)?,
-                op(&ops.w1, e, e * d.n1, true)?,
+                op(&wq.w1, e, e * d.n1, true)?,
                 c,
                 d.dt,
                 0.0,
@@ -259,8 +295,14 @@ impl DeviceLayer {
                 cfg.probs_dtype,
             )?;
         }
+        // The columnwise copies the wgrad GEMMs read: dyᵀ of both linears, and the forward's x
+        // and u (the same codes transposed: tensorwise scaling).
+        for t in [&mut gq, &mut daq, &mut ops.x, &mut ops.u] {
+            eng.transpose_segments(t, &ops.tok)?;
+        }
         ops.g = Some(gq);
         ops.da = Some(daq);
+        ops.backward_done = true;
         ws.fp8 = Some(ops);
         if cfg.class == LayerClass::Sequential || with_wgrad {
             self.fc1_bias_grad(eng, ws)?;
@@ -287,6 +329,9 @@ impl DeviceLayer {
         let d = Dims::of(&self.cfg);
         let ops = ws.fp8.as_ref().ok_or_else(|| GpuError::Shape("fp8 backward_dw before its backward".into()))?;
         let missing = || GpuError::Shape("fp8 wgrad before the backward quantized the output gradients".into());
+        if !ops.backward_done {
+            return Err(missing());
+        }
         let (gq, daq) = (ops.g.as_ref().ok_or_else(missing)?, ops.da.as_ref().ok_or_else(missing)?);
         for e in 0..ws.padded.len() {
             let (m, off) = (ws.padded[e], ws.offsets[e]);
