@@ -21,6 +21,8 @@
 //!   per-expert cuBLASLt fp8 GEMMs, `moe_gpu::fp8`), timed in the same call as the bf16 rows
 //!   and with the same FLOPs (padding rows not counted). Not for GroupedMLP (no fp8 path), not
 //!   in the interleaved rounds.
+//!   With `--fp8`, the dense fp8 rate is measured too (`dense/fp8gemm8192`: one 8192³ e4m3
+//!   cuBLASLt GEMM, bf16 out, after the bf16 dense row).
 //! * Which rows criterion times: [`Selection`] (`--filter REGEX`, `--untimed`). With none timed
 //!   each kept row still makes its one untimed call (and its interleaved rounds, below): that
 //!   is how `scripts/gpu-device.sh`'s `profile` step gets one call per row under `ncu`, and how
@@ -209,6 +211,45 @@ fn step(
     Ok(())
 }
 
+/// The dense fp8 rate beside the layers' fp8 rows: one 8192³ e4m3 × e4m3 cuBLASLt GEMM (per-tensor
+/// scales, fast accumulation as TE's fprop, bf16 output) on quantized random data, row
+/// `dense/fp8gemm8192`.
+fn measure_dense_fp8(c: &mut Criterion, eng: &mut Engine, report: &mut Report) {
+    use moe_gpu::fp8::{DeviceScales, QuantSpec};
+    use moe_reference::fp8::{Fp8Format, ScaleOptions, Usage};
+    let n = DENSE_N;
+    let chunk = random_chunk(eng);
+    let mut src = eng.alloc(n * n * 2).expect("alloc for the dense fp8 GEMM");
+    crate::timing::fill(eng, &mut src, &chunk);
+    let spec = QuantSpec::Current { format: Fp8Format::E4M3, options: ScaleOptions::CURRENT_SCALING_DEFAULT };
+    let q = eng
+        .quantize(spec, &src, moe_reference::Dtype::Bf16, (n, n), Usage::ROWWISE)
+        .expect("quantize for the dense fp8 GEMM");
+    let a = q.rowwise.expect("rowwise copy");
+    let out = eng.alloc(n * n * 2).expect("alloc for the dense fp8 GEMM");
+    let DeviceScales::PerTensor(s) = &a.scales else { panic!("per-tensor scales expected") };
+    let op = (a.codes.at(0), Fp8Format::E4M3, s.at(0));
+    let run = |e: &mut Engine| {
+        e.fp8_gemm((n, n, n), op, op, out.at(0), moe_reference::Dtype::Bf16, 0.0, true).expect("dense fp8 GEMM")
+    };
+    let secs = time(c, eng, &format!("{PREFIX}/dense/fp8gemm8192"), "fp8gemm8192", SamplingMode::Flat, run);
+    if let Some(secs) = secs {
+        let fl = 2.0 * (n as f64).powi(3);
+        let row = Row {
+            shape: "dense",
+            dist: "-",
+            class: "-",
+            mode: "fp8gemm8192",
+            strategy: "cublaslt-fp8",
+            tokens: n,
+            experts: 0,
+            flops: fl,
+            min_bytes: 2.0 * (n * n) as f64 + 2.0 * (n * n) as f64,
+        };
+        report.ok(&row, secs);
+    }
+}
+
 /// Runs the layer bench `bench` on `eng` (module doc). `Err` when a CSV cannot be created.
 pub fn run(eng: &mut Engine, bench: &LayerBench) -> Result<(), String> {
     let mut strategies: Vec<(String, Strategy)> = Vec::new();
@@ -253,6 +294,9 @@ pub fn run(eng: &mut Engine, bench: &LayerBench) -> Result<(), String> {
         }
     };
     measure_dense(c, eng, &mut report, "gemm8192");
+    if bench.fp8.is_some() {
+        measure_dense_fp8(c, eng, &mut report);
+    }
     let interleave_dense = (rounds > 0).then(|| {
         let chunk = random_chunk(eng);
         DenseGemm::new(eng, &chunk)
