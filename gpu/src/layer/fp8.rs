@@ -177,7 +177,7 @@ impl DeviceLayer {
             eng.fp8_gemm(
                 (m, d.n1, d.h),
                 op(&xq, e, off, false)?,
-                op(&w1q, e, e * d.n1, false)?,
+                op(w1q, e, e * d.n1, false)?,
                 c,
                 d.dt,
                 beta,
@@ -196,7 +196,7 @@ impl DeviceLayer {
             eng.fp8_gemm(
                 (m, d.h, d.n2),
                 op(&uq, e, off, false)?,
-                op(&w2q, e, e * d.h, false)?,
+                op(w2q, e, e * d.h, false)?,
                 c,
                 d.dt,
                 0.0,
