@@ -478,3 +478,54 @@ fn unsupported_fp8_recipes_are_declared_skips() {
     let cfg = LayerConfig { class: LayerClass::Grouped, ..fp8_cfg(LayerClass::Grouped, TeFormat::E4M3) };
     assert!(matches!(grouped.supports(&cfg), Err(LayerError::Invalid(_))), "GroupedMLP fp8 must be refused as invalid");
 }
+
+/// `bench layer --fp8` takes the reference's recipe names: an unknown one is a clear error
+/// naming what was expected, exit 2, before any GPU is touched (runs on every machine).
+#[test]
+fn bench_layer_refuses_an_unknown_fp8_recipe() {
+    let bin = crate::moe_verify_bin();
+    let out = std::process::Command::new(&bin)
+        .args(["bench", "layer", "--fp8", "fp9"])
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", bin.display()));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(stderr.contains("fp9") && stderr.contains("tensorwise, delayed, blockwise or mxfp8"), "stderr: {stderr}");
+}
+
+/// The bit-exact comparison the GPU tests use fails on one flipped code, one scale off by an
+/// ulp, and one E8M0 exponent off by one (planted on reference output; runs on every machine):
+/// the GPU checks above cannot pass by comparing loosely.
+#[test]
+fn the_bit_exact_comparison_fails_on_one_wrong_code_or_scale() {
+    let x = tensor("normal", 64, 128, Dtype::Bf16, 5);
+    let x32 = x.mapv(|v| v as f32);
+    let quantize = |q: &mut dyn Fp8Quantizer| {
+        q.quantize("x", x32.view(), Dtype::Bf16, Usage::ROWWISE).expect("quantize").rowwise.expect("rowwise")
+    };
+    let current = quantize(&mut CurrentScalingQuantizer::new(Fp8Format::E4M3));
+    let block = quantize(&mut BlockQuantizer::new(Fp8Format::E4M3, BlockTile::Row1x128));
+    let mx = quantize(&mut Mxfp8Quantizer::new(Fp8Format::E5M2));
+    let fails = |good: &Fp8Tensor, bad: Fp8Tensor| {
+        assert_same("identical", good, good, &x, false);
+        std::panic::catch_unwind(|| assert_same("planted", &bad, good, &x, false)).is_err()
+    };
+    let mut code = current.clone();
+    code.data[[3, 7]] ^= 1;
+    assert!(fails(&current, code), "a flipped code must fail");
+    let mut scale = current.clone();
+    if let Scales::PerTensor { scale_inv } = &mut scale.scales {
+        *scale_inv = f32::from_bits(scale_inv.to_bits() + 1);
+    }
+    assert!(fails(&current, scale), "a scale_inv one ulp off must fail");
+    let mut bscale = block.clone();
+    if let Scales::Block { scale_inv, .. } = &mut bscale.scales {
+        scale_inv[[5, 0]] *= 2.0;
+    }
+    assert!(fails(&block, bscale), "a block scale off by 2x must fail");
+    let mut exp = mx.clone();
+    if let Scales::E8m0 { exponents, .. } = &mut exp.scales {
+        exponents[[1, 2]] += 1;
+    }
+    assert!(fails(&mx, exp), "an E8M0 exponent off by one must fail");
+}

@@ -962,3 +962,20 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod alignment_tests {
+    use super::alignment;
+
+    /// cuBLASLt is told each operand's real alignment (its largest power-of-two divisor, at
+    /// most 256): an overstated one lets the heuristic pick a kernel the pointer cannot feed.
+    #[test]
+    fn alignment_is_the_largest_power_of_two_divisor_up_to_256() {
+        assert_eq!(alignment(0x1000), 256);
+        assert_eq!(alignment(0x1010), 16);
+        assert_eq!(alignment(0x1008), 8);
+        assert_eq!(alignment(0x1001), 1);
+        assert_eq!(alignment(0x1080), 128);
+        assert_eq!(alignment(0), 256);
+    }
+}

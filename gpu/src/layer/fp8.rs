@@ -362,3 +362,47 @@ impl DeviceLayer {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moe_reference::fp8::TeFormat;
+
+    fn cfg(recipe: Fp8Recipe) -> LayerConfig {
+        LayerConfig {
+            class: LayerClass::TeGrouped,
+            num_experts: 4,
+            hidden_size: 32,
+            ffn_hidden_size: 48,
+            fp8: Some(Fp8Config::new(recipe).with_format(TeFormat::Hybrid)),
+            ..LayerConfig::example()
+        }
+    }
+
+    fn reason(r: Result<Fp8Config, GpuError>) -> String {
+        match r {
+            Err(GpuError::Unsupported(why)) => why,
+            other => panic!("expected a declared skip, got {other:?}"),
+        }
+    }
+
+    /// What the fp8 GPU path runs and what it declares unsupported, with the reason (no GPU
+    /// needed): each refusal exists so that a report counts a skip instead of running bf16 under
+    /// an fp8 name or failing inside cuBLASLt.
+    #[test]
+    fn fp8_support_runs_tensorwise_and_names_every_refusal() {
+        assert!(fp8_support(&cfg(Fp8Recipe::Tensorwise), Some(&[16, 0, 32])).is_ok());
+        assert!(reason(fp8_support(&cfg(Fp8Recipe::Mxfp8), None)).contains("Blackwell"));
+        assert!(reason(fp8_support(&cfg(Fp8Recipe::Delayed), None)).contains("delayed"));
+        assert!(reason(fp8_support(&cfg(Fp8Recipe::Blockwise), None)).contains("block-scaled"));
+        let odd = LayerConfig { hidden_size: 40, ..cfg(Fp8Recipe::Tensorwise) };
+        assert!(reason(fp8_support(&odd, None)).contains("hidden_size = 40"));
+        // An expert whose padded rows are not a multiple of 16 (the wgrad GEMM's K).
+        assert!(reason(fp8_support(&cfg(Fp8Recipe::Tensorwise), Some(&[16, 8]))).contains("expert 1 has 8 rows"));
+        let store = Fp8Config { activation_input_store: true, ..Fp8Config::new(Fp8Recipe::Tensorwise) };
+        let c = LayerConfig { fp8: Some(store), ..cfg(Fp8Recipe::Tensorwise) };
+        assert!(reason(fp8_support(&c, None)).contains("activation_func_fp8_input_store"));
+        let none = LayerConfig { fp8: None, ..cfg(Fp8Recipe::Tensorwise) };
+        assert!(reason(fp8_support(&none, None)).contains("not an fp8"));
+    }
+}
