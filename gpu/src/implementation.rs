@@ -49,6 +49,9 @@ impl CudaLayer {
 
     fn supports(&self, cfg: &LayerConfig) -> Result<(), GpuError> {
         cfg.validate()?;
+        if cfg.fp8.is_some() {
+            crate::layer::fp8_support(cfg, None)?;
+        }
         if cfg.class != self.class {
             return Err(GpuError::Unsupported(format!(
                 "{} implements {}, not {}",
