@@ -29,6 +29,7 @@
 #[macro_use]
 mod properties;
 mod checkpoint;
+mod distributed;
 mod dump;
 mod edge_cases;
 mod fp8_layers;
