@@ -327,3 +327,82 @@ fn distributed_layer_over_tcp_equals_the_fake_transport() {
     assert_eq!(results[0].combined, fake[0].combined);
     assert_eq!(grads(&results), grads(&fake));
 }
+
+/// `moe-verify verify --gpus 2 --transport tcp` with extra flags: (exit code, stdout, stderr).
+fn launch(extra: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(crate::moe_verify_bin())
+        .args(["verify", "--gpus", "2", "--transport", "tcp"])
+        .args(extra)
+        .output()
+        .expect("moe-verify runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn launcher_runs_cpu_workers_that_pass_every_layout() {
+    // Two worker processes (re-executions of the binary with the torchrun variables; they refuse
+    // to start without the no-multicast variables, so passing shows the launcher sets them):
+    // (EP, ETP) = (2, 1) and (1, 2), every class, deferred wgrad, an EP rank without tokens.
+    let (code, out, err) = launch(&[]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("10 cases, 0 failed") && out.contains("2 workers passed"), "{out}");
+    assert!(out.contains("tp=1 ep=2 tokens=[") && out.contains("tp=2 ep=1"), "{out}");
+    assert!(out.contains("0, 0, 0, 0] deferred-wgrad"), "{out}");
+}
+
+#[test]
+fn launcher_names_a_dead_worker() {
+    let (code, out, err) = launch(&["--planted-fault", "die", "--fault-rank", "1", "--collective-timeout-s", "3"]);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(err.contains("error: rank 1 exited with code 86; rank 0 exited with code 1"), "{err}");
+    assert!(err.contains("rank 1: no all_to_all contribution"), "rank 0 names it too: {err}");
+}
+
+#[test]
+fn launcher_names_a_hung_worker() {
+    // Rank 1 stops answering: rank 0's first collective times out naming rank 1, and the
+    // launcher kills rank 1 once the grace period is over.
+    let (code, out, err) = launch(&["--planted-fault", "hang", "--fault-rank", "1", "--collective-timeout-s", "1"]);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(err.contains("rank 1: no all_to_all contribution (died or hung; waited up to 1 s)"), "{err}");
+    assert!(err.contains("rank 0 exited with code 1; rank(s) [1] had not exited"), "{err}");
+    // With collectives that would wait longer than the run may take, the run timeout kills
+    // every worker still running.
+    let (code, _, err) = launch(&[
+        "--planted-fault",
+        "hang",
+        "--fault-rank",
+        "1",
+        "--collective-timeout-s",
+        "60",
+        "--run-timeout-s",
+        "2",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("rank(s) [0, 1] still running after --run-timeout-s 2 s (hung); killed"), "{err}");
+}
+
+#[test]
+fn a_worker_needs_the_launcher_environment_and_multicast_off() {
+    let run = |env: &[(&str, &str)]| {
+        let out = std::process::Command::new(crate::moe_verify_bin())
+            .args(["worker", "--transport", "tcp"])
+            .env_clear()
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, err) = run(&[]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("RANK is not set"), "{err}");
+    let base =
+        [("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "1")];
+    let (code, err) = run(&base);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("NCCL_NVLS_ENABLE must be 0"), "{err}");
+}

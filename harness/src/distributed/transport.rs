@@ -34,7 +34,7 @@ pub enum TransportError {
 
 /// The collectives of expert parallelism. `send`/`data` are host `f64` values; a reduction in a
 /// `dtype` rounds every partial to it and every addition (the caller applies any final cast).
-pub trait Transport: Send {
+pub trait Transport {
     /// This process's global rank.
     fn rank(&self) -> usize;
     /// The number of ranks.
@@ -266,7 +266,7 @@ impl HubTransport {
                             failure = Some(TransportError::Peer {
                                 rank: i + 1,
                                 what: format!(
-                                    "no {kind} contribution within {} s (died or hung): {e}",
+                                    "no {kind} contribution (died or hung; waited up to {} s): {e}",
                                     timeout.as_secs_f64()
                                 ),
                             });
