@@ -406,3 +406,54 @@ fn a_worker_needs_the_launcher_environment_and_multicast_off() {
     assert_eq!(code, Some(2));
     assert!(err.contains("NCCL_NVLS_ENABLE must be 0"), "{err}");
 }
+
+#[test]
+fn transport_self_test_passes_on_the_star_and_catches_a_wrong_dtype() {
+    // The self-test the GPU workers run on NCCL first, here on the fake transport; a transport
+    // that reduces bf16 requests in f32 must fail it.
+    struct F32Reducer(moe_harness::distributed::transport::HubTransport);
+    impl Transport for F32Reducer {
+        fn rank(&self) -> usize {
+            self.0.rank()
+        }
+        fn world_size(&self) -> usize {
+            self.0.world_size()
+        }
+        fn all_to_all(&mut self, send: Vec<Vec<f64>>) -> Result<Vec<Vec<f64>>, TransportError> {
+            self.0.all_to_all(send)
+        }
+        fn reduce_scatter(
+            &mut self,
+            g: &[usize],
+            d: Vec<f64>,
+            c: &[usize],
+            dt: Option<Dtype>,
+        ) -> Result<Vec<f64>, TransportError> {
+            self.0.reduce_scatter(g, d, c, dt.map(|_| Dtype::F32))
+        }
+        fn all_reduce(&mut self, g: &[usize], d: Vec<f64>, dt: Option<Dtype>) -> Result<Vec<f64>, TransportError> {
+            self.0.all_reduce(g, d, dt.map(|_| Dtype::F32))
+        }
+        fn barrier(&mut self) -> Result<(), TransportError> {
+            self.0.barrier()
+        }
+    }
+    for world in [1, 2, 3] {
+        let ok: Vec<Result<(), String>> = std::thread::scope(|s| {
+            let hs: Vec<_> = fake_transports(world, TIMEOUT)
+                .into_iter()
+                .map(|mut t| s.spawn(move || moe_harness::distributed::transport_self_test(&mut t)))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(ok.iter().all(Result::is_ok), "world {world}: {ok:?}");
+    }
+    let bad: Vec<Result<(), String>> = std::thread::scope(|s| {
+        let hs: Vec<_> = fake_transports(2, TIMEOUT)
+            .into_iter()
+            .map(|t| s.spawn(move || moe_harness::distributed::transport_self_test(&mut F32Reducer(t))))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(bad[0].as_ref().unwrap_err().contains("in Some(Bf16)"), "{bad:?}");
+}

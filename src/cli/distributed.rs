@@ -243,6 +243,13 @@ pub fn run_worker(args: &WorkerArgs) -> i32 {
             return 1;
         }
     };
+    if let Err(e) = moe_harness::distributed::transport_self_test(transport.as_mut()) {
+        eprintln!("{tag} FAIL transport self-test: {e}");
+        return 1;
+    }
+    if l.rank == 0 {
+        println!("{tag} transport self-test pass (uneven all_to_all, reduce_scatter/all_reduce in bf16, f32, f64)");
+    }
     let mut failed = 0;
     let all = cases(l.world, args.seed);
     for case in &all {

@@ -68,3 +68,72 @@ pub fn check_distributed(
         .map_err(|e| PropertyFailure::Error(format!("distributed run: {e}")))?;
     compare_reduced(cfg, problem, Tolerance::error_model(), reduction, &ranks, reduced)
 }
+
+/// Checks a transport's collectives on every rank against [`transport::resolve`] (the star's
+/// exact semantics) on deterministic contributions every rank can compute: an uneven
+/// all-to-all (some chunks empty) must be delivered exactly; reduce-scatters and all-reduces in
+/// bf16, f32 and f64 must equal the rank-order result exactly with two ranks (one addition: any
+/// order rounds the same) and lie within `(world−1)·u·Σ|x|` of it with more. Values include
+/// `1 + 2⁻⁹`-style sums that differ between a bf16 and an f32 reduction, so a transport that
+/// reduces in the wrong dtype fails. Returns what differed.
+pub fn transport_self_test(t: &mut dyn Transport) -> Result<(), String> {
+    use moe_reference::Dtype;
+    use transport::Collective;
+    let (rank, world) = (t.rank(), t.world_size());
+    let e = |err: TransportError| format!("rank {rank}: {err}");
+    // All-to-all: rank i sends rank j (i + j) % 3 values i·100 + j + k/8.
+    let a2a = |i: usize| -> Vec<Vec<f64>> {
+        (0..world).map(|j| (0..(i + j) % 3).map(|k| (i * 100 + j) as f64 + k as f64 / 8.0).collect()).collect()
+    };
+    let got = t.all_to_all(a2a(rank)).map_err(e)?;
+    let want = transport::resolve(&(0..world).map(|i| Collective::AllToAll(a2a(i))).collect::<Vec<_>>())
+        .map_err(|err| err.to_string())?;
+    if got != want[rank] {
+        return Err(format!("rank {rank}: all_to_all delivered {got:?}, expected {:?}", want[rank]));
+    }
+    let group: Vec<usize> = (0..world).collect();
+    let q = 2f64.powi(-9);
+    let data = |i: usize| -> Vec<f64> {
+        (0..2 * world + 1).map(|k| if i == 0 { 1.0 + k as f64 } else { q * (1 + (k + i) % 3) as f64 }).collect()
+    };
+    let counts: Vec<usize> =
+        (0..world).map(|k| if k == 0 { 3 } else { 2 } - usize::from(k == world - 1 && world > 1)).collect();
+    let counts: Vec<usize> = {
+        let mut c = counts;
+        let total: usize = c.iter().sum();
+        c[0] += 2 * world + 1 - total;
+        c
+    };
+    for dtype in [Some(Dtype::Bf16), Some(Dtype::F32), None] {
+        for scatter in [true, false] {
+            let got = if scatter {
+                t.reduce_scatter(&group, data(rank), &counts, dtype).map_err(e)?
+            } else {
+                t.all_reduce(&group, data(rank), dtype).map_err(e)?
+            };
+            let contribs: Vec<Collective> = (0..world)
+                .map(|i| Collective::Reduce {
+                    group: group.clone(),
+                    counts: if scatter { counts.clone() } else { Vec::new() },
+                    dtype,
+                    data: data(i),
+                })
+                .collect();
+            let want = transport::resolve(&contribs).map_err(|err| err.to_string())?.swap_remove(rank).swap_remove(0);
+            let u = dtype.map_or(f64::EPSILON / 2.0, |d| d.unit_roundoff());
+            let ok = got.len() == want.len()
+                && got.iter().zip(&want).all(|(g, w)| {
+                    if world <= 2 {
+                        g == w
+                    } else {
+                        (g - w).abs() <= 2.0 * (world - 1) as f64 * u * (w.abs() + 1.0)
+                    }
+                });
+            if !ok {
+                let op = if scatter { "reduce_scatter" } else { "all_reduce" };
+                return Err(format!("rank {rank}: {op} in {dtype:?} gave {got:?}, expected {want:?}"));
+            }
+        }
+    }
+    t.barrier().map_err(e)
+}
