@@ -96,14 +96,8 @@ pub fn transport_self_test(t: &mut dyn Transport) -> Result<(), String> {
     let data = |i: usize| -> Vec<f64> {
         (0..2 * world + 1).map(|k| if i == 0 { 1.0 + k as f64 } else { q * (1 + (k + i) % 3) as f64 }).collect()
     };
-    let counts: Vec<usize> =
-        (0..world).map(|k| if k == 0 { 3 } else { 2 } - usize::from(k == world - 1 && world > 1)).collect();
-    let counts: Vec<usize> = {
-        let mut c = counts;
-        let total: usize = c.iter().sum();
-        c[0] += 2 * world + 1 - total;
-        c
-    };
+    // Uneven chunks: the first rank one value more.
+    let counts: Vec<usize> = (0..world).map(|k| layer::etp_slice(2 * world + 1, world, k).len()).collect();
     for dtype in [Some(Dtype::Bf16), Some(Dtype::F32), None] {
         for scatter in [true, false] {
             let got = if scatter {
