@@ -457,3 +457,130 @@ fn transport_self_test_passes_on_the_star_and_catches_a_wrong_dtype() {
     });
     assert!(bad[0].as_ref().unwrap_err().contains("in Some(Bf16)"), "{bad:?}");
 }
+
+mod checkpoints {
+    //! Distributed checkpoints (`moe_harness::distributed::checkpoint`): every rank saves its
+    //! shards concurrently, rank 0 writes the one index; loads at other layouts and rank counts;
+    //! interrupted saves leave nothing.
+
+    use super::TIMEOUT;
+    use moe_checkpoint::tensor::raw_state_dict;
+    use moe_checkpoint::{ExpertLayout, RankCoord, RawStateDict, SaveOptions};
+    use moe_harness::distributed::checkpoint::{load_rank, save_distributed};
+    use moe_harness::distributed::fake::fake_transports;
+    use moe_harness::distributed::Transport;
+    use moe_reference::{to_state_dict, Dtype, ExpertSet, LayerClass, LayerConfig, Parallelism};
+    use std::path::Path;
+
+    fn config(class: LayerClass, ep: usize, tp: usize) -> LayerConfig {
+        LayerConfig {
+            class,
+            num_experts: 4,
+            hidden_size: 16,
+            ffn_hidden_size: 8,
+            parallel: Parallelism { tp_size: tp, tp_rank: 0, ep_size: ep, ep_rank: 0 },
+            ..LayerConfig::example()
+        }
+    }
+
+    /// Rank `r`'s state dict of `weights` at `cfg`'s layout (rank order ep-major).
+    fn rank_state(cfg: &LayerConfig, weights: &ExpertSet, r: usize) -> RawStateDict {
+        let tp = cfg.parallel.tp_size;
+        let rc = cfg.at_rank(r / tp, r % tp);
+        raw_state_dict(&to_state_dict(&rc, &weights.shard(&rc).unwrap()).unwrap(), Dtype::Bf16).unwrap()
+    }
+
+    /// Every rank of `cfg`'s layout saves into `dir`; rank `r`'s options from `opts(r)`; a rank
+    /// for which `dies(r)` ends before saving. Returns every rank's outcome.
+    fn save_all(
+        cfg: &LayerConfig,
+        weights: &ExpertSet,
+        dir: &Path,
+        opts: impl Fn(usize) -> SaveOptions + Sync,
+        dies: impl Fn(usize) -> bool + Sync,
+    ) -> Vec<Result<moe_checkpoint::SaveReport, String>> {
+        let world = cfg.parallel.ep_size * cfg.parallel.tp_size;
+        let layout = ExpertLayout::new(cfg.clone());
+        std::thread::scope(|s| {
+            let hs: Vec<_> = fake_transports(world, TIMEOUT)
+                .into_iter()
+                .map(|mut t| {
+                    let (layout, opts, dies) = (&layout, &opts, &dies);
+                    s.spawn(move || {
+                        let r = t.rank();
+                        if dies(r) {
+                            return Err("died".to_string());
+                        }
+                        let tp = cfg.parallel.tp_size;
+                        let coord = RankCoord::new(r / tp, r % tp);
+                        save_distributed(&mut t, dir, layout, coord, &rank_state(cfg, weights, r), &opts(r))
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    fn leftovers(parent: &Path) -> Vec<String> {
+        std::fs::read_dir(parent).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()
+    }
+
+    #[test]
+    fn saved_by_four_ranks_loads_on_two_and_one() {
+        // EP 2 × ETP 2 save concurrently (four files, one index); the checkpoint then loads at
+        // EP 1 × ETP 2, EP 2 × ETP 1 and unsharded, each rank's tensors exactly the weights'
+        // shard at that layout, for every class.
+        for class in LayerClass::ALL {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path().join("ckpt");
+            let saved = config(class, 2, 2);
+            let weights = ExpertSet::random(&saved.unsharded(), 5).rounded(Dtype::Bf16);
+            let out = save_all(&saved, &weights, &dir, |_| SaveOptions::default(), |_| false);
+            assert!(out.iter().all(Result::is_ok), "{class}: {out:?}");
+            assert_eq!(out[0].as_ref().unwrap().files, 4);
+            assert_eq!(out[3], out[0]);
+            assert_eq!(leftovers(tmp.path()), vec!["ckpt".to_string()]);
+            for (ep, tp) in [(1, 2), (2, 1), (1, 1)] {
+                let cfg = config(class, ep, tp);
+                let layout = ExpertLayout::new(cfg.clone());
+                for r in 0..ep * tp {
+                    let got = load_rank(&dir, &layout, RankCoord::new(r / tp, r % tp)).unwrap();
+                    assert_eq!(got, rank_state(&cfg, &weights, r), "{class} ep={ep} tp={tp} rank {r}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_interrupted_multi_rank_save_leaves_nothing() {
+        // Rank 2 crashes while writing its file, or rank 3 dies before saving: every rank
+        // reports the failed rank, and neither the target nor the staging directory remains.
+        let cfg = config(LayerClass::TeGrouped, 2, 2);
+        let weights = ExpertSet::random(&cfg.unsharded(), 6).rounded(Dtype::Bf16);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ckpt");
+        let crash = |r: usize| SaveOptions { abort_after_files: (r == 2).then_some(0), ..SaveOptions::default() };
+        let out = save_all(&cfg, &weights, &dir, crash, |_| false);
+        for (r, o) in out.iter().enumerate() {
+            let e = o.as_ref().expect_err("must fail");
+            assert!(e.contains("rank 2"), "rank {r}: {e}");
+        }
+        let out = save_all(&cfg, &weights, &dir, |_| SaveOptions::default(), |r| r == 3);
+        for o in out.iter().take(3) {
+            assert!(o.as_ref().unwrap_err().contains("rank 3"), "{o:?}");
+        }
+        assert!(leftovers(tmp.path()).is_empty(), "{:?}", leftovers(tmp.path()));
+        // An existing checkpoint is neither overwritten without force nor harmed.
+        assert!(save_all(&cfg, &weights, &dir, |_| SaveOptions::default(), |_| false).iter().all(Result::is_ok));
+        let other = ExpertSet::random(&cfg.unsharded(), 7).rounded(Dtype::Bf16);
+        let again = save_all(&cfg, &other, &dir, |_| SaveOptions::default(), |_| false);
+        assert!(again.iter().all(|o| o.as_ref().unwrap_err().contains("exists")), "{again:?}");
+        let layout = ExpertLayout::new(cfg.clone());
+        assert_eq!(load_rank(&dir, &layout, RankCoord::new(1, 1)).unwrap(), rank_state(&cfg, &weights, 3));
+        // With force, a failed save keeps the old checkpoint.
+        let forced = |r: usize| SaveOptions { force: true, abort_after_files: (r == 1).then_some(0) };
+        assert!(save_all(&cfg, &other, &dir, forced, |_| false).iter().all(Result::is_err));
+        assert_eq!(load_rank(&dir, &layout, RankCoord::new(1, 1)).unwrap(), rank_state(&cfg, &weights, 3));
+        assert_eq!(leftovers(tmp.path()), vec!["ckpt".to_string()]);
+    }
+}

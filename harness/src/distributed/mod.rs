@@ -4,6 +4,7 @@
 //! oracle by [`check_distributed`] (the error model of the parallel-decomposition property).
 //! The NCCL transport is `moe_gpu::nccl`.
 
+pub mod checkpoint;
 pub mod fake;
 pub mod layer;
 pub mod tcp;
