@@ -74,6 +74,10 @@ pub struct DistArgs {
     /// Test hook: the rank the planted fault hits.
     #[arg(long, default_value_t = 1, hide = true)]
     pub fault_rank: usize,
+    /// With `--gpus`: after the checks, time N distributed steps of one larger layer against
+    /// the same layer on one GPU (0: no timing).
+    #[arg(long, default_value_t = 0)]
+    pub time_steps: usize,
 }
 
 /// Arguments of the hidden `worker` subcommand (one rank; the launcher environment says which).
@@ -84,6 +88,99 @@ pub struct WorkerArgs {
     pub seed: u64,
     #[command(flatten)]
     pub dist: DistArgs,
+}
+
+/// The timed step of `--time-steps`: TEGroupedMLP bf16, 8 experts, h 1024, f 2048, 512 rows
+/// per expert, EP = world.
+fn timing_case(world: usize, seed: u64) -> Case {
+    Case {
+        cfg: LayerConfig {
+            class: LayerClass::TeGrouped,
+            num_experts: 8,
+            hidden_size: 1024,
+            ffn_hidden_size: 2048,
+            parallel: Parallelism { tp_size: 1, tp_rank: 0, ep_size: world, ep_rank: 0 },
+            ..LayerConfig::example()
+        },
+        tokens_per_expert: vec![512; 8],
+        seed,
+        timing: WgradTiming::Immediate,
+    }
+}
+
+fn median_ms(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2] * 1e3
+}
+
+/// `--time-steps N`: the wall time of the distributed step (dispatch all-to-all, the rank's
+/// layer, combine; host-staged, as the `ExpertLayer` API is host in and out), of the dispatch
+/// all-to-all alone, and (rank 0) of the same layer on the whole problem on one GPU; medians
+/// of `n` after one warm-up. Rank 0 returns the line to print.
+fn time_steps(t: &mut dyn Transport, layer_for: &LayerFor, n: usize, seed: u64) -> Result<Option<String>, String> {
+    let (rank, world) = (t.rank(), t.world_size());
+    let case = timing_case(world, seed);
+    let p = case.problem();
+    let layer = layer_for(case.cfg.class);
+    let reduction = EtpReduction::megatron(&case.cfg);
+    let source = (rank == 0).then_some((&p.inputs, &p.grad_output));
+    let mut step = Vec::new();
+    for i in 0..=n {
+        t.barrier().map_err(|e| e.to_string())?;
+        let t0 = Instant::now();
+        distributed_forward_backward(
+            t,
+            layer.as_ref(),
+            &case.cfg,
+            &p.weights,
+            source,
+            case.timing,
+            reduction,
+            Fault::None,
+        )
+        .map_err(|e| e.to_string())?;
+        if i > 0 {
+            step.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    // The dispatch's bytes: every row (h inputs, its prob, h upstream grads) as f64.
+    let rows = p.inputs.hidden_states.nrows();
+    let per_rank = rows * (2 * case.cfg.hidden_size + 1) / world;
+    let mut a2a = Vec::new();
+    for i in 0..=n {
+        let send = if rank == 0 { vec![vec![0.5; per_rank]; world] } else { vec![Vec::new(); world] };
+        t.barrier().map_err(|e| e.to_string())?;
+        let t0 = Instant::now();
+        t.all_to_all(send).map_err(|e| e.to_string())?;
+        if i > 0 {
+            a2a.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let mut single = Vec::new();
+    if rank == 0 {
+        let global = case.cfg.unsharded();
+        let params = moe_reference::to_state_dict(&global, &p.weights).map_err(|e| e.to_string())?;
+        for i in 0..=n {
+            let t0 = Instant::now();
+            layer
+                .forward_backward(&global, &params, &p.inputs, &p.grad_output, case.timing)
+                .map_err(|e| e.to_string())?;
+            if i > 0 {
+                single.push(t0.elapsed().as_secs_f64());
+            }
+        }
+    }
+    t.barrier().map_err(|e| e.to_string())?;
+    Ok((rank == 0).then(|| {
+        format!(
+            "time [{}] te_grouped bf16 E=8 h=1024 f=2048 T={rows}: {world}-rank step {:.2} ms, 1-rank layer {:.2} ms, dispatch all_to_all of {} bytes from rank 0 {:.2} ms (medians of {n}; host-staged f64)",
+            layer.name(),
+            median_ms(step),
+            median_ms(single),
+            per_rank * 8 * world,
+            median_ms(a2a)
+        )
+    }))
 }
 
 fn env_usize(name: &str) -> Result<usize, String> {
@@ -292,7 +389,7 @@ pub fn run_worker(args: &WorkerArgs) -> i32 {
                 Ok(Verdict::Checked(diffs)) => {
                     let worst = diffs.iter().max_by(|a, b| a.worst_ratio.total_cmp(&b.worst_ratio));
                     let w = worst.map(|d| format!("{:.3e} ({})", d.worst_ratio, d.name)).unwrap_or_default();
-                    println!("{tag} pass {}  worst err/tol {w}", case.summary());
+                    println!("{tag} pass [{}] {}  worst err/tol {w}", layer.name(), case.summary());
                 }
                 Ok(Verdict::Skipped(why)) => println!("{tag} skip {}: {why}", case.summary()),
                 Err(PropertyFailure::Mismatch(diffs)) => {
@@ -307,6 +404,24 @@ pub fn run_worker(args: &WorkerArgs) -> i32 {
             }
         }
     }
+    match checkpoint_round_trip(transport.as_mut(), args.seed) {
+        Ok(Some(line)) => println!("{tag} {line}"),
+        Ok(None) => {}
+        Err(e) => {
+            failed += 1;
+            eprintln!("{tag} FAIL distributed checkpoint: {e}");
+        }
+    }
+    if args.dist.time_steps > 0 {
+        match time_steps(transport.as_mut(), layer_for.as_ref(), args.dist.time_steps, args.seed) {
+            Ok(Some(line)) => println!("{tag} {line}"),
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!("{tag} error: timing: {e}");
+                return 1;
+            }
+        }
+    }
     if let Err(e) = transport.barrier() {
         eprintln!("{tag} error: final barrier: {e}");
         return 1;
@@ -315,6 +430,80 @@ pub fn run_worker(args: &WorkerArgs) -> i32 {
         println!("{tag} {} cases, {} failed", all.len(), failed);
     }
     i32::from(failed > 0)
+}
+
+/// Every rank saves its shard of seeded weights at EP = world into one checkpoint (rank 0's
+/// temporary directory), then loads its shard at ETP = world (another layout, same rank count)
+/// and rank 0 the unsharded layer, each compared exactly with the weights. Rank 0 returns the
+/// line to print.
+fn checkpoint_round_trip(t: &mut dyn Transport, seed: u64) -> Result<Option<String>, String> {
+    use moe_checkpoint::tensor::raw_state_dict;
+    use moe_checkpoint::{ExpertLayout, RankCoord, SaveOptions};
+    use moe_harness::distributed::checkpoint::{load_rank, save_distributed};
+    let (rank, world) = (t.rank(), t.world_size());
+    let cfg = |ep: usize, tp: usize| LayerConfig {
+        class: LayerClass::TeGrouped,
+        num_experts: 8,
+        hidden_size: 64,
+        ffn_hidden_size: 96,
+        parallel: Parallelism { tp_size: tp, tp_rank: 0, ep_size: ep, ep_rank: 0 },
+        ..LayerConfig::example()
+    };
+    if 8 % world != 0 || 96 % world != 0 {
+        return Ok(None);
+    }
+    let weights = moe_reference::ExpertSet::random(&cfg(1, 1), seed);
+    let state = |c: &LayerConfig, q: usize, k: usize| {
+        let rc = c.at_rank(q, k);
+        let sd = moe_reference::to_state_dict(&rc, &weights.shard(&rc).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+        raw_state_dict(&sd, c.params_dtype).map_err(|e| e.to_string())
+    };
+    let dir = std::env::temp_dir().join(format!("moe-verify-ckpt-{}", std::process::id()));
+    let saved = cfg(world, 1);
+    let report = save_distributed(
+        t,
+        &dir,
+        &ExpertLayout::new(saved.clone()),
+        RankCoord::new(rank, 0),
+        &state(&saved, rank, 0)?,
+        &SaveOptions::default(),
+    )?;
+    // Rank 0 made the directory; every rank reads it (one host), then rank 0 removes it.
+    let dir_values: Vec<f64> = dir.to_string_lossy().bytes().map(f64::from).collect();
+    let send = if rank == 0 { vec![dir_values; world] } else { vec![Vec::new(); world] };
+    let got = t.all_to_all(send).map_err(|e| e.to_string())?.swap_remove(0);
+    let dir = std::path::PathBuf::from(
+        String::from_utf8_lossy(&got.iter().map(|&v| v as u8).collect::<Vec<u8>>()).into_owned(),
+    );
+    let other = cfg(1, world);
+    let mine = load_rank(&dir, &ExpertLayout::new(other.clone()), RankCoord::new(0, rank));
+    let ok = match mine {
+        Ok(m) if m == state(&other, 0, rank)? => Ok(()),
+        Ok(_) => Err(format!("rank {rank}: its ETP {world} shard differs from the weights")),
+        Err(e) => Err(format!("rank {rank}: {e}")),
+    };
+    let whole = if rank == 0 {
+        match load_rank(&dir, &ExpertLayout::new(cfg(1, 1)), RankCoord::new(0, 0)) {
+            Ok(m) if m == state(&cfg(1, 1), 0, 0)? => Ok(()),
+            Ok(_) => Err("the unsharded layer differs from the weights".to_string()),
+            Err(e) => Err(e),
+        }
+    } else {
+        Ok(())
+    };
+    t.barrier().map_err(|e| e.to_string())?;
+    if rank == 0 {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    ok?;
+    whole?;
+    Ok((rank == 0).then(|| {
+        format!(
+            "pass distributed checkpoint: saved by {world} ranks at EP {world} ({} files, {} shards), loaded at ETP {world} and unsharded",
+            report.files, report.shards
+        )
+    }))
 }
 
 /// How a worker ended.
@@ -362,6 +551,7 @@ pub fn launch(gpus: usize, seed: u64, args: &DistArgs) -> i32 {
             .args(["--collective-timeout-s", &args.collective_timeout_s.to_string()])
             .args(["--run-timeout-s", &args.run_timeout_s.to_string()])
             .args(["--fault-rank", &args.fault_rank.to_string()])
+            .args(["--time-steps", &args.time_steps.to_string()])
             .args(["--planted-fault", args.planted_fault.to_possible_value().expect("named").get_name()])
             .env("RANK", rank.to_string())
             .env("WORLD_SIZE", gpus.to_string())
