@@ -222,7 +222,7 @@ fn launch_env() -> Result<Launch, String> {
 
 /// The (EP, ETP) layouts of `world` ranks over 8 experts.
 fn layouts(world: usize) -> Vec<(usize, usize)> {
-    (1..=world).filter(|ep| world % ep == 0 && 8 % ep == 0).map(|ep| (ep, world / ep)).collect()
+    (1..=world).filter(|&ep| world.is_multiple_of(ep) && 8usize.is_multiple_of(ep)).map(|ep| (ep, world / ep)).collect()
 }
 
 /// The cases every worker runs, in order: every layout × class, immediate wgrad (and deferred
@@ -449,7 +449,7 @@ fn checkpoint_round_trip(t: &mut dyn Transport, seed: u64) -> Result<Option<Stri
         parallel: Parallelism { tp_size: tp, tp_rank: 0, ep_size: ep, ep_rank: 0 },
         ..LayerConfig::example()
     };
-    if 8 % world != 0 || 96 % world != 0 {
+    if !8usize.is_multiple_of(world) || !96usize.is_multiple_of(world) {
         return Ok(None);
     }
     let weights = moe_reference::ExpertSet::random(&cfg(1, 1), seed);

@@ -23,7 +23,6 @@ use std::time::Duration;
 /// Runs the distributed layer on `cfg.parallel.ep_size × tp_size` threads linked by the fake
 /// transport, the tokens of `problem` starting on rank 0; returns every rank's result in rank
 /// order, or every rank's error (rank order) when any failed.
-#[allow(clippy::too_many_arguments)]
 pub fn run_in_threads(
     layer: &dyn ExpertLayer,
     cfg: &LayerConfig,
