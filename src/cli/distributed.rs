@@ -287,11 +287,11 @@ fn nccl_setup(
 
 #[cfg(not(feature = "cuda"))]
 fn nccl_setup(
-    _: &Launch,
+    l: &Launch,
     _: &mut moe_harness::distributed::tcp::Rendezvous,
     _: Duration,
 ) -> Result<(Box<dyn Transport>, Box<LayerFor>), String> {
-    Err("--transport nccl needs the `cuda` feature".into())
+    Err(format!("--transport nccl (GPU {}, LOCAL_RANK) needs the `cuda` feature", l.local_rank))
 }
 
 /// The hidden `worker` subcommand: one rank of `verify --gpus`. Exit 0 when every case passed
