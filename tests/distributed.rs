@@ -584,3 +584,29 @@ mod checkpoints {
         assert_eq!(leftovers(tmp.path()), vec!["ckpt".to_string()]);
     }
 }
+
+#[cfg(feature = "cuda")]
+#[test]
+fn nccl_on_two_gpus_passes_every_layout() {
+    // The real thing where two GPUs are present: `verify --gpus 2` over NCCL with the CUDA
+    // layers (the device script's `nccl` step runs it with timings too). With fewer GPUs, or
+    // without libnccl, one SKIP line, as the other GPU tests print.
+    let test = "distributed::nccl_on_two_gpus_passes_every_layout";
+    if let Err(e) = moe_gpu::engine::probe(1) {
+        moe_gpu::print_skip(&format!("SKIP {test}: needs 2 GPUs ({e})"));
+        return;
+    }
+    if !moe_gpu::nccl::nccl_present() {
+        assert!(!moe_harness::cuda_required(), "{test}: libnccl cannot be loaded (MOE_REQUIRE_CUDA=1)");
+        moe_gpu::print_skip(&format!("SKIP {test}: libnccl cannot be loaded"));
+        return;
+    }
+    let out = std::process::Command::new(crate::moe_verify_bin())
+        .args(["verify", "--gpus", "2", "--run-timeout-s", "300"])
+        .output()
+        .expect("moe-verify runs");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("transport self-test pass") && stdout.contains("10 cases, 0 failed"), "{stdout}");
+    assert!(stdout.contains("[cuda-te-grouped]"), "the CUDA layers ran: {stdout}");
+}
