@@ -610,3 +610,42 @@ fn nccl_on_two_gpus_passes_every_layout() {
     assert!(stdout.contains("transport self-test pass") && stdout.contains("10 cases, 0 failed"), "{stdout}");
     assert!(stdout.contains("[cuda-te-grouped]"), "the CUDA layers ran: {stdout}");
 }
+
+#[test]
+fn workers_start_from_the_torchrun_environment() {
+    // No launcher: two `worker` processes started as torchrun or Slurm would start them (RANK,
+    // WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT, the no-multicast variables) meet at
+    // the address and pass; rank 1 started first waits for rank 0 to listen.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let spawn = |rank: &str| {
+        std::process::Command::new(crate::moe_verify_bin())
+            .args(["worker", "--transport", "tcp", "--collective-timeout-s", "30"])
+            .envs([("RANK", rank), ("WORLD_SIZE", "2"), ("LOCAL_RANK", rank), ("MASTER_ADDR", "127.0.0.1")])
+            .env("MASTER_PORT", &port)
+            .envs([("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let one = spawn("1");
+    std::thread::sleep(Duration::from_millis(300));
+    let zero = spawn("0");
+    let (zero, one) = (zero.wait_with_output().unwrap(), one.wait_with_output().unwrap());
+    let out0 = String::from_utf8_lossy(&zero.stdout);
+    assert!(zero.status.success() && one.status.success(), "{out0}\n{}", String::from_utf8_lossy(&one.stderr));
+    assert!(out0.contains("[rank 0/2] 10 cases, 0 failed"), "{out0}");
+}
+
+#[test]
+fn malformed_reduction_groups_are_refused() {
+    // A group that repeats a rank would count its partial twice; one without the caller is a
+    // caller bug: both refused before anything is sent.
+    let mut t = fake_transports(1, TIMEOUT).pop().unwrap();
+    for group in [vec![0, 0], vec![1]] {
+        let e = t.all_reduce(&group, vec![1.0], None).unwrap_err();
+        assert!(matches!(e, TransportError::Invalid(_)), "{group:?}: {e}");
+    }
+    assert!(t.reduce_scatter(&[0], vec![1.0, 2.0], &[1], None).is_err(), "counts must add up");
+    assert_eq!(t.all_reduce(&[0], vec![1.5], Some(Dtype::Bf16)).unwrap(), vec![1.5]);
+}

@@ -163,8 +163,11 @@ pub fn resolve(contribs: &[Collective]) -> Result<Vec<Vec<Vec<f64>>>, TransportE
                 let Collective::Reduce { group, counts, dtype, data } = &contribs[i] else {
                     unreachable!("kinds checked")
                 };
-                if !group.contains(&i) || group.iter().any(|&g| g >= n) {
-                    return Err(TransportError::Peer { rank: i, what: format!("group {group:?} does not contain it") });
+                if !group.contains(&i) || group.iter().any(|&g| g >= n) || !group.windows(2).all(|w| w[0] < w[1]) {
+                    return Err(TransportError::Peer {
+                        rank: i,
+                        what: format!("group {group:?} is not an increasing list of ranks below {n} containing it"),
+                    });
                 }
                 let len = if counts.is_empty() { data.len() } else { counts.iter().sum() };
                 let mut parts = Vec::with_capacity(group.len());
@@ -367,8 +370,10 @@ impl Transport for HubTransport {
 /// Checks a reduction's arguments on the calling rank: the group contains it, the counts (one
 /// per member, non-empty for a reduce-scatter) add up to the data.
 pub fn check_reduce(rank: usize, group: &[usize], len: usize, counts: Option<&[usize]>) -> Result<(), TransportError> {
-    if !group.contains(&rank) {
-        return Err(TransportError::Invalid(format!("rank {rank} reduces over {group:?}, which does not contain it")));
+    if !group.contains(&rank) || !group.windows(2).all(|w| w[0] < w[1]) {
+        return Err(TransportError::Invalid(format!(
+            "rank {rank} reduces over {group:?}, which is not an increasing list of ranks containing it"
+        )));
     }
     if let Some(c) = counts {
         if c.len() != group.len() || c.iter().sum::<usize>() != len {
