@@ -349,7 +349,8 @@ fn launcher_runs_cpu_workers_that_pass_every_layout() {
     // (EP, ETP) = (2, 1) and (1, 2), every class, deferred wgrad, an EP rank without tokens.
     let (code, out, err) = launch(&[]);
     assert_eq!(code, 0, "{out}\n{err}");
-    assert!(out.contains("10 cases, 0 failed") && out.contains("2 workers passed"), "{out}");
+    assert!(out.contains("14 cases, 0 failed") && out.contains("2 workers passed"), "{out}");
+    assert!(out.contains("pass [reference] te_grouped float16") && out.contains("sequential float32"), "{out}");
     assert!(out.contains("tp=1 ep=2 tokens=[") && out.contains("tp=2 ep=1"), "{out}");
     assert!(out.contains("0, 0, 0, 0] deferred-wgrad"), "{out}");
 }
@@ -607,7 +608,7 @@ fn nccl_on_two_gpus_passes_every_layout() {
         .expect("moe-verify runs");
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{stdout}\n{stderr}");
-    assert!(stdout.contains("transport self-test pass") && stdout.contains("10 cases, 0 failed"), "{stdout}");
+    assert!(stdout.contains("transport self-test pass") && stdout.contains("14 cases, 0 failed"), "{stdout}");
     assert!(stdout.contains("[cuda-te-grouped]"), "the CUDA layers ran: {stdout}");
 }
 
@@ -634,7 +635,7 @@ fn workers_start_from_the_torchrun_environment() {
     let (zero, one) = (zero.wait_with_output().unwrap(), one.wait_with_output().unwrap());
     let out0 = String::from_utf8_lossy(&zero.stdout);
     assert!(zero.status.success() && one.status.success(), "{out0}\n{}", String::from_utf8_lossy(&one.stderr));
-    assert!(out0.contains("[rank 0/2] 10 cases, 0 failed"), "{out0}");
+    assert!(out0.contains("[rank 0/2] 14 cases, 0 failed"), "{out0}");
 }
 
 #[test]

@@ -225,37 +225,45 @@ fn layouts(world: usize) -> Vec<(usize, usize)> {
     (1..=world).filter(|&ep| world.is_multiple_of(ep) && 8usize.is_multiple_of(ep)).map(|ep| (ep, world / ep)).collect()
 }
 
-/// The cases every worker runs, in order: every layout × class, immediate wgrad (and deferred
-/// where the class has it), and per layout with EP > 1 one case whose last EP rank gets no
-/// tokens at all.
+/// The cases every worker runs, in order: per layout, every class in bf16 (immediate wgrad,
+/// and deferred where the class has it), TEGroupedMLP in fp16 and SequentialMLP in fp32
+/// (deferred); with EP > 1 the deferred cases give the last EP rank no tokens at all.
 fn cases(world: usize, seed: u64) -> Vec<Case> {
+    use moe_reference::Dtype;
+    use LayerClass::{Grouped, Sequential, TeGrouped};
+    use WgradTiming::{Deferred, Immediate};
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let mut out = Vec::new();
+    let kinds = [
+        (Sequential, Dtype::Bf16, Immediate),
+        (Sequential, Dtype::Bf16, Deferred),
+        (Grouped, Dtype::Bf16, Immediate),
+        (TeGrouped, Dtype::Bf16, Immediate),
+        (TeGrouped, Dtype::Bf16, Deferred),
+        (TeGrouped, Dtype::F16, Immediate),
+        (Sequential, Dtype::F32, Deferred),
+    ];
     for (ep, tp) in layouts(world) {
-        for class in LayerClass::ALL {
-            for timing in [WgradTiming::Immediate, WgradTiming::Deferred] {
-                if class == LayerClass::Grouped && timing == WgradTiming::Deferred {
-                    continue;
-                }
-                let mut tokens: Vec<i64> = (0..8).map(|_| rng.random_range(0..40)).collect();
-                if ep > 1 && timing == WgradTiming::Deferred {
-                    let el = 8 / ep;
-                    tokens[8 - el..].iter_mut().for_each(|t| *t = 0);
-                }
-                out.push(Case {
-                    cfg: LayerConfig {
-                        class,
-                        num_experts: 8,
-                        hidden_size: 64,
-                        ffn_hidden_size: 96,
-                        parallel: Parallelism { tp_size: tp, tp_rank: 0, ep_size: ep, ep_rank: 0 },
-                        ..LayerConfig::example()
-                    },
-                    tokens_per_expert: tokens,
-                    seed: rng.random(),
-                    timing,
-                });
+        for (class, dtype, timing) in kinds {
+            let mut tokens: Vec<i64> = (0..8).map(|_| rng.random_range(0..40)).collect();
+            if ep > 1 && timing == Deferred {
+                let el = 8 / ep;
+                tokens[8 - el..].iter_mut().for_each(|t| *t = 0);
             }
+            out.push(Case {
+                cfg: LayerConfig {
+                    class,
+                    num_experts: 8,
+                    hidden_size: 64,
+                    ffn_hidden_size: 96,
+                    params_dtype: dtype,
+                    parallel: Parallelism { tp_size: tp, tp_rank: 0, ep_size: ep, ep_rank: 0 },
+                    ..LayerConfig::example()
+                },
+                tokens_per_expert: tokens,
+                seed: rng.random(),
+                timing,
+            });
         }
     }
     out
