@@ -27,6 +27,13 @@
 #             mixtral deepseek-v3) x GroupedMLP/TEGroupedMLP, mode $PROFILE_MODE (default
 #             fwdbwd), strategy $PROFILE_STRATEGY (default auto); layer_profile.py ->
 #             $OUT/profile.md (printed), raw logs in $OUT/profile-raw.tgz
+#   nccl      (2+ GPUs of one host) `moe-verify verify --gpus $NCCL_GPUS` (default 2): the
+#             distributed layer over NCCL, every (EP, ETP) layout, the distributed checkpoint and
+#             `--time-steps 5`; then a dead worker (planted) that the launcher must name; then
+#             torch_a2a_bench.py under torchrun (the same dispatch bytes) -> $OUT/nccl*.log.
+#             NVLink multicast stays off (NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+#             NVSHMEM_DISABLE_NVLS=1 exported here; the launcher sets them in every worker too).
+#             libnccl.so is taken from PyTorch's nvidia-nccl wheel when not on the library path.
 #   dumps     tools/test_dump_experts.py: PyTorch stand-ins of the three classes write dumps,
 #             `moe-verify compare` checks them
 # Every Rust setting is a flag of the staged binaries (`.stage/moe-verify bench layer --help`);
@@ -101,6 +108,18 @@ for s in $steps; do
         echo "== verify --gpu --shape ${sc%%:*} --class ${sc##*:}"
         .stage/moe-verify verify --gpu --shape "${sc%%:*}" --class "${sc##*:}" 2>&1 | tee -a "$out/verify-shapes.log" | tail -14
       done ;;
+    nccl)
+      export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+      if ! ldconfig -p | grep -q 'libnccl.so '; then
+        nl=$(python3 -c "import glob,site;print(sorted(sum([glob.glob(p+'/nvidia/nccl/lib/libnccl.so*') for p in site.getsitepackages()],[]))[0])")
+        mkdir -p /tmp/moe-nccl && ln -sf "$nl" /tmp/moe-nccl/libnccl.so && export LD_LIBRARY_PATH="/tmp/moe-nccl:${LD_LIBRARY_PATH:-}"
+      fi
+      n="${NCCL_GPUS:-2}"
+      echo "== verify --gpus $n"; (time .stage/moe-verify verify --gpus "$n" --time-steps 5) 2>&1 | tee "$out/nccl.log"
+      echo "== dead worker (planted): the launcher must name rank 1"
+      .stage/moe-verify verify --gpus "$n" --planted-fault die --fault-rank 1 --collective-timeout-s 5 --run-timeout-s 60 2>&1 | tail -3 | tee "$out/nccl-fault.log"
+      bytes=$(grep -oE 'all_to_all of [0-9]+ bytes' "$out/nccl.log" | grep -oE '[0-9]+' | head -1)
+      [ -n "$bytes" ] && torchrun --standalone --nproc-per-node "$n" .stage/torch_a2a_bench.py "$bytes" 5 2>&1 | grep -v '^W' | tail -2 | tee "$out/nccl-torch.log" ;;
     profile)
       prof=/tmp/moe-profile; rm -rf "$prof"; mkdir -p "$prof"; specs=()
       for sh in ${PROFILE_SHAPES:-mixtral deepseek-v3}; do

@@ -36,6 +36,7 @@ cp tools/*.py "$stage/tools/"
 # (scripts/shapes.json: `moe-verify shapes --json`, the registry the Rust benches use).
 cp scripts/gpu-device.sh scripts/torch_experts_bench.py scripts/torch_fp8_experts_bench.py scripts/torch_grouped_bench.py scripts/layer_table.py \
   scripts/grouped_table.py scripts/layer_profile.py scripts/rounds_table.py scripts/layer_ab.py scripts/shapes.json \
+  scripts/torch_a2a_bench.py \
   "$stage/"
 if [ -n "${BASE:-}" ]; then
   base_tree="$(mktemp -d /tmp/moe-base.XXXXXX)"

@@ -40,6 +40,10 @@ enum Command {
     /// Time the CUDA layers and grouped GEMMs at the model shapes (needs a GPU).
     #[cfg(feature = "cuda")]
     Bench(cli::bench::BenchArgs),
+    /// One rank of `verify --gpus` (started by it, or by torchrun/Slurm with RANK, WORLD_SIZE,
+    /// LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
+    #[command(hide = true)]
+    Worker(cli::distributed::WorkerArgs),
 }
 
 /// Restores the default SIGPIPE disposition so `moe-verify layout ... | head` ends quietly, as
@@ -70,6 +74,7 @@ fn main() {
         Command::Reshard(a) => cli::checkpoint::run_reshard(a),
         Command::Inspect(a) => cli::checkpoint::run_inspect(a),
         Command::Shapes(a) => cli::shapes::run(a),
+        Command::Worker(a) => cli::distributed::run_worker(a),
         #[cfg(feature = "cuda")]
         Command::Bench(a) => cli::bench::run(a),
     };

@@ -19,6 +19,9 @@
 //!   (`moe_reference::fp8`, fixtures in `tests/data/fp8/` made by TE's own Python references).
 //! * [`fp8_layers`]: fp8 expert layers under every recipe against the oracle's fp8 error model,
 //!   planted fp8 bugs, TE's refusals of unaligned splits.
+//! * [`distributed`]: the distributed layer over the fake and TCP transports against the rank
+//!   simulation and the oracle, planted distributed bugs, the `verify --gpus` launcher with CPU
+//!   workers (dead and hung workers), distributed checkpoints, and the 2-GPU NCCL run.
 //! * [`dump`]: moe-expert-dump/1 files and `moe-verify compare`.
 //! * [`checkpoint`]: Megatron sharded state dicts, the on-disk format, resharding (spec §7, §8.1).
 //! * [`gpu`]: the CUDA implementations (`moe-gpu`) against the f64 oracle (skip loudly without a GPU).
@@ -33,6 +36,7 @@
 #[macro_use]
 mod properties;
 mod checkpoint;
+mod distributed;
 mod dump;
 mod edge_cases;
 mod fp8_layers;

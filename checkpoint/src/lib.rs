@@ -28,7 +28,7 @@ pub mod sharded;
 pub mod tensor;
 
 pub use experts::{ExpertEntry, ExpertKey, ExpertSource, ExpertValues, SourceFormat, SourceInfo};
-pub use format::{save, Checkpoint, CheckpointWriter, Index, LoadPlan, SaveOptions, SavePart, SaveReport};
+pub use format::{save, Checkpoint, CheckpointWriter, Index, LoadPlan, PartRecords, SaveOptions, SavePart, SaveReport};
 pub use reshard::{infer_models, reshard, ModelInfo, ReshardOptions, ReshardReport, ReshardTarget};
 pub use sharded::{
     layout_json, layout_json_at, sharded_state_dict, ExpertLayout, RankCoord, ShardedEntry, ShardedObject,

@@ -23,6 +23,7 @@
 //! * [`layer`] — the device-resident forward/backward/backward_dw of a [`layer::DeviceLayer`]
 //!   on [`layer::Workspace`] buffers (the path benches time).
 //! * [`implementation`] — the `ExpertLayer` impls (host in, host out).
+//! * [`nccl`] — [`nccl::NcclTransport`], the NCCL collectives of the distributed expert layer.
 //! * [`sampled`] — the device side of the sampled verification of model-sized shapes (the checks
 //!   are `moe_harness::sampled`).
 //! * `skip` — when a GPU test or bench may skip, and [`gpu_or_skip`], the one way they get a
@@ -42,6 +43,7 @@ pub mod implementation;
 pub mod kernels;
 pub mod layer;
 pub mod memory;
+pub mod nccl;
 mod nvrtc;
 pub mod persistent;
 pub mod sampled;

@@ -10,6 +10,7 @@
 
 pub mod case;
 pub mod compare;
+pub mod distributed;
 pub mod dump;
 pub mod planted;
 pub mod properties;

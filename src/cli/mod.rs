@@ -5,5 +5,6 @@ pub mod args;
 pub mod bench;
 pub mod checkpoint;
 pub mod compare;
+pub mod distributed;
 pub mod shapes;
 pub mod verify;

@@ -46,6 +46,12 @@ pub struct VerifyArgs {
     #[cfg(feature = "cuda")]
     #[arg(long, value_name = "STRATEGY", default_value = "auto")]
     pub gemm: moe_gpu::Strategy,
+    /// Verify the distributed layer on N processes of this host (one GPU each with NCCL):
+    /// every (EP, ETP) layout of N ranks against the unsharded f64 oracle.
+    #[arg(long, value_name = "N")]
+    pub gpus: Option<usize>,
+    #[command(flatten)]
+    pub dist: super::distributed::DistArgs,
 }
 
 /// Why the CUDA backend is not there.
@@ -138,6 +144,9 @@ pub fn run(args: &VerifyArgs) -> i32 {
         if args.properties.is_empty() { Property::ALL.to_vec() } else { args.properties.iter().map(|p| p.0).collect() };
     if let Some(ShapeArg(shape)) = args.shape {
         return run_shape(args, shape);
+    }
+    if let Some(n) = args.gpus {
+        return super::distributed::launch(n, args.seed, &args.dist);
     }
     let Some(backends) = backends(args) else {
         return 2;

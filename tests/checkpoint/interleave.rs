@@ -189,3 +189,35 @@ fn interleaving_that_is_the_plain_halves_loads_anywhere_it_means_the_same() {
     let diff = (&ya - &yb).iter().fold(0.0f64, |m, v| m.max(v.abs()));
     assert!(diff <= 1e-12 * scale, "forward differs by {diff}");
 }
+
+/// Why: in a distributed save (one writer per rank, `CheckpointWriter::join`), rank 0 writes the
+/// index from the records the ranks send; a rank whose layout has another interleave size must
+/// be refused there, not recorded under rank 0's order (a checkpoint whose index misstates the
+/// stored row order would load wrong weights silently).
+#[test]
+fn ranks_of_a_distributed_save_that_disagree_on_the_glu_order_are_refused() {
+    use moe_checkpoint::{CheckpointWriter, SaveOptions, SavePart};
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (interleaved(1, 2, 1), interleaved(1, 2, 2));
+    let global = global_weights(&a, 3);
+    let (ranks_a, ranks_b) = (a.ranks(), b.ranks());
+    let (states_a, states_b) = (rank_states(&a, &ranks_a, &global), rank_states(&b, &ranks_b, &global));
+    let mut root = CheckpointWriter::create(&tmp.path().join("ckpt"), &SaveOptions::default()).unwrap();
+    root.write_part(SavePart { layout: &a, rank: ranks_a[0], state: &states_a[0] }).unwrap();
+    let mut other = CheckpointWriter::join(root.staging_path(), 1, &SaveOptions::default());
+    other.write_part(SavePart { layout: &b, rank: ranks_b[1], state: &states_b[1] }).unwrap();
+    let err = root.absorb(other.into_part()).unwrap_err();
+    assert!(matches!(err, CheckpointError::Mismatch { .. }), "{err}");
+    assert!(
+        err.to_string().contains("experts.linear_fc1.weight") && err.to_string().contains("GLU row order"),
+        "{err}"
+    );
+    // The same order on both ranks is accepted and the index records it.
+    let mut root = CheckpointWriter::create(&tmp.path().join("ok"), &SaveOptions::default()).unwrap();
+    root.write_part(SavePart { layout: &a, rank: ranks_a[0], state: &states_a[0] }).unwrap();
+    let mut other = CheckpointWriter::join(root.staging_path(), 1, &SaveOptions::default());
+    other.write_part(SavePart { layout: &a, rank: ranks_a[1], state: &states_a[1] }).unwrap();
+    root.absorb(other.into_part()).unwrap();
+    root.finish().unwrap();
+    assert_eq!(Checkpoint::open(&tmp.path().join("ok")).unwrap().glu_order(""), GluOrder { tp: 1, size: Some(1) });
+}

@@ -33,7 +33,7 @@ mod write;
 
 pub use keys::{parse_key, to_logical, KeyParts};
 pub use read::{Checkpoint, LoadPlan};
-pub use write::{save, CheckpointWriter, SaveOptions, SavePart, SaveReport};
+pub use write::{save, CheckpointWriter, PartRecords, SaveOptions, SavePart, SaveReport};
 
 use super::tensor::Region;
 use super::CheckpointError;

@@ -179,6 +179,37 @@ pub struct CheckpointWriter {
     /// The GLU row order of each GLU layer's prefix (all parts of a prefix must agree).
     glu: BTreeMap<String, GluOrder>,
     bytes: u64,
+    /// Set for a rank of a distributed save ([`CheckpointWriter::join`]): its files are named
+    /// after it, and it owns no directory.
+    rank: Option<usize>,
+}
+
+/// What one rank of a distributed save wrote into the shared staging directory
+/// ([`CheckpointWriter::into_part`]), to be merged by rank 0 ([`CheckpointWriter::absorb`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PartRecords {
+    /// The rank's data files.
+    pub files: Vec<FileRecord>,
+    /// Its main-replica shards.
+    pub shards: Vec<ShardRecord>,
+    /// Its main-replica objects, by unique key.
+    pub objects: Vec<(String, ObjectRecord)>,
+    /// The GLU row order of each GLU layer it saved, by prefix (rank 0 checks that every rank
+    /// agrees and records interleaved ones in the index).
+    #[serde(default)]
+    pub glu: Vec<(String, GluOrder)>,
+}
+
+impl PartRecords {
+    /// The records as JSON bytes (to send to rank 0).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("records serialize")
+    }
+
+    /// Parses [`PartRecords::to_bytes`]; an error says what is wrong.
+    pub fn from_bytes(bytes: &[u8]) -> Result<PartRecords, String> {
+        serde_json::from_slice(bytes).map_err(|e| format!("part records: {e}"))
+    }
 }
 
 impl CheckpointWriter {
@@ -209,7 +240,80 @@ impl CheckpointWriter {
             objects: BTreeMap::new(),
             glu: BTreeMap::new(),
             bytes: 0,
+            rank: None,
         })
+    }
+
+    /// The hidden staging directory the checkpoint is written into before it moves into place
+    /// (the ranks of a distributed save write their parts here).
+    pub fn staging_path(&self) -> &Path {
+        &self.tmp_path
+    }
+
+    /// A writer for rank `rank` of a distributed save into `staging` (rank 0's
+    /// [`CheckpointWriter::staging_path`]): it writes its parts' files there, named after the
+    /// rank, owns nothing, and hands its records to rank 0 with [`CheckpointWriter::into_part`].
+    pub fn join(staging: &Path, rank: usize, opts: &SaveOptions) -> CheckpointWriter {
+        CheckpointWriter {
+            dir: staging.to_path_buf(),
+            tmp: TempDir(None),
+            tmp_path: staging.to_path_buf(),
+            abort_after_files: opts.abort_after_files,
+            files: Vec::new(),
+            shards: Vec::new(),
+            objects: BTreeMap::new(),
+            glu: BTreeMap::new(),
+            bytes: 0,
+            rank: Some(rank),
+        }
+    }
+
+    /// The records of what this rank wrote.
+    pub fn into_part(mut self) -> PartRecords {
+        PartRecords {
+            files: std::mem::take(&mut self.files),
+            shards: std::mem::take(&mut self.shards),
+            objects: std::mem::take(&mut self.objects).into_iter().collect(),
+            glu: std::mem::take(&mut self.glu).into_iter().collect(),
+        }
+    }
+
+    /// Adds another rank's records (rank 0 of a distributed save, before
+    /// [`CheckpointWriter::finish`], which checks that all parts together tile every tensor).
+    pub fn absorb(&mut self, part: PartRecords) -> Result<(), CheckpointError> {
+        for f in &part.files {
+            if self.files.iter().any(|g| g.name == f.name) {
+                return Err(CheckpointError::Overlap {
+                    key: f.name.clone(),
+                    a: f.name.clone(),
+                    b: "a file of the same name".into(),
+                });
+            }
+        }
+        for (k, o) in part.objects {
+            if self.objects.insert(k.clone(), o).is_some() {
+                return Err(CheckpointError::Overlap {
+                    key: k,
+                    a: "a main replica".into(),
+                    b: "another main replica of the same object".into(),
+                });
+            }
+        }
+        for (prefix, order) in part.glu {
+            match self.glu.insert(prefix.clone(), order) {
+                Some(other) if other != order => {
+                    return Err(CheckpointError::Mismatch {
+                        key: format!("{prefix}experts.linear_fc1.weight"),
+                        msg: format!("ranks of one save disagree on the GLU row order: {other:?} and {order:?}"),
+                    })
+                }
+                _ => {}
+            }
+        }
+        self.bytes += part.shards.iter().map(|s| s.nbytes).sum::<u64>();
+        self.files.extend(part.files);
+        self.shards.extend(part.shards);
+        Ok(())
     }
 
     /// Writes the main-replica shards of one part (one process) into a file of its own.
@@ -227,7 +331,10 @@ impl CheckpointWriter {
                 _ => {}
             }
         }
-        let file = format!("rank{:05}.safetensors", self.files.len());
+        let file = match self.rank {
+            None => format!("rank{:05}.safetensors", self.files.len()),
+            Some(r) => format!("rank{r:05}.part{}.safetensors", self.files.len()),
+        };
         let mut pending = Vec::new();
         for entry in &entries {
             match entry {

@@ -9,6 +9,8 @@
 mod checks;
 mod parallel;
 
+pub use parallel::compare_reduced;
+
 use crate::case::{Case, Problem};
 use crate::tolerance::Tolerance;
 use moe_reference::parallel::{run_parallel, EtpReduction};

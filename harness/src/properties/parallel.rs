@@ -18,8 +18,10 @@
 //! `√K·2⁻⁵³` that the storage-dtype terms dwarf).
 
 use super::{internal, lift, oracle, verdict, Ctx, PropertyFailure, Verdict};
+use crate::case::Problem;
 use crate::compare::{compare_state_dicts, compare_tensor, Bounds, TensorDiff};
-use moe_reference::parallel::{ep_rank_inputs, reduce_ranks, run_ranks, EtpReduction, RankRun};
+use crate::tolerance::Tolerance;
+use moe_reference::parallel::{ep_rank_inputs, reduce_ranks, run_ranks, EtpReduction, ParallelRun, RankRun};
 use moe_reference::{oracle_with_scales, to_state_dict, Dtype, LayerConfig, OracleRun};
 use ndarray::{s, ArrayD, Dimension};
 
@@ -27,8 +29,7 @@ use ndarray::{s, ArrayD, Dimension};
 type Part = fn(&moe_reference::LayerRun) -> ArrayD<f64>;
 
 /// The oracle's run (values, bounds, allowances) on the same shard and rows as a backend rank.
-fn oracle_rank(ctx: &Ctx, rank: &RankRun) -> Result<OracleRun, PropertyFailure> {
-    let (cfg, p) = (ctx.cfg(), &ctx.problem);
+fn oracle_rank(cfg: &LayerConfig, p: &Problem, rank: &RankRun) -> Result<OracleRun, PropertyFailure> {
     let rank_cfg = cfg.at_rank(rank.ep_rank, rank.tp_rank);
     let params = to_state_dict(&rank_cfg, &p.weights.shard(&rank_cfg).map_err(internal)?).map_err(internal)?;
     let (rows, inputs) = ep_rank_inputs(&p.inputs, cfg.num_local_experts(), rank.ep_rank);
@@ -87,10 +88,25 @@ pub(super) fn parallel_decomposition(ctx: &Ctx) -> Result<Verdict, PropertyFailu
         Ok(r) => r,
         Err(e) => return lift(e),
     };
-    let oracles = ranks.iter().map(|r| oracle_rank(ctx, r)).collect::<Result<Vec<_>, _>>()?;
     let reduction: EtpReduction = ctx.backend.reduction(cfg);
     let (t, h) = p.inputs.hidden_states.dim();
     let reduced = reduce_ranks(cfg, &ranks, t, h, reduction).map_err(internal)?;
+    compare_reduced(cfg, p, ctx.tol, reduction, &ranks, reduced)
+}
+
+/// Compares a sharded run — the rank calls `ranks` (their rows and weight grads) and the ETP
+/// reductions `reduced` — with the unsharded oracle on `p` (module doc's error model, the
+/// reductions in `reduction`'s dtypes). The simulated ranks above and the distributed layer
+/// ([`crate::distributed`]) share it.
+pub fn compare_reduced(
+    cfg: &LayerConfig,
+    p: &Problem,
+    tol: Tolerance,
+    reduction: EtpReduction,
+    ranks: &[RankRun],
+    reduced: ParallelRun,
+) -> Result<Verdict, PropertyFailure> {
+    let oracles = ranks.iter().map(|r| oracle_rank(cfg, p, r)).collect::<Result<Vec<_>, _>>()?;
     let o = oracle(cfg, p)?;
     let tp = cfg.parallel.tp_size;
     let groups: Vec<(&[RankRun], &[OracleRun])> = ranks.chunks(tp).zip(oracles.chunks(tp)).collect();
@@ -104,7 +120,7 @@ pub(super) fn parallel_decomposition(ctx: &Ctx) -> Result<Verdict, PropertyFailu
             want.view(),
             Bounds { scale: Some(scale.view()), allowance: Some(allowance.view()) },
             1,
-            ctx.tol,
+            tol,
         ));
     };
     reduced_tensor(
@@ -141,7 +157,7 @@ pub(super) fn parallel_decomposition(ctx: &Ctx) -> Result<Verdict, PropertyFailu
             &rank.run.weight_grads,
             &want,
             Some((&o_rank.scales.weight_grads, &o_rank.allowance.weight_grads)),
-            ctx.tol,
+            tol,
         ));
     }
     verdict(diffs)
