@@ -57,6 +57,14 @@ impl CudaLayer {
                 cfg.class.megatron_name()
             )));
         }
+        if let Some(f) = &cfg.fp8 {
+            // A declared skip, never a silent bf16 run of an fp8 case.
+            return Err(GpuError::Unsupported(format!(
+                "{} has no fp8 path (recipe {}): its GEMMs run in the storage dtype",
+                self.name,
+                f.label()
+            )));
+        }
         Ok(())
     }
 
