@@ -159,8 +159,8 @@ impl Backend for FaultyBackend {
     }
 }
 
-/// A scale 16× off in any one operand fails (the worst-case fp8 bound is too wide for 2×: see the
-/// tolerance module's FP8 section).
+/// A scale 16× off in any one operand fails (2× too, see
+/// `a_scale_off_by_one_exponent_step_fails_matches_oracle_in_the_tensors_it_feeds`).
 #[test]
 fn a_wrong_scale_of_any_operand_fails_matches_oracle() {
     for recipe in Fp8Recipe::ALL {
