@@ -20,6 +20,8 @@
 //! * [`fp8_layers`]: fp8 expert layers under every recipe against the oracle's fp8 error model,
 //!   planted fp8 bugs, TE's refusals of unaligned splits.
 //! * [`dump`]: moe-expert-dump/1 files and `moe-verify compare`.
+//! * [`fp8_dumps`]: fp8 dumps (recipe metadata, quantized weights checked against their
+//!   parameters), their bad inputs and failures.
 //! * [`checkpoint`]: Megatron sharded state dicts, the on-disk format, resharding (spec §7, §8.1).
 //! * [`gpu`]: the CUDA implementations (`moe-gpu`) against the f64 oracle (skip loudly without a GPU).
 //! * [`gpu_grouped`]: every grouped-GEMM strategy of `moe-gpu` against the per-expert loop.
@@ -31,6 +33,7 @@ mod properties;
 mod checkpoint;
 mod dump;
 mod edge_cases;
+mod fp8_dumps;
 mod fp8_layers;
 mod fp8_quantizers;
 mod golden;

@@ -455,6 +455,21 @@ pub fn forward_fp8(
     })
 }
 
+/// Refuses the splits TE refuses under `cfg.fp8` (nothing without fp8), naming the expert and
+/// tensor: `segments` are the rows of each processed segment ([`validate_inputs`]), padded here
+/// as the layer pads them (see [`check_fp8_shapes`]).
+pub fn check_fp8_splits(cfg: &LayerConfig, segments: &[usize]) -> Result<(), ReferenceError> {
+    let Some(f) = &cfg.fp8 else { return Ok(()) };
+    let padded: Vec<usize> = segments
+        .iter()
+        .map(|&c| match cfg.row_padding() {
+            Some(m) => c.div_ceil(m) * m,
+            None => c,
+        })
+        .collect();
+    check_fp8_shapes(cfg, f.recipe, &padded)
+}
+
 /// Refuses the fp8 shapes TE refuses, naming the tensor: MXFP8 quantizes every operand and needs
 /// both dims of each to be multiples of 32 (`MXFP8Quantizer::create_tensor`); SequentialMLP's TE
 /// `Linear`s assert `assert_dim_for_fp8_exec` on their input and weight under every recipe.
