@@ -252,3 +252,24 @@ fn bad_fp8_input_exits_2_naming_the_key() {
     let t = &dump.fp8_weights["linear_fc1.weight0"];
     assert!(matches!(t.scales, Scales::PerTensor { .. }));
 }
+
+/// A dump written by the PyTorch fp8 stand-in (`tools/test_dump_experts.py`, case
+/// `fp8_te_bf16_tensorwise_e4m3_bias`: TEGroupedMLP, bias, E4M3, every GEMM through
+/// `torch._scaled_mm`, torch 2.15.0 on CPU): the recipe and the quantized weights are read, the
+/// weights equal TE's quantization bit for bit, and every tensor is within the error model.
+#[test]
+fn a_torch_scaled_mm_written_fp8_dump_compares_clean() {
+    let file = "pytorch-cpu-te_grouped-bf16-fp8-tensorwise-e4m3-bias.safetensors";
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(file);
+    let dump = Dump::read(&path).unwrap();
+    assert_eq!(dump.config.fp8, Some(Fp8Config::new(Fp8Recipe::Tensorwise).with_format(TeFormat::E4M3)));
+    assert_eq!(dump.inputs.tokens_per_expert, vec![37, 0, 52, 41]);
+    // Expert 1 had no tokens: the stand-in ran no fp8 GEMM for it and wrote no quantized weight.
+    assert_eq!(dump.fp8_weights.len(), 6);
+    let report = moe_harness::dump::compare_dump(&dump, file, false).unwrap();
+    assert!(report.passed, "{report}");
+    assert_eq!(report.rows.iter().filter(|r| r.diff.name.starts_with("fp8.")).count(), 6);
+    let oracle = moe_harness::dump::compare_dump(&dump, file, true).unwrap();
+    assert!(oracle.passed, "{oracle}");
+    assert_eq!(compare(&path, &[]).code, 0);
+}

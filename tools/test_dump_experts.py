@@ -224,7 +224,7 @@ def main():
     with open(os.path.join(args.out, "dump_results.json"), "w") as f:
         json.dump({"environment": env, "results": results}, f, indent=1, default=str)
     # Keep two dumps as samples (small) for the record.
-    for keep in ("te_bf16_swiglu_bias", "grouped_bf16_swiglu"):
+    for keep in ("te_bf16_swiglu_bias", "grouped_bf16_swiglu", "fp8_te_bf16_tensorwise_e4m3_bias"):
         if keep in paths:
             with open(paths[keep], "rb") as src, open(os.path.join(args.out, f"{keep}.safetensors"), "wb") as dst:
                 dst.write(src.read())
