@@ -120,7 +120,12 @@ where
                             t.worst_ratio = d.worst_ratio;
                             t.worst_where = format!("{} in {}", d.name, case.summary());
                         }
-                        if case.cfg.fp8.is_some() && !(d.calc_diff <= t.worst_calc_diff.unwrap_or(f64::NEG_INFINITY)) {
+                        // NaN (a NaN in a result) is the worst.
+                        let worse = match t.worst_calc_diff {
+                            None => true,
+                            Some(w) => !w.is_nan() && (d.calc_diff.is_nan() || d.calc_diff > w),
+                        };
+                        if case.cfg.fp8.is_some() && worse {
                             t.worst_calc_diff = Some(d.calc_diff);
                             t.worst_calc_diff_where = format!("{} in {}", d.name, case.summary());
                         }
