@@ -89,9 +89,10 @@ def _te_active_recipe() -> Optional[Dict[str, str]]:
     if name is None:
         raise ValueError(f"TE recipe {type(recipe).__name__} is not covered by the dump format "
                          f"(expected one of {sorted(_TE_RECIPES)})")
-    out = {"fp8_recipe": name, "fp8_format": str(_enum_value(recipe.fp8_format)).split(".")[-1].lower()}
-    qparams = getattr(recipe, "fp8_quant_fwd_weight", None)  # block scaling's QParams
-    if name == "blockwise" and qparams is not None:
+    fmt = recipe.fp8_format  # TE's Format enum (its values are tuples): use the member name
+    out = {"fp8_recipe": name, "fp8_format": str(getattr(fmt, "name", fmt)).split(".")[-1].lower()}
+    qparams = getattr(recipe, "fp8_quant_fwd_weight", None)  # current and block scaling's QParams
+    if name in ("tensorwise", "blockwise") and qparams is not None:
         out["fp8_power_2_scales"] = "true" if qparams.power_2_scale else "false"
     return out
 

@@ -93,6 +93,41 @@ def build(layer, o, device, seed):
     return module, x, tokens, probs, grad, dict(tp_rank=tp_rank, ep_rank=ep_rank)
 
 
+def te_recipe_metadata():
+    """dump_experts' reading of TE's active fp8 recipe, on stand-ins of TE's classes (TE is not
+    installed where this runs): outside fp8_autocast, under Float8BlockScaling (E4M3), under
+    Float8CurrentScaling (HYBRID). The stand-in modules are removed again afterwards."""
+    import collections
+    import enum
+    import types
+
+    helper = collections.namedtuple("_FormatHelper", "max_fwd max_bwd")
+    fmt = enum.Enum("Format", {"E4M3": helper(448, 448), "HYBRID": helper(448, 57344)})
+    qparams = collections.namedtuple("QParams", "power_2_scale amax_epsilon")
+    recipes = [None, type("Float8BlockScaling", (), {"fp8_format": fmt.E4M3, "fp8_quant_fwd_weight": qparams(True, 0.0)})(),
+               type("Float8CurrentScaling", (), {"fp8_format": fmt.HYBRID, "fp8_quant_fwd_weight": qparams(False, 0.0)})()]
+    state = {}
+    manager = type("FP8GlobalStateManager", (), {"is_fp8_enabled": staticmethod(lambda: state["r"] is not None),
+                                                  "get_fp8_recipe": staticmethod(lambda: state["r"])})
+    names = ["transformer_engine", "transformer_engine.pytorch", "transformer_engine.pytorch.fp8"]
+    saved = {n: sys.modules.get(n) for n in names}
+    mods = {n: types.ModuleType(n) for n in names}
+    mods["transformer_engine.pytorch.fp8"].FP8GlobalStateManager = manager
+    sys.modules.update(mods)
+    try:
+        out = []
+        for r in recipes:
+            state["r"] = r
+            out.append(de._te_active_recipe())
+        return out
+    finally:
+        for n, m in saved.items():
+            if m is None:
+                sys.modules.pop(n, None)
+            else:
+                sys.modules[n] = m
+
+
 def compare(binary, path, *flags):
     proc = subprocess.run([binary, "compare", path, *flags], capture_output=True, text=True, timeout=120)
     return proc.returncode, proc.stdout, proc.stderr
@@ -220,6 +255,15 @@ def main():
     except Exception:
         check("corruptions", False, {"summary": "exception", "traceback": traceback.format_exc()})
         print(traceback.format_exc(), flush=True)
+
+    if args.only in "fp8_te_recipe_metadata":
+        try:
+            got = te_recipe_metadata()
+            want = [None, {"fp8_recipe": "blockwise", "fp8_format": "e4m3", "fp8_power_2_scales": "true"},
+                    {"fp8_recipe": "tensorwise", "fp8_format": "hybrid", "fp8_power_2_scales": "false"}]
+            check("fp8_te_recipe_metadata", got == want, {"summary": f"{got}"})
+        except Exception:
+            check("fp8_te_recipe_metadata", False, {"summary": "exception", "traceback": traceback.format_exc()})
 
     with open(os.path.join(args.out, "dump_results.json"), "w") as f:
         json.dump({"environment": env, "results": results}, f, indent=1, default=str)
