@@ -166,7 +166,8 @@ fn a_wrong_expectation_in_an_fp8_dump_exits_1() {
 }
 
 /// Bad fp8 input, each exit 2 with a message naming the key: an unknown recipe, E5M2 as a TE
-/// format, a split TE refuses (MXFP8 without Megatron's padding: multiples of 32), fp8 tensors
+/// format, splits TE refuses without Megatron's padding (MXFP8: multiples of 32; SequentialMLP's
+/// TE `Linear`: multiples of 8), fp8 tensors
 /// in a dump without a recipe, scales without codes, codes of the wrong dtype.
 #[test]
 fn bad_fp8_input_exits_2_naming_the_key() {
@@ -179,7 +180,20 @@ fn bad_fp8_input_exits_2_naming_the_key() {
     let mut unaligned =
         fp8_dump(&LayerConfig { fp8: Some(Fp8Config::new(Fp8Recipe::Mxfp8)), ..mxfp8.clone() }, vec![7, 32]);
     unaligned.config = mxfp8;
+    // SequentialMLP's TE Linear without Megatron's padding: rows a multiple of 8 (every recipe).
+    let seq_nopad = LayerConfig {
+        fp8: Some(Fp8Config { pad_to_alignment: false, ..Fp8Config::new(Fp8Recipe::Tensorwise) }),
+        ..fp8_config(LayerClass::Sequential, Fp8Recipe::Tensorwise, TeFormat::Hybrid)
+    };
+    let mut unaligned_seq =
+        fp8_dump(&LayerConfig { fp8: Some(Fp8Config::new(Fp8Recipe::Tensorwise)), ..seq_nopad.clone() }, vec![8, 5]);
+    unaligned_seq.config = seq_nopad;
     let cases: Vec<(&str, Vec<u8>, Vec<&str>)> = vec![
+        (
+            "unaligned-sequential",
+            unaligned_seq.to_bytes().unwrap(),
+            vec!["input.tokens_per_expert", "expert 1 linear_fc1.input", "divisible by 8"],
+        ),
         (
             "unknown-recipe",
             edited(&dump, |_, m| {
