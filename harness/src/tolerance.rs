@@ -64,12 +64,14 @@
 //! unquantized oracle can see it; the bit-exact comparison with the fp8 emulation does
 //! (`tests/fp8_layers.rs`).
 //!
-//! The properties that compare two runs of the backend (padding-neutrality, probs-linearity:
-//! twice the error model) and the sharded one carry the fp8 channel too, about a quarter of the
-//! largest output on a layer with `h = f = 32`: there a doubled output or ETP partial stays
-//! inside it (`tests/self_test.rs`, fp8 verdict matrix). Padding and doubled probs leave the
-//! quantized operands unchanged (and exactly doubled), so those two could be held to the storage
-//! part plus an allowance for fp8 rounding flips; that allowance is not built.
+//! Padding-neutrality and probs-linearity compare two fp8 runs of the backend that quantize
+//! their input, weights and upstream gradient alike (zero rows change no amax; doubled probs
+//! leave them alone), so their bound's fp8 channel counts only the derived operands, fc2's input
+//! and fc1's output gradient, which a storage-level difference between the runs can move across
+//! an fp8 rounding boundary (`oracle_with_scales_paired`, `Fp8Channel::Paired`). The sharded
+//! property's shards quantize differently and carry the whole channel, about a quarter of the
+//! largest output on a layer with `h = f = 32`: a doubled ETP partial stays inside it there
+//! (`tests/self_test.rs`, fp8 verdict matrix).
 //!
 //! # Checks without a whole-layer oracle run
 //!

@@ -194,6 +194,16 @@ fn oracle(cfg: &LayerConfig, p: &Problem) -> Result<OracleRun, PropertyFailure> 
         .map_err(|e| PropertyFailure::Error(format!("oracle: {e}")))
 }
 
+/// [`oracle`] for properties that compare two fp8 runs of the backend quantizing their input,
+/// weights and upstream gradient alike: the fp8 channel counts only the derived operands
+/// ([`moe_reference::oracle_with_scales_paired`]); the same as [`oracle`] without fp8.
+fn oracle_paired(cfg: &LayerConfig, p: &Problem) -> Result<OracleRun, PropertyFailure> {
+    let global = cfg.unsharded();
+    let params = to_state_dict(&global, &p.weights).map_err(|e| PropertyFailure::Error(format!("oracle: {e}")))?;
+    moe_reference::oracle_with_scales_paired(&global, &params, &p.inputs, &p.grad_output)
+        .map_err(|e| PropertyFailure::Error(format!("oracle: {e}")))
+}
+
 /// A backend's refusal is a declared skip; any other error fails the property.
 fn lift(e: LayerError) -> Result<Verdict, PropertyFailure> {
     match e {

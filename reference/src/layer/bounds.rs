@@ -44,7 +44,8 @@ impl ForwardPass {
         let (start, c) = (rows.start, rows.len());
         let abs = |a: &Array2<f64>| a.mapv(f64::abs);
         let state = self.fp8.as_ref().map(|r| r.borrow().state.clone());
-        let fq = cfg.fp8.map(|config| Fp8Bound { config, state: state.as_ref(), expert: e });
+        let paired = self.fp8_channel == super::Fp8Channel::Paired;
+        let fq = cfg.fp8.map(|config| Fp8Bound { config, state: state.as_ref(), expert: e, paired });
         let b = error_bounds(cfg, w, cache, g, &sg.du, &sg.dz, &sg.da, fq.as_ref());
         let ws = &mut sc.weight_grads.experts[e];
         ws.fc1_weight = b.fc1_weight;

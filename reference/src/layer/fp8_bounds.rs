@@ -53,6 +53,17 @@
 //! activation input is an fp8 rounding of each element, so it enters `R`.
 //!
 //! The accumulation term ([`Fp8Bound::accumulation`]) stays in `E`.
+//!
+//! # Two runs that quantize alike
+//!
+//! Padding-neutrality and probs-linearity compare two fp8 runs of one implementation whose
+//! input, weights and upstream gradient are the same tensors (padding adds zero rows, which
+//! change no amax; doubled probs leave them alone), so both quantize them identically and their
+//! quantization cancels. What may still differ are the derived operands (fc2's input `u`, fc1's
+//! output gradient `da`): a storage-level difference between the runs can move one across an
+//! fp8 rounding boundary (or, with doubled probs and delayed scaling, a subnormal code need not
+//! double). [`super::Fp8Channel::Paired`] keeps only those two operands' terms in the fp8
+//! channel.
 
 use super::fp8::{Fp8Operand, Fp8State};
 use crate::dtype::Dtype;
@@ -72,12 +83,18 @@ pub(super) struct Fp8Bound<'a> {
     pub(super) state: Option<&'a Fp8State>,
     /// The local expert.
     pub(super) expert: usize,
+    /// [`super::Fp8Channel::Paired`]: the operands both runs quantize alike (the input, the
+    /// weights, the upstream gradient) contribute nothing.
+    pub(super) paired: bool,
 }
 
 impl Fp8Bound<'_> {
     /// `q(v)` of every element of operand `op` whose oracle values are `v` and whose
     /// implementation error bounds are `err` (see the module doc).
     pub(super) fn quantization(&self, op: Fp8Operand, v: &Array2<f64>, err: &Array2<f64>) -> Array2<f64> {
+        if self.paired && !matches!(op, Fp8Operand::Fc2Input | Fp8Operand::Fc1GradOutput) {
+            return Array2::zeros(v.raw_dim());
+        }
         let fmt = self.config.format.format_for(op.role());
         let u = 2f64.powi(-(fmt.mantissa_bits() as i32) - 1);
         let u32_ = Dtype::F32.unit_roundoff();

@@ -192,6 +192,20 @@ pub struct ForwardPass {
     /// The fp8 run (configuration, delayed-scaling state, planted fault) when `cfg.fp8` is set;
     /// the backward records its amaxes into the state.
     fp8: Option<std::cell::RefCell<Fp8Run>>,
+    /// Which quantizations the oracle's error model counts (fp8 only).
+    fp8_channel: Fp8Channel,
+}
+
+/// Which quantizations the fp8 channel of the oracle's error model counts (`fp8_bounds` module
+/// doc).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Fp8Channel {
+    /// Every quantized operand: one fp8 run against the unquantized oracle.
+    #[default]
+    All,
+    /// Only the derived operands (fc2's input, fc1's output gradient): two fp8 runs whose input,
+    /// weights and upstream gradient quantize alike (padding-neutrality, probs-linearity).
+    Paired,
 }
 
 /// Input and probs gradients plus the weight gradients available after backward.
@@ -452,6 +466,7 @@ pub fn forward_fp8(
         caches,
         output,
         fp8: run.map(std::cell::RefCell::new),
+        fp8_channel: Fp8Channel::All,
     })
 }
 
@@ -508,6 +523,11 @@ impl ForwardPass {
     /// The layer output `[T, h]`.
     pub fn output(&self) -> &Array2<f64> {
         &self.output
+    }
+
+    /// The same pass with the oracle's error model counting `channel` (see [`Fp8Channel`]).
+    pub fn with_fp8_channel(self, channel: Fp8Channel) -> ForwardPass {
+        ForwardPass { fp8_channel: channel, ..self }
     }
 
     /// The delayed-scaling state after this pass (amaxes of the forward, and of the backward once
