@@ -3,7 +3,8 @@
 # .stage/. Writes logs under $OUT (when set). Steps are chosen by $STEPS (default: tests sampled
 # bench sanitize):
 #   tests     release integration tests with MOE_REQUIRE_CUDA=1
-#   sanitize  compute-sanitizer memcheck and racecheck on the GPU tests, fewer cases
+#   sanitize  compute-sanitizer memcheck and racecheck on the GPU tests (fp8 kernels included),
+#             fewer cases
 #   sampled   sampled verification of the four model shapes (the ignored tests
 #             gpu::sampled_large_shapes_match_the_oracle_<shape>)
 #   bench     per-layer table: `moe-verify bench layer --rounds 12` -> $OUT/layer-rust.csv and
@@ -71,12 +72,16 @@ for s in $steps; do
         gpu::gpu_layers_compose_under_expert_and_tensor_parallelism
         gpu_grouped::every_strategy_matches_loop_and_reference
         gpu_grouped::persistent_kernel_matches_the_reference_on_ragged_groups
+        gpu_fp8::segmented_current_scaling_matches_the_reference_per_segment
       )
       hybrid=gpu_grouped::hybrid_strategy_runs_large_experts_on_cublas_and_the_rest_on_the_persistent_kernel
       for tool in memcheck racecheck; do
         echo "== compute-sanitizer $tool"
         tests=("${common[@]}")
-        [ "$tool" = memcheck ] && tests+=("$hybrid")
+        # memcheck also runs the fp8 layers (quantization kernels and cuBLASLt fp8 GEMMs);
+        # racecheck keeps to the fp8 quantization kernels (segmented test above), as it keeps
+        # away from the cuBLAS(Lt) cluster kernels.
+        [ "$tool" = memcheck ] && tests+=("$hybrid" gpu_fp8::fp8_zero_token_experts_get_exactly_zero_weight_grads)
         log="$out/sanitizer-$tool.log"
         echo "selected tests (.stage/integration --exact --list):" > "$log"
         .stage/integration "${tests[@]}" --exact --list >> "$log" 2>&1

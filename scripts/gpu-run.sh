@@ -34,7 +34,7 @@ mkdir -p "$stage/tools"
 cp tools/*.py "$stage/tools/"
 # Device-side scripts and the shape registry the torch halves of the benches read
 # (scripts/shapes.json: `moe-verify shapes --json`, the registry the Rust benches use).
-cp scripts/gpu-device.sh scripts/torch_experts_bench.py scripts/torch_grouped_bench.py scripts/layer_table.py \
+cp scripts/gpu-device.sh scripts/torch_experts_bench.py scripts/torch_fp8_experts_bench.py scripts/torch_grouped_bench.py scripts/layer_table.py \
   scripts/grouped_table.py scripts/layer_profile.py scripts/rounds_table.py scripts/layer_ab.py scripts/shapes.json \
   "$stage/"
 if [ -n "${BASE:-}" ]; then

@@ -494,3 +494,50 @@ fn a_dump_without_num_experts_has_num_local_experts_times_ep_size() {
     std::fs::write(&path, Raw::of(&dump).without("num_experts").bytes()).unwrap();
     assert_eq!(Dump::read(&path).unwrap().config.num_experts, 6);
 }
+
+/// A dump of a GLU-interleaved TEGroupedMLP (Megatron HEAD's `moe_mlp_glu_interleave_size`,
+/// metadata `glu_interleave_size`, spec §4.10) round-trips and compares clean; read without
+/// the key, the same parameters mean another layer and the comparison fails (exit 1): the key
+/// is what makes the comparison right. A value that is not a positive integer, does not divide
+/// the rank's half width, or sits on a class Megatron does not interleave is bad input (exit 2)
+/// naming the key.
+#[test]
+fn interleaved_te_dumps_compare_with_their_interleave_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LayerConfig { glu_interleave_size: Some(4), ..config(LayerClass::TeGrouped, Dtype::Bf16) };
+    let base = reference_dump(LayerClass::TeGrouped, Dtype::Bf16);
+    let params = to_state_dict(&cfg, &ExpertSet::random(&cfg, 11)).unwrap();
+    let dump =
+        Dump::from_reference(&cfg, params, base.inputs.clone(), base.grad_output.clone(), Reference::EMULATED).unwrap();
+    let path = dir.path().join("interleaved.safetensors");
+    dump.write(&path).unwrap();
+    let read = Dump::read(&path).unwrap();
+    assert_eq!(read, dump);
+    assert_eq!(read.config.glu_interleave_size, Some(4));
+    assert_eq!(run_compare(&path, &[]).code, 0);
+
+    let raw = Raw::of(&dump);
+    let plain = dir.path().join("plain.safetensors");
+    std::fs::write(&plain, raw.clone().without("glu_interleave_size").bytes()).unwrap();
+    let out = run_compare(&plain, &[]);
+    assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
+
+    for (case, value, needles) in [
+        ("not-a-number", "four", vec!["__metadata__.glu_interleave_size", "positive integer"]),
+        ("not-dividing", "5", vec!["N1 = 48", "2·glu_interleave_size = 10"]),
+    ] {
+        let p = dir.path().join(format!("{case}.safetensors"));
+        std::fs::write(&p, raw.clone().set_meta("glu_interleave_size", value).bytes()).unwrap();
+        let out = run_compare(&p, &[]);
+        assert_eq!(out.code, 2, "{case}: {}", out.stderr);
+        for n in needles {
+            assert!(out.stderr.contains(n), "{case}: {n:?} not in {}", out.stderr);
+        }
+    }
+    let seq = Raw::of(&reference_dump(LayerClass::Sequential, Dtype::Bf16)).set_meta("glu_interleave_size", "2");
+    let p = dir.path().join("sequential.safetensors");
+    std::fs::write(&p, seq.bytes()).unwrap();
+    let out = run_compare(&p, &[]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains("glu_interleave_size 2 with SequentialMLP"), "{}", out.stderr);
+}

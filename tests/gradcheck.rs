@@ -57,7 +57,9 @@ fn kinks(cfg: &LayerConfig, w: &ExpertSet, inputs: &Inputs) -> Kinks {
         for i in 0..n {
             for j in 0..cfg.n1() {
                 let v = a[[i, j]];
-                let gate = !cfg.gated_linear_unit || j < k;
+                // Interleaved (spec §4.10): blocks of s gate rows, then s linear rows.
+                let gate =
+                    !cfg.gated_linear_unit || cfg.glu_interleave_size.map_or(j < k, |s| (j / s).is_multiple_of(2));
                 let mut near = cfg.activation == Activation::SquaredRelu && gate && v.abs() < KINK;
                 if let (Some(c), true) = (clamp, cfg.gated_linear_unit) {
                     near |= if gate { (v - c).abs() < KINK } else { (v.abs() - c).abs() < KINK };
@@ -172,7 +174,8 @@ fn gradcheck(cfg: &LayerConfig, tokens: &[i64], seed: u64, tally: &mut Tally) ->
 }
 
 /// Every valid combination of class × activation × GLU × bias × clamp × offset × probs-on-input
-/// (clamp and offset only with GLU, as Megatron's config validation requires).
+/// (clamp and offset only with GLU, as Megatron's config validation requires), and the GLU
+/// TEGroupedMLP ones again with Megatron HEAD's GLU interleaving (block size 1).
 fn sweep() -> Vec<LayerConfig> {
     let mut out = Vec::new();
     for class in LayerClass::ALL {
@@ -181,8 +184,14 @@ fn sweep() -> Vec<LayerConfig> {
                 for bias in [false, true] {
                     for clamp in [None, Some(0.5)] {
                         for offset in [0.0, 1.0] {
-                            for probs_on_input in [false, true] {
+                            for (probs_on_input, interleave) in
+                                [(false, None), (true, None), (false, Some(1)), (true, Some(1))]
+                            {
                                 if !glu && (clamp.is_some() || offset != 0.0) {
+                                    continue;
+                                }
+                                // GLU interleaving (spec §4.10) exists in a GLU TEGroupedMLP only.
+                                if interleave.is_some() && !(glu && class == LayerClass::TeGrouped) {
                                     continue;
                                 }
                                 let cfg = LayerConfig {
@@ -201,6 +210,7 @@ fn sweep() -> Vec<LayerConfig> {
                                     padding_multiple: None,
                                     parallel: Default::default(),
                                     fp8: None,
+                                    glu_interleave_size: interleave,
                                 };
                                 if cfg.validate().is_ok() {
                                     out.push(cfg);

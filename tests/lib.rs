@@ -24,7 +24,11 @@
 //!   parameters), their bad inputs and failures.
 //! * [`checkpoint`]: Megatron sharded state dicts, the on-disk format, resharding (spec §7, §8.1).
 //! * [`gpu`]: the CUDA implementations (`moe-gpu`) against the f64 oracle (skip loudly without a GPU).
+//! * [`gpu_fp8`]: the fp8 quantization kernels bit for bit against the reference quantizers,
+//!   and the cuBLASLt fp8 GEMM against the reference GEMM model (skip loudly without a GPU).
 //! * [`gpu_grouped`]: every grouped-GEMM strategy of `moe-gpu` against the per-expert loop.
+//! * [`interleave`]: Megatron HEAD's GLU interleaving through every property, and planted
+//!   interleaving bugs (wrong block size, ignored, whole-tensor instead of per-rank).
 //! * [`shapes`]: the model-shape registry and `scripts/shapes.json`, its copy for the PyTorch
 //!   scripts.
 
@@ -40,8 +44,11 @@ mod golden;
 #[cfg(feature = "cuda")]
 mod gpu;
 #[cfg(feature = "cuda")]
+mod gpu_fp8;
+#[cfg(feature = "cuda")]
 mod gpu_grouped;
 mod gradcheck;
+mod interleave;
 mod pins;
 mod self_test;
 mod shapes;

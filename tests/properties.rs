@@ -238,6 +238,8 @@ pub(crate) fn force_parallel_layout(mut case: Case) -> Case {
     let tp = pick(case.cfg.ffn_hidden_size, !case.cfg.add_bias, 0);
     let ep = pick(case.cfg.num_experts, true, 8);
     case.cfg.parallel = Parallelism { tp_size: tp, tp_rank: 0, ep_size: ep, ep_rank: 0 };
+    // A GLU interleave size must still divide each rank's half width.
+    case.cfg = moe_harness::strategy::make_valid(case.cfg);
     case
 }
 

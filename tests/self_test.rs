@@ -192,3 +192,20 @@ fn planted_bugs_on_an_fp8_case_fail_only_their_own_property() {
     }
     assert!(wrong.is_empty(), "fp8 verdict matrix differs:\n{}", wrong.join("\n"));
 }
+
+/// The generator draws GLU-interleaved TEGroupedMLP cases (Megatron HEAD, spec §4.10) as a
+/// small share — enough that every stamped property meets some — including sharded ones and
+/// every block size, and only where Megatron applies the option.
+#[test]
+fn generated_cases_include_a_small_share_of_interleaved_glu() {
+    let cases = generated_cases(3000);
+    let interleaved: Vec<&Case> = cases.iter().filter(|c| c.cfg.glu_interleave_size.is_some()).collect();
+    let share = interleaved.len() as f64 / cases.len() as f64;
+    assert!((0.02..=0.10).contains(&share), "{:.1}% of generated cases are interleaved", 100.0 * share);
+    assert!(interleaved.iter().all(|c| c.cfg.class == LayerClass::TeGrouped && c.cfg.gated_linear_unit));
+    assert!(interleaved.iter().all(|c| c.cfg.validate().is_ok()));
+    assert!(interleaved.iter().any(|c| c.cfg.parallel.tp_size > 1), "no interleaved case at ETP > 1");
+    for s in [1, 2, 4] {
+        assert!(interleaved.iter().any(|c| c.cfg.glu_interleave_size == Some(s)), "block size {s} never drawn");
+    }
+}

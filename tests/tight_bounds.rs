@@ -115,6 +115,7 @@ fn fixed_case_fp8(class: LayerClass, dtype: Dtype, fp8: Option<Fp8Config>) -> Ca
             padding_multiple: None,
             parallel: Parallelism::SINGLE,
             fp8,
+            glu_interleave_size: None,
         },
         tokens_per_expert: vec![3, 4],
         seed: 11,

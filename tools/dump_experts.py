@@ -246,8 +246,6 @@ def dump_experts(
     fp8 = cfg("fp8")
     if fp8 and str(_enum_value(fp8)).lower() not in ("e4m3", "hybrid"):
         raise ValueError(f"config.fp8 = {fp8!r}: expected e4m3 or hybrid (TE refuses pure e5m2)")
-    if cfg("moe_mlp_glu_interleave_size"):
-        raise ValueError("moe_mlp_glu_interleave_size (interleaved GLU) is not covered by the dump format")
     if cfg("use_te_activation_func"):
         warnings.warn("use_te_activation_func: TE's GELU/GEGLU use the tanh approximation; "
                       "the reference uses exact erf GELU")
@@ -313,6 +311,12 @@ def dump_experts(
         metadata["clamp_value"] = _num(clamp)
     if padding_multiple is not None:
         metadata["padding_multiple"] = str(int(padding_multiple))
+    # Megatron-Core >= 0.18.0: TEGroupedMLP with GLU un-interleaves fc1 blocks of this size
+    # (experts.py `_remove_glu_interleaving`); SequentialMLP ignores the option, so it is
+    # recorded only where it changes what the layer computes (docs/spec §4.10).
+    interleave = cfg("moe_mlp_glu_interleave_size")
+    if interleave is not None and layer == "te_grouped" and gated:
+        metadata["glu_interleave_size"] = str(int(interleave))
     if cfg("num_moe_experts") is not None:
         metadata["num_experts"] = str(int(cfg("num_moe_experts")))
     if fp8:

@@ -14,9 +14,16 @@
 //! GroupedMLP's `weight1`/`weight2`, dequantizes) and says in [`ExpertEntry::stored_as`] what it
 //! found on disk, so that a report can name the stored form.
 //!
+//! A GLU-interleaved TEGroupedMLP (Megatron HEAD's `moe_mlp_glu_interleave_size`, spec §7.9)
+//! stores its fc1 `_w`/`_v` parts as halves of each rank's *interleaved* rows, which are not
+//! the gate and linear halves; a reader that knows the saving expert-TP size and interleave
+//! size (moe-verify's index records them, Megatron keeps them in the run's arguments) converts
+//! with [`canonical_fc1`].
+//!
 //! Reading is streaming: [`ExpertSource::entries`] lists metadata only; [`ExpertSource::read`]
 //! materialises one tensor, so memory stays bounded by the largest tensor, not the checkpoint.
 
+use crate::sharded::interleave::{stored_to_canonical, GluOrder};
 use crate::tensor::RawTensor;
 use crate::CheckpointError;
 use moe_reference::ExpertParam;
@@ -115,4 +122,26 @@ pub trait ExpertSource {
 
     /// The values of one listed entry, in the canonical orientation.
     fn read(&self, entry: &ExpertEntry) -> Result<ExpertValues, CheckpointError>;
+}
+
+/// One expert's stored GLU fc1 weight `[2f, h]` or bias `[2f]`, saved by a layout whose fc1
+/// rows are in `order` (expert-TP size, interleave size), in the canonical orientation (gate
+/// rows then linear rows). `what` names the tensor in the error when its shape is not that of
+/// a GLU fc1 with an even row count dividing as `order` requires.
+pub fn canonical_fc1(what: &str, stored: &RawTensor, order: GluOrder) -> Result<RawTensor, CheckpointError> {
+    let rows = stored.shape.first().copied().unwrap_or(0);
+    let f = rows / 2;
+    let divides = order.size.is_none_or(|s| f.is_multiple_of(order.tp * s));
+    if stored.shape.is_empty() || stored.shape.len() > 2 || rows == 0 || rows % 2 != 0 || !divides {
+        return Err(CheckpointError::Mismatch {
+            key: what.into(),
+            msg: format!(
+                "shape {:?} is not a GLU fc1 [2f, h] or [2f] whose f divides into expert-TP {} x interleave {:?}",
+                stored.shape, order.tp, order.size
+            ),
+        });
+    }
+    let row_len = stored.data.len() / rows.max(1);
+    let data = stored_to_canonical(&stored.data, f, row_len, order);
+    Ok(RawTensor { dtype: stored.dtype, shape: stored.shape.clone(), data })
 }

@@ -26,6 +26,9 @@ pub struct ModelInfo {
     pub singleton: bool,
     /// Storage dtype.
     pub dtype: Dtype,
+    /// The GLU interleave size it was saved with (Megatron HEAD's
+    /// `moe_mlp_glu_interleave_size`, spec §7.9), from the index; `None` for the plain halves.
+    pub glu_interleave_size: Option<usize>,
 }
 
 impl ModelInfo {
@@ -39,6 +42,9 @@ impl ModelInfo {
             gated_linear_unit: self.glu,
             add_bias: self.bias,
             parallel: Parallelism { tp_size: target.tp, ep_size: target.ep, ..Parallelism::SINGLE },
+            // The model keeps its interleaving in a TEGroupedMLP (the only class that has it);
+            // loading checks that the stored halves mean the same units there (spec §7.9).
+            glu_interleave_size: self.glu_interleave_size.filter(|_| target.class == LayerClass::TeGrouped),
             ..LayerConfig::example()
         };
         ExpertLayout { singleton: target.singleton, prefix: self.prefix.clone(), ..ExpertLayout::new(config) }
@@ -83,6 +89,7 @@ pub fn infer_models(ckpt: &Checkpoint) -> Result<Vec<ModelInfo>, CheckpointError
             bias,
             singleton,
             dtype: fc1.2,
+            glu_interleave_size: ckpt.glu_order(&prefix).size,
         });
     }
     Ok(out)

@@ -74,6 +74,8 @@ pub struct Engine {
     pub(crate) stream: Arc<CudaStream>,
     pub(crate) kernels: ExpertKernels,
     gemm: GroupedExecutor,
+    /// The fp8 kernels and cuBLASLt state, loaded on first use (`crate::fp8`).
+    pub(crate) fp8: Option<Box<crate::fp8::Fp8Engine>>,
     /// Memsets issued by the engine itself.
     memsets: u64,
     device_name: String,
@@ -97,7 +99,7 @@ impl Engine {
             usize::try_from(ctx.attribute(driver_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?)?;
         let kernels = ExpertKernels::load(&ctx, arch)?;
         let gemm = GroupedExecutor::new(ctx.clone(), stream.clone(), sms)?;
-        Ok(Engine { ctx, stream, kernels, gemm, memsets: 0, device_name, arch, sms })
+        Ok(Engine { ctx, stream, kernels, gemm, fp8: None, memsets: 0, device_name, arch, sms })
     }
 
     /// The device's multiprocessor count.
@@ -117,7 +119,7 @@ impl Engine {
 
     /// Kernel launches plus cuBLAS calls plus memsets issued since the engine was created.
     pub fn launches(&self) -> u64 {
-        self.memsets + self.kernels.launches() + self.gemm.launches()
+        self.memsets + self.kernels.launches() + self.gemm.launches() + self.fp8.as_ref().map_or(0, |f| f.launches())
     }
 
     /// Waits for all queued work and surfaces asynchronous errors.

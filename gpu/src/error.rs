@@ -14,6 +14,9 @@ pub enum GpuError {
     /// A cuBLAS call failed.
     #[error("cuBLAS error: {0}")]
     Cublas(#[from] cudarc::cublas::result::CublasError),
+    /// A cuBLASLt call failed.
+    #[error("cuBLASLt error: {0}")]
+    CublasLt(String),
     /// NVRTC rejected a kernel source.
     #[error("NVRTC failed to compile {kernel}:\n{log}")]
     Compile {

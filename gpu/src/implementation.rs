@@ -49,6 +49,9 @@ impl CudaLayer {
 
     fn supports(&self, cfg: &LayerConfig) -> Result<(), GpuError> {
         cfg.validate()?;
+        if cfg.fp8.is_some() {
+            crate::layer::fp8_support(cfg, None)?;
+        }
         if cfg.class != self.class {
             return Err(GpuError::Unsupported(format!(
                 "{} implements {}, not {}",
@@ -57,12 +60,11 @@ impl CudaLayer {
                 cfg.class.megatron_name()
             )));
         }
-        if let Some(f) = &cfg.fp8 {
-            // A declared skip, never a silent bf16 run of an fp8 case.
+        if let Some(size) = cfg.glu_interleave_size {
             return Err(GpuError::Unsupported(format!(
-                "{} has no fp8 path (recipe {}): its GEMMs run in the storage dtype",
-                self.name,
-                f.label()
+                "{} has no GLU interleaving (Megatron HEAD's moe_mlp_glu_interleave_size = {size}): its \
+                 activation kernels read fc1's halves [gate; linear]",
+                self.name
             )));
         }
         Ok(())

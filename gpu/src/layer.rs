@@ -10,8 +10,11 @@
 //!
 //! * [`DeviceLayer`]: one rank's layer on the device (configuration and weights), with the
 //!   passes (`layer/pass.rs`).
+//! * `layer/fp8.rs`: the same passes with fp8 GEMMs (per-expert current scaling, cuBLASLt),
+//!   taken when the configuration has fp8.
 //! * [`Workspace`]: the buffers of one call, in the padded row layout (`layer/workspace.rs`).
 
+mod fp8;
 mod pass;
 mod workspace;
 
@@ -21,6 +24,7 @@ use crate::memory::DeviceBuffer;
 use moe_reference::{param_specs, Dtype, LayerClass, LayerConfig, StateDict};
 use ndarray::ArrayD;
 
+pub use fp8::fp8_support;
 pub use workspace::Workspace;
 
 /// f64 values to and from `dt` bytes: the reference's codec (one rounding, to nearest-even
@@ -114,6 +118,10 @@ pub fn segments(cfg: &LayerConfig, tokens_per_expert: &[i64], rows: usize) -> Re
 pub struct DeviceLayer {
     cfg: LayerConfig,
     weights: DeviceWeights,
+    /// fp8: the weights quantized (with their columnwise copies) on the first call. The weights
+    /// never change after upload, so their quantization is the same every call (TE quantizes
+    /// a weight once per weight version and reuses it across micro-batches).
+    fp8_weights: std::sync::OnceLock<fp8::Fp8Weights>,
 }
 
 impl DeviceLayer {
@@ -154,7 +162,7 @@ impl DeviceLayer {
             b1: if cfg.add_bias { Some(eng.upload(&b1)?) } else { None },
             b2: if cfg.add_bias { Some(eng.upload(&b2)?) } else { None },
         };
-        Ok(DeviceLayer { cfg: cfg.clone(), weights })
+        Ok(DeviceLayer { cfg: cfg.clone(), weights, fp8_weights: Default::default() })
     }
 
     /// Random weights generated on the device in `cfg.class`'s layout (benches and sampled
@@ -178,7 +186,7 @@ impl DeviceLayer {
         } else {
             (None, None)
         };
-        Ok(DeviceLayer { cfg: cfg.clone(), weights: DeviceWeights { w1, w2, b1, b2 } })
+        Ok(DeviceLayer { cfg: cfg.clone(), weights: DeviceWeights { w1, w2, b1, b2 }, fp8_weights: Default::default() })
     }
 
     /// The layer's configuration.

@@ -12,6 +12,7 @@
 //!   with, and the measured policy of [`Strategy::Auto`]. No device.
 //! * [`memory`] — [`DeviceBuffer`] and [`Region`], the device memory the engine hands out.
 //! * `nvrtc` — NVRTC compilation of the embedded kernel sources.
+//! * [`fp8`] — the fp8 quantization kernels of `kernels/fp8.cu` and the cuBLASLt fp8 GEMM.
 //! * [`kernels`] — the elementwise kernels of `kernels/experts.cu`, one typed wrapper each.
 //! * [`persistent`] — this crate's persistent Hopper grouped GEMM (`kernels/grouped_gemm.cu`,
 //!   wgmma): eligibility, tensor maps, launches.
@@ -34,6 +35,7 @@
 
 pub mod engine;
 pub mod error;
+pub mod fp8;
 pub mod gemm;
 mod grouped;
 pub mod implementation;

@@ -88,7 +88,7 @@ impl Case {
             Dtype::F16 => "Dtype::F16",
         };
         format!(
-            "Case {{\n    cfg: LayerConfig {{\n        class: LayerClass::{:?},\n        num_experts: {},\n        hidden_size: {},\n        ffn_hidden_size: {},\n        gated_linear_unit: {},\n        activation: Activation::{:?},\n        add_bias: {},\n        clamp_value: {:?},\n        glu_linear_offset: {:?},\n        apply_probs_on_input: {},\n        params_dtype: {},\n        probs_dtype: {},\n        padding_multiple: {:?},\n        parallel: Parallelism {{ tp_size: {}, tp_rank: 0, ep_size: {}, ep_rank: 0 }},\n        fp8: {},\n    }},\n    tokens_per_expert: vec!{:?},\n    seed: {},\n    timing: WgradTiming::{:?},\n}}",
+            "Case {{\n    cfg: LayerConfig {{\n        class: LayerClass::{:?},\n        num_experts: {},\n        hidden_size: {},\n        ffn_hidden_size: {},\n        gated_linear_unit: {},\n        activation: Activation::{:?},\n        add_bias: {},\n        clamp_value: {:?},\n        glu_linear_offset: {:?},\n        apply_probs_on_input: {},\n        params_dtype: {},\n        probs_dtype: {},\n        padding_multiple: {:?},\n        parallel: Parallelism {{ tp_size: {}, tp_rank: 0, ep_size: {}, ep_rank: 0 }},\n        fp8: {},\n        glu_interleave_size: {:?},\n    }},\n    tokens_per_expert: vec!{:?},\n    seed: {},\n    timing: WgradTiming::{:?},\n}}",
             c.class,
             c.num_experts,
             c.hidden_size,
@@ -105,6 +105,7 @@ impl Case {
             c.parallel.tp_size,
             c.parallel.ep_size,
             fp8_to_rust(c.fp8.as_ref()),
+            c.glu_interleave_size,
             self.tokens_per_expert,
             self.seed,
             self.timing
@@ -182,6 +183,7 @@ mod tests {
                     pad_to_alignment: false,
                     activation_input_store: true
                 }),
+                glu_interleave_size: Some(4),
             },
             tokens_per_expert: vec![3, 0, 40, 1],
             seed: 1234,
@@ -205,6 +207,7 @@ mod tests {
                 padding_multiple: None,
                 parallel: Parallelism { tp_size: 1, tp_rank: 0, ep_size: 1, ep_rank: 0 },
                 fp8: None,
+                glu_interleave_size: None,
             },
             tokens_per_expert: vec![],
             seed: 0,

@@ -61,6 +61,7 @@ impl ShapeDims {
             padding_multiple: None,
             parallel: Parallelism::SINGLE,
             fp8: None,
+            glu_interleave_size: None,
         }
     }
 }

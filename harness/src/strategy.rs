@@ -60,7 +60,8 @@ pub fn parallel_layouts(f: usize, e: usize, bias: bool) -> Vec<(usize, usize)> {
 }
 
 /// Valid small configurations of every class, activation, GLU/clamp/offset/bias/probs-on-input
-/// option, dtype and EP/ETP layout. About half of them are sharded (EP and ETP up to 8, wherever
+/// option, dtype, EP/ETP layout and (in about 5% of them, 30% of the GLU TEGroupedMLP ones)
+/// Megatron HEAD's GLU interleaving. About half of them are sharded (EP and ETP up to 8, wherever
 /// the sizes divide); `tests/properties.rs` measures the share.
 pub fn layer_config() -> impl Strategy<Value = LayerConfig> {
     (
@@ -77,7 +78,11 @@ pub fn layer_config() -> impl Strategy<Value = LayerConfig> {
             any::<bool>(),
             prop::option::weighted(0.2, select(vec![4usize, 16])),
         ),
-        (any::<prop::sample::Index>(), prop::bool::weighted(0.6)),
+        (
+            any::<prop::sample::Index>(),
+            prop::bool::weighted(0.6),
+            prop::option::weighted(0.3, select(vec![1usize, 2, 4])),
+        ),
     )
         .prop_map(
             |(
@@ -89,7 +94,7 @@ pub fn layer_config() -> impl Strategy<Value = LayerConfig> {
                 act,
                 (bias, clamp, offset),
                 (probs_on_input, dtype, bf16_probs, pad),
-                (layout_i, parallel),
+                (layout_i, parallel, interleave),
             )| {
                 let mut cfg = LayerConfig {
                     class,
@@ -107,6 +112,7 @@ pub fn layer_config() -> impl Strategy<Value = LayerConfig> {
                     padding_multiple: pad,
                     parallel: Parallelism::SINGLE,
                     fp8: None,
+                    glu_interleave_size: interleave,
                 };
                 // GroupedMLP never has a bias (make_valid drops it): decide the layout without it.
                 let bias = bias && class != LayerClass::Grouped;
@@ -122,7 +128,8 @@ pub fn layer_config() -> impl Strategy<Value = LayerConfig> {
 }
 
 /// Adjusts a configuration to the rules Megatron enforces (GroupedMLP: bf16, no bias, GLU only
-/// with silu/gelu, no padding; bias only with ETP size 1).
+/// with silu/gelu, no padding; bias only with ETP size 1; GLU interleaving only in a GLU
+/// TEGroupedMLP, in blocks dividing each rank's `N2`).
 pub fn make_valid(mut cfg: LayerConfig) -> LayerConfig {
     if cfg.class == LayerClass::Grouped {
         cfg.add_bias = false;
@@ -137,6 +144,16 @@ pub fn make_valid(mut cfg: LayerConfig) -> LayerConfig {
     }
     if cfg.probs_dtype == Dtype::F16 && cfg.params_dtype != Dtype::F16 {
         cfg.probs_dtype = Dtype::F32;
+    }
+    // GLU interleaving (Megatron HEAD, spec §4.10): TEGroupedMLP with GLU only, blocks that
+    // divide each rank's half width N2 (halved until they do; 1 always does).
+    if cfg.class != LayerClass::TeGrouped || !cfg.gated_linear_unit {
+        cfg.glu_interleave_size = None;
+    }
+    if let Some(s) = cfg.glu_interleave_size.as_mut() {
+        while !cfg.ffn_hidden_size.is_multiple_of(cfg.parallel.tp_size * *s) {
+            *s /= 2;
+        }
     }
     cfg
 }

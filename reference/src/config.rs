@@ -177,6 +177,12 @@ pub struct LayerConfig {
     /// configurations = `None`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fp8: Option<Fp8Config>,
+    /// `moe_mlp_glu_interleave_size` (Megatron-Core HEAD, TEGroupedMLP with GLU only, spec
+    /// §4.10): each rank's fc1 rows are alternating blocks of this many gate and linear units,
+    /// un-interleaved ([`crate::glu`]) before the activation. `None`: the halves `[gate; linear]`.
+    /// Missing in serialised configurations = `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub glu_interleave_size: Option<usize>,
 }
 
 impl LayerConfig {
@@ -198,6 +204,7 @@ impl LayerConfig {
             padding_multiple: None,
             parallel: Parallelism::SINGLE,
             fp8: None,
+            glu_interleave_size: None,
         }
     }
 
@@ -321,6 +328,27 @@ impl LayerConfig {
                     f.recipe
                 ));
             }
+        }
+        if let Some(s) = self.glu_interleave_size {
+            if !self.gated_linear_unit {
+                return bad(format!(
+                    "glu_interleave_size {s} without gated_linear_unit: Megatron-Core applies \
+                     moe_mlp_glu_interleave_size only to a GLU's gate and linear halves"
+                ));
+            }
+            if self.class != LayerClass::TeGrouped {
+                return bad(format!(
+                    "glu_interleave_size {s} with {}: Megatron-Core HEAD applies moe_mlp_glu_interleave_size \
+                     in TEGroupedMLP only (SequentialMLP's MLP experts ignore it, the legacy GroupedMLP \
+                     was removed before it existed); use te_grouped",
+                    self.class.megatron_name()
+                ));
+            }
+            crate::glu::check_interleave(
+                &format!("linear_fc1 at expert_tensor_parallel_size {}", p.tp_size),
+                self.n1(),
+                s,
+            )?;
         }
         if let Some(f) = &self.fp8 {
             f.validate()?;

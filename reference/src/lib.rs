@@ -13,6 +13,7 @@
 //! * [`dtype`]: storage dtypes and [`Numerics`] (f64 oracle or storage-dtype emulation).
 //! * [`codec`]: f64 values to and from storage-dtype bytes, with one rounding rule.
 //! * [`weights`]: canonical `[out, in]` expert weights and EP/ETP sharding.
+//! * [`glu`]: fc1's GLU row orders (canonical halves, Megatron HEAD's block interleaving).
 //! * [`state_dict`]: each class's parameter names and layouts, converted losslessly.
 //! * [`layer`]: forward, backward and `backward_dw`.
 //! * [`parallel`]: expert-parallel and expert-tensor-parallel ranks, simulated.
@@ -26,6 +27,7 @@ pub mod config;
 pub mod dtype;
 pub mod error;
 pub mod fp8;
+pub mod glu;
 pub mod implementation;
 pub mod layer;
 pub mod parallel;

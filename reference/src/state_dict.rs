@@ -352,11 +352,16 @@ pub fn from_state_dict(cfg: &LayerConfig, sd: &StateDict) -> Result<ExpertSet, R
     Ok(ExpertSet { experts })
 }
 
-/// Converts one class's parameters to another's through the canonical form (lossless).
+/// Converts one class's parameters to another's through the canonical form (lossless). A
+/// GLU-interleaved TEGroupedMLP (spec §4.10) converts to another class with its fc1 rows
+/// un-interleaved (rank by rank, as the layer does): the other classes have no interleaving.
 pub fn convert(from: &LayerConfig, sd: &StateDict, to: LayerClass) -> Result<StateDict, ReferenceError> {
     let set = from_state_dict(from, sd)?;
-    let to_cfg = LayerConfig { class: to, ..from.clone() };
+    let keep = to == LayerClass::TeGrouped;
+    let to_cfg =
+        LayerConfig { class: to, glu_interleave_size: from.glu_interleave_size.filter(|_| keep), ..from.clone() };
     to_cfg.validate()?;
+    let set = if keep { set } else { set.glu_deinterleaved(from.glu_interleave_size) };
     to_state_dict(&to_cfg, &set)
 }
 

@@ -14,7 +14,9 @@ use rand_chacha::ChaCha8Rng;
 /// One expert's parameters in `[out, in]` orientation.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ExpertWeights {
-    /// fc1 weight `[N1, h]`; with GLU rows `[0, N2)` are the gate and `[N2, 2·N2)` the linear half.
+    /// fc1 weight `[N1, h]`, in the module's row order: with GLU rows `[0, N2)` are the gate and
+    /// `[N2, 2·N2)` the linear half, or, with `glu_interleave_size`, blocks of gate and linear
+    /// rows alternate (spec §4.10, [`crate::glu`]).
     pub fc1_weight: Array2<f64>,
     /// fc1 bias `[N1]` (with `add_bias_linear`).
     pub fc1_bias: Option<Array1<f64>>,
@@ -25,6 +27,39 @@ pub struct ExpertWeights {
 }
 
 impl ExpertWeights {
+    /// The same weights with fc1's rows (weight and bias) permuted by `order`, a function of
+    /// the flat row-major items, the row count `N1` and the row length.
+    fn map_fc1_rows(&self, order: impl Fn(&[f64], usize, usize) -> Vec<f64>) -> ExpertWeights {
+        let (n1, h) = self.fc1_weight.dim();
+        let w = self.fc1_weight.as_standard_layout();
+        let rows = order(w.as_slice().expect("standard layout"), n1, h);
+        ExpertWeights {
+            fc1_weight: Array2::from_shape_vec((n1, h), rows).expect("a permutation keeps the shape"),
+            fc1_bias: self.fc1_bias.as_ref().map(|b| Array1::from(order(&b.to_vec(), n1, 1))),
+            fc2_weight: self.fc2_weight.clone(),
+            fc2_bias: self.fc2_bias.clone(),
+        }
+    }
+
+    /// These weights with fc1's rows in canonical `[gate; linear]` order, from a layer whose fc1
+    /// is GLU-interleaved in blocks of `size` ([`crate::glu::remove_glu_interleaving`]); a copy
+    /// when `size` is `None`. The caller checks that `N1` is a multiple of `2·size`.
+    pub fn glu_deinterleaved(&self, size: Option<usize>) -> ExpertWeights {
+        match size {
+            Some(s) => self.map_fc1_rows(|d, n1, len| crate::glu::remove_glu_interleaving(d, n1, len, s)),
+            None => self.clone(),
+        }
+    }
+
+    /// The inverse of [`ExpertWeights::glu_deinterleaved`]: canonical fc1 rows to the
+    /// interleaved order of a layer with interleave size `size`.
+    pub fn glu_interleaved(&self, size: Option<usize>) -> ExpertWeights {
+        match size {
+            Some(s) => self.map_fc1_rows(|d, n1, len| crate::glu::apply_glu_interleaving(d, n1, len, s)),
+            None => self.clone(),
+        }
+    }
+
     /// All-zero weights of the given per-rank shape (the shape of a gradient).
     pub fn zeros(hidden: usize, n1: usize, n2: usize, bias: bool) -> ExpertWeights {
         ExpertWeights {
@@ -147,13 +182,32 @@ impl ExpertSet {
         }
     }
 
+    /// Every expert with [`ExpertWeights::glu_deinterleaved`] applied.
+    pub fn glu_deinterleaved(&self, size: Option<usize>) -> ExpertSet {
+        ExpertSet { experts: self.experts.iter().map(|w| w.glu_deinterleaved(size)).collect() }
+    }
+
+    /// Every expert with [`ExpertWeights::glu_interleaved`] applied.
+    pub fn glu_interleaved(&self, size: Option<usize>) -> ExpertSet {
+        ExpertSet { experts: self.experts.iter().map(|w| w.glu_interleaved(size)).collect() }
+    }
+
     /// Cuts this rank's share out of the full, unsharded experts (`self` holds all `E` experts
     /// at t = 1): local experts `r_ep·E_l .. (r_ep+1)·E_l`; fc1 rows of ETP slice `r` (with GLU,
     /// `[gate slice r; linear slice r]`, i.e. chunks `r` and `t + r` of `2t`); fc2 columns of
     /// slice `r`; biases whole (bias requires t = 1).
+    ///
+    /// With `cfg.glu_interleave_size` the fc1 rows of both sides are in the module's interleaved
+    /// order, which is per TP-local tensor (spec §4.10): the full experts are un-interleaved
+    /// (as one t = 1 tensor), sharded as above, and each slice is interleaved on its own, so the
+    /// shard computes the same units as the full layer.
     pub fn shard(&self, cfg: &LayerConfig) -> Result<ExpertSet, ReferenceError> {
         cfg.validate()?;
         self.check_shapes(&cfg.unsharded())?;
+        if let Some(size) = cfg.glu_interleave_size {
+            let plain = LayerConfig { glu_interleave_size: None, ..cfg.clone() };
+            return Ok(self.glu_deinterleaved(Some(size)).shard(&plain)?.glu_interleaved(Some(size)));
+        }
         let (t, r) = (cfg.parallel.tp_size, cfg.parallel.tp_rank);
         let f = cfg.ffn_hidden_size;
         let k = f / t;
@@ -187,8 +241,22 @@ impl ExpertSet {
 
     /// The inverse of [`ExpertSet::shard`]: reassembles the full experts from every rank's share,
     /// `shards[ep_rank][tp_rank]`. `cfg` gives the sizes (its ranks are ignored).
+    ///
+    /// With `cfg.glu_interleave_size` each shard's fc1 rows are un-interleaved on their own and
+    /// the full experts interleaved as one t = 1 tensor (see [`ExpertSet::shard`]).
     pub fn unshard(cfg: &LayerConfig, shards: &[Vec<ExpertSet>]) -> Result<ExpertSet, ReferenceError> {
         cfg.validate()?;
+        if let Some(size) = cfg.glu_interleave_size {
+            for (q, ep_shards) in shards.iter().enumerate() {
+                for (r, s) in ep_shards.iter().enumerate() {
+                    s.check_shapes(&cfg.at_rank(q, r))?;
+                }
+            }
+            let plain = LayerConfig { glu_interleave_size: None, ..cfg.clone() };
+            let canonical: Vec<Vec<ExpertSet>> =
+                shards.iter().map(|ep| ep.iter().map(|s| s.glu_deinterleaved(Some(size))).collect()).collect();
+            return Ok(ExpertSet::unshard(&plain, &canonical)?.glu_interleaved(Some(size)));
+        }
         let p = cfg.parallel;
         if shards.len() != p.ep_size || shards.iter().any(|s| s.len() != p.tp_size) {
             return Err(ReferenceError::Config(format!(

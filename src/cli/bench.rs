@@ -79,8 +79,17 @@ struct LayerArgs {
     /// Write every interleaved-round block to this CSV (the file scripts/rounds_table.py reads).
     #[arg(long, value_name = "PATH")]
     rounds_csv: Option<PathBuf>,
+    /// Add a row per (shape, distribution, class, mode) with the layer in fp8 under this recipe
+    /// (tensorwise, delayed, blockwise, mxfp8; TE's defaults): strategy column fp8-<recipe>.
+    #[arg(long, value_name = "RECIPE", value_parser = parse_fp8_recipe)]
+    fp8: Option<moe_reference::Fp8Recipe>,
     #[command(flatten)]
     timing: Timing,
+}
+
+/// `--fp8`'s parser: the reference's recipe names.
+fn parse_fp8_recipe(s: &str) -> Result<moe_reference::Fp8Recipe, String> {
+    moe_reference::Fp8Recipe::parse(s).map_err(|e| e.to_string())
 }
 
 /// Arguments of `moe-verify bench grouped`.
@@ -143,6 +152,7 @@ pub fn run(args: &BenchArgs) -> i32 {
                 csv: a.csv.clone(),
                 rounds_csv: a.rounds_csv.clone(),
                 selection: a.timing.selection(),
+                fp8: a.fp8.map(moe_reference::Fp8Config::new),
             },
         ),
         Which::Grouped(a) => moe_bench::grouped::run(

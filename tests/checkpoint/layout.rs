@@ -1,4 +1,4 @@
-//! The sharded state dicts themselves: golden snapshots, the spec's worked example (§7.6), and
+//! The sharded state dicts themselves: golden snapshots, the spec's worked example (§7.9), and
 //! invariants every layout must satisfy.
 
 use super::{layout, sized, with};
@@ -45,7 +45,7 @@ fn snapshot(name: &str, l: &ExpertLayout) {
 
 #[test]
 fn layout_golden_snapshots() {
-    // The worked example of spec §7.6: E = 4, p_ep = 2, t = 2, h = 16, f = 8, GLU.
+    // The worked example of spec §7.9: E = 4, p_ep = 2, t = 2, h = 16, f = 8, GLU.
     let ex = |class, singleton| sized(layout(class, 2, 2, true, singleton), 4, 16, 8);
     snapshot("layout__sequential_glu_tp2_ep2", &ex(Sequential, false));
     snapshot("layout__grouped_glu_tp2_ep2", &ex(Grouped, false));
@@ -73,7 +73,7 @@ fn te_grouped_layout_equals_sequential_layout() {
 
 #[test]
 fn worked_example_offsets_match_spec() {
-    // spec §7.6, rank r_ep = 1, r = 1: SequentialMLP expert e = 0 (g = 2): w at rows 4-7 and
+    // spec §7.9, rank r_ep = 1, r = 1: SequentialMLP expert e = 0 (g = 2): w at rows 4-7 and
     // v at rows 12-15 of expert 2; GroupedMLP: one shard per half covering experts 2-3.
     let l = sized(layout(Sequential, 2, 2, true, false), 4, 16, 8);
     let fc1 = |l: &ExpertLayout| -> Vec<(Vec<usize>, Vec<usize>, Vec<usize>)> {

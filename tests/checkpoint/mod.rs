@@ -9,6 +9,8 @@
 //! * [`regressions`]: the checkpoint bugs of `bugs-shapes-anchors.md` §A.
 //! * [`bad_input`]: corrupt, incomplete or mismatched checkpoints and destinations.
 //! * [`cli`]: `moe-verify layout`, `reshard` and `inspect`.
+//! * [`interleave`]: a GLU-interleaved TEGroupedMLP (Megatron HEAD): what its `_w`/`_v` halves
+//!   hold, reloads kept consistent, reloads refused, the canonical view.
 //! * [`oracle`]: layers loaded from another layout reproduce the f64 oracle (the reference
 //!   here; `tests/gpu.rs` runs the same on the CUDA layers).
 //!
@@ -17,6 +19,7 @@
 
 mod bad_input;
 mod cli;
+mod interleave;
 mod layout;
 mod megatron;
 mod oracle;

@@ -195,6 +195,12 @@ fn mxfp8_rowwise_columnwise_and_shapes() {
     let (r2, c2) = (r2.unwrap(), c2.unwrap());
     assert_eq!(r2.scales, Scales::E8m0 { rows: 32, cols: 32, exponents: arr2(&[[127 + 31 - 24, 127 + 31 - 23]]) });
     assert_eq!(c2, r2.transposed());
+    // Columnwise only (what a wgrad operand asks for): the 2-D block's columnwise copy is still
+    // the transpose of the rowwise quantization, which must be computed even though the rowwise
+    // copy is not returned (a quantizer that skips it returns no columnwise data at all).
+    let (r3, c3) = q(&mut q2, &x, Dtype::F32, Usage::COLUMNWISE);
+    assert!(r3.is_none(), "rowwise copy returned although only columnwise was asked for");
+    assert_eq!(c3.expect("a columnwise copy for Usage::COLUMNWISE"), r2.transposed());
     // Dims must be multiples of 32 (TE: "MXFP8 requires tensor dims that are divisible by 32").
     for shape in [(33, 32), (32, 48), (16, 64)] {
         let err = quant.quantize("fc2_input", Array2::zeros(shape).view(), Dtype::Bf16, Usage::BOTH).unwrap_err();

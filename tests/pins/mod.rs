@@ -18,6 +18,10 @@
 //!   transcription of the spec's table in `f32` arithmetic with explicit `half::bf16` rounding
 //!   (no `moe_reference` code), and is also written out as a literal.
 //!
+//! * Megatron HEAD's GLU interleaving (spec §4.10): [`glu_interleave`] works
+//!   `_remove_glu_interleaving`'s reshape/transpose by hand on an `h = 2`, `f = 4` expert for
+//!   block sizes 1, 2 and 4, forward and gradient, and with the clamp.
+//!
 //! Every test names the planted bug it kills; the mutations were applied to the reference and
 //! seen to fail these tests.
 //!
@@ -25,7 +29,9 @@
 //! rounding-point pins; this file the formulas and the one-expert layer helpers they share.
 
 mod activations;
+mod clamp_window;
 mod glu_clamp;
+mod glu_interleave;
 mod rounding;
 
 use moe_reference::{
@@ -126,6 +132,7 @@ fn one_expert(class: LayerClass, hidden: usize, ffn: usize, glu: bool, activatio
         padding_multiple: None,
         parallel: Parallelism::SINGLE,
         fp8: None,
+        glu_interleave_size: None,
     }
 }
 

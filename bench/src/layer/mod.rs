@@ -15,6 +15,14 @@
 //!   with immediate weight gradients (dx, dprobs, dW1, dW2). `--mode` (default both).
 //! * Strategies: `--strategy` (default `auto,loop`), labels of [`Strategy::parse`]; every set of
 //!   per-expert GEMMs of the layer is issued with it.
+//! * fp8 (`--fp8 RECIPE`, default none): one more row per (shape, distribution, class, mode),
+//!   strategy column `fp8-<recipe>`: the same layer with `LayerConfig::fp8` set (the recipe's
+//!   TE defaults; each expert's rows padded to the recipe's alignment; quantization kernels and
+//!   per-expert cuBLASLt fp8 GEMMs, `moe_gpu::fp8`), timed in the same call as the bf16 rows
+//!   and with the same FLOPs (padding rows not counted). Not for GroupedMLP (no fp8 path), not
+//!   in the interleaved rounds.
+//!   With `--fp8`, the dense fp8 rate is measured too (`dense/fp8gemm8192`: one 8192³ e4m3
+//!   cuBLASLt GEMM, bf16 out, after the bf16 dense row).
 //! * Which rows criterion times: [`Selection`] (`--filter REGEX`, `--untimed`). With none timed
 //!   each kept row still makes its one untimed call (and its interleaved rounds, below): that
 //!   is how `scripts/gpu-device.sh`'s `profile` step gets one call per row under `ncu`, and how
@@ -80,7 +88,7 @@ use criterion::{Criterion, SamplingMode};
 use moe_gpu::layer::{DeviceLayer, Workspace};
 use moe_gpu::{Engine, GpuError, Strategy};
 use moe_harness::shapes::ModelShape;
-use moe_reference::LayerClass;
+use moe_reference::{Fp8Config, LayerClass, LayerConfig};
 use report::{Report, RoundsCsv, Row, RowId};
 use rounds::{interleaved, rounds_summary};
 use std::path::PathBuf;
@@ -129,6 +137,8 @@ pub struct LayerBench {
     pub rounds_csv: Option<PathBuf>,
     /// Which rows criterion times.
     pub selection: Selection,
+    /// An fp8 row per (shape, distribution, class, mode) with this configuration (module doc).
+    pub fp8: Option<Fp8Config>,
 }
 
 impl Default for LayerBench {
@@ -144,6 +154,7 @@ impl Default for LayerBench {
             csv: None,
             rounds_csv: None,
             selection: Selection::All,
+            fp8: None,
         }
     }
 }
@@ -200,6 +211,45 @@ fn step(
     Ok(())
 }
 
+/// The dense fp8 rate beside the layers' fp8 rows: one 8192³ e4m3 × e4m3 cuBLASLt GEMM (per-tensor
+/// scales, fast accumulation as TE's fprop, bf16 output) on quantized random data, row
+/// `dense/fp8gemm8192`.
+fn measure_dense_fp8(c: &mut Criterion, eng: &mut Engine, report: &mut Report) {
+    use moe_gpu::fp8::{DeviceScales, QuantSpec};
+    use moe_reference::fp8::{Fp8Format, ScaleOptions, Usage};
+    let n = DENSE_N;
+    let chunk = random_chunk(eng);
+    let mut src = eng.alloc(n * n * 2).expect("alloc for the dense fp8 GEMM");
+    crate::timing::fill(eng, &mut src, &chunk);
+    let spec = QuantSpec::Current { format: Fp8Format::E4M3, options: ScaleOptions::CURRENT_SCALING_DEFAULT };
+    let q = eng
+        .quantize(spec, &src, moe_reference::Dtype::Bf16, (n, n), Usage::ROWWISE)
+        .expect("quantize for the dense fp8 GEMM");
+    let a = q.rowwise.expect("rowwise copy");
+    let out = eng.alloc(n * n * 2).expect("alloc for the dense fp8 GEMM");
+    let DeviceScales::PerTensor(s) = &a.scales else { panic!("per-tensor scales expected") };
+    let op = (a.codes.at(0), Fp8Format::E4M3, s.at(0));
+    let run = |e: &mut Engine| {
+        e.fp8_gemm((n, n, n), op, op, out.at(0), moe_reference::Dtype::Bf16, 0.0, true).expect("dense fp8 GEMM")
+    };
+    let secs = time(c, eng, &format!("{PREFIX}/dense/fp8gemm8192"), "fp8gemm8192", SamplingMode::Flat, run);
+    if let Some(secs) = secs {
+        let fl = 2.0 * (n as f64).powi(3);
+        let row = Row {
+            shape: "dense",
+            dist: "-",
+            class: "-",
+            mode: "fp8gemm8192",
+            strategy: "cublaslt-fp8",
+            tokens: n,
+            experts: 0,
+            flops: fl,
+            min_bytes: 2.0 * (n * n) as f64 + 2.0 * (n * n) as f64,
+        };
+        report.ok(&row, secs);
+    }
+}
+
 /// Runs the layer bench `bench` on `eng` (module doc). `Err` when a CSV cannot be created.
 pub fn run(eng: &mut Engine, bench: &LayerBench) -> Result<(), String> {
     let mut strategies: Vec<(String, Strategy)> = Vec::new();
@@ -244,6 +294,9 @@ pub fn run(eng: &mut Engine, bench: &LayerBench) -> Result<(), String> {
         }
     };
     measure_dense(c, eng, &mut report, "gemm8192");
+    if bench.fp8.is_some() {
+        measure_dense_fp8(c, eng, &mut report);
+    }
     let interleave_dense = (rounds > 0).then(|| {
         let chunk = random_chunk(eng);
         DenseGemm::new(eng, &chunk)
@@ -263,6 +316,13 @@ pub fn run(eng: &mut Engine, bench: &LayerBench) -> Result<(), String> {
             let (h, n1, n2) = (cfg.hidden_size, cfg.n1(), cfg.n2());
             let layer = DeviceLayer::random(eng, &cfg, 7)
                 .unwrap_or_else(|e| panic!("gpu_layer {} {cname}: DeviceLayer::random failed: {e}", name));
+            let fp8_cfg =
+                bench.fp8.filter(|_| class != LayerClass::Grouped).map(|f| LayerConfig { fp8: Some(f), ..cfg.clone() });
+            let fp8_layer = fp8_cfg.as_ref().map(|c| {
+                DeviceLayer::random(eng, c, 7)
+                    .unwrap_or_else(|e| panic!("gpu_layer {} {cname} fp8: DeviceLayer::random failed: {e}", name))
+            });
+            let fp8_label = bench.fp8.map(|f| format!("fp8-{}", f.recipe)).unwrap_or_default();
             for (dist, cnt) in &dists {
                 let ctx = format!("gpu_layer {} {dist} {cname}", name);
                 let mut ws = layer
@@ -271,6 +331,14 @@ pub fn run(eng: &mut Engine, bench: &LayerBench) -> Result<(), String> {
                 ws.random_inputs(eng, 9)
                     .and_then(|()| eng.synchronize())
                     .unwrap_or_else(|e| panic!("{ctx}: Workspace::random_inputs failed: {e}"));
+                let mut fp8_ws = fp8_layer.as_ref().map(|l| {
+                    let mut w =
+                        l.workspace(eng, cnt, false).unwrap_or_else(|e| panic!("{ctx} fp8: workspace failed: {e}"));
+                    w.random_inputs(eng, 9)
+                        .and_then(|()| eng.synchronize())
+                        .unwrap_or_else(|e| panic!("{ctx} fp8: Workspace::random_inputs failed: {e}"));
+                    w
+                });
                 for &backward in &modes {
                     let mode = if backward { "fwdbwd" } else { "fwd" };
                     for (label, strategy) in &strategies {
@@ -301,6 +369,34 @@ pub fn run(eng: &mut Engine, bench: &LayerBench) -> Result<(), String> {
                         });
                         if let Some(secs) = secs {
                             report.ok(&row, secs);
+                        }
+                    }
+                    if let (Some(fl), Some(fws)) = (&fp8_layer, fp8_ws.as_mut()) {
+                        let row = Row {
+                            shape: name,
+                            dist,
+                            class: cname,
+                            mode,
+                            strategy: &fp8_label,
+                            tokens: dims.tokens,
+                            experts: dims.experts,
+                            flops: layer_flops(dims.tokens, h, n1, n2, backward),
+                            min_bytes: layer_min_bytes(cnt, h, n1, n2, backward),
+                        };
+                        let pre = step(eng, fl, fws, backward, Strategy::Auto).and_then(|()| eng.synchronize());
+                        match pre {
+                            Err(err) => report.err(&row, &err),
+                            Ok(()) => {
+                                let group = format!("{PREFIX}/{}/{dist}/{cname}", name);
+                                let id = format!("{mode}/{fp8_label}");
+                                let secs = time(c, eng, &group, &id, SamplingMode::Flat, |en| {
+                                    step(en, fl, fws, backward, Strategy::Auto)
+                                        .unwrap_or_else(|e| panic!("{ctx} {mode} {fp8_label}: timed call failed: {e}"))
+                                });
+                                if let Some(secs) = secs {
+                                    report.ok(&row, secs);
+                                }
+                            }
                         }
                     }
                     if let Some(dense) = &interleave_dense {
@@ -340,6 +436,7 @@ pub fn run(eng: &mut Engine, bench: &LayerBench) -> Result<(), String> {
                     }
                 }
                 drop(ws);
+                drop(fp8_ws);
                 eng.synchronize().unwrap_or_else(|e| panic!("{ctx}: synchronize failed: {e}"));
             }
         }

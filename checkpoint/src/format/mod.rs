@@ -7,7 +7,8 @@
 //!                          "files": [{"name", "bytes", "header_crc32"}],
 //!                          "shards": [{"key", "dtype", "global_shape", "global_offset",
 //!                                      "local_shape", "file", "name", "nbytes", "crc32"}],
-//!                          "objects": [{"key", "global_shape", "global_offset"}]}
+//!                          "objects": [{"key", "global_shape", "global_offset"}],
+//!                          "glu_interleave": [{"prefix", "tp", "size"}]}   (only when interleaved)
 //!   rank00000.safetensors  one tensor per shard, named "{key}/shard_{offset}_{shape}"
 //! ```
 //!
@@ -97,6 +98,20 @@ pub struct FileRecord {
     pub header_crc32: u32,
 }
 
+/// The GLU fc1 row order an expert layer was saved in, when it is interleaved (Megatron HEAD's
+/// `moe_mlp_glu_interleave_size`, spec §7.9): the stored `_w`/`_v` halves then depend on the
+/// expert-TP size and interleave size ([`crate::sharded::interleave`]). Absent: the halves
+/// `[gate; linear]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GluRecord {
+    /// The expert layer's key prefix `P`.
+    pub prefix: String,
+    /// Expert-tensor-parallel size of the saving layout.
+    pub tp: usize,
+    /// `moe_mlp_glu_interleave_size` of the saving layout.
+    pub size: usize,
+}
+
 /// `index.json`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Index {
@@ -110,6 +125,9 @@ pub struct Index {
     pub shards: Vec<ShardRecord>,
     /// Every ShardedObject, sorted by key then offset.
     pub objects: Vec<ObjectRecord>,
+    /// The expert layers saved GLU-interleaved, by prefix (omitted when none is).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub glu_interleave: Vec<GluRecord>,
 }
 
 /// Maps an I/O error on `path` to [`CheckpointError::Io`].

@@ -3,6 +3,7 @@
 
 use super::keys::{object_id, parse_key, to_logical, KeyParts};
 use super::{check_no_overlap, io, Index, ShardRecord, FORMAT, INDEX};
+use crate::sharded::interleave::{check_compatible, GluOrder};
 use crate::sharded::{merge, sharded_state_dict, ExpertLayout, RankCoord, ShardedEntry, ShardedTensor};
 use crate::tensor::{copy_region, numel, parse_safetensors_dtype, RawStateDict, RawTensor, Region};
 use crate::CheckpointError;
@@ -84,6 +85,15 @@ impl Checkpoint {
                 index.format,
                 index.version
             )));
+        }
+        let mut glu_prefixes = BTreeSet::new();
+        for g in &index.glu_interleave {
+            if g.tp == 0 || g.size == 0 || !glu_prefixes.insert(g.prefix.as_str()) {
+                return Err(CheckpointError::Corrupt {
+                    path: ipath.clone(),
+                    reason: format!("glu_interleave record {g:?}: tp and size must be positive, one record per prefix"),
+                });
+            }
         }
         let mut headers: HashMap<String, (u64, serde_json::Map<String, serde_json::Value>)> = HashMap::new();
         for f in &index.files {
@@ -182,6 +192,16 @@ impl Checkpoint {
         Ok(Checkpoint { dir: dir.to_path_buf(), index, located, logical, by_logical, object_ids })
     }
 
+    /// The GLU fc1 row order the expert layer under `prefix` was saved in: its
+    /// [`super::GluRecord`], or the plain halves when it has none.
+    pub fn glu_order(&self, prefix: &str) -> GluOrder {
+        self.index
+            .glu_interleave
+            .iter()
+            .find(|g| g.prefix == prefix)
+            .map_or(GluOrder::HALVES, |g| GluOrder { tp: g.tp, size: Some(g.size) })
+    }
+
     /// Checks that `parts` can be loaded: every requested tensor region is covered exactly
     /// once with the requested global shape and dtype (`None`: the checkpoint's dtype), and
     /// every requested object exists. Reads no tensor data.
@@ -189,6 +209,16 @@ impl Checkpoint {
         let mut requests = Vec::new();
         let mut ckpt_dtype: Option<Dtype> = None;
         for (pi, (layout, rank)) in parts.iter().enumerate() {
+            // A GLU-interleaved save's `_w`/`_v` halves mean the same units only in a layout
+            // that orders fc1 rows the same way (spec §7.9).
+            if let Some(load) = layout.glu_order() {
+                check_compatible(
+                    &format!("{}experts.linear_fc1.weight", layout.prefix),
+                    layout.config.ffn_hidden_size,
+                    self.glu_order(&layout.prefix),
+                    load,
+                )?;
+            }
             for entry in sharded_state_dict(layout, *rank)? {
                 match entry {
                     ShardedEntry::Tensor(st) => {

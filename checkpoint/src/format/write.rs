@@ -1,6 +1,7 @@
 //! Saving: one safetensors file per part, the index last, and an atomic rename into place.
 
-use super::{check_no_overlap, io, FileRecord, Index, ObjectRecord, ShardRecord, FORMAT, INDEX};
+use super::{check_no_overlap, io, FileRecord, GluRecord, Index, ObjectRecord, ShardRecord, FORMAT, INDEX};
+use crate::sharded::interleave::GluOrder;
 use crate::sharded::{build, present, shard_pieces, ExpertLayout, RankCoord, ShardedEntry};
 use crate::tensor::{numel, safetensors_dtype, RawStateDict, Region};
 use crate::CheckpointError;
@@ -175,6 +176,8 @@ pub struct CheckpointWriter {
     files: Vec<FileRecord>,
     shards: Vec<ShardRecord>,
     objects: BTreeMap<String, ObjectRecord>,
+    /// The GLU row order of each GLU layer's prefix (all parts of a prefix must agree).
+    glu: BTreeMap<String, GluOrder>,
     bytes: u64,
 }
 
@@ -204,6 +207,7 @@ impl CheckpointWriter {
             files: Vec::new(),
             shards: Vec::new(),
             objects: BTreeMap::new(),
+            glu: BTreeMap::new(),
             bytes: 0,
         })
     }
@@ -211,6 +215,18 @@ impl CheckpointWriter {
     /// Writes the main-replica shards of one part (one process) into a file of its own.
     pub fn write_part(&mut self, part: SavePart<'_>) -> Result<(), CheckpointError> {
         let (entries, canon) = build(part.layout, part.rank, part.state)?;
+        if let Some(order) = part.layout.glu_order() {
+            let prefix = &part.layout.prefix;
+            match self.glu.insert(prefix.clone(), order) {
+                Some(other) if other != order => {
+                    return Err(CheckpointError::Mismatch {
+                        key: format!("{prefix}experts.linear_fc1.weight"),
+                        msg: format!("parts of one save disagree on the GLU row order: {other:?} and {order:?}"),
+                    })
+                }
+                _ => {}
+            }
+        }
         let file = format!("rank{:05}.safetensors", self.files.len());
         let mut pending = Vec::new();
         for entry in &entries {
@@ -285,8 +301,18 @@ impl CheckpointWriter {
         shards.sort_by(|a, b| (&a.key, &a.global_offset).cmp(&(&b.key, &b.global_offset)));
         let mut objs: Vec<ObjectRecord> = std::mem::take(&mut self.objects).into_values().collect();
         objs.sort_by(|a, b| (&a.key, &a.global_offset).cmp(&(&b.key, &b.global_offset)));
-        let index =
-            Index { format: FORMAT.into(), version: 1, files: std::mem::take(&mut self.files), shards, objects: objs };
+        let glu_interleave = std::mem::take(&mut self.glu)
+            .into_iter()
+            .filter_map(|(prefix, o)| o.size.map(|size| GluRecord { prefix, tp: o.tp, size }))
+            .collect();
+        let index = Index {
+            format: FORMAT.into(),
+            version: 1,
+            files: std::mem::take(&mut self.files),
+            shards,
+            objects: objs,
+            glu_interleave,
+        };
         let ipath = self.tmp_path.join(INDEX);
         let mut f = File::create(&ipath).map_err(io(&ipath))?;
         f.write_all(&serde_json::to_vec_pretty(&index).expect("index serializes")).map_err(io(&ipath))?;

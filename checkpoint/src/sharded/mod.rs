@@ -8,10 +8,17 @@
 //! state dict into shard data and back (Megatron's factory build and merge functions).
 //!
 //! Submodules: `entries` builds the metadata of each class's layout, `data` converts between
-//! a class state dict and the shards' bytes.
+//! a class state dict and the shards' bytes, [`interleave`] says what the GLU `_w`/`_v` halves
+//! of a GLU-interleaved TEGroupedMLP (Megatron HEAD) hold and where they can be loaded.
+//!
+//! A GLU-interleaved TEGroupedMLP needs nothing special to save: the class state dict holds
+//! fc1 rows in the module's interleaved order and the `_w`/`_v` parts are its two halves, as
+//! Megatron stores them. [`ExpertLayout::glu_order`] names that order, and loading checks it
+//! against the order the checkpoint was saved in ([`interleave::check_compatible`]).
 
 mod data;
 mod entries;
+pub mod interleave;
 
 pub use data::{build, from_canonical, merge, present, shard_pieces, to_canonical, Canonical};
 
@@ -268,6 +275,13 @@ impl ExpertLayout {
     pub fn ranks(&self) -> Vec<RankCoord> {
         let p = self.config.parallel;
         (0..p.ep_size).flat_map(|q| (0..p.tp_size).map(move |r| RankCoord::new(q, r))).collect()
+    }
+
+    /// How this layout orders its GLU fc1 rows (expert-TP size and interleave size); `None`
+    /// without GLU.
+    pub fn glu_order(&self) -> Option<interleave::GluOrder> {
+        let c = &self.config;
+        c.gated_linear_unit.then_some(interleave::GluOrder { tp: c.parallel.tp_size, size: c.glu_interleave_size })
     }
 
     /// The reference `LayerConfig` of this layout at `rank`, computing in `dtype`.

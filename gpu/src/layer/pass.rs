@@ -48,6 +48,9 @@ fn token_gemms<'a>(
 impl DeviceLayer {
     /// The forward pass on device buffers: `ws.y` (and the intermediates backward needs).
     pub fn forward(&self, eng: &mut Engine, ws: &mut Workspace, strategy: Strategy) -> Result<(), GpuError> {
+        if self.cfg.fp8.is_some() {
+            return self.forward_fp8(eng, ws);
+        }
         let (cfg, w) = (&self.cfg, &self.weights);
         let d = Dims::of(cfg);
         let grouped = cfg.class == LayerClass::Grouped;
@@ -108,6 +111,9 @@ impl DeviceLayer {
         with_wgrad: bool,
         strategy: Strategy,
     ) -> Result<(), GpuError> {
+        if self.cfg.fp8.is_some() {
+            return self.backward_fp8(eng, ws, with_wgrad);
+        }
         let (cfg, w) = (&self.cfg, &self.weights);
         let d = Dims::of(cfg);
         let grouped = cfg.class == LayerClass::Grouped;
@@ -174,6 +180,9 @@ impl DeviceLayer {
     /// `backward_dw()`: the deferred weight GEMMs, fc2 then fc1 (TEGroupedMLP's fc1 bias grad
     /// goes with its GEMM).
     pub fn backward_dw(&self, eng: &mut Engine, ws: &mut Workspace, strategy: Strategy) -> Result<(), GpuError> {
+        if self.cfg.fp8.is_some() {
+            return self.backward_dw_fp8(eng, ws);
+        }
         self.wgrad(eng, ws, Linear::Fc2, strategy)?;
         self.wgrad(eng, ws, Linear::Fc1, strategy)?;
         if self.cfg.class == LayerClass::TeGrouped {
@@ -182,7 +191,7 @@ impl DeviceLayer {
         Ok(())
     }
 
-    fn fc1_bias_grad(&self, eng: &mut Engine, ws: &mut Workspace) -> Result<(), GpuError> {
+    pub(super) fn fc1_bias_grad(&self, eng: &mut Engine, ws: &mut Workspace) -> Result<(), GpuError> {
         let d = Dims::of(&self.cfg);
         if let Some(db1) = ws.grads.b1.as_mut() {
             let Engine { kernels, stream, .. } = &mut *eng;

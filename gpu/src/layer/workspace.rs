@@ -10,7 +10,7 @@ use moe_reference::{Dtype, LayerClass, StateDict};
 use ndarray::{Array1, Array2, ArrayD, IxDyn};
 
 /// The per-call device buffers: inputs, intermediates, outputs and grads, in the padded row
-/// layout (each expert segment padded to `padding_multiple` with zero rows and zero probs).
+/// layout (each expert segment padded to `padding_multiple`, or under fp8 to the recipe's alignment, with zero rows and zero probs).
 #[derive(Debug)]
 pub struct Workspace {
     /// Real (unpadded) row count of each processed segment.
@@ -52,6 +52,8 @@ pub struct Workspace {
     pub grads: DeviceGrads,
     /// Fill outputs and grads with NaN before each step (tests: unwritten rows fail loudly).
     pub poison: bool,
+    /// The fp8 operands the forward quantized and the backward adds (fp8 configurations).
+    pub(crate) fp8: Option<super::fp8::Fp8Operands>,
 }
 
 impl DeviceLayer {
@@ -62,7 +64,7 @@ impl DeviceLayer {
         let d = Dims::of(cfg);
         let padded: Vec<usize> = counts
             .iter()
-            .map(|&c| match cfg.padding_multiple {
+            .map(|&c| match cfg.row_padding() {
                 Some(m) => c.div_ceil(m) * m,
                 None => c,
             })
@@ -107,6 +109,7 @@ impl DeviceLayer {
             dp: eng.alloc(rows * 4)?,
             grads,
             poison,
+            fp8: None,
         })
     }
 

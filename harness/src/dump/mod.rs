@@ -22,8 +22,10 @@
 //! (the unsplit `moe_ffn_hidden_size`), `gated_linear_unit`, `activation`
 //! (`silu`|`gelu`|`quick_gelu`|`squared_relu`), `add_bias`, `params_dtype`
 //! (`float32`|`bfloat16`|`float16`), `apply_probs_on_input`, `glu_linear_offset`, `tp_size`,
-//! `tp_rank`, `ep_size`, `ep_rank`; optional `clamp_value`, `padding_multiple` and
-//! `num_experts` (the global count, which must then equal `num_local_experts · ep_size`).
+//! `tp_rank`, `ep_size`, `ep_rank`; optional `clamp_value`, `padding_multiple`,
+//! `glu_interleave_size` (Megatron HEAD's `moe_mlp_glu_interleave_size`; the parameters and
+//! their grads are then in the module's interleaved fc1 row order) and `num_experts` (the
+//! global count, which must then equal `num_local_experts · ep_size`).
 //!
 //! FP8 (`docs/spec/fp8-recipes.md`): `fp8_recipe` (`tensorwise`|`delayed`|`blockwise`|`mxfp8`,
 //! TE class names accepted; absent or `none` = no fp8), `fp8_format` (`e4m3`|`hybrid`, default

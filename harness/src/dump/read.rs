@@ -141,6 +141,12 @@ impl<'a> Reader<'a> {
                 self.err(Self::meta_key("padding_multiple"), format!("expected a positive integer or none, got {s:?}"))
             })?),
         };
+        let glu_interleave_size = match self.meta_opt("glu_interleave_size") {
+            None => None,
+            Some(s) => Some(s.parse().map_err(|_| {
+                self.err(Self::meta_key("glu_interleave_size"), format!("expected a positive integer, got {s:?}"))
+            })?),
+        };
         let offset = self.meta("glu_linear_offset", "a number (0.0 unless set)")?;
         let probs_dtype = self.probs_dtype()?;
         let cfg = LayerConfig {
@@ -159,6 +165,7 @@ impl<'a> Reader<'a> {
             padding_multiple,
             parallel,
             fp8: self.fp8_config()?,
+            glu_interleave_size,
         };
         cfg.validate().map_err(|e| self.reference_err("__metadata__", e))?;
         if cfg.num_local_experts() != num_local_experts {

@@ -79,6 +79,9 @@ impl Dump {
         if let Some(v) = c.padding_multiple {
             put("padding_multiple", v.to_string());
         }
+        if let Some(v) = c.glu_interleave_size {
+            put("glu_interleave_size", v.to_string());
+        }
         put("tp_size", c.parallel.tp_size.to_string());
         put("tp_rank", c.parallel.tp_rank.to_string());
         put("ep_size", c.parallel.ep_size.to_string());

@@ -38,8 +38,13 @@ pub(super) fn class_equivalence(ctx: &Ctx) -> Result<Verdict, PropertyFailure> {
     // Both sides carry storage-dtype rounding (at different points): twice the tolerance.
     let t2 = ctx.tol.times(2.0);
     let mut diffs = Vec::new();
+    // A GLU-interleaved TEGroupedMLP (spec §4.10) is compared with the other classes on its
+    // weights un-interleaved: they have no interleaving, and its weight grads come back through
+    // the same permutation.
+    let size = cfg.glu_interleave_size;
+    let canonical = crate::case::Problem { weights: p.weights.glu_deinterleaved(size), ..p.clone() };
     for other in LayerClass::ALL.into_iter().filter(|&c| c != cfg.class) {
-        let other_cfg = LayerConfig { class: other, ..cfg.clone() };
+        let other_cfg = LayerConfig { class: other, glu_interleave_size: None, ..cfg.clone() };
         if other_cfg.validate().is_err() {
             continue;
         }
@@ -49,7 +54,7 @@ pub(super) fn class_equivalence(ctx: &Ctx) -> Result<Verdict, PropertyFailure> {
         if other_layer.supports(&other_cfg).is_err() || !classes_agree(cfg, &other_cfg) {
             continue;
         }
-        let second = match ctx.run(other_layer, &other_cfg, p, WgradTiming::Immediate) {
+        let second = match ctx.run(other_layer, &other_cfg, &canonical, WgradTiming::Immediate) {
             Ok(r) => r,
             Err(LayerError::Unsupported(_)) => continue,
             // TE refuses some fp8 shapes in one class only (SequentialMLP's `Linear` asserts
@@ -65,8 +70,9 @@ pub(super) fn class_equivalence(ctx: &Ctx) -> Result<Verdict, PropertyFailure> {
             x.name = format!("vs {other}: {}", x.name);
         }
         // The other class's grads, converted to this class's layout, against this class's.
-        let second_grads =
-            moe_reference::from_state_dict(&other_cfg.unsharded(), &second.weight_grads).map_err(internal)?;
+        let second_grads = moe_reference::from_state_dict(&other_cfg.unsharded(), &second.weight_grads)
+            .map_err(internal)?
+            .glu_interleaved(size);
         let to_sd = |s: &ExpertSet| to_state_dict(&global, s).map_err(internal);
         d.extend(compare_state_dicts(
             &format!("vs {other}: grad."),

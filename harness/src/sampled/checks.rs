@@ -115,7 +115,7 @@ pub(super) fn intermediates(
 /// `samples` elements against their exact dot products into `elements`, with the bounds the
 /// module doc derives. `label` names the matrix in reports.
 #[allow(clippy::too_many_arguments)]
-fn check_wgrad(
+pub(super) fn check_wgrad(
     dt: Dtype,
     dims: (usize, usize, usize),
     a: impl Fn(usize, usize) -> f64,

@@ -471,19 +471,21 @@ pub fn check_layer<E: ExpertSource>(
 }
 
 /// The intermediates check recomputes `U_e` and `DA_e` for a GLU without clamp, linear offset,
-/// bias or probs on the input (what [`crate::shapes::ShapeDims::config`] builds); anything else
-/// is refused.
+/// bias, probs on the input or GLU interleaving (what [`crate::shapes::ShapeDims::config`]
+/// builds); anything else is refused.
 pub fn intermediates_supported(cfg: &LayerConfig) -> Result<(), SampledError> {
     if cfg.gated_linear_unit
         && cfg.clamp_value.is_none()
         && cfg.glu_linear_offset == 0.0
         && !cfg.add_bias
         && !cfg.apply_probs_on_input
+        && cfg.glu_interleave_size.is_none()
     {
         Ok(())
     } else {
         Err(SampledError::Unsupported(
-            "sampled verification recomputes U_e and DA_e for a GLU without clamp, offset, bias or probs on the input"
+            "sampled verification recomputes U_e and DA_e for a GLU without clamp, offset, bias, probs on the \
+             input or GLU interleaving"
                 .into(),
         ))
     }

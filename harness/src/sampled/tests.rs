@@ -335,3 +335,45 @@ fn errors_within_every_element_bound_pass_the_projections() {
     assert!(c.passed(), "{}", report(&c));
     assert!(c.dw1_elements.worst_ratio > 0.5 && c.dw2_elements.worst_ratio > 0.5, "{}", report(&c));
 }
+
+/// Why: the element bound of a sampled weight-gradient element carries the f32 accumulation
+/// term `√n·u_f32·Σ|a·b|`, which for bf16 shapes is far below the storage rounding term and so
+/// invisible to the 1.2×/0.8× tests above. In f32 with a cancelling dot product (exact value 0,
+/// `Σ|a·b| = n`) and one dominant column, that term is most of the bound: an error of 3·10⁻⁴
+/// (0.6× `C·√n·u_f32·n` with `n = 256`) must pass, and it would fail by ~5× if the bound lost
+/// the term (`sum_abs += |t|` → `*=` leaves it 0).
+#[test]
+fn f32_wgrad_element_bound_carries_the_accumulation_term() {
+    use super::checks::check_wgrad;
+    let (n, cols) = (256, 64);
+    let a = |i: usize, _j: usize| if i.is_multiple_of(2) { 1.0 } else { -1.0 };
+    // Column 0 is all ones (exact dot product 0, Σ|a·b| = n); the others are tiny.
+    let b = |_i: usize, k: usize| if k == 0 { 1.0 } else { 1e-6 };
+    let exact = |j: usize, k: usize| (0..n).map(|i| a(i, j) * b(i, k)).sum::<f64>();
+    let err = 3e-4;
+    let got = |j: usize, k: usize| exact(j, k) + if k == 0 { err } else { 0.0 };
+    let signs: Vec<f64> = (0..cols).map(|k| if k % 3 == 0 { -1.0 } else { 1.0 }).collect();
+    let (mut proj, mut elems) = (CheckStat::new("proj"), CheckStat::new("elem"));
+    check_wgrad(Dtype::F32, (n, 1, cols), a, b, got, &signs, &[(0, 0)], &mut proj, &mut elems, "dW");
+    let term = C_SAFETY * crate::tolerance::f32_accumulation(n, n as f64);
+    assert!((0.5..0.7).contains(&(err / term)), "the planted error is 0.6x the term ({})", err / term);
+    assert_eq!(elems.count, 1);
+    assert!(
+        elems.worst_ratio <= 1.0 && elems.worst_ratio > 0.4,
+        "element ratio {} (the f32 accumulation term must hold most of the bound)",
+        elems.worst_ratio
+    );
+    assert!(proj.worst_ratio <= 1.0, "projection ratio {}", proj.worst_ratio);
+}
+
+/// The sampled intermediates recompute a plain-halves GLU: a GLU-interleaved TEGroupedMLP
+/// (spec §4.10) would pair the wrong gate and linear units, so it is refused, saying why,
+/// instead of reporting bogus errors.
+#[test]
+fn interleaved_glu_is_refused_by_the_intermediates_check() {
+    let cfg = ShapeDims { hidden: 16, ffn: 32, experts: 2, tokens: 8 }.config(LayerClass::TeGrouped);
+    assert!(intermediates_supported(&cfg).is_ok());
+    let interleaved = LayerConfig { glu_interleave_size: Some(2), ..cfg };
+    let err = intermediates_supported(&interleaved).unwrap_err().to_string();
+    assert!(err.contains("GLU interleaving"), "{err}");
+}

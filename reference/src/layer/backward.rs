@@ -320,6 +320,9 @@ fn activation_backward(cfg: &LayerConfig, n: Numerics, a: &Array2<f64>, dz: &Arr
     }
     let clamp = cfg.effective_clamp();
     let offset = cfg.effective_offset();
+    // §4.10: the activation sees the un-interleaved halves; its gradient flows back through the
+    // inverse permutation into the module's (interleaved) order.
+    let a = &crate::glu::deinterleave_columns(a, cfg.glu_interleave_size);
     let k = a.ncols() / 2;
     let (g, l) = halves(a);
     let mut da = Array2::zeros(a.raw_dim());
@@ -341,5 +344,5 @@ fn activation_backward(cfg: &LayerConfig, n: Numerics, a: &Array2<f64>, dz: &Arr
             }
         });
     }
-    da
+    crate::glu::interleave_columns(&da, cfg.glu_interleave_size)
 }

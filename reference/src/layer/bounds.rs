@@ -7,6 +7,7 @@ use super::fp8::Fp8Operand;
 use super::fp8_bounds::Fp8Bound;
 use super::{clamp_glu, halves, ErrorScales, ForwardPass, SegmentCache};
 use crate::config::{LayerClass, LayerConfig};
+use crate::glu::{deinterleave_columns, interleave_columns};
 use crate::weights::{ExpertSet, ExpertWeights};
 use ndarray::{s, Array1, Array2, ArrayView2, Axis, Zip};
 use std::ops::Range;
@@ -102,6 +103,9 @@ fn clamp_ambiguity(
     }
     let act = cfg.activation;
     let offset = cfg.effective_offset();
+    // §4.10: pair gate and linear units in the un-interleaved order, answer in the module's.
+    let size = cfg.glu_interleave_size;
+    let (a, a_mag) = (&deinterleave_columns(a, size), deinterleave_columns(&a_mag, size));
     let k = a.ncols() / 2;
     let (g, l) = halves(a);
     let mut jump = Array2::zeros(a.raw_dim());
@@ -117,7 +121,7 @@ fn clamp_ambiguity(
             }
         }
     }
-    jump
+    interleave_columns(&jump, size)
 }
 
 /// First-order running error bounds of one expert segment's results (see [`ErrorScales`]).
@@ -379,6 +383,9 @@ fn activation_forward_error(cfg: &LayerConfig, a: &Array2<f64>, err_a: &Array2<f
     }
     let clamp = cfg.effective_clamp();
     let offset = cfg.effective_offset();
+    // §4.10: gate and linear units paired in the un-interleaved order.
+    let size = cfg.glu_interleave_size;
+    let (a, err_a) = (&deinterleave_columns(a, size), &deinterleave_columns(err_a, size));
     let (n, k) = (a.nrows(), a.ncols() / 2);
     let mut err_z = Array2::zeros((n, k));
     for i in 0..n {
@@ -425,6 +432,10 @@ fn activation_backward_error(
     }
     let clamp = cfg.effective_clamp();
     let offset = cfg.effective_offset();
+    // §4.10: pair gate and linear units in the un-interleaved order, answer in the module's.
+    let size = cfg.glu_interleave_size;
+    let (a, err_a, da) =
+        (&deinterleave_columns(a, size), &deinterleave_columns(err_a, size), &deinterleave_columns(da, size));
     let (n, k) = (a.nrows(), a.ncols() / 2);
     let mut e_da = Array2::zeros(a.raw_dim());
     for i in 0..n {
@@ -442,5 +453,5 @@ fn activation_backward_error(
             e_da[[i, k + j]] = if lin_on { f.abs() * ed + d.abs() * err_act + rnd(da[[i, k + j]]) } else { 0.0 };
         }
     }
-    e_da
+    interleave_columns(&e_da, size)
 }

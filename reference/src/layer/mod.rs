@@ -345,7 +345,10 @@ fn expert_forward(
     let offset = cfg.effective_offset();
     let act = cfg.activation;
     let z = if cfg.gated_linear_unit {
-        let (g, l) = halves(&a);
+        // §4.10: an interleaved fc1 output is un-interleaved before the activation (a permutation,
+        // no rounding); `a` stays cached in the module's order.
+        let a_glu = crate::glu::deinterleave_columns(&a, cfg.glu_interleave_size);
+        let (g, l) = halves(&a_glu);
         let mut z = Array2::zeros(g.raw_dim());
         Zip::from(&mut z).and(g).and(l).for_each(|z, &g, &l| {
             let (gc, lc, _, _) = clamp_glu(g, l, clamp);

@@ -1,0 +1,288 @@
+// FP8 quantization kernels (issue 13), bit-exact with the reference quantizers of
+// `moe_reference::fp8` (TransformerEngine's rules, see docs/spec/fp8-recipes.md):
+//
+//   * encode: `cvt.rn.satfinite.{e4m3,e5m2}x2.f32` (round to nearest even with subnormals,
+//     overflow and ±inf saturate to ±max, NaN becomes 0x7F), applied to `x·scale` rounded once
+//     in f32 (`__fmul_rn`: never contracted);
+//   * amax: `fmaxf(|x|)` from 0, NaN ignored (fmaxf returns the non-NaN operand);
+//   * compute_scale_from_amax (TE `recipe_common.cuh`): epsilon floor, amax inf/0/NaN → 1,
+//     `__fdiv_rn(fp8_max, amax)`, infinite quotient → value_for_inf, power-of-2 by masking the
+//     mantissa; `scale_inv = __frcp_rn(scale)`;
+//   * MXFP8: `float_to_e8m0(amax·max_norm_rcp)` (software path of TE's `ptx::float_to_e8m0`),
+//     multiplier `exp2f_rcp(e) = 2^(127-e)`.
+//
+// Launch contract:
+//   * `T` is the input dtype (f32, bf16 or fp16 bits); `F` the fp8 format (0 e4m3, 1 e5m2).
+//   * `vec` (amax_seg, cast_seg): 1 only when cols % 8 == 0 and x is 16-byte aligned: eight
+//     elements per load (the same per-element arithmetic).
+//   * `amax_seg`: grid (any, segments), block 256; segment s covers rows
+//     [seg_off[s], seg_off[s] + seg_len[s]) of a row-major [rows, cols] tensor; `amax` (one u32
+//     per segment, the f32 bits of a non-negative value) must be zeroed before (atomicMax of
+//     the bits orders non-negative floats).
+//   * `compute_scales`: any 1-D grid covering n; reads amax bits, writes scale and scale_inv of
+//     segment i at index i·stride (each scale on its own 256-byte line for cuBLASLt).
+//   * `cast_seg`: any 1-D grid, block 256 (grid-stride over rows, or over 8-element chunks with
+//     vec); row r uses scale[row_seg[r]·stride]; with vec `out` is 8-byte aligned.
+//   * `transpose_u8`: grid (ceil(cols/32), ceil(rows/32)), block (32, 8); `out` [cols, rows].
+//   * `block_quant`: grid (ceil(R/tile_r), ceil(C/tile_c)), block 256, one block per tile of
+//     the logical tensor L: L = x ([R, C] = [rows, cols]) or, with `trans`, L = xᵀ
+//     ([R, C] = [cols, rows]); writes L's codes [R, C] row-major and one scale per tile,
+//     grid [ceil(R/tile_r), ceil(C/tile_c)] row-major: f32 scale_inv (mode 0) or an E8M0 byte
+//     (mode 1, MXFP8). Edge tiles are partial (TE's zero-padding does not change an amax).
+// No CUDA headers (NVRTC); the fp8 cvt needs sm_89 or later.
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+struct bf16_t { u16 bits; };
+struct f16_t { u16 bits; };
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(bf16_t v) { return __uint_as_float(((u32)v.bits) << 16); }
+__device__ __forceinline__ float to_f(f16_t v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
+    return f;
+}
+
+// Eight consecutive elements from a 16-byte-aligned address, as f32.
+__device__ __forceinline__ void load8(const float* p, float v[8]) {
+    float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+__device__ __forceinline__ void load8(const bf16_t* p, float v[8]) {
+    uint4 a = *reinterpret_cast<const uint4*>(p);
+    u32 w[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        v[2 * i] = __uint_as_float(w[i] << 16);
+        v[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
+    }
+}
+__device__ __forceinline__ void load8(const f16_t* p, float v[8]) {
+    uint4 a = *reinterpret_cast<const uint4*>(p);
+    u32 w[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f16_t lo = {(u16)(w[i] & 0xFFFF)}, hi = {(u16)(w[i] >> 16)};
+        v[2 * i] = to_f(lo);
+        v[2 * i + 1] = to_f(hi);
+    }
+}
+
+template <int F> __device__ __forceinline__ u8 encode(float v);
+template <> __device__ __forceinline__ u8 encode<0>(float v) {
+    u16 r;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(0.0f), "f"(v));
+    return (u8)(r & 0xFF);
+}
+template <> __device__ __forceinline__ u8 encode<1>(float v) {
+    u16 r;
+    asm("cvt.rn.satfinite.e5m2x2.f32 %0, %1, %2;" : "=h"(r) : "f"(0.0f), "f"(v));
+    return (u8)(r & 0xFF);
+}
+
+// Two encodes in one cvt: the low byte is `lo`'s code, the high byte `hi`'s (each converted
+// independently, bit-identical to `encode`).
+template <int F> __device__ __forceinline__ u32 encode2(float lo, float hi);
+template <> __device__ __forceinline__ u32 encode2<0>(float lo, float hi) {
+    u16 r;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+template <> __device__ __forceinline__ u32 encode2<1>(float lo, float hi) {
+    u16 r;
+    asm("cvt.rn.satfinite.e5m2x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+__device__ __forceinline__ bool is_inf(float v) { return (__float_as_uint(v) & 0x7FFFFFFFu) == 0x7F800000u; }
+__device__ __forceinline__ bool is_nan(float v) { return (__float_as_uint(v) & 0x7FFFFFFFu) > 0x7F800000u; }
+
+// TE's compute_scale_from_amax.
+__device__ __forceinline__ float scale_from_amax(float amax, float fp8_max, int pow2, float eps, float vinf) {
+    if (amax < eps) amax = eps;
+    if (is_inf(amax) || amax == 0.0f || is_nan(amax)) return 1.0f;
+    float scale = __fdiv_rn(fp8_max, amax);
+    if (is_inf(scale)) scale = vinf;
+    if (pow2) scale = __uint_as_float(__float_as_uint(scale) & 0xFF800000u);
+    return scale;
+}
+
+// TE's ptx::float_to_e8m0, software path.
+__device__ __forceinline__ u8 float_to_e8m0(float v) {
+    if (is_nan(v)) return 0xFF;
+    if (is_inf(v)) return 0xFE;
+    if (v == 0.0f) return 0x00;
+    u32 bits = __float_as_uint(v);
+    u32 e = (bits >> 23) & 0xFF;
+    u32 m = bits & 0x7FFFFF;
+    if (m > 0 && e != 0xFE && !(e == 0 && m <= 0x400000)) return (u8)(e + 1);
+    return (u8)e;
+}
+
+// TE's ptx::exp2f_rcp: 2^(127 - e).
+__device__ __forceinline__ float exp2f_rcp(u8 e) {
+    if (e == 255) return __uint_as_float(0x7FFFFFFFu);
+    if (e == 254) return __uint_as_float(0x00400000u);
+    return __uint_as_float(((u32)(254 - e)) << 23);
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, o));
+    return v;
+}
+
+// Max over the block (256 threads); every thread gets the result.
+__device__ __forceinline__ float block_max(float v) {
+    __shared__ float part[8];
+    __shared__ float total;
+    v = warp_max(v);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float w = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : 0.0f;
+        w = warp_max(w);
+        if (threadIdx.x == 0) total = w;
+    }
+    __syncthreads();
+    return total;
+}
+
+template <typename T>
+__device__ void amax_seg(const T* x, const int* seg_off, const int* seg_len, int cols, int vec, u32* amax) {
+    int s = blockIdx.y;
+    long base = (long)seg_off[s] * cols;
+    long n = (long)seg_len[s] * cols;
+    float acc = 0.0f;
+    long stride = (long)gridDim.x * blockDim.x;
+    if (vec) {  // cols % 8 == 0: every segment starts 16-byte aligned
+        for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n / 8; i += stride) {
+            float v[8];
+            load8(x + base + 8 * i, v);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc = fmaxf(acc, fabsf(v[j]));
+        }
+    } else {
+        for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+            acc = fmaxf(acc, fabsf(to_f(x[base + i])));
+    }
+    acc = block_max(acc);
+    if (threadIdx.x == 0 && acc > 0.0f) atomicMax(amax + s, __float_as_uint(acc));
+}
+
+extern "C" __global__ void compute_scales(const u32* amax, int n, int stride, float fp8_max, int pow2, float eps,
+                                          float vinf, float* scale, float* scale_inv) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float s = scale_from_amax(__uint_as_float(amax[i]), fp8_max, pow2, eps, vinf);
+    scale[(long)i * stride] = s;
+    scale_inv[(long)i * stride] = __frcp_rn(s);
+}
+
+template <typename T, int F>
+__device__ void cast_seg(const T* x, const int* row_seg, int rows, int cols, const float* scale, int stride, int vec,
+                         u8* out) {
+    if (vec) {  // cols % 8 == 0: eight elements of one row per step, one 8-byte store
+        long chunks = (long)rows * cols / 8;
+        for (long c = (long)blockIdx.x * blockDim.x + threadIdx.x; c < chunks; c += (long)gridDim.x * blockDim.x) {
+            long r = c * 8 / cols;
+            float s = scale[(long)row_seg[r] * stride];
+            float v[8];
+            load8(x + 8 * c, v);
+            uint2 w;
+            w.x = encode2<F>(__fmul_rn(v[0], s), __fmul_rn(v[1], s)) | (encode2<F>(__fmul_rn(v[2], s), __fmul_rn(v[3], s)) << 16);
+            w.y = encode2<F>(__fmul_rn(v[4], s), __fmul_rn(v[5], s)) | (encode2<F>(__fmul_rn(v[6], s), __fmul_rn(v[7], s)) << 16);
+            reinterpret_cast<uint2*>(out)[c] = w;
+        }
+        return;
+    }
+    for (int r = blockIdx.x; r < rows; r += gridDim.x) {
+        float s = scale[(long)row_seg[r] * stride];
+        long base = (long)r * cols;
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) out[base + c] = encode<F>(__fmul_rn(to_f(x[base + c]), s));
+    }
+}
+
+extern "C" __global__ void transpose_u8(const u8* in, int rows, int cols, u8* out) {
+    __shared__ u8 tile[32][33];
+    int c0 = blockIdx.x * 32, r0 = blockIdx.y * 32;
+    for (int i = threadIdx.y; i < 32; i += 8) {
+        int r = r0 + i, c = c0 + threadIdx.x;
+        if (r < rows && c < cols) tile[i][threadIdx.x] = in[(long)r * cols + c];
+    }
+    __syncthreads();
+    for (int i = threadIdx.y; i < 32; i += 8) {
+        int c = c0 + i, r = r0 + threadIdx.x;
+        if (r < rows && c < cols) out[(long)c * rows + r] = tile[threadIdx.x][i];
+    }
+}
+
+struct BlockParams {
+    int tile_r;         // tile rows of the logical tensor
+    int tile_c;         // tile cols of the logical tensor
+    int trans;          // 1: the logical tensor is xᵀ
+    int mode;           // 0: f32 scale_inv per tile; 1: E8M0 per tile (MXFP8)
+    int pow2;           // power-of-2 scales (mode 0)
+    float fp8_max;      // largest finite value of the format
+    float eps;          // amax epsilon (mode 0)
+    float vinf;         // value_for_inf: the input dtype's largest finite value (mode 0)
+    float max_norm_rcp; // (float)(1.0 / fp8_max) (mode 1)
+};
+
+template <typename T, int F>
+__device__ void block_quant(const T* x, int rows, int cols, BlockParams bp, u8* codes, float* scale_inv, u8* e8m0) {
+    int R = bp.trans ? cols : rows, C = bp.trans ? rows : cols;
+    int ti = blockIdx.y, tj = blockIdx.x;
+    int r0 = ti * bp.tile_r, c0 = tj * bp.tile_c;
+    int th = min(bp.tile_r, R - r0), tw = min(bp.tile_c, C - c0);
+    int n = th * tw;
+    float acc = 0.0f;
+    for (int k = threadIdx.x; k < n; k += blockDim.x) {
+        int i = r0 + k / tw, j = c0 + k % tw;
+        long src = bp.trans ? (long)j * cols + i : (long)i * cols + j;
+        acc = fmaxf(acc, fabsf(to_f(x[src])));
+    }
+    float amax = block_max(acc);
+    int grid_c = (C + bp.tile_c - 1) / bp.tile_c;
+    float mult;
+    if (bp.mode == 0) {
+        mult = scale_from_amax(amax, bp.fp8_max, bp.pow2, bp.eps, bp.vinf);
+        if (threadIdx.x == 0) scale_inv[(long)ti * grid_c + tj] = __frcp_rn(mult);
+    } else {
+        u8 e = float_to_e8m0(__fmul_rn(amax, bp.max_norm_rcp));
+        mult = exp2f_rcp(e);
+        if (threadIdx.x == 0) e8m0[(long)ti * grid_c + tj] = e;
+    }
+    for (int k = threadIdx.x; k < n; k += blockDim.x) {
+        int i = r0 + k / tw, j = c0 + k % tw;
+        long src = bp.trans ? (long)j * cols + i : (long)i * cols + j;
+        codes[(long)i * C + j] = encode<F>(__fmul_rn(to_f(x[src]), mult));
+    }
+}
+
+#define INSTANTIATE_IN(T, S)                                                                                    \
+    extern "C" __global__ void amax_seg_##S(const T* x, const int* seg_off, const int* seg_len, int cols,      \
+                                            int vec, u32* amax) {                                               \
+        amax_seg<T>(x, seg_off, seg_len, cols, vec, amax);                                                     \
+    }                                                                                                           \
+    extern "C" __global__ void cast_seg_##S##_e4m3(const T* x, const int* row_seg, int rows, int cols,         \
+                                                   const float* scale, int stride, int vec, u8* out) {          \
+        cast_seg<T, 0>(x, row_seg, rows, cols, scale, stride, vec, out);                                        \
+    }                                                                                                           \
+    extern "C" __global__ void cast_seg_##S##_e5m2(const T* x, const int* row_seg, int rows, int cols,         \
+                                                   const float* scale, int stride, int vec, u8* out) {          \
+        cast_seg<T, 1>(x, row_seg, rows, cols, scale, stride, vec, out);                                        \
+    }                                                                                                           \
+    extern "C" __global__ void block_quant_##S##_e4m3(const T* x, int rows, int cols, BlockParams bp,          \
+                                                      u8* codes, float* scale_inv, u8* e8m0) {                  \
+        block_quant<T, 0>(x, rows, cols, bp, codes, scale_inv, e8m0);                                          \
+    }                                                                                                           \
+    extern "C" __global__ void block_quant_##S##_e5m2(const T* x, int rows, int cols, BlockParams bp,          \
+                                                      u8* codes, float* scale_inv, u8* e8m0) {                  \
+        block_quant<T, 1>(x, rows, cols, bp, codes, scale_inv, e8m0);                                          \
+    }
+
+INSTANTIATE_IN(float, f32)
+INSTANTIATE_IN(bf16_t, bf16)
+INSTANTIATE_IN(f16_t, f16)

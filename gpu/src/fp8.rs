@@ -1,0 +1,981 @@
+//! FP8 on the device (issue 13): the quantization kernels of `kernels/fp8.cu` (bit-exact with
+//! the reference quantizers of [`moe_reference::fp8`]) and the scaled fp8 GEMM through
+//! cuBLASLt.
+//!
+//! * [`QuantSpec`]: which quantizer to run — per-tensor current scaling, 1×128 / 128×128 block
+//!   scaling, MXFP8 1×32 / 32×32 — with the reference's option types.
+//! * [`DeviceFp8`]: a quantized tensor on the device (codes + scales), downloadable as the
+//!   reference's [`Fp8Tensor`] so tests compare bytes and scales with `==`.
+//! * [`Engine::quantize`]: the rowwise and columnwise copies of a device tensor, as the
+//!   reference's [`Fp8Quantizer::quantize`](moe_reference::fp8::Fp8Quantizer::quantize).
+//! * [`Engine::fp8_gemm`]: `C[m, n] = (s_a·s_b)·(A·Bᵀ) (+ C)` for fp8 `A: [m, k]`, `B: [n, k]`
+//!   (both K-contiguous, cuBLASLt's TN layout), per-tensor f32 scale pointers
+//!   (`CUBLASLT_MATMUL_DESC_{A,B}_SCALE_POINTER`), f32 accumulation, bf16/fp16/f32 output.
+//!
+//! The kernels are compiled on first use (an engine that never quantizes never compiles them;
+//! the fp8 `cvt` needs sm_89 or later).
+
+use crate::engine::Engine;
+use crate::error::GpuError;
+use crate::memory::{DeviceBuffer, Region};
+use cudarc::cublaslt::{result as lt, sys as lt_sys};
+use cudarc::driver::{CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+use moe_reference::fp8::mxfp8::max_norm_rcp;
+use moe_reference::fp8::scale::max_finite_of;
+use moe_reference::fp8::{BlockTile, Fp8Format, Fp8Tensor, MxBlock, ScaleOptions, Scales, Usage};
+use moe_reference::Dtype;
+use ndarray::Array2;
+use std::ffi::c_void;
+
+/// The kernel source, embedded; compiled by NVRTC on first use.
+const FP8_CU: &str = include_str!("../kernels/fp8.cu");
+
+/// The f32 stride between the per-segment scales of a [`SegmentedFp8`]: each scale on its own
+/// 256-byte line, the alignment of a fresh allocation (what TE's scale tensors have).
+pub const SCALE_STRIDE: usize = 64;
+
+/// cuBLASLt workspace (TE uses 32 MiB on Hopper).
+const LT_WORKSPACE: usize = 32 << 20;
+
+/// Compiles `kernels/fp8.cu` for `arch`. Needs only libnvrtc, no GPU.
+pub fn compile_fp8_kernels(arch: &'static str) -> Result<cudarc::nvrtc::Ptx, GpuError> {
+    crate::nvrtc::compile(FP8_CU, "fp8.cu", arch, &[])
+}
+
+/// Which quantizer to run (the reference's quantizer types and options).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum QuantSpec {
+    /// Per-tensor current scaling ([`moe_reference::fp8::CurrentScalingQuantizer`]).
+    Current {
+        /// Element format.
+        format: Fp8Format,
+        /// Power-of-2 scales and amax epsilon.
+        options: ScaleOptions,
+    },
+    /// Block scaling ([`moe_reference::fp8::BlockQuantizer`]).
+    Block {
+        /// Element format.
+        format: Fp8Format,
+        /// 1×128 or 128×128.
+        tile: BlockTile,
+        /// Power-of-2 scales and amax epsilon.
+        options: ScaleOptions,
+    },
+    /// MXFP8 ([`moe_reference::fp8::Mxfp8Quantizer`]).
+    Mxfp8 {
+        /// Element format.
+        format: Fp8Format,
+        /// 1×32 or 32×32.
+        block: MxBlock,
+    },
+}
+
+impl QuantSpec {
+    /// The element format.
+    pub fn format(&self) -> Fp8Format {
+        match *self {
+            QuantSpec::Current { format, .. } | QuantSpec::Block { format, .. } | QuantSpec::Mxfp8 { format, .. } => {
+                format
+            }
+        }
+    }
+}
+
+/// The scales of a [`DeviceFp8`] on the device.
+#[derive(Debug)]
+pub enum DeviceScales {
+    /// One f32 `scale_inv` (4 bytes).
+    PerTensor(DeviceBuffer),
+    /// f32 `scale_inv` per `rows × cols` block, grid `[ceil(R/rows), ceil(C/cols)]` row-major.
+    Block {
+        /// Block height.
+        rows: usize,
+        /// Block width.
+        cols: usize,
+        /// The f32 factors.
+        scale_inv: DeviceBuffer,
+    },
+    /// One E8M0 byte per `rows × cols` block, same grid.
+    E8m0 {
+        /// Block height.
+        rows: usize,
+        /// Block width.
+        cols: usize,
+        /// The exponent bytes.
+        exponents: DeviceBuffer,
+    },
+}
+
+/// A quantized `[rows, cols]` tensor on the device.
+#[derive(Debug)]
+pub struct DeviceFp8 {
+    /// Element format.
+    pub format: Fp8Format,
+    /// Rows of the codes.
+    pub rows: usize,
+    /// Columns of the codes.
+    pub cols: usize,
+    /// The codes, row-major.
+    pub codes: DeviceBuffer,
+    /// The scales.
+    pub scales: DeviceScales,
+}
+
+/// The quantized copies of one tensor on the device (as the reference's `Quantized`).
+#[derive(Debug)]
+pub struct DeviceQuantized {
+    /// The `[M, N]` copy.
+    pub rowwise: Option<DeviceFp8>,
+    /// The `[N, M]` copy.
+    pub columnwise: Option<DeviceFp8>,
+}
+
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+fn shape_err(e: ndarray::ShapeError) -> GpuError {
+    GpuError::Shape(format!("fp8 download: {e}"))
+}
+
+impl DeviceFp8 {
+    /// Downloads codes and scales as the reference's [`Fp8Tensor`] (synchronizes).
+    pub fn download(&self, eng: &mut Engine) -> Result<Fp8Tensor, GpuError> {
+        let data =
+            Array2::from_shape_vec((self.rows, self.cols), eng.download_range(&self.codes, 0, self.rows * self.cols)?)
+                .map_err(shape_err)?;
+        let grid = |r: usize, c: usize| (self.rows.div_ceil(r), self.cols.div_ceil(c));
+        let scales = match &self.scales {
+            DeviceScales::PerTensor(b) => Scales::PerTensor { scale_inv: f32s(&eng.download_range(b, 0, 4)?)[0] },
+            DeviceScales::Block { rows, cols, scale_inv } => {
+                let (gr, gc) = grid(*rows, *cols);
+                let v = f32s(&eng.download_range(scale_inv, 0, gr * gc * 4)?);
+                Scales::Block {
+                    rows: *rows,
+                    cols: *cols,
+                    scale_inv: Array2::from_shape_vec((gr, gc), v).map_err(shape_err)?,
+                }
+            }
+            DeviceScales::E8m0 { rows, cols, exponents } => {
+                let (gr, gc) = grid(*rows, *cols);
+                let v = eng.download_range(exponents, 0, gr * gc)?;
+                Scales::E8m0 {
+                    rows: *rows,
+                    cols: *cols,
+                    exponents: Array2::from_shape_vec((gr, gc), v).map_err(shape_err)?,
+                }
+            }
+        };
+        Ok(Fp8Tensor { format: self.format, data, scales })
+    }
+}
+
+/// Mirrors `struct BlockParams` in `fp8.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct BlockParams {
+    tile_r: i32,
+    tile_c: i32,
+    trans: i32,
+    mode: i32,
+    pow2: i32,
+    fp8_max: f32,
+    eps: f32,
+    vinf: f32,
+    max_norm_rcp: f32,
+}
+
+// SAFETY: `BlockParams` is `repr(C)` plain old data (five i32 then four f32, no padding) and
+// matches the layout of the CUDA struct it is passed as.
+unsafe impl DeviceRepr for BlockParams {}
+
+/// A cuBLASLt handle (a raw pointer, not `Send` by itself).
+struct LtHandle(lt_sys::cublasLtHandle_t);
+
+// SAFETY: a cuBLASLt handle may be used from any thread as long as calls on it do not overlap;
+// it is owned by one engine, whose every use takes `&mut self` under the engine's lock.
+unsafe impl Send for LtHandle {}
+
+/// The loaded fp8 kernels and the cuBLASLt state of one engine.
+pub(crate) struct Fp8Engine {
+    amax: [CudaFunction; 3],
+    cast: [[CudaFunction; 2]; 3],
+    block: [[CudaFunction; 2]; 3],
+    compute_scales: CudaFunction,
+    transpose: CudaFunction,
+    lt: LtHandle,
+    lt_workspace: DeviceBuffer,
+    plans: std::collections::HashMap<PlanKey, Plan>,
+    launches: u64,
+}
+
+impl std::fmt::Debug for Fp8Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fp8Engine").field("launches", &self.launches).finish()
+    }
+}
+
+impl Drop for Fp8Engine {
+    fn drop(&mut self) {
+        // SAFETY: the handle was created by `create_handle` in `Fp8Engine::load` and is destroyed
+        // once, here; the engine's stream is synchronized by the owner before it drops.
+        let _ = unsafe { lt::destroy_handle(self.lt.0) };
+    }
+}
+
+fn dt_index(dt: Dtype) -> usize {
+    match dt {
+        Dtype::F32 => 0,
+        Dtype::Bf16 => 1,
+        Dtype::F16 => 2,
+    }
+}
+
+fn fmt_index(f: Fp8Format) -> usize {
+    match f {
+        Fp8Format::E4M3 => 0,
+        Fp8Format::E5M2 => 1,
+    }
+}
+
+/// `e` with the GEMM's description and the failing step.
+fn in_context(e: GpuError, step: &str, context: &str) -> GpuError {
+    match e {
+        GpuError::Unsupported(why) => GpuError::Unsupported(format!("{context}: {step}: {why}")),
+        GpuError::CublasLt(why) => GpuError::CublasLt(format!("{context}: {step}: {why}")),
+        other => other,
+    }
+}
+
+/// A cuBLASLt failure: `NOT_SUPPORTED` (no algorithm for this fp8 problem on this device) is a
+/// declared [`GpuError::Unsupported`], anything else an error.
+fn lt_err(e: lt::CublasError) -> GpuError {
+    if e.0 == lt_sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED {
+        GpuError::Unsupported(format!("cuBLASLt has no algorithm for this fp8 GEMM ({e:?})"))
+    } else {
+        GpuError::CublasLt(format!("{e:?}"))
+    }
+}
+
+impl Fp8Engine {
+    fn load(
+        eng_ctx: &std::sync::Arc<cudarc::driver::CudaContext>,
+        stream: &std::sync::Arc<CudaStream>,
+        arch: &'static str,
+    ) -> Result<Fp8Engine, GpuError> {
+        let module = eng_ctx.load_module(compile_fp8_kernels(arch)?)?;
+        let sfx = ["f32", "bf16", "f16"];
+        let fm = ["e4m3", "e5m2"];
+        let f = |n: String| module.load_function(&n);
+        let amax = [
+            f(format!("amax_seg_{}", sfx[0]))?,
+            f(format!("amax_seg_{}", sfx[1]))?,
+            f(format!("amax_seg_{}", sfx[2]))?,
+        ];
+        let pair = |base: &str, s: &str| -> Result<[CudaFunction; 2], GpuError> {
+            Ok([f(format!("{base}_{s}_{}", fm[0]))?, f(format!("{base}_{s}_{}", fm[1]))?])
+        };
+        let cast = [pair("cast_seg", sfx[0])?, pair("cast_seg", sfx[1])?, pair("cast_seg", sfx[2])?];
+        let block = [pair("block_quant", sfx[0])?, pair("block_quant", sfx[1])?, pair("block_quant", sfx[2])?];
+        let lt = LtHandle(lt::create_handle().map_err(|e| GpuError::CublasLt(format!("cuBLASLt unavailable: {e:?}")))?);
+        let mem = stream.alloc_zeros::<u8>(LT_WORKSPACE)?;
+        let lt_workspace = DeviceBuffer::new(mem, stream, LT_WORKSPACE)?;
+        Ok(Fp8Engine {
+            amax,
+            cast,
+            block,
+            compute_scales: f("compute_scales".into())?,
+            transpose: f("transpose_u8".into())?,
+            lt,
+            lt_workspace,
+            plans: Default::default(),
+            launches: 0,
+        })
+    }
+
+    /// Launches issued (kernels and cuBLASLt calls).
+    pub(crate) fn launches(&self) -> u64 {
+        self.launches
+    }
+}
+
+/// Launches `$f` on `$stream` with `$cfg` and the arguments unless the grid is empty; counts it.
+macro_rules! launch {
+    ($fe:expr, $stream:expr, $f:expr, $cfg:expr, [$($arg:expr),* $(,)?]) => {{
+        let cfg: LaunchConfig = $cfg;
+        if cfg.grid_dim.0 != 0 && cfg.grid_dim.1 != 0 {
+            let mut builder = $stream.launch_builder($f);
+            $(builder.arg($arg);)*
+            // SAFETY: the arguments are, in order and type, the parameters of the kernel's
+            // `extern "C"` signature in `fp8.cu` (pointers as 64-bit device addresses checked
+            // by the caller to hold what the kernel touches at these sizes, ints as i32,
+            // `BlockParams` by value); the launch shape is the one its contract asks for.
+            unsafe { builder.launch(cfg) }?;
+            $fe.launches += 1;
+        }
+    }};
+}
+
+/// The segment layout of a per-tensor quantization: `seg_off`, `seg_len` (i32 each) and the
+/// segment of each row (i32), uploaded.
+#[derive(Debug)]
+pub struct SegmentMap {
+    seg_off: DeviceBuffer,
+    seg_len: DeviceBuffer,
+    row_seg: DeviceBuffer,
+    lens: Vec<usize>,
+    rows: usize,
+}
+
+impl SegmentMap {
+    /// The layout of consecutive segments of `lens` rows each.
+    pub fn new(eng: &mut Engine, lens: &[usize]) -> Result<SegmentMap, GpuError> {
+        let mut off = Vec::new();
+        let mut row_seg = Vec::new();
+        let mut rows = 0usize;
+        for (s, &l) in lens.iter().enumerate() {
+            off.extend_from_slice(&i32::try_from(rows)?.to_le_bytes());
+            rows += l;
+            row_seg.extend(std::iter::repeat_n(i32::try_from(s)?.to_le_bytes(), l).flatten());
+        }
+        let len: Vec<u8> = lens
+            .iter()
+            .map(|&l| i32::try_from(l))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .flat_map(i32::to_le_bytes)
+            .collect();
+        Ok(SegmentMap {
+            seg_off: eng.upload(&off)?,
+            seg_len: eng.upload(&len)?,
+            row_seg: eng.upload(&row_seg)?,
+            lens: lens.to_vec(),
+            rows,
+        })
+    }
+
+    /// Segment row counts.
+    pub fn lens(&self) -> &[usize] {
+        &self.lens
+    }
+
+    /// The first row of each segment.
+    pub fn offsets(&self) -> Vec<usize> {
+        self.lens
+            .iter()
+            .scan(0, |acc, &l| {
+                let o = *acc;
+                *acc += l;
+                Some(o)
+            })
+            .collect()
+    }
+}
+
+/// Per-segment per-tensor scaled codes on the device: for segment `s` of `[rows_s, cols]`, the
+/// rowwise codes at rows `off_s..`, its columnwise copy (`[cols, rows_s]`, at byte
+/// `off_s·cols` of `codes_t`), `scale_inv` and the forward `scale` (f32 at index
+/// `s·`[`SCALE_STRIDE`]).
+#[derive(Debug)]
+pub struct SegmentedFp8 {
+    /// Element format.
+    pub format: Fp8Format,
+    /// Rows (all segments).
+    pub rows: usize,
+    /// Columns.
+    pub cols: usize,
+    /// Segments.
+    pub segments: usize,
+    /// Rowwise codes `[rows, cols]`.
+    pub codes: DeviceBuffer,
+    /// Per-segment transposed codes, when requested.
+    pub codes_t: Option<DeviceBuffer>,
+    /// f32 amax bits per segment.
+    pub amax: DeviceBuffer,
+    /// f32 scale per segment.
+    pub scale: DeviceBuffer,
+    /// f32 scale_inv per segment.
+    pub scale_inv: DeviceBuffer,
+}
+
+impl SegmentedFp8 {
+    /// Buffers for the segments of `map`, `cols` wide, in `format` (no columnwise copy yet).
+    pub fn alloc(eng: &mut Engine, map: &SegmentMap, cols: usize, format: Fp8Format) -> Result<SegmentedFp8, GpuError> {
+        let segs = map.lens.len();
+        Ok(SegmentedFp8 {
+            format,
+            rows: map.rows,
+            cols,
+            segments: segs,
+            codes: eng.alloc(map.rows * cols)?,
+            codes_t: None,
+            amax: eng.alloc(segs * 4)?,
+            scale: eng.alloc(segs * SCALE_STRIDE * 4)?,
+            scale_inv: eng.alloc(segs * SCALE_STRIDE * 4)?,
+        })
+    }
+
+    /// Whether these buffers hold the rows and segments of `map`.
+    pub fn fits(&self, map: &SegmentMap) -> bool {
+        self.rows == map.rows && self.segments == map.lens.len()
+    }
+
+    /// Segment `s`'s `scale_inv` (one f32 on the device).
+    pub fn scale_inv_at(&self, s: usize) -> Region<'_> {
+        self.scale_inv.at(4 * SCALE_STRIDE * s)
+    }
+}
+
+/// The alignment cuBLASLt may assume for a device address: its largest power-of-two divisor,
+/// at most 256 (TE's `_getAlignment`).
+fn alignment(addr: u64) -> u32 {
+    if addr == 0 {
+        256
+    } else {
+        1u32 << addr.trailing_zeros().min(8)
+    }
+}
+
+impl Engine {
+    /// The fp8 kernels and cuBLASLt state, loaded on first use.
+    pub(crate) fn fp8_engine(&mut self) -> Result<&mut Fp8Engine, GpuError> {
+        if self.fp8.is_none() {
+            let loaded = Fp8Engine::load(&self.ctx, &self.stream, self.arch())?;
+            self.fp8 = Some(Box::new(loaded));
+        }
+        self.fp8.as_deref_mut().ok_or_else(|| GpuError::Unsupported("fp8 engine".into()))
+    }
+
+    /// Per-tensor current scaling of each row segment of `x` (`[rows, cols]` in `dtype`),
+    /// one amax and scale per segment (TE's quantizer per expert): codes, optionally the
+    /// per-segment transposed copy (the columnwise copy: same codes), and the scales.
+    #[allow(clippy::too_many_arguments)]
+    pub fn quantize_segments(
+        &mut self,
+        x: &DeviceBuffer,
+        dtype: Dtype,
+        map: &SegmentMap,
+        cols: usize,
+        format: Fp8Format,
+        options: ScaleOptions,
+        columnwise: bool,
+    ) -> Result<SegmentedFp8, GpuError> {
+        let mut t = SegmentedFp8::alloc(self, map, cols, format)?;
+        self.quantize_segments_into(x, dtype, map, options, &mut t)?;
+        if columnwise {
+            self.transpose_segments(&mut t, map)?;
+        }
+        Ok(t)
+    }
+
+    /// [`Engine::quantize_segments`] into the buffers of `t` (its format and columns; rows and
+    /// segments of `map`), without the columnwise copy.
+    pub fn quantize_segments_into(
+        &mut self,
+        x: &DeviceBuffer,
+        dtype: Dtype,
+        map: &SegmentMap,
+        options: ScaleOptions,
+        t: &mut SegmentedFp8,
+    ) -> Result<(), GpuError> {
+        if !t.fits(map) {
+            return Err(GpuError::Shape(format!(
+                "fp8 quantize: buffers for {} rows in {} segments, asked for {} rows in {}",
+                t.rows,
+                t.segments,
+                map.rows,
+                map.lens.len()
+            )));
+        }
+        let (segs, rows, cols, format) = (map.lens.len(), map.rows, t.cols, t.format);
+        let scale_bytes = segs * SCALE_STRIDE * 4;
+        self.fill_bytes(&mut t.amax, 0)?;
+        let stream = self.stream.clone();
+        let fe = self.fp8_engine()?;
+        let xa = x.addr(0, rows * cols * dtype.size_bytes(), "fp8 quantize input")?;
+        let (off, len, rs) = (
+            map.seg_off.addr(0, segs * 4, "seg_off")?,
+            map.seg_len.addr(0, segs * 4, "seg_len")?,
+            map.row_seg.addr(0, rows * 4, "row_seg")?,
+        );
+        let (am, sc, si, co) = (
+            t.amax.addr(0, segs * 4, "amax")?,
+            t.scale.addr(0, scale_bytes, "scale")?,
+            t.scale_inv.addr(0, scale_bytes, "scale_inv")?,
+            t.codes.addr(0, rows * cols, "codes")?,
+        );
+        // Eight elements per load where every row starts 16-byte aligned.
+        let vec = i32::from(cols.is_multiple_of(8) && xa.is_multiple_of(16));
+        let ci = i32::try_from(cols)?;
+        let max_seg = map.lens.iter().copied().max().unwrap_or(0) * cols;
+        let per_thread = if vec == 1 { 8 * 4 } else { 4 };
+        let bx = max_seg.div_ceil(256 * per_thread).clamp(1, 1024) as u32;
+        let cfg = LaunchConfig { grid_dim: (bx, u32::try_from(segs)?, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        launch!(fe, stream, &fe.amax[dt_index(dtype)], cfg, [&xa, &off, &len, &ci, &vec, &am]);
+        let (fmax, pow2, eps, vinf) =
+            (format.max_finite(), i32::from(options.force_pow_2_scales), options.amax_epsilon, f32::MAX);
+        let si32 = i32::try_from(segs)?;
+        let cfg =
+            LaunchConfig { grid_dim: (segs.div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let stride = SCALE_STRIDE as i32;
+        launch!(fe, stream, &fe.compute_scales, cfg, [&am, &si32, &stride, &fmax, &pow2, &eps, &vinf, &sc, &si]);
+        let ri = i32::try_from(rows)?;
+        let blocks = if vec == 1 { (rows * cols / 8).div_ceil(256 * 4) } else { rows };
+        let cfg = LaunchConfig {
+            grid_dim: (blocks.clamp(0, 132 * 32) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(
+            fe,
+            stream,
+            &fe.cast[dt_index(dtype)][fmt_index(format)],
+            cfg,
+            [&xa, &rs, &ri, &ci, &sc, &stride, &vec, &co]
+        );
+        Ok(())
+    }
+
+    /// Writes the columnwise copy of `t` (each segment's codes transposed, `[cols, rows_s]` at
+    /// byte `off_s·cols`), allocating it on first use.
+    pub fn transpose_segments(&mut self, t: &mut SegmentedFp8, map: &SegmentMap) -> Result<(), GpuError> {
+        if !t.fits(map) {
+            return Err(GpuError::Shape("fp8 transpose: the segments are not the quantized tensor's".into()));
+        }
+        let (rows, cols) = (t.rows, t.cols);
+        if t.codes_t.is_none() {
+            t.codes_t = Some(self.alloc(rows * cols)?);
+        }
+        let stream = self.stream.clone();
+        let fe = self.fp8_engine()?;
+        let ci = i32::try_from(cols)?;
+        let codes_t = t.codes_t.as_ref().ok_or_else(|| GpuError::Shape("fp8 transpose output".into()))?;
+        let mut start = 0usize;
+        for &l in &map.lens {
+            let src = t.codes.addr(start * cols, l * cols, "transpose input")?;
+            let dst = codes_t.addr(start * cols, l * cols, "transpose output")?;
+            let (li, cfg) = (i32::try_from(l)?, transpose_cfg(l, cols)?);
+            launch!(fe, stream, &fe.transpose, cfg, [&src, &li, &ci, &dst]);
+            start += l;
+        }
+        Ok(())
+    }
+
+    /// Quantizes `x` (`[rows, cols]` values of `dtype` on the device) with `spec` into the
+    /// copies `usage` asks for, as the reference quantizer of the same spec does (its
+    /// columnwise copy is the `[cols, rows]` tensor the GEMM reads).
+    pub fn quantize(
+        &mut self,
+        spec: QuantSpec,
+        x: &DeviceBuffer,
+        dtype: Dtype,
+        (rows, cols): (usize, usize),
+        usage: Usage,
+    ) -> Result<DeviceQuantized, GpuError> {
+        x.addr(0, rows * cols * dtype.size_bytes(), "fp8 quantize input")?;
+        match spec {
+            QuantSpec::Current { format, options } => {
+                let map = SegmentMap::new(self, &[rows])?;
+                let q = self.quantize_segments(x, dtype, &map, cols, format, options, usage.columnwise)?;
+                let inv_t = if usage.columnwise { Some(self.alloc(4)?) } else { None };
+                let mut inv_t = inv_t;
+                if let Some(b) = inv_t.as_mut() {
+                    self.copy(b, 0, &q.scale_inv, 0, 4)?;
+                }
+                let SegmentedFp8 { codes, codes_t, scale_inv, .. } = q;
+                Ok(DeviceQuantized {
+                    rowwise: usage.rowwise.then_some(DeviceFp8 {
+                        format,
+                        rows,
+                        cols,
+                        codes,
+                        scales: DeviceScales::PerTensor(scale_inv),
+                    }),
+                    columnwise: codes_t.zip(inv_t).map(|(c, s)| DeviceFp8 {
+                        format,
+                        rows: cols,
+                        cols: rows,
+                        codes: c,
+                        scales: DeviceScales::PerTensor(s),
+                    }),
+                })
+            }
+            QuantSpec::Block { format, tile, options } => {
+                let [tr, tc] = tile.dims();
+                let bp = |trans: bool| BlockParams {
+                    tile_r: tr as i32,
+                    tile_c: tc as i32,
+                    trans: i32::from(trans),
+                    mode: 0,
+                    pow2: i32::from(options.force_pow_2_scales),
+                    fp8_max: format.max_finite(),
+                    eps: options.amax_epsilon,
+                    vinf: max_finite_of(dtype),
+                    max_norm_rcp: 0.0,
+                };
+                let rowwise = if usage.rowwise {
+                    Some(self.block_quantize(x, dtype, (rows, cols), format, bp(false))?)
+                } else {
+                    None
+                };
+                let columnwise = if usage.columnwise {
+                    Some(self.block_quantize(x, dtype, (rows, cols), format, bp(true))?)
+                } else {
+                    None
+                };
+                Ok(DeviceQuantized { rowwise, columnwise })
+            }
+            QuantSpec::Mxfp8 { format, block } => {
+                moe_reference::fp8::mxfp8::check_mxfp8_shape("fp8 quantize input", [rows, cols])?;
+                let [br, bc] = block.dims();
+                let bp = |trans: bool| BlockParams {
+                    tile_r: br as i32,
+                    tile_c: bc as i32,
+                    trans: i32::from(trans),
+                    mode: 1,
+                    max_norm_rcp: max_norm_rcp(format),
+                    fp8_max: format.max_finite(),
+                    ..BlockParams::default()
+                };
+                let rowwise = if usage.rowwise {
+                    Some(self.block_quantize(x, dtype, (rows, cols), format, bp(false))?)
+                } else {
+                    None
+                };
+                let columnwise = if usage.columnwise {
+                    Some(self.block_quantize(x, dtype, (rows, cols), format, bp(true))?)
+                } else {
+                    None
+                };
+                Ok(DeviceQuantized { rowwise, columnwise })
+            }
+        }
+    }
+
+    /// One `block_quant` launch: the logical tensor (`x` or `xᵀ`) in tiles of `bp`.
+    fn block_quantize(
+        &mut self,
+        x: &DeviceBuffer,
+        dtype: Dtype,
+        (rows, cols): (usize, usize),
+        format: Fp8Format,
+        bp: BlockParams,
+    ) -> Result<DeviceFp8, GpuError> {
+        let (r, c) = if bp.trans != 0 { (cols, rows) } else { (rows, cols) };
+        let (tr, tc) = (bp.tile_r as usize, bp.tile_c as usize);
+        let (gr, gc) = (r.div_ceil(tr), c.div_ceil(tc));
+        let codes = self.alloc(r * c)?;
+        let scale_bytes = if bp.mode == 0 { gr * gc * 4 } else { gr * gc };
+        let scales = self.alloc(scale_bytes)?;
+        let stream = self.stream.clone();
+        let fe = self.fp8_engine()?;
+        let xa = x.addr(0, rows * cols * dtype.size_bytes(), "fp8 quantize input")?;
+        let co = codes.addr(0, r * c, "codes")?;
+        let sa = scales.addr(0, scale_bytes, "scales")?;
+        let (f32_scales, e8m0) = if bp.mode == 0 { (sa, 0u64) } else { (0u64, sa) };
+        let (ri, ci) = (i32::try_from(rows)?, i32::try_from(cols)?);
+        let cfg = LaunchConfig {
+            grid_dim: (u32::try_from(gc)?, u32::try_from(gr)?, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(
+            fe,
+            stream,
+            &fe.block[dt_index(dtype)][fmt_index(format)],
+            cfg,
+            [&xa, &ri, &ci, &bp, &co, &f32_scales, &e8m0]
+        );
+        let scales = if bp.mode == 0 {
+            DeviceScales::Block { rows: tr, cols: tc, scale_inv: scales }
+        } else {
+            DeviceScales::E8m0 { rows: tr, cols: tc, exponents: scales }
+        };
+        Ok(DeviceFp8 { format, rows: r, cols: c, codes, scales })
+    }
+
+    /// `C[m, n] = s_a·s_b·(A·Bᵀ) + beta·C` through cuBLASLt: `A` fp8 `[m, k]` and `B` fp8
+    /// `[n, k]` row-major (K contiguous: cuBLASLt's TN layout), `a_scale_inv`/`b_scale_inv` one
+    /// f32 each on the device, `C` `[m, n]` row-major in `out_dt`, f32 accumulation, beta 0 or
+    /// 1, `fast_accum` as TE's `use_split_accumulator = !fast_accum`. `k = 0` writes zeros
+    /// (beta 0) or leaves `C` (beta 1); `m = 0` or `n = 0` writes nothing.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fp8_gemm(
+        &mut self,
+        (m, n, k): (usize, usize, usize),
+        a: (Region<'_>, Fp8Format, Region<'_>),
+        b: (Region<'_>, Fp8Format, Region<'_>),
+        c: Region<'_>,
+        out_dt: Dtype,
+        beta: f32,
+        fast_accum: bool,
+    ) -> Result<(), GpuError> {
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let c_addr = c.addr(m * n * out_dt.size_bytes(), "fp8 GEMM output C")?;
+        if k == 0 {
+            if beta == 0.0 {
+                let bytes = m * n * out_dt.size_bytes();
+                // SAFETY: `c_addr` starts `bytes` bytes inside a live allocation of this engine
+                // (checked above); the memset is ordered on the engine's stream.
+                unsafe { cudarc::driver::result::memset_d8_async(c_addr, 0, bytes, self.stream.cu_stream()) }?;
+            }
+            return Ok(());
+        }
+        if a.1 == Fp8Format::E5M2 && b.1 == Fp8Format::E5M2 {
+            return Err(GpuError::Unsupported("fp8 GEMM: e5m2 x e5m2 is not supported by cuBLASLt".into()));
+        }
+        if !k.is_multiple_of(16) {
+            return Err(GpuError::Unsupported(format!("fp8 GEMM: k = {k} is not a multiple of 16 (cuBLASLt fp8)")));
+        }
+        let a_addr = a.0.addr(m * k, "fp8 GEMM operand A")?;
+        let b_addr = b.0.addr(n * k, "fp8 GEMM operand B")?;
+        let sa = a.2.addr(4, "fp8 GEMM scale_inv A")?;
+        let sb = b.2.addr(4, "fp8 GEMM scale_inv B")?;
+        let context = format!(
+            "fp8 GEMM (m, n, k) = ({m}, {n}, {k}), {}x{}, fast_accum {fast_accum}, beta {beta}, alignments A {} B {} C {} \
+             scale_inv A {} B {}",
+            a.1,
+            b.1,
+            alignment(a_addr),
+            alignment(b_addr),
+            alignment(c_addr),
+            alignment(sa),
+            alignment(sb)
+        );
+        let stream = self.stream.cu_stream();
+        let fe = self.fp8_engine()?;
+        let ws = fe.lt_workspace.addr(0, LT_WORKSPACE, "cuBLASLt workspace")?;
+        let key = PlanKey {
+            dims: (m, n, k),
+            formats: (a.1, b.1),
+            out: out_dt,
+            fast_accum,
+            beta_one: beta != 0.0,
+            align: [alignment(a_addr), alignment(b_addr), alignment(c_addr)],
+        };
+        if !fe.plans.contains_key(&key) {
+            if fe.plans.len() >= PLAN_CACHE_LIMIT {
+                fe.plans.clear();
+            }
+            let plan = Plan::new(fe.lt.0, &key, (sa, sb)).map_err(|e| in_context(e, "plan", &context))?;
+            fe.plans.insert(key, plan);
+        }
+        let plan = fe.plans.get(&key).ok_or_else(|| GpuError::CublasLt("plan cache".into()))?;
+        plan.set_scales(sa, sb)?;
+        let alpha = 1f32;
+        // SAFETY: A, B, C and the scales are device ranges checked above to hold what this GEMM
+        // reads and writes, and the plan's layouts describe exactly these shapes (its key); the
+        // workspace is the engine's, `LT_WORKSPACE` bytes; the call is ordered on the engine's
+        // stream (the driver and runtime stream types are the same `CUstream_st` handle).
+        unsafe {
+            lt::matmul(
+                fe.lt.0,
+                plan.desc,
+                (&alpha as *const f32).cast(),
+                (&beta as *const f32).cast(),
+                b_addr as *const c_void,
+                plan.la,
+                a_addr as *const c_void,
+                plan.lb,
+                c_addr as *const c_void,
+                plan.lc,
+                c_addr as *mut c_void,
+                plan.lc,
+                &plan.algo,
+                ws as *mut c_void,
+                LT_WORKSPACE,
+                stream as lt_sys::cudaStream_t,
+            )
+        }
+        .map_err(|e| in_context(lt_err(e), "cublasLtMatmul", &context))?;
+        fe.launches += 1;
+        Ok(())
+    }
+}
+
+/// Plans kept per engine before the cache is emptied (a bench or test makes a few hundred).
+const PLAN_CACHE_LIMIT: usize = 4096;
+
+/// What a cuBLASLt fp8 plan depends on: shape, formats, output type, accumulation, beta and
+/// the operands' alignments (the scale pointers are set per call).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct PlanKey {
+    dims: (usize, usize, usize),
+    formats: (Fp8Format, Fp8Format),
+    out: Dtype,
+    fast_accum: bool,
+    beta_one: bool,
+    align: [u32; 3],
+}
+
+/// A cuBLASLt fp8 GEMM ready to run: descriptor, layouts and the heuristic's algorithm.
+struct Plan {
+    desc: lt_sys::cublasLtMatmulDesc_t,
+    la: lt_sys::cublasLtMatrixLayout_t,
+    lb: lt_sys::cublasLtMatrixLayout_t,
+    lc: lt_sys::cublasLtMatrixLayout_t,
+    algo: lt_sys::cublasLtMatmulAlgo_t,
+}
+
+// SAFETY: the descriptors are plain cuBLASLt objects owned by one engine's plan cache, used only
+// under the engine's `&mut self`, never concurrently.
+unsafe impl Send for Plan {}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        // SAFETY: each object was created in `Plan::new` and is destroyed once, here.
+        unsafe {
+            let _ = lt::destroy_matmul_desc(self.desc);
+            let _ = lt::destroy_matrix_layout(self.lc);
+            let _ = lt::destroy_matrix_layout(self.lb);
+            let _ = lt::destroy_matrix_layout(self.la);
+        }
+    }
+}
+
+impl Plan {
+    /// Builds the plan of `key` (column-major view: `D[n, m] = op(A_lt)·op(B_lt)` with
+    /// `A_lt` = B stored `[k, n]`, ld k, transposed, and `B_lt` = A stored `[k, m]`, ld k; D ld
+    /// n), with the scale pointers `scales` = (A's, B's) set before the heuristic query.
+    fn new(handle: lt_sys::cublasLtHandle_t, key: &PlanKey, scales: (u64, u64)) -> Result<Plan, GpuError> {
+        let (m, n, k) = key.dims;
+        let lt_type = |f: Fp8Format| match f {
+            Fp8Format::E4M3 => lt_sys::cudaDataType::CUDA_R_8F_E4M3,
+            Fp8Format::E5M2 => lt_sys::cudaDataType::CUDA_R_8F_E5M2,
+        };
+        let out_type = match key.out {
+            Dtype::F32 => lt_sys::cudaDataType::CUDA_R_32F,
+            Dtype::Bf16 => lt_sys::cudaDataType::CUDA_R_16BF,
+            Dtype::F16 => lt_sys::cudaDataType::CUDA_R_16F,
+        };
+        let (m64, n64, k64) = (m as u64, n as u64, k as u64);
+        let la = lt::create_matrix_layout(lt_type(key.formats.1), k64, n64, k as i64).map_err(lt_err)?;
+        let mut plan = Plan {
+            desc: std::ptr::null_mut(),
+            la,
+            lb: std::ptr::null_mut(),
+            lc: std::ptr::null_mut(),
+            algo: lt_sys::cublasLtMatmulAlgo_t { data: [0; 8] },
+        };
+        plan.lb = lt::create_matrix_layout(lt_type(key.formats.0), k64, m64, k as i64).map_err(lt_err)?;
+        plan.lc = lt::create_matrix_layout(out_type, n64, m64, n as i64).map_err(lt_err)?;
+        plan.desc =
+            lt::create_matmul_desc(lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, lt_sys::cudaDataType::CUDA_R_32F)
+                .map_err(lt_err)?;
+        use lt_sys::cublasLtMatmulDescAttributes_t as A;
+        // cublasOperation_t as i32: CUBLAS_OP_N = 0, CUBLAS_OP_T = 1.
+        let (ta, tb) = (1i32, 0i32);
+        plan.set(A::CUBLASLT_MATMUL_DESC_TRANSA, (&ta as *const i32).cast(), 4)?;
+        plan.set(A::CUBLASLT_MATMUL_DESC_TRANSB, (&tb as *const i32).cast(), 4)?;
+        let fast = i8::from(key.fast_accum);
+        plan.set(A::CUBLASLT_MATMUL_DESC_FAST_ACCUM, (&fast as *const i8).cast(), 1)?;
+        plan.set_scales(scales.0, scales.1)?;
+        let pref = lt::create_matmul_pref().map_err(lt_err)?;
+        let found = (|| -> Result<lt_sys::cublasLtMatmulAlgo_t, GpuError> {
+            use lt_sys::cublasLtMatmulPreferenceAttributes_t as P;
+            let wsb = LT_WORKSPACE as u64;
+            // SAFETY: `pref` is a live preference; the attribute is a u64 byte count.
+            unsafe {
+                lt::set_matmul_pref_attribute(
+                    pref,
+                    P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                    (&wsb as *const u64).cast(),
+                    8,
+                )
+            }
+            .map_err(lt_err)?;
+            // The operands' real alignments (cuBLASLt otherwise assumes 256 bytes), as TE sets them.
+            let [aa, ab, ac] = key.align;
+            for (attr, bytes) in [
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, ab),
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, aa),
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, ac),
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, ac),
+            ] {
+                // SAFETY: `pref` is a live preference; the attribute is a u32 byte count.
+                unsafe { lt::set_matmul_pref_attribute(pref, attr, (&bytes as *const u32).cast(), 4) }
+                    .map_err(lt_err)?;
+            }
+            // SAFETY: the descriptor and layouts are live and describe the GEMM of `key`.
+            let h =
+                unsafe { lt::get_matmul_algo_heuristic(handle, plan.desc, plan.la, plan.lb, plan.lc, plan.lc, pref) }
+                    .map_err(|e| in_context(lt_err(e), "no algorithm (heuristic)", ""))?;
+            Ok(h.algo)
+        })();
+        // SAFETY: `pref` was created above and is destroyed once.
+        let _ = unsafe { lt::destroy_matmul_pref(pref) };
+        plan.algo = found?;
+        Ok(plan)
+    }
+
+    /// Sets one attribute of the descriptor.
+    fn set(&self, attr: lt_sys::cublasLtMatmulDescAttributes_t, p: *const c_void, size: usize) -> Result<(), GpuError> {
+        // SAFETY: `desc` is a live descriptor; `p` points to `size` bytes of the attribute's
+        // documented type, alive for the call.
+        unsafe { lt::set_matmul_desc_attribute(self.desc, attr, p, size) }.map_err(lt_err)
+    }
+
+    /// Points the descriptor at this call's scales: `sa` of the row-major A (cuBLASLt's B),
+    /// `sb` of B (cuBLASLt's A).
+    fn set_scales(&self, sa: u64, sb: u64) -> Result<(), GpuError> {
+        use lt_sys::cublasLtMatmulDescAttributes_t as A;
+        self.set(A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, (&sb as *const u64).cast(), 8)?;
+        self.set(A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, (&sa as *const u64).cast(), 8)
+    }
+}
+
+/// `transpose_u8`'s grid for a `[rows, cols]` input.
+fn transpose_cfg(rows: usize, cols: usize) -> Result<LaunchConfig, GpuError> {
+    Ok(LaunchConfig {
+        grid_dim: (u32::try_from(cols.div_ceil(32))?, u32::try_from(rows.div_ceil(32))?, 1),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Compiles `fp8.cu` where libnvrtc is loadable (no GPU needed) and checks each entry point
+    /// the engine loads is in the PTX: a renamed kernel fails here rather than on the GPU.
+    #[test]
+    fn fp8_kernels_compile_with_nvrtc_for_sm_90() {
+        if !crate::nvrtc::nvrtc_present() {
+            crate::print_skip("SKIP gpu::fp8_kernels_compile_with_nvrtc_for_sm_90: libnvrtc not found");
+            return;
+        }
+        let ptx = compile_fp8_kernels("sm_90").unwrap_or_else(|e| panic!("{e}"));
+        let src = ptx.to_src();
+        let mut names = vec!["compute_scales".to_string(), "transpose_u8".to_string()];
+        for s in ["f32", "bf16", "f16"] {
+            names.push(format!("amax_seg_{s}"));
+            for f in ["e4m3", "e5m2"] {
+                names.push(format!("cast_seg_{s}_{f}"));
+                names.push(format!("block_quant_{s}_{f}"));
+            }
+        }
+        for name in names {
+            assert!(src.contains(&format!(".entry {name}(")), "{name} missing from the PTX");
+        }
+    }
+}
+
+#[cfg(test)]
+mod alignment_tests {
+    use super::alignment;
+
+    /// cuBLASLt is told each operand's real alignment (its largest power-of-two divisor, at
+    /// most 256): an overstated one lets the heuristic pick a kernel the pointer cannot feed.
+    #[test]
+    fn alignment_is_the_largest_power_of_two_divisor_up_to_256() {
+        assert_eq!(alignment(0x1000), 256);
+        assert_eq!(alignment(0x1010), 16);
+        assert_eq!(alignment(0x1008), 8);
+        assert_eq!(alignment(0x1001), 1);
+        assert_eq!(alignment(0x1080), 128);
+        assert_eq!(alignment(0), 256);
+    }
+}

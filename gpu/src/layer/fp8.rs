@@ -1,0 +1,408 @@
+//! The passes of a [`DeviceLayer`] whose configuration has fp8 (issue 13): the bf16 passes with
+//! every GEMM replaced by TransformerEngine's fp8 GEMM, as `moe_reference::layer` emulates it.
+//!
+//! Recipe on the GPU: per-tensor current scaling (`tensorwise`), one quantizer per expert and
+//! operand (TE `GroupedLinear`'s `num_gemms` quantizers): `x`, `W1`, `u`, `W2` in the forward,
+//! `dy` of fc2 and fc1 in the backward, each with its transposed (columnwise) copy for dgrad
+//! and wgrad (`moe_reference::fp8` module doc). GEMMs through cuBLASLt with per-tensor scale
+//! pointers, fast accumulation for fprop and split accumulation for dgrad and wgrad (TE's
+//! `MMParams` defaults of `Float8CurrentScaling`). Everything outside the GEMMs (activation,
+//! probs, bias adds and bias grads) is the bf16 path's kernels, unchanged.
+//!
+//! Declared skips ([`fp8_support`]): delayed scaling (its amax history is not kept on the GPU),
+//! blockwise (the block-scaled cuBLASLt GEMMs are not wired), MXFP8 (cuBLASLt runs MXFP8 GEMMs
+//! on Blackwell only), GroupedMLP, `activation_func_fp8_input_store`, and shapes cuBLASLt's fp8
+//! GEMMs refuse (a dimension or an expert's padded rows not a multiple of 16).
+
+use super::{DeviceLayer, Dims, Workspace};
+use crate::engine::Engine;
+use crate::error::GpuError;
+use crate::fp8::{SegmentMap, SegmentedFp8};
+use crate::kernels::ActParams;
+use moe_reference::fp8::{Fp8Format, Fp8Recipe, ScaleOptions, TensorRole};
+use moe_reference::{Dtype, Fp8Config, LayerClass, LayerConfig};
+
+/// TE's `Float8CurrentScaling` GEMM parameters: fprop with fast accumulation
+/// (`use_split_accumulator=False`), dgrad and wgrad with split accumulation.
+const FPROP_FAST_ACCUM: bool = true;
+const DGRAD_FAST_ACCUM: bool = false;
+const WGRAD_FAST_ACCUM: bool = false;
+
+/// The quantized weights of a layer (rowwise and columnwise), made on its first fp8 call.
+#[derive(Debug)]
+pub(crate) struct Fp8Weights {
+    w1: SegmentedFp8,
+    w2: SegmentedFp8,
+}
+
+/// The quantized activations of one call: the forward's (kept for backward, their columnwise
+/// copies made by the backward) and the backward's output gradients (kept for a deferred
+/// `backward_dw`). The buffers stay in the workspace and are reused by its next call.
+#[derive(Debug)]
+pub(crate) struct Fp8Operands {
+    tok: SegmentMap,
+    x: SegmentedFp8,
+    u: SegmentedFp8,
+    g: Option<SegmentedFp8>,
+    da: Option<SegmentedFp8>,
+    /// Set by the backward of this forward: `g`, `da` and the columnwise copies are current.
+    backward_done: bool,
+}
+
+/// `prev` when its buffers fit `map`, else new ones.
+fn reuse(
+    eng: &mut Engine,
+    prev: Option<SegmentedFp8>,
+    map: &SegmentMap,
+    cols: usize,
+    format: Fp8Format,
+) -> Result<SegmentedFp8, GpuError> {
+    match prev {
+        Some(t) if t.fits(map) && t.cols == cols && t.format == format => Ok(t),
+        _ => SegmentedFp8::alloc(eng, map, cols, format),
+    }
+}
+
+/// Whether the fp8 CUDA path runs `cfg` (with `padded` rows per expert when known): its fp8
+/// configuration, or the declared reason it does not.
+pub fn fp8_support(cfg: &LayerConfig, padded: Option<&[usize]>) -> Result<Fp8Config, GpuError> {
+    let f = cfg.fp8.ok_or_else(|| GpuError::Unsupported("not an fp8 configuration".into()))?;
+    let skip = |why: String| Err(GpuError::Unsupported(format!("fp8 {} on the GPU: {why}", f.label())));
+    match f.recipe {
+        Fp8Recipe::Tensorwise => {}
+        Fp8Recipe::Delayed => {
+            return skip("delayed scaling (amax history across calls) is not implemented on the GPU".into())
+        }
+        Fp8Recipe::Blockwise => {
+            return skip(
+                "block-scaled cuBLASLt GEMMs (VEC128_32F / BLK128x128_32F) are not wired into the layers yet".into(),
+            )
+        }
+        Fp8Recipe::Mxfp8 => {
+            return skip("cuBLASLt runs MXFP8 (VEC32_UE8M0) GEMMs on Blackwell (sm_100) only, not on Hopper".into())
+        }
+    }
+    if cfg.class == LayerClass::Grouped {
+        return skip("GroupedMLP has no TransformerEngine fp8 path".into());
+    }
+    if f.activation_input_store {
+        return skip("activation_func_fp8_input_store is not implemented on the GPU".into());
+    }
+    for (what, dim) in [("hidden_size", cfg.hidden_size), ("fc1 width N1", cfg.n1()), ("fc2 width N2", cfg.n2())] {
+        if !dim.is_multiple_of(16) {
+            return skip(format!("{what} = {dim} is not a multiple of 16 (cuBLASLt fp8 GEMM operands)"));
+        }
+    }
+    if let Some((e, rows)) = padded.and_then(|p| p.iter().enumerate().find(|(_, r)| !r.is_multiple_of(16))) {
+        return skip(format!("expert {e} has {rows} rows, not a multiple of 16 (the wgrad GEMM's K)"));
+    }
+    Ok(f)
+}
+
+/// The element format of each operand role.
+fn formats(f: &Fp8Config) -> (Fp8Format, Fp8Format, Fp8Format) {
+    (
+        f.format.format_for(TensorRole::Input),
+        f.format.format_for(TensorRole::Weight),
+        f.format.format_for(TensorRole::GradOutput),
+    )
+}
+
+fn options(f: &Fp8Config) -> ScaleOptions {
+    ScaleOptions { force_pow_2_scales: f.power_2_scales, amax_epsilon: 0.0 }
+}
+
+/// One operand of a per-expert fp8 GEMM: expert `e`'s codes starting at row `row` of a
+/// `cols`-wide tensor (`transposed`: its columnwise copy, which starts at the same byte).
+fn op<'a>(
+    t: &'a SegmentedFp8,
+    e: usize,
+    row: usize,
+    transposed: bool,
+) -> Result<(crate::memory::Region<'a>, Fp8Format, crate::memory::Region<'a>), GpuError> {
+    let codes = if transposed {
+        t.codes_t.as_ref().ok_or_else(|| GpuError::Shape("fp8 operand has no columnwise copy".into()))?
+    } else {
+        &t.codes
+    };
+    Ok((codes.at(row * t.cols), t.format, t.scale_inv_at(e)))
+}
+
+impl DeviceLayer {
+    /// The fp8 forward: [`DeviceLayer::forward`] with fp8 fc1 and fc2 GEMMs.
+    pub(super) fn forward_fp8(&self, eng: &mut Engine, ws: &mut Workspace) -> Result<(), GpuError> {
+        let (cfg, w) = (&self.cfg, &self.weights);
+        let f = fp8_support(cfg, Some(&ws.padded))?;
+        let d = Dims::of(cfg);
+        let (fi, fw, _) = formats(&f);
+        let opts = options(&f);
+        if ws.poison {
+            for b in [&mut ws.a, &mut ws.u, &mut ws.y].into_iter().chain(ws.xs.as_mut()) {
+                eng.poison(b)?;
+            }
+        }
+        if let Some(xs) = ws.xs.as_mut() {
+            let Engine { kernels, stream, .. } = &mut *eng;
+            kernels.scale_rows(stream, d.dt, &ws.x, &ws.p, xs, ws.rows, d.h)?;
+        }
+        let prev = ws.fp8.take();
+        let (tok, px, pu, pg, pda) = match prev {
+            Some(o) if o.tok.lens() == ws.padded.as_slice() => (o.tok, Some(o.x), Some(o.u), o.g, o.da),
+            _ => (SegmentMap::new(eng, &ws.padded)?, None, None, None, None),
+        };
+        let el = ws.padded.len();
+        if self.fp8_weights.get().is_none() {
+            let w1map = SegmentMap::new(eng, &vec![d.n1; el])?;
+            let w1 = eng.quantize_segments(&w.w1, d.dt, &w1map, d.h, fw, opts, true)?;
+            let w2map = SegmentMap::new(eng, &vec![d.h; el])?;
+            let w2 = eng.quantize_segments(&w.w2, d.dt, &w2map, d.n2, fw, opts, true)?;
+            let _ = self.fp8_weights.set(Fp8Weights { w1, w2 });
+        }
+        let wq = self.fp8_weights.get().ok_or_else(|| GpuError::Shape("fp8 weights not quantized".into()))?;
+        let (w1q, w2q) = (&wq.w1, &wq.w2);
+        let xin = ws.xs.as_ref().unwrap_or(&ws.x);
+        let mut xq = reuse(eng, px, &tok, d.h, fi)?;
+        eng.quantize_segments_into(xin, d.dt, &tok, opts, &mut xq)?;
+        let beta = match (&w.b1, cfg.class) {
+            (Some(b1), LayerClass::TeGrouped) => {
+                let Engine { kernels, stream, .. } = &mut *eng;
+                kernels.fill_bias_rows(stream, d.dt, &mut ws.a, b1, &ws.map, d.n1)?;
+                1.0
+            }
+            _ => 0.0,
+        };
+        for e in 0..el {
+            let (m, off) = (ws.padded[e], ws.offsets[e]);
+            let c = ws.a.at(off * d.n1 * d.ds);
+            eng.fp8_gemm(
+                (m, d.n1, d.h),
+                op(&xq, e, off, false)?,
+                op(w1q, e, e * d.n1, false)?,
+                c,
+                d.dt,
+                beta,
+                FPROP_FAST_ACCUM,
+            )?;
+        }
+        let seq_b1 = if cfg.class == LayerClass::Sequential { w.b1.as_ref() } else { None };
+        let p_act = ws.p_act.as_ref().unwrap_or(&ws.p);
+        let Engine { kernels, stream, .. } = &mut *eng;
+        kernels.act_fwd(stream, d.dt, ActParams::of(cfg), &mut ws.a, seq_b1, p_act, &ws.map, &mut ws.u, d.n2)?;
+        let mut uq = reuse(eng, pu, &tok, d.n2, fi)?;
+        eng.quantize_segments_into(&ws.u, d.dt, &tok, opts, &mut uq)?;
+        for e in 0..el {
+            let (m, off) = (ws.padded[e], ws.offsets[e]);
+            let c = ws.y.at(off * d.h * d.ds);
+            eng.fp8_gemm(
+                (m, d.h, d.n2),
+                op(&uq, e, off, false)?,
+                op(w2q, e, e * d.h, false)?,
+                c,
+                d.dt,
+                0.0,
+                FPROP_FAST_ACCUM,
+            )?;
+        }
+        if let Some(b2) = &w.b2 {
+            let probs_in_storage = cfg.probs_dtype == cfg.params_dtype && cfg.params_dtype != Dtype::F32;
+            let p_act = ws.p_act.as_ref().unwrap_or(&ws.p);
+            let Engine { kernels, stream, .. } = &mut *eng;
+            kernels.fc2_bias_fwd(stream, d.dt, &mut ws.y, b2, p_act, &ws.map, d.h, probs_in_storage)?;
+        }
+        ws.fp8 = Some(Fp8Operands { tok, x: xq, u: uq, g: pg, da: pda, backward_done: false });
+        Ok(())
+    }
+
+    /// The fp8 backward: [`DeviceLayer::backward`] with fp8 dgrad (and, when `with_wgrad`,
+    /// wgrad) GEMMs.
+    pub(super) fn backward_fp8(&self, eng: &mut Engine, ws: &mut Workspace, with_wgrad: bool) -> Result<(), GpuError> {
+        let (cfg, w) = (&self.cfg, &self.weights);
+        let f = fp8_support(cfg, Some(&ws.padded))?;
+        let d = Dims::of(cfg);
+        let (_, _, fg) = formats(&f);
+        let opts = options(&f);
+        let mut ops = ws.fp8.take().ok_or_else(|| GpuError::Shape("fp8 backward before its forward".into()))?;
+        let wq = self.fp8_weights.get().ok_or_else(|| GpuError::Shape("fp8 backward before its forward".into()))?;
+        if ws.poison {
+            let grads = &mut ws.grads;
+            let all = [&mut ws.du, &mut ws.da, &mut ws.dx, &mut ws.dp, &mut grads.w1, &mut grads.w2];
+            for b in all.into_iter().chain(grads.b1.as_mut()).chain(grads.b2.as_mut()) {
+                eng.poison(b)?;
+            }
+        }
+        let el = ws.padded.len();
+        if let (Some(db2), Some(_)) = (ws.grads.b2.as_mut(), &w.b2) {
+            let p_act = ws.p_act.as_ref().unwrap_or(&ws.p);
+            let Engine { kernels, stream, .. } = &mut *eng;
+            kernels.col_sum(stream, d.dt, &ws.g, Some(p_act), &ws.map, db2, d.h)?;
+        }
+        // du_e = G_e·W2_e: G rowwise times W2's columnwise copy [N2, h].
+        let mut gq = reuse(eng, ops.g.take(), &ops.tok, d.h, fg)?;
+        eng.quantize_segments_into(&ws.g, d.dt, &ops.tok, opts, &mut gq)?;
+        for e in 0..el {
+            let (m, off) = (ws.padded[e], ws.offsets[e]);
+            let c = ws.du.at(off * d.n2 * d.ds);
+            eng.fp8_gemm(
+                (m, d.n2, d.h),
+                op(&gq, e, off, false)?,
+                op(&wq.w2, e, e * d.h, true)?,
+                c,
+                d.dt,
+                0.0,
+                DGRAD_FAST_ACCUM,
+            )?;
+        }
+        let p_act = ws.p_act.as_ref().unwrap_or(&ws.p);
+        let Engine { kernels, stream, .. } = &mut *eng;
+        kernels.act_bwd(
+            stream,
+            d.dt,
+            ActParams::of(cfg),
+            (&ws.a, &ws.du, p_act, &ws.g),
+            w.b2.as_ref(),
+            &ws.map,
+            (&mut ws.da, &mut ws.dp),
+            !cfg.apply_probs_on_input,
+            (d.n2, d.h),
+            cfg.probs_dtype,
+        )?;
+        // dx_e = da_e·W1_e: da rowwise times W1's columnwise copy [h, N1].
+        let mut daq = reuse(eng, ops.da.take(), &ops.tok, d.n1, fg)?;
+        eng.quantize_segments_into(&ws.da, d.dt, &ops.tok, opts, &mut daq)?;
+        for e in 0..el {
+            let (m, off) = (ws.padded[e], ws.offsets[e]);
+            let c = ws.dx.at(off * d.h * d.ds);
+            eng.fp8_gemm(
+                (m, d.h, d.n1),
+                op(&daq, e, off, false)?,
+                op(&wq.w1, e, e * d.n1, true)?,
+                c,
+                d.dt,
+                0.0,
+                DGRAD_FAST_ACCUM,
+            )?;
+        }
+        if cfg.apply_probs_on_input {
+            let Engine { kernels, stream, .. } = &mut *eng;
+            kernels.probs_in_bwd(
+                stream,
+                d.dt,
+                &mut ws.dx,
+                &ws.x,
+                &ws.p,
+                &mut ws.dp,
+                (ws.rows, d.h),
+                cfg.probs_dtype,
+            )?;
+        }
+        // The columnwise copies the wgrad GEMMs read: dyᵀ of both linears, and the forward's x
+        // and u (the same codes transposed: tensorwise scaling).
+        for t in [&mut gq, &mut daq, &mut ops.x, &mut ops.u] {
+            eng.transpose_segments(t, &ops.tok)?;
+        }
+        ops.g = Some(gq);
+        ops.da = Some(daq);
+        ops.backward_done = true;
+        ws.fp8 = Some(ops);
+        if cfg.class == LayerClass::Sequential || with_wgrad {
+            self.fc1_bias_grad(eng, ws)?;
+        }
+        if with_wgrad {
+            self.wgrad_fp8(eng, ws)?;
+        }
+        Ok(())
+    }
+
+    /// `backward_dw()` in fp8: the deferred weight GEMMs, fc2 then fc1, and TEGroupedMLP's fc1
+    /// bias grad.
+    pub(super) fn backward_dw_fp8(&self, eng: &mut Engine, ws: &mut Workspace) -> Result<(), GpuError> {
+        self.wgrad_fp8(eng, ws)?;
+        if self.cfg.class == LayerClass::TeGrouped {
+            self.fc1_bias_grad(eng, ws)?;
+        }
+        Ok(())
+    }
+
+    /// `dW2_e = G_eᵀ·u_e` and `dW1_e = da_eᵀ·x_e` from the columnwise copies (K = the expert's
+    /// padded rows; an expert with none gets exact zeros).
+    fn wgrad_fp8(&self, eng: &mut Engine, ws: &Workspace) -> Result<(), GpuError> {
+        let d = Dims::of(&self.cfg);
+        let ops = ws.fp8.as_ref().ok_or_else(|| GpuError::Shape("fp8 backward_dw before its backward".into()))?;
+        let missing = || GpuError::Shape("fp8 wgrad before the backward quantized the output gradients".into());
+        if !ops.backward_done {
+            return Err(missing());
+        }
+        let (gq, daq) = (ops.g.as_ref().ok_or_else(missing)?, ops.da.as_ref().ok_or_else(missing)?);
+        for e in 0..ws.padded.len() {
+            let (m, off) = (ws.padded[e], ws.offsets[e]);
+            let c = ws.grads.w2.at(e * d.h * d.n2 * d.ds);
+            eng.fp8_gemm(
+                (d.h, d.n2, m),
+                op(gq, e, off, true)?,
+                op(&ops.u, e, off, true)?,
+                c,
+                d.dt,
+                0.0,
+                WGRAD_FAST_ACCUM,
+            )?;
+        }
+        for e in 0..ws.padded.len() {
+            let (m, off) = (ws.padded[e], ws.offsets[e]);
+            let c = ws.grads.w1.at(e * d.n1 * d.h * d.ds);
+            eng.fp8_gemm(
+                (d.n1, d.h, m),
+                op(daq, e, off, true)?,
+                op(&ops.x, e, off, true)?,
+                c,
+                d.dt,
+                0.0,
+                WGRAD_FAST_ACCUM,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moe_reference::fp8::TeFormat;
+
+    fn cfg(recipe: Fp8Recipe) -> LayerConfig {
+        LayerConfig {
+            class: LayerClass::TeGrouped,
+            num_experts: 4,
+            hidden_size: 32,
+            ffn_hidden_size: 48,
+            fp8: Some(Fp8Config::new(recipe).with_format(TeFormat::Hybrid)),
+            ..LayerConfig::example()
+        }
+    }
+
+    fn reason(r: Result<Fp8Config, GpuError>) -> String {
+        match r {
+            Err(GpuError::Unsupported(why)) => why,
+            other => panic!("expected a declared skip, got {other:?}"),
+        }
+    }
+
+    /// What the fp8 GPU path runs and what it declares unsupported, with the reason (no GPU
+    /// needed): each refusal exists so that a report counts a skip instead of running bf16 under
+    /// an fp8 name or failing inside cuBLASLt.
+    #[test]
+    fn fp8_support_runs_tensorwise_and_names_every_refusal() {
+        assert!(fp8_support(&cfg(Fp8Recipe::Tensorwise), Some(&[16, 0, 32])).is_ok());
+        assert!(reason(fp8_support(&cfg(Fp8Recipe::Mxfp8), None)).contains("Blackwell"));
+        assert!(reason(fp8_support(&cfg(Fp8Recipe::Delayed), None)).contains("delayed"));
+        assert!(reason(fp8_support(&cfg(Fp8Recipe::Blockwise), None)).contains("block-scaled"));
+        let odd = LayerConfig { hidden_size: 40, ..cfg(Fp8Recipe::Tensorwise) };
+        assert!(reason(fp8_support(&odd, None)).contains("hidden_size = 40"));
+        // An expert whose padded rows are not a multiple of 16 (the wgrad GEMM's K).
+        assert!(reason(fp8_support(&cfg(Fp8Recipe::Tensorwise), Some(&[16, 8]))).contains("expert 1 has 8 rows"));
+        let store = Fp8Config { activation_input_store: true, ..Fp8Config::new(Fp8Recipe::Tensorwise) };
+        let c = LayerConfig { fp8: Some(store), ..cfg(Fp8Recipe::Tensorwise) };
+        assert!(reason(fp8_support(&c, None)).contains("activation_func_fp8_input_store"));
+        let none = LayerConfig { fp8: None, ..cfg(Fp8Recipe::Tensorwise) };
+        assert!(reason(fp8_support(&none, None)).contains("not an fp8"));
+    }
+}
