@@ -365,6 +365,19 @@ fn row_rss(t: &Array2<f64>) -> Array1<f64> {
     t.mapv(|v| v * v).sum_axis(Axis(1)).mapv(f64::sqrt)
 }
 
+/// `|h(x)|`, or with `widen` the largest `|h|` at `x − e`, `x`, `x + e`: the fp8 channel's errors
+/// are large enough to move an activation input across a kink of `h` (squared ReLU's second
+/// derivative jumps at 0, so a gate just below 0 can have a non-zero first derivative in an
+/// implementation), where the derivative at the oracle's point alone would give a zero bound.
+fn span(h: impl Fn(f64) -> f64, x: f64, e: f64, widen: bool) -> f64 {
+    let at = h(x).abs();
+    if widen && e > 0.0 {
+        at.max(h(x - e).abs()).max(h(x + e).abs())
+    } else {
+        at
+    }
+}
+
 /// The bound of the activation output `z` `[n, N2]` given a bound `err_a` of its input `a`
 /// (propagated with `|f'|`), plus, with `rounding`, the activation's own storage roundings.
 fn activation_forward_error(cfg: &LayerConfig, a: &Array2<f64>, err_a: &Array2<f64>, rounding: bool) -> Array2<f64> {
@@ -379,7 +392,9 @@ fn activation_forward_error(cfg: &LayerConfig, a: &Array2<f64>, err_a: &Array2<f
     };
     let act = cfg.activation;
     if !cfg.gated_linear_unit {
-        return Zip::from(a).and(err_a).map_collect(|&a, &ea| act.derivative(a).abs() * ea + rnd_el(act.apply(a)));
+        return Zip::from(a)
+            .and(err_a)
+            .map_collect(|&a, &ea| span(|x| act.derivative(x), a, ea, !rounding) * ea + rnd_el(act.apply(a)));
     }
     let clamp = cfg.effective_clamp();
     let offset = cfg.effective_offset();
@@ -392,9 +407,9 @@ fn activation_forward_error(cfg: &LayerConfig, a: &Array2<f64>, err_a: &Array2<f
         for j in 0..k {
             let (gc, lc, gate_on, lin_on) = clamp_glu(a[[i, j]], a[[i, k + j]], clamp);
             let (eg, el) = (if gate_on { err_a[[i, j]] } else { 0.0 }, if lin_on { err_a[[i, k + j]] } else { 0.0 });
-            let (f, f1) = (act.apply(gc), act.derivative(gc));
+            let (f, f1) = (span(|x| act.apply(x), gc, eg, !rounding), span(|x| act.derivative(x), gc, eg, !rounding));
             let lin = lc + offset;
-            let err_act = f1.abs() * eg + rnd_el(f);
+            let err_act = f1 * eg + rnd_el(f);
             let err_lin = el + if offset != 0.0 { rnd_el(lin) } else { 0.0 };
             err_z[[i, j]] = lin.abs() * err_act + f.abs() * err_lin + rnd_el(f * lin);
         }
@@ -427,7 +442,10 @@ fn activation_backward_error(
     let act = cfg.activation;
     if !cfg.gated_linear_unit {
         return Zip::from(a).and(err_a).and(err_dz).and(dz).map_collect(|&a, &ea, &ed, &d| {
-            act.derivative(a).abs() * ed + d.abs() * act.second_derivative(a).abs() * ea + rnd(d * act.derivative(a))
+            let widen = !rounding;
+            span(|x| act.derivative(x), a, ea, widen) * ed
+                + d.abs() * span(|x| act.second_derivative(x), a, ea, widen) * ea
+                + rnd(d * act.derivative(a))
         });
     }
     let clamp = cfg.effective_clamp();
@@ -442,7 +460,12 @@ fn activation_backward_error(
         for j in 0..k {
             let (gc, lc, gate_on, lin_on) = clamp_glu(a[[i, j]], a[[i, k + j]], clamp);
             let (eg, el) = (if gate_on { err_a[[i, j]] } else { 0.0 }, if lin_on { err_a[[i, k + j]] } else { 0.0 });
-            let (f, f1, f2) = (act.apply(gc), act.derivative(gc), act.second_derivative(gc).abs());
+            let widen = !rounding;
+            let (f, f1, f2) = (
+                span(|x| act.apply(x), gc, eg, widen),
+                span(|x| act.derivative(x), gc, eg, widen),
+                span(|x| act.second_derivative(x), gc, eg, widen),
+            );
             let lin = lc + offset;
             let (d, ed) = (dz[[i, j]], err_dz[[i, j]]);
             let err_act = f1.abs() * eg + rnd_el(f);

@@ -48,7 +48,9 @@
 //! all round the same way against same-signed weights (constant inputs) can exceed it. The worst
 //! case `Σ_k` (the previous model) was 4-5× wider on small layers and only saw a scale 16× off.
 //! Elementwise steps (the activation, its backward, the probs product) propagate `R` like `E`
-//! (`|f'|·R`), without their roundings; row and column sums (bias and probs gradients) take the
+//! (`|f'|·R`), without their roundings, and with each derivative taken at its largest over
+//! `a ± R` (the fp8 errors can carry an input across a kink: squared ReLU's `f''` jumps at 0, so
+//! a gate just below 0 in the oracle can have `f' > 0` in an implementation); row and column sums (bias and probs gradients) take the
 //! root sum of squares too. `activation_func_fp8_input_store`'s unscaled E4M3 cast of the
 //! activation input is an fp8 rounding of each element, so it enters `R`.
 //!
