@@ -394,3 +394,30 @@ fn verify_takes_the_recipe_and_format_as_typed_flags() {
     let n = v[0]["fp8_checked"].as_u64().unwrap() + v[0]["fp8_skipped"].as_u64().unwrap();
     assert_eq!(n, 12, "every case has the recipe: {v}");
 }
+
+/// Regression (found by `verify --fp8-recipe blockwise --seed 3`): a squared-ReLU GLU whose
+/// gates on one ETP rank are all below 0 in the oracle, so its expected fc1 weight grads there
+/// are exactly zero, while the fp8 errors lift some gates above 0 in the implementation. The fp8
+/// channel takes the activation's derivatives at their largest over `a ± R`, so the bound there
+/// is not zero.
+#[test]
+fn a_squared_relu_gate_lifted_over_its_kink_by_fp8_errors_is_inside_the_bound() {
+    let c = Case {
+        cfg: LayerConfig {
+            class: LayerClass::TeGrouped,
+            num_experts: 2,
+            hidden_size: 16,
+            ffn_hidden_size: 4,
+            activation: Activation::SquaredRelu,
+            glu_linear_offset: 1.0,
+            parallel: moe_reference::Parallelism { tp_size: 4, tp_rank: 0, ep_size: 2, ep_rank: 0 },
+            fp8: Some(Fp8Config::new(Fp8Recipe::Blockwise)),
+            glu_interleave_size: Some(1),
+            ..LayerConfig::example()
+        },
+        tokens_per_expert: vec![18, 1],
+        seed: 6604192742906174441,
+        timing: WgradTiming::Immediate,
+    };
+    assert_passes(&ReferenceBackend, &c);
+}
