@@ -35,7 +35,9 @@
 #             NVSHMEM_DISABLE_NVLS=1 exported here; the launcher sets them in every worker too).
 #             libnccl.so is taken from PyTorch's nvidia-nccl wheel when not on the library path.
 #   dumps     tools/test_dump_experts.py: PyTorch stand-ins of the three classes write dumps,
-#             `moe-verify compare` checks them
+#             `moe-verify compare` checks them; the fp8_* cases run SequentialMLP and TEGroupedMLP
+#             through torch._scaled_mm (tensorwise, delayed; E4M3, HYBRID) and corrupted fp8
+#             dumps must fail. $DUMP_ARGS adds flags (e.g. DUMP_ARGS="--only fp8").
 # Every Rust setting is a flag of the staged binaries (`.stage/moe-verify bench layer --help`);
 # the variables above only choose steps and extra flags of this script.
 set -uo pipefail
@@ -137,7 +139,8 @@ for s in $steps; do
       echo "exit $?"; cat "$out/profile.md"
       tar czf "$out/profile-raw.tgz" -C "$prof" . ;;
     dumps)
-      echo "== dumps"; PYTHONUNBUFFERED=1 python3 .stage/tools/test_dump_experts.py --bin .stage/moe-verify > "$out/dumps.log" 2>&1
+      # shellcheck disable=SC2086 # DUMP_ARGS is a list of flags
+      echo "== dumps"; PYTHONUNBUFFERED=1 python3 .stage/tools/test_dump_experts.py --bin .stage/moe-verify ${DUMP_ARGS:-} > "$out/dumps.log" 2>&1
       echo "exit $?"; tail -20 "$out/dumps.log" ;;
     bench)
       echo "== layer bench (Rust) ${LAYER_ARGS:-}"

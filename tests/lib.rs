@@ -23,6 +23,8 @@
 //!   simulation and the oracle, planted distributed bugs, the `verify --gpus` launcher with CPU
 //!   workers (dead and hung workers), distributed checkpoints, and the 2-GPU NCCL run.
 //! * [`dump`]: moe-expert-dump/1 files and `moe-verify compare`.
+//! * [`fp8_dumps`]: fp8 dumps (recipe metadata, quantized weights checked against their
+//!   parameters), their bad inputs and failures.
 //! * [`checkpoint`]: Megatron sharded state dicts, the on-disk format, resharding (spec §7, §8.1).
 //! * [`gpu`]: the CUDA implementations (`moe-gpu`) against the f64 oracle (skip loudly without a GPU).
 //! * [`gpu_fp8`]: the fp8 quantization kernels bit for bit against the reference quantizers,
@@ -39,6 +41,7 @@ mod checkpoint;
 mod distributed;
 mod dump;
 mod edge_cases;
+mod fp8_dumps;
 mod fp8_layers;
 mod fp8_quantizers;
 mod golden;

@@ -145,6 +145,54 @@ fn generated_cases_are_sharded_often_with_layouts_up_to_8_and_empty_ranks() {
     assert!(uneven * 2 >= multi_ep.len(), "{uneven} of {} EP cases are uneven", multi_ep.len());
 }
 
+/// The verdict matrix on an fp8 case (SequentialMLP, tensorwise/hybrid, EP 2 × ETP 2, h = f = 32).
+/// No property fails on a bug that is not its own, and the clean reference passes them all. Seen:
+/// the unsharded output doubled (matches-oracle), uninitialised empty grads (zero-tokens), the
+/// padded output doubled (padding-neutrality, whose two runs quantize their input, weights and
+/// upstream gradient alike, so its bound counts only the derived operands' quantization:
+/// `Fp8Channel::Paired`), doubled deferred grads (deferred-wgrad, exact). Not seen on this small
+/// layer: saturated probs (probs-linearity: up to half the output on rows with `p > ½`, inside
+/// twice the paired bound) and a doubled ETP partial (parallel-decomposition: the shards quantize
+/// differently, so its bound carries the whole fp8 channel, about a quarter of the largest output
+/// here). GroupedMLP has no fp8 path, so class-equivalence compares SequentialMLP with
+/// TEGroupedMLP only and its bug is not there to see.
+#[test]
+fn planted_bugs_on_an_fp8_case_fail_only_their_own_property() {
+    let mut case = sharded_case();
+    case.cfg.hidden_size = 32;
+    case.cfg.ffn_hidden_size = 32;
+    case.cfg.fp8 = Some(moe_reference::Fp8Config::new(moe_reference::Fp8Recipe::Tensorwise));
+    for property in Property::ALL {
+        match check(&ReferenceBackend, property, &case) {
+            Ok(Verdict::Checked(diffs)) => assert!(!diffs.is_empty(), "{}: no tensor compared", property.name()),
+            other => panic!("{} on the clean reference: {other:?}", property.name()),
+        }
+    }
+    let seen_on_fp8 = [
+        PlantedBug::UnshardedOutput,
+        PlantedBug::AllEmptyGrads,
+        PlantedBug::UnderPadding,
+        PlantedBug::DeferredWgradOnly,
+    ];
+    let mut wrong = Vec::new();
+    for bug in PlantedBug::ALL {
+        let backend = PlantedBackend::new(&ReferenceBackend, bug);
+        for property in Property::ALL {
+            let should_fail = property == seen_by(bug) && seen_on_fp8.contains(&bug);
+            let outcome = check(&backend, property, &case);
+            let failed = matches!(outcome, Err(PropertyFailure::Mismatch(_)));
+            if failed != should_fail || matches!(outcome, Err(PropertyFailure::Error(_))) {
+                wrong.push(format!(
+                    "{} / {}: expected fail={should_fail}, got {outcome:?}",
+                    bug.name(),
+                    property.name()
+                ));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "fp8 verdict matrix differs:\n{}", wrong.join("\n"));
+}
+
 /// The generator draws GLU-interleaved TEGroupedMLP cases (Megatron HEAD, spec §4.10) as a
 /// small share — enough that every stamped property meets some — including sharded ones and
 /// every block size, and only where Megatron applies the option.

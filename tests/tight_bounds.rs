@@ -11,14 +11,15 @@
 //!
 //! Covered: every tensor kind (output, input grad, probs grad, every weight and bias grad) of
 //! SequentialMLP and TEGroupedMLP in bf16, f16 and f32, and GroupedMLP (bf16 only, per-expert
-//! blocks of its packed weights).
+//! blocks of its packed weights); and with fp8 (every recipe, both formats, SequentialMLP and
+//! TEGroupedMLP in bf16), where the bound carries the fp8 channel of the error model.
 
 use moe_harness::case::Case;
 use moe_harness::compare::{compare_runs, TensorDiff};
 use moe_harness::Tolerance;
 use moe_reference::{
-    oracle_with_scales, param_specs, to_state_dict, Activation, Dtype, ExpertLayer, LayerClass, LayerConfig, LayerRun,
-    OracleRun, Parallelism, Reference, WgradTiming,
+    oracle_with_scales, param_specs, to_state_dict, Activation, Dtype, ExpertLayer, Fp8Config, Fp8Recipe, LayerClass,
+    LayerConfig, LayerRun, OracleRun, Parallelism, Reference, TeFormat, WgradTiming,
 };
 use ndarray::ArrayViewMutD;
 
@@ -89,13 +90,20 @@ fn probe_elements(cfg: &LayerConfig, o: &OracleRun, name: &str) -> Vec<usize> {
 /// silu; SequentialMLP and TEGroupedMLP with biases and a clamp at 1.0 (so that bias grads exist
 /// and some allowances are non-zero); GroupedMLP as it must be (bf16, no bias, no clamp).
 fn fixed_case(class: LayerClass, dtype: Dtype) -> Case {
+    fixed_case_fp8(class, dtype, None)
+}
+
+/// [`fixed_case`] with an fp8 recipe: h = f = 32 (TE `Linear`'s and MXFP8's multiples) and the
+/// rows padded to the recipe's alignment by the layer.
+fn fixed_case_fp8(class: LayerClass, dtype: Dtype, fp8: Option<Fp8Config>) -> Case {
     let grouped = class == LayerClass::Grouped;
+    let size = if fp8.is_some() { 32 } else { 8 };
     Case {
         cfg: LayerConfig {
             class,
             num_experts: 2,
-            hidden_size: 8,
-            ffn_hidden_size: 8,
+            hidden_size: size,
+            ffn_hidden_size: size,
             gated_linear_unit: true,
             activation: Activation::Silu,
             add_bias: !grouped,
@@ -106,7 +114,7 @@ fn fixed_case(class: LayerClass, dtype: Dtype) -> Case {
             probs_dtype: Dtype::F32,
             padding_multiple: None,
             parallel: Parallelism::SINGLE,
-            fp8: None,
+            fp8,
             glu_interleave_size: None,
         },
         tokens_per_expert: vec![3, 4],
@@ -123,7 +131,12 @@ fn verdict(cfg: &LayerConfig, got: &LayerRun, o: &OracleRun) -> Vec<TensorDiff> 
 
 /// Checks one class and dtype; returns the problems found (empty when the bound is pinned).
 fn check(class: LayerClass, dtype: Dtype) -> Vec<String> {
-    let case = fixed_case(class, dtype);
+    check_case(fixed_case(class, dtype))
+}
+
+/// Checks one fixed case; returns the problems found.
+fn check_case(case: Case) -> Vec<String> {
+    let (class, dtype) = (case.cfg.class, case.cfg.params_dtype);
     let cfg = &case.cfg;
     let p = case.problem();
     let sd = to_state_dict(cfg, &p.weights).expect("valid weights");
@@ -131,7 +144,7 @@ fn check(class: LayerClass, dtype: Dtype) -> Vec<String> {
     let emulated = Reference::EMULATED
         .forward_backward(cfg, &sd, &p.inputs, &p.grad_output, WgradTiming::Immediate)
         .expect("reference runs");
-    let label = format!("{class} {dtype}");
+    let label = format!("{class} {dtype}{}", case.cfg.fp8.map(|f| format!(" fp8 {}", f.label())).unwrap_or_default());
     let mut problems = Vec::new();
 
     // Precondition: the unperturbed run passes, with room to spare below 0.8 (else the 0.8×
@@ -203,5 +216,22 @@ fn te_grouped_bounds_are_tight() {
 #[test]
 fn grouped_bounds_are_tight() {
     let problems = check(LayerClass::Grouped, Dtype::Bf16);
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// The bound of every tensor kind of the fp8 layers (SequentialMLP and TEGroupedMLP, bf16, every
+/// recipe and both formats): the fp8 channel is part of `S`, and the comparison holds it at
+/// exactly `C·(S + A + rms(S))` like the storage part.
+#[test]
+fn fp8_bounds_are_tight() {
+    let mut problems = Vec::new();
+    for class in [LayerClass::Sequential, LayerClass::TeGrouped] {
+        for recipe in Fp8Recipe::ALL {
+            for format in TeFormat::ALL {
+                let fp8 = Fp8Config::new(recipe).with_format(format);
+                problems.extend(check_case(fixed_case_fp8(class, Dtype::Bf16, Some(fp8))));
+            }
+        }
+    }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }

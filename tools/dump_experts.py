@@ -15,10 +15,21 @@ what the module computed (output, input/probs gradients, every parameter gradien
 safetensors file, with the layer configuration as string metadata. It needs only ``torch`` and
 ``safetensors`` (and falls back to a built-in writer of the safetensors format when the
 ``safetensors`` package is missing).
+
+FP8: with ``config.fp8`` set (Megatron's ``--fp8-format``, ``e4m3`` or ``hybrid``) the forward and
+backward run inside Megatron's fp8 context (``megatron.core.fp8_utils.get_fp8_context``, i.e.
+TransformerEngine's ``fp8_autocast`` with the configured recipe) and the dump records
+``fp8_recipe``/``fp8_format`` (read back from TE's active recipe when TE is there, else from
+``config.fp8_recipe``), ``fp8_pad_to_alignment`` (false with
+``moe_router_padding_for_quantization``) and ``fp8_activation_input_store``. ``moe-verify
+compare`` models the first fp8 step of a fresh module (delayed scaling: scale 1), so dump a
+fresh module. A module with an ``fp8_weights()`` method (the stand-ins) also gets its quantized
+weights written as ``fp8.<parameter>`` and ``fp8.<parameter>.scale_inv``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 import warnings
@@ -42,6 +53,48 @@ _ACTIVATIONS = {
     "squared_relu": "squared_relu",
 }
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+# TE recipe class -> the dump's fp8_recipe (Megatron's --fp8-recipe names).
+_TE_RECIPES = {
+    "Float8CurrentScaling": "tensorwise",
+    "DelayedScaling": "delayed",
+    "Float8BlockScaling": "blockwise",
+    "MXFP8BlockScaling": "mxfp8",
+}
+
+
+def _enum_value(v: Any) -> Any:
+    return getattr(v, "value", v)
+
+
+def _fp8_context(config: Any):
+    """Megatron's fp8 context for ``config`` (TE's fp8_autocast with its recipe); a null context
+    without Megatron (the stand-ins quantize by themselves)."""
+    try:
+        from megatron.core.fp8_utils import get_fp8_context
+    except ImportError:
+        return contextlib.nullcontext()
+    return get_fp8_context(config)
+
+
+def _te_active_recipe() -> Optional[Dict[str, str]]:
+    """The recipe of TE's active fp8_autocast, as dump metadata; None without TE or outside one."""
+    try:
+        from transformer_engine.pytorch.fp8 import FP8GlobalStateManager
+    except ImportError:
+        return None
+    if not FP8GlobalStateManager.is_fp8_enabled():
+        return None
+    recipe = FP8GlobalStateManager.get_fp8_recipe()
+    name = _TE_RECIPES.get(type(recipe).__name__)
+    if name is None:
+        raise ValueError(f"TE recipe {type(recipe).__name__} is not covered by the dump format "
+                         f"(expected one of {sorted(_TE_RECIPES)})")
+    fmt = recipe.fp8_format  # TE's Format enum (its values are tuples): use the member name
+    out = {"fp8_recipe": name, "fp8_format": str(getattr(fmt, "name", fmt)).split(".")[-1].lower()}
+    qparams = getattr(recipe, "fp8_quant_fwd_weight", None)  # current and block scaling's QParams
+    if name in ("tensorwise", "blockwise") and qparams is not None:
+        out["fp8_power_2_scales"] = "true" if qparams.power_2_scale else "false"
+    return out
 
 
 def _layer_of(module: torch.nn.Module) -> str:
@@ -99,7 +152,8 @@ def _save(tensors: Dict[str, torch.Tensor], path: str, metadata: Dict[str, str])
         return
     # The safetensors format: u64 little-endian header length, JSON header, raw data.
     names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
-             torch.int64: "I64", torch.int32: "I32"}
+             torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8",
+             torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
     header: Dict[str, Any] = {"__metadata__": metadata}
     blobs, offset = [], 0
     for name in sorted(tensors):
@@ -187,9 +241,11 @@ def dump_experts(
     layer = layer or _layer_of(module)
     if layer not in ("sequential", "grouped", "te_grouped"):
         raise ValueError(f"layer must be sequential, grouped or te_grouped, not {layer!r}")
-    for flag in ("fp8", "fp4"):
-        if cfg(flag):
-            raise ValueError(f"config.{flag} is set: quantized expert GEMMs are not covered by the dump format")
+    if cfg("fp4"):
+        raise ValueError("config.fp4 is set: fp4 expert GEMMs are not covered by the dump format")
+    fp8 = cfg("fp8")
+    if fp8 and str(_enum_value(fp8)).lower() not in ("e4m3", "hybrid"):
+        raise ValueError(f"config.fp8 = {fp8!r}: expected e4m3 or hybrid (TE refuses pure e5m2)")
     if cfg("use_te_activation_func"):
         warnings.warn("use_te_activation_func: TE's GELU/GEGLU use the tanh approximation; "
                       "the reference uses exact erf GELU")
@@ -263,6 +319,17 @@ def dump_experts(
         metadata["glu_interleave_size"] = str(int(interleave))
     if cfg("num_moe_experts") is not None:
         metadata["num_experts"] = str(int(cfg("num_moe_experts")))
+    if fp8:
+        recipe = str(_enum_value(cfg("fp8_recipe", "delayed"))).lower()
+        if recipe not in _TE_RECIPES.values():
+            raise ValueError(f"config.fp8_recipe = {recipe!r}: expected one of {sorted(_TE_RECIPES.values())}")
+        metadata["fp8_recipe"] = recipe
+        metadata["fp8_format"] = str(_enum_value(fp8)).lower()
+        metadata["fp8_pad_to_alignment"] = _bool(not cfg("moe_router_padding_for_quantization", False))
+        metadata["fp8_activation_input_store"] = _bool(cfg("activation_func_fp8_input_store", False))
+        if recipe == "delayed":
+            warnings.warn("delayed scaling: moe-verify compare models the first fp8 step of a fresh module "
+                          "(scale 1); dump a fresh module")
     metadata.update({k: str(v) for k, v in (extra_metadata or {}).items()})
 
     # Forward and backward on fresh leaf copies of the inputs.
@@ -275,8 +342,17 @@ def dump_experts(
             param.main_grad.zero_()  # gradient_accumulation_fusion accumulates into main_grad
     # Without backward, run under no_grad: cheaper, and it sidesteps autograd-only failures
     # such as megatron-core 0.19.2's in-place expert bias add on a custom Function's view.
+    fp8_ctx = _fp8_context(config) if fp8 else contextlib.nullcontext()
     with torch.enable_grad() if backward else torch.no_grad():
-        out = module(x, tokens_per_expert, p)  # the counts exactly as the caller passes them
+        with fp8_ctx:
+            te_recipe = _te_active_recipe() if fp8 else None
+            out = module(x, tokens_per_expert, p)  # the counts exactly as the caller passes them
+        if te_recipe is not None:
+            # The recipe TE actually ran wins over the config's names; they must agree.
+            if te_recipe["fp8_recipe"] != metadata["fp8_recipe"]:
+                raise ValueError(f"TE ran recipe {te_recipe['fp8_recipe']}, config.fp8_recipe says "
+                                 f"{metadata['fp8_recipe']}")
+            metadata.update(te_recipe)
         if isinstance(out, tuple):
             out, bias = out[0], (out[1] if len(out) > 1 else None)
             if bias is not None:
@@ -316,5 +392,9 @@ def dump_experts(
                 warnings.warn(f"parameter {name} has no gradient; expected.grad.{name} is not written")
                 continue
             tensors[f"expected.grad.{name}"] = cpu(grad)
+    if fp8 and hasattr(module, "fp8_weights"):
+        for name, (codes, scale_inv) in module.fp8_weights().items():
+            tensors[f"fp8.{name}"] = cpu(codes)
+            tensors[f"fp8.{name}.scale_inv"] = cpu(scale_inv.float().reshape(()))
     _save(tensors, path, metadata)
     return {"path": path, "metadata": metadata, "keys": sorted(tensors)}

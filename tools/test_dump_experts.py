@@ -4,7 +4,12 @@ write dumps for the three classes on the GPU (CPU when there is none), then run
 a perturbed expert weight grad with exit 1 naming the tensor, a missing parameter with exit 2
 naming the key.
 
-    python3 tools/test_dump_experts.py [--bin PATH/TO/moe-verify] [--out DIR]
+FP8 (``fp8_*`` cases): the stand-ins' ``torch._scaled_mm`` path (tensorwise current scaling and
+delayed scaling's first step, E4M3 and HYBRID) writes dumps with the recipe and the quantized
+weights; ``compare`` must pass them. Corrupted fp8 dumps must fail: a weight's ``scale_inv``
+doubled exits 2 naming it, a negated ``expected.output`` exits 1, an unknown recipe exits 2.
+
+    python3 tools/test_dump_experts.py [--bin PATH/TO/moe-verify] [--out DIR] [--only SUBSTRING]
 
 Defaults: ``--bin`` = $MOE_VERIFY or ``.stage/dump/moe-verify`` or ``target/release/moe-verify``;
 ``--out`` = $OUT or /tmp/moe-dumps. A summary is written to ``OUT/dump_results.json``.
@@ -46,6 +51,12 @@ CASES = [
     ("te_bf16_swiglu_tp2_ep2", "te_grouped", dict(tp=(2, 1), ep=(2, 1))),
     ("te_f32_srelu_bias_builtin_writer", "te_grouped",
      dict(dtype=F32, act="squared_relu", glu=False, bias=True, builtin_writer=True)),
+    ("fp8_seq_bf16_tensorwise_hybrid_bias", "sequential", dict(fp8=("tensorwise", "hybrid"), bias=True)),
+    ("fp8_seq_bf16_delayed_e4m3_gelu", "sequential", dict(fp8=("delayed", "e4m3"), act="gelu", glu=False)),
+    ("fp8_te_bf16_tensorwise_e4m3_bias", "te_grouped", dict(fp8=("tensorwise", "e4m3"), bias=True)),
+    ("fp8_te_bf16_delayed_hybrid", "te_grouped", dict(fp8=("delayed", "hybrid"))),
+    ("fp8_te_bf16_tensorwise_hybrid_builtin_writer", "te_grouped",
+     dict(fp8=("tensorwise", "hybrid"), builtin_writer=True)),
 ]
 
 
@@ -66,6 +77,8 @@ def build(layer, o, device, seed):
         activation_func_clamp_value=o.get("clamp"),
         expert_model_parallel_size=ep_size,
         expert_tensor_parallel_size=tp_size,
+        fp8=o["fp8"][1] if "fp8" in o else None,
+        fp8_recipe=o["fp8"][0] if "fp8" in o else "tensorwise",
     )
     module = CLASSES[layer](cfg, device=device, seed=seed)
     counts = o.get("counts", [37, 0, 52, 41][:e_l])
@@ -80,6 +93,41 @@ def build(layer, o, device, seed):
     return module, x, tokens, probs, grad, dict(tp_rank=tp_rank, ep_rank=ep_rank)
 
 
+def te_recipe_metadata():
+    """dump_experts' reading of TE's active fp8 recipe, on stand-ins of TE's classes (TE is not
+    installed where this runs): outside fp8_autocast, under Float8BlockScaling (E4M3), under
+    Float8CurrentScaling (HYBRID). The stand-in modules are removed again afterwards."""
+    import collections
+    import enum
+    import types
+
+    helper = collections.namedtuple("_FormatHelper", "max_fwd max_bwd")
+    fmt = enum.Enum("Format", {"E4M3": helper(448, 448), "HYBRID": helper(448, 57344)})
+    qparams = collections.namedtuple("QParams", "power_2_scale amax_epsilon")
+    recipes = [None, type("Float8BlockScaling", (), {"fp8_format": fmt.E4M3, "fp8_quant_fwd_weight": qparams(True, 0.0)})(),
+               type("Float8CurrentScaling", (), {"fp8_format": fmt.HYBRID, "fp8_quant_fwd_weight": qparams(False, 0.0)})()]
+    state = {}
+    manager = type("FP8GlobalStateManager", (), {"is_fp8_enabled": staticmethod(lambda: state["r"] is not None),
+                                                  "get_fp8_recipe": staticmethod(lambda: state["r"])})
+    names = ["transformer_engine", "transformer_engine.pytorch", "transformer_engine.pytorch.fp8"]
+    saved = {n: sys.modules.get(n) for n in names}
+    mods = {n: types.ModuleType(n) for n in names}
+    mods["transformer_engine.pytorch.fp8"].FP8GlobalStateManager = manager
+    sys.modules.update(mods)
+    try:
+        out = []
+        for r in recipes:
+            state["r"] = r
+            out.append(de._te_active_recipe())
+        return out
+    finally:
+        for n, m in saved.items():
+            if m is None:
+                sys.modules.pop(n, None)
+            else:
+                sys.modules[n] = m
+
+
 def compare(binary, path, *flags):
     proc = subprocess.run([binary, "compare", path, *flags], capture_output=True, text=True, timeout=120)
     return proc.returncode, proc.stdout, proc.stderr
@@ -92,6 +140,7 @@ def main():
         "moe-verify")
     ap.add_argument("--bin", default=default_bin)
     ap.add_argument("--out", default=os.environ.get("OUT") or "/tmp/moe-dumps")
+    ap.add_argument("--only", default="", help="run only the cases (and corruptions) whose name contains this")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     dump_dir = os.path.join("/tmp", "moe-dumps-work")
@@ -115,6 +164,8 @@ def main():
 
     paths = {}
     for i, (name, layer, o) in enumerate(CASES):
+        if args.only not in name:
+            continue
         try:
             module, x, tokens, probs, grad, ranks = build(layer, o, device, seed=100 + i)
             path = os.path.join(dump_dir, f"{name}.safetensors")
@@ -148,12 +199,13 @@ def main():
         from safetensors import safe_open
         from safetensors.torch import save_file
 
-        def corrupt(src, dst, edit):
+        def corrupt(src, dst, edit, meta=None):
             with safe_open(src, framework="pt") as f:
-                meta = f.metadata()
+                metadata = dict(f.metadata())
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
             edit(tensors)
-            save_file(tensors, dst, metadata=meta)
+            metadata.update(meta or {})
+            save_file(tensors, dst, metadata=metadata)
             return dst
 
         def scale_expert3_fc1(t):
@@ -170,12 +222,30 @@ def main():
         def drop_param(t):
             del t["local_experts.2.linear_fc2.weight"]
 
+        def double_scale(t):
+            t["fp8.linear_fc1.weight2.scale_inv"] = t["fp8.linear_fc1.weight2.scale_inv"] * 2
+
+        def negate_output(t):
+            # A sign error. (A doubled output sits near 1x the bound on these small layers: against
+            # the emulating reference the fp8 bound is doubled, two fp8 computations.)
+            t["expected.output"] = -t["expected.output"]
+
         for name, src, edit, want_code, needle in [
             ("corrupt_te_fc1_weight3_grad", "te_bf16_swiglu_bias", scale_expert3_fc1, 1, "grad.linear_fc1.weight3"),
             ("corrupt_grouped_weight1_expert2", "grouped_bf16_swiglu", grouped_block2, 1, "grad.weight1"),
             ("bad_missing_parameter", "seq_bf16_swiglu_bias", drop_param, 2, "local_experts.2.linear_fc2.weight"),
+            ("fp8_bad_scale_inv", "fp8_te_bf16_tensorwise_e4m3_bias", double_scale, 2,
+             "fp8.linear_fc1.weight2.scale_inv"),
+            ("fp8_corrupt_output", "fp8_te_bf16_tensorwise_e4m3_bias", negate_output, 1, "output"),
+            ("fp8_bad_unknown_recipe", "fp8_seq_bf16_tensorwise_hybrid_bias", None, 2, "__metadata__.fp8_recipe"),
         ]:
-            dst = corrupt(paths[src], os.path.join(dump_dir, f"{name}.safetensors"), edit)
+            if args.only not in name:
+                continue
+            if edit is None:  # a metadata edit: the recipe renamed to one TE does not have
+                dst = corrupt(paths[src], os.path.join(dump_dir, f"{name}.safetensors"), lambda t: None,
+                              meta={"fp8_recipe": "nvfp4"})
+            else:
+                dst = corrupt(paths[src], os.path.join(dump_dir, f"{name}.safetensors"), edit)
             code, out, err = compare(args.bin, dst)
             last = (out.strip().splitlines() or [""])[-1]
             text = last if want_code == 1 else err
@@ -186,10 +256,19 @@ def main():
         check("corruptions", False, {"summary": "exception", "traceback": traceback.format_exc()})
         print(traceback.format_exc(), flush=True)
 
+    if args.only in "fp8_te_recipe_metadata":
+        try:
+            got = te_recipe_metadata()
+            want = [None, {"fp8_recipe": "blockwise", "fp8_format": "e4m3", "fp8_power_2_scales": "true"},
+                    {"fp8_recipe": "tensorwise", "fp8_format": "hybrid", "fp8_power_2_scales": "false"}]
+            check("fp8_te_recipe_metadata", got == want, {"summary": f"{got}"})
+        except Exception:
+            check("fp8_te_recipe_metadata", False, {"summary": "exception", "traceback": traceback.format_exc()})
+
     with open(os.path.join(args.out, "dump_results.json"), "w") as f:
         json.dump({"environment": env, "results": results}, f, indent=1, default=str)
     # Keep two dumps as samples (small) for the record.
-    for keep in ("te_bf16_swiglu_bias", "grouped_bf16_swiglu"):
+    for keep in ("te_bf16_swiglu_bias", "grouped_bf16_swiglu", "fp8_te_bf16_tensorwise_e4m3_bias"):
         if keep in paths:
             with open(paths[keep], "rb") as src, open(os.path.join(args.out, f"{keep}.safetensors"), "wb") as dst:
                 dst.write(src.read())

@@ -31,6 +31,10 @@ pub struct TensorDiff {
     pub worst_expected: f64,
     /// `|got − exp| / bound` at the worst element (≤ 1 passes).
     pub worst_ratio: f64,
+    /// DeepGEMM's `calc_diff(got, exp) = 1 − 2·Σ got·exp / Σ (got² + exp²)`, in f64: 0 for equal
+    /// tensors (also both zero), 1 for orthogonal ones, 2 for `got = −exp`; NaN anywhere gives
+    /// NaN. Reported beside `worst_ratio` (fp8 cases); never a verdict of its own.
+    pub calc_diff: f64,
 }
 
 impl TensorDiff {
@@ -59,6 +63,20 @@ impl std::fmt::Display for TensorDiff {
             self.worst_ratio
         )
     }
+}
+
+/// DeepGEMM's test helper `calc_diff` (issue 12): `1 − 2·Σ x·y / Σ (x² + y²)`,
+/// accumulated in f64; 0 when both are all zero (DeepGEMM divides by zero there).
+pub fn calc_diff(x: &[f64], y: &[f64]) -> f64 {
+    let (mut xy, mut sq) = (0.0f64, 0.0f64);
+    for (&a, &b) in x.iter().zip(y) {
+        xy += a * b;
+        sq += a * a + b * b;
+    }
+    if sq == 0.0 {
+        return if xy.is_nan() { f64::NAN } else { 0.0 };
+    }
+    1.0 - 2.0 * xy / sq
 }
 
 fn unravel(mut flat: usize, shape: &[usize]) -> Vec<usize> {
@@ -128,6 +146,7 @@ pub fn compare_tensor(
         worst_got: f64::NAN,
         worst_expected: f64::NAN,
         worst_ratio: 0.0,
+        calc_diff: f64::NAN,
     };
     // A tensor of the wrong shape, or bounds of the wrong shape (a harness bug), fail every
     // element rather than being compared against something else.
@@ -146,6 +165,7 @@ pub fn compare_tensor(
         diff.max_rel = f64::INFINITY;
         diff.rel_frobenius = f64::INFINITY;
         diff.worst_ratio = f64::INFINITY;
+        diff.calc_diff = f64::INFINITY;
         diff.name = format!("{name} ({why})");
         return diff;
     }
@@ -196,6 +216,7 @@ pub fn compare_tensor(
         }
     }
     diff.rel_frobenius = if err2 == 0.0 { 0.0 } else { (err2 / exp2).sqrt() };
+    diff.calc_diff = calc_diff(&g, &e);
     if let Some(w) = worst {
         diff.worst_index = unravel(w, &shape);
         diff.worst_got = g[w];
@@ -372,6 +393,33 @@ mod tests {
             ),
             1
         );
+    }
+
+    #[test]
+    fn calc_diff_is_deepgemms_formula_in_f64() {
+        // By hand: x = (1, 2), y = (1, 3): 1 − 2·7/(1+4+1+9) = 1/15.
+        assert!((calc_diff(&[1.0, 2.0], &[1.0, 3.0]) - 1.0 / 15.0).abs() < 1e-15);
+        assert_eq!(calc_diff(&[0.5, -2.0], &[0.5, -2.0]), 0.0);
+        assert_eq!(calc_diff(&[1.0, 0.0], &[0.0, 1.0]), 1.0);
+        assert_eq!(calc_diff(&[1.0, -1.0], &[-1.0, 1.0]), 2.0);
+        assert_eq!(calc_diff(&[0.0], &[0.0]), 0.0);
+        assert!(calc_diff(&[f64::NAN], &[1.0]).is_nan());
+        // A 1% scale error: 1 − 2·1.01/(1 + 1.0201) = 4.95e-5, DeepGEMM's 1e-3 threshold
+        // sees a 4.6% one.
+        let d = calc_diff(&[1.01, 2.02], &[1.0, 2.0]);
+        assert!((d - (1.0 - 2.02 / 2.0201)).abs() < 1e-15, "{d}");
+        // compare_tensor reports it.
+        let exp = arr1(&[1.0, 2.0]);
+        let got = arr1(&[1.0, 3.0]);
+        let t = compare_tensor(
+            "g",
+            got.view().into_dyn(),
+            exp.view().into_dyn(),
+            Bounds::RELATIVE,
+            1,
+            Tolerance { rtol: 1.0, atol: 0.0 },
+        );
+        assert!((t.calc_diff - 1.0 / 15.0).abs() < 1e-15);
     }
 
     #[test]

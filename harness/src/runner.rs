@@ -28,6 +28,20 @@ pub struct PropertyReport {
     pub worst_ratio: f64,
     /// The tensor and case summary of that worst passing element.
     pub worst_where: String,
+    /// Checked cases with an fp8 recipe.
+    pub fp8_checked: usize,
+    /// Skipped cases with an fp8 recipe (GroupedMLP's among them).
+    pub fp8_skipped: usize,
+    /// Skipped GroupedMLP cases with an fp8 recipe: Megatron's GroupedMLP has no fp8 path
+    /// ([`crate::properties::grouped_fp8_skip`]).
+    pub grouped_fp8_skipped: usize,
+    /// Checked fp8 cases per recipe and format (`Fp8Config::label`, e.g. `blockwise/e4m3`).
+    pub fp8_labels: std::collections::BTreeMap<String, usize>,
+    /// The largest DeepGEMM `calc_diff` of any tensor compared in a checked fp8 case (`None`
+    /// without one); the property's pass or fail does not depend on it.
+    pub worst_calc_diff: Option<f64>,
+    /// The tensor and case summary of that `calc_diff`.
+    pub worst_calc_diff_where: String,
     /// The shrunk failing case and why it failed.
     pub failure: Option<FailureReport>,
 }
@@ -55,6 +69,12 @@ struct Tally {
     sharded: usize,
     worst_ratio: f64,
     worst_where: String,
+    fp8_checked: usize,
+    fp8_skipped: usize,
+    grouped_fp8_skipped: usize,
+    fp8_labels: std::collections::BTreeMap<String, usize>,
+    worst_calc_diff: Option<f64>,
+    worst_calc_diff_where: String,
     failing: bool,
 }
 
@@ -91,10 +111,23 @@ where
                 if !t.failing {
                     t.checked += 1;
                     t.sharded += usize::from(sharded);
+                    if let Some(f) = case.cfg.fp8 {
+                        t.fp8_checked += 1;
+                        *t.fp8_labels.entry(format!("{}/{}", f.recipe, f.format)).or_default() += 1;
+                    }
                     for d in diffs {
                         if d.worst_ratio > t.worst_ratio {
                             t.worst_ratio = d.worst_ratio;
                             t.worst_where = format!("{} in {}", d.name, case.summary());
+                        }
+                        // NaN (a NaN in a result) is the worst.
+                        let worse = match t.worst_calc_diff {
+                            None => true,
+                            Some(w) => !w.is_nan() && (d.calc_diff.is_nan() || d.calc_diff > w),
+                        };
+                        if case.cfg.fp8.is_some() && worse {
+                            t.worst_calc_diff = Some(d.calc_diff);
+                            t.worst_calc_diff_where = format!("{} in {}", d.name, case.summary());
                         }
                     }
                 }
@@ -103,6 +136,10 @@ where
             Ok(Verdict::Skipped(_)) => {
                 if !t.failing {
                     t.skipped += 1;
+                    if case.cfg.fp8.is_some() {
+                        t.fp8_skipped += 1;
+                        t.grouped_fp8_skipped += usize::from(case.cfg.class == LayerClass::Grouped);
+                    }
                 }
                 Ok(())
             }
@@ -126,6 +163,12 @@ where
         sharded: t.sharded,
         worst_ratio: t.worst_ratio,
         worst_where: t.worst_where,
+        fp8_checked: t.fp8_checked,
+        fp8_skipped: t.fp8_skipped,
+        grouped_fp8_skipped: t.grouped_fp8_skipped,
+        fp8_labels: t.fp8_labels,
+        worst_calc_diff: t.worst_calc_diff,
+        worst_calc_diff_where: t.worst_calc_diff_where,
         failure,
     }
 }

@@ -6,7 +6,9 @@
 //! shrunk failure is readable.
 
 use crate::case::Case;
-use moe_reference::{Activation, Dtype, LayerClass, LayerConfig, Parallelism, WgradTiming};
+use moe_reference::{
+    Activation, Dtype, Fp8Config, Fp8Recipe, LayerClass, LayerConfig, Parallelism, TeFormat, WgradTiming,
+};
 use proptest::prelude::*;
 use proptest::sample::select;
 
@@ -184,4 +186,103 @@ pub fn case(max_tokens: i64) -> impl Strategy<Value = Case> {
                 Case { cfg, tokens_per_expert: tokens, seed, timing }
             })
     })
+}
+
+/// Which fp8 recipes and formats generated cases use (`verify --fp8-recipe`, `--fp8-format`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Fp8Cases {
+    /// The recipes drawn from (empty: no fp8 case).
+    pub recipes: Vec<Fp8Recipe>,
+    /// The formats drawn from (non-empty when `recipes` is).
+    pub formats: Vec<TeFormat>,
+    /// The share of cases that get a recipe (1 when one recipe was asked for).
+    pub share: f64,
+}
+
+impl Fp8Cases {
+    /// The default of `verify`: [`Fp8Cases::DEFAULT_SHARE`] of the cases get a recipe and a
+    /// format drawn uniformly from all of them.
+    pub const DEFAULT_SHARE: f64 = 0.35;
+
+    /// Every recipe and format, on a share of the cases (`verify`'s default).
+    pub fn mixed() -> Fp8Cases {
+        Fp8Cases { recipes: Fp8Recipe::ALL.to_vec(), formats: TeFormat::ALL.to_vec(), share: Fp8Cases::DEFAULT_SHARE }
+    }
+
+    /// No fp8 cases (`--fp8-recipe none`).
+    pub fn none() -> Fp8Cases {
+        Fp8Cases { recipes: Vec::new(), formats: TeFormat::ALL.to_vec(), share: 0.0 }
+    }
+
+    /// Every case with `recipe` (`--fp8-recipe X`).
+    pub fn only(recipe: Fp8Recipe) -> Fp8Cases {
+        Fp8Cases { recipes: vec![recipe], formats: TeFormat::ALL.to_vec(), share: 1.0 }
+    }
+
+    /// The same choice restricted to one format (`--fp8-format F`).
+    pub fn with_format(self, format: TeFormat) -> Fp8Cases {
+        Fp8Cases { formats: vec![format], ..self }
+    }
+}
+
+/// Gives `cfg` the fp8 `config` and makes its shapes ones TE runs (`docs/spec/fp8-recipes.md`
+/// §9, §11): no explicit `padding_multiple` (the recipe's alignment pads); MXFP8 needs `h` and
+/// `f/t` multiples of 32; SequentialMLP's TE `Linear` needs `h` and `f/t` multiples of 16 and its
+/// rows padded (`assert_dim_for_fp8_exec`). TEGroupedMLP with the other recipes keeps any shape
+/// (partial blocks, odd sizes). GroupedMLP keeps the recipe: it has no fp8 path in Megatron, so
+/// the case is a declared skip ([`crate::properties::check`]).
+pub fn with_fp8(mut cfg: LayerConfig, config: Fp8Config) -> LayerConfig {
+    cfg.fp8 = Some(config);
+    cfg.padding_multiple = None;
+    let tp = cfg.parallel.tp_size.max(1);
+    let multiple = match (config.recipe, cfg.class) {
+        (Fp8Recipe::Mxfp8, _) => 32,
+        (_, LayerClass::Sequential) => 16,
+        _ => 1,
+    };
+    cfg.hidden_size = cfg.hidden_size.next_multiple_of(multiple);
+    cfg.ffn_hidden_size = cfg.ffn_hidden_size.next_multiple_of(multiple * tp);
+    if let Some(f) = cfg.fp8.as_mut() {
+        if cfg.class == LayerClass::Sequential || f.recipe == Fp8Recipe::Mxfp8 {
+            f.pad_to_alignment = true;
+        }
+        if f.activation_input_store && !(cfg.gated_linear_unit && cfg.activation == Activation::Silu) {
+            f.activation_input_store = false;
+        }
+    }
+    cfg
+}
+
+/// The fp8 configuration of a generated case: `recipe` and `format` with TE's defaults, and
+/// now and then (`knobs`) the other scale mode, Megatron's fp8 activation-input store and, for
+/// TEGroupedMLP, no padding (the router pads, `moe_router_padding_for_quantization`).
+fn fp8_config(recipe: Fp8Recipe, format: TeFormat, knobs: [bool; 3]) -> Fp8Config {
+    let base = Fp8Config::new(recipe).with_format(format);
+    Fp8Config {
+        power_2_scales: if knobs[0] && recipe != Fp8Recipe::Mxfp8 { !base.power_2_scales } else { base.power_2_scales },
+        activation_input_store: knobs[1],
+        pad_to_alignment: !knobs[2],
+        ..base
+    }
+}
+
+/// Whole cases as [`case`], a share of them (`fp8`) with an fp8 recipe and format
+/// ([`with_fp8`]).
+pub fn case_fp8(max_tokens: i64, fp8: &Fp8Cases) -> impl Strategy<Value = Case> {
+    let recipes = if fp8.recipes.is_empty() { vec![Fp8Recipe::Tensorwise] } else { fp8.recipes.clone() };
+    let formats = if fp8.formats.is_empty() { TeFormat::ALL.to_vec() } else { fp8.formats.clone() };
+    let share = if fp8.recipes.is_empty() { 0.0 } else { fp8.share.clamp(0.0, 1.0) };
+    (
+        case(max_tokens),
+        prop::bool::weighted(share),
+        select(recipes),
+        select(formats),
+        (prop::bool::weighted(0.2), prop::bool::weighted(0.2), prop::bool::weighted(0.2)),
+    )
+        .prop_map(|(mut c, on, recipe, format, (a, b, d))| {
+            if on {
+                c.cfg = with_fp8(c.cfg, fp8_config(recipe, format, [a, b, d]));
+            }
+            c
+        })
 }

@@ -4,7 +4,7 @@
 use crate::config::LayerConfig;
 use crate::dtype::Numerics;
 use crate::error::ReferenceError;
-use crate::layer::{forward_fp8, Fp8Run, Fp8State, Inputs, WgradTiming};
+use crate::layer::{forward_fp8, Fp8Channel, Fp8Run, Fp8State, Inputs, WgradTiming};
 use crate::state_dict::{from_state_dict, to_state_dict, StateDict};
 use ndarray::{Array1, Array2};
 
@@ -109,8 +109,32 @@ pub fn oracle_with_scales_fp8(
     grad_output: &Array2<f64>,
     run: Option<Fp8Run>,
 ) -> Result<OracleRun, LayerError> {
+    oracle_with_channel(cfg, params, inputs, grad_output, run, Fp8Channel::All)
+}
+
+/// [`oracle_with_scales`] for comparing two fp8 runs of one implementation that quantize their
+/// input, weights and upstream gradient alike (padding-neutrality, probs-linearity): the fp8
+/// channel counts only the derived operands ([`Fp8Channel::Paired`]). Without fp8 it is
+/// [`oracle_with_scales`].
+pub fn oracle_with_scales_paired(
+    cfg: &LayerConfig,
+    params: &StateDict,
+    inputs: &Inputs,
+    grad_output: &Array2<f64>,
+) -> Result<OracleRun, LayerError> {
+    oracle_with_channel(cfg, params, inputs, grad_output, initial_fp8_run(cfg)?, Fp8Channel::Paired)
+}
+
+fn oracle_with_channel(
+    cfg: &LayerConfig,
+    params: &StateDict,
+    inputs: &Inputs,
+    grad_output: &Array2<f64>,
+    run: Option<Fp8Run>,
+    channel: Fp8Channel,
+) -> Result<OracleRun, LayerError> {
     let weights = from_state_dict(cfg, params)?;
-    let fwd = forward_fp8(cfg, &weights, inputs, Numerics::Oracle, run)?;
+    let fwd = forward_fp8(cfg, &weights, inputs, Numerics::Oracle, run)?.with_fp8_channel(channel);
     let bwd = fwd.backward(grad_output, WgradTiming::Immediate)?;
     let scales = bwd.scales.expect("the oracle computes error scales");
     Ok(OracleRun {

@@ -39,8 +39,8 @@ pub use dtype::{Dtype, Numerics};
 pub use error::ReferenceError;
 pub use fp8::{Fp8Config, Fp8Recipe, TeFormat};
 pub use implementation::{
-    initial_fp8_run, oracle_with_scales, oracle_with_scales_fp8, ExpertLayer, LayerError, LayerRun, OracleRun,
-    Reference,
+    initial_fp8_run, oracle_with_scales, oracle_with_scales_fp8, oracle_with_scales_paired, ExpertLayer, LayerError,
+    LayerRun, OracleRun, Reference,
 };
 pub use layer::{forward, BackwardPass, ErrorScales, ForwardPass, Inputs, WeightGradStore, WgradTiming};
 pub use state_dict::{

@@ -7,7 +7,7 @@
 use clap::builder::PossibleValue;
 use moe_harness::properties::Property;
 use moe_harness::shapes::ModelShape;
-use moe_reference::LayerClass;
+use moe_reference::{Fp8Recipe, LayerClass, TeFormat};
 
 /// Declares `$arg`, a [`clap::ValueEnum`] over every value of `$inner::ALL`, each shown as
 /// `$value` (a [`PossibleValue`] built from `$v`).
@@ -65,6 +65,39 @@ library_value_enum!(
     }
 );
 
+library_value_enum!(
+    /// TransformerEngine's fp8 format: `e4m3` (everything E4M3) or `hybrid` (E5M2 gradients).
+    FormatArg(TeFormat),
+    |f| PossibleValue::new(f.name())
+);
+
+/// `--fp8-recipe`: `none` or one of TransformerEngine's recipes (`Fp8Recipe::ALL`, by Megatron's
+/// `--fp8-recipe` names, TE's class names accepted too).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecipeArg(pub Option<Fp8Recipe>);
+
+impl clap::ValueEnum for RecipeArg {
+    fn value_variants<'a>() -> &'a [Self] {
+        const ALL: [RecipeArg; Fp8Recipe::ALL.len() + 1] = {
+            let mut out = [RecipeArg(None); Fp8Recipe::ALL.len() + 1];
+            let mut i = 0;
+            while i < Fp8Recipe::ALL.len() {
+                out[i + 1] = RecipeArg(Some(Fp8Recipe::ALL[i]));
+                i += 1;
+            }
+            out
+        };
+        &ALL
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(match self.0 {
+            None => PossibleValue::new("none").help("no fp8 case"),
+            Some(r) => PossibleValue::new(r.name()).alias(r.te_class()).help(r.te_class()),
+        })
+    }
+}
+
 #[cfg(feature = "cuda")]
 library_value_enum!(
     /// A mode of the layer bench: `fwd` or `fwdbwd`.
@@ -100,5 +133,16 @@ mod tests {
         assert_eq!(ShapeArg::value_variants().len(), ModelShape::ALL.len());
         assert_eq!(PropertyArg::value_variants().len(), Property::ALL.len());
         assert!(ClassArg::from_str("mixtral", false).is_err());
+        for r in Fp8Recipe::ALL {
+            assert_eq!(RecipeArg::from_str(r.name(), false).unwrap(), RecipeArg(Some(r)));
+            assert_eq!(RecipeArg::from_str(r.te_class(), false).unwrap(), RecipeArg(Some(r)));
+        }
+        assert_eq!(RecipeArg::from_str("none", false).unwrap(), RecipeArg(None));
+        assert_eq!(RecipeArg::value_variants().len(), Fp8Recipe::ALL.len() + 1);
+        assert!(RecipeArg::from_str("nvfp4", false).is_err());
+        for f in TeFormat::ALL {
+            assert_eq!(FormatArg::from_str(f.name(), false).unwrap(), FormatArg(f));
+        }
+        assert!(FormatArg::from_str("e5m2", false).is_err());
     }
 }

@@ -1,11 +1,11 @@
 //! `moe-verify verify`: the differential harness over random cases.
 
-use super::args::{ClassArg, PropertyArg, ShapeArg};
+use super::args::{ClassArg, FormatArg, PropertyArg, RecipeArg, ShapeArg};
 use indicatif::{ProgressBar, ProgressStyle};
 use moe_harness::properties::{Backend, Property, ReferenceBackend};
 use moe_harness::runner::{run_property, PropertyReport};
 use moe_harness::shapes::ModelShape;
-use moe_harness::strategy;
+use moe_harness::strategy::{self, Fp8Cases};
 
 /// Arguments of `moe-verify verify`.
 #[derive(clap::Args, Debug)]
@@ -22,6 +22,14 @@ pub struct VerifyArgs {
     /// Only these properties (repeatable).
     #[arg(long = "property", value_name = "PROPERTY")]
     pub properties: Vec<PropertyArg>,
+    /// FP8 cases: by default a share of the cases get a recipe (all four and both formats);
+    /// `none` turns them off, a recipe makes every case use it (GroupedMLP cases are then
+    /// declared skips: it has no fp8 path in Megatron).
+    #[arg(long, value_name = "RECIPE")]
+    pub fp8_recipe: Option<RecipeArg>,
+    /// Only this fp8 format in the fp8 cases (default: both).
+    #[arg(long, value_name = "FORMAT")]
+    pub fp8_format: Option<FormatArg>,
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -157,7 +165,16 @@ pub fn run(args: &VerifyArgs) -> i32 {
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} cases  {msg}")
             .expect("valid template"),
     );
-    let strategy = strategy::case(args.max_tokens);
+    let fp8 = match args.fp8_recipe {
+        None => Fp8Cases::mixed(),
+        Some(RecipeArg(None)) => Fp8Cases::none(),
+        Some(RecipeArg(Some(r))) => Fp8Cases::only(r),
+    };
+    let fp8 = match args.fp8_format {
+        Some(FormatArg(f)) => fp8.with_format(f),
+        None => fp8,
+    };
+    let strategy = strategy::case_fp8(args.max_tokens, &fp8);
     let mut reports: Vec<PropertyReport> = Vec::new();
     for backend in &backends {
         for &property in &properties {
@@ -189,20 +206,56 @@ pub fn run(args: &VerifyArgs) -> i32 {
 
 fn print_table(reports: &[PropertyReport]) {
     println!(
-        "{:<18} {:<24} {:>7} {:>7} {:>7} {:>12}  {:<6}  worst element",
-        "implementation", "property", "cases", "sharded", "skipped", "worst err/tol", "result"
+        "{:<18} {:<24} {:>7} {:>7} {:>7} {:>12}  {:>5} {:>8} {:>13}  {:<6}  worst element",
+        "implementation",
+        "property",
+        "cases",
+        "sharded",
+        "skipped",
+        "worst err/tol",
+        "fp8",
+        "fp8 skip",
+        "fp8 calc_diff",
+        "result"
     );
     for r in reports {
         println!(
-            "{:<18} {:<24} {:>7} {:>7} {:>7} {:>12.3e}  {:<6}  {}",
+            "{:<18} {:<24} {:>7} {:>7} {:>7} {:>12.3e}  {:>5} {:>8} {:>13}  {:<6}  {}",
             r.backend,
             r.property.name(),
             r.checked,
             r.sharded,
             r.skipped,
             r.worst_ratio,
+            r.fp8_checked,
+            r.fp8_skipped,
+            r.worst_calc_diff.map_or("-".to_string(), |d| format!("{d:.3e}")),
             if r.passed() { "pass" } else { "FAIL" },
             r.worst_where
         );
+    }
+    // The fp8 coverage: checked cases per recipe/format over all properties, and the declared
+    // GroupedMLP skips.
+    let mut labels = std::collections::BTreeMap::<&str, usize>::new();
+    for r in reports {
+        for (l, n) in &r.fp8_labels {
+            *labels.entry(l).or_default() += n;
+        }
+    }
+    if !labels.is_empty() {
+        let list: Vec<String> = labels.iter().map(|(l, n)| format!("{l} {n}")).collect();
+        println!("fp8 cases checked (all properties): {}", list.join(", "));
+    }
+    let grouped: usize = reports.iter().map(|r| r.grouped_fp8_skipped).sum();
+    if grouped > 0 {
+        println!(
+            "fp8 skipped: {grouped} GroupedMLP case(s) over all properties: {}",
+            moe_harness::properties::GROUPED_FP8_REASON
+        );
+    }
+    if let Some((r, d)) =
+        reports.iter().filter_map(|r| r.worst_calc_diff.map(|d| (r, d))).max_by(|a, b| a.1.total_cmp(&b.1))
+    {
+        println!("fp8 worst calc_diff {d:.3e}: {}", r.worst_calc_diff_where);
     }
 }

@@ -34,6 +34,9 @@ pub struct CompareReport {
     /// What the expectations were recomputed with: `reference` (emulating the params dtype) or
     /// `reference-f64` (the oracle).
     pub reference: String,
+    /// The fp8 recipe and format (`Fp8Config::label`, e.g. `tensorwise/hybrid`), `None` without
+    /// fp8; the reference then runs TE's fp8 GEMMs and the error model has its fp8 channel.
+    pub fp8: Option<String>,
     /// The contraction length `K` of the error model.
     pub contraction_length: usize,
     /// The factor applied to [`Tolerance::error_model`] (2 against the emulating reference, 1
@@ -155,6 +158,16 @@ pub fn compare_dump(dump: &Dump, file: &str, oracle: bool) -> Result<CompareRepo
             }
         }
     }
+    // The quantized weights the dump holds: bit for bit the reference's quantization.
+    for (param, t) in &dump.fp8_weights {
+        let name = format!("{}{param}", super::fp8::FP8_PREFIX);
+        let w = dump.params.get(param).ok_or_else(|| err(&name, format!("no parameter {param}")))?;
+        let w = w.view().into_dimensionality::<ndarray::Ix2>().map_err(|e| err(&name, e.to_string()))?;
+        let want = super::fp8::reference_weight(cfg, param, w).map_err(|e| err(&name, e.to_string()))?;
+        let (got, exp) = (t.dequantize().into_dyn(), want.dequantize().into_dyn());
+        let tol = Tolerance::EXACT;
+        diffs.push(compare_tensor(&name, got.view(), exp.view(), crate::compare::Bounds::RELATIVE, 1, tol));
+    }
     let rows: Vec<CompareRow> = diffs.into_iter().map(|d| CompareRow { passed: d.passed(), diff: d }).collect();
     Ok(CompareReport {
         file: file.to_string(),
@@ -164,6 +177,7 @@ pub fn compare_dump(dump: &Dump, file: &str, oracle: bool) -> Result<CompareRepo
         tokens: dump.inputs.num_tokens(),
         tokens_per_expert: dump.inputs.tokens_per_expert.clone(),
         reference: reference.name(),
+        fp8: cfg.fp8.map(|f| f.label()),
         contraction_length: k,
         tolerance_factor: factor,
         tolerance: tol,
@@ -182,22 +196,41 @@ impl std::fmt::Display for CompareReport {
         )?;
         writeln!(
             f,
-            "against   {}; tolerance {} x error model ({} running error bound, K = {}) = {}",
-            self.reference, self.tolerance_factor, self.params_dtype, self.contraction_length, self.tolerance
+            "against   {}; tolerance {} x error model ({} running error bound{}, K = {}) = {}",
+            self.reference,
+            self.tolerance_factor,
+            self.params_dtype,
+            if self.fp8.is_some() { " with its fp8 channel" } else { "" },
+            self.contraction_length,
+            self.tolerance
         )?;
+        if let Some(fp8) = &self.fp8 {
+            writeln!(
+                f,
+                "fp8       {fp8}: TransformerEngine's fp8 GEMMs from the initial state; fp8.* rows bit for bit"
+            )?;
+        }
+        let fp8 = self.fp8.is_some();
         let name_w = self.rows.iter().map(|r| r.diff.name.len()).max().unwrap_or(0).max("tensor".len());
         let shape_w =
             self.rows.iter().map(|r| format!("{:?}", r.diff.shape).len()).max().unwrap_or(0).max("shape".len());
         writeln!(
             f,
-            "{:<name_w$}  {:<shape_w$}  {:>10}  {:>10}  {:>10}  {:>9}  {:>9}  result",
-            "tensor", "shape", "max abs", "max rel", "rel fro", "tol x", "err/bound"
+            "{:<name_w$}  {:<shape_w$}  {:>10}  {:>10}  {:>10}  {:>9}  {:>9}  {}result",
+            "tensor",
+            "shape",
+            "max abs",
+            "max rel",
+            "rel fro",
+            "tol x",
+            "err/bound",
+            if fp8 { " calc_diff  " } else { "" }
         )?;
         for r in &self.rows {
             let d = &r.diff;
             writeln!(
                 f,
-                "{:<name_w$}  {:<shape_w$}  {:>10.3e}  {:>10.3e}  {:>10.3e}  {:>9.2e}  {:>9.3}  {}",
+                "{:<name_w$}  {:<shape_w$}  {:>10.3e}  {:>10.3e}  {:>10.3e}  {:>9.2e}  {:>9.3}  {}{}",
                 d.name,
                 format!("{:?}", d.shape),
                 d.max_abs,
@@ -205,6 +238,7 @@ impl std::fmt::Display for CompareReport {
                 d.rel_frobenius,
                 d.tolerance.rtol,
                 d.worst_ratio,
+                if fp8 { format!("{:>10.3e}  ", d.calc_diff) } else { String::new() },
                 if r.passed { "pass" } else { "FAIL" }
             )?;
             if !r.passed {

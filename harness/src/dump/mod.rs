@@ -26,6 +26,18 @@
 //! `glu_interleave_size` (Megatron HEAD's `moe_mlp_glu_interleave_size`; the parameters and
 //! their grads are then in the module's interleaved fc1 row order) and `num_experts` (the
 //! global count, which must then equal `num_local_experts · ep_size`).
+//!
+//! FP8 (`docs/spec/fp8-recipes.md`): `fp8_recipe` (`tensorwise`|`delayed`|`blockwise`|`mxfp8`,
+//! TE class names accepted; absent or `none` = no fp8), `fp8_format` (`e4m3`|`hybrid`, default
+//! the recipe's), optional `fp8_power_2_scales`, `fp8_pad_to_alignment` (false: the router
+//! padded, `moe_router_padding_for_quantization`), `fp8_activation_input_store`. The reference
+//! then runs TE's fp8 GEMMs from the initial state (delayed scaling: scale 1, a first step). A
+//! dump may hold a weight as its implementation quantized it: `fp8.<parameter>` (`F8_E4M3`, the
+//! parameter's shape) and `fp8.<parameter>.scale_inv` (`F32`, shape `[]` per tensor or the
+//! `[⌈R/128⌉, ⌈C/128⌉]` grid of 128×128 blocks; MXFP8: E8M0 bytes `U8`/`F8_E8M0` `[R, C/32]`);
+//! codes whose scales do not reproduce the parameter are rejected, and the codes are compared
+//! bit for bit with the reference's quantization (row `fp8.<parameter>`).
+//!
 //! Booleans are `true`|`false`. Unknown metadata keys are ignored; unknown `input.*` or
 //! `expected.*` tensors are rejected (a misspelt expectation must not be skipped silently).
 //!
@@ -40,6 +52,7 @@
 //! results, serialization) and `compare` ([`compare_dump`] and its report).
 
 mod compare;
+pub mod fp8;
 mod read;
 mod write;
 
@@ -151,6 +164,10 @@ pub struct Dump {
     pub expected: Expectations,
     /// The dtype `input.tokens_per_expert` is (or will be) stored in.
     pub count_dtype: CountDtype,
+    /// The quantized weights the dump holds (`fp8.<parameter>` with its scales), by parameter
+    /// name; each checked to match its parameter when read, and compared bit for bit with the
+    /// reference's quantization by [`compare_dump`].
+    pub fp8_weights: std::collections::BTreeMap<String, moe_reference::fp8::Fp8Tensor>,
 }
 
 /// The tensor dtypes a dump may use, in our terms.

@@ -1,18 +1,21 @@
 //! Reading a dump: every key, dtype, shape and metadata value checked, each rejection naming
 //! the file and the key.
 
+use super::fp8;
 use super::{
     float_dtype, CountDtype, Dump, DumpError, Expectations, EXPECTED_GRAD_INPUT, EXPECTED_GRAD_PREFIX,
     EXPECTED_GRAD_PROBS, EXPECTED_OUTPUT, FORMAT, GRAD_OUTPUT, HIDDEN_STATES, PROBS, TOKENS_PER_EXPERT,
 };
-use moe_reference::layer::{check_finite, validate_inputs};
+use moe_reference::fp8::{Fp8Format, Fp8Tensor};
+use moe_reference::layer::{check_finite, check_fp8_splits, validate_inputs};
 use moe_reference::{
-    from_state_dict, param_specs, single_grouped_specs, unpack_single_grouped, Activation, Dtype, Inputs, LayerClass,
-    LayerConfig, Parallelism, ReferenceError, StateDict,
+    from_state_dict, param_specs, single_grouped_specs, unpack_single_grouped, Activation, Dtype, Fp8Config, Fp8Recipe,
+    Inputs, LayerClass, LayerConfig, Parallelism, ReferenceError, StateDict, TeFormat,
 };
 use ndarray::{Array1, Array2, ArrayD, IxDyn};
 use safetensors::tensor::TensorView;
 use safetensors::SafeTensors;
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -161,16 +164,9 @@ impl<'a> Reader<'a> {
             probs_dtype,
             padding_multiple,
             parallel,
-            // moe-expert-dump/1 carries no fp8 recipe yet (issue 12 item 6): refused below.
-            fp8: None,
+            fp8: self.fp8_config()?,
             glu_interleave_size,
         };
-        if let Some(recipe) = self.meta_opt("fp8_recipe") {
-            return Err(self.err(
-                Self::meta_key("fp8_recipe"),
-                format!("fp8 dumps (recipe {recipe:?}) are not supported yet: moe-expert-dump/1 has no fp8 fields"),
-            ));
-        }
         cfg.validate().map_err(|e| self.reference_err("__metadata__", e))?;
         if cfg.num_local_experts() != num_local_experts {
             return Err(self.err(
@@ -183,6 +179,132 @@ impl<'a> Reader<'a> {
             ));
         }
         Ok(cfg)
+    }
+
+    fn meta_opt_bool(&self, key: &str) -> Result<Option<bool>, DumpError> {
+        match self.meta_opt(key) {
+            None => Ok(None),
+            Some(_) => self.meta_bool(key).map(Some),
+        }
+    }
+
+    /// The fp8 metadata: `fp8_recipe` (absent or `none`: no fp8), `fp8_format` (default: the
+    /// recipe's), and the optional `fp8_power_2_scales`, `fp8_pad_to_alignment`,
+    /// `fp8_activation_input_store` (defaults: TE's and Megatron's).
+    fn fp8_config(&self) -> Result<Option<Fp8Config>, DumpError> {
+        let named = |key: &str, e: ReferenceError| self.reference_err(&Self::meta_key(key), e);
+        let Some(name) = self.meta_opt("fp8_recipe") else {
+            for key in ["fp8_format", "fp8_power_2_scales", "fp8_pad_to_alignment", "fp8_activation_input_store"] {
+                if self.meta_opt(key).is_some() {
+                    return Err(self.err(
+                        Self::meta_key(key),
+                        "set without fp8_recipe; expected fp8_recipe = tensorwise, delayed, blockwise or mxfp8 too",
+                    ));
+                }
+            }
+            return Ok(None);
+        };
+        let recipe = Fp8Recipe::parse(name).map_err(|e| named("fp8_recipe", e))?;
+        let mut f = Fp8Config::new(recipe);
+        if let Some(s) = self.meta_opt("fp8_format") {
+            f.format = TeFormat::parse(s).map_err(|e| named("fp8_format", e))?;
+        }
+        if let Some(b) = self.meta_opt_bool("fp8_power_2_scales")? {
+            f.power_2_scales = b;
+        }
+        if let Some(b) = self.meta_opt_bool("fp8_pad_to_alignment")? {
+            f.pad_to_alignment = b;
+        }
+        if let Some(b) = self.meta_opt_bool("fp8_activation_input_store")? {
+            f.activation_input_store = b;
+        }
+        Ok(Some(f))
+    }
+
+    /// The quantized weights `fp8.<parameter>` (F8_E4M3, the parameter's shape) with their
+    /// `fp8.<parameter>.scale_inv` (f32, or E8M0 bytes for MXFP8, in [`fp8::scale_shape`]),
+    /// each checked against its parameter: the codes times the scales must be the weight.
+    fn fp8_weights(&self, cfg: &LayerConfig, params: &StateDict) -> Result<BTreeMap<String, Fp8Tensor>, DumpError> {
+        let mut out = BTreeMap::new();
+        // Sorted: the first bad tensor reported is the same on every run.
+        let mut names: Vec<&str> = self.st.names().into_iter().filter(|n| n.starts_with(fp8::FP8_PREFIX)).collect();
+        names.sort_unstable();
+        for &name in &names {
+            let Some(f) = cfg.fp8 else {
+                return Err(self.err(name, "an fp8 tensor in a dump without __metadata__.fp8_recipe"));
+            };
+            if let Some(data) = name.strip_suffix(fp8::SCALE_SUFFIX) {
+                if !names.contains(&data) {
+                    return Err(self.err(name, format!("scales without their codes; expected the tensor {data} too")));
+                }
+                continue;
+            }
+            let param = &name[fp8::FP8_PREFIX.len()..];
+            let w = params.get(param).filter(|w| w.ndim() == 2 && param.contains("weight")).ok_or_else(|| {
+                self.err(
+                    name,
+                    format!(
+                        "{param:?} is not a 2-D weight of this dump; expected fp8.<weight name>, e.g. fp8.{}",
+                        param_specs(cfg)[0].name
+                    ),
+                )
+            })?;
+            let w = w.view().into_dimensionality::<ndarray::Ix2>().expect("checked 2-D");
+            let fmt = fp8::weight_format(&f);
+            let v = self.view(name, "the weight's fp8 codes")?;
+            let want = match fmt {
+                Fp8Format::E4M3 => safetensors::Dtype::F8_E4M3,
+                Fp8Format::E5M2 => safetensors::Dtype::F8_E5M2,
+            };
+            if v.dtype() != want {
+                return Err(self.err(
+                    name,
+                    format!(
+                        "dtype {}; expected {want:?} ({} codes of a weight)",
+                        describe_st(v.dtype()),
+                        fmt.torch_name()
+                    ),
+                ));
+            }
+            if v.shape() != w.shape() {
+                return Err(self.err(name, format!("shape {:?}; expected the weight's {:?}", v.shape(), w.shape())));
+            }
+            let codes = Array2::from_shape_vec(w.dim(), v.data().to_vec()).expect("shape checked");
+            let scale_key = format!("{name}{}", fp8::SCALE_SUFFIX);
+            let grid = fp8::scale_shape(f.recipe, [w.nrows(), w.ncols()]);
+            let sv = self.view(&scale_key, &format!("the scales of {name}, shape {grid:?}"))?;
+            let shape_ok = sv.shape() == grid.as_slice() || (grid.is_empty() && sv.shape() == [1]);
+            if !shape_ok {
+                return Err(self
+                    .err(&scale_key, format!("shape {:?}; expected {grid:?} under recipe {}", sv.shape(), f.recipe)));
+            }
+            let scales = match (f.recipe, sv.dtype()) {
+                (Fp8Recipe::Mxfp8, safetensors::Dtype::U8 | safetensors::Dtype::F8_E8M0) => {
+                    fp8::scales_from(f.recipe, [w.nrows(), w.ncols()], vec![], Some(sv.data().to_vec()))
+                }
+                (Fp8Recipe::Mxfp8, other) => {
+                    return Err(self
+                        .err(&scale_key, format!("dtype {}; expected E8M0 bytes (U8 or F8_E8M0)", describe_st(other))))
+                }
+                (_, safetensors::Dtype::F32) => {
+                    let values =
+                        sv.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
+                    fp8::scales_from(f.recipe, [w.nrows(), w.ncols()], values, None)
+                }
+                (_, other) => {
+                    return Err(self.err(&scale_key, format!("dtype {}; expected float32", describe_st(other))))
+                }
+            };
+            let t = Fp8Tensor { format: fmt, data: codes, scales };
+            fp8::check_matches_weight(&t, w).map_err(|why| {
+                self.err(
+                    &scale_key,
+                    format!("the scales do not match the bytes of {name} for the weight {param}: {why}"),
+                )
+            })?;
+            out.insert(param.to_string(), t);
+        }
+        Ok(out)
     }
 
     fn view(&self, key: &str, what: &str) -> Result<TensorView<'a>, DumpError> {
@@ -254,7 +376,7 @@ impl<'a> Reader<'a> {
         // Every key outside input.* / expected.* is a parameter.
         let mut params = StateDict::new();
         for name in self.st.names() {
-            if name.starts_with("input.") || name.starts_with("expected.") {
+            if name.starts_with("input.") || name.starts_with("expected.") || name.starts_with(fp8::FP8_PREFIX) {
                 continue;
             }
             let what = format!("a {} parameter in the params dtype {pd}", cfg.class.megatron_name());
@@ -265,6 +387,7 @@ impl<'a> Reader<'a> {
         // Megatron HEAD's single grouped TEGroupedMLP tensors read as their per-expert names.
         let params = unpack_single_grouped(&cfg, params).map_err(|e| self.reference_err("__metadata__", e))?;
         from_state_dict(&cfg, &params).map_err(|e| self.reference_err("__metadata__", e))?;
+        let fp8_weights = self.fp8_weights(&cfg, &params)?;
 
         // Inputs.
         let x = self.floats(HIDDEN_STATES, "the permuted hidden states [T, h]", &[pd])?;
@@ -277,7 +400,9 @@ impl<'a> Reader<'a> {
         let probs: Array1<f64> = probs.into_dimensionality().expect("checked 1-D");
         let (tokens_per_expert, count_dtype) = self.counts(cfg.num_local_experts())?;
         let inputs = Inputs { hidden_states, tokens_per_expert, probs };
-        validate_inputs(&cfg, &inputs).map_err(|e| self.reference_err(TOKENS_PER_EXPERT, e))?;
+        let segments = validate_inputs(&cfg, &inputs).map_err(|e| self.reference_err(TOKENS_PER_EXPERT, e))?;
+        // The splits TE refuses under the recipe (MXFP8 unpadded: multiples of 32; TE Linear).
+        check_fp8_splits(&cfg, &segments).map_err(|e| self.reference_err(TOKENS_PER_EXPERT, e))?;
 
         let grad_output = if self.st.names().contains(&GRAD_OUTPUT) {
             let g = self.floats_shaped(GRAD_OUTPUT, "the upstream gradient [T, h]", &[pd], &[t, h])?;
@@ -349,7 +474,7 @@ impl<'a> Reader<'a> {
                 format!("missing tensor; the dump expects gradients (expected.grad.*), so it must hold the upstream gradient [{t}, {h}] in {pd}"),
             ));
         }
-        Ok(Dump { config: cfg, params, inputs, grad_output, expected, count_dtype })
+        Ok(Dump { config: cfg, params, inputs, grad_output, expected, count_dtype, fp8_weights })
     }
 }
 

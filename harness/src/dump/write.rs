@@ -34,7 +34,24 @@ impl Dump {
             }
             None => Expectations { output: Some(reference.forward(config, &params, &inputs)?), ..Default::default() },
         };
-        Ok(Dump { config: config.clone(), params, inputs, grad_output, expected, count_dtype: CountDtype::I64 })
+        let mut fp8_weights = std::collections::BTreeMap::new();
+        if config.fp8.is_some() {
+            for (name, w) in &params {
+                if w.ndim() == 2 && name.contains("weight") {
+                    let w2 = w.view().into_dimensionality::<ndarray::Ix2>().expect("2-D");
+                    fp8_weights.insert(name.clone(), super::fp8::reference_weight(config, name, w2)?);
+                }
+            }
+        }
+        Ok(Dump {
+            config: config.clone(),
+            params,
+            inputs,
+            grad_output,
+            expected,
+            count_dtype: CountDtype::I64,
+            fp8_weights,
+        })
     }
 
     /// The string metadata this dump is written with.
@@ -69,6 +86,13 @@ impl Dump {
         put("tp_rank", c.parallel.tp_rank.to_string());
         put("ep_size", c.parallel.ep_size.to_string());
         put("ep_rank", c.parallel.ep_rank.to_string());
+        if let Some(f) = &c.fp8 {
+            put("fp8_recipe", f.recipe.name().into());
+            put("fp8_format", f.format.name().into());
+            put("fp8_power_2_scales", f.power_2_scales.to_string());
+            put("fp8_pad_to_alignment", f.pad_to_alignment.to_string());
+            put("fp8_activation_input_store", f.activation_input_store.to_string());
+        }
         m
     }
 
@@ -100,6 +124,25 @@ impl Dump {
         }
         for (name, a) in &self.expected.weight_grads {
             float(format!("{EXPECTED_GRAD_PREFIX}{name}"), a.view(), pd);
+        }
+        for (name, t) in &self.fp8_weights {
+            let dtype = match t.format {
+                moe_reference::fp8::Fp8Format::E4M3 => safetensors::Dtype::F8_E4M3,
+                moe_reference::fp8::Fp8Format::E5M2 => safetensors::Dtype::F8_E5M2,
+            };
+            tensors.push((
+                format!("{}{name}", super::fp8::FP8_PREFIX),
+                dtype,
+                t.data.shape().to_vec(),
+                t.data.iter().copied().collect(),
+            ));
+            let (shape, values, e8m0) = super::fp8::scale_values(t);
+            let (d, bytes) = if e8m0 {
+                (safetensors::Dtype::U8, values.iter().map(|&v| v as u8).collect())
+            } else {
+                (safetensors::Dtype::F32, values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())
+            };
+            tensors.push((format!("{}{name}{}", super::fp8::FP8_PREFIX, super::fp8::SCALE_SUFFIX), d, shape, bytes));
         }
         let counts = &self.inputs.tokens_per_expert;
         let (dtype, bytes) = match self.count_dtype {

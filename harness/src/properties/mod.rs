@@ -196,6 +196,16 @@ fn oracle(cfg: &LayerConfig, p: &Problem) -> Result<OracleRun, PropertyFailure> 
         .map_err(|e| PropertyFailure::Error(format!("oracle: {e}")))
 }
 
+/// [`oracle`] for properties that compare two fp8 runs of the backend quantizing their input,
+/// weights and upstream gradient alike: the fp8 channel counts only the derived operands
+/// ([`moe_reference::oracle_with_scales_paired`]); the same as [`oracle`] without fp8.
+fn oracle_paired(cfg: &LayerConfig, p: &Problem) -> Result<OracleRun, PropertyFailure> {
+    let global = cfg.unsharded();
+    let params = to_state_dict(&global, &p.weights).map_err(|e| PropertyFailure::Error(format!("oracle: {e}")))?;
+    moe_reference::oracle_with_scales_paired(&global, &params, &p.inputs, &p.grad_output)
+        .map_err(|e| PropertyFailure::Error(format!("oracle: {e}")))
+}
+
 /// A backend's refusal is a declared skip; any other error fails the property.
 fn lift(e: LayerError) -> Result<Verdict, PropertyFailure> {
     match e {
@@ -244,9 +254,27 @@ impl Ctx<'_> {
     }
 }
 
-/// Checks `property` for `backend` on `case`.
+/// The declared skip of a GroupedMLP case with an fp8 recipe: Megatron's legacy GroupedMLP has
+/// no fp8 path. At its last revision (`megatron/core/transformer/moe/experts.py` at
+/// `77a00ec1c9`) its forward runs `grouped_gemm`'s bf16 `gg.ops.gmm` on its two packed weights,
+/// with no TE linears, quantizers or `Fp8Padding`, and `config.fp8` only makes it refuse
+/// `moe_act` recompute; it was removed at `2caa681a1d`. `LayerConfig::validate` refuses the
+/// combination; the runner counts these skips per property ([`crate::runner::PropertyReport`]).
+pub fn grouped_fp8_skip(f: &moe_reference::Fp8Config) -> String {
+    format!("{GROUPED_FP8_REASON}: fp8 {} does not apply", f.label())
+}
+
+/// Why GroupedMLP cases with fp8 are skipped ([`grouped_fp8_skip`]).
+pub const GROUPED_FP8_REASON: &str =
+    "GroupedMLP has no fp8 path (Megatron experts.py GroupedMLP@77a00ec1c9: bf16 gg.ops.gmm, no quantizers)";
+
+/// Checks `property` for `backend` on `case` (a GroupedMLP case with fp8 is a declared skip,
+/// [`grouped_fp8_skip`]).
 pub fn check(backend: &dyn Backend, property: Property, case: &Case) -> Result<Verdict, PropertyFailure> {
     let cfg = &case.cfg;
+    if let (LayerClass::Grouped, Some(f)) = (cfg.class, cfg.fp8) {
+        return Ok(Verdict::Skipped(grouped_fp8_skip(&f)));
+    }
     let Some(layer) = backend.layer(cfg.class) else {
         return Ok(Verdict::Skipped(format!("{} has no {} implementation", backend.name(), cfg.class)));
     };

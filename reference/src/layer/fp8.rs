@@ -111,9 +111,12 @@ pub enum Fp8Fault {
     /// The operand is not quantized at all (its storage-dtype values enter the GEMM).
     SkipQuantization(Fp8Operand),
     /// The operand's dequantization factors are multiplied by 16 (a wrong block or tensor scale,
-    /// e.g. an E8M0 exponent off by 4). Smaller factors hide inside the worst-case fp8 error
-    /// model on small layers (see `harness/src/tolerance.rs`, "FP8").
+    /// e.g. an E8M0 exponent off by 4).
     WrongScale(Fp8Operand),
+    /// The operand's dequantization factors are doubled: one exponent step, e.g. a power-of-2
+    /// scale rounded up instead of down or an E8M0 byte off by one. The error model's fp8
+    /// channel must see it in the results the operand feeds.
+    ScaleOffByTwo(Fp8Operand),
 }
 
 /// The delayed-scaling state of a layer: one [`DelayedScaling`] per local expert and operand.
@@ -269,6 +272,10 @@ impl Fp8Run {
             Some(Fp8Fault::WrongScale(o)) if o == operand => {
                 out.rowwise.scale_inv.mapv_inplace(|s| 16.0 * s);
                 out.columnwise.scale_inv.mapv_inplace(|s| 16.0 * s);
+            }
+            Some(Fp8Fault::ScaleOffByTwo(o)) if o == operand => {
+                out.rowwise.scale_inv.mapv_inplace(|s| 2.0 * s);
+                out.columnwise.scale_inv.mapv_inplace(|s| 2.0 * s);
             }
             _ => {}
         }

@@ -1,8 +1,12 @@
 //! The fp8 terms of the error model (oracle only): the quantization error bound of each
-//! quantized operand and the accumulation term of an fp8 GEMM.
+//! quantized operand, the accumulation term of an fp8 GEMM, and how both propagate.
+//!
+//! # One operand
 //!
 //! Quantizing a value `v` that an implementation holds with error `e_v` (so `|v_impl| ≤ |v| +
-//! e_v`) gives, with `s⁻¹` the dequantization factor of its block:
+//! e_v`) moves it by at most half an fp8 ulp at its scale. With `s⁻¹` the dequantization factor
+//! of its block, the half ulp of `v_impl·s` is at most `u_fmt·|v_impl·s|` in the normal range (the
+//! top of its binade) and `½·sub_fmt` below it, so per element
 //!
 //! ```text
 //! q(v) = u_fmt·(|v| + e_v) + 2·u_f32·|v| + ½·sub_fmt·s⁻¹ + max(0, |v| + e_v − max_fmt·s⁻¹)
@@ -14,9 +18,54 @@
 //! * the last term, saturation, is non-zero only for delayed scaling, whose scale comes from
 //!   the history rather than from the tensor itself.
 //!
-//! `s⁻¹` is bounded from the amax over the whole operand (which bounds every block's amax):
-//! `amax/max_fmt`, doubled for power-of-2 scales and MXFP8 (their scale is rounded to a power of
-//! two), both from the oracle's `|v| + e_v`; delayed scaling uses the state's own `scale_inv`.
+//! `s⁻¹` is bounded from the amax over the whole operand (which bounds every block's amax, and
+//! every shard's under EP/ETP): `amax/max_fmt`, doubled for power-of-2 scales and MXFP8 (their
+//! scale is rounded to a power of two), both from the oracle's `|v| + e_v`; delayed scaling uses
+//! the state's own `scale_inv`. The bound does not use the block's exact scale because the
+//! implementation's scale depends on its layout (a TP shard has its own amax) and, for derived
+//! operands, on its own rounding.
+//!
+//! # Through a GEMM: the fp8 channel
+//!
+//! Every result's bound is `E + R`. `E` is the storage part of `layer::bounds` (roundings to
+//! the storage dtype and f32, worst case over `K` for propagated errors, `√K·u_f32·Σ|terms|` for
+//! accumulation). `R`, the fp8 channel, carries the quantization errors and what they become:
+//! for `C = A·B` with `A = a + δa`, `B = b + δb`, where the `δ` are the quantization moves of
+//! different elements (bounded per element by `qa = q(a)`, `qb = q(b)`) plus the fp8 channel of
+//! the operands' own inputs (`ra`, `rb`),
+//!
+//! ```text
+//! C − a·b = Σ_k (δa_ik·b_kj + a_ik·δb_kj) + Σ_k δa_ik·δb_kj
+//! R(C)_ij = √(Σ_k ((qa + ra)_ik·|b_kj| + |a_ik|·(qb + rb)_kj)²)         (root sum of squares)
+//! E(C)_ij += Σ_k (ea + ra + qa)_ik·(qb + rb)_kj                          (second order, worst case)
+//! ```
+//!
+//! The root sum of squares is to quantization what the `√K` accumulation model is to f32
+//! rounding: rounding errors of different elements are not aligned, so their sum over `K` grows
+//! like `√K`, not `K`. With `|δ| ≤ q` and independent, zero-mean moves the sum has a standard
+//! deviation of at most `R/√3`, so `C_SAFETY·R` is `3.5σ` on the fp8 channel alone (more with the
+//! `rms(S)` floor of the comparison). It is a model, not a worst case: a tensor whose elements
+//! all round the same way against same-signed weights (constant inputs) can exceed it. The worst
+//! case `Σ_k` (the previous model) was 4-5× wider on small layers and only saw a scale 16× off.
+//! Elementwise steps (the activation, its backward, the probs product) propagate `R` like `E`
+//! (`|f'|·R`), without their roundings, and with each derivative taken at its largest over
+//! `a ± R` (the fp8 errors can carry an input across a kink: squared ReLU's `f''` jumps at 0, so
+//! a gate just below 0 in the oracle can have `f' > 0` in an implementation); row and column sums (bias and probs gradients) take the
+//! root sum of squares too. `activation_func_fp8_input_store`'s unscaled E4M3 cast of the
+//! activation input is an fp8 rounding of each element, so it enters `R`.
+//!
+//! The accumulation term ([`Fp8Bound::accumulation`]) stays in `E`.
+//!
+//! # Two runs that quantize alike
+//!
+//! Padding-neutrality and probs-linearity compare two fp8 runs of one implementation whose
+//! input, weights and upstream gradient are the same tensors (padding adds zero rows, which
+//! change no amax; doubled probs leave them alone), so both quantize them identically and their
+//! quantization cancels. What may still differ are the derived operands (fc2's input `u`, fc1's
+//! output gradient `da`): a storage-level difference between the runs can move one across an
+//! fp8 rounding boundary (or, with doubled probs and delayed scaling, a subnormal code need not
+//! double). [`super::Fp8Channel::Paired`] keeps only those two operands' terms in the fp8
+//! channel.
 
 use super::fp8::{Fp8Operand, Fp8State};
 use crate::dtype::Dtype;
@@ -36,12 +85,18 @@ pub(super) struct Fp8Bound<'a> {
     pub(super) state: Option<&'a Fp8State>,
     /// The local expert.
     pub(super) expert: usize,
+    /// [`super::Fp8Channel::Paired`]: the operands both runs quantize alike (the input, the
+    /// weights, the upstream gradient) contribute nothing.
+    pub(super) paired: bool,
 }
 
 impl Fp8Bound<'_> {
     /// `q(v)` of every element of operand `op` whose oracle values are `v` and whose
     /// implementation error bounds are `err` (see the module doc).
     pub(super) fn quantization(&self, op: Fp8Operand, v: &Array2<f64>, err: &Array2<f64>) -> Array2<f64> {
+        if self.paired && !matches!(op, Fp8Operand::Fc2Input | Fp8Operand::Fc1GradOutput) {
+            return Array2::zeros(v.raw_dim());
+        }
         let fmt = self.config.format.format_for(op.role());
         let u = 2f64.powi(-(fmt.mantissa_bits() as i32) - 1);
         let u32_ = Dtype::F32.unit_roundoff();

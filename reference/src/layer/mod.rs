@@ -192,6 +192,20 @@ pub struct ForwardPass {
     /// The fp8 run (configuration, delayed-scaling state, planted fault) when `cfg.fp8` is set;
     /// the backward records its amaxes into the state.
     fp8: Option<std::cell::RefCell<Fp8Run>>,
+    /// Which quantizations the oracle's error model counts (fp8 only).
+    fp8_channel: Fp8Channel,
+}
+
+/// Which quantizations the fp8 channel of the oracle's error model counts (`fp8_bounds` module
+/// doc).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Fp8Channel {
+    /// Every quantized operand: one fp8 run against the unquantized oracle.
+    #[default]
+    All,
+    /// Only the derived operands (fc2's input, fc1's output gradient): two fp8 runs whose input,
+    /// weights and upstream gradient quantize alike (padding-neutrality, probs-linearity).
+    Paired,
 }
 
 /// Input and probs gradients plus the weight gradients available after backward.
@@ -455,7 +469,23 @@ pub fn forward_fp8(
         caches,
         output,
         fp8: run.map(std::cell::RefCell::new),
+        fp8_channel: Fp8Channel::All,
     })
+}
+
+/// Refuses the splits TE refuses under `cfg.fp8` (nothing without fp8), naming the expert and
+/// tensor: `segments` are the rows of each processed segment ([`validate_inputs`]), padded here
+/// as the layer pads them (see [`check_fp8_shapes`]).
+pub fn check_fp8_splits(cfg: &LayerConfig, segments: &[usize]) -> Result<(), ReferenceError> {
+    let Some(f) = &cfg.fp8 else { return Ok(()) };
+    let padded: Vec<usize> = segments
+        .iter()
+        .map(|&c| match cfg.row_padding() {
+            Some(m) => c.div_ceil(m) * m,
+            None => c,
+        })
+        .collect();
+    check_fp8_shapes(cfg, f.recipe, &padded)
 }
 
 /// Refuses the fp8 shapes TE refuses, naming the tensor: MXFP8 quantizes every operand and needs
@@ -496,6 +526,11 @@ impl ForwardPass {
     /// The layer output `[T, h]`.
     pub fn output(&self) -> &Array2<f64> {
         &self.output
+    }
+
+    /// The same pass with the oracle's error model counting `channel` (see [`Fp8Channel`]).
+    pub fn with_fp8_channel(self, channel: Fp8Channel) -> ForwardPass {
+        ForwardPass { fp8_channel: channel, ..self }
     }
 
     /// The delayed-scaling state after this pass (amaxes of the forward, and of the backward once
