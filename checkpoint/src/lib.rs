@@ -21,6 +21,7 @@
 
 #![deny(missing_docs)]
 
+pub mod diff;
 pub mod experts;
 pub mod format;
 pub mod hf;

@@ -366,6 +366,14 @@ impl Checkpoint {
         self.assemble(&mut HashMap::new(), key, shape, idx, true)
     }
 
+    /// True when the stored shards of logical tensor `key` cover `region` completely (shards
+    /// never overlap, checked at open, so covered elements add up).
+    pub fn logical_covers(&self, key: &str, region: &Region) -> bool {
+        let Some((_, idx)) = self.by_logical.get(key) else { return false };
+        let covered: usize = idx.iter().filter_map(|&i| self.logical[i].1.intersect(region)).map(|x| x.numel()).sum();
+        covered == region.numel()
+    }
+
     /// The box `region` (logical coordinates) of logical tensor `key`, read from the shards it
     /// intersects (each read whole, CRC-checked). `cache` keeps the last shard read, so that
     /// reading one expert after another out of a stacked shard reads that shard once.

@@ -83,7 +83,13 @@ impl OwnSource {
                     offset.extend(vec![0; shape.len()]);
                     let mut rshape = vec![1];
                     rshape.extend(&shape);
-                    regions.insert((key, location.clone()), (lkey.clone(), Region { offset, shape: rshape }));
+                    let region = Region { offset, shape: rshape };
+                    if !ckpt.logical_covers(&lkey, &region) {
+                        // Not stored (e.g. an expert-parallel rank's file left out): `diff`
+                        // reports it missing on this side.
+                        continue;
+                    }
+                    regions.insert((key, location.clone()), (lkey.clone(), region));
                     entries.push(ExpertEntry { key, shape: shape.clone(), stored_as: format!("{dtype}"), location });
                 }
             }
