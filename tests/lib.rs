@@ -21,6 +21,7 @@
 //!   planted fp8 bugs, TE's refusals of unaligned splits.
 //! * [`dump`]: moe-expert-dump/1 files and `moe-verify compare`.
 //! * [`checkpoint`]: Megatron sharded state dicts, the on-disk format, resharding (spec §7, §8.1).
+//! * [`hf`]: Hugging Face checkpoints (transformers-written fixtures) and `moe-verify diff`.
 //! * [`gpu`]: the CUDA implementations (`moe-gpu`) against the f64 oracle (skip loudly without a GPU).
 //! * [`gpu_grouped`]: every grouped-GEMM strategy of `moe-gpu` against the per-expert loop.
 //! * [`shapes`]: the model-shape registry and `scripts/shapes.json`, its copy for the PyTorch
@@ -39,6 +40,7 @@ mod gpu;
 #[cfg(feature = "cuda")]
 mod gpu_grouped;
 mod gradcheck;
+mod hf;
 mod pins;
 mod self_test;
 mod shapes;

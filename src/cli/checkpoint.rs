@@ -162,6 +162,9 @@ pub fn run_layout(args: &LayoutArgs) -> i32 {
 
 /// Runs `moe-verify reshard`; returns the exit code.
 pub fn run_reshard(args: &ReshardArgs) -> i32 {
+    if checkpoint::detect_format(&args.src).is_ok_and(|(f, _)| f != checkpoint::SourceFormat::MoeVerify) {
+        return super::diff::reshard_from_source(args);
+    }
     let target = checkpoint::ReshardTarget {
         class: args.class.0,
         tp: args.tp,
@@ -218,6 +221,9 @@ pub fn run_reshard(args: &ReshardArgs) -> i32 {
 
 /// Runs `moe-verify inspect`; returns the exit code.
 pub fn run_inspect(args: &InspectArgs) -> i32 {
+    if checkpoint::detect_format(&args.dir).is_ok_and(|(f, _)| f != checkpoint::SourceFormat::MoeVerify) {
+        return super::diff::inspect_source(&args.dir, args.json);
+    }
     let ckpt = match checkpoint::Checkpoint::open(&args.dir) {
         Ok(c) => c,
         Err(e) => return fail(&e),

@@ -5,5 +5,6 @@ pub mod args;
 pub mod bench;
 pub mod checkpoint;
 pub mod compare;
+pub mod diff;
 pub mod shapes;
 pub mod verify;

@@ -7,6 +7,7 @@
 //! | `.metadata` | Megatron `torch_dist` |
 //! | `model.safetensors.index.json` or `model.safetensors` (or a `.safetensors` file) | Hugging Face ([`crate::hf::HfSource`]) |
 
+pub mod convert;
 pub mod own;
 
 use crate::experts::{ExpertSource, SourceFormat};
