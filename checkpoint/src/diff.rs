@@ -348,13 +348,12 @@ fn missing_findings(rows: &[Row], findings: &mut Vec<String>) {
     }
 }
 
+/// One layer's fc1 weights, `[E][N1·h]`, and `[N1, h]`.
+type LayerFc1 = (Vec<Vec<f64>>, [usize; 2]);
+
 /// The fc1 weights of `layer` on one side as `[E][N1·h]` f64 (row-major `[N1, h]` each), when
 /// every expert `0..E` is there once with one shape and they fit `budget` bytes.
-fn layer_fc1(
-    s: &dyn ExpertSource,
-    layer: usize,
-    budget: usize,
-) -> Result<Option<(Vec<Vec<f64>>, [usize; 2])>, CheckpointError> {
+fn layer_fc1(s: &dyn ExpertSource, layer: usize, budget: usize) -> Result<Option<LayerFc1>, CheckpointError> {
     let mut es: Vec<&ExpertEntry> =
         s.entries().iter().filter(|e| e.key.layer == layer && e.key.param == ExpertParam::Fc1Weight).collect();
     es.sort_by_key(|e| e.key.expert);
