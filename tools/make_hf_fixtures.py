@@ -12,6 +12,8 @@ routed expert's weights in moe-verify's canonical orientation, taken from the *i
     layers.{l}.experts.{e}.fc2.bias    [h]      (GPT-OSS)
 
   mixtral/          MixtralForCausalLM, bf16, one file
+  mixtral-fused/    the same model saved with save_original_format=False (transformers' in-memory
+                    names: mlp.experts.gate_up_proj [E, 2f, h], mlp.experts.down_proj [E, h, f])
   qwen3-moe/        Qwen3MoeForCausalLM, bf16, sharded (model.safetensors.index.json)
   deepseek-v3/      DeepseekV3ForCausalLM, bf16, first_k_dense_replace = 1 (layer 0 dense)
   gpt-oss/          GptOssForCausalLM, bf16 (gate_up_proj interleaved, biases)
@@ -82,6 +84,8 @@ def mixtral():
                         num_experts_per_tok=2, max_position_embeddings=16)
     m = MixtralForCausalLM(cfg).to(torch.bfloat16)
     save(m, "mixtral", expected_from_fused(m, range(2)))
+    # transformers' own fused layout (experts.gate_up_proj [E, 2f, h], down_proj [E, h, f]).
+    save(m, "mixtral-fused", expected_from_fused(m, range(2)), save_original_format=False)
 
 
 def qwen3_moe():

@@ -108,6 +108,9 @@ enum Recipe {
     Whole(Quant),
     /// Gate rows then up rows.
     Concat(Quant, Quant),
+    /// Expert `e`'s slice of a stacked tensor, as stored (transformers' fused
+    /// `gate_up_proj[e]` `[2f, h]` and `down_proj[e]` `[h, f]`).
+    Slice(String, usize),
     /// GPT-OSS `gate_up_proj[e]` `[h, 2f]`: de-interleave the columns, transpose.
     OssGateUp(String, usize),
     /// GPT-OSS `gate_up_proj_bias[e]` `[2f]`: de-interleave.
@@ -210,8 +213,17 @@ fn family_from_names(names: &BTreeSet<String>) -> Option<(Family, String)> {
     if let Some(n) = names.iter().find(|n| n.contains(".block_sparse_moe.experts.")) {
         return Some((Family::Mixtral, format!("tensor {n}")));
     }
-    if let Some(n) = names.iter().find(|n| n.contains(".mlp.experts.gate_up_proj")) {
+    if let Some(n) = names
+        .iter()
+        .find(|n| n.contains(".mlp.experts.gate_up_proj_bias") || n.contains(".mlp.experts.gate_up_proj_blocks"))
+    {
         return Some((Family::GptOss, format!("tensor {n}")));
+    }
+    if let Some(n) = names.iter().find(|n| n.ends_with(".mlp.experts.gate_up_proj")) {
+        return Some((
+            Family::Qwen3Moe,
+            format!("tensor {n}: transformers' fused [E, 2f, h] layout without biases; pass --family if another"),
+        ));
     }
     if let Some(n) = names.iter().find(|n| per_expert_name(Family::Qwen3Moe, n).is_some()) {
         if names.iter().any(|m| m.contains(".mlp.experts.") && m.ends_with("weight_scale_inv")) {
@@ -417,6 +429,9 @@ impl HfSource {
                 by.entry((l, e)).or_default()[r] = Some(n.clone());
             }
         }
+        if by.is_empty() {
+            return self.list_fused();
+        }
         for ((layer, expert), [gate, up, down]) in by {
             match (&gate, &up) {
                 (Some(g), Some(u)) => {
@@ -453,6 +468,43 @@ impl HfSource {
                 let loc = self.location(&d);
                 self.push(key, shape, s, loc, Recipe::Whole(q));
             }
+        }
+        Ok(())
+    }
+
+    /// transformers' own in-memory layout, saved with `save_original_format=False`:
+    /// `model.layers.{l}.mlp.experts.gate_up_proj` `[E, 2f, h]` (gate rows first, as the forward's
+    /// `.chunk(2)` splits it) and `down_proj` `[E, h, f]`.
+    fn list_fused(&mut self) -> Result<(), CheckpointError> {
+        let mut todo = Vec::new();
+        for (n, t) in &self.tensors {
+            let Some((layer, rest)) = split_layer(n) else { continue };
+            let param = match rest {
+                "mlp.experts.gate_up_proj" => ExpertParam::Fc1Weight,
+                "mlp.experts.down_proj" => ExpertParam::Fc2Weight,
+                _ => continue,
+            };
+            raw_dtype(t.dtype).ok_or_else(|| CheckpointError::Mismatch {
+                key: self.location(n),
+                msg: format!("dtype {:?}, expected BF16, F16 or F32", t.dtype),
+            })?;
+            let [e, r, c] = t.shape[..] else {
+                return Err(CheckpointError::Mismatch {
+                    key: self.location(n),
+                    msg: format!("shape {:?}, expected [E, 2f, h] or [E, h, f]", t.shape),
+                });
+            };
+            for x in 0..e {
+                let key = ExpertKey { layer, expert: x, param };
+                let stored = format!("{:?}, fused [E, {r}, {c}] (transformers layout)", t.dtype);
+                todo.push((key, vec![r, c], stored, format!("{}[{x}]", self.location(n)), Recipe::Slice(n.clone(), x)));
+            }
+        }
+        if !todo.is_empty() {
+            self.info.inferred.push("layout: transformers' fused experts.gate_up_proj / down_proj".into());
+        }
+        for (k, s, st, loc, r) in todo {
+            self.push(k, s, st, loc, r);
         }
         Ok(())
     }
@@ -695,7 +747,7 @@ impl ExpertSource for HfSource {
                 let (f, h) = (t.shape[1], t.shape[2]);
                 gather(&v, h * f, |k| (k % f) * h + k / f)
             }
-            Recipe::OssDownBias(n, e) => {
+            Recipe::Slice(n, e) | Recipe::OssDownBias(n, e) => {
                 let (t, b) = self.expert_slice(n, *e);
                 Vals::Raw(raw_dtype(t.dtype).expect("checked"), b.to_vec())
             }

@@ -71,9 +71,9 @@ pub fn detect_format(path: &Path) -> Result<(SourceFormat, String), CheckpointEr
 /// Opens `path` as an [`ExpertSource`] of the detected (or overridden) format. Entries outside
 /// `overrides.layers` are left out.
 pub fn open_source(path: &Path, overrides: &SourceOverrides) -> Result<Box<dyn ExpertSource>, CheckpointError> {
-    let (format, why) = match overrides.format {
-        Some(f) => (f, format!("format: {f:?} (given)")),
-        None => detect_format(path)?,
+    let format = match overrides.format {
+        Some(f) => f,
+        None => detect_format(path)?.0,
     };
     let source: Box<dyn ExpertSource> = match format {
         SourceFormat::MoeVerify => Box::new(own::OwnSource::open(path)?),
@@ -87,7 +87,6 @@ pub fn open_source(path: &Path, overrides: &SourceOverrides) -> Result<Box<dyn E
             })
         }
     };
-    let _ = why;
     Ok(match &overrides.layers {
         Some(r) => Box::new(LayerFilter::new(source, r.clone())),
         None => source,
