@@ -411,6 +411,23 @@ fn column_blocks(
         if fc1.len() < 2 || !fc1.iter().all(|&i| bad(&rows[i])) {
             continue;
         }
+        let fits = |s: &dyn ExpertSource| {
+            let n: usize = s
+                .entries()
+                .iter()
+                .filter(|e| e.key.layer == layer && e.key.param == ExpertParam::Fc1Weight)
+                .map(|e| e.shape.iter().product::<usize>())
+                .sum();
+            n * 8 <= opts.layer_budget_bytes
+        };
+        if !fits(a) && !fits(b) {
+            findings.push(format!(
+                "layer {layer}: every fc1 weight differs; the GroupedMLP column-block check was skipped (one \
+                 side's fc1 weights exceed {} bytes as f64)",
+                opts.layer_budget_bytes
+            ));
+            continue;
+        }
         for (truth, misread, reverse) in [(a, b, false), (b, a, true)] {
             let Some((w, [n1, h])) = layer_fc1(truth, layer, opts.layer_budget_bytes)? else { continue };
             let mut all = true;
@@ -493,6 +510,51 @@ mod tests {
             verdict(ExpertParam::Fc2Weight, &a23, &r32, None),
             Verdict::ShapeMismatch { a: vec![2, 3], b: vec![3, 2] }
         );
+    }
+
+    /// A source of given entries whose reads all return `value`-filled tensors.
+    struct Fake {
+        info: SourceInfo,
+        entries: Vec<ExpertEntry>,
+        value: f64,
+    }
+
+    impl ExpertSource for Fake {
+        fn info(&self) -> &SourceInfo {
+            &self.info
+        }
+        fn entries(&self) -> &[ExpertEntry] {
+            &self.entries
+        }
+        fn read(&self, e: &ExpertEntry) -> Result<ExpertValues, CheckpointError> {
+            Ok(ExpertValues::Dequantized(ArrayD::from_elem(IxDyn(&e.shape), self.value)))
+        }
+    }
+
+    fn fake(value: f64) -> Fake {
+        let entries = (0..2)
+            .map(|e| ExpertEntry {
+                key: ExpertKey { layer: 0, expert: e, param: ExpertParam::Fc1Weight },
+                shape: vec![4, 2],
+                stored_as: "F64".into(),
+                location: format!("fake[{e}]"),
+            })
+            .collect();
+        let info =
+            SourceInfo { path: "fake".into(), format: crate::SourceFormat::MoeVerify, family: None, inferred: vec![] };
+        Fake { info, entries, value }
+    }
+
+    #[test]
+    fn a_layer_too_large_for_the_column_block_check_says_so() {
+        // Every fc1 differs: with room the check runs (and finds no column-block pattern);
+        // without room the report says the check was skipped instead of staying silent.
+        let (a, b) = (fake(1.0), fake(2.0));
+        let r = diff(&a, &b, &DiffOptions::default()).unwrap();
+        assert!(r.findings.is_empty(), "{:?}", r.findings);
+        let r = diff(&a, &b, &DiffOptions { atol: None, layer_budget_bytes: 8 }).unwrap();
+        assert_eq!(r.findings.len(), 1);
+        assert!(r.findings[0].contains("column-block check was skipped"), "{:?}", r.findings);
     }
 
     #[test]
