@@ -222,7 +222,7 @@ pub fn run_reshard(args: &ReshardArgs) -> i32 {
 /// Runs `moe-verify inspect`; returns the exit code.
 pub fn run_inspect(args: &InspectArgs) -> i32 {
     if checkpoint::detect_format(&args.dir).is_ok_and(|(f, _)| f != checkpoint::SourceFormat::MoeVerify) {
-        return super::diff::inspect_source(&args.dir, args.json);
+        return super::diff::inspect_source(&args.dir, args.json, args.verify);
     }
     let ckpt = match checkpoint::Checkpoint::open(&args.dir) {
         Ok(c) => c,

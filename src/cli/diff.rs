@@ -202,11 +202,27 @@ pub fn run(args: &DiffArgs) -> i32 {
 
 /// `moe-verify inspect` of a source that is not a moe-verify checkpoint: what was inferred and
 /// one line per layer and tensor (experts, shapes, stored forms).
-pub fn inspect_source(dir: &Path, json: bool) -> i32 {
+/// With `verify`, every tensor is read (decoded, dequantized) once.
+pub fn inspect_source(dir: &Path, json: bool, verify: bool) -> i32 {
     let src = match open_source(dir, &SourceOverrides::default()) {
         Ok(s) => s,
         Err(e) => return fail(&e),
     };
+    let mut verified = None;
+    if verify {
+        let mut n = 0usize;
+        for e in src.entries() {
+            match src.read(e) {
+                Ok(v) if v.shape() == e.shape => n += 1,
+                Ok(v) => {
+                    eprintln!("error: {}: read shape {:?}, listed as {:?}", e.location, v.shape(), e.shape);
+                    return 2;
+                }
+                Err(err) => return fail(&err),
+            }
+        }
+        verified = Some(n);
+    }
     // (layer, param) -> (experts, shapes, stored forms)
     type Summary = (Vec<usize>, BTreeMap<String, usize>, BTreeMap<String, usize>);
     let mut by: BTreeMap<(usize, ExpertParam), Summary> = BTreeMap::new();
@@ -217,7 +233,7 @@ pub fn inspect_source(dir: &Path, json: bool) -> i32 {
         *s.2.entry(e.stored_as.clone()).or_default() += 1;
     }
     if json {
-        let v = serde_json::json!({ "source": src.info(), "entries": src.entries() });
+        let v = serde_json::json!({ "source": src.info(), "entries": src.entries(), "verified_tensors": verified });
         println!("{}", serde_json::to_string_pretty(&v).expect("JSON serializes"));
         return 0;
     }
@@ -226,6 +242,9 @@ pub fn inspect_source(dir: &Path, json: bool) -> i32 {
     for ((layer, p), (experts, shapes, stored)) in &by {
         let join = |m: &BTreeMap<String, usize>| m.keys().cloned().collect::<Vec<_>>().join(" | ");
         println!("  {:<6} {:<11} {:>8} {:<16} {}", layer, param_name(*p), experts.len(), join(shapes), join(stored));
+    }
+    if let Some(n) = verified {
+        println!("verified: all {n} expert tensors read and decoded");
     }
     0
 }

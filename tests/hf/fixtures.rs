@@ -100,4 +100,9 @@ fn inspect_lists_hf_experts_per_layer() {
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(stdout.contains("fc1.weight         4 [16, 16]"), "{stdout}");
     assert!(stdout.contains("family: mixtral"), "{stdout}");
+    // --verify decodes every tensor (here MXFP4 and its biases: 2 layers x 4 experts x 4).
+    let out = moe_verify(&["inspect".as_ref(), fixture("gpt-oss-mxfp4").as_os_str(), "--verify".as_ref()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("verified: all 32 expert tensors read and decoded"), "{stdout}");
 }
