@@ -257,7 +257,7 @@ pub fn reshard_from_source(args: &super::checkpoint::ReshardArgs) -> i32 {
     };
     print_info("source", src.info());
     let target = moe_checkpoint::ReshardTarget {
-        class: args.class.0,
+        class: args.class.expect("reshard_to_hf handles --hf").0,
         tp: args.tp,
         ep: args.ep,
         singleton: args.singleton_local_shards,
@@ -289,6 +289,30 @@ pub fn reshard_from_source(args: &super::checkpoint::ReshardArgs) -> i32 {
             } else {
                 println!("dry run: would write {} bytes of tensors to {}", r.write_bytes, args.dst.display());
             }
+            0
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// `moe-verify reshard SRC DST --hf FAMILY`: any source's experts as a Hugging Face directory.
+pub fn reshard_to_hf(args: &super::checkpoint::ReshardArgs) -> i32 {
+    let Some(FamilyArg(family)) = args.hf else {
+        eprintln!("error: reshard needs --class or --hf");
+        return 2;
+    };
+    let src = match open_source(&args.src, &SourceOverrides::default()) {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    print_info("source", src.info());
+    match moe_checkpoint::hf::write::write_hf(src.as_ref(), &args.dst, family, args.force) {
+        Ok(bytes) => {
+            println!(
+                "wrote {} ({} model.safetensors, {bytes} bytes of expert tensors)",
+                args.dst.display(),
+                family.name()
+            );
             0
         }
         Err(e) => fail(&e),

@@ -106,3 +106,54 @@ fn inspect_lists_hf_experts_per_layer() {
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(stdout.contains("verified: all 32 expert tensors read and decoded"), "{stdout}");
 }
+
+#[test]
+fn reshard_to_hf_writes_each_family_that_diffs_identical() {
+    // Each fixture written back in its own family (GPT-OSS: interleaved and transposed again;
+    // quantized ones as F32 values), and a moe-verify checkpoint written as GPT-OSS: every
+    // result diffs identical or equal-valued against its source and opens in safetensors.
+    let tmp = tempfile::tempdir().unwrap();
+    let ours = tmp.path().join("ours");
+    write_ours(&ours, &expected("mixtral"), 1, megatron_prefix);
+    let mut cases: Vec<(PathBuf, &str)> = FIXTURES
+        .iter()
+        .map(|n| {
+            let fam = match *n {
+                "mixtral" | "mixtral-fused" => "mixtral",
+                "qwen3-moe" => "qwen3-moe",
+                "deepseek-v3" | "deepseek-v3-fp8" => "deepseek-v3",
+                _ => "gpt-oss",
+            };
+            (fixture(n), fam)
+        })
+        .collect();
+    cases.push((ours, "gpt-oss"));
+    for (i, (src, fam)) in cases.iter().enumerate() {
+        let dst = tmp.path().join(format!("out{i}"));
+        let out = moe_verify(&["reshard".as_ref(), src.as_os_str(), dst.as_os_str(), "--hf".as_ref(), fam.as_ref()]);
+        assert_eq!(out.status.code(), Some(0), "{}: {}", src.display(), String::from_utf8_lossy(&out.stderr));
+        let r = diff_dirs(src, &dst, None);
+        assert!(r.same() && !r.rows.is_empty(), "{}: {:?}", src.display(), r.counts());
+        let s = open_source(&dst, &SourceOverrides::default()).unwrap();
+        assert_eq!(s.info().family.as_deref(), Some(*fam));
+        read_st(&dst.join("model.safetensors"));
+    }
+}
+
+#[test]
+fn reshard_to_hf_refuses_biases_a_family_cannot_hold() {
+    // GPT-OSS experts have biases; Mixtral's have none: refused, nothing written.
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = tmp.path().join("out");
+    let out = moe_verify(&[
+        "reshard".as_ref(),
+        fixture("gpt-oss").as_os_str(),
+        dst.as_os_str(),
+        "--hf".as_ref(),
+        "mixtral".as_ref(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("mixtral experts have no biases"));
+    assert!(!dst.exists());
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "no temporary directory left behind");
+}

@@ -17,6 +17,7 @@
 //! its `shared_experts` are not routed experts: neither is listed.
 
 pub mod quant;
+pub mod write;
 
 use crate::experts::{ExpertEntry, ExpertKey, ExpertSource, ExpertValues, SourceFormat, SourceInfo};
 use crate::tensor::RawTensor;

@@ -14,10 +14,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 /// One expert layer of a source, ready to be laid out.
-struct Layer {
-    info: ModelInfo,
+pub(crate) struct Layer {
+    /// The decoder layer.
+    pub(crate) layer: usize,
+    pub(crate) info: ModelInfo,
     /// `[expert][param]` entries.
-    entries: Vec<[Option<ExpertEntry>; 4]>,
+    pub(crate) entries: Vec<[Option<ExpertEntry>; 4]>,
 }
 
 /// The key prefix a layer is written under.
@@ -28,7 +30,7 @@ pub fn layer_prefix(layer: usize) -> String {
 /// Groups a source's entries by layer and checks that each layer is complete: experts
 /// `0..E` once each, every expert with the same tensors and shapes, fc1 `[N1, h]` with
 /// `N1 ∈ {f, 2f}` for fc2 `[h, f]`.
-fn layers(src: &dyn ExpertSource) -> Result<Vec<Layer>, CheckpointError> {
+pub(crate) fn layers(src: &dyn ExpertSource) -> Result<Vec<Layer>, CheckpointError> {
     let mut by: BTreeMap<usize, BTreeMap<usize, [Vec<ExpertEntry>; 4]>> = BTreeMap::new();
     for e in src.entries() {
         by.entry(e.key.layer).or_default().entry(e.key.expert).or_default()[e.key.param.index()].push(e.clone());
@@ -98,6 +100,7 @@ fn layers(src: &dyn ExpertSource) -> Result<Vec<Layer>, CheckpointError> {
             rows.push(row);
         }
         out.push(Layer {
+            layer,
             info: ModelInfo {
                 prefix: layer_prefix(layer),
                 num_experts: n,
@@ -115,7 +118,7 @@ fn layers(src: &dyn ExpertSource) -> Result<Vec<Layer>, CheckpointError> {
 }
 
 /// The values of `entry` as a raw tensor of `dtype`; values must be exactly representable in it.
-fn as_raw(src: &dyn ExpertSource, entry: &ExpertEntry, dtype: Dtype) -> Result<RawTensor, CheckpointError> {
+pub(crate) fn as_raw(src: &dyn ExpertSource, entry: &ExpertEntry, dtype: Dtype) -> Result<RawTensor, CheckpointError> {
     match src.read(entry)? {
         ExpertValues::Raw(t) if t.dtype == dtype => Ok(t),
         // Another storage dtype (BF16 biases beside dequantized weights written as F32): its
