@@ -63,6 +63,18 @@ fn cli_diff_reports_what_it_inferred_and_exits_0_on_identical() {
     assert!(stdout.contains("family: gpt-oss (config.json model_type \"gpt_oss\")"), "{stdout}");
     assert!(stdout.contains("format: moe-verify checkpoint"), "{stdout}");
     assert!(stdout.contains("IDENTICAL"), "{stdout}");
+    // A family given on the command line wins over config.json, and says so.
+    let out = moe_verify(&[
+        "diff".as_ref(),
+        fixture("qwen3-moe").as_os_str(),
+        fixture("qwen3-moe").as_os_str(),
+        "--family-b".as_ref(),
+        "deepseek-v3".as_ref(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("family: qwen3-moe (config.json model_type \"qwen3_moe\")"), "{stdout}");
+    assert!(stdout.contains("family: deepseek-v3 (given)"), "{stdout}");
 }
 
 #[test]

@@ -17,6 +17,7 @@ fn flagged(r: &DiffReport) -> Vec<(usize, usize, ExpertParam, Verdict)> {
 
 /// Mixtral's weights in our format (A side of most cases).
 fn mixtral_ours(tmp: &Path) -> PathBuf {
+    std::fs::create_dir_all(tmp).unwrap();
     let d = tmp.join("ours");
     write_ours(&d, &expected("mixtral"), 1, megatron_prefix);
     d
@@ -52,6 +53,12 @@ fn a_dropped_expert_is_missing_in_b_and_named() {
         vec![(1, 2, ExpertParam::Fc1Weight, Verdict::MissingInB), (1, 2, ExpertParam::Fc2Weight, Verdict::MissingInB)]
     );
     assert_eq!(r.findings, vec!["layer 1: expert 2 missing in B (every tensor)".to_string()]);
+    // The same pair the other way round: missing in A.
+    let r = diff_dirs(&hf, &mixtral_ours(&tmp.path().join("again")), None);
+    let f = flagged(&r);
+    assert_eq!(f.len(), 2);
+    assert!(f.iter().all(|x| (x.0, x.1, &x.3) == (1, 2, &Verdict::MissingInA)), "{f:?}");
+    assert_eq!(r.findings, vec!["layer 1: expert 2 missing in A (every tensor)".to_string()]);
 }
 
 #[test]
