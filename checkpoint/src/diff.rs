@@ -210,7 +210,7 @@ fn transposed(a: &ArrayD<f64>) -> Option<ArrayD<f64>> {
 /// `a` with its first and second halves of rows swapped (axis 0).
 fn halves_swapped(a: &ArrayD<f64>) -> Option<ArrayD<f64>> {
     let n = *a.shape().first()?;
-    if n < 2 || n % 2 != 0 {
+    if n < 2 || !n.is_multiple_of(2) {
         return None;
     }
     let h = n / 2;

@@ -540,7 +540,7 @@ impl HfSource {
                 let [e, h, f2] = s[..] else {
                     return Err(bad("gate_up_proj", format!("shape {s:?}, expected [E, h, 2f]")));
                 };
-                if f2 % 2 != 0 {
+                if !f2.is_multiple_of(2) {
                     return Err(bad("gate_up_proj", format!("shape {s:?}: the last axis (2f) must be even")));
                 }
                 for x in 0..e {
@@ -560,7 +560,7 @@ impl HfSource {
                 let [e, f2] = s[..] else {
                     return Err(bad("gate_up_proj_bias", format!("shape {s:?}, expected [E, 2f]")));
                 };
-                if f2 % 2 != 0 {
+                if !f2.is_multiple_of(2) {
                     return Err(bad("gate_up_proj_bias", format!("shape {s:?}: 2f must be even")));
                 }
                 for x in 0..e {
@@ -632,7 +632,7 @@ impl HfSource {
                 tb.dtype, ts_.dtype
             )));
         }
-        if interleaved && r % 2 != 0 {
+        if interleaved && !r.is_multiple_of(2) {
             return Err(bad(format!("shape {b:?}: 2f rows must be even")));
         }
         let param = if interleaved { ExpertParam::Fc1Weight } else { ExpertParam::Fc2Weight };

@@ -56,7 +56,7 @@ fn apply(t: &RawTensor, tr: Transform) -> Vec<u8> {
         out
     };
     let f = rows / 2;
-    let from_interleaved = |c: usize| if c % 2 == 0 { c / 2 } else { f + c / 2 };
+    let from_interleaved = |c: usize| if c.is_multiple_of(2) { c / 2 } else { f + c / 2 };
     match tr {
         Transform::Whole => t.data.clone(),
         Transform::Rows(a, b) => t.data[a * cols * el..b * cols * el].to_vec(),
@@ -192,7 +192,7 @@ pub fn write_hf(src: &dyn ExpertSource, dst: &Path, family: Family, force: bool)
         offset += n;
     }
     let mut hbytes = serde_json::to_vec(&header).expect("header serializes");
-    while hbytes.len() % 8 != 0 {
+    while !hbytes.len().is_multiple_of(8) {
         hbytes.push(b' ');
     }
     let tmp = tmp_sibling(dst)?;
