@@ -180,6 +180,17 @@ pub fn run(args: &DiffArgs) -> i32 {
         Ok(r) => r,
         Err(e) => return fail(&e),
     };
+    if report.rows.is_empty() {
+        // Nothing compared is not "identical": a layer range that selects nothing, or two
+        // sources without expert tensors, is bad input.
+        eprintln!(
+            "error: no expert tensors to compare in {} and {}{}",
+            args.a.display(),
+            args.b.display(),
+            args.layers.as_ref().map(|r| format!(" in layers {}..{}", r.start, r.end)).unwrap_or_default()
+        );
+        return 2;
+    }
     if args.json {
         let v = serde_json::json!({
             "a": report.a,

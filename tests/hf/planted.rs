@@ -237,4 +237,8 @@ fn cli_names_the_planted_bug_and_exits_1() {
     // --layers 0 leaves the swapped layer out: identical.
     let out = moe_verify(&["diff".as_ref(), ours.as_os_str(), hf.as_os_str(), "--layers".as_ref(), "0".as_ref()]);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    // A range that selects nothing compares nothing: bad input, not a pass.
+    let out = moe_verify(&["diff".as_ref(), ours.as_os_str(), hf.as_os_str(), "--layers".as_ref(), "5..9".as_ref()]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no expert tensors to compare"));
 }
