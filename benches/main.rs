@@ -1,5 +1,5 @@
 //! Criterion benches of the CPU side (style §17): one binary, one module per area (`reference`,
-//! `checkpoint`), configured by criterion's own command line. Benchmark ids start with the
+//! `checkpoint`, `diff`), configured by criterion's own command line. Benchmark ids start with the
 //! module's name, so a filter selects a module: `cargo bench --bench main -- reference`.
 //! Expensive set-up happens inside the benchmark closures, which criterion calls only for ids
 //! the filter keeps.
@@ -11,7 +11,9 @@
 use criterion::criterion_main;
 
 mod checkpoint;
+mod diff;
 mod reference;
 
 criterion::criterion_group!(checkpoint_benches, checkpoint::checkpoint);
-criterion_main!(reference::benches, checkpoint_benches);
+criterion::criterion_group!(diff_benches, diff::diff_benches);
+criterion_main!(reference::benches, checkpoint_benches, diff_benches);

@@ -3,6 +3,7 @@
 //! * `verify` — the differential harness on an embedded default (the README's command 1).
 //! * `compare` — recompute a PyTorch dump with the reference and diff it.
 //! * `layout`, `reshard`, `inspect` — Megatron sharded state dicts and checkpoints.
+//! * `diff` — two checkpoints of any supported format, expert by expert.
 //! * `shapes` — the model-shape registry (`--json`: the file the PyTorch bench scripts read).
 //! * `bench layer`, `bench grouped` — the GPU benchmarks (with the `cuda` feature).
 //!
@@ -34,6 +35,9 @@ enum Command {
     Reshard(cli::checkpoint::ReshardArgs),
     /// Summarise a checkpoint.
     Inspect(cli::checkpoint::InspectArgs),
+    /// Compare two checkpoints expert by expert (moe-verify, torch_dist or Hugging Face; format
+    /// and family inferred): exit 0 identical, 1 they differ, 2 bad input.
+    Diff(cli::diff::DiffArgs),
     /// List the model shapes (sizes and bench token distributions); `--json` writes the form
     /// the PyTorch bench scripts read (scripts/shapes.json).
     Shapes(cli::shapes::ShapesArgs),
@@ -73,6 +77,7 @@ fn main() {
         Command::Layout(a) => cli::checkpoint::run_layout(a),
         Command::Reshard(a) => cli::checkpoint::run_reshard(a),
         Command::Inspect(a) => cli::checkpoint::run_inspect(a),
+        Command::Diff(a) => cli::diff::run(a),
         Command::Shapes(a) => cli::shapes::run(a),
         Command::Worker(a) => cli::distributed::run_worker(a),
         #[cfg(feature = "cuda")]

@@ -26,6 +26,7 @@
 //! * [`fp8_dumps`]: fp8 dumps (recipe metadata, quantized weights checked against their
 //!   parameters), their bad inputs and failures.
 //! * [`checkpoint`]: Megatron sharded state dicts, the on-disk format, resharding (spec §7, §8.1).
+//! * [`hf`]: Hugging Face checkpoints (transformers-written fixtures) and `moe-verify diff`.
 //! * [`gpu`]: the CUDA implementations (`moe-gpu`) against the f64 oracle (skip loudly without a GPU).
 //! * [`gpu_fp8`]: the fp8 quantization kernels bit for bit against the reference quantizers,
 //!   and the cuBLASLt fp8 GEMM against the reference GEMM model (skip loudly without a GPU).
@@ -52,6 +53,7 @@ mod gpu_fp8;
 #[cfg(feature = "cuda")]
 mod gpu_grouped;
 mod gradcheck;
+mod hf;
 mod interleave;
 mod pins;
 mod self_test;

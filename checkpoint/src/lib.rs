@@ -21,10 +21,13 @@
 
 #![deny(missing_docs)]
 
+pub mod diff;
 pub mod experts;
 pub mod format;
+pub mod hf;
 pub mod reshard;
 pub mod sharded;
+pub mod sources;
 pub mod tensor;
 
 pub use experts::{ExpertEntry, ExpertKey, ExpertSource, ExpertValues, SourceFormat, SourceInfo};
@@ -34,6 +37,7 @@ pub use sharded::{
     layout_json, layout_json_at, sharded_state_dict, ExpertLayout, RankCoord, ShardedEntry, ShardedObject,
     ShardedTensor,
 };
+pub use sources::{detect_format, open_source, SourceOverrides};
 pub use tensor::{RawStateDict, RawTensor, Region};
 
 use std::path::PathBuf;

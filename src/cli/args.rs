@@ -98,6 +98,12 @@ impl clap::ValueEnum for RecipeArg {
     }
 }
 
+library_value_enum!(
+    /// A Hugging Face model family: `mixtral`, `qwen3-moe`, `deepseek-v3` or `gpt-oss`.
+    FamilyArg(moe_checkpoint::hf::Family),
+    |f| PossibleValue::new(f.name())
+);
+
 #[cfg(feature = "cuda")]
 library_value_enum!(
     /// A mode of the layer bench: `fwd` or `fwdbwd`.

@@ -59,8 +59,12 @@ pub struct ReshardArgs {
     /// Destination directory (must not exist unless --force).
     pub dst: PathBuf,
     /// Destination class (`--layer` is accepted too).
-    #[arg(long, alias = "layer")]
-    pub class: ClassArg,
+    #[arg(long, alias = "layer", required_unless_present = "hf")]
+    pub class: Option<ClassArg>,
+    /// Write a Hugging Face directory of this family instead (experts only: for `diff` and
+    /// inspection, not a loadable model).
+    #[arg(long, conflicts_with_all = ["class", "tp", "ep", "singleton_local_shards", "verify", "dry_run"])]
+    pub hf: Option<super::args::FamilyArg>,
     /// Destination expert-tensor-parallel size.
     #[arg(long, default_value_t = 1)]
     pub tp: usize,
@@ -162,12 +166,11 @@ pub fn run_layout(args: &LayoutArgs) -> i32 {
 
 /// Runs `moe-verify reshard`; returns the exit code.
 pub fn run_reshard(args: &ReshardArgs) -> i32 {
-    let target = checkpoint::ReshardTarget {
-        class: args.class.0,
-        tp: args.tp,
-        ep: args.ep,
-        singleton: args.singleton_local_shards,
-    };
+    let Some(ClassArg(class)) = args.class else { return super::diff::reshard_to_hf(args) };
+    if checkpoint::detect_format(&args.src).is_ok_and(|(f, _)| f != checkpoint::SourceFormat::MoeVerify) {
+        return super::diff::reshard_from_source(args);
+    }
+    let target = checkpoint::ReshardTarget { class, tp: args.tp, ep: args.ep, singleton: args.singleton_local_shards };
     let opts = checkpoint::ReshardOptions { force: args.force, dry_run: args.dry_run, verify: args.verify };
     match checkpoint::reshard(&args.src, &args.dst, target, opts) {
         Ok(r) => {
@@ -218,6 +221,9 @@ pub fn run_reshard(args: &ReshardArgs) -> i32 {
 
 /// Runs `moe-verify inspect`; returns the exit code.
 pub fn run_inspect(args: &InspectArgs) -> i32 {
+    if checkpoint::detect_format(&args.dir).is_ok_and(|(f, _)| f != checkpoint::SourceFormat::MoeVerify) {
+        return super::diff::inspect_source(&args.dir, args.json, args.verify);
+    }
     let ckpt = match checkpoint::Checkpoint::open(&args.dir) {
         Ok(c) => c,
         Err(e) => return fail(&e),

@@ -5,6 +5,7 @@ pub mod args;
 pub mod bench;
 pub mod checkpoint;
 pub mod compare;
+pub mod diff;
 pub mod distributed;
 pub mod shapes;
 pub mod verify;

@@ -221,3 +221,29 @@ fn ranks_of_a_distributed_save_that_disagree_on_the_glu_order_are_refused() {
     root.finish().unwrap();
     assert_eq!(Checkpoint::open(&tmp.path().join("ok")).unwrap().glu_order(""), GluOrder { tp: 1, size: Some(1) });
 }
+
+/// Why: `diff` reads moe-verify checkpoints through the canonical per-expert orientation (gate
+/// rows then linear rows); an interleaved checkpoint stores its fc1 rows interleaved per rank, so
+/// without the conversion `diff` would report a correct interleaved checkpoint as differing from
+/// the same experts saved plainly (and pass a wrong one that happened to match row for row).
+#[test]
+fn diff_reads_an_interleaved_checkpoint_in_the_canonical_orientation() {
+    use moe_checkpoint::diff::{diff, DiffOptions};
+    use moe_checkpoint::{open_source, SourceOverrides};
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = sized(super::layout(LayerClass::TeGrouped, 2, 2, true, false), 4, 8, 16);
+    let global = global_weights(&plain, 9);
+    save_every_rank(&tmp.path().join("plain"), &plain, &global);
+    for (tp, s) in [(1, 1), (2, 2)] {
+        let l = interleaved(tp, 2, s);
+        // The same experts: an interleaved layout's unsharded weights are in module row order
+        // (the canonical rows interleaved as one tensor), which `shard` re-interleaves per rank.
+        let dir = tmp.path().join(format!("tp{tp}s{s}"));
+        save_every_rank(&dir, &l, &global.glu_interleaved(Some(s)));
+        let a = open_source(&tmp.path().join("plain"), &SourceOverrides::default()).unwrap();
+        let b = open_source(&dir, &SourceOverrides::default()).unwrap();
+        let report = diff(a.as_ref(), b.as_ref(), &DiffOptions::default()).unwrap();
+        assert!(report.same(), "tp {tp} size {s}: {:?}", report.counts());
+        assert!(!report.rows.is_empty());
+    }
+}

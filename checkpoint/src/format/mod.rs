@@ -32,7 +32,7 @@ mod read;
 mod write;
 
 pub use keys::{parse_key, to_logical, KeyParts};
-pub use read::{Checkpoint, LoadPlan};
+pub use read::{Checkpoint, LoadPlan, ShardCache};
 pub use write::{save, CheckpointWriter, PartRecords, SaveOptions, SavePart, SaveReport};
 
 use super::tensor::Region;

@@ -21,6 +21,14 @@ struct Located {
     nbytes: u64,
 }
 
+/// The last shard read by [`Checkpoint::load_logical_region`] and the open files.
+#[derive(Debug, Default)]
+pub struct ShardCache {
+    shard: Option<usize>,
+    bytes: Vec<u8>,
+    files: HashMap<String, File>,
+}
+
 /// An opened, validated checkpoint directory.
 #[derive(Debug)]
 pub struct Checkpoint {
@@ -386,6 +394,59 @@ impl Checkpoint {
             msg: format!("no such tensor in {}", self.dir.display()),
         })?;
         self.assemble(&mut HashMap::new(), key, shape, idx, true)
+    }
+
+    /// True when the stored shards of logical tensor `key` cover `region` completely (shards
+    /// never overlap, checked at open, so covered elements add up).
+    pub fn logical_covers(&self, key: &str, region: &Region) -> bool {
+        let Some((_, idx)) = self.by_logical.get(key) else { return false };
+        let covered: usize = idx.iter().filter_map(|&i| self.logical[i].1.intersect(region)).map(|x| x.numel()).sum();
+        covered == region.numel()
+    }
+
+    /// The box `region` (logical coordinates) of logical tensor `key`, read from the shards it
+    /// intersects (each read whole, CRC-checked). `cache` keeps the last shard read, so that
+    /// reading one expert after another out of a stacked shard reads that shard once.
+    pub fn load_logical_region(
+        &self,
+        key: &str,
+        region: &Region,
+        cache: &mut ShardCache,
+    ) -> Result<RawTensor, CheckpointError> {
+        let (shape, idx) = self.by_logical.get(key).ok_or_else(|| CheckpointError::Coverage {
+            key: key.into(),
+            region: region.to_string(),
+            msg: format!("no such tensor in {}", self.dir.display()),
+        })?;
+        if !region.within(shape) {
+            return Err(CheckpointError::Coverage {
+                key: key.into(),
+                region: region.to_string(),
+                msg: format!("outside the global shape {shape:?}"),
+            });
+        }
+        let dtype = parse_safetensors_dtype(&self.index.shards[idx[0]].dtype).expect("validated at open");
+        let mut t = RawTensor::zeros(dtype, region.shape.clone());
+        let mut covered = 0;
+        for &i in idx {
+            let Some(x) = self.logical[i].1.intersect(region) else { continue };
+            if cache.shard != Some(i) {
+                cache.shard = None;
+                cache.bytes.resize(self.located[i].nbytes as usize, 0);
+                self.read_shard(&mut cache.files, i, &mut cache.bytes)?;
+                cache.shard = Some(i);
+            }
+            copy_region(&cache.bytes, &self.logical[i].1, &mut t.data, region, &x, dtype.size_bytes());
+            covered += x.numel();
+        }
+        if covered != region.numel() {
+            return Err(CheckpointError::Coverage {
+                key: key.into(),
+                region: region.to_string(),
+                msg: format!("stored shards cover {covered} of {} elements", region.numel()),
+            });
+        }
+        Ok(t)
     }
 
     fn assemble(
