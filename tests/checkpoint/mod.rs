@@ -9,6 +9,7 @@
 //! * [`regressions`]: the checkpoint bugs of `bugs-shapes-anchors.md` §A.
 //! * [`bad_input`]: corrupt, incomplete or mismatched checkpoints and destinations.
 //! * [`cli`]: `moe-verify layout`, `reshard` and `inspect`.
+//! * [`torch_dist`]: Megatron `torch_dist` checkpoints written by megatron-core, read exactly; bad ones rejected.
 //! * [`oracle`]: layers loaded from another layout reproduce the f64 oracle (the reference
 //!   here; `tests/gpu.rs` runs the same on the CUDA layers).
 //!
@@ -22,6 +23,7 @@ mod megatron;
 mod oracle;
 mod reconfigure;
 mod regressions;
+mod torch_dist;
 
 pub(crate) use oracle::checkpoint_load_reproduces_oracle;
 

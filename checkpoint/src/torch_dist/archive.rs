@@ -1,0 +1,258 @@
+//! One tensor item of a `__{rank}_{i}.distcp` file.
+//!
+//! torch's `FileSystemWriter` (`filesystem.py` `_write_item`, serialization format
+//! `TORCH_SAVE`, the default and what Megatron-Core's `FileSystemWriterAsync` uses) writes
+//! each tensor with `torch.save(tensor, stream)` at `_StorageInfo.offset`: a zip archive
+//! (entries stored, not compressed) holding `{archive}/data.pkl`, `{archive}/byteorder` and
+//! `{archive}/data/{key}` storage records. `data.pkl` (pickle protocol 2) is
+//! `torch._utils._rebuild_tensor_v2(persistent_id(('storage', torch.FloatStorage, key,
+//! location, numel)), storage_offset, size, stride, requires_grad, OrderedDict())`; the storage
+//! may be larger than the tensor (a view of a bigger parameter is saved with its whole storage),
+//! so elements are gathered through `storage_offset` and `stride`. With the `SAFETENSORS`
+//! format an item is the tensor's raw bytes instead (its length is then exactly
+//! `numel · element size`, which a zip archive never is).
+
+use super::pickle::{self, Value};
+use crate::tensor::{numel, RawTensor};
+use moe_reference::Dtype;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+
+/// The globals a tensor item's `data.pkl` may name.
+pub fn archive_allowed(module: &str, name: &str) -> bool {
+    match module {
+        "torch._utils" => name == "_rebuild_tensor_v2",
+        "torch" => storage_dtype(name).is_some() || OTHER_STORAGES.contains(&name),
+        "torch.storage" => name == "UntypedStorage",
+        "collections" => name == "OrderedDict",
+        _ => false,
+    }
+}
+
+/// The dtype of a typed storage class (`torch.FloatStorage` ...), for the dtypes decoded.
+pub fn storage_dtype(name: &str) -> Option<Dtype> {
+    match name {
+        "FloatStorage" => Some(Dtype::F32),
+        "BFloat16Storage" => Some(Dtype::Bf16),
+        "HalfStorage" => Some(Dtype::F16),
+        _ => None,
+    }
+}
+
+const OTHER_STORAGES: &[&str] = &[
+    "DoubleStorage",
+    "LongStorage",
+    "IntStorage",
+    "ShortStorage",
+    "CharStorage",
+    "ByteStorage",
+    "BoolStorage",
+    "ComplexFloatStorage",
+    "ComplexDoubleStorage",
+    "Float8_e4m3fnStorage",
+    "Float8_e5m2Storage",
+];
+
+/// A byte range of a file, as a `Read + Seek` stream (the zip reader sees only the item).
+struct Window {
+    file: File,
+    start: u64,
+    len: u64,
+    pos: u64,
+}
+
+impl Read for Window {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.len - self.pos;
+        let n = (buf.len() as u64).min(left) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
+        self.file.seek(SeekFrom::Start(self.start + self.pos))?;
+        let got = self.file.read(&mut buf[..n])?;
+        self.pos += got as u64;
+        Ok(got)
+    }
+}
+
+impl Seek for Window {
+    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
+        let target = match to {
+            SeekFrom::Start(x) => Some(x),
+            SeekFrom::End(d) => self.len.checked_add_signed(d),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        match target {
+            Some(t) if t <= self.len => {
+                self.pos = t;
+                Ok(t)
+            }
+            _ => Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek outside the item")),
+        }
+    }
+}
+
+/// Reads the tensor stored at `[offset, offset + length)` of `file`, which must have `dtype`
+/// and `shape` (the chunk's extent). Errors are messages; the caller names file and key.
+pub fn read_tensor(mut file: File, offset: u64, length: u64, dtype: Dtype, shape: &[usize]) -> Result<RawTensor, String> {
+    let elem = dtype.size_bytes();
+    let nbytes = numel(shape).checked_mul(elem).ok_or("chunk size overflows")?;
+    let mut magic = [0u8; 4];
+    if length >= 4 {
+        file.seek(SeekFrom::Start(offset)).map_err(|e| e.to_string())?;
+        file.read_exact(&mut magic).map_err(|e| format!("reading the item: {e}"))?;
+    }
+    if length == nbytes as u64 && &magic != b"PK\x03\x04" {
+        // Raw bytes (SerializationFormat.SAFETENSORS items).
+        let mut data = vec![0u8; nbytes];
+        file.seek(SeekFrom::Start(offset)).map_err(|e| e.to_string())?;
+        file.read_exact(&mut data).map_err(|e| format!("reading {nbytes} raw bytes: {e}"))?;
+        return Ok(RawTensor { dtype, shape: shape.to_vec(), data });
+    }
+    let win = Window { file, start: offset, len: length, pos: 0 };
+    let mut zip = zip::ZipArchive::new(win).map_err(|e| format!("not a torch.save archive: {e}"))?;
+    let names: Vec<String> = zip.file_names().map(str::to_string).collect();
+    let pkl: Vec<&String> = names.iter().filter(|n| n.ends_with("/data.pkl") && n.matches('/').count() == 1).collect();
+    let [pkl] = pkl.as_slice() else {
+        return Err(format!("torch.save archive has {} `<name>/data.pkl` entries, expected 1", pkl.len()));
+    };
+    let prefix = &pkl[..pkl.len() - "data.pkl".len()];
+    let read_entry = |zip: &mut zip::ZipArchive<Window>, name: &str, expect: Option<u64>| -> Result<Vec<u8>, String> {
+        let mut f = zip.by_name(name).map_err(|e| format!("entry {name}: {e}"))?;
+        let size = f.size();
+        if size > length {
+            return Err(format!("entry {name} claims {size} bytes in a {length}-byte item"));
+        }
+        if let Some(want) = expect {
+            if size != want {
+                return Err(format!("entry {name} has {size} bytes, expected {want}"));
+            }
+        }
+        let mut buf = Vec::with_capacity(size as usize);
+        f.read_to_end(&mut buf).map_err(|e| format!("entry {name}: {e}"))?;
+        if buf.len() as u64 != size {
+            return Err(format!("entry {name}: read {} of {size} bytes", buf.len()));
+        }
+        Ok(buf)
+    };
+    if names.iter().any(|n| n == &format!("{prefix}byteorder")) {
+        let bo = read_entry(&mut zip, &format!("{prefix}byteorder"), None)?;
+        if bo != b"little" {
+            return Err(format!("byteorder {:?}, only little-endian is read", String::from_utf8_lossy(&bo)));
+        }
+    }
+    let pickle_bytes = read_entry(&mut zip, pkl, None)?;
+    let v = pickle::load(&pickle_bytes, &archive_allowed).map_err(|e| format!("{pkl}: {e}"))?;
+    let rebuild = parse_rebuild(&v).map_err(|e| format!("{pkl}: {e}"))?;
+    if rebuild.dtype != dtype {
+        return Err(format!("stored as {} ({}), the metadata says {dtype}", rebuild.storage_class, rebuild.dtype));
+    }
+    if rebuild.size != shape {
+        return Err(format!("stored tensor has shape {:?}, the metadata's chunk is {:?}", rebuild.size, shape));
+    }
+    let storage_bytes = (rebuild.storage_numel as u64)
+        .checked_mul(elem as u64)
+        .ok_or("storage size overflows")?;
+    let storage = read_entry(&mut zip, &format!("{prefix}data/{}", rebuild.key), Some(storage_bytes))?;
+    let data = gather(&storage, elem, rebuild.storage_numel, rebuild.storage_offset, &rebuild.size, &rebuild.stride)?;
+    Ok(RawTensor { dtype, shape: shape.to_vec(), data })
+}
+
+struct Rebuild {
+    storage_class: String,
+    dtype: Dtype,
+    key: String,
+    storage_numel: usize,
+    storage_offset: usize,
+    size: Vec<usize>,
+    stride: Vec<usize>,
+}
+
+fn parse_rebuild(v: &Value) -> Result<Rebuild, String> {
+    let Value::Object(o) = v else { return Err(format!("root is {}, expected a tensor", v.kind())) };
+    let o = o.borrow();
+    if !(o.class.module == "torch._utils" && o.class.name == "_rebuild_tensor_v2") || o.args.len() < 4 {
+        return Err(format!("root is {}.{} with {} arguments, expected _rebuild_tensor_v2", o.class.module, o.class.name, o.args.len()));
+    }
+    let Value::PersId(pid) = &o.args[0] else { return Err(format!("storage argument is {}", o.args[0].kind())) };
+    let Value::Tuple(pid) = &**pid else { return Err("persistent id is not a tuple".into()) };
+    if pid.len() != 5 || pid[0].as_str() != Some("storage") {
+        return Err("persistent id is not ('storage', type, key, location, numel)".into());
+    }
+    let Value::Global(g) = &pid[1] else { return Err(format!("storage type is {}", pid[1].kind())) };
+    let dtype = storage_dtype(&g.name).ok_or_else(|| format!("storage {}.{} is not a decoded dtype (F32, BF16, F16)", g.module, g.name))?;
+    let key = pid[2].as_str().ok_or("storage key is not a str")?.to_string();
+    if key.is_empty() || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err(format!("storage key {key:?} is not a plain name"));
+    }
+    let int = |x: &Value, what: &str| -> Result<usize, String> {
+        x.as_int().and_then(|i| usize::try_from(i).ok()).ok_or_else(|| format!("{what} is {}", x.kind()))
+    };
+    let dims = |x: &Value, what: &str| -> Result<Vec<usize>, String> {
+        match x {
+            Value::Tuple(t) => t.iter().map(|d| int(d, what)).collect(),
+            other => Err(format!("{what} is {}", other.kind())),
+        }
+    };
+    Ok(Rebuild {
+        storage_class: format!("{}.{}", g.module, g.name),
+        dtype,
+        key,
+        storage_numel: int(&pid[4], "storage numel")?,
+        storage_offset: int(&o.args[1], "storage_offset")?,
+        size: dims(&o.args[2], "size")?,
+        stride: dims(&o.args[3], "stride")?,
+    })
+}
+
+/// The elements of a strided view of `storage`, row-major.
+fn gather(storage: &[u8], elem: usize, storage_numel: usize, offset: usize, size: &[usize], stride: &[usize]) -> Result<Vec<u8>, String> {
+    if size.len() != stride.len() {
+        return Err(format!("size {size:?} and stride {stride:?} differ in rank"));
+    }
+    let n = numel(size);
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let mut last = offset;
+    for (&s, &st) in size.iter().zip(stride) {
+        last = (s - 1).checked_mul(st).and_then(|x| x.checked_add(last)).ok_or("view overflows")?;
+    }
+    if last >= storage_numel {
+        return Err(format!("view (offset {offset}, size {size:?}, stride {stride:?}) reaches element {last} of a {storage_numel}-element storage"));
+    }
+    let mut out = Vec::with_capacity(n * elem);
+    let nd = size.len();
+    let mut idx = vec![0usize; nd];
+    loop {
+        let e: usize = offset + idx.iter().zip(stride).map(|(i, s)| i * s).sum::<usize>();
+        out.extend_from_slice(&storage[e * elem..(e + 1) * elem]);
+        let mut d = nd;
+        loop {
+            if d == 0 {
+                return Ok(out);
+            }
+            d -= 1;
+            idx[d] += 1;
+            if idx[d] < size[d] {
+                break;
+            }
+            idx[d] = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gather;
+
+    #[test]
+    fn gather_follows_offset_and_strides() {
+        // A [2, 2] view at offset 1 with strides (3, 1) of a 6-element 1-byte storage: elements
+        // 1, 2, 4, 5.
+        let s: Vec<u8> = (0..6).collect();
+        assert_eq!(gather(&s, 1, 6, 1, &[2, 2], &[3, 1]).unwrap(), vec![1, 2, 4, 5]);
+        // One past the end is refused, not read.
+        assert!(gather(&s, 1, 6, 2, &[2, 2], &[3, 1]).is_err());
+    }
+}
