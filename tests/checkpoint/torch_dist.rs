@@ -139,7 +139,13 @@ fn dtype_mismatch_is_named() {
     let tmp = with_metadata("dtype.metadata");
     let src = TorchDistSource::open(tmp.path()).unwrap();
     let msg = read_all(&src).unwrap_err().to_string();
-    assert!(msg.contains(".distcp") && msg.contains("linear_fc2.weight") && msg.contains("FloatStorage") && msg.contains("float16"), "{msg}");
+    assert!(
+        msg.contains(".distcp")
+            && msg.contains("linear_fc2.weight")
+            && msg.contains("FloatStorage")
+            && msg.contains("float16"),
+        "{msg}"
+    );
 }
 
 /// An fc1 chunk's storage record points at an fc2 chunk's bytes: the shapes disagree and the
@@ -158,7 +164,12 @@ fn shape_mismatch_is_named() {
 fn missing_expert_coverage_is_named() {
     let tmp = with_metadata("coverage.metadata");
     let msg = TorchDistSource::open(tmp.path()).unwrap_err().to_string();
-    assert!(msg.contains("linear_fc2.weight") && msg.contains("[0:1, 1:2, 0:16, 0:8]") && msg.contains("missing expert coverage"), "{msg}");
+    assert!(
+        msg.contains("linear_fc2.weight")
+            && msg.contains("[0:1, 1:2, 0:16, 0:8]")
+            && msg.contains("missing expert coverage"),
+        "{msg}"
+    );
 }
 
 /// A directory with no `.metadata` is not a torch_dist checkpoint.
@@ -167,4 +178,112 @@ fn not_a_torch_dist_directory() {
     let tmp = tempfile::tempdir().unwrap();
     let msg = TorchDistSource::open(tmp.path()).unwrap_err().to_string();
     assert!(msg.contains("no .metadata"), "{msg}");
+}
+
+/// `moe-verify layout` with the layer axis (`sharded_offsets = ((0, l, L),)`, `--num-layers`/
+/// `--layer-offset`) against what megatron-core actually saved: for every fixture, the union over
+/// all ranks of our main-replica ShardedTensors (key, global shape, chunk offset and extent) equals
+/// the expert chunks of its `.metadata`, and our `_extra_state` ShardedObjects' unique keys equal
+/// its expert bytes entries. Singleton fixtures take the layer from the prefix instead (singleton
+/// keys force `non_homogeneous_layers` in `TransformerBlock.sharded_state_dict`).
+#[test]
+fn layout_with_a_layer_axis_matches_the_saved_metadata() {
+    use moe_checkpoint::torch_dist::parse_expert_key;
+    use moe_checkpoint::{sharded_state_dict, ExpertLayout, ShardedEntry};
+    use moe_reference::{LayerClass, LayerConfig, Parallelism};
+    use std::collections::BTreeSet;
+    type Chunks = BTreeMap<String, (Vec<usize>, BTreeSet<(Vec<usize>, Vec<usize>)>)>;
+    for name in FIXTURES {
+        let dir = data().join(name);
+        let fx: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("fixture.json")).unwrap()).unwrap();
+        let c = &fx["config"];
+        let u = |k: &str| c[k].as_u64().unwrap() as usize;
+        let b = |k: &str| c[k].as_bool().unwrap();
+        let config = LayerConfig {
+            class: if c["layer"] == "grouped" { LayerClass::Grouped } else { LayerClass::Sequential },
+            num_experts: u("num_experts"),
+            hidden_size: u("hidden"),
+            ffn_hidden_size: u("ffn"),
+            gated_linear_unit: b("glu"),
+            add_bias: b("bias"),
+            parallel: Parallelism { tp_size: u("etp"), ep_size: u("ep"), ..Parallelism::SINGLE },
+            ..LayerConfig::example()
+        };
+        let num_layers = u("num_layers");
+        let singleton = b("singleton_local_shards");
+        let (mut want, mut want_objects): (Chunks, BTreeSet<String>) = Default::default();
+        for l in 0..num_layers {
+            let layout = if singleton {
+                ExpertLayout {
+                    singleton,
+                    prefix: format!("decoder.layers.{l}.mlp.experts."),
+                    ..ExpertLayout::new(config.clone())
+                }
+            } else {
+                ExpertLayout { prefix: "decoder.layers.mlp.experts.".into(), ..ExpertLayout::new(config.clone()) }
+                    .at_layer(l, num_layers)
+            };
+            for rank in layout.ranks() {
+                for e in sharded_state_dict(&layout, rank).unwrap() {
+                    match e {
+                        ShardedEntry::Tensor(t) if t.is_main_replica() => {
+                            let extent = t.extent();
+                            let slot = want.entry(t.key.clone()).or_insert((t.global_shape.clone(), BTreeSet::new()));
+                            assert_eq!(slot.0, t.global_shape, "{name} {}", t.key);
+                            slot.1.insert((t.global_offset.clone(), extent));
+                        }
+                        ShardedEntry::Object(o) if o.is_main_replica() => {
+                            want_objects.insert(o.unique_key());
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        let src = TorchDistSource::open(&dir).unwrap();
+        let meta = src.metadata();
+        let got: Chunks = meta
+            .tensors
+            .iter()
+            .filter(|(k, _)| parse_expert_key(k).is_some())
+            .map(|(k, t)| {
+                let chunks = t.chunks.iter().map(|c| (c.offsets.clone(), c.sizes.clone())).collect();
+                (k.clone(), (t.size.clone(), chunks))
+            })
+            .collect();
+        assert_eq!(got, want, "{name}: expert ShardedTensors");
+        let got_objects: BTreeSet<String> = meta
+            .bytes
+            .iter()
+            .filter(|k| k.contains(".experts.experts.") && k.contains("._extra_state/"))
+            .cloned()
+            .collect();
+        assert_eq!(got_objects, want_objects, "{name}: expert ShardedObjects");
+    }
+}
+
+/// `moe-verify layout --num-layers L --layer-offset l` prints the layer axis in front of every
+/// entry (what `layout_with_a_layer_axis_matches_the_saved_metadata` checks against
+/// megatron-core), and a layer offset outside the layers is bad input (exit 2).
+#[test]
+fn cli_layout_prints_the_layer_axis() {
+    use super::cli::moe_verify;
+    let base = ["layout", "--class", "sequential", "--num-experts", "4", "--hidden", "16", "--ffn", "8", "--glu"];
+    let out = moe_verify(&[&base[..], &["--num-layers", "2", "--layer-offset", "1", "--json"]].concat());
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let fc1 = v[0]["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["key"] == "experts.linear_fc1.weight")
+        .expect("fc1 entry")
+        .clone();
+    assert_eq!(fc1["global_shape"], serde_json::json!([2, 4, 16, 16]));
+    assert_eq!(fc1["global_offset"], serde_json::json!([1, 0, 0, 0]));
+    assert_eq!(fc1["prepend_axis_num"], serde_json::json!(2));
+    let out = moe_verify(&[&base[..], &["--num-layers", "2", "--layer-offset", "2"]].concat());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sharded_offsets[0] = (0, 2, 2)"));
 }

@@ -189,6 +189,7 @@ impl Checkpoint {
         let mut requests = Vec::new();
         let mut ckpt_dtype: Option<Dtype> = None;
         for (pi, (layout, rank)) in parts.iter().enumerate() {
+            layout.require_no_outer_offsets("load")?;
             for entry in sharded_state_dict(layout, *rank)? {
                 match entry {
                     ShardedEntry::Tensor(st) => {

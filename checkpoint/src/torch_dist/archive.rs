@@ -94,7 +94,13 @@ impl Seek for Window {
 
 /// Reads the tensor stored at `[offset, offset + length)` of `file`, which must have `dtype`
 /// and `shape` (the chunk's extent). Errors are messages; the caller names file and key.
-pub fn read_tensor(mut file: File, offset: u64, length: u64, dtype: Dtype, shape: &[usize]) -> Result<RawTensor, String> {
+pub fn read_tensor(
+    mut file: File,
+    offset: u64,
+    length: u64,
+    dtype: Dtype,
+    shape: &[usize],
+) -> Result<RawTensor, String> {
     let elem = dtype.size_bytes();
     let nbytes = numel(shape).checked_mul(elem).ok_or("chunk size overflows")?;
     let mut magic = [0u8; 4];
@@ -150,9 +156,7 @@ pub fn read_tensor(mut file: File, offset: u64, length: u64, dtype: Dtype, shape
     if rebuild.size != shape {
         return Err(format!("stored tensor has shape {:?}, the metadata's chunk is {:?}", rebuild.size, shape));
     }
-    let storage_bytes = (rebuild.storage_numel as u64)
-        .checked_mul(elem as u64)
-        .ok_or("storage size overflows")?;
+    let storage_bytes = (rebuild.storage_numel as u64).checked_mul(elem as u64).ok_or("storage size overflows")?;
     let storage = read_entry(&mut zip, &format!("{prefix}data/{}", rebuild.key), Some(storage_bytes))?;
     let data = gather(&storage, elem, rebuild.storage_numel, rebuild.storage_offset, &rebuild.size, &rebuild.stride)?;
     Ok(RawTensor { dtype, shape: shape.to_vec(), data })
@@ -172,7 +176,12 @@ fn parse_rebuild(v: &Value) -> Result<Rebuild, String> {
     let Value::Object(o) = v else { return Err(format!("root is {}, expected a tensor", v.kind())) };
     let o = o.borrow();
     if !(o.class.module == "torch._utils" && o.class.name == "_rebuild_tensor_v2") || o.args.len() < 4 {
-        return Err(format!("root is {}.{} with {} arguments, expected _rebuild_tensor_v2", o.class.module, o.class.name, o.args.len()));
+        return Err(format!(
+            "root is {}.{} with {} arguments, expected _rebuild_tensor_v2",
+            o.class.module,
+            o.class.name,
+            o.args.len()
+        ));
     }
     let Value::PersId(pid) = &o.args[0] else { return Err(format!("storage argument is {}", o.args[0].kind())) };
     let Value::Tuple(pid) = &**pid else { return Err("persistent id is not a tuple".into()) };
@@ -180,7 +189,8 @@ fn parse_rebuild(v: &Value) -> Result<Rebuild, String> {
         return Err("persistent id is not ('storage', type, key, location, numel)".into());
     }
     let Value::Global(g) = &pid[1] else { return Err(format!("storage type is {}", pid[1].kind())) };
-    let dtype = storage_dtype(&g.name).ok_or_else(|| format!("storage {}.{} is not a decoded dtype (F32, BF16, F16)", g.module, g.name))?;
+    let dtype = storage_dtype(&g.name)
+        .ok_or_else(|| format!("storage {}.{} is not a decoded dtype (F32, BF16, F16)", g.module, g.name))?;
     let key = pid[2].as_str().ok_or("storage key is not a str")?.to_string();
     if key.is_empty() || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
         return Err(format!("storage key {key:?} is not a plain name"));
@@ -206,7 +216,14 @@ fn parse_rebuild(v: &Value) -> Result<Rebuild, String> {
 }
 
 /// The elements of a strided view of `storage`, row-major.
-fn gather(storage: &[u8], elem: usize, storage_numel: usize, offset: usize, size: &[usize], stride: &[usize]) -> Result<Vec<u8>, String> {
+fn gather(
+    storage: &[u8],
+    elem: usize,
+    storage_numel: usize,
+    offset: usize,
+    size: &[usize],
+    stride: &[usize],
+) -> Result<Vec<u8>, String> {
     if size.len() != stride.len() {
         return Err(format!("size {size:?} and stride {stride:?} differ in rank"));
     }

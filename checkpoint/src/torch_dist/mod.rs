@@ -120,7 +120,8 @@ impl TorchDistSource {
         let mut inferred = Vec::new();
         let mj = dir.join("metadata.json");
         if mj.is_file() {
-            let text = std::fs::read_to_string(&mj).map_err(|source| CheckpointError::Io { path: mj.clone(), source })?;
+            let text =
+                std::fs::read_to_string(&mj).map_err(|source| CheckpointError::Io { path: mj.clone(), source })?;
             let v: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| CheckpointError::Corrupt { path: mj.clone(), reason: format!("not JSON: {e}") })?;
             let backend = v.get("sharded_backend").and_then(|b| b.as_str()).unwrap_or("");
@@ -141,7 +142,8 @@ impl TorchDistSource {
             });
         }
         let bytes = std::fs::read(&md_path).map_err(|source| CheckpointError::Io { path: md_path.clone(), source })?;
-        let meta = dcp::parse_metadata(&bytes).map_err(|reason| CheckpointError::Corrupt { path: md_path.clone(), reason })?;
+        let meta =
+            dcp::parse_metadata(&bytes).map_err(|reason| CheckpointError::Corrupt { path: md_path.clone(), reason })?;
         let mut src = TorchDistSource {
             info: SourceInfo {
                 path: dir.to_path_buf(),
@@ -185,17 +187,18 @@ impl TorchDistSource {
         let mut entries = Vec::new();
         let mut plans = HashMap::new();
         for ((prefix, expert, param), group) in &groups {
-            let halves: Vec<&(String, TensorMeta)> = match (group.get(&None), group.get(&Some('w')), group.get(&Some('v'))) {
-                (Some(whole), None, None) => vec![whole],
-                (None, Some(w), Some(v)) => vec![w, v],
-                _ => {
-                    let keys: Vec<&str> = group.values().map(|(k, _)| k.as_str()).collect();
-                    return Err(self.corrupt(
-                        &keys.join(", "),
-                        "an expert tensor must be stored whole or as both GLU halves _w and _v",
-                    ));
-                }
-            };
+            let halves: Vec<&(String, TensorMeta)> =
+                match (group.get(&None), group.get(&Some('w')), group.get(&Some('v'))) {
+                    (Some(whole), None, None) => vec![whole],
+                    (None, Some(w), Some(v)) => vec![w, v],
+                    _ => {
+                        let keys: Vec<&str> = group.values().map(|(k, _)| k.as_str()).collect();
+                        return Err(self.corrupt(
+                            &keys.join(", "),
+                            "an expert tensor must be stored whole or as both GLU halves _w and _v",
+                        ));
+                    }
+                };
             let param_nd = if param.is_bias() { 1 } else { 2 };
             let expert_axes = usize::from(expert.is_none());
             let mut lead = None;
@@ -203,7 +206,10 @@ impl TorchDistSource {
             for (key, t) in &halves {
                 self.check_chunks(key, t, &mut file_sizes)?;
                 let dt = dcp::torch_dtype(&t.dtype).ok_or_else(|| {
-                    self.corrupt(key, format!("dtype torch.{}; expert tensors are read in float32, bfloat16 or float16", t.dtype))
+                    self.corrupt(
+                        key,
+                        format!("dtype torch.{}; expert tensors are read in float32, bfloat16 or float16", t.dtype),
+                    )
                 })?;
                 if t.size.len() < param_nd + expert_axes || t.size.len() > param_nd + expert_axes + 1 {
                     return Err(self.corrupt(
@@ -219,7 +225,8 @@ impl TorchDistSource {
                 }
                 let l = t.size.len() - param_nd;
                 if let Some((lk, ls)) = &lead {
-                    if ls != &t.size[..l].to_vec() || dtype != Some(dt) || t.size[l + 1..] != halves[0].1.size[l + 1..] {
+                    if ls != &t.size[..l].to_vec() || dtype != Some(dt) || t.size[l + 1..] != halves[0].1.size[l + 1..]
+                    {
                         return Err(CheckpointError::Mismatch {
                             key: format!("{lk} / {key}"),
                             msg: format!(
@@ -274,13 +281,23 @@ impl TorchDistSource {
                     shape[0] = rows;
                     let at = if idx_txt.is_empty() { String::new() } else { format!("[{}]", idx_txt.join(", ")) };
                     let location = if halves.len() == 2 {
-                        format!(".metadata: {}{at} + _{}{at}", halves[0].0, if param.is_bias() { "bias_v" } else { "weight_v" })
+                        format!(
+                            ".metadata: {}{at} + _{}{at}",
+                            halves[0].0,
+                            if param.is_bias() { "bias_v" } else { "weight_v" }
+                        )
                     } else {
                         format!(".metadata: {}{at}", halves[0].0)
                     };
                     let stored_as = match (halves.len(), stacked, expert.is_none()) {
-                        (2, _, _) => format!("{}, GLU halves _w/_v {:?} each", safetensors_dtype(dtype), &t0.size[t0.size.len() - param_nd..]),
-                        (_, true, true) => format!("{}, stacked [layer, expert, ...] {:?}", safetensors_dtype(dtype), t0.size),
+                        (2, _, _) => format!(
+                            "{}, GLU halves _w/_v {:?} each",
+                            safetensors_dtype(dtype),
+                            &t0.size[t0.size.len() - param_nd..]
+                        ),
+                        (_, true, true) => {
+                            format!("{}, stacked [layer, expert, ...] {:?}", safetensors_dtype(dtype), t0.size)
+                        }
                         (_, true, false) => format!("{}, stacked [layer, ...] {:?}", safetensors_dtype(dtype), t0.size),
                         (_, false, true) => format!("{}, [expert, ...] {:?}", safetensors_dtype(dtype), t0.size),
                         (_, false, false) => safetensors_dtype(dtype).to_string(),
@@ -328,11 +345,15 @@ impl TorchDistSource {
                 return Err(self.corrupt(key, format!("chunk {r} has no storage_data record")));
             };
             if !si.transforms.is_empty() {
-                return Err(self.corrupt(key, format!("chunk {r} is stored with transforms {:?} (not read)", si.transforms)));
+                return Err(
+                    self.corrupt(key, format!("chunk {r} is stored with transforms {:?} (not read)", si.transforms))
+                );
             }
             let rp = &si.relative_path;
             if rp.is_empty() || rp.contains('/') || rp.contains('\\') || rp == ".." || rp == "." {
-                return Err(self.corrupt(key, format!("chunk {r}: relative_path {rp:?} is not a file name in the checkpoint")));
+                return Err(
+                    self.corrupt(key, format!("chunk {r}: relative_path {rp:?} is not a file name in the checkpoint"))
+                );
             }
             let size = match sizes.get(rp) {
                 Some(s) => *s,
@@ -379,7 +400,10 @@ impl TorchDistSource {
             return Err(CheckpointError::Coverage {
                 key: key.to_string(),
                 region: region.to_string(),
-                msg: format!("the saved chunks cover {covered} of {} elements (missing expert coverage)", region.numel()),
+                msg: format!(
+                    "the saved chunks cover {covered} of {} elements (missing expert coverage)",
+                    region.numel()
+                ),
             });
         }
         Ok(())
@@ -399,7 +423,8 @@ impl TorchDistSource {
                 .get(&(key.to_string(), c.offsets.clone()))
                 .ok_or_else(|| self.corrupt(key, format!("chunk {cr} has no storage_data record")))?;
             let path = self.dir.join(&si.relative_path);
-            let file = std::fs::File::open(&path).map_err(|source| CheckpointError::Io { path: path.clone(), source })?;
+            let file =
+                std::fs::File::open(&path).map_err(|source| CheckpointError::Io { path: path.clone(), source })?;
             let chunk: RawTensor = archive::read_tensor(file, si.offset, si.length, dtype, &c.sizes).map_err(|e| {
                 CheckpointError::Corrupt {
                     path: path.clone(),
@@ -441,7 +466,10 @@ mod tests {
     #[test]
     fn expert_keys_are_recognised_and_others_are_not() {
         let k = parse_expert_key("decoder.layers.mlp.experts.experts.linear_fc1.weight").unwrap();
-        assert_eq!((k.prefix.as_str(), k.expert, k.param, k.half), ("decoder.layers.mlp.experts.", None, ExpertParam::Fc1Weight, None));
+        assert_eq!(
+            (k.prefix.as_str(), k.expert, k.param, k.half),
+            ("decoder.layers.mlp.experts.", None, ExpertParam::Fc1Weight, None)
+        );
         let k = parse_expert_key("decoder.layers.3.mlp.experts.experts.7.linear_fc1.bias_v").unwrap();
         assert_eq!((k.expert, k.param, k.half), (Some(7), ExpertParam::Fc1Bias, Some('v')));
         assert_eq!(prefix_layer(&k.prefix), Some(3));

@@ -507,7 +507,9 @@ impl<'a> Machine<'a> {
                     self.memo_get(i)?;
                 }
                 other => {
-                    return self.err(format!("unsupported opcode 0x{other:02x} (only the data opcodes of protocols 2-5 are read)"));
+                    return self.err(format!(
+                        "unsupported opcode 0x{other:02x} (only the data opcodes of protocols 2-5 are read)"
+                    ));
                 }
             }
         }
