@@ -287,3 +287,28 @@ fn cli_layout_prints_the_layer_axis() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("sharded_offsets[0] = (0, 2, 2)"));
 }
+
+/// Found by the fuzz runner (`checkpoint/examples/fuzz_readers.rs`): a `.distcp` item whose zip
+/// end-of-central-directory record claims 65 535 entries made the zip crate reserve ~15 MB for
+/// a 2 KB item. The reader now refuses the count before the zip crate sees it; the untouched
+/// item still reads.
+#[test]
+fn zip_entry_count_beyond_the_item_is_refused() {
+    use moe_checkpoint::torch_dist::archive::read_tensor;
+    use std::io::Cursor;
+    let dir = data().join("seq_w1_glu");
+    let src = TorchDistSource::open(&dir).unwrap();
+    let meta = src.metadata();
+    let key = "decoder.layers.mlp.experts.experts.linear_fc2.weight";
+    let chunk = &meta.tensors[key].chunks[0];
+    let si = &meta.storage[&(key.to_string(), chunk.offsets.clone())];
+    let file = std::fs::read(dir.join(&si.relative_path)).unwrap();
+    let mut item = file[si.offset as usize..(si.offset + si.length) as usize].to_vec();
+    let dtype = moe_reference::Dtype::F32;
+    read_tensor(Cursor::new(&item), 0, si.length, dtype, &chunk.sizes).expect("the real item reads");
+    let eocd = item.len() - 22;
+    assert_eq!(&item[eocd..eocd + 4], b"PK\x05\x06");
+    item[eocd + 8..eocd + 12].copy_from_slice(&[0xff; 4]);
+    let msg = read_tensor(Cursor::new(&item), 0, si.length, dtype, &chunk.sizes).unwrap_err();
+    assert!(msg.contains("claims 65535 entries"), "{msg}");
+}

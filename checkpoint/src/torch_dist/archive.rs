@@ -15,7 +15,6 @@
 use super::pickle::{self, Value};
 use crate::tensor::{numel, RawTensor};
 use moe_reference::Dtype;
-use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 
 /// The globals a tensor item's `data.pkl` may name.
@@ -54,14 +53,14 @@ const OTHER_STORAGES: &[&str] = &[
 ];
 
 /// A byte range of a file, as a `Read + Seek` stream (the zip reader sees only the item).
-struct Window {
-    file: File,
+struct Window<F> {
+    file: F,
     start: u64,
     len: u64,
     pos: u64,
 }
 
-impl Read for Window {
+impl<F: Read + Seek> Read for Window<F> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let left = self.len - self.pos;
         let n = (buf.len() as u64).min(left) as usize;
@@ -75,7 +74,7 @@ impl Read for Window {
     }
 }
 
-impl Seek for Window {
+impl<F: Read + Seek> Seek for Window<F> {
     fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
         let target = match to {
             SeekFrom::Start(x) => Some(x),
@@ -92,10 +91,10 @@ impl Seek for Window {
     }
 }
 
-/// Reads the tensor stored at `[offset, offset + length)` of `file`, which must have `dtype`
+/// Reads the tensor stored at `[offset, offset + length)` of `file` (a `.distcp` file), which must have `dtype`
 /// and `shape` (the chunk's extent). Errors are messages; the caller names file and key.
-pub fn read_tensor(
-    mut file: File,
+pub fn read_tensor<F: Read + Seek>(
+    mut file: F,
     offset: u64,
     length: u64,
     dtype: Dtype,
@@ -115,7 +114,8 @@ pub fn read_tensor(
         file.read_exact(&mut data).map_err(|e| format!("reading {nbytes} raw bytes: {e}"))?;
         return Ok(RawTensor { dtype, shape: shape.to_vec(), data });
     }
-    let win = Window { file, start: offset, len: length, pos: 0 };
+    let mut win = Window { file, start: offset, len: length, pos: 0 };
+    check_entry_counts(&mut win, length)?;
     let mut zip = zip::ZipArchive::new(win).map_err(|e| format!("not a torch.save archive: {e}"))?;
     let names: Vec<String> = zip.file_names().map(str::to_string).collect();
     let pkl: Vec<&String> = names.iter().filter(|n| n.ends_with("/data.pkl") && n.matches('/').count() == 1).collect();
@@ -123,24 +123,25 @@ pub fn read_tensor(
         return Err(format!("torch.save archive has {} `<name>/data.pkl` entries, expected 1", pkl.len()));
     };
     let prefix = &pkl[..pkl.len() - "data.pkl".len()];
-    let read_entry = |zip: &mut zip::ZipArchive<Window>, name: &str, expect: Option<u64>| -> Result<Vec<u8>, String> {
-        let mut f = zip.by_name(name).map_err(|e| format!("entry {name}: {e}"))?;
-        let size = f.size();
-        if size > length {
-            return Err(format!("entry {name} claims {size} bytes in a {length}-byte item"));
-        }
-        if let Some(want) = expect {
-            if size != want {
-                return Err(format!("entry {name} has {size} bytes, expected {want}"));
+    let read_entry =
+        |zip: &mut zip::ZipArchive<Window<F>>, name: &str, expect: Option<u64>| -> Result<Vec<u8>, String> {
+            let mut f = zip.by_name(name).map_err(|e| format!("entry {name}: {e}"))?;
+            let size = f.size();
+            if size > length {
+                return Err(format!("entry {name} claims {size} bytes in a {length}-byte item"));
             }
-        }
-        let mut buf = Vec::with_capacity(size as usize);
-        f.read_to_end(&mut buf).map_err(|e| format!("entry {name}: {e}"))?;
-        if buf.len() as u64 != size {
-            return Err(format!("entry {name}: read {} of {size} bytes", buf.len()));
-        }
-        Ok(buf)
-    };
+            if let Some(want) = expect {
+                if size != want {
+                    return Err(format!("entry {name} has {size} bytes, expected {want}"));
+                }
+            }
+            let mut buf = Vec::with_capacity(size as usize);
+            f.read_to_end(&mut buf).map_err(|e| format!("entry {name}: {e}"))?;
+            if buf.len() as u64 != size {
+                return Err(format!("entry {name}: read {} of {size} bytes", buf.len()));
+            }
+            Ok(buf)
+        };
     if names.iter().any(|n| n == &format!("{prefix}byteorder")) {
         let bo = read_entry(&mut zip, &format!("{prefix}byteorder"), None)?;
         if bo != b"little" {
@@ -160,6 +161,51 @@ pub fn read_tensor(
     let storage = read_entry(&mut zip, &format!("{prefix}data/{}", rebuild.key), Some(storage_bytes))?;
     let data = gather(&storage, elem, rebuild.storage_numel, rebuild.storage_offset, &rebuild.size, &rebuild.stride)?;
     Ok(RawTensor { dtype, shape: shape.to_vec(), data })
+}
+
+/// Refuses an archive whose end-of-central-directory record (or its zip64 form) claims more
+/// entries than `length` bytes can hold (46 bytes per central-directory entry at least). The
+/// zip crate reserves memory for the claimed count before reading the directory, so a few
+/// hostile bytes could otherwise cost up to 65 535 × ~230 bytes (or, with zip64, any amount);
+/// found by `checkpoint/examples/fuzz_readers.rs`.
+fn check_entry_counts<F: Read + Seek>(win: &mut Window<F>, length: u64) -> Result<(), String> {
+    let tail_len = length.min(22 + 65_535);
+    let mut tail = vec![0u8; tail_len as usize];
+    win.seek(SeekFrom::Start(length - tail_len)).map_err(|e| e.to_string())?;
+    win.read_exact(&mut tail).map_err(|e| format!("reading the archive's end: {e}"))?;
+    let Some(at) = tail.windows(4).rposition(|w| w == b"PK\x05\x06") else {
+        return Err("not a torch.save archive: no end-of-central-directory record".into());
+    };
+    let eocd = &tail[at..];
+    if eocd.len() < 22 {
+        return Err("not a torch.save archive: truncated end-of-central-directory record".into());
+    }
+    let u16_at = |b: &[u8], i: usize| u64::from(u16::from_le_bytes([b[i], b[i + 1]]));
+    let mut counts = vec![u16_at(eocd, 8), u16_at(eocd, 10)];
+    // zip64: the locator (20 bytes) precedes the EOCD and points at the zip64 EOCD record,
+    // whose entry counts are u64 at +24 and +32.
+    let eocd_pos = length - tail_len + at as u64;
+    if eocd_pos >= 20 {
+        let mut loc = [0u8; 20];
+        win.seek(SeekFrom::Start(eocd_pos - 20)).map_err(|e| e.to_string())?;
+        win.read_exact(&mut loc).map_err(|e| e.to_string())?;
+        if &loc[..4] == b"PK\x06\x07" {
+            let rec = u64::from_le_bytes(loc[8..16].try_into().expect("8 bytes"));
+            let mut z = [0u8; 40];
+            if rec.checked_add(40).is_none_or(|end| end > length) {
+                return Err(format!("zip64 end-of-central-directory offset {rec} outside the {length}-byte item"));
+            }
+            win.seek(SeekFrom::Start(rec)).map_err(|e| e.to_string())?;
+            win.read_exact(&mut z).map_err(|e| e.to_string())?;
+            counts.push(u64::from_le_bytes(z[24..32].try_into().expect("8 bytes")));
+            counts.push(u64::from_le_bytes(z[32..40].try_into().expect("8 bytes")));
+        }
+    }
+    if let Some(n) = counts.iter().find(|&&n| n.saturating_mul(46) > length) {
+        return Err(format!("zip directory claims {n} entries, more than a {length}-byte item can hold"));
+    }
+    win.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 struct Rebuild {

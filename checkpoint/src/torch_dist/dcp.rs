@@ -17,7 +17,6 @@
 
 use super::pickle::{self, Value};
 use std::collections::{BTreeMap, HashMap};
-use std::rc::Rc;
 
 /// The globals a `.metadata` pickle may name (torch 2.4–2.15 as written by Megatron-Core
 /// 0.16.1's `FileSystemWriterAsync`, which pickles torch's own `Metadata`).
@@ -278,14 +277,5 @@ fn list_items(v: &Value, what: &str) -> R<Vec<Value>> {
         Value::List(l) => Ok(l.borrow().clone()),
         Value::Tuple(t) => Ok(t.to_vec()),
         other => Err(format!("{what} is {}, not a list", other.kind())),
-    }
-}
-
-/// Shares `Rc` so that callers do not need the pickle module for a global's name.
-#[allow(dead_code)]
-fn global_name(v: &Value) -> Option<(Rc<str>, Rc<str>)> {
-    match v {
-        Value::Global(g) => Some((Rc::from(g.module.as_str()), Rc::from(g.name.as_str()))),
-        _ => None,
     }
 }

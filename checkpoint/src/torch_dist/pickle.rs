@@ -229,7 +229,7 @@ impl<'a> Machine<'a> {
     }
 
     fn set_items(&mut self, target: &Value, items: Vec<Value>) -> Result<(), PickleError> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return self.err("odd number of items for a dict");
         }
         let Value::Dict(d) = target else {
