@@ -104,9 +104,8 @@ fn mutate(rng: &mut Rng, base: &[u8], other: &[u8], pickle: bool) -> Vec<u8> {
                 let w = [1usize, 2, 4, 8][rng.below(4)];
                 let i = rng.below(n);
                 let x = INTERESTING[rng.below(INTERESTING.len())].to_le_bytes();
-                for k in 0..w.min(n - i) {
-                    v[i + k] = x[k];
-                }
+                let k = w.min(n - i);
+                v[i..i + k].copy_from_slice(&x[..k]);
             }
             3 => v.truncate(rng.below(n + 1)),
             4 if n > 0 => {
