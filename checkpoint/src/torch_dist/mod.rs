@@ -48,6 +48,46 @@ pub struct TorchDistSource {
     meta: DcpMetadata,
     entries: Vec<ExpertEntry>,
     plans: HashMap<String, Plan>,
+    index: HashMap<String, ChunkIndex>,
+}
+
+/// The chunks of one key by their offset on axis 0 (the layer axis, or the expert axis), so
+/// that finding the chunks of one layer × expert does not scan every chunk of the key. Chunks
+/// wider than 1 on axis 0 (GroupedMLP's `[E_l, …]` chunks, a singleton key's row shards) are
+/// always candidates.
+#[derive(Clone, Debug, Default)]
+struct ChunkIndex {
+    by_first: HashMap<usize, Vec<usize>>,
+    wide: Vec<usize>,
+}
+
+impl ChunkIndex {
+    fn new(t: &TensorMeta) -> ChunkIndex {
+        let mut ix = ChunkIndex::default();
+        for (i, c) in t.chunks.iter().enumerate() {
+            match (c.offsets.first(), c.sizes.first()) {
+                (Some(&o), Some(1)) => ix.by_first.entry(o).or_default().push(i),
+                _ => ix.wide.push(i),
+            }
+        }
+        ix
+    }
+
+    /// Indices of the chunks that may intersect `region`, in chunk order.
+    fn candidates(&self, region: &Region) -> Vec<usize> {
+        let mut out = self.wide.clone();
+        if let (Some(&o), Some(&n)) = (region.offset.first(), region.shape.first()) {
+            if n <= self.by_first.len() {
+                for a in o..o + n {
+                    out.extend(self.by_first.get(&a).into_iter().flatten());
+                }
+            } else {
+                out.extend(self.by_first.values().flatten());
+            }
+        }
+        out.sort_unstable();
+        out
+    }
 }
 
 /// How to assemble one canonical tensor: pieces (boxes of stored global tensors) concatenated
@@ -155,6 +195,7 @@ impl TorchDistSource {
             meta,
             entries: Vec::new(),
             plans: HashMap::new(),
+            index: HashMap::new(),
         };
         src.build_entries()?;
         Ok(src)
@@ -181,6 +222,11 @@ impl TorchDistSource {
             let Some(k) = parse_expert_key(key) else { continue };
             let g = groups.entry((k.prefix.clone(), k.expert, k.param)).or_default();
             g.insert(k.half, (key.clone(), t.clone()));
+        }
+        for group in groups.values() {
+            for (key, t) in group.values() {
+                self.index.insert(key.clone(), ChunkIndex::new(t));
+            }
         }
         let mut file_sizes: HashMap<String, u64> = HashMap::new();
         let mut prefixes: BTreeMap<String, (BTreeSet<usize>, BTreeSet<usize>, bool, bool)> = BTreeMap::new();
@@ -383,10 +429,18 @@ impl TorchDistSource {
         Ok(())
     }
 
+    /// The chunks of `key` that may intersect `region` (all of them for an unindexed key).
+    fn chunks_near<'t>(&self, key: &str, t: &'t TensorMeta, region: &Region) -> Vec<&'t dcp::Chunk> {
+        match self.index.get(key) {
+            Some(ix) => ix.candidates(region).into_iter().map(|i| &t.chunks[i]).collect(),
+            None => t.chunks.iter().collect(),
+        }
+    }
+
     /// The chunks of `key` cover `region` exactly once.
     fn check_cover(&self, key: &str, t: &TensorMeta, region: &Region) -> Result<(), CheckpointError> {
         let mut hits: Vec<Region> = Vec::new();
-        for c in &t.chunks {
+        for c in self.chunks_near(key, t, region) {
             let r = Region { offset: c.offsets.clone(), shape: c.sizes.clone() };
             if let Some(i) = r.intersect(region) {
                 if let Some(h) = hits.iter().find(|h| h.intersect(&i).is_some()) {
@@ -414,7 +468,7 @@ impl TorchDistSource {
         let t = self.meta.tensors.get(key).ok_or_else(|| self.corrupt(key, "not in .metadata"))?;
         let elem = dtype.size_bytes();
         let mut out = vec![0u8; region.numel() * elem];
-        for c in &t.chunks {
+        for c in self.chunks_near(key, t, region) {
             let cr = Region { offset: c.offsets.clone(), shape: c.sizes.clone() };
             let Some(i) = cr.intersect(region) else { continue };
             let si = self
