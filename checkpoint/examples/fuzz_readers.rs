@@ -15,12 +15,21 @@
 //!   allocation must stay under `16 n + 64 KiB` and the peak under `256 n + 1 MiB` (a pickle
 //!   builds a tree of values, linear in its size).
 //!
+//! A third target is moe-verify's own format: a small checkpoint (SequentialMLP, E = 4, GLU, bias,
+//! EP 2, written by [`moe_checkpoint::save`]) whose `index.json` or one safetensors part is
+//! mutated, written to a scratch directory and opened, verified (every CRC) and loaded
+//! ([`Checkpoint::open`], [`Checkpoint::verify`], [`Checkpoint::load_global`]); its budget `n`
+//! is the size of the whole checkpoint.
+//!
 //! Usage: `cargo run --release -p moe-checkpoint --example fuzz_readers -- [ITERATIONS] [SEED]`
 //! (ITERATIONS per reader, default 1 000 000).
 
+use moe_checkpoint::sharded::from_canonical;
 use moe_checkpoint::torch_dist::{archive, dcp};
-use moe_reference::Dtype;
+use moe_checkpoint::{save, Checkpoint, ExpertLayout, RawTensor, SaveOptions, SavePart};
+use moe_reference::{Dtype, LayerClass, LayerConfig, Parallelism};
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::borrow::Cow;
 use std::io::Cursor;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -172,6 +181,46 @@ fn corpus(root: &Path) -> (Vec<Vec<u8>>, Vec<Item>) {
     (metas, items)
 }
 
+/// Writes a small moe-verify checkpoint into `dir`; returns its files (name, bytes).
+fn own_checkpoint(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let config = LayerConfig {
+        class: LayerClass::Sequential,
+        num_experts: 4,
+        hidden_size: 4,
+        ffn_hidden_size: 4,
+        gated_linear_unit: true,
+        add_bias: true,
+        parallel: Parallelism { ep_size: 2, ..Parallelism::SINGLE },
+        ..LayerConfig::example()
+    };
+    let layout = ExpertLayout::new(config);
+    let shapes = [vec![8, 4], vec![8], vec![4, 4], vec![4]];
+    let mut states = Vec::new();
+    for rank in layout.ranks() {
+        let el = layout.local_experts();
+        let rows = (0..el)
+            .map(|e| {
+                std::array::from_fn(|p| {
+                    let shape = shapes[p].clone();
+                    let n: usize = shape.iter().product();
+                    let data = (0..n * 4).map(|i| (i + 7 * e + 31 * rank.ep_rank + p) as u8).collect();
+                    Some(Cow::Owned(RawTensor { dtype: Dtype::F32, shape, data }))
+                })
+            })
+            .collect();
+        states.push((rank, from_canonical(&layout, rows)));
+    }
+    let parts: Vec<SavePart> = states.iter().map(|(r, s)| SavePart { layout: &layout, rank: *r, state: s }).collect();
+    save(dir, &parts, &SaveOptions { force: true, ..SaveOptions::default() }).expect("save the corpus checkpoint");
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap()))
+        .collect();
+    files.sort();
+    files
+}
+
 #[derive(Default, Debug)]
 struct Stats {
     inputs: u64,
@@ -259,8 +308,34 @@ fn main() {
         });
     }
     println!(".distcp item reader: {d:?}");
+    let scratch = std::env::temp_dir().join(format!("moe-verify-fuzz-{}", std::process::id()));
+    let quiet = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|i| eprintln!("{i}")));
+    std::fs::create_dir_all(&scratch).unwrap();
+    let files = own_checkpoint(&scratch.join("orig"));
+    std::panic::set_hook(quiet);
+    let total: usize = files.iter().map(|f| f.1.len()).sum();
+    let work = scratch.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    for (name, bytes) in &files {
+        std::fs::write(work.join(name), bytes).unwrap();
+    }
+    let mut o = Stats::default();
+    for n in 0..iters {
+        let (name, base) = &files[rng.below(files.len())];
+        let (_, other) = &files[rng.below(files.len())];
+        let input = mutate(&mut rng, base, other, false);
+        std::fs::write(work.join(name), &input).unwrap();
+        mark();
+        run_one(&mut o, &input, total, "own", n, || {
+            Checkpoint::open(&work).and_then(|c| c.verify().and_then(|_| c.load_global(true))).is_ok()
+        });
+        std::fs::write(work.join(name), base).unwrap();
+    }
+    println!("moe-verify format reader (index.json and parts): {o:?}");
+    let _ = std::fs::remove_dir_all(&scratch);
     STARTED.store(0, Ordering::Relaxed);
-    if m.panics + d.panics + m.over_budget + d.over_budget > 0 {
+    if m.panics + d.panics + o.panics + m.over_budget + d.over_budget + o.over_budget > 0 {
         std::process::exit(1);
     }
 }
