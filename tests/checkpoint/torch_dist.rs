@@ -64,6 +64,10 @@ fn torch_dist_fixtures_read_exactly() {
         assert_eq!(got, want.keys().copied().collect::<Vec<_>>(), "{name}: expert keys");
         for e in src.entries() {
             let (dtype, shape, bytes) = &want[&e.key];
+            // Messages name the stored key (both halves for a singleton GLU fc1).
+            let halves = name.contains("glu_singleton") && e.key.param == ExpertParam::Fc1Weight;
+            assert!(e.location.starts_with(".metadata: decoder.layers."), "{}", e.location);
+            assert_eq!(e.location.contains("weight_w") && e.location.contains("weight_v"), halves, "{}", e.location);
             assert_eq!(&e.shape, shape, "{name} {:?} ({})", e.key, e.location);
             let ExpertValues::Raw(t) = src.read(e).unwrap_or_else(|err| panic!("{name} {}: {err}", e.location)) else {
                 panic!("{name}: torch_dist values are stored values")

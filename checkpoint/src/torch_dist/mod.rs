@@ -327,11 +327,7 @@ impl TorchDistSource {
                     shape[0] = rows;
                     let at = if idx_txt.is_empty() { String::new() } else { format!("[{}]", idx_txt.join(", ")) };
                     let location = if halves.len() == 2 {
-                        format!(
-                            ".metadata: {}{at} + _{}{at}",
-                            halves[0].0,
-                            if param.is_bias() { "bias_v" } else { "weight_v" }
-                        )
+                        format!(".metadata: {}{at} + {}{at}", halves[0].0, halves[1].0)
                     } else {
                         format!(".metadata: {}{at}", halves[0].0)
                     };
