@@ -21,8 +21,9 @@
 //! ([`Checkpoint::open`], [`Checkpoint::verify`], [`Checkpoint::load_global`]); its budget `n`
 //! is the size of the whole checkpoint.
 //!
-//! Usage: `cargo run --release -p moe-checkpoint --example fuzz_readers -- [ITERATIONS] [SEED]`
-//! (ITERATIONS per reader, default 1 000 000).
+//! Usage: `cargo run --release -p moe-checkpoint --example fuzz_readers -- [ITERATIONS] [SEED]
+//! [READERS]` (ITERATIONS per reader, default 1 000 000; READERS a comma list of `metadata`,
+//! `distcp`, `own`, default all three).
 
 use moe_checkpoint::sharded::from_canonical;
 use moe_checkpoint::torch_dist::{archive, dcp};
@@ -270,6 +271,8 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let iters: u64 = args.get(1).map(|s| s.parse().expect("ITERATIONS")).unwrap_or(1_000_000);
     let seed: u64 = args.get(2).map(|s| s.parse().expect("SEED")).unwrap_or(0x5eed);
+    let readers = args.get(3).cloned().unwrap_or_else(|| "metadata,distcp,own".into());
+    let on = |r: &str| readers.split(',').any(|x| x == r);
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/torch_dist");
     let (metas, items) = corpus(&root);
     println!("corpus: {} .metadata files, {} .distcp tensor items", metas.len(), items.len());
@@ -288,7 +291,7 @@ fn main() {
     let mark = || STARTED.store(epoch.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
     let mut rng = Rng(seed | 1);
     let mut m = Stats::default();
-    for n in 0..iters {
+    for n in 0..if on("metadata") { iters } else { 0 } {
         let a = &metas[rng.below(metas.len())];
         let b = &metas[rng.below(metas.len())];
         let input = mutate(&mut rng, a, b, true);
@@ -297,7 +300,7 @@ fn main() {
     }
     println!(".metadata reader: {m:?}");
     let mut d = Stats::default();
-    for n in 0..iters {
+    for n in 0..if on("distcp") { iters } else { 0 } {
         let it = &items[rng.below(items.len())];
         let other = &items[rng.below(items.len())].bytes;
         let input = mutate(&mut rng, &it.bytes, other, false);
@@ -321,7 +324,7 @@ fn main() {
         std::fs::write(work.join(name), bytes).unwrap();
     }
     let mut o = Stats::default();
-    for n in 0..iters {
+    for n in 0..if on("own") { iters } else { 0 } {
         let (name, base) = &files[rng.below(files.len())];
         let (_, other) = &files[rng.below(files.len())];
         let input = mutate(&mut rng, base, other, false);

@@ -294,7 +294,7 @@ fn cli_layout_prints_the_layer_axis() {
 
 /// Found by the fuzz runner (`checkpoint/examples/fuzz_readers.rs`): a `.distcp` item whose zip
 /// end-of-central-directory record claims 65 535 entries made the zip crate reserve ~15 MB for
-/// a 2 KB item. The reader now refuses the count before the zip crate sees it; the untouched
+/// a 2 KB item. The reader now checks the directory before the zip crate sees it; the untouched
 /// item still reads.
 #[test]
 fn zip_entry_count_beyond_the_item_is_refused() {
@@ -315,4 +315,12 @@ fn zip_entry_count_beyond_the_item_is_refused() {
     item[eocd + 8..eocd + 12].copy_from_slice(&[0xff; 4]);
     let msg = read_tensor(Cursor::new(&item), 0, si.length, dtype, &chunk.sizes).unwrap_err();
     assert!(msg.contains("claims 65535 entries"), "{msg}");
+    // Same run: a central-directory entry whose name length (16 bits) runs past the directory
+    // made the zip crate allocate 64 KiB per field before reading it.
+    item[eocd + 8..eocd + 12].copy_from_slice(&[7, 0, 7, 0]);
+    let cd = u32::from_le_bytes(item[eocd + 16..eocd + 20].try_into().unwrap()) as usize;
+    assert_eq!(&item[cd..cd + 4], b"PK\x01\x02");
+    item[cd + 28..cd + 30].copy_from_slice(&[0xff, 0xff]);
+    let msg = read_tensor(Cursor::new(&item), 0, si.length, dtype, &chunk.sizes).unwrap_err();
+    assert!(msg.contains("runs past the directory"), "{msg}");
 }

@@ -115,7 +115,7 @@ pub fn read_tensor<F: Read + Seek>(
         return Ok(RawTensor { dtype, shape: shape.to_vec(), data });
     }
     let mut win = Window { file, start: offset, len: length, pos: 0 };
-    check_entry_counts(&mut win, length)?;
+    check_directory(&mut win, length)?;
     let mut zip = zip::ZipArchive::new(win).map_err(|e| format!("not a torch.save archive: {e}"))?;
     let names: Vec<String> = zip.file_names().map(str::to_string).collect();
     let pkl: Vec<&String> = names.iter().filter(|n| n.ends_with("/data.pkl") && n.matches('/').count() == 1).collect();
@@ -163,46 +163,77 @@ pub fn read_tensor<F: Read + Seek>(
     Ok(RawTensor { dtype, shape: shape.to_vec(), data })
 }
 
-/// Refuses an archive whose end-of-central-directory record (or its zip64 form) claims more
-/// entries than `length` bytes can hold (46 bytes per central-directory entry at least). The
-/// zip crate reserves memory for the claimed count before reading the directory, so a few
-/// hostile bytes could otherwise cost up to 65 535 × ~230 bytes (or, with zip64, any amount);
-/// found by `checkpoint/examples/fuzz_readers.rs`.
-fn check_entry_counts<F: Read + Seek>(win: &mut Window<F>, length: u64) -> Result<(), String> {
-    let tail_len = length.min(22 + 65_535);
-    let mut tail = vec![0u8; tail_len as usize];
-    win.seek(SeekFrom::Start(length - tail_len)).map_err(|e| e.to_string())?;
-    win.read_exact(&mut tail).map_err(|e| format!("reading the archive's end: {e}"))?;
-    let Some(at) = tail.windows(4).rposition(|w| w == b"PK\x05\x06") else {
-        return Err("not a torch.save archive: no end-of-central-directory record".into());
+/// Checks an archive's zip directory against the item's length before the zip crate reads it:
+/// the end-of-central-directory record (or its zip64 form) must not claim more entries than
+/// the item can hold (46 bytes per central-directory entry at least), and every central
+/// directory entry's and local header's name/extra/comment lengths must lie inside the item.
+/// The zip crate reserves memory for the claimed entry count and allocates each variable-length
+/// field before reading it, so a few hostile bytes could otherwise cost up to 65 535 × ~230
+/// bytes (or, with zip64, any amount) or 64 KiB per field; found by
+/// `checkpoint/examples/fuzz_readers.rs`. torch.save writes no archive comment, so the record
+/// is the last 22 bytes.
+fn check_directory<F: Read + Seek>(win: &mut Window<F>, length: u64) -> Result<(), String> {
+    let bad = |m: String| format!("not a torch.save archive: {m}");
+    let read_at = |win: &mut Window<F>, pos: u64, buf: &mut [u8]| -> Result<(), String> {
+        if pos.checked_add(buf.len() as u64).is_none_or(|end| end > length) {
+            return Err(bad(format!("zip record at byte {pos} runs past the {length}-byte item")));
+        }
+        win.seek(SeekFrom::Start(pos)).map_err(|e| e.to_string())?;
+        win.read_exact(buf).map_err(|e| e.to_string())
     };
-    let eocd = &tail[at..];
-    if eocd.len() < 22 {
-        return Err("not a torch.save archive: truncated end-of-central-directory record".into());
+    if length < 22 {
+        return Err(bad("shorter than an end-of-central-directory record".into()));
+    }
+    let eocd_pos = length - 22;
+    let mut eocd = [0u8; 22];
+    read_at(win, eocd_pos, &mut eocd)?;
+    if &eocd[..4] != b"PK\x05\x06" {
+        return Err(bad("no end-of-central-directory record in its last 22 bytes".into()));
     }
     let u16_at = |b: &[u8], i: usize| u64::from(u16::from_le_bytes([b[i], b[i + 1]]));
-    let mut counts = vec![u16_at(eocd, 8), u16_at(eocd, 10)];
+    let u32_at = |b: &[u8], i: usize| u64::from(u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]));
+    let u64_at = |b: &[u8], i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+    let mut counts = vec![u16_at(&eocd, 8), u16_at(&eocd, 10)];
+    let (mut cd_size, mut cd_offset) = (u32_at(&eocd, 12), u32_at(&eocd, 16));
     // zip64: the locator (20 bytes) precedes the EOCD and points at the zip64 EOCD record,
-    // whose entry counts are u64 at +24 and +32.
-    let eocd_pos = length - tail_len + at as u64;
+    // whose entry counts are u64 at +24 and +32, directory size at +40 and offset at +48.
     if eocd_pos >= 20 {
         let mut loc = [0u8; 20];
-        win.seek(SeekFrom::Start(eocd_pos - 20)).map_err(|e| e.to_string())?;
-        win.read_exact(&mut loc).map_err(|e| e.to_string())?;
+        read_at(win, eocd_pos - 20, &mut loc)?;
         if &loc[..4] == b"PK\x06\x07" {
-            let rec = u64::from_le_bytes(loc[8..16].try_into().expect("8 bytes"));
-            let mut z = [0u8; 40];
-            if rec.checked_add(40).is_none_or(|end| end > length) {
-                return Err(format!("zip64 end-of-central-directory offset {rec} outside the {length}-byte item"));
-            }
-            win.seek(SeekFrom::Start(rec)).map_err(|e| e.to_string())?;
-            win.read_exact(&mut z).map_err(|e| e.to_string())?;
-            counts.push(u64::from_le_bytes(z[24..32].try_into().expect("8 bytes")));
-            counts.push(u64::from_le_bytes(z[32..40].try_into().expect("8 bytes")));
+            let mut z = [0u8; 56];
+            read_at(win, u64_at(&loc, 8), &mut z)?;
+            counts.extend([u64_at(&z, 24), u64_at(&z, 32)]);
+            (cd_size, cd_offset) = (u64_at(&z, 40), u64_at(&z, 48));
         }
     }
     if let Some(n) = counts.iter().find(|&&n| n.saturating_mul(46) > length) {
-        return Err(format!("zip directory claims {n} entries, more than a {length}-byte item can hold"));
+        return Err(bad(format!("zip directory claims {n} entries, more than a {length}-byte item can hold")));
+    }
+    let cd_end = cd_offset.checked_add(cd_size).filter(|&e| e <= eocd_pos);
+    let Some(cd_end) = cd_end else {
+        return Err(bad(format!("central directory {cd_offset}+{cd_size} outside the item")));
+    };
+    let mut pos = cd_offset;
+    for _ in 0..counts[1] {
+        let mut h = [0u8; 46];
+        read_at(win, pos, &mut h)?;
+        if &h[..4] != b"PK\x01\x02" {
+            return Err(bad(format!("no central-directory entry at byte {pos}")));
+        }
+        let next = pos + 46 + u16_at(&h, 28) + u16_at(&h, 30) + u16_at(&h, 32);
+        if next > cd_end {
+            return Err(bad(format!("central-directory entry at byte {pos} runs past the directory")));
+        }
+        let local = u32_at(&h, 42);
+        if local != 0xffff_ffff {
+            let mut l = [0u8; 30];
+            read_at(win, local, &mut l)?;
+            if local + 30 + u16_at(&l, 26) + u16_at(&l, 28) > length {
+                return Err(bad(format!("local header at byte {local} runs past the item")));
+            }
+        }
+        pos = next;
     }
     win.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
     Ok(())
