@@ -9,6 +9,8 @@
 //!   open, and load into any layout with exact-coverage checks.
 //! * [`reshard`](mod@reshard): checkpoint -> checkpoint conversion to another class or parallel layout.
 //! * [`tensor`]: raw dtype-byte tensors and region copies.
+//! * [`torch_dist`]: Megatron `torch_dist` checkpoints (PyTorch Distributed Checkpoint) read as an
+//!   [`ExpertSource`], through a restricted pickle reader that executes nothing.
 //!
 //! Values stay in their storage dtype's bytes on this path (save and load are byte copies);
 //! [`tensor::RawTensor::to_f64`] converts where the reference needs `f64`.
@@ -29,6 +31,7 @@ pub mod reshard;
 pub mod sharded;
 pub mod sources;
 pub mod tensor;
+pub mod torch_dist;
 
 pub use experts::{ExpertEntry, ExpertKey, ExpertSource, ExpertValues, SourceFormat, SourceInfo};
 pub use format::{save, Checkpoint, CheckpointWriter, Index, LoadPlan, PartRecords, SaveOptions, SavePart, SaveReport};
@@ -39,6 +42,7 @@ pub use sharded::{
 };
 pub use sources::{detect_format, open_source, SourceOverrides};
 pub use tensor::{RawStateDict, RawTensor, Region};
+pub use torch_dist::TorchDistSource;
 
 use std::path::PathBuf;
 

@@ -46,6 +46,13 @@ pub struct LayoutArgs {
     /// Expert-data-parallel rank (third element of every replica id).
     #[arg(long, default_value_t = 0)]
     pub expert_dp_rank: usize,
+    /// Layers of a stacked `decoder.layers` block: prepends the layer axis
+    /// `sharded_offsets = ((0, layer_offset, num_layers),)` (a whole model, homogeneous layers).
+    #[arg(long)]
+    pub num_layers: Option<usize>,
+    /// The layer's index on the layer axis (with --num-layers).
+    #[arg(long, requires = "num_layers")]
+    pub layer_offset: Option<usize>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -122,6 +129,7 @@ pub fn run_layout(args: &LayoutArgs) -> i32 {
     let layout = ExpertLayout {
         singleton: args.singleton_local_shards,
         prefix: args.prefix.clone(),
+        sharded_offsets: args.num_layers.map(|n| vec![(0, args.layer_offset.unwrap_or(0), n)]).unwrap_or_default(),
         ..ExpertLayout::new(config)
     };
     let value = match checkpoint::layout_json_at(&layout, args.expert_dp_rank) {

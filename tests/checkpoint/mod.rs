@@ -11,6 +11,7 @@
 //! * [`cli`]: `moe-verify layout`, `reshard` and `inspect`.
 //! * [`interleave`]: a GLU-interleaved TEGroupedMLP (Megatron HEAD): what its `_w`/`_v` halves
 //!   hold, reloads kept consistent, reloads refused, the canonical view.
+//! * [`torch_dist`]: Megatron `torch_dist` checkpoints written by megatron-core, read exactly; bad ones rejected.
 //! * [`oracle`]: layers loaded from another layout reproduce the f64 oracle (the reference
 //!   here; `tests/gpu.rs` runs the same on the CUDA layers).
 //!
@@ -25,6 +26,7 @@ mod megatron;
 mod oracle;
 mod reconfigure;
 mod regressions;
+mod torch_dist;
 
 pub(crate) use oracle::checkpoint_load_reproduces_oracle;
 

@@ -87,13 +87,15 @@ fn an_mxfp4_scale_shape_that_does_not_match_its_blocks_is_rejected() {
     rejected(&d, &["model.layers.0.mlp.experts.down_proj_blocks", "down_proj_scales", "[4, 32, 2]"]);
 }
 
+/// Why: a directory with a `.metadata` is routed to the torch_dist reader, whose errors name the
+/// file (here a pickle cut after its protocol header).
 #[test]
-fn a_torch_dist_directory_says_its_reader_is_not_in_this_build() {
+fn a_broken_torch_dist_directory_is_named() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path().join("td");
     std::fs::create_dir(&d).unwrap();
     std::fs::write(d.join(".metadata"), b"\x80\x04").unwrap();
-    rejected(&d, &["torch_dist", "not available in this build"]);
+    rejected(&d, &[".metadata"]);
 }
 
 #[test]

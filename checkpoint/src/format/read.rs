@@ -217,6 +217,7 @@ impl Checkpoint {
         let mut requests = Vec::new();
         let mut ckpt_dtype: Option<Dtype> = None;
         for (pi, (layout, rank)) in parts.iter().enumerate() {
+            layout.require_no_outer_offsets("load")?;
             // A GLU-interleaved save's `_w`/`_v` halves mean the same units only in a layout
             // that orders fc1 rows the same way (spec §7.9).
             if let Some(load) = layout.glu_order() {

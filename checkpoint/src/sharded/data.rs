@@ -115,6 +115,7 @@ pub fn build<'a>(
     rank: RankCoord,
     sd: &'a RawStateDict,
 ) -> Result<(Vec<ShardedEntry>, Canonical<'a>), CheckpointError> {
+    l.require_no_outer_offsets("save")?;
     let entries = sharded_state_dict(l, rank)?;
     let c = to_canonical(l, sd)?;
     Ok((entries, c))

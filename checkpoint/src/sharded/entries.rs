@@ -12,11 +12,13 @@ pub(super) fn per_expert_entries(l: &ExpertLayout, rank: RankCoord) -> Vec<Shard
     let mut out = Vec::new();
     for e in 0..el {
         let g = rank.ep_rank * el + e;
-        // O' = O + ((k, g, E),) (non-singleton) or O; keys `P experts.` or `P experts.{g}.`.
-        let (pre, base): (Vec<(usize, usize, usize)>, String) = if l.singleton {
-            (vec![], format!("{p}experts.{g}."))
+        // O' = O + ((len(O), g, E),) (non-singleton) or O; keys `P experts.` or `P experts.{g}.`.
+        let mut pre = l.sharded_offsets.clone();
+        let base = if l.singleton {
+            format!("{p}experts.{g}.")
         } else {
-            (vec![(0, g, c.num_experts)], format!("{p}experts."))
+            pre.push((pre.len(), g, c.num_experts));
+            format!("{p}experts.")
         };
         let k = pre.len();
         let src = |param, half| Source { param, half, experts: e..e + 1, stacked: false };
@@ -107,8 +109,14 @@ pub(super) fn grouped_entries(l: &ExpertLayout, rank: RankCoord) -> Vec<ShardedE
     let p = &l.prefix;
     let replica = [0, 0, edp];
     let mut out = Vec::new();
+    // `*sharded_offsets` first, then the class's offsets on axes shifted by k = len(O)
+    // (prepend_axis_num = k; the local data has no outer axes).
+    let o = &l.sharded_offsets;
+    let k = o.len();
     let tensor = |key: String, local: Vec<usize>, offs: &[(usize, usize, usize)], source: Source| {
-        ShardedEntry::Tensor(ShardedTensor::from_rank_offsets(key, local, offs, replica, 0, source))
+        let mut all = o.clone();
+        all.extend(offs.iter().map(|&(a, off, frag)| (a + k, off, frag)));
+        ShardedEntry::Tensor(ShardedTensor::from_rank_offsets(key, local, &all, replica, k, source))
     };
     if !l.singleton {
         let all = |param, half| Source { param, half, experts: 0..el, stacked: true };
@@ -159,13 +167,11 @@ pub(super) fn grouped_entries(l: &ExpertLayout, rank: RankCoord) -> Vec<ShardedE
         let g = q * el + e;
         for m in ["linear_fc1", "linear_fc2"] {
             let obj = if l.singleton {
-                ShardedObject::from_offsets(format!("{p}experts.{g}.{m}._extra_state"), &[], [0, r, edp])
+                ShardedObject::from_offsets(format!("{p}experts.{g}.{m}._extra_state"), o, [0, r, edp])
             } else {
-                ShardedObject::from_offsets(
-                    format!("{p}experts.{m}._extra_state"),
-                    &[(0, g, c.num_experts)],
-                    [0, r, edp],
-                )
+                let mut offs = o.clone();
+                offs.push((k, g, c.num_experts));
+                ShardedObject::from_offsets(format!("{p}experts.{m}._extra_state"), &offs, [0, r, edp])
             };
             out.push(ShardedEntry::Object(obj));
         }

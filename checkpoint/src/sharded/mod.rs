@@ -27,9 +27,12 @@ use moe_reference::{Dtype, ExpertParam, LayerClass, LayerConfig, ReferenceError}
 use serde::Serialize;
 use std::ops::Range;
 
-/// The expert layer whose checkpoint layout is described, and the key options. Offsets `O`
-/// (spec §7.2) are always empty, as in Megatron's own tests; pipeline parallelism only changes
-/// `prefix` (`"{pp_rank}."` in those tests).
+/// The expert layer whose checkpoint layout is described, and the key options. The outer
+/// offsets `O` (spec §7.2) are empty for an expert layer on its own, as in Megatron's own tests
+/// (pipeline parallelism then only changes `prefix`, `"{pp_rank}."` there); a whole model
+/// saved through `TransformerBlock.sharded_state_dict` with homogeneous layers passes the layer
+/// axis `O = ((0, layer, num_layers),)` (megatron-core 0.16.1 `transformer_block.py`), which
+/// [`ExpertLayout::sharded_offsets`] holds.
 #[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct ExpertLayout {
     /// The layer: class, `E`, `h`, `f`, GLU, bias and the expert-parallel and
@@ -41,6 +44,11 @@ pub struct ExpertLayout {
     pub singleton: bool,
     /// Key prefix `P` (ends with a dot unless empty).
     pub prefix: String,
+    /// The outer `sharded_offsets` `O`: `(axis, offset, fragmentation)` with axes `0..len(O)`
+    /// (the layer axis of a stacked `decoder.layers` block is `(0, layer, num_layers)`). Every
+    /// ShardedTensor and ShardedObject gets these axes in front. Empty for a layer on its own.
+    #[serde(default)]
+    pub sharded_offsets: Vec<(usize, usize, usize)>,
 }
 
 /// One process's position: ETP rank, EP rank and expert-data-parallel rank (the third element
@@ -249,7 +257,12 @@ impl ShardedEntry {
 impl ExpertLayout {
     /// The layout of `config`'s layer (its ranks set to 0): non-singleton keys, no prefix.
     pub fn new(config: LayerConfig) -> ExpertLayout {
-        ExpertLayout { config: config.at_rank(0, 0), singleton: false, prefix: String::new() }
+        ExpertLayout {
+            config: config.at_rank(0, 0),
+            singleton: false,
+            prefix: String::new(),
+            sharded_offsets: Vec::new(),
+        }
     }
 
     /// `E_l = E / p_ep`.
@@ -268,7 +281,34 @@ impl ExpertLayout {
         if !self.prefix.is_empty() && !self.prefix.ends_with('.') {
             return Err(CheckpointError::Layout(format!("prefix {:?} must end with '.'", self.prefix)));
         }
+        for (i, &(axis, off, frag)) in self.sharded_offsets.iter().enumerate() {
+            if axis != i || off >= frag {
+                return Err(CheckpointError::Layout(format!(
+                    "sharded_offsets[{i}] = ({axis}, {off}, {frag}): expected axis {i} and offset < fragmentation"
+                )));
+            }
+        }
         Ok(())
+    }
+
+    /// The layout of layer `layer` of `num_layers` stacked on a leading layer axis
+    /// (`sharded_offsets = ((0, layer, num_layers),)`, Megatron's homogeneous TransformerBlock).
+    pub fn at_layer(self, layer: usize, num_layers: usize) -> ExpertLayout {
+        ExpertLayout { sharded_offsets: vec![(0, layer, num_layers)], ..self }
+    }
+
+    /// Refuses a layout with outer offsets where the operation (the moe-verify format's save,
+    /// load and reshard) handles one expert layer per key prefix only.
+    pub fn require_no_outer_offsets(&self, what: &str) -> Result<(), CheckpointError> {
+        if self.sharded_offsets.is_empty() {
+            return Ok(());
+        }
+        Err(CheckpointError::Layout(format!(
+            "{what}: the moe-verify format stores one expert layer per key prefix; a layout with outer \
+             sharded_offsets {:?} (a stacked layer axis) is read from torch_dist checkpoints and printed \
+             by `layout`, not saved or loaded",
+            self.sharded_offsets
+        )))
     }
 
     /// Every (ep_rank, tp_rank) of this layout, ep-major, expert-DP rank 0.

@@ -78,14 +78,7 @@ pub fn open_source(path: &Path, overrides: &SourceOverrides) -> Result<Box<dyn E
     let source: Box<dyn ExpertSource> = match format {
         SourceFormat::MoeVerify => Box::new(own::OwnSource::open(path)?),
         SourceFormat::HuggingFace => Box::new(HfSource::open(path, overrides.family)?),
-        SourceFormat::TorchDist => {
-            return Err(CheckpointError::NotACheckpoint {
-                path: path.to_path_buf(),
-                reason: "a torch_dist checkpoint (found .metadata): the torch_dist reader is not available in \
-                         this build"
-                    .into(),
-            })
-        }
+        SourceFormat::TorchDist => Box::new(crate::torch_dist::TorchDistSource::open(path)?),
     };
     Ok(match &overrides.layers {
         Some(r) => Box::new(LayerFilter::new(source, r.clone())),
