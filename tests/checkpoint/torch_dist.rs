@@ -368,3 +368,34 @@ fn torch_dist_fixtures_diff_identical_against_the_same_weights_in_our_format() {
     let findings = report.findings.join("\n");
     assert!(findings.contains("layer 1") && findings.contains('3') && findings.contains("missing in B"), "{findings}");
 }
+
+/// Why (issue 14: "`inspect` and `reshard` accept `torch_dist` sources"): the CLI path from a
+/// megatron-core checkpoint to moe-verify's format — `inspect` names the stacked layer axis,
+/// `reshard` writes TEGroupedMLP at EP 2, and `diff` of the result against the source is
+/// identical (exit 0) — so the route a user takes is the one tested, not only the library.
+#[test]
+fn cli_inspects_reshards_and_diffs_a_torch_dist_checkpoint() {
+    let src = data().join("seq_w4_tp2_ep2_etp1_glu");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ours");
+    let run =
+        |args: &[&std::ffi::OsStr]| std::process::Command::new(crate::moe_verify_bin()).args(args).output().unwrap();
+    let inspect = run(&["inspect".as_ref(), src.as_os_str()]);
+    let text = String::from_utf8_lossy(&inspect.stdout);
+    assert_eq!(inspect.status.code(), Some(0), "{text}");
+    assert!(text.contains("torch_dist") && text.contains("layer axis"), "{text}");
+    let reshard = run(&[
+        "reshard".as_ref(),
+        src.as_os_str(),
+        out.as_os_str(),
+        "--class".as_ref(),
+        "te_grouped".as_ref(),
+        "--ep".as_ref(),
+        "2".as_ref(),
+    ]);
+    assert_eq!(reshard.status.code(), Some(0), "{}", String::from_utf8_lossy(&reshard.stderr));
+    let diff = run(&["diff".as_ref(), src.as_os_str(), out.as_os_str()]);
+    let text = String::from_utf8_lossy(&diff.stdout);
+    assert_eq!(diff.status.code(), Some(0), "{text}");
+    assert!(text.contains("16 identical"), "{text}");
+}
