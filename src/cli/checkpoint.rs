@@ -183,19 +183,7 @@ pub fn run_reshard(args: &ReshardArgs) -> i32 {
     match checkpoint::reshard(&args.src, &args.dst, target, opts) {
         Ok(r) => {
             for l in &r.layouts {
-                println!(
-                    "{}: {} E={} h={} f={} glu={} bias={} tp={} ep={} singleton={}",
-                    if l.prefix.is_empty() { "(no prefix)" } else { &l.prefix },
-                    l.config.class.megatron_name(),
-                    l.config.num_experts,
-                    l.config.hidden_size,
-                    l.config.ffn_hidden_size,
-                    l.config.gated_linear_unit,
-                    l.config.add_bias,
-                    l.config.parallel.tp_size,
-                    l.config.parallel.ep_size,
-                    l.singleton
-                );
+                println!("{}", layout_line(l));
             }
             if !r.skipped_keys.is_empty() {
                 eprintln!(
@@ -304,4 +292,21 @@ pub fn run_inspect(args: &InspectArgs) -> i32 {
         println!("verified: every shard's CRC-32 matches ({b} bytes read)");
     }
     0
+}
+
+/// One line describing a written layout (`reshard`'s report, from any source format).
+pub(super) fn layout_line(l: &checkpoint::ExpertLayout) -> String {
+    format!(
+        "{}: {} E={} h={} f={} glu={} bias={} tp={} ep={} singleton={}",
+        if l.prefix.is_empty() { "(no prefix)" } else { &l.prefix },
+        l.config.class.megatron_name(),
+        l.config.num_experts,
+        l.config.hidden_size,
+        l.config.ffn_hidden_size,
+        l.config.gated_linear_unit,
+        l.config.add_bias,
+        l.config.parallel.tp_size,
+        l.config.parallel.ep_size,
+        l.singleton
+    )
 }

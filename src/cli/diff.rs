@@ -277,17 +277,7 @@ pub fn reshard_from_source(args: &super::checkpoint::ReshardArgs) -> i32 {
     match reshard_source(src.as_ref(), &args.dst, target, opts) {
         Ok(r) => {
             for l in &r.layouts {
-                println!(
-                    "{}: {} E={} h={} f={} glu={} bias={} ep={}",
-                    l.prefix,
-                    l.config.class.megatron_name(),
-                    l.config.num_experts,
-                    l.config.hidden_size,
-                    l.config.ffn_hidden_size,
-                    l.config.gated_linear_unit,
-                    l.config.add_bias,
-                    l.config.parallel.ep_size
-                );
+                println!("{}", super::checkpoint::layout_line(l));
             }
             if r.written {
                 println!(

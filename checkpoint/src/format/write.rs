@@ -300,15 +300,7 @@ impl CheckpointWriter {
             }
         }
         for (prefix, order) in part.glu {
-            match self.glu.insert(prefix.clone(), order) {
-                Some(other) if other != order => {
-                    return Err(CheckpointError::Mismatch {
-                        key: format!("{prefix}experts.linear_fc1.weight"),
-                        msg: format!("ranks of one save disagree on the GLU row order: {other:?} and {order:?}"),
-                    })
-                }
-                _ => {}
-            }
+            self.record_glu(&prefix, order, "ranks")?;
         }
         self.bytes += part.shards.iter().map(|s| s.nbytes).sum::<u64>();
         self.files.extend(part.files);
@@ -316,20 +308,23 @@ impl CheckpointWriter {
         Ok(())
     }
 
+    /// Records the GLU row order of the layer at `prefix`; `who` (parts, ranks) of one save that
+    /// disagree on it are an error naming its fc1 key.
+    fn record_glu(&mut self, prefix: &str, order: GluOrder, who: &str) -> Result<(), CheckpointError> {
+        match self.glu.insert(prefix.to_string(), order) {
+            Some(other) if other != order => Err(CheckpointError::Mismatch {
+                key: format!("{prefix}experts.linear_fc1.weight"),
+                msg: format!("{who} of one save disagree on the GLU row order: {other:?} and {order:?}"),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Writes the main-replica shards of one part (one process) into a file of its own.
     pub fn write_part(&mut self, part: SavePart<'_>) -> Result<(), CheckpointError> {
         let (entries, canon) = build(part.layout, part.rank, part.state)?;
         if let Some(order) = part.layout.glu_order() {
-            let prefix = &part.layout.prefix;
-            match self.glu.insert(prefix.clone(), order) {
-                Some(other) if other != order => {
-                    return Err(CheckpointError::Mismatch {
-                        key: format!("{prefix}experts.linear_fc1.weight"),
-                        msg: format!("parts of one save disagree on the GLU row order: {other:?} and {order:?}"),
-                    })
-                }
-                _ => {}
-            }
+            self.record_glu(&part.layout.prefix, order, "parts")?;
         }
         let file = match self.rank {
             None => format!("rank{:05}.safetensors", self.files.len()),
