@@ -286,3 +286,15 @@ __device__ void block_quant(const T* x, int rows, int cols, BlockParams bp, u8* 
 INSTANTIATE_IN(float, f32)
 INSTANTIATE_IN(bf16_t, bf16)
 INSTANTIATE_IN(f16_t, f16)
+
+// `block_scales_gemm`: the f32 scale grid `in` [gr, gc] (row-major, as `block_quant` writes it)
+// into cuBLASLt's block-scale layout: `out[i·ld + j]` (trans 0, 128×128 blocks:
+// [ceil(rows/128), ld ≥ ceil(K/128)]) or `out[j·ld + i]` (trans 1, 1×128 blocks:
+// [ceil(K/128), ld ≥ rows]); padding entries are left as they are. Grid-stride, block 256.
+extern "C" __global__ void block_scales_gemm(const float* in, int gr, int gc, int trans, int ld, float* out) {
+    long n = (long)gr * gc;
+    for (long t = (long)blockIdx.x * blockDim.x + threadIdx.x; t < n; t += (long)gridDim.x * blockDim.x) {
+        long i = t / gc, j = t % gc;
+        out[trans ? j * ld + i : i * ld + j] = in[t];
+    }
+}

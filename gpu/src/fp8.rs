@@ -203,6 +203,7 @@ pub(crate) struct Fp8Engine {
     block: [[CudaFunction; 2]; 3],
     compute_scales: CudaFunction,
     transpose: CudaFunction,
+    block_scales_gemm: CudaFunction,
     lt: LtHandle,
     lt_workspace: DeviceBuffer,
     plans: std::collections::HashMap<PlanKey, Plan>,
@@ -286,6 +287,7 @@ impl Fp8Engine {
             block,
             compute_scales: f("compute_scales".into())?,
             transpose: f("transpose_u8".into())?,
+            block_scales_gemm: f("block_scales_gemm".into())?,
             lt,
             lt_workspace,
             plans: Default::default(),
@@ -661,6 +663,20 @@ impl Engine {
         format: Fp8Format,
         bp: BlockParams,
     ) -> Result<DeviceFp8, GpuError> {
+        let xa = x.addr(0, rows * cols * dtype.size_bytes(), "fp8 quantize input")?;
+        self.block_quantize_at(xa, dtype, (rows, cols), format, bp)
+    }
+
+    /// [`Engine::block_quantize`] of the `[rows, cols]` tensor at device address `xa` (checked
+    /// by the caller to hold `rows·cols` elements of `dtype`).
+    fn block_quantize_at(
+        &mut self,
+        xa: u64,
+        dtype: Dtype,
+        (rows, cols): (usize, usize),
+        format: Fp8Format,
+        bp: BlockParams,
+    ) -> Result<DeviceFp8, GpuError> {
         let (r, c) = if bp.trans != 0 { (cols, rows) } else { (rows, cols) };
         let (tr, tc) = (bp.tile_r as usize, bp.tile_c as usize);
         let (gr, gc) = (r.div_ceil(tr), c.div_ceil(tc));
@@ -669,7 +685,6 @@ impl Engine {
         let scales = self.alloc(scale_bytes)?;
         let stream = self.stream.clone();
         let fe = self.fp8_engine()?;
-        let xa = x.addr(0, rows * cols * dtype.size_bytes(), "fp8 quantize input")?;
         let co = codes.addr(0, r * c, "codes")?;
         let sa = scales.addr(0, scale_bytes, "scales")?;
         let (f32_scales, e8m0) = if bp.mode == 0 { (sa, 0u64) } else { (0u64, sa) };
@@ -754,6 +769,7 @@ impl Engine {
             fast_accum,
             beta_one: beta != 0.0,
             align: [alignment(a_addr), alignment(b_addr), alignment(c_addr)],
+            block_modes: None,
         };
         if !fe.plans.contains_key(&key) {
             if fe.plans.len() >= PLAN_CACHE_LIMIT {
@@ -795,6 +811,209 @@ impl Engine {
     }
 }
 
+/// One operand of a block-scaled fp8 GEMM on the device: `[rows, k]` codes, K contiguous, and
+/// their f32 `scale_inv` in the layout cuBLASLt reads (TE's GEMM-ready `Float8BlockwiseQTensor`
+/// scales, `Float8BlockQuantizer.get_scale_shape`): 1×128 blocks `[ceil(k/128),
+/// round_up(rows, 4)]`, 128×128 blocks `[ceil(rows/128), round_up(ceil(k/128), 4)]`, row-major
+/// (padding zero).
+#[derive(Debug)]
+pub struct BlockOperand {
+    /// Element format.
+    pub format: Fp8Format,
+    /// Rows (the GEMM's M or N).
+    pub rows: usize,
+    /// The reduction dimension K.
+    pub k: usize,
+    /// 1×128 or 128×128 blocks (along K: 1×128 blocks are 128 wide in K).
+    pub tile: BlockTile,
+    /// The codes, `[rows, k]` row-major.
+    pub codes: DeviceBuffer,
+    /// The scales, cuBLASLt's layout.
+    pub scale_inv: DeviceBuffer,
+}
+
+impl BlockOperand {
+    /// The `cublasLtMatmulMatrixScale_t` of this operand's scales.
+    fn scale_mode(&self) -> i32 {
+        use lt_sys::cublasLtMatmulMatrixScale_t as S;
+        match self.tile {
+            BlockTile::Row1x128 => S::CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F as i32,
+            BlockTile::Square128 => S::CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F as i32,
+        }
+    }
+
+    /// The scale tensor's leading dimension and its number of f32 entries.
+    fn scale_dims(tile: BlockTile, rows: usize, k: usize) -> (usize, usize) {
+        let kb = k.div_ceil(BlockTile::LEN);
+        match tile {
+            BlockTile::Row1x128 => {
+                let ld = rows.div_ceil(4) * 4;
+                (ld, kb * ld)
+            }
+            BlockTile::Square128 => {
+                let ld = kb.div_ceil(4) * 4;
+                (ld, rows.div_ceil(BlockTile::LEN) * ld)
+            }
+        }
+    }
+}
+
+impl Engine {
+    /// Block scaling (TE's `Float8BlockQuantizer`, bit-exact with the reference
+    /// [`BlockQuantizer`](moe_reference::fp8::BlockQuantizer)) of the `[rows, cols]` tensor of
+    /// `dtype` at `x` into the two GEMM operands TE makes of it: the rowwise copy `[rows, cols]`
+    /// (K = cols) and the columnwise copy `[cols, rows]` (K = rows; a re-quantization of `xᵀ`
+    /// in the same tile shape), each with its scales in cuBLASLt's layout.
+    pub fn block_operands(
+        &mut self,
+        x: Region<'_>,
+        dtype: Dtype,
+        (rows, cols): (usize, usize),
+        format: Fp8Format,
+        tile: BlockTile,
+        options: ScaleOptions,
+    ) -> Result<(BlockOperand, BlockOperand), GpuError> {
+        let xa = x.addr(rows * cols * dtype.size_bytes(), "fp8 block operand input")?;
+        let [tr, tc] = tile.dims();
+        let bp = |trans: bool| BlockParams {
+            tile_r: tr as i32,
+            tile_c: tc as i32,
+            trans: i32::from(trans),
+            mode: 0,
+            pow2: i32::from(options.force_pow_2_scales),
+            fp8_max: format.max_finite(),
+            eps: options.amax_epsilon,
+            vinf: max_finite_of(dtype),
+            max_norm_rcp: 0.0,
+        };
+        let mut out = Vec::with_capacity(2);
+        for trans in [false, true] {
+            let q = self.block_quantize_at(xa, dtype, (rows, cols), format, bp(trans))?;
+            let DeviceFp8 { rows: r, cols: k, codes, scales, .. } = q;
+            let DeviceScales::Block { scale_inv: grid, .. } = scales else {
+                return Err(GpuError::Shape("fp8 block quantization returned no f32 block scales".into()));
+            };
+            let (ld, len) = BlockOperand::scale_dims(tile, r, k);
+            let mut scale_inv = self.alloc(len * 4)?;
+            self.fill_bytes(&mut scale_inv, 0)?;
+            let (gr, gc) = (r.div_ceil(tr), k.div_ceil(tc));
+            let stream = self.stream.clone();
+            let fe = self.fp8_engine()?;
+            let (gi, si) = (grid.addr(0, gr * gc * 4, "block scales")?, scale_inv.addr(0, len * 4, "GEMM scales")?);
+            let (gri, gci, ldi) = (i32::try_from(gr)?, i32::try_from(gc)?, i32::try_from(ld)?);
+            let trans_layout = i32::from(tile == BlockTile::Row1x128);
+            let blocks = (gr * gc).div_ceil(256).clamp(0, 1024) as u32;
+            let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            launch!(fe, stream, &fe.block_scales_gemm, cfg, [&gi, &gri, &gci, &trans_layout, &ldi, &si]);
+            out.push(BlockOperand { format, rows: r, k, tile, codes, scale_inv });
+        }
+        let columnwise = out.pop().ok_or_else(|| GpuError::Shape("fp8 block operands".into()))?;
+        let rowwise = out.pop().ok_or_else(|| GpuError::Shape("fp8 block operands".into()))?;
+        Ok((rowwise, columnwise))
+    }
+
+    /// `C[m, n] = A·Bᵀ + beta·C` with block-scaled fp8 operands (TE's blockwise GEMM on Hopper,
+    /// cuBLASLt >= 12.9: `CUBLASLT_MATMUL_DESC_{A,B}_SCALE_MODE` = `VEC128_32F` for 1×128,
+    /// `BLK128x128_32F` for 128×128; not both 128×128), f32 accumulation, `C` `[m, n]`
+    /// row-major in `out_dt`, beta 0 or 1. `k = 0` writes zeros (beta 0) or leaves `C`.
+    pub fn fp8_block_gemm(
+        &mut self,
+        a: &BlockOperand,
+        b: &BlockOperand,
+        c: Region<'_>,
+        out_dt: Dtype,
+        beta: f32,
+    ) -> Result<(), GpuError> {
+        let (m, n, k) = (a.rows, b.rows, a.k);
+        if b.k != k {
+            return Err(GpuError::Shape(format!("fp8 block GEMM: A has K = {k}, B has K = {}", b.k)));
+        }
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let c_addr = c.addr(m * n * out_dt.size_bytes(), "fp8 block GEMM output C")?;
+        if k == 0 {
+            if beta == 0.0 {
+                let bytes = m * n * out_dt.size_bytes();
+                // SAFETY: `c_addr` starts `bytes` bytes inside a live allocation of this engine
+                // (checked above); the memset is ordered on the engine's stream.
+                unsafe { cudarc::driver::result::memset_d8_async(c_addr, 0, bytes, self.stream.cu_stream()) }?;
+            }
+            return Ok(());
+        }
+        if a.format == Fp8Format::E5M2 && b.format == Fp8Format::E5M2 {
+            return Err(GpuError::Unsupported("fp8 block GEMM: e5m2 x e5m2 is not supported by cuBLASLt".into()));
+        }
+        if a.tile == BlockTile::Square128 && b.tile == BlockTile::Square128 {
+            return Err(GpuError::Unsupported(
+                "fp8 block GEMM: 128x128 by 128x128 block scaling (cuBLASLt runs 1D x 1D, 1D x 2D, 2D x 1D)".into(),
+            ));
+        }
+        if !k.is_multiple_of(16) || !m.is_multiple_of(8) || !n.is_multiple_of(8) {
+            return Err(GpuError::Unsupported(format!(
+                "fp8 block GEMM: (m, n, k) = ({m}, {n}, {k}) needs k a multiple of 16, m and n of 8 (cuBLASLt block scaling)"
+            )));
+        }
+        let a_addr = a.codes.addr(0, m * k, "fp8 block GEMM operand A")?;
+        let b_addr = b.codes.addr(0, n * k, "fp8 block GEMM operand B")?;
+        let sa = a.scale_inv.addr(0, BlockOperand::scale_dims(a.tile, m, k).1 * 4, "fp8 block GEMM scales A")?;
+        let sb = b.scale_inv.addr(0, BlockOperand::scale_dims(b.tile, n, k).1 * 4, "fp8 block GEMM scales B")?;
+        let context = format!(
+            "fp8 block GEMM (m, n, k) = ({m}, {n}, {k}), {} {:?} x {} {:?}, beta {beta}",
+            a.format, a.tile, b.format, b.tile
+        );
+        let stream = self.stream.cu_stream();
+        let fe = self.fp8_engine()?;
+        let ws = fe.lt_workspace.addr(0, LT_WORKSPACE, "cuBLASLt workspace")?;
+        let key = PlanKey {
+            dims: (m, n, k),
+            formats: (a.format, b.format),
+            out: out_dt,
+            fast_accum: false,
+            beta_one: beta != 0.0,
+            align: [alignment(a_addr), alignment(b_addr), alignment(c_addr)],
+            block_modes: Some((a.scale_mode(), b.scale_mode())),
+        };
+        if !fe.plans.contains_key(&key) {
+            if fe.plans.len() >= PLAN_CACHE_LIMIT {
+                fe.plans.clear();
+            }
+            let plan = Plan::new(fe.lt.0, &key, (sa, sb)).map_err(|e| in_context(e, "plan", &context))?;
+            fe.plans.insert(key, plan);
+        }
+        let plan = fe.plans.get(&key).ok_or_else(|| GpuError::CublasLt("plan cache".into()))?;
+        plan.set_scales(sa, sb)?;
+        let alpha = 1f32;
+        // SAFETY: A, B, C and the scale tensors are device ranges checked above to hold what
+        // this GEMM reads and writes (the scales in the layout of their scale mode), and the
+        // plan's layouts describe exactly these shapes (its key); the workspace is the engine's,
+        // `LT_WORKSPACE` bytes; the call is ordered on the engine's stream.
+        unsafe {
+            lt::matmul(
+                fe.lt.0,
+                plan.desc,
+                (&alpha as *const f32).cast(),
+                (&beta as *const f32).cast(),
+                b_addr as *const c_void,
+                plan.la,
+                a_addr as *const c_void,
+                plan.lb,
+                c_addr as *const c_void,
+                plan.lc,
+                c_addr as *mut c_void,
+                plan.lc,
+                &plan.algo,
+                ws as *mut c_void,
+                LT_WORKSPACE,
+                stream as lt_sys::cudaStream_t,
+            )
+        }
+        .map_err(|e| in_context(lt_err(e), "cublasLtMatmul", &context))?;
+        fe.launches += 1;
+        Ok(())
+    }
+}
+
 /// Plans kept per engine before the cache is emptied (a bench or test makes a few hundred).
 const PLAN_CACHE_LIMIT: usize = 4096;
 
@@ -808,6 +1027,9 @@ struct PlanKey {
     fast_accum: bool,
     beta_one: bool,
     align: [u32; 3],
+    /// Block scaling: the `cublasLtMatmulMatrixScale_t` of the row-major A and B (None:
+    /// per-tensor scales).
+    block_modes: Option<(i32, i32)>,
 }
 
 /// A cuBLASLt fp8 GEMM ready to run: descriptor, layouts and the heuristic's algorithm.
@@ -872,6 +1094,11 @@ impl Plan {
         let fast = i8::from(key.fast_accum);
         plan.set(A::CUBLASLT_MATMUL_DESC_FAST_ACCUM, (&fast as *const i8).cast(), 1)?;
         plan.set_scales(scales.0, scales.1)?;
+        if let Some((mode_a, mode_b)) = key.block_modes {
+            // The row-major A is cuBLASLt's B and the other way round.
+            plan.set(A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, (&mode_b as *const i32).cast(), 4)?;
+            plan.set(A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, (&mode_a as *const i32).cast(), 4)?;
+        }
         let pref = lt::create_matmul_pref().map_err(lt_err)?;
         let found = (|| -> Result<lt_sys::cublasLtMatmulAlgo_t, GpuError> {
             use lt_sys::cublasLtMatmulPreferenceAttributes_t as P;
@@ -949,7 +1176,7 @@ mod tests {
         }
         let ptx = compile_fp8_kernels("sm_90").unwrap_or_else(|e| panic!("{e}"));
         let src = ptx.to_src();
-        let mut names = vec!["compute_scales".to_string(), "transpose_u8".to_string()];
+        let mut names = vec!["compute_scales".to_string(), "transpose_u8".to_string(), "block_scales_gemm".to_string()];
         for s in ["f32", "bf16", "f16"] {
             names.push(format!("amax_seg_{s}"));
             for f in ["e4m3", "e5m2"] {

@@ -15,6 +15,7 @@
 //! * [`Workspace`]: the buffers of one call, in the padded row layout (`layer/workspace.rs`).
 
 mod fp8;
+mod fp8_block;
 mod pass;
 mod workspace;
 
@@ -122,6 +123,8 @@ pub struct DeviceLayer {
     /// never change after upload, so their quantization is the same every call (TE quantizes
     /// a weight once per weight version and reuses it across micro-batches).
     fp8_weights: std::sync::OnceLock<fp8::Fp8Weights>,
+    /// The same for the blockwise recipe (per expert, both copies).
+    fp8_block_weights: std::sync::OnceLock<fp8_block::BlockWeights>,
 }
 
 impl DeviceLayer {
@@ -162,7 +165,12 @@ impl DeviceLayer {
             b1: if cfg.add_bias { Some(eng.upload(&b1)?) } else { None },
             b2: if cfg.add_bias { Some(eng.upload(&b2)?) } else { None },
         };
-        Ok(DeviceLayer { cfg: cfg.clone(), weights, fp8_weights: Default::default() })
+        Ok(DeviceLayer {
+            cfg: cfg.clone(),
+            weights,
+            fp8_weights: Default::default(),
+            fp8_block_weights: Default::default(),
+        })
     }
 
     /// Random weights generated on the device in `cfg.class`'s layout (benches and sampled
@@ -186,7 +194,12 @@ impl DeviceLayer {
         } else {
             (None, None)
         };
-        Ok(DeviceLayer { cfg: cfg.clone(), weights: DeviceWeights { w1, w2, b1, b2 }, fp8_weights: Default::default() })
+        Ok(DeviceLayer {
+            cfg: cfg.clone(),
+            weights: DeviceWeights { w1, w2, b1, b2 },
+            fp8_weights: Default::default(),
+            fp8_block_weights: Default::default(),
+        })
     }
 
     /// The layer's configuration.

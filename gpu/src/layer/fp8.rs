@@ -9,8 +9,11 @@
 //! `MMParams` defaults of `Float8CurrentScaling`). Everything outside the GEMMs (activation,
 //! probs, bias adds and bias grads) is the bf16 path's kernels, unchanged.
 //!
+//! Blockwise scaling runs the same passes with block-scaled operands and GEMMs
+//! (`layer/fp8_block.rs`).
+//!
 //! Declared skips ([`fp8_support`]): delayed scaling (its amax history is not kept on the GPU),
-//! blockwise (the block-scaled cuBLASLt GEMMs are not wired), MXFP8 (cuBLASLt runs MXFP8 GEMMs
+//! MXFP8 (cuBLASLt runs MXFP8 GEMMs
 //! on Blackwell only), GroupedMLP, `activation_func_fp8_input_store`, and shapes cuBLASLt's fp8
 //! GEMMs refuse (a dimension or an expert's padded rows not a multiple of 16).
 
@@ -69,14 +72,9 @@ pub fn fp8_support(cfg: &LayerConfig, padded: Option<&[usize]>) -> Result<Fp8Con
     let f = cfg.fp8.ok_or_else(|| GpuError::Unsupported("not an fp8 configuration".into()))?;
     let skip = |why: String| Err(GpuError::Unsupported(format!("fp8 {} on the GPU: {why}", f.label())));
     match f.recipe {
-        Fp8Recipe::Tensorwise => {}
+        Fp8Recipe::Tensorwise | Fp8Recipe::Blockwise => {}
         Fp8Recipe::Delayed => {
             return skip("delayed scaling (amax history across calls) is not implemented on the GPU".into())
-        }
-        Fp8Recipe::Blockwise => {
-            return skip(
-                "block-scaled cuBLASLt GEMMs (VEC128_32F / BLK128x128_32F) are not wired into the layers yet".into(),
-            )
         }
         Fp8Recipe::Mxfp8 => {
             return skip("cuBLASLt runs MXFP8 (VEC32_UE8M0) GEMMs on Blackwell (sm_100) only, not on Hopper".into())
@@ -133,6 +131,9 @@ impl DeviceLayer {
     pub(super) fn forward_fp8(&self, eng: &mut Engine, ws: &mut Workspace) -> Result<(), GpuError> {
         let (cfg, w) = (&self.cfg, &self.weights);
         let f = fp8_support(cfg, Some(&ws.padded))?;
+        if f.recipe == Fp8Recipe::Blockwise {
+            return self.forward_fp8_block(eng, ws, &f);
+        }
         let d = Dims::of(cfg);
         let (fi, fw, _) = formats(&f);
         let opts = options(&f);
@@ -218,6 +219,9 @@ impl DeviceLayer {
     pub(super) fn backward_fp8(&self, eng: &mut Engine, ws: &mut Workspace, with_wgrad: bool) -> Result<(), GpuError> {
         let (cfg, w) = (&self.cfg, &self.weights);
         let f = fp8_support(cfg, Some(&ws.padded))?;
+        if f.recipe == Fp8Recipe::Blockwise {
+            return self.backward_fp8_block(eng, ws, &f, with_wgrad);
+        }
         let d = Dims::of(cfg);
         let (_, _, fg) = formats(&f);
         let opts = options(&f);
@@ -316,7 +320,11 @@ impl DeviceLayer {
     /// `backward_dw()` in fp8: the deferred weight GEMMs, fc2 then fc1, and TEGroupedMLP's fc1
     /// bias grad.
     pub(super) fn backward_dw_fp8(&self, eng: &mut Engine, ws: &mut Workspace) -> Result<(), GpuError> {
-        self.wgrad_fp8(eng, ws)?;
+        if self.cfg.fp8.is_some_and(|f| f.recipe == Fp8Recipe::Blockwise) {
+            self.wgrad_fp8_block(eng, ws)?;
+        } else {
+            self.wgrad_fp8(eng, ws)?;
+        }
         if self.cfg.class == LayerClass::TeGrouped {
             self.fc1_bias_grad(eng, ws)?;
         }
@@ -390,11 +398,11 @@ mod tests {
     /// needed): each refusal exists so that a report counts a skip instead of running bf16 under
     /// an fp8 name or failing inside cuBLASLt.
     #[test]
-    fn fp8_support_runs_tensorwise_and_names_every_refusal() {
+    fn fp8_support_runs_tensorwise_and_blockwise_and_names_every_refusal() {
         assert!(fp8_support(&cfg(Fp8Recipe::Tensorwise), Some(&[16, 0, 32])).is_ok());
+        assert!(fp8_support(&cfg(Fp8Recipe::Blockwise), Some(&[16, 0, 32])).is_ok());
         assert!(reason(fp8_support(&cfg(Fp8Recipe::Mxfp8), None)).contains("Blackwell"));
         assert!(reason(fp8_support(&cfg(Fp8Recipe::Delayed), None)).contains("delayed"));
-        assert!(reason(fp8_support(&cfg(Fp8Recipe::Blockwise), None)).contains("block-scaled"));
         let odd = LayerConfig { hidden_size: 40, ..cfg(Fp8Recipe::Tensorwise) };
         assert!(reason(fp8_support(&odd, None)).contains("hidden_size = 40"));
         // An expert whose padded rows are not a multiple of 16 (the wgrad GEMM's K).

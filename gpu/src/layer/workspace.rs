@@ -54,6 +54,8 @@ pub struct Workspace {
     pub poison: bool,
     /// The fp8 operands the forward quantized and the backward adds (fp8 configurations).
     pub(crate) fp8: Option<super::fp8::Fp8Operands>,
+    /// The same for the blockwise recipe.
+    pub(crate) fp8_block: Option<super::fp8_block::BlockActs>,
 }
 
 impl DeviceLayer {
@@ -110,6 +112,7 @@ impl DeviceLayer {
             grads,
             poison,
             fp8: None,
+            fp8_block: None,
         })
     }
 
