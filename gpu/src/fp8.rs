@@ -11,6 +11,9 @@
 //! * [`Engine::fp8_gemm`]: `C[m, n] = (s_a·s_b)·(A·Bᵀ) (+ C)` for fp8 `A: [m, k]`, `B: [n, k]`
 //!   (both K-contiguous, cuBLASLt's TN layout), per-tensor f32 scale pointers
 //!   (`CUBLASLT_MATMUL_DESC_{A,B}_SCALE_POINTER`), f32 accumulation, bf16/fp16/f32 output.
+//! * [`Engine::block_operands`] and [`Engine::fp8_block_gemm`]: the blockwise recipe's GEMM
+//!   operands (1×128 or 128×128 blocks, both copies, scales in cuBLASLt's layout) and the
+//!   block-scaled GEMM (`CUBLASLT_MATMUL_DESC_{A,B}_SCALE_MODE`, cuBLASLt >= 12.9).
 //!
 //! The kernels are compiled on first use (an engine that never quantizes never compiles them;
 //! the fp8 `cvt` needs sm_89 or later).

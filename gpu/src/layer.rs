@@ -11,7 +11,8 @@
 //! * [`DeviceLayer`]: one rank's layer on the device (configuration and weights), with the
 //!   passes (`layer/pass.rs`).
 //! * `layer/fp8.rs`: the same passes with fp8 GEMMs (per-expert current scaling, cuBLASLt),
-//!   taken when the configuration has fp8.
+//!   taken when the configuration has fp8; `layer/fp8_block.rs`: the blockwise recipe's
+//!   (block-scaled operands and cuBLASLt GEMMs).
 //! * [`Workspace`]: the buffers of one call, in the padded row layout (`layer/workspace.rs`).
 
 mod fp8;

@@ -111,18 +111,16 @@ impl DeviceLayer {
             }
             _ => 0.0,
         };
-        for e in 0..el {
-            let c = ws.a.at(ws.offsets[e] * d.n1 * d.ds);
-            eng.fp8_block_gemm(&xq[e].0, &wq.w1[e].0, c, d.dt, beta)?;
+        for ((x, w1), &off) in xq.iter().zip(&wq.w1).zip(&ws.offsets) {
+            eng.fp8_block_gemm(&x.0, &w1.0, ws.a.at(off * d.n1 * d.ds), d.dt, beta)?;
         }
         let seq_b1 = if cfg.class == LayerClass::Sequential { w.b1.as_ref() } else { None };
         let p_act = ws.p_act.as_ref().unwrap_or(&ws.p);
         let Engine { kernels, stream, .. } = &mut *eng;
         kernels.act_fwd(stream, d.dt, ActParams::of(cfg), &mut ws.a, seq_b1, p_act, &ws.map, &mut ws.u, d.n2)?;
         let uq = per_expert(eng, &ws.u, d.dt, &ws.padded, &ws.offsets, d.n2, fi, TensorRole::Input, opts)?;
-        for e in 0..el {
-            let c = ws.y.at(ws.offsets[e] * d.h * d.ds);
-            eng.fp8_block_gemm(&uq[e].0, &wq.w2[e].0, c, d.dt, 0.0)?;
+        for ((u, w2), &off) in uq.iter().zip(&wq.w2).zip(&ws.offsets) {
+            eng.fp8_block_gemm(&u.0, &w2.0, ws.y.at(off * d.h * d.ds), d.dt, 0.0)?;
         }
         if let Some(b2) = &w.b2 {
             let probs_in_storage = cfg.probs_dtype == cfg.params_dtype && cfg.params_dtype != Dtype::F32;
@@ -156,7 +154,6 @@ impl DeviceLayer {
                 eng.poison(b)?;
             }
         }
-        let el = ws.padded.len();
         if let (Some(db2), Some(_)) = (ws.grads.b2.as_mut(), &w.b2) {
             let p_act = ws.p_act.as_ref().unwrap_or(&ws.p);
             let Engine { kernels, stream, .. } = &mut *eng;
@@ -164,9 +161,8 @@ impl DeviceLayer {
         }
         // du_e = G_e·W2_e: G rowwise (1×128) times W2's columnwise copy [N2, h] (128×128).
         let gq = per_expert(eng, &ws.g, d.dt, &ws.padded, &ws.offsets, d.h, fg, TensorRole::GradOutput, opts)?;
-        for e in 0..el {
-            let c = ws.du.at(ws.offsets[e] * d.n2 * d.ds);
-            eng.fp8_block_gemm(&gq[e].0, &wq.w2[e].1, c, d.dt, 0.0)?;
+        for ((g, w2), &off) in gq.iter().zip(&wq.w2).zip(&ws.offsets) {
+            eng.fp8_block_gemm(&g.0, &w2.1, ws.du.at(off * d.n2 * d.ds), d.dt, 0.0)?;
         }
         let p_act = ws.p_act.as_ref().unwrap_or(&ws.p);
         let Engine { kernels, stream, .. } = &mut *eng;
@@ -184,9 +180,8 @@ impl DeviceLayer {
         )?;
         // dx_e = da_e·W1_e: da rowwise times W1's columnwise copy [h, N1].
         let daq = per_expert(eng, &ws.da, d.dt, &ws.padded, &ws.offsets, d.n1, fg, TensorRole::GradOutput, opts)?;
-        for e in 0..el {
-            let c = ws.dx.at(ws.offsets[e] * d.h * d.ds);
-            eng.fp8_block_gemm(&daq[e].0, &wq.w1[e].1, c, d.dt, 0.0)?;
+        for ((da, w1), &off) in daq.iter().zip(&wq.w1).zip(&ws.offsets) {
+            eng.fp8_block_gemm(&da.0, &w1.1, ws.dx.at(off * d.h * d.ds), d.dt, 0.0)?;
         }
         if cfg.apply_probs_on_input {
             let Engine { kernels, stream, .. } = &mut *eng;
@@ -223,13 +218,11 @@ impl DeviceLayer {
         if !acts.backward_done {
             return Err(GpuError::Shape("fp8 wgrad before the backward quantized the output gradients".into()));
         }
-        for e in 0..ws.padded.len() {
-            let c = ws.grads.w2.at(e * d.h * d.n2 * d.ds);
-            eng.fp8_block_gemm(&acts.g[e].1, &acts.u[e].1, c, d.dt, 0.0)?;
+        for (e, (g, u)) in acts.g.iter().zip(&acts.u).enumerate() {
+            eng.fp8_block_gemm(&g.1, &u.1, ws.grads.w2.at(e * d.h * d.n2 * d.ds), d.dt, 0.0)?;
         }
-        for e in 0..ws.padded.len() {
-            let c = ws.grads.w1.at(e * d.n1 * d.h * d.ds);
-            eng.fp8_block_gemm(&acts.da[e].1, &acts.x[e].1, c, d.dt, 0.0)?;
+        for (e, (da, x)) in acts.da.iter().zip(&acts.x).enumerate() {
+            eng.fp8_block_gemm(&da.1, &x.1, ws.grads.w1.at(e * d.n1 * d.h * d.ds), d.dt, 0.0)?;
         }
         Ok(())
     }
