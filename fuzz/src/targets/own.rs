@@ -1,5 +1,6 @@
-//! The readers under fuzz, each with its corpus of real files and its allocation allowance.
+//! moe-verify's own formats: expert dumps and checkpoint directories (index and parts).
 
+use super::{scratch, test_data, Allowance, Outcome, Restore, Target};
 use anyhow::Context;
 use moe_checkpoint::format::Checkpoint;
 use moe_checkpoint::sharded::ExpertLayout;
@@ -9,35 +10,6 @@ use moe_harness::dump::Dump;
 use moe_reference::{to_state_dict, Dtype, ExpertSet, Inputs, LayerClass, LayerConfig, Parallelism, Reference};
 use ndarray::{Array1, Array2};
 use std::path::{Path, PathBuf};
-
-/// What one input did.
-pub enum Outcome {
-    /// The reader accepted it.
-    Accepted,
-    /// The reader refused it with an error (the message, for the report's examples).
-    Refused(String),
-}
-
-/// A reader of a file format under fuzz.
-pub trait Target {
-    /// Its name on the command line and in reports.
-    fn name(&self) -> &'static str;
-    /// The corpus: real files of the format (each mutation starts from one of them).
-    fn corpus(&self) -> &[Vec<u8>];
-    /// Reads `input`, a mutation of corpus entry `origin`.
-    fn run(&self, origin: usize, input: &[u8]) -> anyhow::Result<Outcome>;
-    /// The largest single allocation a reader may make for `input`: what the bytes it is given
-    /// can justify (a decoded copy of every tensor in `f64`, at most 8× the bytes of a bf16
-    /// tensor, twice over, plus 1 MiB for bookkeeping).
-    fn allocation_allowance(&self, input_len: usize) -> usize {
-        16 * input_len + (1 << 20)
-    }
-}
-
-/// `tests/data` of the repository.
-fn test_data() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data")
-}
 
 /// moe-expert-dump files ([`Dump::from_bytes`]): the PyTorch-written dumps of `tests/data`
 /// (real files from an H100 run) and reference-written ones of every class.
@@ -114,11 +86,7 @@ pub struct CheckpointReader {
 impl CheckpointReader {
     /// Writes the corpus checkpoints into a temporary directory.
     pub fn new() -> anyhow::Result<CheckpointReader> {
-        // In memory where the machine has a tmpfs: each input writes one or two files.
-        let dir = match Path::new("/dev/shm").is_dir() {
-            true => tempfile::tempdir_in("/dev/shm")?,
-            false => tempfile::tempdir()?,
-        };
+        let dir = scratch()?;
         let mut files = Vec::new();
         let mut corpus = Vec::new();
         let mut total_bytes = 0;
@@ -208,11 +176,15 @@ impl Target for CheckpointReader {
     /// would never see a hostile header.
     fn run(&self, origin: usize, input: &[u8]) -> anyhow::Result<Outcome> {
         let path = &self.files[origin];
-        std::fs::write(path, input)?;
         let ckpt_dir = path.parent().expect("a file in a checkpoint directory");
         debug_assert!(ckpt_dir.starts_with(self.dir.path()));
         let index = ckpt_dir.join(INDEX_NAME);
-        let fixed_up = path != &index && crc32fast::hash(input) & 1 == 0 && self.fix_up_index(&index, path, input)?;
+        let i = self.files.iter().position(|f| f == &index).expect("the index is in the corpus");
+        let mut restore = Restore { files: vec![(path.as_path(), self.corpus[origin].as_slice())] };
+        std::fs::write(path, input)?;
+        if path != &index && crc32fast::hash(input) & 1 == 0 && self.fix_up_index(&index, path, input)? {
+            restore.files.push((index.as_path(), self.corpus[i].as_slice()));
+        }
         let outcome = match Checkpoint::open(ckpt_dir).and_then(|c| {
             c.verify()?;
             c.load_global(false)
@@ -220,79 +192,14 @@ impl Target for CheckpointReader {
             Ok(_) => Outcome::Accepted,
             Err(e) => Outcome::Refused(e.to_string()),
         };
-        std::fs::write(path, &self.corpus[origin])?;
-        if fixed_up {
-            let i = self.files.iter().position(|f| f == &index).expect("the index is in the corpus");
-            std::fs::write(&index, &self.corpus[i])?;
-        }
+        drop(restore);
         Ok(outcome)
     }
 
-    /// The directory holds the other files unchanged, so the allowance is that of the whole
-    /// checkpoint with the mutated file in it.
-    fn allocation_allowance(&self, input_len: usize) -> usize {
-        16 * (self.total_bytes + input_len) + (1 << 20)
-    }
-}
-
-/// A reader with a planted bug, for the runner's self-tests (`fuzz/tests/self_test.rs`): each
-/// must be caught by exactly the check named.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Planted {
-    /// Panics on every input whose first byte is odd (the panic check).
-    Panic,
-    /// Sizes a buffer from the input's first 8 bytes as an untrusted length, up to 1 GiB
-    /// (the allocation check).
-    Allocation,
-    /// Never returns (the watchdog).
-    Hang,
-}
-
-/// The corpus and the reader of a [`Planted`] bug.
-pub struct PlantedReader {
-    bug: Planted,
-    corpus: Vec<Vec<u8>>,
-}
-
-impl PlantedReader {
-    /// A reader with `bug`, over a small corpus of 16-byte inputs.
-    pub fn new(bug: Planted) -> PlantedReader {
-        PlantedReader { bug, corpus: (0..4u8).map(|i| vec![i; 16]).collect() }
-    }
-}
-
-impl Target for PlantedReader {
-    fn name(&self) -> &'static str {
-        match self.bug {
-            Planted::Panic => "planted-panic",
-            Planted::Allocation => "planted-allocation",
-            Planted::Hang => "planted-hang",
-        }
-    }
-
-    fn corpus(&self) -> &[Vec<u8>] {
-        &self.corpus
-    }
-
-    fn run(&self, _origin: usize, input: &[u8]) -> anyhow::Result<Outcome> {
-        match self.bug {
-            Planted::Panic => {
-                if input.first().is_some_and(|b| b % 2 == 1) {
-                    panic!("planted: odd first byte");
-                }
-            }
-            Planted::Allocation => {
-                let mut n = [0u8; 8];
-                let k = input.len().min(8);
-                n[..k].copy_from_slice(&input[..k]);
-                let len = (u64::from_le_bytes(n) % (1 << 30)) as usize;
-                let buf: Vec<u8> = Vec::with_capacity(len);
-                std::hint::black_box(&buf);
-            }
-            Planted::Hang => loop {
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            },
-        }
-        Ok(Outcome::Refused("planted reader".into()))
+    /// The directory holds the other files unchanged, so the allowance is the default one for
+    /// the whole checkpoint with the mutated file in it.
+    fn allowance(&self, origin: usize, input_len: usize) -> Allowance {
+        let n = self.total_bytes - self.corpus[origin].len() + input_len;
+        Allowance::per_byte(n, 16, 1 << 20, 64, 1 << 20)
     }
 }
