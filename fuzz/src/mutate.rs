@@ -253,7 +253,7 @@ const PICKLE_OPCODES: &[u8] =
 
 /// Replaces one byte with a pickle opcode, so that the reader's stack and memo handling sees
 /// opcodes in places a pickler never puts them.
-pub fn pickle_opcode(rng: &mut ChaCha8Rng, v: &mut Vec<u8>) -> bool {
+pub fn pickle_opcode(rng: &mut ChaCha8Rng, v: &mut [u8]) -> bool {
     if v.is_empty() {
         return false;
     }

@@ -56,7 +56,7 @@ impl Target for MetadataReader {
     }
 
     fn mutate(&self, rng: &mut ChaCha8Rng, origin: usize) -> Vec<u8> {
-        mutate::mutate_with(rng, &self.corpus[origin], &self.corpus, &[mutate::pickle_opcode])
+        mutate::mutate_with(rng, &self.corpus[origin], &self.corpus, &[|r, v| mutate::pickle_opcode(r, v)])
     }
 
     fn run(&self, _origin: usize, input: &[u8]) -> anyhow::Result<Outcome> {
