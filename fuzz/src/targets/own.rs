@@ -12,7 +12,8 @@ use ndarray::{Array1, Array2};
 use std::path::{Path, PathBuf};
 
 /// moe-expert-dump files ([`Dump::from_bytes`]): the PyTorch-written dumps of `tests/data`
-/// (real files from an H100 run) and reference-written ones of every class.
+/// (real files from an H100 run) and reference-written ones of every class (their headers'
+/// keys sorted, see [`sorted_header`]).
 pub struct DumpReader {
     corpus: Vec<Vec<u8>>,
 }
@@ -21,11 +22,12 @@ impl DumpReader {
     /// Loads the corpus.
     pub fn new() -> anyhow::Result<DumpReader> {
         let mut corpus = Vec::new();
-        for entry in std::fs::read_dir(test_data())? {
-            let path = entry?.path();
-            if path.extension().is_some_and(|e| e == "safetensors") {
-                corpus.push(std::fs::read(&path).with_context(|| path.display().to_string())?);
-            }
+        let mut paths: Vec<PathBuf> =
+            std::fs::read_dir(test_data())?.map(|e| Ok(e?.path())).collect::<anyhow::Result<_>>()?;
+        paths.retain(|p| p.extension().is_some_and(|e| e == "safetensors"));
+        paths.sort();
+        for path in paths {
+            corpus.push(std::fs::read(&path).with_context(|| path.display().to_string())?);
         }
         for class in LayerClass::ALL {
             let cfg = LayerConfig {
@@ -49,10 +51,25 @@ impl DumpReader {
             };
             let grad = Array2::from_elem((t, 8), 0.25);
             let dump = Dump::from_reference(&cfg, sd, inputs, Some(grad), Reference::EMULATED)?;
-            corpus.push(dump.to_bytes()?);
+            corpus.push(sorted_header(dump.to_bytes()?)?);
         }
         Ok(DumpReader { corpus })
     }
+}
+
+/// `file` (a safetensors file) with the keys of its JSON header in sorted order, padded with
+/// spaces to the same length. The dump writer passes its metadata to the safetensors crate as a
+/// `HashMap`, so the key order of a written header changes from process to process; without
+/// this the corpus, and so input `i` of a seed, would too, and a run could not be reproduced.
+fn sorted_header(mut file: Vec<u8>) -> anyhow::Result<Vec<u8>> {
+    let n = u64::from_le_bytes(file.get(..8).context("a safetensors file")?.try_into()?) as usize;
+    let header = file.get(8..8 + n).context("a safetensors header")?;
+    // serde_json's map is a BTreeMap (no `preserve_order`): serializing sorts the keys.
+    let sorted = serde_json::to_vec(&serde_json::from_slice::<serde_json::Value>(header)?)?;
+    anyhow::ensure!(sorted.len() <= n, "the sorted header is longer than the written one");
+    file[8..8 + sorted.len()].copy_from_slice(&sorted);
+    file[8 + sorted.len()..8 + n].fill(b' ');
+    Ok(file)
 }
 
 impl Target for DumpReader {
@@ -201,5 +218,21 @@ impl Target for CheckpointReader {
     fn allowance(&self, origin: usize, input_len: usize) -> Allowance {
         let n = self.total_bytes - self.corpus[origin].len() + input_len;
         Allowance::per_byte(n, 16, 1 << 20, 64, 1 << 20)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Why: input `i` of a seed is a mutation of the corpus bytes; a corpus that changes from
+    /// one construction to the next (the dump writer's metadata comes out of a `HashMap`) makes
+    /// a run irreproducible, and a saved failure's seed and input number useless.
+    #[test]
+    fn the_dump_corpus_is_the_same_bytes_every_time() {
+        let a = DumpReader::new().unwrap();
+        for _ in 0..4 {
+            assert!(DumpReader::new().unwrap().corpus == a.corpus, "the dump corpus changed between constructions");
+        }
     }
 }
