@@ -3,9 +3,10 @@
 //! Each target starts from a corpus of real files of its format, mutates them (bytes and
 //! structure, [`mutate`]), and feeds every mutant to the reader. A run fails when an input
 //! makes the reader panic, take longer than `--timeout-secs` (a hang: the watchdog stops the
-//! process and prints the seed and input number that reproduce it), or request a single
+//! process and prints the seed and input number that reproduce it), request a single
 //! allocation larger than the target's allowance for that input (a size taken from an untrusted
-//! length field). Refusals with an error are the expected outcome for most mutants; the report
+//! length field), or hold more live heap at its peak than the target's allowance (memory built
+//! up in many small pieces). Refusals with an error are the expected outcome for most mutants; the report
 //! counts them and shows a few messages. Failing inputs are written to `--out`.
 //!
 //! Not part of CI (a million inputs per reader take minutes): `scripts/fuzz.sh` runs it and
@@ -23,7 +24,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use targets::{CheckpointReader, DumpReader, Outcome, Planted, PlantedReader, Target};
+use targets::{
+    CheckpointReader, DistcpReader, DumpReader, HfReader, MetadataReader, Outcome, Planted, PlantedReader, Target,
+};
 
 #[global_allocator]
 static WATERMARK: alloc::Watermark = alloc::Watermark::new();
@@ -35,12 +38,21 @@ enum TargetName {
     Dump,
     /// moe-verify checkpoint directories (index and parts: open, verify, load).
     Checkpoint,
+    /// Megatron torch_dist `.metadata` pickles (`dcp::parse_metadata`).
+    Metadata,
+    /// Megatron torch_dist `.distcp` tensor items (`archive::read_tensor`).
+    Distcp,
+    /// Hugging Face checkpoint directories (config, index, safetensors shards: open, read all).
+    Hf,
     /// Self-test: a reader that panics on some inputs.
     #[value(hide = true)]
     PlantedPanic,
     /// Self-test: a reader that sizes a buffer from an untrusted length.
     #[value(hide = true)]
     PlantedAllocation,
+    /// Self-test: a reader that builds up memory in many small pieces.
+    #[value(hide = true)]
+    PlantedPeak,
     /// Self-test: a reader that never returns.
     #[value(hide = true)]
     PlantedHang,
@@ -74,9 +86,12 @@ struct Stats {
     refused: u64,
     panics: u64,
     allocation_violations: u64,
+    peak_violations: u64,
     harness_errors: u64,
     slowest: Duration,
+    slowest_input: u64,
     largest_allocation_ratio: f64,
+    peak_ratio: f64,
     examples: Vec<String>,
 }
 
@@ -87,7 +102,7 @@ fn fuzz(target: &dyn Target, args: &Args, busy_since: &AtomicU64, busy: &AtomicB
     let started = Instant::now();
     for i in 0..args.inputs {
         let origin = rng.random_range(0..corpus.len());
-        let input = mutate::mutate(&mut rng, &corpus[origin], corpus);
+        let input = target.mutate(&mut rng, origin);
         WATERMARK.reset();
         busy_since.store(epoch.elapsed().as_millis() as u64, Ordering::SeqCst);
         busy.store(true, Ordering::SeqCst);
@@ -96,12 +111,18 @@ fn fuzz(target: &dyn Target, args: &Args, busy_since: &AtomicU64, busy: &AtomicB
         let took = t0.elapsed();
         busy.store(false, Ordering::SeqCst);
         let largest = WATERMARK.largest();
+        let peak = WATERMARK.peak();
         let panicked = result.is_err();
         stats.inputs += 1;
-        stats.slowest = stats.slowest.max(took);
-        let allowance = target.allocation_allowance(input.len());
+        if took > stats.slowest {
+            stats.slowest = took;
+            stats.slowest_input = i;
+        }
+        let allowance = target.allowance(origin, input.len());
         if !panicked {
-            stats.largest_allocation_ratio = stats.largest_allocation_ratio.max(largest as f64 / allowance as f64);
+            stats.largest_allocation_ratio =
+                stats.largest_allocation_ratio.max(largest as f64 / allowance.largest as f64);
+            stats.peak_ratio = stats.peak_ratio.max(peak as f64 / allowance.peak as f64);
         }
         let save = |what: &str| {
             let path = args.out.join(format!("{}-{what}-seed{}-input{i}.bin", target.name(), args.seed));
@@ -130,9 +151,13 @@ fn fuzz(target: &dyn Target, args: &Args, busy_since: &AtomicU64, busy: &AtomicB
         }
         // A panic's own machinery (message, backtrace) allocates: only inputs the reader
         // returned from are held to the allowance; a panic is a failure anyway.
-        if !panicked && largest > allowance {
+        if !panicked && largest > allowance.largest {
             stats.allocation_violations += 1;
             save(&format!("alloc{largest}"));
+        }
+        if !panicked && peak > allowance.peak {
+            stats.peak_violations += 1;
+            save(&format!("peak{peak}"));
         }
         if (i + 1) % 100_000 == 0 {
             eprintln!(
@@ -141,7 +166,7 @@ fn fuzz(target: &dyn Target, args: &Args, busy_since: &AtomicU64, busy: &AtomicB
                 i + 1,
                 (i + 1) as f64 / started.elapsed().as_secs_f64(),
                 stats.panics,
-                stats.allocation_violations
+                stats.allocation_violations + stats.peak_violations
             );
         }
     }
@@ -150,8 +175,11 @@ fn fuzz(target: &dyn Target, args: &Args, busy_since: &AtomicU64, busy: &AtomicB
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let names =
-        if args.target.is_empty() { vec![TargetName::Dump, TargetName::Checkpoint] } else { args.target.clone() };
+    let names = if args.target.is_empty() {
+        vec![TargetName::Dump, TargetName::Checkpoint, TargetName::Metadata, TargetName::Distcp, TargetName::Hf]
+    } else {
+        args.target.clone()
+    };
     // Panics are expected findings, counted and saved; print the first few messages only.
     let printed = Arc::new(AtomicU64::new(0));
     let hook_printed = printed.clone();
@@ -186,6 +214,10 @@ fn main() -> anyhow::Result<()> {
         let target: Box<dyn Target> = match name {
             TargetName::Dump => Box::new(DumpReader::new()?),
             TargetName::Checkpoint => Box::new(CheckpointReader::new()?),
+            TargetName::Metadata => Box::new(MetadataReader::new()?),
+            TargetName::Distcp => Box::new(DistcpReader::new()?),
+            TargetName::Hf => Box::new(HfReader::new()?),
+            TargetName::PlantedPeak => Box::new(PlantedReader::new(Planted::Peak)),
             TargetName::PlantedPanic => Box::new(PlantedReader::new(Planted::Panic)),
             TargetName::PlantedAllocation => Box::new(PlantedReader::new(Planted::Allocation)),
             TargetName::PlantedHang => Box::new(PlantedReader::new(Planted::Hang)),
@@ -195,23 +227,27 @@ fn main() -> anyhow::Result<()> {
         let s = fuzz(target.as_ref(), &args, &busy_since, &busy, epoch);
         let secs = t0.elapsed().as_secs_f64();
         println!(
-            "{:<12} corpus {:>3}  inputs {:>9}  accepted {:>8}  refused {:>9}  panics {}  hangs 0  allocation violations {}  harness errors {}  slowest {:.1} ms  largest allocation {:.3} of allowance  {:.0} s",
+            "{:<12} corpus {:>3}  inputs {:>9}  accepted {:>8}  refused {:>9}  panics {}  hangs 0  allocation violations {} (largest {}, peak {})  harness errors {}  slowest {:.1} ms (input {})  largest allocation {:.3} of allowance  peak {:.3} of allowance  {:.0} s",
             target.name(),
             target.corpus().len(),
             s.inputs,
             s.accepted,
             s.refused,
             s.panics,
+            s.allocation_violations + s.peak_violations,
             s.allocation_violations,
+            s.peak_violations,
             s.harness_errors,
             s.slowest.as_secs_f64() * 1e3,
+            s.slowest_input,
             s.largest_allocation_ratio,
+            s.peak_ratio,
             secs
         );
         for m in &s.examples {
             println!("    refused, e.g.: {}", m.chars().take(160).collect::<String>());
         }
-        failed |= s.panics > 0 || s.allocation_violations > 0 || s.harness_errors > 0;
+        failed |= s.panics > 0 || s.allocation_violations > 0 || s.peak_violations > 0 || s.harness_errors > 0;
     }
     if failed {
         std::process::exit(1);

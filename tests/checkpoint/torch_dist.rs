@@ -292,9 +292,9 @@ fn cli_layout_prints_the_layer_axis() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("sharded_offsets[0] = (0, 2, 2)"));
 }
 
-/// Found by the fuzz runner (`checkpoint/examples/fuzz_readers.rs`): a `.distcp` item whose zip
-/// end-of-central-directory record claims 65 535 entries made the zip crate reserve ~15 MB for
-/// a 2 KB item. The reader now checks the directory before the zip crate sees it; the untouched
+/// Found by the fuzz runner (`moe-fuzz --target distcp`, docs/fuzzing.md): a `.distcp` item
+/// whose zip end-of-central-directory record claims 65 535 entries made the zip crate reserve
+/// ~15 MB for a 2 KB item. The reader now checks the directory before the zip crate sees it; the untouched
 /// item still reads.
 #[test]
 fn zip_entry_count_beyond_the_item_is_refused() {

@@ -169,9 +169,9 @@ pub fn read_tensor<F: Read + Seek>(
 /// directory entry's and local header's name/extra/comment lengths must lie inside the item.
 /// The zip crate reserves memory for the claimed entry count and allocates each variable-length
 /// field before reading it, so a few hostile bytes could otherwise cost up to 65 535 × ~230
-/// bytes (or, with zip64, any amount) or 64 KiB per field; found by
-/// `checkpoint/examples/fuzz_readers.rs`. torch.save writes no archive comment, so the record
-/// is the last 22 bytes.
+/// bytes (or, with zip64, any amount) or 64 KiB per field; found by the fuzz runner
+/// (`moe-fuzz --target distcp`). torch.save writes no archive comment, so the record is the
+/// last 22 bytes.
 fn check_directory<F: Read + Seek>(win: &mut Window<F>, length: u64) -> Result<(), String> {
     let bad = |m: String| format!("not a torch.save archive: {m}");
     let read_at = |win: &mut Window<F>, pos: u64, buf: &mut [u8]| -> Result<(), String> {

@@ -1,5 +1,6 @@
-//! The readers under fuzz, each with its corpus of real files and its allocation allowance.
+//! moe-verify's own formats: expert dumps and checkpoint directories (index and parts).
 
+use super::{scratch, test_data, Allowance, Outcome, Restore, Target};
 use anyhow::Context;
 use moe_checkpoint::format::Checkpoint;
 use moe_checkpoint::sharded::ExpertLayout;
@@ -10,37 +11,9 @@ use moe_reference::{to_state_dict, Dtype, ExpertSet, Inputs, LayerClass, LayerCo
 use ndarray::{Array1, Array2};
 use std::path::{Path, PathBuf};
 
-/// What one input did.
-pub enum Outcome {
-    /// The reader accepted it.
-    Accepted,
-    /// The reader refused it with an error (the message, for the report's examples).
-    Refused(String),
-}
-
-/// A reader of a file format under fuzz.
-pub trait Target {
-    /// Its name on the command line and in reports.
-    fn name(&self) -> &'static str;
-    /// The corpus: real files of the format (each mutation starts from one of them).
-    fn corpus(&self) -> &[Vec<u8>];
-    /// Reads `input`, a mutation of corpus entry `origin`.
-    fn run(&self, origin: usize, input: &[u8]) -> anyhow::Result<Outcome>;
-    /// The largest single allocation a reader may make for `input`: what the bytes it is given
-    /// can justify (a decoded copy of every tensor in `f64`, at most 8× the bytes of a bf16
-    /// tensor, twice over, plus 1 MiB for bookkeeping).
-    fn allocation_allowance(&self, input_len: usize) -> usize {
-        16 * input_len + (1 << 20)
-    }
-}
-
-/// `tests/data` of the repository.
-fn test_data() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data")
-}
-
 /// moe-expert-dump files ([`Dump::from_bytes`]): the PyTorch-written dumps of `tests/data`
-/// (real files from an H100 run) and reference-written ones of every class.
+/// (real files from an H100 run) and reference-written ones of every class (their headers'
+/// keys sorted, see [`sorted_header`]).
 pub struct DumpReader {
     corpus: Vec<Vec<u8>>,
 }
@@ -49,11 +22,12 @@ impl DumpReader {
     /// Loads the corpus.
     pub fn new() -> anyhow::Result<DumpReader> {
         let mut corpus = Vec::new();
-        for entry in std::fs::read_dir(test_data())? {
-            let path = entry?.path();
-            if path.extension().is_some_and(|e| e == "safetensors") {
-                corpus.push(std::fs::read(&path).with_context(|| path.display().to_string())?);
-            }
+        let mut paths: Vec<PathBuf> =
+            std::fs::read_dir(test_data())?.map(|e| Ok(e?.path())).collect::<anyhow::Result<_>>()?;
+        paths.retain(|p| p.extension().is_some_and(|e| e == "safetensors"));
+        paths.sort();
+        for path in paths {
+            corpus.push(std::fs::read(&path).with_context(|| path.display().to_string())?);
         }
         for class in LayerClass::ALL {
             let cfg = LayerConfig {
@@ -77,10 +51,25 @@ impl DumpReader {
             };
             let grad = Array2::from_elem((t, 8), 0.25);
             let dump = Dump::from_reference(&cfg, sd, inputs, Some(grad), Reference::EMULATED)?;
-            corpus.push(dump.to_bytes()?);
+            corpus.push(sorted_header(dump.to_bytes()?)?);
         }
         Ok(DumpReader { corpus })
     }
+}
+
+/// `file` (a safetensors file) with the keys of its JSON header in sorted order, padded with
+/// spaces to the same length. The dump writer passes its metadata to the safetensors crate as a
+/// `HashMap`, so the key order of a written header changes from process to process; without
+/// this the corpus, and so input `i` of a seed, would too, and a run could not be reproduced.
+fn sorted_header(mut file: Vec<u8>) -> anyhow::Result<Vec<u8>> {
+    let n = u64::from_le_bytes(file.get(..8).context("a safetensors file")?.try_into()?) as usize;
+    let header = file.get(8..8 + n).context("a safetensors header")?;
+    // serde_json's map is a BTreeMap (no `preserve_order`): serializing sorts the keys.
+    let sorted = serde_json::to_vec(&serde_json::from_slice::<serde_json::Value>(header)?)?;
+    anyhow::ensure!(sorted.len() <= n, "the sorted header is longer than the written one");
+    file[8..8 + sorted.len()].copy_from_slice(&sorted);
+    file[8 + sorted.len()..8 + n].fill(b' ');
+    Ok(file)
 }
 
 impl Target for DumpReader {
@@ -114,11 +103,7 @@ pub struct CheckpointReader {
 impl CheckpointReader {
     /// Writes the corpus checkpoints into a temporary directory.
     pub fn new() -> anyhow::Result<CheckpointReader> {
-        // In memory where the machine has a tmpfs: each input writes one or two files.
-        let dir = match Path::new("/dev/shm").is_dir() {
-            true => tempfile::tempdir_in("/dev/shm")?,
-            false => tempfile::tempdir()?,
-        };
+        let dir = scratch()?;
         let mut files = Vec::new();
         let mut corpus = Vec::new();
         let mut total_bytes = 0;
@@ -208,11 +193,15 @@ impl Target for CheckpointReader {
     /// would never see a hostile header.
     fn run(&self, origin: usize, input: &[u8]) -> anyhow::Result<Outcome> {
         let path = &self.files[origin];
-        std::fs::write(path, input)?;
         let ckpt_dir = path.parent().expect("a file in a checkpoint directory");
         debug_assert!(ckpt_dir.starts_with(self.dir.path()));
         let index = ckpt_dir.join(INDEX_NAME);
-        let fixed_up = path != &index && crc32fast::hash(input) & 1 == 0 && self.fix_up_index(&index, path, input)?;
+        let i = self.files.iter().position(|f| f == &index).expect("the index is in the corpus");
+        let mut restore = Restore { files: vec![(path.as_path(), self.corpus[origin].as_slice())] };
+        std::fs::write(path, input)?;
+        if path != &index && crc32fast::hash(input) & 1 == 0 && self.fix_up_index(&index, path, input)? {
+            restore.files.push((index.as_path(), self.corpus[i].as_slice()));
+        }
         let outcome = match Checkpoint::open(ckpt_dir).and_then(|c| {
             c.verify()?;
             c.load_global(false)
@@ -220,79 +209,30 @@ impl Target for CheckpointReader {
             Ok(_) => Outcome::Accepted,
             Err(e) => Outcome::Refused(e.to_string()),
         };
-        std::fs::write(path, &self.corpus[origin])?;
-        if fixed_up {
-            let i = self.files.iter().position(|f| f == &index).expect("the index is in the corpus");
-            std::fs::write(&index, &self.corpus[i])?;
-        }
+        drop(restore);
         Ok(outcome)
     }
 
-    /// The directory holds the other files unchanged, so the allowance is that of the whole
-    /// checkpoint with the mutated file in it.
-    fn allocation_allowance(&self, input_len: usize) -> usize {
-        16 * (self.total_bytes + input_len) + (1 << 20)
+    /// The directory holds the other files unchanged, so the allowance is the default one for
+    /// the whole checkpoint with the mutated file in it.
+    fn allowance(&self, origin: usize, input_len: usize) -> Allowance {
+        let n = self.total_bytes - self.corpus[origin].len() + input_len;
+        Allowance::per_byte(n, 16, 1 << 20, 64, 1 << 20)
     }
 }
 
-/// A reader with a planted bug, for the runner's self-tests (`fuzz/tests/self_test.rs`): each
-/// must be caught by exactly the check named.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Planted {
-    /// Panics on every input whose first byte is odd (the panic check).
-    Panic,
-    /// Sizes a buffer from the input's first 8 bytes as an untrusted length, up to 1 GiB
-    /// (the allocation check).
-    Allocation,
-    /// Never returns (the watchdog).
-    Hang,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// The corpus and the reader of a [`Planted`] bug.
-pub struct PlantedReader {
-    bug: Planted,
-    corpus: Vec<Vec<u8>>,
-}
-
-impl PlantedReader {
-    /// A reader with `bug`, over a small corpus of 16-byte inputs.
-    pub fn new(bug: Planted) -> PlantedReader {
-        PlantedReader { bug, corpus: (0..4u8).map(|i| vec![i; 16]).collect() }
-    }
-}
-
-impl Target for PlantedReader {
-    fn name(&self) -> &'static str {
-        match self.bug {
-            Planted::Panic => "planted-panic",
-            Planted::Allocation => "planted-allocation",
-            Planted::Hang => "planted-hang",
+    /// Why: input `i` of a seed is a mutation of the corpus bytes; a corpus that changes from
+    /// one construction to the next (the dump writer's metadata comes out of a `HashMap`) makes
+    /// a run irreproducible, and a saved failure's seed and input number useless.
+    #[test]
+    fn the_dump_corpus_is_the_same_bytes_every_time() {
+        let a = DumpReader::new().unwrap();
+        for _ in 0..4 {
+            assert!(DumpReader::new().unwrap().corpus == a.corpus, "the dump corpus changed between constructions");
         }
-    }
-
-    fn corpus(&self) -> &[Vec<u8>] {
-        &self.corpus
-    }
-
-    fn run(&self, _origin: usize, input: &[u8]) -> anyhow::Result<Outcome> {
-        match self.bug {
-            Planted::Panic => {
-                if input.first().is_some_and(|b| b % 2 == 1) {
-                    panic!("planted: odd first byte");
-                }
-            }
-            Planted::Allocation => {
-                let mut n = [0u8; 8];
-                let k = input.len().min(8);
-                n[..k].copy_from_slice(&input[..k]);
-                let len = (u64::from_le_bytes(n) % (1 << 30)) as usize;
-                let buf: Vec<u8> = Vec::with_capacity(len);
-                std::hint::black_box(&buf);
-            }
-            Planted::Hang => loop {
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            },
-        }
-        Ok(Outcome::Refused("planted reader".into()))
     }
 }
