@@ -66,6 +66,17 @@ pub enum CheckpointError {
         /// Why.
         reason: String,
     },
+    /// The path is not a checkpoint of the format being read (Hugging Face, `torch_dist`), or of
+    /// any format `diff`/`inspect`/`reshard` know.
+    #[error("{}: not a {format} checkpoint: {reason}", path.display())]
+    NotASource {
+        /// The path.
+        path: PathBuf,
+        /// The format expected (`"Hugging Face"`, `"torch_dist"`, `"known"`).
+        format: &'static str,
+        /// Why.
+        reason: String,
+    },
     /// A file is truncated, malformed, or its data fails the CRC check.
     #[error("{}: corrupt: {reason}", path.display())]
     Corrupt {

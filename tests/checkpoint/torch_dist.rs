@@ -176,12 +176,14 @@ fn missing_expert_coverage_is_named() {
     );
 }
 
-/// A directory with no `.metadata` is not a torch_dist checkpoint.
+/// A directory with no `.metadata` is not a torch_dist checkpoint, and the error says so (not
+/// "not a moe-verify checkpoint", which named the wrong format).
 #[test]
 fn not_a_torch_dist_directory() {
     let tmp = tempfile::tempdir().unwrap();
     let msg = TorchDistSource::open(tmp.path()).unwrap_err().to_string();
-    assert!(msg.contains("no .metadata"), "{msg}");
+    assert!(msg.contains("no .metadata") && msg.contains("not a torch_dist checkpoint"), "{msg}");
+    assert!(!msg.contains("moe-verify"), "{msg}");
 }
 
 /// `moe-verify layout` with the layer axis (`sharded_offsets = ((0, l, L),)`, `--num-layers`/

@@ -101,5 +101,17 @@ fn a_broken_torch_dist_directory_is_named() {
 #[test]
 fn a_directory_of_no_known_format_is_rejected() {
     let tmp = tempfile::tempdir().unwrap();
-    rejected(tmp.path(), &["found none of index.json"]);
+    rejected(tmp.path(), &["not a known checkpoint", "found none of index.json"]);
+}
+
+/// Why: a Hugging Face directory without its weights file is named as a Hugging Face checkpoint
+/// that lacks it (the message once said "not a moe-verify checkpoint" for it).
+#[test]
+fn a_hugging_face_directory_without_weights_names_the_format_it_expected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("hf");
+    std::fs::create_dir(&d).unwrap();
+    std::fs::copy(fixture("mixtral").join("config.json"), d.join("config.json")).unwrap();
+    let err = moe_checkpoint::hf::HfSource::open(&d, None).err().expect("no weights file").to_string();
+    assert!(err.contains("not a Hugging Face checkpoint") && err.contains("model.safetensors"), "{err}");
 }

@@ -239,7 +239,8 @@ impl HfSource {
     /// Opens a Hugging Face checkpoint directory (or one `.safetensors` file), as `family`
     /// when given (else from `config.json`'s `model_type`, else from tensor names).
     pub fn open(path: &Path, family: Option<Family>) -> Result<HfSource, CheckpointError> {
-        let not = |reason: String| CheckpointError::NotACheckpoint { path: path.to_path_buf(), reason };
+        let not =
+            |reason: String| CheckpointError::NotASource { path: path.to_path_buf(), format: "Hugging Face", reason };
         let mut inferred = Vec::new();
         let (dir, file_names, weight_map): (PathBuf, Vec<String>, Option<BTreeMap<String, String>>) = if path.is_file()
         {

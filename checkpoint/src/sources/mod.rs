@@ -31,7 +31,7 @@ pub struct SourceOverrides {
 
 /// Which format `path` holds, and why (one line for [`crate::SourceInfo::inferred`]).
 pub fn detect_format(path: &Path) -> Result<(SourceFormat, String), CheckpointError> {
-    let not = |reason: String| CheckpointError::NotACheckpoint { path: path.to_path_buf(), reason };
+    let not = |reason: String| CheckpointError::NotASource { path: path.to_path_buf(), format: "known", reason };
     if path.is_file() {
         if path.extension().is_some_and(|e| e == "safetensors") {
             return Ok((SourceFormat::HuggingFace, "format: Hugging Face (a .safetensors file)".into()));

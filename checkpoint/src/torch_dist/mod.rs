@@ -166,7 +166,8 @@ impl TorchDistSource {
                 .map_err(|e| CheckpointError::Corrupt { path: mj.clone(), reason: format!("not JSON: {e}") })?;
             let backend = v.get("sharded_backend").and_then(|b| b.as_str()).unwrap_or("");
             if backend != "torch_dist" {
-                return Err(CheckpointError::NotACheckpoint {
+                return Err(CheckpointError::NotASource {
+                    format: "torch_dist",
                     path: dir.to_path_buf(),
                     reason: format!("metadata.json says sharded_backend {backend:?}, only \"torch_dist\" is read"),
                 });
@@ -176,7 +177,8 @@ impl TorchDistSource {
             inferred.push("format: torch_dist (found .metadata; no metadata.json)".to_string());
         }
         if !md_path.is_file() {
-            return Err(CheckpointError::NotACheckpoint {
+            return Err(CheckpointError::NotASource {
+                format: "torch_dist",
                 path: dir.to_path_buf(),
                 reason: "no .metadata file (not a PyTorch Distributed Checkpoint)".into(),
             });
