@@ -541,3 +541,27 @@ fn interleaved_te_dumps_compare_with_their_interleave_size() {
     assert_eq!(out.code, 2, "{}", out.stderr);
     assert!(out.stderr.contains("glu_interleave_size 2 with SequentialMLP"), "{}", out.stderr);
 }
+
+/// Why: a dump is a file users diff and check in; `safetensors` takes its metadata as a
+/// `HashMap`, whose iteration order differs between maps, so the same dump serialized twice
+/// gave different header bytes. Serializing twice must give the same bytes, and they must read
+/// back to the same dump.
+#[test]
+fn the_same_dump_serializes_to_the_same_bytes() {
+    use moe_harness::dump::Dump;
+    use moe_reference::{to_state_dict, ExpertSet, LayerConfig, Reference};
+    let cfg = LayerConfig { num_experts: 3, hidden_size: 8, ffn_hidden_size: 4, ..LayerConfig::example() };
+    let sd = to_state_dict(&cfg, &ExpertSet::random(&cfg, 5)).unwrap();
+    let inputs = moe_reference::Inputs {
+        hidden_states: ndarray::Array2::from_elem((4, 8), 0.5),
+        tokens_per_expert: vec![1, 0, 3],
+        probs: ndarray::Array1::from_elem(4, 0.25),
+    };
+    let dump = Dump::from_reference(&cfg, sd, inputs, None, Reference::EMULATED).unwrap();
+    let first = dump.to_bytes().unwrap();
+    for _ in 0..8 {
+        assert_eq!(dump.to_bytes().unwrap(), first, "header bytes differ between two serializations");
+    }
+    let back = Dump::from_bytes(&first, "dump.safetensors").unwrap();
+    assert_eq!(back.to_bytes().unwrap(), first);
+}

@@ -156,7 +156,8 @@ impl Dump {
             .iter()
             .map(|(name, d, shape, bytes)| Ok((name.clone(), TensorView::new(*d, shape.clone(), bytes)?)))
             .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
-        safetensors::serialize(views, Some(self.metadata().into_iter().collect()))
+        let bytes = safetensors::serialize(views, Some(self.metadata().into_iter().collect()))?;
+        Ok(with_sorted_header(bytes))
     }
 
     /// Writes the dump to `path`.
@@ -165,4 +166,24 @@ impl Dump {
         let bytes = self.to_bytes().map_err(|e| err(format!("cannot serialize: {e}")))?;
         std::fs::write(path, bytes).map_err(|e| err(format!("cannot write: {e}")))
     }
+}
+
+/// `bytes` (a safetensors file) with its JSON header's keys in sorted order: `safetensors`
+/// takes the metadata as a `HashMap`, whose order differs from one map to the next, so without
+/// this the same dump serialized twice gave different bytes. The data section is unchanged (its
+/// offsets are relative to its start); the header is padded with spaces to a multiple of 8
+/// bytes, as `safetensors` pads it.
+fn with_sorted_header(bytes: Vec<u8>) -> Vec<u8> {
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("a safetensors length prefix")) as usize;
+    // serde_json's `Value` keeps object keys in a BTreeMap: re-serializing sorts them.
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).expect("safetensors wrote valid JSON");
+    let mut text = serde_json::to_vec(&header).expect("a JSON value serializes");
+    while text.len() % 8 != 0 {
+        text.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + text.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&bytes[8 + n..]);
+    out
 }
