@@ -251,6 +251,63 @@ fn in_context(e: GpuError, step: &str, context: &str) -> GpuError {
     }
 }
 
+impl Fp8Engine {
+    /// Runs the cuBLASLt fp8 GEMM of `key` (its plan built once and cached per key) with the
+    /// device scale pointers `scales` (per-tensor scale_inv or block scale tensors, as the plan's
+    /// scale modes say) on `C = alpha·op(A, B) + beta·C`, `addrs` = (A, B, C), both the tensorwise
+    /// and the block-scaled GEMMs' last step. `context` names the GEMM in errors.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(
+        &mut self,
+        key: PlanKey,
+        (sa, sb): (u64, u64),
+        beta: f32,
+        (a_addr, b_addr, c_addr): (u64, u64, u64),
+        ws: u64,
+        stream: cudarc::driver::sys::CUstream,
+        context: &str,
+    ) -> Result<(), GpuError> {
+        if !self.plans.contains_key(&key) {
+            if self.plans.len() >= PLAN_CACHE_LIMIT {
+                self.plans.clear();
+            }
+            let plan = Plan::new(self.lt.0, &key, (sa, sb)).map_err(|e| in_context(e, "plan", context))?;
+            self.plans.insert(key, plan);
+        }
+        let plan = self.plans.get(&key).ok_or_else(|| GpuError::CublasLt("plan cache".into()))?;
+        plan.set_scales(sa, sb)?;
+        let alpha = 1f32;
+        // SAFETY: the callers checked that A, B, C and the scales are device ranges holding what
+        // this GEMM reads and writes (block scales in the layout of their scale mode), and the
+        // plan's layouts describe exactly these shapes (its key); `ws` is the engine's workspace,
+        // `LT_WORKSPACE` bytes; the call is ordered on `stream`, the engine's (the driver and
+        // runtime stream types are the same `CUstream_st` handle).
+        unsafe {
+            lt::matmul(
+                self.lt.0,
+                plan.desc,
+                (&alpha as *const f32).cast(),
+                (&beta as *const f32).cast(),
+                b_addr as *const c_void,
+                plan.la,
+                a_addr as *const c_void,
+                plan.lb,
+                c_addr as *const c_void,
+                plan.lc,
+                c_addr as *mut c_void,
+                plan.lc,
+                &plan.algo,
+                ws as *mut c_void,
+                LT_WORKSPACE,
+                stream as lt_sys::cudaStream_t,
+            )
+        }
+        .map_err(|e| in_context(lt_err(e), "cublasLtMatmul", context))?;
+        self.launches += 1;
+        Ok(())
+    }
+}
+
 /// A cuBLASLt failure: `NOT_SUPPORTED` (no algorithm for this fp8 problem on this device) is a
 /// declared [`GpuError::Unsupported`], anything else an error.
 fn lt_err(e: lt::CublasError) -> GpuError {
@@ -774,43 +831,7 @@ impl Engine {
             align: [alignment(a_addr), alignment(b_addr), alignment(c_addr)],
             block_modes: None,
         };
-        if !fe.plans.contains_key(&key) {
-            if fe.plans.len() >= PLAN_CACHE_LIMIT {
-                fe.plans.clear();
-            }
-            let plan = Plan::new(fe.lt.0, &key, (sa, sb)).map_err(|e| in_context(e, "plan", &context))?;
-            fe.plans.insert(key, plan);
-        }
-        let plan = fe.plans.get(&key).ok_or_else(|| GpuError::CublasLt("plan cache".into()))?;
-        plan.set_scales(sa, sb)?;
-        let alpha = 1f32;
-        // SAFETY: A, B, C and the scales are device ranges checked above to hold what this GEMM
-        // reads and writes, and the plan's layouts describe exactly these shapes (its key); the
-        // workspace is the engine's, `LT_WORKSPACE` bytes; the call is ordered on the engine's
-        // stream (the driver and runtime stream types are the same `CUstream_st` handle).
-        unsafe {
-            lt::matmul(
-                fe.lt.0,
-                plan.desc,
-                (&alpha as *const f32).cast(),
-                (&beta as *const f32).cast(),
-                b_addr as *const c_void,
-                plan.la,
-                a_addr as *const c_void,
-                plan.lb,
-                c_addr as *const c_void,
-                plan.lc,
-                c_addr as *mut c_void,
-                plan.lc,
-                &plan.algo,
-                ws as *mut c_void,
-                LT_WORKSPACE,
-                stream as lt_sys::cudaStream_t,
-            )
-        }
-        .map_err(|e| in_context(lt_err(e), "cublasLtMatmul", &context))?;
-        fe.launches += 1;
-        Ok(())
+        fe.matmul(key, (sa, sb), beta, (a_addr, b_addr, c_addr), ws, stream, &context)
     }
 }
 
@@ -977,43 +998,7 @@ impl Engine {
             align: [alignment(a_addr), alignment(b_addr), alignment(c_addr)],
             block_modes: Some((a.scale_mode(), b.scale_mode())),
         };
-        if !fe.plans.contains_key(&key) {
-            if fe.plans.len() >= PLAN_CACHE_LIMIT {
-                fe.plans.clear();
-            }
-            let plan = Plan::new(fe.lt.0, &key, (sa, sb)).map_err(|e| in_context(e, "plan", &context))?;
-            fe.plans.insert(key, plan);
-        }
-        let plan = fe.plans.get(&key).ok_or_else(|| GpuError::CublasLt("plan cache".into()))?;
-        plan.set_scales(sa, sb)?;
-        let alpha = 1f32;
-        // SAFETY: A, B, C and the scale tensors are device ranges checked above to hold what
-        // this GEMM reads and writes (the scales in the layout of their scale mode), and the
-        // plan's layouts describe exactly these shapes (its key); the workspace is the engine's,
-        // `LT_WORKSPACE` bytes; the call is ordered on the engine's stream.
-        unsafe {
-            lt::matmul(
-                fe.lt.0,
-                plan.desc,
-                (&alpha as *const f32).cast(),
-                (&beta as *const f32).cast(),
-                b_addr as *const c_void,
-                plan.la,
-                a_addr as *const c_void,
-                plan.lb,
-                c_addr as *const c_void,
-                plan.lc,
-                c_addr as *mut c_void,
-                plan.lc,
-                &plan.algo,
-                ws as *mut c_void,
-                LT_WORKSPACE,
-                stream as lt_sys::cudaStream_t,
-            )
-        }
-        .map_err(|e| in_context(lt_err(e), "cublasLtMatmul", &context))?;
-        fe.launches += 1;
-        Ok(())
+        fe.matmul(key, (sa, sb), beta, (a_addr, b_addr, c_addr), ws, stream, &context)
     }
 }
 

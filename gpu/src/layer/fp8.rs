@@ -217,7 +217,7 @@ impl DeviceLayer {
     /// The fp8 backward: [`DeviceLayer::backward`] with fp8 dgrad (and, when `with_wgrad`,
     /// wgrad) GEMMs.
     pub(super) fn backward_fp8(&self, eng: &mut Engine, ws: &mut Workspace, with_wgrad: bool) -> Result<(), GpuError> {
-        let (cfg, w) = (&self.cfg, &self.weights);
+        let cfg = &self.cfg;
         let f = fp8_support(cfg, Some(&ws.padded))?;
         if f.recipe == Fp8Recipe::Blockwise {
             return self.backward_fp8_block(eng, ws, &f, with_wgrad);
@@ -235,11 +235,7 @@ impl DeviceLayer {
             }
         }
         let el = ws.padded.len();
-        if let (Some(db2), Some(_)) = (ws.grads.b2.as_mut(), &w.b2) {
-            let p_act = ws.p_act.as_ref().unwrap_or(&ws.p);
-            let Engine { kernels, stream, .. } = &mut *eng;
-            kernels.col_sum(stream, d.dt, &ws.g, Some(p_act), &ws.map, db2, d.h)?;
-        }
+        self.fc2_bias_grad(eng, ws)?;
         // du_e = G_e·W2_e: G rowwise times W2's columnwise copy [N2, h].
         let mut gq = reuse(eng, ops.g.take(), &ops.tok, d.h, fg)?;
         eng.quantize_segments_into(&ws.g, d.dt, &ops.tok, opts, &mut gq)?;
@@ -256,20 +252,7 @@ impl DeviceLayer {
                 DGRAD_FAST_ACCUM,
             )?;
         }
-        let p_act = ws.p_act.as_ref().unwrap_or(&ws.p);
-        let Engine { kernels, stream, .. } = &mut *eng;
-        kernels.act_bwd(
-            stream,
-            d.dt,
-            ActParams::of(cfg),
-            (&ws.a, &ws.du, p_act, &ws.g),
-            w.b2.as_ref(),
-            &ws.map,
-            (&mut ws.da, &mut ws.dp),
-            !cfg.apply_probs_on_input,
-            (d.n2, d.h),
-            cfg.probs_dtype,
-        )?;
+        self.activation_backward(eng, ws)?;
         // dx_e = da_e·W1_e: da rowwise times W1's columnwise copy [h, N1].
         let mut daq = reuse(eng, ops.da.take(), &ops.tok, d.n1, fg)?;
         eng.quantize_segments_into(&ws.da, d.dt, &ops.tok, opts, &mut daq)?;

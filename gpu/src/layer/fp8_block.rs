@@ -140,7 +140,7 @@ impl DeviceLayer {
         f: &Fp8Config,
         with_wgrad: bool,
     ) -> Result<(), GpuError> {
-        let (cfg, w) = (&self.cfg, &self.weights);
+        let cfg = &self.cfg;
         let d = Dims::of(cfg);
         let fg = f.format.format_for(TensorRole::GradOutput);
         let opts = options(f);
@@ -154,30 +154,13 @@ impl DeviceLayer {
                 eng.poison(b)?;
             }
         }
-        if let (Some(db2), Some(_)) = (ws.grads.b2.as_mut(), &w.b2) {
-            let p_act = ws.p_act.as_ref().unwrap_or(&ws.p);
-            let Engine { kernels, stream, .. } = &mut *eng;
-            kernels.col_sum(stream, d.dt, &ws.g, Some(p_act), &ws.map, db2, d.h)?;
-        }
+        self.fc2_bias_grad(eng, ws)?;
         // du_e = G_e·W2_e: G rowwise (1×128) times W2's columnwise copy [N2, h] (128×128).
         let gq = per_expert(eng, &ws.g, d.dt, &ws.padded, &ws.offsets, d.h, fg, TensorRole::GradOutput, opts)?;
         for ((g, w2), &off) in gq.iter().zip(&wq.w2).zip(&ws.offsets) {
             eng.fp8_block_gemm(&g.0, &w2.1, ws.du.at(off * d.n2 * d.ds), d.dt, 0.0)?;
         }
-        let p_act = ws.p_act.as_ref().unwrap_or(&ws.p);
-        let Engine { kernels, stream, .. } = &mut *eng;
-        kernels.act_bwd(
-            stream,
-            d.dt,
-            ActParams::of(cfg),
-            (&ws.a, &ws.du, p_act, &ws.g),
-            w.b2.as_ref(),
-            &ws.map,
-            (&mut ws.da, &mut ws.dp),
-            !cfg.apply_probs_on_input,
-            (d.n2, d.h),
-            cfg.probs_dtype,
-        )?;
+        self.activation_backward(eng, ws)?;
         // dx_e = da_e·W1_e: da rowwise times W1's columnwise copy [h, N1].
         let daq = per_expert(eng, &ws.da, d.dt, &ws.padded, &ws.offsets, d.n1, fg, TensorRole::GradOutput, opts)?;
         for ((da, w1), &off) in daq.iter().zip(&wq.w1).zip(&ws.offsets) {

@@ -102,6 +102,39 @@ impl DeviceLayer {
         Ok(())
     }
 
+    /// The fc2 bias grad `db2 = Σ_i p_i·G_i` per expert (f32 sum, one rounding) into
+    /// `ws.grads.b2`, when the layer has an fc2 bias; the same step for every precision.
+    pub(super) fn fc2_bias_grad(&self, eng: &mut Engine, ws: &mut Workspace) -> Result<(), GpuError> {
+        let d = Dims::of(&self.cfg);
+        if let (Some(db2), Some(_)) = (ws.grads.b2.as_mut(), &self.weights.b2) {
+            let p_act = ws.p_act.as_ref().unwrap_or(&ws.p);
+            let Engine { kernels, stream, .. } = &mut *eng;
+            kernels.col_sum(stream, d.dt, &ws.g, Some(p_act), &ws.map, db2, d.h)?;
+        }
+        Ok(())
+    }
+
+    /// Activation backward and `dp` (the fc2-bias term and `Σ du·z`) from `ws.du` into `ws.da`
+    /// and `ws.dp`, one block per row; the same step for every precision.
+    pub(super) fn activation_backward(&self, eng: &mut Engine, ws: &mut Workspace) -> Result<(), GpuError> {
+        let (cfg, d) = (&self.cfg, Dims::of(&self.cfg));
+        let p_act = ws.p_act.as_ref().unwrap_or(&ws.p);
+        let Engine { kernels, stream, .. } = &mut *eng;
+        kernels.act_bwd(
+            stream,
+            d.dt,
+            ActParams::of(cfg),
+            (&ws.a, &ws.du, p_act, &ws.g),
+            self.weights.b2.as_ref(),
+            &ws.map,
+            (&mut ws.da, &mut ws.dp),
+            !cfg.apply_probs_on_input,
+            (d.n2, d.h),
+            cfg.probs_dtype,
+        )?;
+        Ok(())
+    }
+
     /// Backward from `ws.g`: `ws.dx`, `ws.dp`, the fc2 bias grad, SequentialMLP's fc1 bias grad,
     /// and — when `with_wgrad` — the weight grads (else left for [`DeviceLayer::backward_dw`]).
     pub fn backward(
@@ -126,29 +159,12 @@ impl DeviceLayer {
         }
         let el = ws.padded.len();
         // db2 = Σ_i p_i·G_i per expert (f32 sum, one rounding).
-        if let (Some(db2), Some(_)) = (ws.grads.b2.as_mut(), &w.b2) {
-            let p_act = ws.p_act.as_ref().unwrap_or(&ws.p);
-            let Engine { kernels, stream, .. } = &mut *eng;
-            kernels.col_sum(stream, d.dt, &ws.g, Some(p_act), &ws.map, db2, d.h)?;
-        }
+        self.fc2_bias_grad(eng, ws)?;
         // du_e = round(G_e·W2_e) ([h, N2] weights: no transpose; GroupedMLP [N2, h]: transpose).
         let dgrad2 = token_gemms(ws, el, (d.n2, d.h), &ws.g, &w.w2, &ws.du);
         eng.grouped_gemm(strategy, d.dt, false, grouped, &dgrad2)?;
         // Activation backward + dp (fc2-bias term and Σ du·z), one block per row.
-        let p_act = ws.p_act.as_ref().unwrap_or(&ws.p);
-        let Engine { kernels, stream, .. } = &mut *eng;
-        kernels.act_bwd(
-            stream,
-            d.dt,
-            ActParams::of(cfg),
-            (&ws.a, &ws.du, p_act, &ws.g),
-            w.b2.as_ref(),
-            &ws.map,
-            (&mut ws.da, &mut ws.dp),
-            !cfg.apply_probs_on_input,
-            (d.n2, d.h),
-            cfg.probs_dtype,
-        )?;
+        self.activation_backward(eng, ws)?;
         // dx_e = round(da_e·W1_e) ([N1, h]: no transpose; GroupedMLP [h, N1]: transpose).
         let dgrad1 = token_gemms(ws, el, (d.h, d.n1), &ws.da, &w.w1, &ws.dx);
         eng.grouped_gemm(strategy, d.dt, false, grouped, &dgrad1)?;
