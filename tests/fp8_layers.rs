@@ -4,7 +4,7 @@
 
 use moe_harness::case::Case;
 use moe_harness::compare::compare_runs;
-use moe_harness::properties::{check, Backend, Property, ReferenceBackend, Verdict};
+use moe_harness::properties::{check, Backend, EveryClass, Property, ReferenceBackend, Verdict};
 use moe_harness::tolerance::Tolerance;
 use moe_reference::layer::{Fp8Fault, Fp8Operand, Fp8Run, Fp8State};
 use moe_reference::{
@@ -148,24 +148,13 @@ impl ExpertLayer for Faulty {
     }
 }
 
-struct FaultyBackend(Faulty);
-
-impl Backend for FaultyBackend {
-    fn name(&self) -> String {
-        self.0.name()
-    }
-    fn layer(&self, _class: LayerClass) -> Option<&dyn ExpertLayer> {
-        Some(&self.0)
-    }
-}
-
 /// A scale 16× off in any one operand fails (2× too, see
 /// `a_scale_off_by_one_exponent_step_fails_matches_oracle_in_the_tensors_it_feeds`).
 #[test]
 fn a_wrong_scale_of_any_operand_fails_matches_oracle() {
     for recipe in Fp8Recipe::ALL {
         for op in Fp8Operand::ALL {
-            let backend = FaultyBackend(Faulty(Fp8Fault::WrongScale(op)));
+            let backend = EveryClass(Faulty(Fp8Fault::WrongScale(op)));
             let c = case(fp8_cfg(LayerClass::TeGrouped, recipe, TeFormat::Hybrid), WgradTiming::Immediate);
             assert!(check(&backend, Property::MatchesOracle, &c).is_err(), "{recipe} {op:?} not seen");
         }
@@ -187,7 +176,7 @@ fn a_skipped_quantization_is_invisible_to_the_oracle_but_not_to_the_fp8_emulatio
     let good = fwd(&Reference::EMULATED);
     for op in Fp8Operand::ALL {
         let bad = fwd(&Faulty(Fp8Fault::SkipQuantization(op)));
-        let backend = FaultyBackend(Faulty(Fp8Fault::SkipQuantization(op)));
+        let backend = EveryClass(Faulty(Fp8Fault::SkipQuantization(op)));
         assert!(check(&backend, Property::MatchesOracle, &c).is_ok(), "{op:?}");
         let diffs = compare_runs(&cfg, &bad, &good, None, Tolerance::EXACT);
         assert!(diffs.iter().any(|d| !d.passed()), "{op:?}: skipping its quantization changed nothing");
@@ -262,7 +251,7 @@ fn a_scale_off_by_one_exponent_step_fails_matches_oracle_in_the_tensors_it_feeds
         for class in [LayerClass::Sequential, LayerClass::TeGrouped] {
             for format in TeFormat::ALL {
                 for op in Fp8Operand::ALL {
-                    let backend = FaultyBackend(Faulty(Fp8Fault::ScaleOffByTwo(op)));
+                    let backend = EveryClass(Faulty(Fp8Fault::ScaleOffByTwo(op)));
                     let c = case(fp8_cfg(class, recipe, format), WgradTiming::Immediate);
                     let failed: Vec<String> = match check(&backend, Property::MatchesOracle, &c) {
                         Err(moe_harness::properties::PropertyFailure::Mismatch(d)) => {

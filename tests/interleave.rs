@@ -5,7 +5,7 @@
 
 use crate::properties::{force_parallel_layout, verify_case, MAX_TOKENS};
 use moe_harness::case::Case;
-use moe_harness::properties::{check, Backend, Property, ReferenceBackend, Verdict};
+use moe_harness::properties::{check, Backend, EveryClass, Property, ReferenceBackend, Verdict};
 use moe_harness::strategy;
 use moe_reference::{
     ExpertLayer, Inputs, LayerClass, LayerConfig, LayerError, LayerRun, Parallelism, Reference, StateDict, WgradTiming,
@@ -101,17 +101,6 @@ impl ExpertLayer for Planted {
     }
 }
 
-struct PlantedBackend(Planted);
-
-impl Backend for PlantedBackend {
-    fn name(&self) -> String {
-        self.0.name()
-    }
-    fn layer(&self, _class: LayerClass) -> Option<&dyn ExpertLayer> {
-        Some(&self.0)
-    }
-}
-
 /// A TEGroupedMLP SwiGLU case, `f = 16`, 4 experts, tokens on every expert.
 fn te_case(size: Option<usize>, tp: usize) -> Case {
     Case {
@@ -149,13 +138,13 @@ fn planted_interleaving_bugs_are_caught() {
         let case = te_case(Some(s), 1);
         assert!(passed(&reference, Property::MatchesOracle, &case), "clean reference, s = {s}");
         for m in [Mishandling::Ignored, Mishandling::WrongBlock] {
-            let b = PlantedBackend(Planted(m));
+            let b = EveryClass(Planted(m));
             assert!(failed(&b, Property::MatchesOracle, &case), "{m:?} not caught at s = {s}");
             assert!(passed(&b, Property::MatchesOracle, &te_case(None, 1)), "{m:?} seen without interleaving");
         }
     }
     // Per-rank vs whole-tensor interleaving: equal at ETP 1, different at ETP 2.
-    let b = PlantedBackend(Planted(Mishandling::GlobalNotPerRank));
+    let b = EveryClass(Planted(Mishandling::GlobalNotPerRank));
     let sharded = te_case(Some(2), 2);
     assert!(passed(&reference, Property::ParallelDecomposition, &sharded), "clean reference, ETP 2");
     assert!(failed(&b, Property::ParallelDecomposition, &sharded), "whole-tensor interleaving not caught at ETP 2");

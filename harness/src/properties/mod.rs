@@ -46,6 +46,19 @@ impl Backend for ReferenceBackend {
     }
 }
 
+/// A backend whose one implementation serves every class, as the reference does; the planted-bug
+/// tests wrap a faulty reference in it.
+pub struct EveryClass<L>(pub L);
+
+impl<L: ExpertLayer> Backend for EveryClass<L> {
+    fn name(&self) -> String {
+        self.0.name()
+    }
+    fn layer(&self, _class: LayerClass) -> Option<&dyn ExpertLayer> {
+        Some(&self.0)
+    }
+}
+
 /// A backend made of one implementation per class (the shape of the CUDA backend: one struct per
 /// Megatron class). A class without an implementation is reported as skipped.
 pub struct PerClassBackend {
