@@ -180,6 +180,51 @@ extern "C" __global__ void compute_scales(const u32* amax, int n, int stride, fl
     scale_inv[(long)i * stride] = __frcp_rn(s);
 }
 
+// Delayed scaling (TE `DelayedScaling`, `moe_reference::fp8::delayed`): the state of tensor
+// t = expert·n_ops + op is `state_scale[t]` and the amax history `history[t·len .. t·len+len]`.
+//   * `delayed_scales`: segment s (expert s) takes its operand's scale from the state;
+//     scale_inv = 1/scale (f32 division), at index s·stride.
+//   * `delayed_record`: folds segment s's amax (f32 bits) into history[0] of its tensor (fmaxf).
+//   * `delayed_update`: TE's fused `kernel_bulk` per tensor (one thread each): roll the history
+//     when last_amax != 0, amax = fmaxf over the pre-roll window (or last_amax for most_recent),
+//     scale = scaled_max / amax when amax is finite and positive, inf → f32 max.
+extern "C" __global__ void delayed_scales(const float* state_scale, int op, int n_ops, int segs, int stride,
+                                          float* scale, float* scale_inv) {
+    int s = blockIdx.x * blockDim.x + threadIdx.x;
+    if (s >= segs) return;
+    float v = state_scale[(long)s * n_ops + op];
+    scale[(long)s * stride] = v;
+    scale_inv[(long)s * stride] = __fdiv_rn(1.0f, v);
+}
+
+extern "C" __global__ void delayed_record(const u32* amax, int op, int n_ops, int segs, int len, float* history) {
+    int s = blockIdx.x * blockDim.x + threadIdx.x;
+    if (s >= segs) return;
+    float* h = history + ((long)s * n_ops + op) * len;
+    h[0] = fmaxf(h[0], __uint_as_float(amax[s]));
+}
+
+extern "C" __global__ void delayed_update(float* history, float* scale, const float* scaled_max, int n, int n_ops,
+                                          int len, int most_recent) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= n) return;
+    float* h = history + (long)t * len;
+    float last = h[0];
+    float window = 0.0f;
+    if (last != 0.0f) {
+        for (int i = 0; i < len; ++i) {
+            float a = i < len - 1 ? h[i + 1] : last;  // h[i + 1] is read before it is written
+            window = fmaxf(window, a);
+            h[i] = i > 0 ? a : 0.0f;
+        }
+    }
+    float amax = most_recent ? last : window;
+    float sc = scale[t];
+    if (!is_inf(amax) && !is_nan(amax) && amax > 0.0f) sc = __fdiv_rn(scaled_max[t % n_ops], amax);
+    if (is_inf(sc)) sc = 3.40282347e38f;
+    scale[t] = sc;
+}
+
 template <typename T, int F>
 __device__ void cast_seg(const T* x, const int* row_seg, int rows, int cols, const float* scale, int stride, int vec,
                          u8* out) {
