@@ -236,15 +236,18 @@ def main(paths):
           "`R % dense fp8`: our fp8 TFLOP/s over the dense 8192³ fp8 rate of the same run. "
           "FLOPs count the routed rows' GEMMs only (padding rows not counted).")
     if len(recipes) > 1:
-        bf = []
-        for r in recipes:
-            vals = [by_recipe[r].rows.get(k, {}).get("auto") for k in keys]
-            vals = [v[0] for v in vals if v]
-            if vals:
-                bf.append(f"{r} run {sum(vals):.2f} ms")
-        if bf:
-            print("Our bf16 rows were timed in each recipe's run; their sums over the rows: " + ", ".join(bf)
-                  + " (the `bf16 ms` column is the first run's).")
+        # Our bf16 rows were timed in every recipe's run: how far apart (run-to-run noise).
+        devs = []
+        for r in recipes[1:]:
+            for k in keys:
+                _, a = get(first, k, "auto")
+                _, b = get(by_recipe[r], k, "auto")
+                if a is not None and b is not None:
+                    devs.append(abs(b[0] / a[0] - 1))
+        if devs:
+            print(f"Our bf16 rows, timed again in the {', '.join(recipes[1:])} run(s), differ from the first run's "
+                  f"by at most {100 * max(devs):.1f}% (median {100 * sorted(devs)[len(devs) // 2]:.1f}%): "
+                  "the run-to-run spread of these readings.")
     if notes:
         print()
         for n in notes:
