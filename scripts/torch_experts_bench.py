@@ -17,8 +17,9 @@ Strategies (`--strategies`, default torch), all timed in this one process the sa
     torch              eager PyTorch (below)
     torch-compile      the whole layer function under torch.compile (fullgraph, static
                        shapes): forward and, in fwdbwd, the AOTAutograd backward compiled too;
-                       the _grouped_mm calls stay ATen calls (Inductor's default mode lowers
-                       them to the ATen kernel), the activation/probs part becomes fused kernels
+                       Inductor's default mode (no max-autotune) keeps the _grouped_mm calls on
+                       the ATen kernel and fuses the activation/probs part (forward and
+                       backward) into generated kernels
     torch-compile-act  eager _grouped_mm calls, only the activation/probs part (silu-GLU and
                        the product with p, forward and backward) under torch.compile
 torch.compile recompiles per (shape, class) (torch._dynamo.reset() before each, so the
