@@ -372,6 +372,33 @@ class TorchPeersSmokeTest(unittest.TestCase):
         self.assertTrue(zero_empty)
         self.assertTrue(any(l.startswith("FALLBACK") for l in lines), lines)
 
+    def test_a_failed_self_check_gives_err_rows_not_timings(self):
+        # Why: "do not fake a row": with the backward wired wrong, the fwdbwd rows must be ERR
+        # while the (correct) forward is still timed.
+        import torch_fp8_experts_bench as m
+
+        class Planted(m.Fp8Ops):
+            def quant_cols_grouped(self, t, seg, experts):
+                q, s = super().quant_cols_grouped(t, seg, experts)
+                return q, s.reshape(experts, t.shape[1]).t().reshape(-1).contiguous()
+
+        out = os.path.join(self.tmp.name, "fp8-planted.csv")
+        argv, ops = sys.argv, m.Fp8Ops
+        sys.argv = ["torch_fp8_experts_bench.py", "--device", "cpu", "--counts", self.counts, "--samples", "2",
+                    "--sample-ms", "1", "--warmup", "1", "--csv", out]
+        m.Fp8Ops = Planted
+        printed = io.StringIO()
+        try:
+            with redirect_stdout(printed), redirect_stderr(io.StringIO()):
+                m.main()
+        finally:
+            sys.argv, m.Fp8Ops = argv, ops
+        self.assertIn("fwdbwd FAILED", printed.getvalue())
+        modes = {(r["dist"], r["mode"]): r["median_ms"] for r in read_rows(out)}
+        self.assertEqual(modes[("uniform", "fwdbwd")], "ERR")
+        self.assertEqual(modes[("skew", "fwdbwd")], "ERR")
+        self.assertNotEqual(modes[("uniform", "fwd")], "ERR")
+
     def test_emulation_refuses_what_the_op_refuses(self):
         # Why: the CPU smoke path is only worth something if a layout the CUDA op rejects is
         # rejected here too (the op's meta checks): a row-major mat_b must fail.
