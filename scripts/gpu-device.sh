@@ -91,15 +91,22 @@ for s in $steps; do
         gpu_grouped::every_strategy_matches_loop_and_reference
         gpu_grouped::persistent_kernel_matches_the_reference_on_ragged_groups
         gpu_fp8::segmented_current_scaling_matches_the_reference_per_segment
+        gpu_fp8::delayed_scaling_casts_records_and_updates_like_the_reference
       )
       hybrid=gpu_grouped::hybrid_strategy_runs_large_experts_on_cublas_and_the_rest_on_the_persistent_kernel
       for tool in memcheck racecheck; do
         echo "== compute-sanitizer $tool"
         tests=("${common[@]}")
-        # memcheck also runs the fp8 layers (quantization kernels and cuBLASLt fp8 GEMMs);
-        # racecheck keeps to the fp8 quantization kernels (segmented test above), as it keeps
-        # away from the cuBLAS(Lt) cluster kernels.
-        [ "$tool" = memcheck ] && tests+=("$hybrid" gpu_fp8::fp8_zero_token_experts_get_exactly_zero_weight_grads)
+        # memcheck also runs the fp8 layers (quantization kernels, cuBLASLt fp8 GEMMs issued
+        # directly and as captured graphs); racecheck keeps to the fp8 quantization kernels
+        # (segmented and delayed tests above, every quantizer incl. the block and MXFP8 ones
+        # below), as it keeps away from the cuBLAS(Lt) cluster kernels.
+        if [ "$tool" = memcheck ]; then
+          tests+=("$hybrid" gpu_fp8::fp8_zero_token_experts_get_exactly_zero_weight_grads
+            gpu_fp8::fp8_gemm_issue_ways_compute_the_same_bits)
+        else
+          tests+=(gpu_fp8::quantizers_match_the_reference_bit_for_bit)
+        fi
         log="$out/sanitizer-$tool.log"
         echo "selected tests (.stage/integration --exact --list):" > "$log"
         .stage/integration "${tests[@]}" --exact --list >> "$log" 2>&1

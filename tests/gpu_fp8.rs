@@ -931,3 +931,49 @@ fn the_fused_and_unfused_delayed_updates_differ_on_the_stirred_states() {
     }
     assert!(differ > 0, "the stirred states must tell the fused update from the unfused one");
 }
+
+/// The ways the fp8 layers issue their per-expert GEMMs compute the same bits: one cuBLASLt
+/// call after another (`loop`), one captured graph replayed (`graph1`), a graph of two
+/// branches (`graph2`) and `auto` (four branches), each called twice (the second call replays
+/// the cached graph), tensorwise and delayed, with an empty expert (its wgrad a captured
+/// memset) and deferred wgrad (the weight GEMMs captured in `backward_dw`).
+#[test]
+fn fp8_gemm_issue_ways_compute_the_same_bits() {
+    let Some(gpu) = gpu("fp8_gemm_issue_ways_compute_the_same_bits") else { return };
+    for recipe in [Fp8Recipe::Tensorwise, Fp8Recipe::Delayed] {
+        let cfg = LayerConfig {
+            fp8: Some(Fp8Config::new(recipe).with_format(TeFormat::Hybrid)),
+            num_experts: 6,
+            ..fp8_cfg(LayerClass::TeGrouped, TeFormat::Hybrid)
+        };
+        let case = Case {
+            cfg: cfg.clone(),
+            tokens_per_expert: vec![5, 0, 19, 8, 16, 3],
+            seed: 5,
+            timing: WgradTiming::Deferred,
+        };
+        let problem = case.problem();
+        let params = to_state_dict(&cfg, &problem.weights).expect("state dict");
+        let run = |strategy: moe_gpu::Strategy| {
+            let layer = CudaTeGrouped::new(&gpu).with_poison(true).with_strategy(strategy);
+            let mut runs = Vec::new();
+            for _ in 0..2 {
+                let r = layer
+                    .forward_backward(&cfg, &params, &problem.inputs, &problem.grad_output, WgradTiming::Deferred)
+                    .unwrap_or_else(|e| panic!("{recipe} {strategy:?}: {e}"));
+                runs.push(r);
+            }
+            runs
+        };
+        let base = run(moe_gpu::Strategy::Loop).remove(0);
+        for strategy in
+            [moe_gpu::Strategy::Loop, moe_gpu::Strategy::Graph(1), moe_gpu::Strategy::Graph(2), moe_gpu::Strategy::Auto]
+        {
+            for (call, r) in run(strategy).iter().enumerate() {
+                for d in moe_harness::compare::compare_runs(&cfg, r, &base, None, Tolerance::EXACT) {
+                    assert!(d.passed(), "{recipe} {strategy:?} call {call} differs from loop: {d}");
+                }
+            }
+        }
+    }
+}

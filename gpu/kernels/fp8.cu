@@ -23,7 +23,8 @@
 //     segment i at index i·stride (each scale on its own 256-byte line for cuBLASLt).
 //   * `cast_seg`: any 1-D grid, block 256 (grid-stride over rows, or over 8-element chunks with
 //     vec); row r uses scale[row_seg[r]·stride]; with vec `out` is 8-byte aligned.
-//   * `transpose_u8`: grid (ceil(cols/32), ceil(rows/32)), block (32, 8); `out` [cols, rows].
+//   * `transpose_seg_u8`: grid (ceil(cols/32), ceil(max seg_len/32), segments), block (32, 8):
+//     each segment's [seg_len, cols] rows transposed in place of their bytes (below).
 //   * `block_quant`: grid (ceil(R/tile_r), ceil(C/tile_c)), block 256, one block per tile of
 //     the logical tensor L: L = x ([R, C] = [rows, cols]) or, with `trans`, L = xᵀ
 //     ([R, C] = [cols, rows]); writes L's codes [R, C] row-major and one scale per tile,
@@ -249,7 +250,8 @@ __device__ void cast_seg(const T* x, const int* row_seg, int rows, int cols, con
     }
 }
 
-extern "C" __global__ void transpose_u8(const u8* in, int rows, int cols, u8* out) {
+// One 32x32 tile of the transpose of a row-major [rows, cols] byte matrix into [cols, rows].
+__device__ __forceinline__ void transpose_tile(const u8* in, int rows, int cols, u8* out) {
     __shared__ u8 tile[32][33];
     int c0 = blockIdx.x * 32, r0 = blockIdx.y * 32;
     for (int i = threadIdx.y; i < 32; i += 8) {
@@ -261,6 +263,16 @@ extern "C" __global__ void transpose_u8(const u8* in, int rows, int cols, u8* ou
         int c = c0 + i, r = r0 + threadIdx.x;
         if (r < rows && c < cols) out[(long)c * rows + r] = tile[threadIdx.x][i];
     }
+}
+
+// Every segment in one launch: grid (ceil(cols/32), ceil(max seg_len/32), segments), block
+// (32, 8); segment z (rows [seg_off, seg_off + seg_len) of a row-major [rows, cols] tensor)
+// becomes its [cols, seg_len] transpose at byte seg_off·cols of `out`. Blocks past a segment's
+// rows return before the tile (uniformly per block).
+extern "C" __global__ void transpose_seg_u8(const u8* in, const int* seg_off, const int* seg_len, int cols, u8* out) {
+    int off = seg_off[blockIdx.z], rows = seg_len[blockIdx.z];
+    if ((int)blockIdx.y * 32 >= rows) return;
+    transpose_tile(in + (long)off * cols, rows, cols, out + (long)off * cols);
 }
 
 struct BlockParams {

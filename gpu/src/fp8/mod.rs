@@ -208,7 +208,7 @@ pub(crate) struct Fp8Engine {
     pub(crate) delayed_scales: CudaFunction,
     pub(crate) delayed_record: CudaFunction,
     pub(crate) delayed_update: CudaFunction,
-    transpose: CudaFunction,
+    transpose_seg: CudaFunction,
     block_scales_gemm: CudaFunction,
     lt: LtHandle,
     lt_workspace: DeviceBuffer,
@@ -229,7 +229,18 @@ struct Capture {
     stream: std::sync::Arc<CudaStream>,
     to_capture: cudarc::driver::CudaEvent,
     done: cudarc::driver::CudaEvent,
-    graphs: std::collections::HashMap<Vec<Fp8Work>, crate::grouped::SendGraph>,
+    /// Forks the lanes from the capture stream.
+    fork: cudarc::driver::CudaEvent,
+    /// Side streams the captured GEMMs are spread over (branches of the graph).
+    lanes: Vec<Lane>,
+    graphs: std::collections::HashMap<(usize, Vec<Fp8Work>), crate::grouped::SendGraph>,
+}
+
+/// A side stream of a captured fp8 GEMM list, with its own cuBLASLt workspace.
+struct Lane {
+    stream: std::sync::Arc<CudaStream>,
+    workspace: DeviceBuffer,
+    done: cudarc::driver::CudaEvent,
 }
 
 impl std::fmt::Debug for Fp8Engine {
@@ -335,7 +346,12 @@ impl Fp8Engine {
 
 impl Fp8Engine {
     /// Issues one checked op on `stream`.
-    fn issue(&mut self, op: &Fp8GemmOp, stream: cudarc::driver::sys::CUstream) -> Result<(), GpuError> {
+    fn issue(
+        &mut self,
+        op: &Fp8GemmOp,
+        stream: cudarc::driver::sys::CUstream,
+        ws: Option<u64>,
+    ) -> Result<(), GpuError> {
         match op.work {
             Fp8Work::Nothing => Ok(()),
             Fp8Work::Zero { c, bytes } => {
@@ -345,11 +361,47 @@ impl Fp8Engine {
                 Ok(())
             }
             Fp8Work::Matmul { key, scales, addrs } => {
-                let ws = self.lt_workspace.addr(0, LT_WORKSPACE, "cuBLASLt workspace")?;
+                let ws = match ws {
+                    Some(ws) => ws,
+                    None => self.lt_workspace.addr(0, LT_WORKSPACE, "cuBLASLt workspace")?,
+                };
                 let beta = if key.beta_one { 1.0 } else { 0.0 };
                 self.matmul(key, scales, beta, addrs, ws, stream, &op.context)
             }
         }
+    }
+
+    /// Issues `ops` on the capture stream (`lanes` ≤ 1) or forked over the first `lanes` side
+    /// streams, longest first onto the least-loaded lane, joined back into the capture stream.
+    fn issue_forked(&mut self, cap: &Capture, ops: &[Fp8GemmOp], lanes: usize) -> Result<(), GpuError> {
+        if lanes <= 1 {
+            return ops.iter().try_for_each(|op| self.issue(op, cap.stream.cu_stream(), None));
+        }
+        let flops = |op: &Fp8GemmOp| match op.work {
+            Fp8Work::Matmul { key, .. } => (key.dims.0 * key.dims.1 * key.dims.2) as f64,
+            Fp8Work::Zero { bytes, .. } => bytes as f64,
+            Fp8Work::Nothing => 0.0,
+        };
+        let mut order: Vec<usize> = (0..ops.len()).filter(|&i| ops[i].work != Fp8Work::Nothing).collect();
+        order.sort_by(|&a, &b| flops(&ops[b]).total_cmp(&flops(&ops[a])).then(a.cmp(&b)));
+        let mut load = vec![0.0f64; lanes];
+        let mut per_lane: Vec<Vec<usize>> = vec![Vec::new(); lanes];
+        for i in order {
+            let (li, _) = load.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).unwrap_or((0, &0.0));
+            load[li] += flops(&ops[i]);
+            per_lane[li].push(i);
+        }
+        cap.fork.record(&cap.stream)?;
+        for (lane, items) in cap.lanes.iter().zip(&per_lane) {
+            lane.stream.wait(&cap.fork)?;
+            let ws = lane.workspace.addr(0, LT_WORKSPACE, "lane cuBLASLt workspace")?;
+            for &i in items {
+                self.issue(&ops[i], lane.stream.cu_stream(), Some(ws))?;
+            }
+            lane.done.record(&lane.stream)?;
+            cap.stream.wait(&lane.done)?;
+        }
+        Ok(())
     }
 
     /// [`Engine::run_fp8_ops`] with a graph: capture on first sight of the list, then replay.
@@ -358,6 +410,7 @@ impl Fp8Engine {
         ctx: &std::sync::Arc<cudarc::driver::CudaContext>,
         main: &std::sync::Arc<CudaStream>,
         ops: &[Fp8GemmOp],
+        lanes: usize,
     ) -> Result<(), GpuError> {
         use cudarc::driver::sys as ds;
         let mut cap = match self.capture.take() {
@@ -366,11 +419,23 @@ impl Fp8Engine {
                 stream: ctx.new_stream()?,
                 to_capture: ctx.new_event(None)?,
                 done: ctx.new_event(None)?,
+                fork: ctx.new_event(None)?,
+                lanes: Vec::new(),
                 graphs: Default::default(),
             },
         };
+        while cap.lanes.len() < lanes {
+            let workspace = main.alloc_zeros::<u8>(LT_WORKSPACE)?;
+            cap.lanes.push(Lane {
+                stream: ctx.new_stream()?,
+                workspace: DeviceBuffer::new(workspace, main, LT_WORKSPACE)?,
+                done: ctx.new_event(None)?,
+            });
+            // The side streams must not touch the workspace before its zeroing finished.
+            main.synchronize()?;
+        }
         let result = (|| -> Result<(), GpuError> {
-            let key: Vec<Fp8Work> = ops.iter().map(|o| o.work).collect();
+            let key = (lanes, ops.iter().map(|o| o.work).collect::<Vec<Fp8Work>>());
             cap.to_capture.record(main)?;
             cap.stream.wait(&cap.to_capture)?;
             if !cap.graphs.contains_key(&key) {
@@ -384,7 +449,7 @@ impl Fp8Engine {
                     cap.graphs.clear();
                 }
                 cap.stream.begin_capture(ds::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)?;
-                let issued = ops.iter().try_for_each(|op| self.issue(op, cap.stream.cu_stream()));
+                let issued = self.issue_forked(&cap, ops, lanes);
                 match cap.stream.end_capture(ds::CUgraphInstantiate_flags(0)) {
                     Ok(Some(graph)) => {
                         issued?;
@@ -395,7 +460,7 @@ impl Fp8Engine {
                         // Another thread's call on the shared context broke the capture: nothing
                         // captured ran; issue the list directly, in order, on the engine's stream.
                         self.capture_fallbacks += 1;
-                        return ops.iter().try_for_each(|op| self.issue(op, main.cu_stream()));
+                        return ops.iter().try_for_each(|op| self.issue(op, main.cu_stream(), None));
                     }
                     Err(e) => return Err(e.into()),
                 }
@@ -453,7 +518,7 @@ impl Fp8Engine {
             delayed_scales: f("delayed_scales".into())?,
             delayed_record: f("delayed_record".into())?,
             delayed_update: f("delayed_update".into())?,
-            transpose: f("transpose_u8".into())?,
+            transpose_seg: f("transpose_seg_u8".into())?,
             block_scales_gemm: f("block_scales_gemm".into())?,
             lt,
             lt_workspace,
@@ -761,13 +826,15 @@ impl Engine {
         let fe = self.fp8_engine()?;
         let ci = i32::try_from(cols)?;
         let codes_t = t.codes_t.as_ref().ok_or_else(|| GpuError::Shape("fp8 transpose output".into()))?;
-        let mut start = 0usize;
-        for &l in &map.lens {
-            let src = t.codes.addr(start * cols, l * cols, "transpose input")?;
-            let dst = codes_t.addr(start * cols, l * cols, "transpose output")?;
-            let (li, cfg) = (i32::try_from(l)?, transpose_cfg(l, cols)?);
-            launch!(fe, stream, &fe.transpose, cfg, [&src, &li, &ci, &dst]);
-            start += l;
+        let segs = map.lens.len();
+        let src = t.codes.addr(0, rows * cols, "transpose input")?;
+        let dst = codes_t.addr(0, rows * cols, "transpose output")?;
+        let (off, len) = (map.seg_off.addr(0, segs * 4, "seg_off")?, map.seg_len.addr(0, segs * 4, "seg_len")?);
+        let max_len = map.lens.iter().copied().max().unwrap_or(0);
+        let mut cfg = transpose_cfg(max_len, cols)?;
+        cfg.grid_dim.2 = u32::try_from(segs)?;
+        if segs > 0 && max_len > 0 && cols > 0 {
+            launch!(fe, stream, &fe.transpose_seg, cfg, [&src, &off, &len, &ci, &dst]);
         }
         Ok(())
     }
@@ -935,7 +1002,7 @@ impl Engine {
         fast_accum: bool,
     ) -> Result<(), GpuError> {
         let op = self.fp8_gemm_op(dims, a, b, c, out_dt, beta, fast_accum)?;
-        self.run_fp8_ops(std::slice::from_ref(&op), false)
+        self.run_fp8_ops(std::slice::from_ref(&op), Fp8Issue::Direct)
     }
 
     /// [`Engine::fp8_gemm`] checked but not issued: run it, with others, by
@@ -985,25 +1052,41 @@ impl Engine {
         Ok(Fp8GemmOp { work: Fp8Work::Matmul { key, scales: (sa, sb), addrs: (a_addr, b_addr, c_addr) }, context })
     }
 
-    /// Issues checked fp8 GEMMs in order on the engine's stream: one by one, or (`graph`, two or
-    /// more) as one CUDA graph captured on the first call with this exact list (shapes, pointers,
-    /// scale pointers) and replayed on later ones, which removes the per-GEMM host cost of
-    /// cuBLASLt (the fp8 counterpart of [`crate::Strategy::Graph`]). Both compute the same
-    /// bits. A capture that another thread's call invalidates (several engines share a device's
+    /// Issues checked fp8 GEMMs on the engine's stream (ordered after the work queued before and
+    /// before the work queued after): one by one, or ([`Fp8Issue::Graph`], two or more) as one
+    /// CUDA graph captured on the first call with this exact list (shapes, pointers, scale
+    /// pointers) and replayed on later ones, which removes the per-GEMM host cost of cuBLASLt;
+    /// its GEMMs spread over `lanes` parallel branches (side streams, each with its own
+    /// cuBLASLt workspace), the fp8 counterpart of [`crate::Strategy::Graph`]. Every way computes
+    /// the same bits (each GEMM writes its own output). A capture that another thread's call invalidates (several engines share a device's
     /// primary context) is not cached; the list is then issued one by one.
-    pub fn run_fp8_ops(&mut self, ops: &[Fp8GemmOp], graph: bool) -> Result<(), GpuError> {
+    pub fn run_fp8_ops(&mut self, ops: &[Fp8GemmOp], issue: Fp8Issue) -> Result<(), GpuError> {
         let (ctx, main) = (self.ctx.clone(), self.stream.clone());
         let fe = self.fp8_engine()?;
-        if graph && ops.iter().filter(|o| o.work != Fp8Work::Nothing).count() >= 2 {
-            return fe.run_graph(&ctx, &main, ops);
+        match issue {
+            Fp8Issue::Graph { lanes } if ops.iter().filter(|o| o.work != Fp8Work::Nothing).count() >= 2 => {
+                fe.run_graph(&ctx, &main, ops, lanes)
+            }
+            _ => ops.iter().try_for_each(|op| fe.issue(op, main.cu_stream(), None)),
         }
-        ops.iter().try_for_each(|op| fe.issue(op, main.cu_stream()))
     }
 
     /// Fp8 GEMM lists whose graph capture another thread invalidated (issued one by one).
     pub fn fp8_capture_fallbacks(&self) -> u64 {
         self.fp8.as_ref().map_or(0, |f| f.capture_fallbacks)
     }
+}
+
+/// How [`Engine::run_fp8_ops`] issues a list of fp8 GEMMs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fp8Issue {
+    /// One cuBLASLt call after another on the engine's stream.
+    Direct,
+    /// One captured CUDA graph per list, its GEMMs over `lanes` parallel branches.
+    Graph {
+        /// Parallel branches (side streams); 0 or 1: one branch.
+        lanes: usize,
+    },
 }
 
 /// One checked fp8 GEMM (or the memset of an empty contraction), ready to issue
@@ -1174,7 +1257,7 @@ impl Engine {
         beta: f32,
     ) -> Result<(), GpuError> {
         let op = self.fp8_block_gemm_op(a, b, c, out_dt, beta)?;
-        self.run_fp8_ops(std::slice::from_ref(&op), false)
+        self.run_fp8_ops(std::slice::from_ref(&op), Fp8Issue::Direct)
     }
 
     /// [`Engine::fp8_block_gemm`] checked but not issued: run it, with others, by
@@ -1365,7 +1448,7 @@ impl Plan {
     }
 }
 
-/// `transpose_u8`'s grid for a `[rows, cols]` input.
+/// The transpose kernel's grid (x, y) for a `[rows, cols]` input (one 32x32 tile per block).
 fn transpose_cfg(rows: usize, cols: usize) -> Result<LaunchConfig, GpuError> {
     Ok(LaunchConfig {
         grid_dim: (u32::try_from(cols.div_ceil(32))?, u32::try_from(rows.div_ceil(32))?, 1),
@@ -1388,7 +1471,16 @@ mod tests {
         }
         let ptx = compile_fp8_kernels("sm_90").unwrap_or_else(|e| panic!("{e}"));
         let src = ptx.to_src();
-        let mut names = vec!["compute_scales".to_string(), "transpose_u8".to_string(), "block_scales_gemm".to_string()];
+        let mut names: Vec<String> = [
+            "compute_scales",
+            "transpose_seg_u8",
+            "block_scales_gemm",
+            "delayed_scales",
+            "delayed_record",
+            "delayed_update",
+        ]
+        .map(String::from)
+        .to_vec();
         for s in ["f32", "bf16", "f16"] {
             names.push(format!("amax_seg_{s}"));
             for f in ["e4m3", "e5m2"] {

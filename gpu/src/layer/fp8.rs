@@ -21,7 +21,7 @@
 use super::{DeviceLayer, Dims, Workspace};
 use crate::engine::Engine;
 use crate::error::GpuError;
-use crate::fp8::{SegmentMap, SegmentScales, SegmentedFp8};
+use crate::fp8::{Fp8Issue, SegmentMap, SegmentScales, SegmentedFp8};
 use crate::gemm::Strategy;
 use crate::kernels::ActParams;
 use moe_reference::fp8::{Fp8Format, Fp8Recipe, ScaleOptions, TensorRole};
@@ -100,12 +100,19 @@ pub fn fp8_support(cfg: &LayerConfig, padded: Option<&[usize]>) -> Result<Fp8Con
     Ok(f)
 }
 
-/// Whether the per-expert fp8 GEMMs of a linear go as one captured CUDA graph
-/// ([`Engine::run_fp8_ops`]): for [`Strategy::Auto`] and [`Strategy::Graph`]; one cuBLASLt call
-/// after another for the other strategies.
-fn graph_of(strategy: Strategy) -> bool {
-    matches!(strategy, Strategy::Auto | Strategy::Graph(_))
+/// How the per-expert fp8 GEMMs of a linear are issued ([`Engine::run_fp8_ops`]): one captured
+/// CUDA graph with [`AUTO_FP8_LANES`] branches for [`Strategy::Auto`], with `s` for
+/// [`Strategy::Graph`]`(s)`; one cuBLASLt call after another for the other strategies.
+pub(super) fn graph_of(strategy: Strategy) -> Fp8Issue {
+    match strategy {
+        Strategy::Auto => Fp8Issue::Graph { lanes: AUTO_FP8_LANES },
+        Strategy::Graph(s) => Fp8Issue::Graph { lanes: s },
+        _ => Fp8Issue::Direct,
+    }
 }
+
+/// The graph branches [`Strategy::Auto`] gives the fp8 GEMMs (docs/performance.md).
+pub const AUTO_FP8_LANES: usize = 4;
 
 /// The element format of each operand role.
 fn formats(f: &Fp8Config) -> (Fp8Format, Fp8Format, Fp8Format) {
@@ -412,7 +419,7 @@ impl DeviceLayer {
 
     /// `dW2_e = G_eᵀ·u_e` and `dW1_e = da_eᵀ·x_e` from the columnwise copies (K = the expert's
     /// padded rows; an expert with none gets exact zeros).
-    fn wgrad_fp8(&self, eng: &mut Engine, ws: &Workspace, graph: bool) -> Result<(), GpuError> {
+    fn wgrad_fp8(&self, eng: &mut Engine, ws: &Workspace, graph: Fp8Issue) -> Result<(), GpuError> {
         let d = Dims::of(&self.cfg);
         let ops = ws.fp8.as_ref().ok_or_else(|| GpuError::Shape("fp8 backward_dw before its backward".into()))?;
         let missing = || GpuError::Shape("fp8 wgrad before the backward quantized the output gradients".into());

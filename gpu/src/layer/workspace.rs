@@ -64,9 +64,20 @@ pub struct Workspace {
 impl DeviceLayer {
     /// Allocates the buffers for one call with the given segment row counts (see
     /// [`super::segments`]).
+    ///
+    /// Under the fp8 `delayed` recipe the workspace starts from TE's initial delayed-scaling
+    /// state ([`moe_reference::layer::Fp8State::new`]: scale 1, empty history); replace it with
+    /// [`Workspace::set_delayed_state`] to run a later step.
     pub fn workspace(&self, eng: &mut Engine, counts: &[usize], poison: bool) -> Result<Workspace, GpuError> {
         let cfg = &self.cfg;
         let d = Dims::of(cfg);
+        let delayed = match cfg.fp8 {
+            Some(f) if f.recipe == moe_reference::Fp8Recipe::Delayed => {
+                let initial = moe_reference::layer::Fp8State::new(cfg)?;
+                Some(crate::fp8::DeviceDelayedState::upload(eng, &initial)?)
+            }
+            _ => None,
+        };
         let padded: Vec<usize> = counts
             .iter()
             .map(|&c| match cfg.row_padding() {
@@ -116,7 +127,7 @@ impl DeviceLayer {
             poison,
             fp8: None,
             fp8_block: None,
-            delayed: None,
+            delayed,
         })
     }
 
