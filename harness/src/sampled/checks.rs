@@ -309,6 +309,32 @@ pub(super) fn check_expert(
         at("da"),
     );
 
+    // fp8: the last GEMMs of y and dx on the sampled rows, from the implementation's own
+    // operands quantized as the layer quantizes them (row-local) and the weights.
+    if let Some(f) = cfg.fp8 {
+        let [u_rows, w2_rows] =
+            fprop_operands(&cfg1, f, [Fp8Operand::Fc2Input, Fp8Operand::Fc2Weight], &local(&ed.u, n2), &w2c)?;
+        let (exp, scale) = gemm_rows(dt, &u_rows, &w2_rows);
+        check_sampled(
+            &mut st.output_gemm_rows,
+            rows_of(sh.y, h).view(),
+            exp.view(),
+            scale.view(),
+            None,
+            at("y = U_e·W2ᵀ"),
+        );
+        let [da_rows, w1_cols] = dgrad_operands(&cfg1, f, &local(&ed.da, n1), &w1c)?;
+        let (exp, scale) = gemm_rows(dt, &da_rows, &w1_cols);
+        check_sampled(
+            &mut st.grad_input_gemm_rows,
+            rows_of(sh.dx, h).view(),
+            exp.view(),
+            scale.view(),
+            None,
+            at("dx = DA_e·W1"),
+        );
+    }
+
     // Weight grads, canonical: dW2 [h, N2] = G_eᵀ·U_e, dW1 [N1, h] = DA_eᵀ·X_e.
     let dw2 = |j: usize, k: usize| if sh.grouped() { ed.dw2[k * h + j] } else { ed.dw2[j * n2 + k] };
     let dw1 = |j: usize, k: usize| if sh.grouped() { ed.dw1[k * n1 + j] } else { ed.dw1[j * h + k] };
@@ -359,4 +385,64 @@ pub(super) fn wgrad_operand(
     let rows = Array2::from_shape_fn((k, width), |(i, j)| if i < n { v(i, j) } else { 0.0 });
     let q = run.quantize(0, op, &rows, cfg.params_dtype)?;
     Ok(q.columnwise.dequantized().reversed_axes().as_standard_layout().to_owned())
+}
+
+/// `x` with zero rows appended to a multiple of [`SUBLAYER_ROWS`] (MXFP8's quantizer wants
+/// 32; rowwise tiles lie inside a row, so the rows' codes do not change).
+fn padded(x: &Array2<f64>) -> Array2<f64> {
+    let m = x.nrows().div_ceil(SUBLAYER_ROWS) * SUBLAYER_ROWS;
+    let mut out = Array2::zeros((m, x.ncols()));
+    out.slice_mut(s![..x.nrows(), ..]).assign(x);
+    out
+}
+
+/// The first `m` rows of `x`.
+fn sliced(x: Array2<f64>, m: usize) -> Array2<f64> {
+    x.slice(s![..m, ..]).to_owned()
+}
+
+/// The fprop operands `[x, W]` of one linear of an fp8 layer of `cfg`: `x` `[m, K]` (rows of
+/// the implementation's input, whose rowwise tiles lie inside a row: padded with zero rows to
+/// quantize) and the canonical weight
+/// `w` `[N, K]`, each quantized by the reference's quantizer of its operand `ops` and its
+/// rowwise copy dequantized.
+pub(super) fn fprop_operands(
+    cfg: &LayerConfig,
+    f: Fp8Config,
+    ops: [Fp8Operand; 2],
+    x: &Array2<f64>,
+    w: &Array2<f64>,
+) -> Result<[Array2<f64>; 2], SampledError> {
+    let mut run = Fp8Run { config: f, state: Fp8State::new(cfg)?, fault: None };
+    let xq = sliced(run.quantize(0, ops[0], &padded(x), cfg.params_dtype)?.rowwise.dequantized(), x.nrows());
+    let wq = run.quantize(0, ops[1], w, cfg.params_dtype)?.rowwise.dequantized();
+    Ok([xq, wq])
+}
+
+/// The dgrad operands `[da, W1ᵀ]` of fc1 in an fp8 layer of `cfg`: the rows `da` `[m, N1]`
+/// (rowwise copy) and the columnwise copy `[h, N1]` of the canonical `w1` `[N1, h]`, dequantized.
+pub(super) fn dgrad_operands(
+    cfg: &LayerConfig,
+    f: Fp8Config,
+    da: &Array2<f64>,
+    w1: &Array2<f64>,
+) -> Result<[Array2<f64>; 2], SampledError> {
+    let mut run = Fp8Run { config: f, state: Fp8State::new(cfg)?, fault: None };
+    let daq = run.quantize(0, Fp8Operand::Fc1GradOutput, &padded(da), cfg.params_dtype)?.rowwise.dequantized();
+    let daq = sliced(daq, da.nrows());
+    let wq = run.quantize(0, Fp8Operand::Fc1Weight, w1, cfg.params_dtype)?.columnwise.dequantized();
+    Ok([daq, wq])
+}
+
+/// `C = A·Bᵀ` (`a` `[m, K]`, `b` `[N, K]`) of exact (dequantized fp8) operands, and the error
+/// model's bound of an fp8 GEMM result stored in `dt`: `S = u·|C| + η + (√K·u_f32 +
+/// fp8 accumulation)·Σ_k |A_ik·B_jk|` ([`gemm_element_scale`] plus [`fp8_accumulation`]).
+pub(super) fn gemm_rows(dt: Dtype, a: &Array2<f64>, b: &Array2<f64>) -> (Array2<f64>, Array2<f64>) {
+    let k = a.ncols();
+    let exp = a.dot(&b.t());
+    let sum_abs = a.mapv(f64::abs).dot(&b.mapv(f64::abs).t());
+    let scale = ndarray::Zip::from(&exp)
+        .and(&sum_abs)
+        .map_collect(|&c, &sa| gemm_element_scale(dt, c, k, sa) + fp8_accumulation(k, sa));
+    (exp, scale)
 }

@@ -92,12 +92,24 @@
 //!   one: `(√n·u_f32 + 1.5·(√n·2⁻¹³ + 2·u_f32·(⌈n/32⌉ + 1)))·Σ_i |A_ij·B_ik|`
 //!   ([`crate::tolerance::fp8_accumulation`], the term the oracle adds to every fp8 GEMM).
 //!   How much these checks see is set by that accumulation term: it is about `2⁻¹²·n` times a
-//!   typical `|D_jk|` (`√n` operand products of random sign against `Σ|terms| ≈ n` of them), so
-//!   it passes errors far above the fp8 noise once `n` is in the thousands. A wgrad that skips
-//!   an operand's quantization or multiplies the rowwise copy transposed (an error of fp8-noise
-//!   size, `≈ 2⁻⁴·|D|`), or one 128-token block with a wrong scale, fails on experts of up to a
-//!   few hundred rows (the unit tests) but not at model sizes; a whole operand with a scale 2×
-//!   off (an error of `|D|`) fails up to `n` ≈ 4000 rows.
+//!   typical `|D_jk|` (`√n` operand products of random sign against `Σ|terms| ≈ n` of them).
+//!   Errors of the size of the fp8 noise (an operand left unquantized, the rowwise copy
+//!   multiplied transposed: `≈ 2⁻⁵·|D|`) stay inside it even on the unit tests' experts of 48
+//!   and 160 rows; missing block scales (codes multiplied as they are) fail at every size; a
+//!   scale 2× off on one 128-token block fails the element samples of its column on small
+//!   experts.
+//! * **Strength at model sizes.** The bounds are the error model's, and under fp8 they are
+//!   wide: `rms(S)/rms(value)` of `y`, `dx`, `U_e`, `DA_e` on a one-expert layer of 32 rows
+//!   (weights `U(−1, 1)/√fan_in`, inputs `U(−1, 1)`) is 0.17, 0.24, 0.02, 0.02 in bf16 and 2.7,
+//!   3.8, 0.41, 0.43 under blockwise fp8 at `h = f = 256`; at DeepSeek-V3's `h = 7168, f = 2048`
+//!   it is 0.50, 0.72, 0.02, 0.02 in bf16 and **83, 123, 2.5, 2.7** under blockwise fp8. Two
+//!   terms of the model make it: the fp8 accumulation term `1.5·√K·2⁻¹³·Σ|terms|` (about `|a|`
+//!   itself for fc1 at `K = 7168`), and the storage part `E` of `U_e` propagated worst case
+//!   (`Σ_k e_k·|w_k|`) through fc2, which multiplies it by about `√K`. Sampling changes none of
+//!   this (a row's bound depends on that row alone; a whole-layer oracle gives the same). So on
+//!   DeepSeek-V3 under fp8 the rows checks catch only errors above about a hundred times
+//!   the values (garbage, NaN, a scale off by 2⁸ or more), not a wrong block scale; at `h = f = 256` a 16×
+//!   scale on one 1×128 block of `u` fails the output rows, a 2× one is 0.12 of the bound.
 //! * **What no check here sees**: a GEMM run in bf16 instead of fp8 is *more* accurate, so no
 //!   comparison with the unquantized oracle can see it (the fp8 module of
 //!   [`crate::tolerance`]); the bit-level comparison with the reference's fp8 emulation
@@ -238,6 +250,12 @@ pub struct SampledChecks {
     pub fc2_input_rows: CheckStat,
     /// The GPU's fc1 output grad `DA_e` on the sampled rows.
     pub fc1_output_grad_rows: CheckStat,
+    /// fp8 only: the sampled output rows against the fc2 GEMM of the implementation's own
+    /// `U_e` rows (quantized) and `W2`.
+    pub output_gemm_rows: CheckStat,
+    /// fp8 only: the sampled input-grad rows against the fc1 dgrad GEMM of the implementation's
+    /// own `DA_e` rows (quantized) and `W1`'s columnwise copy.
+    pub grad_input_gemm_rows: CheckStat,
     /// Projections `dW2·v` of every row of every expert's `dW2`.
     pub dw2_projections: CheckStat,
     /// Projections `dW1·v` of every row of every expert's `dW1`.
@@ -258,6 +276,8 @@ impl Default for SampledChecks {
             grad_probs_rows: CheckStat::new("grad_probs rows"),
             fc2_input_rows: CheckStat::new("U_e rows (fc2 input)"),
             fc1_output_grad_rows: CheckStat::new("DA_e rows (fc1 out grad)"),
+            output_gemm_rows: CheckStat::new("y rows = fp8 U_e·W2ᵀ"),
+            grad_input_gemm_rows: CheckStat::new("dx rows = fp8 DA_e·W1"),
             dw2_projections: CheckStat::new("dW2·v (Freivalds)"),
             dw1_projections: CheckStat::new("dW1·v (Freivalds)"),
             dw2_elements: CheckStat::new("dW2 sampled elements"),
@@ -269,13 +289,15 @@ impl Default for SampledChecks {
 
 impl SampledChecks {
     /// Every check, in report order.
-    pub fn all(&self) -> [&CheckStat; 10] {
+    pub fn all(&self) -> [&CheckStat; 12] {
         [
             &self.output_rows,
             &self.grad_input_rows,
             &self.grad_probs_rows,
             &self.fc2_input_rows,
             &self.fc1_output_grad_rows,
+            &self.output_gemm_rows,
+            &self.grad_input_gemm_rows,
             &self.dw2_projections,
             &self.dw1_projections,
             &self.dw2_elements,
@@ -284,13 +306,15 @@ impl SampledChecks {
         ]
     }
 
-    fn all_mut(&mut self) -> [&mut CheckStat; 10] {
+    fn all_mut(&mut self) -> [&mut CheckStat; 12] {
         [
             &mut self.output_rows,
             &mut self.grad_input_rows,
             &mut self.grad_probs_rows,
             &mut self.fc2_input_rows,
             &mut self.fc1_output_grad_rows,
+            &mut self.output_gemm_rows,
+            &mut self.grad_input_gemm_rows,
             &mut self.dw2_projections,
             &mut self.dw1_projections,
             &mut self.dw2_elements,
@@ -307,6 +331,8 @@ impl SampledChecks {
             grad_probs_rows,
             fc2_input_rows,
             fc1_output_grad_rows,
+            output_gemm_rows,
+            grad_input_gemm_rows,
             dw2_projections,
             dw1_projections,
             dw2_elements,
@@ -319,6 +345,8 @@ impl SampledChecks {
             grad_probs_rows,
             fc2_input_rows,
             fc1_output_grad_rows,
+            output_gemm_rows,
+            grad_input_gemm_rows,
             dw2_projections,
             dw1_projections,
             dw2_elements,

@@ -1,7 +1,9 @@
 //! The sampled checks on synthetic layers, without a GPU: results inside the error model
 //! pass, one value 1.2x its bound away fails the check it belongs to and 0.8x passes.
 
-use super::checks::{check_expert, intermediates, sample_elements, wgrad_operand, Lcg};
+use super::checks::{
+    check_expert, dgrad_operands, fprop_operands, gemm_rows, intermediates, sample_elements, wgrad_operand, Lcg,
+};
 use super::*;
 use crate::shapes::ShapeDims;
 use crate::tolerance::{gemm_element_scale, C_SAFETY};
@@ -229,6 +231,22 @@ impl Synth {
         }
     }
 
+    /// The exact fp8 GEMMs of expert `e`'s rows `y = U_e·W2ᵀ` and `dx = DA_e·W1` `[n, h]`
+    /// from its (quantized, dequantized) operands: the expected values of the fp8 GEMM-rows
+    /// checks.
+    fn gemm_rows_exact(&self, f: Fp8Config, e: usize) -> (Array2<f64>, Array2<f64>) {
+        let (n1, n2) = (self.cfg.n1(), self.cfg.n2());
+        let ed = &self.experts[e];
+        let set = ExpertSet::random(&self.cfg, SEED);
+        let w = &set.experts[e];
+        let u = Array2::from_shape_vec((ed.n, n2), ed.u.clone()).unwrap();
+        let da = Array2::from_shape_vec((ed.n, n1), ed.da.clone()).unwrap();
+        let ops = [Fp8Operand::Fc2Input, Fp8Operand::Fc2Weight];
+        let [uq, w2q] = fprop_operands(&self.cfg, f, ops, &u, &w.fc2_weight).unwrap();
+        let [daq, w1q] = dgrad_operands(&self.cfg, f, &da, &w.fc1_weight).unwrap();
+        (gemm_rows(self.cfg.params_dtype, &uq, &w2q).0, gemm_rows(self.cfg.params_dtype, &daq, &w1q).0)
+    }
+
     /// Replaces expert `e`'s weight grad `which` by the canonical `d` rounded to the dtype.
     fn set_wgrad_matrix(&mut self, e: usize, which: u64, d: &Array2<f64>) {
         let dt = self.cfg.params_dtype;
@@ -284,6 +302,9 @@ impl Synth {
     }
 }
 
+/// One check of [`SampledChecks`].
+type Stat = fn(&SampledChecks) -> &CheckStat;
+
 fn report(c: &SampledChecks) -> String {
     c.all().iter().map(|s| format!("{}: {:.3} at {}", s.name, s.worst_ratio, s.worst_at)).collect::<Vec<_>>().join("\n")
 }
@@ -292,10 +313,15 @@ fn report(c: &SampledChecks) -> String {
 /// element (`inject(δ)` runs the checks with an error `δ` there): the first must fail that
 /// check, the second pass every check. The bound moves with `δ` only through `|got|` terms,
 /// so a few fixed-point steps find the `δ` of 1.2x.
+///
+/// `also` are the checks that see the same value through another bound (under fp8 an output
+/// element is compared with the oracle and with the GEMM of the implementation's own `U_e`):
+/// they are left out of the 0.8x "passes every check".
 fn assert_fails_at_1_2x_and_passes_at_0_8x(
     what: &str,
     inject: &dyn Fn(f64) -> SampledChecks,
     stat: fn(&SampledChecks) -> &CheckStat,
+    also: &[Stat],
 ) {
     let mut delta = 1.0;
     for _ in 0..12 {
@@ -306,7 +332,9 @@ fn assert_fails_at_1_2x_and_passes_at_0_8x(
     assert!((1.19..1.21).contains(&r), "{what}: 1.2x the bound gave {r:.4}\n{}", report(&high));
     assert!(!high.passed());
     let low = inject(delta * 0.8 / 1.2);
-    assert!(low.passed(), "{what}: 0.8x the bound fails\n{}", report(&low));
+    let excused: Vec<&str> = also.iter().map(|f| f(&low).name.as_str()).collect();
+    let fails: Vec<String> = failed(&low).into_iter().filter(|n| !excused.contains(&n.as_str())).collect();
+    assert!(fails.is_empty(), "{what}: 0.8x the bound fails {fails:?}\n{}", report(&low));
     assert!(stat(&low).worst_ratio <= 0.81, "{what}: {}", report(&low));
 }
 
@@ -317,7 +345,9 @@ fn results_inside_the_model_pass_every_check() {
     for class in [LayerClass::TeGrouped, LayerClass::Grouped] {
         let c = Synth::new(class).run();
         assert!(c.passed(), "{class}\n{}", report(&c));
-        assert!(c.all().iter().all(|s| s.count > 0), "{class}\n{}", report(&c));
+        // Every check saw values but the two fp8 GEMM-rows checks, which run under fp8 only.
+        let fp8_only = [&c.output_gemm_rows.name, &c.grad_input_gemm_rows.name];
+        assert!(c.all().iter().all(|s| (s.count > 0) != fp8_only.contains(&&s.name)), "{class}\n{}", report(&c));
         // One rounding is at most u·|v|, at most half the bound (C_SAFETY = 2).
         assert!(c.all().iter().all(|s| s.worst_ratio <= 0.5), "{class}\n{}", report(&c));
     }
@@ -348,36 +378,51 @@ fn fails_at_1_2x_and_passes_at_0_8x(base: &Synth) {
     {
         let (h, n1, n2) = (base.cfg.hidden_size, base.cfg.n1(), base.cfg.n2());
         let s0 = base.experts[0].start; // row 0 of expert 0 is always sampled
-        let check = |what: &str, f: &dyn Fn(&mut Synth, f64), stat: fn(&SampledChecks) -> &CheckStat| {
+        let check_also = |what: &str, f: &dyn Fn(&mut Synth, f64), stat: Stat, also: &[Stat]| {
             let inject = |delta: f64| {
                 let mut s = base.clone();
                 f(&mut s, delta);
                 s.run()
             };
-            assert_fails_at_1_2x_and_passes_at_0_8x(&format!("{class} {what}"), &inject, stat);
+            assert_fails_at_1_2x_and_passes_at_0_8x(&format!("{class} {what}"), &inject, stat, also);
         };
-        check("output row", &|s, d| s.y[s0 * h + 3] = s.y_exact[[s0, 3]] + d, |c| &c.output_rows);
-        check("grad_input row", &|s, d| s.dx[s0 * h + 5] = s.dx_exact[[s0, 5]] - d, |c| &c.grad_input_rows);
+        let check = |what: &str, f: &dyn Fn(&mut Synth, f64), stat: Stat| check_also(what, f, stat, &[]);
+        let (y_gemm, dx_gemm): (Stat, Stat) = (|c| &c.output_gemm_rows, |c| &c.grad_input_gemm_rows);
+        check_also("output row", &|s, d| s.y[s0 * h + 3] = s.y_exact[[s0, 3]] + d, |c| &c.output_rows, &[y_gemm]);
+        check_also(
+            "grad_input row",
+            &|s, d| s.dx[s0 * h + 5] = s.dx_exact[[s0, 5]] - d,
+            |c| &c.grad_input_rows,
+            &[dx_gemm],
+        );
+        if let Some(f) = base.cfg.fp8 {
+            // The fp8 GEMM rows: row 0 of expert 0 against the GEMM of its own operands.
+            let (y_exp, dx_exp) = base.gemm_rows_exact(f, 0);
+            check("y GEMM row", &|s, d| s.y[s0 * h + 7] = y_exp[[0, 7]] + d, y_gemm);
+            check("dx GEMM row", &|s, d| s.dx[s0 * h + 9] = dx_exp[[0, 9]] - d, dx_gemm);
+        }
         check("grad_probs row", &|s, d| s.dp[s0] = s.dp_exact[s0] + d, |c| &c.grad_probs_rows);
         // Under fp8 the weight grads are derived from U_e and DA_e through the quantizer, which
         // takes storage-dtype values only: the injected value is rounded to bf16 (the ratio moves
         // by at most half an ulp over the bound, well inside the 1.19..1.21 window).
         let store = |v: f64| if base.cfg.fp8.is_some() { base.cfg.params_dtype.round(v) } else { v };
-        check(
+        check_also(
             "U_e row",
             &|s, d| {
                 s.experts[0].u[2] = store(s.u_exact[0][[0, 2]] + d);
                 s.derive_wgrads();
             },
             |c| &c.fc2_input_rows,
+            &[y_gemm],
         );
-        check(
+        check_also(
             "DA_e row",
             &|s, d| {
                 s.experts[0].da[n2 + 1] = store(s.da_exact[0][[0, n2 + 1]] - d);
                 s.derive_wgrads();
             },
             |c| &c.fc1_output_grad_rows,
+            &[dx_gemm],
         );
         // Element samples: the first sampled element of expert 2's dW2 and dW1.
         for (which, stat) in
@@ -519,34 +564,72 @@ fn fp8_emulated_layer_passes_every_check() {
 }
 
 /// A wrong scale on one 1x128 block of `u`'s rowwise copy, the fc2 fprop operand, in one
-/// sampled row: that row's output fails the output-rows check and nothing else (the block does
-/// not reach dx, dp, the intermediates or the wgrad copies). The scale is 16x off (an exponent
-/// off by 4, the reference's `Fp8Fault::WrongScale`): one step (2x) on one of the row's two
-/// blocks moves the output by 0.12 of its fp8 bound at h = f = 256 (the bound is about 2.7x
-/// the output itself there: the oracle's fp8 channel and accumulation term), which no check of
-/// the model can see.
+/// sampled row. One exponent step (2x) on one of the row's two blocks fails the fp8 GEMM-rows
+/// check of `y` and nothing else: against the oracle it is 0.12 of the output's fp8 bound at
+/// h = f = 256 (that bound is about 2.7x the output itself: the oracle's fp8 channel and
+/// accumulation term). 16x off (an exponent off by 4, the reference's `Fp8Fault::WrongScale`)
+/// fails the oracle's output rows too. The block reaches neither dx, dp, the intermediates nor
+/// the wgrad copies.
 #[test]
 fn fp8_wrong_scale_on_one_rowwise_block_of_u_fails_the_output_rows() {
     let f = Fp8Config::new(Fp8Recipe::Blockwise);
-    let mut s = Synth::fp8(LayerClass::TeGrouped, f);
-    let (h, n2, dt) = (s.cfg.hidden_size, s.cfg.n2(), s.cfg.params_dtype);
-    let (n, s0) = (s.experts[0].n, s.experts[0].start); // row 0 of expert 0 is always sampled
-    let u0 = Array2::from_shape_vec((n, n2), s.experts[0].u.clone()).unwrap();
-    let w2 = ExpertSet::random(&s.cfg, SEED).experts[0].fc2_weight.clone();
-    let mut run = Fp8Run { config: f, state: Fp8State::new(&s.cfg).unwrap(), fault: None };
-    let mut uq = run.quantize(0, Fp8Operand::Fc2Input, &u0, dt).unwrap().rowwise;
+    let base = Synth::fp8(LayerClass::TeGrouped, f);
+    let (h, n2, dt) = (base.cfg.hidden_size, base.cfg.n2(), base.cfg.params_dtype);
+    let (n, s0) = (base.experts[0].n, base.experts[0].start); // row 0 of expert 0 is always sampled
+    let u0 = Array2::from_shape_vec((n, n2), base.experts[0].u.clone()).unwrap();
+    let w2 = ExpertSet::random(&base.cfg, SEED).experts[0].fc2_weight.clone();
+    let mut run = Fp8Run { config: f, state: Fp8State::new(&base.cfg).unwrap(), fault: None };
+    let uq = run.quantize(0, Fp8Operand::Fc2Input, &u0, dt).unwrap().rowwise;
     let wq = run.quantize(0, Fp8Operand::Fc2Weight, &w2, dt).unwrap().rowwise;
     // The recomputation is the emulation's own fc2 fprop (bit for bit) before the fault.
     let y = fp8_gemm(&uq, &wq);
-    assert!((0..h).all(|j| dt.round(y[[0, j]]) == s.y[s0 * h + j]));
+    assert!((0..h).all(|j| dt.round(y[[0, j]]) == base.y[s0 * h + j]));
     assert!(uq.scale_inv.ncols() >= 2, "u's row has more than one block");
-    uq.scale_inv[[0, 1]] *= 16.0;
-    let y = fp8_gemm(&uq, &wq);
+    for (factor, expected) in [(2.0, vec![base.run().output_gemm_rows.name]), (16.0, vec![])] {
+        let mut s = base.clone();
+        let mut bad = uq.clone();
+        bad.scale_inv[[0, 1]] *= factor;
+        let y = fp8_gemm(&bad, &wq);
+        for j in 0..h {
+            s.y[s0 * h + j] = dt.round(y[[0, j]]);
+        }
+        let c = s.run();
+        let expected = if expected.is_empty() {
+            vec![c.output_rows.name.clone(), c.output_gemm_rows.name.clone()]
+        } else {
+            expected
+        };
+        let mut got = failed(&c);
+        got.sort();
+        let mut want = expected;
+        want.sort();
+        assert_eq!(got, want, "scale x{factor}\n{}", report(&c));
+    }
+}
+
+/// The dgrad side: one exponent step (2x) on one 1x128 block of `DA_e`'s rowwise copy (the fc1
+/// dgrad operand) in a sampled row fails the fp8 GEMM-rows check of dx and nothing else (the
+/// oracle's dx bound, about 3.8x dx at this size, does not see it).
+#[test]
+fn fp8_wrong_scale_on_one_rowwise_block_of_da_fails_the_dx_gemm_rows() {
+    let f = Fp8Config::new(Fp8Recipe::Blockwise);
+    let mut s = Synth::fp8(LayerClass::TeGrouped, f);
+    let (h, n1, dt) = (s.cfg.hidden_size, s.cfg.n1(), s.cfg.params_dtype);
+    let (n, s0) = (s.experts[0].n, s.experts[0].start);
+    let da0 = Array2::from_shape_vec((n, n1), s.experts[0].da.clone()).unwrap();
+    let w1 = ExpertSet::random(&s.cfg, SEED).experts[0].fc1_weight.clone();
+    let mut run = Fp8Run { config: f, state: Fp8State::new(&s.cfg).unwrap(), fault: None };
+    let mut daq = run.quantize(0, Fp8Operand::Fc1GradOutput, &da0, dt).unwrap().rowwise;
+    let wq = run.quantize(0, Fp8Operand::Fc1Weight, &w1, dt).unwrap().columnwise;
+    let dx = fp8_gemm(&daq, &wq);
+    assert!((0..h).all(|j| dt.round(dx[[0, j]]) == s.dx[s0 * h + j]), "the emulation's own dgrad");
+    daq.scale_inv[[0, 2]] *= 2.0;
+    let dx = fp8_gemm(&daq, &wq);
     for j in 0..h {
-        s.y[s0 * h + j] = dt.round(y[[0, j]]);
+        s.dx[s0 * h + j] = dt.round(dx[[0, j]]);
     }
     let c = s.run();
-    assert_eq!(failed(&c), vec![c.output_rows.name.clone()], "{}", report(&c));
+    assert_eq!(failed(&c), vec![c.grad_input_gemm_rows.name.clone()], "{}", report(&c));
 }
 
 /// A wrong scale (2x) on one 128-token block of `u`'s columnwise copy (the wgrad operand) in
@@ -630,4 +713,22 @@ fn per_tensor_recipes_and_grouped_fp8_are_refused() {
         LayerConfig { class: LayerClass::Grouped, fp8: Some(Fp8Config::new(Fp8Recipe::Blockwise)), ..cfg.clone() };
     let err = sampled_supported(&grouped).unwrap_err().to_string();
     assert!(err.contains("GroupedMLP has no fp8 path"), "{err}");
+}
+
+#[test]
+fn zz_bf16_dgrad() {
+    let f = Fp8Config::new(Fp8Recipe::Blockwise);
+    let mut s = Synth::fp8(LayerClass::TeGrouped, f);
+    let (h, n1, dt) = (s.cfg.hidden_size, s.cfg.n1(), s.cfg.params_dtype);
+    let (n, s0) = (s.experts[0].n, s.experts[0].start);
+    let da0 = Array2::from_shape_vec((n, n1), s.experts[0].da.clone()).unwrap();
+    let w1 = ExpertSet::random(&s.cfg, SEED).experts[0].fc1_weight.clone();
+    let dx = da0.dot(&w1);
+    for i in 0..n {
+        for j in 0..h {
+            s.dx[(s0 + i) * h + j] = dt.round(dx[[i, j]]);
+        }
+    }
+    let c = s.run();
+    println!("{}", report(&c));
 }
