@@ -124,8 +124,18 @@ fn backends(args: &VerifyArgs) -> Option<Vec<Box<dyn Backend>>> {
 }
 
 /// The fp8 configuration of `verify --shape`: `--fp8-recipe` (absent or `none`: bf16) with
-/// TE's defaults and `--fp8-format` when given; a format without a recipe is refused.
-fn shape_fp8(args: &VerifyArgs) -> Result<Option<moe_reference::Fp8Config>, String> {
+/// TE's defaults and `--fp8-format` when given; a format without a recipe is refused, and so
+/// is what the sampled checks do not cover (`moe_harness::sampled::sampled_supported`: the
+/// per-tensor recipes, GroupedMLP with fp8), before any GPU is looked for.
+fn shape_fp8(args: &VerifyArgs, shape: ModelShape) -> Result<Option<moe_reference::Fp8Config>, String> {
+    let fp8 = shape_recipe(args)?;
+    let cfg = moe_reference::LayerConfig { fp8, ..shape.config(args.class.0) };
+    moe_harness::sampled::sampled_supported(&cfg).map_err(|e| e.to_string())?;
+    Ok(fp8)
+}
+
+/// `--fp8-recipe` and `--fp8-format` as one fp8 configuration (see [`shape_fp8`]).
+fn shape_recipe(args: &VerifyArgs) -> Result<Option<moe_reference::Fp8Config>, String> {
     match (args.fp8_recipe, args.fp8_format) {
         (Some(RecipeArg(Some(r))), format) => {
             let f = moe_reference::Fp8Config::new(r);
@@ -143,7 +153,7 @@ fn shape_fp8(args: &VerifyArgs) -> Result<Option<moe_reference::Fp8Config>, Stri
 /// `verify --gpu --shape NAME`: sampled verification of one model-sized layer.
 #[cfg(feature = "cuda")]
 fn run_shape(args: &VerifyArgs, shape: ModelShape) -> i32 {
-    let fp8 = match shape_fp8(args) {
+    let fp8 = match shape_fp8(args, shape) {
         Ok(f) => f,
         Err(why) => {
             eprintln!("error: {why}");
@@ -170,8 +180,8 @@ fn run_shape(args: &VerifyArgs, shape: ModelShape) -> i32 {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn run_shape(args: &VerifyArgs, _shape: ModelShape) -> i32 {
-    if let Err(why) = shape_fp8(args) {
+fn run_shape(args: &VerifyArgs, shape: ModelShape) -> i32 {
+    if let Err(why) = shape_fp8(args, shape) {
         eprintln!("error: {why}");
         return 2;
     }
@@ -315,7 +325,7 @@ mod tests {
     #[test]
     fn shape_runs_bf16_unless_a_recipe_is_named() {
         let shape = ["--gpu", "--shape", "deepseek-v3"];
-        let with = |extra: &[&str]| shape_fp8(&parse(&[&shape[..], extra].concat()));
+        let with = |extra: &[&str]| shape_fp8(&parse(&[&shape[..], extra].concat()), ModelShape::DeepseekV3);
         assert_eq!(with(&[]), Ok(None));
         assert_eq!(with(&["--fp8-recipe", "none"]), Ok(None));
         let blockwise = Fp8Config::new(Fp8Recipe::Blockwise);
@@ -327,5 +337,10 @@ mod tests {
         );
         let err = with(&["--fp8-format", "hybrid"]).unwrap_err();
         assert!(err.contains("needs an fp8 recipe"), "{err}");
+        // What the sampled checks do not cover is refused here, before a GPU is looked for.
+        let err = with(&["--fp8-recipe", "tensorwise"]).unwrap_err();
+        assert!(err.contains("per-tensor recipe"), "{err}");
+        let err = with(&["--fp8-recipe", "blockwise", "--class", "grouped"]).unwrap_err();
+        assert!(err.contains("GroupedMLP has no fp8 path"), "{err}");
     }
 }

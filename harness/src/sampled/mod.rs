@@ -82,6 +82,20 @@
 //!   Megatron's fp8 padding 16, MXFP8 32): padding rows are what Megatron's own quantization
 //!   padding appends, they add no tile to a sampled row, change no amax (zeros) and are never
 //!   compared.
+//! * **GEMM rows** (fp8 only). The last GEMM of each sampled row of `y` (fc2 fprop,
+//!   `y = U_e·W2ᵀ`) and of `dx` (fc1 dgrad, `dx = DA_e·W1`) is recomputed from the
+//!   implementation's own `U_e` and `DA_e` rows, quantized rowwise as the layer quantizes them
+//!   (row-local: the rows alone, zero-padded to [`SUBLAYER_ROWS`], give the same codes), and the
+//!   weights' copies the GEMM reads (`W2` rowwise, `W1` columnwise), dequantized. With exact
+//!   operands an element is one fp8 GEMM result stored in the storage dtype:
+//!   `S = u_s·|C| + η + (√K·u_f32 + 1.5·(√K·2⁻¹³ + 2·u_f32·(⌈K/32⌉ + 1)))·Σ_k |A_k·B_k|`
+//!   (the weight-grad element bound below, `K` = `N2` or `N1`), with the rms floor over the
+//!   expert's sampled rows. These bounds carry no propagated error and no quantization
+//!   channel, so they are far tighter than the oracle's rows bounds under fp8 (next-but-one
+//!   bullet): a scale 2× off on one 1×128 block of `u` or `da` fails them at `h = f = 256`
+//!   (unit tests). Together with the `U_e`/`DA_e` rows against the oracle they check the
+//!   same results along the chain. In bf16 the oracle's rows bounds are tight and these checks
+//!   do not run.
 //! * **Weight grads.** The wgrad GEMMs `dW2 = G_eᵀ·U_e`, `dW1 = DA_eᵀ·X_e` multiply the
 //!   *columnwise* copies, re-quantized along the expert's tokens (128-token blocks for
 //!   blockwise), which are not row-local. They are rebuilt on the host from the downloaded whole
@@ -107,13 +121,20 @@
 //!   itself for fc1 at `K = 7168`), and the storage part `E` of `U_e` propagated worst case
 //!   (`Σ_k e_k·|w_k|`) through fc2, which multiplies it by about `√K`. Sampling changes none of
 //!   this (a row's bound depends on that row alone; a whole-layer oracle gives the same). So on
-//!   DeepSeek-V3 under fp8 the rows checks catch only errors above about a hundred times
-//!   the values (garbage, NaN, a scale off by 2⁸ or more), not a wrong block scale; at `h = f = 256` a 16×
-//!   scale on one 1×128 block of `u` fails the output rows, a 2× one is 0.12 of the bound.
+//!   DeepSeek-V3 under fp8 the oracle rows checks catch only errors above about a hundred
+//!   times the values (garbage, NaN, a scale off by 2⁸ or more); at `h = f = 256` a 16× scale
+//!   on one 1×128 block of `u` fails the output rows, a 2× one is 0.12 of the bound. The GEMM
+//!   rows checks are what sees block scales at model sizes: their bound is about
+//!   `2·(2⁻⁸ + 1.5·2⁻¹³·K·0.64)` times a typical value (the fp8 accumulation term over
+//!   `Σ|terms| ≈ 0.64·√K` values), about 0.5 for DeepSeek-V3's `y` (`K = 2048`) and 1.0 for
+//!   its `dx` (`K = 4096`): estimated, a scale 16× off on one 1×128 block of `u` or `da`
+//!   (an error of about `15/√(K/128)` times the value) fails them, a 2× one does not.
 //! * **What no check here sees**: a GEMM run in bf16 instead of fp8 is *more* accurate, so no
 //!   comparison with the unquantized oracle can see it (the fp8 module of
-//!   [`crate::tolerance`]); the bit-level comparison with the reference's fp8 emulation
-//!   (`tests/fp8_layers.rs`, `tests/gpu_fp8.rs`) does.
+//!   [`crate::tolerance`]), and against the fp8 GEMM of its own operands it differs by fp8
+//!   noise, which the GEMM-rows bound's fp8 accumulation term covers (0.56 of the bound for the
+//!   dx rows at `N1 = 512`, less at larger `K`); the bit-level comparison with the reference's
+//!   fp8 emulation (`tests/fp8_layers.rs`, `tests/gpu_fp8.rs`) does.
 //! * **Refused**: the per-tensor recipes (tensorwise current scaling, delayed scaling) scale
 //!   each expert's operand by its whole amax (or an amax history), so a sampled row does not
 //!   quantize as in the full layer and the sub-layer's bound would not be the row's;

@@ -714,21 +714,3 @@ fn per_tensor_recipes_and_grouped_fp8_are_refused() {
     let err = sampled_supported(&grouped).unwrap_err().to_string();
     assert!(err.contains("GroupedMLP has no fp8 path"), "{err}");
 }
-
-#[test]
-fn zz_bf16_dgrad() {
-    let f = Fp8Config::new(Fp8Recipe::Blockwise);
-    let mut s = Synth::fp8(LayerClass::TeGrouped, f);
-    let (h, n1, dt) = (s.cfg.hidden_size, s.cfg.n1(), s.cfg.params_dtype);
-    let (n, s0) = (s.experts[0].n, s.experts[0].start);
-    let da0 = Array2::from_shape_vec((n, n1), s.experts[0].da.clone()).unwrap();
-    let w1 = ExpertSet::random(&s.cfg, SEED).experts[0].fc1_weight.clone();
-    let dx = da0.dot(&w1);
-    for i in 0..n {
-        for j in 0..h {
-            s.dx[(s0 + i) * h + j] = dt.round(dx[[i, j]]);
-        }
-    }
-    let c = s.run();
-    println!("{}", report(&c));
-}
