@@ -79,10 +79,11 @@
 //! `moe_gpu::sampled`, one grouped GEMM in `tests/gpu_grouped.rs`), the same model is written
 //! out for the one operation checked, with the terms below ([`rounding`], [`f32_accumulation`],
 //! [`gemm_element_scale`]: the terms the oracle's running bound adds at each rounding point),
-//! and the element passes under the same [`Tolerance::error_model`]. `moe_harness::sampled`'s module
-//! doc derives its sampled-row, intermediate, weight-grad-element and projection bounds from
-//! these; under a row-local fp8 recipe (blockwise, MXFP8) its weight-grad checks take the
-//! dequantized columnwise operands as exact and add [`fp8_accumulation`].
+//! and the element passes under the same [`Tolerance::error_model`]. The module doc of
+//! `moe_harness::sampled` derives its sampled-row, intermediate, weight-grad-element and
+//! projection bounds from these; under a row-local fp8 recipe (blockwise, MXFP8) its GEMM-rows
+//! and weight-grad checks take the dequantized fp8 operands as exact and add
+//! [`fp8_accumulation`].
 
 use moe_reference::Dtype;
 
