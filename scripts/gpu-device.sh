@@ -13,6 +13,17 @@
 #             layer_table.py -> $OUT/layer-table.md and rounds_table.py -> $OUT/rounds-table.md
 #             (printed); logs layer-bench.log, layer-torch.log. $LAYER_ARGS adds flags to the
 #             bench (e.g. LAYER_ARGS="--strategy auto,loop,persistent --rounds 0").
+#   fp8       the fp8 table of docs/performance.md, every row in this one call: `moe-verify bench
+#             layer --class te_grouped --strategy auto --fp8 R` for R = tensorwise and blockwise
+#             (our bf16 and fp8 TEGroupedMLP and the dense bf16 and fp8 rates, one process per
+#             recipe) -> $OUT/fp8-rust-R.csv; torch_fp8_experts_bench.py (fp8 PyTorch peer, fwd and
+#             fwdbwd, after its self-check) -> $OUT/fp8-torch-fp8.csv; torch_experts_bench.py
+#             --classes TEGroupedMLP --strategies $FP8_TORCH_STRATEGIES (default
+#             torch,torch-compile,torch-compile-act: eager and torch.compile bf16 peers) ->
+#             $OUT/fp8-torch-bf16.csv; fp8_table.py -> $OUT/fp8-table.md (printed); logs in
+#             $OUT/fp8-logs.tgz. 7 files with device.txt. $FP8_ARGS adds flags to the Rust runs
+#             (e.g. FP8_ARGS="--shape mixtral"), $FP8_TORCH_ARGS to both PyTorch scripts (e.g.
+#             FP8_TORCH_ARGS="--shapes mixtral").
 #   grouped   GEMM-set table: `moe-verify bench grouped` -> $OUT/grouped-rust.csv,
 #             torch_grouped_bench.py -> $OUT/grouped-torch.csv, grouped_table.py ->
 #             $OUT/grouped-table.md (printed); $GROUPED_ARGS adds flags.
@@ -81,15 +92,22 @@ for s in $steps; do
         gpu_grouped::every_strategy_matches_loop_and_reference
         gpu_grouped::persistent_kernel_matches_the_reference_on_ragged_groups
         gpu_fp8::segmented_current_scaling_matches_the_reference_per_segment
+        gpu_fp8::delayed_scaling_casts_records_and_updates_like_the_reference
       )
       hybrid=gpu_grouped::hybrid_strategy_runs_large_experts_on_cublas_and_the_rest_on_the_persistent_kernel
       for tool in memcheck racecheck; do
         echo "== compute-sanitizer $tool"
         tests=("${common[@]}")
-        # memcheck also runs the fp8 layers (quantization kernels and cuBLASLt fp8 GEMMs);
-        # racecheck keeps to the fp8 quantization kernels (segmented test above), as it keeps
-        # away from the cuBLAS(Lt) cluster kernels.
-        [ "$tool" = memcheck ] && tests+=("$hybrid" gpu_fp8::fp8_zero_token_experts_get_exactly_zero_weight_grads)
+        # memcheck also runs the fp8 layers (quantization kernels, cuBLASLt fp8 GEMMs issued
+        # directly and as captured graphs); racecheck keeps to the fp8 quantization kernels
+        # (segmented and delayed tests above, every quantizer incl. the block and MXFP8 ones
+        # below), as it keeps away from the cuBLAS(Lt) cluster kernels.
+        if [ "$tool" = memcheck ]; then
+          tests+=("$hybrid" gpu_fp8::fp8_zero_token_experts_get_exactly_zero_weight_grads
+            gpu_fp8::fp8_gemm_issue_ways_compute_the_same_bits)
+        else
+          tests+=(gpu_fp8::quantizers_match_the_reference_bit_for_bit)
+        fi
         log="$out/sanitizer-$tool.log"
         echo "selected tests (.stage/integration --exact --list):" > "$log"
         .stage/integration "${tests[@]}" --exact --list >> "$log" 2>&1
@@ -162,6 +180,39 @@ for s in $steps; do
         python3 .stage/rounds_table.py "$out/layer-rounds.csv" "$out/layer-torch.csv" > "$out/rounds-table.md"
         echo "exit $?"; cat "$out/rounds-table.md"
       fi ;;
+    fp8)
+      f8=/tmp/moe-fp8; rm -rf "$f8"; mkdir -p "$f8"
+      # The logs are tarred after each part, so a call cut short still brings back what ran.
+      keep_logs() { tar czf "$out/fp8-logs.tgz" -C "$f8" .; }
+      for recipe in tensorwise blockwise; do
+        echo "== layer bench (Rust): TEGroupedMLP auto + fp8 $recipe ${FP8_ARGS:-}"
+        # shellcheck disable=SC2086 # FP8_ARGS is a list of flags
+        logged "$f8/fp8-rust-$recipe.log" .stage/moe-verify bench layer --class te_grouped --strategy auto \
+          --fp8 "$recipe" --csv "$out/fp8-rust-$recipe.csv" ${FP8_ARGS:-}
+        grep -E "^ERR|^TFLOP/s dense " "$f8/fp8-rust-$recipe.log" | head -20
+        keep_logs
+      done
+      echo "== PyTorch fp8 peer (fwd, fwdbwd) ${FP8_TORCH_ARGS:-}"
+      # shellcheck disable=SC2086 # FP8_TORCH_ARGS is a list of flags
+      logged "$f8/fp8-torch-fp8.log" env PYTHONUNBUFFERED=1 python3 .stage/torch_fp8_experts_bench.py \
+        --counts .stage/shapes.json --csv "$out/fp8-torch-fp8.csv" ${FP8_TORCH_ARGS:-}
+      grep -E "^SELF-CHECK|^FALLBACK|^ERR" "$f8/fp8-torch-fp8.log" | cut -c1-400 | head -20
+      keep_logs
+      echo "== PyTorch bf16 peers: ${FP8_TORCH_STRATEGIES:-torch,torch-compile,torch-compile-act} ${FP8_TORCH_ARGS:-}"
+      # shellcheck disable=SC2086 # FP8_TORCH_ARGS is a list of flags
+      logged "$f8/fp8-torch-bf16.log" env PYTHONUNBUFFERED=1 python3 .stage/torch_experts_bench.py \
+        --counts .stage/shapes.json --classes TEGroupedMLP \
+        --strategies "${FP8_TORCH_STRATEGIES:-torch,torch-compile,torch-compile-act}" \
+        --csv "$out/fp8-torch-bf16.csv" ${FP8_TORCH_ARGS:-}
+      grep -E "^ERR" "$f8/fp8-torch-bf16.log" | cut -c1-400 | head -20
+      keep_logs
+      echo "== fp8 table"
+      csvs=()
+      for c in "$out"/fp8-rust-tensorwise.csv "$out"/fp8-rust-blockwise.csv "$out"/fp8-torch-bf16.csv "$out"/fp8-torch-fp8.csv; do
+        [ -s "$c" ] && csvs+=("$c")
+      done
+      python3 .stage/fp8_table.py "${csvs[@]}" > "$out/fp8-table.md"
+      echo "exit $?"; cat "$out/fp8-table.md" ;;
     grouped)
       echo "== grouped GEMM sets (Rust)"
       # shellcheck disable=SC2086 # GROUPED_ARGS is a list of flags

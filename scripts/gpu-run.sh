@@ -32,11 +32,12 @@ cp target/release/moe-verify "$stage/moe-verify"
 rm -f "$stage/bench"  # the GPU benches are `moe-verify bench` now
 mkdir -p "$stage/tools"
 cp tools/*.py "$stage/tools/"
-# Device-side scripts and the shape registry the torch halves of the benches read
-# (scripts/shapes.json: `moe-verify shapes --json`, the registry the Rust benches use).
+# Device-side scripts (bench_timing.py: the timer the torch_*experts_bench.py scripts import)
+# and the shape registry the torch halves of the benches read (scripts/shapes.json: `moe-verify
+# shapes --json`, the registry the Rust benches use).
 cp scripts/gpu-device.sh scripts/torch_experts_bench.py scripts/torch_fp8_experts_bench.py scripts/torch_grouped_bench.py scripts/layer_table.py \
   scripts/grouped_table.py scripts/layer_profile.py scripts/rounds_table.py scripts/layer_ab.py scripts/shapes.json \
-  scripts/torch_a2a_bench.py \
+  scripts/torch_a2a_bench.py scripts/bench_timing.py scripts/fp8_table.py \
   "$stage/"
 if [ -n "${BASE:-}" ]; then
   base_tree="$(mktemp -d /tmp/moe-base.XXXXXX)"
@@ -60,5 +61,6 @@ echo "device command (carry [\".stage\"]):"
 echo "  bash .stage/gpu-device.sh                                  (default steps: tests sampled bench sanitize)"
 echo "  STEPS=bench bash .stage/gpu-device.sh                      (per-layer table)"
 echo "  STEPS=bench LAYER_ARGS='--strategy auto,loop,persistent' bash .stage/gpu-device.sh"
+echo "  STEPS=fp8 bash .stage/gpu-device.sh                        (fp8 table: ours bf16/tensorwise/blockwise, PyTorch peers)"
 echo "  STEPS=grouped bash .stage/gpu-device.sh                    (GEMM-set table)"
 echo "  STEPS=ab bash .stage/gpu-device.sh                         (with BASE=<rev>: layer bench, base vs this build)"

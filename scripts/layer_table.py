@@ -11,8 +11,11 @@ process) against the highest reading of the run ("best % dense", conservative) a
 mean of the two readings that bracket the shape's rows ("% adjacent dense": the layer bench
 measures the dense rate before the first shape, before each later shape and at the end, so
 both sides of the ratio see the same thermal state; blank for CSVs without those readings),
-best / torch and auto / torch as time ratios (torch ms / Rust ms: > 1 means Rust is faster). ERR: that run failed; blank: not run. Warnings (rows on one side only, FLOP or byte
-counts that disagree, different devices) go to stderr and under the table.
+best / torch and auto / torch as time ratios (torch ms / Rust ms: > 1 means Rust is faster);
+"torch" is the eager PyTorch layer, and torch strategies besides it (torch-compile, ...: the
+torch_experts_bench.py --strategies) get TFLOP/s columns after it. ERR: that run failed;
+blank: not run. Warnings (rows on one side only, FLOP or byte counts that disagree, different
+devices) go to stderr and under the table.
 """
 import csv
 import sys
@@ -36,6 +39,7 @@ def main(paths):
     rust_shapes = []  # shapes of the Rust rows, in file order
     devices = {}  # "rust" / "torch" -> set of device names
     strategies = []
+    torch_extra = []  # torch strategies besides eager "torch" (torch-compile, ...), as columns
     notes = []
     for path in paths:
         with open(path, newline="") as f:
@@ -45,7 +49,7 @@ def main(paths):
             if missing:
                 sys.exit(f"{path}: missing columns {missing}")
             for r in reader:
-                side = "torch" if r["strategy"] == "torch" else "rust"
+                side = "torch" if r["strategy"].startswith("torch") else "rust"
                 devices.setdefault(side, set()).add(r["device"])
                 ms, tf = num(r["median_ms"]), num(r["tflops"])
                 if r["shape"] != "dense" and side == "rust" and r["shape"] not in rust_shapes:
@@ -62,6 +66,8 @@ def main(paths):
                 entry["min_bytes"][label] = num(r["min_bytes"])
                 if side == "rust" and label not in strategies:
                     strategies.append(label)
+                if side == "torch" and label != "torch" and label not in torch_extra:
+                    torch_extra.append(label)
 
     # Order: shapes, dists, classes as first seen; fwd before fwdbwd.
     def first_seen(i):
@@ -104,7 +110,8 @@ def main(paths):
     dev = sorted(devices.get("rust", set()) | devices.get("torch", set()))
     print(f"Device: {', '.join(dev) or 'unknown'}. Dense 8192³ bf16: {', '.join(parts) or 'not measured'}.\n")
 
-    hdr = list(KEY) + ["min GB"] + strategies + ["torch", "best", "best % dense", "% adjacent dense", "best / torch"]
+    hdr = list(KEY) + ["min GB"] + strategies + ["torch"] + torch_extra + ["best", "best % dense", "% adjacent dense",
+                                                                          "best / torch"]
     if "auto" in strategies:
         hdr.append("auto / torch")
     print("| " + " | ".join(hdr) + " |")
@@ -129,6 +136,7 @@ def main(paths):
         cells = list(key) + [f"{max(mb) / 1e9:.2f}" if mb else ""]
         cells += [cell(s) for s in strategies]
         cells.append(cell("torch"))
+        cells += [cell(s) for s in torch_extra]
         ok = [(st[s][0], s) for s in strategies if st.get(s) is not None]
         torch_ms = st["torch"][0] if st.get("torch") is not None else None
         if ok:

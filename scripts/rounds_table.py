@@ -44,6 +44,8 @@ def main(args):
     if len(args) == 2:
         with open(args[1], newline="") as f:
             for r in csv.DictReader(f):
+                if r.get("strategy", "torch") != "torch":
+                    continue  # torch-compile etc.: the eager layer is this table's torch column
                 try:
                     torch[tuple(r[k] for k in KEY)] = float(r["tflops"])
                 except (KeyError, ValueError):

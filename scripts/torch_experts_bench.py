@@ -1,15 +1,34 @@
 #!/usr/bin/env python3
-"""The expert layer written in PyTorch, timed like `moe-verify bench layer` (per-layer rows).
+"""The expert layer written in PyTorch, timed like `moe-verify bench layer` (per-layer rows):
+eager, and under torch.compile.
 
     python3 scripts/torch_experts_bench.py [--counts PATH] [--csv OUT.csv] [--shapes a,b]
-        [--classes GroupedMLP,TEGroupedMLP] [--samples 10] [--sample-ms 30] [--warmup 3]
+        [--classes GroupedMLP,TEGroupedMLP] [--strategies torch,torch-compile,torch-compile-act]
+        [--compile-backend inductor] [--samples 10] [--sample-ms 30] [--warmup 3]
         [--device cuda]   (--device cpu: a smoke test of the logic with a small counts file;
                            host-timed, a 256^3 dense row; torch._grouped_mm runs on CPU too)
 
 Rows: shape x distribution (scripts/shapes.json, the Rust shape registry the Rust bench uses)
-x class x mode (fwd, fwdbwd), plus a dense torch.mm 8192^3 bf16 row. CSV columns, as the Rust
-bench's --csv: shape,dist,class,mode,strategy,tokens,experts,flops,min_bytes,
-median_ms,tflops,device, with strategy = "torch"; a failed row has ERR in median_ms and tflops.
+x class x mode (fwd, fwdbwd) x strategy, plus a dense torch.mm 8192^3 bf16 row. CSV columns, as
+the Rust bench's --csv: shape,dist,class,mode,strategy,tokens,experts,flops,min_bytes,
+median_ms,tflops,device; a failed row has ERR in median_ms and tflops (and an `ERR,...` line).
+
+Strategies (`--strategies`, default torch), all timed in this one process the same way:
+    torch              eager PyTorch (below)
+    torch-compile      the whole layer function under torch.compile (fullgraph, static
+                       shapes): forward and, in fwdbwd, the AOTAutograd backward compiled too;
+                       Inductor's default mode (no max-autotune) keeps the _grouped_mm calls on
+                       the ATen kernel and fuses the activation/probs part (forward and
+                       backward) into generated kernels
+    torch-compile-act  eager _grouped_mm calls, only the activation/probs part (silu-GLU and
+                       the product with p, forward and backward) under torch.compile
+torch.compile recompiles per (shape, class) (torch._dynamo.reset() before each, so the
+recompile limit is never reached) and per mode (no_grad vs autograd); the `--warmup` calls
+before the timed ones absorb the compilation. `--compile-backend` passes a backend to
+torch.compile (default inductor; `aot_eager` or `eager` only to exercise the logic where
+Inductor cannot compile). Numerics: Inductor computes the fused silu-GLU and probs product in
+fp32 with one rounding to bf16 at the end, where eager rounds silu, the product and u
+separately; the GEMMs are the same calls.
 
 The layer, as moe_gpu's DeviceLayer::forward/backward compute it (GLU silu, no bias, bf16 weights
 and activations, fp32 probs):
@@ -24,11 +43,10 @@ y.backward(g): grads of x, p, W1, W2 (.grad reset to None before each call, so w
 are written, not accumulated), as the Rust backward with immediate weight grads.
 
 Random data: x, g ~ U(-1, 1), W1 ~ U(-1, 1)/sqrt(h), W2 ~ U(-1, 1)/sqrt(f) (bf16), p ~ U(0.05,
-1) fp32. Timing: CUDA events; `--warmup` calls, then `--samples` samples of n back-to-back
-calls each (n chosen from one timed call so that a sample lasts about `--sample-ms`), per-call
-time = sample / n, median over the samples (the Rust bench: criterion flat sampling, 10
-samples of about 30 ms of back-to-back calls, median). FLOPs and min bytes: the formulas of
-bench/src/layer (forward 2*T*h*(N1+N2), fwdbwd 3x; see min_bytes below).
+1) fp32. Timing: scripts/bench_timing.py (CUDA events; `--warmup` calls, then `--samples`
+samples of n back-to-back calls each, n chosen so that a sample lasts about `--sample-ms`,
+median per-call time: the Rust bench's criterion flat sampling). FLOPs and min bytes: the
+formulas of bench/src/layer (bench_timing.layer_flops, bench_timing.min_bytes).
 """
 import argparse
 import csv
@@ -37,50 +55,53 @@ import math
 import os
 import sys
 
-HEADER = ["shape", "dist", "class", "mode", "strategy", "tokens", "experts", "flops", "min_bytes",
-          "median_ms", "tflops", "device"]
+from bench_timing import HEADER, Timer, layer_flops, min_bytes
+
 CLASSES = ["GroupedMLP", "TEGroupedMLP"]
 MODES = ["fwd", "fwdbwd"]
+STRATEGIES = ["torch", "torch-compile", "torch-compile-act"]
 DENSE_N = 8192
 
 
-def layer_flops(t, h, n1, n2, backward):
-    fwd = 2 * t * h * (n1 + n2)
-    return 3 * fwd if backward else fwd
-
-
-def min_bytes(counts, h, n1, n2, backward):
-    """Each input/weight read once, each output written once (bf16 2 bytes, probs fp32 4):
-    fwd: x, W1+W2 of experts with tokens, p read; y written. fwdbwd: + g read; dx, dW1+dW2 of
-    every expert (zeros for empty ones), dp written. Same formula as bench/src/layer."""
-    t = sum(counts)
-    live = sum(1 for c in counts if c > 0)
-    act = 2 * t * h
-    weights = 2 * (n1 * h + h * n2)
-    fwd = act + live * weights + 4 * t + act
-    if backward:
-        return fwd + act + act + len(counts) * weights + 4 * t
-    return fwd
-
-
-def layer(x, w1, w2, p, offs, te):
-    """The expert layer: GLU silu between two torch._grouped_mm calls (see the module doc).
-    `te`: weights are [E, out, in] (TEGroupedMLP), else [E, in, out] (GroupedMLP)."""
-    import torch
+def act_probs(a, p):
+    """silu-GLU of the fc1 output `a` ([T, 2f], gate = first half) times the fp32 probs `p`,
+    rounded to a's dtype (bf16): the layer's activation/probs part."""
     import torch.nn.functional as F
+
+    gate, lin = a.chunk(2, dim=-1)
+    z = F.silu(gate) * lin
+    return (z.float() * p.unsqueeze(-1)).to(a.dtype)
+
+
+def layer(x, w1, w2, p, offs, te, act=act_probs):
+    """The expert layer: `act` (default act_probs) between two torch._grouped_mm calls (see the
+    module doc). `te`: weights are [E, out, in] (TEGroupedMLP), else [E, in, out] (GroupedMLP)."""
+    import torch
 
     b1 = w1.transpose(-2, -1) if te else w1
     b2 = w2.transpose(-2, -1) if te else w2
-    act = torch._grouped_mm(x, b1, offs=offs)
-    gate, lin = act.chunk(2, dim=-1)
-    z = F.silu(gate) * lin
-    u = (z.float() * p.unsqueeze(-1)).to(x.dtype)
+    a = torch._grouped_mm(x, b1, offs=offs)
+    u = act(a, p)
     return torch._grouped_mm(u, b2, offs=offs)
 
 
-def median(v):
-    v = sorted(v)
-    return v[len(v) // 2]  # upper median, as the Rust bench
+def layer_fns(torch, strategies, te, backend):
+    """strategy -> fn(x, w1, w2, p, offs) for one (shape, class); compiled ones are fresh
+    torch.compile objects (the caller resets dynamo first)."""
+    fns = {}
+    for s in strategies:
+        if s == "torch":
+            fns[s] = lambda x, w1, w2, p, offs: layer(x, w1, w2, p, offs, te)
+        elif s == "torch-compile":
+            whole = torch.compile(lambda x, w1, w2, p, offs: layer(x, w1, w2, p, offs, te),
+                                  backend=backend, fullgraph=True, dynamic=False)
+            fns[s] = whole
+        elif s == "torch-compile-act":
+            act = torch.compile(act_probs, backend=backend, fullgraph=True, dynamic=False)
+            fns[s] = lambda x, w1, w2, p, offs, act=act: layer(x, w1, w2, p, offs, te, act)
+        else:
+            raise ValueError(f"unknown strategy {s!r}")
+    return fns
 
 
 def main():
@@ -90,6 +111,8 @@ def main():
     ap.add_argument("--csv")
     ap.add_argument("--shapes", default="", help="comma list of shape names (default: all)")
     ap.add_argument("--classes", default=",".join(CLASSES))
+    ap.add_argument("--strategies", default="torch", help=f"comma list of {', '.join(STRATEGIES)}")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compile strategies")
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--sample-ms", type=float, default=30.0)
     ap.add_argument("--warmup", type=int, default=3)
@@ -99,6 +122,12 @@ def main():
     for c in classes:
         if c not in CLASSES:
             sys.exit(f"--classes: unknown class {c!r} (expected {', '.join(CLASSES)})")
+    strategies = [s for s in args.strategies.split(",") if s]
+    for s in strategies:
+        if s not in STRATEGIES:
+            sys.exit(f"--strategies: unknown strategy {s!r} (expected {', '.join(STRATEGIES)})")
+    if not strategies:
+        sys.exit("--strategies: empty")
     with open(args.counts) as f:
         spec = json.load(f)
     shapes = [s for s in args.shapes.split(",") if s]
@@ -106,17 +135,23 @@ def main():
         if s not in [sh["name"] for sh in spec["shapes"]]:
             sys.exit(f"--shapes: unknown shape {s!r} (the counts file has {[sh['name'] for sh in spec['shapes']]})")
 
-    import time
-
     import torch
 
     if not hasattr(torch, "_grouped_mm"):
         sys.exit(f"torch {torch.__version__} has no torch._grouped_mm")
+    compiled = [s for s in strategies if s != "torch"]
+    if compiled and not hasattr(torch, "compile"):
+        sys.exit(f"torch {torch.__version__} has no torch.compile (strategies {compiled})")
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
     bf = torch.bfloat16
     device = torch.cuda.get_device_name(dev) if cuda else f"{args.device} (smoke test)"
-    print(f"torch {torch.__version__} on {device}; counts {args.counts}", flush=True)
+    print(f"torch {torch.__version__} on {device}; counts {args.counts}; strategies {strategies}"
+          + (f"; torch.compile backend {args.compile_backend}" if compiled else ""), flush=True)
+    try:
+        timer = Timer(torch, cuda, args.warmup, args.samples, args.sample_ms)
+    except ValueError as ex:
+        sys.exit(str(ex))
 
     out = None
     writer = None
@@ -127,63 +162,29 @@ def main():
         out.flush()
     dense_tf = [None]
 
-    def emit(shape, dist, cls, mode, tokens, experts, flops, mbytes, ms):
+    def emit(shape, dist, cls, mode, strategy, tokens, experts, flops, mbytes, ms):
         if ms is None:
             ms_s, tf_s = "ERR", "ERR"
         else:
             tf = flops / (ms * 1e-3) / 1e12
             ms_s, tf_s = f"{ms:.4f}", f"{tf:.1f}"
             pct = f"{100 * tf / dense_tf[0]:5.1f}% dense" if dense_tf[0] else ""
-            print(f"TORCH TFLOP/s {shape:<9} {dist:<11} {cls:<13} {mode:<7} T={tokens:<6} "
+            print(f"TORCH TFLOP/s {shape:<9} {dist:<11} {cls:<13} {mode:<7} {strategy:<17} T={tokens:<6} "
                   f"median {ms:9.3f} ms  {tf:7.1f} TFLOP/s {pct}  {mbytes / 1e9:7.1f} GB min  ({device})", flush=True)
         if writer:
-            writer.writerow([shape, dist, cls, mode, "torch", tokens, experts, f"{flops:.0f}", f"{mbytes:.0f}",
+            writer.writerow([shape, dist, cls, mode, strategy, tokens, experts, f"{flops:.0f}", f"{mbytes:.0f}",
                              ms_s, tf_s, device])
             out.flush()
-
-    class HostEvent:  # --device cpu: the torch.cuda.Event calls used below, on the host clock
-        def record(self):
-            self.t = time.perf_counter()
-
-        def synchronize(self):
-            pass
-
-        def elapsed_time(self, end):
-            return (end.t - self.t) * 1e3
-
-    def event():
-        return torch.cuda.Event(enable_timing=True) if cuda else HostEvent()
-
-    def timeit(fn):
-        for _ in range(args.warmup):
-            fn()
-        if cuda:
-            torch.cuda.synchronize()
-        s, e = event(), event()
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        n = max(1, math.ceil(args.sample_ms / max(s.elapsed_time(e), 1e-3)))
-        ts = []
-        for _ in range(args.samples):
-            s.record()
-            for _ in range(n):
-                fn()
-            e.record()
-            e.synchronize()
-            ts.append(s.elapsed_time(e) / n)
-        return median(ts)
 
     # Dense reference: torch.mm 8192^3 bf16 on random data (256^3 in a cpu smoke test).
     n = DENSE_N if cuda else 256
     gen = torch.Generator(device=dev).manual_seed(1)
     a = torch.rand(n, n, device=dev, dtype=bf, generator=gen) - 0.5
     b = torch.rand(n, n, device=dev, dtype=bf, generator=gen) - 0.5
-    ms = timeit(lambda: torch.mm(a, b))
+    ms = timer.time(lambda: torch.mm(a, b))
     dense_flops = 2 * n ** 3
     dense_tf[0] = dense_flops / (ms * 1e-3) / 1e12
-    emit("dense", "-", "-", f"gemm{n}", n, 0, dense_flops, 3 * 2 * n * n, ms)
+    emit("dense", "-", "-", f"gemm{n}", "torch", n, 0, dense_flops, 3 * 2 * n * n, ms)
     del a, b
     if cuda:
         torch.cuda.empty_cache()
@@ -210,6 +211,9 @@ def main():
             g = uniform((T, h), 1.0, gen)
             p = torch.rand(T, device=dev, dtype=torch.float32, generator=gen) * 0.95 + 0.05
             params = (x, w1, w2, p)
+            if compiled:
+                torch._dynamo.reset()  # fresh caches per (shape, class): no recompile limit reached
+            fns = layer_fns(torch, strategies, te, args.compile_backend)
 
             for dist, counts in sh["dists"].items():
                 if len(counts) != E or sum(counts) != T:
@@ -219,30 +223,32 @@ def main():
                     backward = mode == "fwdbwd"
                     fl = layer_flops(T, h, n1, n2, backward)
                     mb = min_bytes(counts, h, n1, n2, backward)
-                    try:
-                        if backward:
-                            for t in params:
-                                t.requires_grad_(True)
-
-                            def fb():
+                    for strategy in strategies:
+                        fn = fns[strategy]
+                        try:
+                            if backward:
                                 for t in params:
-                                    t.grad = None
-                                layer(x, w1, w2, p, offs, te).backward(g)
+                                    t.requires_grad_(True)
 
-                            ms = timeit(fb)
-                        else:
-                            with torch.no_grad():
-                                ms = timeit(lambda: layer(x, w1, w2, p, offs, te))
-                    except Exception as ex:  # report, keep going
-                        msg = f"{type(ex).__name__}: {ex}".replace("\n", " ")
-                        print(f"ERR,torch,{sh['name']},{dist},{cls},{mode},{msg}", flush=True)
-                        ms = None
-                    finally:
-                        for t in params:
-                            t.requires_grad_(False)
-                            t.grad = None
-                    emit(sh["name"], dist, cls, mode, T, E, fl, mb, ms)
-            del w1, w2, x, g, p, params
+                                def fb():
+                                    for t in params:
+                                        t.grad = None
+                                    fn(x, w1, w2, p, offs).backward(g)
+
+                                ms = timer.time(fb)
+                            else:
+                                with torch.no_grad():
+                                    ms = timer.time(lambda: fn(x, w1, w2, p, offs))
+                        except Exception as ex:  # report, keep going
+                            msg = f"{type(ex).__name__}: {ex}".replace("\n", " ")[:2000]
+                            print(f"ERR,{strategy},{sh['name']},{dist},{cls},{mode},{msg}", flush=True)
+                            ms = None
+                        finally:
+                            for t in params:
+                                t.requires_grad_(False)
+                                t.grad = None
+                        emit(sh["name"], dist, cls, mode, strategy, T, E, fl, mb, ms)
+            del w1, w2, x, g, p, params, fns
             if cuda:
                 torch.cuda.empty_cache()
     if out:

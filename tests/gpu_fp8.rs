@@ -7,20 +7,22 @@
 //! `MOE_REQUIRE_CUDA=1`. No tolerance anywhere: codes, scales, E8M0 bytes and GEMM output bits
 //! must be equal.
 
-use moe_gpu::fp8::{BlockOperand, QuantSpec, SegmentMap};
+use moe_gpu::fp8::{BlockOperand, DeviceDelayedState, QuantSpec, SegmentMap, SegmentScales};
 use moe_gpu::{CudaGrouped, CudaSequential, CudaTeGrouped, Engine, Gpu};
 use moe_harness::case::Case;
 use moe_harness::properties::{check, PerClassBackend, Property, Verdict};
 use moe_harness::tolerance::{self, Tolerance};
 use moe_reference::codec::{round, to_bytes};
+use moe_reference::fp8::scale::amax;
 use moe_reference::fp8::tensor::{Fp8Quantizer, Fp8Tensor, Scales, Usage};
 use moe_reference::fp8::{
-    BlockQuantizer, BlockTile, CurrentScalingQuantizer, Fp8Format, Fp8Recipe, MxBlock, Mxfp8Quantizer, ScaleOptions,
+    AmaxComputeAlgo, BlockQuantizer, BlockTile, CurrentScalingQuantizer, DelayedScalingConfig, Fp8Format, Fp8Recipe,
+    MxBlock, Mxfp8Quantizer, ScaleOptions,
 };
-use moe_reference::layer::{fp8_gemm, GemmOperand};
+use moe_reference::layer::{fp8_gemm, Fp8Operand, Fp8Run, Fp8State, GemmOperand};
 use moe_reference::{
-    to_state_dict, Activation, Dtype, ExpertLayer, Fp8Config, LayerClass, LayerConfig, LayerError, Parallelism,
-    TeFormat, WgradTiming,
+    oracle_with_scales_fp8, to_state_dict, Activation, Dtype, ExpertLayer, Fp8Config, LayerClass, LayerConfig,
+    LayerError, Parallelism, Reference, TeFormat, WgradTiming,
 };
 use ndarray::Array2;
 use rand::{Rng, SeedableRng};
@@ -518,9 +520,10 @@ fn fp8_backend(gpu: &Gpu) -> PerClassBackend {
     )
 }
 
-/// The fp8 recipes the CUDA layers run: per-tensor current scaling and blockwise (1×128 /
-/// 128×128 blocks, block-scaled cuBLASLt GEMMs).
-const RECIPES: [Fp8Recipe; 2] = [Fp8Recipe::Tensorwise, Fp8Recipe::Blockwise];
+/// The fp8 recipes the CUDA layers run: per-tensor current scaling, delayed scaling (from TE's
+/// initial state in a stateless call: scale 1) and blockwise (1×128 / 128×128 blocks,
+/// block-scaled cuBLASLt GEMMs).
+const RECIPES: [Fp8Recipe; 3] = [Fp8Recipe::Tensorwise, Fp8Recipe::Delayed, Fp8Recipe::Blockwise];
 
 /// The fp8 CUDA layers of SequentialMLP and TEGroupedMLP under each recipe the GPU runs
 /// ([`RECIPES`]), both formats, immediate and deferred wgrad, with bias, probs on the input,
@@ -634,18 +637,17 @@ fn fp8_zero_token_experts_get_exactly_zero_weight_grads() {
 
 /// The recipes the GPU does not run are declared skips with their reason (counted as skips in
 /// reports), never a bf16 run under an fp8 name nor an error: MXFP8 GEMMs are Blackwell-only in
-/// cuBLASLt; delayed scaling is not on the GPU yet. GroupedMLP with fp8 is an invalid
+/// cuBLASLt. GroupedMLP with fp8 is an invalid
 /// configuration (no fp8 path), refused as such.
 #[test]
 fn unsupported_fp8_recipes_are_declared_skips() {
     let Some(gpu) = gpu("unsupported_fp8_recipes_are_declared_skips") else { return };
     let te = CudaTeGrouped::new(&gpu);
-    for (recipe, needle) in [(Fp8Recipe::Mxfp8, "Blackwell"), (Fp8Recipe::Delayed, "delayed")] {
-        let cfg = LayerConfig { fp8: Some(Fp8Config::new(recipe)), ..fp8_cfg(LayerClass::TeGrouped, TeFormat::E4M3) };
-        match te.supports(&cfg) {
-            Err(LayerError::Unsupported(why)) => assert!(why.contains(needle), "{recipe}: {why}"),
-            other => panic!("{recipe}: expected a declared skip, got {other:?}"),
-        }
+    let cfg =
+        LayerConfig { fp8: Some(Fp8Config::new(Fp8Recipe::Mxfp8)), ..fp8_cfg(LayerClass::TeGrouped, TeFormat::E4M3) };
+    match te.supports(&cfg) {
+        Err(LayerError::Unsupported(why)) => assert!(why.contains("Blackwell"), "mxfp8: {why}"),
+        other => panic!("mxfp8: expected a declared skip, got {other:?}"),
     }
     // GroupedMLP with fp8 is an invalid configuration (the reference's validation: it has no
     // fp8 path), refused as such rather than skipped.
@@ -703,4 +705,275 @@ fn the_bit_exact_comparison_fails_on_one_wrong_code_or_scale() {
         exponents[[1, 2]] += 1;
     }
     assert!(fails(&mx, exp), "an E8M0 exponent off by one must fail");
+}
+
+/// A delayed-scaling layer configuration (history of 3 steps, so the roll is visible).
+fn delayed_cfg(class: LayerClass, algo: AmaxComputeAlgo, margin: i32) -> LayerConfig {
+    let mut f = Fp8Config::new(Fp8Recipe::Delayed).with_format(TeFormat::Hybrid);
+    f.delayed = DelayedScalingConfig { margin, amax_history_len: 3, amax_compute_algo: algo };
+    LayerConfig { fp8: Some(f), num_experts: 6, ..fp8_cfg(class, TeFormat::Hybrid) }
+}
+
+/// A state whose scales and histories are not TE's initial ones: scales from tiny (the cast
+/// saturates nothing) to huge (it saturates everything), histories with zeros, an inf amax and a
+/// last amax of 0 (the fused update then neither rolls nor rescales).
+fn stirred_state(cfg: &LayerConfig, seed: u64) -> Fp8State {
+    let mut state = Fp8State::new(cfg).expect("state");
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let len = cfg.fp8.expect("fp8").delayed.amax_history_len;
+    for e in 0..state.experts() {
+        for op in Fp8Operand::ALL {
+            let scale = match rng.random_range(0..4) {
+                0 => 1.0,
+                1 => 2f32.powi(rng.random_range(-20..20)),
+                2 => 1e30,
+                _ => rng.random_range(0.01f32..500.0),
+            };
+            let history: Vec<f32> = (0..len)
+                .map(|i| match (e + i) % 5 {
+                    0 => 0.0,
+                    1 if op == Fp8Operand::Fc2Weight && e == 2 => f32::INFINITY,
+                    _ => rng.random_range(0.0f32..8.0),
+                })
+                .collect();
+            state.set(e, op, scale, &history).expect("set");
+        }
+    }
+    state
+}
+
+/// Delayed scaling on the device, bit for bit: per-expert casts with the state's scale (each
+/// segment = one local expert, empty ones included; codes, transposed codes and scale_inv
+/// against `DelayedScaling::quantize` on that segment alone), the amaxes the casts record, and
+/// TE's fused amax-and-scale update (`update_on_device` against `Fp8State::update`) for both
+/// amax algorithms and a margin, from stirred states (saturating and tiny scales, zero and
+/// infinite amaxes).
+#[test]
+fn delayed_scaling_casts_records_and_updates_like_the_reference() {
+    let Some(gpu) = gpu("delayed_scaling_casts_records_and_updates_like_the_reference") else { return };
+    let mut eng = gpu.lock().expect("engine");
+    let lens = [0usize, 5, 17, 0, 48, 1];
+    let cols = 80;
+    let rows: usize = lens.iter().sum();
+    let mut checked = 0;
+    for (algo, margin) in [(AmaxComputeAlgo::Max, 0), (AmaxComputeAlgo::MostRecent, 2)] {
+        let cfg = delayed_cfg(LayerClass::TeGrouped, algo, margin);
+        for (k, op) in Fp8Operand::ALL.into_iter().enumerate() {
+            let state = stirred_state(&cfg, 40 + k as u64);
+            let dtype = if k % 2 == 0 { Dtype::Bf16 } else { Dtype::F32 };
+            let x = tensor("wide_range", rows, cols, dtype, 9 + k as u64);
+            let device_state = DeviceDelayedState::upload(&mut eng, &state).expect("upload state");
+            let map = SegmentMap::new(&mut eng, &lens).expect("map");
+            let input = eng.upload(&to_bytes(dtype, x.iter().copied())).expect("upload");
+            let format = state.get(0, op).expect("state").format();
+            let mut q = moe_gpu::fp8::SegmentedFp8::alloc(&mut eng, &map, cols, format).expect("alloc");
+            eng.quantize_segments_into(&input, dtype, &map, SegmentScales::Delayed(&device_state, op), &mut q)
+                .expect("quantize");
+            eng.transpose_segments(&mut q, &map).expect("transpose");
+            let codes = eng.download(&q.codes).expect("codes");
+            let codes_t = eng.download(q.codes_t.as_ref().expect("transposed copy")).expect("codes_t");
+            let inv = eng.download(&q.scale_inv).expect("scale_inv");
+            let mut expected = state.clone();
+            for (s, &off) in map.offsets().iter().enumerate() {
+                let l = lens[s];
+                let seg = x.slice(ndarray::s![off..off + l, ..]).mapv(|v| v as f32);
+                let mut quantizer = expected.get(s, op).expect("state").clone();
+                let r = quantizer.quantize("segment", seg.view(), dtype, Usage::BOTH).expect("reference");
+                expected.set(s, op, quantizer.scale(), quantizer.amax_history()).expect("record");
+                let (rw, cw) = (r.rowwise.expect("rowwise"), r.columnwise.expect("columnwise"));
+                let what = format!("{algo:?} {} {dtype} segment {s} ({l} rows)", op.name());
+                let at = 4 * moe_gpu::fp8::SCALE_STRIDE * s;
+                let g_inv = f32::from_le_bytes([inv[at], inv[at + 1], inv[at + 2], inv[at + 3]]);
+                let Scales::PerTensor { scale_inv } = rw.scales else { panic!("per-tensor scales expected") };
+                assert_eq!(g_inv.to_bits(), scale_inv.to_bits(), "{what}: scale_inv");
+                assert_eq!(&codes[off * cols..(off + l) * cols], rw.data.as_slice().expect("contiguous"), "{what}");
+                assert_eq!(
+                    &codes_t[off * cols..(off + l) * cols],
+                    cw.data.as_standard_layout().as_slice().expect("contiguous"),
+                    "{what}: transposed codes"
+                );
+                checked += 1;
+            }
+            let recorded = device_state.download(&mut eng).expect("download state");
+            assert_eq!(recorded, expected, "{algo:?} {}: the recorded amaxes", op.name());
+            let updated = moe_gpu::fp8::update_on_device(&mut eng, &recorded).expect("update");
+            let mut host = recorded.clone();
+            host.update();
+            assert_eq!(updated, host, "{algo:?} margin {margin}: the fused amax-and-scale update");
+        }
+    }
+    eprintln!("gpu_fp8::delayed_scaling_casts_records_and_updates_like_the_reference: {checked} segments equal");
+}
+
+/// The delayed fp8 layers over three steps, each from the state the previous step recorded and
+/// the device update advanced (TE's loop: quantize with the current scales, record amaxes,
+/// update after the step). Every step's results pass matches-oracle under the error model of
+/// *that* state (`oracle_with_scales_fp8`), and the state the layer hands back is the one its
+/// own tensors imply, bit for bit: amaxes of the input, weights and upstream gradient equal the
+/// reference's; those of fc2's input and fc1's output gradient equal the amax of the layer's own
+/// `u` and `da` of each expert (the reference's differ from them by the GEMMs' last bits).
+#[test]
+fn delayed_layers_carry_their_state_across_steps() {
+    let Some(gpu) = gpu("delayed_layers_carry_their_state_across_steps") else { return };
+    let exact_operands =
+        [Fp8Operand::Fc1Input, Fp8Operand::Fc1Weight, Fp8Operand::Fc2Weight, Fp8Operand::Fc2GradOutput];
+    for class in [LayerClass::Sequential, LayerClass::TeGrouped] {
+        let cfg =
+            LayerConfig { add_bias: class == LayerClass::TeGrouped, ..delayed_cfg(class, AmaxComputeAlgo::Max, 0) };
+        let tokens = vec![5i64, 0, 19, 8, 16, 3];
+        let case =
+            Case { cfg: cfg.clone(), tokens_per_expert: tokens.clone(), seed: 21, timing: WgradTiming::Immediate };
+        let problem = case.problem();
+        let (inputs, grad) = (&problem.inputs, &problem.grad_output);
+        let params = to_state_dict(&cfg, &problem.weights).expect("state dict");
+        let (seq, te) = (CudaSequential::new(&gpu).with_poison(true), CudaTeGrouped::new(&gpu).with_poison(true));
+        let mut state = Fp8State::new(&cfg).expect("initial state");
+        for step in 0..3 {
+            let what = format!("{class:?} step {step}");
+            // The public API: results within the error model of this step's state.
+            let (run, after) = match class {
+                LayerClass::Sequential => {
+                    seq.forward_backward_fp8(&cfg, &params, inputs, grad, WgradTiming::Immediate, &state)
+                }
+                _ => te.forward_backward_fp8(&cfg, &params, inputs, grad, WgradTiming::Immediate, &state),
+            }
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let fp8_run = |s: &Fp8State| Some(Fp8Run { config: cfg.fp8.expect("fp8"), state: s.clone(), fault: None });
+            let oracle = oracle_with_scales_fp8(&cfg, &params, inputs, grad, fp8_run(&state)).expect("oracle");
+            let diffs = moe_harness::compare::compare_runs(
+                &cfg,
+                &run,
+                &oracle.run,
+                Some((&oracle).into()),
+                Tolerance::error_model(),
+            );
+            for d in &diffs {
+                assert!(d.passed(), "{what}: {d}");
+            }
+            // The same step on the device layer, to read its own u and da.
+            let (u, da, device_after) = {
+                let mut eng = gpu.lock().expect("engine");
+                let layer = moe_gpu::layer::DeviceLayer::upload(&mut eng, &cfg, &params).expect("upload layer");
+                let counts = moe_gpu::layer::segments(&cfg, &tokens, inputs.num_tokens()).expect("segments");
+                let mut ws = layer.workspace(&mut eng, &counts, true).expect("workspace");
+                ws.set_delayed_state(Some(DeviceDelayedState::upload(&mut eng, &state).expect("state")));
+                ws.upload_inputs(&mut eng, &inputs.hidden_states, &inputs.probs, Some(grad)).expect("inputs");
+                layer.forward(&mut eng, &mut ws, moe_gpu::Strategy::Auto).expect("forward");
+                layer.backward(&mut eng, &mut ws, true, moe_gpu::Strategy::Auto).expect("backward");
+                let u = ws.download_rows(&mut eng, &ws.u, cfg.n2(), cfg.params_dtype).expect("u");
+                let da = ws.download_rows(&mut eng, &ws.da, cfg.n1(), cfg.params_dtype).expect("da");
+                let after = ws.delayed_state().expect("state").download(&mut eng).expect("download state");
+                // Every cast used this step's scale of its own tensor (not, say, a current scale).
+                for op in Fp8Operand::ALL {
+                    let used = layer.fp8_scale_inv(&mut eng, &ws, op).expect("scale_inv");
+                    for (e, inv) in used.iter().enumerate() {
+                        let want = state.get(e, op).expect("state").scale_inv();
+                        assert_eq!(inv.to_bits(), want.to_bits(), "{what}: expert {e} {} scale_inv", op.name());
+                    }
+                }
+                (u, da, after)
+            };
+            assert_eq!(device_after, after, "{what}: the device layer and the public API record alike");
+            let (_, reference_after) = Reference::EMULATED
+                .forward_backward_fp8(&cfg, &params, inputs, grad, WgradTiming::Immediate, fp8_run(&state))
+                .expect("reference");
+            let reference_after = reference_after.expect("reference state");
+            let mut start = 0;
+            for (e, &n) in tokens.iter().enumerate() {
+                let n = n as usize;
+                for op in exact_operands {
+                    assert_eq!(after.get(e, op), reference_after.get(e, op), "{what}: expert {e} {}", op.name());
+                }
+                for (op, t) in [(Fp8Operand::Fc2Input, &u), (Fp8Operand::Fc1GradOutput, &da)] {
+                    let own = amax(t.slice(ndarray::s![start..start + n, ..]).iter().map(|&v| v as f32));
+                    let before = state.get(e, op).expect("state").amax_history()[0];
+                    let got = after.get(e, op).expect("state after");
+                    assert_eq!(
+                        got.amax_history()[0].to_bits(),
+                        before.max(own).to_bits(),
+                        "{what}: expert {e} {}",
+                        op.name()
+                    );
+                    assert_eq!(got.amax_history()[1..], state.get(e, op).expect("state").amax_history()[1..], "{what}");
+                    assert_eq!(got.scale().to_bits(), state.get(e, op).expect("state").scale().to_bits(), "{what}");
+                }
+                start += n;
+            }
+            let mut eng = gpu.lock().expect("engine");
+            let next = moe_gpu::fp8::update_on_device(&mut eng, &after).expect("update");
+            let mut host = after.clone();
+            host.update();
+            assert_eq!(next, host, "{what}: the device update");
+            assert_ne!(next, state, "{what}: the state must move between steps");
+            state = next;
+        }
+    }
+}
+
+/// Why the device update is compared with the *fused* rule: TE's unfused Python update differs
+/// from it (it rolls the history even when the step recorded no amax, and rounds the scale
+/// twice), so an update kernel written after the Python code fails
+/// `delayed_scaling_casts_records_and_updates_like_the_reference` on the stirred states, whose
+/// zero last amaxes tell the two apart (runs on every machine).
+#[test]
+fn the_fused_and_unfused_delayed_updates_differ_on_the_stirred_states() {
+    let cfg = delayed_cfg(LayerClass::TeGrouped, AmaxComputeAlgo::Max, 0);
+    let state = stirred_state(&cfg, 40);
+    let mut differ = 0;
+    for e in 0..state.experts() {
+        for op in Fp8Operand::ALL {
+            let mut fused = state.get(e, op).expect("state").clone();
+            let mut unfused = fused.clone();
+            fused.update();
+            unfused.update_unfused();
+            differ += usize::from(fused != unfused);
+        }
+    }
+    assert!(differ > 0, "the stirred states must tell the fused update from the unfused one");
+}
+
+/// The ways the fp8 layers issue their per-expert GEMMs compute the same bits: one cuBLASLt
+/// call after another (`loop`), one captured graph replayed (`graph1`), a graph of two
+/// branches (`graph2`) and `auto` (four branches), each called twice (the second call replays
+/// the cached graph), tensorwise and delayed, with an empty expert (its wgrad a captured
+/// memset) and deferred wgrad (the weight GEMMs captured in `backward_dw`).
+#[test]
+fn fp8_gemm_issue_ways_compute_the_same_bits() {
+    let Some(gpu) = gpu("fp8_gemm_issue_ways_compute_the_same_bits") else { return };
+    for recipe in [Fp8Recipe::Tensorwise, Fp8Recipe::Delayed] {
+        let cfg = LayerConfig {
+            fp8: Some(Fp8Config::new(recipe).with_format(TeFormat::Hybrid)),
+            num_experts: 6,
+            ..fp8_cfg(LayerClass::TeGrouped, TeFormat::Hybrid)
+        };
+        let case = Case {
+            cfg: cfg.clone(),
+            tokens_per_expert: vec![5, 0, 19, 8, 16, 3],
+            seed: 5,
+            timing: WgradTiming::Deferred,
+        };
+        let problem = case.problem();
+        let params = to_state_dict(&cfg, &problem.weights).expect("state dict");
+        let run = |strategy: moe_gpu::Strategy| {
+            let layer = CudaTeGrouped::new(&gpu).with_poison(true).with_strategy(strategy);
+            let mut runs = Vec::new();
+            for _ in 0..2 {
+                let r = layer
+                    .forward_backward(&cfg, &params, &problem.inputs, &problem.grad_output, WgradTiming::Deferred)
+                    .unwrap_or_else(|e| panic!("{recipe} {strategy:?}: {e}"));
+                runs.push(r);
+            }
+            runs
+        };
+        let base = run(moe_gpu::Strategy::Loop).remove(0);
+        for strategy in
+            [moe_gpu::Strategy::Loop, moe_gpu::Strategy::Graph(1), moe_gpu::Strategy::Graph(2), moe_gpu::Strategy::Auto]
+        {
+            for (call, r) in run(strategy).iter().enumerate() {
+                for d in moe_harness::compare::compare_runs(&cfg, r, &base, None, Tolerance::EXACT) {
+                    assert!(d.passed(), "{recipe} {strategy:?} call {call} differs from loop: {d}");
+                }
+            }
+        }
+    }
 }

@@ -23,7 +23,8 @@
 //     segment i at index i·stride (each scale on its own 256-byte line for cuBLASLt).
 //   * `cast_seg`: any 1-D grid, block 256 (grid-stride over rows, or over 8-element chunks with
 //     vec); row r uses scale[row_seg[r]·stride]; with vec `out` is 8-byte aligned.
-//   * `transpose_u8`: grid (ceil(cols/32), ceil(rows/32)), block (32, 8); `out` [cols, rows].
+//   * `transpose_seg_u8`: grid (ceil(cols/32), ceil(max seg_len/32), segments), block (32, 8):
+//     each segment's [seg_len, cols] rows transposed in place of their bytes (below).
 //   * `block_quant`: grid (ceil(R/tile_r), ceil(C/tile_c)), block 256, one block per tile of
 //     the logical tensor L: L = x ([R, C] = [rows, cols]) or, with `trans`, L = xᵀ
 //     ([R, C] = [cols, rows]); writes L's codes [R, C] row-major and one scale per tile,
@@ -180,6 +181,51 @@ extern "C" __global__ void compute_scales(const u32* amax, int n, int stride, fl
     scale_inv[(long)i * stride] = __frcp_rn(s);
 }
 
+// Delayed scaling (TE `DelayedScaling`, `moe_reference::fp8::delayed`): the state of tensor
+// t = expert·n_ops + op is `state_scale[t]` and the amax history `history[t·len .. t·len+len]`.
+//   * `delayed_scales`: segment s (expert s) takes its operand's scale from the state;
+//     scale_inv = 1/scale (f32 division), at index s·stride.
+//   * `delayed_record`: folds segment s's amax (f32 bits) into history[0] of its tensor (fmaxf).
+//   * `delayed_update`: TE's fused `kernel_bulk` per tensor (one thread each): roll the history
+//     when last_amax != 0, amax = fmaxf over the pre-roll window (or last_amax for most_recent),
+//     scale = scaled_max / amax when amax is finite and positive, inf → f32 max.
+extern "C" __global__ void delayed_scales(const float* state_scale, int op, int n_ops, int segs, int stride,
+                                          float* scale, float* scale_inv) {
+    int s = blockIdx.x * blockDim.x + threadIdx.x;
+    if (s >= segs) return;
+    float v = state_scale[(long)s * n_ops + op];
+    scale[(long)s * stride] = v;
+    scale_inv[(long)s * stride] = __fdiv_rn(1.0f, v);
+}
+
+extern "C" __global__ void delayed_record(const u32* amax, int op, int n_ops, int segs, int len, float* history) {
+    int s = blockIdx.x * blockDim.x + threadIdx.x;
+    if (s >= segs) return;
+    float* h = history + ((long)s * n_ops + op) * len;
+    h[0] = fmaxf(h[0], __uint_as_float(amax[s]));
+}
+
+extern "C" __global__ void delayed_update(float* history, float* scale, const float* scaled_max, int n, int n_ops,
+                                          int len, int most_recent) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= n) return;
+    float* h = history + (long)t * len;
+    float last = h[0];
+    float window = 0.0f;
+    if (last != 0.0f) {
+        for (int i = 0; i < len; ++i) {
+            float a = i < len - 1 ? h[i + 1] : last;  // h[i + 1] is read before it is written
+            window = fmaxf(window, a);
+            h[i] = i > 0 ? a : 0.0f;
+        }
+    }
+    float amax = most_recent ? last : window;
+    float sc = scale[t];
+    if (!is_inf(amax) && !is_nan(amax) && amax > 0.0f) sc = __fdiv_rn(scaled_max[t % n_ops], amax);
+    if (is_inf(sc)) sc = 3.40282347e38f;
+    scale[t] = sc;
+}
+
 template <typename T, int F>
 __device__ void cast_seg(const T* x, const int* row_seg, int rows, int cols, const float* scale, int stride, int vec,
                          u8* out) {
@@ -204,7 +250,8 @@ __device__ void cast_seg(const T* x, const int* row_seg, int rows, int cols, con
     }
 }
 
-extern "C" __global__ void transpose_u8(const u8* in, int rows, int cols, u8* out) {
+// One 32x32 tile of the transpose of a row-major [rows, cols] byte matrix into [cols, rows].
+__device__ __forceinline__ void transpose_tile(const u8* in, int rows, int cols, u8* out) {
     __shared__ u8 tile[32][33];
     int c0 = blockIdx.x * 32, r0 = blockIdx.y * 32;
     for (int i = threadIdx.y; i < 32; i += 8) {
@@ -216,6 +263,16 @@ extern "C" __global__ void transpose_u8(const u8* in, int rows, int cols, u8* ou
         int c = c0 + i, r = r0 + threadIdx.x;
         if (r < rows && c < cols) out[(long)c * rows + r] = tile[threadIdx.x][i];
     }
+}
+
+// Every segment in one launch: grid (ceil(cols/32), ceil(max seg_len/32), segments), block
+// (32, 8); segment z (rows [seg_off, seg_off + seg_len) of a row-major [rows, cols] tensor)
+// becomes its [cols, seg_len] transpose at byte seg_off·cols of `out`. Blocks past a segment's
+// rows return before the tile (uniformly per block).
+extern "C" __global__ void transpose_seg_u8(const u8* in, const int* seg_off, const int* seg_len, int cols, u8* out) {
+    int off = seg_off[blockIdx.z], rows = seg_len[blockIdx.z];
+    if ((int)blockIdx.y * 32 >= rows) return;
+    transpose_tile(in + (long)off * cols, rows, cols, out + (long)off * cols);
 }
 
 struct BlockParams {

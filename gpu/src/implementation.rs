@@ -11,11 +11,12 @@
 
 use crate::engine::{Engine, Gpu};
 use crate::error::GpuError;
+use crate::fp8::DeviceDelayedState;
 use crate::gemm::Strategy;
 use crate::layer::{segments, DeviceLayer};
-use moe_reference::layer::validate_inputs;
+use moe_reference::layer::{validate_inputs, Fp8State};
 use moe_reference::{
-    Dtype, ExpertLayer, Inputs, LayerClass, LayerConfig, LayerError, LayerRun, StateDict, WgradTiming,
+    Dtype, ExpertLayer, Fp8Recipe, Inputs, LayerClass, LayerConfig, LayerError, LayerRun, StateDict, WgradTiming,
 };
 use ndarray::{Array1, Array2};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,8 +33,9 @@ struct CudaLayer {
     launches: AtomicU64,
 }
 
-/// Result of one device run: output, then (dx, dp, weight grads) when backward ran.
-type DeviceRun = (Array2<f64>, Option<(Array2<f64>, Array1<f64>, StateDict)>);
+/// Result of one device run: output, then (dx, dp, weight grads) when backward ran, then the
+/// delayed-scaling state after the call (delayed recipe only).
+type DeviceRun = (Array2<f64>, Option<(Array2<f64>, Array1<f64>, StateDict)>, Option<Fp8State>);
 
 impl CudaLayer {
     fn new(gpu: &Gpu, class: LayerClass, name: &'static str) -> CudaLayer {
@@ -77,8 +79,24 @@ impl CudaLayer {
         inputs: &Inputs,
         grad: Option<&Array2<f64>>,
         timing: WgradTiming,
+        state: Option<&Fp8State>,
     ) -> Result<DeviceRun, GpuError> {
         self.supports(cfg)?;
+        let delayed = cfg.fp8.is_some_and(|f| f.recipe == Fp8Recipe::Delayed);
+        if state.is_some() && !delayed {
+            return Err(GpuError::Invalid(moe_reference::ReferenceError::Config(
+                "an fp8 state is given only with the delayed recipe (the other recipes keep no state)".into(),
+            )));
+        }
+        let initial;
+        let state = match state {
+            Some(s) => Some(s),
+            None if delayed => {
+                initial = Fp8State::new(cfg)?;
+                Some(&initial)
+            }
+            None => None,
+        };
         validate_inputs(cfg, inputs)?;
         if let Some(g) = grad {
             if g.dim() != inputs.hidden_states.dim() {
@@ -103,10 +121,13 @@ impl CudaLayer {
         let h = cfg.hidden_size;
         let layer = DeviceLayer::upload(eng, cfg, params)?;
         let mut ws = layer.workspace(eng, &counts, self.poison)?;
+        if let Some(s) = state {
+            ws.delayed = Some(DeviceDelayedState::upload(eng, s)?);
+        }
         ws.upload_inputs(eng, &inputs.hidden_states, &inputs.probs, grad)?;
         layer.forward(eng, &mut ws, strategy)?;
         let y = ws.download_rows(eng, &ws.y, h, cfg.params_dtype)?;
-        let result = match grad {
+        let (y, bwd) = match grad {
             None => (y, None),
             Some(_) => {
                 let deferred = timing == WgradTiming::Deferred;
@@ -121,10 +142,11 @@ impl CudaLayer {
                 (y, Some((dx, dp, grads)))
             }
         };
+        let state_after = ws.delayed.as_ref().map(|d| d.download(eng)).transpose()?;
         eng.synchronize()?;
         let issued = eng.launches() - before;
         self.launches.fetch_add(issued, Ordering::Relaxed);
-        Ok(result)
+        Ok((y, bwd, state_after))
     }
 }
 
@@ -183,7 +205,7 @@ macro_rules! cuda_layer {
             }
 
             fn forward(&self, cfg: &LayerConfig, params: &StateDict, inputs: &Inputs) -> Result<Array2<f64>, LayerError> {
-                Ok(self.0.run(cfg, params, inputs, None, WgradTiming::Immediate)?.0)
+                Ok(self.0.run(cfg, params, inputs, None, WgradTiming::Immediate, None)?.0)
             }
 
             fn forward_backward(
@@ -194,9 +216,31 @@ macro_rules! cuda_layer {
                 grad_output: &Array2<f64>,
                 timing: WgradTiming,
             ) -> Result<LayerRun, LayerError> {
-                let (output, bwd) = self.0.run(cfg, params, inputs, Some(grad_output), timing)?;
+                let (output, bwd, _) = self.0.run(cfg, params, inputs, Some(grad_output), timing, None)?;
                 let (grad_input, grad_probs, weight_grads) = bwd.ok_or_else(|| LayerError::Backend("backward did not run".into()))?;
                 Ok(LayerRun { output, grad_input, grad_probs, weight_grads })
+            }
+        }
+
+        impl $ty {
+            /// [`ExpertLayer::forward_backward`] under the fp8 `delayed` recipe from an explicit
+            /// delayed-scaling state (what `moe_reference::Reference::forward_backward_fp8`
+            /// takes): every operand is cast with `state`'s scale and its amax recorded; returns
+            /// the state after the step (run [`crate::fp8::update_on_device`] or
+            /// [`Fp8State::update`] before the next). Other recipes keep no state and refuse one.
+            pub fn forward_backward_fp8(
+                &self,
+                cfg: &LayerConfig,
+                params: &StateDict,
+                inputs: &Inputs,
+                grad_output: &Array2<f64>,
+                timing: WgradTiming,
+                state: &Fp8State,
+            ) -> Result<(LayerRun, Fp8State), LayerError> {
+                let (output, bwd, after) = self.0.run(cfg, params, inputs, Some(grad_output), timing, Some(state))?;
+                let (grad_input, grad_probs, weight_grads) = bwd.ok_or_else(|| LayerError::Backend("backward did not run".into()))?;
+                let after = after.ok_or_else(|| LayerError::Backend("the delayed-scaling state was not read back".into()))?;
+                Ok((LayerRun { output, grad_input, grad_probs, weight_grads }, after))
             }
         }
     };

@@ -323,6 +323,11 @@ pub fn run(eng: &mut Engine, bench: &LayerBench) -> Result<(), String> {
                     .unwrap_or_else(|e| panic!("gpu_layer {} {cname} fp8: DeviceLayer::random failed: {e}", name))
             });
             let fp8_label = bench.fp8.map(|f| format!("fp8-{}", f.recipe)).unwrap_or_default();
+            // One fp8 row per strategy: `fp8-<recipe>` for auto, `fp8-<recipe>/<strategy>` else.
+            let fp8_strategies: Vec<(String, Strategy)> = strategies
+                .iter()
+                .map(|(l, s)| (if *s == Strategy::Auto { fp8_label.clone() } else { format!("{fp8_label}/{l}") }, *s))
+                .collect();
             for (dist, cnt) in &dists {
                 let ctx = format!("gpu_layer {} {dist} {cname}", name);
                 let mut ws = layer
@@ -372,29 +377,33 @@ pub fn run(eng: &mut Engine, bench: &LayerBench) -> Result<(), String> {
                         }
                     }
                     if let (Some(fl), Some(fws)) = (&fp8_layer, fp8_ws.as_mut()) {
-                        let row = Row {
-                            shape: name,
-                            dist,
-                            class: cname,
-                            mode,
-                            strategy: &fp8_label,
-                            tokens: dims.tokens,
-                            experts: dims.experts,
-                            flops: layer_flops(dims.tokens, h, n1, n2, backward),
-                            min_bytes: layer_min_bytes(cnt, h, n1, n2, backward),
-                        };
-                        let pre = step(eng, fl, fws, backward, Strategy::Auto).and_then(|()| eng.synchronize());
-                        match pre {
-                            Err(err) => report.err(&row, &err),
-                            Ok(()) => {
-                                let group = format!("{PREFIX}/{}/{dist}/{cname}", name);
-                                let id = format!("{mode}/{fp8_label}");
-                                let secs = time(c, eng, &group, &id, SamplingMode::Flat, |en| {
-                                    step(en, fl, fws, backward, Strategy::Auto)
-                                        .unwrap_or_else(|e| panic!("{ctx} {mode} {fp8_label}: timed call failed: {e}"))
-                                });
-                                if let Some(secs) = secs {
-                                    report.ok(&row, secs);
+                        for (fp8_label, strategy) in &fp8_strategies {
+                            let strategy = *strategy;
+                            let row = Row {
+                                shape: name,
+                                dist,
+                                class: cname,
+                                mode,
+                                strategy: fp8_label,
+                                tokens: dims.tokens,
+                                experts: dims.experts,
+                                flops: layer_flops(dims.tokens, h, n1, n2, backward),
+                                min_bytes: layer_min_bytes(cnt, h, n1, n2, backward),
+                            };
+                            let pre = step(eng, fl, fws, backward, strategy).and_then(|()| eng.synchronize());
+                            match pre {
+                                Err(err) => report.err(&row, &err),
+                                Ok(()) => {
+                                    let group = format!("{PREFIX}/{}/{dist}/{cname}", name);
+                                    let id = format!("{mode}/{fp8_label}");
+                                    let secs = time(c, eng, &group, &id, SamplingMode::Flat, |en| {
+                                        step(en, fl, fws, backward, strategy).unwrap_or_else(|e| {
+                                            panic!("{ctx} {mode} {fp8_label}: timed call failed: {e}")
+                                        })
+                                    });
+                                    if let Some(secs) = secs {
+                                        report.ok(&row, secs);
+                                    }
                                 }
                             }
                         }

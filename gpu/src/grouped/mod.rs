@@ -38,7 +38,7 @@ const CACHE_LIMIT: usize = 256;
 pub(crate) type RawProblem = GemmProblem<Operand>;
 
 /// A captured graph. `CudaGraph` holds raw driver handles and is not `Send`.
-struct SendGraph(CudaGraph);
+pub(crate) struct SendGraph(pub(crate) CudaGraph);
 
 // SAFETY: a CUDA graph may be used from any thread as long as calls on it are serialized
 // (driver docs, "Graph object thread safety"); the graph is owned by one executor, whose every
@@ -78,6 +78,8 @@ pub(crate) struct GroupedExecutor {
     pointer_arrays: HashMap<ListKey, CudaSlice<u64>>,
     /// The persistent kernels, loaded on first use (or why they cannot be).
     persistent: Option<Result<PersistentKernels, String>>,
+    /// Graph captures another thread invalidated (their lists were issued directly).
+    pub(crate) capture_fallbacks: u64,
     launches: u64,
 }
 
@@ -105,6 +107,7 @@ impl GroupedExecutor {
             graphs: HashMap::new(),
             pointer_arrays: HashMap::new(),
             persistent: None,
+            capture_fallbacks: 0,
             launches: 0,
         })
     }
@@ -272,6 +275,17 @@ impl GroupedExecutor {
             capture.begin_capture(driver_sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)?;
             let issued = lanes.issue(&self.ctx, s, dt, (ta, tb), problems, &capture, false);
             let ended = capture.end_capture(driver_sys::CUgraphInstantiate_flags(0));
+            if let Err(e) = &ended {
+                if e.0 == driver_sys::cudaError_enum::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED {
+                    // Another thread's call on the device's shared primary context broke the
+                    // capture (nothing captured ran): issue the list on the lanes directly, from
+                    // the engine's stream, and cache nothing.
+                    self.capture_fallbacks += 1;
+                    let direct = lanes.issue(&self.ctx, s, dt, (ta, tb), problems, &self.stream, false)?;
+                    self.launches += direct;
+                    return Ok(());
+                }
+            }
             self.launches += issued?;
             let graph = ended?.ok_or_else(|| GpuError::Unsupported("stream capture produced no graph".into()))?;
             self.graphs.insert(key.clone(), SendGraph(graph));

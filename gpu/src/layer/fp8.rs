@@ -1,7 +1,9 @@
 //! The passes of a [`DeviceLayer`] whose configuration has fp8 (issue 13): the bf16 passes with
 //! every GEMM replaced by TransformerEngine's fp8 GEMM, as `moe_reference::layer` emulates it.
 //!
-//! Recipe on the GPU: per-tensor current scaling (`tensorwise`), one quantizer per expert and
+//! Recipes on the GPU: per-tensor current scaling (`tensorwise`) and delayed scaling (`delayed`:
+//! the same passes, each operand's scale read from the layer call's delayed-scaling state and its
+//! amax recorded into it, `crate::fp8::DeviceDelayedState`), one quantizer per expert and
 //! operand (TE `GroupedLinear`'s `num_gemms` quantizers): `x`, `W1`, `u`, `W2` in the forward,
 //! `dy` of fc2 and fc1 in the backward, each with its transposed (columnwise) copy for dgrad
 //! and wgrad (`moe_reference::fp8` module doc). GEMMs through cuBLASLt with per-tensor scale
@@ -12,17 +14,18 @@
 //! Blockwise scaling runs the same passes with block-scaled operands and GEMMs
 //! (`layer/fp8_block.rs`).
 //!
-//! Declared skips ([`fp8_support`]): delayed scaling (its amax history is not kept on the GPU),
-//! MXFP8 (cuBLASLt runs MXFP8 GEMMs
+//! Declared skips ([`fp8_support`]): MXFP8 (cuBLASLt runs MXFP8 GEMMs
 //! on Blackwell only), GroupedMLP, `activation_func_fp8_input_store`, and shapes cuBLASLt's fp8
 //! GEMMs refuse (a dimension or an expert's padded rows not a multiple of 16).
 
 use super::{DeviceLayer, Dims, Workspace};
 use crate::engine::Engine;
 use crate::error::GpuError;
-use crate::fp8::{SegmentMap, SegmentedFp8};
+use crate::fp8::{Fp8Issue, SegmentMap, SegmentScales, SegmentedFp8};
+use crate::gemm::Strategy;
 use crate::kernels::ActParams;
 use moe_reference::fp8::{Fp8Format, Fp8Recipe, ScaleOptions, TensorRole};
+use moe_reference::layer::Fp8Operand;
 use moe_reference::{Dtype, Fp8Config, LayerClass, LayerConfig};
 
 /// TE's `Float8CurrentScaling` GEMM parameters: fprop with fast accumulation
@@ -48,6 +51,9 @@ pub(crate) struct Fp8Operands {
     u: SegmentedFp8,
     g: Option<SegmentedFp8>,
     da: Option<SegmentedFp8>,
+    /// The weights quantized by this call (delayed scaling: their scales change between calls,
+    /// so they are not cached on the layer).
+    weights: Option<Fp8Weights>,
     /// Set by the backward of this forward: `g`, `da` and the columnwise copies are current.
     backward_done: bool,
 }
@@ -72,10 +78,7 @@ pub fn fp8_support(cfg: &LayerConfig, padded: Option<&[usize]>) -> Result<Fp8Con
     let f = cfg.fp8.ok_or_else(|| GpuError::Unsupported("not an fp8 configuration".into()))?;
     let skip = |why: String| Err(GpuError::Unsupported(format!("fp8 {} on the GPU: {why}", f.label())));
     match f.recipe {
-        Fp8Recipe::Tensorwise | Fp8Recipe::Blockwise => {}
-        Fp8Recipe::Delayed => {
-            return skip("delayed scaling (amax history across calls) is not implemented on the GPU".into())
-        }
+        Fp8Recipe::Tensorwise | Fp8Recipe::Delayed | Fp8Recipe::Blockwise => {}
         Fp8Recipe::Mxfp8 => {
             return skip("cuBLASLt runs MXFP8 (VEC32_UE8M0) GEMMs on Blackwell (sm_100) only, not on Hopper".into())
         }
@@ -96,6 +99,20 @@ pub fn fp8_support(cfg: &LayerConfig, padded: Option<&[usize]>) -> Result<Fp8Con
     }
     Ok(f)
 }
+
+/// How the per-expert fp8 GEMMs of a linear are issued ([`Engine::run_fp8_ops`]): one captured
+/// CUDA graph with [`AUTO_FP8_LANES`] branches for [`Strategy::Auto`], with `s` for
+/// [`Strategy::Graph`]`(s)`; one cuBLASLt call after another for the other strategies.
+pub(super) fn graph_of(strategy: Strategy) -> Fp8Issue {
+    match strategy {
+        Strategy::Auto => Fp8Issue::Graph { lanes: AUTO_FP8_LANES },
+        Strategy::Graph(s) => Fp8Issue::Graph { lanes: s },
+        _ => Fp8Issue::Direct,
+    }
+}
+
+/// The graph branches [`Strategy::Auto`] gives the fp8 GEMMs (docs/performance.md).
+pub const AUTO_FP8_LANES: usize = 4;
 
 /// The element format of each operand role.
 fn formats(f: &Fp8Config) -> (Fp8Format, Fp8Format, Fp8Format) {
@@ -128,7 +145,7 @@ fn op<'a>(
 
 impl DeviceLayer {
     /// The fp8 forward: [`DeviceLayer::forward`] with fp8 fc1 and fc2 GEMMs.
-    pub(super) fn forward_fp8(&self, eng: &mut Engine, ws: &mut Workspace) -> Result<(), GpuError> {
+    pub(super) fn forward_fp8(&self, eng: &mut Engine, ws: &mut Workspace, strategy: Strategy) -> Result<(), GpuError> {
         let (cfg, w) = (&self.cfg, &self.weights);
         let f = fp8_support(cfg, Some(&ws.padded))?;
         if f.recipe == Fp8Recipe::Blockwise {
@@ -136,6 +153,7 @@ impl DeviceLayer {
         }
         let d = Dims::of(cfg);
         let (fi, fw, _) = formats(&f);
+        let graph = graph_of(strategy);
         let opts = options(&f);
         if ws.poison {
             for b in [&mut ws.a, &mut ws.u, &mut ws.y].into_iter().chain(ws.xs.as_mut()) {
@@ -147,23 +165,51 @@ impl DeviceLayer {
             kernels.scale_rows(stream, d.dt, &ws.x, &ws.p, xs, ws.rows, d.h)?;
         }
         let prev = ws.fp8.take();
-        let (tok, px, pu, pg, pda) = match prev {
-            Some(o) if o.tok.lens() == ws.padded.as_slice() => (o.tok, Some(o.x), Some(o.u), o.g, o.da),
-            _ => (SegmentMap::new(eng, &ws.padded)?, None, None, None, None),
+        let (tok, px, pu, pg, pda, pw) = match prev {
+            Some(o) if o.tok.lens() == ws.padded.as_slice() => (o.tok, Some(o.x), Some(o.u), o.g, o.da, o.weights),
+            _ => (SegmentMap::new(eng, &ws.padded)?, None, None, None, None, None),
         };
         let el = ws.padded.len();
-        if self.fp8_weights.get().is_none() {
-            let w1map = SegmentMap::new(eng, &vec![d.n1; el])?;
-            let w1 = eng.quantize_segments(&w.w1, d.dt, &w1map, d.h, fw, opts, true)?;
-            let w2map = SegmentMap::new(eng, &vec![d.h; el])?;
-            let w2 = eng.quantize_segments(&w.w2, d.dt, &w2map, d.n2, fw, opts, true)?;
-            let _ = self.fp8_weights.set(Fp8Weights { w1, w2 });
+        let delayed = ws.delayed.as_ref();
+        if f.recipe == Fp8Recipe::Delayed && delayed.is_none() {
+            return Err(GpuError::Shape("fp8 delayed scaling: the workspace holds no delayed-scaling state".into()));
         }
-        let wq = self.fp8_weights.get().ok_or_else(|| GpuError::Shape("fp8 weights not quantized".into()))?;
+        let scales = |operand: Fp8Operand| match delayed {
+            Some(state) => SegmentScales::Delayed(state, operand),
+            None => SegmentScales::Current(opts),
+        };
+        let call_weights = match delayed {
+            // Delayed scaling: the weights take this call's scales (and record their amaxes).
+            Some(_) => {
+                let (w1map, w2map) = (SegmentMap::new(eng, &vec![d.n1; el])?, SegmentMap::new(eng, &vec![d.h; el])?);
+                let (pw1, pw2) = pw.map_or((None, None), |w| (Some(w.w1), Some(w.w2)));
+                let mut w1 = reuse(eng, pw1, &w1map, d.h, fw)?;
+                eng.quantize_segments_into(&w.w1, d.dt, &w1map, scales(Fp8Operand::Fc1Weight), &mut w1)?;
+                eng.transpose_segments(&mut w1, &w1map)?;
+                let mut w2 = reuse(eng, pw2, &w2map, d.n2, fw)?;
+                eng.quantize_segments_into(&w.w2, d.dt, &w2map, scales(Fp8Operand::Fc2Weight), &mut w2)?;
+                eng.transpose_segments(&mut w2, &w2map)?;
+                Some(Fp8Weights { w1, w2 })
+            }
+            None => {
+                if self.fp8_weights.get().is_none() {
+                    let w1map = SegmentMap::new(eng, &vec![d.n1; el])?;
+                    let w1 = eng.quantize_segments(&w.w1, d.dt, &w1map, d.h, fw, opts, true)?;
+                    let w2map = SegmentMap::new(eng, &vec![d.h; el])?;
+                    let w2 = eng.quantize_segments(&w.w2, d.dt, &w2map, d.n2, fw, opts, true)?;
+                    let _ = self.fp8_weights.set(Fp8Weights { w1, w2 });
+                }
+                None
+            }
+        };
+        let wq = match &call_weights {
+            Some(w) => w,
+            None => self.fp8_weights.get().ok_or_else(|| GpuError::Shape("fp8 weights not quantized".into()))?,
+        };
         let (w1q, w2q) = (&wq.w1, &wq.w2);
         let xin = ws.xs.as_ref().unwrap_or(&ws.x);
         let mut xq = reuse(eng, px, &tok, d.h, fi)?;
-        eng.quantize_segments_into(xin, d.dt, &tok, opts, &mut xq)?;
+        eng.quantize_segments_into(xin, d.dt, &tok, scales(Fp8Operand::Fc1Input), &mut xq)?;
         let beta = match (&w.b1, cfg.class) {
             (Some(b1), LayerClass::TeGrouped) => {
                 let Engine { kernels, stream, .. } = &mut *eng;
@@ -172,10 +218,11 @@ impl DeviceLayer {
             }
             _ => 0.0,
         };
+        let mut gemms = Vec::with_capacity(ws.padded.len());
         for e in 0..el {
             let (m, off) = (ws.padded[e], ws.offsets[e]);
             let c = ws.a.at(off * d.n1 * d.ds);
-            eng.fp8_gemm(
+            gemms.push(eng.fp8_gemm_op(
                 (m, d.n1, d.h),
                 op(&xq, e, off, false)?,
                 op(w1q, e, e * d.n1, false)?,
@@ -183,18 +230,20 @@ impl DeviceLayer {
                 d.dt,
                 beta,
                 FPROP_FAST_ACCUM,
-            )?;
+            )?);
         }
+        eng.run_fp8_ops(&gemms, graph)?;
         let seq_b1 = if cfg.class == LayerClass::Sequential { w.b1.as_ref() } else { None };
         let p_act = ws.p_act.as_ref().unwrap_or(&ws.p);
         let Engine { kernels, stream, .. } = &mut *eng;
         kernels.act_fwd(stream, d.dt, ActParams::of(cfg), &mut ws.a, seq_b1, p_act, &ws.map, &mut ws.u, d.n2)?;
         let mut uq = reuse(eng, pu, &tok, d.n2, fi)?;
-        eng.quantize_segments_into(&ws.u, d.dt, &tok, opts, &mut uq)?;
+        eng.quantize_segments_into(&ws.u, d.dt, &tok, scales(Fp8Operand::Fc2Input), &mut uq)?;
+        let mut gemms = Vec::with_capacity(ws.padded.len());
         for e in 0..el {
             let (m, off) = (ws.padded[e], ws.offsets[e]);
             let c = ws.y.at(off * d.h * d.ds);
-            eng.fp8_gemm(
+            gemms.push(eng.fp8_gemm_op(
                 (m, d.h, d.n2),
                 op(&uq, e, off, false)?,
                 op(w2q, e, e * d.h, false)?,
@@ -202,21 +251,28 @@ impl DeviceLayer {
                 d.dt,
                 0.0,
                 FPROP_FAST_ACCUM,
-            )?;
+            )?);
         }
+        eng.run_fp8_ops(&gemms, graph)?;
         if let Some(b2) = &w.b2 {
             let probs_in_storage = cfg.probs_dtype == cfg.params_dtype && cfg.params_dtype != Dtype::F32;
             let p_act = ws.p_act.as_ref().unwrap_or(&ws.p);
             let Engine { kernels, stream, .. } = &mut *eng;
             kernels.fc2_bias_fwd(stream, d.dt, &mut ws.y, b2, p_act, &ws.map, d.h, probs_in_storage)?;
         }
-        ws.fp8 = Some(Fp8Operands { tok, x: xq, u: uq, g: pg, da: pda, backward_done: false });
+        ws.fp8 = Some(Fp8Operands { tok, x: xq, u: uq, g: pg, da: pda, weights: call_weights, backward_done: false });
         Ok(())
     }
 
     /// The fp8 backward: [`DeviceLayer::backward`] with fp8 dgrad (and, when `with_wgrad`,
     /// wgrad) GEMMs.
-    pub(super) fn backward_fp8(&self, eng: &mut Engine, ws: &mut Workspace, with_wgrad: bool) -> Result<(), GpuError> {
+    pub(super) fn backward_fp8(
+        &self,
+        eng: &mut Engine,
+        ws: &mut Workspace,
+        with_wgrad: bool,
+        strategy: Strategy,
+    ) -> Result<(), GpuError> {
         let cfg = &self.cfg;
         let f = fp8_support(cfg, Some(&ws.padded))?;
         if f.recipe == Fp8Recipe::Blockwise {
@@ -224,9 +280,20 @@ impl DeviceLayer {
         }
         let d = Dims::of(cfg);
         let (_, _, fg) = formats(&f);
+        let graph = graph_of(strategy);
         let opts = options(&f);
         let mut ops = ws.fp8.take().ok_or_else(|| GpuError::Shape("fp8 backward before its forward".into()))?;
-        let wq = self.fp8_weights.get().ok_or_else(|| GpuError::Shape("fp8 backward before its forward".into()))?;
+        let call_weights = ops.weights.take();
+        let wq = match &call_weights {
+            Some(w) => w,
+            None => self.fp8_weights.get().ok_or_else(|| GpuError::Shape("fp8 backward before its forward".into()))?,
+        };
+        // Out of the workspace while its other buffers are borrowed; put back below.
+        let delayed = ws.delayed.take();
+        let scales = |operand: Fp8Operand| match &delayed {
+            Some(state) => SegmentScales::Delayed(state, operand),
+            None => SegmentScales::Current(opts),
+        };
         if ws.poison {
             let grads = &mut ws.grads;
             let all = [&mut ws.du, &mut ws.da, &mut ws.dx, &mut ws.dp, &mut grads.w1, &mut grads.w2];
@@ -238,11 +305,12 @@ impl DeviceLayer {
         self.fc2_bias_grad(eng, ws)?;
         // du_e = G_e·W2_e: G rowwise times W2's columnwise copy [N2, h].
         let mut gq = reuse(eng, ops.g.take(), &ops.tok, d.h, fg)?;
-        eng.quantize_segments_into(&ws.g, d.dt, &ops.tok, opts, &mut gq)?;
+        eng.quantize_segments_into(&ws.g, d.dt, &ops.tok, scales(Fp8Operand::Fc2GradOutput), &mut gq)?;
+        let mut gemms = Vec::with_capacity(ws.padded.len());
         for e in 0..el {
             let (m, off) = (ws.padded[e], ws.offsets[e]);
             let c = ws.du.at(off * d.n2 * d.ds);
-            eng.fp8_gemm(
+            gemms.push(eng.fp8_gemm_op(
                 (m, d.n2, d.h),
                 op(&gq, e, off, false)?,
                 op(&wq.w2, e, e * d.h, true)?,
@@ -250,16 +318,18 @@ impl DeviceLayer {
                 d.dt,
                 0.0,
                 DGRAD_FAST_ACCUM,
-            )?;
+            )?);
         }
+        eng.run_fp8_ops(&gemms, graph)?;
         self.activation_backward(eng, ws)?;
         // dx_e = da_e·W1_e: da rowwise times W1's columnwise copy [h, N1].
         let mut daq = reuse(eng, ops.da.take(), &ops.tok, d.n1, fg)?;
-        eng.quantize_segments_into(&ws.da, d.dt, &ops.tok, opts, &mut daq)?;
+        eng.quantize_segments_into(&ws.da, d.dt, &ops.tok, scales(Fp8Operand::Fc1GradOutput), &mut daq)?;
+        let mut gemms = Vec::with_capacity(ws.padded.len());
         for e in 0..el {
             let (m, off) = (ws.padded[e], ws.offsets[e]);
             let c = ws.dx.at(off * d.h * d.ds);
-            eng.fp8_gemm(
+            gemms.push(eng.fp8_gemm_op(
                 (m, d.h, d.n1),
                 op(&daq, e, off, false)?,
                 op(&wq.w1, e, e * d.n1, true)?,
@@ -267,8 +337,9 @@ impl DeviceLayer {
                 d.dt,
                 0.0,
                 DGRAD_FAST_ACCUM,
-            )?;
+            )?);
         }
+        eng.run_fp8_ops(&gemms, graph)?;
         if cfg.apply_probs_on_input {
             let Engine { kernels, stream, .. } = &mut *eng;
             kernels.probs_in_bwd(
@@ -289,24 +360,31 @@ impl DeviceLayer {
         }
         ops.g = Some(gq);
         ops.da = Some(daq);
+        ops.weights = call_weights;
+        ws.delayed = delayed;
         ops.backward_done = true;
         ws.fp8 = Some(ops);
         if cfg.class == LayerClass::Sequential || with_wgrad {
             self.fc1_bias_grad(eng, ws)?;
         }
         if with_wgrad {
-            self.wgrad_fp8(eng, ws)?;
+            self.wgrad_fp8(eng, ws, graph)?;
         }
         Ok(())
     }
 
     /// `backward_dw()` in fp8: the deferred weight GEMMs, fc2 then fc1, and TEGroupedMLP's fc1
     /// bias grad.
-    pub(super) fn backward_dw_fp8(&self, eng: &mut Engine, ws: &mut Workspace) -> Result<(), GpuError> {
+    pub(super) fn backward_dw_fp8(
+        &self,
+        eng: &mut Engine,
+        ws: &mut Workspace,
+        strategy: Strategy,
+    ) -> Result<(), GpuError> {
         if self.cfg.fp8.is_some_and(|f| f.recipe == Fp8Recipe::Blockwise) {
             self.wgrad_fp8_block(eng, ws)?;
         } else {
-            self.wgrad_fp8(eng, ws)?;
+            self.wgrad_fp8(eng, ws, graph_of(strategy))?;
         }
         if self.cfg.class == LayerClass::TeGrouped {
             self.fc1_bias_grad(eng, ws)?;
@@ -314,9 +392,34 @@ impl DeviceLayer {
         Ok(())
     }
 
+    /// The per-tensor `scale_inv` of each local expert's `operand` that the last fp8 call of
+    /// `ws` cast with (per-tensor recipes; the output gradients after its backward): what the
+    /// tests hold against the recipe's rule, e.g. `1/scale` of a delayed-scaling state.
+    pub fn fp8_scale_inv(&self, eng: &mut Engine, ws: &Workspace, operand: Fp8Operand) -> Result<Vec<f32>, GpuError> {
+        let missing = || GpuError::Shape(format!("no per-tensor fp8 {} in this workspace", operand.name()));
+        let ops = ws.fp8.as_ref().ok_or_else(missing)?;
+        let weights = ops.weights.as_ref().or(self.fp8_weights.get());
+        let t = match operand {
+            Fp8Operand::Fc1Input => Some(&ops.x),
+            Fp8Operand::Fc2Input => Some(&ops.u),
+            Fp8Operand::Fc1GradOutput => ops.da.as_ref(),
+            Fp8Operand::Fc2GradOutput => ops.g.as_ref(),
+            Fp8Operand::Fc1Weight => weights.map(|w| &w.w1),
+            Fp8Operand::Fc2Weight => weights.map(|w| &w.w2),
+        }
+        .ok_or_else(missing)?;
+        let bytes = eng.download(&t.scale_inv)?;
+        Ok((0..t.segments)
+            .map(|s| {
+                let at = 4 * crate::fp8::SCALE_STRIDE * s;
+                f32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+            })
+            .collect())
+    }
+
     /// `dW2_e = G_eᵀ·u_e` and `dW1_e = da_eᵀ·x_e` from the columnwise copies (K = the expert's
     /// padded rows; an expert with none gets exact zeros).
-    fn wgrad_fp8(&self, eng: &mut Engine, ws: &Workspace) -> Result<(), GpuError> {
+    fn wgrad_fp8(&self, eng: &mut Engine, ws: &Workspace, graph: Fp8Issue) -> Result<(), GpuError> {
         let d = Dims::of(&self.cfg);
         let ops = ws.fp8.as_ref().ok_or_else(|| GpuError::Shape("fp8 backward_dw before its backward".into()))?;
         let missing = || GpuError::Shape("fp8 wgrad before the backward quantized the output gradients".into());
@@ -324,10 +427,11 @@ impl DeviceLayer {
             return Err(missing());
         }
         let (gq, daq) = (ops.g.as_ref().ok_or_else(missing)?, ops.da.as_ref().ok_or_else(missing)?);
+        let mut gemms = Vec::with_capacity(ws.padded.len());
         for e in 0..ws.padded.len() {
             let (m, off) = (ws.padded[e], ws.offsets[e]);
             let c = ws.grads.w2.at(e * d.h * d.n2 * d.ds);
-            eng.fp8_gemm(
+            gemms.push(eng.fp8_gemm_op(
                 (d.h, d.n2, m),
                 op(gq, e, off, true)?,
                 op(&ops.u, e, off, true)?,
@@ -335,12 +439,14 @@ impl DeviceLayer {
                 d.dt,
                 0.0,
                 WGRAD_FAST_ACCUM,
-            )?;
+            )?);
         }
+        eng.run_fp8_ops(&gemms, graph)?;
+        let mut gemms = Vec::with_capacity(ws.padded.len());
         for e in 0..ws.padded.len() {
             let (m, off) = (ws.padded[e], ws.offsets[e]);
             let c = ws.grads.w1.at(e * d.n1 * d.h * d.ds);
-            eng.fp8_gemm(
+            gemms.push(eng.fp8_gemm_op(
                 (d.n1, d.h, m),
                 op(daq, e, off, true)?,
                 op(&ops.x, e, off, true)?,
@@ -348,8 +454,9 @@ impl DeviceLayer {
                 d.dt,
                 0.0,
                 WGRAD_FAST_ACCUM,
-            )?;
+            )?);
         }
+        eng.run_fp8_ops(&gemms, graph)?;
         Ok(())
     }
 }
@@ -381,11 +488,11 @@ mod tests {
     /// needed): each refusal exists so that a report counts a skip instead of running bf16 under
     /// an fp8 name or failing inside cuBLASLt.
     #[test]
-    fn fp8_support_runs_tensorwise_and_blockwise_and_names_every_refusal() {
+    fn fp8_support_runs_tensorwise_delayed_and_blockwise_and_names_every_refusal() {
         assert!(fp8_support(&cfg(Fp8Recipe::Tensorwise), Some(&[16, 0, 32])).is_ok());
         assert!(fp8_support(&cfg(Fp8Recipe::Blockwise), Some(&[16, 0, 32])).is_ok());
         assert!(reason(fp8_support(&cfg(Fp8Recipe::Mxfp8), None)).contains("Blackwell"));
-        assert!(reason(fp8_support(&cfg(Fp8Recipe::Delayed), None)).contains("delayed"));
+        assert!(fp8_support(&cfg(Fp8Recipe::Delayed), Some(&[16, 0, 32])).is_ok());
         let odd = LayerConfig { hidden_size: 40, ..cfg(Fp8Recipe::Tensorwise) };
         assert!(reason(fp8_support(&odd, None)).contains("hidden_size = 40"));
         // An expert whose padded rows are not a multiple of 16 (the wgrad GEMM's K).

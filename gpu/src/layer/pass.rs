@@ -49,7 +49,7 @@ impl DeviceLayer {
     /// The forward pass on device buffers: `ws.y` (and the intermediates backward needs).
     pub fn forward(&self, eng: &mut Engine, ws: &mut Workspace, strategy: Strategy) -> Result<(), GpuError> {
         if self.cfg.fp8.is_some() {
-            return self.forward_fp8(eng, ws);
+            return self.forward_fp8(eng, ws, strategy);
         }
         let (cfg, w) = (&self.cfg, &self.weights);
         let d = Dims::of(cfg);
@@ -145,7 +145,7 @@ impl DeviceLayer {
         strategy: Strategy,
     ) -> Result<(), GpuError> {
         if self.cfg.fp8.is_some() {
-            return self.backward_fp8(eng, ws, with_wgrad);
+            return self.backward_fp8(eng, ws, with_wgrad, strategy);
         }
         let (cfg, w) = (&self.cfg, &self.weights);
         let d = Dims::of(cfg);
@@ -197,7 +197,7 @@ impl DeviceLayer {
     /// goes with its GEMM).
     pub fn backward_dw(&self, eng: &mut Engine, ws: &mut Workspace, strategy: Strategy) -> Result<(), GpuError> {
         if self.cfg.fp8.is_some() {
-            return self.backward_dw_fp8(eng, ws);
+            return self.backward_dw_fp8(eng, ws, strategy);
         }
         self.wgrad(eng, ws, Linear::Fc2, strategy)?;
         self.wgrad(eng, ws, Linear::Fc1, strategy)?;

@@ -56,14 +56,28 @@ pub struct Workspace {
     pub(crate) fp8: Option<super::fp8::Fp8Operands>,
     /// The same for the blockwise recipe.
     pub(crate) fp8_block: Option<super::fp8_block::BlockActs>,
+    /// The delayed-scaling state of this call (fp8 `delayed` recipe): set before the forward,
+    /// read back after the backward.
+    pub(crate) delayed: Option<crate::fp8::DeviceDelayedState>,
 }
 
 impl DeviceLayer {
     /// Allocates the buffers for one call with the given segment row counts (see
     /// [`super::segments`]).
+    ///
+    /// Under the fp8 `delayed` recipe the workspace starts from TE's initial delayed-scaling
+    /// state ([`moe_reference::layer::Fp8State::new`]: scale 1, empty history); replace it with
+    /// [`Workspace::set_delayed_state`] to run a later step.
     pub fn workspace(&self, eng: &mut Engine, counts: &[usize], poison: bool) -> Result<Workspace, GpuError> {
         let cfg = &self.cfg;
         let d = Dims::of(cfg);
+        let delayed = match cfg.fp8 {
+            Some(f) if f.recipe == moe_reference::Fp8Recipe::Delayed => {
+                let initial = moe_reference::layer::Fp8State::new(cfg)?;
+                Some(crate::fp8::DeviceDelayedState::upload(eng, &initial)?)
+            }
+            _ => None,
+        };
         let padded: Vec<usize> = counts
             .iter()
             .map(|&c| match cfg.row_padding() {
@@ -113,6 +127,7 @@ impl DeviceLayer {
             poison,
             fp8: None,
             fp8_block: None,
+            delayed,
         })
     }
 
@@ -168,6 +183,17 @@ impl Workspace {
             .collect();
         let pb = to_bytes(Dtype::F32, probs);
         eng.write(&mut self.p, &pb)
+    }
+
+    /// Sets the delayed-scaling state the fp8 passes of this workspace cast with and record
+    /// into (fp8 `delayed` recipe; without one a delayed layer refuses to run).
+    pub fn set_delayed_state(&mut self, state: Option<crate::fp8::DeviceDelayedState>) {
+        self.delayed = state;
+    }
+
+    /// The delayed-scaling state (after a backward: with this call's amaxes recorded).
+    pub fn delayed_state(&self) -> Option<&crate::fp8::DeviceDelayedState> {
+        self.delayed.as_ref()
     }
 
     /// Copies host rows into the padded layout: `x` `[T, h]`, `probs` `[T]`, and the upstream

@@ -147,6 +147,20 @@ impl DelayedScaling {
         self.format.max_finite() * factor
     }
 
+    /// Replaces the `scale` and the amax history (same length as configured).
+    pub fn set(&mut self, scale: f32, amax_history: &[f32]) -> Result<(), String> {
+        if amax_history.len() != self.amax_history.len() {
+            return Err(format!(
+                "delayed scaling: amax history of {} entries, expected amax_history_len = {}",
+                amax_history.len(),
+                self.amax_history.len()
+            ));
+        }
+        self.scale = scale;
+        self.amax_history.copy_from_slice(amax_history);
+        Ok(())
+    }
+
     /// Records an amax into `amax_history[0]` (an atomic max in TE's cast kernel).
     pub fn record_amax(&mut self, amax: f32) {
         self.amax_history[0] = self.amax_history[0].max(amax);

@@ -148,6 +148,29 @@ impl Fp8State {
         self.experts.get_mut(expert).map(|e| &mut e[operand.index()])
     }
 
+    /// Local experts the state holds (0 unless delayed scaling).
+    pub fn experts(&self) -> usize {
+        self.experts.len()
+    }
+
+    /// Replaces one tensor's `scale` and amax history (a state read back from another
+    /// implementation, e.g. a GPU's); the history must keep its configured length.
+    pub fn set(
+        &mut self,
+        expert: usize,
+        operand: Fp8Operand,
+        scale: f32,
+        amax_history: &[f32],
+    ) -> Result<(), ReferenceError> {
+        let state = self.get_mut(expert, operand).ok_or_else(|| {
+            ReferenceError::Config(format!(
+                "tensor {}: no delayed-scaling state for local expert {expert}",
+                operand.name()
+            ))
+        })?;
+        state.set(scale, amax_history).map_err(|e| ReferenceError::Config(format!("tensor {}: {e}", operand.name())))
+    }
+
     /// The amax-and-scale update between steps (TE's fused kernel), for every tensor.
     pub fn update(&mut self) {
         self.experts.iter_mut().flatten().for_each(DelayedScaling::update);

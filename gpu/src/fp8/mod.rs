@@ -31,7 +31,7 @@ use ndarray::Array2;
 use std::ffi::c_void;
 
 /// The kernel source, embedded; compiled by NVRTC on first use.
-const FP8_CU: &str = include_str!("../kernels/fp8.cu");
+const FP8_CU: &str = include_str!("../../kernels/fp8.cu");
 
 /// The f32 stride between the per-segment scales of a [`SegmentedFp8`]: each scale on its own
 /// 256-byte line, the alignment of a fresh allocation (what TE's scale tensors have).
@@ -205,12 +205,42 @@ pub(crate) struct Fp8Engine {
     cast: [[CudaFunction; 2]; 3],
     block: [[CudaFunction; 2]; 3],
     compute_scales: CudaFunction,
-    transpose: CudaFunction,
+    pub(crate) delayed_scales: CudaFunction,
+    pub(crate) delayed_record: CudaFunction,
+    pub(crate) delayed_update: CudaFunction,
+    transpose_seg: CudaFunction,
     block_scales_gemm: CudaFunction,
     lt: LtHandle,
     lt_workspace: DeviceBuffer,
     plans: std::collections::HashMap<PlanKey, Plan>,
+    /// The capture stream and graph cache of [`Engine::run_fp8_ops`] (made on first use).
+    capture: Option<Capture>,
+    /// Captures another thread invalidated (their lists were issued one by one instead).
+    pub(crate) capture_fallbacks: u64,
     launches: u64,
+}
+
+/// Graphs of fp8 GEMM lists kept before the cache is flushed.
+const GRAPH_CACHE_LIMIT: usize = 256;
+
+/// The stream fp8 GEMM lists are captured on and replayed on (capture cannot use the legacy
+/// default stream the engine runs on), its ordering events and the captured graphs.
+struct Capture {
+    stream: std::sync::Arc<CudaStream>,
+    to_capture: cudarc::driver::CudaEvent,
+    done: cudarc::driver::CudaEvent,
+    /// Forks the lanes from the capture stream.
+    fork: cudarc::driver::CudaEvent,
+    /// Side streams the captured GEMMs are spread over (branches of the graph).
+    lanes: Vec<Lane>,
+    graphs: std::collections::HashMap<(usize, Vec<Fp8Work>), crate::grouped::SendGraph>,
+}
+
+/// A side stream of a captured fp8 GEMM list, with its own cuBLASLt workspace.
+struct Lane {
+    stream: std::sync::Arc<CudaStream>,
+    workspace: DeviceBuffer,
+    done: cudarc::driver::CudaEvent,
 }
 
 impl std::fmt::Debug for Fp8Engine {
@@ -256,6 +286,18 @@ impl Fp8Engine {
     /// device scale pointers `scales` (per-tensor scale_inv or block scale tensors, as the plan's
     /// scale modes say) on `C = alpha·op(A, B) + beta·C`, `addrs` = (A, B, C), both the tensorwise
     /// and the block-scaled GEMMs' last step. `context` names the GEMM in errors.
+    /// The cached plan of `key`, built on first use.
+    fn plan(&mut self, key: PlanKey, scales: (u64, u64), context: &str) -> Result<&Plan, GpuError> {
+        if !self.plans.contains_key(&key) {
+            if self.plans.len() >= PLAN_CACHE_LIMIT {
+                self.plans.clear();
+            }
+            let plan = Plan::new(self.lt.0, &key, scales).map_err(|e| in_context(e, "plan", context))?;
+            self.plans.insert(key, plan);
+        }
+        self.plans.get(&key).ok_or_else(|| GpuError::CublasLt("plan cache".into()))
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn matmul(
         &mut self,
@@ -267,14 +309,8 @@ impl Fp8Engine {
         stream: cudarc::driver::sys::CUstream,
         context: &str,
     ) -> Result<(), GpuError> {
-        if !self.plans.contains_key(&key) {
-            if self.plans.len() >= PLAN_CACHE_LIMIT {
-                self.plans.clear();
-            }
-            let plan = Plan::new(self.lt.0, &key, (sa, sb)).map_err(|e| in_context(e, "plan", context))?;
-            self.plans.insert(key, plan);
-        }
-        let plan = self.plans.get(&key).ok_or_else(|| GpuError::CublasLt("plan cache".into()))?;
+        let handle = self.lt.0;
+        let plan = self.plan(key, (sa, sb), context)?;
         plan.set_scales(sa, sb)?;
         let alpha = 1f32;
         // SAFETY: the callers checked that A, B, C and the scales are device ranges holding what
@@ -284,7 +320,7 @@ impl Fp8Engine {
         // runtime stream types are the same `CUstream_st` handle).
         unsafe {
             lt::matmul(
-                self.lt.0,
+                handle,
                 plan.desc,
                 (&alpha as *const f32).cast(),
                 (&beta as *const f32).cast(),
@@ -305,6 +341,139 @@ impl Fp8Engine {
         .map_err(|e| in_context(lt_err(e), "cublasLtMatmul", context))?;
         self.launches += 1;
         Ok(())
+    }
+}
+
+impl Fp8Engine {
+    /// Issues one checked op on `stream`.
+    fn issue(
+        &mut self,
+        op: &Fp8GemmOp,
+        stream: cudarc::driver::sys::CUstream,
+        ws: Option<u64>,
+    ) -> Result<(), GpuError> {
+        match op.work {
+            Fp8Work::Nothing => Ok(()),
+            Fp8Work::Zero { c, bytes } => {
+                // SAFETY: `c` starts `bytes` bytes inside a live allocation of this engine (checked
+                // by `prologue`); the memset is ordered on `stream`.
+                unsafe { cudarc::driver::result::memset_d8_async(c, 0, bytes, stream) }?;
+                Ok(())
+            }
+            Fp8Work::Matmul { key, scales, addrs } => {
+                let ws = match ws {
+                    Some(ws) => ws,
+                    None => self.lt_workspace.addr(0, LT_WORKSPACE, "cuBLASLt workspace")?,
+                };
+                let beta = if key.beta_one { 1.0 } else { 0.0 };
+                self.matmul(key, scales, beta, addrs, ws, stream, &op.context)
+            }
+        }
+    }
+
+    /// Issues `ops` on the capture stream (`lanes` ≤ 1) or forked over the first `lanes` side
+    /// streams, longest first onto the least-loaded lane, joined back into the capture stream.
+    fn issue_forked(&mut self, cap: &Capture, ops: &[Fp8GemmOp], lanes: usize) -> Result<(), GpuError> {
+        if lanes <= 1 {
+            return ops.iter().try_for_each(|op| self.issue(op, cap.stream.cu_stream(), None));
+        }
+        let flops = |op: &Fp8GemmOp| match op.work {
+            Fp8Work::Matmul { key, .. } => (key.dims.0 * key.dims.1 * key.dims.2) as f64,
+            Fp8Work::Zero { bytes, .. } => bytes as f64,
+            Fp8Work::Nothing => 0.0,
+        };
+        let mut order: Vec<usize> = (0..ops.len()).filter(|&i| ops[i].work != Fp8Work::Nothing).collect();
+        order.sort_by(|&a, &b| flops(&ops[b]).total_cmp(&flops(&ops[a])).then(a.cmp(&b)));
+        let mut load = vec![0.0f64; lanes];
+        let mut per_lane: Vec<Vec<usize>> = vec![Vec::new(); lanes];
+        for i in order {
+            let (li, _) = load.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).unwrap_or((0, &0.0));
+            load[li] += flops(&ops[i]);
+            per_lane[li].push(i);
+        }
+        cap.fork.record(&cap.stream)?;
+        for (lane, items) in cap.lanes.iter().zip(&per_lane) {
+            lane.stream.wait(&cap.fork)?;
+            let ws = lane.workspace.addr(0, LT_WORKSPACE, "lane cuBLASLt workspace")?;
+            for &i in items {
+                self.issue(&ops[i], lane.stream.cu_stream(), Some(ws))?;
+            }
+            lane.done.record(&lane.stream)?;
+            cap.stream.wait(&lane.done)?;
+        }
+        Ok(())
+    }
+
+    /// [`Engine::run_fp8_ops`] with a graph: capture on first sight of the list, then replay.
+    fn run_graph(
+        &mut self,
+        ctx: &std::sync::Arc<cudarc::driver::CudaContext>,
+        main: &std::sync::Arc<CudaStream>,
+        ops: &[Fp8GemmOp],
+        lanes: usize,
+    ) -> Result<(), GpuError> {
+        use cudarc::driver::sys as ds;
+        let mut cap = match self.capture.take() {
+            Some(c) => c,
+            None => Capture {
+                stream: ctx.new_stream()?,
+                to_capture: ctx.new_event(None)?,
+                done: ctx.new_event(None)?,
+                fork: ctx.new_event(None)?,
+                lanes: Vec::new(),
+                graphs: Default::default(),
+            },
+        };
+        while cap.lanes.len() < lanes {
+            let workspace = main.alloc_zeros::<u8>(LT_WORKSPACE)?;
+            cap.lanes.push(Lane {
+                stream: ctx.new_stream()?,
+                workspace: DeviceBuffer::new(workspace, main, LT_WORKSPACE)?,
+                done: ctx.new_event(None)?,
+            });
+            // The side streams must not touch the workspace before its zeroing finished.
+            main.synchronize()?;
+        }
+        let result = (|| -> Result<(), GpuError> {
+            let key = (lanes, ops.iter().map(|o| o.work).collect::<Vec<Fp8Work>>());
+            cap.to_capture.record(main)?;
+            cap.stream.wait(&cap.to_capture)?;
+            if !cap.graphs.contains_key(&key) {
+                // Plans first: their heuristic queries stay out of the capture.
+                for op in ops {
+                    if let Fp8Work::Matmul { key, scales, .. } = op.work {
+                        self.plan(key, scales, &op.context)?;
+                    }
+                }
+                if cap.graphs.len() >= GRAPH_CACHE_LIMIT {
+                    cap.graphs.clear();
+                }
+                cap.stream.begin_capture(ds::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)?;
+                let issued = self.issue_forked(&cap, ops, lanes);
+                match cap.stream.end_capture(ds::CUgraphInstantiate_flags(0)) {
+                    Ok(Some(graph)) => {
+                        issued?;
+                        cap.graphs.insert(key.clone(), crate::grouped::SendGraph(graph));
+                    }
+                    Ok(None) => return Err(GpuError::Unsupported("stream capture produced no graph".into())),
+                    Err(e) if e.0 == ds::cudaError_enum::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED => {
+                        // Another thread's call on the shared context broke the capture: nothing
+                        // captured ran; issue the list directly, in order, on the engine's stream.
+                        self.capture_fallbacks += 1;
+                        return ops.iter().try_for_each(|op| self.issue(op, main.cu_stream(), None));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let graph = cap.graphs.get(&key).ok_or_else(|| GpuError::Unsupported("fp8 graph cache".into()))?;
+            graph.0.launch()?;
+            cap.done.record(&cap.stream)?;
+            main.wait(&cap.done)?;
+            self.launches += 1;
+            Ok(())
+        })();
+        self.capture = Some(cap);
+        result
     }
 }
 
@@ -346,11 +515,16 @@ impl Fp8Engine {
             cast,
             block,
             compute_scales: f("compute_scales".into())?,
-            transpose: f("transpose_u8".into())?,
+            delayed_scales: f("delayed_scales".into())?,
+            delayed_record: f("delayed_record".into())?,
+            delayed_update: f("delayed_update".into())?,
+            transpose_seg: f("transpose_seg_u8".into())?,
             block_scales_gemm: f("block_scales_gemm".into())?,
             lt,
             lt_workspace,
             plans: Default::default(),
+            capture: None,
+            capture_fallbacks: 0,
             launches: 0,
         })
     }
@@ -377,6 +551,9 @@ macro_rules! launch {
         }
     }};
 }
+
+mod delayed;
+pub use delayed::{update_on_device, DeviceDelayedState};
 
 /// The segment layout of a per-tensor quantization: `seg_off`, `seg_len` (i32 each) and the
 /// segment of each row (i32), uploaded.
@@ -488,6 +665,22 @@ impl SegmentedFp8 {
     }
 }
 
+/// Where the per-segment scales of [`Engine::quantize_segments_into`] come from.
+#[derive(Clone, Copy, Debug)]
+pub enum SegmentScales<'a> {
+    /// Per-tensor current scaling: each segment's own amax (TE `Float8CurrentScaling`).
+    Current(ScaleOptions),
+    /// Delayed scaling: the state's scale of this operand for each local expert, the segment's
+    /// amax recorded into the state (TE `DelayedScaling`).
+    Delayed(&'a DeviceDelayedState, moe_reference::layer::Fp8Operand),
+}
+
+impl From<ScaleOptions> for SegmentScales<'_> {
+    fn from(options: ScaleOptions) -> Self {
+        SegmentScales::Current(options)
+    }
+}
+
 /// The alignment cuBLASLt may assume for a device address: its largest power-of-two divisor,
 /// at most 256 (TE's `_getAlignment`).
 fn alignment(addr: u64) -> u32 {
@@ -512,18 +705,18 @@ impl Engine {
     /// one amax and scale per segment (TE's quantizer per expert): codes, optionally the
     /// per-segment transposed copy (the columnwise copy: same codes), and the scales.
     #[allow(clippy::too_many_arguments)]
-    pub fn quantize_segments(
+    pub fn quantize_segments<'s>(
         &mut self,
         x: &DeviceBuffer,
         dtype: Dtype,
         map: &SegmentMap,
         cols: usize,
         format: Fp8Format,
-        options: ScaleOptions,
+        scales: impl Into<SegmentScales<'s>>,
         columnwise: bool,
     ) -> Result<SegmentedFp8, GpuError> {
         let mut t = SegmentedFp8::alloc(self, map, cols, format)?;
-        self.quantize_segments_into(x, dtype, map, options, &mut t)?;
+        self.quantize_segments_into(x, dtype, map, scales, &mut t)?;
         if columnwise {
             self.transpose_segments(&mut t, map)?;
         }
@@ -532,14 +725,18 @@ impl Engine {
 
     /// [`Engine::quantize_segments`] into the buffers of `t` (its format and columns; rows and
     /// segments of `map`), without the columnwise copy.
-    pub fn quantize_segments_into(
+    ///
+    /// With [`SegmentScales::Delayed`] the scales come from the delayed-scaling state (segment
+    /// `s` = local expert `s`) and each segment's amax is recorded into it.
+    pub fn quantize_segments_into<'s>(
         &mut self,
         x: &DeviceBuffer,
         dtype: Dtype,
         map: &SegmentMap,
-        options: ScaleOptions,
+        scales: impl Into<SegmentScales<'s>>,
         t: &mut SegmentedFp8,
     ) -> Result<(), GpuError> {
+        let scales = scales.into();
         if !t.fits(map) {
             return Err(GpuError::Shape(format!(
                 "fp8 quantize: buffers for {} rows in {} segments, asked for {} rows in {}",
@@ -574,13 +771,30 @@ impl Engine {
         let bx = max_seg.div_ceil(256 * per_thread).clamp(1, 1024) as u32;
         let cfg = LaunchConfig { grid_dim: (bx, u32::try_from(segs)?, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         launch!(fe, stream, &fe.amax[dt_index(dtype)], cfg, [&xa, &off, &len, &ci, &vec, &am]);
-        let (fmax, pow2, eps, vinf) =
-            (format.max_finite(), i32::from(options.force_pow_2_scales), options.amax_epsilon, f32::MAX);
-        let si32 = i32::try_from(segs)?;
-        let cfg =
-            LaunchConfig { grid_dim: (segs.div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let stride = SCALE_STRIDE as i32;
-        launch!(fe, stream, &fe.compute_scales, cfg, [&am, &si32, &stride, &fmax, &pow2, &eps, &vinf, &sc, &si]);
+        match scales {
+            SegmentScales::Current(options) => {
+                let (fmax, pow2, eps, vinf) =
+                    (format.max_finite(), i32::from(options.force_pow_2_scales), options.amax_epsilon, f32::MAX);
+                let si32 = i32::try_from(segs)?;
+                let cfg = LaunchConfig {
+                    grid_dim: (segs.div_ceil(256) as u32, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                launch!(
+                    fe,
+                    stream,
+                    &fe.compute_scales,
+                    cfg,
+                    [&am, &si32, &stride, &fmax, &pow2, &eps, &vinf, &sc, &si]
+                );
+            }
+            SegmentScales::Delayed(state, operand) => {
+                state.scales_into(fe, &stream, operand, segs, (sc, si))?;
+                state.record(fe, &stream, operand, segs, am)?;
+            }
+        }
         let ri = i32::try_from(rows)?;
         let blocks = if vec == 1 { (rows * cols / 8).div_ceil(256 * 4) } else { rows };
         let cfg = LaunchConfig {
@@ -612,13 +826,15 @@ impl Engine {
         let fe = self.fp8_engine()?;
         let ci = i32::try_from(cols)?;
         let codes_t = t.codes_t.as_ref().ok_or_else(|| GpuError::Shape("fp8 transpose output".into()))?;
-        let mut start = 0usize;
-        for &l in &map.lens {
-            let src = t.codes.addr(start * cols, l * cols, "transpose input")?;
-            let dst = codes_t.addr(start * cols, l * cols, "transpose output")?;
-            let (li, cfg) = (i32::try_from(l)?, transpose_cfg(l, cols)?);
-            launch!(fe, stream, &fe.transpose, cfg, [&src, &li, &ci, &dst]);
-            start += l;
+        let segs = map.lens.len();
+        let src = t.codes.addr(0, rows * cols, "transpose input")?;
+        let dst = codes_t.addr(0, rows * cols, "transpose output")?;
+        let (off, len) = (map.seg_off.addr(0, segs * 4, "seg_off")?, map.seg_len.addr(0, segs * 4, "seg_len")?);
+        let max_len = map.lens.iter().copied().max().unwrap_or(0);
+        let mut cfg = transpose_cfg(max_len, cols)?;
+        cfg.grid_dim.2 = u32::try_from(segs)?;
+        if segs > 0 && max_len > 0 && cols > 0 {
+            launch!(fe, stream, &fe.transpose_seg, cfg, [&src, &off, &len, &ci, &dst]);
         }
         Ok(())
     }
@@ -777,7 +993,7 @@ impl Engine {
     #[allow(clippy::too_many_arguments)]
     pub fn fp8_gemm(
         &mut self,
-        (m, n, k): (usize, usize, usize),
+        dims: (usize, usize, usize),
         a: (Region<'_>, Fp8Format, Region<'_>),
         b: (Region<'_>, Fp8Format, Region<'_>),
         c: Region<'_>,
@@ -785,22 +1001,27 @@ impl Engine {
         beta: f32,
         fast_accum: bool,
     ) -> Result<(), GpuError> {
-        if m == 0 || n == 0 {
-            return Ok(());
-        }
-        let c_addr = c.addr(m * n * out_dt.size_bytes(), "fp8 GEMM output C")?;
-        if k == 0 {
-            if beta == 0.0 {
-                let bytes = m * n * out_dt.size_bytes();
-                // SAFETY: `c_addr` starts `bytes` bytes inside a live allocation of this engine
-                // (checked above); the memset is ordered on the engine's stream.
-                unsafe { cudarc::driver::result::memset_d8_async(c_addr, 0, bytes, self.stream.cu_stream()) }?;
-            }
-            return Ok(());
-        }
-        if a.1 == Fp8Format::E5M2 && b.1 == Fp8Format::E5M2 {
-            return Err(GpuError::Unsupported("fp8 GEMM: e5m2 x e5m2 is not supported by cuBLASLt".into()));
-        }
+        let op = self.fp8_gemm_op(dims, a, b, c, out_dt, beta, fast_accum)?;
+        self.run_fp8_ops(std::slice::from_ref(&op), Fp8Issue::Direct)
+    }
+
+    /// [`Engine::fp8_gemm`] checked but not issued: run it, with others, by
+    /// [`Engine::run_fp8_ops`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn fp8_gemm_op(
+        &mut self,
+        (m, n, k): (usize, usize, usize),
+        a: (Region<'_>, Fp8Format, Region<'_>),
+        b: (Region<'_>, Fp8Format, Region<'_>),
+        c: Region<'_>,
+        out_dt: Dtype,
+        beta: f32,
+        fast_accum: bool,
+    ) -> Result<Fp8GemmOp, GpuError> {
+        let c_addr = match prologue((m, n, k), (a.1, b.1), c, out_dt, beta, "fp8 GEMM")? {
+            Prologue::Done(op) => return Ok(op),
+            Prologue::Matmul(c_addr) => c_addr,
+        };
         if !k.is_multiple_of(16) {
             return Err(GpuError::Unsupported(format!("fp8 GEMM: k = {k} is not a multiple of 16 (cuBLASLt fp8)")));
         }
@@ -819,9 +1040,6 @@ impl Engine {
             alignment(sa),
             alignment(sb)
         );
-        let stream = self.stream.cu_stream();
-        let fe = self.fp8_engine()?;
-        let ws = fe.lt_workspace.addr(0, LT_WORKSPACE, "cuBLASLt workspace")?;
         let key = PlanKey {
             dims: (m, n, k),
             formats: (a.1, b.1),
@@ -831,8 +1049,98 @@ impl Engine {
             align: [alignment(a_addr), alignment(b_addr), alignment(c_addr)],
             block_modes: None,
         };
-        fe.matmul(key, (sa, sb), beta, (a_addr, b_addr, c_addr), ws, stream, &context)
+        Ok(Fp8GemmOp { work: Fp8Work::Matmul { key, scales: (sa, sb), addrs: (a_addr, b_addr, c_addr) }, context })
     }
+
+    /// Issues checked fp8 GEMMs on the engine's stream (ordered after the work queued before and
+    /// before the work queued after): one by one, or ([`Fp8Issue::Graph`], two or more) as one
+    /// CUDA graph captured on the first call with this exact list (shapes, pointers, scale
+    /// pointers) and replayed on later ones, which removes the per-GEMM host cost of cuBLASLt;
+    /// its GEMMs spread over `lanes` parallel branches (side streams, each with its own
+    /// cuBLASLt workspace), the fp8 counterpart of [`crate::Strategy::Graph`]. Every way computes
+    /// the same bits (each GEMM writes its own output). A capture that another thread's call invalidates (several engines share a device's
+    /// primary context) is not cached; the list is then issued one by one.
+    pub fn run_fp8_ops(&mut self, ops: &[Fp8GemmOp], issue: Fp8Issue) -> Result<(), GpuError> {
+        let (ctx, main) = (self.ctx.clone(), self.stream.clone());
+        let fe = self.fp8_engine()?;
+        match issue {
+            Fp8Issue::Graph { lanes } if ops.iter().filter(|o| o.work != Fp8Work::Nothing).count() >= 2 => {
+                fe.run_graph(&ctx, &main, ops, lanes)
+            }
+            _ => ops.iter().try_for_each(|op| fe.issue(op, main.cu_stream(), None)),
+        }
+    }
+
+    /// Fp8 GEMM lists whose graph capture another thread invalidated (issued one by one).
+    pub fn fp8_capture_fallbacks(&self) -> u64 {
+        self.fp8.as_ref().map_or(0, |f| f.capture_fallbacks)
+    }
+}
+
+/// How [`Engine::run_fp8_ops`] issues a list of fp8 GEMMs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fp8Issue {
+    /// One cuBLASLt call after another on the engine's stream.
+    Direct,
+    /// One captured CUDA graph per list, its GEMMs over `lanes` parallel branches.
+    Graph {
+        /// Parallel branches (side streams); 0 or 1: one branch.
+        lanes: usize,
+    },
+}
+
+/// One checked fp8 GEMM (or the memset of an empty contraction), ready to issue
+/// ([`Engine::fp8_gemm_op`], [`Engine::fp8_block_gemm_op`], [`Engine::run_fp8_ops`]).
+#[derive(Clone, Debug)]
+pub struct Fp8GemmOp {
+    work: Fp8Work,
+    /// The GEMM's description, for errors.
+    context: String,
+}
+
+/// What an [`Fp8GemmOp`] does on the device (its identity in the graph cache).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Fp8Work {
+    /// An empty output (`m = 0` or `n = 0`), or `k = 0` with beta 1.
+    Nothing,
+    /// `k = 0`, beta 0: `C` becomes exact zeros.
+    Zero { c: u64, bytes: usize },
+    /// A cuBLASLt matmul of `key` with these scale pointers and (A, B, C) addresses.
+    Matmul { key: PlanKey, scales: (u64, u64), addrs: (u64, u64, u64) },
+}
+
+/// What both fp8 GEMMs do before their own checks.
+enum Prologue {
+    /// Nothing to multiply: this op.
+    Done(Fp8GemmOp),
+    /// A real GEMM writing `C` at this address.
+    Matmul(u64),
+}
+
+/// The checks and trivial cases both fp8 GEMMs share: an empty output writes nothing; `k = 0`
+/// writes zeros (beta 0) or leaves `C` (beta 1); e5m2 x e5m2 is refused (cuBLASLt has no such
+/// kernel); `C` must hold `[m, n]` of `out_dt`.
+fn prologue(
+    (m, n, k): (usize, usize, usize),
+    formats: (Fp8Format, Fp8Format),
+    c: Region<'_>,
+    out_dt: Dtype,
+    beta: f32,
+    what: &str,
+) -> Result<Prologue, GpuError> {
+    let done = |work| Ok(Prologue::Done(Fp8GemmOp { work, context: what.to_string() }));
+    if m == 0 || n == 0 {
+        return done(Fp8Work::Nothing);
+    }
+    let bytes = m * n * out_dt.size_bytes();
+    let c_addr = c.addr(bytes, &format!("{what} output C"))?;
+    if k == 0 {
+        return done(if beta == 0.0 { Fp8Work::Zero { c: c_addr, bytes } } else { Fp8Work::Nothing });
+    }
+    if formats == (Fp8Format::E5M2, Fp8Format::E5M2) {
+        return Err(GpuError::Unsupported(format!("{what}: e5m2 x e5m2 is not supported by cuBLASLt")));
+    }
+    Ok(Prologue::Matmul(c_addr))
 }
 
 /// One operand of a block-scaled fp8 GEMM on the device: `[rows, k]` codes, K contiguous, and
@@ -948,26 +1256,28 @@ impl Engine {
         out_dt: Dtype,
         beta: f32,
     ) -> Result<(), GpuError> {
+        let op = self.fp8_block_gemm_op(a, b, c, out_dt, beta)?;
+        self.run_fp8_ops(std::slice::from_ref(&op), Fp8Issue::Direct)
+    }
+
+    /// [`Engine::fp8_block_gemm`] checked but not issued: run it, with others, by
+    /// [`Engine::run_fp8_ops`].
+    pub fn fp8_block_gemm_op(
+        &mut self,
+        a: &BlockOperand,
+        b: &BlockOperand,
+        c: Region<'_>,
+        out_dt: Dtype,
+        beta: f32,
+    ) -> Result<Fp8GemmOp, GpuError> {
         let (m, n, k) = (a.rows, b.rows, a.k);
         if b.k != k {
             return Err(GpuError::Shape(format!("fp8 block GEMM: A has K = {k}, B has K = {}", b.k)));
         }
-        if m == 0 || n == 0 {
-            return Ok(());
-        }
-        let c_addr = c.addr(m * n * out_dt.size_bytes(), "fp8 block GEMM output C")?;
-        if k == 0 {
-            if beta == 0.0 {
-                let bytes = m * n * out_dt.size_bytes();
-                // SAFETY: `c_addr` starts `bytes` bytes inside a live allocation of this engine
-                // (checked above); the memset is ordered on the engine's stream.
-                unsafe { cudarc::driver::result::memset_d8_async(c_addr, 0, bytes, self.stream.cu_stream()) }?;
-            }
-            return Ok(());
-        }
-        if a.format == Fp8Format::E5M2 && b.format == Fp8Format::E5M2 {
-            return Err(GpuError::Unsupported("fp8 block GEMM: e5m2 x e5m2 is not supported by cuBLASLt".into()));
-        }
+        let c_addr = match prologue((m, n, k), (a.format, b.format), c, out_dt, beta, "fp8 block GEMM")? {
+            Prologue::Done(op) => return Ok(op),
+            Prologue::Matmul(c_addr) => c_addr,
+        };
         if a.tile == BlockTile::Square128 && b.tile == BlockTile::Square128 {
             return Err(GpuError::Unsupported(
                 "fp8 block GEMM: 128x128 by 128x128 block scaling (cuBLASLt runs 1D x 1D, 1D x 2D, 2D x 1D)".into(),
@@ -986,9 +1296,6 @@ impl Engine {
             "fp8 block GEMM (m, n, k) = ({m}, {n}, {k}), {} {:?} x {} {:?}, beta {beta}",
             a.format, a.tile, b.format, b.tile
         );
-        let stream = self.stream.cu_stream();
-        let fe = self.fp8_engine()?;
-        let ws = fe.lt_workspace.addr(0, LT_WORKSPACE, "cuBLASLt workspace")?;
         let key = PlanKey {
             dims: (m, n, k),
             formats: (a.format, b.format),
@@ -998,7 +1305,7 @@ impl Engine {
             align: [alignment(a_addr), alignment(b_addr), alignment(c_addr)],
             block_modes: Some((a.scale_mode(), b.scale_mode())),
         };
-        fe.matmul(key, (sa, sb), beta, (a_addr, b_addr, c_addr), ws, stream, &context)
+        Ok(Fp8GemmOp { work: Fp8Work::Matmul { key, scales: (sa, sb), addrs: (a_addr, b_addr, c_addr) }, context })
     }
 }
 
@@ -1141,7 +1448,7 @@ impl Plan {
     }
 }
 
-/// `transpose_u8`'s grid for a `[rows, cols]` input.
+/// The transpose kernel's grid (x, y) for a `[rows, cols]` input (one 32x32 tile per block).
 fn transpose_cfg(rows: usize, cols: usize) -> Result<LaunchConfig, GpuError> {
     Ok(LaunchConfig {
         grid_dim: (u32::try_from(cols.div_ceil(32))?, u32::try_from(rows.div_ceil(32))?, 1),
@@ -1164,7 +1471,16 @@ mod tests {
         }
         let ptx = compile_fp8_kernels("sm_90").unwrap_or_else(|e| panic!("{e}"));
         let src = ptx.to_src();
-        let mut names = vec!["compute_scales".to_string(), "transpose_u8".to_string(), "block_scales_gemm".to_string()];
+        let mut names: Vec<String> = [
+            "compute_scales",
+            "transpose_seg_u8",
+            "block_scales_gemm",
+            "delayed_scales",
+            "delayed_record",
+            "delayed_update",
+        ]
+        .map(String::from)
+        .to_vec();
         for s in ["f32", "bf16", "f16"] {
             names.push(format!("amax_seg_{s}"));
             for f in ["e4m3", "e5m2"] {
