@@ -6,7 +6,8 @@
 #   sanitize  compute-sanitizer memcheck and racecheck on the GPU tests (fp8 kernels included),
 #             fewer cases
 #   sampled   sampled verification of the four model shapes (the ignored tests
-#             gpu::sampled_large_shapes_match_the_oracle_<shape>)
+#             gpu::sampled_large_shapes_match_the_oracle_<shape>, bf16; DeepSeek-V3 and
+#             Qwen3-30B-A3B also under blockwise fp8, ..._<shape>_fp8_blockwise)
 #   bench     per-layer table: `moe-verify bench layer --rounds 12` -> $OUT/layer-rust.csv and
 #             $OUT/layer-rounds.csv, then torch_experts_bench.py -> $OUT/layer-torch.csv, then
 #             layer_table.py -> $OUT/layer-table.md and rounds_table.py -> $OUT/rounds-table.md
@@ -32,7 +33,7 @@
 #             too), compared by layer_ab.py -> $OUT/ab.md (printed; rows slower than the
 #             run-to-run noise are flagged), the CSVs and logs in $OUT/ab-raw.tgz
 #   verify    `moe-verify verify --gpu` (random cases, every property, reference and CUDA) and
-#             `verify --gpu --shape` on two model shapes
+#             `verify --gpu --shape` on two model shapes (bf16) and DeepSeek-V3 under blockwise fp8
 #   profile   per-kernel time of one layer call per row: `moe-verify bench layer --untimed`
 #             under ncu (gpu__time_duration.sum) for each shape of $PROFILE_SHAPES (default
 #             mixtral deepseek-v3) x GroupedMLP/TEGroupedMLP, mode $PROFILE_MODE (default
@@ -124,9 +125,10 @@ for s in $steps; do
     verify)
       echo "== verify --gpu"; (time .stage/moe-verify verify --gpu --cases "${VERIFY_CASES:-300}") > "$out/verify.log" 2>&1
       echo "exit $?"; grep -vE "^\s*$" "$out/verify.log" | tail -22
-      for sc in deepseek-v3:te_grouped qwen3-30b-a3b:grouped; do
-        echo "== verify --gpu --shape ${sc%%:*} --class ${sc##*:}"
-        .stage/moe-verify verify --gpu --shape "${sc%%:*}" --class "${sc##*:}" 2>&1 | tee -a "$out/verify-shapes.log" | tail -14
+      for sc in deepseek-v3:te_grouped:none qwen3-30b-a3b:grouped:none deepseek-v3:te_grouped:blockwise; do
+        IFS=: read -r sh cl rc <<< "$sc"
+        echo "== verify --gpu --shape $sh --class $cl --fp8-recipe $rc"
+        .stage/moe-verify verify --gpu --shape "$sh" --class "$cl" --fp8-recipe "$rc" 2>&1 | tee -a "$out/verify-shapes.log" | tail -14
       done ;;
     nccl)
       export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1

@@ -795,22 +795,91 @@ fn gpu_implementations_prove_they_launched_kernels() {
 }
 
 /// Sampled verification of one model-sized shape (moe_gpu::sampled, checks in
-/// moe_harness::sampled) on each class given, with the default GEMM strategy.
+/// moe_harness::sampled) on each class given, in bf16, with the default GEMM strategy.
 fn sampled_shape_matches_the_oracle(test: &str, shape: ModelShape, classes: &[LayerClass]) {
+    sampled_shape_matches_the_oracle_with(test, shape, classes, None);
+}
+
+/// [`sampled_shape_matches_the_oracle`] under the fp8 configuration `fp8` (`None`: bf16).
+fn sampled_shape_matches_the_oracle_with(
+    test: &str,
+    shape: ModelShape,
+    classes: &[LayerClass],
+    fp8: Option<moe_reference::Fp8Config>,
+) {
     let Some(gpus) = gpus(test) else {
         return;
     };
     let mut failed = Vec::new();
     for &class in classes {
         let t0 = std::time::Instant::now();
-        let report = moe_gpu::sampled::verify_shape(&gpus.gpu, Strategy::Auto, class, shape, 0, 42)
+        let report = moe_gpu::sampled::verify_shape(&gpus.gpu, Strategy::Auto, class, shape, fp8, 0, 42)
             .unwrap_or_else(|e| panic!("{shape} {class}: {e}"));
+        assert_eq!(report.fp8, fp8, "the report names the precision verified");
         println!("{report}  (host+device {:.1} s)", t0.elapsed().as_secs_f64());
         if !report.passed() {
             failed.push(format!("{shape} {class}"));
         }
     }
     assert!(failed.is_empty(), "sampled verification failed for {failed:?}");
+}
+
+/// Blockwise fp8 (TE `Float8BlockScaling`, DeepSeek-V3's training recipe: 1x128 activation and
+/// gradient tiles, 128x128 weight tiles, power-of-2 scales, E4M3) on DeepSeek-V3's expert
+/// shape, for the two classes with an fp8 path, under the fp8 error model (rows against the
+/// sub-layer oracle's fp8 bounds, weight grads over the host-quantized columnwise operands).
+/// Ignored by default like the bf16 shapes (the filter `sampled_large_shapes` selects it).
+#[test]
+#[ignore]
+fn sampled_large_shapes_match_the_oracle_deepseek_v3_fp8_blockwise() {
+    sampled_shape_matches_the_oracle_with(
+        "sampled_large_shapes_match_the_oracle_deepseek_v3_fp8_blockwise",
+        ModelShape::DeepseekV3,
+        &[LayerClass::TeGrouped, LayerClass::Sequential],
+        Some(moe_reference::Fp8Config::new(moe_reference::Fp8Recipe::Blockwise)),
+    );
+}
+
+/// Blockwise fp8 on Qwen3-30B-A3B's shape (128 small experts: h 2048, f 768, six 128-wide
+/// tiles), TEGroupedMLP.
+#[test]
+#[ignore]
+fn sampled_large_shapes_match_the_oracle_qwen3_30b_a3b_fp8_blockwise() {
+    sampled_shape_matches_the_oracle_with(
+        "sampled_large_shapes_match_the_oracle_qwen3_30b_a3b_fp8_blockwise",
+        ModelShape::Qwen3,
+        &[LayerClass::TeGrouped],
+        Some(moe_reference::Fp8Config::new(moe_reference::Fp8Recipe::Blockwise)),
+    );
+}
+
+/// The sampled verifier refuses what its checks do not cover before anything runs on the
+/// device: the per-tensor recipes (not row-local) and GroupedMLP with fp8 (no fp8 path), each
+/// a declared, counted skip with its reason. Why: a refusal that fell through would report
+/// bounds that are not the sampled rows' own.
+#[test]
+fn sampled_shape_refuses_per_tensor_fp8_and_grouped_fp8() {
+    let Some(gpus) = gpus("sampled_shape_refuses_per_tensor_fp8_and_grouped_fp8") else {
+        return;
+    };
+    use moe_reference::{Fp8Config, Fp8Recipe};
+    let cases = [
+        (LayerClass::TeGrouped, Fp8Recipe::Tensorwise, "per-tensor recipe"),
+        (LayerClass::TeGrouped, Fp8Recipe::Delayed, "per-tensor recipe"),
+        (LayerClass::Grouped, Fp8Recipe::Blockwise, "GroupedMLP has no fp8 path"),
+    ];
+    let mut skipped = 0;
+    for (class, recipe, why) in cases {
+        let fp8 = Some(Fp8Config::new(recipe));
+        match moe_gpu::sampled::verify_shape(&gpus.gpu, Strategy::Auto, class, ModelShape::Qwen3, fp8, 4096, 42) {
+            Err(GpuError::Unsupported(msg)) if msg.contains(why) => {
+                println!("SKIP (declared) {class} {}: {msg}", recipe.name());
+                skipped += 1;
+            }
+            other => panic!("{class} {}: expected a refusal naming '{why}', got {other:?}", recipe.name()),
+        }
+    }
+    assert_eq!(skipped, cases.len());
 }
 
 // Model-sized shapes, verified by sampling: every shape on TEGroupedMLP, DeepSeek-V3 and Qwen3

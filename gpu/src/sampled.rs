@@ -1,18 +1,19 @@
 //! The device side of the sampled verification of model-sized shapes: runs one layer of a
-//! [`ModelShape`] with random weights and inputs generated on the GPU, downloads what the checks
-//! read, and hands it to [`moe_harness::sampled::check_layer`] (which holds the checks and
-//! derives their bounds from the harness's error model).
+//! [`ModelShape`] with random weights and inputs generated on the GPU, in bf16 or under a
+//! row-local fp8 recipe (blockwise, DeepSeek-V3's), downloads what the checks read, and hands
+//! it to [`moe_harness::sampled::check_layer`] (which holds the checks and derives their
+//! bounds from the harness's error model, fp8 included).
 
 use crate::engine::{Engine, Gpu};
 use crate::error::GpuError;
 use crate::gemm::Strategy;
 use crate::layer::{from_bytes, segments, DeviceLayer};
 use moe_harness::sampled::{
-    check_layer, intermediates_supported, skewed_counts, ExpertSource, ExpertTensors, SampledError, SampledLayer,
+    check_layer, sampled_supported, skewed_counts, ExpertSource, ExpertTensors, SampledError, SampledLayer,
     SampledReport,
 };
 use moe_harness::shapes::ModelShape;
-use moe_reference::{Dtype, LayerClass};
+use moe_reference::{Dtype, Fp8Config, LayerClass, LayerConfig};
 use std::time::Instant;
 
 impl From<SampledError> for GpuError {
@@ -58,24 +59,34 @@ impl ExpertSource for DeviceExpert {
 }
 
 /// Sampled verification of `shape` with `tokens` rows (0: the shape's default), split over the
-/// experts by [`skewed_counts`] of `seed`, on `gpu` for `class`, its per-expert GEMMs issued
-/// with `strategy`: forward and backward with immediate weight gradients, timed, then the
-/// checks of [`moe_harness::sampled`].
+/// experts by [`skewed_counts`] of `seed`, on `gpu` for `class`, in bf16 (`fp8 = None`) or
+/// under the fp8 configuration `fp8`, its per-expert GEMMs issued with `strategy` (the bf16
+/// path's; the fp8 paths issue one cuBLASLt GEMM per expert): forward and backward with
+/// immediate weight gradients, timed, then the checks of [`moe_harness::sampled`].
+///
+/// A configuration the checks do not cover (per-tensor fp8 recipes, GroupedMLP with fp8:
+/// [`sampled_supported`]) or the GPU does not run ([`crate::layer::fp8_support`]) is refused before
+/// anything runs, with [`GpuError::Unsupported`] saying why.
 pub fn verify_shape(
     gpu: &Gpu,
     strategy: Strategy,
     class: LayerClass,
     shape: ModelShape,
+    fp8: Option<Fp8Config>,
     tokens: usize,
     seed: u64,
 ) -> Result<SampledReport, GpuError> {
     let dims = shape.dims();
-    let cfg = shape.config(class);
+    let cfg = LayerConfig { fp8, ..shape.config(class) };
     cfg.validate()?;
-    intermediates_supported(&cfg)?;
+    sampled_supported(&cfg)?;
     let t = if tokens == 0 { dims.tokens } else { tokens };
     let counts_i = skewed_counts(t, dims.experts, seed);
     let counts = segments(&cfg, &counts_i, t)?;
+    if cfg.fp8.is_some() {
+        let padded: Vec<usize> = counts.iter().map(|&c| cfg.row_padding().map_or(c, |m| c.div_ceil(m) * m)).collect();
+        crate::layer::fp8_support(&cfg, Some(&padded))?;
+    }
     let (h, n1, n2, dt) = (cfg.hidden_size, cfg.n1(), cfg.n2(), cfg.params_dtype);
     let ds = dt.size_bytes();
 
@@ -130,6 +141,7 @@ pub fn verify_shape(
         empty_experts: counts.iter().filter(|&&c| c == 0).count(),
         rows_checked,
         gpu_ms,
+        fp8,
         checks,
     })
 }

@@ -79,9 +79,11 @@
 //! `moe_gpu::sampled`, one grouped GEMM in `tests/gpu_grouped.rs`), the same model is written
 //! out for the one operation checked, with the terms below ([`rounding`], [`f32_accumulation`],
 //! [`gemm_element_scale`]: the terms the oracle's running bound adds at each rounding point),
-//! and the element passes under the same [`Tolerance::error_model`]. `moe_gpu::sampled`'s module
-//! doc derives its sampled-row, intermediate, weight-grad-element and projection bounds from
-//! these.
+//! and the element passes under the same [`Tolerance::error_model`]. The module doc of
+//! `moe_harness::sampled` derives its sampled-row, intermediate, weight-grad-element and
+//! projection bounds from these; under a row-local fp8 recipe (blockwise, MXFP8) its GEMM-rows
+//! and weight-grad checks take the dequantized fp8 operands as exact and add
+//! [`fp8_accumulation`].
 
 use moe_reference::Dtype;
 
@@ -106,6 +108,14 @@ pub fn f32_accumulation(k: usize, sum_abs: f64) -> f64 {
 /// `u·|value| + η + √K·u_f32·Σ|a_k·b_k|`.
 pub fn gemm_element_scale(dtype: Dtype, value: f64, k: usize, sum_abs: f64) -> f64 {
     rounding(dtype, value) + f32_accumulation(k, sum_abs)
+}
+
+/// The model's accumulation term of a `k`-long fp8 GEMM whose products' absolute values sum to
+/// `sum_abs`, on top of [`f32_accumulation`]: `1.5·(√K·2⁻¹³ + 2·u_f32·(⌈K/32⌉ + 1))·Σ|terms|`
+/// (`moe_reference::layer::fp8_accumulation_factor`, the term the oracle adds to every fp8 GEMM
+/// result).
+pub fn fp8_accumulation(k: usize, sum_abs: f64) -> f64 {
+    moe_reference::layer::fp8_accumulation_factor(k) * sum_abs.abs()
 }
 
 /// A tolerance: `bound = rtol·(scale + rms(scale_block)) + atol`, where `scale` is the oracle's

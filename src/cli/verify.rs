@@ -24,10 +24,14 @@ pub struct VerifyArgs {
     pub properties: Vec<PropertyArg>,
     /// FP8 cases: by default a share of the cases get a recipe (all four and both formats);
     /// `none` turns them off, a recipe makes every case use it (GroupedMLP cases are then
-    /// declared skips: it has no fp8 path in Megatron).
+    /// declared skips: it has no fp8 path in Megatron). With `--shape`: the layer runs under
+    /// this recipe (default and `none`: bf16); the sampled checks cover the row-local recipes
+    /// (`blockwise`, DeepSeek-V3's; `mxfp8`, which the GPU runs on Blackwell only) and refuse
+    /// the per-tensor ones, saying why.
     #[arg(long, value_name = "RECIPE")]
     pub fp8_recipe: Option<RecipeArg>,
-    /// Only this fp8 format in the fp8 cases (default: both).
+    /// Only this fp8 format in the fp8 cases (default: both). With `--shape`: the format of
+    /// `--fp8-recipe` (default: the recipe's, E4M3 for blockwise).
     #[arg(long, value_name = "FORMAT")]
     pub fp8_format: Option<FormatArg>,
     /// Print the report as JSON instead of a table.
@@ -119,11 +123,46 @@ fn backends(args: &VerifyArgs) -> Option<Vec<Box<dyn Backend>>> {
     Some(out)
 }
 
+/// The fp8 configuration of `verify --shape`: `--fp8-recipe` (absent or `none`: bf16) with
+/// TE's defaults and `--fp8-format` when given; a format without a recipe is refused, and so
+/// is what the sampled checks do not cover (`moe_harness::sampled::sampled_supported`: the
+/// per-tensor recipes, GroupedMLP with fp8), before any GPU is looked for.
+fn shape_fp8(args: &VerifyArgs, shape: ModelShape) -> Result<Option<moe_reference::Fp8Config>, String> {
+    let fp8 = shape_recipe(args)?;
+    let cfg = moe_reference::LayerConfig { fp8, ..shape.config(args.class.0) };
+    moe_harness::sampled::sampled_supported(&cfg).map_err(|e| e.to_string())?;
+    Ok(fp8)
+}
+
+/// `--fp8-recipe` and `--fp8-format` as one fp8 configuration (see [`shape_fp8`]).
+fn shape_recipe(args: &VerifyArgs) -> Result<Option<moe_reference::Fp8Config>, String> {
+    match (args.fp8_recipe, args.fp8_format) {
+        (Some(RecipeArg(Some(r))), format) => {
+            let f = moe_reference::Fp8Config::new(r);
+            Ok(Some(format.map_or(f, |FormatArg(fmt)| f.with_format(fmt))))
+        }
+        (_, Some(FormatArg(fmt))) => Err(format!(
+            "--fp8-format {} with --shape needs an fp8 recipe (--fp8-recipe blockwise, say); without one the \
+             shape runs in bf16",
+            fmt.name()
+        )),
+        (_, None) => Ok(None),
+    }
+}
+
 /// `verify --gpu --shape NAME`: sampled verification of one model-sized layer.
 #[cfg(feature = "cuda")]
 fn run_shape(args: &VerifyArgs, shape: ModelShape) -> i32 {
-    let verified = moe_gpu::Gpu::new(0)
-        .and_then(|gpu| moe_gpu::sampled::verify_shape(&gpu, args.gemm, args.class.0, shape, args.tokens, args.seed));
+    let fp8 = match shape_fp8(args, shape) {
+        Ok(f) => f,
+        Err(why) => {
+            eprintln!("error: {why}");
+            return 2;
+        }
+    };
+    let verified = moe_gpu::Gpu::new(0).and_then(|gpu| {
+        moe_gpu::sampled::verify_shape(&gpu, args.gemm, args.class.0, shape, fp8, args.tokens, args.seed)
+    });
     match verified {
         Ok(report) => {
             print!("{report}");
@@ -141,7 +180,11 @@ fn run_shape(args: &VerifyArgs, shape: ModelShape) -> i32 {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn run_shape(_args: &VerifyArgs, _shape: ModelShape) -> i32 {
+fn run_shape(args: &VerifyArgs, shape: ModelShape) -> i32 {
+    if let Err(why) = shape_fp8(args, shape) {
+        eprintln!("error: {why}");
+        return 2;
+    }
     eprintln!("error: --shape needs the `cuda` feature");
     2
 }
@@ -257,5 +300,47 @@ fn print_table(reports: &[PropertyReport]) {
         reports.iter().filter_map(|r| r.worst_calc_diff.map(|d| (r, d))).max_by(|a, b| a.1.total_cmp(&b.1))
     {
         println!("fp8 worst calc_diff {d:.3e}: {}", r.worst_calc_diff_where);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use moe_reference::{Fp8Config, Fp8Recipe, TeFormat};
+
+    #[derive(clap::Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        verify: VerifyArgs,
+    }
+
+    fn parse(args: &[&str]) -> VerifyArgs {
+        Cmd::try_parse_from(std::iter::once("verify").chain(args.iter().copied())).unwrap().verify
+    }
+
+    /// `verify --shape` runs bf16 unless `--fp8-recipe` names a recipe (DeepSeek-V3's blockwise
+    /// with TE's defaults: E4M3, power-of-2 scales), `--fp8-format` picks its format, and a
+    /// format without a recipe is refused rather than silently ignored.
+    #[test]
+    fn shape_runs_bf16_unless_a_recipe_is_named() {
+        let shape = ["--gpu", "--shape", "deepseek-v3"];
+        let with = |extra: &[&str]| shape_fp8(&parse(&[&shape[..], extra].concat()), ModelShape::DeepseekV3);
+        assert_eq!(with(&[]), Ok(None));
+        assert_eq!(with(&["--fp8-recipe", "none"]), Ok(None));
+        let blockwise = Fp8Config::new(Fp8Recipe::Blockwise);
+        assert!(blockwise.power_2_scales && blockwise.format == TeFormat::E4M3);
+        assert_eq!(with(&["--fp8-recipe", "blockwise"]), Ok(Some(blockwise)));
+        assert_eq!(
+            with(&["--fp8-recipe", "blockwise", "--fp8-format", "hybrid"]),
+            Ok(Some(blockwise.with_format(TeFormat::Hybrid)))
+        );
+        let err = with(&["--fp8-format", "hybrid"]).unwrap_err();
+        assert!(err.contains("needs an fp8 recipe"), "{err}");
+        // What the sampled checks do not cover is refused here, before a GPU is looked for.
+        let err = with(&["--fp8-recipe", "tensorwise"]).unwrap_err();
+        assert!(err.contains("per-tensor recipe"), "{err}");
+        let err = with(&["--fp8-recipe", "blockwise", "--class", "grouped"]).unwrap_err();
+        assert!(err.contains("GroupedMLP has no fp8 path"), "{err}");
     }
 }

@@ -2,16 +2,16 @@
 //! f64 oracle, the implementation's intermediates against the same math in f64, and the
 //! weight gradients by element samples and projections.
 
-use super::{intermediates_supported, CheckStat, ExpertTensors, SampledChecks, SampledError, SampledLayer};
-use super::{ELEMENT_SAMPLES, PROJECTION_T};
+use super::{sampled_supported, CheckStat, ExpertTensors, SampledChecks, SampledError, SampledLayer};
+use super::{ELEMENT_SAMPLES, PROJECTION_T, SUBLAYER_ROWS};
 use crate::compare::{compare_tensor, Bounds};
-use crate::tolerance::{gemm_element_scale, Tolerance, C_SAFETY};
-use moe_reference::layer::forward as ref_forward;
+use crate::tolerance::{fp8_accumulation, gemm_element_scale, Tolerance, C_SAFETY};
+use moe_reference::layer::{forward as ref_forward, Fp8Operand, Fp8Run, Fp8State};
 use moe_reference::{
-    Activation, Dtype, ExpertSet, ExpertWeights, Inputs, LayerConfig, Numerics, Parallelism, ReferenceError,
+    Activation, Dtype, ExpertSet, ExpertWeights, Fp8Config, Inputs, LayerConfig, Numerics, Parallelism, ReferenceError,
     WgradTiming,
 };
-use ndarray::{Array1, Array2, ArrayView2, Axis};
+use ndarray::{s, Array1, Array2, ArrayView2, Axis};
 
 /// A 64-bit LCG (Knuth's MMIX constants): the sampled rows, signs and elements, deterministic in
 /// the seed and the expert.
@@ -113,10 +113,13 @@ pub(super) fn intermediates(
 /// the operands the GPU used (`a(i, j)` of `A` `[n, J]`, `b(i, k)` of `B` `[n, K']`) and the
 /// GPU's result `got(j, k)`: the projection of every row on `signs` into `projections`, and the
 /// `samples` elements against their exact dot products into `elements`, with the bounds the
-/// module doc derives. `label` names the matrix in reports.
+/// module doc derives. `label` names the matrix in reports. With `fp8` the GEMM is an fp8 GEMM
+/// of the (dequantized) operands given, and every bound gains the model's fp8 accumulation
+/// term ([`fp8_accumulation`]).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn check_wgrad(
     dt: Dtype,
+    fp8: bool,
     dims: (usize, usize, usize),
     a: impl Fn(usize, usize) -> f64,
     b: impl Fn(usize, usize) -> f64,
@@ -132,7 +135,8 @@ pub(super) fn check_wgrad(
         return;
     }
     let (us, eta) = (dt.unit_roundoff(), dt.subnormal_spacing());
-    let acc = (n.max(1) as f64).sqrt() * Dtype::F32.unit_roundoff();
+    // The accumulation terms per unit of Σ|terms|: f32, plus the fp8 GEMM's.
+    let acc = (n.max(1) as f64).sqrt() * Dtype::F32.unit_roundoff() + if fp8 { fp8_accumulation(n, 1.0) } else { 0.0 };
     // B·v and the 1- and 2-norms of B's rows.
     let mut bv = vec![0.0; n];
     let mut b1 = vec![0.0; n];
@@ -189,7 +193,8 @@ pub(super) fn check_wgrad(
             sum_abs += t.abs();
         }
         let gv = got(j, k);
-        let bound = tol.bound(gemm_element_scale(dt, exact, n, sum_abs), r_bar);
+        let fp8_term = if fp8 { fp8_accumulation(n, sum_abs) } else { 0.0 };
+        let bound = tol.bound(gemm_element_scale(dt, exact, n, sum_abs) + fp8_term, r_bar);
         elements.record((gv - exact).abs(), bound, || format!("{label}[{j},{k}]: {gv:e} vs {exact:e}"));
     }
 }
@@ -201,7 +206,7 @@ pub(super) fn check_expert(
     st: &mut SampledChecks,
 ) -> Result<usize, SampledError> {
     let cfg = sh.cfg;
-    intermediates_supported(cfg)?;
+    sampled_supported(cfg)?;
     let (h, n1, n2, dt) = (cfg.hidden_size, cfg.n1(), cfg.n2(), cfg.params_dtype);
     let e = ed.e;
     if ed.n == 0 {
@@ -229,7 +234,17 @@ pub(super) fn check_expert(
     let xs = Array2::from_shape_fn((m, h), |(i, j)| sh.x[global(i) * h + j]);
     let gs = Array2::from_shape_fn((m, h), |(i, j)| sh.g[global(i) * h + j]);
     let ps = Array1::from_shape_fn(m, |i| sh.p[global(i)]);
-    // The f64 oracle with its running error bounds on a one-expert layer of the sampled rows.
+    // The f64 oracle with its running error bounds on a one-expert layer of the sampled rows;
+    // under fp8 padded with zero rows of zero probs to SUBLAYER_ROWS (module doc: TE's shape
+    // checks; zero rows change no row-local quantization and no sampled row's result).
+    let mp = if cfg.fp8.is_some() { m.div_ceil(SUBLAYER_ROWS) * SUBLAYER_ROWS } else { m };
+    let pad_rows = |a: &Array2<f64>| {
+        let mut out = Array2::zeros((mp, a.ncols()));
+        out.slice_mut(s![..m, ..]).assign(a);
+        out
+    };
+    let mut ps_padded = Array1::zeros(mp);
+    ps_padded.slice_mut(s![..m]).assign(&ps);
     let cfg1 = LayerConfig { num_experts: 1, parallel: Parallelism::SINGLE, ..cfg.clone() };
     let set = ExpertSet {
         experts: vec![ExpertWeights {
@@ -239,24 +254,33 @@ pub(super) fn check_expert(
             fc2_bias: None,
         }],
     };
-    let inp = Inputs { hidden_states: xs.clone(), tokens_per_expert: vec![m as i64], probs: ps.clone() };
+    let inp = Inputs { hidden_states: pad_rows(&xs), tokens_per_expert: vec![mp as i64], probs: ps_padded };
     let fwd = ref_forward(&cfg1, &set, &inp, Numerics::Oracle)?;
-    let bwd = fwd.backward(&gs, WgradTiming::Immediate)?;
+    let bwd = fwd.backward(&pad_rows(&gs), WgradTiming::Immediate)?;
     let sc =
         bwd.scales.as_ref().ok_or_else(|| ReferenceError::Config("the f64 oracle returned no error scales".into()))?;
     let sampled = &rows;
     let at = |what: &'static str| move |i: usize, j: usize| format!("expert {e} row {} col {j} ({what})", sampled[i]);
     let rows_of = |v: &[f64], width: usize| Array2::from_shape_fn((m, width), |(i, j)| v[global(i) * width + j]);
-    check_sampled(&mut st.output_rows, rows_of(sh.y, h).view(), fwd.output().view(), sc.output.view(), None, at("y"));
+    // The sampled rows of an oracle tensor (the padding rows are never compared).
+    let top = |a: &Array2<f64>| a.slice(s![..m, ..]).to_owned();
+    check_sampled(
+        &mut st.output_rows,
+        rows_of(sh.y, h).view(),
+        top(fwd.output()).view(),
+        top(&sc.output).view(),
+        None,
+        at("y"),
+    );
     check_sampled(
         &mut st.grad_input_rows,
         rows_of(sh.dx, h).view(),
-        bwd.grad_input.view(),
-        sc.grad_input.view(),
-        Some(sc.allowance_grad_input.view()),
+        top(&bwd.grad_input).view(),
+        top(&sc.grad_input).view(),
+        Some(top(&sc.allowance_grad_input).view()),
         at("dx"),
     );
-    let column = |v: &Array1<f64>| v.view().insert_axis(Axis(1)).to_owned();
+    let column = |v: &Array1<f64>| v.slice(s![..m]).insert_axis(Axis(1)).to_owned();
     check_sampled(
         &mut st.grad_probs_rows,
         rows_of(sh.dp, 1).view(),
@@ -268,43 +292,157 @@ pub(super) fn check_expert(
     // The GPU's intermediates on the same rows against the same math in f64.
     let (u_exp, da_exp) = intermediates(cfg.activation, &xs, &gs, &ps, &w1c, &w2c);
     let local = |v: &[f64], width: usize| Array2::from_shape_fn((m, width), |(i, j)| v[rows[i] * width + j]);
-    check_sampled(&mut st.fc2_input_rows, local(&ed.u, n2).view(), u_exp.view(), sc.fc2_input.view(), None, at("u"));
+    check_sampled(
+        &mut st.fc2_input_rows,
+        local(&ed.u, n2).view(),
+        u_exp.view(),
+        top(&sc.fc2_input).view(),
+        None,
+        at("u"),
+    );
     check_sampled(
         &mut st.fc1_output_grad_rows,
         local(&ed.da, n1).view(),
         da_exp.view(),
-        sc.fc1_output_grad.view(),
+        top(&sc.fc1_output_grad).view(),
         None,
         at("da"),
     );
+
+    // fp8: the last GEMMs of y and dx on the sampled rows, from the implementation's own
+    // operands quantized as the layer quantizes them (row-local) and the weights.
+    if let Some(f) = cfg.fp8 {
+        let [u_rows, w2_rows] =
+            fprop_operands(&cfg1, f, [Fp8Operand::Fc2Input, Fp8Operand::Fc2Weight], &local(&ed.u, n2), &w2c)?;
+        let (exp, scale) = gemm_rows(dt, &u_rows, &w2_rows);
+        check_sampled(
+            &mut st.output_gemm_rows,
+            rows_of(sh.y, h).view(),
+            exp.view(),
+            scale.view(),
+            None,
+            at("y = U_e·W2ᵀ"),
+        );
+        let [da_rows, w1_cols] = dgrad_operands(&cfg1, f, &local(&ed.da, n1), &w1c)?;
+        let (exp, scale) = gemm_rows(dt, &da_rows, &w1_cols);
+        check_sampled(
+            &mut st.grad_input_gemm_rows,
+            rows_of(sh.dx, h).view(),
+            exp.view(),
+            scale.view(),
+            None,
+            at("dx = DA_e·W1"),
+        );
+    }
 
     // Weight grads, canonical: dW2 [h, N2] = G_eᵀ·U_e, dW1 [N1, h] = DA_eᵀ·X_e.
     let dw2 = |j: usize, k: usize| if sh.grouped() { ed.dw2[k * h + j] } else { ed.dw2[j * n2 + k] };
     let dw1 = |j: usize, k: usize| if sh.grouped() { ed.dw1[k * n1 + j] } else { ed.dw1[j * h + k] };
     let (n, start) = (ed.n, ed.start);
-    check_wgrad(
-        dt,
-        (n, h, n2),
-        |i, j| sh.g[(start + i) * h + j],
-        |i, k| ed.u[i * n2 + k],
-        dw2,
-        &projection_signs(sh.seed, e, 2, n2),
-        &sample_elements(sh.seed, e, 2, h, n2),
-        &mut st.dw2_projections,
-        &mut st.dw2_elements,
-        &format!("expert {e} dW2"),
-    );
-    check_wgrad(
-        dt,
-        (n, n1, h),
-        |i, j| ed.da[i * n1 + j],
-        |i, k| sh.x[(start + i) * h + k],
-        dw1,
-        &projection_signs(sh.seed, e, 1, h),
-        &sample_elements(sh.seed, e, 1, n1, h),
-        &mut st.dw1_projections,
-        &mut st.dw1_elements,
-        &format!("expert {e} dW1"),
-    );
+    let g_e = |i: usize, j: usize| sh.g[(start + i) * h + j];
+    let x_e = |i: usize, k: usize| sh.x[(start + i) * h + k];
+    let u_e = |i: usize, k: usize| ed.u[i * n2 + k];
+    let da_e = |i: usize, j: usize| ed.da[i * n1 + j];
+    let (signs2, samples2) = (projection_signs(sh.seed, e, 2, n2), sample_elements(sh.seed, e, 2, h, n2));
+    let (signs1, samples1) = (projection_signs(sh.seed, e, 1, h), sample_elements(sh.seed, e, 1, n1, h));
+    let (label2, label1) = (format!("expert {e} dW2"), format!("expert {e} dW1"));
+    let Some(f) = cfg.fp8 else {
+        let (p2, e2) = (&mut st.dw2_projections, &mut st.dw2_elements);
+        check_wgrad(dt, false, (n, h, n2), g_e, u_e, dw2, &signs2, &samples2, p2, e2, &label2);
+        let (p1, e1) = (&mut st.dw1_projections, &mut st.dw1_elements);
+        check_wgrad(dt, false, (n, n1, h), da_e, x_e, dw1, &signs1, &samples1, p1, e1, &label1);
+        return Ok(m);
+    };
+    // fp8: the wgrad GEMMs multiply the columnwise copies, re-quantized along the expert's
+    // (padded) rows; quantized here as the layer does, they are the exact operands.
+    let k = cfg.row_padding().map_or(n, |a| n.div_ceil(a) * a);
+    let gq = wgrad_operand(&cfg1, f, Fp8Operand::Fc2GradOutput, (n, k, h), g_e)?;
+    let uq = wgrad_operand(&cfg1, f, Fp8Operand::Fc2Input, (n, k, n2), u_e)?;
+    let (p2, e2) = (&mut st.dw2_projections, &mut st.dw2_elements);
+    let (a2, b2) = (|i: usize, j: usize| gq[[i, j]], |i: usize, k: usize| uq[[i, k]]);
+    check_wgrad(dt, true, (k, h, n2), a2, b2, dw2, &signs2, &samples2, p2, e2, &label2);
+    drop((gq, uq));
+    let daq = wgrad_operand(&cfg1, f, Fp8Operand::Fc1GradOutput, (n, k, n1), da_e)?;
+    let xq = wgrad_operand(&cfg1, f, Fp8Operand::Fc1Input, (n, k, h), x_e)?;
+    let (p1, e1) = (&mut st.dw1_projections, &mut st.dw1_elements);
+    let (a1, b1) = (|i: usize, j: usize| daq[[i, j]], |i: usize, k: usize| xq[[i, k]]);
+    check_wgrad(dt, true, (k, n1, h), a1, b1, dw1, &signs1, &samples1, p1, e1, &label1);
     Ok(m)
+}
+
+/// The wgrad GEMM operand of `op` as an fp8 layer of `cfg` (one expert) multiplies it: the
+/// expert's `[n, width]` rows `v(i, j)`, padded with zero rows to `k` (the layer's padding),
+/// quantized by the reference's quantizer of the recipe (which the device quantizers match bit
+/// for bit), its columnwise copy (blocks along the rows) dequantized and returned as `[k, width]`.
+pub(super) fn wgrad_operand(
+    cfg: &LayerConfig,
+    f: Fp8Config,
+    op: Fp8Operand,
+    (n, k, width): (usize, usize, usize),
+    v: impl Fn(usize, usize) -> f64,
+) -> Result<Array2<f64>, SampledError> {
+    let mut run = Fp8Run { config: f, state: Fp8State::new(cfg)?, fault: None };
+    let rows = Array2::from_shape_fn((k, width), |(i, j)| if i < n { v(i, j) } else { 0.0 });
+    let q = run.quantize(0, op, &rows, cfg.params_dtype)?;
+    Ok(q.columnwise.dequantized().reversed_axes().as_standard_layout().to_owned())
+}
+
+/// `x` with zero rows appended to a multiple of [`SUBLAYER_ROWS`] (MXFP8's quantizer wants
+/// 32; rowwise tiles lie inside a row, so the rows' codes do not change).
+fn padded(x: &Array2<f64>) -> Array2<f64> {
+    let m = x.nrows().div_ceil(SUBLAYER_ROWS) * SUBLAYER_ROWS;
+    let mut out = Array2::zeros((m, x.ncols()));
+    out.slice_mut(s![..x.nrows(), ..]).assign(x);
+    out
+}
+
+/// The first `m` rows of `x`.
+fn sliced(x: Array2<f64>, m: usize) -> Array2<f64> {
+    x.slice(s![..m, ..]).to_owned()
+}
+
+/// The fprop operands `[x, W]` of one linear of an fp8 layer of `cfg`: `x` `[m, K]` (rows of
+/// the implementation's input, whose rowwise tiles lie inside a row: padded with zero rows to
+/// quantize) and the canonical weight
+/// `w` `[N, K]`, each quantized by the reference's quantizer of its operand `ops` and its
+/// rowwise copy dequantized.
+pub(super) fn fprop_operands(
+    cfg: &LayerConfig,
+    f: Fp8Config,
+    ops: [Fp8Operand; 2],
+    x: &Array2<f64>,
+    w: &Array2<f64>,
+) -> Result<[Array2<f64>; 2], SampledError> {
+    let mut run = Fp8Run { config: f, state: Fp8State::new(cfg)?, fault: None };
+    let xq = sliced(run.quantize(0, ops[0], &padded(x), cfg.params_dtype)?.rowwise.dequantized(), x.nrows());
+    let wq = run.quantize(0, ops[1], w, cfg.params_dtype)?.rowwise.dequantized();
+    Ok([xq, wq])
+}
+
+/// The dgrad operands `[da, W1ᵀ]` of fc1 in an fp8 layer of `cfg`: the rows `da` `[m, N1]`
+/// (rowwise copy) and the columnwise copy `[h, N1]` of the canonical `w1` `[N1, h]`, dequantized.
+pub(super) fn dgrad_operands(
+    cfg: &LayerConfig,
+    f: Fp8Config,
+    da: &Array2<f64>,
+    w1: &Array2<f64>,
+) -> Result<[Array2<f64>; 2], SampledError> {
+    let mut run = Fp8Run { config: f, state: Fp8State::new(cfg)?, fault: None };
+    let daq = run.quantize(0, Fp8Operand::Fc1GradOutput, &padded(da), cfg.params_dtype)?.rowwise.dequantized();
+    let daq = sliced(daq, da.nrows());
+    let wq = run.quantize(0, Fp8Operand::Fc1Weight, w1, cfg.params_dtype)?.columnwise.dequantized();
+    Ok([daq, wq])
+}
+
+/// `C = A·Bᵀ` (`a` `[m, K]`, `b` `[N, K]`) of exact (dequantized fp8) operands, and the error
+/// model's bound of an fp8 GEMM result stored in `dt`: `S = u·|C| + η + (√K·u_f32 +
+/// fp8 accumulation)·Σ_k |A_ik·B_jk|` ([`gemm_element_scale`] plus [`fp8_accumulation`]).
+pub(super) fn gemm_rows(dt: Dtype, a: &Array2<f64>, b: &Array2<f64>) -> (Array2<f64>, Array2<f64>) {
+    let k = a.ncols();
+    let exp = a.dot(&b.t());
+    let sum_abs = a.mapv(f64::abs).dot(&b.mapv(f64::abs).t());
+    let scale = ndarray::Zip::from(&exp)
+        .and(&sum_abs)
+        .map_collect(|&c, &sa| gemm_element_scale(dt, c, k, sa) + fp8_accumulation(k, sa));
+    (exp, scale)
 }

@@ -1,5 +1,6 @@
 //! Sampled verification of model-sized layers (the shapes of [`crate::shapes`]: Mixtral 8x7B,
-//! DeepSeek-V3 EP slice, Qwen3-30B-A3B, GPT-OSS-120B; GLU silu, bf16), too large for an f64
+//! DeepSeek-V3 EP slice, Qwen3-30B-A3B, GPT-OSS-120B; GLU silu, bf16, optionally with a
+//! row-local fp8 recipe: see [FP8](#fp8)), too large for an f64
 //! oracle on every element: the checks, on host data. An implementation runs the layer, hands
 //! over the whole layer's rows ([`SampledLayer`]) and each expert's weights, weight gradients and
 //! intermediates ([`ExpertSource`]), and [`check_layer`] checks them (`moe_gpu::sampled` does
@@ -59,11 +60,91 @@
 //!   alike.
 //! * **Empty experts**: `S = 0`, so their weight grads must be exactly zero.
 //!
+//! # FP8
+//!
+//! With `LayerConfig::fp8` set to a **row-local** recipe — blockwise (TE `Float8BlockScaling`,
+//! DeepSeek-V3's training recipe: 1×128 tiles for activations and gradients, 128×128 for
+//! weights, power-of-2 scales) or MXFP8 (1×32, E8M0) — the same checks run under the fp8 error
+//! model ([`crate::tolerance`], FP8):
+//!
+//! * **Rows.** Every operand of the GEMMs that produce a row of `y`, `dx`, `dp`, `U_e` and `DA_e`
+//!   is quantized row by row: `x`, `u`, `G`, `da` rowwise (their tiles lie inside one row) and
+//!   the weights (whole, the same downloaded tensors). So the implementation computes a sampled
+//!   row from exactly the fp8 values a one-expert layer of the sampled rows quantizes, and the
+//!   oracle of that sub-layer with the same fp8 configuration
+//!   ([`moe_reference::oracle_with_scales`]'s `ErrorScales`) gives each sampled element its fp8
+//!   bound: the storage part `E` and the fp8 channel `R` (`S = E + R`), both row-local. The only
+//!   non-local input of `R` is the bound of a block's `scale_inv`, taken from the amax of the
+//!   whole operand: over the sub-layer it is the amax of the sampled rows, which bounds the
+//!   amax of every block of those rows (and the weights' are the whole weights'), so it is a
+//!   valid, tighter bound for them. The sub-layer is padded with zero rows of zero probs to a
+//!   multiple of [`SUBLAYER_ROWS`] = 32 (TE `Linear`'s `assert_dim_for_fp8_exec` wants 8,
+//!   Megatron's fp8 padding 16, MXFP8 32): padding rows are what Megatron's own quantization
+//!   padding appends, they add no tile to a sampled row, change no amax (zeros) and are never
+//!   compared.
+//! * **GEMM rows** (fp8 only). The last GEMM of each sampled row of `y` (fc2 fprop,
+//!   `y = U_e·W2ᵀ`) and of `dx` (fc1 dgrad, `dx = DA_e·W1`) is recomputed from the
+//!   implementation's own `U_e` and `DA_e` rows, quantized rowwise as the layer quantizes them
+//!   (row-local: the rows alone, zero-padded to [`SUBLAYER_ROWS`], give the same codes), and the
+//!   weights' copies the GEMM reads (`W2` rowwise, `W1` columnwise), dequantized. With exact
+//!   operands an element is one fp8 GEMM result stored in the storage dtype:
+//!   `S = u_s·|C| + η + (√K·u_f32 + 1.5·(√K·2⁻¹³ + 2·u_f32·(⌈K/32⌉ + 1)))·Σ_k |A_k·B_k|`
+//!   (the weight-grad element bound below, `K` = `N2` or `N1`), with the rms floor over the
+//!   expert's sampled rows. These bounds carry no propagated error and no quantization
+//!   channel, so they are far tighter than the oracle's rows bounds under fp8 (next-but-one
+//!   bullet): a scale 2× off on one 1×128 block of `u` or `da` fails them at `h = f = 256`
+//!   (unit tests). Together with the `U_e`/`DA_e` rows against the oracle they check the
+//!   same results along the chain. In bf16 the oracle's rows bounds are tight and these checks
+//!   do not run.
+//! * **Weight grads.** The wgrad GEMMs `dW2 = G_eᵀ·U_e`, `dW1 = DA_eᵀ·X_e` multiply the
+//!   *columnwise* copies, re-quantized along the expert's tokens (128-token blocks for
+//!   blockwise), which are not row-local. They are rebuilt on the host from the downloaded whole
+//!   per-expert operands (padded to the layer's row padding), by the reference quantizer the
+//!   device quantizers match bit for bit (`checks::wgrad_operand`), and dequantized. With these as
+//!   the exact operands `D_jk` is the exact dot product of dequantized values and the element
+//!   and projection bounds above hold with the fp8 GEMM's accumulation term added to the f32
+//!   one: `(√n·u_f32 + 1.5·(√n·2⁻¹³ + 2·u_f32·(⌈n/32⌉ + 1)))·Σ_i |A_ij·B_ik|`
+//!   ([`crate::tolerance::fp8_accumulation`], the term the oracle adds to every fp8 GEMM).
+//!   How much these checks see is set by that accumulation term: it is about `2⁻¹²·n` times a
+//!   typical `|D_jk|` (`√n` operand products of random sign against `Σ|terms| ≈ n` of them).
+//!   Errors of the size of the fp8 noise (an operand left unquantized, the rowwise copy
+//!   multiplied transposed: `≈ 2⁻⁵·|D|`) stay inside it even on the unit tests' experts of 48
+//!   and 160 rows; missing block scales (codes multiplied as they are) fail at every size; a
+//!   scale 2× off on one 128-token block fails the element samples of its column on small
+//!   experts.
+//! * **Strength at model sizes.** The bounds are the error model's, and under fp8 they are
+//!   wide: `rms(S)/rms(value)` of `y`, `dx`, `U_e`, `DA_e` on a one-expert layer of 32 rows
+//!   (weights `U(−1, 1)/√fan_in`, inputs `U(−1, 1)`) is 0.17, 0.24, 0.02, 0.02 in bf16 and 2.7,
+//!   3.8, 0.41, 0.43 under blockwise fp8 at `h = f = 256`; at DeepSeek-V3's `h = 7168, f = 2048`
+//!   it is 0.50, 0.72, 0.02, 0.02 in bf16 and **83, 123, 2.5, 2.7** under blockwise fp8. Two
+//!   terms of the model make it: the fp8 accumulation term `1.5·√K·2⁻¹³·Σ|terms|` (about `|a|`
+//!   itself for fc1 at `K = 7168`), and the storage part `E` of `U_e` propagated worst case
+//!   (`Σ_k e_k·|w_k|`) through fc2, which multiplies it by about `√K`. Sampling changes none of
+//!   this (a row's bound depends on that row alone; a whole-layer oracle gives the same). So on
+//!   DeepSeek-V3 under fp8 the oracle rows checks catch only errors above about a hundred
+//!   times the values (garbage, NaN, a scale off by 2⁸ or more); at `h = f = 256` a 16× scale
+//!   on one 1×128 block of `u` fails the output rows, a 2× one is 0.12 of the bound. The GEMM
+//!   rows checks are what sees block scales at model sizes: their bound is about
+//!   `2·(2⁻⁸ + 1.5·2⁻¹³·K·0.64)` times a typical value (the fp8 accumulation term over
+//!   `Σ|terms| ≈ 0.64·√K` values), about 0.5 for DeepSeek-V3's `y` (`K = 2048`) and 1.0 for
+//!   its `dx` (`K = 4096`): estimated, a scale 16× off on one 1×128 block of `u` or `da`
+//!   (an error of about `15/√(K/128)` times the value) fails them, a 2× one does not.
+//! * **What no check here sees**: a GEMM run in bf16 instead of fp8 is *more* accurate, so no
+//!   comparison with the unquantized oracle can see it (the fp8 module of
+//!   [`crate::tolerance`]), and against the fp8 GEMM of its own operands it differs by fp8
+//!   noise, which the GEMM-rows bound's fp8 accumulation term covers (0.56 of the bound for the
+//!   dx rows at `N1 = 512`, less at larger `K`); the bit-level comparison with the reference's
+//!   fp8 emulation (`tests/fp8_layers.rs`, `tests/gpu_fp8.rs`) does.
+//! * **Refused**: the per-tensor recipes (tensorwise current scaling, delayed scaling) scale
+//!   each expert's operand by its whole amax (or an amax history), so a sampled row does not
+//!   quantize as in the full layer and the sub-layer's bound would not be the row's;
+//!   GroupedMLP has no fp8 path at all. [`sampled_supported`] refuses both, saying why.
+//!
 //! The checks are pure functions of host data (`checks::check_expert`), so unit tests feed them
 //! synthetic results with errors injected at 1.2× and 0.8× of each bound, without a GPU.
 
 use crate::compare::TensorDiff;
-use moe_reference::{LayerClass, LayerConfig, ReferenceError};
+use moe_reference::{Fp8Config, Fp8Recipe, LayerClass, LayerConfig, ReferenceError};
 use std::fmt;
 
 mod checks;
@@ -76,6 +157,11 @@ pub const PROJECTION_T: f64 = 8.0;
 
 /// Elements of each expert's `dW1` and `dW2` checked against their exact dot products.
 pub const ELEMENT_SAMPLES: usize = 64;
+
+/// Under fp8 the oracle's one-expert sub-layer of the sampled rows is padded with zero rows to
+/// a multiple of this (module doc, FP8): TE `Linear`'s `assert_dim_for_fp8_exec` wants a
+/// multiple of 8, Megatron pads to 16 (32 for MXFP8).
+pub const SUBLAYER_ROWS: usize = 32;
 
 /// A skewed split of `tokens` rows over `experts` (Zipf-like weights, deterministic in `seed`),
 /// with experts 1 and `E − 2` empty when `E ≥ 4`. Counts are multiples of 16 when `tokens` is
@@ -185,6 +271,12 @@ pub struct SampledChecks {
     pub fc2_input_rows: CheckStat,
     /// The GPU's fc1 output grad `DA_e` on the sampled rows.
     pub fc1_output_grad_rows: CheckStat,
+    /// fp8 only: the sampled output rows against the fc2 GEMM of the implementation's own
+    /// `U_e` rows (quantized) and `W2`.
+    pub output_gemm_rows: CheckStat,
+    /// fp8 only: the sampled input-grad rows against the fc1 dgrad GEMM of the implementation's
+    /// own `DA_e` rows (quantized) and `W1`'s columnwise copy.
+    pub grad_input_gemm_rows: CheckStat,
     /// Projections `dW2·v` of every row of every expert's `dW2`.
     pub dw2_projections: CheckStat,
     /// Projections `dW1·v` of every row of every expert's `dW1`.
@@ -205,6 +297,8 @@ impl Default for SampledChecks {
             grad_probs_rows: CheckStat::new("grad_probs rows"),
             fc2_input_rows: CheckStat::new("U_e rows (fc2 input)"),
             fc1_output_grad_rows: CheckStat::new("DA_e rows (fc1 out grad)"),
+            output_gemm_rows: CheckStat::new("y rows = fp8 U_e·W2ᵀ"),
+            grad_input_gemm_rows: CheckStat::new("dx rows = fp8 DA_e·W1"),
             dw2_projections: CheckStat::new("dW2·v (Freivalds)"),
             dw1_projections: CheckStat::new("dW1·v (Freivalds)"),
             dw2_elements: CheckStat::new("dW2 sampled elements"),
@@ -216,13 +310,15 @@ impl Default for SampledChecks {
 
 impl SampledChecks {
     /// Every check, in report order.
-    pub fn all(&self) -> [&CheckStat; 10] {
+    pub fn all(&self) -> [&CheckStat; 12] {
         [
             &self.output_rows,
             &self.grad_input_rows,
             &self.grad_probs_rows,
             &self.fc2_input_rows,
             &self.fc1_output_grad_rows,
+            &self.output_gemm_rows,
+            &self.grad_input_gemm_rows,
             &self.dw2_projections,
             &self.dw1_projections,
             &self.dw2_elements,
@@ -231,13 +327,15 @@ impl SampledChecks {
         ]
     }
 
-    fn all_mut(&mut self) -> [&mut CheckStat; 10] {
+    fn all_mut(&mut self) -> [&mut CheckStat; 12] {
         [
             &mut self.output_rows,
             &mut self.grad_input_rows,
             &mut self.grad_probs_rows,
             &mut self.fc2_input_rows,
             &mut self.fc1_output_grad_rows,
+            &mut self.output_gemm_rows,
+            &mut self.grad_input_gemm_rows,
             &mut self.dw2_projections,
             &mut self.dw1_projections,
             &mut self.dw2_elements,
@@ -254,6 +352,8 @@ impl SampledChecks {
             grad_probs_rows,
             fc2_input_rows,
             fc1_output_grad_rows,
+            output_gemm_rows,
+            grad_input_gemm_rows,
             dw2_projections,
             dw1_projections,
             dw2_elements,
@@ -266,6 +366,8 @@ impl SampledChecks {
             grad_probs_rows,
             fc2_input_rows,
             fc1_output_grad_rows,
+            output_gemm_rows,
+            grad_input_gemm_rows,
             dw2_projections,
             dw1_projections,
             dw2_elements,
@@ -302,6 +404,8 @@ pub struct SampledReport {
     pub rows_checked: usize,
     /// Forward + backward GPU time (ms, one call, synchronized).
     pub gpu_ms: f64,
+    /// The fp8 configuration verified (`None`: bf16).
+    pub fp8: Option<Fp8Config>,
     /// Checks and their worst ratios.
     pub checks: SampledChecks,
 }
@@ -317,9 +421,10 @@ impl fmt::Display for SampledReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "{} {} on {}: T={} E_l={} ({} empty), {} rows checked, fwd+bwd {:.2} ms: {}",
+            "{} {} {} on {}: T={} E_l={} ({} empty), {} rows checked, fwd+bwd {:.2} ms: {}",
             self.shape,
             self.class.megatron_name(),
+            self.fp8.map_or("bf16".to_string(), |f| format!("fp8 {}", f.label())),
             self.device,
             self.tokens,
             self.experts,
@@ -352,7 +457,7 @@ fn rms(v: impl IntoIterator<Item = f64>) -> f64 {
 /// Why a sampled verification could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum SampledError {
-    /// The configuration is one the checks do not recompute (see [`intermediates_supported`]).
+    /// The configuration is one the checks do not cover (see [`sampled_supported`]).
     #[error("unsupported: {0}")]
     Unsupported(String),
     /// The f64 oracle refused the sampled rows, or returned no error scales.
@@ -370,7 +475,7 @@ pub enum SampledError {
 #[derive(Clone, Copy, Debug)]
 pub struct SampledLayer<'a> {
     /// The layer's configuration (one rank, a GLU without clamp, offset, bias or probs on the
-    /// input: [`intermediates_supported`]).
+    /// input, no fp8 or a row-local recipe: [`sampled_supported`]).
     pub cfg: &'a LayerConfig,
     /// Input `[T, h]`.
     pub x: &'a [f64],
@@ -438,7 +543,7 @@ pub fn check_layer<E: ExpertSource>(
     layer: &SampledLayer,
     experts: Vec<E>,
 ) -> Result<(SampledChecks, usize), SampledError> {
-    intermediates_supported(layer.cfg)?;
+    sampled_supported(layer.cfg)?;
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(4).min(16);
     let mut chunks: Vec<Vec<E>> = (0..threads).map(|_| Vec::new()).collect();
     for (i, ed) in experts.into_iter().enumerate() {
@@ -488,5 +593,25 @@ pub fn intermediates_supported(cfg: &LayerConfig) -> Result<(), SampledError> {
              input or GLU interleaving"
                 .into(),
         ))
+    }
+}
+
+/// What the sampled checks cover: [`intermediates_supported`], and no fp8 or a row-local fp8
+/// recipe (blockwise, MXFP8) on a class with an fp8 path (module doc, FP8). The per-tensor
+/// recipes and GroupedMLP with fp8 are refused, saying why.
+pub fn sampled_supported(cfg: &LayerConfig) -> Result<(), SampledError> {
+    intermediates_supported(cfg)?;
+    let Some(f) = cfg.fp8 else { return Ok(()) };
+    if cfg.class == LayerClass::Grouped {
+        return Err(SampledError::Unsupported(crate::properties::grouped_fp8_skip(&f)));
+    }
+    match f.recipe {
+        Fp8Recipe::Blockwise | Fp8Recipe::Mxfp8 => Ok(()),
+        Fp8Recipe::Tensorwise | Fp8Recipe::Delayed => Err(SampledError::Unsupported(format!(
+            "sampled verification of fp8 {}: a per-tensor recipe scales each expert's operands by their whole \
+             amax (delayed: an amax history), so sampled rows do not quantize as in the full layer; the sampled \
+             checks run the row-local recipes (blockwise, mxfp8)",
+            f.label()
+        ))),
     }
 }

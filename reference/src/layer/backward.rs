@@ -46,6 +46,8 @@ impl ForwardPass {
         let mut grads = ExpertSet::zeros(cfg);
         let mut queue = VecDeque::new();
         let mut scales = (n == Numerics::Oracle).then(|| ErrorScales::zeros(cfg, t));
+        let mut fc2_input = Array2::zeros((t, cfg.n2()));
+        let mut fc1_output_grad = Array2::zeros((t, cfg.n1()));
         let mut start = 0;
         for (e, (&c, &pc)) in self.counts.iter().zip(&self.padded_counts).enumerate() {
             let rows = start..start + c;
@@ -59,6 +61,8 @@ impl ForwardPass {
                 self.record_scales(sc, e, &g, &sg, rows.clone());
             }
             grad_input.slice_mut(s![rows.clone(), ..]).assign(&sg.dx.slice(s![..c, ..]));
+            fc2_input.slice_mut(s![rows.clone(), ..]).assign(&self.caches[e].u.slice(s![..c, ..]));
+            fc1_output_grad.slice_mut(s![rows.clone(), ..]).assign(&sg.da.slice(s![..c, ..]));
             grad_probs.slice_mut(s![rows]).assign(&sg.dp.slice(s![..c]).mapv(|v| n.to(cfg.probs_dtype, v)));
             start += c;
         }
@@ -67,6 +71,8 @@ impl ForwardPass {
             grad_probs,
             weight_grads: grads,
             pending: deferred.then_some(WeightGradStore { numerics: n, queue }),
+            fc2_input,
+            fc1_output_grad,
             scales,
         })
     }

@@ -204,6 +204,15 @@ impl GemmOperand {
         GemmOperand { data, scale_inv, tile, per_tensor: matches!(recipe, Fp8Recipe::Tensorwise | Fp8Recipe::Delayed) }
     }
 
+    /// The values the GEMM multiplies, in f64: every decoded value times its K tile's
+    /// dequantization factor (`[rows, K]`; the products are exact in f64).
+    pub fn dequantized(&self) -> Array2<f64> {
+        let tile = self.tile.max(1);
+        Array2::from_shape_fn(self.data.dim(), |(i, k)| {
+            f64::from(self.data[[i, k]]) * f64::from(self.scale_inv[[i, k / tile]])
+        })
+    }
+
     /// Unquantized values with unit scales (a planted bug).
     fn raw(x: ArrayView2<'_, f32>, like: &GemmOperand) -> GemmOperand {
         let scale_inv = Array2::ones((x.nrows(), x.ncols().div_ceil(like.tile.max(1))));

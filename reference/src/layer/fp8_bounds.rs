@@ -123,8 +123,7 @@ impl Fp8Bound<'_> {
     /// per K tile (split accumulation) and two for the final scaling, times the bound
     /// `(1 + u_a)(1 + u_b) ≤ 1.5` of the dequantized magnitudes over the oracle's.
     pub(super) fn accumulation(k: usize) -> f64 {
-        let u32_ = Dtype::F32.unit_roundoff();
-        1.5 * ((k.max(1) as f64).sqrt() * U_FP8_ACCUMULATION + 2.0 * u32_ * (k.div_ceil(32) as f64 + 1.0))
+        fp8_accumulation_factor(k)
     }
 
     /// The bound of `activation_func_fp8_input_store` on a value `a` held with error `e`:
@@ -138,4 +137,14 @@ impl Fp8Bound<'_> {
             mag / 16.0 + 2f64.powi(-10)
         }
     }
+}
+
+/// The error model's accumulation term of a `K`-long fp8 GEMM, per unit of `Σ|terms|`:
+/// `1.5·(√K·2⁻¹³ + 2·u_f32·(⌈K/32⌉ + 1))` (module doc; what the oracle's running bound adds to
+/// every fp8 GEMM result on top of the f32 accumulation term `√K·u_f32·Σ|terms|`). Checks that
+/// recompute one fp8 GEMM from its dequantized operands (the sampled weight-gradient checks of
+/// `moe_harness::sampled`) take the same term.
+pub fn fp8_accumulation_factor(k: usize) -> f64 {
+    let u32_ = Dtype::F32.unit_roundoff();
+    1.5 * ((k.max(1) as f64).sqrt() * U_FP8_ACCUMULATION + 2.0 * u32_ * (k.div_ceil(32) as f64 + 1.0))
 }

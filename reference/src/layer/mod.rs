@@ -30,6 +30,7 @@ pub use fp8::{
     check_dim_for_fp8_exec, fp8_gemm, fp8_input_store, Fp8Fault, Fp8Operand, Fp8Run, Fp8State, GemmOperand,
     QuantizedOperand,
 };
+pub use fp8_bounds::fp8_accumulation_factor;
 
 use crate::config::{LayerClass, LayerConfig};
 use crate::dtype::Numerics;
@@ -220,6 +221,13 @@ pub struct BackwardPass {
     pub weight_grads: ExpertSet,
     /// The queued weight-gradient GEMMs (deferred mode only).
     pub pending: Option<WeightGradStore>,
+    /// The fc2 input `u = cast(act(a)·p)` of every row `[T, N2]`, as this run computed it (an
+    /// emulated run's values are what an implementation holds; the sampled verifier's tests
+    /// use them as an implementation's intermediates).
+    pub fc2_input: Array2<f64>,
+    /// The fc1 output gradient `da` of every row `[T, N1]`, as this run computed it (see
+    /// [`BackwardPass::fc2_input`]).
+    pub fc1_output_grad: Array2<f64>,
     /// Error scales (oracle only): for every result, the sum of the absolute values of the
     /// terms of its final reduction (`|u|·|W2|ᵀ + |b2|·p` for the output, `|da|·|W1|` for the
     /// input grad, `|G|ᵀ·|u|` for fc2's weight grad, ...). Rounding errors of a storage-dtype
