@@ -78,8 +78,10 @@ pub fn verify_shape(
 ) -> Result<SampledReport, GpuError> {
     let dims = shape.dims();
     let cfg = LayerConfig { fp8, ..shape.config(class) };
-    cfg.validate()?;
+    // What the checks cover first: GroupedMLP with fp8 is also an invalid configuration, and
+    // the refusal must say why it is not verified (a declared skip), not only that it is invalid.
     sampled_supported(&cfg)?;
+    cfg.validate()?;
     let t = if tokens == 0 { dims.tokens } else { tokens };
     let counts_i = skewed_counts(t, dims.experts, seed);
     let counts = segments(&cfg, &counts_i, t)?;
