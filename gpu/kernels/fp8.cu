@@ -23,7 +23,7 @@
 //     segment i at index i·stride (each scale on its own 256-byte line for cuBLASLt).
 //   * `cast_seg`: any 1-D grid, block 256 (grid-stride over rows, or over 8-element chunks with
 //     vec); row r uses scale[row_seg[r]·stride]; with vec `out` is 8-byte aligned.
-//   * `transpose_seg_u8`: grid (ceil(cols/32), ceil(max seg_len/32), segments), block (32, 8):
+//   * `transpose_seg_u8`: grid (32-row tiles of all segments, ceil(cols/32)), block (32, 8):
 //     each segment's [seg_len, cols] rows transposed in place of their bytes (below).
 //   * `block_quant`: grid (ceil(R/tile_r), ceil(C/tile_c)), block 256, one block per tile of
 //     the logical tensor L: L = x ([R, C] = [rows, cols]) or, with `trans`, L = xᵀ
@@ -250,10 +250,10 @@ __device__ void cast_seg(const T* x, const int* row_seg, int rows, int cols, con
     }
 }
 
-// One 32x32 tile of the transpose of a row-major [rows, cols] byte matrix into [cols, rows].
-__device__ __forceinline__ void transpose_tile(const u8* in, int rows, int cols, u8* out) {
+// The 32x32 tile at (r0, c0) of the transpose of a row-major [rows, cols] byte matrix into
+// [cols, rows].
+__device__ __forceinline__ void transpose_tile(const u8* in, int rows, int cols, u8* out, int r0, int c0) {
     __shared__ u8 tile[32][33];
-    int c0 = blockIdx.x * 32, r0 = blockIdx.y * 32;
     for (int i = threadIdx.y; i < 32; i += 8) {
         int r = r0 + i, c = c0 + threadIdx.x;
         if (r < rows && c < cols) tile[i][threadIdx.x] = in[(long)r * cols + c];
@@ -265,14 +265,15 @@ __device__ __forceinline__ void transpose_tile(const u8* in, int rows, int cols,
     }
 }
 
-// Every segment in one launch: grid (ceil(cols/32), ceil(max seg_len/32), segments), block
-// (32, 8); segment z (rows [seg_off, seg_off + seg_len) of a row-major [rows, cols] tensor)
-// becomes its [cols, seg_len] transpose at byte seg_off·cols of `out`. Blocks past a segment's
-// rows return before the tile (uniformly per block).
-extern "C" __global__ void transpose_seg_u8(const u8* in, const int* seg_off, const int* seg_len, int cols, u8* out) {
-    int off = seg_off[blockIdx.z], rows = seg_len[blockIdx.z];
-    if ((int)blockIdx.y * 32 >= rows) return;
-    transpose_tile(in + (long)off * cols, rows, cols, out + (long)off * cols);
+// Every segment in one launch: grid (row tiles of all segments, ceil(cols/32)), block (32, 8);
+// `tiles` holds (segment, first row within the segment) of each 32-row tile, segment by segment.
+// Segment s (rows [seg_off, seg_off + seg_len) of a row-major [rows, cols] tensor) becomes its
+// [cols, seg_len] transpose at byte seg_off·cols of `out`.
+extern "C" __global__ void transpose_seg_u8(const u8* in, const int* seg_off, const int* seg_len, const int* tiles,
+                                            int cols, u8* out) {
+    int s = tiles[2 * blockIdx.x], r0 = tiles[2 * blockIdx.x + 1];
+    long off = (long)seg_off[s] * cols;
+    transpose_tile(in + off, seg_len[s], cols, out + off, r0, blockIdx.y * 32);
 }
 
 struct BlockParams {
@@ -343,6 +344,88 @@ __device__ void block_quant(const T* x, int rows, int cols, BlockParams bp, u8* 
 INSTANTIATE_IN(float, f32)
 INSTANTIATE_IN(bf16_t, bf16)
 INSTANTIATE_IN(f16_t, f16)
+
+// 1x128 tiles (f32 scales, `mode` 0), the activations' and gradients' block shape, with
+// coalesced access; the same per-tile arithmetic as `block_quant` (an amax is a max, so its
+// reduction order does not change it), so the same bits.
+//   * rowwise (`block_quant_row128`): grid (ceil(rows/8), ceil(cols/128)), block 256: warp w
+//     quantizes tile (blockIdx.x·8 + w, blockIdx.y), four consecutive elements per lane.
+//   * columnwise (`block_quant_col128`, the logical tensor L = xᵀ, [cols, rows]): grid
+//     (ceil(rows/128), ceil(cols/32)), block 256: a 128-row x 32-column patch of x through
+//     shared memory, warp w quantizes L rows (x columns) blockIdx.y·32 + 4w .. + 4.
+// Codes of L row-major, scale_inv on the [rows_L, ceil(cols_L/128)] grid as `block_quant`.
+template <typename T, int F>
+__device__ void block_quant_row128(const T* x, int rows, int cols, BlockParams bp, u8* codes, float* scale_inv) {
+    int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int r = blockIdx.x * 8 + w, c0 = blockIdx.y * 128 + lane * 4;
+    if (r >= rows) return;
+    float v[4];
+    float acc = 0.0f;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        v[q] = c0 + q < cols ? to_f(x[(long)r * cols + c0 + q]) : 0.0f;
+        acc = fmaxf(acc, fabsf(v[q]));
+    }
+    float amax = warp_max(acc);
+    float mult = scale_from_amax(amax, bp.fp8_max, bp.pow2, bp.eps, bp.vinf);
+    if (lane == 0) scale_inv[(long)r * ((cols + 127) / 128) + blockIdx.y] = __frcp_rn(mult);
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+        if (c0 + q < cols) codes[(long)r * cols + c0 + q] = encode<F>(__fmul_rn(v[q], mult));
+}
+
+template <typename T, int F>
+__device__ void block_quant_col128(const T* x, int rows, int cols, BlockParams bp, u8* codes, float* scale_inv) {
+    __shared__ float patch[128][33];
+    int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int x0 = blockIdx.x * 128, i0 = blockIdx.y * 32;  // first x row, first x column
+    for (int k = w; k < 128; k += 8) {
+        int xr = x0 + k, xc = i0 + lane;
+        patch[k][lane] = xr < rows && xc < cols ? to_f(x[(long)xr * cols + xc]) : 0.0f;
+    }
+    __syncthreads();
+    int grid_c = (rows + 127) / 128;
+    for (int q = 0; q < 4; ++q) {
+        int col = w * 4 + q, i = i0 + col;  // L row i = x column i
+        if (i >= cols) break;
+        float v[4];
+        float acc = 0.0f;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            v[e] = patch[lane * 4 + e][col];
+            acc = fmaxf(acc, fabsf(v[e]));
+        }
+        float amax = warp_max(acc);
+        float mult = scale_from_amax(amax, bp.fp8_max, bp.pow2, bp.eps, bp.vinf);
+        if (lane == 0) scale_inv[(long)i * grid_c + blockIdx.x] = __frcp_rn(mult);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            int xr = x0 + lane * 4 + e;
+            if (xr < rows) codes[(long)i * rows + xr] = encode<F>(__fmul_rn(v[e], mult));
+        }
+    }
+}
+
+#define BLOCK128_KERNELS(T, S)                                                                                       \
+    extern "C" __global__ void block_quant_row128_##S##_e4m3(const T* x, int rows, int cols, BlockParams bp,         \
+                                                             u8* codes, float* scale_inv) {                           \
+        block_quant_row128<T, 0>(x, rows, cols, bp, codes, scale_inv);                                                \
+    }                                                                                                                 \
+    extern "C" __global__ void block_quant_row128_##S##_e5m2(const T* x, int rows, int cols, BlockParams bp,         \
+                                                             u8* codes, float* scale_inv) {                           \
+        block_quant_row128<T, 1>(x, rows, cols, bp, codes, scale_inv);                                                \
+    }                                                                                                                 \
+    extern "C" __global__ void block_quant_col128_##S##_e4m3(const T* x, int rows, int cols, BlockParams bp,         \
+                                                             u8* codes, float* scale_inv) {                           \
+        block_quant_col128<T, 0>(x, rows, cols, bp, codes, scale_inv);                                                \
+    }                                                                                                                 \
+    extern "C" __global__ void block_quant_col128_##S##_e5m2(const T* x, int rows, int cols, BlockParams bp,         \
+                                                             u8* codes, float* scale_inv) {                           \
+        block_quant_col128<T, 1>(x, rows, cols, bp, codes, scale_inv);                                                \
+    }
+BLOCK128_KERNELS(float, f32)
+BLOCK128_KERNELS(bf16_t, bf16)
+BLOCK128_KERNELS(f16_t, f16)
 
 // `block_scales_gemm`: the f32 scale grid `in` [gr, gc] (row-major, as `block_quant` writes it)
 // into cuBLASLt's block-scale layout: `out[i·ld + j]` (trans 0, 128×128 blocks:

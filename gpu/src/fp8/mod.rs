@@ -204,6 +204,8 @@ pub(crate) struct Fp8Engine {
     amax: [CudaFunction; 3],
     cast: [[CudaFunction; 2]; 3],
     block: [[CudaFunction; 2]; 3],
+    /// The coalesced 1×128 block quantizers: `[rowwise, columnwise][dtype][format]`.
+    block128: [[[CudaFunction; 2]; 3]; 2],
     compute_scales: CudaFunction,
     pub(crate) delayed_scales: CudaFunction,
     pub(crate) delayed_record: CudaFunction,
@@ -507,6 +509,10 @@ impl Fp8Engine {
         };
         let cast = [pair("cast_seg", sfx[0])?, pair("cast_seg", sfx[1])?, pair("cast_seg", sfx[2])?];
         let block = [pair("block_quant", sfx[0])?, pair("block_quant", sfx[1])?, pair("block_quant", sfx[2])?];
+        let b128 = |base: &str| -> Result<[[CudaFunction; 2]; 3], GpuError> {
+            Ok([pair(base, sfx[0])?, pair(base, sfx[1])?, pair(base, sfx[2])?])
+        };
+        let block128 = [b128("block_quant_row128")?, b128("block_quant_col128")?];
         let lt = LtHandle(lt::create_handle().map_err(|e| GpuError::CublasLt(format!("cuBLASLt unavailable: {e:?}")))?);
         let mem = stream.alloc_zeros::<u8>(LT_WORKSPACE)?;
         let lt_workspace = DeviceBuffer::new(mem, stream, LT_WORKSPACE)?;
@@ -514,6 +520,7 @@ impl Fp8Engine {
             amax,
             cast,
             block,
+            block128,
             compute_scales: f("compute_scales".into())?,
             delayed_scales: f("delayed_scales".into())?,
             delayed_record: f("delayed_record".into())?,
@@ -562,6 +569,10 @@ pub struct SegmentMap {
     seg_off: DeviceBuffer,
     seg_len: DeviceBuffer,
     row_seg: DeviceBuffer,
+    /// (segment, first row within it) of every 32-row tile, segment by segment (i32 pairs):
+    /// the grid of the one-launch segmented transpose.
+    tiles: DeviceBuffer,
+    n_tiles: usize,
     lens: Vec<usize>,
     rows: usize,
 }
@@ -572,7 +583,12 @@ impl SegmentMap {
         let mut off = Vec::new();
         let mut row_seg = Vec::new();
         let mut rows = 0usize;
+        let mut tiles = Vec::new();
         for (s, &l) in lens.iter().enumerate() {
+            for r0 in (0..l).step_by(32) {
+                tiles.extend_from_slice(&i32::try_from(s)?.to_le_bytes());
+                tiles.extend_from_slice(&i32::try_from(r0)?.to_le_bytes());
+            }
             off.extend_from_slice(&i32::try_from(rows)?.to_le_bytes());
             rows += l;
             row_seg.extend(std::iter::repeat_n(i32::try_from(s)?.to_le_bytes(), l).flatten());
@@ -588,6 +604,8 @@ impl SegmentMap {
             seg_off: eng.upload(&off)?,
             seg_len: eng.upload(&len)?,
             row_seg: eng.upload(&row_seg)?,
+            n_tiles: tiles.len() / 8,
+            tiles: eng.upload(&tiles)?,
             lens: lens.to_vec(),
             rows,
         })
@@ -830,11 +848,14 @@ impl Engine {
         let src = t.codes.addr(0, rows * cols, "transpose input")?;
         let dst = codes_t.addr(0, rows * cols, "transpose output")?;
         let (off, len) = (map.seg_off.addr(0, segs * 4, "seg_off")?, map.seg_len.addr(0, segs * 4, "seg_len")?);
-        let max_len = map.lens.iter().copied().max().unwrap_or(0);
-        let mut cfg = transpose_cfg(max_len, cols)?;
-        cfg.grid_dim.2 = u32::try_from(segs)?;
-        if segs > 0 && max_len > 0 && cols > 0 {
-            launch!(fe, stream, &fe.transpose_seg, cfg, [&src, &off, &len, &ci, &dst]);
+        let tiles = map.tiles.addr(0, map.n_tiles * 8, "transpose tiles")?;
+        let cfg = LaunchConfig {
+            grid_dim: (u32::try_from(map.n_tiles)?, u32::try_from(cols.div_ceil(32))?, 1),
+            block_dim: (32, 8, 1),
+            shared_mem_bytes: 0,
+        };
+        if map.n_tiles > 0 && cols > 0 {
+            launch!(fe, stream, &fe.transpose_seg, cfg, [&src, &off, &len, &tiles, &ci, &dst]);
         }
         Ok(())
     }
@@ -965,18 +986,31 @@ impl Engine {
         let sa = scales.addr(0, scale_bytes, "scales")?;
         let (f32_scales, e8m0) = if bp.mode == 0 { (sa, 0u64) } else { (0u64, sa) };
         let (ri, ci) = (i32::try_from(rows)?, i32::try_from(cols)?);
-        let cfg = LaunchConfig {
-            grid_dim: (u32::try_from(gc)?, u32::try_from(gr)?, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
+        let block = |x: usize, y: usize| -> Result<LaunchConfig, GpuError> {
+            Ok(LaunchConfig {
+                grid_dim: (u32::try_from(x)?, u32::try_from(y)?, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            })
         };
-        launch!(
-            fe,
-            stream,
-            &fe.block[dt_index(dtype)][fmt_index(format)],
-            cfg,
-            [&xa, &ri, &ci, &bp, &co, &f32_scales, &e8m0]
-        );
+        if bp.mode == 0 && (tr, tc) == (1, 128) {
+            // The activations' and gradients' 1×128 blocks: the coalesced kernels (same bits).
+            let (f, cfg) = if bp.trans == 0 {
+                (&fe.block128[0][dt_index(dtype)][fmt_index(format)], block(rows.div_ceil(8), cols.div_ceil(128))?)
+            } else {
+                (&fe.block128[1][dt_index(dtype)][fmt_index(format)], block(rows.div_ceil(128), cols.div_ceil(32))?)
+            };
+            launch!(fe, stream, f, cfg, [&xa, &ri, &ci, &bp, &co, &f32_scales]);
+        } else {
+            let cfg = block(gc, gr)?;
+            launch!(
+                fe,
+                stream,
+                &fe.block[dt_index(dtype)][fmt_index(format)],
+                cfg,
+                [&xa, &ri, &ci, &bp, &co, &f32_scales, &e8m0]
+            );
+        }
         let scales = if bp.mode == 0 {
             DeviceScales::Block { rows: tr, cols: tc, scale_inv: scales }
         } else {
@@ -1448,15 +1482,6 @@ impl Plan {
     }
 }
 
-/// The transpose kernel's grid (x, y) for a `[rows, cols]` input (one 32x32 tile per block).
-fn transpose_cfg(rows: usize, cols: usize) -> Result<LaunchConfig, GpuError> {
-    Ok(LaunchConfig {
-        grid_dim: (u32::try_from(cols.div_ceil(32))?, u32::try_from(rows.div_ceil(32))?, 1),
-        block_dim: (32, 8, 1),
-        shared_mem_bytes: 0,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1486,6 +1511,8 @@ mod tests {
             for f in ["e4m3", "e5m2"] {
                 names.push(format!("cast_seg_{s}_{f}"));
                 names.push(format!("block_quant_{s}_{f}"));
+                names.push(format!("block_quant_row128_{s}_{f}"));
+                names.push(format!("block_quant_col128_{s}_{f}"));
             }
         }
         for name in names {
