@@ -47,9 +47,11 @@
 //! the storage part `E` (`S = E + R`): each GEMM `A·B` adds to `R` the root sum of squares over
 //! `K` of `(q_A + r_A)·|B| + |A|·(q_B + r_B)` (quantization errors of different elements add like
 //! the √K accumulation model's roundings, not in line), to `E` the second-order
-//! `(e_A + r_A + q_A)·(q_B + r_B)` and an accumulation term `1.5·(√K·2⁻¹³ + 2·u_f32·(⌈K/32⌉ +
+//! `(e_A + r_A + q_A)·(q_B + r_B)` and an accumulation term `1.5·(√K_acc·2⁻¹³ + 2·u_f32·(⌈K/32⌉ +
 //! 1))·Σ|terms|` (Hopper's fast accumulation is not modelled bit for bit; 2⁻¹³ stands for its ~14
-//! bits). `R` goes through the activation like `E` (without roundings).
+//! bits; `K_acc` is the run accumulated before an f32 promotion: `K` for the per-tensor recipes
+//! and MXFP8, at most 128 for blockwise, whose GEMM scales and promotes each 128-wide K block).
+//! `R` goes through the activation like `E` (without roundings).
 //! `activation_func_fp8_input_store` adds PyTorch's unscaled e4m3 cast (`|a|/16 + 2⁻¹⁰`, infinite
 //! from 464 where the cast gives NaN) to `R` of the backward's activation input. A clamped GLU's
 //! ambiguity window widens by the fp8 units. The derivation is the module doc of
@@ -110,12 +112,13 @@ pub fn gemm_element_scale(dtype: Dtype, value: f64, k: usize, sum_abs: f64) -> f
     rounding(dtype, value) + f32_accumulation(k, sum_abs)
 }
 
-/// The model's accumulation term of a `k`-long fp8 GEMM whose products' absolute values sum to
-/// `sum_abs`, on top of [`f32_accumulation`]: `1.5·(√K·2⁻¹³ + 2·u_f32·(⌈K/32⌉ + 1))·Σ|terms|`
-/// (`moe_reference::layer::fp8_accumulation_factor`, the term the oracle adds to every fp8 GEMM
-/// result).
-pub fn fp8_accumulation(k: usize, sum_abs: f64) -> f64 {
-    moe_reference::layer::fp8_accumulation_factor(k) * sum_abs.abs()
+/// The model's accumulation term of a `k`-long fp8 GEMM of `recipe` whose products' absolute
+/// values sum to `sum_abs`, on top of [`f32_accumulation`]:
+/// `1.5·(√K_acc·2⁻¹³ + 2·u_f32·(⌈K/32⌉ + 1))·Σ|terms|`, `K_acc` = `K`, or at most 128 for
+/// blockwise (`moe_reference::layer::fp8_accumulation_factor`, the term the oracle adds to every
+/// fp8 GEMM result).
+pub fn fp8_accumulation(k: usize, sum_abs: f64, recipe: moe_reference::Fp8Recipe) -> f64 {
+    moe_reference::layer::fp8_accumulation_factor(k, recipe) * sum_abs.abs()
 }
 
 /// A tolerance: `bound = rtol·(scale + rms(scale_block)) + atol`, where `scale` is the oracle's

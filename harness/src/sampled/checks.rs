@@ -7,6 +7,7 @@ use super::{ELEMENT_SAMPLES, PROJECTION_T, SUBLAYER_ROWS};
 use crate::compare::{compare_tensor, Bounds};
 use crate::tolerance::{fp8_accumulation, gemm_element_scale, Tolerance, C_SAFETY};
 use moe_reference::layer::{forward as ref_forward, Fp8Operand, Fp8Run, Fp8State};
+use moe_reference::Fp8Recipe;
 use moe_reference::{
     Activation, Dtype, ExpertSet, ExpertWeights, Fp8Config, Inputs, LayerConfig, Numerics, Parallelism, ReferenceError,
     WgradTiming,
@@ -119,7 +120,7 @@ pub(super) fn intermediates(
 #[allow(clippy::too_many_arguments)]
 pub(super) fn check_wgrad(
     dt: Dtype,
-    fp8: bool,
+    fp8: Option<Fp8Recipe>,
     dims: (usize, usize, usize),
     a: impl Fn(usize, usize) -> f64,
     b: impl Fn(usize, usize) -> f64,
@@ -136,7 +137,7 @@ pub(super) fn check_wgrad(
     }
     let (us, eta) = (dt.unit_roundoff(), dt.subnormal_spacing());
     // The accumulation terms per unit of Σ|terms|: f32, plus the fp8 GEMM's.
-    let acc = (n.max(1) as f64).sqrt() * Dtype::F32.unit_roundoff() + if fp8 { fp8_accumulation(n, 1.0) } else { 0.0 };
+    let acc = (n.max(1) as f64).sqrt() * Dtype::F32.unit_roundoff() + fp8.map_or(0.0, |r| fp8_accumulation(n, 1.0, r));
     // B·v and the 1- and 2-norms of B's rows.
     let mut bv = vec![0.0; n];
     let mut b1 = vec![0.0; n];
@@ -193,7 +194,7 @@ pub(super) fn check_wgrad(
             sum_abs += t.abs();
         }
         let gv = got(j, k);
-        let fp8_term = if fp8 { fp8_accumulation(n, sum_abs) } else { 0.0 };
+        let fp8_term = fp8.map_or(0.0, |r| fp8_accumulation(n, sum_abs, r));
         let bound = tol.bound(gemm_element_scale(dt, exact, n, sum_abs) + fp8_term, r_bar);
         elements.record((gv - exact).abs(), bound, || format!("{label}[{j},{k}]: {gv:e} vs {exact:e}"));
     }
@@ -314,7 +315,7 @@ pub(super) fn check_expert(
     if let Some(f) = cfg.fp8 {
         let [u_rows, w2_rows] =
             fprop_operands(&cfg1, f, [Fp8Operand::Fc2Input, Fp8Operand::Fc2Weight], &local(&ed.u, n2), &w2c)?;
-        let (exp, scale) = gemm_rows(dt, &u_rows, &w2_rows);
+        let (exp, scale) = gemm_rows(dt, &u_rows, &w2_rows, f.recipe);
         check_sampled(
             &mut st.output_gemm_rows,
             rows_of(sh.y, h).view(),
@@ -324,7 +325,7 @@ pub(super) fn check_expert(
             at("y = U_e·W2ᵀ"),
         );
         let [da_rows, w1_cols] = dgrad_operands(&cfg1, f, &local(&ed.da, n1), &w1c)?;
-        let (exp, scale) = gemm_rows(dt, &da_rows, &w1_cols);
+        let (exp, scale) = gemm_rows(dt, &da_rows, &w1_cols, f.recipe);
         check_sampled(
             &mut st.grad_input_gemm_rows,
             rows_of(sh.dx, h).view(),
@@ -348,9 +349,9 @@ pub(super) fn check_expert(
     let (label2, label1) = (format!("expert {e} dW2"), format!("expert {e} dW1"));
     let Some(f) = cfg.fp8 else {
         let (p2, e2) = (&mut st.dw2_projections, &mut st.dw2_elements);
-        check_wgrad(dt, false, (n, h, n2), g_e, u_e, dw2, &signs2, &samples2, p2, e2, &label2);
+        check_wgrad(dt, None, (n, h, n2), g_e, u_e, dw2, &signs2, &samples2, p2, e2, &label2);
         let (p1, e1) = (&mut st.dw1_projections, &mut st.dw1_elements);
-        check_wgrad(dt, false, (n, n1, h), da_e, x_e, dw1, &signs1, &samples1, p1, e1, &label1);
+        check_wgrad(dt, None, (n, n1, h), da_e, x_e, dw1, &signs1, &samples1, p1, e1, &label1);
         return Ok(m);
     };
     // fp8: the wgrad GEMMs multiply the columnwise copies, re-quantized along the expert's
@@ -360,13 +361,13 @@ pub(super) fn check_expert(
     let uq = wgrad_operand(&cfg1, f, Fp8Operand::Fc2Input, (n, k, n2), u_e)?;
     let (p2, e2) = (&mut st.dw2_projections, &mut st.dw2_elements);
     let (a2, b2) = (|i: usize, j: usize| gq[[i, j]], |i: usize, k: usize| uq[[i, k]]);
-    check_wgrad(dt, true, (k, h, n2), a2, b2, dw2, &signs2, &samples2, p2, e2, &label2);
+    check_wgrad(dt, Some(f.recipe), (k, h, n2), a2, b2, dw2, &signs2, &samples2, p2, e2, &label2);
     drop((gq, uq));
     let daq = wgrad_operand(&cfg1, f, Fp8Operand::Fc1GradOutput, (n, k, n1), da_e)?;
     let xq = wgrad_operand(&cfg1, f, Fp8Operand::Fc1Input, (n, k, h), x_e)?;
     let (p1, e1) = (&mut st.dw1_projections, &mut st.dw1_elements);
     let (a1, b1) = (|i: usize, j: usize| daq[[i, j]], |i: usize, k: usize| xq[[i, k]]);
-    check_wgrad(dt, true, (k, n1, h), a1, b1, dw1, &signs1, &samples1, p1, e1, &label1);
+    check_wgrad(dt, Some(f.recipe), (k, n1, h), a1, b1, dw1, &signs1, &samples1, p1, e1, &label1);
     Ok(m)
 }
 
@@ -437,12 +438,12 @@ pub(super) fn dgrad_operands(
 /// `C = A·Bᵀ` (`a` `[m, K]`, `b` `[N, K]`) of exact (dequantized fp8) operands, and the error
 /// model's bound of an fp8 GEMM result stored in `dt`: `S = u·|C| + η + (√K·u_f32 +
 /// fp8 accumulation)·Σ_k |A_ik·B_jk|` ([`gemm_element_scale`] plus [`fp8_accumulation`]).
-pub(super) fn gemm_rows(dt: Dtype, a: &Array2<f64>, b: &Array2<f64>) -> (Array2<f64>, Array2<f64>) {
+pub(super) fn gemm_rows(dt: Dtype, a: &Array2<f64>, b: &Array2<f64>, recipe: Fp8Recipe) -> (Array2<f64>, Array2<f64>) {
     let k = a.ncols();
     let exp = a.dot(&b.t());
     let sum_abs = a.mapv(f64::abs).dot(&b.mapv(f64::abs).t());
     let scale = ndarray::Zip::from(&exp)
         .and(&sum_abs)
-        .map_collect(|&c, &sa| gemm_element_scale(dt, c, k, sa) + fp8_accumulation(k, sa));
+        .map_collect(|&c, &sa| gemm_element_scale(dt, c, k, sa) + fp8_accumulation(k, sa, recipe));
     (exp, scale)
 }

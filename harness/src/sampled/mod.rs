@@ -88,7 +88,8 @@
 //!   (row-local: the rows alone, zero-padded to [`SUBLAYER_ROWS`], give the same codes), and the
 //!   weights' copies the GEMM reads (`W2` rowwise, `W1` columnwise), dequantized. With exact
 //!   operands an element is one fp8 GEMM result stored in the storage dtype:
-//!   `S = u_s·|C| + η + (√K·u_f32 + 1.5·(√K·2⁻¹³ + 2·u_f32·(⌈K/32⌉ + 1)))·Σ_k |A_k·B_k|`
+//!   `S = u_s·|C| + η + (√K·u_f32 + 1.5·(√K_acc·2⁻¹³ + 2·u_f32·(⌈K/32⌉ + 1)))·Σ_k |A_k·B_k|`
+//!   (`K_acc = min(K, 128)` for blockwise, whose GEMM promotes each 128-wide scale block to f32)
 //!   (the weight-grad element bound below, `K` = `N2` or `N1`), with the rms floor over the
 //!   expert's sampled rows. These bounds carry no propagated error and no quantization
 //!   channel, so they are far tighter than the oracle's rows bounds under fp8 (next-but-one
@@ -103,7 +104,7 @@
 //!   device quantizers match bit for bit (`checks::wgrad_operand`), and dequantized. With these as
 //!   the exact operands `D_jk` is the exact dot product of dequantized values and the element
 //!   and projection bounds above hold with the fp8 GEMM's accumulation term added to the f32
-//!   one: `(√n·u_f32 + 1.5·(√n·2⁻¹³ + 2·u_f32·(⌈n/32⌉ + 1)))·Σ_i |A_ij·B_ik|`
+//!   one: `(√n·u_f32 + 1.5·(√n_acc·2⁻¹³ + 2·u_f32·(⌈n/32⌉ + 1)))·Σ_i |A_ij·B_ik|`
 //!   ([`crate::tolerance::fp8_accumulation`], the term the oracle adds to every fp8 GEMM).
 //!   How much these checks see is set by that accumulation term: it is about `2⁻¹²·n` times a
 //!   typical `|D_jk|` (`√n` operand products of random sign against `Σ|terms| ≈ n` of them).
@@ -114,21 +115,21 @@
 //!   experts.
 //! * **Strength at model sizes.** The bounds are the error model's, and under fp8 they are
 //!   wide: `rms(S)/rms(value)` of `y`, `dx`, `U_e`, `DA_e` on a one-expert layer of 32 rows
-//!   (weights `U(−1, 1)/√fan_in`, inputs `U(−1, 1)`) is 0.17, 0.24, 0.02, 0.02 in bf16 and 2.7,
-//!   3.8, 0.41, 0.43 under blockwise fp8 at `h = f = 256`; at DeepSeek-V3's `h = 7168, f = 2048`
-//!   it is 0.50, 0.72, 0.02, 0.02 in bf16 and **83, 123, 2.5, 2.7** under blockwise fp8. Two
-//!   terms of the model make it: the fp8 accumulation term `1.5·√K·2⁻¹³·Σ|terms|` (about `|a|`
-//!   itself for fc1 at `K = 7168`), and the storage part `E` of `U_e` propagated worst case
-//!   (`Σ_k e_k·|w_k|`) through fc2, which multiplies it by about `√K`. Sampling changes none of
-//!   this (a row's bound depends on that row alone; a whole-layer oracle gives the same). So on
-//!   DeepSeek-V3 under fp8 the oracle rows checks catch only errors above about a hundred
-//!   times the values (garbage, NaN, a scale off by 2⁸ or more); at `h = f = 256` a 16× scale
-//!   on one 1×128 block of `u` fails the output rows, a 2× one is 0.12 of the bound. The GEMM
-//!   rows checks are what sees block scales at model sizes: their bound is about
-//!   `2·(2⁻⁸ + 1.5·2⁻¹³·K·0.64)` times a typical value (the fp8 accumulation term over
-//!   `Σ|terms| ≈ 0.64·√K` values), about 0.5 for DeepSeek-V3's `y` (`K = 2048`) and 1.0 for
-//!   its `dx` (`K = 4096`): estimated, a scale 16× off on one 1×128 block of `u` or `da`
-//!   (an error of about `15/√(K/128)` times the value) fails them, a 2× one does not.
+//!   (the harness's random weights and inputs; `tests::bound_widths`, ignored, prints them) is
+//!   0.17, 0.24, 0.02, 0.02 in bf16 and 2.4, 3.4, 0.39, 0.41 under blockwise fp8 at
+//!   `h = f = 256`; at DeepSeek-V3's `h = 7168, f = 2048` it is 0.49, 0.71, 0.02, 0.02 in bf16
+//!   and **26, 39, 0.96, 1.0** under blockwise fp8. Two terms of the model make it: the fp8
+//!   accumulation term `1.5·√K_acc·2⁻¹³·Σ|terms|` (blockwise: `K_acc` = 128), and the storage part
+//!   `E` of `U_e` propagated worst case (`Σ_k e_k·|w_k|`) through fc2, which multiplies it by
+//!   about `√K`. Sampling changes none of this (a row's bound depends on that row alone; a
+//!   whole-layer oracle gives the same). So on DeepSeek-V3 under fp8 the oracle rows checks
+//!   catch only errors above about thirty times the values (garbage, NaN, a scale off by 2⁵ or
+//!   more). The GEMM rows checks are what sees block scales at model sizes: their bound is about
+//!   `2·(2⁻⁸ + 1.5·2⁻¹³·√128·√K·0.64)` times a typical value (the fp8 accumulation term over
+//!   `Σ|terms| ≈ 0.64·√K` values), about 0.13 for DeepSeek-V3's `y` (`K = 2048`) and 0.18 for
+//!   its `dx` (`K = 4096`): estimated, a scale 2× off on one 1×128 block of `u` (an error of
+//!   about `1/√(K/128)` = 0.25 times the value) fails the `y` rows, and on one block of `da`
+//!   (0.18) sits at the `dx` rows' bound.
 //! * **What no check here sees**: a GEMM run in bf16 instead of fp8 is *more* accurate, so no
 //!   comparison with the unquantized oracle can see it (the fp8 module of
 //!   [`crate::tolerance`]), and against the fp8 GEMM of its own operands it differs by fp8

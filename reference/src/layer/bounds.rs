@@ -192,7 +192,7 @@ fn error_bounds(
         Some(f) => f.quantization(op, v, e),
         None => zeros_like(v),
     };
-    let acc8 = |k: usize| if fp8 { Fp8Bound::accumulation(k) } else { 0.0 };
+    let acc8 = |k: usize| fq.map_or(0.0, |f| f.accumulation(k));
     let qx = quant(Fp8Operand::Fc1Input, &cache.x, &err_x);
     let qw1 = quant(Fp8Operand::Fc1Weight, &w.fc1_weight, &zeros_like(&w.fc1_weight));
     let qw2 = quant(Fp8Operand::Fc2Weight, &w.fc2_weight, &zeros_like(&w.fc2_weight));

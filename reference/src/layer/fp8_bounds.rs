@@ -54,7 +54,9 @@
 //! root sum of squares too. `activation_func_fp8_input_store`'s unscaled E4M3 cast of the
 //! activation input is an fp8 rounding of each element, so it enters `R`.
 //!
-//! The accumulation term ([`Fp8Bound::accumulation`]) stays in `E`.
+//! The accumulation term ([`Fp8Bound::accumulation`], [`fp8_accumulation_factor`]) stays in `E`;
+//! for blockwise it counts the MMA's reduced-precision run only up to one 128-wide scale block,
+//! the GEMM's f32 promotion.
 //!
 //! # Two runs that quantize alike
 //!
@@ -119,11 +121,10 @@ impl Fp8Bound<'_> {
         })
     }
 
-    /// The accumulation term's factor for a `K`-long fp8 GEMM: `√K·u_acc` plus two f32 roundings
-    /// per K tile (split accumulation) and two for the final scaling, times the bound
-    /// `(1 + u_a)(1 + u_b) ≤ 1.5` of the dequantized magnitudes over the oracle's.
-    pub(super) fn accumulation(k: usize) -> f64 {
-        fp8_accumulation_factor(k)
+    /// The accumulation term's factor for a `K`-long fp8 GEMM of this recipe
+    /// ([`fp8_accumulation_factor`]).
+    pub(super) fn accumulation(&self, k: usize) -> f64 {
+        fp8_accumulation_factor(k, self.config.recipe)
     }
 
     /// The bound of `activation_func_fp8_input_store` on a value `a` held with error `e`:
@@ -139,12 +140,26 @@ impl Fp8Bound<'_> {
     }
 }
 
-/// The error model's accumulation term of a `K`-long fp8 GEMM, per unit of `Σ|terms|`:
-/// `1.5·(√K·2⁻¹³ + 2·u_f32·(⌈K/32⌉ + 1))` (module doc; what the oracle's running bound adds to
-/// every fp8 GEMM result on top of the f32 accumulation term `√K·u_f32·Σ|terms|`). Checks that
-/// recompute one fp8 GEMM from its dequantized operands (the sampled weight-gradient checks of
-/// `moe_harness::sampled`) take the same term.
-pub fn fp8_accumulation_factor(k: usize) -> f64 {
+/// The error model's accumulation term of a `K`-long fp8 GEMM of `recipe`, per unit of
+/// `Σ|terms|`: `1.5·(√K_acc·2⁻¹³ + 2·u_f32·(⌈K/32⌉ + 1))` (module doc; what the oracle's running
+/// bound adds to every fp8 GEMM result on top of the f32 accumulation term
+/// `√K·u_f32·Σ|terms|`), times the bound `(1 + u_a)(1 + u_b) ≤ 1.5` of the dequantized
+/// magnitudes over the oracle's. `K_acc` is the run the MMA accumulates before an f32
+/// promotion: `K` for the per-tensor recipes (fast accumulation may run the whole `K`) and
+/// MXFP8, at most [`BLOCK_PROMOTION`] = 128 for blockwise, whose GEMM applies each 128-wide K
+/// block's scales to that block's partial sum in f32 (DeepSeek's promotion; cuBLASLt's
+/// `VEC128_32F`/`BLK128x128_32F` scale modes): the Higham-style `√n·u·Σ|terms|` bound of each
+/// block, summed over blocks, is `√128·u·Σ|terms|`. Checks that recompute one fp8 GEMM from its
+/// dequantized operands (the sampled checks of `moe_harness::sampled`) take the same term.
+pub fn fp8_accumulation_factor(k: usize, recipe: Fp8Recipe) -> f64 {
     let u32_ = Dtype::F32.unit_roundoff();
-    1.5 * ((k.max(1) as f64).sqrt() * U_FP8_ACCUMULATION + 2.0 * u32_ * (k.div_ceil(32) as f64 + 1.0))
+    let k_acc = match recipe {
+        Fp8Recipe::Blockwise => k.min(BLOCK_PROMOTION),
+        Fp8Recipe::Tensorwise | Fp8Recipe::Delayed | Fp8Recipe::Mxfp8 => k,
+    };
+    1.5 * ((k_acc.max(1) as f64).sqrt() * U_FP8_ACCUMULATION + 2.0 * u32_ * (k.div_ceil(32) as f64 + 1.0))
 }
+
+/// The K run a blockwise fp8 GEMM accumulates in the MMA before its f32 promotion (one 128-wide
+/// scale block).
+pub const BLOCK_PROMOTION: usize = 128;
