@@ -66,6 +66,12 @@ impl Synth {
         Synth::build(LayerConfig { fp8: Some(f), ..shape.config(class) }, &[160, 0, 48])
     }
 
+    /// [`Synth::fp8`] with fc1's width `ffn` (fc2's `K`), for effects that grow with `K`.
+    fn fp8_wide(class: LayerClass, f: Fp8Config, ffn: usize) -> Synth {
+        let shape = ShapeDims { hidden: 256, ffn, experts: 3, tokens: 208 };
+        Synth::build(LayerConfig { fp8: Some(f), ..shape.config(class) }, &[160, 0, 48])
+    }
+
     fn build(cfg: LayerConfig, counts: &[usize]) -> Synth {
         let class = cfg.class;
         let shape = ShapeDims {
@@ -568,9 +574,9 @@ fn fp8_emulated_layer_passes_every_check() {
 
 /// A wrong scale on one 1x128 block of `u`'s rowwise copy, the fc2 fprop operand, in one
 /// sampled row. One exponent step (2x) on one of the row's two blocks fails the fp8 GEMM-rows
-/// check of `y` and nothing else: against the oracle it is 0.12 of the output's fp8 bound at
-/// h = f = 256 (that bound is about 2.7x the output itself: the oracle's fp8 channel and
-/// accumulation term). 16x off (an exponent off by 4, the reference's `Fp8Fault::WrongScale`)
+/// check of `y` and nothing else: against the oracle it is a small fraction of the output's fp8
+/// bound at h = f = 256 (that bound is about 2.4x the output itself: the oracle's fp8 channel
+/// and accumulation term, `tests::bound_widths`). 16x off (an exponent off by 4, the reference's `Fp8Fault::WrongScale`)
 /// fails the oracle's output rows too. The block reaches neither dx, dp, the intermediates nor
 /// the wgrad copies.
 #[test]
@@ -758,4 +764,34 @@ fn bound_widths() {
             );
         }
     }
+}
+
+/// Why the blockwise accumulation term stops at one 128-wide scale block: at fc2's K = 2048
+/// (DeepSeek-V3's `f`) one exponent step (2x) on one 1x128 block of `u` in a sampled row moves
+/// `y` by about `1/√(K/128)` = 0.25 of its value, and the fp8 GEMM-rows check of `y` must see it.
+/// With the term over the whole K (`√2048` instead of `√128`: 4x wider) the error sat at 0.66 of
+/// the bound (measured by planting that term back), inside it (the sampled module doc, "Strength
+/// at model sizes").
+#[test]
+fn fp8_two_x_block_scale_in_u_fails_the_y_gemm_rows_at_deepseek_width() {
+    let f = Fp8Config::new(Fp8Recipe::Blockwise);
+    let base = Synth::fp8_wide(LayerClass::TeGrouped, f, 2048);
+    let (h, n2, dt) = (base.cfg.hidden_size, base.cfg.n2(), base.cfg.params_dtype);
+    assert_eq!(n2, 2048, "fc2's K");
+    let (n, s0) = (base.experts[0].n, base.experts[0].start);
+    let u0 = Array2::from_shape_vec((n, n2), base.experts[0].u.clone()).unwrap();
+    let w2 = ExpertSet::random(&base.cfg, SEED).experts[0].fc2_weight.clone();
+    let mut run = Fp8Run { config: f, state: Fp8State::new(&base.cfg).unwrap(), fault: None };
+    let uq = run.quantize(0, Fp8Operand::Fc2Input, &u0, dt).unwrap().rowwise;
+    let wq = run.quantize(0, Fp8Operand::Fc2Weight, &w2, dt).unwrap().rowwise;
+    assert!(base.run().passed(), "the unplanted layer passes:\n{}", report(&base.run()));
+    let mut s = base.clone();
+    let mut bad = uq.clone();
+    bad.scale_inv[[0, 3]] *= 2.0;
+    let y = fp8_gemm(&bad, &wq);
+    for j in 0..h {
+        s.y[s0 * h + j] = dt.round(y[[0, j]]);
+    }
+    let c = s.run();
+    assert!(failed(&c).contains(&c.output_gemm_rows.name), "2x on one block of u at K = 2048:\n{}", report(&c));
 }
