@@ -17,6 +17,10 @@ sum of kernel times, without overlap between streams and without launch gaps.
 
 Usage: layer_profile.py --counts scripts/shapes.json LOG:SHAPE:CLASS:MODE ... > profile.md
 (the distributions, rows T and FFN size f of SHAPE come from the counts file).
+
+       layer_profile.py --top N LOG ...
+prints, per log, the N kernels with the largest summed time (whole log, every call in it:
+e.g. an fp8 layer's quantization kernels next to its GEMMs), with their share and count.
 """
 import csv
 import json
@@ -65,7 +69,23 @@ def segments(rows):
     return out
 
 
+def top(n, paths):
+    """The `--top` report: per log, the n kernels (name cut at 70 characters) of largest summed time."""
+    for path in paths:
+        totals, counts = {}, {}
+        for name, ns in kernels(path):
+            key = name[:70]
+            totals[key] = totals.get(key, 0.0) + ns
+            counts[key] = counts.get(key, 0) + 1
+        whole = sum(totals.values())
+        print(f"{path}: {whole / 1e6:.2f} ms over {sum(counts.values())} kernels")
+        for key, ns in sorted(totals.items(), key=lambda kv: -kv[1])[:n]:
+            print(f"  {ns / 1e6:8.3f} ms {100 * ns / whole if whole else 0:5.1f}% x{counts[key]:5d}  {key}")
+
+
 def main(args):
+    if len(args) >= 3 and args[0] == "--top":
+        return top(int(args[1]), args[2:])
     if len(args) < 3 or args[0] != "--counts":
         sys.exit(__doc__)
     shapes = {s["name"]: s for s in json.load(open(args[1]))["shapes"]}

@@ -197,6 +197,31 @@ class LayerTablesTest(unittest.TestCase):
             self.assertNotIn("| 200 |", line)
 
 
+class LayerProfileTopTest(unittest.TestCase):
+    """layer_profile.py --top: the per-kernel report the fp8 notes of docs/performance.md quote."""
+
+    def test_top_sums_each_kernel_over_the_log_in_ns_and_sorts_by_time(self):
+        # Why: the report's shares decide which kernel gets fixed; ncu mixes units (ns, us) and
+        # thousands separators, and a kernel launched many times must add up, not be counted once.
+        head = ('"ID","Kernel Name","Metric Name","Metric Unit","Metric Value"\n')
+        lines = [
+            '"0","block_quant_bf16_e4m3","gpu__time_duration.sum","ns","3,000"\n',
+            '"1","nvjet_gemm","gpu__time_duration.sum","ns","4000"\n',
+            '"2","block_quant_bf16_e4m3","gpu__time_duration.sum","us","2"\n',
+            '"3","nvjet_gemm","sm__cycles","cycle","99999"\n',
+        ]
+        with tempfile.TemporaryDirectory() as d:
+            log = os.path.join(d, "ncu.csv")
+            with open(log, "w") as f:
+                f.write("==PROF== a line ncu writes\n" + head + "".join(lines))
+            rc, out, err = run_script("layer_profile.py", "--top", "5", log)
+            self.assertEqual(rc, 0, err)
+            rows = [l.split() for l in out.splitlines()[1:]]
+            self.assertEqual([r[-1] for r in rows], ["block_quant_bf16_e4m3", "nvjet_gemm"])
+            self.assertEqual(rows[0][:5], ["0.005", "ms", "55.6%", "x", "2"])
+            self.assertIn("0.01 ms over 3 kernels", out.splitlines()[0])
+
+
 class BenchTimingTest(unittest.TestCase):
     def test_min_bytes_matches_the_rust_formula_by_hand(self):
         # Why: the fp8 and bf16 peers share this count with the Rust rows (layer_table warns on
