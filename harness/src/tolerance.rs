@@ -175,4 +175,61 @@ mod tests {
         assert_eq!(rounding(Dtype::F16, 0.0), 2f64.powi(-24));
         assert_eq!(f32_accumulation(0, 3.0), 3.0 * 2f64.powi(-24));
     }
+
+    /// A dot product of `a`, `b` accumulated in f32 whose running sum keeps only 13 fraction bits
+    /// (truncated after every add: an accumulator of Hopper's fast-accumulation precision, which
+    /// the model's 2⁻¹³ stands for), promoted to an exact sum every `promote` terms.
+    fn reduced_precision_dot(a: &[f32], b: &[f32], promote: usize) -> f64 {
+        let keep = |v: f32| f32::from_bits(v.to_bits() & !((1u32 << 10) - 1));
+        let mut total = 0f64;
+        for (ca, cb) in a.chunks(promote).zip(b.chunks(promote)) {
+            let partial = ca.iter().zip(cb).fold(0f32, |acc, (&x, &y)| keep(acc + x * y));
+            total += f64::from(partial);
+        }
+        total
+    }
+
+    /// Why the fp8 GEMM term exists and why blockwise's stops at one 128-wide block: dot products
+    /// of K = 2048 random fp8-sized products accumulated at 13 fraction bits stay within
+    /// `C_SAFETY·(f32 term + fp8 term)` of the exact sum, for the whole K in one run under the
+    /// per-tensor term and for 128-term runs (blockwise's promotion) under the blockwise term;
+    /// without the fp8 term (the f32 one alone) they do not, nor do whole-K runs under the
+    /// blockwise term. A model that dropped the fp8 term, or took `K_acc = 128` for a GEMM that
+    /// does not promote, fails here.
+    #[test]
+    fn the_fp8_accumulation_term_covers_a_reduced_precision_accumulator() {
+        use moe_reference::Fp8Recipe;
+        let k = 2048;
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut uniform = || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        let (mut worst_whole, mut worst_block, mut worst_block_model_on_whole, mut worst_f32_only) =
+            (0f64, 0f64, 0f64, 0f64);
+        for _ in 0..200 {
+            let a: Vec<f32> = (0..k).map(|_| uniform()).collect();
+            let b: Vec<f32> = (0..k).map(|_| uniform()).collect();
+            let exact: f64 = a.iter().zip(&b).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum();
+            let sum_abs: f64 = a.iter().zip(&b).map(|(&x, &y)| (f64::from(x) * f64::from(y)).abs()).sum();
+            let bound = |fp8: f64| C_SAFETY * (f32_accumulation(k, sum_abs) + fp8);
+            let (whole, block) = (reduced_precision_dot(&a, &b, k), reduced_precision_dot(&a, &b, 128));
+            let tensorwise = bound(fp8_accumulation(k, sum_abs, Fp8Recipe::Tensorwise));
+            let blockwise = bound(fp8_accumulation(k, sum_abs, Fp8Recipe::Blockwise));
+            worst_whole = worst_whole.max((whole - exact).abs() / tensorwise);
+            worst_block = worst_block.max((block - exact).abs() / blockwise);
+            worst_block_model_on_whole = worst_block_model_on_whole.max((whole - exact).abs() / blockwise);
+            worst_f32_only = worst_f32_only.max((whole - exact).abs() / bound(0.0));
+        }
+        eprintln!(
+            "fast-accumulation emulation, K = {k}: whole run / per-tensor bound {worst_whole:.3}, 128-runs / blockwise {worst_block:.3}, whole run / blockwise {worst_block_model_on_whole:.3}, whole run / f32 term alone {worst_f32_only:.3}"
+        );
+        assert!(worst_whole <= 1.0, "whole-K run against the per-tensor term: {worst_whole}");
+        assert!(worst_block <= 1.0, "128-term runs against the blockwise term: {worst_block}");
+        assert!(worst_f32_only > 1.0, "the f32 term alone must not cover it: {worst_f32_only}");
+        assert!(
+            worst_block_model_on_whole > 1.0,
+            "a whole-K run must exceed the blockwise term: {worst_block_model_on_whole}"
+        );
+    }
 }
