@@ -410,3 +410,32 @@ fn a_squared_relu_gate_lifted_over_its_kink_by_fp8_errors_is_inside_the_bound() 
     };
     assert_passes(&ReferenceBackend, &c);
 }
+
+/// A delayed-scaling state read back from another implementation (`Fp8State::set`, what the
+/// GPU's `DeviceDelayedState::download` builds on): values land on the named tensor of the named
+/// expert and nowhere else, and a history of the wrong length or an expert out of range is a
+/// clear error naming the tensor, not a silently shortened state.
+#[test]
+fn a_state_read_back_lands_on_its_tensor_and_keeps_its_history_length() {
+    let mut cfg = fp8_cfg(LayerClass::TeGrouped, Fp8Recipe::Delayed, TeFormat::Hybrid);
+    cfg.fp8 = cfg.fp8.map(|f| Fp8Config {
+        delayed: moe_reference::fp8::DelayedScalingConfig { amax_history_len: 3, ..f.delayed },
+        ..f
+    });
+    let fresh = Fp8State::new(&cfg).unwrap();
+    let mut state = fresh.clone();
+    state.set(1, Fp8Operand::Fc2Input, 0.25, &[1.0, 2.0, 3.0]).unwrap();
+    let t = state.get(1, Fp8Operand::Fc2Input).unwrap();
+    assert_eq!((t.scale(), t.amax_history()), (0.25, &[1.0f32, 2.0, 3.0][..]));
+    for e in 0..state.experts() {
+        for op in Fp8Operand::ALL {
+            if (e, op) != (1, Fp8Operand::Fc2Input) {
+                assert_eq!(state.get(e, op), fresh.get(e, op), "expert {e} {}", op.name());
+            }
+        }
+    }
+    let err = state.set(0, Fp8Operand::Fc1Weight, 1.0, &[1.0, 2.0]).unwrap_err().to_string();
+    assert!(err.contains("linear_fc1.weight") && err.contains("amax_history_len = 3"), "{err}");
+    let err = state.set(state.experts(), Fp8Operand::Fc1Input, 1.0, &[0.0; 3]).unwrap_err().to_string();
+    assert!(err.contains("linear_fc1.input") && err.contains("local expert"), "{err}");
+}
