@@ -795,3 +795,48 @@ fn fp8_two_x_block_scale_in_u_fails_the_y_gemm_rows_at_deepseek_width() {
     let c = s.run();
     assert!(failed(&c).contains(&c.output_gemm_rows.name), "2x on one block of u at K = 2048:\n{}", report(&c));
 }
+
+/// `check_layer`, the entry point `moe_gpu::sampled` calls, runs every check of every expert
+/// (over its host threads) exactly as checking the experts one by one does, and returns the rows
+/// it checked: the same counts and worst ratios as `check_expert` on each expert in turn, every
+/// check counting values (the empty-expert check too), and a planted wrong-scale weight-gradient
+/// row fails through it. Why: the other sampled tests call `check_expert` directly, so a
+/// `check_layer` that checked nothing and passed was caught by no CPU test (cargo-mutants).
+#[test]
+fn check_layer_runs_every_check_of_every_expert() {
+    for synth in
+        [Synth::new(LayerClass::TeGrouped), Synth::fp8(LayerClass::TeGrouped, Fp8Config::new(Fp8Recipe::Blockwise))]
+    {
+        let sh = SampledLayer {
+            cfg: &synth.cfg,
+            x: &synth.x,
+            g: &synth.g,
+            y: &synth.y,
+            dx: &synth.dx,
+            p: &synth.p,
+            dp: &synth.dp,
+            seed: SEED,
+        };
+        let one_by_one = synth.run();
+        let (checks, rows) = check_layer(&sh, synth.experts.clone()).unwrap();
+        assert!(rows > 0, "no rows checked");
+        let counts = |c: &SampledChecks| c.all().iter().map(|s| (s.name.clone(), s.count)).collect::<Vec<_>>();
+        assert_eq!(counts(&checks), counts(&one_by_one));
+        assert_eq!(report(&checks), report(&one_by_one));
+        // Every check counts values; the fp8 GEMM-rows checks run only under fp8.
+        let runs = |s: &&CheckStat| synth.cfg.fp8.is_some() || !s.name.contains("fp8");
+        assert!(
+            checks.all().into_iter().filter(runs).all(|s| s.count > 0),
+            "a check counted nothing:\n{:?}",
+            counts(&checks)
+        );
+        assert!(checks.passed(), "{}", report(&checks));
+        // One row of expert 0's dW1 16x too large (a wrong scale on one output channel; the test
+        // is about check_layer passing a failure through, not about the checks' sensitivity).
+        let mut bad = synth.experts.clone();
+        let h = synth.cfg.hidden_size;
+        bad[0].dw1[..h].iter_mut().for_each(|v| *v *= 16.0);
+        let (checks, _) = check_layer(&sh, bad).unwrap();
+        assert!(!checks.passed(), "a dW1 row 16x too large must fail through check_layer:\n{}", report(&checks));
+    }
+}
