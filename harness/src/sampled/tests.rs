@@ -840,3 +840,23 @@ fn check_layer_runs_every_check_of_every_expert() {
         assert!(!checks.passed(), "a dW1 row 16x too large must fail through check_layer:\n{}", report(&checks));
     }
 }
+
+/// The GEMM-rows checks' bound is the error model's bound of one fp8 GEMM element: the
+/// one-GEMM element bound (`gemm_element_scale`) plus the fp8 accumulation term of the recipe,
+/// each over the element's own `Σ|a·b|`. Why: the 1.2x/0.8x calibration above measures errors
+/// against whatever `gemm_rows` returns, so a bound that subtracted the fp8 term (cargo-mutants)
+/// or dropped it passed every other test.
+#[test]
+fn gemm_rows_bound_is_one_fp8_gemm_element() {
+    let a = Array2::from_shape_fn((3, 256), |(i, k)| ((i * 7 + k * 3) % 11) as f64 / 11.0 - 0.45);
+    let b = Array2::from_shape_fn((4, 256), |(j, k)| ((j * 5 + k) % 13) as f64 / 13.0 - 0.5);
+    for recipe in [Fp8Recipe::Blockwise, Fp8Recipe::Mxfp8] {
+        let (exp, scale) = gemm_rows(Dtype::Bf16, &a, &b, recipe);
+        for ((i, j), &s) in scale.indexed_iter() {
+            let sum_abs: f64 = a.row(i).iter().zip(b.row(j)).map(|(x, y)| (x * y).abs()).sum();
+            let want = gemm_element_scale(Dtype::Bf16, exp[[i, j]], 256, sum_abs)
+                + crate::tolerance::fp8_accumulation(256, sum_abs, recipe);
+            assert!((s - want).abs() <= 1e-12 * want, "{recipe:?} [{i}, {j}]: {s} vs {want}");
+        }
+    }
+}
