@@ -150,6 +150,25 @@ impl CudaLayer {
     }
 }
 
+impl CudaLayer {
+    /// [`CudaLayer::run`] with the backward, as a [`LayerRun`] and the delayed-scaling state
+    /// after the call (delayed recipe only).
+    fn run_backward(
+        &self,
+        cfg: &LayerConfig,
+        params: &StateDict,
+        inputs: &Inputs,
+        grad_output: &Array2<f64>,
+        timing: WgradTiming,
+        state: Option<&Fp8State>,
+    ) -> Result<(LayerRun, Option<Fp8State>), LayerError> {
+        let (output, bwd, after) = self.run(cfg, params, inputs, Some(grad_output), timing, state)?;
+        let (grad_input, grad_probs, weight_grads) =
+            bwd.ok_or_else(|| LayerError::Backend("backward did not run".into()))?;
+        Ok((LayerRun { output, grad_input, grad_probs, weight_grads }, after))
+    }
+}
+
 macro_rules! cuda_layer {
     ($(#[$doc:meta])* $ty:ident, $class:expr, $name:literal) => {
         $(#[$doc])*
@@ -216,9 +235,7 @@ macro_rules! cuda_layer {
                 grad_output: &Array2<f64>,
                 timing: WgradTiming,
             ) -> Result<LayerRun, LayerError> {
-                let (output, bwd, _) = self.0.run(cfg, params, inputs, Some(grad_output), timing, None)?;
-                let (grad_input, grad_probs, weight_grads) = bwd.ok_or_else(|| LayerError::Backend("backward did not run".into()))?;
-                Ok(LayerRun { output, grad_input, grad_probs, weight_grads })
+                Ok(self.0.run_backward(cfg, params, inputs, grad_output, timing, None)?.0)
             }
         }
 
@@ -237,10 +254,9 @@ macro_rules! cuda_layer {
                 timing: WgradTiming,
                 state: &Fp8State,
             ) -> Result<(LayerRun, Fp8State), LayerError> {
-                let (output, bwd, after) = self.0.run(cfg, params, inputs, Some(grad_output), timing, Some(state))?;
-                let (grad_input, grad_probs, weight_grads) = bwd.ok_or_else(|| LayerError::Backend("backward did not run".into()))?;
+                let (run, after) = self.0.run_backward(cfg, params, inputs, grad_output, timing, Some(state))?;
                 let after = after.ok_or_else(|| LayerError::Backend("the delayed-scaling state was not read back".into()))?;
-                Ok((LayerRun { output, grad_input, grad_probs, weight_grads }, after))
+                Ok((run, after))
             }
         }
     };

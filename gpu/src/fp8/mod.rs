@@ -188,6 +188,26 @@ struct BlockParams {
     max_norm_rcp: f32,
 }
 
+impl BlockParams {
+    /// The parameters of `block_quant` for f32 block scales (mode 0) of `tile` blocks, `trans`
+    /// for the columnwise copy, with `options` and the input dtype's largest finite value for an
+    /// infinite scale quotient.
+    fn block(format: Fp8Format, tile: BlockTile, options: ScaleOptions, dtype: Dtype, trans: bool) -> BlockParams {
+        let [tr, tc] = tile.dims();
+        BlockParams {
+            tile_r: tr as i32,
+            tile_c: tc as i32,
+            trans: i32::from(trans),
+            mode: 0,
+            pow2: i32::from(options.force_pow_2_scales),
+            fp8_max: format.max_finite(),
+            eps: options.amax_epsilon,
+            vinf: max_finite_of(dtype),
+            max_norm_rcp: 0.0,
+        }
+    }
+}
+
 // SAFETY: `BlockParams` is `repr(C)` plain old data (five i32 then four f32, no padding) and
 // matches the layout of the CUDA struct it is passed as.
 unsafe impl DeviceRepr for BlockParams {}
@@ -900,18 +920,7 @@ impl Engine {
                 })
             }
             QuantSpec::Block { format, tile, options } => {
-                let [tr, tc] = tile.dims();
-                let bp = |trans: bool| BlockParams {
-                    tile_r: tr as i32,
-                    tile_c: tc as i32,
-                    trans: i32::from(trans),
-                    mode: 0,
-                    pow2: i32::from(options.force_pow_2_scales),
-                    fp8_max: format.max_finite(),
-                    eps: options.amax_epsilon,
-                    vinf: max_finite_of(dtype),
-                    max_norm_rcp: 0.0,
-                };
+                let bp = |trans: bool| BlockParams::block(format, tile, options, dtype, trans);
                 let rowwise = if usage.rowwise {
                     Some(self.block_quantize(x, dtype, (rows, cols), format, bp(false))?)
                 } else {
@@ -1241,17 +1250,7 @@ impl Engine {
     ) -> Result<(BlockOperand, BlockOperand), GpuError> {
         let xa = x.addr(rows * cols * dtype.size_bytes(), "fp8 block operand input")?;
         let [tr, tc] = tile.dims();
-        let bp = |trans: bool| BlockParams {
-            tile_r: tr as i32,
-            tile_c: tc as i32,
-            trans: i32::from(trans),
-            mode: 0,
-            pow2: i32::from(options.force_pow_2_scales),
-            fp8_max: format.max_finite(),
-            eps: options.amax_epsilon,
-            vinf: max_finite_of(dtype),
-            max_norm_rcp: 0.0,
-        };
+        let bp = |trans: bool| BlockParams::block(format, tile, options, dtype, trans);
         let mut out = Vec::with_capacity(2);
         for trans in [false, true] {
             let q = self.block_quantize_at(xa, dtype, (rows, cols), format, bp(trans))?;

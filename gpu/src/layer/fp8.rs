@@ -114,6 +114,21 @@ pub(super) fn graph_of(strategy: Strategy) -> Fp8Issue {
 /// The graph branches [`Strategy::Auto`] gives the fp8 GEMMs (docs/performance.md).
 pub const AUTO_FP8_LANES: usize = 4;
 
+/// Issues one fp8 GEMM per local expert, `gemm(eng, e)` for `e` in `0..experts`, as one list
+/// ([`Engine::run_fp8_ops`] with `issue`).
+fn expert_gemms(
+    eng: &mut Engine,
+    experts: usize,
+    issue: Fp8Issue,
+    mut gemm: impl FnMut(&mut Engine, usize) -> Result<crate::fp8::Fp8GemmOp, GpuError>,
+) -> Result<(), GpuError> {
+    let mut ops = Vec::with_capacity(experts);
+    for e in 0..experts {
+        ops.push(gemm(eng, e)?);
+    }
+    eng.run_fp8_ops(&ops, issue)
+}
+
 /// The element format of each operand role.
 fn formats(f: &Fp8Config) -> (Fp8Format, Fp8Format, Fp8Format) {
     (
@@ -155,11 +170,7 @@ impl DeviceLayer {
         let (fi, fw, _) = formats(&f);
         let graph = graph_of(strategy);
         let opts = options(&f);
-        if ws.poison {
-            for b in [&mut ws.a, &mut ws.u, &mut ws.y].into_iter().chain(ws.xs.as_mut()) {
-                eng.poison(b)?;
-            }
-        }
+        ws.poison_forward_outputs(eng)?;
         if let Some(xs) = ws.xs.as_mut() {
             let Engine { kernels, stream, .. } = &mut *eng;
             kernels.scale_rows(stream, d.dt, &ws.x, &ws.p, xs, ws.rows, d.h)?;
@@ -218,11 +229,10 @@ impl DeviceLayer {
             }
             _ => 0.0,
         };
-        let mut gemms = Vec::with_capacity(ws.padded.len());
-        for e in 0..el {
+        expert_gemms(eng, el, graph, |eng, e| {
             let (m, off) = (ws.padded[e], ws.offsets[e]);
             let c = ws.a.at(off * d.n1 * d.ds);
-            gemms.push(eng.fp8_gemm_op(
+            eng.fp8_gemm_op(
                 (m, d.n1, d.h),
                 op(&xq, e, off, false)?,
                 op(w1q, e, e * d.n1, false)?,
@@ -230,20 +240,18 @@ impl DeviceLayer {
                 d.dt,
                 beta,
                 FPROP_FAST_ACCUM,
-            )?);
-        }
-        eng.run_fp8_ops(&gemms, graph)?;
+            )
+        })?;
         let seq_b1 = if cfg.class == LayerClass::Sequential { w.b1.as_ref() } else { None };
         let p_act = ws.p_act.as_ref().unwrap_or(&ws.p);
         let Engine { kernels, stream, .. } = &mut *eng;
         kernels.act_fwd(stream, d.dt, ActParams::of(cfg), &mut ws.a, seq_b1, p_act, &ws.map, &mut ws.u, d.n2)?;
         let mut uq = reuse(eng, pu, &tok, d.n2, fi)?;
         eng.quantize_segments_into(&ws.u, d.dt, &tok, scales(Fp8Operand::Fc2Input), &mut uq)?;
-        let mut gemms = Vec::with_capacity(ws.padded.len());
-        for e in 0..el {
+        expert_gemms(eng, el, graph, |eng, e| {
             let (m, off) = (ws.padded[e], ws.offsets[e]);
             let c = ws.y.at(off * d.h * d.ds);
-            gemms.push(eng.fp8_gemm_op(
+            eng.fp8_gemm_op(
                 (m, d.h, d.n2),
                 op(&uq, e, off, false)?,
                 op(w2q, e, e * d.h, false)?,
@@ -251,9 +259,8 @@ impl DeviceLayer {
                 d.dt,
                 0.0,
                 FPROP_FAST_ACCUM,
-            )?);
-        }
-        eng.run_fp8_ops(&gemms, graph)?;
+            )
+        })?;
         if let Some(b2) = &w.b2 {
             let probs_in_storage = cfg.probs_dtype == cfg.params_dtype && cfg.params_dtype != Dtype::F32;
             let p_act = ws.p_act.as_ref().unwrap_or(&ws.p);
@@ -294,23 +301,16 @@ impl DeviceLayer {
             Some(state) => SegmentScales::Delayed(state, operand),
             None => SegmentScales::Current(opts),
         };
-        if ws.poison {
-            let grads = &mut ws.grads;
-            let all = [&mut ws.du, &mut ws.da, &mut ws.dx, &mut ws.dp, &mut grads.w1, &mut grads.w2];
-            for b in all.into_iter().chain(grads.b1.as_mut()).chain(grads.b2.as_mut()) {
-                eng.poison(b)?;
-            }
-        }
+        ws.poison_backward_outputs(eng)?;
         let el = ws.padded.len();
         self.fc2_bias_grad(eng, ws)?;
         // du_e = G_e·W2_e: G rowwise times W2's columnwise copy [N2, h].
         let mut gq = reuse(eng, ops.g.take(), &ops.tok, d.h, fg)?;
         eng.quantize_segments_into(&ws.g, d.dt, &ops.tok, scales(Fp8Operand::Fc2GradOutput), &mut gq)?;
-        let mut gemms = Vec::with_capacity(ws.padded.len());
-        for e in 0..el {
+        expert_gemms(eng, el, graph, |eng, e| {
             let (m, off) = (ws.padded[e], ws.offsets[e]);
             let c = ws.du.at(off * d.n2 * d.ds);
-            gemms.push(eng.fp8_gemm_op(
+            eng.fp8_gemm_op(
                 (m, d.n2, d.h),
                 op(&gq, e, off, false)?,
                 op(&wq.w2, e, e * d.h, true)?,
@@ -318,18 +318,16 @@ impl DeviceLayer {
                 d.dt,
                 0.0,
                 DGRAD_FAST_ACCUM,
-            )?);
-        }
-        eng.run_fp8_ops(&gemms, graph)?;
+            )
+        })?;
         self.activation_backward(eng, ws)?;
         // dx_e = da_e·W1_e: da rowwise times W1's columnwise copy [h, N1].
         let mut daq = reuse(eng, ops.da.take(), &ops.tok, d.n1, fg)?;
         eng.quantize_segments_into(&ws.da, d.dt, &ops.tok, scales(Fp8Operand::Fc1GradOutput), &mut daq)?;
-        let mut gemms = Vec::with_capacity(ws.padded.len());
-        for e in 0..el {
+        expert_gemms(eng, el, graph, |eng, e| {
             let (m, off) = (ws.padded[e], ws.offsets[e]);
             let c = ws.dx.at(off * d.h * d.ds);
-            gemms.push(eng.fp8_gemm_op(
+            eng.fp8_gemm_op(
                 (m, d.h, d.n1),
                 op(&daq, e, off, false)?,
                 op(&wq.w1, e, e * d.n1, true)?,
@@ -337,22 +335,9 @@ impl DeviceLayer {
                 d.dt,
                 0.0,
                 DGRAD_FAST_ACCUM,
-            )?);
-        }
-        eng.run_fp8_ops(&gemms, graph)?;
-        if cfg.apply_probs_on_input {
-            let Engine { kernels, stream, .. } = &mut *eng;
-            kernels.probs_in_bwd(
-                stream,
-                d.dt,
-                &mut ws.dx,
-                &ws.x,
-                &ws.p,
-                &mut ws.dp,
-                (ws.rows, d.h),
-                cfg.probs_dtype,
-            )?;
-        }
+            )
+        })?;
+        self.probs_on_input_backward(eng, ws)?;
         // The columnwise copies the wgrad GEMMs read: dyᵀ of both linears, and the forward's x
         // and u (the same codes transposed: tensorwise scaling).
         for t in [&mut gq, &mut daq, &mut ops.x, &mut ops.u] {
@@ -427,11 +412,10 @@ impl DeviceLayer {
             return Err(missing());
         }
         let (gq, daq) = (ops.g.as_ref().ok_or_else(missing)?, ops.da.as_ref().ok_or_else(missing)?);
-        let mut gemms = Vec::with_capacity(ws.padded.len());
-        for e in 0..ws.padded.len() {
+        expert_gemms(eng, ws.padded.len(), graph, |eng, e| {
             let (m, off) = (ws.padded[e], ws.offsets[e]);
             let c = ws.grads.w2.at(e * d.h * d.n2 * d.ds);
-            gemms.push(eng.fp8_gemm_op(
+            eng.fp8_gemm_op(
                 (d.h, d.n2, m),
                 op(gq, e, off, true)?,
                 op(&ops.u, e, off, true)?,
@@ -439,14 +423,12 @@ impl DeviceLayer {
                 d.dt,
                 0.0,
                 WGRAD_FAST_ACCUM,
-            )?);
-        }
-        eng.run_fp8_ops(&gemms, graph)?;
-        let mut gemms = Vec::with_capacity(ws.padded.len());
-        for e in 0..ws.padded.len() {
+            )
+        })?;
+        expert_gemms(eng, ws.padded.len(), graph, |eng, e| {
             let (m, off) = (ws.padded[e], ws.offsets[e]);
             let c = ws.grads.w1.at(e * d.n1 * d.h * d.ds);
-            gemms.push(eng.fp8_gemm_op(
+            eng.fp8_gemm_op(
                 (d.n1, d.h, m),
                 op(daq, e, off, true)?,
                 op(&ops.x, e, off, true)?,
@@ -454,9 +436,8 @@ impl DeviceLayer {
                 d.dt,
                 0.0,
                 WGRAD_FAST_ACCUM,
-            )?);
-        }
-        eng.run_fp8_ops(&gemms, graph)?;
+            )
+        })?;
         Ok(())
     }
 }

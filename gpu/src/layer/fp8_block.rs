@@ -82,11 +82,7 @@ impl DeviceLayer {
         let d = Dims::of(cfg);
         let (fi, fw) = (f.format.format_for(TensorRole::Input), f.format.format_for(TensorRole::Weight));
         let opts = options(f);
-        if ws.poison {
-            for b in [&mut ws.a, &mut ws.u, &mut ws.y].into_iter().chain(ws.xs.as_mut()) {
-                eng.poison(b)?;
-            }
-        }
+        ws.poison_forward_outputs(eng)?;
         if let Some(xs) = ws.xs.as_mut() {
             let Engine { kernels, stream, .. } = &mut *eng;
             kernels.scale_rows(stream, d.dt, &ws.x, &ws.p, xs, ws.rows, d.h)?;
@@ -147,13 +143,7 @@ impl DeviceLayer {
         let mut acts = ws.fp8_block.take().ok_or_else(|| GpuError::Shape("fp8 backward before its forward".into()))?;
         let wq =
             self.fp8_block_weights.get().ok_or_else(|| GpuError::Shape("fp8 backward before its forward".into()))?;
-        if ws.poison {
-            let grads = &mut ws.grads;
-            let all = [&mut ws.du, &mut ws.da, &mut ws.dx, &mut ws.dp, &mut grads.w1, &mut grads.w2];
-            for b in all.into_iter().chain(grads.b1.as_mut()).chain(grads.b2.as_mut()) {
-                eng.poison(b)?;
-            }
-        }
+        ws.poison_backward_outputs(eng)?;
         self.fc2_bias_grad(eng, ws)?;
         // du_e = G_e·W2_e: G rowwise (1×128) times W2's columnwise copy [N2, h] (128×128).
         let gq = per_expert(eng, &ws.g, d.dt, &ws.padded, &ws.offsets, d.h, fg, TensorRole::GradOutput, opts)?;
@@ -166,19 +156,7 @@ impl DeviceLayer {
         for ((da, w1), &off) in daq.iter().zip(&wq.w1).zip(&ws.offsets) {
             eng.fp8_block_gemm(&da.0, &w1.1, ws.dx.at(off * d.h * d.ds), d.dt, 0.0)?;
         }
-        if cfg.apply_probs_on_input {
-            let Engine { kernels, stream, .. } = &mut *eng;
-            kernels.probs_in_bwd(
-                stream,
-                d.dt,
-                &mut ws.dx,
-                &ws.x,
-                &ws.p,
-                &mut ws.dp,
-                (ws.rows, d.h),
-                cfg.probs_dtype,
-            )?;
-        }
+        self.probs_on_input_backward(eng, ws)?;
         acts.g = gq;
         acts.da = daq;
         acts.backward_done = true;

@@ -54,11 +54,7 @@ impl DeviceLayer {
         let (cfg, w) = (&self.cfg, &self.weights);
         let d = Dims::of(cfg);
         let grouped = cfg.class == LayerClass::Grouped;
-        if ws.poison {
-            for b in [&mut ws.a, &mut ws.u, &mut ws.y].into_iter().chain(ws.xs.as_mut()) {
-                eng.poison(b)?;
-            }
-        }
+        ws.poison_forward_outputs(eng)?;
         let Engine { kernels, stream, .. } = &mut *eng;
         // §4.7: x' = round(p·x), probs replaced by ones.
         if let Some(xs) = ws.xs.as_mut() {
@@ -114,6 +110,27 @@ impl DeviceLayer {
         Ok(())
     }
 
+    /// With the probs applied on the input (§4.7 backward): `dp = Σ dx'·x` and `dx = round(dx'·p)`
+    /// in place on `ws.dx`, `ws.dp`; nothing otherwise; the same step for every precision.
+    pub(super) fn probs_on_input_backward(&self, eng: &mut Engine, ws: &mut Workspace) -> Result<(), GpuError> {
+        let cfg = &self.cfg;
+        if cfg.apply_probs_on_input {
+            let d = Dims::of(cfg);
+            let Engine { kernels, stream, .. } = &mut *eng;
+            kernels.probs_in_bwd(
+                stream,
+                d.dt,
+                &mut ws.dx,
+                &ws.x,
+                &ws.p,
+                &mut ws.dp,
+                (ws.rows, d.h),
+                cfg.probs_dtype,
+            )?;
+        }
+        Ok(())
+    }
+
     /// Activation backward and `dp` (the fc2-bias term and `Σ du·z`) from `ws.du` into `ws.da`
     /// and `ws.dp`, one block per row; the same step for every precision.
     pub(super) fn activation_backward(&self, eng: &mut Engine, ws: &mut Workspace) -> Result<(), GpuError> {
@@ -150,13 +167,7 @@ impl DeviceLayer {
         let (cfg, w) = (&self.cfg, &self.weights);
         let d = Dims::of(cfg);
         let grouped = cfg.class == LayerClass::Grouped;
-        if ws.poison {
-            let grads = &mut ws.grads;
-            let all = [&mut ws.du, &mut ws.da, &mut ws.dx, &mut ws.dp, &mut grads.w1, &mut grads.w2];
-            for b in all.into_iter().chain(grads.b1.as_mut()).chain(grads.b2.as_mut()) {
-                eng.poison(b)?;
-            }
-        }
+        ws.poison_backward_outputs(eng)?;
         let el = ws.padded.len();
         // db2 = Σ_i p_i·G_i per expert (f32 sum, one rounding).
         self.fc2_bias_grad(eng, ws)?;
@@ -169,19 +180,7 @@ impl DeviceLayer {
         let dgrad1 = token_gemms(ws, el, (d.h, d.n1), &ws.da, &w.w1, &ws.dx);
         eng.grouped_gemm(strategy, d.dt, false, grouped, &dgrad1)?;
         // §4.7 backward: dp = Σ dx'·x, dx = round(dx'·p).
-        if cfg.apply_probs_on_input {
-            let Engine { kernels, stream, .. } = &mut *eng;
-            kernels.probs_in_bwd(
-                stream,
-                d.dt,
-                &mut ws.dx,
-                &ws.x,
-                &ws.p,
-                &mut ws.dp,
-                (ws.rows, d.h),
-                cfg.probs_dtype,
-            )?;
-        }
+        self.probs_on_input_backward(eng, ws)?;
         // SequentialMLP's fc1 bias is an eager op outside the linear: its grad is never deferred.
         if cfg.class == LayerClass::Sequential || with_wgrad {
             self.fc1_bias_grad(eng, ws)?;

@@ -185,6 +185,30 @@ impl Workspace {
         eng.write(&mut self.p, &pb)
     }
 
+    /// Test option (`poison`): fills what a forward writes (`a`, `u`, `y`, the probs-scaled input)
+    /// with NaN, so a row a kernel forgets to write fails loudly; nothing otherwise.
+    pub(super) fn poison_forward_outputs(&mut self, eng: &mut Engine) -> Result<(), GpuError> {
+        if self.poison {
+            for b in [&mut self.a, &mut self.u, &mut self.y].into_iter().chain(self.xs.as_mut()) {
+                eng.poison(b)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Test option (`poison`): fills what a backward writes (`du`, `da`, `dx`, `dp` and every
+    /// weight and bias grad) with NaN; nothing otherwise.
+    pub(super) fn poison_backward_outputs(&mut self, eng: &mut Engine) -> Result<(), GpuError> {
+        if self.poison {
+            let grads = &mut self.grads;
+            let all = [&mut self.du, &mut self.da, &mut self.dx, &mut self.dp, &mut grads.w1, &mut grads.w2];
+            for b in all.into_iter().chain(grads.b1.as_mut()).chain(grads.b2.as_mut()) {
+                eng.poison(b)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Sets the delayed-scaling state the fp8 passes of this workspace cast with and record
     /// into (fp8 `delayed` recipe; without one a delayed layer refuses to run).
     pub fn set_delayed_state(&mut self, state: Option<crate::fp8::DeviceDelayedState>) {
