@@ -1,6 +1,6 @@
 """What the PyTorch peers of `moe-verify bench layer` share (scripts/torch_experts_bench.py,
-scripts/torch_fp8_experts_bench.py): the CSV columns, the layer's FLOP and min-byte counts, and
-the timer.
+scripts/torch_fp8_experts_bench.py): the counts file's shapes, the CSV columns, the layer's FLOP
+and min-byte counts, and the timer.
 
 Timing, as the Rust bench (criterion flat sampling, bench/src/timing.rs): `warmup` calls (which
 absorb one-off work such as torch.compile's compilation), then one timed call that picks n so
@@ -12,12 +12,27 @@ CPU (smoke tests only) the host clock.
 Imported by the scripts beside it (Python puts the script's directory on sys.path), so
 scripts/gpu-run.sh stages this file next to them.
 """
+import json
 import math
+import sys
 import time
 
 # The CSV columns of `moe-verify bench layer --csv` (bench/src/layer/report.rs).
 HEADER = ["shape", "dist", "class", "mode", "strategy", "tokens", "experts", "flops", "min_bytes",
           "median_ms", "tflops", "device"]
+
+
+def selected_shapes(counts_path, shapes_arg):
+    """The shapes of the counts file (scripts/shapes.json) that `--shapes` (comma-separated, empty:
+    all) selects, in the file's order; an unknown name exits naming what the file has."""
+    with open(counts_path) as f:
+        spec = json.load(f)
+    names = [sh["name"] for sh in spec["shapes"]]
+    wanted = [s for s in shapes_arg.split(",") if s]
+    for s in wanted:
+        if s not in names:
+            sys.exit(f"--shapes: unknown shape {s!r} (the counts file has {names})")
+    return [sh for sh in spec["shapes"] if not wanted or sh["name"] in wanted]
 
 
 def layer_flops(t, h, n1, n2, backward):

@@ -50,12 +50,11 @@ formulas of bench/src/layer (bench_timing.layer_flops, bench_timing.min_bytes).
 """
 import argparse
 import csv
-import json
 import math
 import os
 import sys
 
-from bench_timing import HEADER, Timer, layer_flops, min_bytes
+from bench_timing import HEADER, Timer, layer_flops, min_bytes, selected_shapes
 
 CLASSES = ["GroupedMLP", "TEGroupedMLP"]
 MODES = ["fwd", "fwdbwd"]
@@ -128,12 +127,7 @@ def main():
             sys.exit(f"--strategies: unknown strategy {s!r} (expected {', '.join(STRATEGIES)})")
     if not strategies:
         sys.exit("--strategies: empty")
-    with open(args.counts) as f:
-        spec = json.load(f)
-    shapes = [s for s in args.shapes.split(",") if s]
-    for s in shapes:
-        if s not in [sh["name"] for sh in spec["shapes"]]:
-            sys.exit(f"--shapes: unknown shape {s!r} (the counts file has {[sh['name'] for sh in spec['shapes']]})")
+    shapes = selected_shapes(args.counts, args.shapes)
 
     import torch
 
@@ -193,9 +187,7 @@ def main():
         t = torch.rand(*shape, device=dev, dtype=bf, generator=gen)
         return t.mul_(2).sub_(1).mul_(scale)
 
-    for sh in spec["shapes"]:
-        if shapes and sh["name"] not in shapes:
-            continue
+    for sh in shapes:
         h, f, E, T = sh["hidden"], sh["ffn"], sh["experts"], sh["rows"]
         n1, n2 = 2 * f, f
         for cls in classes:

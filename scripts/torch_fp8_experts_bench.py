@@ -69,12 +69,11 @@ self-check then runs against that emulation.
 """
 import argparse
 import csv
-import json
 import math
 import os
 import sys
 
-from bench_timing import HEADER, Timer, layer_flops, min_bytes
+from bench_timing import HEADER, Timer, layer_flops, min_bytes, selected_shapes
 
 STRATEGY = "torch-fp8-rowwise"
 CLASS = "TEGroupedMLP"
@@ -359,12 +358,7 @@ def main():
     for m in modes:
         if m not in MODES:
             sys.exit(f"--modes: unknown mode {m!r} (expected {', '.join(MODES)})")
-    with open(args.counts) as f:
-        spec = json.load(f)
-    shapes = [s for s in args.shapes.split(",") if s]
-    for s in shapes:
-        if s not in [sh["name"] for sh in spec["shapes"]]:
-            sys.exit(f"--shapes: unknown shape {s!r} (the counts file has {[sh['name'] for sh in spec['shapes']]})")
+    shapes = selected_shapes(args.counts, args.shapes)
 
     import torch
 
@@ -399,9 +393,7 @@ def main():
         writer.writerow(HEADER)
         out.flush()
 
-    for sh in spec["shapes"]:
-        if shapes and sh["name"] not in shapes:
-            continue
+    for sh in shapes:
         h, f, E, T = sh["hidden"], sh["ffn"], sh["experts"], sh["rows"]
         n1, n2 = 2 * f, f
         gen = torch.Generator(device=dev).manual_seed(7)
