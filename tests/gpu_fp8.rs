@@ -982,3 +982,186 @@ fn fp8_gemm_issue_ways_compute_the_same_bits() {
         }
     }
 }
+
+/// What the fused activation quantization leaves on the device, downloaded: `u`, the codes,
+/// the per-segment scale, scale_inv and amax (every scale on its own `SCALE_STRIDE` line), and
+/// under delayed scaling the state's fc2-input scale and amax history per expert (f32 bits).
+#[derive(Debug, Clone)]
+struct ActQuantOutputs {
+    u: Vec<u8>,
+    codes: Vec<u8>,
+    scale: Vec<u8>,
+    scale_inv: Vec<u8>,
+    amax: Vec<u8>,
+    state: Vec<u32>,
+}
+
+/// The first field and byte at which `fused` differs from `unfused`, located as (row, column)
+/// of `[rows, cols]` for `u` (`elem` bytes per element) and the codes, as a segment for the
+/// scales: `Err` names it; `Ok` only when every byte is equal.
+fn compare_act_quant(
+    fused: &ActQuantOutputs,
+    unfused: &ActQuantOutputs,
+    cols: usize,
+    elem: usize,
+) -> Result<(), String> {
+    let first = |a: &[u8], b: &[u8]| a.iter().zip(b).position(|(x, y)| x != y).or((a.len() != b.len()).then_some(0));
+    let per_seg = 4 * moe_gpu::fp8::SCALE_STRIDE;
+    let fields: [(&str, &[u8], &[u8], usize); 5] = [
+        ("u", &fused.u, &unfused.u, elem),
+        ("codes", &fused.codes, &unfused.codes, 1),
+        ("scale", &fused.scale, &unfused.scale, 0),
+        ("scale_inv", &fused.scale_inv, &unfused.scale_inv, 0),
+        ("amax", &fused.amax, &unfused.amax, 0),
+    ];
+    for (name, a, b, elem) in fields {
+        if let Some(i) = first(a, b) {
+            return Err(match (name, elem) {
+                ("amax", _) => format!("amax of segment {} differs", i / 4),
+                (_, 0) => format!("{name} of segment {} differs", i / per_seg),
+                _ => format!("{name} [{}, {}] differs", i / elem / cols, i / elem % cols),
+            });
+        }
+    }
+    if let Some(i) = fused.state.iter().zip(&unfused.state).position(|(a, b)| a != b) {
+        return Err(format!("delayed state word {i} (expert-major: scale then history) differs"));
+    }
+    Ok(())
+}
+
+/// The comparison of the fused-activation test fails on one wrong byte of any field it
+/// compares (a `u` element, a code, a scale, a scale_inv, an amax, a state word), and names
+/// it; it runs without a GPU.
+#[test]
+fn the_fused_activation_comparison_fails_on_one_wrong_byte() {
+    const COLS: usize = 5;
+    const ELEM: usize = 2;
+    let rows = 3;
+    let base = ActQuantOutputs {
+        u: vec![1; rows * COLS * ELEM],
+        codes: vec![2; rows * COLS],
+        scale: vec![3; 2 * 4 * moe_gpu::fp8::SCALE_STRIDE],
+        scale_inv: vec![4; 2 * 4 * moe_gpu::fp8::SCALE_STRIDE],
+        amax: vec![5; 8],
+        state: vec![6; 4],
+    };
+    assert_eq!(compare_act_quant(&base, &base.clone(), COLS, ELEM), Ok(()));
+    let planted: [(&str, fn(&mut ActQuantOutputs), &str); 6] = [
+        ("u", |o| o.u[ELEM * (COLS + 3) + 1] ^= 1, "u [1, 3]"),
+        ("codes", |o| o.codes[2 * COLS + 4] ^= 0x80, "codes [2, 4]"),
+        ("scale", |o| o.scale[4 * moe_gpu::fp8::SCALE_STRIDE] ^= 1, "scale of segment 1"),
+        ("scale_inv", |o| o.scale_inv[0] ^= 1, "scale_inv of segment 0"),
+        ("amax", |o| o.amax[5] ^= 1, "amax of segment 1"),
+        ("state", |o| o.state[3] ^= 1, "state word 3"),
+    ];
+    for (field, plant, named) in planted {
+        let mut bad = base.clone();
+        plant(&mut bad);
+        let err = compare_act_quant(&bad, &base, COLS, ELEM).expect_err(field);
+        assert!(err.contains(named), "{field}: {err}");
+    }
+}
+
+/// The activation that quantizes its own output for fc2 (`Engine::act_fwd_quantized`, the
+/// fused pass of the fp8 forward) leaves `u`, the codes, scales, amaxes and a delayed state
+/// exactly as the activation alone (`Engine::act_fwd`) followed by the segmented quantizer
+/// (`quantize_segments_into`, itself bit-exact with the reference quantizers) do: current and delayed scaling, e4m3 and
+/// e5m2, the specialized path (TEGroupedMLP GLU silu) and the general one (SequentialMLP gelu,
+/// its fc1 bias added in the kernel; eager and GroupedMLP-style fp32 rounding both come from
+/// `ActParams`), bf16, fp16 and f32, 16-byte vectors (80 columns) and single elements (36:
+/// not a multiple of 8), ragged segments with empty ones, a NaN and infinities in `a`, and
+/// stirred delayed states (saturating and tiny scales).
+#[test]
+fn fused_activation_quantization_equals_the_quantizer_on_its_output() {
+    let Some(gpu) = gpu("fused_activation_quantization_equals_the_quantizer_on_its_output") else { return };
+    let mut eng = gpu.lock().expect("engine");
+    let lens = [0usize, 5, 17, 0, 48, 1];
+    let rows: usize = lens.iter().sum();
+    let map = SegmentMap::new(&mut eng, &lens).expect("map");
+    let mut rng = ChaCha8Rng::seed_from_u64(31);
+    let probs: Vec<f32> = (0..rows).map(|_| rng.random_range(0.05f32..1.0)).collect();
+    let p = eng.upload(&to_bytes(Dtype::F32, probs.iter().map(|&v| f64::from(v)))).expect("probs");
+    let mut checked = 0;
+    for (class, glu, activation) in
+        [(LayerClass::TeGrouped, true, Activation::Silu), (LayerClass::Sequential, false, Activation::Gelu)]
+    {
+        for recipe in [Fp8Recipe::Tensorwise, Fp8Recipe::Delayed] {
+            for dtype in [Dtype::Bf16, Dtype::F16, Dtype::F32] {
+                for (n2, format) in [(80, Fp8Format::E4M3), (36, Fp8Format::E5M2), (80, Fp8Format::E5M2)] {
+                    let cfg = LayerConfig {
+                        gated_linear_unit: glu,
+                        activation,
+                        params_dtype: dtype,
+                        ffn_hidden_size: n2,
+                        ..delayed_cfg(class, AmaxComputeAlgo::Max, 0)
+                    };
+                    let n1 = if glu { 2 * n2 } else { n2 };
+                    let mut a = tensor("normal", rows, n1, dtype, 40 + n2 as u64);
+                    a[[6, 3]] = f64::NAN;
+                    a[[30, 1]] = f64::INFINITY;
+                    a[[70, 2]] = f64::NEG_INFINITY;
+                    let b1 = (class == LayerClass::Sequential).then(|| {
+                        let b = tensor("normal", lens.len(), n1, dtype, 7);
+                        eng.upload(&to_bytes(dtype, b.iter().copied())).expect("b1")
+                    });
+                    let state = stirred_state(&cfg, 50 + n2 as u64);
+                    let what = format!("{class} {recipe} {dtype} {format} n2={n2}");
+                    let mut run = |fused: bool| -> ActQuantOutputs {
+                        let mut a_dev = eng.upload(&to_bytes(dtype, a.iter().copied())).expect("a");
+                        let mut u = eng.alloc(rows * n2 * dtype.size_bytes()).expect("u");
+                        let mut t = moe_gpu::fp8::SegmentedFp8::alloc(&mut eng, &map, n2, format).expect("alloc");
+                        let device_state = DeviceDelayedState::upload(&mut eng, &state).expect("state");
+                        let scales = match recipe {
+                            Fp8Recipe::Delayed => SegmentScales::Delayed(&device_state, Fp8Operand::Fc2Input),
+                            _ => SegmentScales::Current(ScaleOptions::CURRENT_SCALING_DEFAULT),
+                        };
+                        if fused {
+                            eng.act_fwd_quantized(
+                                &cfg,
+                                &mut a_dev,
+                                b1.as_ref(),
+                                &p,
+                                &mut u,
+                                dtype,
+                                &map,
+                                scales,
+                                &mut t,
+                            )
+                            .unwrap_or_else(|e| panic!("{what}: fused: {e}"));
+                        } else {
+                            eng.act_fwd(&cfg, &mut a_dev, b1.as_ref(), &p, &mut u, dtype, &map, n2)
+                                .unwrap_or_else(|e| panic!("{what}: activation: {e}"));
+                            eng.quantize_segments_into(&u, dtype, &map, scales, &mut t)
+                                .unwrap_or_else(|e| panic!("{what}: quantizer: {e}"));
+                        }
+                        let downloaded = device_state.download(&mut eng).expect("state");
+                        let state_words = (0..lens.len())
+                            .flat_map(|e| {
+                                let q = downloaded.get(e, Fp8Operand::Fc2Input).expect("state");
+                                std::iter::once(q.scale().to_bits())
+                                    .chain(q.amax_history().iter().map(|v| v.to_bits()))
+                                    .collect::<Vec<u32>>()
+                            })
+                            .collect();
+                        ActQuantOutputs {
+                            u: eng.download(&u).expect("u"),
+                            codes: eng.download(&t.codes).expect("codes"),
+                            scale: eng.download(&t.scale).expect("scale"),
+                            scale_inv: eng.download(&t.scale_inv).expect("scale_inv"),
+                            amax: eng.download(&t.amax).expect("amax"),
+                            state: if recipe == Fp8Recipe::Delayed { state_words } else { Vec::new() },
+                        }
+                    };
+                    let (fused, unfused) = (run(true), run(false));
+                    compare_act_quant(&fused, &unfused, n2, dtype.size_bytes())
+                        .unwrap_or_else(|e| panic!("{what}: {e}"));
+                    let amaxes: Vec<f32> =
+                        fused.amax.chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                    assert!(amaxes.iter().any(|&v| v > 0.0), "{what}: every amax is zero: {amaxes:?}");
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(checked, 36);
+}

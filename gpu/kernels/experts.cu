@@ -17,8 +17,14 @@
 // common case (GLU silu without clamp, offset or separate fc1 bias) takes a path specialized at
 // compile time (act_fwd_glu_silu, act_bwd_glu_silu; bit-identical to the general one), which
 // measured at the copy roofline on an H100 (docs/performance.md, "Activation kernels").
+// `act_fwd_q` is `act_fwd` quantizing its own output for fc2's fp8 input in the same pass
+// (issue 13: no extra pass over the activations): mode q = 1 also writes the per-segment amax
+// of the stored u (f32 bits, atomicMax, `amax` zeroed before; current scaling then casts with
+// the scales computed from it), q = 2 / 3 also the e4m3 / e5m2 codes of u at the segment's
+// known scale (delayed scaling: `scale[row_expert[r]·stride]`). The codes and amax are those
+// of `fp8.cu`'s amax_seg and cast_seg on the stored u (same values, same encode); with vectors
+// `codes` must be 8-byte aligned.
 
-typedef unsigned short u16;
 struct bf16_t { u16 bits; };
 struct f16_t { u16 bits; };
 
@@ -144,13 +150,76 @@ __device__ __forceinline__ float act_fwd_elem(const ActParams& ap, float& g, flo
 // rounding (SequentialMLP, TEGroupedMLP), else the fp32 chain (GroupedMLP). The same arithmetic
 // as act_z / act_bwd_elem with those settings, in the same order (so the same bits), with the
 // sigmoid computed once per element and no per-element branches.
-template <typename T, bool EAGER>
-__device__ __forceinline__ void act_fwd_glu_silu(const T* a, const float* p, T* u, int rows, int n2) {
+// The fp8 side of `act_fwd_q` (Q > 0). Q: 0 none, 1 amax, 2 amax and e4m3 codes, 3 amax and
+// e5m2 codes. The amax runs over the rows of one segment at a time: rows are visited in order
+// by a whole block, so a segment change is block-uniform and flushes the block's max with one
+// atomicMax (only a positive max: amax_seg's rule).
+template <int Q>
+struct ActFp8 {
+    u32* amax;
+    const float* scale;
+    int stride;
+    u8* codes;
+    int seg = -1;
+    float run = 0.0f;
+    float s = 0.0f;
+    // Row r of segment `e` starts: flush the previous segment's max when the segment changed.
+    __device__ __forceinline__ void row(int e) {
+        if (Q == 0) return;
+        if (e != seg) {
+            flush();
+            seg = e;
+            run = 0.0f;
+        }
+        if (Q >= 2) s = scale[(long)e * stride];
+    }
+    __device__ __forceinline__ void flush() {
+        if (Q == 0 || seg < 0) return;
+        const float m = block_max(run);
+        if (threadIdx.x == 0 && m > 0.0f) atomicMax(amax + seg, __float_as_uint(m));
+    }
+    // N stored values (already rounded to the storage dtype) at element `at` of the codes.
+    template <int N>
+    __device__ __forceinline__ void values(const float (&v)[N], long long at) {
+        if (Q == 0) return;
+#pragma unroll
+        for (int i = 0; i < N; ++i) run = fmaxf(run, fabsf(v[i]));
+        if constexpr (Q >= 2) {
+            constexpr int F = Q - 2;
+            if constexpr (N == 1) {
+                codes[at] = encode<F>(__fmul_rn(v[0], s));
+            } else {
+                u32 w[N / 4];
+#pragma unroll
+                for (int i = 0; i < N / 4; ++i)
+                    w[i] = encode2<F>(__fmul_rn(v[4 * i], s), __fmul_rn(v[4 * i + 1], s)) |
+                           (encode2<F>(__fmul_rn(v[4 * i + 2], s), __fmul_rn(v[4 * i + 3], s)) << 16);
+                if constexpr (N == 8) {
+                    reinterpret_cast<uint2*>(codes + at)[0] = make_uint2(w[0], w[1]);
+                } else {
+                    reinterpret_cast<u32*>(codes + at)[0] = w[0];
+                }
+            }
+        }
+    }
+};
+
+// The stored values of z (rounded to T) in place.
+template <typename T, int N>
+__device__ __forceinline__ void round_to(float (&z)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) z[i] = rnd<T>(z[i]);
+}
+
+template <typename T, bool EAGER, int Q>
+__device__ __forceinline__ void act_fwd_glu_silu(const T* a, const float* p, const int* row_expert, T* u, int rows,
+                                                 int n2, ActFp8<Q>& q) {
     constexpr int N = Vec<T>::N;
     for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
         const T* arow = a + r * 2 * n2;
         T* urow = u + r * n2;
         const float pr = p[r];
+        q.row(Q > 0 ? row_expert[r] : 0);
         for (int j = threadIdx.x * N; j < n2; j += blockDim.x * N) {
             float g[N], l[N], z[N];
             vload<T>(arow + j, g);
@@ -160,9 +229,12 @@ __device__ __forceinline__ void act_fwd_glu_silu(const T* a, const float* p, T* 
                 const float act = g[i] * sigmoidf_(g[i]);
                 z[i] = (EAGER ? rnd<T>(rnd<T>(act) * l[i]) : act * (l[i] + 0.0f)) * pr;
             }
+            if (Q > 0) round_to<T>(z);
             vstore<T>(urow + j, z);
+            q.values(z, r * n2 + j);
         }
     }
+    q.flush();
 }
 template <typename T, bool EAGER>
 __device__ __forceinline__ float act_bwd_glu_silu(const T* arow, const T* durow, T* darow, float pr, int n2) {
@@ -202,15 +274,17 @@ __device__ __forceinline__ float act_bwd_glu_silu(const T* arow, const T* durow,
 // b1: [experts, n1] or null (SequentialMLP's separately added fc1 bias: a <- round(a + b1),
 // written back into a for backward); p: [rows] probs as applied after the activation;
 // u: [rows, n2] output round(z * p).
-template <typename T>
+template <typename T, int Q>
 __device__ void act_fwd(T* a, const T* b1, const float* p, const int* row_expert, T* u,
-                        int rows, int n2, ActParams ap) {
+                        int rows, int n2, ActParams ap, ActFp8<Q> q) {
     constexpr int N = Vec<T>::N;
     const int n1 = ap.glu ? 2 * n2 : n2;
-    const bool vec = n2 % N == 0 && aligned16(a) && aligned16(u) && (b1 == nullptr || aligned16(b1));
+    // With codes, a vector of N codes is stored at once (4 or 8 bytes, aligned by n2 % N == 0).
+    const bool vec = n2 % N == 0 && aligned16(a) && aligned16(u) && (b1 == nullptr || aligned16(b1)) &&
+                     (Q < 2 || (reinterpret_cast<unsigned long long>(q.codes) & 7ull) == 0);
     if (vec && ap.glu && ap.act == 0 && !ap.has_clamp && ap.offset == 0.0f && b1 == nullptr) {
-        if (ap.eager) act_fwd_glu_silu<T, true>(a, p, u, rows, n2);
-        else act_fwd_glu_silu<T, false>(a, p, u, rows, n2);
+        if (ap.eager) act_fwd_glu_silu<T, true, Q>(a, p, row_expert, u, rows, n2, q);
+        else act_fwd_glu_silu<T, false, Q>(a, p, row_expert, u, rows, n2, q);
         return;
     }
     // Grid-stride over rows, threads over columns: no per-element 64-bit division.
@@ -219,6 +293,7 @@ __device__ void act_fwd(T* a, const T* b1, const float* p, const int* row_expert
         T* urow = u + r * n2;
         const float pr = p[r];
         const T* brow = b1 != nullptr ? b1 + (long long)row_expert[r] * n1 : nullptr;
+        q.row(Q > 0 ? row_expert[r] : 0);
         if (vec) {
             for (int j = threadIdx.x * N; j < n2; j += blockDim.x * N) {
                 float g[N], l[N], bg[N], bl[N], z[N];
@@ -239,7 +314,9 @@ __device__ void act_fwd(T* a, const T* b1, const float* p, const int* row_expert
                     vstore<T>(arow + j, g);
                     if (ap.glu) vstore<T>(arow + n2 + j, l);
                 }
+                if (Q > 0) round_to<T>(z);
                 vstore<T>(urow + j, z);
+                q.values(z, r * n2 + j);
             }
         } else {
             for (int j = threadIdx.x; j < n2; j += blockDim.x) {
@@ -252,10 +329,13 @@ __device__ void act_fwd(T* a, const T* b1, const float* p, const int* row_expert
                     arow[j] = from_f<T>(g);
                     if (ap.glu) arow[n2 + j] = from_f<T>(l);
                 }
-                urow[j] = from_f<T>(z * pr);
+                const float v[1] = {rnd<T>(z * pr)};
+                urow[j] = from_f<T>(v[0]);
+                q.values(v, r * n2 + j);
             }
         }
     }
+    q.flush();
 }
 
 // One element of the backward activation block: from du and the fc1 output (g, l; l unused
@@ -455,7 +535,19 @@ __device__ void init_uniform(T* out, long long n, unsigned long long seed, float
     extern "C" __global__ void act_fwd_##S(T* a, const T* b1, const float* p,                    \
                                            const int* row_expert, T* u, int rows, int n2,        \
                                            ActParams ap) {                                       \
-        act_fwd<T>(a, b1, p, row_expert, u, rows, n2, ap);                                       \
+        act_fwd<T, 0>(a, b1, p, row_expert, u, rows, n2, ap, ActFp8<0>{});                      \
+    }                                                                                            \
+    extern "C" __global__ void act_fwd_q_##S(T* a, const T* b1, const float* p,                  \
+                                             const int* row_expert, T* u, int rows, int n2,      \
+                                             ActParams ap, int q, u32* amax, const float* scale, \
+                                             int stride, u8* codes) {                            \
+        if (q == 1) act_fwd<T, 1>(a, b1, p, row_expert, u, rows, n2, ap, ActFp8<1>{amax});       \
+        if (q == 2)                                                                              \
+            act_fwd<T, 2>(a, b1, p, row_expert, u, rows, n2, ap,                                 \
+                          ActFp8<2>{amax, scale, stride, codes});                                \
+        if (q == 3)                                                                              \
+            act_fwd<T, 3>(a, b1, p, row_expert, u, rows, n2, ap,                                 \
+                          ActFp8<3>{amax, scale, stride, codes});                                \
     }                                                                                            \
     extern "C" __global__ void act_bwd_##S(const T* a, const T* du, const float* p,              \
                                            const T* gout, const T* b2, const int* row_expert,    \

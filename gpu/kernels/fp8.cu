@@ -1,9 +1,9 @@
 // FP8 quantization kernels (issue 13), bit-exact with the reference quantizers of
 // `moe_reference::fp8` (TransformerEngine's rules, see docs/spec/fp8-recipes.md):
 //
-//   * encode: `cvt.rn.satfinite.{e4m3,e5m2}x2.f32` (round to nearest even with subnormals,
-//     overflow and ±inf saturate to ±max, NaN becomes 0x7F), applied to `x·scale` rounded once
-//     in f32 (`__fmul_rn`: never contracted);
+//   * encode (fp8_common.cuh): `cvt.rn.satfinite.{e4m3,e5m2}x2.f32` (round to nearest even
+//     with subnormals, overflow and ±inf saturate to ±max, NaN becomes 0x7F), applied to
+//     `x·scale` rounded once in f32 (`__fmul_rn`: never contracted);
 //   * amax: `fmaxf(|x|)` from 0, NaN ignored (fmaxf returns the non-NaN operand);
 //   * compute_scale_from_amax (TE `recipe_common.cuh`): epsilon floor, amax inf/0/NaN → 1,
 //     `__fdiv_rn(fp8_max, amax)`, infinite quotient → value_for_inf, power-of-2 by masking the
@@ -30,11 +30,9 @@
 //     ([R, C] = [cols, rows]); writes L's codes [R, C] row-major and one scale per tile,
 //     grid [ceil(R/tile_r), ceil(C/tile_c)] row-major: f32 scale_inv (mode 0) or an E8M0 byte
 //     (mode 1, MXFP8). Edge tiles are partial (TE's zero-padding does not change an amax).
-// No CUDA headers (NVRTC); the fp8 cvt needs sm_89 or later.
+// No CUDA headers (NVRTC); compiled after fp8_common.cuh (the encodes, `block_max`); the fp8
+// cvt needs sm_89 or later.
 
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
 struct bf16_t { u16 bits; };
 struct f16_t { u16 bits; };
 
@@ -71,32 +69,6 @@ __device__ __forceinline__ void load8(const f16_t* p, float v[8]) {
     }
 }
 
-template <int F> __device__ __forceinline__ u8 encode(float v);
-template <> __device__ __forceinline__ u8 encode<0>(float v) {
-    u16 r;
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(0.0f), "f"(v));
-    return (u8)(r & 0xFF);
-}
-template <> __device__ __forceinline__ u8 encode<1>(float v) {
-    u16 r;
-    asm("cvt.rn.satfinite.e5m2x2.f32 %0, %1, %2;" : "=h"(r) : "f"(0.0f), "f"(v));
-    return (u8)(r & 0xFF);
-}
-
-// Two encodes in one cvt: the low byte is `lo`'s code, the high byte `hi`'s (each converted
-// independently, bit-identical to `encode`).
-template <int F> __device__ __forceinline__ u32 encode2(float lo, float hi);
-template <> __device__ __forceinline__ u32 encode2<0>(float lo, float hi) {
-    u16 r;
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-template <> __device__ __forceinline__ u32 encode2<1>(float lo, float hi) {
-    u16 r;
-    asm("cvt.rn.satfinite.e5m2x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-
 __device__ __forceinline__ bool is_inf(float v) { return (__float_as_uint(v) & 0x7FFFFFFFu) == 0x7F800000u; }
 __device__ __forceinline__ bool is_nan(float v) { return (__float_as_uint(v) & 0x7FFFFFFFu) > 0x7F800000u; }
 
@@ -127,27 +99,6 @@ __device__ __forceinline__ float exp2f_rcp(u8 e) {
     if (e == 255) return __uint_as_float(0x7FFFFFFFu);
     if (e == 254) return __uint_as_float(0x00400000u);
     return __uint_as_float(((u32)(254 - e)) << 23);
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, o));
-    return v;
-}
-
-// Max over the block (256 threads); every thread gets the result.
-__device__ __forceinline__ float block_max(float v) {
-    __shared__ float part[8];
-    __shared__ float total;
-    v = warp_max(v);
-    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        float w = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : 0.0f;
-        w = warp_max(w);
-        if (threadIdx.x == 0) total = w;
-    }
-    __syncthreads();
-    return total;
 }
 
 template <typename T>

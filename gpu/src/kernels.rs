@@ -9,16 +9,27 @@
 use crate::error::GpuError;
 use crate::memory::DeviceBuffer;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+use moe_reference::fp8::Fp8Format;
 use moe_reference::{Activation, Dtype, LayerClass, LayerConfig};
 use std::sync::Arc;
 
-/// The kernel source, embedded; compiled by NVRTC when an engine is created.
-const EXPERTS_CU: &str = include_str!("../kernels/experts.cu");
+/// The kernel source (after `fp8_common.cuh`, the fp8 encodes the fused activation shares with
+/// the quantizers), embedded; compiled by NVRTC when an engine is created.
+const EXPERTS_CU: &str = concat!(include_str!("../kernels/fp8_common.cuh"), include_str!("../kernels/experts.cu"));
 
 /// The kernels of `experts.cu`, each instantiated as `<name>_<dtype suffix>`.
 #[cfg(test)]
-const KERNEL_NAMES: [&str; 8] =
-    ["act_fwd", "act_bwd", "scale_rows", "probs_in_bwd", "fill_bias_rows", "fc2_bias_fwd", "col_sum", "init_uniform"];
+const KERNEL_NAMES: [&str; 9] = [
+    "act_fwd",
+    "act_fwd_q",
+    "act_bwd",
+    "scale_rows",
+    "probs_in_bwd",
+    "fill_bias_rows",
+    "fc2_bias_fwd",
+    "col_sum",
+    "init_uniform",
+];
 
 /// Blocks of the grid-stride launches (enough to fill an H100 32 blocks per SM deep).
 const MAX_BLOCKS: usize = 132 * 32;
@@ -90,6 +101,31 @@ impl ActParams {
     }
 }
 
+/// The rows of an activation launch: `row_expert` (int32 per row), the row count and the
+/// segment count ([`RowMap::rows_arg`], or a `SegmentMap`'s).
+pub(crate) type RowsArg<'a> = (&'a DeviceBuffer, usize, usize);
+
+/// What [`ExpertKernels::act_fwd_quantized`] writes besides `u`.
+pub(crate) struct ActFp8Out<'b> {
+    /// One u32 per segment: the f32 bits of the segment's amax of `u` (zeroed by the caller).
+    pub(crate) amax: &'b mut DeviceBuffer,
+    /// The codes of `u` at known per-segment scales (delayed scaling); `None`: amax only.
+    pub(crate) codes: Option<ActCodes<'b>>,
+}
+
+/// The fp8 codes [`ExpertKernels::act_fwd_quantized`] writes: `[rows, n2]` bytes of `format`,
+/// row `r` at the scale `scale[row_expert[r]·stride]` (f32).
+pub(crate) struct ActCodes<'b> {
+    /// f32 scales, segment `s` at index `s·stride`.
+    pub(crate) scale: &'b DeviceBuffer,
+    /// Index stride of the scales.
+    pub(crate) stride: usize,
+    /// The codes, `[rows, n2]`.
+    pub(crate) codes: &'b mut DeviceBuffer,
+    /// Their format.
+    pub(crate) format: Fp8Format,
+}
+
 /// The padded row layout of one call on the device: `row_expert[r]`, the local expert of row
 /// `r`, and each segment's first row and row count (int32 each). Built from host counts only,
 /// so every expert index is below [`RowMap::segments`] and the segments tile the rows.
@@ -117,6 +153,11 @@ impl RowMap {
         (row_expert, offsets, rows)
     }
 
+    /// The map as the activation kernels take it.
+    pub(crate) fn rows_arg(&self) -> RowsArg<'_> {
+        (&self.row_expert, self.rows, self.segments)
+    }
+
     /// Wraps the uploads of [`RowMap::host`]'s arrays for `padded` (int32 each).
     pub(crate) fn new(
         padded: &[usize],
@@ -137,6 +178,7 @@ impl RowMap {
 /// One dtype's instantiation of every kernel.
 struct KernelSet {
     act_fwd: CudaFunction,
+    act_fwd_q: CudaFunction,
     act_bwd: CudaFunction,
     scale_rows: CudaFunction,
     probs_in_bwd: CudaFunction,
@@ -231,6 +273,7 @@ impl ExpertKernels {
             let f = |base: &str| module.load_function(&format!("{base}_{}", dtype_suffix(dt)));
             Ok(KernelSet {
                 act_fwd: f("act_fwd")?,
+                act_fwd_q: f("act_fwd_q")?,
                 act_bwd: f("act_bwd")?,
                 scale_rows: f("scale_rows")?,
                 probs_in_bwd: f("probs_in_bwd")?,
@@ -297,9 +340,10 @@ impl ExpertKernels {
         launch!(self, stream, &self.set(dt).fill_bias_rows, over_rows(map.rows), [&a, &b, &re, &ri, &ci])
     }
 
-    /// The forward activation block over `map`'s rows: `a` `[rows, N1]` (`N1 = 2·n2` with a
-    /// GLU) gets SequentialMLP's fc1 bias `b1` `[segments, N1]` added in place when given, then
-    /// `u[r] = round(z(a[r])·p[r])` `[rows, n2]`.
+    /// The forward activation block over `rows` rows in `segments` segments (row `r` in segment
+    /// `row_expert[r]`): `a` `[rows, N1]` (`N1 = 2·n2` with a GLU) gets SequentialMLP's fc1 bias
+    /// `b1` `[segments, N1]` added in place when given, then `u[r] = round(z(a[r])·p[r])`
+    /// `[rows, n2]`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn act_fwd(
         &mut self,
@@ -309,20 +353,66 @@ impl ExpertKernels {
         a: &mut DeviceBuffer,
         b1: Option<&DeviceBuffer>,
         p: &DeviceBuffer,
-        map: &RowMap,
+        (row_expert, rows, segments): RowsArg<'_>,
         u: &mut DeviceBuffer,
         n2: usize,
     ) -> Result<(), GpuError> {
         let ds = dt.size_bytes();
         let n1 = if ap.glu != 0 { 2 * n2 } else { n2 };
-        let rows = map.rows;
         let a = arg(a, rows * n1 * ds, "act_fwd a")?;
-        let b1 = opt_arg(b1, map.segments * n1 * ds, "act_fwd b1")?;
+        let b1 = opt_arg(b1, segments * n1 * ds, "act_fwd b1")?;
         let p = arg(p, probs_bytes(rows), "act_fwd p")?;
-        let re = arg(&map.row_expert, rows * 4, "row_expert")?;
+        let re = arg(row_expert, rows * 4, "row_expert")?;
         let u = arg(u, rows * n2 * ds, "act_fwd u")?;
         let (ri, n2i) = (i32::try_from(rows)?, i32::try_from(n2)?);
         launch!(self, stream, &self.set(dt).act_fwd, over_rows(rows), [&a, &b1, &p, &re, &u, &ri, &n2i, &ap])
+    }
+
+    /// [`ExpertKernels::act_fwd`] quantizing its own output in the same pass (`act_fwd_q`): besides `u` it
+    /// writes `fp8.amax`, the per-segment amax of the stored `u` (f32 bits; the caller zeroes
+    /// it), and with `fp8.codes` the codes of `u` at each segment's scale.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn act_fwd_quantized(
+        &mut self,
+        stream: &CudaStream,
+        dt: Dtype,
+        ap: ActParams,
+        a: &mut DeviceBuffer,
+        b1: Option<&DeviceBuffer>,
+        p: &DeviceBuffer,
+        (row_expert, rows, segments): RowsArg<'_>,
+        u: &mut DeviceBuffer,
+        n2: usize,
+        fp8: ActFp8Out<'_>,
+    ) -> Result<(), GpuError> {
+        let ds = dt.size_bytes();
+        let n1 = if ap.glu != 0 { 2 * n2 } else { n2 };
+        let a = arg(a, rows * n1 * ds, "act_fwd_q a")?;
+        let b1 = opt_arg(b1, segments * n1 * ds, "act_fwd_q b1")?;
+        let p = arg(p, probs_bytes(rows), "act_fwd_q p")?;
+        let re = arg(row_expert, rows * 4, "row_expert")?;
+        let u = arg(u, rows * n2 * ds, "act_fwd_q u")?;
+        let amax = arg(fp8.amax, segments * 4, "act_fwd_q amax")?;
+        let (q, scale, stride, codes) = match fp8.codes {
+            None => (1i32, 0u64, 0i32, 0u64),
+            Some(c) => (
+                match c.format {
+                    Fp8Format::E4M3 => 2,
+                    Fp8Format::E5M2 => 3,
+                },
+                arg(c.scale, (segments.max(1) - 1) * c.stride * 4 + 4, "act_fwd_q scale")?,
+                i32::try_from(c.stride)?,
+                arg(c.codes, rows * n2, "act_fwd_q codes")?,
+            ),
+        };
+        let (ri, n2i) = (i32::try_from(rows)?, i32::try_from(n2)?);
+        launch!(
+            self,
+            stream,
+            &self.set(dt).act_fwd_q,
+            over_rows(rows),
+            [&a, &b1, &p, &re, &u, &ri, &n2i, &ap, &q, &amax, &scale, &stride, &codes]
+        )
     }
 
     /// `y[r, c] = round(y[r, c] + b2[row_expert[r], c]·p[r])` over `[rows, cols]`, with `b2·p`
@@ -480,6 +570,21 @@ mod tests {
         }
     }
 
+    /// `experts.cu` serves the bf16 layers on GPUs from sm_80 on (the bf16 cvt's minimum): the
+    /// fp8 encodes it shares with the quantizers (`fp8_common.cuh`, sm_89 instructions) must
+    /// compile there too (to a trap no bf16 path reaches), not fail the whole module.
+    #[test]
+    fn kernels_compile_with_nvrtc_for_sm_80() {
+        if !crate::nvrtc::nvrtc_present() {
+            crate::print_skip("SKIP gpu::kernels_compile_with_nvrtc_for_sm_80: libnvrtc not found");
+            return;
+        }
+        let ptx = compile_kernels("sm_80").unwrap_or_else(|e| panic!("{e}"));
+        let src = ptx.to_src();
+        assert!(src.contains(".entry act_fwd_q_bf16("), "act_fwd_q_bf16 missing from the sm_80 PTX");
+        assert!(!src.contains("e4m3x2"), "an sm_89 fp8 cvt in the sm_80 PTX");
+    }
+
     /// The wrappers' parameter lists are the kernels' (names and order), as `experts.cu`
     /// declares them: a kernel whose signature changes must change its wrapper too.
     #[test]
@@ -496,8 +601,12 @@ mod tests {
                 .map(|p| p.split_whitespace().last().expect("parameter name").trim_start_matches('*').to_string())
                 .collect()
         };
-        let expect: [(&str, &[&str]); 8] = [
+        let expect: [(&str, &[&str]); 9] = [
             ("act_fwd", &["a", "b1", "p", "row_expert", "u", "rows", "n2", "ap"]),
+            (
+                "act_fwd_q",
+                &["a", "b1", "p", "row_expert", "u", "rows", "n2", "ap", "q", "amax", "scale", "stride", "codes"],
+            ),
             (
                 "act_bwd",
                 &[

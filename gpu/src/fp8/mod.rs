@@ -20,18 +20,19 @@
 
 use crate::engine::Engine;
 use crate::error::GpuError;
+use crate::kernels::{ActCodes, ActFp8Out, ActParams};
 use crate::memory::{DeviceBuffer, Region};
 use cudarc::cublaslt::{result as lt, sys as lt_sys};
 use cudarc::driver::{CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 use moe_reference::fp8::mxfp8::max_norm_rcp;
 use moe_reference::fp8::scale::max_finite_of;
 use moe_reference::fp8::{BlockTile, Fp8Format, Fp8Tensor, MxBlock, ScaleOptions, Scales, Usage};
-use moe_reference::Dtype;
+use moe_reference::{Dtype, LayerConfig};
 use ndarray::Array2;
 use std::ffi::c_void;
 
 /// The kernel source, embedded; compiled by NVRTC on first use.
-const FP8_CU: &str = include_str!("../../kernels/fp8.cu");
+const FP8_CU: &str = concat!(include_str!("../../kernels/fp8_common.cuh"), include_str!("../../kernels/fp8.cu"));
 
 /// The f32 stride between the per-segment scales of a [`SegmentedFp8`]: each scale on its own
 /// 256-byte line, the alignment of a fresh allocation (what TE's scale tensors have).
@@ -703,6 +704,20 @@ impl SegmentedFp8 {
     }
 }
 
+/// `t` holds the rows and segments of `map`.
+fn check_fits(t: &SegmentedFp8, map: &SegmentMap) -> Result<(), GpuError> {
+    if t.fits(map) {
+        return Ok(());
+    }
+    Err(GpuError::Shape(format!(
+        "fp8 quantize: buffers for {} rows in {} segments, asked for {} rows in {}",
+        t.rows,
+        t.segments,
+        map.rows,
+        map.lens.len()
+    )))
+}
+
 /// Where the per-segment scales of [`Engine::quantize_segments_into`] come from.
 #[derive(Clone, Copy, Debug)]
 pub enum SegmentScales<'a> {
@@ -775,32 +790,14 @@ impl Engine {
         t: &mut SegmentedFp8,
     ) -> Result<(), GpuError> {
         let scales = scales.into();
-        if !t.fits(map) {
-            return Err(GpuError::Shape(format!(
-                "fp8 quantize: buffers for {} rows in {} segments, asked for {} rows in {}",
-                t.rows,
-                t.segments,
-                map.rows,
-                map.lens.len()
-            )));
-        }
-        let (segs, rows, cols, format) = (map.lens.len(), map.rows, t.cols, t.format);
-        let scale_bytes = segs * SCALE_STRIDE * 4;
+        check_fits(t, map)?;
+        let (segs, rows, cols) = (map.lens.len(), map.rows, t.cols);
         self.fill_bytes(&mut t.amax, 0)?;
         let stream = self.stream.clone();
         let fe = self.fp8_engine()?;
         let xa = x.addr(0, rows * cols * dtype.size_bytes(), "fp8 quantize input")?;
-        let (off, len, rs) = (
-            map.seg_off.addr(0, segs * 4, "seg_off")?,
-            map.seg_len.addr(0, segs * 4, "seg_len")?,
-            map.row_seg.addr(0, rows * 4, "row_seg")?,
-        );
-        let (am, sc, si, co) = (
-            t.amax.addr(0, segs * 4, "amax")?,
-            t.scale.addr(0, scale_bytes, "scale")?,
-            t.scale_inv.addr(0, scale_bytes, "scale_inv")?,
-            t.codes.addr(0, rows * cols, "codes")?,
-        );
+        let (off, len) = (map.seg_off.addr(0, segs * 4, "seg_off")?, map.seg_len.addr(0, segs * 4, "seg_len")?);
+        let am = t.amax.addr(0, segs * 4, "amax")?;
         // Eight elements per load where every row starts 16-byte aligned.
         let vec = i32::from(cols.is_multiple_of(8) && xa.is_multiple_of(16));
         let ci = i32::try_from(cols)?;
@@ -809,31 +806,155 @@ impl Engine {
         let bx = max_seg.div_ceil(256 * per_thread).clamp(1, 1024) as u32;
         let cfg = LaunchConfig { grid_dim: (bx, u32::try_from(segs)?, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         launch!(fe, stream, &fe.amax[dt_index(dtype)], cfg, [&xa, &off, &len, &ci, &vec, &am]);
-        let stride = SCALE_STRIDE as i32;
         match scales {
-            SegmentScales::Current(options) => {
-                let (fmax, pow2, eps, vinf) =
-                    (format.max_finite(), i32::from(options.force_pow_2_scales), options.amax_epsilon, f32::MAX);
-                let si32 = i32::try_from(segs)?;
-                let cfg = LaunchConfig {
-                    grid_dim: (segs.div_ceil(256) as u32, 1, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                launch!(
-                    fe,
-                    stream,
-                    &fe.compute_scales,
-                    cfg,
-                    [&am, &si32, &stride, &fmax, &pow2, &eps, &vinf, &sc, &si]
-                );
-            }
+            SegmentScales::Current(options) => self.current_scales(map, options, t)?,
             SegmentScales::Delayed(state, operand) => {
-                state.scales_into(fe, &stream, operand, segs, (sc, si))?;
-                state.record(fe, &stream, operand, segs, am)?;
+                self.delayed_scales(map, state, operand, t)?;
+                self.record_amax(map, state, operand, t)?;
             }
         }
-        let ri = i32::try_from(rows)?;
+        self.cast_segments(x, dtype, map, t)
+    }
+
+    /// The forward activation of `cfg`'s class alone: [`Engine::act_fwd_quantized`]'s `u`
+    /// (and `a` with SequentialMLP's fc1 bias), nothing quantized; the kernel the bf16 layers
+    /// and the fp8 layers under [`crate::Strategy::Loop`] run.
+    #[allow(clippy::too_many_arguments)]
+    pub fn act_fwd(
+        &mut self,
+        cfg: &LayerConfig,
+        a: &mut DeviceBuffer,
+        b1: Option<&DeviceBuffer>,
+        p: &DeviceBuffer,
+        u: &mut DeviceBuffer,
+        dtype: Dtype,
+        map: &SegmentMap,
+        n2: usize,
+    ) -> Result<(), GpuError> {
+        let rows = (&map.row_seg, map.rows, map.lens.len());
+        let Engine { kernels, stream, .. } = &mut *self;
+        kernels.act_fwd(stream, dtype, ActParams::of(cfg), a, b1, p, rows, u, n2)
+    }
+
+    /// The forward activation of `cfg`'s class, `u[r] = round(z(a[r])·p[r])` over the rows of
+    /// `map` (one segment per local expert; `a` `[rows, N1]` in `dtype`, SequentialMLP's fc1
+    /// bias `b1` `[segments, N1]` added into `a` when given, `p` f32 per row, `u` `[rows,
+    /// t.cols]`), with fc2's fp8 input quantized in the same pass: `u` and `t` end as the
+    /// activation kernel then [`Engine::quantize_segments_into`]`(u, .., map, scales, t)`
+    /// leave them, bit for bit, without the amax pass over `u`. Current scaling: the
+    /// activation kernel records each segment's amax, then the scales and one cast; delayed
+    /// scaling: the state's scales first, then the activation kernel writes the codes and
+    /// amaxes, which are recorded into the state (one pass over the activations in all).
+    #[allow(clippy::too_many_arguments)]
+    pub fn act_fwd_quantized<'s>(
+        &mut self,
+        cfg: &LayerConfig,
+        a: &mut DeviceBuffer,
+        b1: Option<&DeviceBuffer>,
+        p: &DeviceBuffer,
+        u: &mut DeviceBuffer,
+        dtype: Dtype,
+        map: &SegmentMap,
+        scales: impl Into<SegmentScales<'s>>,
+        t: &mut SegmentedFp8,
+    ) -> Result<(), GpuError> {
+        let scales = scales.into();
+        check_fits(t, map)?;
+        self.fill_bytes(&mut t.amax, 0)?;
+        let (ap, n2) = (ActParams::of(cfg), t.cols);
+        let rows = (&map.row_seg, map.rows, map.lens.len());
+        match scales {
+            SegmentScales::Current(options) => {
+                let fp8 = ActFp8Out { amax: &mut t.amax, codes: None };
+                let Engine { kernels, stream, .. } = &mut *self;
+                kernels.act_fwd_quantized(stream, dtype, ap, a, b1, p, rows, u, n2, fp8)?;
+                self.current_scales(map, options, t)?;
+                self.cast_segments(u, dtype, map, t)
+            }
+            SegmentScales::Delayed(state, operand) => {
+                self.delayed_scales(map, state, operand, t)?;
+                let SegmentedFp8 { amax, scale, codes, format, .. } = t;
+                let codes = ActCodes { scale, stride: SCALE_STRIDE, codes, format: *format };
+                let fp8 = ActFp8Out { amax, codes: Some(codes) };
+                let Engine { kernels, stream, .. } = &mut *self;
+                kernels.act_fwd_quantized(stream, dtype, ap, a, b1, p, rows, u, n2, fp8)?;
+                self.record_amax(map, state, operand, t)
+            }
+        }
+    }
+
+    /// Current scaling: each segment's scale and scale_inv from the amax in `t`.
+    fn current_scales(
+        &mut self,
+        map: &SegmentMap,
+        options: ScaleOptions,
+        t: &mut SegmentedFp8,
+    ) -> Result<(), GpuError> {
+        let segs = map.lens.len();
+        let scale_bytes = segs * SCALE_STRIDE * 4;
+        let stream = self.stream.clone();
+        let fe = self.fp8_engine()?;
+        let (am, sc, si) = (
+            t.amax.addr(0, segs * 4, "amax")?,
+            t.scale.addr(0, scale_bytes, "scale")?,
+            t.scale_inv.addr(0, scale_bytes, "scale_inv")?,
+        );
+        let (fmax, pow2, eps, vinf) =
+            (t.format.max_finite(), i32::from(options.force_pow_2_scales), options.amax_epsilon, f32::MAX);
+        let (si32, stride) = (i32::try_from(segs)?, SCALE_STRIDE as i32);
+        let cfg =
+            LaunchConfig { grid_dim: (segs.div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        launch!(fe, stream, &fe.compute_scales, cfg, [&am, &si32, &stride, &fmax, &pow2, &eps, &vinf, &sc, &si]);
+        Ok(())
+    }
+
+    /// Delayed scaling: each segment's scale and scale_inv from the state's `operand`.
+    fn delayed_scales(
+        &mut self,
+        map: &SegmentMap,
+        state: &DeviceDelayedState,
+        operand: moe_reference::layer::Fp8Operand,
+        t: &mut SegmentedFp8,
+    ) -> Result<(), GpuError> {
+        let segs = map.lens.len();
+        let scale_bytes = segs * SCALE_STRIDE * 4;
+        let stream = self.stream.clone();
+        let fe = self.fp8_engine()?;
+        let (sc, si) = (t.scale.addr(0, scale_bytes, "scale")?, t.scale_inv.addr(0, scale_bytes, "scale_inv")?);
+        state.scales_into(fe, &stream, operand, segs, (sc, si))
+    }
+
+    /// Delayed scaling: each segment's amax in `t` folded into the state's `operand` history.
+    fn record_amax(
+        &mut self,
+        map: &SegmentMap,
+        state: &DeviceDelayedState,
+        operand: moe_reference::layer::Fp8Operand,
+        t: &SegmentedFp8,
+    ) -> Result<(), GpuError> {
+        let segs = map.lens.len();
+        let stream = self.stream.clone();
+        let fe = self.fp8_engine()?;
+        let am = t.amax.addr(0, segs * 4, "amax")?;
+        state.record(fe, &stream, operand, segs, am)
+    }
+
+    /// The codes of `x` at the segments' scales in `t`.
+    fn cast_segments(
+        &mut self,
+        x: &DeviceBuffer,
+        dtype: Dtype,
+        map: &SegmentMap,
+        t: &mut SegmentedFp8,
+    ) -> Result<(), GpuError> {
+        let (segs, rows, cols, format) = (map.lens.len(), map.rows, t.cols, t.format);
+        let stream = self.stream.clone();
+        let fe = self.fp8_engine()?;
+        let xa = x.addr(0, rows * cols * dtype.size_bytes(), "fp8 quantize input")?;
+        let rs = map.row_seg.addr(0, rows * 4, "row_seg")?;
+        let (sc, co) = (t.scale.addr(0, segs * SCALE_STRIDE * 4, "scale")?, t.codes.addr(0, rows * cols, "codes")?);
+        let vec = i32::from(cols.is_multiple_of(8) && xa.is_multiple_of(16));
+        let (ri, ci, stride) = (i32::try_from(rows)?, i32::try_from(cols)?, SCALE_STRIDE as i32);
         let blocks = if vec == 1 { (rows * cols / 8).div_ceil(256 * 4) } else { rows };
         let cfg = LaunchConfig {
             grid_dim: (blocks.clamp(0, 132 * 32) as u32, 1, 1),

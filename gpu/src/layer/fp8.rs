@@ -9,7 +9,9 @@
 //! and wgrad (`moe_reference::fp8` module doc). GEMMs through cuBLASLt with per-tensor scale
 //! pointers, fast accumulation for fprop and split accumulation for dgrad and wgrad (TE's
 //! `MMParams` defaults of `Float8CurrentScaling`). Everything outside the GEMMs (activation,
-//! probs, bias adds and bias grads) is the bf16 path's kernels, unchanged.
+//! probs, bias adds and bias grads) is the bf16 path's kernels, unchanged, except that the
+//! activation quantizes its own output for fc2 (its amax, and under delayed scaling its codes,
+//! in the same pass; [`fuses_activation_quantization`]).
 //!
 //! Blockwise scaling runs the same passes with block-scaled operands and GEMMs
 //! (`layer/fp8_block.rs`).
@@ -109,6 +111,14 @@ pub(super) fn graph_of(strategy: Strategy) -> Fp8Issue {
         Strategy::Graph(s) => Fp8Issue::Graph { lanes: s },
         _ => Fp8Issue::Direct,
     }
+}
+
+/// Whether the forward quantizes fc2's input inside the activation kernel
+/// ([`Engine::act_fwd_quantized`]: the same bits, one pass over the activations fewer) or runs
+/// the activation and then the quantizer: [`Strategy::Loop`], the baseline every other strategy
+/// is compared with bit for bit, keeps the two steps.
+pub(super) fn fuses_activation_quantization(strategy: Strategy) -> bool {
+    strategy != Strategy::Loop
 }
 
 /// The graph branches [`Strategy::Auto`] gives the fp8 GEMMs (docs/performance.md).
@@ -244,10 +254,25 @@ impl DeviceLayer {
         })?;
         let seq_b1 = if cfg.class == LayerClass::Sequential { w.b1.as_ref() } else { None };
         let p_act = ws.p_act.as_ref().unwrap_or(&ws.p);
-        let Engine { kernels, stream, .. } = &mut *eng;
-        kernels.act_fwd(stream, d.dt, ActParams::of(cfg), &mut ws.a, seq_b1, p_act, &ws.map, &mut ws.u, d.n2)?;
         let mut uq = reuse(eng, pu, &tok, d.n2, fi)?;
-        eng.quantize_segments_into(&ws.u, d.dt, &tok, scales(Fp8Operand::Fc2Input), &mut uq)?;
+        if fuses_activation_quantization(strategy) {
+            let (a, u) = (&mut ws.a, &mut ws.u);
+            eng.act_fwd_quantized(cfg, a, seq_b1, p_act, u, d.dt, &tok, scales(Fp8Operand::Fc2Input), &mut uq)?;
+        } else {
+            let Engine { kernels, stream, .. } = &mut *eng;
+            kernels.act_fwd(
+                stream,
+                d.dt,
+                ActParams::of(cfg),
+                &mut ws.a,
+                seq_b1,
+                p_act,
+                ws.map.rows_arg(),
+                &mut ws.u,
+                d.n2,
+            )?;
+            eng.quantize_segments_into(&ws.u, d.dt, &tok, scales(Fp8Operand::Fc2Input), &mut uq)?;
+        }
         expert_gemms(eng, el, graph, |eng, e| {
             let (m, off) = (ws.padded[e], ws.offsets[e]);
             let c = ws.y.at(off * d.h * d.ds);

@@ -113,7 +113,17 @@ impl DeviceLayer {
         let seq_b1 = if cfg.class == LayerClass::Sequential { w.b1.as_ref() } else { None };
         let p_act = ws.p_act.as_ref().unwrap_or(&ws.p);
         let Engine { kernels, stream, .. } = &mut *eng;
-        kernels.act_fwd(stream, d.dt, ActParams::of(cfg), &mut ws.a, seq_b1, p_act, &ws.map, &mut ws.u, d.n2)?;
+        kernels.act_fwd(
+            stream,
+            d.dt,
+            ActParams::of(cfg),
+            &mut ws.a,
+            seq_b1,
+            p_act,
+            ws.map.rows_arg(),
+            &mut ws.u,
+            d.n2,
+        )?;
         let uq = per_expert(eng, &ws.u, d.dt, &ws.padded, &ws.offsets, d.n2, fi, TensorRole::Input, opts)?;
         for ((u, w2), &off) in uq.iter().zip(&wq.w2).zip(&ws.offsets) {
             eng.fp8_block_gemm(&u.0, &w2.0, ws.y.at(off * d.h * d.ds), d.dt, 0.0)?;

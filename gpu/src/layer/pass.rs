@@ -83,7 +83,17 @@ impl DeviceLayer {
         let seq_b1 = if cfg.class == LayerClass::Sequential { w.b1.as_ref() } else { None };
         let p_act = ws.p_act.as_ref().unwrap_or(&ws.p);
         let Engine { kernels, stream, .. } = &mut *eng;
-        kernels.act_fwd(stream, d.dt, ActParams::of(cfg), &mut ws.a, seq_b1, p_act, &ws.map, &mut ws.u, d.n2)?;
+        kernels.act_fwd(
+            stream,
+            d.dt,
+            ActParams::of(cfg),
+            &mut ws.a,
+            seq_b1,
+            p_act,
+            ws.map.rows_arg(),
+            &mut ws.u,
+            d.n2,
+        )?;
         // fc2: y_e = u_e·W2_eᵀ (or u_e·W2_e for GroupedMLP blocks [N2, h]).
         let fc2 = token_gemms(ws, d.el.min(ws.padded.len()), (d.h, d.n2), &ws.u, &w.w2, &ws.y);
         eng.grouped_gemm(strategy, d.dt, false, !grouped, &fc2)?;
