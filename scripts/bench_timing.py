@@ -1,6 +1,7 @@
 """What the PyTorch peers of `moe-verify bench layer` share (scripts/torch_experts_bench.py,
 scripts/torch_fp8_experts_bench.py): the counts file's shapes, the CSV columns, the layer's FLOP
-and min-byte counts, and the timer.
+and min-byte counts, and the timer; and what the table scripts share (scripts/fp8_table.py,
+scripts/layer_table.py): the warning printer.
 
 Timing, as the Rust bench (criterion flat sampling, bench/src/timing.rs): `warmup` calls (which
 absorb one-off work such as torch.compile's compilation), then one timed call that picks n so
@@ -33,6 +34,17 @@ def selected_shapes(counts_path, shapes_arg):
         if s not in names:
             sys.exit(f"--shapes: unknown shape {s!r} (the counts file has {names})")
     return [sh for sh in spec["shapes"] if not wanted or sh["name"] in wanted]
+
+
+def print_warnings(notes):
+    """A table script's warnings (rows on one side only, counts that disagree, ...): under the table
+    on stdout, after a blank line, as a markdown list (`* warning: NOTE`), and each as a
+    `warning: NOTE` line on stderr; nothing when there are none."""
+    if notes:
+        print()
+        for n in notes:
+            print(f"* warning: {n}")
+            print(f"warning: {n}", file=sys.stderr)
 
 
 def layer_flops(t, h, n1, n2, backward):

@@ -29,6 +29,8 @@ import csv
 import sys
 from collections import OrderedDict
 
+from bench_timing import print_warnings
+
 NEEDED = ("shape", "dist", "class", "mode", "strategy", "flops", "median_ms", "tflops", "device")
 CLASS = "TEGroupedMLP"
 RECIPE_ORDER = ["tensorwise", "blockwise", "delayed", "mxfp8"]
@@ -248,11 +250,7 @@ def main(paths):
             print(f"Our bf16 rows, timed again in the {', '.join(recipes[1:])} run(s), differ from the first run's "
                   f"by at most {100 * max(devs):.1f}% (median {100 * sorted(devs)[len(devs) // 2]:.1f}%): "
                   "the run-to-run spread of these readings.")
-    if notes:
-        print()
-        for n in notes:
-            print(f"* warning: {n}")
-            print(f"warning: {n}", file=sys.stderr)
+    print_warnings(notes)
 
 
 if __name__ == "__main__":

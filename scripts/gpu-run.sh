@@ -32,7 +32,8 @@ cp target/release/moe-verify "$stage/moe-verify"
 rm -f "$stage/bench"  # the GPU benches are `moe-verify bench` now
 mkdir -p "$stage/tools"
 cp tools/*.py "$stage/tools/"
-# Device-side scripts (bench_timing.py: the timer the torch_*experts_bench.py scripts import)
+# Device-side scripts (bench_timing.py: the timer the torch_*experts_bench.py scripts import and
+# the warning printer of layer_table.py and fp8_table.py)
 # and the shape registry the torch halves of the benches read (scripts/shapes.json: `moe-verify
 # shapes --json`, the registry the Rust benches use).
 cp scripts/gpu-device.sh scripts/torch_experts_bench.py scripts/torch_fp8_experts_bench.py scripts/torch_grouped_bench.py scripts/layer_table.py \

@@ -21,6 +21,8 @@ import csv
 import sys
 from collections import OrderedDict
 
+from bench_timing import print_warnings
+
 KEY = ("shape", "dist", "class", "mode")
 
 
@@ -157,11 +159,7 @@ def main(paths):
           "of the two readings taken right before and right after the shape's rows.")
     if adjacent:
         print("Bracketing dense readings (TFLOP/s): " + ", ".join(f"{m} {tf:.1f}" for m, tf in rust_dense_seq) + ".")
-    if notes:
-        print()
-        for n in notes:
-            print(f"* warning: {n}")
-            print(f"warning: {n}", file=sys.stderr)
+    print_warnings(notes)
 
 
 if __name__ == "__main__":

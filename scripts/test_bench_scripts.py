@@ -178,6 +178,18 @@ class LayerTablesTest(unittest.TestCase):
             self.assertIn("| auto 100 |", line)  # best is ours, not the faster torch-compile
             self.assertIn("**1.20**", line)  # best / torch against eager torch
 
+    def test_layer_table_warns_under_the_table_and_on_stderr_about_a_missing_torch_row(self):
+        # Why: a Rust row the torch CSV lacks must be said (both places), not left as a blank cell.
+        with tempfile.TemporaryDirectory() as d:
+            rust, torch = os.path.join(d, "r.csv"), os.path.join(d, "t.csv")
+            write_csv(rust, [row("mix", "uniform", "TEGroupedMLP", "fwd", "auto", F, 10.0),
+                             row("mix", "uniform", "TEGroupedMLP", "fwdbwd", "auto", 3 * F, 30.0)])
+            write_csv(torch, [row("mix", "uniform", "TEGroupedMLP", "fwd", "torch", F, 12.0)])
+            rc, out, err = run_script("layer_table.py", rust, torch)
+            self.assertEqual(rc, 0, err)
+            self.assertIn("warning: mix/uniform/TEGroupedMLP/fwdbwd: no torch row", err)
+            self.assertIn("* warning: mix/uniform/TEGroupedMLP/fwdbwd: no torch row", out)
+
     def test_rounds_table_takes_the_eager_torch_row(self):
         # Why: the rounds table's torch column is the eager layer; a later torch-compile row of
         # the same key must not replace it.
@@ -231,6 +243,19 @@ class BenchTimingTest(unittest.TestCase):
         self.assertEqual(bench_timing.min_bytes([16, 0, 32], 4, 6, 3, False), fwd)
         self.assertEqual(bench_timing.min_bytes([16, 0, 32], 4, 6, 3, True), fwd + 2 * act + 3 * w + 4 * 48)
         self.assertEqual(bench_timing.layer_flops(48, 4, 6, 3, True), 3 * 2 * 48 * 4 * 9)
+
+    def test_print_warnings_lists_each_note_under_the_table_and_on_stderr(self):
+        # Why: the table scripts share this printer; a warning must reach both the markdown
+        # (after a blank line, so it does not join the table) and stderr, and no notes print nothing.
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            bench_timing.print_warnings(["a: no torch row", "b: FLOP counts differ"])
+        self.assertEqual(out.getvalue(), "\n* warning: a: no torch row\n* warning: b: FLOP counts differ\n")
+        self.assertEqual(err.getvalue(), "warning: a: no torch row\nwarning: b: FLOP counts differ\n")
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            bench_timing.print_warnings([])
+        self.assertEqual((out.getvalue(), err.getvalue()), ("", ""))
 
     def test_timer_refuses_empty_sampling_and_sizes_samples(self):
         # Why: zero samples would make the median of nothing; n must cover sample_ms.

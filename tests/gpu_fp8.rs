@@ -4,11 +4,12 @@
 //! the same bits).
 //!
 //! Every test skips loudly (one `SKIP gpu_fp8::<test>` line) without CUDA and fails instead under
-//! `MOE_REQUIRE_CUDA=1`. No tolerance anywhere: codes, scales, E8M0 bytes and GEMM output bits
-//! must be equal.
+//! `MOE_REQUIRE_CUDA=1`. No tolerance of their own: codes, scales, E8M0 bytes and the GEMM
+//! output bits on exact operands must be equal; the block GEMM on random operands and the fp8
+//! layers are held to the harness's error model.
 
-use moe_gpu::fp8::{BlockOperand, DeviceDelayedState, QuantSpec, SegmentMap, SegmentScales};
-use moe_gpu::{CudaGrouped, CudaSequential, CudaTeGrouped, Engine, Gpu};
+use moe_gpu::fp8::{BlockOperand, DeviceDelayedState, DeviceFp8, DeviceScales, QuantSpec, SegmentMap, SegmentScales};
+use moe_gpu::{CudaGrouped, CudaSequential, CudaTeGrouped, DeviceBuffer, Engine, Gpu};
 use moe_harness::case::Case;
 use moe_harness::properties::{check, PerClassBackend, Property, Verdict};
 use moe_harness::tolerance::{self, Tolerance};
@@ -85,6 +86,16 @@ fn tensor(family: &str, rows: usize, cols: usize, dtype: Dtype, seed: u64) -> Ar
     Array2::from_shape_fn((rows, cols), |_| sample(family, &mut rng, dtype))
 }
 
+/// `x` uploaded in `dtype` (its values are exact in `dtype`).
+fn upload(eng: &mut Engine, x: &Array2<f64>, dtype: Dtype) -> DeviceBuffer {
+    eng.upload(&to_bytes(dtype, x.iter().copied())).expect("upload")
+}
+
+/// A bf16 GEMM output downloaded as f64 values (row-major).
+fn download_bf16(eng: &mut Engine, out: &DeviceBuffer) -> Vec<f64> {
+    moe_reference::codec::from_bytes(Dtype::Bf16, &eng.download(out).expect("download"))
+}
+
 /// Asserts two quantized tensors are equal bit for bit, naming the first difference.
 fn assert_same(what: &str, gpu: &Fp8Tensor, reference: &Fp8Tensor, x: &Array2<f64>, columnwise: bool) {
     assert_eq!(gpu.format, reference.format, "{what}: format");
@@ -138,7 +149,7 @@ fn check_quantizer(eng: &mut Engine, spec: QuantSpec, x: &Array2<f64>, dtype: Dt
         }
     }
     .unwrap_or_else(|e| panic!("{what}: reference refused: {e}"));
-    let input = eng.upload(&to_bytes(dtype, x.iter().copied())).expect("upload");
+    let input = upload(eng, x, dtype);
     let q = eng.quantize(spec, &input, dtype, (rows, cols), Usage::BOTH).unwrap_or_else(|e| panic!("{what}: {e}"));
     let rowwise = q.rowwise.expect("rowwise copy").download(eng).expect("download");
     let columnwise = q.columnwise.expect("columnwise copy").download(eng).expect("download");
@@ -212,7 +223,7 @@ fn segmented_current_scaling_matches_the_reference_per_segment() {
             let mut x = tensor("wide_range", rows, cols, dtype, 7);
             x[[6, 3]] = f64::NAN; // segment 2: NaN ignored by its amax only
             let map = SegmentMap::new(&mut eng, &lens).expect("map");
-            let input = eng.upload(&to_bytes(dtype, x.iter().copied())).expect("upload");
+            let input = upload(&mut eng, &x, dtype);
             let options = ScaleOptions::CURRENT_SCALING_DEFAULT;
             let q = eng.quantize_segments(&input, dtype, &map, cols, format, options, true).expect("quantize");
             let codes = eng.download(&q.codes).expect("codes");
@@ -245,6 +256,43 @@ fn segmented_current_scaling_matches_the_reference_per_segment() {
     }
 }
 
+/// The largest integer magnitude of the exact-operand GEMM tests in `format`: 16 (e4m3) or 4
+/// (e5m2), small enough that with power-of-2 scales and amax pinned to it every quantized value
+/// is the integer itself.
+fn int_limit(format: Fp8Format) -> i32 {
+    if format == Fp8Format::E4M3 {
+        16
+    } else {
+        4
+    }
+}
+
+/// Asserts the bf16 GEMM output `got` (`[m, n]` row-major) equals the reference GEMM model
+/// `model` rounded to bf16, bit for bit, after checking that the model equals the exact product
+/// `exact` of the operands (the exact-operand tests build operands for which it must; a model
+/// that is not exact would make bit equality with it meaningless).
+fn assert_bits_equal_the_exact_model(what: &str, got: &[f64], model: &Array2<f64>, exact: &Array2<f64>) {
+    let n = model.ncols();
+    for ((i, j), &want) in model.indexed_iter() {
+        assert_eq!(want, exact[[i, j]], "{what}: the reference model is exact here by construction");
+        let want = round(Dtype::Bf16, want);
+        assert_eq!(
+            got[i * n + j].to_bits(),
+            want.to_bits(),
+            "{what}: C[{i}, {j}] = {} on the GPU, {want} in the model",
+            got[i * n + j]
+        );
+    }
+}
+
+/// The one f32 `scale_inv` of a per-tensor quantized operand.
+fn per_tensor_scale(q: &DeviceFp8) -> &DeviceBuffer {
+    match &q.scales {
+        DeviceScales::PerTensor(s) => s,
+        _ => unreachable!("per-tensor"),
+    }
+}
+
 /// Integer-valued operands: with amax 16 (e4m3) or 4 (e5m2) and power-of-2 scales every
 /// quantized value is the integer itself, every product and partial sum is an exact f32
 /// integer below 2^11, and `s_a·s_b` is a power of two; so the GEMM result before the output
@@ -261,29 +309,20 @@ fn fp8_gemm_equals_the_reference_model_on_exact_operands() {
             [(Fp8Format::E4M3, Fp8Format::E4M3), (Fp8Format::E5M2, Fp8Format::E4M3), (Fp8Format::E4M3, Fp8Format::E5M2)]
         {
             for fast in [false, true] {
-                let ints = |f: Fp8Format, rng: &mut ChaCha8Rng| -> f64 {
-                    let lim = if f == Fp8Format::E4M3 { 16 } else { 4 };
-                    f64::from(rng.random_range(-lim..=lim))
-                };
-                let mut a = Array2::from_shape_fn((m, k), |_| ints(fa, &mut rng));
-                let mut b = Array2::from_shape_fn((n, k), |_| ints(fb, &mut rng));
-                let lim_a = if fa == Fp8Format::E4M3 { 16.0 } else { 4.0 };
-                let lim_b = if fb == Fp8Format::E4M3 { 16.0 } else { 4.0 };
+                let (lim_a, lim_b) = (int_limit(fa), int_limit(fb));
+                let mut a = Array2::from_shape_fn((m, k), |_| f64::from(rng.random_range(-lim_a..=lim_a)));
+                let mut b = Array2::from_shape_fn((n, k), |_| f64::from(rng.random_range(-lim_b..=lim_b)));
                 // Only the first 8 entries of each row are non-zero (Σ|a·b| ≤ 2^11), and one
                 // entry pins the amax so the pow2 scale keeps the values integers in fp8.
-                for mut row in a.rows_mut() {
-                    row.iter_mut().skip(8).for_each(|v| *v = 0.0);
+                for x in [&mut a, &mut b] {
+                    for mut row in x.rows_mut() {
+                        row.iter_mut().skip(8).for_each(|v| *v = 0.0);
+                    }
                 }
-                for mut row in b.rows_mut() {
-                    row.iter_mut().skip(8).for_each(|v| *v = 0.0);
-                }
-                a[[0, 0]] = lim_a;
-                b[[0, 0]] = lim_b;
+                a[[0, 0]] = f64::from(lim_a);
+                b[[0, 0]] = f64::from(lim_b);
                 let what = format!("[{m}, {n}, {k}] {fa}x{fb} fast_accum={fast}");
-                let upload = |eng: &mut Engine, x: &Array2<f64>| {
-                    eng.upload(&to_bytes(Dtype::Bf16, x.iter().copied())).expect("upload")
-                };
-                let (ia, ib) = (upload(&mut eng, &a), upload(&mut eng, &b));
+                let (ia, ib) = (upload(&mut eng, &a, Dtype::Bf16), upload(&mut eng, &b, Dtype::Bf16));
                 let qa = eng
                     .quantize(QuantSpec::Current { format: fa, options }, &ia, Dtype::Bf16, (m, k), Usage::ROWWISE)
                     .expect("qa");
@@ -292,41 +331,23 @@ fn fp8_gemm_equals_the_reference_model_on_exact_operands() {
                     .expect("qb");
                 let (qa, qb) = (qa.rowwise.expect("a"), qb.rowwise.expect("b"));
                 let out = eng.alloc(m * n * 2).expect("out");
-                let pa = match &qa.scales {
-                    moe_gpu::fp8::DeviceScales::PerTensor(s) => s,
-                    _ => unreachable!("per-tensor"),
-                };
-                let pb = match &qb.scales {
-                    moe_gpu::fp8::DeviceScales::PerTensor(s) => s,
-                    _ => unreachable!("per-tensor"),
-                };
                 eng.fp8_gemm(
                     (m, n, k),
-                    (qa.codes.at(0), fa, pa.at(0)),
-                    (qb.codes.at(0), fb, pb.at(0)),
+                    (qa.codes.at(0), fa, per_tensor_scale(&qa).at(0)),
+                    (qb.codes.at(0), fb, per_tensor_scale(&qb).at(0)),
                     out.at(0),
                     Dtype::Bf16,
                     0.0,
                     fast,
                 )
                 .unwrap_or_else(|e| panic!("{what}: {e}"));
-                let got = moe_reference::codec::from_bytes(Dtype::Bf16, &eng.download(&out).expect("download"));
+                let got = download_bf16(&mut eng, &out);
                 let (ta, tb) = (qa.download(&mut eng).expect("a"), qb.download(&mut eng).expect("b"));
                 let model = fp8_gemm(
                     &GemmOperand::from_fp8(&ta, Fp8Recipe::Tensorwise),
                     &GemmOperand::from_fp8(&tb, Fp8Recipe::Tensorwise),
                 );
-                let exact = a.dot(&b.t());
-                for ((i, j), &want) in model.indexed_iter() {
-                    assert_eq!(want, exact[[i, j]], "{what}: the reference model is exact here by construction");
-                    let want = round(Dtype::Bf16, want);
-                    assert_eq!(
-                        got[i * n + j].to_bits(),
-                        want.to_bits(),
-                        "{what}: C[{i}, {j}] = {} on the GPU, {want} in the model",
-                        got[i * n + j]
-                    );
-                }
+                assert_bits_equal_the_exact_model(&what, &got, &model, &a.dot(&b.t()));
             }
         }
     }
@@ -374,6 +395,15 @@ fn block_reference(x: &Array2<f64>, format: Fp8Format, tile: BlockTile, columnwi
     GemmOperand::from_fp8(&t.expect("copy"), Fp8Recipe::Blockwise)
 }
 
+/// The block-scaled GEMM `A·Bᵀ` of `qa` and `qb` into a `[m, n]` bf16 output poisoned with NaN
+/// bytes first (an output the GEMM leaves unwritten fails every comparison), downloaded.
+fn block_gemm(eng: &mut Engine, qa: &BlockOperand, qb: &BlockOperand, (m, n): (usize, usize), what: &str) -> Vec<f64> {
+    let mut out = eng.alloc(m * n * 2).expect("out");
+    eng.poison(&mut out).expect("poison");
+    eng.fp8_block_gemm(qa, qb, out.at(0), Dtype::Bf16, 0.0).unwrap_or_else(|e| panic!("{what}: {e}"));
+    download_bf16(eng, &out)
+}
+
 /// Block-scaled operands whose GEMM is exact in any summation order, with a different
 /// power-of-2 scale in every block: each block holds integers (at most 8 non-zero per 128-wide K
 /// block and row, one pinning the block's amax to the format's limit) times `2^e`, `e` drawn per
@@ -394,7 +424,7 @@ fn fp8_block_gemm_equals_the_reference_model_on_exact_operands() {
     for (m, n, k) in [(16usize, 32usize, 64usize), (136, 256, 256), (40, 144, 272), (264, 24, 400)] {
         for (ta, fa, tb, fb) in BLOCK_PAIRS {
             let make = |rows: usize, tile: BlockTile, f: Fp8Format, rng: &mut ChaCha8Rng| -> Array2<f64> {
-                let lim: i32 = if f == Fp8Format::E4M3 { 16 } else { 4 };
+                let lim = int_limit(f);
                 let br = tile.dims()[0];
                 let (gr, gc) = (rows.div_ceil(br), k.div_ceil(128));
                 let exps = Array2::from_shape_fn((gr, gc), |_| rng.random_range(-2i32..=2));
@@ -416,28 +446,12 @@ fn fp8_block_gemm_equals_the_reference_model_on_exact_operands() {
             let a = make(m, ta, fa, &mut rng);
             let b = make(n, tb, fb, &mut rng);
             let what = format!("[{m}, {n}, {k}] {fa} {ta:?} x {fb} {tb:?}");
-            let upload = |eng: &mut Engine, x: &Array2<f64>| {
-                eng.upload(&to_bytes(Dtype::Bf16, x.iter().copied())).expect("upload")
-            };
-            let (ia, ib) = (upload(&mut eng, &a), upload(&mut eng, &b));
+            let (ia, ib) = (upload(&mut eng, &a, Dtype::Bf16), upload(&mut eng, &b, Dtype::Bf16));
             let (qa, _) = eng.block_operands(ia.at(0), Dtype::Bf16, (m, k), fa, ta, options).expect("qa");
             let (qb, _) = eng.block_operands(ib.at(0), Dtype::Bf16, (n, k), fb, tb, options).expect("qb");
-            let mut out = eng.alloc(m * n * 2).expect("out");
-            eng.poison(&mut out).expect("poison");
-            eng.fp8_block_gemm(&qa, &qb, out.at(0), Dtype::Bf16, 0.0).unwrap_or_else(|e| panic!("{what}: {e}"));
-            let got = moe_reference::codec::from_bytes(Dtype::Bf16, &eng.download(&out).expect("download"));
+            let got = block_gemm(&mut eng, &qa, &qb, (m, n), &what);
             let model = fp8_gemm(&block_reference(&a, fa, ta, false), &block_reference(&b, fb, tb, false));
-            let exact = a.dot(&b.t());
-            for ((i, j), &want) in model.indexed_iter() {
-                assert_eq!(want, exact[[i, j]], "{what}: the reference model is exact here by construction");
-                let want = round(Dtype::Bf16, want);
-                assert_eq!(
-                    got[i * n + j].to_bits(),
-                    want.to_bits(),
-                    "{what}: C[{i}, {j}] = {} on the GPU, {want} in the model",
-                    got[i * n + j]
-                );
-            }
+            assert_bits_equal_the_exact_model(&what, &got, &model, &a.dot(&b.t()));
         }
     }
 }
@@ -445,8 +459,9 @@ fn fp8_block_gemm_equals_the_reference_model_on_exact_operands() {
 /// Block-scaled GEMMs on ordinary (random normal) operands, the wgrad pairs from columnwise
 /// copies: cuBLASLt's result and the reference's split-accumulation model each stay within the
 /// error model's bound of the exact product of the quantized operands (one output rounding plus
-/// the fp8 GEMM accumulation term `1.5·(√K·2⁻¹³ + 2·u_f32·(⌈K/32⌉ + 1))·Σ|a·b|` of
-/// `moe_harness::tolerance`, under `Tolerance::error_model`). Hopper's fp8 tensor cores keep
+/// the blockwise fp8 GEMM accumulation term `1.5·(√K_acc·2⁻¹³ + 2·u_f32·(⌈K/32⌉ + 1))·Σ|a·b|`,
+/// `K_acc` at most one 128-wide scale block, `moe_harness::tolerance::fp8_accumulation`, under
+/// `Tolerance::error_model`). Hopper's fp8 tensor cores keep
 /// fewer bits than f32 inside a 128-wide tile, so bit equality with the model is not expected
 /// here; how many outputs match it bit for bit is printed.
 #[test]
@@ -462,17 +477,11 @@ fn fp8_block_gemm_stays_within_the_error_model_on_random_operands() {
             let a = tensor("normal", shape(m).0, shape(m).1, Dtype::Bf16, (m + k) as u64);
             let b = tensor("wide_range", shape(n).0, shape(n).1, Dtype::Bf16, (n * k) as u64);
             let what = format!("[{m}, {n}, {k}] {fa} {ta:?} x {fb} {tb:?} columnwise={columnwise}");
-            let upload = |eng: &mut Engine, x: &Array2<f64>| {
-                eng.upload(&to_bytes(Dtype::Bf16, x.iter().copied())).expect("upload")
-            };
-            let (ia, ib) = (upload(&mut eng, &a), upload(&mut eng, &b));
+            let (ia, ib) = (upload(&mut eng, &a, Dtype::Bf16), upload(&mut eng, &b, Dtype::Bf16));
             let pick = |p: (BlockOperand, BlockOperand)| if columnwise { p.1 } else { p.0 };
             let qa = pick(eng.block_operands(ia.at(0), Dtype::Bf16, a.dim(), fa, ta, options).expect("qa"));
             let qb = pick(eng.block_operands(ib.at(0), Dtype::Bf16, b.dim(), fb, tb, options).expect("qb"));
-            let mut out = eng.alloc(m * n * 2).expect("out");
-            eng.poison(&mut out).expect("poison");
-            eng.fp8_block_gemm(&qa, &qb, out.at(0), Dtype::Bf16, 0.0).unwrap_or_else(|e| panic!("{what}: {e}"));
-            let got = moe_reference::codec::from_bytes(Dtype::Bf16, &eng.download(&out).expect("download"));
+            let got = block_gemm(&mut eng, &qa, &qb, (m, n), &what);
             let (ra, rb) = (block_reference(&a, fa, ta, columnwise), block_reference(&b, fb, tb, columnwise));
             let model = fp8_gemm(&ra, &rb);
             let deq = |o: &GemmOperand| {
@@ -712,6 +721,28 @@ fn the_bit_exact_comparison_fails_on_one_wrong_code_or_scale() {
     assert!(fails(&mx, exp), "an E8M0 exponent off by one must fail");
 }
 
+/// The bit-exact comparison of the exact-operand GEMM tests fails on one output off by a bf16
+/// ulp and on a reference model that is not the exact product (planted on host values; runs on
+/// every machine): those GPU checks cannot pass by comparing loosely.
+#[test]
+fn the_gemm_bit_comparison_fails_on_one_wrong_output_or_an_inexact_model() {
+    let a = Array2::from_shape_fn((3, 8), |(i, k)| f64::from(int_limit(Fp8Format::E4M3)) - (i * 8 + k) as f64);
+    let b = Array2::from_shape_fn((5, 8), |(j, k)| f64::from(int_limit(Fp8Format::E5M2)) - (j + k) as f64);
+    let exact = a.dot(&b.t());
+    let got: Vec<f64> = exact.iter().map(|&v| round(Dtype::Bf16, v)).collect();
+    assert_bits_equal_the_exact_model("identical", &got, &exact, &exact);
+    let fails = |got: &[f64], model: &Array2<f64>| {
+        std::panic::catch_unwind(|| assert_bits_equal_the_exact_model("planted", got, model, &exact)).is_err()
+    };
+    let mut off = got.clone();
+    // v·(1 + 2⁻⁷) is at least one bf16 ulp (2⁻⁷ relative at most) away from v = C[1, 2] = -12.
+    off[7] = round(Dtype::Bf16, off[7] * (1.0 + 2f64.powi(-7)));
+    assert!(fails(&off, &exact), "one output a bf16 ulp off must fail");
+    let mut inexact = exact.clone();
+    inexact[[2, 4]] += 0.5;
+    assert!(fails(&got, &inexact), "a model that is not the exact product must fail");
+}
+
 /// A delayed-scaling layer configuration (history of 3 steps, so the roll is visible).
 fn delayed_cfg(class: LayerClass, algo: AmaxComputeAlgo, margin: i32) -> LayerConfig {
     let mut f = Fp8Config::new(Fp8Recipe::Delayed).with_format(TeFormat::Hybrid);
@@ -769,7 +800,7 @@ fn delayed_scaling_casts_records_and_updates_like_the_reference() {
             let x = tensor("wide_range", rows, cols, dtype, 9 + k as u64);
             let device_state = DeviceDelayedState::upload(&mut eng, &state).expect("upload state");
             let map = SegmentMap::new(&mut eng, &lens).expect("map");
-            let input = eng.upload(&to_bytes(dtype, x.iter().copied())).expect("upload");
+            let input = upload(&mut eng, &x, dtype);
             let format = state.get(0, op).expect("state").format();
             let mut q = moe_gpu::fp8::SegmentedFp8::alloc(&mut eng, &map, cols, format).expect("alloc");
             eng.quantize_segments_into(&input, dtype, &map, SegmentScales::Delayed(&device_state, op), &mut q)
