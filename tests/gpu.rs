@@ -67,6 +67,7 @@ impl Gpus {
 /// the SKIP line of `gpu::<test>` (`moe_gpu::gpu_or_skip`: only a missing GPU without
 /// MOE_REQUIRE_CUDA=1 skips).
 fn gpus(test: &str) -> Option<Gpus> {
+    crate::crash_report::install();
     moe_gpu::gpu_or_skip(&format!("gpu::{test}")).map(|gpu| Gpus::on(&gpu, Strategy::Auto))
 }
 

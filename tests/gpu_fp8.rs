@@ -30,6 +30,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 fn gpu(test: &str) -> Option<Gpu> {
+    crate::crash_report::install();
     moe_gpu::gpu_or_skip(&format!("gpu_fp8::{test}"))
 }
 
@@ -1077,7 +1078,8 @@ fn the_fused_activation_comparison_fails_on_one_wrong_byte() {
         state: vec![6; 4],
     };
     assert_eq!(compare_act_quant(&base, &base.clone(), COLS, ELEM), Ok(()));
-    let planted: [(&str, fn(&mut ActQuantOutputs), &str); 6] = [
+    type Plant = fn(&mut ActQuantOutputs);
+    let planted: [(&str, Plant, &str); 6] = [
         ("u", |o| o.u[ELEM * (COLS + 3) + 1] ^= 1, "u [1, 3]"),
         ("codes", |o| o.codes[2 * COLS + 4] ^= 0x80, "codes [2, 4]"),
         ("scale", |o| o.scale[4 * moe_gpu::fp8::SCALE_STRIDE] ^= 1, "scale of segment 1"),

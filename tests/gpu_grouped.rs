@@ -108,6 +108,7 @@ fn persistent_cases() -> Vec<Case> {
 /// A new engine, or `None` after printing the SKIP line of `gpu_grouped::<test>`
 /// (`moe_gpu::gpu_or_skip`: panics where a skip is not allowed).
 fn gpu(test: &str) -> Option<Gpu> {
+    crate::crash_report::install();
     moe_gpu::gpu_or_skip(&format!("gpu_grouped::{test}"))
 }
 

@@ -33,8 +33,8 @@
 //! * [`gpu_grouped`]: every grouped-GEMM strategy of `moe-gpu` against the per-expert loop.
 //! * [`interleave`]: Megatron HEAD's GLU interleaving through every property, and planted
 //!   interleaving bugs (wrong block size, ignored, whole-tensor instead of per-rank).
-//! * [`crash_report`]: a segfault names its test and prints its backtrace (the GPU tests run
-//!   driver and cuBLASLt code four threads at a time).
+//! * [`crash_report`]: a segfault in a GPU test names its test (the GPU tests run driver and
+//!   cuBLASLt code four threads at a time).
 //! * [`shapes`]: the model-shape registry and `scripts/shapes.json`, its copy for the PyTorch
 //!   scripts.
 
