@@ -156,6 +156,11 @@ mod tests;
 /// elements are all within their bounds fails with probability at most `2·exp(−t²/2)`.
 pub const PROJECTION_T: f64 = 8.0;
 
+/// Independent random sign vectors each row of each expert's `dW1` and `dW2` is projected on
+/// (module doc, "Projections"): the bound of the projections' 2-norm tends to the 2-norm of the
+/// row's element bounds as their number grows (`√r` signal against `√(r + 2√(r·x) + 2x)`).
+pub const PROJECTIONS: usize = 64;
+
 /// Elements of each expert's `dW1` and `dW2` checked against their exact dot products.
 pub const ELEMENT_SAMPLES: usize = 64;
 

@@ -511,17 +511,17 @@ fn errors_within_every_element_bound_pass_the_projections() {
 /// the term (`sum_abs += |t|` → `*=` leaves it 0).
 #[test]
 fn f32_wgrad_element_bound_carries_the_accumulation_term() {
-    use super::checks::check_wgrad;
+    use super::checks::{check_wgrad, projection_signs};
     let (n, cols) = (256, 64);
-    let a = |i: usize, _j: usize| if i.is_multiple_of(2) { 1.0 } else { -1.0 };
+    let a = Array2::from_shape_fn((n, 1), |(i, _)| if i.is_multiple_of(2) { 1.0 } else { -1.0 });
     // Column 0 is all ones (exact dot product 0, Σ|a·b| = n); the others are tiny.
-    let b = |_i: usize, k: usize| if k == 0 { 1.0 } else { 1e-6 };
-    let exact = |j: usize, k: usize| (0..n).map(|i| a(i, j) * b(i, k)).sum::<f64>();
+    let b = Array2::from_shape_fn((n, cols), |(_, k)| if k == 0 { 1.0 } else { 1e-6 });
     let err = 3e-4;
-    let got = |j: usize, k: usize| exact(j, k) + if k == 0 { err } else { 0.0 };
-    let signs: Vec<f64> = (0..cols).map(|k| if k % 3 == 0 { -1.0 } else { 1.0 }).collect();
+    let mut got = a.t().dot(&b);
+    got[[0, 0]] += err;
+    let signs = projection_signs(SEED, 0, 1, cols);
     let (mut proj, mut elems) = (CheckStat::new("proj"), CheckStat::new("elem"));
-    check_wgrad(Dtype::F32, None, (n, 1, cols), a, b, got, &signs, &[(0, 0)], &mut proj, &mut elems, "dW");
+    check_wgrad(Dtype::F32, None, a.view(), b.view(), got.view(), signs.view(), &[(0, 0)], &mut proj, &mut elems, "dW");
     let term = C_SAFETY * crate::tolerance::f32_accumulation(n, n as f64);
     assert!((0.5..0.7).contains(&(err / term)), "the planted error is 0.6x the term ({})", err / term);
     assert_eq!(elems.count, 1);
@@ -726,9 +726,11 @@ fn per_tensor_recipes_and_grouped_fp8_are_refused() {
 
 /// `rms(S)/rms(value)` of `y`, `dx`, `U_e` and `DA_e` on a one-expert TEGroupedMLP layer of
 /// [`SUBLAYER_ROWS`] rows (GLU silu, bf16; the harness's random weights and inputs), in bf16 and
-/// under blockwise fp8, at `h = f = 256` and at DeepSeek-V3's `h = 7168, f = 2048`: the bound
-/// widths the module doc ("Strength at model sizes") quotes. Ignored: it prints measurements
-/// and checks nothing (`cargo test -p moe-harness bound_widths -- --ignored --nocapture`).
+/// under blockwise fp8, at `h = f = 256` and at DeepSeek-V3's `h = 7168, f = 2048`; then what
+/// the fp8 weight-grad checks see of a wrong row ([`wgrad_row_widths`]). The bound widths the
+/// module doc ("Strength at model sizes", "Weight grads") quotes. Ignored: it prints
+/// measurements and checks nothing (`cargo test -p moe-harness bound_widths -- --ignored
+/// --nocapture`).
 #[test]
 #[ignore]
 fn bound_widths() {
@@ -762,6 +764,80 @@ fn bound_widths() {
                 rms(&s.fc2_input) / rms(&bwd.fc2_input),
                 rms(&s.fc1_output_grad) / rms(&bwd.fc1_output_grad),
             );
+        }
+    }
+    wgrad_row_widths();
+}
+
+/// The median over the values.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// What the fp8 weight-grad checks see of a wrong row, on [`Synth::fp8`]-like layers
+/// (`h = f = 256`) whose expert 0 has `n` = 160, 1024 and 4096 rows (DeepSeek-V3's slice has
+/// 1024 on average): every row of expert 0's `dW1` and `dW2` multiplied by 2 and by 1.25 (the
+/// projections of different rows are independent, so this is each row's "one wrong row"), and
+/// per row `‖P_j‖₂ / bound` for one sign vector under the Hoeffding bound `t·‖b_j‖₂` (min,
+/// median over rows) and for [`PROJECTIONS`] sign vectors, the limit `‖E_j‖₂ / ‖b_j‖₂` of many
+/// projections, the median terms of `‖b_j‖₂` over `‖D_j‖₂` (storage rounding, accumulation,
+/// rms floor, each times `C_SAFETY`), and `|E_jk| / bound` of the sampled elements (median).
+fn wgrad_row_widths() {
+    use super::checks::{projection_rows, projection_signs};
+    use crate::tolerance::fp8_accumulation;
+    for recipe in [Fp8Recipe::Blockwise, Fp8Recipe::Mxfp8] {
+        for n in [160usize, 1024, 4096] {
+            let shape = ShapeDims { hidden: 256, ffn: 256, experts: 3, tokens: n + 48 };
+            let cfg = LayerConfig { fp8: Some(Fp8Config::new(recipe)), ..shape.config(LayerClass::TeGrouped) };
+            let synth = Synth::build(cfg, &[n, 0, 48]);
+            let dt = synth.cfg.params_dtype;
+            for which in [1u64, 2] {
+                let (a, b) = synth.wgrad_operands(0, which);
+                let d = a.t().dot(&b);
+                let signs = projection_signs(SEED, 0, which, d.ncols());
+                let one = signs.slice(ndarray::s![.., ..1]);
+                let norm = |j: usize| d.row(j).iter().map(|v| v * v).sum::<f64>().sqrt();
+                let samples = sample_elements(SEED, 0, which, d.nrows(), d.ncols());
+                for factor in [2.0, 1.25] {
+                    let got = d.mapv(|v| dt.round(factor * v));
+                    let old = projection_rows(dt, Some(recipe), a.view(), b.view(), got.view(), one);
+                    let new = projection_rows(dt, Some(recipe), a.view(), b.view(), got.view(), signs.view());
+                    let rows = 0..d.nrows();
+                    let old_r: Vec<f64> =
+                        rows.clone().map(|j| old.err[j] / old.worst[j].min(PROJECTION_T * old.sigma(j))).collect();
+                    let new_r: Vec<f64> = rows.clone().map(|j| new.err[j] / new.bound(j)).collect();
+                    let limit: Vec<f64> = rows.clone().map(|j| (factor - 1.0) * norm(j) / new.sigma(j)).collect();
+                    let part =
+                        |f: &dyn Fn(usize) -> f64| median(rows.clone().map(|j| C_SAFETY * f(j) / norm(j)).collect());
+                    let kf = (d.ncols() as f64).sqrt();
+                    let m = a.nrows();
+                    let elements: Vec<f64> = samples
+                        .iter()
+                        .map(|&(j, k)| {
+                            let sum_abs: f64 = (0..m).map(|i| (a[[i, j]] * b[[i, k]]).abs()).sum();
+                            let s = gemm_element_scale(dt, got[[j, k]], m, sum_abs)
+                                + fp8_accumulation(m, sum_abs, recipe);
+                            (got[[j, k]] - d[[j, k]]).abs() / (C_SAFETY * (s + new.r_bar))
+                        })
+                        .collect();
+                    let min = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+                    println!(
+                        "{recipe:?} n={n} dW{which} row x{factor}: projection (1 vector, t·‖b‖) min {:.2} median {:.2}; \
+                         {PROJECTIONS} vectors min {:.2} median {:.2}; limit ‖E‖/‖b‖ median {:.2}; ‖b‖/‖D‖ terms: \
+                         storage {:.3} accumulation {:.3} floor {:.3}; sampled elements median {:.2}",
+                        min(&old_r),
+                        median(old_r.clone()),
+                        min(&new_r),
+                        median(new_r.clone()),
+                        median(limit),
+                        part(&|j| new.storage[j]),
+                        part(&|j| new.accumulation[j]),
+                        part(&|_| kf * new.r_bar),
+                        median(elements),
+                    );
+                }
+            }
         }
     }
 }
@@ -860,3 +936,4 @@ fn gemm_rows_bound_is_one_fp8_gemm_element() {
         }
     }
 }
+
