@@ -179,8 +179,9 @@ mod checks;
 #[cfg(test)]
 mod tests;
 
-/// The `t` of the projection bound `min(Σ_k b_jk, t·‖b_j‖₂)` (module doc): a row whose
-/// elements are all within their bounds fails with probability at most `2·exp(−t²/2)`.
+/// The `t` of the projection bound `min(√r·Σ_k b_jk, √(r + 2√(r·x) + 2x)·‖b_j‖₂)`, `x = t²/2`,
+/// over [`PROJECTIONS`] sign vectors (module doc): a row whose elements are all within their
+/// bounds fails with probability at most `exp(−t²/2)`.
 pub const PROJECTION_T: f64 = 8.0;
 
 /// Independent random sign vectors each row of each expert's `dW1` and `dW2` is projected on
