@@ -177,8 +177,13 @@ pub(super) fn projection_rows(
     let rhs = a.t().dot(&b.dot(&signs));
     let b1: Array1<f64> = b.rows().into_iter().map(|row| row.iter().map(|x| x.abs()).sum()).collect();
     let b2: Array1<f64> = b.rows().into_iter().map(|row| row.iter().map(|x| x * x).sum::<f64>().sqrt()).collect();
-    let abs_a = a.mapv(f64::abs);
-    let (acc1, acc2) = (abs_a.t().dot(&b1), abs_a.t().dot(&b2));
+    let (mut acc1, mut acc2) = (vec![0.0; rows], vec![0.0; rows]);
+    for (a_i, (&b1_i, &b2_i)) in a.rows().into_iter().zip(b1.iter().zip(&b2)) {
+        for ((x, s1), s2) in a_i.iter().zip(&mut acc1).zip(&mut acc2) {
+            *s1 += x.abs() * b1_i;
+            *s2 += x.abs() * b2_i;
+        }
+    }
     // The implementation's rows: projections, ‖got_j‖₁, ‖got_j‖₂.
     let lhs = got.dot(&signs);
     let g1: Vec<f64> = got.rows().into_iter().map(|row| row.iter().map(|x| x.abs()).sum()).collect();
