@@ -3,7 +3,7 @@
 //! weight gradients by element samples and projections.
 
 use super::{sampled_supported, CheckStat, ExpertTensors, SampledChecks, SampledError, SampledLayer};
-use super::{ELEMENT_SAMPLES, PROJECTION_T, SUBLAYER_ROWS};
+use super::{ELEMENT_SAMPLES, PROJECTIONS, PROJECTION_T, SUBLAYER_ROWS};
 use crate::compare::{compare_tensor, Bounds};
 use crate::tolerance::{fp8_accumulation, gemm_element_scale, Tolerance, C_SAFETY};
 use moe_reference::layer::{forward as ref_forward, Fp8Operand, Fp8Run, Fp8State};
@@ -51,10 +51,11 @@ fn sample_rows(seed: u64, e: usize, n: usize) -> Vec<usize> {
     rows
 }
 
-/// The random signs `v` of the projections of expert `e`'s `dW2` (`which = 2`) or `dW1` (1).
-fn projection_signs(seed: u64, e: usize, which: u64, len: usize) -> Vec<f64> {
+/// The random signs `V` `[len, PROJECTIONS]` of the projections of expert `e`'s `dW2`
+/// (`which = 2`) or `dW1` (1).
+pub(super) fn projection_signs(seed: u64, e: usize, which: u64, len: usize) -> Array2<f64> {
     let mut rng = Lcg::new(seed, e, 10 + which);
-    (0..len).map(|_| rng.sign()).collect()
+    Array2::from_shape_fn((len, PROJECTIONS), |_| rng.sign())
 }
 
 /// The [`ELEMENT_SAMPLES`] canonical positions `(j, k)` of expert `e`'s `dW2` (`which = 2`) or
@@ -110,9 +111,97 @@ pub(super) fn intermediates(
     (u, da)
 }
 
-/// Checks one expert's canonical weight grad `D = Aᵀ·B` `[J, K']` (`dims = (n, J, K')`), given
-/// the operands the GPU used (`a(i, j)` of `A` `[n, J]`, `b(i, k)` of `B` `[n, K']`) and the
-/// GPU's result `got(j, k)`: the projection of every row on `signs` into `projections`, and the
+/// The projection rows of one weight grad (module doc, "Projections"): for every row `j` of
+/// `D = Aᵀ·B` the error `‖P_j‖₂ = ‖got_j·V − (Aᵀ·(B·V))_j‖₂` over the `r` sign columns of
+/// `V`, the terms of its bound, and the block's rms floor `R̄` the element samples share.
+pub(super) struct ProjectionRows {
+    /// `‖P_j‖₂` per row.
+    pub(super) err: Vec<f64>,
+    /// Per row, `C_SAFETY·Σ_k (S_jk + R̄)` bounded above: at least every `|P_jr|`.
+    pub(super) worst: Vec<f64>,
+    /// Per row, the storage part of `s_j ≥ ‖S_j‖₂`: `u_s·‖got_j‖₂ + √K'·η`.
+    pub(super) storage: Vec<f64>,
+    /// Per row, the accumulation part of `s_j`: `acc·Σ_i |A_ij|·‖B_i‖₂`.
+    pub(super) accumulation: Vec<f64>,
+    /// `R̄ ≥ rms(S)` over the block.
+    pub(super) r_bar: f64,
+    /// Columns `K'`.
+    pub(super) cols: usize,
+    /// Sign vectors `r`.
+    pub(super) r: usize,
+}
+
+impl ProjectionRows {
+    /// `C_SAFETY·(s_j + √K'·R̄) ≥ ‖b_j‖₂`, the 2-norm of row `j`'s element bounds.
+    pub(super) fn sigma(&self, j: usize) -> f64 {
+        C_SAFETY * (self.storage[j] + self.accumulation[j] + (self.cols as f64).sqrt() * self.r_bar)
+    }
+
+    /// The bound of `‖P_j‖₂`: `min(√r·Σ_k b_jk, projection_factor(r)·‖b_j‖₂)` (module doc).
+    pub(super) fn bound(&self, j: usize) -> f64 {
+        ((self.r as f64).sqrt() * self.worst[j]).min(projection_factor(self.r) * self.sigma(j))
+    }
+}
+
+/// The accumulation terms of one wgrad element per unit of `Σ_i |A_ij·B_ik|` over `n` rows:
+/// f32, plus the fp8 GEMM's with `fp8`.
+fn wgrad_accumulation(n: usize, fp8: Option<Fp8Recipe>) -> f64 {
+    (n.max(1) as f64).sqrt() * Dtype::F32.unit_roundoff() + fp8.map_or(0.0, |r| fp8_accumulation(n, 1.0, r))
+}
+
+/// The factor on `‖b_j‖₂` of the projections' random-sign bound with `r` sign vectors:
+/// `√(r + 2·√(r·x) + 2·x)` with `x = t²/2`, `t` = [`PROJECTION_T`] (module doc: the tail
+/// `e^{−x}` of a sum of squares of `r` independent sub-Gaussian projections).
+pub(super) fn projection_factor(r: usize) -> f64 {
+    let (r, x) = (r as f64, PROJECTION_T * PROJECTION_T / 2.0);
+    (r + 2.0 * (r * x).sqrt() + 2.0 * x).sqrt()
+}
+
+/// The projections of every row of the canonical weight grad `got` `[J, K']` of `D = Aᵀ·B`
+/// (`a` `[n, J]`, `b` `[n, K']`, the operands the implementation used) on the sign columns
+/// `signs` `[K', r]`, with the bounds the module doc derives.
+pub(super) fn projection_rows(
+    dt: Dtype,
+    fp8: Option<Fp8Recipe>,
+    a: ArrayView2<f64>,
+    b: ArrayView2<f64>,
+    got: ArrayView2<f64>,
+    signs: ArrayView2<f64>,
+) -> ProjectionRows {
+    let (n, rows) = a.dim();
+    let cols = b.ncols();
+    let r = signs.ncols();
+    let (us, eta) = (dt.unit_roundoff(), dt.subnormal_spacing());
+    let acc = wgrad_accumulation(n, fp8);
+    // Per row j of D: Aᵀ·(B·V), Σ_i |A_ij|·‖B_i‖₁ and Σ_i |A_ij|·‖B_i‖₂.
+    let rhs = a.t().dot(&b.dot(&signs));
+    let b1: Array1<f64> = b.rows().into_iter().map(|row| row.iter().map(|x| x.abs()).sum()).collect();
+    let b2: Array1<f64> = b.rows().into_iter().map(|row| row.iter().map(|x| x * x).sum::<f64>().sqrt()).collect();
+    let (mut acc1, mut acc2) = (vec![0.0; rows], vec![0.0; rows]);
+    for (a_i, (&b1_i, &b2_i)) in a.rows().into_iter().zip(b1.iter().zip(&b2)) {
+        for ((x, s1), s2) in a_i.iter().zip(&mut acc1).zip(&mut acc2) {
+            *s1 += x.abs() * b1_i;
+            *s2 += x.abs() * b2_i;
+        }
+    }
+    // The implementation's rows: projections, ‖got_j‖₁, ‖got_j‖₂.
+    let lhs = got.dot(&signs);
+    let g1: Vec<f64> = got.rows().into_iter().map(|row| row.iter().map(|x| x.abs()).sum()).collect();
+    let g2: Vec<f64> = got.rows().into_iter().map(|row| row.iter().map(|x| x * x).sum::<f64>().sqrt()).collect();
+    let kf = cols as f64;
+    // s_j ≥ ‖S_j‖₂ (storage + accumulation), and the block's rms floor R̄ ≥ rms(S).
+    let storage: Vec<f64> = g2.iter().map(|g| us * g + kf.sqrt() * eta).collect();
+    let accumulation: Vec<f64> = acc2.iter().map(|x| acc * x).collect();
+    let r_bar = ((0..rows).map(|j| (storage[j] + accumulation[j]).powi(2)).sum::<f64>() / (rows as f64 * kf)).sqrt();
+    let err = (0..rows).map(|j| (&lhs.row(j) - &rhs.row(j)).mapv(|d| d * d).sum().sqrt()).collect();
+    // Σ_k b_jk ≤ C·(u_s·‖got_j‖₁ + K'·η + acc·Σ_i |A_ij|·‖B_i‖₁ + K'·R̄).
+    let worst = (0..rows).map(|j| C_SAFETY * (us * g1[j] + kf * eta + acc * acc1[j] + kf * r_bar)).collect();
+    ProjectionRows { err, worst, storage, accumulation, r_bar, cols, r }
+}
+
+/// Checks one expert's canonical weight grad `D = Aᵀ·B` `[J, K']`, given the operands the
+/// implementation used (`a` `[n, J]`, `b` `[n, K']`) and its result `got` `[J, K']`: the
+/// projections of every row on the sign columns `signs` `[K', r]` into `projections`, and the
 /// `samples` elements against their exact dot products into `elements`, with the bounds the
 /// module doc derives. `label` names the matrix in reports. With `fp8` the GEMM is an fp8 GEMM
 /// of the (dequantized) operands given, and every bound gains the model's fp8 accumulation
@@ -121,81 +210,37 @@ pub(super) fn intermediates(
 pub(super) fn check_wgrad(
     dt: Dtype,
     fp8: Option<Fp8Recipe>,
-    dims: (usize, usize, usize),
-    a: impl Fn(usize, usize) -> f64,
-    b: impl Fn(usize, usize) -> f64,
-    got: impl Fn(usize, usize) -> f64,
-    signs: &[f64],
+    a: ArrayView2<f64>,
+    b: ArrayView2<f64>,
+    got: ArrayView2<f64>,
+    signs: ArrayView2<f64>,
     samples: &[(usize, usize)],
     projections: &mut CheckStat,
     elements: &mut CheckStat,
     label: &str,
 ) {
-    let (n, rows, cols) = dims;
+    let (n, rows) = a.dim();
+    let cols = b.ncols();
+    assert_eq!((b.nrows(), got.dim(), signs.nrows()), (n, (rows, cols), cols), "{label}: operand shapes");
     if rows == 0 || cols == 0 {
         return;
     }
-    let (us, eta) = (dt.unit_roundoff(), dt.subnormal_spacing());
-    // The accumulation terms per unit of Σ|terms|: f32, plus the fp8 GEMM's.
-    let acc = (n.max(1) as f64).sqrt() * Dtype::F32.unit_roundoff() + fp8.map_or(0.0, |r| fp8_accumulation(n, 1.0, r));
-    // B·v and the 1- and 2-norms of B's rows.
-    let mut bv = vec![0.0; n];
-    let mut b1 = vec![0.0; n];
-    let mut b2 = vec![0.0; n];
-    for i in 0..n {
-        for (k, &v) in signs.iter().enumerate().take(cols) {
-            let x = b(i, k);
-            bv[i] += x * v;
-            b1[i] += x.abs();
-            b2[i] += x * x;
-        }
-        b2[i] = b2[i].sqrt();
-    }
-    // Per row j of D: Aᵀ·(B·v), Σ_i |A_ij|·‖B_i‖₁ and Σ_i |A_ij|·‖B_i‖₂ (A's rows are contiguous).
-    let mut rhs = vec![0.0; rows];
-    let mut acc1 = vec![0.0; rows];
-    let mut acc2 = vec![0.0; rows];
-    for i in 0..n {
-        for j in 0..rows {
-            let x = a(i, j);
-            rhs[j] += x * bv[i];
-            acc1[j] += x.abs() * b1[i];
-            acc2[j] += x.abs() * b2[i];
-        }
-    }
-    // The GPU's rows: projection, ‖got_j‖₁, ‖got_j‖₂.
-    let mut lhs = vec![0.0; rows];
-    let mut g1 = vec![0.0; rows];
-    let mut g2 = vec![0.0; rows];
+    let p = projection_rows(dt, fp8, a, b, got, signs);
     for j in 0..rows {
-        for (k, &v) in signs.iter().enumerate().take(cols) {
-            let x = got(j, k);
-            lhs[j] += x * v;
-            g1[j] += x.abs();
-            g2[j] += x * x;
-        }
-    }
-    let kf = cols as f64;
-    // s_j ≥ ‖S_j‖₂, and the block's rms floor R̄ ≥ rms(S).
-    let s2: Vec<f64> = (0..rows).map(|j| us * g2[j].sqrt() + kf.sqrt() * eta + acc * acc2[j]).collect();
-    let r_bar = (s2.iter().map(|s| s * s).sum::<f64>() / (rows as f64 * kf)).sqrt();
-    for j in 0..rows {
-        let worst = C_SAFETY * (us * g1[j] + kf * eta + acc * acc1[j] + kf * r_bar);
-        let random = PROJECTION_T * C_SAFETY * (s2[j] + kf.sqrt() * r_bar);
-        let (l, r) = (lhs[j], rhs[j]);
-        projections.record((l - r).abs(), worst.min(random), || format!("{label} row {j}: {l:e} vs {r:e}"));
+        let (e, bound) = (p.err[j], p.bound(j));
+        projections.record(e, bound, || format!("{label} row {j}: ‖P‖₂ {e:e}"));
     }
     let tol = Tolerance::error_model();
     for &(j, k) in samples {
         let (mut exact, mut sum_abs) = (0.0, 0.0);
         for i in 0..n {
-            let t = a(i, j) * b(i, k);
+            let t = a[[i, j]] * b[[i, k]];
             exact += t;
             sum_abs += t.abs();
         }
-        let gv = got(j, k);
+        let gv = got[[j, k]];
         let fp8_term = fp8.map_or(0.0, |r| fp8_accumulation(n, sum_abs, r));
-        let bound = tol.bound(gemm_element_scale(dt, exact, n, sum_abs) + fp8_term, r_bar);
+        let bound = tol.bound(gemm_element_scale(dt, exact, n, sum_abs) + fp8_term, p.r_bar);
         elements.record((gv - exact).abs(), bound, || format!("{label}[{j},{k}]: {gv:e} vs {exact:e}"));
     }
 }
@@ -337,38 +382,43 @@ pub(super) fn check_expert(
     }
 
     // Weight grads, canonical: dW2 [h, N2] = G_eᵀ·U_e, dW1 [N1, h] = DA_eᵀ·X_e.
-    let dw2 = |j: usize, k: usize| if sh.grouped() { ed.dw2[k * h + j] } else { ed.dw2[j * n2 + k] };
-    let dw1 = |j: usize, k: usize| if sh.grouped() { ed.dw1[k * n1 + j] } else { ed.dw1[j * h + k] };
     let (n, start) = (ed.n, ed.start);
-    let g_e = |i: usize, j: usize| sh.g[(start + i) * h + j];
-    let x_e = |i: usize, k: usize| sh.x[(start + i) * h + k];
-    let u_e = |i: usize, k: usize| ed.u[i * n2 + k];
-    let da_e = |i: usize, j: usize| ed.da[i * n1 + j];
+    let (dw2, dw1) = if sh.grouped() {
+        (view(&ed.dw2, (n2, h)).reversed_axes(), view(&ed.dw1, (h, n1)).reversed_axes())
+    } else {
+        (view(&ed.dw2, (h, n2)), view(&ed.dw1, (n1, h)))
+    };
+    let g_e = view(&sh.g[start * h..(start + n) * h], (n, h));
+    let x_e = view(&sh.x[start * h..(start + n) * h], (n, h));
+    let (u_e, da_e) = (view(&ed.u, (n, n2)), view(&ed.da, (n, n1)));
     let (signs2, samples2) = (projection_signs(sh.seed, e, 2, n2), sample_elements(sh.seed, e, 2, h, n2));
     let (signs1, samples1) = (projection_signs(sh.seed, e, 1, h), sample_elements(sh.seed, e, 1, n1, h));
     let (label2, label1) = (format!("expert {e} dW2"), format!("expert {e} dW1"));
     let Some(f) = cfg.fp8 else {
         let (p2, e2) = (&mut st.dw2_projections, &mut st.dw2_elements);
-        check_wgrad(dt, None, (n, h, n2), g_e, u_e, dw2, &signs2, &samples2, p2, e2, &label2);
+        check_wgrad(dt, None, g_e, u_e, dw2, signs2.view(), &samples2, p2, e2, &label2);
         let (p1, e1) = (&mut st.dw1_projections, &mut st.dw1_elements);
-        check_wgrad(dt, None, (n, n1, h), da_e, x_e, dw1, &signs1, &samples1, p1, e1, &label1);
+        check_wgrad(dt, None, da_e, x_e, dw1, signs1.view(), &samples1, p1, e1, &label1);
         return Ok(m);
     };
     // fp8: the wgrad GEMMs multiply the columnwise copies, re-quantized along the expert's
     // (padded) rows; quantized here as the layer does, they are the exact operands.
     let k = cfg.row_padding().map_or(n, |a| n.div_ceil(a) * a);
-    let gq = wgrad_operand(&cfg1, f, Fp8Operand::Fc2GradOutput, (n, k, h), g_e)?;
-    let uq = wgrad_operand(&cfg1, f, Fp8Operand::Fc2Input, (n, k, n2), u_e)?;
+    let gq = wgrad_operand(&cfg1, f, Fp8Operand::Fc2GradOutput, (n, k, h), |i, j| g_e[[i, j]])?;
+    let uq = wgrad_operand(&cfg1, f, Fp8Operand::Fc2Input, (n, k, n2), |i, j| u_e[[i, j]])?;
     let (p2, e2) = (&mut st.dw2_projections, &mut st.dw2_elements);
-    let (a2, b2) = (|i: usize, j: usize| gq[[i, j]], |i: usize, k: usize| uq[[i, k]]);
-    check_wgrad(dt, Some(f.recipe), (k, h, n2), a2, b2, dw2, &signs2, &samples2, p2, e2, &label2);
+    check_wgrad(dt, Some(f.recipe), gq.view(), uq.view(), dw2, signs2.view(), &samples2, p2, e2, &label2);
     drop((gq, uq));
-    let daq = wgrad_operand(&cfg1, f, Fp8Operand::Fc1GradOutput, (n, k, n1), da_e)?;
-    let xq = wgrad_operand(&cfg1, f, Fp8Operand::Fc1Input, (n, k, h), x_e)?;
+    let daq = wgrad_operand(&cfg1, f, Fp8Operand::Fc1GradOutput, (n, k, n1), |i, j| da_e[[i, j]])?;
+    let xq = wgrad_operand(&cfg1, f, Fp8Operand::Fc1Input, (n, k, h), |i, j| x_e[[i, j]])?;
     let (p1, e1) = (&mut st.dw1_projections, &mut st.dw1_elements);
-    let (a1, b1) = (|i: usize, j: usize| daq[[i, j]], |i: usize, k: usize| xq[[i, k]]);
-    check_wgrad(dt, Some(f.recipe), (k, n1, h), a1, b1, dw1, &signs1, &samples1, p1, e1, &label1);
+    check_wgrad(dt, Some(f.recipe), daq.view(), xq.view(), dw1, signs1.view(), &samples1, p1, e1, &label1);
     Ok(m)
+}
+
+/// `v` as a row-major `[rows, cols]` matrix.
+fn view(v: &[f64], shape: (usize, usize)) -> ArrayView2<'_, f64> {
+    ArrayView2::from_shape(shape, v).expect("size")
 }
 
 /// The wgrad GEMM operand of `op` as an fp8 layer of `cfg` (one expert) multiplies it: the

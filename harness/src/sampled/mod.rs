@@ -34,20 +34,33 @@
 //!   operands an element `D_jk = Σ_i A_ij·B_ik` over the expert's `n` rows has the bound of one
 //!   GEMM element ([`crate::tolerance::gemm_element_scale`]):
 //!   `S_jk = u_s·|D_jk| + η + √n·u_f32·Σ_i |A_ij·B_ik|`; its rms floor `R` is bounded below.
-//! * **Projections** (Freivalds) of every row `j` of `dW2` and `dW1`:
-//!   `P_j = Σ_k v_k·got_jk − Σ_i A_ij·(B·v)_i` with random signs `v_k = ±1` over the row's `K'`
-//!   columns, drawn independently of the GPU's results. With `E_jk = got_jk − D_jk`,
-//!   `P_j = Σ_k v_k·E_jk` (the f64 evaluation adds about 10⁻¹⁶ of the terms, nothing next to
+//! * **Projections** (Freivalds) of every row `j` of `dW2` and `dW1` on `r` = [`PROJECTIONS`]
+//!   = 64 independent random sign vectors `v_r` (`v_rk = ±1` over the row's `K'` columns, drawn
+//!   independently of the GPU's results): `P_jr = Σ_k v_rk·got_jk − Σ_i A_ij·(B·v_r)_i`, and
+//!   the check compares `‖P_j‖₂ = (Σ_r P_jr²)^½`. With `E_jk = got_jk − D_jk`,
+//!   `P_jr = Σ_k v_rk·E_jk` (the f64 evaluation adds about 10⁻¹⁶ of the terms, nothing next to
 //!   the bound). Every `|E_jk| ≤ b_jk = C_SAFETY·(S_jk + R)`, the element bound above, so
-//!   - worst case, whatever the signs: `|P_j| ≤ Σ_k b_jk`;
-//!   - random signs (Hoeffding: the `v_k·E_jk` are independent, mean 0, in `[−b_jk, b_jk]`):
-//!     `P(|P_j| ≥ t·‖b_j‖₂) ≤ 2·exp(−t²/2)`.
+//!   - worst case, whatever the signs: every `|P_jr| ≤ Σ_k b_jk`, so `‖P_j‖₂ ≤ √r·Σ_k b_jk`;
+//!   - random signs: for every `α ∈ ℝʳ`, `E exp(Σ_r α_r·P_jr) = Π_{r,k} cosh(α_r·E_jk) ≤
+//!     exp(‖α‖²·‖E_j‖₂²/2)`, so `P_j` is a sub-Gaussian vector with `σ = ‖E_j‖₂ ≤ ‖b_j‖₂`,
+//!     and (Hsu, Kakade & Zhang 2012, a tail inequality for quadratic forms of sub-Gaussian
+//!     vectors, Theorem 1 with the identity) `P(‖P_j‖₂² > σ²·(r + 2·√(r·x) + 2·x)) ≤ e^{−x}`.
 //!
-//!   The check uses `min(Σ_k b_jk, t·‖b_j‖₂)` with `t` = [`PROJECTION_T`] = 8: `2·e⁻³² ≈
-//!   2.5·10⁻¹⁴` per row, about 10⁻⁷ for the 3.7·10⁶ projected rows of all the shape × class
-//!   pairs the sampled test runs. The worst case alone is `√K'/t` times looser (15x for
-//!   Mixtral's `dW2` rows, `K'` = 14336) and would let a wrong 128-column tile through, which is
-//!   what the projections are for (the element samples rarely hit one tile).
+//!   The check uses `min(√r·Σ_k b_jk, √(r + 2√(r·x) + 2x)·‖b_j‖₂)` with `x = t²/2`, `t` =
+//!   [`PROJECTION_T`] = 8: `e⁻³² ≈ 1.3·10⁻¹⁴` per row, about 5·10⁻⁸ for the 3.7·10⁶
+//!   projected rows of all the shape × class pairs the sampled test runs. A wrong row (error
+//!   `E_j`) gives `‖P_j‖₂ ≈ √r·‖E_j‖₂`, against a bound of `1.85·√r·‖b_j‖₂` at `r` = 64: it
+//!   fails once `‖E_j‖₂ ≳ 1.85·‖b_j‖₂`. One sign vector (`|P_j| ≤ t·‖b_j‖₂`, Hoeffding) reads
+//!   `|⟨v, E_j⟩| = ‖E_j‖₂·|Z|` for a roughly normal `Z`, which is near zero for some rows
+//!   whatever the error: a doubled row passed at 0.94 of that bound for the median row and
+//!   0.00 for the least visible (fp8 below, `tests::bound_widths`); the norm over `r` vectors
+//!   concentrates, and its bound per vector, `√(1 + 2√(x/r) + 2x/r)·‖b_j‖₂`, falls toward
+//!   `‖b_j‖₂` as `r` grows (8.7 at `r` = 1, 1.85 at 64, 1.40 at 256). The cost is three
+//!   products with `r` columns per weight grad (`B·V`, `Aᵀ·(B·V)`, `got·V`): about 0.5 s of
+//!   one host core for a DeepSeek-V3 `dW1` (`n` = 1024, `4096 × 7168`). The worst case alone
+//!   is about `√K'/1.85` times looser (65x for Mixtral's `dW2` rows, `K'` = 14336) and would
+//!   let a wrong 128-column tile through, which is what the projections are for (the element
+//!   samples rarely hit one tile).
 //! * **Computable forms.** `S_jk` for every `(j, k)` needs `Σ_i |A_ij|·|B_ik|` in full, a second
 //!   GEMM of the checked size. Upper bounds keep every bound valid: `|D_jk|` is taken as
 //!   `|got_jk|` (first order: they differ by `E_jk ≤ b_jk`), and
@@ -106,13 +119,26 @@
 //!   and projection bounds above hold with the fp8 GEMM's accumulation term added to the f32
 //!   one: `(√n·u_f32 + 1.5·(√n_acc·2⁻¹³ + 2·u_f32·(⌈n/32⌉ + 1)))·Σ_i |A_ij·B_ik|`
 //!   ([`crate::tolerance::fp8_accumulation`], the term the oracle adds to every fp8 GEMM).
-//!   How much these checks see is set by that accumulation term: it is about `2⁻¹²·n` times a
-//!   typical `|D_jk|` (`√n` operand products of random sign against `Σ|terms| ≈ n` of them).
+//!   How much these checks see of a wrong row is set by the row's bound `‖b_j‖₂` against
+//!   `‖D_j‖₂`: the accumulation term, the block's rms floor (the rms of the same terms over the
+//!   expert's block, so about as large) and the storage rounding (2·2⁻⁸·‖got_j‖₂). Measured
+//!   (`tests::bound_widths`, `h = f = 256`, blockwise, median over rows, each term times
+//!   `C_SAFETY`): accumulation 0.029 / floor 0.045 of `‖D_j‖₂` for `dW1` and 0.039 / 0.055 for
+//!   `dW2` on an expert of `n` = 160 rows, 0.072 / 0.088 and 0.10 / 0.12 at 1024, 0.10 / 0.12 and
+//!   0.15 / 0.16 at 2144 (`verify --shape deepseek-v3`'s largest expert; the accumulation term
+//!   grows like `√n`: `Σ|terms| ∝ n` against `|D| ∝ √n`). A row of `dW1` or `dW2` multiplied by
+//!   2 reads (least visible row / median row) 4.2 / 6.1 and 3.6 / 5.0 of the projection bound
+//!   at `n` = 160, 2.1 / 3.0 and 1.8 / 2.3 at 1024, 1.7 / 2.2 and 1.15 / 1.6 at 2144; by 1.25,
+//!   1.21 / 1.75 and 1.00 / 1.38 at 160, 0.56 / 0.81 and 0.47 / 0.60 at 1024 (every row seen
+//!   from about 1.55x there, extrapolating linearly). A sampled element in the row reads 9.5
+//!   (doubled) and 2.8 (1.25x) of its bound at 160 (median). MXFP8's accumulation term runs
+//!   over the whole `n` (no promotion), so its bounds grow like `n`: a doubled row reads
+//!   0.83 / 1.21 (`dW1`) and 0.69 / 0.89 (`dW2`) at 1024, 0.45 / 0.60 and 0.30 / 0.43 at 2144.
 //!   Errors of the size of the fp8 noise (an operand left unquantized, the rowwise copy
-//!   multiplied transposed: `≈ 2⁻⁵·|D|`) stay inside it even on the unit tests' experts of 48
-//!   and 160 rows; missing block scales (codes multiplied as they are) fail at every size; a
-//!   scale 2× off on one 128-token block fails the element samples of its column on small
-//!   experts.
+//!   multiplied transposed: `≈ 2⁻⁵·|D|`) stay inside the bound even on the unit tests' experts
+//!   of 48 and 160 rows; missing block scales (codes multiplied as they are) fail at every
+//!   size; a scale 2× off on one 128-token block fails the element samples of its column on
+//!   small experts.
 //! * **Strength at model sizes.** The bounds are the error model's, and under fp8 they are
 //!   wide: `rms(S)/rms(value)` of `y`, `dx`, `U_e`, `DA_e` on a one-expert layer of 32 rows
 //!   (the harness's random weights and inputs; `tests::bound_widths`, ignored, prints them) is
@@ -142,7 +168,8 @@
 //!   GroupedMLP has no fp8 path at all. [`sampled_supported`] refuses both, saying why.
 //!
 //! The checks are pure functions of host data (`checks::check_expert`), so unit tests feed them
-//! synthetic results with errors injected at 1.2× and 0.8× of each bound, without a GPU.
+//! synthetic results with errors injected at 1.2× and 0.8× of each bound, and wrong
+//! weight-grad rows (2× and 1.25×), without a GPU.
 
 use crate::compare::TensorDiff;
 use moe_reference::{Fp8Config, Fp8Recipe, LayerClass, LayerConfig, ReferenceError};
@@ -152,9 +179,15 @@ mod checks;
 #[cfg(test)]
 mod tests;
 
-/// The `t` of the projection bound `min(Σ_k b_jk, t·‖b_j‖₂)` (module doc): a row whose
-/// elements are all within their bounds fails with probability at most `2·exp(−t²/2)`.
+/// The `t` of the projection bound `min(√r·Σ_k b_jk, √(r + 2√(r·x) + 2x)·‖b_j‖₂)`, `x = t²/2`,
+/// over [`PROJECTIONS`] sign vectors (module doc): a row whose elements are all within their
+/// bounds fails with probability at most `exp(−t²/2)`.
 pub const PROJECTION_T: f64 = 8.0;
+
+/// Independent random sign vectors each row of each expert's `dW1` and `dW2` is projected on
+/// (module doc, "Projections"): the bound of the projections' 2-norm tends to the 2-norm of the
+/// row's element bounds as their number grows (`√r` signal against `√(r + 2√(r·x) + 2x)`).
+pub const PROJECTIONS: usize = 64;
 
 /// Elements of each expert's `dW1` and `dW2` checked against their exact dot products.
 pub const ELEMENT_SAMPLES: usize = 64;
