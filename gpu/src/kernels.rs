@@ -210,6 +210,26 @@ fn opt_arg(buf: Option<&DeviceBuffer>, len: usize, what: &str) -> Result<u64, Gp
     buf.map_or(Ok(0), |b| arg(b, len, what))
 }
 
+/// The checked pointers `a`, `b1`, `p`, `row_expert`, `u` of both forward activation kernels.
+fn act_fwd_args(
+    dt: Dtype,
+    ap: ActParams,
+    (a, b1, p, u): (&DeviceBuffer, Option<&DeviceBuffer>, &DeviceBuffer, &DeviceBuffer),
+    (row_expert, rows, segments): RowsArg<'_>,
+    n2: usize,
+    kernel: &str,
+) -> Result<[u64; 5], GpuError> {
+    let ds = dt.size_bytes();
+    let n1 = if ap.glu != 0 { 2 * n2 } else { n2 };
+    Ok([
+        arg(a, rows * n1 * ds, &format!("{kernel} a"))?,
+        opt_arg(b1, segments * n1 * ds, &format!("{kernel} b1"))?,
+        arg(p, probs_bytes(rows), &format!("{kernel} p"))?,
+        arg(row_expert, rows * 4, "row_expert")?,
+        arg(u, rows * n2 * ds, &format!("{kernel} u"))?,
+    ])
+}
+
 /// A 1-D grid-stride launch for `total` elements.
 fn elementwise(total: usize) -> LaunchConfig {
     let blocks = total.div_ceil(256).min(MAX_BLOCKS) as u32;
@@ -357,13 +377,7 @@ impl ExpertKernels {
         u: &mut DeviceBuffer,
         n2: usize,
     ) -> Result<(), GpuError> {
-        let ds = dt.size_bytes();
-        let n1 = if ap.glu != 0 { 2 * n2 } else { n2 };
-        let a = arg(a, rows * n1 * ds, "act_fwd a")?;
-        let b1 = opt_arg(b1, segments * n1 * ds, "act_fwd b1")?;
-        let p = arg(p, probs_bytes(rows), "act_fwd p")?;
-        let re = arg(row_expert, rows * 4, "row_expert")?;
-        let u = arg(u, rows * n2 * ds, "act_fwd u")?;
+        let [a, b1, p, re, u] = act_fwd_args(dt, ap, (a, b1, p, u), (row_expert, rows, segments), n2, "act_fwd")?;
         let (ri, n2i) = (i32::try_from(rows)?, i32::try_from(n2)?);
         launch!(self, stream, &self.set(dt).act_fwd, over_rows(rows), [&a, &b1, &p, &re, &u, &ri, &n2i, &ap])
     }
@@ -385,13 +399,7 @@ impl ExpertKernels {
         n2: usize,
         fp8: ActFp8Out<'_>,
     ) -> Result<(), GpuError> {
-        let ds = dt.size_bytes();
-        let n1 = if ap.glu != 0 { 2 * n2 } else { n2 };
-        let a = arg(a, rows * n1 * ds, "act_fwd_q a")?;
-        let b1 = opt_arg(b1, segments * n1 * ds, "act_fwd_q b1")?;
-        let p = arg(p, probs_bytes(rows), "act_fwd_q p")?;
-        let re = arg(row_expert, rows * 4, "row_expert")?;
-        let u = arg(u, rows * n2 * ds, "act_fwd_q u")?;
+        let [a, b1, p, re, u] = act_fwd_args(dt, ap, (a, b1, p, u), (row_expert, rows, segments), n2, "act_fwd_q")?;
         let amax = arg(fp8.amax, segments * 4, "act_fwd_q amax")?;
         let (q, scale, stride, codes) = match fp8.codes {
             None => (1i32, 0u64, 0i32, 0u64),

@@ -252,26 +252,17 @@ impl DeviceLayer {
                 FPROP_FAST_ACCUM,
             )
         })?;
+        let mut uq = reuse(eng, pu, &tok, d.n2, fi)?;
         let seq_b1 = if cfg.class == LayerClass::Sequential { w.b1.as_ref() } else { None };
         let p_act = ws.p_act.as_ref().unwrap_or(&ws.p);
-        let mut uq = reuse(eng, pu, &tok, d.n2, fi)?;
+        let (a, u) = (&mut ws.a, &mut ws.u);
         if fuses_activation_quantization(strategy) {
-            let (a, u) = (&mut ws.a, &mut ws.u);
             eng.act_fwd_quantized(cfg, a, seq_b1, p_act, u, d.dt, &tok, scales(Fp8Operand::Fc2Input), &mut uq)?;
         } else {
-            let Engine { kernels, stream, .. } = &mut *eng;
-            kernels.act_fwd(
-                stream,
-                d.dt,
-                ActParams::of(cfg),
-                &mut ws.a,
-                seq_b1,
-                p_act,
-                ws.map.rows_arg(),
-                &mut ws.u,
-                d.n2,
-            )?;
-            eng.quantize_segments_into(&ws.u, d.dt, &tok, scales(Fp8Operand::Fc2Input), &mut uq)?;
+            // `activation_forward`'s kernel (not the method: `scales` holds the delayed state of `ws`).
+            let (Engine { kernels, stream, .. }, rows) = (&mut *eng, ws.map.rows_arg());
+            kernels.act_fwd(stream, d.dt, ActParams::of(cfg), a, seq_b1, p_act, rows, u, d.n2)?;
+            eng.quantize_segments_into(u, d.dt, &tok, scales(Fp8Operand::Fc2Input), &mut uq)?;
         }
         expert_gemms(eng, el, graph, |eng, e| {
             let (m, off) = (ws.padded[e], ws.offsets[e]);

@@ -18,7 +18,6 @@ use super::{DeviceLayer, Dims, Workspace};
 use crate::engine::Engine;
 use crate::error::GpuError;
 use crate::fp8::BlockOperand;
-use crate::kernels::ActParams;
 use crate::memory::DeviceBuffer;
 use moe_reference::fp8::{BlockTile, Fp8Format, ScaleOptions, TensorRole};
 use moe_reference::{Dtype, Fp8Config, LayerClass};
@@ -110,20 +109,7 @@ impl DeviceLayer {
         for ((x, w1), &off) in xq.iter().zip(&wq.w1).zip(&ws.offsets) {
             eng.fp8_block_gemm(&x.0, &w1.0, ws.a.at(off * d.n1 * d.ds), d.dt, beta)?;
         }
-        let seq_b1 = if cfg.class == LayerClass::Sequential { w.b1.as_ref() } else { None };
-        let p_act = ws.p_act.as_ref().unwrap_or(&ws.p);
-        let Engine { kernels, stream, .. } = &mut *eng;
-        kernels.act_fwd(
-            stream,
-            d.dt,
-            ActParams::of(cfg),
-            &mut ws.a,
-            seq_b1,
-            p_act,
-            ws.map.rows_arg(),
-            &mut ws.u,
-            d.n2,
-        )?;
+        self.activation_forward(eng, ws)?;
         let uq = per_expert(eng, &ws.u, d.dt, &ws.padded, &ws.offsets, d.n2, fi, TensorRole::Input, opts)?;
         for ((u, w2), &off) in uq.iter().zip(&wq.w2).zip(&ws.offsets) {
             eng.fp8_block_gemm(&u.0, &w2.0, ws.y.at(off * d.h * d.ds), d.dt, 0.0)?;

@@ -79,21 +79,7 @@ impl DeviceLayer {
         } else {
             eng.grouped_gemm(strategy, d.dt, false, !grouped, &fc1)?;
         }
-        // Activation block: (SequentialMLP fc1 bias) → act/GLU → u = round(z·p).
-        let seq_b1 = if cfg.class == LayerClass::Sequential { w.b1.as_ref() } else { None };
-        let p_act = ws.p_act.as_ref().unwrap_or(&ws.p);
-        let Engine { kernels, stream, .. } = &mut *eng;
-        kernels.act_fwd(
-            stream,
-            d.dt,
-            ActParams::of(cfg),
-            &mut ws.a,
-            seq_b1,
-            p_act,
-            ws.map.rows_arg(),
-            &mut ws.u,
-            d.n2,
-        )?;
+        self.activation_forward(eng, ws)?;
         // fc2: y_e = u_e·W2_eᵀ (or u_e·W2_e for GroupedMLP blocks [N2, h]).
         let fc2 = token_gemms(ws, d.el.min(ws.padded.len()), (d.h, d.n2), &ws.u, &w.w2, &ws.y);
         eng.grouped_gemm(strategy, d.dt, false, !grouped, &fc2)?;
@@ -118,6 +104,18 @@ impl DeviceLayer {
             kernels.col_sum(stream, d.dt, &ws.g, Some(p_act), &ws.map, db2, d.h)?;
         }
         Ok(())
+    }
+
+    /// The activation block of every forward: (SequentialMLP's fc1 bias into `a`) → act/GLU →
+    /// `u = round(z·p)`.
+    pub(super) fn activation_forward(&self, eng: &mut Engine, ws: &mut Workspace) -> Result<(), GpuError> {
+        let cfg = &self.cfg;
+        let d = Dims::of(cfg);
+        let seq_b1 = if cfg.class == LayerClass::Sequential { self.weights.b1.as_ref() } else { None };
+        let p_act = ws.p_act.as_ref().unwrap_or(&ws.p);
+        let Engine { kernels, stream, .. } = &mut *eng;
+        let rows = ws.map.rows_arg();
+        kernels.act_fwd(stream, d.dt, ActParams::of(cfg), &mut ws.a, seq_b1, p_act, rows, &mut ws.u, d.n2)
     }
 
     /// With the probs applied on the input (§4.7 backward): `dp = Σ dx'·x` and `dx = round(dx'·p)`

@@ -157,6 +157,13 @@ pub(super) fn projection_factor(r: usize) -> f64 {
     (r + 2.0 * (r * x).sqrt() + 2.0 * x).sqrt()
 }
 
+/// The 1-norm and 2-norm of every row of `m`.
+fn row_norms(m: ArrayView2<f64>) -> (Array1<f64>, Array1<f64>) {
+    let l1 = m.rows().into_iter().map(|row| row.iter().map(|x| x.abs()).sum()).collect();
+    let l2 = m.rows().into_iter().map(|row| row.iter().map(|x| x * x).sum::<f64>().sqrt()).collect();
+    (l1, l2)
+}
+
 /// The projections of every row of the canonical weight grad `got` `[J, K']` of `D = Aᵀ·B`
 /// (`a` `[n, J]`, `b` `[n, K']`, the operands the implementation used) on the sign columns
 /// `signs` `[K', r]`, with the bounds the module doc derives.
@@ -175,8 +182,7 @@ pub(super) fn projection_rows(
     let acc = wgrad_accumulation(n, fp8);
     // Per row j of D: Aᵀ·(B·V), Σ_i |A_ij|·‖B_i‖₁ and Σ_i |A_ij|·‖B_i‖₂.
     let rhs = a.t().dot(&b.dot(&signs));
-    let b1: Array1<f64> = b.rows().into_iter().map(|row| row.iter().map(|x| x.abs()).sum()).collect();
-    let b2: Array1<f64> = b.rows().into_iter().map(|row| row.iter().map(|x| x * x).sum::<f64>().sqrt()).collect();
+    let (b1, b2) = row_norms(b);
     let (mut acc1, mut acc2) = (vec![0.0; rows], vec![0.0; rows]);
     for (a_i, (&b1_i, &b2_i)) in a.rows().into_iter().zip(b1.iter().zip(&b2)) {
         for ((x, s1), s2) in a_i.iter().zip(&mut acc1).zip(&mut acc2) {
@@ -186,8 +192,7 @@ pub(super) fn projection_rows(
     }
     // The implementation's rows: projections, ‖got_j‖₁, ‖got_j‖₂.
     let lhs = got.dot(&signs);
-    let g1: Vec<f64> = got.rows().into_iter().map(|row| row.iter().map(|x| x.abs()).sum()).collect();
-    let g2: Vec<f64> = got.rows().into_iter().map(|row| row.iter().map(|x| x * x).sum::<f64>().sqrt()).collect();
+    let (g1, g2) = row_norms(got);
     let kf = cols as f64;
     // s_j ≥ ‖S_j‖₂ (storage + accumulation), and the block's rms floor R̄ ≥ rms(S).
     let storage: Vec<f64> = g2.iter().map(|g| us * g + kf.sqrt() * eta).collect();
