@@ -1198,3 +1198,66 @@ fn fused_activation_quantization_equals_the_quantizer_on_its_output() {
     }
     assert_eq!(checked, 36);
 }
+
+/// The segmented 1×128 block quantizer (`Engine::block_quantize_segments_into`: every expert
+/// of an activation or gradient tensor in one launch each way, the blockwise layers' quantizer)
+/// writes, for each segment, exactly what `block_operands` makes of that segment alone (itself
+/// bit-exact with the reference `BlockQuantizer`): rowwise and columnwise codes and their
+/// scales in cuBLASLt's layout, padding zeros included. Ragged segments: empty ones, fewer
+/// than 4 rows (scale padding), not multiples of 128 (partial column blocks), over 256 rows;
+/// 200 columns (a partial row block); bf16 and f32, e4m3 and e5m2, power-of-2 and exact
+/// scales, stirred values (zeros, subnormals, infinities, NaN); and a second call into the
+/// same buffers with other values (nothing stale may survive).
+#[test]
+fn segmented_block_quantizer_equals_the_per_segment_quantizer() {
+    let Some(gpu) = gpu("segmented_block_quantizer_equals_the_per_segment_quantizer") else { return };
+    let mut eng = gpu.lock().expect("engine");
+    let lens = [0usize, 3, 130, 0, 16, 300, 128];
+    let cols = 200;
+    let rows: usize = lens.iter().sum();
+    let map = SegmentMap::new(&mut eng, &lens).expect("map");
+    let mut checked = 0;
+    for dtype in [Dtype::Bf16, Dtype::F32] {
+        for format in Fp8Format::ALL {
+            for pow2 in [true, false] {
+                let options = ScaleOptions { force_pow_2_scales: pow2, amax_epsilon: 0.0 };
+                let mut t = moe_gpu::fp8::SegmentedBlockFp8::alloc(&mut eng, &map, cols, format).expect("alloc");
+                for (call, family) in ["inf_nan", "wide_range"].into_iter().enumerate() {
+                    let x = tensor(family, rows, cols, dtype, 60 + call as u64);
+                    let input = upload(&mut eng, &x, dtype);
+                    eng.block_quantize_segments_into(&input, dtype, &map, options, &mut t).expect("segmented");
+                    let got =
+                        [&t.codes, &t.codes_t, &t.scale_inv, &t.scale_inv_t].map(|b| eng.download(b).expect("dl"));
+                    for (s, &off) in map.offsets().iter().enumerate() {
+                        let l = lens[s];
+                        if l == 0 {
+                            continue;
+                        }
+                        let what = format!("{dtype} {format} pow2={pow2} {family} segment {s} ({l} rows)");
+                        let region = input.at(off * cols * dtype.size_bytes());
+                        let (rw, cw) = eng
+                            .block_operands(region, dtype, (l, cols), format, BlockTile::Row1x128, options)
+                            .expect("per-segment");
+                        let (rs, cs) = (t.rowwise(s).expect("rowwise"), t.columnwise(s).expect("columnwise"));
+                        let expected =
+                            [&rw.codes, &cw.codes, &rw.scale_inv, &cw.scale_inv].map(|b| eng.download(b).expect("dl"));
+                        let starts =
+                            [rs.codes.offset(), cs.codes.offset(), rs.scale_inv.offset(), cs.scale_inv.offset()];
+                        for (k, name) in ["codes", "columnwise codes", "scales", "columnwise scales"].iter().enumerate()
+                        {
+                            let part = &got[k][starts[k]..starts[k] + expected[k].len()];
+                            if let Some(i) = part.iter().zip(&expected[k]).position(|(a, b)| a != b) {
+                                panic!(
+                                    "{what}: {name} byte {i} is {:#04x}, per segment {:#04x}",
+                                    part[i], expected[k][i]
+                                );
+                            }
+                        }
+                        checked += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(checked, 2 * 2 * 2 * 2 * 5);
+}

@@ -296,6 +296,24 @@ INSTANTIATE_IN(float, f32)
 INSTANTIATE_IN(bf16_t, bf16)
 INSTANTIATE_IN(f16_t, f16)
 
+// The segments of `block_quant_{row,col}128_seg` (every local expert's rows of one activation or
+// gradient tensor quantized in one launch each way, as `block_quant_{row,col}128` would quantize
+// each segment alone; the scales written straight into each segment's cuBLASLt layout, whose
+// padding entries the caller zeroes):
+//   * row_seg[r], seg_off[s], seg_len[s]: the segment of row r, the first row and the row count
+//     of segment s;
+//   * tiles: (segment, first row within it) of every 128-row tile, segment by segment (the
+//     columnwise grid's x);
+//   * scale_off: the first f32 of segment s's rowwise scales (rowwise kernel) or of its
+//     columnwise scales (columnwise kernel).
+struct BlockSegs {
+    const int* row_seg;
+    const int* seg_off;
+    const int* seg_len;
+    const int* tiles;
+    const long long* scale_off;
+};
+
 // 1x128 tiles (f32 scales, `mode` 0), the activations' and gradients' block shape, with
 // coalesced access; the same per-tile arithmetic as `block_quant` (an amax is a max, so its
 // reduction order does not change it), so the same bits.
@@ -305,8 +323,12 @@ INSTANTIATE_IN(f16_t, f16)
 //     (ceil(rows/128), ceil(cols/32)), block 256: a 128-row x 32-column patch of x through
 //     shared memory, warp w quantizes L rows (x columns) blockIdx.y·32 + 4w .. + 4.
 // Codes of L row-major, scale_inv on the [rows_L, ceil(cols_L/128)] grid as `block_quant`.
+// The `_seg` forms (`BlockSegs` above): rowwise the same grid over all rows; columnwise grid
+// (128-row tiles of all segments, ceil(cols/32)), segment s's L = x_sᵀ [cols, len_s] at byte
+// seg_off[s]·cols.
 template <typename T, int F>
-__device__ void block_quant_row128(const T* x, int rows, int cols, BlockParams bp, u8* codes, float* scale_inv) {
+__device__ void block_quant_row128(const T* x, int rows, int cols, BlockParams bp, u8* codes, float* scale_inv,
+                                   const BlockSegs* seg = nullptr) {
     int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int r = blockIdx.x * 8 + w, c0 = blockIdx.y * 128 + lane * 4;
     if (r >= rows) return;
@@ -319,23 +341,48 @@ __device__ void block_quant_row128(const T* x, int rows, int cols, BlockParams b
     }
     float amax = warp_max(acc);
     float mult = scale_from_amax(amax, bp.fp8_max, bp.pow2, bp.eps, bp.vinf);
-    if (lane == 0) scale_inv[(long)r * ((cols + 127) / 128) + blockIdx.y] = __frcp_rn(mult);
+    if (lane == 0) {
+        long at;
+        if (seg == nullptr) {
+            at = (long)r * ((cols + 127) / 128) + blockIdx.y;
+        } else {  // segment s's GEMM layout [ceil(cols/128), round_up(len_s, 4)]
+            int s = seg->row_seg[r];
+            int ld = (seg->seg_len[s] + 3) / 4 * 4;
+            at = seg->scale_off[s] + (long)blockIdx.y * ld + (r - seg->seg_off[s]);
+        }
+        scale_inv[at] = __frcp_rn(mult);
+    }
 #pragma unroll
     for (int q = 0; q < 4; ++q)
         if (c0 + q < cols) codes[(long)r * cols + c0 + q] = encode<F>(__fmul_rn(v[q], mult));
 }
 
 template <typename T, int F>
-__device__ void block_quant_col128(const T* x, int rows, int cols, BlockParams bp, u8* codes, float* scale_inv) {
+__device__ void block_quant_col128(const T* x, int rows, int cols, BlockParams bp, u8* codes, float* scale_inv,
+                                   const BlockSegs* seg = nullptr) {
     __shared__ float patch[128][33];
     int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    int x0 = blockIdx.x * 128, i0 = blockIdx.y * 32;  // first x row, first x column
+    // The rows of this tile: x rows [base + x0, base + min(x0 + 128, n)) of a tensor of n rows
+    // (one segment of `seg`: its codes [cols, n] at byte base·cols, its scales in its GEMM
+    // layout at scale_off; else the whole x).
+    int x0 = blockIdx.x * 128, i0 = blockIdx.y * 32, n = rows;
+    long base = 0;
+    float* scales = scale_inv;
+    if (seg != nullptr) {
+        int s = seg->tiles[2 * blockIdx.x];
+        x0 = seg->tiles[2 * blockIdx.x + 1];
+        n = seg->seg_len[s];
+        base = seg->seg_off[s];
+        scales = scale_inv + seg->scale_off[s];
+        codes += base * cols;
+    }
     for (int k = w; k < 128; k += 8) {
         int xr = x0 + k, xc = i0 + lane;
-        patch[k][lane] = xr < rows && xc < cols ? to_f(x[(long)xr * cols + xc]) : 0.0f;
+        patch[k][lane] = xr < n && xc < cols ? to_f(x[(base + xr) * cols + xc]) : 0.0f;
     }
     __syncthreads();
-    int grid_c = (rows + 127) / 128;
+    int grid_c = (n + 127) / 128;
+    int ld = (cols + 3) / 4 * 4;
     for (int q = 0; q < 4; ++q) {
         int col = w * 4 + q, i = i0 + col;  // L row i = x column i
         if (i >= cols) break;
@@ -348,11 +395,16 @@ __device__ void block_quant_col128(const T* x, int rows, int cols, BlockParams b
         }
         float amax = warp_max(acc);
         float mult = scale_from_amax(amax, bp.fp8_max, bp.pow2, bp.eps, bp.vinf);
-        if (lane == 0) scale_inv[(long)i * grid_c + blockIdx.x] = __frcp_rn(mult);
+        if (lane == 0) {
+            // Whole tensor: the [cols, ceil(n/128)] grid; a segment: its GEMM layout
+            // [ceil(n/128), round_up(cols, 4)].
+            long at = seg == nullptr ? (long)i * grid_c + blockIdx.x : (long)(x0 / 128) * ld + i;
+            scales[at] = __frcp_rn(mult);
+        }
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             int xr = x0 + lane * 4 + e;
-            if (xr < rows) codes[(long)i * rows + xr] = encode<F>(__fmul_rn(v[e], mult));
+            if (xr < n) codes[(long)i * n + xr] = encode<F>(__fmul_rn(v[e], mult));
         }
     }
 }
@@ -374,6 +426,21 @@ __device__ void block_quant_col128(const T* x, int rows, int cols, BlockParams b
                                                              u8* codes, float* scale_inv) {                           \
         block_quant_col128<T, 1>(x, rows, cols, bp, codes, scale_inv);                                                \
     }
+#define BLOCK128_SEG_KERNELS(T, S, F, N)                                                                             \
+    extern "C" __global__ void block_quant_row128_seg_##S##_##N(const T* x, int rows, int cols, BlockParams bp,      \
+                                                                BlockSegs seg, u8* codes, float* scale_inv) {         \
+        block_quant_row128<T, F>(x, rows, cols, bp, codes, scale_inv, &seg);                                          \
+    }                                                                                                                 \
+    extern "C" __global__ void block_quant_col128_seg_##S##_##N(const T* x, int rows, int cols, BlockParams bp,      \
+                                                                BlockSegs seg, u8* codes, float* scale_inv) {         \
+        block_quant_col128<T, F>(x, rows, cols, bp, codes, scale_inv, &seg);                                          \
+    }
+BLOCK128_SEG_KERNELS(float, f32, 0, e4m3)
+BLOCK128_SEG_KERNELS(float, f32, 1, e5m2)
+BLOCK128_SEG_KERNELS(bf16_t, bf16, 0, e4m3)
+BLOCK128_SEG_KERNELS(bf16_t, bf16, 1, e5m2)
+BLOCK128_SEG_KERNELS(f16_t, f16, 0, e4m3)
+BLOCK128_SEG_KERNELS(f16_t, f16, 1, e5m2)
 BLOCK128_KERNELS(float, f32)
 BLOCK128_KERNELS(bf16_t, bf16)
 BLOCK128_KERNELS(f16_t, f16)

@@ -213,6 +213,23 @@ impl BlockParams {
 // matches the layout of the CUDA struct it is passed as.
 unsafe impl DeviceRepr for BlockParams {}
 
+/// The segment arguments of the segmented 1×128 block quantizers (mirrors `struct BlockSegs`
+/// in `fp8.cu`): device addresses of `row_seg`, `seg_off`, `seg_len`, the 128-row tile table
+/// and the per-segment scale offsets (i64).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct BlockSegs {
+    row_seg: u64,
+    seg_off: u64,
+    seg_len: u64,
+    tiles: u64,
+    scale_off: u64,
+}
+
+// SAFETY: `BlockSegs` is `repr(C)` plain old data (five u64 device addresses, no padding) and
+// matches the layout of the CUDA struct of five pointers it is passed as.
+unsafe impl DeviceRepr for BlockSegs {}
+
 /// A cuBLASLt handle (a raw pointer, not `Send` by itself).
 struct LtHandle(lt_sys::cublasLtHandle_t);
 
@@ -227,6 +244,8 @@ pub(crate) struct Fp8Engine {
     block: [[CudaFunction; 2]; 3],
     /// The coalesced 1×128 block quantizers: `[rowwise, columnwise][dtype][format]`.
     block128: [[[CudaFunction; 2]; 3]; 2],
+    /// Their segmented forms (`block_quant_{row,col}128_seg`), indexed the same way.
+    block128_seg: [[[CudaFunction; 2]; 3]; 2],
     compute_scales: CudaFunction,
     pub(crate) delayed_scales: CudaFunction,
     pub(crate) delayed_record: CudaFunction,
@@ -534,6 +553,7 @@ impl Fp8Engine {
             Ok([pair(base, sfx[0])?, pair(base, sfx[1])?, pair(base, sfx[2])?])
         };
         let block128 = [b128("block_quant_row128")?, b128("block_quant_col128")?];
+        let block128_seg = [b128("block_quant_row128_seg")?, b128("block_quant_col128_seg")?];
         let lt = LtHandle(lt::create_handle().map_err(|e| GpuError::CublasLt(format!("cuBLASLt unavailable: {e:?}")))?);
         let mem = stream.alloc_zeros::<u8>(LT_WORKSPACE)?;
         let lt_workspace = DeviceBuffer::new(mem, stream, LT_WORKSPACE)?;
@@ -542,6 +562,7 @@ impl Fp8Engine {
             cast,
             block,
             block128,
+            block128_seg,
             compute_scales: f("compute_scales".into())?,
             delayed_scales: f("delayed_scales".into())?,
             delayed_record: f("delayed_record".into())?,
@@ -594,6 +615,9 @@ pub struct SegmentMap {
     /// the grid of the one-launch segmented transpose.
     tiles: DeviceBuffer,
     n_tiles: usize,
+    /// The same for 128-row tiles: the grid of the segmented columnwise block quantizer.
+    tiles128: DeviceBuffer,
+    n_tiles128: usize,
     lens: Vec<usize>,
     rows: usize,
 }
@@ -604,11 +628,13 @@ impl SegmentMap {
         let mut off = Vec::new();
         let mut row_seg = Vec::new();
         let mut rows = 0usize;
-        let mut tiles = Vec::new();
+        let (mut tiles, mut tiles128) = (Vec::new(), Vec::new());
         for (s, &l) in lens.iter().enumerate() {
-            for r0 in (0..l).step_by(32) {
-                tiles.extend_from_slice(&i32::try_from(s)?.to_le_bytes());
-                tiles.extend_from_slice(&i32::try_from(r0)?.to_le_bytes());
+            for (table, step) in [(&mut tiles, 32), (&mut tiles128, 128)] {
+                for r0 in (0..l).step_by(step) {
+                    table.extend_from_slice(&i32::try_from(s)?.to_le_bytes());
+                    table.extend_from_slice(&i32::try_from(r0)?.to_le_bytes());
+                }
             }
             off.extend_from_slice(&i32::try_from(rows)?.to_le_bytes());
             rows += l;
@@ -627,6 +653,8 @@ impl SegmentMap {
             row_seg: eng.upload(&row_seg)?,
             n_tiles: tiles.len() / 8,
             tiles: eng.upload(&tiles)?,
+            n_tiles128: tiles128.len() / 8,
+            tiles128: eng.upload(&tiles128)?,
             lens: lens.to_vec(),
             rows,
         })
@@ -1329,10 +1357,10 @@ pub struct BlockOperand {
 }
 
 impl BlockOperand {
-    /// The `cublasLtMatmulMatrixScale_t` of this operand's scales.
-    fn scale_mode(&self) -> i32 {
+    /// The `cublasLtMatmulMatrixScale_t` of the scales of `tile` blocks.
+    fn scale_mode(tile: BlockTile) -> i32 {
         use lt_sys::cublasLtMatmulMatrixScale_t as S;
-        match self.tile {
+        match tile {
             BlockTile::Row1x128 => S::CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F as i32,
             BlockTile::Square128 => S::CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F as i32,
         }
@@ -1351,6 +1379,212 @@ impl BlockOperand {
                 (ld, rows.div_ceil(BlockTile::LEN) * ld)
             }
         }
+    }
+}
+
+/// A block operand in place: what [`Engine::fp8_block_gemm_op`] reads of a [`BlockOperand`],
+/// or of one expert's operand inside a [`SegmentedBlockFp8`].
+#[derive(Clone, Copy, Debug)]
+pub struct BlockOperandRef<'a> {
+    /// Element format.
+    pub format: Fp8Format,
+    /// Rows (the GEMM's M or N).
+    pub rows: usize,
+    /// The reduction dimension K.
+    pub k: usize,
+    /// 1×128 or 128×128 blocks.
+    pub tile: BlockTile,
+    /// The codes, `[rows, k]` row-major.
+    pub codes: Region<'a>,
+    /// The scales, cuBLASLt's layout ([`BlockOperand::scale_inv`]).
+    pub scale_inv: Region<'a>,
+}
+
+impl BlockOperand {
+    /// This operand as [`Engine::fp8_block_gemm_op`] reads it.
+    pub fn as_ref(&self) -> BlockOperandRef<'_> {
+        BlockOperandRef {
+            format: self.format,
+            rows: self.rows,
+            k: self.k,
+            tile: self.tile,
+            codes: self.codes.at(0),
+            scale_inv: self.scale_inv.at(0),
+        }
+    }
+}
+
+/// Every segment's (local expert's) 1×128 block operands of one `[rows, cols]` activation or
+/// gradient tensor, made by one launch each way ([`Engine::block_quantize_segments_into`]):
+/// segment `s` (`rows_s` rows from row `off_s`) has the rowwise operand `[rows_s, cols]`
+/// (K = cols; codes at row `off_s` of `codes`) and the columnwise operand `[cols, rows_s]`
+/// (K = rows_s, the re-quantization of its transpose; codes at byte `off_s·cols` of
+/// `codes_t`), each with its scales in cuBLASLt's layout inside one buffer per direction:
+/// the operands [`Engine::block_operands`] would make of each segment alone, bit for bit.
+#[derive(Debug)]
+pub struct SegmentedBlockFp8 {
+    /// Element format.
+    pub format: Fp8Format,
+    /// Columns.
+    pub cols: usize,
+    lens: Vec<usize>,
+    offsets: Vec<usize>,
+    /// Rowwise codes `[rows, cols]`.
+    pub codes: DeviceBuffer,
+    /// Columnwise codes, segment by segment.
+    pub codes_t: DeviceBuffer,
+    /// Rowwise scales, segment by segment (f32, cuBLASLt's layout, padding zero).
+    pub scale_inv: DeviceBuffer,
+    /// Columnwise scales, segment by segment.
+    pub scale_inv_t: DeviceBuffer,
+    /// The first f32 of each segment's scales: rowwise, columnwise (host, and i64 on the device).
+    scale_off: [Vec<usize>; 2],
+    scale_off_dev: [DeviceBuffer; 2],
+}
+
+impl SegmentedBlockFp8 {
+    /// Buffers for the segments of `map`, `cols` wide, in `format`.
+    pub fn alloc(eng: &mut Engine, map: &SegmentMap, cols: usize, format: Fp8Format) -> Result<Self, GpuError> {
+        let tile = BlockTile::Row1x128;
+        let mut scale_off = [Vec::new(), Vec::new()];
+        let mut totals = [0usize; 2];
+        for &l in &map.lens {
+            // Rowwise: [l, cols] (K = cols); columnwise: [cols, l] (K = l).
+            for (d, (rows, k)) in [(l, cols), (cols, l)].into_iter().enumerate() {
+                scale_off[d].push(totals[d]);
+                totals[d] += BlockOperand::scale_dims(tile, rows, k).1;
+            }
+        }
+        let to_dev = |eng: &mut Engine, v: &[usize]| -> Result<DeviceBuffer, GpuError> {
+            let bytes: Vec<u8> = v
+                .iter()
+                .map(|&o| i64::try_from(o))
+                .collect::<Result<Vec<_>, _>>()?
+                .into_iter()
+                .flat_map(i64::to_le_bytes)
+                .collect();
+            // A segment-less map still gets an 8-byte buffer (the kernels never read it then).
+            if bytes.is_empty() {
+                eng.alloc(8)
+            } else {
+                eng.upload(&bytes)
+            }
+        };
+        let scale_off_dev = [to_dev(eng, &scale_off[0])?, to_dev(eng, &scale_off[1])?];
+        Ok(SegmentedBlockFp8 {
+            format,
+            cols,
+            lens: map.lens.clone(),
+            offsets: map.offsets(),
+            codes: eng.alloc(map.rows * cols)?,
+            codes_t: eng.alloc(map.rows * cols)?,
+            scale_inv: eng.alloc(totals[0].max(1) * 4)?,
+            scale_inv_t: eng.alloc(totals[1].max(1) * 4)?,
+            scale_off,
+            scale_off_dev,
+        })
+    }
+
+    /// Whether these buffers hold the segments of `map` (rows per segment, in order).
+    pub fn fits(&self, map: &SegmentMap) -> bool {
+        self.lens == map.lens
+    }
+
+    /// Segment `s`'s rowwise operand `[rows_s, cols]`.
+    pub fn rowwise(&self, s: usize) -> Result<BlockOperandRef<'_>, GpuError> {
+        let (l, off, so) = self.segment(s)?;
+        Ok(BlockOperandRef {
+            format: self.format,
+            rows: l,
+            k: self.cols,
+            tile: BlockTile::Row1x128,
+            codes: self.codes.at(off * self.cols),
+            scale_inv: self.scale_inv.at(so[0] * 4),
+        })
+    }
+
+    /// Segment `s`'s columnwise operand `[cols, rows_s]`.
+    pub fn columnwise(&self, s: usize) -> Result<BlockOperandRef<'_>, GpuError> {
+        let (l, off, so) = self.segment(s)?;
+        Ok(BlockOperandRef {
+            format: self.format,
+            rows: self.cols,
+            k: l,
+            tile: BlockTile::Row1x128,
+            codes: self.codes_t.at(off * self.cols),
+            scale_inv: self.scale_inv_t.at(so[1] * 4),
+        })
+    }
+
+    fn segment(&self, s: usize) -> Result<(usize, usize, [usize; 2]), GpuError> {
+        match (self.lens.get(s), self.offsets.get(s)) {
+            (Some(&l), Some(&off)) => Ok((l, off, [self.scale_off[0][s], self.scale_off[1][s]])),
+            _ => Err(GpuError::Shape(format!("segmented block operands: no segment {s} of {}", self.lens.len()))),
+        }
+    }
+}
+
+impl Engine {
+    /// The 1×128 block scaling of [`Engine::block_operands`] (activations and gradients, TE's
+    /// `Float8BlockQuantizer` per expert) of every segment of `x` (`[rows, t.cols]` of
+    /// `dtype`, the segments of `map`) into `t`: one rowwise and one columnwise launch for all
+    /// segments (and two memsets for the scales' padding), each segment's codes and scales
+    /// those of that segment quantized alone.
+    pub fn block_quantize_segments_into(
+        &mut self,
+        x: &DeviceBuffer,
+        dtype: Dtype,
+        map: &SegmentMap,
+        options: ScaleOptions,
+        t: &mut SegmentedBlockFp8,
+    ) -> Result<(), GpuError> {
+        if !t.fits(map) {
+            return Err(GpuError::Shape(format!(
+                "fp8 block quantize: buffers for segments {:?}, asked for {:?}",
+                t.lens, map.lens
+            )));
+        }
+        let (rows, cols, format, segs) = (map.rows, t.cols, t.format, map.lens.len());
+        self.fill_bytes(&mut t.scale_inv, 0)?;
+        self.fill_bytes(&mut t.scale_inv_t, 0)?;
+        let stream = self.stream.clone();
+        let fe = self.fp8_engine()?;
+        let xa = x.addr(0, rows * cols * dtype.size_bytes(), "fp8 block quantize input")?;
+        let tiles = map.tiles128.addr(0, map.n_tiles128 * 8, "block quantizer tiles")?;
+        let (rs, off, len) = (
+            map.row_seg.addr(0, rows * 4, "row_seg")?,
+            map.seg_off.addr(0, segs * 4, "seg_off")?,
+            map.seg_len.addr(0, segs * 4, "seg_len")?,
+        );
+        let (ri, ci) = (i32::try_from(rows)?, i32::try_from(cols)?);
+        let (co, ct) = (t.codes.addr(0, rows * cols, "codes")?, t.codes_t.addr(0, rows * cols, "columnwise codes")?);
+        let (si, st) = (t.scale_inv.addr(0, 4, "scales")?, t.scale_inv_t.addr(0, 4, "columnwise scales")?);
+        let block = |x: usize, y: usize| -> Result<LaunchConfig, GpuError> {
+            Ok(LaunchConfig {
+                grid_dim: (u32::try_from(x)?, u32::try_from(y)?, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        };
+        for (d, trans) in [false, true].into_iter().enumerate() {
+            let bp = BlockParams::block(format, BlockTile::Row1x128, options, dtype, trans);
+            let seg = BlockSegs {
+                row_seg: rs,
+                seg_off: off,
+                seg_len: len,
+                tiles,
+                scale_off: t.scale_off_dev[d].addr(0, segs.max(1) * 8, "scale offsets")?,
+            };
+            let f = &fe.block128_seg[d][dt_index(dtype)][fmt_index(format)];
+            if trans {
+                let cfg = block(map.n_tiles128, cols.div_ceil(32))?;
+                launch!(fe, stream, f, cfg, [&xa, &ri, &ci, &bp, &seg, &ct, &st]);
+            } else {
+                let cfg = block(rows.div_ceil(8), cols.div_ceil(128))?;
+                launch!(fe, stream, f, cfg, [&xa, &ri, &ci, &bp, &seg, &co, &si]);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1424,6 +1658,19 @@ impl Engine {
         out_dt: Dtype,
         beta: f32,
     ) -> Result<Fp8GemmOp, GpuError> {
+        self.fp8_block_gemm_op_at(a.as_ref(), b.as_ref(), c, out_dt, beta)
+    }
+
+    /// [`Engine::fp8_block_gemm_op`] of operands in place (one expert's operands inside a
+    /// [`SegmentedBlockFp8`], or a [`BlockOperand`]'s).
+    pub fn fp8_block_gemm_op_at(
+        &mut self,
+        a: BlockOperandRef<'_>,
+        b: BlockOperandRef<'_>,
+        c: Region<'_>,
+        out_dt: Dtype,
+        beta: f32,
+    ) -> Result<Fp8GemmOp, GpuError> {
         let (m, n, k) = (a.rows, b.rows, a.k);
         if b.k != k {
             return Err(GpuError::Shape(format!("fp8 block GEMM: A has K = {k}, B has K = {}", b.k)));
@@ -1442,10 +1689,10 @@ impl Engine {
                 "fp8 block GEMM: (m, n, k) = ({m}, {n}, {k}) needs k a multiple of 16, m and n of 8 (cuBLASLt block scaling)"
             )));
         }
-        let a_addr = a.codes.addr(0, m * k, "fp8 block GEMM operand A")?;
-        let b_addr = b.codes.addr(0, n * k, "fp8 block GEMM operand B")?;
-        let sa = a.scale_inv.addr(0, BlockOperand::scale_dims(a.tile, m, k).1 * 4, "fp8 block GEMM scales A")?;
-        let sb = b.scale_inv.addr(0, BlockOperand::scale_dims(b.tile, n, k).1 * 4, "fp8 block GEMM scales B")?;
+        let a_addr = a.codes.addr(m * k, "fp8 block GEMM operand A")?;
+        let b_addr = b.codes.addr(n * k, "fp8 block GEMM operand B")?;
+        let sa = a.scale_inv.addr(BlockOperand::scale_dims(a.tile, m, k).1 * 4, "fp8 block GEMM scales A")?;
+        let sb = b.scale_inv.addr(BlockOperand::scale_dims(b.tile, n, k).1 * 4, "fp8 block GEMM scales B")?;
         let context = format!(
             "fp8 block GEMM (m, n, k) = ({m}, {n}, {k}), {} {:?} x {} {:?}, beta {beta}",
             a.format, a.tile, b.format, b.tile
@@ -1457,7 +1704,7 @@ impl Engine {
             fast_accum: false,
             beta_one: beta != 0.0,
             align: [alignment(a_addr), alignment(b_addr), alignment(c_addr)],
-            block_modes: Some((a.scale_mode(), b.scale_mode())),
+            block_modes: Some((BlockOperand::scale_mode(a.tile), BlockOperand::scale_mode(b.tile))),
         };
         Ok(Fp8GemmOp { work: Fp8Work::Matmul { key, scales: (sa, sb), addrs: (a_addr, b_addr, c_addr) }, context })
     }
@@ -1633,6 +1880,8 @@ mod tests {
                 names.push(format!("block_quant_{s}_{f}"));
                 names.push(format!("block_quant_row128_{s}_{f}"));
                 names.push(format!("block_quant_col128_{s}_{f}"));
+                names.push(format!("block_quant_row128_seg_{s}_{f}"));
+                names.push(format!("block_quant_col128_seg_{s}_{f}"));
             }
         }
         for name in names {

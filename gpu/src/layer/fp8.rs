@@ -126,7 +126,7 @@ pub const AUTO_FP8_LANES: usize = 4;
 
 /// Issues one fp8 GEMM per local expert, `gemm(eng, e)` for `e` in `0..experts`, as one list
 /// ([`Engine::run_fp8_ops`] with `issue`).
-fn expert_gemms(
+pub(super) fn expert_gemms(
     eng: &mut Engine,
     experts: usize,
     issue: Fp8Issue,
@@ -174,7 +174,7 @@ impl DeviceLayer {
         let (cfg, w) = (&self.cfg, &self.weights);
         let f = fp8_support(cfg, Some(&ws.padded))?;
         if f.recipe == Fp8Recipe::Blockwise {
-            return self.forward_fp8_block(eng, ws, &f);
+            return self.forward_fp8_block(eng, ws, &f, strategy);
         }
         let d = Dims::of(cfg);
         let (fi, fw, _) = formats(&f);
@@ -299,7 +299,7 @@ impl DeviceLayer {
         let cfg = &self.cfg;
         let f = fp8_support(cfg, Some(&ws.padded))?;
         if f.recipe == Fp8Recipe::Blockwise {
-            return self.backward_fp8_block(eng, ws, &f, with_wgrad);
+            return self.backward_fp8_block(eng, ws, &f, with_wgrad, strategy);
         }
         let d = Dims::of(cfg);
         let (_, _, fg) = formats(&f);
@@ -383,7 +383,7 @@ impl DeviceLayer {
         strategy: Strategy,
     ) -> Result<(), GpuError> {
         if self.cfg.fp8.is_some_and(|f| f.recipe == Fp8Recipe::Blockwise) {
-            self.wgrad_fp8_block(eng, ws)?;
+            self.wgrad_fp8_block(eng, ws, strategy)?;
         } else {
             self.wgrad_fp8(eng, ws, graph_of(strategy))?;
         }
