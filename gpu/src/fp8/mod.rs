@@ -1440,6 +1440,8 @@ pub struct SegmentedBlockFp8 {
     /// The first f32 of each segment's scales: rowwise, columnwise (host, and i64 on the device).
     scale_off: [Vec<usize>; 2],
     scale_off_dev: [DeviceBuffer; 2],
+    /// The f32 scales of all segments: rowwise, columnwise.
+    scale_len: [usize; 2],
 }
 
 impl SegmentedBlockFp8 {
@@ -1482,6 +1484,7 @@ impl SegmentedBlockFp8 {
             scale_inv_t: eng.alloc(totals[1].max(1) * 4)?,
             scale_off,
             scale_off_dev,
+            scale_len: totals,
         })
     }
 
@@ -1558,7 +1561,10 @@ impl Engine {
         );
         let (ri, ci) = (i32::try_from(rows)?, i32::try_from(cols)?);
         let (co, ct) = (t.codes.addr(0, rows * cols, "codes")?, t.codes_t.addr(0, rows * cols, "columnwise codes")?);
-        let (si, st) = (t.scale_inv.addr(0, 4, "scales")?, t.scale_inv_t.addr(0, 4, "columnwise scales")?);
+        let (si, st) = (
+            t.scale_inv.addr(0, t.scale_len[0] * 4, "scales")?,
+            t.scale_inv_t.addr(0, t.scale_len[1] * 4, "columnwise scales")?,
+        );
         let block = |x: usize, y: usize| -> Result<LaunchConfig, GpuError> {
             Ok(LaunchConfig {
                 grid_dim: (u32::try_from(x)?, u32::try_from(y)?, 1),
