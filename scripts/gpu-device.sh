@@ -93,6 +93,8 @@ for s in $steps; do
         gpu_grouped::persistent_kernel_matches_the_reference_on_ragged_groups
         gpu_fp8::segmented_current_scaling_matches_the_reference_per_segment
         gpu_fp8::delayed_scaling_casts_records_and_updates_like_the_reference
+        gpu_fp8::fused_activation_quantization_equals_the_quantizer_on_its_output
+        gpu_fp8::segmented_block_quantizer_equals_the_per_segment_quantizer
       )
       hybrid=gpu_grouped::hybrid_strategy_runs_large_experts_on_cublas_and_the_rest_on_the_persistent_kernel
       for tool in memcheck racecheck; do
@@ -100,8 +102,9 @@ for s in $steps; do
         tests=("${common[@]}")
         # memcheck also runs the fp8 layers (quantization kernels, cuBLASLt fp8 GEMMs issued
         # directly and as captured graphs); racecheck keeps to the fp8 quantization kernels
-        # (segmented and delayed tests above, every quantizer incl. the block and MXFP8 ones
-        # below), as it keeps away from the cuBLAS(Lt) cluster kernels.
+        # (segmented, delayed, fused-activation and segmented-block tests above, every quantizer
+        # incl. the block and MXFP8 ones below), as it keeps away from the cuBLAS(Lt) cluster
+        # kernels.
         if [ "$tool" = memcheck ]; then
           tests+=("$hybrid" gpu_fp8::fp8_zero_token_experts_get_exactly_zero_weight_grads
             gpu_fp8::fp8_gemm_issue_ways_compute_the_same_bits)
