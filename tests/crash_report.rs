@@ -104,6 +104,10 @@ pub(crate) fn install() {
 #[test]
 fn a_segfault_names_its_thread_and_still_kills_the_process() {
     if std::env::var_os("MOE_CRASH_REPORT_CHILD").is_some() {
+        // No core file from the planted fault.
+        let no_core = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: setrlimit reads the struct it is given.
+        unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) };
         install();
         std::thread::Builder::new()
             .name("crash_report::planted".into())
