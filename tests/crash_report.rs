@@ -83,11 +83,13 @@ fn map_range(line: &[u8]) -> Option<(usize, usize)> {
 
 /// For each `(label, address)`, the line of `maps` (the text of `/proc/self/maps`, read in
 /// pieces by `read`) whose range holds the address, as `  <label>: <line>`, or `<label>: not
-/// mapped`; each written with `out`. Lines longer than 255 bytes are cut (the range and most
-/// paths fit). Allocation-free, for the signal handler.
+/// mapped`; each written with `out`. Lines longer than 256 bytes are cut (the range and most
+/// paths fit). Allocation-free and about 1.5 KiB of stack, for the signal handler on the
+/// runtime's alternate stack (8 KiB, or the kernel's minimum where larger; the signal frame
+/// itself takes 1-4 KiB of it).
 fn report_mappings(targets: &[(&[u8], usize)], mut read: impl FnMut(&mut [u8]) -> isize, mut out: impl FnMut(&[u8])) {
     let mut found = [false; 4];
-    let mut chunk = [0u8; 1024];
+    let mut chunk = [0u8; 512];
     let mut line = [0u8; 256];
     let mut len = 0;
     let mut finish_line = |line: &[u8], found: &mut [bool; 4]| {
