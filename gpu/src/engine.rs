@@ -83,6 +83,22 @@ pub struct Engine {
     sms: usize,
 }
 
+impl Drop for Engine {
+    /// Waits for the work this engine queued before its fields are torn down. Nothing else
+    /// waits: the fields then drop in order (the kernel modules unloaded, the cuBLAS and
+    /// cuBLASLt handles destroyed — `Fp8Engine`'s drop relies on this wait —, the side streams,
+    /// events and captured graphs destroyed, the workspaces freed), and no kernel of an unloaded
+    /// module, nor a GEMM on a destroyed handle's workspace, may still be queued. Every call
+    /// joins its side streams back into the engine's stream, so waiting on that stream covers
+    /// them. Errors are dropped: a drop cannot report them, and a context with a sticky error
+    /// runs nothing more (an error recorded by an earlier drop is cleared first, or the wait
+    /// would be skipped).
+    fn drop(&mut self) {
+        let _ = self.ctx.check_err();
+        let _ = self.stream.synchronize();
+    }
+}
+
 impl Engine {
     /// A new engine on device `ordinal` (already probed).
     fn new(ordinal: usize) -> Result<Engine, GpuError> {
