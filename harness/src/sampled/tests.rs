@@ -987,3 +987,79 @@ fn fp8_doubled_and_quarter_wrong_weight_grad_rows_fail_the_projections() {
         }
     }
 }
+
+/// Why: the tests that inject errors calibrate them against whatever bound `projection_rows`
+/// returns, and the wrong-row tests only need the bound below a doubled row, so a projection
+/// bound with a term dropped, doubled or of the wrong sign passed them all (cargo-mutants, run
+/// G of docs/mutation.md). Here every field of `projection_rows` on planted operands equals
+/// the module doc's formula written out element by element (storage `u_s·‖got_j‖₂ + √K'·η`,
+/// accumulation `acc·Σ_i |A_ij|·‖B_i‖₂` with `acc` the f32 term plus the fp8 one, the rms floor
+/// `R̄`, the worst case `C·(u_s·‖got_j‖₁ + K'·η + acc·Σ_i |A_ij|·‖B_i‖₁ + K'·R̄)`, `σ_j` and the
+/// bound `min(√r·worst, projection_factor(r)·σ_j)`), without and with the blockwise fp8 term,
+/// on a narrow block (the worst case binds), a wide one (`σ` binds) and an all-zero one (only
+/// the subnormal terms are left, so their signs and factors show); and `projection_factor` is
+/// pinned at `r` = 1 and 64 (8.74 and 1.85·√64, module doc).
+#[test]
+fn projection_rows_terms_are_the_module_doc_formulas() {
+    use super::checks::{projection_factor, projection_rows};
+    use crate::tolerance::{f32_accumulation, fp8_accumulation};
+    assert!((projection_factor(1) - 8.735_771_774_662_2).abs() < 1e-12, "{}", projection_factor(1));
+    assert!((projection_factor(64) - 14.782_072_520_180_588).abs() < 1e-12, "{}", projection_factor(64));
+    let close = |what: &str, got: f64, want: f64| {
+        assert!((got - want).abs() <= 1e-9 * want.abs().max(got.abs()), "{what}: {got:e} vs {want:e}")
+    };
+    let dt = Dtype::Bf16;
+    let (us, eta) = (dt.unit_roundoff(), dt.subnormal_spacing());
+    let (mut worst_binds, mut sigma_binds) = (0, 0);
+    // (n, J, K', r, planted values or all zero)
+    for (n, rows, cols, r, planted) in [(3, 2, 3, 2, true), (5, 4, 64, 64, true), (2, 2, 3, 4, false)] {
+        let z = if planted { 1.0 } else { 0.0 };
+        let a = Array2::from_shape_fn((n, rows), |(i, j)| z * (((i * 7 + j * 3) % 11) as f64 / 11.0 - 0.45));
+        let b = Array2::from_shape_fn((n, cols), |(i, k)| z * (((i * 5 + k) % 13) as f64 / 13.0 - 0.5));
+        let got =
+            a.t().dot(&b) + Array2::from_shape_fn((rows, cols), |(j, k)| z * 1e-3 * (((j + 2 * k) % 5) as f64 - 2.0));
+        let v = Array2::from_shape_fn((cols, r), |(k, c)| if (k * 7 + c * 3) % 5 < 2 { -1.0 } else { 1.0 });
+        for fp8 in [None, Some(Fp8Recipe::Blockwise)] {
+            let what = format!("n {n} J {rows} K' {cols} r {r} planted {planted} {fp8:?}");
+            let p = projection_rows(dt, fp8, a.view(), b.view(), got.view(), v.view());
+            assert_eq!((p.cols, p.r, p.err.len(), p.worst.len()), (cols, r, rows, rows), "{what}");
+            let acc = f32_accumulation(n, 1.0) + fp8.map_or(0.0, |f| fp8_accumulation(n, 1.0, f));
+            let norm1 = |x: &[f64]| x.iter().map(|x| x.abs()).sum::<f64>();
+            let norm2 = |x: &[f64]| x.iter().map(|x| x * x).sum::<f64>().sqrt();
+            let row = |m: &Array2<f64>, i: usize| m.row(i).to_vec();
+            let kf = cols as f64;
+            let storage: Vec<f64> = (0..rows).map(|j| us * norm2(&row(&got, j)) + kf.sqrt() * eta).collect();
+            let sum_a =
+                |j: usize, bn: &dyn Fn(&[f64]) -> f64| (0..n).map(|i| a[[i, j]].abs() * bn(&row(&b, i))).sum::<f64>();
+            let accumulation: Vec<f64> = (0..rows).map(|j| acc * sum_a(j, &norm2)).collect();
+            let ms = (0..rows).map(|j| (storage[j] + accumulation[j]).powi(2)).sum::<f64>() / (rows as f64 * kf);
+            let r_bar = ms.sqrt();
+            close(&format!("{what} R̄"), p.r_bar, r_bar);
+            for j in 0..rows {
+                // P_jr = Σ_k v_kr·got_jk − Σ_i A_ij·Σ_k B_ik·v_kr
+                let pr = |c: usize| {
+                    let lhs: f64 = (0..cols).map(|k| v[[k, c]] * got[[j, k]]).sum();
+                    let rhs: f64 =
+                        (0..n).map(|i| a[[i, j]] * (0..cols).map(|k| b[[i, k]] * v[[k, c]]).sum::<f64>()).sum();
+                    lhs - rhs
+                };
+                let err = (0..r).map(|c| pr(c).powi(2)).sum::<f64>().sqrt();
+                let worst = C_SAFETY * (us * norm1(&row(&got, j)) + kf * eta + acc * sum_a(j, &norm1) + kf * r_bar);
+                let sigma = C_SAFETY * (storage[j] + accumulation[j] + kf.sqrt() * r_bar);
+                let (by_worst, by_sigma) = ((r as f64).sqrt() * worst, projection_factor(r) * sigma);
+                close(&format!("{what} row {j} ‖P‖₂"), p.err[j], err);
+                close(&format!("{what} row {j} storage"), p.storage[j], storage[j]);
+                close(&format!("{what} row {j} accumulation"), p.accumulation[j], accumulation[j]);
+                close(&format!("{what} row {j} worst"), p.worst[j], worst);
+                close(&format!("{what} row {j} σ"), p.sigma(j), sigma);
+                close(&format!("{what} row {j} bound"), p.bound(j), by_worst.min(by_sigma));
+                if by_worst < by_sigma {
+                    worst_binds += 1;
+                } else {
+                    sigma_binds += 1;
+                }
+            }
+        }
+    }
+    assert!(worst_binds > 0 && sigma_binds > 0, "both sides of the min: {worst_binds} / {sigma_binds}");
+}
