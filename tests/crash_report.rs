@@ -210,6 +210,22 @@ pub(crate) fn install() {
     });
 }
 
+/// Runs `test` of this binary alone in a child process with `env` set (the child plants a
+/// fault), returning the binary's path and the child's output.
+fn run_child(test: &str, env: &str) -> (std::path::PathBuf, std::process::Output) {
+    let exe = std::env::current_exe().expect("test binary");
+    let out =
+        std::process::Command::new(&exe).args([test, "--exact", "--nocapture"]).env(env, "1").output().expect("child");
+    (exe, out)
+}
+
+/// In a child that faults on purpose: no core file.
+fn no_core_file() {
+    let no_core = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: setrlimit reads the struct it is given.
+    unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) };
+}
+
 /// The handler names the thread and the fault and hands the signal to the handler it replaced:
 /// a thread of this binary faulting on purpose (a write to address 8, in a child process so the
 /// test binary survives; `dangling_mut::<u64>()` is address 8) must print `FATAL signal SIGSEGV
@@ -219,10 +235,7 @@ pub(crate) fn install() {
 #[test]
 fn a_segfault_names_its_thread_and_still_kills_the_process() {
     if std::env::var_os("MOE_CRASH_REPORT_CHILD").is_some() {
-        // No core file from the planted fault.
-        let no_core = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        // SAFETY: setrlimit reads the struct it is given.
-        unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) };
+        no_core_file();
         install();
         std::thread::Builder::new()
             .name("crash_report::planted".into())
@@ -235,12 +248,8 @@ fn a_segfault_names_its_thread_and_still_kills_the_process() {
             .ok();
         return;
     }
-    let exe = std::env::current_exe().expect("test binary");
-    let out = std::process::Command::new(&exe)
-        .args(["crash_report::a_segfault_names_its_thread_and_still_kills_the_process", "--exact", "--nocapture"])
-        .env("MOE_CRASH_REPORT_CHILD", "1")
-        .output()
-        .expect("child");
+    let (exe, out) =
+        run_child("crash_report::a_segfault_names_its_thread_and_still_kills_the_process", "MOE_CRASH_REPORT_CHILD");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("FATAL signal SIGSEGV in thread `crash_report::p`: fault address 0x0000000000000008"),
@@ -275,6 +284,7 @@ fn a_stack_overflow_is_reported_with_the_guard_page() {
         recurse(depth + 1) + pad[0]
     }
     if std::env::var_os("MOE_CRASH_REPORT_OVERFLOW_CHILD").is_some() {
+        no_core_file();
         install();
         std::thread::Builder::new()
             .name("crash_report::overflow".into())
@@ -285,12 +295,8 @@ fn a_stack_overflow_is_reported_with_the_guard_page() {
             .ok();
         return;
     }
-    let exe = std::env::current_exe().expect("test binary");
-    let out = std::process::Command::new(&exe)
-        .args(["crash_report::a_stack_overflow_is_reported_with_the_guard_page", "--exact", "--nocapture"])
-        .env("MOE_CRASH_REPORT_OVERFLOW_CHILD", "1")
-        .output()
-        .expect("child");
+    let (_, out) =
+        run_child("crash_report::a_stack_overflow_is_reported_with_the_guard_page", "MOE_CRASH_REPORT_OVERFLOW_CHILD");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("FATAL signal SIGSEGV in thread `crash_report::o`: fault address "), "{stderr}");
     let fault = stderr.lines().find(|l| l.starts_with("  fault address: ")).unwrap_or_else(|| panic!("{stderr}"));
