@@ -616,11 +616,21 @@ pub struct SegmentMap {
     /// the grid of the one-launch segmented transpose.
     tiles: DeviceBuffer,
     n_tiles: usize,
-    /// The same for 128-row tiles: the grid of the segmented columnwise block quantizer.
-    tiles128: DeviceBuffer,
-    n_tiles128: usize,
     lens: Vec<usize>,
     rows: usize,
+}
+
+/// (segment, first row within it) of every `rows`-row tile of segments of `lens` rows, segment
+/// by segment, as i32 pairs: the grid of a one-launch kernel over all segments' tiles.
+fn tile_table(lens: &[usize], rows: usize) -> Result<Vec<u8>, GpuError> {
+    let mut table = Vec::new();
+    for (s, &l) in lens.iter().enumerate() {
+        for r0 in (0..l).step_by(rows) {
+            table.extend_from_slice(&i32::try_from(s)?.to_le_bytes());
+            table.extend_from_slice(&i32::try_from(r0)?.to_le_bytes());
+        }
+    }
+    Ok(table)
 }
 
 impl SegmentMap {
@@ -629,14 +639,8 @@ impl SegmentMap {
         let mut off = Vec::new();
         let mut row_seg = Vec::new();
         let mut rows = 0usize;
-        let (mut tiles, mut tiles128) = (Vec::new(), Vec::new());
+        let tiles = tile_table(lens, 32)?;
         for (s, &l) in lens.iter().enumerate() {
-            for (table, step) in [(&mut tiles, 32), (&mut tiles128, 128)] {
-                for r0 in (0..l).step_by(step) {
-                    table.extend_from_slice(&i32::try_from(s)?.to_le_bytes());
-                    table.extend_from_slice(&i32::try_from(r0)?.to_le_bytes());
-                }
-            }
             off.extend_from_slice(&i32::try_from(rows)?.to_le_bytes());
             rows += l;
             row_seg.extend(std::iter::repeat_n(i32::try_from(s)?.to_le_bytes(), l).flatten());
@@ -654,8 +658,6 @@ impl SegmentMap {
             row_seg: eng.upload(&row_seg)?,
             n_tiles: tiles.len() / 8,
             tiles: eng.upload(&tiles)?,
-            n_tiles128: tiles128.len() / 8,
-            tiles128: eng.upload(&tiles128)?,
             lens: lens.to_vec(),
             rows,
         })
@@ -1443,6 +1445,10 @@ pub struct SegmentedBlockFp8 {
     scale_off_dev: [DeviceBuffer; 2],
     /// The f32 scales of all segments: rowwise, columnwise.
     scale_len: [usize; 2],
+    /// (segment, first row within it) of every 128-row tile (i32 pairs): the columnwise
+    /// quantizer's grid.
+    tiles: DeviceBuffer,
+    n_tiles: usize,
 }
 
 impl SegmentedBlockFp8 {
@@ -1474,6 +1480,12 @@ impl SegmentedBlockFp8 {
             }
         };
         let scale_off_dev = [to_dev(eng, &scale_off[0])?, to_dev(eng, &scale_off[1])?];
+        // The quantizers write every scale but the layouts' padding, which stays zero.
+        let mut scale_inv = eng.alloc(totals[0].max(1) * 4)?;
+        eng.fill_bytes(&mut scale_inv, 0)?;
+        let mut scale_inv_t = eng.alloc(totals[1].max(1) * 4)?;
+        eng.fill_bytes(&mut scale_inv_t, 0)?;
+        let tiles = tile_table(&map.lens, BlockTile::LEN)?;
         Ok(SegmentedBlockFp8 {
             format,
             cols,
@@ -1481,11 +1493,13 @@ impl SegmentedBlockFp8 {
             offsets: map.offsets(),
             codes: eng.alloc(map.rows * cols)?,
             codes_t: eng.alloc(map.rows * cols)?,
-            scale_inv: eng.alloc(totals[0].max(1) * 4)?,
-            scale_inv_t: eng.alloc(totals[1].max(1) * 4)?,
+            scale_inv,
+            scale_inv_t,
             scale_off,
             scale_off_dev,
             scale_len: totals,
+            n_tiles: tiles.len() / 8,
+            tiles: if tiles.is_empty() { eng.alloc(8)? } else { eng.upload(&tiles)? },
         })
     }
 
@@ -1532,8 +1546,8 @@ impl Engine {
     /// The 1×128 block scaling of [`Engine::block_operands`] (activations and gradients, TE's
     /// `Float8BlockQuantizer` per expert) of every segment of `x` (`[rows, t.cols]` of
     /// `dtype`, the segments of `map`) into `t`: one rowwise and one columnwise launch for all
-    /// segments (and two memsets for the scales' padding), each segment's codes and scales
-    /// those of that segment quantized alone.
+    /// segments (the scales' padding stays as `SegmentedBlockFp8::alloc` zeroed it), each
+    /// segment's codes and scales those of that segment quantized alone.
     pub fn block_quantize_segments_into(
         &mut self,
         x: &DeviceBuffer,
@@ -1549,12 +1563,10 @@ impl Engine {
             )));
         }
         let (rows, cols, format, segs) = (map.rows, t.cols, t.format, map.lens.len());
-        self.fill_bytes(&mut t.scale_inv, 0)?;
-        self.fill_bytes(&mut t.scale_inv_t, 0)?;
         let stream = self.stream.clone();
         let fe = self.fp8_engine()?;
         let xa = x.addr(0, rows * cols * dtype.size_bytes(), "fp8 block quantize input")?;
-        let tiles = map.tiles128.addr(0, map.n_tiles128 * 8, "block quantizer tiles")?;
+        let tiles = t.tiles.addr(0, t.n_tiles * 8, "block quantizer tiles")?;
         let (rs, off, len) = (
             map.row_seg.addr(0, rows * 4, "row_seg")?,
             map.seg_off.addr(0, segs * 4, "seg_off")?,
@@ -1584,7 +1596,7 @@ impl Engine {
             };
             let f = &fe.block128_seg[d][dt_index(dtype)][fmt_index(format)];
             if trans {
-                let cfg = block(map.n_tiles128, cols.div_ceil(32))?;
+                let cfg = block(t.n_tiles, cols.div_ceil(32))?;
                 launch!(fe, stream, f, cfg, [&xa, &ri, &ci, &bp, &seg, &ct, &st]);
             } else {
                 let cfg = block(rows.div_ceil(8), cols.div_ceil(128))?;

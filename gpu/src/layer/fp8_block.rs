@@ -82,7 +82,7 @@ fn per_expert(
 /// Every segment of `x` (`[rows, cols]`, the segments of `map`) block-quantized into `prev`'s
 /// buffers when they fit, else new ones.
 #[allow(clippy::too_many_arguments)]
-fn quantize_segments(
+fn block_quantize_reusing(
     eng: &mut Engine,
     prev: Option<SegmentedBlockFp8>,
     x: &DeviceBuffer,
@@ -133,7 +133,7 @@ impl DeviceLayer {
             _ => (SegmentMap::new(eng, &ws.padded)?, None, None, None, None),
         };
         let xin = ws.xs.as_ref().unwrap_or(&ws.x);
-        let xq = quantize_segments(eng, px, xin, d.dt, &tok, d.h, fi, opts)?;
+        let xq = block_quantize_reusing(eng, px, xin, d.dt, &tok, d.h, fi, opts)?;
         let beta = match (&w.b1, cfg.class) {
             (Some(b1), LayerClass::TeGrouped) => {
                 let Engine { kernels, stream, .. } = &mut *eng;
@@ -147,7 +147,7 @@ impl DeviceLayer {
             eng.fp8_block_gemm_op_at(xq.rowwise(e)?, wq.w1[e].0.as_ref(), c, d.dt, beta)
         })?;
         self.activation_forward(eng, ws)?;
-        let uq = quantize_segments(eng, pu, &ws.u, d.dt, &tok, d.n2, fi, opts)?;
+        let uq = block_quantize_reusing(eng, pu, &ws.u, d.dt, &tok, d.n2, fi, opts)?;
         expert_gemms(eng, el, graph, |eng, e| {
             let c = ws.y.at(ws.offsets[e] * d.h * d.ds);
             eng.fp8_block_gemm_op_at(uq.rowwise(e)?, wq.w2[e].0.as_ref(), c, d.dt, 0.0)
@@ -182,14 +182,14 @@ impl DeviceLayer {
         ws.poison_backward_outputs(eng)?;
         self.fc2_bias_grad(eng, ws)?;
         // du_e = G_e·W2_e: G rowwise (1×128) times W2's columnwise copy [N2, h] (128×128).
-        let gq = quantize_segments(eng, acts.g.take(), &ws.g, d.dt, &acts.tok, d.h, fg, opts)?;
+        let gq = block_quantize_reusing(eng, acts.g.take(), &ws.g, d.dt, &acts.tok, d.h, fg, opts)?;
         expert_gemms(eng, el, graph, |eng, e| {
             let c = ws.du.at(ws.offsets[e] * d.n2 * d.ds);
             eng.fp8_block_gemm_op_at(gq.rowwise(e)?, wq.w2[e].1.as_ref(), c, d.dt, 0.0)
         })?;
         self.activation_backward(eng, ws)?;
         // dx_e = da_e·W1_e: da rowwise times W1's columnwise copy [h, N1].
-        let daq = quantize_segments(eng, acts.da.take(), &ws.da, d.dt, &acts.tok, d.n1, fg, opts)?;
+        let daq = block_quantize_reusing(eng, acts.da.take(), &ws.da, d.dt, &acts.tok, d.n1, fg, opts)?;
         expert_gemms(eng, el, graph, |eng, e| {
             let c = ws.dx.at(ws.offsets[e] * d.h * d.ds);
             eng.fp8_block_gemm_op_at(daq.rowwise(e)?, wq.w1[e].1.as_ref(), c, d.dt, 0.0)
