@@ -1028,6 +1028,11 @@ struct ActQuantOutputs {
     state: Vec<u32>,
 }
 
+/// The first byte at which `a` and `b` differ (0 when only their lengths do), or `None`.
+fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    a.iter().zip(b).position(|(x, y)| x != y).or((a.len() != b.len()).then_some(0))
+}
+
 /// The first field and byte at which `fused` differs from `unfused`, located as (row, column)
 /// of `[rows, cols]` for `u` (`elem` bytes per element) and the codes, as a segment for the
 /// scales: `Err` names it; `Ok` only when every byte is equal.
@@ -1037,7 +1042,6 @@ fn compare_act_quant(
     cols: usize,
     elem: usize,
 ) -> Result<(), String> {
-    let first = |a: &[u8], b: &[u8]| a.iter().zip(b).position(|(x, y)| x != y).or((a.len() != b.len()).then_some(0));
     let per_seg = 4 * moe_gpu::fp8::SCALE_STRIDE;
     let fields: [(&str, &[u8], &[u8], usize); 5] = [
         ("u", &fused.u, &unfused.u, elem),
@@ -1047,7 +1051,7 @@ fn compare_act_quant(
         ("amax", &fused.amax, &unfused.amax, 0),
     ];
     for (name, a, b, elem) in fields {
-        if let Some(i) = first(a, b) {
+        if let Some(i) = first_difference(a, b) {
             return Err(match (name, elem) {
                 ("amax", _) => format!("amax of segment {} differs", i / 4),
                 (_, 0) => format!("{name} of segment {} differs", i / per_seg),
@@ -1246,7 +1250,7 @@ fn segmented_block_quantizer_equals_the_per_segment_quantizer() {
                         for (k, name) in ["codes", "columnwise codes", "scales", "columnwise scales"].iter().enumerate()
                         {
                             let part = &got[k][starts[k]..starts[k] + expected[k].len()];
-                            if let Some(i) = part.iter().zip(&expected[k]).position(|(a, b)| a != b) {
+                            if let Some(i) = first_difference(part, &expected[k]) {
                                 panic!(
                                     "{what}: {name} byte {i} is {:#04x}, per segment {:#04x}",
                                     part[i], expected[k][i]
