@@ -8,7 +8,9 @@
 //! output bits on exact operands must be equal; the block GEMM on random operands and the fp8
 //! layers are held to the harness's error model.
 
-use moe_gpu::fp8::{BlockOperand, DeviceDelayedState, DeviceFp8, DeviceScales, QuantSpec, SegmentMap, SegmentScales};
+use moe_gpu::fp8::{
+    BlockOperand, DeviceDelayedState, DeviceFp8, DeviceScales, Fp8Issue, QuantSpec, SegmentMap, SegmentScales,
+};
 use moe_gpu::{CudaGrouped, CudaSequential, CudaTeGrouped, DeviceBuffer, Engine, Gpu};
 use moe_harness::case::Case;
 use moe_harness::properties::{check, PerClassBackend, Property, Verdict};
@@ -273,10 +275,21 @@ fn int_limit(format: Fp8Format) -> i32 {
 /// `exact` of the operands (the exact-operand tests build operands for which it must; a model
 /// that is not exact would make bit equality with it meaningless).
 fn assert_bits_equal_the_exact_model(what: &str, got: &[f64], model: &Array2<f64>, exact: &Array2<f64>) {
+    assert_bits_equal_the_exact_model_in(Dtype::Bf16, what, got, model, exact);
+}
+
+/// [`assert_bits_equal_the_exact_model`] for an output of `dtype`.
+fn assert_bits_equal_the_exact_model_in(
+    dtype: Dtype,
+    what: &str,
+    got: &[f64],
+    model: &Array2<f64>,
+    exact: &Array2<f64>,
+) {
     let n = model.ncols();
     for ((i, j), &want) in model.indexed_iter() {
         assert_eq!(want, exact[[i, j]], "{what}: the reference model is exact here by construction");
-        let want = round(Dtype::Bf16, want);
+        let want = round(dtype, want);
         assert_eq!(
             got[i * n + j].to_bits(),
             want.to_bits(),
@@ -352,6 +365,140 @@ fn fp8_gemm_equals_the_reference_model_on_exact_operands() {
             }
         }
     }
+}
+
+/// The fp8 grouped GEMM (`Fp8Issue::Persistent`, one launch for all experts) on exact operands,
+/// held to the exact product bit for bit as cuBLASLt is above: ragged experts (an empty one, a
+/// single row, rows across the kernel's 128-row tiles, so tiles read the next expert's rows),
+/// a second list of 130 experts (over the kernel's 128 problems per launch), n across the
+/// 128-column tiles, K below one 128-wide k-step and with a partial last k-step (the non-zero
+/// entries sit at random columns, so every k-step counts), each expert with its own power-of-2
+/// scale_inv on A and on B (a scale read from the wrong expert moves results by powers of two),
+/// both A formats, bf16 and f16 outputs, fast and split accumulation, beta 0 into a
+/// NaN-poisoned output and beta 1 onto an integer output. Rows past the last expert must keep
+/// their bytes. The same list through cuBLASLt (`Fp8Issue::Direct`) must give the same bits.
+#[test]
+fn fp8_grouped_gemm_equals_the_exact_product_on_exact_operands() {
+    let Some(gpu) = gpu("fp8_grouped_gemm_equals_the_exact_product_on_exact_operands") else { return };
+    let mut eng = gpu.lock().expect("engine");
+    let mut rng = ChaCha8Rng::seed_from_u64(23);
+    let options = ScaleOptions { force_pow_2_scales: true, amax_epsilon: 0.0 };
+    let mut lists: Vec<(Vec<usize>, usize, usize)> =
+        vec![(vec![37, 0, 1, 130, 16, 257], 144, 272), (vec![64, 3, 200], 32, 48)];
+    lists.push(((0..130).map(|e| 1 + e % 3).collect(), 16, 128));
+    let guard = 8;
+    let before = eng.fp8_grouped_kernel_launches();
+    let mut launches_expected = 0;
+    for (rows, n, k) in lists {
+        let experts = rows.len();
+        let total: usize = rows.iter().sum();
+        let offsets: Vec<usize> = rows
+            .iter()
+            .scan(0, |acc, &r| {
+                let o = *acc;
+                *acc += r;
+                Some(o)
+            })
+            .collect();
+        for fa in [Fp8Format::E4M3, Fp8Format::E5M2] {
+            let (lim_a, lim_b) = (int_limit(fa), int_limit(Fp8Format::E4M3));
+            // Each row: 8 integers at random distinct columns, one pinning the amax, times the
+            // expert's power of two 2^(e % 3 - 1).
+            let mut ints = |rows: usize, lim: i32, e: usize| {
+                let mut x = Array2::<f64>::zeros((rows, k));
+                for mut row in x.rows_mut() {
+                    for _ in 0..8 {
+                        row[rng.random_range(0..k)] = f64::from(rng.random_range(-lim..=lim));
+                    }
+                }
+                if rows > 0 {
+                    x[[0, rng.random_range(0..k)]] = f64::from(lim);
+                }
+                x * 2f64.powi(e as i32 % 3 - 1)
+            };
+            let a_parts: Vec<Array2<f64>> = (0..experts).map(|e| ints(rows[e], lim_a, e)).collect();
+            let b_parts: Vec<Array2<f64>> = (0..experts).map(|e| ints(n, lim_b, e + 1)).collect();
+            let cat = |parts: &[Array2<f64>]| {
+                let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+                ndarray::concatenate(ndarray::Axis(0), &views).expect("concatenate")
+            };
+            let (a, b) = (cat(&a_parts), cat(&b_parts));
+            let (amap, bmap) = (
+                SegmentMap::new(&mut eng, &rows).expect("map"),
+                SegmentMap::new(&mut eng, &vec![n; experts]).expect("map"),
+            );
+            let (ia, ib) = (upload(&mut eng, &a, Dtype::Bf16), upload(&mut eng, &b, Dtype::Bf16));
+            let qa = eng.quantize_segments(&ia, Dtype::Bf16, &amap, k, fa, options, false).expect("qa");
+            let qb = eng.quantize_segments(&ib, Dtype::Bf16, &bmap, k, Fp8Format::E4M3, options, false).expect("qb");
+            for out_dt in [Dtype::Bf16, Dtype::F16] {
+                for fast in [false, true] {
+                    for beta in [0.0f32, 1.0] {
+                        // beta 1 adds onto small integers (exact in both dtypes); beta 0 writes
+                        // over NaN bytes.
+                        let old =
+                            Array2::from_shape_fn((total + guard, n), |(i, j)| ((i * 7 + j * 3) % 9) as f64 - 4.0);
+                        let mut expected = old.clone();
+                        for e in 0..experts {
+                            let prod = a_parts[e].dot(&b_parts[e].t());
+                            let mut dst = expected.slice_mut(ndarray::s![offsets[e]..offsets[e] + rows[e], ..]);
+                            if beta == 0.0 {
+                                dst.assign(&prod);
+                            } else {
+                                dst += &prod;
+                            }
+                        }
+                        for issue in [Fp8Issue::Persistent, Fp8Issue::Direct] {
+                            let what = format!(
+                                "{issue:?} experts {rows:?} n {n} k {k} {fa}xe4m3 -> {out_dt} fast_accum={fast} beta={beta}"
+                            );
+                            let mut c = upload(&mut eng, &old, out_dt);
+                            if beta == 0.0 {
+                                eng.poison(&mut c).expect("poison");
+                            }
+                            let ops: Vec<_> = (0..experts)
+                                .map(|e| {
+                                    eng.fp8_gemm_op(
+                                        (rows[e], n, k),
+                                        (qa.codes.at(offsets[e] * k), fa, qa.scale_inv_at(e)),
+                                        (qb.codes.at(e * n * k), Fp8Format::E4M3, qb.scale_inv_at(e)),
+                                        c.at(offsets[e] * n * out_dt.size_bytes()),
+                                        out_dt,
+                                        beta,
+                                        fast,
+                                    )
+                                    .unwrap_or_else(|err| panic!("{what}: {err}"))
+                                })
+                                .collect();
+                            eng.run_fp8_ops(&ops, issue).unwrap_or_else(|err| panic!("{what}: {err}"));
+                            if issue == Fp8Issue::Persistent {
+                                launches_expected += rows.iter().filter(|&&r| r > 0).count().div_ceil(128);
+                            }
+                            let bytes = eng.download(&c).expect("download");
+                            let got =
+                                moe_reference::codec::from_bytes(out_dt, &bytes[..total * n * out_dt.size_bytes()]);
+                            let want = expected.slice(ndarray::s![..total, ..]).to_owned();
+                            assert_bits_equal_the_exact_model_in(out_dt, &what, &got, &want, &want);
+                            let guard_bytes = &bytes[total * n * out_dt.size_bytes()..];
+                            let guard_want = if beta == 0.0 {
+                                vec![0xFF; guard_bytes.len()]
+                            } else {
+                                to_bytes(out_dt, old.slice(ndarray::s![total.., ..]).iter().copied())
+                            };
+                            assert!(
+                                guard_bytes == guard_want.as_slice(),
+                                "{what}: rows past the last expert were written"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let launched = eng.fp8_grouped_kernel_launches() - before;
+    assert_eq!(
+        launched, launches_expected as u64,
+        "every Persistent list must run on the kernel, none on the fallback"
+    );
 }
 
 /// `k = 0` writes exact zeros, `m = 0` writes nothing, and e5m2 × e5m2 (which cuBLASLt does not
@@ -527,12 +674,32 @@ fn fp8_cfg(class: LayerClass, format: TeFormat) -> LayerConfig {
 
 /// The fp8 CUDA layers (NaN-poisoned buffers) as a harness backend.
 fn fp8_backend(gpu: &Gpu) -> PerClassBackend {
+    fp8_backend_with(gpu, moe_gpu::Strategy::Auto)
+}
+
+/// [`fp8_backend`] issuing its GEMMs with `strategy`.
+fn fp8_backend_with(gpu: &Gpu, strategy: moe_gpu::Strategy) -> PerClassBackend {
     PerClassBackend::new(
         "cuda-fp8",
-        Some(Box::new(CudaSequential::new(gpu).with_poison(true))),
+        Some(Box::new(CudaSequential::new(gpu).with_poison(true).with_strategy(strategy))),
         None,
-        Some(Box::new(CudaTeGrouped::new(gpu).with_poison(true))),
+        Some(Box::new(CudaTeGrouped::new(gpu).with_poison(true).with_strategy(strategy))),
     )
+}
+
+/// Checks every property of `case` on `backend`, counting the checks and collecting the
+/// skips; matches-oracle must be checked, never skipped.
+fn check_every_property(backend: &PerClassBackend, case: &Case, checked: &mut usize, skipped: &mut Vec<String>) {
+    for property in Property::ALL {
+        match check(backend, property, case) {
+            Ok(Verdict::Checked(_)) => *checked += 1,
+            Ok(Verdict::Skipped(why)) => {
+                assert_ne!(property, Property::MatchesOracle, "{}: skipped: {why}", case.summary());
+                skipped.push(format!("{} on {}: {why}", property.name(), case.summary()));
+            }
+            Err(e) => panic!("cuda-fp8 fails {} on {}:\n{e}", property.name(), case.summary()),
+        }
+    }
 }
 
 /// The fp8 recipes the CUDA layers run: per-tensor current scaling, delayed scaling (from TE's
@@ -592,16 +759,7 @@ fn fp8_layers_pass_every_property_against_the_oracle() {
             for (cfg, tokens) in variants {
                 for timing in [WgradTiming::Immediate, WgradTiming::Deferred] {
                     let case = Case { cfg: cfg.clone(), tokens_per_expert: tokens.to_vec(), seed: 7, timing };
-                    for property in Property::ALL {
-                        match check(&backend, property, &case) {
-                            Ok(Verdict::Checked(_)) => checked += 1,
-                            Ok(Verdict::Skipped(why)) => {
-                                assert_ne!(property, Property::MatchesOracle, "{}: skipped: {why}", case.summary());
-                                skipped.push(format!("{} on {}: {why}", property.name(), case.summary()));
-                            }
-                            Err(e) => panic!("cuda-fp8 fails {} on {}:\n{e}", property.name(), case.summary()),
-                        }
-                    }
+                    check_every_property(&backend, &case, &mut checked, &mut skipped);
                 }
             }
         }
@@ -613,6 +771,42 @@ fn fp8_layers_pass_every_property_against_the_oracle() {
     for s in &skipped {
         eprintln!("  skipped {s}");
     }
+}
+
+/// The fp8 layers on the fp8 grouped GEMM (`Strategy::Persistent`; the per-tensor recipes, the
+/// ones it runs), held to every property against the oracle like the cuBLASLt path above: both
+/// classes and formats, immediate and deferred wgrad, with TEGroupedMLP's fc1 bias (its GEMM
+/// adds onto the bias rows, beta 1) and without, on ragged splits with an empty expert and on a
+/// uniform split (equal padded rows: the weight-gradient GEMMs' columnwise operands then form
+/// one tensor and run on the kernel too, K = the tokens). The kernel must have launched.
+#[test]
+fn fp8_layers_on_the_grouped_kernel_pass_every_property_against_the_oracle() {
+    let Some(gpu) = gpu("fp8_layers_on_the_grouped_kernel_pass_every_property_against_the_oracle") else { return };
+    let backend = fp8_backend_with(&gpu, moe_gpu::Strategy::Persistent(0));
+    let before = gpu.lock().expect("engine").fp8_grouped_kernel_launches();
+    let (mut checked, mut skipped) = (0, Vec::new());
+    for recipe in [Fp8Recipe::Tensorwise, Fp8Recipe::Delayed] {
+        for class in [LayerClass::Sequential, LayerClass::TeGrouped] {
+            for format in TeFormat::ALL {
+                let base =
+                    LayerConfig { fp8: Some(Fp8Config::new(recipe).with_format(format)), ..fp8_cfg(class, format) };
+                let bias = LayerConfig { add_bias: true, ..base.clone() };
+                for (cfg, tokens) in [(base, [5i64, 0, 19, 8]), (bias.clone(), [5, 0, 19, 8]), (bias, [16, 16, 16, 16])]
+                {
+                    for timing in [WgradTiming::Immediate, WgradTiming::Deferred] {
+                        let case = Case { cfg: cfg.clone(), tokens_per_expert: tokens.to_vec(), seed: 9, timing };
+                        check_every_property(&backend, &case, &mut checked, &mut skipped);
+                    }
+                }
+            }
+        }
+    }
+    let launched = gpu.lock().expect("engine").fp8_grouped_kernel_launches() - before;
+    eprintln!(
+        "gpu_fp8::fp8_layers_on_the_grouped_kernel_pass_every_property_against_the_oracle: {checked} checks passed, {} skipped, {launched} kernel launches",
+        skipped.len()
+    );
+    assert!(launched > 0, "the fp8 grouped GEMM never ran");
 }
 
 /// An expert with no tokens gets exactly zero weight gradients from the fp8 wgrad GEMMs (K = 0

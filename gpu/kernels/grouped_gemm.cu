@@ -164,6 +164,22 @@ __device__ __forceinline__ void wgmma_m64n256k16_f16(float (&d)[128], u64 desc_a
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
         : "l"(desc_a), "l"(desc_b), "r"(1), "n"(TA), "n"(TB));
 }
+__device__ __forceinline__ void wgmma_m64n128k32_e4m3_e4m3(float (&d)[64], u64 desc_a, u64 desc_b, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+__device__ __forceinline__ void wgmma_m64n128k32_e5m2_e4m3(float (&d)[64], u64 desc_a, u64 desc_b, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k32.f32.e5m2.e4m3 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
 // GENERATED END
 
 template <int N, bool F16, int TA, int TB>
@@ -186,8 +202,9 @@ __device__ __forceinline__ u32 pack2(float x, float y) {
     return r;
 }
 
-// The problem owning `tile`: the last one whose tile_start <= tile.
-__device__ __forceinline__ const Problem& find_problem(const Params& params, int tile) {
+// The problem owning `tile`: the last one whose tile_start <= tile (either kernel's table).
+template <class P>
+__device__ __forceinline__ const auto& find_problem(const P& params, int tile) {
     int lo = 0, hi = params.num_problems - 1;
     while (lo < hi) {
         const int mid = (lo + hi + 1) >> 1;
@@ -386,3 +403,230 @@ GROUPED_GEMM_LAYOUTS(bf16, false, 128, 5)
 GROUPED_GEMM_LAYOUTS(f16, true, 128, 5)
 GROUPED_GEMM_LAYOUTS(bf16, false, 256, 3)
 GROUPED_GEMM_LAYOUTS(f16, true, 256, 3)
+
+// ---------------------------------------------------------------------------------------------
+// The fp8 grouped GEMM (TransformerEngine's per-tensor recipes: current and delayed scaling).
+//
+// C_e[m_e, n_e] = sa_e·sb_e·(A_e·B_eᵀ) (+ C_e when beta_e = 1), f32 accumulation, one rounding
+// to bf16/f16: the function of one cuBLASLt fp8 GEMM per expert with per-tensor scale pointers
+// (`Engine::fp8_gemm_op`), sa_e and sb_e the experts' f32 scale_inv read from the device. Both
+// operands are K-major (wgmma has no transpose for 8-bit types; the layers' dgrad reads the
+// weights' columnwise copies, as for cuBLASLt), A e4m3 or e5m2, B e4m3. The pipeline is the
+// bf16 kernel's with 1-byte elements: a k-step is 128 elements = 128 bytes, so a stage's tiles
+// have the bf16 K-major tiles' byte layout (rows of 128 bytes, 128-byte swizzle) and each
+// wgmma.m64n128k32 advances the descriptors by 32 bytes. Accumulation as TE's GEMM parameters
+// ask: fast (SPLIT = false: the tensor cores' accumulator runs the whole K, cuBLASLt's
+// FAST_ACCUM) or split (SPLIT = true: each 128-wide k-step accumulates into a fresh partial
+// sum that is then added to an f32 accumulator in registers, DeepSeek's promotion).
+// Columns past k are zero-filled by TMA (rows of width k), so K-tails need no masking.
+
+struct Fp8Problem {
+    u64 c;        // C's device address (compact [m, n])
+    u64 scale_a;  // device address of A_e's f32 scale_inv
+    u64 scale_b;  // device address of B_e's f32 scale_inv
+    int m, n, k;
+    int a_row, b_row;
+    int tile_start;
+    int tiles_m;
+    int beta;  // 0: C = s·AB; 1: C = s·AB + C (C read before it is written)
+};
+
+struct __align__(128) Fp8Params {
+    TensorMap map_a;
+    TensorMap map_b;
+    int num_problems;
+    int total_tiles;
+    int pad_[2];
+    Fp8Problem p[MAX_PROBLEMS];
+};
+
+constexpr int FP8_BN = 128;
+constexpr int FP8_STAGES = 5;
+constexpr int FP8_BK = 128;  // elements (= bytes) per k-step
+
+template <bool F16>
+__device__ __forceinline__ float2 unpack2(u32 v) {
+    float2 r;
+    if constexpr (F16) {
+        asm("{\n.reg .b16 lo, hi;\nmov.b32 {lo, hi}, %2;\ncvt.f32.f16 %0, lo;\ncvt.f32.f16 %1, hi;\n}\n"
+            : "=f"(r.x), "=f"(r.y)
+            : "r"(v));
+    } else {
+        r.x = __uint_as_float(v << 16);
+        r.y = __uint_as_float(v & 0xFFFF0000u);
+    }
+    return r;
+}
+
+template <bool A_E5M2>
+__device__ __forceinline__ void wgmma_fp8(float (&d)[64], u64 da, u64 db, int scale_d) {
+    if constexpr (A_E5M2) wgmma_m64n128k32_e5m2_e4m3(d, da, db, scale_d);
+    else wgmma_m64n128k32_e4m3_e4m3(d, da, db, scale_d);
+}
+
+template <bool A_E5M2, bool F16, bool SPLIT>
+__device__ __forceinline__ void grouped_gemm_fp8_body(const Fp8Params& params) {
+    extern __shared__ unsigned char smem_raw[];
+    constexpr int BN = FP8_BN, STAGES = FP8_STAGES;
+    constexpr u32 A_BYTES = BM * FP8_BK, B_BYTES = BN * FP8_BK, STAGE_BYTES = A_BYTES + B_BYTES;
+    constexpr u32 C_ROW = BN * 2, C_BYTES = BM * C_ROW;
+    const u32 raw = smem_addr(smem_raw), smem = (raw + 1023u) & ~1023u;
+    unsigned char* smem_ptr = smem_raw + (smem - raw);
+    const u32 c_tile = smem + STAGES * STAGE_BYTES;
+    unsigned char* c_ptr = smem_ptr + STAGES * STAGE_BYTES;
+    const u32 bars = c_tile + C_BYTES, c_full = bars + 16 * STAGES, c_empty = c_full + 8;
+    const int tid = threadIdx.x, wg = tid >> 7, t = tid & 127;
+    const int total_tiles = params.total_tiles;
+
+    if (tid == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(bars + 8 * s, 1);
+            mbar_init(bars + 8 * (STAGES + s), 2);
+        }
+        mbar_init(c_full, 256);
+        mbar_init(c_empty, 96);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+        if (t < 32) {
+            if (t != 0) return;
+            int it = 0;
+            for (int i = 0, tile = cta_tile(0); tile < total_tiles; tile = cta_tile(++i)) {
+                const Fp8Problem& p = find_problem(params, tile);
+                const int local = tile - p.tile_start;
+                const int m0 = (local % p.tiles_m) * BM, n0 = (local / p.tiles_m) * BN;
+                const int ktiles = (p.k + FP8_BK - 1) / FP8_BK;
+                for (int kt = 0; kt < ktiles; ++kt, ++it) {
+                    const int slot = it % STAGES;
+                    mbar_wait(bars + 8 * (STAGES + slot), ((it / STAGES) & 1) ^ 1);
+                    const u32 full = bars + 8 * slot, base = smem + slot * STAGE_BYTES;
+                    mbar_arrive_expect_tx(full, STAGE_BYTES);
+                    tma_load_2d(base, params.map_a, kt * FP8_BK, p.a_row + m0, full);            // box {128 k, BM rows}
+                    tma_load_2d(base + A_BYTES, params.map_b, kt * FP8_BK, p.b_row + n0, full);  // box {128 k, BN rows}
+                }
+            }
+        } else {
+            // The storers, as in the bf16 kernel.
+            const int st = t - 32;
+            constexpr int CPR = BN / 8;
+            int tc = 0;
+            for (int i = 0, tile = cta_tile(0); tile < total_tiles; tile = cta_tile(++i), ++tc) {
+                const Fp8Problem& p = find_problem(params, tile);
+                const int local = tile - p.tile_start;
+                const int m0 = (local % p.tiles_m) * BM, n0 = (local / p.tiles_m) * BN;
+                const int rows = min(BM, p.m - m0), chunks = min(CPR, (p.n - n0) / 8);
+                unsigned char* C = reinterpret_cast<unsigned char*>(p.c);
+                mbar_wait(c_full, tc & 1);
+                for (int i = st; i < BM * CPR; i += 96) {
+                    const int r = i / CPR, c = i % CPR;
+                    if (r < rows && c < chunks) {
+                        const uint4 v = *reinterpret_cast<const uint4*>(c_ptr + r * C_ROW + ((c ^ (r & 7)) << 4));
+                        *reinterpret_cast<uint4*>(C + ((static_cast<size_t>(m0 + r) * p.n + n0) + c * 8) * 2) = v;
+                    }
+                }
+                mbar_arrive(c_empty);
+            }
+        }
+    } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+        const int cw = wg - 1;
+        float acc[64];
+        float part[SPLIT ? 64 : 1];
+        int it = 0, tc = 0;
+        for (int i = 0, tile = cta_tile(0); tile < total_tiles; tile = cta_tile(++i), ++tc) {
+            const Fp8Problem& p = find_problem(params, tile);
+            const int ktiles = (p.k + FP8_BK - 1) / FP8_BK;
+#pragma unroll
+            for (int j = 0; j < 64; ++j) acc[j] = 0.0f;
+            for (int kt = 0; kt < ktiles; ++kt, ++it) {
+                const int slot = it % STAGES;
+                mbar_wait(bars + 8 * slot, (it / STAGES) & 1);
+                const u32 a_base = smem + slot * STAGE_BYTES, b_base = a_base + A_BYTES;
+                if constexpr (SPLIT) {
+                    fence_regs(part);
+                    wgmma_fence();
+#pragma unroll
+                    for (int kk = 0; kk < FP8_BK / 32; ++kk) {
+                        wgmma_fp8<A_E5M2>(part, make_desc(a_base + cw * 64 * 128 + kk * 32, 16, 1024),
+                                          make_desc(b_base + kk * 32, 16, 1024), kk > 0);
+                    }
+                    wgmma_commit();
+                    wgmma_wait<0>();
+                    fence_regs(part);
+                    if (t == 0) mbar_arrive(bars + 8 * (STAGES + slot));  // this k-step's slot is read
+#pragma unroll
+                    for (int j = 0; j < 64; ++j) acc[j] += part[j];
+                } else {
+                    fence_regs(acc);
+                    wgmma_fence();
+#pragma unroll
+                    for (int kk = 0; kk < FP8_BK / 32; ++kk) {
+                        wgmma_fp8<A_E5M2>(acc, make_desc(a_base + cw * 64 * 128 + kk * 32, 16, 1024),
+                                          make_desc(b_base + kk * 32, 16, 1024), 1);
+                    }
+                    wgmma_commit();
+                    wgmma_wait<1>();
+                    fence_regs(acc);
+                    if (kt > 0 && t == 0) mbar_arrive(bars + 8 * (STAGES + (it - 1) % STAGES));
+                }
+            }
+            if constexpr (!SPLIT) {
+                wgmma_wait<0>();
+                fence_regs(acc);
+                if (ktiles > 0 && t == 0) mbar_arrive(bars + 8 * (STAGES + (it - 1) % STAGES));
+            }
+
+            // Epilogue: scale, add C when beta = 1, round once, stage for the storers (the
+            // accumulator layout is the bf16 kernel's).
+            const float s = *reinterpret_cast<const float*>(p.scale_a) * *reinterpret_cast<const float*>(p.scale_b);
+            const int local = tile - p.tile_start;
+            const int m0 = (local % p.tiles_m) * BM, n0 = (local / p.tiles_m) * BN;
+            mbar_wait(c_empty, (tc & 1) ^ 1);
+            const int warp = t >> 5, lane = t & 31;
+            const int r = cw * 64 + warp * 16 + (lane >> 2);
+            unsigned char* row0 = c_ptr + r * C_ROW + (lane & 3) * 4;
+            unsigned char* row8 = row0 + 8 * C_ROW;
+            const unsigned char* C = reinterpret_cast<const unsigned char*>(p.c);
+#pragma unroll
+            for (int j = 0; j < BN / 8; ++j) {
+                float v[4] = {acc[4 * j] * s, acc[4 * j + 1] * s, acc[4 * j + 2] * s, acc[4 * j + 3] * s};
+                if (p.beta) {
+                    const int col = n0 + 8 * j + 2 * (lane & 3);
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const int row = m0 + r + 8 * h;
+                        if (row < p.m && col < p.n) {
+                            const float2 old = unpack2<F16>(
+                                *reinterpret_cast<const u32*>(C + (static_cast<size_t>(row) * p.n + col) * 2));
+                            v[2 * h] += old.x;
+                            v[2 * h + 1] += old.y;
+                        }
+                    }
+                }
+                const int off = (j ^ (r & 7)) << 4;
+                *reinterpret_cast<u32*>(row0 + off) = pack2<F16>(v[0], v[1]);
+                *reinterpret_cast<u32*>(row8 + off) = pack2<F16>(v[2], v[3]);
+            }
+            mbar_arrive(c_full);
+        }
+    }
+}
+
+// Kernel names: grouped_gemm_fp8_{e4m3|e5m2}_{bf16|f16}_{fast|split} (A's format, C's dtype,
+// the accumulation); B is e4m3.
+#define GROUPED_GEMM_FP8(AF, A_E5M2, DT, F16, ACC, SPLIT)                                         \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1)                                    \
+        grouped_gemm_fp8_##AF##_##DT##_##ACC(const __grid_constant__ Fp8Params params) {        \
+        grouped_gemm_fp8_body<A_E5M2, F16, SPLIT>(params);                                      \
+    }
+#define GROUPED_GEMM_FP8_ACC(AF, A_E5M2, DT, F16) \
+    GROUPED_GEMM_FP8(AF, A_E5M2, DT, F16, fast, false) \
+    GROUPED_GEMM_FP8(AF, A_E5M2, DT, F16, split, true)
+
+GROUPED_GEMM_FP8_ACC(e4m3, false, bf16, false)
+GROUPED_GEMM_FP8_ACC(e4m3, false, f16, true)
+GROUPED_GEMM_FP8_ACC(e5m2, true, bf16, false)
+GROUPED_GEMM_FP8_ACC(e5m2, true, f16, true)

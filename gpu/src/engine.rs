@@ -287,6 +287,21 @@ impl Engine {
         self.gemm.run(strategy, dt, ta, tb, &raw)
     }
 
+    /// Launches of the fp8 grouped GEMM ([`crate::fp8::Fp8Issue::Persistent`]) so far: how a
+    /// test or bench knows a list ran on the kernel, not on the cuBLASLt fallback.
+    pub fn fp8_grouped_kernel_launches(&self) -> u64 {
+        self.gemm.fp8_launches()
+    }
+
+    /// Runs per-tensor fp8 problems on the fp8 grouped GEMM (`crate::fp8`).
+    pub(crate) fn run_fp8_persistent(
+        &mut self,
+        variant: crate::persistent::Fp8Variant,
+        problems: &[crate::persistent::Fp8Problem],
+    ) -> Result<bool, GpuError> {
+        self.gemm.run_fp8_persistent(variant, problems)
+    }
+
     /// Drops every cached graph and pointer array of the grouped executor (benches use it to
     /// time a capture per call).
     pub fn clear_grouped_caches(&mut self) {

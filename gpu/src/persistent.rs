@@ -5,6 +5,11 @@
 //! design). Same function as [`Strategy::Loop`](crate::gemm::Strategy::Loop): f32 accumulation,
 //! one rounding, `k = 0` → exact zeros, `m = 0` → nothing written.
 //!
+//! The same file holds the fp8 grouped GEMM of TransformerEngine's per-tensor recipes
+//! ([`PersistentKernels::run_fp8`], `grouped_gemm_fp8_*`): both operands K-major fp8 (A e4m3 or
+//! e5m2, B e4m3), each expert's two f32 `scale_inv` read from the device, beta 0 or 1, fast or
+//! split accumulation, bf16/f16 output: the function of one cuBLASLt fp8 GEMM per expert.
+//!
 //! Eligibility (`persistent_layout`): bf16 or f16 (fp32 GEMMs stay on cuBLAS, whose
 //! `COMPUTE_32F` without TF32 is what the reference models); every expert's A inside one 2-D
 //! tensor in one buffer and every expert's B inside another (packed buffers, as the layers have
@@ -47,6 +52,17 @@ fn smem_bytes(bn: usize) -> usize {
     stages(bn) * (TILE_M + bn) * 64 * 2 + TILE_M * bn * 2 + 2 * 8 * stages(bn) + 16 + 1024
 }
 
+/// The fp8 kernel's output-tile width, pipeline stages and k-step (`FP8_BN`, `FP8_STAGES`,
+/// `FP8_BK` of the kernel file).
+const FP8_TILE_N: usize = 128;
+const FP8_STAGES: usize = 5;
+const FP8_BK: usize = 128;
+
+/// Dynamic shared memory of the fp8 kernel (as [`smem_bytes`], 1-byte operands, 128-wide k-steps).
+fn fp8_smem_bytes() -> usize {
+    FP8_STAGES * (TILE_M + FP8_TILE_N) * FP8_BK + TILE_M * FP8_TILE_N * 2 + 2 * 8 * FP8_STAGES + 16 + 1024
+}
+
 /// One problem as the kernel reads it (`struct Problem`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -82,6 +98,82 @@ struct Params {
 // SAFETY: `Params` is `#[repr(C)]` plain data (integers only) with the field order, sizes and
 // alignment of the kernel's `struct Params` (checked by the size test below).
 unsafe impl DeviceRepr for Params {}
+
+/// One fp8 problem as the kernel reads it (`struct Fp8Problem`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct Fp8ProblemRepr {
+    c: u64,
+    scale_a: u64,
+    scale_b: u64,
+    m: i32,
+    n: i32,
+    k: i32,
+    a_row: i32,
+    b_row: i32,
+    tile_start: i32,
+    tiles_m: i32,
+    beta: i32,
+}
+
+/// The fp8 kernel's by-value parameter (`struct Fp8Params`).
+#[repr(C, align(128))]
+#[derive(Clone, Copy, Debug)]
+struct Fp8Params {
+    map_a: TensorMap,
+    map_b: TensorMap,
+    num_problems: i32,
+    total_tiles: i32,
+    pad: [i32; 2],
+    p: [Fp8ProblemRepr; MAX_PROBLEMS],
+}
+
+// SAFETY: `Fp8Params` is `#[repr(C)]` plain data (integers only) with the field order, sizes and
+// alignment of the kernel's `struct Fp8Params` (checked by the size test below).
+unsafe impl DeviceRepr for Fp8Params {}
+
+/// One expert's fp8 GEMM for [`PersistentKernels::run_fp8`]: `C [m, n] = s_a·s_b·A·Bᵀ (+ C)`,
+/// `A [m, k]` and `B [n, k]` fp8 codes (K-major), `scale_a`/`scale_b` device addresses of f32
+/// `scale_inv` values, every address checked against its buffer by the engine.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Fp8Problem {
+    pub(crate) m: usize,
+    pub(crate) n: usize,
+    pub(crate) k: usize,
+    pub(crate) a: Operand,
+    pub(crate) b: Operand,
+    pub(crate) c: u64,
+    pub(crate) scale_a: u64,
+    pub(crate) scale_b: u64,
+    /// `C += ...` (beta 1) instead of `C = ...`.
+    pub(crate) accumulate: bool,
+}
+
+/// The fp8 kernel variant: A's format (B is e4m3), C's dtype, split accumulation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Fp8Variant {
+    pub(crate) a_e5m2: bool,
+    pub(crate) out: Dtype,
+    pub(crate) split_accumulation: bool,
+}
+
+fn fp8_kernel_name(v: Fp8Variant) -> String {
+    format!(
+        "grouped_gemm_fp8_{}_{}_{}",
+        if v.a_e5m2 { "e5m2" } else { "e4m3" },
+        if v.out == Dtype::F16 { "f16" } else { "bf16" },
+        if v.split_accumulation { "split" } else { "fast" }
+    )
+}
+
+/// Every fp8 kernel variant the module defines (bf16/f16 output).
+fn fp8_variants() -> impl Iterator<Item = Fp8Variant> {
+    [false, true].into_iter().flat_map(|a_e5m2| {
+        [Dtype::Bf16, Dtype::F16].into_iter().flat_map(move |out| {
+            [false, true].into_iter().map(move |split_accumulation| Fp8Variant { a_e5m2, out, split_accumulation })
+        })
+    })
+}
 
 /// The compiled kernels (one per dtype × tile width × operand layout) and the SM count.
 pub(crate) struct PersistentKernels {
@@ -131,6 +223,15 @@ impl PersistentKernels {
                 }
             }
         }
+        for v in fp8_variants() {
+            let name = fp8_kernel_name(v);
+            let f = module.load_function(&name)?;
+            f.set_attribute(
+                driver_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                i32::try_from(fp8_smem_bytes())?,
+            )?;
+            functions.insert(name, f);
+        }
         Ok(PersistentKernels { functions, sms: usize::try_from(sms)? })
     }
 }
@@ -150,10 +251,11 @@ pub(crate) struct OperandTensor {
     first_row: Vec<usize>,
 }
 
-/// Lays the operand `(operand, width, rows)` of each problem out as one tensor, or says why it
-/// cannot be (different buffers or widths, pointers not a whole number of rows apart,
-/// misalignment). The tensor then lies inside the one buffer every operand lies in.
-fn operand_tensor(which: &str, ops: &[(Operand, usize, usize)]) -> Result<OperandTensor, String> {
+/// Lays the operand `(operand, width, rows)` of each problem (elements of `elem` bytes) out as
+/// one tensor, or says why it cannot be (different buffers or widths, pointers not a whole
+/// number of rows apart, misalignment). The tensor then lies inside the one buffer every
+/// operand lies in.
+fn operand_tensor(which: &str, elem: usize, ops: &[(Operand, usize, usize)]) -> Result<OperandTensor, String> {
     let reading: Vec<&(Operand, usize, usize)> = ops.iter().filter(|o| o.2 > 0).collect();
     let Some(&&(first, width, _)) = reading.first() else {
         return Ok(OperandTensor { base: 0, width: 8, rows: 1, first_row: vec![0; ops.len()] });
@@ -164,7 +266,7 @@ fn operand_tensor(which: &str, ops: &[(Operand, usize, usize)]) -> Result<Operan
     if let Some(o) = reading.iter().find(|o| o.1 != width) {
         return Err(format!("{which}: rows of {} and {width} elements in one call", o.1));
     }
-    let row_bytes = (width * 2) as u64;
+    let row_bytes = (width * elem) as u64;
     if !row_bytes.is_multiple_of(16) {
         return Err(format!("{which}: rows of {width} elements are not a multiple of 16 bytes"));
     }
@@ -238,7 +340,29 @@ pub(crate) fn persistent_layout(
                 }
             })
             .collect();
-    Ok((operand_tensor("A", &a)?, operand_tensor("B", &b)?))
+    Ok((operand_tensor("A", 2, &a)?, operand_tensor("B", 2, &b)?))
+}
+
+/// The A and B tensors of an fp8 problem list for [`PersistentKernels::run_fp8`], or why the
+/// kernel cannot run it: every expert's `A [m, k]` rows inside one tensor of one buffer, its
+/// `B [n, k]` inside another, rows of a multiple of 16 bytes, C rows a multiple of 8 elements
+/// and 16-byte aligned.
+pub(crate) fn fp8_layout(problems: &[Fp8Problem]) -> Result<(OperandTensor, OperandTensor), String> {
+    for (i, p) in problems.iter().enumerate() {
+        if p.m == 0 || p.n == 0 {
+            continue;
+        }
+        if !p.n.is_multiple_of(8) || !p.c.is_multiple_of(16) {
+            return Err(format!("problem {i}: C rows of {} elements (need a multiple of 8, 16-byte aligned)", p.n));
+        }
+        if [p.m, p.n, p.k].iter().any(|&d| d > i32::MAX as usize / 2) {
+            return Err(format!("problem {i}: a dimension exceeds the kernel's 32-bit indexing"));
+        }
+    }
+    let reads = |p: &Fp8Problem, rows: usize| if p.m > 0 && p.n > 0 && p.k > 0 { rows } else { 0 };
+    let a: Vec<_> = problems.iter().map(|p| (p.a, p.k, reads(p, p.m))).collect();
+    let b: Vec<_> = problems.iter().map(|p| (p.b, p.k, reads(p, p.n))).collect();
+    Ok((operand_tensor("A", 1, &a)?, operand_tensor("B", 1, &b)?))
 }
 
 /// Why `problems` cannot run on the persistent kernel (`None`: they can).
@@ -247,18 +371,30 @@ fn persistent_eligible(dt: Dtype, ta: bool, tb: bool, problems: &[RawProblem]) -
     persistent_layout(dt, ta, tb, problems).err()
 }
 
-/// Encodes a 2-D tensor map over `t` with boxes of 64 elements by `box_rows` rows, 128-byte
-/// swizzle (the layout wgmma's descriptors read), zero fill out of bounds.
-fn encode_map(dt: Dtype, t: &OperandTensor, box_rows: usize) -> Result<TensorMap, GpuError> {
+/// The element type of a tensor map: bf16, f16, or fp8 codes (bytes).
+#[derive(Clone, Copy, Debug)]
+enum MapElement {
+    Half(Dtype),
+    Byte,
+}
+
+/// Encodes a 2-D tensor map over `t` with boxes of 128 bytes (64 bf16/f16 elements, 128 fp8
+/// codes) by `box_rows` rows, 128-byte swizzle (the layout wgmma's descriptors read), zero fill
+/// out of bounds.
+fn encode_map(elem: MapElement, t: &OperandTensor, box_rows: usize) -> Result<TensorMap, GpuError> {
     let mut map = TensorMap([0; 16]);
+    let bytes = match elem {
+        MapElement::Half(_) => 2,
+        MapElement::Byte => 1,
+    };
     let dims = [t.width as u64, t.rows as u64];
-    let strides = [(t.width * 2) as u64];
-    let boxes = [64u32, u32::try_from(box_rows)?];
+    let strides = [(t.width * bytes) as u64];
+    let boxes = [u32::try_from(128 / bytes)?, u32::try_from(box_rows)?];
     let elem_strides = [1u32, 1];
-    let ty = if dt == Dtype::F16 {
-        driver_sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16
-    } else {
-        driver_sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+    let ty = match elem {
+        MapElement::Half(Dtype::F16) => driver_sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+        MapElement::Half(_) => driver_sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        MapElement::Byte => driver_sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
     };
     // SAFETY: `map` is 128 writable, 128-byte aligned bytes (a CUtensorMap); the arrays hold
     // `rank` (2) entries (`rank - 1` for the strides) and outlive the call; `base` is the
@@ -310,8 +446,8 @@ impl PersistentKernels {
         let reads = problems.iter().any(|p| p.computes());
         let (map_a, map_b) = if reads {
             (
-                encode_map(dt, ta_tensor, if ta { 64 } else { TILE_M })?,
-                encode_map(dt, tb_tensor, if tb { bn } else { 64 })?,
+                encode_map(MapElement::Half(dt), ta_tensor, if ta { 64 } else { TILE_M })?,
+                encode_map(MapElement::Half(dt), tb_tensor, if tb { bn } else { 64 })?,
             )
         } else {
             (TensorMap([0; 16]), TensorMap([0; 16]))
@@ -367,6 +503,76 @@ impl PersistentKernels {
         }
         Ok(launches)
     }
+
+    /// Runs the fp8 `problems`, laid out as `layout` (their [`fp8_layout`]), with kernel
+    /// `variant` on `stream`. Returns the number of launches.
+    pub(crate) fn run_fp8(
+        &self,
+        stream: &CudaStream,
+        variant: Fp8Variant,
+        problems: &[Fp8Problem],
+        (ta_tensor, tb_tensor): &(OperandTensor, OperandTensor),
+    ) -> Result<u64, GpuError> {
+        if !matches!(variant.out, Dtype::Bf16 | Dtype::F16) {
+            return Err(GpuError::Unsupported(format!("the fp8 grouped GEMM writes bf16 or f16, not {}", variant.out)));
+        }
+        let f = self.functions.get(&fp8_kernel_name(variant)).expect("every fp8 variant is loaded");
+        let reads = problems.iter().any(|p| p.m > 0 && p.n > 0 && p.k > 0);
+        let (map_a, map_b) = if reads {
+            (encode_map(MapElement::Byte, ta_tensor, TILE_M)?, encode_map(MapElement::Byte, tb_tensor, FP8_TILE_N)?)
+        } else {
+            (TensorMap([0; 16]), TensorMap([0; 16]))
+        };
+        let computing: Vec<usize> = (0..problems.len()).filter(|&i| problems[i].m > 0 && problems[i].n > 0).collect();
+        let mut launches = 0;
+        for chunk in computing.chunks(MAX_PROBLEMS) {
+            let mut params = Fp8Params {
+                map_a,
+                map_b,
+                num_problems: i32::try_from(chunk.len())?,
+                total_tiles: 0,
+                pad: [0; 2],
+                p: [Fp8ProblemRepr::default(); MAX_PROBLEMS],
+            };
+            let mut tiles = 0usize;
+            for (slot, &i) in params.p.iter_mut().zip(chunk) {
+                let p = &problems[i];
+                let tiles_m = p.m.div_ceil(TILE_M);
+                *slot = Fp8ProblemRepr {
+                    c: p.c,
+                    scale_a: p.scale_a,
+                    scale_b: p.scale_b,
+                    m: i32::try_from(p.m)?,
+                    n: i32::try_from(p.n)?,
+                    k: i32::try_from(p.k)?,
+                    a_row: i32::try_from(ta_tensor.first_row[i])?,
+                    b_row: i32::try_from(tb_tensor.first_row[i])?,
+                    tile_start: i32::try_from(tiles)?,
+                    tiles_m: i32::try_from(tiles_m)?,
+                    beta: i32::from(p.accumulate),
+                };
+                tiles += tiles_m * p.n.div_ceil(FP8_TILE_N);
+            }
+            params.total_tiles = i32::try_from(tiles)?;
+            let grid = u32::try_from(tiles.min(self.sms))?;
+            let cfg = LaunchConfig {
+                grid_dim: (grid, 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: u32::try_from(fp8_smem_bytes())?,
+            };
+            let mut builder = stream.launch_builder(f);
+            builder.arg(&params);
+            // SAFETY: the kernel takes exactly one `Fp8Params` by value; its tensor maps cover the
+            // problems' operands (`fp8_layout` checked that every expert's A and B are rows of one
+            // tensor each inside one buffer, aligned), every C and scale pointer is an address the
+            // engine checked against its buffer (C: a compact [m, n] matrix of `variant.out`;
+            // scales: one f32 each), and the dynamic shared memory matches the attribute set at
+            // load.
+            unsafe { builder.launch(cfg) }?;
+            launches += 1;
+        }
+        Ok(launches)
+    }
 }
 
 #[cfg(test)]
@@ -381,6 +587,10 @@ mod tests {
         assert_eq!(std::mem::offset_of!(Params, num_problems), 256);
         assert_eq!(std::mem::offset_of!(Params, p), 272);
         assert!(std::mem::size_of::<Params>() < 32 * 1024, "sm_90 kernel parameters are limited to 32 KiB");
+        assert_eq!(std::mem::size_of::<Fp8ProblemRepr>(), 56);
+        assert_eq!(std::mem::offset_of!(Fp8ProblemRepr, m), 24);
+        assert_eq!(std::mem::offset_of!(Fp8Params, p), 272);
+        assert!(std::mem::size_of::<Fp8Params>() < 32 * 1024, "sm_90 kernel parameters are limited to 32 KiB");
     }
 
     /// The host's constants and the kernel source's must agree: shared-memory size, the
@@ -398,6 +608,14 @@ mod tests {
             }
         }
         assert!(smem_bytes(256) <= 227 * 1024 && smem_bytes(128) <= 227 * 1024, "over the sm_90 shared-memory limit");
+        for line in [
+            format!("constexpr int FP8_BN = {FP8_TILE_N};"),
+            format!("constexpr int FP8_STAGES = {FP8_STAGES};"),
+            format!("constexpr int FP8_BK = {FP8_BK};"),
+        ] {
+            assert!(src.contains(&line), "{line} not in grouped_gemm.cu");
+        }
+        assert!(fp8_smem_bytes() <= 227 * 1024, "fp8 kernel over the sm_90 shared-memory limit");
     }
 
     /// A problem at address 0 of one buffer.
@@ -435,17 +653,48 @@ mod tests {
     #[test]
     fn operands_of_all_experts_form_one_tensor() {
         // Three experts of 5, 0 and 3 rows of 64 bf16 (128 bytes), packed from 0x1000.
-        let t =
-            operand_tensor("A", &[(at(0x1000), 64, 5), (at(0x1000 + 5 * 128), 64, 0), (at(0x1000 + 5 * 128), 64, 3)])
-                .unwrap();
+        let t = operand_tensor(
+            "A",
+            2,
+            &[(at(0x1000), 64, 5), (at(0x1000 + 5 * 128), 64, 0), (at(0x1000 + 5 * 128), 64, 3)],
+        )
+        .unwrap();
         assert_eq!((t.base, t.width, t.rows, t.first_row), (0x1000, 64, 8, vec![0, 0, 5]));
         // Weights stacked in any order are fine too.
-        let t = operand_tensor("B", &[(at(0x2000 + 256), 64, 2), (at(0x2000), 64, 2)]).unwrap();
+        let t = operand_tensor("B", 2, &[(at(0x2000 + 256), 64, 2), (at(0x2000), 64, 2)]).unwrap();
         assert_eq!((t.base, t.rows, t.first_row), (0x2000, 4, vec![2, 0]));
-        assert!(operand_tensor("A", &[(at(0x1000), 64, 5), (at(0x1000 + 100), 64, 3)])
+        assert!(operand_tensor("A", 2, &[(at(0x1000), 64, 5), (at(0x1000 + 100), 64, 3)])
             .unwrap_err()
             .contains("whole number"));
-        assert!(operand_tensor("B", &[(at(0x1000), 64, 5), (at(0x3000), 32, 3)]).unwrap_err().starts_with("B:"));
+        assert!(operand_tensor("B", 2, &[(at(0x1000), 64, 5), (at(0x3000), 32, 3)]).unwrap_err().starts_with("B:"));
+        // fp8 codes: rows of 16 one-byte elements are 16 bytes, rows of 8 are refused.
+        assert_eq!(operand_tensor("A", 1, &[(at(0x1000), 16, 2), (at(0x1020), 16, 1)]).unwrap().first_row, vec![0, 2]);
+        assert!(operand_tensor("A", 1, &[(at(0x1000), 8, 2)]).unwrap_err().contains("16 bytes"));
+    }
+
+    /// The fp8 layout: the layers' packed activations (A) and stacked weights (B) form one
+    /// tensor each; C rows that are not a multiple of 8 or experts' operands in two buffers are
+    /// refused with the reason.
+    #[test]
+    fn fp8_layout_takes_packed_experts_and_names_refusals() {
+        let q = |m: usize, n: usize, k: usize, a_row: usize, b_row: usize| Fp8Problem {
+            m,
+            n,
+            k,
+            a: at((a_row * k) as u64),
+            b: at((0x10_0000 + b_row * k) as u64),
+            c: 0x20_0000,
+            scale_a: 0,
+            scale_b: 0,
+            accumulate: false,
+        };
+        let (a, b) = fp8_layout(&[q(5, 32, 64, 0, 0), q(0, 32, 64, 5, 32), q(3, 32, 64, 5, 64)]).unwrap();
+        assert_eq!((a.rows, a.first_row), (8, vec![0, 0, 5]));
+        assert_eq!((b.base, b.rows, b.first_row), (0x10_0000, 96, vec![0, 0, 64]));
+        assert!(fp8_layout(&[q(5, 36, 64, 0, 0)]).unwrap_err().contains("problem 0"));
+        let mut other = q(3, 32, 64, 5, 32);
+        other.b = Operand { addr: 0x30_0000, alloc: 0x30_0000 };
+        assert!(fp8_layout(&[q(5, 32, 64, 0, 0), other]).unwrap_err().contains("more than one buffer"));
     }
 
     /// The kernel source compiles for sm_90a wherever libnvrtc is loadable (no GPU needed),
@@ -469,5 +718,10 @@ mod tests {
             }
         }
         assert!(src.contains("wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16"));
+        for v in fp8_variants() {
+            let name = fp8_kernel_name(v);
+            assert!(src.contains(&format!(".entry {name}(")), "{name} missing from the PTX");
+        }
+        assert!(src.contains("wgmma.mma_async.sync.aligned.m64n128k32.f32.e5m2.e4m3"));
     }
 }

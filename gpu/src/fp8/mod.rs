@@ -21,7 +21,8 @@
 use crate::engine::Engine;
 use crate::error::GpuError;
 use crate::kernels::{ActCodes, ActFp8Out, ActParams};
-use crate::memory::{DeviceBuffer, Region};
+use crate::memory::{DeviceBuffer, Operand, Region};
+use crate::persistent::{Fp8Problem, Fp8Variant};
 use cudarc::cublaslt::{result as lt, sys as lt_sys};
 use cudarc::driver::{CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 use moe_reference::fp8::mxfp8::max_norm_rcp;
@@ -403,7 +404,7 @@ impl Fp8Engine {
                 unsafe { cudarc::driver::result::memset_d8_async(c, 0, bytes, stream) }?;
                 Ok(())
             }
-            Fp8Work::Matmul { key, scales, addrs } => {
+            Fp8Work::Matmul { key, scales, addrs, .. } => {
                 let ws = match ws {
                     Some(ws) => ws,
                     None => self.lt_workspace.addr(0, LT_WORKSPACE, "cuBLASLt workspace")?,
@@ -1220,8 +1221,9 @@ impl Engine {
         if !k.is_multiple_of(16) {
             return Err(GpuError::Unsupported(format!("fp8 GEMM: k = {k} is not a multiple of 16 (cuBLASLt fp8)")));
         }
-        let a_addr = a.0.addr(m * k, "fp8 GEMM operand A")?;
-        let b_addr = b.0.addr(n * k, "fp8 GEMM operand B")?;
+        let a_op = a.0.operand(m * k, "fp8 GEMM operand A")?;
+        let b_op = b.0.operand(n * k, "fp8 GEMM operand B")?;
+        let (a_addr, b_addr) = (a_op.addr, b_op.addr);
         let sa = a.2.addr(4, "fp8 GEMM scale_inv A")?;
         let sb = b.2.addr(4, "fp8 GEMM scale_inv B")?;
         let context = format!(
@@ -1244,7 +1246,13 @@ impl Engine {
             align: [alignment(a_addr), alignment(b_addr), alignment(c_addr)],
             block_modes: None,
         };
-        Ok(Fp8GemmOp { work: Fp8Work::Matmul { key, scales: (sa, sb), addrs: (a_addr, b_addr, c_addr) }, context })
+        let work = Fp8Work::Matmul {
+            key,
+            scales: (sa, sb),
+            addrs: (a_addr, b_addr, c_addr),
+            allocs: (a_op.alloc, b_op.alloc),
+        };
+        Ok(Fp8GemmOp { work, context })
     }
 
     /// Issues checked fp8 GEMMs on the engine's stream (ordered after the work queued before and
@@ -1256,6 +1264,11 @@ impl Engine {
     /// the same bits (each GEMM writes its own output). A capture that another thread's call invalidates (several engines share a device's
     /// primary context) is not cached; the list is then issued one by one.
     pub fn run_fp8_ops(&mut self, ops: &[Fp8GemmOp], issue: Fp8Issue) -> Result<(), GpuError> {
+        let issue = match issue {
+            Fp8Issue::Persistent if self.run_fp8_grouped(ops)? => return Ok(()),
+            Fp8Issue::Persistent => Fp8Issue::Graph { lanes: AUTO_FP8_LANES },
+            other => other,
+        };
         let (ctx, main) = (self.ctx.clone(), self.stream.clone());
         let fe = self.fp8_engine()?;
         match issue {
@@ -1266,11 +1279,65 @@ impl Engine {
         }
     }
 
+    /// [`Fp8Issue::Persistent`]: the per-tensor GEMMs of `ops` as launches of the fp8 grouped
+    /// GEMM (`crate::persistent`), the memsets of empty contractions after them. `Ok(false)`,
+    /// nothing issued, when the list has no GEMM, mixes formats, output dtypes or accumulation
+    /// modes, has block-scaled GEMMs, an e5m2 B, an fp32 output, or a layout the kernel does not
+    /// take.
+    fn run_fp8_grouped(&mut self, ops: &[Fp8GemmOp]) -> Result<bool, GpuError> {
+        let mut variant = None;
+        let mut problems = Vec::with_capacity(ops.len());
+        for op in ops {
+            let Fp8Work::Matmul { key, scales, addrs, allocs } = op.work else { continue };
+            if key.block_modes.is_some()
+                || key.formats.1 != Fp8Format::E4M3
+                || !matches!(key.out, Dtype::Bf16 | Dtype::F16)
+            {
+                return Ok(false);
+            }
+            let v = Fp8Variant {
+                a_e5m2: key.formats.0 == Fp8Format::E5M2,
+                out: key.out,
+                split_accumulation: !key.fast_accum,
+            };
+            if variant.is_some_and(|seen| seen != v) {
+                return Ok(false);
+            }
+            variant = Some(v);
+            let (m, n, k) = key.dims;
+            problems.push(Fp8Problem {
+                m,
+                n,
+                k,
+                a: Operand { addr: addrs.0, alloc: allocs.0 },
+                b: Operand { addr: addrs.1, alloc: allocs.1 },
+                c: addrs.2,
+                scale_a: scales.0,
+                scale_b: scales.1,
+                accumulate: key.beta_one,
+            });
+        }
+        let Some(variant) = variant else { return Ok(false) };
+        if !self.run_fp8_persistent(variant, &problems)? {
+            return Ok(false);
+        }
+        let main = self.stream.clone();
+        let fe = self.fp8_engine()?;
+        for op in ops.iter().filter(|o| matches!(o.work, Fp8Work::Zero { .. })) {
+            fe.issue(op, main.cu_stream(), None)?;
+        }
+        Ok(true)
+    }
+
     /// Fp8 GEMM lists whose graph capture another thread invalidated (issued one by one).
     pub fn fp8_capture_fallbacks(&self) -> u64 {
         self.fp8.as_ref().map_or(0, |f| f.capture_fallbacks)
     }
 }
+
+/// The graph branches the fp8 GEMM lists of [`crate::Strategy::Auto`] get, and the fallback of
+/// [`Fp8Issue::Persistent`] (docs/performance.md).
+pub const AUTO_FP8_LANES: usize = 4;
 
 /// How [`Engine::run_fp8_ops`] issues a list of fp8 GEMMs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1282,6 +1349,10 @@ pub enum Fp8Issue {
         /// Parallel branches (side streams); 0 or 1: one branch.
         lanes: usize,
     },
+    /// The fp8 grouped GEMM (`kernels/grouped_gemm.cu`, Hopper): one launch for every per-tensor
+    /// GEMM of the list (same formats, output dtype and accumulation). Lists the kernel does not
+    /// take run as `Graph` with [`AUTO_FP8_LANES`] branches.
+    Persistent,
 }
 
 /// One checked fp8 GEMM (or the memset of an empty contraction), ready to issue
@@ -1300,8 +1371,9 @@ enum Fp8Work {
     Nothing,
     /// `k = 0`, beta 0: `C` becomes exact zeros.
     Zero { c: u64, bytes: usize },
-    /// A cuBLASLt matmul of `key` with these scale pointers and (A, B, C) addresses.
-    Matmul { key: PlanKey, scales: (u64, u64), addrs: (u64, u64, u64) },
+    /// A cuBLASLt matmul of `key` with these scale pointers and (A, B, C) addresses (A and B
+    /// inside the allocations at `allocs`).
+    Matmul { key: PlanKey, scales: (u64, u64), addrs: (u64, u64, u64), allocs: (u64, u64) },
 }
 
 /// What both fp8 GEMMs do before their own checks.
@@ -1708,8 +1780,9 @@ impl Engine {
                 "fp8 block GEMM: (m, n, k) = ({m}, {n}, {k}) needs k a multiple of 16, m and n of 8 (cuBLASLt block scaling)"
             )));
         }
-        let a_addr = a.codes.addr(m * k, "fp8 block GEMM operand A")?;
-        let b_addr = b.codes.addr(n * k, "fp8 block GEMM operand B")?;
+        let a_op = a.codes.operand(m * k, "fp8 block GEMM operand A")?;
+        let b_op = b.codes.operand(n * k, "fp8 block GEMM operand B")?;
+        let (a_addr, b_addr) = (a_op.addr, b_op.addr);
         let sa = a.scale_inv.addr(BlockOperand::scale_dims(a.tile, m, k).1 * 4, "fp8 block GEMM scales A")?;
         let sb = b.scale_inv.addr(BlockOperand::scale_dims(b.tile, n, k).1 * 4, "fp8 block GEMM scales B")?;
         let context = format!(
@@ -1725,7 +1798,13 @@ impl Engine {
             align: [alignment(a_addr), alignment(b_addr), alignment(c_addr)],
             block_modes: Some((BlockOperand::scale_mode(a.tile), BlockOperand::scale_mode(b.tile))),
         };
-        Ok(Fp8GemmOp { work: Fp8Work::Matmul { key, scales: (sa, sb), addrs: (a_addr, b_addr, c_addr) }, context })
+        let work = Fp8Work::Matmul {
+            key,
+            scales: (sa, sb),
+            addrs: (a_addr, b_addr, c_addr),
+            allocs: (a_op.alloc, b_op.alloc),
+        };
+        Ok(Fp8GemmOp { work, context })
     }
 }
 

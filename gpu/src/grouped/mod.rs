@@ -22,7 +22,7 @@ mod lanes;
 use crate::error::GpuError;
 use crate::gemm::{fills_gpu_alone, prefer_persistent, GemmProblem, Strategy, AUTO_HYBRID_WAVES};
 use crate::memory::Operand;
-use crate::persistent::{persistent_layout, PersistentKernels};
+use crate::persistent::{fp8_layout, persistent_layout, Fp8Problem, Fp8Variant, PersistentKernels};
 use cublas::{uniform_strides, ColMajorGemm};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{sys as driver_sys, CudaContext, CudaGraph, CudaSlice, CudaStream, DevicePtr};
@@ -81,6 +81,8 @@ pub(crate) struct GroupedExecutor {
     /// Graph captures another thread invalidated (their lists were issued directly).
     pub(crate) capture_fallbacks: u64,
     launches: u64,
+    /// Launches of the fp8 grouped GEMM (also counted in `launches`).
+    fp8_launches: u64,
 }
 
 impl std::fmt::Debug for GroupedExecutor {
@@ -109,6 +111,7 @@ impl GroupedExecutor {
             persistent: None,
             capture_fallbacks: 0,
             launches: 0,
+            fp8_launches: 0,
         })
     }
 
@@ -214,6 +217,34 @@ impl GroupedExecutor {
         };
         self.launches += kernels.run(&self.stream, tile_n, dt, (ta, tb), problems, &layout)?;
         Ok(true)
+    }
+
+    /// Runs the per-tensor fp8 GEMMs `problems` on the fp8 grouped GEMM (loaded on first use,
+    /// with the bf16 kernels). `Ok(false)`, nothing issued, when the list is not eligible
+    /// ([`fp8_layout`]) or the GPU cannot run the kernel.
+    pub(crate) fn run_fp8_persistent(
+        &mut self,
+        variant: Fp8Variant,
+        problems: &[Fp8Problem],
+    ) -> Result<bool, GpuError> {
+        let Ok(layout) = fp8_layout(problems) else {
+            return Ok(false);
+        };
+        if self.persistent.is_none() {
+            self.persistent = Some(PersistentKernels::load(&self.ctx).map_err(|e| e.to_string()));
+        }
+        let Some(Ok(kernels)) = &self.persistent else {
+            return Ok(false);
+        };
+        let n = kernels.run_fp8(&self.stream, variant, problems, &layout)?;
+        self.launches += n;
+        self.fp8_launches += n;
+        Ok(true)
+    }
+
+    /// Launches of the fp8 grouped GEMM so far.
+    pub(crate) fn fp8_launches(&self) -> u64 {
+        self.fp8_launches
     }
 
     /// Drops every cached graph and pointer array (benches use it to time a capture per call).

@@ -23,6 +23,7 @@
 use super::{DeviceLayer, Dims, Workspace};
 use crate::engine::Engine;
 use crate::error::GpuError;
+pub use crate::fp8::AUTO_FP8_LANES;
 use crate::fp8::{Fp8Issue, SegmentMap, SegmentScales, SegmentedFp8};
 use crate::gemm::Strategy;
 use crate::kernels::ActParams;
@@ -104,11 +105,14 @@ pub fn fp8_support(cfg: &LayerConfig, padded: Option<&[usize]>) -> Result<Fp8Con
 
 /// How the per-expert fp8 GEMMs of a linear are issued ([`Engine::run_fp8_ops`]): one captured
 /// CUDA graph with [`AUTO_FP8_LANES`] branches for [`Strategy::Auto`], with `s` for
-/// [`Strategy::Graph`]`(s)`; one cuBLASLt call after another for the other strategies.
+/// [`Strategy::Graph`]`(s)`; the fp8 grouped GEMM for [`Strategy::Persistent`] (the per-tensor
+/// recipes; lists it does not take, and blockwise GEMMs, run as `Auto`'s graph); one cuBLASLt
+/// call after another for the other strategies.
 pub(super) fn graph_of(strategy: Strategy) -> Fp8Issue {
     match strategy {
         Strategy::Auto => Fp8Issue::Graph { lanes: AUTO_FP8_LANES },
         Strategy::Graph(s) => Fp8Issue::Graph { lanes: s },
+        Strategy::Persistent(_) => Fp8Issue::Persistent,
         _ => Fp8Issue::Direct,
     }
 }
@@ -120,9 +124,6 @@ pub(super) fn graph_of(strategy: Strategy) -> Fp8Issue {
 pub(super) fn fuses_activation_quantization(strategy: Strategy) -> bool {
     strategy != Strategy::Loop
 }
-
-/// The graph branches [`Strategy::Auto`] gives the fp8 GEMMs (docs/performance.md).
-pub const AUTO_FP8_LANES: usize = 4;
 
 /// Issues one fp8 GEMM per local expert, `gemm(eng, e)` for `e` in `0..experts`, as one list
 /// ([`Engine::run_fp8_ops`] with `issue`).
