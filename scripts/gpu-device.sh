@@ -95,6 +95,7 @@ for s in $steps; do
         gpu_fp8::delayed_scaling_casts_records_and_updates_like_the_reference
         gpu_fp8::fused_activation_quantization_equals_the_quantizer_on_its_output
         gpu_fp8::segmented_block_quantizer_equals_the_per_segment_quantizer
+        gpu_fp8::fp8_grouped_gemm_equals_the_exact_product_on_exact_operands
       )
       hybrid=gpu_grouped::hybrid_strategy_runs_large_experts_on_cublas_and_the_rest_on_the_persistent_kernel
       for tool in memcheck racecheck; do

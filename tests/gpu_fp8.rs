@@ -375,8 +375,12 @@ fn fp8_gemm_equals_the_reference_model_on_exact_operands() {
 /// entries sit at random columns, so every k-step counts), each expert with its own power-of-2
 /// scale_inv on A and on B (a scale read from the wrong expert moves results by powers of two),
 /// both A formats, bf16 and f16 outputs, fast and split accumulation, beta 0 into a
-/// NaN-poisoned output and beta 1 onto an integer output. Rows past the last expert must keep
-/// their bytes. The same list through cuBLASLt (`Fp8Issue::Direct`) must give the same bits.
+/// NaN-poisoned output and beta 1 onto an integer output (`C = s·AB + C`, rounded once). Rows
+/// past the last expert must keep their bytes. The same list through cuBLASLt
+/// (`Fp8Issue::Direct`) must give the same bits under beta 0; under beta 1 cuBLASLt's fp8 GEMM
+/// is not held to the single rounding: on the H200 (cuBLASLt 13.1) it returned 137 where the
+/// once-rounded exact result is 138 (bf16), as if `s·AB` were rounded to the output dtype
+/// before `C` is added (docs/gpu-validation.md).
 #[test]
 fn fp8_grouped_gemm_equals_the_exact_product_on_exact_operands() {
     let Some(gpu) = gpu("fp8_grouped_gemm_equals_the_exact_product_on_exact_operands") else { return };
@@ -447,7 +451,12 @@ fn fp8_grouped_gemm_equals_the_exact_product_on_exact_operands() {
                                 dst += &prod;
                             }
                         }
-                        for issue in [Fp8Issue::Persistent, Fp8Issue::Direct] {
+                        let issues: &[Fp8Issue] = if beta == 0.0 {
+                            &[Fp8Issue::Persistent, Fp8Issue::Direct]
+                        } else {
+                            &[Fp8Issue::Persistent]
+                        };
+                        for &issue in issues {
                             let what = format!(
                                 "{issue:?} experts {rows:?} n {n} k {k} {fa}xe4m3 -> {out_dt} fast_accum={fast} beta={beta}"
                             );
@@ -1163,9 +1172,9 @@ fn the_fused_and_unfused_delayed_updates_differ_on_the_stirred_states() {
     assert!(differ > 0, "the stirred states must tell the fused update from the unfused one");
 }
 
-/// The ways the fp8 layers issue their per-expert GEMMs compute the same bits: one cuBLASLt
-/// call after another (`loop`), one captured graph replayed (`graph1`), a graph of two
-/// branches (`graph2`) and `auto` (four branches), each called twice (the second call replays
+/// The ways the fp8 layers issue their per-expert cuBLASLt GEMMs compute the same bits: one
+/// cuBLASLt call after another (`loop`), one captured graph replayed (`graph1`), a graph of two
+/// branches (`graph2`) and of four (`graph4`, `auto`'s graph), each called twice (the second call replays
 /// the cached graph), tensorwise and delayed, with an empty expert (its wgrad a captured
 /// memset) and deferred wgrad (the weight GEMMs captured in `backward_dw`).
 #[test]
@@ -1197,9 +1206,12 @@ fn fp8_gemm_issue_ways_compute_the_same_bits() {
             runs
         };
         let base = run(moe_gpu::Strategy::Loop).remove(0);
-        for strategy in
-            [moe_gpu::Strategy::Loop, moe_gpu::Strategy::Graph(1), moe_gpu::Strategy::Graph(2), moe_gpu::Strategy::Auto]
-        {
+        for strategy in [
+            moe_gpu::Strategy::Loop,
+            moe_gpu::Strategy::Graph(1),
+            moe_gpu::Strategy::Graph(2),
+            moe_gpu::Strategy::Graph(4),
+        ] {
             for (call, r) in run(strategy).iter().enumerate() {
                 for d in moe_harness::compare::compare_runs(&cfg, r, &base, None, Tolerance::EXACT) {
                     assert!(d.passed(), "{recipe} {strategy:?} call {call} differs from loop: {d}");

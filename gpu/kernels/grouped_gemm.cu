@@ -417,7 +417,8 @@ GROUPED_GEMM_LAYOUTS(f16, true, 256, 3)
 // wgmma.m64n128k32 advances the descriptors by 32 bytes. Accumulation as TE's GEMM parameters
 // ask: fast (SPLIT = false: the tensor cores' accumulator runs the whole K, cuBLASLt's
 // FAST_ACCUM) or split (SPLIT = true: each 128-wide k-step accumulates into a fresh partial
-// sum that is then added to an f32 accumulator in registers, DeepSeek's promotion).
+// sum that is then added to an f32 accumulator in registers, DeepSeek's promotion; two
+// partial sums alternate, so one k-step's wgmmas run while the previous one's are added).
 // Columns past k are zero-filled by TMA (rows of width k), so K-tails need no masking.
 
 struct Fp8Problem {
@@ -462,6 +463,25 @@ template <bool A_E5M2>
 __device__ __forceinline__ void wgmma_fp8(float (&d)[64], u64 da, u64 db, int scale_d) {
     if constexpr (A_E5M2) wgmma_m64n128k32_e5m2_e4m3(d, da, db, scale_d);
     else wgmma_m64n128k32_e4m3_e4m3(d, da, db, scale_d);
+}
+
+// Issues one k-step (4 x k32) of warpgroup `cw`'s 64 rows into `d` from the stage at a_base /
+// b_base; `fresh`: the first wgmma overwrites d (a split-accumulation partial sum).
+template <bool A_E5M2>
+__device__ __forceinline__ void fp8_k_step(float (&d)[64], u32 a_base, u32 b_base, int cw, bool fresh) {
+    fence_regs(d);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < FP8_BK / 32; ++kk) {
+        wgmma_fp8<A_E5M2>(d, make_desc(a_base + cw * 64 * 128 + kk * 32, 16, 1024), make_desc(b_base + kk * 32, 16, 1024),
+                          (fresh && kk == 0) ? 0 : 1);
+    }
+    wgmma_commit();
+}
+
+__device__ __forceinline__ void add_into(float (&acc)[64], float (&part)[64]) {
+#pragma unroll
+    for (int j = 0; j < 64; ++j) acc[j] += part[j];
 }
 
 template <bool A_E5M2, bool F16, bool SPLIT>
@@ -534,7 +554,9 @@ __device__ __forceinline__ void grouped_gemm_fp8_body(const Fp8Params& params) {
         asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
         const int cw = wg - 1;
         float acc[64];
-        float part[SPLIT ? 64 : 1];
+        // Split accumulation: two partial sums, so that k-step kt multiplies into one while the
+        // other (k-step kt - 1) is added into acc once its wgmmas have completed.
+        float part0[SPLIT ? 64 : 1], part1[SPLIT ? 64 : 1];
         int it = 0, tc = 0;
         for (int i = 0, tile = cta_tile(0); tile < total_tiles; tile = cta_tile(++i), ++tc) {
             const Fp8Problem& p = find_problem(params, tile);
@@ -546,38 +568,34 @@ __device__ __forceinline__ void grouped_gemm_fp8_body(const Fp8Params& params) {
                 mbar_wait(bars + 8 * slot, (it / STAGES) & 1);
                 const u32 a_base = smem + slot * STAGE_BYTES, b_base = a_base + A_BYTES;
                 if constexpr (SPLIT) {
-                    fence_regs(part);
-                    wgmma_fence();
-#pragma unroll
-                    for (int kk = 0; kk < FP8_BK / 32; ++kk) {
-                        wgmma_fp8<A_E5M2>(part, make_desc(a_base + cw * 64 * 128 + kk * 32, 16, 1024),
-                                          make_desc(b_base + kk * 32, 16, 1024), kk > 0);
+                    if (kt & 1) fp8_k_step<A_E5M2>(part1, a_base, b_base, cw, true);
+                    else fp8_k_step<A_E5M2>(part0, a_base, b_base, cw, true);
+                    wgmma_wait<1>();  // k-step kt - 1 is done: promote its partial sum
+                    fence_regs(part0);
+                    fence_regs(part1);
+                    if (kt > 0) {
+                        if (kt & 1) add_into(acc, part0);
+                        else add_into(acc, part1);
+                        if (t == 0) mbar_arrive(bars + 8 * (STAGES + (it - 1) % STAGES));
                     }
-                    wgmma_commit();
-                    wgmma_wait<0>();
-                    fence_regs(part);
-                    if (t == 0) mbar_arrive(bars + 8 * (STAGES + slot));  // this k-step's slot is read
-#pragma unroll
-                    for (int j = 0; j < 64; ++j) acc[j] += part[j];
                 } else {
-                    fence_regs(acc);
-                    wgmma_fence();
-#pragma unroll
-                    for (int kk = 0; kk < FP8_BK / 32; ++kk) {
-                        wgmma_fp8<A_E5M2>(acc, make_desc(a_base + cw * 64 * 128 + kk * 32, 16, 1024),
-                                          make_desc(b_base + kk * 32, 16, 1024), 1);
-                    }
-                    wgmma_commit();
+                    fp8_k_step<A_E5M2>(acc, a_base, b_base, cw, false);
                     wgmma_wait<1>();
                     fence_regs(acc);
                     if (kt > 0 && t == 0) mbar_arrive(bars + 8 * (STAGES + (it - 1) % STAGES));
                 }
             }
-            if constexpr (!SPLIT) {
-                wgmma_wait<0>();
-                fence_regs(acc);
-                if (ktiles > 0 && t == 0) mbar_arrive(bars + 8 * (STAGES + (it - 1) % STAGES));
+            wgmma_wait<0>();
+            if constexpr (SPLIT) {
+                fence_regs(part0);
+                fence_regs(part1);
+                if (ktiles > 0) {
+                    if ((ktiles - 1) & 1) add_into(acc, part1);
+                    else add_into(acc, part0);
+                }
             }
+            fence_regs(acc);
+            if (ktiles > 0 && t == 0) mbar_arrive(bars + 8 * (STAGES + (it - 1) % STAGES));
 
             // Epilogue: scale, add C when beta = 1, round once, stage for the storers (the
             // accumulator layout is the bf16 kernel's).

@@ -20,6 +20,7 @@
 
 use crate::engine::Engine;
 use crate::error::GpuError;
+use crate::gemm::{fills_gpu_alone, prefer_persistent, GemmProblem, AUTO_HYBRID_WAVES};
 use crate::kernels::{ActCodes, ActFp8Out, ActParams};
 use crate::memory::{DeviceBuffer, Operand, Region};
 use crate::persistent::{Fp8Problem, Fp8Variant};
@@ -1266,7 +1267,8 @@ impl Engine {
     pub fn run_fp8_ops(&mut self, ops: &[Fp8GemmOp], issue: Fp8Issue) -> Result<(), GpuError> {
         let issue = match issue {
             Fp8Issue::Persistent if self.run_fp8_grouped(ops)? => return Ok(()),
-            Fp8Issue::Persistent => Fp8Issue::Graph { lanes: AUTO_FP8_LANES },
+            Fp8Issue::Auto if self.run_fp8_hybrid(ops)? => return Ok(()),
+            Fp8Issue::Persistent | Fp8Issue::Auto => Fp8Issue::Graph { lanes: AUTO_FP8_LANES },
             other => other,
         };
         let (ctx, main) = (self.ctx.clone(), self.stream.clone());
@@ -1329,10 +1331,47 @@ impl Engine {
         Ok(true)
     }
 
+    /// [`Fp8Issue::Auto`]'s kernel branch: where [`prefer_persistent`] says the list's experts are
+    /// many and small, the GEMMs that fill the GPU alone for [`AUTO_HYBRID_WAVES`] waves
+    /// ([`fills_gpu_alone`]) one by one on cuBLASLt and the rest as one fp8 grouped GEMM launch
+    /// (the bf16 `Auto`'s hybrid split). `Ok(false)`, nothing issued, otherwise.
+    fn run_fp8_hybrid(&mut self, ops: &[Fp8GemmOp]) -> Result<bool, GpuError> {
+        let dims = |op: &Fp8GemmOp| match op.work {
+            Fp8Work::Matmul { key, .. } => Some(GemmProblem::dims(key.dims.0, key.dims.1, key.dims.2)),
+            _ => None,
+        };
+        let problems: Vec<Option<GemmProblem<()>>> = ops.iter().map(dims).collect();
+        let Some(on_cublaslt) = auto_split(&problems, self.sm_count()) else {
+            return Ok(false);
+        };
+        let (mut large, mut small) = (Vec::new(), Vec::new());
+        for (op, on_cublaslt) in ops.iter().zip(on_cublaslt) {
+            if on_cublaslt { &mut large } else { &mut small }.push(op.clone());
+        }
+        if !self.run_fp8_grouped(&small)? {
+            return Ok(false);
+        }
+        let main = self.stream.clone();
+        let fe = self.fp8_engine()?;
+        large.iter().try_for_each(|op| fe.issue(op, main.cu_stream(), None))?;
+        Ok(true)
+    }
+
     /// Fp8 GEMM lists whose graph capture another thread invalidated (issued one by one).
     pub fn fp8_capture_fallbacks(&self) -> u64 {
         self.fp8.as_ref().map_or(0, |f| f.capture_fallbacks)
     }
+}
+
+/// [`Fp8Issue::Auto`]'s choice for a list of GEMMs (`None`: not a GEMM) on a GPU of `sms`
+/// multiprocessors: `None` for a graph (few or large experts, [`prefer_persistent`]), else which
+/// GEMMs go to cuBLASLt one by one ([`fills_gpu_alone`] for [`AUTO_HYBRID_WAVES`] waves; the
+/// rest run on the fp8 grouped GEMM).
+fn auto_split(problems: &[Option<GemmProblem<()>>], sms: usize) -> Option<Vec<bool>> {
+    let gemms: Vec<GemmProblem<()>> = problems.iter().flatten().cloned().collect();
+    prefer_persistent(&gemms).then(|| {
+        problems.iter().map(|p| p.as_ref().is_some_and(|p| fills_gpu_alone(p, AUTO_HYBRID_WAVES, sms))).collect()
+    })
 }
 
 /// The graph branches the fp8 GEMM lists of [`crate::Strategy::Auto`] get, and the fallback of
@@ -1353,6 +1392,10 @@ pub enum Fp8Issue {
     /// GEMM of the list (same formats, output dtype and accumulation). Lists the kernel does not
     /// take run as `Graph` with [`AUTO_FP8_LANES`] branches.
     Persistent,
+    /// Chosen per list (docs/performance.md): many small experts ([`prefer_persistent`]) on the
+    /// fp8 grouped GEMM, any expert that fills the GPU alone on cuBLASLt; else, and for lists the
+    /// kernel does not take, `Graph` with [`AUTO_FP8_LANES`] branches.
+    Auto,
 }
 
 /// One checked fp8 GEMM (or the memset of an empty contraction), ready to issue
@@ -1990,10 +2033,32 @@ mod tests {
 
 #[cfg(test)]
 mod alignment_tests {
-    use super::alignment;
+    use super::{alignment, auto_split, GemmProblem};
 
     /// cuBLASLt is told each operand's real alignment (its largest power-of-two divisor, at
     /// most 256): an overstated one lets the heuristic pick a kernel the pointer cannot feed.
+    /// `Auto`'s fp8 choice at the model shapes (132 SMs): Qwen3-30B-A3B's and GPT-OSS-120B's
+    /// forward GEMMs (128 experts of 512 and 256 rows) go to the grouped kernel, with a Zipf
+    /// split's one large expert (4096 rows of GPT-OSS fc1: 32 x 23 tiles) on cuBLASLt;
+    /// Mixtral's (8 experts of 4096 rows) and DeepSeek-V3's (32 of 1024) stay on the graph.
+    #[test]
+    fn auto_takes_the_grouped_kernel_for_many_small_experts_only() {
+        let list = |rows: &[usize], n: usize, k: usize| -> Vec<Option<GemmProblem<()>>> {
+            rows.iter().map(|&m| Some(GemmProblem::dims(m, n, k))).collect()
+        };
+        assert_eq!(auto_split(&list(&[512; 128], 1536, 2048), 132), Some(vec![false; 128]));
+        let mut zipf = vec![128; 127];
+        zipf.insert(0, 4096);
+        let split = auto_split(&list(&zipf, 5760, 2880), 132).expect("kernel");
+        assert!(split[0] && split[1..].iter().all(|&l| !l), "{split:?}");
+        assert_eq!(auto_split(&list(&[4096; 8], 28672, 4096), 132), None);
+        assert_eq!(auto_split(&list(&[1024; 32], 4096, 7168), 132), None);
+        // Memsets and empty outputs (no GEMM) are neither.
+        let mut with_empty = list(&[512; 4], 1536, 2048);
+        with_empty.push(None);
+        assert_eq!(auto_split(&with_empty, 132), Some(vec![false; 5]));
+    }
+
     #[test]
     fn alignment_is_the_largest_power_of_two_divisor_up_to_256() {
         assert_eq!(alignment(0x1000), 256);

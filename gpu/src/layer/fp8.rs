@@ -23,7 +23,6 @@
 use super::{DeviceLayer, Dims, Workspace};
 use crate::engine::Engine;
 use crate::error::GpuError;
-pub use crate::fp8::AUTO_FP8_LANES;
 use crate::fp8::{Fp8Issue, SegmentMap, SegmentScales, SegmentedFp8};
 use crate::gemm::Strategy;
 use crate::kernels::ActParams;
@@ -103,14 +102,15 @@ pub fn fp8_support(cfg: &LayerConfig, padded: Option<&[usize]>) -> Result<Fp8Con
     Ok(f)
 }
 
-/// How the per-expert fp8 GEMMs of a linear are issued ([`Engine::run_fp8_ops`]): one captured
-/// CUDA graph with [`AUTO_FP8_LANES`] branches for [`Strategy::Auto`], with `s` for
+/// How the per-expert fp8 GEMMs of a linear are issued ([`Engine::run_fp8_ops`]):
+/// [`Fp8Issue::Auto`] for [`Strategy::Auto`] (the fp8 grouped GEMM for many small experts, else
+/// one captured CUDA graph with [`crate::fp8::AUTO_FP8_LANES`] branches), a graph with `s` branches for
 /// [`Strategy::Graph`]`(s)`; the fp8 grouped GEMM for [`Strategy::Persistent`] (the per-tensor
-/// recipes; lists it does not take, and blockwise GEMMs, run as `Auto`'s graph); one cuBLASLt
-/// call after another for the other strategies.
+/// recipes; lists it does not take, and blockwise GEMMs, run as a graph); one cuBLASLt call after
+/// another for the other strategies.
 pub(super) fn graph_of(strategy: Strategy) -> Fp8Issue {
     match strategy {
-        Strategy::Auto => Fp8Issue::Graph { lanes: AUTO_FP8_LANES },
+        Strategy::Auto => Fp8Issue::Auto,
         Strategy::Graph(s) => Fp8Issue::Graph { lanes: s },
         Strategy::Persistent(_) => Fp8Issue::Persistent,
         _ => Fp8Issue::Direct,
