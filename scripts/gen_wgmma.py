@@ -28,16 +28,16 @@ __device__ __forceinline__ void wgmma_m64n{n}k16_{ty}(float (&d)[{regs}], u64 de
 '''
 
 
-def fp8_wrapper(a: str, b: str) -> str:
-    """m64n128k32 with fp8 operands (both K-major: wgmma has no transpose for 8-bit types) and
+def fp8_wrapper(n: int, a: str, b: str) -> str:
+    """m64nNk32 with fp8 operands (both K-major: wgmma has no transpose for 8-bit types) and
     a run-time scale-d (0: D = A·B, the first k-step of a split-accumulation partial sum)."""
-    regs = 64
+    regs = n // 2
     dlist = ", ".join(f"%{i}" for i in range(regs))
     outs = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
-    return f'''__device__ __forceinline__ void wgmma_m64n128k32_{a}_{b}(float (&d)[{regs}], u64 desc_a, u64 desc_b, int scale_d) {{
+    return f'''__device__ __forceinline__ void wgmma_m64n{n}k32_{a}_{b}(float (&d)[{regs}], u64 desc_a, u64 desc_b, int scale_d) {{
     asm volatile(
         "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{regs + 2}, 0;\\n"
-        "wgmma.mma_async.sync.aligned.m64n128k32.f32.{a}.{b} "
+        "wgmma.mma_async.sync.aligned.m64n{n}k32.f32.{a}.{b} "
         "{{{dlist}}}, %{regs}, %{regs + 1}, p, 1, 1;\\n}}\\n"
         : {outs}
         : "l"(desc_a), "l"(desc_b), "r"(scale_d));
@@ -48,7 +48,7 @@ def fp8_wrapper(a: str, b: str) -> str:
 def main() -> int:
     text = open(PATH).read()
     body = "".join(wrapper(n, ty) for n in (128, 256) for ty in ("bf16", "f16"))
-    body += "".join(fp8_wrapper(a, "e4m3") for a in ("e4m3", "e5m2"))
+    body += "".join(fp8_wrapper(n, a, "e4m3") for n in (128, 256) for a in ("e4m3", "e5m2"))
     begin, end = "// GENERATED BEGIN (scripts/gen_wgmma.py)\n", "// GENERATED END\n"
     pat = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     if not pat.search(text):

@@ -370,8 +370,8 @@ fn fp8_gemm_equals_the_reference_model_on_exact_operands() {
 /// The fp8 grouped GEMM (`Fp8Issue::Persistent`, one launch for all experts) on exact operands,
 /// held to the exact product bit for bit as cuBLASLt is above: ragged experts (an empty one, a
 /// single row, rows across the kernel's 128-row tiles, so tiles read the next expert's rows),
-/// a second list of 130 experts (over the kernel's 128 problems per launch), n across the
-/// 128-column tiles, K below one 128-wide k-step and with a partial last k-step (the non-zero
+/// a second list of 130 experts (over the kernel's 128 problems per launch), a third large
+/// enough for 256-wide tiles (fast accumulation), n across the 128-column tiles, K below one 128-wide k-step and with a partial last k-step (the non-zero
 /// entries sit at random columns, so every k-step counts), each expert with its own power-of-2
 /// scale_inv on A and on B (a scale read from the wrong expert moves results by powers of two),
 /// both A formats, bf16 and f16 outputs, fast and split accumulation, beta 0 into a
@@ -387,8 +387,12 @@ fn fp8_grouped_gemm_equals_the_exact_product_on_exact_operands() {
     let mut eng = gpu.lock().expect("engine");
     let mut rng = ChaCha8Rng::seed_from_u64(23);
     let options = ScaleOptions { force_pow_2_scales: true, amax_epsilon: 0.0 };
-    let mut lists: Vec<(Vec<usize>, usize, usize)> =
-        vec![(vec![37, 0, 1, 130, 16, 257], 144, 272), (vec![64, 3, 200], 32, 48)];
+    let mut lists: Vec<(Vec<usize>, usize, usize)> = vec![
+        (vec![37, 0, 1, 130, 16, 257], 144, 272),
+        (vec![64, 3, 200], 32, 48),
+        // Enough 128 x 256 tiles to cover 132 SMs: fast accumulation runs the 256-wide tiles.
+        (vec![1100, 0, 1037, 1200], 2304, 272),
+    ];
     lists.push(((0..130).map(|e| 1 + e % 3).collect(), 16, 128));
     let guard = 8;
     let before = eng.fp8_grouped_kernel_launches();
@@ -427,6 +431,7 @@ fn fp8_grouped_gemm_equals_the_exact_product_on_exact_operands() {
                 ndarray::concatenate(ndarray::Axis(0), &views).expect("concatenate")
             };
             let (a, b) = (cat(&a_parts), cat(&b_parts));
+            let prods: Vec<Array2<f64>> = (0..experts).map(|e| a_parts[e].dot(&b_parts[e].t())).collect();
             let (amap, bmap) = (
                 SegmentMap::new(&mut eng, &rows).expect("map"),
                 SegmentMap::new(&mut eng, &vec![n; experts]).expect("map"),
@@ -442,13 +447,12 @@ fn fp8_grouped_gemm_equals_the_exact_product_on_exact_operands() {
                         let old =
                             Array2::from_shape_fn((total + guard, n), |(i, j)| ((i * 7 + j * 3) % 9) as f64 - 4.0);
                         let mut expected = old.clone();
-                        for e in 0..experts {
-                            let prod = a_parts[e].dot(&b_parts[e].t());
+                        for (e, prod) in prods.iter().enumerate() {
                             let mut dst = expected.slice_mut(ndarray::s![offsets[e]..offsets[e] + rows[e], ..]);
                             if beta == 0.0 {
-                                dst.assign(&prod);
+                                dst.assign(prod);
                             } else {
-                                dst += &prod;
+                                dst += prod;
                             }
                         }
                         let issues: &[Fp8Issue] = if beta == 0.0 {

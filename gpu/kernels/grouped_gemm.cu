@@ -180,6 +180,22 @@ __device__ __forceinline__ void wgmma_m64n128k32_e5m2_e4m3(float (&d)[64], u64 d
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
         : "l"(desc_a), "l"(desc_b), "r"(scale_d));
 }
+__device__ __forceinline__ void wgmma_m64n256k32_e4m3_e4m3(float (&d)[128], u64 desc_a, u64 desc_b, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k32.f32.e4m3.e4m3 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+__device__ __forceinline__ void wgmma_m64n256k32_e5m2_e4m3(float (&d)[128], u64 desc_a, u64 desc_b, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k32.f32.e5m2.e4m3 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
 // GENERATED END
 
 template <int N, bool F16, int TA, int TB>
@@ -417,8 +433,10 @@ GROUPED_GEMM_LAYOUTS(f16, true, 256, 3)
 // wgmma.m64n128k32 advances the descriptors by 32 bytes. Accumulation as TE's GEMM parameters
 // ask: fast (SPLIT = false: the tensor cores' accumulator runs the whole K, cuBLASLt's
 // FAST_ACCUM) or split (SPLIT = true: each 128-wide k-step accumulates into a fresh partial
-// sum that is then added to an f32 accumulator in registers, DeepSeek's promotion; two
-// partial sums alternate, so one k-step's wgmmas run while the previous one's are added).
+// sum that is then added to an f32 accumulator in registers, DeepSeek's promotion; the warpgroup
+// waits for each k-step before promoting it. Measured on an H200, a version with two
+// alternating partial sums, one k-step's wgmmas in flight while the previous one is promoted,
+// ran Mixtral's fp8 forward+backward 21% slower: docs/performance.md).
 // Columns past k are zero-filled by TMA (rows of width k), so K-tails need no masking.
 
 struct Fp8Problem {
@@ -441,8 +459,11 @@ struct __align__(128) Fp8Params {
     Fp8Problem p[MAX_PROBLEMS];
 };
 
-constexpr int FP8_BN = 128;
-constexpr int FP8_STAGES = 5;
+// Output tiles 128 x 128 (5 stages) or, fast accumulation only (a split partial sum would
+// double the 128 accumulator registers), 128 x 256 (3 stages: better operand reuse for lists
+// with enough tiles, as in the bf16 kernel).
+constexpr int FP8_STAGES_128 = 5;
+constexpr int FP8_STAGES_256 = 3;
 constexpr int FP8_BK = 128;  // elements (= bytes) per k-step
 
 template <bool F16>
@@ -459,35 +480,42 @@ __device__ __forceinline__ float2 unpack2(u32 v) {
     return r;
 }
 
-template <bool A_E5M2>
-__device__ __forceinline__ void wgmma_fp8(float (&d)[64], u64 da, u64 db, int scale_d) {
-    if constexpr (A_E5M2) wgmma_m64n128k32_e5m2_e4m3(d, da, db, scale_d);
-    else wgmma_m64n128k32_e4m3_e4m3(d, da, db, scale_d);
+template <int BN, bool A_E5M2>
+__device__ __forceinline__ void wgmma_fp8(float (&d)[BN / 2], u64 da, u64 db, int scale_d) {
+    if constexpr (BN == 128) {
+        if constexpr (A_E5M2) wgmma_m64n128k32_e5m2_e4m3(d, da, db, scale_d);
+        else wgmma_m64n128k32_e4m3_e4m3(d, da, db, scale_d);
+    } else {
+        if constexpr (A_E5M2) wgmma_m64n256k32_e5m2_e4m3(d, da, db, scale_d);
+        else wgmma_m64n256k32_e4m3_e4m3(d, da, db, scale_d);
+    }
 }
 
 // Issues one k-step (4 x k32) of warpgroup `cw`'s 64 rows into `d` from the stage at a_base /
 // b_base; `fresh`: the first wgmma overwrites d (a split-accumulation partial sum).
-template <bool A_E5M2>
-__device__ __forceinline__ void fp8_k_step(float (&d)[64], u32 a_base, u32 b_base, int cw, bool fresh) {
+template <int BN, bool A_E5M2>
+__device__ __forceinline__ void fp8_k_step(float (&d)[BN / 2], u32 a_base, u32 b_base, int cw, bool fresh) {
     fence_regs(d);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < FP8_BK / 32; ++kk) {
-        wgmma_fp8<A_E5M2>(d, make_desc(a_base + cw * 64 * 128 + kk * 32, 16, 1024), make_desc(b_base + kk * 32, 16, 1024),
-                          (fresh && kk == 0) ? 0 : 1);
+        wgmma_fp8<BN, A_E5M2>(d, make_desc(a_base + cw * 64 * 128 + kk * 32, 16, 1024),
+                              make_desc(b_base + kk * 32, 16, 1024), (fresh && kk == 0) ? 0 : 1);
     }
     wgmma_commit();
 }
 
-__device__ __forceinline__ void add_into(float (&acc)[64], float (&part)[64]) {
+template <int N>
+__device__ __forceinline__ void add_into(float (&acc)[N], float (&part)[N]) {
 #pragma unroll
-    for (int j = 0; j < 64; ++j) acc[j] += part[j];
+    for (int j = 0; j < N; ++j) acc[j] += part[j];
 }
 
-template <bool A_E5M2, bool F16, bool SPLIT>
+template <int BN, bool A_E5M2, bool F16, bool SPLIT>
 __device__ __forceinline__ void grouped_gemm_fp8_body(const Fp8Params& params) {
+    static_assert(BN == 128 || (BN == 256 && !SPLIT), "tile widths: 128, or 256 with fast accumulation");
     extern __shared__ unsigned char smem_raw[];
-    constexpr int BN = FP8_BN, STAGES = FP8_STAGES;
+    constexpr int STAGES = BN == 128 ? FP8_STAGES_128 : FP8_STAGES_256;
     constexpr u32 A_BYTES = BM * FP8_BK, B_BYTES = BN * FP8_BK, STAGE_BYTES = A_BYTES + B_BYTES;
     constexpr u32 C_ROW = BN * 2, C_BYTES = BM * C_ROW;
     const u32 raw = smem_addr(smem_raw), smem = (raw + 1023u) & ~1023u;
@@ -553,49 +581,38 @@ __device__ __forceinline__ void grouped_gemm_fp8_body(const Fp8Params& params) {
     } else {
         asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
         const int cw = wg - 1;
-        float acc[64];
-        // Split accumulation: two partial sums, so that k-step kt multiplies into one while the
-        // other (k-step kt - 1) is added into acc once its wgmmas have completed.
-        float part0[SPLIT ? 64 : 1], part1[SPLIT ? 64 : 1];
+        float acc[BN / 2];
+        float part[SPLIT ? BN / 2 : 1];  // split accumulation: the k-step's partial sum
         int it = 0, tc = 0;
         for (int i = 0, tile = cta_tile(0); tile < total_tiles; tile = cta_tile(++i), ++tc) {
             const Fp8Problem& p = find_problem(params, tile);
             const int ktiles = (p.k + FP8_BK - 1) / FP8_BK;
 #pragma unroll
-            for (int j = 0; j < 64; ++j) acc[j] = 0.0f;
+            for (int j = 0; j < BN / 2; ++j) acc[j] = 0.0f;
             for (int kt = 0; kt < ktiles; ++kt, ++it) {
                 const int slot = it % STAGES;
                 mbar_wait(bars + 8 * slot, (it / STAGES) & 1);
                 const u32 a_base = smem + slot * STAGE_BYTES, b_base = a_base + A_BYTES;
                 if constexpr (SPLIT) {
-                    if (kt & 1) fp8_k_step<A_E5M2>(part1, a_base, b_base, cw, true);
-                    else fp8_k_step<A_E5M2>(part0, a_base, b_base, cw, true);
-                    wgmma_wait<1>();  // k-step kt - 1 is done: promote its partial sum
-                    fence_regs(part0);
-                    fence_regs(part1);
-                    if (kt > 0) {
-                        if (kt & 1) add_into(acc, part0);
-                        else add_into(acc, part1);
-                        if (t == 0) mbar_arrive(bars + 8 * (STAGES + (it - 1) % STAGES));
-                    }
+                    // Wait for this k-step's wgmmas, release its slot, promote (the other
+                    // consumer warpgroup's wgmmas keep the tensor cores busy meanwhile).
+                    fp8_k_step<BN, A_E5M2>(part, a_base, b_base, cw, true);
+                    wgmma_wait<0>();
+                    fence_regs(part);
+                    if (t == 0) mbar_arrive(bars + 8 * (STAGES + slot));
+                    add_into(acc, part);
                 } else {
-                    fp8_k_step<A_E5M2>(acc, a_base, b_base, cw, false);
+                    fp8_k_step<BN, A_E5M2>(acc, a_base, b_base, cw, false);
                     wgmma_wait<1>();
                     fence_regs(acc);
                     if (kt > 0 && t == 0) mbar_arrive(bars + 8 * (STAGES + (it - 1) % STAGES));
                 }
             }
-            wgmma_wait<0>();
-            if constexpr (SPLIT) {
-                fence_regs(part0);
-                fence_regs(part1);
-                if (ktiles > 0) {
-                    if ((ktiles - 1) & 1) add_into(acc, part1);
-                    else add_into(acc, part0);
-                }
+            if constexpr (!SPLIT) {
+                wgmma_wait<0>();
+                fence_regs(acc);
+                if (ktiles > 0 && t == 0) mbar_arrive(bars + 8 * (STAGES + (it - 1) % STAGES));
             }
-            fence_regs(acc);
-            if (ktiles > 0 && t == 0) mbar_arrive(bars + 8 * (STAGES + (it - 1) % STAGES));
 
             // Epilogue: scale, add C when beta = 1, round once, stage for the storers (the
             // accumulator layout is the bf16 kernel's).
@@ -633,16 +650,17 @@ __device__ __forceinline__ void grouped_gemm_fp8_body(const Fp8Params& params) {
     }
 }
 
-// Kernel names: grouped_gemm_fp8_{e4m3|e5m2}_{bf16|f16}_{fast|split} (A's format, C's dtype,
-// the accumulation); B is e4m3.
-#define GROUPED_GEMM_FP8(AF, A_E5M2, DT, F16, ACC, SPLIT)                                         \
+// Kernel names: grouped_gemm_fp8_{e4m3|e5m2}_{bf16|f16}_{fast|split}_n{128|256} (A's format,
+// C's dtype, the accumulation, the tile width); B is e4m3.
+#define GROUPED_GEMM_FP8(AF, A_E5M2, DT, F16, ACC, SPLIT, BN)                                     \
     extern "C" __global__ void __launch_bounds__(THREADS, 1)                                    \
-        grouped_gemm_fp8_##AF##_##DT##_##ACC(const __grid_constant__ Fp8Params params) {        \
-        grouped_gemm_fp8_body<A_E5M2, F16, SPLIT>(params);                                      \
+        grouped_gemm_fp8_##AF##_##DT##_##ACC##_n##BN(const __grid_constant__ Fp8Params params) { \
+        grouped_gemm_fp8_body<BN, A_E5M2, F16, SPLIT>(params);                                  \
     }
-#define GROUPED_GEMM_FP8_ACC(AF, A_E5M2, DT, F16) \
-    GROUPED_GEMM_FP8(AF, A_E5M2, DT, F16, fast, false) \
-    GROUPED_GEMM_FP8(AF, A_E5M2, DT, F16, split, true)
+#define GROUPED_GEMM_FP8_ACC(AF, A_E5M2, DT, F16)          \
+    GROUPED_GEMM_FP8(AF, A_E5M2, DT, F16, fast, false, 128) \
+    GROUPED_GEMM_FP8(AF, A_E5M2, DT, F16, fast, false, 256) \
+    GROUPED_GEMM_FP8(AF, A_E5M2, DT, F16, split, true, 128)
 
 GROUPED_GEMM_FP8_ACC(e4m3, false, bf16, false)
 GROUPED_GEMM_FP8_ACC(e4m3, false, f16, true)

@@ -52,15 +52,21 @@ fn smem_bytes(bn: usize) -> usize {
     stages(bn) * (TILE_M + bn) * 64 * 2 + TILE_M * bn * 2 + 2 * 8 * stages(bn) + 16 + 1024
 }
 
-/// The fp8 kernel's output-tile width, pipeline stages and k-step (`FP8_BN`, `FP8_STAGES`,
-/// `FP8_BK` of the kernel file).
-const FP8_TILE_N: usize = 128;
-const FP8_STAGES: usize = 5;
+/// The fp8 kernel's pipeline stages per output-tile width (`FP8_STAGES_128`, `FP8_STAGES_256` of
+/// the kernel file) and its k-step (`FP8_BK`).
+fn fp8_stages(bn: usize) -> usize {
+    if bn == 256 {
+        3
+    } else {
+        5
+    }
+}
 const FP8_BK: usize = 128;
 
-/// Dynamic shared memory of the fp8 kernel (as [`smem_bytes`], 1-byte operands, 128-wide k-steps).
-fn fp8_smem_bytes() -> usize {
-    FP8_STAGES * (TILE_M + FP8_TILE_N) * FP8_BK + TILE_M * FP8_TILE_N * 2 + 2 * 8 * FP8_STAGES + 16 + 1024
+/// Dynamic shared memory of the fp8 kernel with `bn`-wide tiles (as [`smem_bytes`], 1-byte
+/// operands, 128-wide k-steps).
+fn fp8_smem_bytes(bn: usize) -> usize {
+    fp8_stages(bn) * (TILE_M + bn) * FP8_BK + TILE_M * bn * 2 + 2 * 8 * fp8_stages(bn) + 16 + 1024
 }
 
 /// One problem as the kernel reads it (`struct Problem`).
@@ -157,20 +163,33 @@ pub(crate) struct Fp8Variant {
     pub(crate) split_accumulation: bool,
 }
 
-fn fp8_kernel_name(v: Fp8Variant) -> String {
+fn fp8_kernel_name(v: Fp8Variant, bn: usize) -> String {
     format!(
-        "grouped_gemm_fp8_{}_{}_{}",
+        "grouped_gemm_fp8_{}_{}_{}_n{bn}",
         if v.a_e5m2 { "e5m2" } else { "e4m3" },
         if v.out == Dtype::F16 { "f16" } else { "bf16" },
         if v.split_accumulation { "split" } else { "fast" }
     )
 }
 
-/// Every fp8 kernel variant the module defines (bf16/f16 output).
-fn fp8_variants() -> impl Iterator<Item = Fp8Variant> {
+/// The output-tile widths of a variant: 128 and 256 with fast accumulation, 128 with split
+/// accumulation (its partial sum would double the 256-wide tile's 128 accumulator registers).
+fn fp8_tile_widths(v: Fp8Variant) -> &'static [usize] {
+    if v.split_accumulation {
+        &[128]
+    } else {
+        &TILE_N
+    }
+}
+
+/// Every fp8 kernel the module defines (bf16/f16 output), with its tile width.
+fn fp8_kernels() -> impl Iterator<Item = (Fp8Variant, usize)> {
     [false, true].into_iter().flat_map(|a_e5m2| {
         [Dtype::Bf16, Dtype::F16].into_iter().flat_map(move |out| {
-            [false, true].into_iter().map(move |split_accumulation| Fp8Variant { a_e5m2, out, split_accumulation })
+            [false, true].into_iter().flat_map(move |split_accumulation| {
+                let v = Fp8Variant { a_e5m2, out, split_accumulation };
+                fp8_tile_widths(v).iter().map(move |&bn| (v, bn))
+            })
         })
     })
 }
@@ -223,12 +242,12 @@ impl PersistentKernels {
                 }
             }
         }
-        for v in fp8_variants() {
-            let name = fp8_kernel_name(v);
+        for (v, bn) in fp8_kernels() {
+            let name = fp8_kernel_name(v, bn);
             let f = module.load_function(&name)?;
             f.set_attribute(
                 driver_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                i32::try_from(fp8_smem_bytes())?,
+                i32::try_from(fp8_smem_bytes(bn))?,
             )?;
             functions.insert(name, f);
         }
@@ -505,7 +524,8 @@ impl PersistentKernels {
     }
 
     /// Runs the fp8 `problems`, laid out as `layout` (their [`fp8_layout`]), with kernel
-    /// `variant` on `stream`. Returns the number of launches.
+    /// `variant` on `stream`: 256-wide output tiles where the variant has them and the list
+    /// covers the SMs with them ([`choose_tile_n`]), else 128. Returns the number of launches.
     pub(crate) fn run_fp8(
         &self,
         stream: &CudaStream,
@@ -516,10 +536,12 @@ impl PersistentKernels {
         if !matches!(variant.out, Dtype::Bf16 | Dtype::F16) {
             return Err(GpuError::Unsupported(format!("the fp8 grouped GEMM writes bf16 or f16, not {}", variant.out)));
         }
-        let f = self.functions.get(&fp8_kernel_name(variant)).expect("every fp8 variant is loaded");
+        let dims: Vec<GemmProblem<()>> = problems.iter().map(|p| GemmProblem::dims(p.m, p.n, p.k)).collect();
+        let bn = if fp8_tile_widths(variant).contains(&256) { choose_tile_n(&dims, self.sms) } else { 128 };
+        let f = self.functions.get(&fp8_kernel_name(variant, bn)).expect("every fp8 kernel is loaded");
         let reads = problems.iter().any(|p| p.m > 0 && p.n > 0 && p.k > 0);
         let (map_a, map_b) = if reads {
-            (encode_map(MapElement::Byte, ta_tensor, TILE_M)?, encode_map(MapElement::Byte, tb_tensor, FP8_TILE_N)?)
+            (encode_map(MapElement::Byte, ta_tensor, TILE_M)?, encode_map(MapElement::Byte, tb_tensor, bn)?)
         } else {
             (TensorMap([0; 16]), TensorMap([0; 16]))
         };
@@ -551,14 +573,14 @@ impl PersistentKernels {
                     tiles_m: i32::try_from(tiles_m)?,
                     beta: i32::from(p.accumulate),
                 };
-                tiles += tiles_m * p.n.div_ceil(FP8_TILE_N);
+                tiles += tiles_m * p.n.div_ceil(bn);
             }
             params.total_tiles = i32::try_from(tiles)?;
             let grid = u32::try_from(tiles.min(self.sms))?;
             let cfg = LaunchConfig {
                 grid_dim: (grid, 1, 1),
                 block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: u32::try_from(fp8_smem_bytes())?,
+                shared_mem_bytes: u32::try_from(fp8_smem_bytes(bn))?,
             };
             let mut builder = stream.launch_builder(f);
             builder.arg(&params);
@@ -609,13 +631,15 @@ mod tests {
         }
         assert!(smem_bytes(256) <= 227 * 1024 && smem_bytes(128) <= 227 * 1024, "over the sm_90 shared-memory limit");
         for line in [
-            format!("constexpr int FP8_BN = {FP8_TILE_N};"),
-            format!("constexpr int FP8_STAGES = {FP8_STAGES};"),
+            format!("constexpr int FP8_STAGES_128 = {};", fp8_stages(128)),
+            format!("constexpr int FP8_STAGES_256 = {};", fp8_stages(256)),
             format!("constexpr int FP8_BK = {FP8_BK};"),
         ] {
             assert!(src.contains(&line), "{line} not in grouped_gemm.cu");
         }
-        assert!(fp8_smem_bytes() <= 227 * 1024, "fp8 kernel over the sm_90 shared-memory limit");
+        for bn in TILE_N {
+            assert!(fp8_smem_bytes(bn) <= 227 * 1024, "fp8 kernel (n{bn}) over the sm_90 shared-memory limit");
+        }
     }
 
     /// A problem at address 0 of one buffer.
@@ -718,10 +742,12 @@ mod tests {
             }
         }
         assert!(src.contains("wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16"));
-        for v in fp8_variants() {
-            let name = fp8_kernel_name(v);
+        for (v, bn) in fp8_kernels() {
+            let name = fp8_kernel_name(v, bn);
             assert!(src.contains(&format!(".entry {name}(")), "{name} missing from the PTX");
         }
         assert!(src.contains("wgmma.mma_async.sync.aligned.m64n128k32.f32.e5m2.e4m3"));
+        assert!(src.contains("wgmma.mma_async.sync.aligned.m64n256k32.f32.e4m3.e4m3"));
+        assert_eq!(fp8_kernels().count(), 12, "2 A formats x 2 outputs x (fast n128, fast n256, split n128)");
     }
 }
