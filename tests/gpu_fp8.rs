@@ -213,20 +213,30 @@ fn quantizers_match_the_reference_bit_for_bit() {
 
 /// Per-expert current scaling (what the fp8 layers run): each row segment, empty ones included,
 /// gets its own amax and scale, and its codes and transposed copy equal the reference quantizer
-/// applied to that segment alone.
+/// applied to that segment alone. Two layouts, one per transpose kernel: ragged segments (the
+/// byte kernel) and segments of multiples of 16 rows, 16-row groups past a 32-row tile and
+/// columns past a 128-column tile included (the 16-byte kernel, what the layers' padded experts
+/// take).
 #[test]
 fn segmented_current_scaling_matches_the_reference_per_segment() {
     let Some(gpu) = gpu("segmented_current_scaling_matches_the_reference_per_segment") else { return };
     let mut eng = gpu.lock().expect("engine");
-    let lens = [0usize, 5, 17, 0, 48, 1];
-    let cols = 80;
+    for (lens, cols, by_16_bytes) in [(vec![0usize, 5, 17, 0, 48, 1], 80, false), (vec![16, 0, 48, 32, 80], 272, true)]
+    {
+        assert_eq!(moe_gpu::fp8::transposes_by_16_bytes(cols, &lens), by_16_bytes, "the case's kernel");
+        segmented_current_scaling_case(&mut eng, &lens, cols);
+    }
+}
+
+/// One layout of [`segmented_current_scaling_matches_the_reference_per_segment`].
+fn segmented_current_scaling_case(eng: &mut Engine, lens: &[usize], cols: usize) {
     let rows: usize = lens.iter().sum();
     for dtype in [Dtype::Bf16, Dtype::F32] {
         for format in Fp8Format::ALL {
             let mut x = tensor("wide_range", rows, cols, dtype, 7);
             x[[6, 3]] = f64::NAN; // segment 2: NaN ignored by its amax only
-            let map = SegmentMap::new(&mut eng, &lens).expect("map");
-            let input = upload(&mut eng, &x, dtype);
+            let map = SegmentMap::new(eng, lens).expect("map");
+            let input = upload(eng, &x, dtype);
             let options = ScaleOptions::CURRENT_SCALING_DEFAULT;
             let q = eng.quantize_segments(&input, dtype, &map, cols, format, options, true).expect("quantize");
             let codes = eng.download(&q.codes).expect("codes");

@@ -25,6 +25,9 @@
 //     vec); row r uses scale[row_seg[r]·stride]; with vec `out` is 8-byte aligned.
 //   * `transpose_seg_u8`: grid (32-row tiles of all segments, ceil(cols/32)), block (32, 8):
 //     each segment's [seg_len, cols] rows transposed in place of their bytes (below).
+//   * `transpose_seg_u8x16`: the same transpose with 16-byte accesses, grid (32-row tiles of all
+//     segments, ceil(cols/128)), block 256; needs cols and every seg_len a multiple of 16 (the
+//     fp8 layers' padded experts) and 16-byte aligned buffers.
 //   * `block_quant`: grid (ceil(R/tile_r), ceil(C/tile_c)), block 256, one block per tile of
 //     the logical tensor L: L = x ([R, C] = [rows, cols]) or, with `trans`, L = xᵀ
 //     ([R, C] = [cols, rows]); writes L's codes [R, C] row-major and one scale per tile,
@@ -225,6 +228,38 @@ extern "C" __global__ void transpose_seg_u8(const u8* in, const int* seg_off, co
     int s = tiles[2 * blockIdx.x], r0 = tiles[2 * blockIdx.x + 1];
     long off = (long)seg_off[s] * cols;
     transpose_tile(in + off, seg_len[s], cols, out + off, r0, blockIdx.y * 32);
+}
+
+// transpose_seg_u8 with 16-byte loads and stores: a block moves a 32-row x 128-column tile (4
+// KiB; the byte kernel's 1 KiB tiles left the copy bound by block scheduling). Thread t loads
+// 16 bytes of row t / 8 into shared memory, then packs column j = t / 2's bytes of rows
+// 16·(t % 2) .. +15 into one 16-byte store of the transposed row j. With seg_len and cols
+// multiples of 16, every 16-row group and 16-byte chunk is wholly inside or wholly outside the
+// segment.
+extern "C" __global__ void __launch_bounds__(256) transpose_seg_u8x16(const u8* in, const int* seg_off, const int* seg_len,
+                                                                       const int* tiles, int cols, u8* out) {
+    constexpr int STRIDE = 144;  // bytes per shared row: 128 + 16 of padding
+    __shared__ __align__(16) u8 tile[32 * STRIDE];
+    const int s = tiles[2 * blockIdx.x], r0 = tiles[2 * blockIdx.x + 1];
+    const int rows = seg_len[s], c0 = blockIdx.y * 128, t = threadIdx.x;
+    const long off = (long)seg_off[s] * cols;
+    {
+        const int r = t >> 3, c = c0 + 16 * (t & 7);
+        if (r0 + r < rows && c < cols)
+            *reinterpret_cast<uint4*>(tile + r * STRIDE + 16 * (t & 7)) =
+                *reinterpret_cast<const uint4*>(in + off + (long)(r0 + r) * cols + c);
+    }
+    __syncthreads();
+    const int j = t >> 1, h = t & 1;
+    if (c0 + j < cols && r0 + 16 * h < rows) {
+        u32 w[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const u8* col = tile + (16 * h + 4 * q) * STRIDE + j;
+            w[q] = (u32)col[0] | ((u32)col[STRIDE] << 8) | ((u32)col[2 * STRIDE] << 16) | ((u32)col[3 * STRIDE] << 24);
+        }
+        *reinterpret_cast<uint4*>(out + off + (long)(c0 + j) * rows + r0 + 16 * h) = make_uint4(w[0], w[1], w[2], w[3]);
+    }
 }
 
 struct BlockParams {

@@ -253,6 +253,7 @@ pub(crate) struct Fp8Engine {
     pub(crate) delayed_record: CudaFunction,
     pub(crate) delayed_update: CudaFunction,
     transpose_seg: CudaFunction,
+    transpose_seg16: CudaFunction,
     block_scales_gemm: CudaFunction,
     lt: LtHandle,
     lt_workspace: DeviceBuffer,
@@ -571,6 +572,7 @@ impl Fp8Engine {
             delayed_record: f("delayed_record".into())?,
             delayed_update: f("delayed_update".into())?,
             transpose_seg: f("transpose_seg_u8".into())?,
+            transpose_seg16: f("transpose_seg_u8x16".into())?,
             block_scales_gemm: f("block_scales_gemm".into())?,
             lt,
             lt_workspace,
@@ -681,6 +683,14 @@ impl SegmentMap {
             })
             .collect()
     }
+}
+
+/// Whether [`Engine::transpose_segments`] runs the 16-byte kernel (`transpose_seg_u8x16`) for
+/// segments of `lens` rows, `cols` wide: every 16-row group and 16-byte chunk of each segment must
+/// be whole (the buffers are allocations, 256-byte aligned, and segment `s` starts at byte
+/// `off_s·cols`, a multiple of 16 then).
+pub fn transposes_by_16_bytes(cols: usize, lens: &[usize]) -> bool {
+    cols.is_multiple_of(16) && lens.iter().all(|l| l.is_multiple_of(16))
 }
 
 /// Per-segment per-tensor scaled codes on the device: for segment `s` of `[rows_s, cols]`, the
@@ -1005,7 +1015,9 @@ impl Engine {
     }
 
     /// Writes the columnwise copy of `t` (each segment's codes transposed, `[cols, rows_s]` at
-    /// byte `off_s·cols`), allocating it on first use.
+    /// byte `off_s·cols`), allocating it on first use. With `cols` and every segment's rows
+    /// multiples of 16 (the fp8 layers' padded experts) the 16-byte kernel moves the bytes
+    /// ([`transposes_by_16_bytes`]), else the byte kernel; both write the same bytes.
     pub fn transpose_segments(&mut self, t: &mut SegmentedFp8, map: &SegmentMap) -> Result<(), GpuError> {
         if !t.fits(map) {
             return Err(GpuError::Shape("fp8 transpose: the segments are not the quantized tensor's".into()));
@@ -1023,13 +1035,15 @@ impl Engine {
         let dst = codes_t.addr(0, rows * cols, "transpose output")?;
         let (off, len) = (map.seg_off.addr(0, segs * 4, "seg_off")?, map.seg_len.addr(0, segs * 4, "seg_len")?);
         let tiles = map.tiles.addr(0, map.n_tiles * 8, "transpose tiles")?;
+        let by16 = transposes_by_16_bytes(cols, &map.lens);
         let cfg = LaunchConfig {
-            grid_dim: (u32::try_from(map.n_tiles)?, u32::try_from(cols.div_ceil(32))?, 1),
-            block_dim: (32, 8, 1),
+            grid_dim: (u32::try_from(map.n_tiles)?, u32::try_from(cols.div_ceil(if by16 { 128 } else { 32 }))?, 1),
+            block_dim: if by16 { (256, 1, 1) } else { (32, 8, 1) },
             shared_mem_bytes: 0,
         };
         if map.n_tiles > 0 && cols > 0 {
-            launch!(fe, stream, &fe.transpose_seg, cfg, [&src, &off, &len, &tiles, &ci, &dst]);
+            let f = if by16 { &fe.transpose_seg16 } else { &fe.transpose_seg };
+            launch!(fe, stream, f, cfg, [&src, &off, &len, &tiles, &ci, &dst]);
         }
         Ok(())
     }
@@ -2007,6 +2021,7 @@ mod tests {
         let mut names: Vec<String> = [
             "compute_scales",
             "transpose_seg_u8",
+            "transpose_seg_u8x16",
             "block_scales_gemm",
             "delayed_scales",
             "delayed_record",
