@@ -1261,13 +1261,7 @@ impl Engine {
             align: [alignment(a_addr), alignment(b_addr), alignment(c_addr)],
             block_modes: None,
         };
-        let work = Fp8Work::Matmul {
-            key,
-            scales: (sa, sb),
-            addrs: (a_addr, b_addr, c_addr),
-            allocs: (a_op.alloc, b_op.alloc),
-        };
-        Ok(Fp8GemmOp { work, context })
+        Ok(Fp8GemmOp::matmul(key, (sa, sb), (a_op, b_op), c_addr, context))
     }
 
     /// Issues checked fp8 GEMMs on the engine's stream (ordered after the work queued before and
@@ -1419,6 +1413,17 @@ pub struct Fp8GemmOp {
     work: Fp8Work,
     /// The GEMM's description, for errors.
     context: String,
+}
+
+impl Fp8GemmOp {
+    /// A checked cuBLASLt matmul: `key` on operands `a` and `b` (device addresses inside their
+    /// allocations), writing `C` at `c`, with the scale pointers `scales`.
+    fn matmul(key: PlanKey, scales: (u64, u64), (a, b): (Operand, Operand), c: u64, context: String) -> Fp8GemmOp {
+        Fp8GemmOp {
+            work: Fp8Work::Matmul { key, scales, addrs: (a.addr, b.addr, c), allocs: (a.alloc, b.alloc) },
+            context,
+        }
+    }
 }
 
 /// What an [`Fp8GemmOp`] does on the device (its identity in the graph cache).
@@ -1855,13 +1860,7 @@ impl Engine {
             align: [alignment(a_addr), alignment(b_addr), alignment(c_addr)],
             block_modes: Some((BlockOperand::scale_mode(a.tile), BlockOperand::scale_mode(b.tile))),
         };
-        let work = Fp8Work::Matmul {
-            key,
-            scales: (sa, sb),
-            addrs: (a_addr, b_addr, c_addr),
-            allocs: (a_op.alloc, b_op.alloc),
-        };
-        Ok(Fp8GemmOp { work, context })
+        Ok(Fp8GemmOp::matmul(key, (sa, sb), (a_op, b_op), c_addr, context))
     }
 }
 
