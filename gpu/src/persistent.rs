@@ -640,6 +640,13 @@ mod tests {
         for bn in TILE_N {
             assert!(fp8_smem_bytes(bn) <= 227 * 1024, "fp8 kernel (n{bn}) over the sm_90 shared-memory limit");
         }
+        // The fp8 kernel's shared memory, piece by piece as grouped_gemm_fp8_body lays it out: per
+        // stage a 128-row A tile and a BN-row B tile of 128 one-byte k (16 KiB + BN·128 bytes),
+        // the staged bf16 output tile (128·BN·2 bytes), two mbarriers per stage and the output
+        // tile's two (8 bytes each), and up to 1023 bytes to align the ring to 1024.
+        let layout = |bn: usize, stages: usize| stages * (16384 + bn * 128) + 128 * bn * 2 + stages * 16 + 16 + 1024;
+        assert_eq!(fp8_smem_bytes(128), layout(128, 5), "5 stages of 128 x 128 tiles");
+        assert_eq!(fp8_smem_bytes(256), layout(256, 3), "3 stages of 128 x 256 tiles");
     }
 
     /// A problem at address 0 of one buffer.
@@ -694,6 +701,15 @@ mod tests {
         // fp8 codes: rows of 16 one-byte elements are 16 bytes, rows of 8 are refused.
         assert_eq!(operand_tensor("A", 1, &[(at(0x1000), 16, 2), (at(0x1020), 16, 1)]).unwrap().first_row, vec![0, 2]);
         assert!(operand_tensor("A", 1, &[(at(0x1000), 8, 2)]).unwrap_err().contains("16 bytes"));
+        // Rows of 48 bytes from a base that is no multiple of 48: the offsets from the base count.
+        assert_eq!(
+            operand_tensor("A", 2, &[(at(0x1000), 24, 1), (at(0x1000 + 48), 24, 1)]).unwrap().first_row,
+            vec![0, 1]
+        );
+        // The kernel indexes rows with i32: i32::MAX rows are fine, one more is refused.
+        let last = (i32::MAX as u64 - 1) * 16;
+        assert_eq!(operand_tensor("A", 1, &[(at(0), 16, 1), (at(last), 16, 1)]).unwrap().rows, i32::MAX as usize);
+        assert!(operand_tensor("A", 1, &[(at(0), 16, 1), (at(last), 16, 2)]).unwrap_err().contains("32-bit"));
     }
 
     /// The fp8 layout: the layers' packed activations (A) and stacked weights (B) form one
@@ -719,6 +735,16 @@ mod tests {
         let mut other = q(3, 32, 64, 5, 32);
         other.b = Operand { addr: 0x30_0000, alloc: 0x30_0000 };
         assert!(fp8_layout(&[q(5, 32, 64, 0, 0), other]).unwrap_err().contains("more than one buffer"));
+        // A problem with an empty output reads nothing: its C and operands are not checked (an
+        // expert with no tokens, or a zero-width one, next to the others).
+        let (mut no_rows, mut no_cols) = (q(0, 36, 64, 5, 32), q(4, 0, 64, 5, 64));
+        no_rows.b = Operand { addr: 0x30_0000, alloc: 0x30_0000 };
+        no_cols.a = Operand { addr: 0x40_0000, alloc: 0x40_0000 };
+        assert!(fp8_layout(&[q(5, 32, 64, 0, 0), no_rows, no_cols]).is_ok());
+        // Dimensions up to i32::MAX / 2 (the kernel's products of them stay in i32 where it needs).
+        let big = i32::MAX as usize / 2;
+        assert!(fp8_layout(&[q(big, 32, 16, 0, 0)]).is_ok());
+        assert!(fp8_layout(&[q(big + 1, 32, 16, 0, 0)]).unwrap_err().contains("32-bit"));
     }
 
     /// The kernel source compiles for sm_90a wherever libnvrtc is loadable (no GPU needed),

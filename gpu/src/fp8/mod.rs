@@ -2046,8 +2046,21 @@ mod tests {
 }
 
 #[cfg(test)]
-mod alignment_tests {
-    use super::{alignment, auto_split, GemmProblem};
+mod host_rule_tests {
+    use super::{alignment, auto_split, transposes_by_16_bytes, GemmProblem};
+
+    /// The 16-byte transpose takes only whole 16-row groups and 16-byte chunks: the layers'
+    /// padded experts (multiples of 16 rows, widths multiples of 16), empty segments included;
+    /// one ragged segment or a width off by 8 sends the call to the byte kernel (the 16-byte
+    /// kernel would read and write across segment ends there).
+    #[test]
+    fn the_16_byte_transpose_takes_whole_16_row_groups_only() {
+        assert!(transposes_by_16_bytes(272, &[16, 0, 48, 32, 80]));
+        assert!(transposes_by_16_bytes(16, &[]));
+        assert!(!transposes_by_16_bytes(80, &[0, 5, 17, 0, 48, 1]));
+        assert!(!transposes_by_16_bytes(272, &[16, 8]));
+        assert!(!transposes_by_16_bytes(24, &[16, 32]));
+    }
 
     /// cuBLASLt is told each operand's real alignment (its largest power-of-two divisor, at
     /// most 256): an overstated one lets the heuristic pick a kernel the pointer cannot feed.
