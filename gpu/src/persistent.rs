@@ -741,6 +741,8 @@ mod tests {
         no_rows.b = Operand { addr: 0x30_0000, alloc: 0x30_0000 };
         no_cols.a = Operand { addr: 0x40_0000, alloc: 0x40_0000 };
         assert!(fp8_layout(&[q(5, 32, 64, 0, 0), no_rows, no_cols]).is_ok());
+        // Nor does an empty contraction (k = 0: its rows have no bytes to lay out).
+        assert!(fp8_layout(&[q(5, 32, 64, 0, 0), q(3, 32, 0, 5, 32)]).is_ok());
         // Dimensions up to i32::MAX / 2 (the kernel's products of them stay in i32 where it needs).
         let big = i32::MAX as usize / 2;
         assert!(fp8_layout(&[q(big, 32, 16, 0, 0)]).is_ok());
