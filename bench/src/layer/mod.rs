@@ -15,10 +15,11 @@
 //!   with immediate weight gradients (dx, dprobs, dW1, dW2). `--mode` (default both).
 //! * Strategies: `--strategy` (default `auto,loop`), labels of [`Strategy::parse`]; every set of
 //!   per-expert GEMMs of the layer is issued with it.
-//! * fp8 (`--fp8 RECIPE`, default none): one more row per (shape, distribution, class, mode),
-//!   strategy column `fp8-<recipe>`: the same layer with `LayerConfig::fp8` set (the recipe's
+//! * fp8 (`--fp8 RECIPE`, default none): one more row per (shape, distribution, class, mode,
+//!   strategy), strategy column `fp8-<recipe>` (`auto`) or `fp8-<recipe>/<strategy>`: the same
+//!   layer with `LayerConfig::fp8` set (the recipe's
 //!   TE defaults; each expert's rows padded to the recipe's alignment; quantization kernels and
-//!   per-expert cuBLASLt fp8 GEMMs, `moe_gpu::fp8`), timed in the same call as the bf16 rows
+//!   fp8 GEMMs issued as the strategy says, `moe_gpu::fp8`), timed in the same call as the bf16 rows
 //!   and with the same FLOPs (padding rows not counted). Not for GroupedMLP (no fp8 path), not
 //!   in the interleaved rounds.
 //!   With `--fp8`, the dense fp8 rate is measured too (`dense/fp8gemm8192`: one 8192³ e4m3
