@@ -472,3 +472,43 @@ if not HAVE_TORCH:
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class PtxasReportTest(unittest.TestCase):
+    """scripts/ptxas_report.py, the spill verdict of scripts/kernel-check.sh."""
+
+    LOG = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'k_clean' for 'sm_90a'
+ptxas info    : Function properties for k_clean
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 168 registers, used 1 barriers
+ptxas info    : Compiling entry function 'k_spills' for 'sm_90a'
+ptxas info    : Function properties for k_spills
+    16 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads
+ptxas info    : Used 255 registers
+"""
+
+    def load(self):
+        spec = importlib.util.spec_from_file_location("ptxas_report", os.path.join(HERE, "ptxas_report.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    def test_a_spilling_kernel_fails_and_a_clean_one_passes(self):
+        # Why: the check exists to stop spills; a parser that missed the spill line, or read
+        # the previous kernel's, would pass them silently.
+        m = self.load()
+        rows = m.parse(self.LOG)
+        self.assertEqual(rows, [("k_clean", 0, 0, 168), ("k_spills", 8, 12, 255)])
+        lines, ok = m.report(rows, "mod.sm_90a")
+        self.assertFalse(ok)
+        self.assertTrue(lines[1].startswith("SPILL mod.sm_90a k_spills: 255 registers"))
+        _, ok_clean = m.report(rows[:1], "mod.sm_90a")
+        self.assertTrue(ok_clean)
+
+    def test_a_log_without_kernels_fails(self):
+        # Why: a ptxas that wrote nothing (wrong flags, empty PTX) must not read as clean.
+        m = self.load()
+        lines, ok = m.report(m.parse("ptxas info    : 0 bytes gmem\n"), "empty.sm_90")
+        self.assertFalse(ok)
+        self.assertIn("no kernel", lines[0])

@@ -44,6 +44,10 @@ enum Command {
     /// Time the CUDA layers and grouped GEMMs at the model shapes (needs a GPU).
     #[cfg(feature = "cuda")]
     Bench(cli::bench::BenchArgs),
+    /// Compile every NVRTC kernel module for its GPU architectures and write the PTX (needs
+    /// libnvrtc, no GPU); scripts/kernel-check.sh assembles it and fails on register spills.
+    #[cfg(feature = "cuda")]
+    Kernels(cli::kernels::KernelsArgs),
     /// One rank of `verify --gpus` (started by it, or by torchrun/Slurm with RANK, WORLD_SIZE,
     /// LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
     #[command(hide = true)]
@@ -82,6 +86,8 @@ fn main() {
         Command::Worker(a) => cli::distributed::run_worker(a),
         #[cfg(feature = "cuda")]
         Command::Bench(a) => cli::bench::run(a),
+        #[cfg(feature = "cuda")]
+        Command::Kernels(a) => cli::kernels::run(a),
     };
     std::process::exit(code);
 }

@@ -973,3 +973,36 @@ fn an_unknown_gemm_strategy_setting_is_an_error_not_a_skip() {
     assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
     assert!(stderr.contains("'ms-four'") && stderr.contains("not a GEMM strategy"), "stderr: {stderr}");
 }
+
+/// `moe-verify kernels` (what scripts/kernel-check.sh assembles): with libnvrtc it writes one
+/// PTX file per module and architecture, each with the kernels the engines load; without it,
+/// it exits 2 saying libnvrtc is missing and writes nothing. Why: the script must not report a
+/// clean check of kernels that were never compiled.
+#[test]
+fn kernels_command_writes_every_module_or_names_the_missing_libnvrtc() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ptx_dir = dir.path().join("ptx");
+    let bin = crate::moe_verify_bin();
+    let out = std::process::Command::new(&bin)
+        .args(["kernels", "--ptx-dir"])
+        .arg(&ptx_dir)
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", bin.display()));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !moe_gpu::nvrtc_present() {
+        assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+        assert!(stderr.contains("libnvrtc"), "stderr: {stderr}");
+        assert!(!ptx_dir.exists(), "nothing may be written without libnvrtc");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
+    for (file, entry) in [
+        ("experts.sm_90.ptx", "act_fwd_q_bf16"),
+        ("experts.sm_80.ptx", "act_fwd_bf16"),
+        ("fp8.sm_90.ptx", "transpose_seg_u8x16"),
+        ("grouped_gemm.sm_90a.ptx", "grouped_gemm_fp8_e4m3_bf16_fast_n256"),
+    ] {
+        let text = std::fs::read_to_string(ptx_dir.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert!(text.contains(&format!(".entry {entry}(")), "{file} lacks {entry}");
+    }
+}

@@ -49,6 +49,8 @@ pub mod persistent;
 pub mod sampled;
 mod skip;
 
+/// NVRTC's compiled PTX (what the `compile_*` functions return).
+pub use cudarc::nvrtc::Ptx;
 pub use engine::{Engine, Gpu};
 pub use error::GpuError;
 pub use gemm::{GemmProblem, Strategy};

@@ -7,5 +7,7 @@ pub mod checkpoint;
 pub mod compare;
 pub mod diff;
 pub mod distributed;
+#[cfg(feature = "cuda")]
+pub mod kernels;
 pub mod shapes;
 pub mod verify;
