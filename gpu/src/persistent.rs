@@ -155,6 +155,14 @@ pub(crate) struct Fp8Problem {
     pub(crate) accumulate: bool,
 }
 
+impl Fp8Problem {
+    /// Whether the problem multiplies anything (`m`, `n` and `k` all positive), as
+    /// [`GemmProblem::computes`].
+    fn computes(&self) -> bool {
+        self.m > 0 && self.n > 0 && self.k > 0
+    }
+}
+
 /// The fp8 kernel variant: A's format (B is e4m3), C's dtype, split accumulation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Fp8Variant {
@@ -313,6 +321,24 @@ fn operand_tensor(which: &str, elem: usize, ops: &[(Operand, usize, usize)]) -> 
     Ok(OperandTensor { base, width, rows, first_row })
 }
 
+/// What both kernels need of every problem that writes output (`(m, n, k)` and C's address):
+/// C rows of a multiple of 8 elements, 16-byte aligned (the storers' 16-byte stores), and
+/// dimensions the kernels' 32-bit indexing holds. Problems with an empty C are not checked.
+fn check_outputs(problems: impl Iterator<Item = ((usize, usize, usize), u64)>) -> Result<(), String> {
+    for (i, ((m, n, k), c)) in problems.enumerate() {
+        if m == 0 || n == 0 {
+            continue;
+        }
+        if !n.is_multiple_of(8) || !c.is_multiple_of(16) {
+            return Err(format!("problem {i}: C rows of {n} elements (need a multiple of 8, 16-byte aligned)"));
+        }
+        if [m, n, k].iter().any(|&d| d > i32::MAX as usize / 2) {
+            return Err(format!("problem {i}: a dimension exceeds the kernel's 32-bit indexing"));
+        }
+    }
+    Ok(())
+}
+
 /// The A and B tensors of a problem list for the kernel, or why it cannot run it. `ta`/`tb`
 /// as in a grouped GEMM (`ta`: A stored `[k, m]`; `tb`: B stored `[n, k]`).
 pub(crate) fn persistent_layout(
@@ -324,17 +350,7 @@ pub(crate) fn persistent_layout(
     if dt == Dtype::F32 {
         return Err("fp32 GEMMs stay on cuBLAS (no TF32)".into());
     }
-    for (i, p) in problems.iter().enumerate() {
-        if p.m == 0 || p.n == 0 {
-            continue;
-        }
-        if !p.n.is_multiple_of(8) || !p.c.addr.is_multiple_of(16) {
-            return Err(format!("problem {i}: C rows of {} elements (need a multiple of 8, 16-byte aligned)", p.n));
-        }
-        if [p.m, p.n, p.k].iter().any(|&d| d > i32::MAX as usize / 2) {
-            return Err(format!("problem {i}: a dimension exceeds the kernel's 32-bit indexing"));
-        }
-    }
+    check_outputs(problems.iter().map(|p| ((p.m, p.n, p.k), p.c.addr)))?;
     // (operand, row width, rows read) per problem; nothing is read when C is empty or k = 0.
     let reads = |p: &RawProblem| p.computes();
     let a: Vec<_> =
@@ -367,18 +383,8 @@ pub(crate) fn persistent_layout(
 /// `B [n, k]` inside another, rows of a multiple of 16 bytes, C rows a multiple of 8 elements
 /// and 16-byte aligned.
 pub(crate) fn fp8_layout(problems: &[Fp8Problem]) -> Result<(OperandTensor, OperandTensor), String> {
-    for (i, p) in problems.iter().enumerate() {
-        if p.m == 0 || p.n == 0 {
-            continue;
-        }
-        if !p.n.is_multiple_of(8) || !p.c.is_multiple_of(16) {
-            return Err(format!("problem {i}: C rows of {} elements (need a multiple of 8, 16-byte aligned)", p.n));
-        }
-        if [p.m, p.n, p.k].iter().any(|&d| d > i32::MAX as usize / 2) {
-            return Err(format!("problem {i}: a dimension exceeds the kernel's 32-bit indexing"));
-        }
-    }
-    let reads = |p: &Fp8Problem, rows: usize| if p.m > 0 && p.n > 0 && p.k > 0 { rows } else { 0 };
+    check_outputs(problems.iter().map(|p| ((p.m, p.n, p.k), p.c)))?;
+    let reads = |p: &Fp8Problem, rows: usize| if p.computes() { rows } else { 0 };
     let a: Vec<_> = problems.iter().map(|p| (p.a, p.k, reads(p, p.m))).collect();
     let b: Vec<_> = problems.iter().map(|p| (p.b, p.k, reads(p, p.n))).collect();
     Ok((operand_tensor("A", 1, &a)?, operand_tensor("B", 1, &b)?))
@@ -539,8 +545,7 @@ impl PersistentKernels {
         let dims: Vec<GemmProblem<()>> = problems.iter().map(|p| GemmProblem::dims(p.m, p.n, p.k)).collect();
         let bn = if fp8_tile_widths(variant).contains(&256) { choose_tile_n(&dims, self.sms) } else { 128 };
         let f = self.functions.get(&fp8_kernel_name(variant, bn)).expect("every fp8 kernel is loaded");
-        let reads = problems.iter().any(|p| p.m > 0 && p.n > 0 && p.k > 0);
-        let (map_a, map_b) = if reads {
+        let (map_a, map_b) = if problems.iter().any(Fp8Problem::computes) {
             (encode_map(MapElement::Byte, ta_tensor, TILE_M)?, encode_map(MapElement::Byte, tb_tensor, bn)?)
         } else {
             (TensorMap([0; 16]), TensorMap([0; 16]))
