@@ -1423,6 +1423,264 @@ fn fused_activation_quantization_equals_the_quantizer_on_its_output() {
     assert_eq!(checked, 36);
 }
 
+/// The activation backward that quantizes its own output for fc1's dgrad and wgrad GEMMs
+/// (`Engine::act_bwd_quantized`, `act_bwd_q`: the fp8 backward's fused pass) leaves `da`, `dp`,
+/// the codes, scales, amaxes and a delayed state exactly as the activation backward alone
+/// (`Engine::act_bwd`) followed by the segmented quantizer do. Why these cases: TEGroupedMLP's
+/// GLU silu takes the specialised kernel path, SequentialMLP's gelu (no GLU: its unrounded
+/// gate gradient must be rounded before its amax) the general one, GroupedMLP's fp32 chain the
+/// other rounding; current and delayed scaling (amax only, and codes at stirred scales);
+/// bf16, fp16, f32; 16-byte vectors (80 columns) and single elements (36); ragged segments
+/// with empty ones; a NaN and infinities in `du`; an fc2 bias (the probs gradient's bias term).
+#[test]
+fn fused_activation_backward_quantization_equals_the_quantizer_on_its_output() {
+    let Some(gpu) = gpu("fused_activation_backward_quantization_equals_the_quantizer_on_its_output") else { return };
+    let mut eng = gpu.lock().expect("engine");
+    let lens = [0usize, 5, 17, 0, 48, 1];
+    let rows: usize = lens.iter().sum();
+    let h = 24;
+    let map = SegmentMap::new(&mut eng, &lens).expect("map");
+    let mut rng = ChaCha8Rng::seed_from_u64(37);
+    let probs: Vec<f32> = (0..rows).map(|_| rng.random_range(0.05f32..1.0)).collect();
+    let p = eng.upload(&to_bytes(Dtype::F32, probs.iter().map(|&v| f64::from(v)))).expect("probs");
+    let mut checked = 0;
+    for (class, glu, activation) in [
+        (LayerClass::TeGrouped, true, Activation::Silu),
+        (LayerClass::Sequential, false, Activation::Gelu),
+        (LayerClass::Grouped, true, Activation::Silu),
+    ] {
+        for recipe in [Fp8Recipe::Tensorwise, Fp8Recipe::Delayed] {
+            for dtype in [Dtype::Bf16, Dtype::F16, Dtype::F32] {
+                for (n2, format) in [(80, Fp8Format::E5M2), (36, Fp8Format::E4M3)] {
+                    let cfg = LayerConfig {
+                        gated_linear_unit: glu,
+                        activation,
+                        params_dtype: dtype,
+                        hidden_size: h,
+                        ffn_hidden_size: n2,
+                        add_bias: true,
+                        ..delayed_cfg(class, AmaxComputeAlgo::Max, 0)
+                    };
+                    let n1 = if glu { 2 * n2 } else { n2 };
+                    let a = tensor("normal", rows, n1, dtype, 80 + n2 as u64);
+                    let mut du = tensor("normal", rows, n2, dtype, 90 + n2 as u64);
+                    du[[6, 3]] = f64::NAN;
+                    du[[30, 1]] = f64::INFINITY;
+                    du[[70, 2]] = f64::NEG_INFINITY;
+                    let g = tensor("normal", rows, h, dtype, 11);
+                    let b2 = tensor("normal", lens.len(), h, dtype, 12);
+                    let [a, du, g, b2] = [&a, &du, &g, &b2].map(|x| upload(&mut eng, x, dtype));
+                    let state = stirred_state(&cfg, 60 + n2 as u64);
+                    let what = format!("{class} {recipe} {dtype} {format} n2={n2}");
+                    let mut run = |fused: bool| -> (ActQuantOutputs, Vec<u8>) {
+                        let mut da = eng.alloc(rows * n1 * dtype.size_bytes()).expect("da");
+                        let mut dp = eng.alloc(rows * 4).expect("dp");
+                        let mut t = moe_gpu::fp8::SegmentedFp8::alloc(&mut eng, &map, n1, format).expect("alloc");
+                        let device_state = DeviceDelayedState::upload(&mut eng, &state).expect("state");
+                        let scales = match recipe {
+                            Fp8Recipe::Delayed => SegmentScales::Delayed(&device_state, Fp8Operand::Fc1GradOutput),
+                            _ => SegmentScales::Current(ScaleOptions::CURRENT_SCALING_DEFAULT),
+                        };
+                        let inputs = (&a, &du, &p, &g);
+                        if fused {
+                            eng.act_bwd_quantized(
+                                &cfg,
+                                inputs,
+                                Some(&b2),
+                                (&mut da, &mut dp),
+                                dtype,
+                                &map,
+                                scales,
+                                &mut t,
+                            )
+                            .unwrap_or_else(|e| panic!("{what}: fused: {e}"));
+                        } else {
+                            eng.act_bwd(&cfg, inputs, Some(&b2), (&mut da, &mut dp), dtype, &map)
+                                .unwrap_or_else(|e| panic!("{what}: activation backward: {e}"));
+                            eng.quantize_segments_into(&da, dtype, &map, scales, &mut t)
+                                .unwrap_or_else(|e| panic!("{what}: quantizer: {e}"));
+                        }
+                        let downloaded = device_state.download(&mut eng).expect("state");
+                        let state_words = (0..lens.len())
+                            .flat_map(|e| {
+                                let q = downloaded.get(e, Fp8Operand::Fc1GradOutput).expect("state");
+                                std::iter::once(q.scale().to_bits())
+                                    .chain(q.amax_history().iter().map(|v| v.to_bits()))
+                                    .collect::<Vec<u32>>()
+                            })
+                            .collect();
+                        let out = ActQuantOutputs {
+                            u: eng.download(&da).expect("da"),
+                            codes: eng.download(&t.codes).expect("codes"),
+                            scale: eng.download(&t.scale).expect("scale"),
+                            scale_inv: eng.download(&t.scale_inv).expect("scale_inv"),
+                            amax: eng.download(&t.amax).expect("amax"),
+                            state: if recipe == Fp8Recipe::Delayed { state_words } else { Vec::new() },
+                        };
+                        (out, eng.download(&dp).expect("dp"))
+                    };
+                    let ((fused, fused_dp), (unfused, unfused_dp)) = (run(true), run(false));
+                    compare_act_quant(&fused, &unfused, n1, dtype.size_bytes())
+                        .map_err(|e| e.replacen("u [", "da [", 1))
+                        .unwrap_or_else(|e| panic!("{what}: {e}"));
+                    compare_fields(&[("dp", &fused_dp, &unfused_dp)]).unwrap_or_else(|e| panic!("{what}: {e}"));
+                    let amaxes: Vec<f32> =
+                        fused.amax.chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                    assert!(amaxes.iter().any(|&v| v > 0.0), "{what}: every amax is zero: {amaxes:?}");
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(checked, 3 * 2 * 3 * 2);
+}
+
+/// The first of `fields` (name, got, expected bytes) whose bytes differ, named with the byte
+/// index; `Ok` only when every field is equal, lengths included.
+fn compare_fields(fields: &[(&str, &[u8], &[u8])]) -> Result<(), String> {
+    for (name, got, want) in fields {
+        if let Some(i) = first_difference(got, want) {
+            return Err(format!("{name} byte {i}: {:?} against {:?}", got.get(i), want.get(i)));
+        }
+    }
+    Ok(())
+}
+
+/// `compare_fields` (the blockwise fused activation test's comparison) fails on one wrong byte
+/// of any field, or a length, and names the field and byte; it runs without a GPU.
+#[test]
+fn the_field_comparison_fails_on_one_wrong_byte_or_length() {
+    let want: Vec<Vec<u8>> = vec![vec![1; 8], vec![2; 5], vec![3; 12]];
+    let fields = |got: &[Vec<u8>]| -> Result<(), String> {
+        let named: Vec<(&str, &[u8], &[u8])> =
+            ["u", "codes", "scales"].iter().zip(got).zip(&want).map(|((n, g), w)| (*n, &g[..], &w[..])).collect();
+        compare_fields(&named)
+    };
+    assert_eq!(fields(&want), Ok(()));
+    for (k, at, name) in [(0, 7, "u byte 7"), (1, 0, "codes byte 0"), (2, 11, "scales byte 11")] {
+        let mut bad = want.clone();
+        bad[k][at] ^= 0x40;
+        let err = fields(&bad).expect_err(name);
+        assert!(err.contains(name), "{name}: {err}");
+    }
+    let mut short = want.clone();
+    short[2].pop();
+    assert!(fields(&short).expect_err("length").contains("scales"));
+}
+
+/// The activation that block-quantizes its own output for fc2 (`Engine::act_fwd_block_quantized`,
+/// `act_fwd_blk`: the blockwise forward's fused pass) leaves `u`, `a` (SequentialMLP's fc1 bias
+/// added in place) and both 1×128 operands of `u` (codes and scales, rowwise and columnwise,
+/// padding included) exactly as the activation alone (`Engine::act_fwd`) followed by the
+/// segmented block quantizer (`block_quantize_segments_into`, bit-exact with the reference
+/// `BlockQuantizer` per segment) do. Why these cases: the fused kernel computes the activation
+/// by the general per-element code, so TEGroupedMLP's GLU silu (whose unfused kernel is the
+/// specialised path), GroupedMLP's fp32 chain and SequentialMLP's gelu with its fc1 bias each
+/// check that arithmetic; segments empty, under 4 rows (scale padding), over one and two
+/// 128-row tiles and not multiples of 32 (partial row groups, byte stores) next to a map of
+/// multiples of 16 (the layers' padded experts: 16-byte columnwise stores); widths 200 (a
+/// partial 128-column block, 8-byte vectors of 4), 256 (two whole blocks) and 38 (not a
+/// multiple of 4: the two-step fallback); bf16, fp16 and f32; both formats; power-of-2 and
+/// exact scales; a NaN and infinities in `a`; and a second call into the same buffers.
+#[test]
+fn fused_block_activation_quantization_equals_the_block_quantizer_on_its_output() {
+    let Some(gpu) = gpu("fused_block_activation_quantization_equals_the_block_quantizer_on_its_output") else {
+        return;
+    };
+    let mut eng = gpu.lock().expect("engine");
+    let mut checked = 0;
+    for lens in [vec![0usize, 5, 130, 0, 3, 300, 128, 1], vec![16usize, 0, 160, 256, 32]] {
+        let rows: usize = lens.iter().sum();
+        let map = SegmentMap::new(&mut eng, &lens).expect("map");
+        let mut rng = ChaCha8Rng::seed_from_u64(rows as u64);
+        let probs: Vec<f32> = (0..rows).map(|_| rng.random_range(0.05f32..1.0)).collect();
+        let p = eng.upload(&to_bytes(Dtype::F32, probs.iter().map(|&v| f64::from(v)))).expect("probs");
+        for (class, glu, activation) in [
+            (LayerClass::TeGrouped, true, Activation::Silu),
+            (LayerClass::Grouped, true, Activation::Silu),
+            (LayerClass::Sequential, false, Activation::Gelu),
+        ] {
+            for dtype in [Dtype::Bf16, Dtype::F16, Dtype::F32] {
+                for (n2, format, pow2) in
+                    [(200, Fp8Format::E4M3, true), (256, Fp8Format::E5M2, false), (38, Fp8Format::E4M3, true)]
+                {
+                    let cfg = LayerConfig {
+                        class,
+                        gated_linear_unit: glu,
+                        activation,
+                        params_dtype: dtype,
+                        num_experts: lens.len(),
+                        ffn_hidden_size: n2,
+                        fp8: Some(Fp8Config::new(Fp8Recipe::Blockwise)),
+                        ..LayerConfig::example()
+                    };
+                    let options = ScaleOptions { force_pow_2_scales: pow2, amax_epsilon: 0.0 };
+                    let n1 = if glu { 2 * n2 } else { n2 };
+                    let b1 = (class == LayerClass::Sequential).then(|| {
+                        let b = tensor("normal", lens.len(), n1, dtype, 9);
+                        eng.upload(&to_bytes(dtype, b.iter().copied())).expect("b1")
+                    });
+                    let inputs: Vec<Array2<f64>> = (0..2)
+                        .map(|call| {
+                            let mut a = tensor("normal", rows, n1, dtype, 70 + n2 as u64 + call);
+                            a[[6, 3]] = f64::NAN;
+                            a[[140, 1]] = f64::INFINITY;
+                            a[[rows - 2, n1 - 1]] = f64::NEG_INFINITY;
+                            a
+                        })
+                        .collect();
+                    let what = format!("{class} {dtype} {format} n2={n2} pow2={pow2} lens={lens:?}");
+                    let mut run = |fused: bool| -> Vec<Vec<u8>> {
+                        let mut u = eng.alloc(rows * n2 * dtype.size_bytes()).expect("u");
+                        let mut t = moe_gpu::fp8::SegmentedBlockFp8::alloc(&mut eng, &map, n2, format).expect("alloc");
+                        let mut out = Vec::new();
+                        for a in &inputs {
+                            let mut a_dev = upload(&mut eng, a, dtype);
+                            if fused {
+                                eng.act_fwd_block_quantized(
+                                    &cfg,
+                                    &mut a_dev,
+                                    b1.as_ref(),
+                                    &p,
+                                    &mut u,
+                                    dtype,
+                                    &map,
+                                    options,
+                                    &mut t,
+                                )
+                                .unwrap_or_else(|e| panic!("{what}: fused: {e}"));
+                            } else {
+                                eng.act_fwd(&cfg, &mut a_dev, b1.as_ref(), &p, &mut u, dtype, &map, n2)
+                                    .unwrap_or_else(|e| panic!("{what}: activation: {e}"));
+                                eng.block_quantize_segments_into(&u, dtype, &map, options, &mut t)
+                                    .unwrap_or_else(|e| panic!("{what}: quantizer: {e}"));
+                            }
+                            for b in [&a_dev, &u, &t.codes, &t.codes_t, &t.scale_inv, &t.scale_inv_t] {
+                                out.push(eng.download(b).expect("download"));
+                            }
+                        }
+                        out
+                    };
+                    let (fused, unfused) = (run(true), run(false));
+                    let names = ["a", "u", "codes", "columnwise codes", "scales", "columnwise scales"];
+                    let fields: Vec<(String, &[u8], &[u8])> = fused
+                        .iter()
+                        .zip(&unfused)
+                        .enumerate()
+                        .map(|(i, (f, u))| (format!("call {} {}", i / 6, names[i % 6]), &f[..], &u[..]))
+                        .collect();
+                    let named: Vec<(&str, &[u8], &[u8])> =
+                        fields.iter().map(|(n, f, u)| (n.as_str(), *f, *u)).collect();
+                    compare_fields(&named).unwrap_or_else(|e| panic!("{what}: {e}"));
+                    assert!(fused[3].iter().any(|&c| c != 0), "{what}: every code is zero");
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(checked, 2 * 3 * 3 * 3);
+}
+
 /// The segmented 1×128 block quantizer (`Engine::block_quantize_segments_into`: every expert
 /// of an activation or gradient tensor in one launch each way, the blockwise layers' quantizer)
 /// writes, for each segment, exactly what `block_operands` makes of that segment alone (itself

@@ -236,8 +236,9 @@ __device__ __forceinline__ void act_fwd_glu_silu(const T* a, const float* p, con
     }
     q.flush();
 }
-template <typename T, bool EAGER>
-__device__ __forceinline__ float act_bwd_glu_silu(const T* arow, const T* durow, T* darow, float pr, int n2) {
+template <typename T, bool EAGER, int Q>
+__device__ __forceinline__ float act_bwd_glu_silu(const T* arow, const T* durow, T* darow, float pr, int n2,
+                                                  ActFp8<Q>& q, long long at) {
     constexpr int N = Vec<T>::N;
     float acc = 0.0f;
     for (int j = threadIdx.x * N; j < n2; j += blockDim.x * N) {
@@ -267,6 +268,8 @@ __device__ __forceinline__ float act_bwd_glu_silu(const T* arow, const T* durow,
         }
         vstore<T>(darow + j, dg);
         vstore<T>(darow + n2 + j, dl);
+        q.values(dg, at + j);
+        q.values(dl, at + n2 + j);
     }
     return acc;
 }
@@ -338,6 +341,138 @@ __device__ void act_fwd(T* a, const T* b1, const float* p, const int* row_expert
     q.flush();
 }
 
+// Four consecutive values of T (8 bytes for bf16/fp16, 16 for f32; the caller keeps them aligned).
+template <typename T>
+__device__ __forceinline__ void load4(const T* p, float (&f)[4]) {
+    if constexpr (sizeof(T) == 2) {
+        const uint2 w = *reinterpret_cast<const uint2*>(p);
+        const T* e = reinterpret_cast<const T*>(&w);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) f[i] = to_f(e[i]);
+    } else {
+        const uint4 w = *reinterpret_cast<const uint4*>(p);
+        const T* e = reinterpret_cast<const T*>(&w);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) f[i] = to_f(e[i]);
+    }
+}
+template <typename T>
+__device__ __forceinline__ void store4(T* p, const float (&f)[4]) {
+    if constexpr (sizeof(T) == 2) {
+        uint2 w;
+        T* e = reinterpret_cast<T*>(&w);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) e[i] = from_f<T>(f[i]);
+        *reinterpret_cast<uint2*>(p) = w;
+    } else {
+        uint4 w;
+        T* e = reinterpret_cast<T*>(&w);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) e[i] = from_f<T>(f[i]);
+        *reinterpret_cast<uint4*>(p) = w;
+    }
+}
+
+// `act_fwd_blk`: the forward activation block-quantizing its own output for fc2's input under
+// the blockwise recipe, both 1x128 operands in the same pass: u as `act_fwd` writes it, and
+// the rowwise codes and scales (`codes`, `scale_inv` at `seg.scale_off`) and the columnwise
+// ones (`codes_t`, `scale_inv_t` at `col_scale_off`) that `block_quant_row128_seg` and
+// `block_quant_col128_seg` write from the stored u, bit for bit (each block's amax of the same
+// stored values, the same scale_from_amax and encode).
+// Launch: grid (the 128-row tiles of `seg.tiles`, ceil(n2/128)), block 256, dynamic shared
+// memory ACT_BLK_SMEM(sizeof(T)) bytes; n2 % 4 == 0 and a, b1, u, codes 16-byte aligned.
+// Block (t, y) computes rows [x0, x0 + 128) of tile t's segment s and columns
+// [128y, 128y + 128): warp w rows w, w + 8, ..., lane four consecutive columns, so a row's
+// 1x128 block is one warp's (the warp max is its amax); each stored row also goes into a
+// [128][ACT_BLK_PITCH] tile of T in shared memory. Then thread (row half g, column j) takes
+// 64 rows of one column: the two halves' maxima meet in `part`, and its codes are 64
+// consecutive bytes of the columnwise copy.
+#define ACT_BLK_PITCH(elem) (128 + 16 / (elem))
+#define ACT_BLK_SMEM(elem) (128 * ACT_BLK_PITCH(elem) * (elem))
+template <typename T, int F>
+__device__ void act_fwd_blk(T* a, const T* b1, const float* p, T* u, int n2, ActParams ap, BlockParams bp,
+                            BlockSegs seg, const long long* col_scale_off, u8* codes, float* scale_inv,
+                            u8* codes_t, float* scale_inv_t) {
+    extern __shared__ __align__(16) unsigned char act_blk_smem[];
+    constexpr int PITCH = ACT_BLK_PITCH(sizeof(T));
+    T(*tile)[PITCH] = reinterpret_cast<T(*)[PITCH]>(act_blk_smem);
+    __shared__ float part[2][128];
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int s = seg.tiles[2 * blockIdx.x], x0 = seg.tiles[2 * blockIdx.x + 1];
+    const int n = seg.seg_len[s];
+    const long long base = seg.seg_off[s];
+    const int n1 = ap.glu ? 2 * n2 : n2;
+    const int c0 = blockIdx.y * 128, c = c0 + 4 * lane;
+    const bool col_ok = c < n2;
+    const T* brow = b1 != nullptr ? b1 + (long long)s * n1 : nullptr;
+    const long long row_scales = seg.scale_off[s] + (long long)blockIdx.y * ((n + 3) / 4 * 4);
+    for (int k = w; k < 128; k += 8) {
+        float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (x0 + k < n) {  // warp-uniform
+            const long long r = base + x0 + k;
+            if (col_ok) {
+                float g[4], l[4] = {0.0f, 0.0f, 0.0f, 0.0f}, bg[4] = {0.0f, 0.0f, 0.0f, 0.0f},
+                            bl[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                T* arow = a + r * n1;
+                load4<T>(arow + c, g);
+                if (ap.glu) load4<T>(arow + n2 + c, l);
+                if (brow != nullptr) {
+                    load4<T>(brow + c, bg);
+                    if (ap.glu) load4<T>(brow + n2 + c, bl);
+                }
+                const float pr = p[r];
+#pragma unroll
+                for (int q = 0; q < 4; ++q)
+                    z[q] = rnd<T>(act_fwd_elem<T>(ap, g[q], l[q], brow != nullptr, bg[q], bl[q]) * pr);
+                if (brow != nullptr) {
+                    store4<T>(arow + c, g);
+                    if (ap.glu) store4<T>(arow + n2 + c, l);
+                }
+                store4<T>(u + r * n2 + c, z);
+            }
+            float m = 0.0f;
+#pragma unroll
+            for (int q = 0; q < 4; ++q) m = fmaxf(m, fabsf(z[q]));
+            const float mult = scale_from_amax(warp_max(m), bp.fp8_max, bp.pow2, bp.eps, bp.vinf);
+            if (lane == 0) scale_inv[row_scales + x0 + k] = __frcp_rn(mult);
+            if (col_ok) {
+                const u32 lo = encode2<F>(__fmul_rn(z[0], mult), __fmul_rn(z[1], mult));
+                const u32 hi = encode2<F>(__fmul_rn(z[2], mult), __fmul_rn(z[3], mult));
+                *reinterpret_cast<u32*>(codes + r * n2 + c) = lo | (hi << 16);
+            }
+        }
+        store4<T>(&tile[k][4 * lane], z);  // rows past the segment: zeros (no amax change)
+    }
+    __syncthreads();
+    const int j = threadIdx.x & 127, g = threadIdx.x >> 7, col = c0 + j;
+    float m = 0.0f;
+#pragma unroll 8
+    for (int e = 0; e < 64; ++e) m = fmaxf(m, fabsf(to_f(tile[64 * g + e][j])));
+    part[g][j] = m;
+    __syncthreads();
+    if (col >= n2) return;
+    const float mult = scale_from_amax(fmaxf(part[0][j], part[1][j]), bp.fp8_max, bp.pow2, bp.eps, bp.vinf);
+    if (g == 0) scale_inv_t[col_scale_off[s] + (long long)(x0 / 128) * ((n2 + 3) / 4 * 4) + col] = __frcp_rn(mult);
+    const int valid = min(64, n - x0 - 64 * g);  // rows of this thread's half in the segment
+    u8* out = codes_t + base * n2 + (long long)col * n + x0 + 64 * g;
+    if (valid == 64 && (reinterpret_cast<unsigned long long>(out) & 15ull) == 0) {
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+            u32 wd[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int e = 64 * g + 16 * v + 4 * i;
+                wd[i] = encode2<F>(__fmul_rn(to_f(tile[e][j]), mult), __fmul_rn(to_f(tile[e + 1][j]), mult)) |
+                        (encode2<F>(__fmul_rn(to_f(tile[e + 2][j]), mult), __fmul_rn(to_f(tile[e + 3][j]), mult))
+                         << 16);
+            }
+            reinterpret_cast<uint4*>(out)[v] = make_uint4(wd[0], wd[1], wd[2], wd[3]);
+        }
+    } else {
+        for (int e = 0; e < valid; ++e) out[e] = encode<F>(__fmul_rn(to_f(tile[64 * g + e][j]), mult));
+    }
+}
+
 // One element of the backward activation block: from du and the fc1 output (g, l; l unused
 // without GLU) the grads dg, dl (dl unused without GLU); returns z, whose product with du
 // the probs gradient sums.
@@ -375,10 +510,10 @@ __device__ __forceinline__ float act_bwd_elem(const ActParams& ap, float dui, fl
 // Backward activation block, one block per row r. Inputs: a [rows, n1] (bias included), du
 // [rows, n2] = round(G·W2), p [rows], g [rows, h] and b2 [experts, h] (null without fc2 bias).
 // Outputs: da [rows, n1]; dp[r] = round_probs(Σ_j G_rj b2_j + Σ_j du_rj z_rj) when write_dp.
-template <typename T>
+template <typename T, int Q>
 __device__ void act_bwd(const T* a, const T* du, const float* p, const T* gout, const T* b2,
                         const int* row_expert, T* da, float* dp, int write_dp, int rows, int n2,
-                        int h, ActParams ap, int probs_dt) {
+                        int h, ActParams ap, int probs_dt, ActFp8<Q> q) {
     constexpr int N = Vec<T>::N;
     __shared__ float red_act[256];
     __shared__ float red_bias[256];
@@ -390,10 +525,13 @@ __device__ void act_bwd(const T* a, const T* du, const float* p, const T* gout, 
     T* darow = da + (long long)r * n1;
     const float pr = p[r];
     float acc = 0.0f;
-    const bool vec = n2 % N == 0 && aligned16(a) && aligned16(du) && aligned16(da);
+    const long long at = (long long)r * n1;
+    q.row(Q > 0 ? row_expert[r] : 0);
+    const bool vec = n2 % N == 0 && aligned16(a) && aligned16(du) && aligned16(da) &&
+                     (Q < 2 || (reinterpret_cast<unsigned long long>(q.codes) & 7ull) == 0);
     if (vec && ap.glu && ap.act == 0 && !ap.has_clamp && ap.offset == 0.0f) {
-        acc = ap.eager ? act_bwd_glu_silu<T, true>(arow, durow, darow, pr, n2)
-                       : act_bwd_glu_silu<T, false>(arow, durow, darow, pr, n2);
+        acc = ap.eager ? act_bwd_glu_silu<T, true, Q>(arow, durow, darow, pr, n2, q, at)
+                       : act_bwd_glu_silu<T, false, Q>(arow, durow, darow, pr, n2, q, at);
     } else if (vec) {
         for (int j = threadIdx.x * N; j < n2; j += blockDim.x * N) {
             float dui[N], g[N], l[N], dg[N], dl[N];
@@ -405,8 +543,14 @@ __device__ void act_bwd(const T* a, const T* du, const float* p, const T* gout, 
                 if (!ap.glu) l[i] = 0.0f;
                 acc += dui[i] * act_bwd_elem<T>(ap, dui[i], pr, g[i], l[i], dg[i], dl[i]);
             }
+            if (Q > 0) {
+                round_to<T>(dg);
+                round_to<T>(dl);
+            }
             vstore<T>(darow + j, dg);
             if (ap.glu) vstore<T>(darow + n2 + j, dl);
+            q.values(dg, at + j);
+            if (ap.glu) q.values(dl, at + n2 + j);
         }
     } else {
         for (int j = threadIdx.x; j < n2; j += blockDim.x) {
@@ -416,6 +560,9 @@ __device__ void act_bwd(const T* a, const T* du, const float* p, const T* gout, 
                                          dg, dl);
             darow[j] = from_f<T>(dg);
             if (ap.glu) darow[n2 + j] = from_f<T>(dl);
+            const float vg[1] = {rnd<T>(dg)}, vl[1] = {rnd<T>(dl)};
+            q.values(vg, at + j);
+            if (ap.glu) q.values(vl, at + n2 + j);
         }
     }
     float accb = 0.0f;
@@ -435,6 +582,7 @@ __device__ void act_bwd(const T* a, const T* du, const float* p, const T* gout, 
         __syncthreads();
     }
     if (threadIdx.x == 0 && write_dp) dp[r] = rnd_probs(red_bias[0] + red_act[0], probs_dt);
+    q.flush();
 }
 
 // out[r, c] = round(x[r, c] * p[r]) (moe_apply_probs_on_input, spec §4.7).
@@ -549,11 +697,42 @@ __device__ void init_uniform(T* out, long long n, unsigned long long seed, float
             act_fwd<T, 3>(a, b1, p, row_expert, u, rows, n2, ap,                                 \
                           ActFp8<3>{amax, scale, stride, codes});                                \
     }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(256) act_fwd_blk_##S##_e4m3(                   \
+        T* a, const T* b1, const float* p, T* u, int n2, ActParams ap, BlockParams bp,           \
+        BlockSegs seg, const long long* col_scale_off, u8* codes, float* scale_inv, u8* codes_t, \
+        float* scale_inv_t) {                                                                    \
+        act_fwd_blk<T, 0>(a, b1, p, u, n2, ap, bp, seg, col_scale_off, codes, scale_inv,         \
+                          codes_t, scale_inv_t);                                                 \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(256) act_fwd_blk_##S##_e5m2(                   \
+        T* a, const T* b1, const float* p, T* u, int n2, ActParams ap, BlockParams bp,           \
+        BlockSegs seg, const long long* col_scale_off, u8* codes, float* scale_inv, u8* codes_t, \
+        float* scale_inv_t) {                                                                    \
+        act_fwd_blk<T, 1>(a, b1, p, u, n2, ap, bp, seg, col_scale_off, codes, scale_inv,         \
+                          codes_t, scale_inv_t);                                                 \
+    }                                                                                            \
     extern "C" __global__ void act_bwd_##S(const T* a, const T* du, const float* p,              \
                                            const T* gout, const T* b2, const int* row_expert,    \
                                            T* da, float* dp, int write_dp, int rows, int n2,     \
                                            int h, ActParams ap, int probs_dt) {                  \
-        act_bwd<T>(a, du, p, gout, b2, row_expert, da, dp, write_dp, rows, n2, h, ap, probs_dt); \
+        act_bwd<T, 0>(a, du, p, gout, b2, row_expert, da, dp, write_dp, rows, n2, h, ap,         \
+                      probs_dt, ActFp8<0>{});                                                    \
+    }                                                                                            \
+    extern "C" __global__ void act_bwd_q_##S(const T* a, const T* du, const float* p,            \
+                                             const T* gout, const T* b2, const int* row_expert,  \
+                                             T* da, float* dp, int write_dp, int rows, int n2,   \
+                                             int h, ActParams ap, int probs_dt, int q,           \
+                                             u32* amax, const float* scale, int stride,          \
+                                             u8* codes) {                                        \
+        if (q == 1)                                                                              \
+            act_bwd<T, 1>(a, du, p, gout, b2, row_expert, da, dp, write_dp, rows, n2, h, ap,     \
+                          probs_dt, ActFp8<1>{amax});                                            \
+        if (q == 2)                                                                              \
+            act_bwd<T, 2>(a, du, p, gout, b2, row_expert, da, dp, write_dp, rows, n2, h, ap,     \
+                          probs_dt, ActFp8<2>{amax, scale, stride, codes});                      \
+        if (q == 3)                                                                              \
+            act_bwd<T, 3>(a, du, p, gout, b2, row_expert, da, dp, write_dp, rows, n2, h, ap,     \
+                          probs_dt, ActFp8<3>{amax, scale, stride, codes});                      \
     }                                                                                            \
     extern "C" __global__ void scale_rows_##S(const T* x, const float* p, T* out, int rows,      \
                                               int cols) {                                        \

@@ -72,19 +72,6 @@ __device__ __forceinline__ void load8(const f16_t* p, float v[8]) {
     }
 }
 
-__device__ __forceinline__ bool is_inf(float v) { return (__float_as_uint(v) & 0x7FFFFFFFu) == 0x7F800000u; }
-__device__ __forceinline__ bool is_nan(float v) { return (__float_as_uint(v) & 0x7FFFFFFFu) > 0x7F800000u; }
-
-// TE's compute_scale_from_amax.
-__device__ __forceinline__ float scale_from_amax(float amax, float fp8_max, int pow2, float eps, float vinf) {
-    if (amax < eps) amax = eps;
-    if (is_inf(amax) || amax == 0.0f || is_nan(amax)) return 1.0f;
-    float scale = __fdiv_rn(fp8_max, amax);
-    if (is_inf(scale)) scale = vinf;
-    if (pow2) scale = __uint_as_float(__float_as_uint(scale) & 0xFF800000u);
-    return scale;
-}
-
 // TE's ptx::float_to_e8m0, software path.
 __device__ __forceinline__ u8 float_to_e8m0(float v) {
     if (is_nan(v)) return 0xFF;
@@ -262,17 +249,6 @@ extern "C" __global__ void __launch_bounds__(256) transpose_seg_u8x16(const u8* 
     }
 }
 
-struct BlockParams {
-    int tile_r;         // tile rows of the logical tensor
-    int tile_c;         // tile cols of the logical tensor
-    int trans;          // 1: the logical tensor is xᵀ
-    int mode;           // 0: f32 scale_inv per tile; 1: E8M0 per tile (MXFP8)
-    int pow2;           // power-of-2 scales (mode 0)
-    float fp8_max;      // largest finite value of the format
-    float eps;          // amax epsilon (mode 0)
-    float vinf;         // value_for_inf: the input dtype's largest finite value (mode 0)
-    float max_norm_rcp; // (float)(1.0 / fp8_max) (mode 1)
-};
 
 template <typename T, int F>
 __device__ void block_quant(const T* x, int rows, int cols, BlockParams bp, u8* codes, float* scale_inv, u8* e8m0) {
@@ -331,23 +307,6 @@ INSTANTIATE_IN(float, f32)
 INSTANTIATE_IN(bf16_t, bf16)
 INSTANTIATE_IN(f16_t, f16)
 
-// The segments of `block_quant_{row,col}128_seg` (every local expert's rows of one activation or
-// gradient tensor quantized in one launch each way, as `block_quant_{row,col}128` would quantize
-// each segment alone; the scales written straight into each segment's cuBLASLt layout, whose
-// padding entries the caller zeroes):
-//   * row_seg[r], seg_off[s], seg_len[s]: the segment of row r, the first row and the row count
-//     of segment s;
-//   * tiles: (segment, first row within it) of every 128-row tile, segment by segment (the
-//     columnwise grid's x);
-//   * scale_off: the first f32 of segment s's rowwise scales (rowwise kernel) or of its
-//     columnwise scales (columnwise kernel).
-struct BlockSegs {
-    const int* row_seg;
-    const int* seg_off;
-    const int* seg_len;
-    const int* tiles;
-    const long long* scale_off;
-};
 
 // 1x128 tiles (f32 scales, `mode` 0), the activations' and gradients' block shape, with
 // coalesced access; the same per-tile arithmetic as `block_quant` (an amax is a max, so its

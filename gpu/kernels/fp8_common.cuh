@@ -10,6 +10,10 @@
 //     trap, and no fp8 path launches them there.
 //   * block_max: max over a block of at most 256 threads, every thread gets it; all threads of
 //     the block must call it (it synchronizes).
+//   * scale_from_amax (TE's compute_scale_from_amax) and the block quantizers' arguments
+//     (`BlockParams`, `BlockSegs`): the 1x128 block quantizers of `fp8.cu` and the activation
+//     that block-quantizes its own output (`act_fwd_blk` in `experts.cu`) compute each block's
+//     scale by the same code.
 
 typedef unsigned char u8;
 typedef unsigned short u16;
@@ -68,3 +72,45 @@ __device__ __forceinline__ float block_max(float v) {
     return total;
 }
 
+__device__ __forceinline__ bool is_inf(float v) { return (__float_as_uint(v) & 0x7FFFFFFFu) == 0x7F800000u; }
+__device__ __forceinline__ bool is_nan(float v) { return (__float_as_uint(v) & 0x7FFFFFFFu) > 0x7F800000u; }
+
+// TE's compute_scale_from_amax.
+__device__ __forceinline__ float scale_from_amax(float amax, float fp8_max, int pow2, float eps, float vinf) {
+    if (amax < eps) amax = eps;
+    if (is_inf(amax) || amax == 0.0f || is_nan(amax)) return 1.0f;
+    float scale = __fdiv_rn(fp8_max, amax);
+    if (is_inf(scale)) scale = vinf;
+    if (pow2) scale = __uint_as_float(__float_as_uint(scale) & 0xFF800000u);
+    return scale;
+}
+
+struct BlockParams {
+    int tile_r;         // tile rows of the logical tensor
+    int tile_c;         // tile cols of the logical tensor
+    int trans;          // 1: the logical tensor is xᵀ
+    int mode;           // 0: f32 scale_inv per tile; 1: E8M0 per tile (MXFP8)
+    int pow2;           // power-of-2 scales (mode 0)
+    float fp8_max;      // largest finite value of the format
+    float eps;          // amax epsilon (mode 0)
+    float vinf;         // value_for_inf: the input dtype's largest finite value (mode 0)
+    float max_norm_rcp; // (float)(1.0 / fp8_max) (mode 1)
+};
+
+// The segments of `block_quant_{row,col}128_seg` (every local expert's rows of one activation or
+// gradient tensor quantized in one launch each way, as `block_quant_{row,col}128` would quantize
+// each segment alone; the scales written straight into each segment's cuBLASLt layout, whose
+// padding entries the caller zeroes):
+//   * row_seg[r], seg_off[s], seg_len[s]: the segment of row r, the first row and the row count
+//     of segment s;
+//   * tiles: (segment, first row within it) of every 128-row tile, segment by segment (the
+//     columnwise grid's x);
+//   * scale_off: the first f32 of segment s's rowwise scales (rowwise kernel) or of its
+//     columnwise scales (columnwise kernel).
+struct BlockSegs {
+    const int* row_seg;
+    const int* seg_off;
+    const int* seg_len;
+    const int* tiles;
+    const long long* scale_off;
+};

@@ -8,8 +8,9 @@
 
 use crate::error::GpuError;
 use crate::memory::DeviceBuffer;
-use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
-use moe_reference::fp8::Fp8Format;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+use moe_reference::fp8::scale::max_finite_of;
+use moe_reference::fp8::{BlockTile, Fp8Format, ScaleOptions};
 use moe_reference::{Activation, Dtype, LayerClass, LayerConfig};
 use std::sync::Arc;
 
@@ -19,10 +20,11 @@ const EXPERTS_CU: &str = concat!(include_str!("../kernels/fp8_common.cuh"), incl
 
 /// The kernels of `experts.cu`, each instantiated as `<name>_<dtype suffix>`.
 #[cfg(test)]
-const KERNEL_NAMES: [&str; 9] = [
+const KERNEL_NAMES: [&str; 10] = [
     "act_fwd",
     "act_fwd_q",
     "act_bwd",
+    "act_bwd_q",
     "scale_rows",
     "probs_in_bwd",
     "fill_bias_rows",
@@ -126,6 +128,91 @@ pub(crate) struct ActCodes<'b> {
     pub(crate) format: Fp8Format,
 }
 
+/// Mirrors `struct BlockParams` in `fp8_common.cuh` (the block quantizers of `fp8.cu` and
+/// `act_fwd_blk`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct BlockParams {
+    pub(crate) tile_r: i32,
+    pub(crate) tile_c: i32,
+    pub(crate) trans: i32,
+    pub(crate) mode: i32,
+    pub(crate) pow2: i32,
+    pub(crate) fp8_max: f32,
+    pub(crate) eps: f32,
+    pub(crate) vinf: f32,
+    pub(crate) max_norm_rcp: f32,
+}
+
+impl BlockParams {
+    /// The parameters of `block_quant` for f32 block scales (mode 0) of `tile` blocks, `trans`
+    /// for the columnwise copy, with `options` and the input dtype's largest finite value for an
+    /// infinite scale quotient.
+    pub(crate) fn block(
+        format: Fp8Format,
+        tile: BlockTile,
+        options: ScaleOptions,
+        dtype: Dtype,
+        trans: bool,
+    ) -> BlockParams {
+        let [tr, tc] = tile.dims();
+        BlockParams {
+            tile_r: tr as i32,
+            tile_c: tc as i32,
+            trans: i32::from(trans),
+            mode: 0,
+            pow2: i32::from(options.force_pow_2_scales),
+            fp8_max: format.max_finite(),
+            eps: options.amax_epsilon,
+            vinf: max_finite_of(dtype),
+            max_norm_rcp: 0.0,
+        }
+    }
+}
+
+// SAFETY: `BlockParams` is `repr(C)` plain old data (five i32 then four f32, no padding) and
+// matches the layout of the CUDA struct it is passed as.
+unsafe impl DeviceRepr for BlockParams {}
+
+/// The segment arguments of the segmented 1×128 block quantizers (mirrors `struct BlockSegs`
+/// in `fp8_common.cuh`): device addresses of `row_seg`, `seg_off`, `seg_len`, the 128-row tile table
+/// and the per-segment scale offsets (i64).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BlockSegs {
+    pub(crate) row_seg: u64,
+    pub(crate) seg_off: u64,
+    pub(crate) seg_len: u64,
+    pub(crate) tiles: u64,
+    pub(crate) scale_off: u64,
+}
+
+// SAFETY: `BlockSegs` is `repr(C)` plain old data (five u64 device addresses, no padding) and
+// matches the layout of the CUDA struct of five pointers it is passed as.
+unsafe impl DeviceRepr for BlockSegs {}
+
+/// What [`ExpertKernels::act_fwd_block_quantized`] writes besides `u`: both 1×128 block
+/// operands of `u` for every segment (device addresses the caller checked against the
+/// segmented buffers' sizes, as `Engine::block_quantize_segments_into` passes them).
+pub(crate) struct ActBlockOut {
+    /// The codes' format.
+    pub(crate) format: Fp8Format,
+    /// The rowwise blocks' parameters (the columnwise ones are the same but for `trans`).
+    pub(crate) bp: BlockParams,
+    /// The segments, their 128-row tiles and the rowwise scales' offsets.
+    pub(crate) seg: BlockSegs,
+    /// The tiles in `seg.tiles`: the grid's x.
+    pub(crate) n_tiles: usize,
+    /// Each segment's first columnwise scale (i64 per segment).
+    pub(crate) col_scale_off: u64,
+    /// Rowwise codes `[rows, n2]` and scales.
+    pub(crate) codes: u64,
+    pub(crate) scale_inv: u64,
+    /// Columnwise codes (segment by segment) and scales.
+    pub(crate) codes_t: u64,
+    pub(crate) scale_inv_t: u64,
+}
+
 /// The padded row layout of one call on the device: `row_expert[r]`, the local expert of row
 /// `r`, and each segment's first row and row count (int32 each). Built from host counts only,
 /// so every expert index is below [`RowMap::segments`] and the segments tile the rows.
@@ -179,7 +266,10 @@ impl RowMap {
 struct KernelSet {
     act_fwd: CudaFunction,
     act_fwd_q: CudaFunction,
+    /// `act_fwd_blk`, e4m3 and e5m2.
+    act_fwd_blk: [CudaFunction; 2],
     act_bwd: CudaFunction,
+    act_bwd_q: CudaFunction,
     scale_rows: CudaFunction,
     probs_in_bwd: CudaFunction,
     fill_bias_rows: CudaFunction,
@@ -228,6 +318,87 @@ fn act_fwd_args(
         arg(row_expert, rows * 4, "row_expert")?,
         arg(u, rows * n2 * ds, &format!("{kernel} u"))?,
     ])
+}
+
+/// The fp8 arguments of `act_fwd_q` / `act_bwd_q` for an output of `cols` columns: the mode
+/// `q` (1 amax only, 2 / 3 e4m3 / e5m2 codes too) and the addresses of the amax, scales and
+/// codes (0 without codes), each checked to hold what the kernel touches.
+fn act_fp8_args(
+    fp8: ActFp8Out<'_>,
+    (_, rows, segments): RowsArg<'_>,
+    cols: usize,
+    kernel: &str,
+) -> Result<(i32, u64, u64, i32, u64), GpuError> {
+    let amax = arg(fp8.amax, segments * 4, &format!("{kernel} amax"))?;
+    Ok(match fp8.codes {
+        None => (1, amax, 0, 0, 0),
+        Some(c) => (
+            match c.format {
+                Fp8Format::E4M3 => 2,
+                Fp8Format::E5M2 => 3,
+            },
+            amax,
+            arg(c.scale, (segments.max(1) - 1) * c.stride * 4 + 4, &format!("{kernel} scale"))?,
+            i32::try_from(c.stride)?,
+            arg(c.codes, rows * cols, &format!("{kernel} codes"))?,
+        ),
+    })
+}
+
+/// The device addresses and integer arguments of `act_bwd` / `act_bwd_q`, each buffer checked
+/// to hold what the kernel touches: `[a, du, p, g, b2, row_expert, da, dp]` and
+/// `[write_dp, rows, n2, h, probs_dt]`.
+#[allow(clippy::too_many_arguments)]
+fn act_bwd_args(
+    dt: Dtype,
+    ap: ActParams,
+    (a, du, p, gout): (&DeviceBuffer, &DeviceBuffer, &DeviceBuffer, &DeviceBuffer),
+    b2: Option<&DeviceBuffer>,
+    (row_expert, rows, segments): RowsArg<'_>,
+    (da, dp): (&mut DeviceBuffer, &mut DeviceBuffer),
+    write_dp: bool,
+    (n2, h): (usize, usize),
+    probs_dt: Dtype,
+) -> Result<([u64; 8], [i32; 5]), GpuError> {
+    let ds = dt.size_bytes();
+    let n1 = if ap.glu != 0 { 2 * n2 } else { n2 };
+    Ok((
+        [
+            arg(a, rows * n1 * ds, "act_bwd a")?,
+            arg(du, rows * n2 * ds, "act_bwd du")?,
+            arg(p, probs_bytes(rows), "act_bwd p")?,
+            arg(gout, rows * h * ds, "act_bwd g")?,
+            opt_arg(b2, segments * h * ds, "act_bwd b2")?,
+            arg(row_expert, rows * 4, "row_expert")?,
+            arg(da, rows * n1 * ds, "act_bwd da")?,
+            arg(dp, probs_bytes(rows), "act_bwd dp")?,
+        ],
+        [i32::from(write_dp), i32::try_from(rows)?, i32::try_from(n2)?, i32::try_from(h)?, probs_code(probs_dt)],
+    ))
+}
+
+/// The dynamic shared memory of `act_fwd_blk` for `dt` (`ACT_BLK_SMEM` in `experts.cu`): a
+/// 128 x 128 tile of stored values, rows padded by 16 bytes.
+pub(crate) fn act_fwd_blk_smem(dt: Dtype) -> usize {
+    let e = dt.size_bytes();
+    128 * (128 + 16 / e) * e
+}
+
+/// `act_fwd_blk_<dtype>_<format>`, allowed its dynamic shared memory (over the default 48 KiB
+/// for f32).
+fn act_fwd_blk_function(module: &Arc<CudaModule>, dt: Dtype, format: &str) -> Result<CudaFunction, GpuError> {
+    let f = module.load_function(&format!("act_fwd_blk_{}_{format}", dtype_suffix(dt)))?;
+    f.set_attribute(
+        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        i32::try_from(act_fwd_blk_smem(dt))?,
+    )?;
+    Ok(f)
+}
+
+/// Whether `act_fwd_blk` takes an activation of `n2` columns (four per lane, each lane's
+/// accesses aligned).
+pub(crate) fn act_fwd_blk_takes(n2: usize) -> bool {
+    n2.is_multiple_of(4)
 }
 
 /// A 1-D grid-stride launch for `total` elements.
@@ -294,7 +465,9 @@ impl ExpertKernels {
             Ok(KernelSet {
                 act_fwd: f("act_fwd")?,
                 act_fwd_q: f("act_fwd_q")?,
+                act_fwd_blk: [act_fwd_blk_function(&module, dt, "e4m3")?, act_fwd_blk_function(&module, dt, "e5m2")?],
                 act_bwd: f("act_bwd")?,
+                act_bwd_q: f("act_bwd_q")?,
                 scale_rows: f("scale_rows")?,
                 probs_in_bwd: f("probs_in_bwd")?,
                 fill_bias_rows: f("fill_bias_rows")?,
@@ -400,19 +573,7 @@ impl ExpertKernels {
         fp8: ActFp8Out<'_>,
     ) -> Result<(), GpuError> {
         let [a, b1, p, re, u] = act_fwd_args(dt, ap, (a, b1, p, u), (row_expert, rows, segments), n2, "act_fwd_q")?;
-        let amax = arg(fp8.amax, segments * 4, "act_fwd_q amax")?;
-        let (q, scale, stride, codes) = match fp8.codes {
-            None => (1i32, 0u64, 0i32, 0u64),
-            Some(c) => (
-                match c.format {
-                    Fp8Format::E4M3 => 2,
-                    Fp8Format::E5M2 => 3,
-                },
-                arg(c.scale, (segments.max(1) - 1) * c.stride * 4 + 4, "act_fwd_q scale")?,
-                i32::try_from(c.stride)?,
-                arg(c.codes, rows * n2, "act_fwd_q codes")?,
-            ),
-        };
+        let (q, amax, scale, stride, codes) = act_fp8_args(fp8, (row_expert, rows, segments), n2, "act_fwd_q")?;
         let (ri, n2i) = (i32::try_from(rows)?, i32::try_from(n2)?);
         launch!(
             self,
@@ -420,6 +581,48 @@ impl ExpertKernels {
             &self.set(dt).act_fwd_q,
             over_rows(rows),
             [&a, &b1, &p, &re, &u, &ri, &n2i, &ap, &q, &amax, &scale, &stride, &codes]
+        )
+    }
+
+    /// [`ExpertKernels::act_fwd`] block-quantizing its own output (`act_fwd_blk`): besides `u`
+    /// (and SequentialMLP's biased `a`) it writes both 1×128 block operands of `u` for every
+    /// segment into `out`, as the segmented block quantizers would from the stored `u`. Needs
+    /// `n2 % 4 == 0` ([`act_fwd_blk_takes`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn act_fwd_block_quantized(
+        &mut self,
+        stream: &CudaStream,
+        dt: Dtype,
+        ap: ActParams,
+        a: &mut DeviceBuffer,
+        b1: Option<&DeviceBuffer>,
+        p: &DeviceBuffer,
+        (row_expert, rows, segments): RowsArg<'_>,
+        u: &mut DeviceBuffer,
+        n2: usize,
+        out: ActBlockOut,
+    ) -> Result<(), GpuError> {
+        if !act_fwd_blk_takes(n2) {
+            return Err(GpuError::Shape(format!("act_fwd_blk: n2 = {n2} is not a multiple of 4")));
+        }
+        let [a, b1, p, _, u] = act_fwd_args(dt, ap, (a, b1, p, u), (row_expert, rows, segments), n2, "act_fwd_blk")?;
+        let n2i = i32::try_from(n2)?;
+        let f = &self.set(dt).act_fwd_blk[match out.format {
+            Fp8Format::E4M3 => 0,
+            Fp8Format::E5M2 => 1,
+        }];
+        let cfg = LaunchConfig {
+            grid_dim: (u32::try_from(out.n_tiles)?, u32::try_from(n2.div_ceil(128))?, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: u32::try_from(act_fwd_blk_smem(dt))?,
+        };
+        let ActBlockOut { bp, seg, col_scale_off, codes, scale_inv, codes_t, scale_inv_t, .. } = out;
+        launch!(
+            self,
+            stream,
+            f,
+            cfg,
+            [&a, &b1, &p, &u, &n2i, &ap, &bp, &seg, &col_scale_off, &codes, &scale_inv, &codes_t, &scale_inv_t]
         )
     }
 
@@ -457,33 +660,59 @@ impl ExpertKernels {
         stream: &CudaStream,
         dt: Dtype,
         ap: ActParams,
-        (a, du, p, gout): (&DeviceBuffer, &DeviceBuffer, &DeviceBuffer, &DeviceBuffer),
+        inputs: (&DeviceBuffer, &DeviceBuffer, &DeviceBuffer, &DeviceBuffer),
         b2: Option<&DeviceBuffer>,
-        map: &RowMap,
-        (da, dp): (&mut DeviceBuffer, &mut DeviceBuffer),
+        rows: RowsArg<'_>,
+        outputs: (&mut DeviceBuffer, &mut DeviceBuffer),
         write_dp: bool,
-        (n2, h): (usize, usize),
+        dims: (usize, usize),
         probs_dt: Dtype,
     ) -> Result<(), GpuError> {
-        let ds = dt.size_bytes();
-        let n1 = if ap.glu != 0 { 2 * n2 } else { n2 };
-        let rows = map.rows;
-        let a = arg(a, rows * n1 * ds, "act_bwd a")?;
-        let du = arg(du, rows * n2 * ds, "act_bwd du")?;
-        let p = arg(p, probs_bytes(rows), "act_bwd p")?;
-        let gout = arg(gout, rows * h * ds, "act_bwd g")?;
-        let b2 = opt_arg(b2, map.segments * h * ds, "act_bwd b2")?;
-        let re = arg(&map.row_expert, rows * 4, "row_expert")?;
-        let da = arg(da, rows * n1 * ds, "act_bwd da")?;
-        let dp = arg(dp, probs_bytes(rows), "act_bwd dp")?;
-        let (wdp, ri, n2i, hi, pc) =
-            (i32::from(write_dp), i32::try_from(rows)?, i32::try_from(n2)?, i32::try_from(h)?, probs_code(probs_dt));
+        let args = act_bwd_args(dt, ap, inputs, b2, rows, outputs, write_dp, dims, probs_dt)?;
+        let [a, du, p, gout, b2, re, da, dp] = args.0;
+        let [wdp, ri, n2i, hi, pc] = args.1;
         launch!(
             self,
             stream,
             &self.set(dt).act_bwd,
-            per_row(rows)?,
+            per_row(rows.1)?,
             [&a, &du, &p, &gout, &b2, &re, &da, &dp, &wdp, &ri, &n2i, &hi, &ap, &pc]
+        )
+    }
+
+    /// [`ExpertKernels::act_bwd`] quantizing its own output `da` in the same pass (`act_bwd_q`,
+    /// fc1's output gradient for the fp8 dgrad and wgrad GEMMs): besides `da` and `dp` it
+    /// writes `fp8.amax`, the per-segment amax of the stored `da` (f32 bits; the caller zeroes
+    /// it), and with `fp8.codes` the codes of `da` at each segment's scale.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn act_bwd_quantized(
+        &mut self,
+        stream: &CudaStream,
+        dt: Dtype,
+        ap: ActParams,
+        inputs: (&DeviceBuffer, &DeviceBuffer, &DeviceBuffer, &DeviceBuffer),
+        b2: Option<&DeviceBuffer>,
+        rows: RowsArg<'_>,
+        outputs: (&mut DeviceBuffer, &mut DeviceBuffer),
+        write_dp: bool,
+        dims: (usize, usize),
+        probs_dt: Dtype,
+        fp8: ActFp8Out<'_>,
+    ) -> Result<(), GpuError> {
+        let n1 = if ap.glu != 0 { 2 * dims.0 } else { dims.0 };
+        let args = act_bwd_args(dt, ap, inputs, b2, rows, outputs, write_dp, dims, probs_dt)?;
+        let [a, du, p, gout, b2, re, da, dp] = args.0;
+        let [wdp, ri, n2i, hi, pc] = args.1;
+        let (q, amax, scale, stride, codes) = act_fp8_args(fp8, rows, n1, "act_bwd_q")?;
+        launch!(
+            self,
+            stream,
+            &self.set(dt).act_bwd_q,
+            per_row(rows.1)?,
+            [
+                &a, &du, &p, &gout, &b2, &re, &da, &dp, &wdp, &ri, &n2i, &hi, &ap, &pc, &q, &amax, &scale, &stride,
+                &codes
+            ]
         )
     }
 
@@ -570,9 +799,9 @@ mod tests {
         }
         let ptx = compile_kernels("sm_90").unwrap_or_else(|e| panic!("{e}"));
         let src = ptx.to_src();
-        for base in KERNEL_NAMES {
-            for dt in Dtype::ALL {
-                let name = format!("{base}_{}", dtype_suffix(dt));
+        for dt in Dtype::ALL {
+            let blk = ["e4m3", "e5m2"].map(|f| format!("act_fwd_blk_{}_{f}", dtype_suffix(dt)));
+            for name in KERNEL_NAMES.iter().map(|base| format!("{base}_{}", dtype_suffix(dt))).chain(blk) {
                 assert!(src.contains(&format!(".entry {name}(")), "{name} missing from the PTX");
             }
         }
@@ -598,7 +827,8 @@ mod tests {
     #[test]
     fn kernel_signatures_are_the_ones_the_wrappers_pass() {
         let sig = |name: &str| -> String {
-            let start = EXPERTS_CU.find(&format!("void {name}_##S(")).unwrap_or_else(|| panic!("{name} not declared"));
+            let decl = if name.contains("##S") { format!(" {name}(") } else { format!("void {name}_##S(") };
+            let start = EXPERTS_CU.find(&decl).unwrap_or_else(|| panic!("{name} not declared"));
             let rest = &EXPERTS_CU[start..];
             rest[..rest.find(')').expect("closing parenthesis")].replace(['\\', '\n'], " ")
         };
@@ -609,31 +839,17 @@ mod tests {
                 .map(|p| p.split_whitespace().last().expect("parameter name").trim_start_matches('*').to_string())
                 .collect()
         };
-        let expect: [(&str, &[&str]); 9] = [
+        let bwd =
+            ["a", "du", "p", "gout", "b2", "row_expert", "da", "dp", "write_dp", "rows", "n2", "h", "ap", "probs_dt"];
+        let bwd_q = [&bwd[..], &["q", "amax", "scale", "stride", "codes"]].concat();
+        let expect: [(&str, &[&str]); 10] = [
             ("act_fwd", &["a", "b1", "p", "row_expert", "u", "rows", "n2", "ap"]),
             (
                 "act_fwd_q",
                 &["a", "b1", "p", "row_expert", "u", "rows", "n2", "ap", "q", "amax", "scale", "stride", "codes"],
             ),
-            (
-                "act_bwd",
-                &[
-                    "a",
-                    "du",
-                    "p",
-                    "gout",
-                    "b2",
-                    "row_expert",
-                    "da",
-                    "dp",
-                    "write_dp",
-                    "rows",
-                    "n2",
-                    "h",
-                    "ap",
-                    "probs_dt",
-                ],
-            ),
+            ("act_bwd", &bwd),
+            ("act_bwd_q", &bwd_q),
             ("scale_rows", &["x", "p", "out", "rows", "cols"]),
             ("probs_in_bwd", &["dx", "x", "p", "dp", "rows", "cols", "probs_dt"]),
             ("fill_bias_rows", &["a", "b", "row_expert", "rows", "cols"]),
@@ -645,6 +861,42 @@ mod tests {
             assert!(KERNEL_NAMES.contains(&name));
             assert_eq!(params(name), want, "{name}");
         }
+        // `act_fwd_blk_<dtype>_<format>`: both formats' parameter lists are the wrapper's.
+        let blk = [
+            "a",
+            "b1",
+            "p",
+            "u",
+            "n2",
+            "ap",
+            "bp",
+            "seg",
+            "col_scale_off",
+            "codes",
+            "scale_inv",
+            "codes_t",
+            "scale_inv_t",
+        ];
+        for f in ["e4m3", "e5m2"] {
+            let name = format!("act_fwd_blk_##S##_{f}");
+            assert_eq!(params(&name), blk, "{name}");
+        }
+    }
+
+    /// `act_fwd_blk`'s shared tile is what `ACT_BLK_SMEM` in `experts.cu` declares (128 rows
+    /// of 128 values plus 16 bytes, 16-byte aligned rows) and fits an SM (227 KiB on sm_90);
+    /// widths that are not multiples of 4 take the two-step path.
+    #[test]
+    fn act_fwd_blk_shared_tile_and_widths() {
+        assert_eq!(act_fwd_blk_smem(Dtype::Bf16), 128 * 136 * 2);
+        assert_eq!(act_fwd_blk_smem(Dtype::F16), 128 * 136 * 2);
+        assert_eq!(act_fwd_blk_smem(Dtype::F32), 128 * 132 * 4);
+        for dt in Dtype::ALL {
+            assert_eq!(act_fwd_blk_smem(dt) / 128 % 16, 0, "{dt}: rows 16-byte aligned");
+            assert!(act_fwd_blk_smem(dt) <= 227 * 1024, "{dt}");
+        }
+        assert!(EXPERTS_CU.contains("#define ACT_BLK_PITCH(elem) (128 + 16 / (elem))"));
+        assert!(act_fwd_blk_takes(200) && act_fwd_blk_takes(4) && !act_fwd_blk_takes(38) && !act_fwd_blk_takes(2));
     }
 
     #[test]

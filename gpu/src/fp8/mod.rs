@@ -21,13 +21,12 @@
 use crate::engine::Engine;
 use crate::error::GpuError;
 use crate::gemm::{fills_gpu_alone, prefer_persistent, GemmProblem, AUTO_HYBRID_WAVES};
-use crate::kernels::{ActCodes, ActFp8Out, ActParams};
+use crate::kernels::{ActBlockOut, ActCodes, ActFp8Out, ActParams, BlockParams, BlockSegs, ExpertKernels};
 use crate::memory::{DeviceBuffer, Operand, Region};
 use crate::persistent::{Fp8Problem, Fp8Variant};
 use cudarc::cublaslt::{result as lt, sys as lt_sys};
-use cudarc::driver::{CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 use moe_reference::fp8::mxfp8::max_norm_rcp;
-use moe_reference::fp8::scale::max_finite_of;
 use moe_reference::fp8::{BlockTile, Fp8Format, Fp8Tensor, MxBlock, ScaleOptions, Scales, Usage};
 use moe_reference::{Dtype, LayerConfig};
 use ndarray::Array2;
@@ -175,62 +174,6 @@ impl DeviceFp8 {
         Ok(Fp8Tensor { format: self.format, data, scales })
     }
 }
-
-/// Mirrors `struct BlockParams` in `fp8.cu`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct BlockParams {
-    tile_r: i32,
-    tile_c: i32,
-    trans: i32,
-    mode: i32,
-    pow2: i32,
-    fp8_max: f32,
-    eps: f32,
-    vinf: f32,
-    max_norm_rcp: f32,
-}
-
-impl BlockParams {
-    /// The parameters of `block_quant` for f32 block scales (mode 0) of `tile` blocks, `trans`
-    /// for the columnwise copy, with `options` and the input dtype's largest finite value for an
-    /// infinite scale quotient.
-    fn block(format: Fp8Format, tile: BlockTile, options: ScaleOptions, dtype: Dtype, trans: bool) -> BlockParams {
-        let [tr, tc] = tile.dims();
-        BlockParams {
-            tile_r: tr as i32,
-            tile_c: tc as i32,
-            trans: i32::from(trans),
-            mode: 0,
-            pow2: i32::from(options.force_pow_2_scales),
-            fp8_max: format.max_finite(),
-            eps: options.amax_epsilon,
-            vinf: max_finite_of(dtype),
-            max_norm_rcp: 0.0,
-        }
-    }
-}
-
-// SAFETY: `BlockParams` is `repr(C)` plain old data (five i32 then four f32, no padding) and
-// matches the layout of the CUDA struct it is passed as.
-unsafe impl DeviceRepr for BlockParams {}
-
-/// The segment arguments of the segmented 1×128 block quantizers (mirrors `struct BlockSegs`
-/// in `fp8.cu`): device addresses of `row_seg`, `seg_off`, `seg_len`, the 128-row tile table
-/// and the per-segment scale offsets (i64).
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-struct BlockSegs {
-    row_seg: u64,
-    seg_off: u64,
-    seg_len: u64,
-    tiles: u64,
-    scale_off: u64,
-}
-
-// SAFETY: `BlockSegs` is `repr(C)` plain old data (five u64 device addresses, no padding) and
-// matches the layout of the CUDA struct of five pointers it is passed as.
-unsafe impl DeviceRepr for BlockSegs {}
 
 /// A cuBLASLt handle (a raw pointer, not `Send` by itself).
 struct LtHandle(lt_sys::cublasLtHandle_t);
@@ -901,18 +844,87 @@ impl Engine {
         scales: impl Into<SegmentScales<'s>>,
         t: &mut SegmentedFp8,
     ) -> Result<(), GpuError> {
-        let scales = scales.into();
-        check_fits(t, map)?;
-        self.fill_bytes(&mut t.amax, 0)?;
         let (ap, n2) = (ActParams::of(cfg), t.cols);
         let rows = (&map.row_seg, map.rows, map.lens.len());
+        self.quantize_in_pass(u, dtype, map, scales.into(), t, |kernels, stream, u, fp8| {
+            kernels.act_fwd_quantized(stream, dtype, ap, a, b1, p, rows, u, n2, fp8)
+        })
+    }
+
+    /// The backward activation of `cfg`'s class over the rows of `map`, unfused: from `a`
+    /// `[rows, N1]` (fc1's output), `du` `[rows, N2]`, the probs `p` the forward applied, and
+    /// `g` `[rows, h]` with the fc2 bias `b2` (the probs gradient's bias term), `da`
+    /// `[rows, N1]` and, unless the probs were applied on the input, `dp` per row (the layers'
+    /// `act_bwd` step).
+    #[allow(clippy::too_many_arguments)]
+    pub fn act_bwd(
+        &mut self,
+        cfg: &LayerConfig,
+        inputs: (&DeviceBuffer, &DeviceBuffer, &DeviceBuffer, &DeviceBuffer),
+        b2: Option<&DeviceBuffer>,
+        outputs: (&mut DeviceBuffer, &mut DeviceBuffer),
+        dtype: Dtype,
+        map: &SegmentMap,
+    ) -> Result<(), GpuError> {
+        let rows = (&map.row_seg, map.rows, map.lens.len());
+        let (write_dp, dims) = (!cfg.apply_probs_on_input, (cfg.n2(), cfg.hidden_size));
+        let Engine { kernels, stream, .. } = &mut *self;
+        kernels.act_bwd(stream, dtype, ActParams::of(cfg), inputs, b2, rows, outputs, write_dp, dims, cfg.probs_dtype)
+    }
+
+    /// [`Engine::act_bwd`] with fc1's output gradient `da` quantized in the same pass (`t`,
+    /// `N1` wide): `da`, `dp` and `t` end as [`Engine::act_bwd`] then
+    /// [`Engine::quantize_segments_into`]`(da, .., map, scales, t)` leave them, bit for bit,
+    /// without the amax pass over `da` (current scaling: the kernel records each segment's
+    /// amax, then the scales and one cast; delayed scaling: the codes too, one pass in all).
+    #[allow(clippy::too_many_arguments)]
+    pub fn act_bwd_quantized<'s>(
+        &mut self,
+        cfg: &LayerConfig,
+        inputs: (&DeviceBuffer, &DeviceBuffer, &DeviceBuffer, &DeviceBuffer),
+        b2: Option<&DeviceBuffer>,
+        (da, dp): (&mut DeviceBuffer, &mut DeviceBuffer),
+        dtype: Dtype,
+        map: &SegmentMap,
+        scales: impl Into<SegmentScales<'s>>,
+        t: &mut SegmentedFp8,
+    ) -> Result<(), GpuError> {
+        let ap = ActParams::of(cfg);
+        let rows = (&map.row_seg, map.rows, map.lens.len());
+        let (write_dp, dims) = (!cfg.apply_probs_on_input, (cfg.n2(), cfg.hidden_size));
+        let n1 = cfg.n1();
+        if t.cols != n1 {
+            return Err(GpuError::Shape(format!("fp8 act_bwd: buffers {} wide for an output of {n1} columns", t.cols)));
+        }
+        let probs_dt = cfg.probs_dtype;
+        self.quantize_in_pass(da, dtype, map, scales.into(), t, |kernels, stream, da, fp8| {
+            kernels.act_bwd_quantized(stream, dtype, ap, inputs, b2, rows, (da, dp), write_dp, dims, probs_dt, fp8)
+        })
+    }
+
+    /// Runs `kernel`, an activation kernel that writes `out` and records `t`'s per-segment amax
+    /// of it in the same pass (with known scales, under delayed scaling, its codes too), then
+    /// finishes `t` as [`Engine::quantize_segments_into`]`(out, .., map, scales, t)` would:
+    /// current scaling computes the scales and casts `out` once; delayed scaling takes the
+    /// state's scales first and records the amaxes after.
+    fn quantize_in_pass(
+        &mut self,
+        out: &mut DeviceBuffer,
+        dtype: Dtype,
+        map: &SegmentMap,
+        scales: SegmentScales<'_>,
+        t: &mut SegmentedFp8,
+        kernel: impl FnOnce(&mut ExpertKernels, &CudaStream, &mut DeviceBuffer, ActFp8Out<'_>) -> Result<(), GpuError>,
+    ) -> Result<(), GpuError> {
+        check_fits(t, map)?;
+        self.fill_bytes(&mut t.amax, 0)?;
         match scales {
             SegmentScales::Current(options) => {
                 let fp8 = ActFp8Out { amax: &mut t.amax, codes: None };
                 let Engine { kernels, stream, .. } = &mut *self;
-                kernels.act_fwd_quantized(stream, dtype, ap, a, b1, p, rows, u, n2, fp8)?;
+                kernel(kernels, stream, out, fp8)?;
                 self.current_scales(map, options, t)?;
-                self.cast_segments(u, dtype, map, t)
+                self.cast_segments(out, dtype, map, t)
             }
             SegmentScales::Delayed(state, operand) => {
                 self.delayed_scales(map, state, operand, t)?;
@@ -920,7 +932,7 @@ impl Engine {
                 let codes = ActCodes { scale, stride: SCALE_STRIDE, codes, format: *format };
                 let fp8 = ActFp8Out { amax, codes: Some(codes) };
                 let Engine { kernels, stream, .. } = &mut *self;
-                kernels.act_fwd_quantized(stream, dtype, ap, a, b1, p, rows, u, n2, fp8)?;
+                kernel(kernels, stream, out, fp8)?;
                 self.record_amax(map, state, operand, t)
             }
         }
@@ -1738,6 +1750,61 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// The forward activation of `cfg`'s class over the rows of `map` (as
+    /// [`Engine::act_fwd_quantized`]: `a` `[rows, N1]`, SequentialMLP's fc1 bias `b1` added
+    /// into `a` when given, `p` f32 per row, `u` `[rows, t.cols]`) with fc2's blockwise input
+    /// quantized in the same pass: `u` and `t` end as the activation kernel then
+    /// [`Engine::block_quantize_segments_into`]`(u, .., map, options, t)` leave them, bit for
+    /// bit, without the two quantizer passes over `u` (1×128 blocks are local, so the codes
+    /// need no amax of the whole tensor first). Widths the fused kernel does not take
+    /// (`n2 % 4 != 0`) run the two steps.
+    #[allow(clippy::too_many_arguments)]
+    pub fn act_fwd_block_quantized(
+        &mut self,
+        cfg: &LayerConfig,
+        a: &mut DeviceBuffer,
+        b1: Option<&DeviceBuffer>,
+        p: &DeviceBuffer,
+        u: &mut DeviceBuffer,
+        dtype: Dtype,
+        map: &SegmentMap,
+        options: ScaleOptions,
+        t: &mut SegmentedBlockFp8,
+    ) -> Result<(), GpuError> {
+        if !t.fits(map) {
+            return Err(GpuError::Shape(format!(
+                "fp8 block activation: buffers for segments {:?}, asked for {:?}",
+                t.lens, map.lens
+            )));
+        }
+        let (ap, n2, segs) = (ActParams::of(cfg), t.cols, map.lens.len());
+        let rows = (&map.row_seg, map.rows, segs);
+        if !crate::kernels::act_fwd_blk_takes(n2) {
+            let Engine { kernels, stream, .. } = &mut *self;
+            kernels.act_fwd(stream, dtype, ap, a, b1, p, rows, u, n2)?;
+            return self.block_quantize_segments_into(u, dtype, map, options, t);
+        }
+        let out = ActBlockOut {
+            format: t.format,
+            bp: BlockParams::block(t.format, BlockTile::Row1x128, options, dtype, false),
+            seg: BlockSegs {
+                row_seg: map.row_seg.addr(0, map.rows * 4, "row_seg")?,
+                seg_off: map.seg_off.addr(0, segs * 4, "seg_off")?,
+                seg_len: map.seg_len.addr(0, segs * 4, "seg_len")?,
+                tiles: t.tiles.addr(0, t.n_tiles * 8, "block quantizer tiles")?,
+                scale_off: t.scale_off_dev[0].addr(0, segs.max(1) * 8, "scale offsets")?,
+            },
+            n_tiles: t.n_tiles,
+            col_scale_off: t.scale_off_dev[1].addr(0, segs.max(1) * 8, "columnwise scale offsets")?,
+            codes: t.codes.addr(0, map.rows * n2, "codes")?,
+            scale_inv: t.scale_inv.addr(0, t.scale_len[0] * 4, "scales")?,
+            codes_t: t.codes_t.addr(0, map.rows * n2, "columnwise codes")?,
+            scale_inv_t: t.scale_inv_t.addr(0, t.scale_len[1] * 4, "columnwise scales")?,
+        };
+        let Engine { kernels, stream, .. } = &mut *self;
+        kernels.act_fwd_block_quantized(stream, dtype, ap, a, b1, p, rows, u, n2, out)
     }
 }
 

@@ -337,10 +337,20 @@ impl DeviceLayer {
                 DGRAD_FAST_ACCUM,
             )
         })?;
-        self.activation_backward(eng, ws)?;
-        // dx_e = da_e·W1_e: da rowwise times W1's columnwise copy [h, N1].
+        // fc1's output gradient da, quantized by the activation backward in its own pass
+        // (`act_bwd_q`: its amax, or under delayed scaling its codes too), or under `loop` by
+        // the activation then the quantizer.
         let mut daq = reuse(eng, ops.da.take(), &ops.tok, d.n1, fg)?;
-        eng.quantize_segments_into(&ws.da, d.dt, &ops.tok, scales(Fp8Operand::Fc1GradOutput), &mut daq)?;
+        if fuses_activation_quantization(strategy) {
+            let p_act = ws.p_act.as_ref().unwrap_or(&ws.p);
+            let (inputs, b2) = ((&ws.a, &ws.du, p_act, &ws.g), self.weights.b2.as_ref());
+            let (da, tok) = ((&mut ws.da, &mut ws.dp), &ops.tok);
+            eng.act_bwd_quantized(cfg, inputs, b2, da, d.dt, tok, scales(Fp8Operand::Fc1GradOutput), &mut daq)?;
+        } else {
+            self.activation_backward(eng, ws)?;
+            eng.quantize_segments_into(&ws.da, d.dt, &ops.tok, scales(Fp8Operand::Fc1GradOutput), &mut daq)?;
+        }
+        // dx_e = da_e·W1_e: da rowwise times W1's columnwise copy [h, N1].
         expert_gemms(eng, el, graph, |eng, e| {
             let (m, off) = (ws.padded[e], ws.offsets[e]);
             let c = ws.dx.at(off * d.h * d.ds);

@@ -16,10 +16,11 @@
 //! ([`Engine::block_quantize_segments_into`]) into buffers kept across calls of the same
 //! routing, and each linear's per-expert GEMMs are issued as one list ([`expert_gemms`]: a
 //! captured graph under [`Strategy::Auto`]), as the per-tensor recipes do. The weights are
-//! block-quantized per expert on a layer's first call. Everything outside the GEMMs is the
-//! bf16 path's kernels, unchanged.
+//! block-quantized per expert on a layer's first call. The activation quantizes its own output
+//! both ways (`act_fwd_blk`, [`Engine::act_fwd_block_quantized`]) under every strategy but
+//! `loop`; everything else outside the GEMMs is the bf16 path's kernels, unchanged.
 
-use super::fp8::{expert_gemms, graph_of};
+use super::fp8::{expert_gemms, fuses_activation_quantization, graph_of};
 use super::{DeviceLayer, Dims, Workspace};
 use crate::engine::Engine;
 use crate::error::GpuError;
@@ -79,6 +80,20 @@ fn per_expert(
         .collect()
 }
 
+/// `prev` when its buffers hold the segments of `map`, `cols` wide, in `format`; else new ones.
+fn reuse_block(
+    eng: &mut Engine,
+    prev: Option<SegmentedBlockFp8>,
+    map: &SegmentMap,
+    cols: usize,
+    format: Fp8Format,
+) -> Result<SegmentedBlockFp8, GpuError> {
+    match prev {
+        Some(t) if t.fits(map) && t.cols == cols && t.format == format => Ok(t),
+        _ => SegmentedBlockFp8::alloc(eng, map, cols, format),
+    }
+}
+
 /// Every segment of `x` (`[rows, cols]`, the segments of `map`) block-quantized into `prev`'s
 /// buffers when they fit, else new ones.
 #[allow(clippy::too_many_arguments)]
@@ -92,10 +107,7 @@ fn block_quantize_reusing(
     format: Fp8Format,
     opts: ScaleOptions,
 ) -> Result<SegmentedBlockFp8, GpuError> {
-    let mut t = match prev {
-        Some(t) if t.fits(map) && t.cols == cols && t.format == format => t,
-        _ => SegmentedBlockFp8::alloc(eng, map, cols, format)?,
-    };
+    let mut t = reuse_block(eng, prev, map, cols, format)?;
     eng.block_quantize_segments_into(x, dt, map, opts, &mut t)?;
     Ok(t)
 }
@@ -146,8 +158,19 @@ impl DeviceLayer {
             let c = ws.a.at(ws.offsets[e] * d.n1 * d.ds);
             eng.fp8_block_gemm_op_at(xq.rowwise(e)?, wq.w1[e].0.as_ref(), c, d.dt, beta)
         })?;
-        self.activation_forward(eng, ws)?;
-        let uq = block_quantize_reusing(eng, pu, &ws.u, d.dt, &tok, d.n2, fi, opts)?;
+        // fc2's input: the activation writes both 1×128 operands of u itself (`act_fwd_blk`),
+        // or, under `loop` (the two-step baseline the others are compared with), the activation
+        // then the segmented quantizer.
+        let uq = if fuses_activation_quantization(strategy) {
+            let mut uq = reuse_block(eng, pu, &tok, d.n2, fi)?;
+            let seq_b1 = if cfg.class == LayerClass::Sequential { w.b1.as_ref() } else { None };
+            let p_act = ws.p_act.as_ref().unwrap_or(&ws.p);
+            eng.act_fwd_block_quantized(cfg, &mut ws.a, seq_b1, p_act, &mut ws.u, d.dt, &tok, opts, &mut uq)?;
+            uq
+        } else {
+            self.activation_forward(eng, ws)?;
+            block_quantize_reusing(eng, pu, &ws.u, d.dt, &tok, d.n2, fi, opts)?
+        };
         expert_gemms(eng, el, graph, |eng, e| {
             let c = ws.y.at(ws.offsets[e] * d.h * d.ds);
             eng.fp8_block_gemm_op_at(uq.rowwise(e)?, wq.w2[e].0.as_ref(), c, d.dt, 0.0)

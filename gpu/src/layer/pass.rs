@@ -151,7 +151,7 @@ impl DeviceLayer {
             ActParams::of(cfg),
             (&ws.a, &ws.du, p_act, &ws.g),
             self.weights.b2.as_ref(),
-            &ws.map,
+            ws.map.rows_arg(),
             (&mut ws.da, &mut ws.dp),
             !cfg.apply_probs_on_input,
             (d.n2, d.h),
