@@ -23,7 +23,11 @@
 // the scales computed from it), q = 2 / 3 also the e4m3 / e5m2 codes of u at the segment's
 // known scale (delayed scaling: `scale[row_expert[r]·stride]`). The codes and amax are those
 // of `fp8.cu`'s amax_seg and cast_seg on the stored u (same values, same encode); with vectors
-// `codes` must be 8-byte aligned.
+// `codes` must be 8-byte aligned. `act_bwd_q` is `act_bwd` doing the same for its output da
+// (fc1's output gradient, the fp8 dgrad and wgrad GEMMs' operand), the same modes.
+// `act_fwd_blk` is `act_fwd` writing the blockwise recipe's two 1x128 operands of u (rowwise
+// and columnwise codes and scales) in the same pass, those of `fp8.cu`'s block_quant_row128_seg
+// and block_quant_col128_seg on the stored u (launch contract at the kernel).
 
 struct bf16_t { u16 bits; };
 struct f16_t { u16 bits; };

@@ -653,7 +653,10 @@ impl ExpertKernels {
     /// The backward activation block, one block per row: from `a` `[rows, N1]` (bias included),
     /// `du` `[rows, n2]`, the probs `p` and, with an fc2 bias `b2` `[segments, h]`, the upstream
     /// gradient `gout` `[rows, h]`: `da` `[rows, N1]`, and `dp[r]` rounded as `probs_dt` when
-    /// `write_dp`.
+    /// `write_dp`. With `fp8` it quantizes its own output in the same pass (`act_bwd_q`, fc1's
+    /// output gradient for the fp8 dgrad and wgrad GEMMs): it also writes `fp8.amax`, the
+    /// per-segment amax of the stored `da` (f32 bits; the caller zeroes it), and with
+    /// `fp8.codes` the codes of `da` at each segment's scale.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn act_bwd(
         &mut self,
@@ -667,42 +670,21 @@ impl ExpertKernels {
         write_dp: bool,
         dims: (usize, usize),
         probs_dt: Dtype,
-    ) -> Result<(), GpuError> {
-        let args = act_bwd_args(dt, ap, inputs, b2, rows, outputs, write_dp, dims, probs_dt)?;
-        let [a, du, p, gout, b2, re, da, dp] = args.0;
-        let [wdp, ri, n2i, hi, pc] = args.1;
-        launch!(
-            self,
-            stream,
-            &self.set(dt).act_bwd,
-            per_row(rows.1)?,
-            [&a, &du, &p, &gout, &b2, &re, &da, &dp, &wdp, &ri, &n2i, &hi, &ap, &pc]
-        )
-    }
-
-    /// [`ExpertKernels::act_bwd`] quantizing its own output `da` in the same pass (`act_bwd_q`,
-    /// fc1's output gradient for the fp8 dgrad and wgrad GEMMs): besides `da` and `dp` it
-    /// writes `fp8.amax`, the per-segment amax of the stored `da` (f32 bits; the caller zeroes
-    /// it), and with `fp8.codes` the codes of `da` at each segment's scale.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn act_bwd_quantized(
-        &mut self,
-        stream: &CudaStream,
-        dt: Dtype,
-        ap: ActParams,
-        inputs: (&DeviceBuffer, &DeviceBuffer, &DeviceBuffer, &DeviceBuffer),
-        b2: Option<&DeviceBuffer>,
-        rows: RowsArg<'_>,
-        outputs: (&mut DeviceBuffer, &mut DeviceBuffer),
-        write_dp: bool,
-        dims: (usize, usize),
-        probs_dt: Dtype,
-        fp8: ActFp8Out<'_>,
+        fp8: Option<ActFp8Out<'_>>,
     ) -> Result<(), GpuError> {
         let n1 = if ap.glu != 0 { 2 * dims.0 } else { dims.0 };
         let args = act_bwd_args(dt, ap, inputs, b2, rows, outputs, write_dp, dims, probs_dt)?;
         let [a, du, p, gout, b2, re, da, dp] = args.0;
         let [wdp, ri, n2i, hi, pc] = args.1;
+        let Some(fp8) = fp8 else {
+            return launch!(
+                self,
+                stream,
+                &self.set(dt).act_bwd,
+                per_row(rows.1)?,
+                [&a, &du, &p, &gout, &b2, &re, &da, &dp, &wdp, &ri, &n2i, &hi, &ap, &pc]
+            );
+        };
         let (q, amax, scale, stride, codes) = act_fp8_args(fp8, rows, n1, "act_bwd_q")?;
         launch!(
             self,

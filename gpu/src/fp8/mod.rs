@@ -869,7 +869,19 @@ impl Engine {
         let rows = (&map.row_seg, map.rows, map.lens.len());
         let (write_dp, dims) = (!cfg.apply_probs_on_input, (cfg.n2(), cfg.hidden_size));
         let Engine { kernels, stream, .. } = &mut *self;
-        kernels.act_bwd(stream, dtype, ActParams::of(cfg), inputs, b2, rows, outputs, write_dp, dims, cfg.probs_dtype)
+        kernels.act_bwd(
+            stream,
+            dtype,
+            ActParams::of(cfg),
+            inputs,
+            b2,
+            rows,
+            outputs,
+            write_dp,
+            dims,
+            cfg.probs_dtype,
+            None,
+        )
     }
 
     /// [`Engine::act_bwd`] with fc1's output gradient `da` quantized in the same pass (`t`,
@@ -898,7 +910,7 @@ impl Engine {
         }
         let probs_dt = cfg.probs_dtype;
         self.quantize_in_pass(da, dtype, map, scales.into(), t, |kernels, stream, da, fp8| {
-            kernels.act_bwd_quantized(stream, dtype, ap, inputs, b2, rows, (da, dp), write_dp, dims, probs_dt, fp8)
+            kernels.act_bwd(stream, dtype, ap, inputs, b2, rows, (da, dp), write_dp, dims, probs_dt, Some(fp8))
         })
     }
 
@@ -1680,6 +1692,36 @@ impl SegmentedBlockFp8 {
         })
     }
 
+    /// The device arguments of the kernels that fill these buffers for the segments of `map`
+    /// (checked to be the ones they hold): the segments with the rowwise and with the
+    /// columnwise scale offsets, and the addresses of the rowwise and columnwise codes and
+    /// scales.
+    fn kernel_args(&self, map: &SegmentMap, what: &str) -> Result<(BlockSegs, BlockSegs, [u64; 4]), GpuError> {
+        if !self.fits(map) {
+            return Err(GpuError::Shape(format!(
+                "{what}: buffers for segments {:?}, asked for {:?}",
+                self.lens, map.lens
+            )));
+        }
+        let (rows, cols, segs) = (map.rows, self.cols, map.lens.len());
+        let seg = |d: usize| -> Result<BlockSegs, GpuError> {
+            Ok(BlockSegs {
+                row_seg: map.row_seg.addr(0, rows * 4, "row_seg")?,
+                seg_off: map.seg_off.addr(0, segs * 4, "seg_off")?,
+                seg_len: map.seg_len.addr(0, segs * 4, "seg_len")?,
+                tiles: self.tiles.addr(0, self.n_tiles * 8, "block quantizer tiles")?,
+                scale_off: self.scale_off_dev[d].addr(0, segs.max(1) * 8, "scale offsets")?,
+            })
+        };
+        let buffers = [
+            self.codes.addr(0, rows * cols, "codes")?,
+            self.codes_t.addr(0, rows * cols, "columnwise codes")?,
+            self.scale_inv.addr(0, self.scale_len[0] * 4, "scales")?,
+            self.scale_inv_t.addr(0, self.scale_len[1] * 4, "columnwise scales")?,
+        ];
+        Ok((seg(0)?, seg(1)?, buffers))
+    }
+
     fn segment(&self, s: usize) -> Result<(usize, usize, [usize; 2]), GpuError> {
         match (self.lens.get(s), self.offsets.get(s)) {
             (Some(&l), Some(&off)) => Ok((l, off, [self.scale_off[0][s], self.scale_off[1][s]])),
@@ -1702,28 +1744,13 @@ impl Engine {
         options: ScaleOptions,
         t: &mut SegmentedBlockFp8,
     ) -> Result<(), GpuError> {
-        if !t.fits(map) {
-            return Err(GpuError::Shape(format!(
-                "fp8 block quantize: buffers for segments {:?}, asked for {:?}",
-                t.lens, map.lens
-            )));
-        }
-        let (rows, cols, format, segs) = (map.rows, t.cols, t.format, map.lens.len());
+        let (rows_seg, cols_seg, [co, ct, si, st]) = t.kernel_args(map, "fp8 block quantize")?;
+        let segs_by_dir = [rows_seg, cols_seg];
+        let (rows, cols, format) = (map.rows, t.cols, t.format);
         let stream = self.stream.clone();
         let fe = self.fp8_engine()?;
         let xa = x.addr(0, rows * cols * dtype.size_bytes(), "fp8 block quantize input")?;
-        let tiles = t.tiles.addr(0, t.n_tiles * 8, "block quantizer tiles")?;
-        let (rs, off, len) = (
-            map.row_seg.addr(0, rows * 4, "row_seg")?,
-            map.seg_off.addr(0, segs * 4, "seg_off")?,
-            map.seg_len.addr(0, segs * 4, "seg_len")?,
-        );
         let (ri, ci) = (i32::try_from(rows)?, i32::try_from(cols)?);
-        let (co, ct) = (t.codes.addr(0, rows * cols, "codes")?, t.codes_t.addr(0, rows * cols, "columnwise codes")?);
-        let (si, st) = (
-            t.scale_inv.addr(0, t.scale_len[0] * 4, "scales")?,
-            t.scale_inv_t.addr(0, t.scale_len[1] * 4, "columnwise scales")?,
-        );
         let block = |x: usize, y: usize| -> Result<LaunchConfig, GpuError> {
             Ok(LaunchConfig {
                 grid_dim: (u32::try_from(x)?, u32::try_from(y)?, 1),
@@ -1733,13 +1760,7 @@ impl Engine {
         };
         for (d, trans) in [false, true].into_iter().enumerate() {
             let bp = BlockParams::block(format, BlockTile::Row1x128, options, dtype, trans);
-            let seg = BlockSegs {
-                row_seg: rs,
-                seg_off: off,
-                seg_len: len,
-                tiles,
-                scale_off: t.scale_off_dev[d].addr(0, segs.max(1) * 8, "scale offsets")?,
-            };
+            let seg = segs_by_dir[d];
             let f = &fe.block128_seg[d][dt_index(dtype)][fmt_index(format)];
             if trans {
                 let cfg = block(t.n_tiles, cols.div_ceil(32))?;
@@ -1773,12 +1794,6 @@ impl Engine {
         options: ScaleOptions,
         t: &mut SegmentedBlockFp8,
     ) -> Result<(), GpuError> {
-        if !t.fits(map) {
-            return Err(GpuError::Shape(format!(
-                "fp8 block activation: buffers for segments {:?}, asked for {:?}",
-                t.lens, map.lens
-            )));
-        }
         let (ap, n2, segs) = (ActParams::of(cfg), t.cols, map.lens.len());
         let rows = (&map.row_seg, map.rows, segs);
         if !crate::kernels::act_fwd_blk_takes(n2) {
@@ -1786,22 +1801,17 @@ impl Engine {
             kernels.act_fwd(stream, dtype, ap, a, b1, p, rows, u, n2)?;
             return self.block_quantize_segments_into(u, dtype, map, options, t);
         }
+        let (seg, cols_seg, [codes, codes_t, scale_inv, scale_inv_t]) = t.kernel_args(map, "fp8 block activation")?;
         let out = ActBlockOut {
             format: t.format,
             bp: BlockParams::block(t.format, BlockTile::Row1x128, options, dtype, false),
-            seg: BlockSegs {
-                row_seg: map.row_seg.addr(0, map.rows * 4, "row_seg")?,
-                seg_off: map.seg_off.addr(0, segs * 4, "seg_off")?,
-                seg_len: map.seg_len.addr(0, segs * 4, "seg_len")?,
-                tiles: t.tiles.addr(0, t.n_tiles * 8, "block quantizer tiles")?,
-                scale_off: t.scale_off_dev[0].addr(0, segs.max(1) * 8, "scale offsets")?,
-            },
+            seg,
             n_tiles: t.n_tiles,
-            col_scale_off: t.scale_off_dev[1].addr(0, segs.max(1) * 8, "columnwise scale offsets")?,
-            codes: t.codes.addr(0, map.rows * n2, "codes")?,
-            scale_inv: t.scale_inv.addr(0, t.scale_len[0] * 4, "scales")?,
-            codes_t: t.codes_t.addr(0, map.rows * n2, "columnwise codes")?,
-            scale_inv_t: t.scale_inv_t.addr(0, t.scale_len[1] * 4, "columnwise scales")?,
+            col_scale_off: cols_seg.scale_off,
+            codes,
+            scale_inv,
+            codes_t,
+            scale_inv_t,
         };
         let Engine { kernels, stream, .. } = &mut *self;
         kernels.act_fwd_block_quantized(stream, dtype, ap, a, b1, p, rows, u, n2, out)

@@ -156,6 +156,7 @@ impl DeviceLayer {
             !cfg.apply_probs_on_input,
             (d.n2, d.h),
             cfg.probs_dtype,
+            None,
         )?;
         Ok(())
     }
