@@ -1573,11 +1573,14 @@ fn the_field_comparison_fails_on_one_wrong_byte_or_length() {
 /// added in place) and both 1×128 operands of `u` (codes and scales, rowwise and columnwise,
 /// padding included) exactly as the activation alone (`Engine::act_fwd`) followed by the
 /// segmented block quantizer (`block_quantize_segments_into`, bit-exact with the reference
-/// `BlockQuantizer` per segment) do. Why these cases: the fused kernel computes the activation
+/// `BlockQuantizer` per segment) do. Both run `block_tile_quant` (the one-pass tile code in
+/// `fp8_common.cuh`), the quantizer from a plain load: that one is held to the independent
+/// per-segment quantizer by `segmented_block_quantizer_equals_the_per_segment_quantizer`, so
+/// this test holds the activation source. Why these cases: the fused kernel computes the activation
 /// by the general per-element code, so TEGroupedMLP's GLU silu (whose unfused kernel is the
 /// specialised path), GroupedMLP's fp32 chain and SequentialMLP's gelu with its fc1 bias each
 /// check that arithmetic; segments empty, under 4 rows (scale padding), over one and two
-/// 128-row tiles and not multiples of 32 (partial row groups, byte stores) next to a map of
+/// 128-row tiles and not multiples of 64 (partial row halves, byte stores) next to a map of
 /// multiples of 16 (the layers' padded experts: 16-byte columnwise stores); widths 200 (a
 /// partial 128-column block, 8-byte vectors of 4), 256 (two whole blocks) and 38 (not a
 /// multiple of 4: the two-step fallback); bf16, fp16 and f32; both formats; power-of-2 and
@@ -1687,19 +1690,19 @@ fn fused_block_activation_quantization_equals_the_block_quantizer_on_its_output(
 /// bit-exact with the reference `BlockQuantizer`): rowwise and columnwise codes and their
 /// scales in cuBLASLt's layout, padding zeros included. Ragged segments: empty ones, fewer
 /// than 4 rows (scale padding), not multiples of 128 (partial column blocks), over 256 rows;
-/// 200 columns (a partial row block); bf16 and f32, e4m3 and e5m2, power-of-2 and exact
-/// scales, stirred values (zeros, subnormals, infinities, NaN); and a second call into the
-/// same buffers with other values (nothing stale may survive).
+/// 200 columns (a partial row block; the one-pass kernel `block_quant_both128_seg`) and 202
+/// (not a multiple of 4: the rowwise and columnwise kernels); bf16 and f32, e4m3 and e5m2,
+/// power-of-2 and exact scales, stirred values (zeros, subnormals, infinities, NaN); and a
+/// second call into the same buffers with other values (nothing stale may survive).
 #[test]
 fn segmented_block_quantizer_equals_the_per_segment_quantizer() {
     let Some(gpu) = gpu("segmented_block_quantizer_equals_the_per_segment_quantizer") else { return };
     let mut eng = gpu.lock().expect("engine");
     let lens = [0usize, 3, 130, 0, 16, 300, 128];
-    let cols = 200;
     let rows: usize = lens.iter().sum();
     let map = SegmentMap::new(&mut eng, &lens).expect("map");
     let mut checked = 0;
-    for dtype in [Dtype::Bf16, Dtype::F32] {
+    for (dtype, cols) in [(Dtype::Bf16, 200), (Dtype::F32, 200), (Dtype::Bf16, 202), (Dtype::F32, 202)] {
         for format in Fp8Format::ALL {
             for pow2 in [true, false] {
                 let options = ScaleOptions { force_pow_2_scales: pow2, amax_epsilon: 0.0 };
@@ -1715,7 +1718,7 @@ fn segmented_block_quantizer_equals_the_per_segment_quantizer() {
                         if l == 0 {
                             continue;
                         }
-                        let what = format!("{dtype} {format} pow2={pow2} {family} segment {s} ({l} rows)");
+                        let what = format!("{dtype} {cols} cols {format} pow2={pow2} {family} segment {s} ({l} rows)");
                         let region = input.at(off * cols * dtype.size_bytes());
                         let (rw, cw) = eng
                             .block_operands(region, dtype, (l, cols), format, BlockTile::Row1x128, options)
@@ -1741,5 +1744,5 @@ fn segmented_block_quantizer_equals_the_per_segment_quantizer() {
             }
         }
     }
-    assert_eq!(checked, 2 * 2 * 2 * 2 * 5);
+    assert_eq!(checked, 4 * 2 * 2 * 2 * 5);
 }

@@ -11,8 +11,8 @@
 //     row's columns, so no per-element index division); row kernels (`act_bwd`,
 //     `probs_in_bwd`) take one block of 256 threads per row (grid.x = rows); `col_sum` takes
 //     grid = (ceil(cols / 256), experts), block 256.
-// No CUDA headers: bf16/fp16 conversions are done here, the rounding by cvt.rn (round to nearest
-// even; the bf16 form needs sm_80 or later).
+// No CUDA headers: bf16/fp16 conversions are done in fp8_common.cuh (compiled first), the
+// rounding by cvt.rn (round to nearest even; the bf16 form needs sm_80 or later).
 // The activation kernels are memory-bound only when their per-element code is short: the
 // common case (GLU silu without clamp, offset or separate fc1 bias) takes a path specialized at
 // compile time (act_fwd_glu_silu, act_bwd_glu_silu; bit-identical to the general one), which
@@ -28,30 +28,6 @@
 // `act_fwd_blk` is `act_fwd` writing the blockwise recipe's two 1x128 operands of u (rowwise
 // and columnwise codes and scales) in the same pass, those of `fp8.cu`'s block_quant_row128_seg
 // and block_quant_col128_seg on the stored u (launch contract at the kernel).
-
-struct bf16_t { u16 bits; };
-struct f16_t { u16 bits; };
-
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(bf16_t v) { return __uint_as_float(((unsigned)v.bits) << 16); }
-__device__ __forceinline__ float to_f(f16_t v) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
-    return f;
-}
-
-template <typename T> __device__ __forceinline__ T from_f(float f);
-template <> __device__ __forceinline__ float from_f<float>(float f) { return f; }
-template <> __device__ __forceinline__ bf16_t from_f<bf16_t>(float f) {
-    bf16_t r;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.bits) : "f"(f));
-    return r;
-}
-template <> __device__ __forceinline__ f16_t from_f<f16_t>(float f) {
-    f16_t r;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(f));
-    return r;
-}
 
 // Rounds an f32 value to T and back (a store followed by a load).
 template <typename T> __device__ __forceinline__ float rnd(float f) { return to_f(from_f<T>(f)); }
@@ -345,137 +321,39 @@ __device__ void act_fwd(T* a, const T* b1, const float* p, const int* row_expert
     q.flush();
 }
 
-// Four consecutive values of T (8 bytes for bf16/fp16, 16 for f32; the caller keeps them aligned).
-template <typename T>
-__device__ __forceinline__ void load4(const T* p, float (&f)[4]) {
-    if constexpr (sizeof(T) == 2) {
-        const uint2 w = *reinterpret_cast<const uint2*>(p);
-        const T* e = reinterpret_cast<const T*>(&w);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) f[i] = to_f(e[i]);
-    } else {
-        const uint4 w = *reinterpret_cast<const uint4*>(p);
-        const T* e = reinterpret_cast<const T*>(&w);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) f[i] = to_f(e[i]);
-    }
-}
-template <typename T>
-__device__ __forceinline__ void store4(T* p, const float (&f)[4]) {
-    if constexpr (sizeof(T) == 2) {
-        uint2 w;
-        T* e = reinterpret_cast<T*>(&w);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) e[i] = from_f<T>(f[i]);
-        *reinterpret_cast<uint2*>(p) = w;
-    } else {
-        uint4 w;
-        T* e = reinterpret_cast<T*>(&w);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) e[i] = from_f<T>(f[i]);
-        *reinterpret_cast<uint4*>(p) = w;
-    }
-}
-
 // `act_fwd_blk`: the forward activation block-quantizing its own output for fc2's input under
-// the blockwise recipe, both 1x128 operands in the same pass: u as `act_fwd` writes it, and
-// the rowwise codes and scales (`codes`, `scale_inv` at `seg.scale_off`) and the columnwise
-// ones (`codes_t`, `scale_inv_t` at `col_scale_off`) that `block_quant_row128_seg` and
-// `block_quant_col128_seg` write from the stored u, bit for bit (each block's amax of the same
-// stored values, the same scale_from_amax and encode).
-// Launch: grid (the 128-row tiles of `seg.tiles`, ceil(n2/128)), block 256, dynamic shared
-// memory ACT_BLK_SMEM(sizeof(T)) bytes; n2 % 4 == 0 and a, b1, u, codes 16-byte aligned.
-// Block (t, y) computes rows [x0, x0 + 128) of tile t's segment s and columns
-// [128y, 128y + 128): warp w rows w, w + 8, ..., lane four consecutive columns, so a row's
-// 1x128 block is one warp's (the warp max is its amax); each stored row also goes into a
-// [128][ACT_BLK_PITCH] tile of T in shared memory. Then thread (row half g, column j) takes
-// 64 rows of one column: the two halves' maxima meet in `part`, and its codes are 64
-// consecutive bytes of the columnwise copy.
-#define ACT_BLK_PITCH(elem) (128 + 16 / (elem))
-#define ACT_BLK_SMEM(elem) (128 * ACT_BLK_PITCH(elem) * (elem))
-template <typename T, int F>
-__device__ void act_fwd_blk(T* a, const T* b1, const float* p, T* u, int n2, ActParams ap, BlockParams bp,
-                            BlockSegs seg, const long long* col_scale_off, u8* codes, float* scale_inv,
-                            u8* codes_t, float* scale_inv_t) {
-    extern __shared__ __align__(16) unsigned char act_blk_smem[];
-    constexpr int PITCH = ACT_BLK_PITCH(sizeof(T));
-    T(*tile)[PITCH] = reinterpret_cast<T(*)[PITCH]>(act_blk_smem);
-    __shared__ float part[2][128];
-    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int s = seg.tiles[2 * blockIdx.x], x0 = seg.tiles[2 * blockIdx.x + 1];
-    const int n = seg.seg_len[s];
-    const long long base = seg.seg_off[s];
-    const int n1 = ap.glu ? 2 * n2 : n2;
-    const int c0 = blockIdx.y * 128, c = c0 + 4 * lane;
-    const bool col_ok = c < n2;
-    const T* brow = b1 != nullptr ? b1 + (long long)s * n1 : nullptr;
-    const long long row_scales = seg.scale_off[s] + (long long)blockIdx.y * ((n + 3) / 4 * 4);
-    for (int k = w; k < 128; k += 8) {
-        float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        if (x0 + k < n) {  // warp-uniform
-            const long long r = base + x0 + k;
-            if (col_ok) {
-                float g[4], l[4] = {0.0f, 0.0f, 0.0f, 0.0f}, bg[4] = {0.0f, 0.0f, 0.0f, 0.0f},
-                            bl[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                T* arow = a + r * n1;
-                load4<T>(arow + c, g);
-                if (ap.glu) load4<T>(arow + n2 + c, l);
-                if (brow != nullptr) {
-                    load4<T>(brow + c, bg);
-                    if (ap.glu) load4<T>(brow + n2 + c, bl);
-                }
-                const float pr = p[r];
-#pragma unroll
-                for (int q = 0; q < 4; ++q)
-                    z[q] = rnd<T>(act_fwd_elem<T>(ap, g[q], l[q], brow != nullptr, bg[q], bl[q]) * pr);
-                if (brow != nullptr) {
-                    store4<T>(arow + c, g);
-                    if (ap.glu) store4<T>(arow + n2 + c, l);
-                }
-                store4<T>(u + r * n2 + c, z);
-            }
-            float m = 0.0f;
-#pragma unroll
-            for (int q = 0; q < 4; ++q) m = fmaxf(m, fabsf(z[q]));
-            const float mult = scale_from_amax(warp_max(m), bp.fp8_max, bp.pow2, bp.eps, bp.vinf);
-            if (lane == 0) scale_inv[row_scales + x0 + k] = __frcp_rn(mult);
-            if (col_ok) {
-                const u32 lo = encode2<F>(__fmul_rn(z[0], mult), __fmul_rn(z[1], mult));
-                const u32 hi = encode2<F>(__fmul_rn(z[2], mult), __fmul_rn(z[3], mult));
-                *reinterpret_cast<u32*>(codes + r * n2 + c) = lo | (hi << 16);
-            }
+// the blockwise recipe: u as `act_fwd` writes it (and SequentialMLP's biased a), and both 1x128
+// operands of the stored u in the same pass (`block_tile_quant`, its launch contract; also
+// a, b1, u 16-byte aligned).
+template <typename T>
+struct ActSource {
+    T* a;
+    const T* b1;
+    const float* p;
+    T* u;
+    int n2;
+    ActParams ap;
+    __device__ __forceinline__ void row(long long r, int s, int c, float (&z)[4]) {
+        const int n1 = ap.glu ? 2 * n2 : n2;
+        const T* brow = b1 != nullptr ? b1 + (long long)s * n1 : nullptr;
+        float g[4], l[4] = {0.0f, 0.0f, 0.0f, 0.0f}, bg[4] = {0.0f, 0.0f, 0.0f, 0.0f}, bl[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        T* arow = a + r * n1;
+        load4<T>(arow + c, g);
+        if (ap.glu) load4<T>(arow + n2 + c, l);
+        if (brow != nullptr) {
+            load4<T>(brow + c, bg);
+            if (ap.glu) load4<T>(brow + n2 + c, bl);
         }
-        store4<T>(&tile[k][4 * lane], z);  // rows past the segment: zeros (no amax change)
-    }
-    __syncthreads();
-    const int j = threadIdx.x & 127, g = threadIdx.x >> 7, col = c0 + j;
-    float m = 0.0f;
-#pragma unroll 8
-    for (int e = 0; e < 64; ++e) m = fmaxf(m, fabsf(to_f(tile[64 * g + e][j])));
-    part[g][j] = m;
-    __syncthreads();
-    if (col >= n2) return;
-    const float mult = scale_from_amax(fmaxf(part[0][j], part[1][j]), bp.fp8_max, bp.pow2, bp.eps, bp.vinf);
-    if (g == 0) scale_inv_t[col_scale_off[s] + (long long)(x0 / 128) * ((n2 + 3) / 4 * 4) + col] = __frcp_rn(mult);
-    const int valid = min(64, n - x0 - 64 * g);  // rows of this thread's half in the segment
-    u8* out = codes_t + base * n2 + (long long)col * n + x0 + 64 * g;
-    if (valid == 64 && (reinterpret_cast<unsigned long long>(out) & 15ull) == 0) {
+        const float pr = p[r];
 #pragma unroll
-        for (int v = 0; v < 4; ++v) {
-            u32 wd[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int e = 64 * g + 16 * v + 4 * i;
-                wd[i] = encode2<F>(__fmul_rn(to_f(tile[e][j]), mult), __fmul_rn(to_f(tile[e + 1][j]), mult)) |
-                        (encode2<F>(__fmul_rn(to_f(tile[e + 2][j]), mult), __fmul_rn(to_f(tile[e + 3][j]), mult))
-                         << 16);
-            }
-            reinterpret_cast<uint4*>(out)[v] = make_uint4(wd[0], wd[1], wd[2], wd[3]);
+        for (int q = 0; q < 4; ++q) z[q] = rnd<T>(act_fwd_elem<T>(ap, g[q], l[q], brow != nullptr, bg[q], bl[q]) * pr);
+        if (brow != nullptr) {
+            store4<T>(arow + c, g);
+            if (ap.glu) store4<T>(arow + n2 + c, l);
         }
-    } else {
-        for (int e = 0; e < valid; ++e) out[e] = encode<F>(__fmul_rn(to_f(tile[64 * g + e][j]), mult));
+        store4<T>(u + r * n2 + c, z);
     }
-}
+};
 
 // One element of the backward activation block: from du and the fc1 output (g, l; l unused
 // without GLU) the grads dg, dl (dl unused without GLU); returns z, whose product with du
@@ -705,15 +583,17 @@ __device__ void init_uniform(T* out, long long n, unsigned long long seed, float
         T* a, const T* b1, const float* p, T* u, int n2, ActParams ap, BlockParams bp,           \
         BlockSegs seg, const long long* col_scale_off, u8* codes, float* scale_inv, u8* codes_t, \
         float* scale_inv_t) {                                                                    \
-        act_fwd_blk<T, 0>(a, b1, p, u, n2, ap, bp, seg, col_scale_off, codes, scale_inv,         \
-                          codes_t, scale_inv_t);                                                 \
+        ActSource<T> src{a, b1, p, u, n2, ap};                                                   \
+        block_tile_quant<T, 0>(src, n2, bp, seg, col_scale_off, codes, scale_inv, codes_t,       \
+                               scale_inv_t);                                                     \
     }                                                                                            \
     extern "C" __global__ void __launch_bounds__(256) act_fwd_blk_##S##_e5m2(                   \
         T* a, const T* b1, const float* p, T* u, int n2, ActParams ap, BlockParams bp,           \
         BlockSegs seg, const long long* col_scale_off, u8* codes, float* scale_inv, u8* codes_t, \
         float* scale_inv_t) {                                                                    \
-        act_fwd_blk<T, 1>(a, b1, p, u, n2, ap, bp, seg, col_scale_off, codes, scale_inv,         \
-                          codes_t, scale_inv_t);                                                 \
+        ActSource<T> src{a, b1, p, u, n2, ap};                                                   \
+        block_tile_quant<T, 1>(src, n2, bp, seg, col_scale_off, codes, scale_inv, codes_t,       \
+                               scale_inv_t);                                                     \
     }                                                                                            \
     extern "C" __global__ void act_bwd_##S(const T* a, const T* du, const float* p,              \
                                            const T* gout, const T* b2, const int* row_expert,    \

@@ -28,24 +28,15 @@
 //   * `transpose_seg_u8x16`: the same transpose with 16-byte accesses, grid (32-row tiles of all
 //     segments, ceil(cols/128)), block 256; needs cols and every seg_len a multiple of 16 (the
 //     fp8 layers' padded experts) and 16-byte aligned buffers.
+//   * `block_quant_both128_seg`: `block_tile_quant`'s contract (fp8_common.cuh); the
+//     `block_quant_{row,col}128_seg` pair serves widths that are not multiples of 4.
 //   * `block_quant`: grid (ceil(R/tile_r), ceil(C/tile_c)), block 256, one block per tile of
 //     the logical tensor L: L = x ([R, C] = [rows, cols]) or, with `trans`, L = xᵀ
 //     ([R, C] = [cols, rows]); writes L's codes [R, C] row-major and one scale per tile,
 //     grid [ceil(R/tile_r), ceil(C/tile_c)] row-major: f32 scale_inv (mode 0) or an E8M0 byte
 //     (mode 1, MXFP8). Edge tiles are partial (TE's zero-padding does not change an amax).
-// No CUDA headers (NVRTC); compiled after fp8_common.cuh (the encodes, `block_max`); the fp8
-// cvt needs sm_89 or later.
-
-struct bf16_t { u16 bits; };
-struct f16_t { u16 bits; };
-
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(bf16_t v) { return __uint_as_float(((u32)v.bits) << 16); }
-__device__ __forceinline__ float to_f(f16_t v) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
-    return f;
-}
+// No CUDA headers (NVRTC); compiled after fp8_common.cuh (the dtypes, the encodes, `block_max`,
+// the one-pass block tile `block_tile_quant`); the fp8 cvt needs sm_89 or later.
 
 // Eight consecutive elements from a 16-byte-aligned address, as f32.
 __device__ __forceinline__ void load8(const float* p, float v[8]) {
@@ -403,6 +394,16 @@ __device__ void block_quant_col128(const T* x, int rows, int cols, BlockParams b
     }
 }
 
+// `block_quant_both128_seg`: both segmented 1x128 operands of x in one pass (`block_tile_quant`,
+// its launch contract; x 16-byte aligned): the codes and scales `block_quant_row128_seg` and
+// `block_quant_col128_seg` write, bit for bit, reading x once.
+template <typename T>
+struct LoadSource {
+    const T* x;
+    int cols;
+    __device__ __forceinline__ void row(long long r, int, int c, float (&z)[4]) { load4<T>(x + r * cols + c, z); }
+};
+
 #define BLOCK128_KERNELS(T, S)                                                                                       \
     extern "C" __global__ void block_quant_row128_##S##_e4m3(const T* x, int rows, int cols, BlockParams bp,         \
                                                              u8* codes, float* scale_inv) {                           \
@@ -421,6 +422,12 @@ __device__ void block_quant_col128(const T* x, int rows, int cols, BlockParams b
         block_quant_col128<T, 1>(x, rows, cols, bp, codes, scale_inv);                                                \
     }
 #define BLOCK128_SEG_KERNELS(T, S, F, N)                                                                             \
+    extern "C" __global__ void __launch_bounds__(256) block_quant_both128_seg_##S##_##N(                             \
+        const T* x, int cols, BlockParams bp, BlockSegs seg, const long long* col_scale_off, u8* codes,              \
+        float* scale_inv, u8* codes_t, float* scale_inv_t) {                                                         \
+        LoadSource<T> src{x, cols};                                                                                   \
+        block_tile_quant<T, F>(src, cols, bp, seg, col_scale_off, codes, scale_inv, codes_t, scale_inv_t);           \
+    }                                                                                                                 \
     extern "C" __global__ void block_quant_row128_seg_##S##_##N(const T* x, int rows, int cols, BlockParams bp,      \
                                                                 BlockSegs seg, u8* codes, float* scale_inv) {         \
         block_quant_row128<T, F>(x, rows, cols, bp, codes, scale_inv, &seg);                                          \

@@ -10,14 +10,72 @@
 //     trap, and no fp8 path launches them there.
 //   * block_max: max over a block of at most 256 threads, every thread gets it; all threads of
 //     the block must call it (it synchronizes).
-//   * scale_from_amax (TE's compute_scale_from_amax) and the block quantizers' arguments
-//     (`BlockParams`, `BlockSegs`): the 1x128 block quantizers of `fp8.cu` and the activation
-//     that block-quantizes its own output (`act_fwd_blk` in `experts.cu`) compute each block's
-//     scale by the same code.
+//   * scale_from_amax (TE's compute_scale_from_amax), the block quantizers' arguments
+//     (`BlockParams`, `BlockSegs`) and `block_tile_quant`, the one-pass both-ways 1x128 block
+//     quantizer: `fp8.cu`'s `block_quant_both128_seg` (from a tensor) and `experts.cu`'s
+//     `act_fwd_blk` (from the activation it computes) run the same code.
 
 typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;
+
+// The storage dtypes (bf16 and fp16 as their bits) and their f32 conversions, round to
+// nearest even on store.
+struct bf16_t { u16 bits; };
+struct f16_t { u16 bits; };
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(bf16_t v) { return __uint_as_float(((unsigned)v.bits) << 16); }
+__device__ __forceinline__ float to_f(f16_t v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
+    return f;
+}
+
+template <typename T> __device__ __forceinline__ T from_f(float f);
+template <> __device__ __forceinline__ float from_f<float>(float f) { return f; }
+template <> __device__ __forceinline__ bf16_t from_f<bf16_t>(float f) {
+    bf16_t r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.bits) : "f"(f));
+    return r;
+}
+template <> __device__ __forceinline__ f16_t from_f<f16_t>(float f) {
+    f16_t r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(f));
+    return r;
+}
+
+// Four consecutive values of T (8 bytes for bf16/fp16, 16 for f32; the caller keeps them aligned).
+template <typename T>
+__device__ __forceinline__ void load4(const T* p, float (&f)[4]) {
+    if constexpr (sizeof(T) == 2) {
+        const uint2 w = *reinterpret_cast<const uint2*>(p);
+        const T* e = reinterpret_cast<const T*>(&w);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) f[i] = to_f(e[i]);
+    } else {
+        const uint4 w = *reinterpret_cast<const uint4*>(p);
+        const T* e = reinterpret_cast<const T*>(&w);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) f[i] = to_f(e[i]);
+    }
+}
+template <typename T>
+__device__ __forceinline__ void store4(T* p, const float (&f)[4]) {
+    if constexpr (sizeof(T) == 2) {
+        uint2 w;
+        T* e = reinterpret_cast<T*>(&w);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) e[i] = from_f<T>(f[i]);
+        *reinterpret_cast<uint2*>(p) = w;
+    } else {
+        uint4 w;
+        T* e = reinterpret_cast<T*>(&w);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) e[i] = from_f<T>(f[i]);
+        *reinterpret_cast<uint4*>(p) = w;
+    }
+}
 
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 890
 #define FP8_CVT(fmt, r, hi, lo) asm("cvt.rn.satfinite." fmt "x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo))
@@ -114,3 +172,81 @@ struct BlockSegs {
     const int* tiles;
     const long long* scale_off;
 };
+
+// `block_tile_quant`: both 1x128 block operands (rowwise: blocks along a row; columnwise: the
+// re-quantization of the transpose, blocks along each segment's rows) of a [rows, cols]
+// tensor whose rows come from `src`, in one pass, the codes and scales that
+// `block_quant_row128_seg` and `block_quant_col128_seg` write from the same values, bit for
+// bit (each block's amax of the same values, the same scale_from_amax and encode).
+// `src.row(r, s, c, z)` makes the four values at columns [c, c + 4) of row r (segment s),
+// already rounded to T (and may store them, e.g. the activation's u).
+// Launch: grid (the 128-row tiles of `seg.tiles`, ceil(cols/128)), block 256, dynamic shared
+// memory BLOCK_TILE_SMEM(sizeof(T)) bytes; cols % 4 == 0 and codes 16-byte aligned. Block
+// (t, y) takes rows [x0, x0 + 128) of tile t's segment s and columns [128y, 128y + 128): warp
+// w rows w, w + 8, ..., lane four consecutive columns, so a row's 1x128 block is one warp's
+// (the warp max is its amax); each row also goes into a [128][BLOCK_TILE_PITCH] tile of T in
+// shared memory. Then thread (row half g, column j) takes 64 rows of one column: the two
+// halves' maxima meet in `part`, and its codes are 64 consecutive bytes of the columnwise copy.
+#define BLOCK_TILE_PITCH(elem) (128 + 16 / (elem))
+#define BLOCK_TILE_SMEM(elem) (128 * BLOCK_TILE_PITCH(elem) * (elem))
+template <typename T, int F, typename Src>
+__device__ void block_tile_quant(Src& src, int cols, BlockParams bp, BlockSegs seg, const long long* col_scale_off,
+                                 u8* codes, float* scale_inv, u8* codes_t, float* scale_inv_t) {
+    extern __shared__ __align__(16) unsigned char block_tile_smem[];
+    constexpr int PITCH = BLOCK_TILE_PITCH(sizeof(T));
+    T(*tile)[PITCH] = reinterpret_cast<T(*)[PITCH]>(block_tile_smem);
+    __shared__ float part[2][128];
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int s = seg.tiles[2 * blockIdx.x], x0 = seg.tiles[2 * blockIdx.x + 1];
+    const int n = seg.seg_len[s];
+    const long long base = seg.seg_off[s];
+    const int c0 = blockIdx.y * 128, c = c0 + 4 * lane;
+    const bool col_ok = c < cols;
+    const long long row_scales = seg.scale_off[s] + (long long)blockIdx.y * ((n + 3) / 4 * 4);
+    for (int k = w; k < 128; k += 8) {
+        float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (x0 + k < n) {  // warp-uniform
+            const long long r = base + x0 + k;
+            if (col_ok) src.row(r, s, c, z);
+            float m = 0.0f;
+#pragma unroll
+            for (int q = 0; q < 4; ++q) m = fmaxf(m, fabsf(z[q]));
+            const float mult = scale_from_amax(warp_max(m), bp.fp8_max, bp.pow2, bp.eps, bp.vinf);
+            if (lane == 0) scale_inv[row_scales + x0 + k] = __frcp_rn(mult);
+            if (col_ok) {
+                const u32 lo = encode2<F>(__fmul_rn(z[0], mult), __fmul_rn(z[1], mult));
+                const u32 hi = encode2<F>(__fmul_rn(z[2], mult), __fmul_rn(z[3], mult));
+                *reinterpret_cast<u32*>(codes + r * cols + c) = lo | (hi << 16);
+            }
+        }
+        store4<T>(&tile[k][4 * lane], z);  // rows past the segment: zeros (no amax change)
+    }
+    __syncthreads();
+    const int j = threadIdx.x & 127, g = threadIdx.x >> 7, col = c0 + j;
+    float m = 0.0f;
+#pragma unroll 8
+    for (int e = 0; e < 64; ++e) m = fmaxf(m, fabsf(to_f(tile[64 * g + e][j])));
+    part[g][j] = m;
+    __syncthreads();
+    if (col >= cols) return;
+    const float mult = scale_from_amax(fmaxf(part[0][j], part[1][j]), bp.fp8_max, bp.pow2, bp.eps, bp.vinf);
+    if (g == 0) scale_inv_t[col_scale_off[s] + (long long)(x0 / 128) * ((cols + 3) / 4 * 4) + col] = __frcp_rn(mult);
+    const int valid = min(64, n - x0 - 64 * g);  // rows of this thread's half in the segment
+    u8* out = codes_t + base * cols + (long long)col * n + x0 + 64 * g;
+    if (valid == 64 && (reinterpret_cast<unsigned long long>(out) & 15ull) == 0) {
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+            u32 wd[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int e = 64 * g + 16 * v + 4 * i;
+                wd[i] = encode2<F>(__fmul_rn(to_f(tile[e][j]), mult), __fmul_rn(to_f(tile[e + 1][j]), mult)) |
+                        (encode2<F>(__fmul_rn(to_f(tile[e + 2][j]), mult), __fmul_rn(to_f(tile[e + 3][j]), mult))
+                         << 16);
+            }
+            reinterpret_cast<uint4*>(out)[v] = make_uint4(wd[0], wd[1], wd[2], wd[3]);
+        }
+    } else {
+        for (int e = 0; e < valid; ++e) out[e] = encode<F>(__fmul_rn(to_f(tile[64 * g + e][j]), mult));
+    }
+}

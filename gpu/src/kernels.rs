@@ -377,28 +377,34 @@ fn act_bwd_args(
     ))
 }
 
-/// The dynamic shared memory of `act_fwd_blk` for `dt` (`ACT_BLK_SMEM` in `experts.cu`): a
+/// The dynamic shared memory of the one-pass 1×128 block quantizers (`block_tile_quant` in
+/// `fp8_common.cuh`: `act_fwd_blk`, `block_quant_both128_seg`) for `dt` (`BLOCK_TILE_SMEM`): a
 /// 128 x 128 tile of stored values, rows padded by 16 bytes.
-pub(crate) fn act_fwd_blk_smem(dt: Dtype) -> usize {
+pub(crate) fn block_tile_smem(dt: Dtype) -> usize {
     let e = dt.size_bytes();
     128 * (128 + 16 / e) * e
 }
 
-/// `act_fwd_blk_<dtype>_<format>`, allowed its dynamic shared memory (over the default 48 KiB
-/// for f32).
-fn act_fwd_blk_function(module: &Arc<CudaModule>, dt: Dtype, format: &str) -> Result<CudaFunction, GpuError> {
-    let f = module.load_function(&format!("act_fwd_blk_{}_{format}", dtype_suffix(dt)))?;
+/// `<base>_<dtype>_<format>`, a `block_tile_quant` kernel, allowed its dynamic shared memory
+/// (over the default 48 KiB for f32).
+pub(crate) fn block_tile_function(
+    module: &Arc<CudaModule>,
+    base: &str,
+    dt: Dtype,
+    format: &str,
+) -> Result<CudaFunction, GpuError> {
+    let f = module.load_function(&format!("{base}_{}_{format}", dtype_suffix(dt)))?;
     f.set_attribute(
         cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        i32::try_from(act_fwd_blk_smem(dt))?,
+        i32::try_from(block_tile_smem(dt))?,
     )?;
     Ok(f)
 }
 
-/// Whether `act_fwd_blk` takes an activation of `n2` columns (four per lane, each lane's
-/// accesses aligned).
-pub(crate) fn act_fwd_blk_takes(n2: usize) -> bool {
-    n2.is_multiple_of(4)
+/// Whether the one-pass block quantizers (`act_fwd_blk`, `block_quant_both128_seg`) take a
+/// tensor of `cols` columns (four per lane, each lane's accesses aligned).
+pub(crate) fn block_tile_takes(cols: usize) -> bool {
+    cols.is_multiple_of(4)
 }
 
 /// A 1-D grid-stride launch for `total` elements.
@@ -465,7 +471,10 @@ impl ExpertKernels {
             Ok(KernelSet {
                 act_fwd: f("act_fwd")?,
                 act_fwd_q: f("act_fwd_q")?,
-                act_fwd_blk: [act_fwd_blk_function(&module, dt, "e4m3")?, act_fwd_blk_function(&module, dt, "e5m2")?],
+                act_fwd_blk: [
+                    block_tile_function(&module, "act_fwd_blk", dt, "e4m3")?,
+                    block_tile_function(&module, "act_fwd_blk", dt, "e5m2")?,
+                ],
                 act_bwd: f("act_bwd")?,
                 act_bwd_q: f("act_bwd_q")?,
                 scale_rows: f("scale_rows")?,
@@ -602,7 +611,7 @@ impl ExpertKernels {
         n2: usize,
         out: ActBlockOut,
     ) -> Result<(), GpuError> {
-        if !act_fwd_blk_takes(n2) {
+        if !block_tile_takes(n2) {
             return Err(GpuError::Shape(format!("act_fwd_blk: n2 = {n2} is not a multiple of 4")));
         }
         let [a, b1, p, _, u] = act_fwd_args(dt, ap, (a, b1, p, u), (row_expert, rows, segments), n2, "act_fwd_blk")?;
@@ -614,7 +623,7 @@ impl ExpertKernels {
         let cfg = LaunchConfig {
             grid_dim: (u32::try_from(out.n_tiles)?, u32::try_from(n2.div_ceil(128))?, 1),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: u32::try_from(act_fwd_blk_smem(dt))?,
+            shared_mem_bytes: u32::try_from(block_tile_smem(dt))?,
         };
         let ActBlockOut { bp, seg, col_scale_off, codes, scale_inv, codes_t, scale_inv_t, .. } = out;
         launch!(
@@ -865,20 +874,22 @@ mod tests {
         }
     }
 
-    /// `act_fwd_blk`'s shared tile is what `ACT_BLK_SMEM` in `experts.cu` declares (128 rows
-    /// of 128 values plus 16 bytes, 16-byte aligned rows) and fits an SM (227 KiB on sm_90);
-    /// widths that are not multiples of 4 take the two-step path.
+    /// The one-pass block quantizers' shared tile is what `BLOCK_TILE_SMEM` in
+    /// `fp8_common.cuh` declares (128 rows of 128 values plus 16 bytes, 16-byte aligned rows)
+    /// and fits an SM (227 KiB on sm_90); widths that are not multiples of 4 take the two-step
+    /// path.
     #[test]
-    fn act_fwd_blk_shared_tile_and_widths() {
-        assert_eq!(act_fwd_blk_smem(Dtype::Bf16), 128 * 136 * 2);
-        assert_eq!(act_fwd_blk_smem(Dtype::F16), 128 * 136 * 2);
-        assert_eq!(act_fwd_blk_smem(Dtype::F32), 128 * 132 * 4);
+    fn block_tile_shared_memory_and_widths() {
+        assert_eq!(block_tile_smem(Dtype::Bf16), 128 * 136 * 2);
+        assert_eq!(block_tile_smem(Dtype::F16), 128 * 136 * 2);
+        assert_eq!(block_tile_smem(Dtype::F32), 128 * 132 * 4);
         for dt in Dtype::ALL {
-            assert_eq!(act_fwd_blk_smem(dt) / 128 % 16, 0, "{dt}: rows 16-byte aligned");
-            assert!(act_fwd_blk_smem(dt) <= 227 * 1024, "{dt}");
+            assert_eq!(block_tile_smem(dt) / 128 % 16, 0, "{dt}: rows 16-byte aligned");
+            assert!(block_tile_smem(dt) <= 227 * 1024, "{dt}");
         }
-        assert!(EXPERTS_CU.contains("#define ACT_BLK_PITCH(elem) (128 + 16 / (elem))"));
-        assert!(act_fwd_blk_takes(200) && act_fwd_blk_takes(4) && !act_fwd_blk_takes(38) && !act_fwd_blk_takes(2));
+        assert!(EXPERTS_CU.contains("#define BLOCK_TILE_PITCH(elem) (128 + 16 / (elem))"));
+        assert!(EXPERTS_CU.contains("#define BLOCK_TILE_SMEM(elem) (128 * BLOCK_TILE_PITCH(elem) * (elem))"));
+        assert!(block_tile_takes(200) && block_tile_takes(4) && !block_tile_takes(38) && !block_tile_takes(2));
     }
 
     #[test]

@@ -21,7 +21,10 @@
 use crate::engine::Engine;
 use crate::error::GpuError;
 use crate::gemm::{fills_gpu_alone, prefer_persistent, GemmProblem, AUTO_HYBRID_WAVES};
-use crate::kernels::{ActBlockOut, ActCodes, ActFp8Out, ActParams, BlockParams, BlockSegs, ExpertKernels};
+use crate::kernels::{
+    block_tile_function, block_tile_smem, block_tile_takes, ActBlockOut, ActCodes, ActFp8Out, ActParams, BlockParams,
+    BlockSegs, ExpertKernels,
+};
 use crate::memory::{DeviceBuffer, Operand, Region};
 use crate::persistent::{Fp8Problem, Fp8Variant};
 use cudarc::cublaslt::{result as lt, sys as lt_sys};
@@ -191,6 +194,8 @@ pub(crate) struct Fp8Engine {
     block128: [[[CudaFunction; 2]; 3]; 2],
     /// Their segmented forms (`block_quant_{row,col}128_seg`), indexed the same way.
     block128_seg: [[[CudaFunction; 2]; 3]; 2],
+    /// Both segmented forms in one pass (`block_quant_both128_seg`): `[dtype][format]`.
+    block_both128_seg: [[CudaFunction; 2]; 3],
     compute_scales: CudaFunction,
     pub(crate) delayed_scales: CudaFunction,
     pub(crate) delayed_record: CudaFunction,
@@ -501,6 +506,13 @@ impl Fp8Engine {
         };
         let block128 = [b128("block_quant_row128")?, b128("block_quant_col128")?];
         let block128_seg = [b128("block_quant_row128_seg")?, b128("block_quant_col128_seg")?];
+        let both = |dt: Dtype| -> Result<[CudaFunction; 2], GpuError> {
+            Ok([
+                block_tile_function(&module, "block_quant_both128_seg", dt, fm[0])?,
+                block_tile_function(&module, "block_quant_both128_seg", dt, fm[1])?,
+            ])
+        };
+        let block_both128_seg = [both(Dtype::F32)?, both(Dtype::Bf16)?, both(Dtype::F16)?];
         let lt = LtHandle(lt::create_handle().map_err(|e| GpuError::CublasLt(format!("cuBLASLt unavailable: {e:?}")))?);
         let mem = stream.alloc_zeros::<u8>(LT_WORKSPACE)?;
         let lt_workspace = DeviceBuffer::new(mem, stream, LT_WORKSPACE)?;
@@ -510,6 +522,7 @@ impl Fp8Engine {
             block,
             block128,
             block128_seg,
+            block_both128_seg,
             compute_scales: f("compute_scales".into())?,
             delayed_scales: f("delayed_scales".into())?,
             delayed_record: f("delayed_record".into())?,
@@ -1758,6 +1771,18 @@ impl Engine {
                 shared_mem_bytes: 0,
             })
         };
+        if block_tile_takes(cols) {
+            // Both directions in one pass over x (`block_quant_both128_seg`).
+            let bp = BlockParams::block(format, BlockTile::Row1x128, options, dtype, false);
+            let (seg, col_off) = (segs_by_dir[0], segs_by_dir[1].scale_off);
+            let f = &fe.block_both128_seg[dt_index(dtype)][fmt_index(format)];
+            let cfg = LaunchConfig {
+                shared_mem_bytes: u32::try_from(block_tile_smem(dtype))?,
+                ..block(t.n_tiles, cols.div_ceil(128))?
+            };
+            launch!(fe, stream, f, cfg, [&xa, &ci, &bp, &seg, &col_off, &co, &si, &ct, &st]);
+            return Ok(());
+        }
         for (d, trans) in [false, true].into_iter().enumerate() {
             let bp = BlockParams::block(format, BlockTile::Row1x128, options, dtype, trans);
             let seg = segs_by_dir[d];
@@ -1796,7 +1821,7 @@ impl Engine {
     ) -> Result<(), GpuError> {
         let (ap, n2, segs) = (ActParams::of(cfg), t.cols, map.lens.len());
         let rows = (&map.row_seg, map.rows, segs);
-        if !crate::kernels::act_fwd_blk_takes(n2) {
+        if !block_tile_takes(n2) {
             let Engine { kernels, stream, .. } = &mut *self;
             kernels.act_fwd(stream, dtype, ap, a, b1, p, rows, u, n2)?;
             return self.block_quantize_segments_into(u, dtype, map, options, t);
@@ -2114,6 +2139,7 @@ mod tests {
                 names.push(format!("block_quant_col128_{s}_{f}"));
                 names.push(format!("block_quant_row128_seg_{s}_{f}"));
                 names.push(format!("block_quant_col128_seg_{s}_{f}"));
+                names.push(format!("block_quant_both128_seg_{s}_{f}"));
             }
         }
         for name in names {
