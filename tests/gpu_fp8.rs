@@ -213,16 +213,22 @@ fn quantizers_match_the_reference_bit_for_bit() {
 
 /// Per-expert current scaling (what the fp8 layers run): each row segment, empty ones included,
 /// gets its own amax and scale, and its codes and transposed copy equal the reference quantizer
-/// applied to that segment alone. Two layouts, one per transpose kernel: ragged segments (the
-/// byte kernel) and segments of multiples of 16 rows, 16-row groups past a 32-row tile and
-/// columns past a 128-column tile included (the 16-byte kernel, what the layers' padded experts
-/// take).
+/// applied to that segment alone, both from the cast then the transpose
+/// (`quantize_segments`) and from the one-pass cast into both copies (`cast_both_seg`,
+/// `quantize_segments_both_into`, the fp8 backward's output gradients). Layouts: ragged
+/// segments (the byte transpose), segments of multiples of 16 rows, 16-row groups past a 32-row
+/// tile and columns past a 128-column tile included (the 16-byte transpose, what the layers'
+/// padded experts take), and segments over one and two 128-row tiles with partial 64-row
+/// halves (the one-pass cast's tiles).
 #[test]
 fn segmented_current_scaling_matches_the_reference_per_segment() {
     let Some(gpu) = gpu("segmented_current_scaling_matches_the_reference_per_segment") else { return };
     let mut eng = gpu.lock().expect("engine");
-    for (lens, cols, by_16_bytes) in [(vec![0usize, 5, 17, 0, 48, 1], 80, false), (vec![16, 0, 48, 32, 80], 272, true)]
-    {
+    for (lens, cols, by_16_bytes) in [
+        (vec![0usize, 5, 17, 0, 48, 1], 80, false),
+        (vec![16, 0, 48, 32, 80], 272, true),
+        (vec![0, 130, 3, 256], 200, false),
+    ] {
         assert_eq!(moe_gpu::fp8::transposes_by_16_bytes(cols, &lens), by_16_bytes, "the case's kernel");
         segmented_current_scaling_case(&mut eng, &lens, cols);
     }
@@ -238,32 +244,40 @@ fn segmented_current_scaling_case(eng: &mut Engine, lens: &[usize], cols: usize)
             let map = SegmentMap::new(eng, lens).expect("map");
             let input = upload(eng, &x, dtype);
             let options = ScaleOptions::CURRENT_SCALING_DEFAULT;
-            let q = eng.quantize_segments(&input, dtype, &map, cols, format, options, true).expect("quantize");
-            let codes = eng.download(&q.codes).expect("codes");
-            let codes_t = eng.download(q.codes_t.as_ref().expect("transposed copy")).expect("codes_t");
-            let inv = eng.download(&q.scale_inv).expect("scale_inv");
-            for (s, &off) in map.offsets().iter().enumerate() {
-                let l = lens[s];
-                let seg = x.slice(ndarray::s![off..off + l, ..]).mapv(|v| v as f32);
-                let r = CurrentScalingQuantizer { format, options }
-                    .quantize("segment", seg.view(), dtype, Usage::BOTH)
-                    .expect("reference");
-                let (rw, cw) = (r.rowwise.expect("rowwise"), r.columnwise.expect("columnwise"));
-                let what = format!("{dtype} {format} segment {s} ({l} rows)");
-                let at = 4 * moe_gpu::fp8::SCALE_STRIDE * s;
-                let g_inv = f32::from_le_bytes([inv[at], inv[at + 1], inv[at + 2], inv[at + 3]]);
-                let Scales::PerTensor { scale_inv } = rw.scales else { panic!("per-tensor scales expected") };
-                assert_eq!(g_inv.to_bits(), scale_inv.to_bits(), "{what}: scale_inv");
-                assert_eq!(
-                    &codes[off * cols..(off + l) * cols],
-                    rw.data.as_slice().expect("contiguous"),
-                    "{what}: codes"
-                );
-                assert_eq!(
-                    &codes_t[off * cols..(off + l) * cols],
-                    cw.data.as_standard_layout().as_slice().expect("contiguous"),
-                    "{what}: transposed codes"
-                );
+            for one_pass in [false, true] {
+                let q = if one_pass {
+                    let mut t = moe_gpu::fp8::SegmentedFp8::alloc(eng, &map, cols, format).expect("alloc");
+                    eng.quantize_segments_both_into(&input, dtype, &map, options, &mut t).expect("quantize both");
+                    t
+                } else {
+                    eng.quantize_segments(&input, dtype, &map, cols, format, options, true).expect("quantize")
+                };
+                let codes = eng.download(&q.codes).expect("codes");
+                let codes_t = eng.download(q.codes_t.as_ref().expect("transposed copy")).expect("codes_t");
+                let inv = eng.download(&q.scale_inv).expect("scale_inv");
+                for (s, &off) in map.offsets().iter().enumerate() {
+                    let l = lens[s];
+                    let seg = x.slice(ndarray::s![off..off + l, ..]).mapv(|v| v as f32);
+                    let r = CurrentScalingQuantizer { format, options }
+                        .quantize("segment", seg.view(), dtype, Usage::BOTH)
+                        .expect("reference");
+                    let (rw, cw) = (r.rowwise.expect("rowwise"), r.columnwise.expect("columnwise"));
+                    let what = format!("{dtype} {format} one_pass={one_pass} segment {s} ({l} rows)");
+                    let at = 4 * moe_gpu::fp8::SCALE_STRIDE * s;
+                    let g_inv = f32::from_le_bytes([inv[at], inv[at + 1], inv[at + 2], inv[at + 3]]);
+                    let Scales::PerTensor { scale_inv } = rw.scales else { panic!("per-tensor scales expected") };
+                    assert_eq!(g_inv.to_bits(), scale_inv.to_bits(), "{what}: scale_inv");
+                    assert_eq!(
+                        &codes[off * cols..(off + l) * cols],
+                        rw.data.as_slice().expect("contiguous"),
+                        "{what}: codes"
+                    );
+                    assert_eq!(
+                        &codes_t[off * cols..(off + l) * cols],
+                        cw.data.as_standard_layout().as_slice().expect("contiguous"),
+                        "{what}: transposed codes"
+                    );
+                }
             }
         }
     }
@@ -1424,9 +1438,11 @@ fn fused_activation_quantization_equals_the_quantizer_on_its_output() {
 }
 
 /// The activation backward that quantizes its own output for fc1's dgrad and wgrad GEMMs
-/// (`Engine::act_bwd_quantized`, `act_bwd_q`: the fp8 backward's fused pass) leaves `da`, `dp`,
-/// the codes, scales, amaxes and a delayed state exactly as the activation backward alone
-/// (`Engine::act_bwd`) followed by the segmented quantizer do. Why these cases: TEGroupedMLP's
+/// (`Engine::act_bwd_quantized`, `act_bwd_q`: the fp8 backward's fused pass, with the columnwise
+/// copy) leaves `da`, `dp`, the codes and their columnwise copy, scales, amaxes and a delayed
+/// state exactly as the activation backward alone (`Engine::act_bwd`) followed by the segmented
+/// quantizer and the transpose do (current scaling: the one-pass cast into both copies, 80
+/// columns, and at 36 too; delayed: the kernel's codes, then the transpose). Why these cases: TEGroupedMLP's
 /// GLU silu takes the specialised kernel path, SequentialMLP's gelu (no GLU: its unrounded
 /// gate gradient must be rounded before its amax) the general one, GroupedMLP's fp32 chain the
 /// other rounding; current and delayed scaling (amax only, and codes at stirred scales);
@@ -1472,7 +1488,7 @@ fn fused_activation_backward_quantization_equals_the_quantizer_on_its_output() {
                     let [a, du, g, b2] = [&a, &du, &g, &b2].map(|x| upload(&mut eng, x, dtype));
                     let state = stirred_state(&cfg, 60 + n2 as u64);
                     let what = format!("{class} {recipe} {dtype} {format} n2={n2}");
-                    let mut run = |fused: bool| -> (ActQuantOutputs, Vec<u8>) {
+                    let mut run = |fused: bool| -> (ActQuantOutputs, Vec<u8>, Vec<u8>) {
                         let mut da = eng.alloc(rows * n1 * dtype.size_bytes()).expect("da");
                         let mut dp = eng.alloc(rows * 4).expect("dp");
                         let mut t = moe_gpu::fp8::SegmentedFp8::alloc(&mut eng, &map, n1, format).expect("alloc");
@@ -1492,6 +1508,7 @@ fn fused_activation_backward_quantization_equals_the_quantizer_on_its_output() {
                                 &map,
                                 scales,
                                 &mut t,
+                                true,
                             )
                             .unwrap_or_else(|e| panic!("{what}: fused: {e}"));
                         } else {
@@ -1499,6 +1516,7 @@ fn fused_activation_backward_quantization_equals_the_quantizer_on_its_output() {
                                 .unwrap_or_else(|e| panic!("{what}: activation backward: {e}"));
                             eng.quantize_segments_into(&da, dtype, &map, scales, &mut t)
                                 .unwrap_or_else(|e| panic!("{what}: quantizer: {e}"));
+                            eng.transpose_segments(&mut t, &map).unwrap_or_else(|e| panic!("{what}: transpose: {e}"));
                         }
                         let downloaded = device_state.download(&mut eng).expect("state");
                         let state_words = (0..lens.len())
@@ -1517,13 +1535,15 @@ fn fused_activation_backward_quantization_equals_the_quantizer_on_its_output() {
                             amax: eng.download(&t.amax).expect("amax"),
                             state: if recipe == Fp8Recipe::Delayed { state_words } else { Vec::new() },
                         };
-                        (out, eng.download(&dp).expect("dp"))
+                        let codes_t = eng.download(t.codes_t.as_ref().expect("columnwise copy")).expect("codes_t");
+                        (out, eng.download(&dp).expect("dp"), codes_t)
                     };
-                    let ((fused, fused_dp), (unfused, unfused_dp)) = (run(true), run(false));
+                    let ((fused, fused_dp, fused_t), (unfused, unfused_dp, unfused_t)) = (run(true), run(false));
                     compare_act_quant(&fused, &unfused, n1, dtype.size_bytes())
                         .map_err(|e| e.replacen("u [", "da [", 1))
                         .unwrap_or_else(|e| panic!("{what}: {e}"));
-                    compare_fields(&[("dp", &fused_dp, &unfused_dp)]).unwrap_or_else(|e| panic!("{what}: {e}"));
+                    compare_fields(&[("dp", &fused_dp, &unfused_dp), ("columnwise codes", &fused_t, &unfused_t)])
+                        .unwrap_or_else(|e| panic!("{what}: {e}"));
                     let amaxes: Vec<f32> =
                         fused.amax.chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
                     assert!(amaxes.iter().any(|&v| v > 0.0), "{what}: every amax is zero: {amaxes:?}");

@@ -30,6 +30,9 @@
 //     fp8 layers' padded experts) and 16-byte aligned buffers.
 //   * `block_quant_both128_seg`: `block_tile_quant`'s contract (fp8_common.cuh); the
 //     `block_quant_{row,col}128_seg` pair serves widths that are not multiples of 4.
+//   * `cast_both_seg`: `block_tile_quant`'s contract with BLOCK false (`seg.tiles` the 128-row
+//     tiles): `cast_seg` and the segmented transpose in one pass, for widths that are
+//     multiples of 4.
 //   * `block_quant`: grid (ceil(R/tile_r), ceil(C/tile_c)), block 256, one block per tile of
 //     the logical tensor L: L = x ([R, C] = [rows, cols]) or, with `trans`, L = xᵀ
 //     ([R, C] = [cols, rows]); writes L's codes [R, C] row-major and one scale per tile,
@@ -426,7 +429,13 @@ struct LoadSource {
         const T* x, int cols, BlockParams bp, BlockSegs seg, const long long* col_scale_off, u8* codes,              \
         float* scale_inv, u8* codes_t, float* scale_inv_t) {                                                         \
         LoadSource<T> src{x, cols};                                                                                   \
-        block_tile_quant<T, F>(src, cols, bp, seg, col_scale_off, codes, scale_inv, codes_t, scale_inv_t);           \
+        block_tile_quant<T, F, true>(src, cols, bp, seg, col_scale_off, codes, scale_inv, codes_t, scale_inv_t);     \
+    }                                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(256) cast_both_seg_##S##_##N(                                       \
+        const T* x, int cols, BlockSegs seg, const float* scale, int stride, u8* codes, u8* codes_t) {               \
+        LoadSource<T> src{x, cols};                                                                                   \
+        block_tile_quant<T, F, false>(src, cols, BlockParams{}, seg, nullptr, codes, nullptr, codes_t, nullptr,      \
+                                      scale, stride);                                                                 \
     }                                                                                                                 \
     extern "C" __global__ void block_quant_row128_seg_##S##_##N(const T* x, int rows, int cols, BlockParams bp,      \
                                                                 BlockSegs seg, u8* codes, float* scale_inv) {         \

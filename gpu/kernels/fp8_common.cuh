@@ -189,9 +189,14 @@ struct BlockSegs {
 // halves' maxima meet in `part`, and its codes are 64 consecutive bytes of the columnwise copy.
 #define BLOCK_TILE_PITCH(elem) (128 + 16 / (elem))
 #define BLOCK_TILE_SMEM(elem) (128 * BLOCK_TILE_PITCH(elem) * (elem))
-template <typename T, int F, typename Src>
+// With BLOCK false the same tile casts instead at each segment's per-tensor scale
+// (`seg_scale[s·stride]`, current or delayed scaling) into the rowwise codes and the
+// columnwise copy (`cast_both_seg`: what `cast_seg` then `transpose_seg_u8` write); `bp`,
+// `scale_inv`, `scale_inv_t`, `col_scale_off` and `seg.scale_off` are then unused.
+template <typename T, int F, bool BLOCK, typename Src>
 __device__ void block_tile_quant(Src& src, int cols, BlockParams bp, BlockSegs seg, const long long* col_scale_off,
-                                 u8* codes, float* scale_inv, u8* codes_t, float* scale_inv_t) {
+                                 u8* codes, float* scale_inv, u8* codes_t, float* scale_inv_t,
+                                 const float* seg_scale = nullptr, int stride = 0) {
     extern __shared__ __align__(16) unsigned char block_tile_smem[];
     constexpr int PITCH = BLOCK_TILE_PITCH(sizeof(T));
     T(*tile)[PITCH] = reinterpret_cast<T(*)[PITCH]>(block_tile_smem);
@@ -202,17 +207,21 @@ __device__ void block_tile_quant(Src& src, int cols, BlockParams bp, BlockSegs s
     const long long base = seg.seg_off[s];
     const int c0 = blockIdx.y * 128, c = c0 + 4 * lane;
     const bool col_ok = c < cols;
-    const long long row_scales = seg.scale_off[s] + (long long)blockIdx.y * ((n + 3) / 4 * 4);
+    const long long row_scales = BLOCK ? seg.scale_off[s] + (long long)blockIdx.y * ((n + 3) / 4 * 4) : 0;
+    const float tensor_mult = BLOCK ? 0.0f : seg_scale[(long long)s * stride];
     for (int k = w; k < 128; k += 8) {
         float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         if (x0 + k < n) {  // warp-uniform
             const long long r = base + x0 + k;
             if (col_ok) src.row(r, s, c, z);
-            float m = 0.0f;
+            float mult = tensor_mult;
+            if (BLOCK) {
+                float m = 0.0f;
 #pragma unroll
-            for (int q = 0; q < 4; ++q) m = fmaxf(m, fabsf(z[q]));
-            const float mult = scale_from_amax(warp_max(m), bp.fp8_max, bp.pow2, bp.eps, bp.vinf);
-            if (lane == 0) scale_inv[row_scales + x0 + k] = __frcp_rn(mult);
+                for (int q = 0; q < 4; ++q) m = fmaxf(m, fabsf(z[q]));
+                mult = scale_from_amax(warp_max(m), bp.fp8_max, bp.pow2, bp.eps, bp.vinf);
+                if (lane == 0) scale_inv[row_scales + x0 + k] = __frcp_rn(mult);
+            }
             if (col_ok) {
                 const u32 lo = encode2<F>(__fmul_rn(z[0], mult), __fmul_rn(z[1], mult));
                 const u32 hi = encode2<F>(__fmul_rn(z[2], mult), __fmul_rn(z[3], mult));
@@ -223,14 +232,19 @@ __device__ void block_tile_quant(Src& src, int cols, BlockParams bp, BlockSegs s
     }
     __syncthreads();
     const int j = threadIdx.x & 127, g = threadIdx.x >> 7, col = c0 + j;
-    float m = 0.0f;
+    float mult = tensor_mult;
+    if (BLOCK) {
+        float m = 0.0f;
 #pragma unroll 8
-    for (int e = 0; e < 64; ++e) m = fmaxf(m, fabsf(to_f(tile[64 * g + e][j])));
-    part[g][j] = m;
-    __syncthreads();
+        for (int e = 0; e < 64; ++e) m = fmaxf(m, fabsf(to_f(tile[64 * g + e][j])));
+        part[g][j] = m;
+        __syncthreads();
+        if (col >= cols) return;
+        mult = scale_from_amax(fmaxf(part[0][j], part[1][j]), bp.fp8_max, bp.pow2, bp.eps, bp.vinf);
+        if (g == 0)
+            scale_inv_t[col_scale_off[s] + (long long)(x0 / 128) * ((cols + 3) / 4 * 4) + col] = __frcp_rn(mult);
+    }
     if (col >= cols) return;
-    const float mult = scale_from_amax(fmaxf(part[0][j], part[1][j]), bp.fp8_max, bp.pow2, bp.eps, bp.vinf);
-    if (g == 0) scale_inv_t[col_scale_off[s] + (long long)(x0 / 128) * ((cols + 3) / 4 * 4) + col] = __frcp_rn(mult);
     const int valid = min(64, n - x0 - 64 * g);  // rows of this thread's half in the segment
     u8* out = codes_t + base * cols + (long long)col * n + x0 + 64 * g;
     if (valid == 64 && (reinterpret_cast<unsigned long long>(out) & 15ull) == 0) {

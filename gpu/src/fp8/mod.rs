@@ -196,6 +196,9 @@ pub(crate) struct Fp8Engine {
     block128_seg: [[[CudaFunction; 2]; 3]; 2],
     /// Both segmented forms in one pass (`block_quant_both128_seg`): `[dtype][format]`.
     block_both128_seg: [[CudaFunction; 2]; 3],
+    /// The per-tensor cast into the rowwise codes and the columnwise copy in one pass
+    /// (`cast_both_seg`): `[dtype][format]`.
+    cast_both: [[CudaFunction; 2]; 3],
     compute_scales: CudaFunction,
     pub(crate) delayed_scales: CudaFunction,
     pub(crate) delayed_record: CudaFunction,
@@ -506,13 +509,14 @@ impl Fp8Engine {
         };
         let block128 = [b128("block_quant_row128")?, b128("block_quant_col128")?];
         let block128_seg = [b128("block_quant_row128_seg")?, b128("block_quant_col128_seg")?];
-        let both = |dt: Dtype| -> Result<[CudaFunction; 2], GpuError> {
-            Ok([
-                block_tile_function(&module, "block_quant_both128_seg", dt, fm[0])?,
-                block_tile_function(&module, "block_quant_both128_seg", dt, fm[1])?,
-            ])
+        let both = |base: &str, dt: Dtype| -> Result<[CudaFunction; 2], GpuError> {
+            Ok([block_tile_function(&module, base, dt, fm[0])?, block_tile_function(&module, base, dt, fm[1])?])
         };
-        let block_both128_seg = [both(Dtype::F32)?, both(Dtype::Bf16)?, both(Dtype::F16)?];
+        let all_dtypes = |base: &str| -> Result<[[CudaFunction; 2]; 3], GpuError> {
+            Ok([both(base, Dtype::F32)?, both(base, Dtype::Bf16)?, both(base, Dtype::F16)?])
+        };
+        let block_both128_seg = all_dtypes("block_quant_both128_seg")?;
+        let cast_both = all_dtypes("cast_both_seg")?;
         let lt = LtHandle(lt::create_handle().map_err(|e| GpuError::CublasLt(format!("cuBLASLt unavailable: {e:?}")))?);
         let mem = stream.alloc_zeros::<u8>(LT_WORKSPACE)?;
         let lt_workspace = DeviceBuffer::new(mem, stream, LT_WORKSPACE)?;
@@ -523,6 +527,7 @@ impl Fp8Engine {
             block128,
             block128_seg,
             block_both128_seg,
+            cast_both,
             compute_scales: f("compute_scales".into())?,
             delayed_scales: f("delayed_scales".into())?,
             delayed_record: f("delayed_record".into())?,
@@ -576,6 +581,10 @@ pub struct SegmentMap {
     /// the grid of the one-launch segmented transpose.
     tiles: DeviceBuffer,
     n_tiles: usize,
+    /// The same for 128-row tiles: the grid of the one-pass cast into both copies
+    /// (`cast_both_seg`).
+    tiles128: DeviceBuffer,
+    n_tiles128: usize,
     lens: Vec<usize>,
     rows: usize,
 }
@@ -600,6 +609,7 @@ impl SegmentMap {
         let mut row_seg = Vec::new();
         let mut rows = 0usize;
         let tiles = tile_table(lens, 32)?;
+        let tiles128 = tile_table(lens, 128)?;
         for (s, &l) in lens.iter().enumerate() {
             off.extend_from_slice(&i32::try_from(rows)?.to_le_bytes());
             rows += l;
@@ -618,6 +628,8 @@ impl SegmentMap {
             row_seg: eng.upload(&row_seg)?,
             n_tiles: tiles.len() / 8,
             tiles: eng.upload(&tiles)?,
+            n_tiles128: tiles128.len() / 8,
+            tiles128: eng.upload(&tiles128)?,
             lens: lens.to_vec(),
             rows,
         })
@@ -788,7 +800,32 @@ impl Engine {
         scales: impl Into<SegmentScales<'s>>,
         t: &mut SegmentedFp8,
     ) -> Result<(), GpuError> {
-        let scales = scales.into();
+        self.quantize_segments_to(x, dtype, map, scales.into(), t, false)
+    }
+
+    /// [`Engine::quantize_segments_into`] with the columnwise copy too, as
+    /// [`Engine::transpose_segments`] would then write it: the cast writes both copies in one
+    /// pass (`cast_both_seg`) where the width is a multiple of 4.
+    pub fn quantize_segments_both_into<'s>(
+        &mut self,
+        x: &DeviceBuffer,
+        dtype: Dtype,
+        map: &SegmentMap,
+        scales: impl Into<SegmentScales<'s>>,
+        t: &mut SegmentedFp8,
+    ) -> Result<(), GpuError> {
+        self.quantize_segments_to(x, dtype, map, scales.into(), t, true)
+    }
+
+    fn quantize_segments_to(
+        &mut self,
+        x: &DeviceBuffer,
+        dtype: Dtype,
+        map: &SegmentMap,
+        scales: SegmentScales<'_>,
+        t: &mut SegmentedFp8,
+        columnwise: bool,
+    ) -> Result<(), GpuError> {
         check_fits(t, map)?;
         let (segs, rows, cols) = (map.lens.len(), map.rows, t.cols);
         self.fill_bytes(&mut t.amax, 0)?;
@@ -812,7 +849,7 @@ impl Engine {
                 self.record_amax(map, state, operand, t)?;
             }
         }
-        self.cast_segments(x, dtype, map, t)
+        self.cast_segments(x, dtype, map, t, columnwise)
     }
 
     /// The forward activation of `cfg`'s class alone: [`Engine::act_fwd_quantized`]'s `u`
@@ -859,7 +896,7 @@ impl Engine {
     ) -> Result<(), GpuError> {
         let (ap, n2) = (ActParams::of(cfg), t.cols);
         let rows = (&map.row_seg, map.rows, map.lens.len());
-        self.quantize_in_pass(u, dtype, map, scales.into(), t, |kernels, stream, u, fp8| {
+        self.quantize_in_pass(u, dtype, map, scales.into(), t, false, |kernels, stream, u, fp8| {
             kernels.act_fwd_quantized(stream, dtype, ap, a, b1, p, rows, u, n2, fp8)
         })
     }
@@ -899,9 +936,11 @@ impl Engine {
 
     /// [`Engine::act_bwd`] with fc1's output gradient `da` quantized in the same pass (`t`,
     /// `N1` wide): `da`, `dp` and `t` end as [`Engine::act_bwd`] then
-    /// [`Engine::quantize_segments_into`]`(da, .., map, scales, t)` leave them, bit for bit,
-    /// without the amax pass over `da` (current scaling: the kernel records each segment's
-    /// amax, then the scales and one cast; delayed scaling: the codes too, one pass in all).
+    /// [`Engine::quantize_segments_into`]`(da, .., map, scales, t)` (and with `columnwise`
+    /// [`Engine::transpose_segments`]) leave them, bit for bit, without the amax pass over `da`
+    /// (current scaling: the kernel records each segment's amax, then the scales and one cast,
+    /// which writes the columnwise copy too; delayed scaling: the codes too, one pass, then the
+    /// transpose).
     #[allow(clippy::too_many_arguments)]
     pub fn act_bwd_quantized<'s>(
         &mut self,
@@ -913,6 +952,7 @@ impl Engine {
         map: &SegmentMap,
         scales: impl Into<SegmentScales<'s>>,
         t: &mut SegmentedFp8,
+        columnwise: bool,
     ) -> Result<(), GpuError> {
         let ap = ActParams::of(cfg);
         let rows = (&map.row_seg, map.rows, map.lens.len());
@@ -922,7 +962,7 @@ impl Engine {
             return Err(GpuError::Shape(format!("fp8 act_bwd: buffers {} wide for an output of {n1} columns", t.cols)));
         }
         let probs_dt = cfg.probs_dtype;
-        self.quantize_in_pass(da, dtype, map, scales.into(), t, |kernels, stream, da, fp8| {
+        self.quantize_in_pass(da, dtype, map, scales.into(), t, columnwise, |kernels, stream, da, fp8| {
             kernels.act_bwd(stream, dtype, ap, inputs, b2, rows, (da, dp), write_dp, dims, probs_dt, Some(fp8))
         })
     }
@@ -932,6 +972,7 @@ impl Engine {
     /// finishes `t` as [`Engine::quantize_segments_into`]`(out, .., map, scales, t)` would:
     /// current scaling computes the scales and casts `out` once; delayed scaling takes the
     /// state's scales first and records the amaxes after.
+    #[allow(clippy::too_many_arguments)]
     fn quantize_in_pass(
         &mut self,
         out: &mut DeviceBuffer,
@@ -939,6 +980,7 @@ impl Engine {
         map: &SegmentMap,
         scales: SegmentScales<'_>,
         t: &mut SegmentedFp8,
+        columnwise: bool,
         kernel: impl FnOnce(&mut ExpertKernels, &CudaStream, &mut DeviceBuffer, ActFp8Out<'_>) -> Result<(), GpuError>,
     ) -> Result<(), GpuError> {
         check_fits(t, map)?;
@@ -949,7 +991,7 @@ impl Engine {
                 let Engine { kernels, stream, .. } = &mut *self;
                 kernel(kernels, stream, out, fp8)?;
                 self.current_scales(map, options, t)?;
-                self.cast_segments(out, dtype, map, t)
+                self.cast_segments(out, dtype, map, t, columnwise)
             }
             SegmentScales::Delayed(state, operand) => {
                 self.delayed_scales(map, state, operand, t)?;
@@ -958,7 +1000,11 @@ impl Engine {
                 let fp8 = ActFp8Out { amax, codes: Some(codes) };
                 let Engine { kernels, stream, .. } = &mut *self;
                 kernel(kernels, stream, out, fp8)?;
-                self.record_amax(map, state, operand, t)
+                self.record_amax(map, state, operand, t)?;
+                if columnwise {
+                    self.transpose_segments(t, map)?;
+                }
+                Ok(())
             }
         }
     }
@@ -1019,15 +1065,20 @@ impl Engine {
         state.record(fe, &stream, operand, segs, am)
     }
 
-    /// The codes of `x` at the segments' scales in `t`.
+    /// The codes of `x` at the segments' scales in `t`, and with `columnwise` its columnwise
+    /// copy (in the same pass where the width is a multiple of 4, else by the transpose).
     fn cast_segments(
         &mut self,
         x: &DeviceBuffer,
         dtype: Dtype,
         map: &SegmentMap,
         t: &mut SegmentedFp8,
+        columnwise: bool,
     ) -> Result<(), GpuError> {
         let (segs, rows, cols, format) = (map.lens.len(), map.rows, t.cols, t.format);
+        if columnwise && block_tile_takes(cols) {
+            return self.cast_both_segments(x, dtype, map, t);
+        }
         let stream = self.stream.clone();
         let fe = self.fp8_engine()?;
         let xa = x.addr(0, rows * cols * dtype.size_bytes(), "fp8 quantize input")?;
@@ -1048,6 +1099,48 @@ impl Engine {
             cfg,
             [&xa, &rs, &ri, &ci, &sc, &stride, &vec, &co]
         );
+        if columnwise {
+            self.transpose_segments(t, map)?;
+        }
+        Ok(())
+    }
+
+    /// `cast_both_seg`: the rowwise codes of `x` and their columnwise copy in one pass.
+    fn cast_both_segments(
+        &mut self,
+        x: &DeviceBuffer,
+        dtype: Dtype,
+        map: &SegmentMap,
+        t: &mut SegmentedFp8,
+    ) -> Result<(), GpuError> {
+        let (segs, rows, cols, format) = (map.lens.len(), map.rows, t.cols, t.format);
+        if t.codes_t.is_none() {
+            t.codes_t = Some(self.alloc(rows * cols)?);
+        }
+        let stream = self.stream.clone();
+        let fe = self.fp8_engine()?;
+        let xa = x.addr(0, rows * cols * dtype.size_bytes(), "fp8 quantize input")?;
+        let codes_t = t.codes_t.as_ref().ok_or_else(|| GpuError::Shape("fp8 columnwise codes".into()))?;
+        let seg = BlockSegs {
+            row_seg: map.row_seg.addr(0, rows * 4, "row_seg")?,
+            seg_off: map.seg_off.addr(0, segs * 4, "seg_off")?,
+            seg_len: map.seg_len.addr(0, segs * 4, "seg_len")?,
+            tiles: map.tiles128.addr(0, map.n_tiles128 * 8, "cast tiles")?,
+            scale_off: 0,
+        };
+        let (sc, co, ct) = (
+            t.scale.addr(0, segs * SCALE_STRIDE * 4, "scale")?,
+            t.codes.addr(0, rows * cols, "codes")?,
+            codes_t.addr(0, rows * cols, "columnwise codes")?,
+        );
+        let (ci, stride) = (i32::try_from(cols)?, SCALE_STRIDE as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (u32::try_from(map.n_tiles128)?, u32::try_from(cols.div_ceil(128))?, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: u32::try_from(block_tile_smem(dtype))?,
+        };
+        let f = &fe.cast_both[dt_index(dtype)][fmt_index(format)];
+        launch!(fe, stream, f, cfg, [&xa, &ci, &seg, &sc, &stride, &co, &ct]);
         Ok(())
     }
 

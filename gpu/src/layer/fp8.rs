@@ -322,8 +322,15 @@ impl DeviceLayer {
         let el = ws.padded.len();
         self.fc2_bias_grad(eng, ws)?;
         // du_e = G_e·W2_e: G rowwise times W2's columnwise copy [N2, h].
+        // Under every strategy but `loop`, the output gradients' casts write their columnwise
+        // copies (wgrad's operands) in the same pass; `loop` transposes them below.
+        let one_pass = fuses_activation_quantization(strategy);
         let mut gq = reuse(eng, ops.g.take(), &ops.tok, d.h, fg)?;
-        eng.quantize_segments_into(&ws.g, d.dt, &ops.tok, scales(Fp8Operand::Fc2GradOutput), &mut gq)?;
+        if one_pass {
+            eng.quantize_segments_both_into(&ws.g, d.dt, &ops.tok, scales(Fp8Operand::Fc2GradOutput), &mut gq)?;
+        } else {
+            eng.quantize_segments_into(&ws.g, d.dt, &ops.tok, scales(Fp8Operand::Fc2GradOutput), &mut gq)?;
+        }
         expert_gemms(eng, el, graph, |eng, e| {
             let (m, off) = (ws.padded[e], ws.offsets[e]);
             let c = ws.du.at(off * d.n2 * d.ds);
@@ -341,11 +348,11 @@ impl DeviceLayer {
         // (`act_bwd_q`: its amax, or under delayed scaling its codes too), or under `loop` by
         // the activation then the quantizer.
         let mut daq = reuse(eng, ops.da.take(), &ops.tok, d.n1, fg)?;
-        if fuses_activation_quantization(strategy) {
+        if one_pass {
             let p_act = ws.p_act.as_ref().unwrap_or(&ws.p);
             let (inputs, b2) = ((&ws.a, &ws.du, p_act, &ws.g), self.weights.b2.as_ref());
-            let (da, tok) = ((&mut ws.da, &mut ws.dp), &ops.tok);
-            eng.act_bwd_quantized(cfg, inputs, b2, da, d.dt, tok, scales(Fp8Operand::Fc1GradOutput), &mut daq)?;
+            let (da, tok, op) = ((&mut ws.da, &mut ws.dp), &ops.tok, Fp8Operand::Fc1GradOutput);
+            eng.act_bwd_quantized(cfg, inputs, b2, da, d.dt, tok, scales(op), &mut daq, true)?;
         } else {
             self.activation_backward(eng, ws)?;
             eng.quantize_segments_into(&ws.da, d.dt, &ops.tok, scales(Fp8Operand::Fc1GradOutput), &mut daq)?;
@@ -365,9 +372,14 @@ impl DeviceLayer {
             )
         })?;
         self.probs_on_input_backward(eng, ws)?;
-        // The columnwise copies the wgrad GEMMs read: dyᵀ of both linears, and the forward's x
-        // and u (the same codes transposed: tensorwise scaling).
-        for t in [&mut gq, &mut daq, &mut ops.x, &mut ops.u] {
+        // The columnwise copies the wgrad GEMMs read: dyᵀ of both linears (written by their
+        // casts above, except under `loop`), and the forward's x and u (the same codes
+        // transposed: tensorwise scaling).
+        if !one_pass {
+            eng.transpose_segments(&mut gq, &ops.tok)?;
+            eng.transpose_segments(&mut daq, &ops.tok)?;
+        }
+        for t in [&mut ops.x, &mut ops.u] {
             eng.transpose_segments(t, &ops.tok)?;
         }
         ops.g = Some(gq);
