@@ -404,7 +404,10 @@ template <typename T>
 struct LoadSource {
     const T* x;
     int cols;
-    __device__ __forceinline__ void row(long long r, int, int c, float (&z)[4]) { load4<T>(x + r * cols + c, z); }
+    typedef Pack4<sizeof(T)> Raw;
+    __device__ __forceinline__ void begin(int, int) {}
+    __device__ __forceinline__ void load(long long r, int c, Raw& raw) { raw = load_pack4<T>(x + r * cols + c); }
+    __device__ __forceinline__ void make(const Raw& raw, long long, int, int, float (&z)[4]) { unpack4<T>(raw, z); }
 };
 
 #define BLOCK128_KERNELS(T, S)                                                                                       \

@@ -77,6 +77,24 @@ __device__ __forceinline__ void store4(T* p, const float (&f)[4]) {
     }
 }
 
+// Four consecutive values of T as loaded (8 bytes for bf16/fp16, 16 for f32): a load issued
+// now and converted later, so that several rows' loads are in flight at once.
+template <int BYTES> struct Pack4;
+template <> struct Pack4<2> { uint2 v; };
+template <> struct Pack4<4> { uint4 v; };
+template <typename T>
+__device__ __forceinline__ Pack4<sizeof(T)> load_pack4(const T* p) {
+    Pack4<sizeof(T)> k;
+    k.v = *reinterpret_cast<const decltype(k.v)*>(p);
+    return k;
+}
+template <typename T>
+__device__ __forceinline__ void unpack4(const Pack4<sizeof(T)>& k, float (&f)[4]) {
+    const T* e = reinterpret_cast<const T*>(&k.v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) f[i] = to_f(e[i]);
+}
+
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 890
 #define FP8_CVT(fmt, r, hi, lo) asm("cvt.rn.satfinite." fmt "x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo))
 #else
@@ -178,8 +196,12 @@ struct BlockSegs {
 // tensor whose rows come from `src`, in one pass, the codes and scales that
 // `block_quant_row128_seg` and `block_quant_col128_seg` write from the same values, bit for
 // bit (each block's amax of the same values, the same scale_from_amax and encode).
-// `src.row(r, s, c, z)` makes the four values at columns [c, c + 4) of row r (segment s),
-// already rounded to T (and may store them, e.g. the activation's u).
+// The source: `src.begin(s, c)` once per block (segment s, the lane's first column c, when
+// c < cols), then per row r `src.load(r, c, raw)` issues the row's loads into a
+// `typename Src::Raw` and `src.make(raw, r, s, c, z)` makes the four values at columns
+// [c, c + 4), already rounded to T (and may store them, e.g. the activation's u). Each warp
+// issues four rows' loads before it uses them (a store between them would otherwise keep the
+// next row's loads waiting: the compiler cannot move loads past stores that may alias).
 // Launch: grid (the 128-row tiles of `seg.tiles`, ceil(cols/128)), block 256, dynamic shared
 // memory BLOCK_TILE_SMEM(sizeof(T)) bytes; cols % 4 == 0 and codes 16-byte aligned. Block
 // (t, y) takes rows [x0, x0 + 128) of tile t's segment s and columns [128y, 128y + 128): warp
@@ -209,11 +231,20 @@ __device__ void block_tile_quant(Src& src, int cols, BlockParams bp, BlockSegs s
     const bool col_ok = c < cols;
     const long long row_scales = BLOCK ? seg.scale_off[s] + (long long)blockIdx.y * ((n + 3) / 4 * 4) : 0;
     const float tensor_mult = BLOCK ? 0.0f : seg_scale[(long long)s * stride];
-    for (int k = w; k < 128; k += 8) {
+    if (col_ok) src.begin(s, c);
+#pragma unroll 1
+    for (int k0 = w; k0 < 128; k0 += 32) {
+        typename Src::Raw raw[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+            if (x0 + k0 + 8 * i < n && col_ok) src.load(base + x0 + k0 + 8 * i, c, raw[i]);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int k = k0 + 8 * i;
         float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         if (x0 + k < n) {  // warp-uniform
             const long long r = base + x0 + k;
-            if (col_ok) src.row(r, s, c, z);
+            if (col_ok) src.make(raw[i], r, s, c, z);
             float mult = tensor_mult;
             if (BLOCK) {
                 float m = 0.0f;
@@ -229,6 +260,7 @@ __device__ void block_tile_quant(Src& src, int cols, BlockParams bp, BlockSegs s
             }
         }
         store4<T>(&tile[k][4 * lane], z);  // rows past the segment: zeros (no amax change)
+    }
     }
     __syncthreads();
     const int j = threadIdx.x & 127, g = threadIdx.x >> 7, col = c0 + j;
