@@ -333,37 +333,35 @@ struct ActSource {
     T* u;
     int n2;
     ActParams ap;
-    bool bias = false;
-    float bg[4] = {0.0f, 0.0f, 0.0f, 0.0f}, bl[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     struct Raw {
         Pack4<sizeof(T)> g, l;
         float pr;
     };
-    // The segment's fc1 bias columns (SequentialMLP), loaded once per block.
-    __device__ __forceinline__ void begin(int s, int c) {
-        if (b1 == nullptr) return;
-        const int n1 = ap.glu ? 2 * n2 : n2;
-        const T* brow = b1 + (long long)s * n1;
-        bias = true;
-        load4<T>(brow + c, bg);
-        if (ap.glu) load4<T>(brow + n2 + c, bl);
-    }
+    static constexpr int BATCH = 1;
+    __device__ __forceinline__ void begin(int, int) {}
     __device__ __forceinline__ void load(long long r, int c, Raw& raw) {
         const T* arow = a + r * (ap.glu ? 2 * n2 : n2);
         raw.g = load_pack4<T>(arow + c);
         if (ap.glu) raw.l = load_pack4<T>(arow + n2 + c);
         raw.pr = p[r];
     }
-    __device__ __forceinline__ void make(const Raw& raw, long long r, int, int c, float (&z)[4]) {
-        float g[4], l[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    // z = round(act(a + b1)·p), SequentialMLP's fc1 bias (segment s's row of b1) added and
+    // written back into a as `act_fwd` does.
+    __device__ __forceinline__ void make(const Raw& raw, long long r, int s, int c, float (&z)[4]) {
+        const int n1 = ap.glu ? 2 * n2 : n2;
+        float g[4], l[4] = {0.0f, 0.0f, 0.0f, 0.0f}, bg[4] = {0.0f, 0.0f, 0.0f, 0.0f}, bl[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         unpack4<T>(raw.g, g);
         if (ap.glu) unpack4<T>(raw.l, l);
+        const bool bias = b1 != nullptr;
+        if (bias) {
+            load4<T>(b1 + (long long)s * n1 + c, bg);
+            if (ap.glu) load4<T>(b1 + (long long)s * n1 + n2 + c, bl);
+        }
 #pragma unroll
         for (int q = 0; q < 4; ++q) z[q] = rnd<T>(act_fwd_elem<T>(ap, g[q], l[q], bias, bg[q], bl[q]) * raw.pr);
         if (bias) {
-            T* arow = a + r * (ap.glu ? 2 * n2 : n2);
-            store4<T>(arow + c, g);
-            if (ap.glu) store4<T>(arow + n2 + c, l);
+            store4<T>(a + r * n1 + c, g);
+            if (ap.glu) store4<T>(a + r * n1 + n2 + c, l);
         }
         store4<T>(u + r * n2 + c, z);
     }
@@ -593,7 +591,7 @@ __device__ void init_uniform(T* out, long long n, unsigned long long seed, float
             act_fwd<T, 3>(a, b1, p, row_expert, u, rows, n2, ap,                                 \
                           ActFp8<3>{amax, scale, stride, codes});                                \
     }                                                                                            \
-    extern "C" __global__ void __launch_bounds__(256, sizeof(T) == 2 ? 3 : 2) act_fwd_blk_##S##_e4m3(                   \
+    extern "C" __global__ void __launch_bounds__(256, sizeof(T) == 2 ? 5 : 4) act_fwd_blk_##S##_e4m3(                   \
         T* a, const T* b1, const float* p, T* u, int n2, ActParams ap, BlockParams bp,           \
         BlockSegs seg, const long long* col_scale_off, u8* codes, float* scale_inv, u8* codes_t, \
         float* scale_inv_t) {                                                                    \
@@ -601,7 +599,7 @@ __device__ void init_uniform(T* out, long long n, unsigned long long seed, float
         block_tile_quant<T, 0, true>(src, n2, bp, seg, col_scale_off, codes, scale_inv, codes_t,       \
                                scale_inv_t);                                                     \
     }                                                                                            \
-    extern "C" __global__ void __launch_bounds__(256, sizeof(T) == 2 ? 3 : 2) act_fwd_blk_##S##_e5m2(                   \
+    extern "C" __global__ void __launch_bounds__(256, sizeof(T) == 2 ? 5 : 4) act_fwd_blk_##S##_e5m2(                   \
         T* a, const T* b1, const float* p, T* u, int n2, ActParams ap, BlockParams bp,           \
         BlockSegs seg, const long long* col_scale_off, u8* codes, float* scale_inv, u8* codes_t, \
         float* scale_inv_t) {                                                                    \

@@ -405,6 +405,7 @@ struct LoadSource {
     const T* x;
     int cols;
     typedef Pack4<sizeof(T)> Raw;
+    static constexpr int BATCH = 4;
     __device__ __forceinline__ void begin(int, int) {}
     __device__ __forceinline__ void load(long long r, int c, Raw& raw) { raw = load_pack4<T>(x + r * cols + c); }
     __device__ __forceinline__ void make(const Raw& raw, long long, int, int, float (&z)[4]) { unpack4<T>(raw, z); }

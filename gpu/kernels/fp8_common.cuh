@@ -200,8 +200,10 @@ struct BlockSegs {
 // c < cols), then per row r `src.load(r, c, raw)` issues the row's loads into a
 // `typename Src::Raw` and `src.make(raw, r, s, c, z)` makes the four values at columns
 // [c, c + 4), already rounded to T (and may store them, e.g. the activation's u). Each warp
-// issues four rows' loads before it uses them (a store between them would otherwise keep the
-// next row's loads waiting: the compiler cannot move loads past stores that may alias).
+// issues `Src::BATCH` rows' loads before it uses them (a store between them would otherwise
+// keep the next row's loads waiting: the compiler cannot move loads past stores that may
+// alias): 4 for a plain load, 1 for the activation, whose registers four rows would take
+// (measured on an H200: batching it made the blockwise forward slower).
 // Launch: grid (the 128-row tiles of `seg.tiles`, ceil(cols/128)), block 256, dynamic shared
 // memory BLOCK_TILE_SMEM(sizeof(T)) bytes; cols % 4 == 0 and codes 16-byte aligned. Block
 // (t, y) takes rows [x0, x0 + 128) of tile t's segment s and columns [128y, 128y + 128): warp
@@ -231,15 +233,16 @@ __device__ void block_tile_quant(Src& src, int cols, BlockParams bp, BlockSegs s
     const bool col_ok = c < cols;
     const long long row_scales = BLOCK ? seg.scale_off[s] + (long long)blockIdx.y * ((n + 3) / 4 * 4) : 0;
     const float tensor_mult = BLOCK ? 0.0f : seg_scale[(long long)s * stride];
+    constexpr int B = Src::BATCH;
     if (col_ok) src.begin(s, c);
 #pragma unroll 1
-    for (int k0 = w; k0 < 128; k0 += 32) {
-        typename Src::Raw raw[4];
+    for (int k0 = w; k0 < 128; k0 += 8 * B) {
+        typename Src::Raw raw[B];
 #pragma unroll
-        for (int i = 0; i < 4; ++i)
+        for (int i = 0; i < B; ++i)
             if (x0 + k0 + 8 * i < n && col_ok) src.load(base + x0 + k0 + 8 * i, c, raw[i]);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < B; ++i) {
         const int k = k0 + 8 * i;
         float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         if (x0 + k < n) {  // warp-uniform
