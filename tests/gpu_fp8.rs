@@ -218,8 +218,10 @@ fn quantizers_match_the_reference_bit_for_bit() {
 /// `quantize_segments_both_into`, the fp8 backward's output gradients). Layouts: ragged
 /// segments (the byte transpose), segments of multiples of 16 rows, 16-row groups past a 32-row
 /// tile and columns past a 128-column tile included (the 16-byte transpose, what the layers'
-/// padded experts take), and segments over one and two 128-row tiles with partial 64-row
-/// halves (the one-pass cast's tiles).
+/// padded experts take), segments over one and two 128-row tiles with partial 64-row halves
+/// (the one-pass cast's tiles, their columnwise codes stored by each thread), and segments of
+/// multiples of 16 rows over whole 128-row tiles (the one-pass cast's staged columnwise
+/// stores).
 #[test]
 fn segmented_current_scaling_matches_the_reference_per_segment() {
     let Some(gpu) = gpu("segmented_current_scaling_matches_the_reference_per_segment") else { return };
@@ -228,6 +230,7 @@ fn segmented_current_scaling_matches_the_reference_per_segment() {
         (vec![0usize, 5, 17, 0, 48, 1], 80, false),
         (vec![16, 0, 48, 32, 80], 272, true),
         (vec![0, 130, 3, 256], 200, false),
+        (vec![16, 256, 0, 144], 208, true),
     ] {
         assert_eq!(moe_gpu::fp8::transposes_by_16_bytes(cols, &lens), by_16_bytes, "the case's kernel");
         segmented_current_scaling_case(&mut eng, &lens, cols);
@@ -1711,18 +1714,24 @@ fn fused_block_activation_quantization_equals_the_block_quantizer_on_its_output(
 /// scales in cuBLASLt's layout, padding zeros included. Ragged segments: empty ones, fewer
 /// than 4 rows (scale padding), not multiples of 128 (partial column blocks), over 256 rows;
 /// 200 columns (a partial row block; the one-pass kernel `block_quant_both128_seg`) and 202
-/// (not a multiple of 4: the rowwise and columnwise kernels); bf16 and f32, e4m3 and e5m2,
+/// (not a multiple of 4: the rowwise and columnwise kernels); segments of multiples of 16 rows
+/// over whole 128-row tiles at 208 columns (the one-pass kernel's staged columnwise stores); bf16 and f32, e4m3 and e5m2,
 /// power-of-2 and exact scales, stirred values (zeros, subnormals, infinities, NaN); and a
 /// second call into the same buffers with other values (nothing stale may survive).
 #[test]
 fn segmented_block_quantizer_equals_the_per_segment_quantizer() {
     let Some(gpu) = gpu("segmented_block_quantizer_equals_the_per_segment_quantizer") else { return };
     let mut eng = gpu.lock().expect("engine");
-    let lens = [0usize, 3, 130, 0, 16, 300, 128];
-    let rows: usize = lens.iter().sum();
-    let map = SegmentMap::new(&mut eng, &lens).expect("map");
     let mut checked = 0;
-    for (dtype, cols) in [(Dtype::Bf16, 200), (Dtype::F32, 200), (Dtype::Bf16, 202), (Dtype::F32, 202)] {
+    for (lens, dtype, cols) in [
+        (vec![0usize, 3, 130, 0, 16, 300, 128], Dtype::Bf16, 200),
+        (vec![0, 3, 130, 0, 16, 300, 128], Dtype::F32, 200),
+        (vec![0, 3, 130, 0, 16, 300, 128], Dtype::Bf16, 202),
+        (vec![0, 3, 130, 0, 16, 300, 128], Dtype::F32, 202),
+        (vec![16, 256, 0, 144, 32], Dtype::Bf16, 208),
+    ] {
+        let rows: usize = lens.iter().sum();
+        let map = SegmentMap::new(&mut eng, &lens).expect("map");
         for format in Fp8Format::ALL {
             for pow2 in [true, false] {
                 let options = ScaleOptions { force_pow_2_scales: pow2, amax_epsilon: 0.0 };
@@ -1764,5 +1773,5 @@ fn segmented_block_quantizer_equals_the_per_segment_quantizer() {
             }
         }
     }
-    assert_eq!(checked, 4 * 2 * 2 * 2 * 5);
+    assert_eq!(checked, 4 * 2 * 2 * 2 * 5 + 2 * 2 * 2 * 4);
 }

@@ -211,8 +211,13 @@ struct BlockSegs {
 // (the warp max is its amax); each row also goes into a [128][BLOCK_TILE_PITCH] tile of T in
 // shared memory. Then thread (row half g, column j) takes 64 rows of one column: the two
 // halves' maxima meet in `part`, and its codes are 64 consecutive bytes of the columnwise copy.
+// Where the tile's 128 rows are all in the segment and each column's 128 codes start 16-byte
+// aligned (the layers' padded experts: segment lengths multiples of 16), the codes go through a
+// second shared tile ([128 columns][BLOCK_TILE_CODES_PITCH] bytes) and each warp store writes
+// four whole 128-byte columns; otherwise each thread stores its own 64 (or fewer) bytes.
 #define BLOCK_TILE_PITCH(elem) (128 + 16 / (elem))
-#define BLOCK_TILE_SMEM(elem) (128 * BLOCK_TILE_PITCH(elem) * (elem))
+#define BLOCK_TILE_CODES_PITCH 144
+#define BLOCK_TILE_SMEM(elem) (128 * BLOCK_TILE_PITCH(elem) * (elem) + 128 * BLOCK_TILE_CODES_PITCH)
 // With BLOCK false the same tile casts instead at each segment's per-tensor scale
 // (`seg_scale[s·stride]`, current or delayed scaling) into the rowwise codes and the
 // columnwise copy (`cast_both_seg`: what `cast_seg` then `transpose_seg_u8` write); `bp`,
@@ -224,6 +229,8 @@ __device__ void block_tile_quant(Src& src, int cols, BlockParams bp, BlockSegs s
     extern __shared__ __align__(16) unsigned char block_tile_smem[];
     constexpr int PITCH = BLOCK_TILE_PITCH(sizeof(T));
     T(*tile)[PITCH] = reinterpret_cast<T(*)[PITCH]>(block_tile_smem);
+    u8(*ctile)[BLOCK_TILE_CODES_PITCH] =
+        reinterpret_cast<u8(*)[BLOCK_TILE_CODES_PITCH]>(block_tile_smem + BLOCK_TILE_SMEM(sizeof(T)) - 128 * BLOCK_TILE_CODES_PITCH);
     __shared__ float part[2][128];
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int s = seg.tiles[2 * blockIdx.x], x0 = seg.tiles[2 * blockIdx.x + 1];
@@ -274,10 +281,37 @@ __device__ void block_tile_quant(Src& src, int cols, BlockParams bp, BlockSegs s
         for (int e = 0; e < 64; ++e) m = fmaxf(m, fabsf(to_f(tile[64 * g + e][j])));
         part[g][j] = m;
         __syncthreads();
-        if (col >= cols) return;
         mult = scale_from_amax(fmaxf(part[0][j], part[1][j]), bp.fp8_max, bp.pow2, bp.eps, bp.vinf);
-        if (g == 0)
+        if (g == 0 && col < cols)
             scale_inv_t[col_scale_off[s] + (long long)(x0 / 128) * ((cols + 3) / 4 * 4) + col] = __frcp_rn(mult);
+    }
+    // Whole tile, aligned columns: every thread of the block takes the staged path (uniform).
+    const bool staged = n - x0 >= 128 && ((base * cols + (long long)x0) & 15) == 0 && (n & 15) == 0 &&
+                        (reinterpret_cast<unsigned long long>(codes_t) & 15ull) == 0;
+    if (staged) {
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+            u32 wd[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int e = 64 * g + 16 * v + 4 * i;
+                wd[i] = encode2<F>(__fmul_rn(to_f(tile[e][j]), mult), __fmul_rn(to_f(tile[e + 1][j]), mult)) |
+                        (encode2<F>(__fmul_rn(to_f(tile[e + 2][j]), mult), __fmul_rn(to_f(tile[e + 3][j]), mult))
+                         << 16);
+            }
+            *reinterpret_cast<uint4*>(&ctile[j][64 * g + 16 * v]) = make_uint4(wd[0], wd[1], wd[2], wd[3]);
+        }
+        __syncthreads();
+        // Warp w, pass q: columns 32q + 4w + lane/8, 16 bytes each at row 16·(lane % 8).
+        const int chunk = lane & 7;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const int cj = 32 * q + 4 * w + (lane >> 3);
+            if (c0 + cj < cols)
+                *reinterpret_cast<uint4*>(codes_t + base * cols + (long long)(c0 + cj) * n + x0 + 16 * chunk) =
+                    *reinterpret_cast<const uint4*>(&ctile[cj][16 * chunk]);
+        }
+        return;
     }
     if (col >= cols) return;
     const int valid = min(64, n - x0 - 64 * g);  // rows of this thread's half in the segment

@@ -378,11 +378,12 @@ fn act_bwd_args(
 }
 
 /// The dynamic shared memory of the one-pass 1×128 block quantizers (`block_tile_quant` in
-/// `fp8_common.cuh`: `act_fwd_blk`, `block_quant_both128_seg`) for `dt` (`BLOCK_TILE_SMEM`): a
-/// 128 x 128 tile of stored values, rows padded by 16 bytes.
+/// `fp8_common.cuh`: `act_fwd_blk`, `block_quant_both128_seg`, `cast_both_seg`) for `dt`
+/// (`BLOCK_TILE_SMEM`): a 128 x 128 tile of stored values, rows padded by 16 bytes, then the
+/// columnwise codes' tile, 128 columns of 144 bytes.
 pub(crate) fn block_tile_smem(dt: Dtype) -> usize {
     let e = dt.size_bytes();
-    128 * (128 + 16 / e) * e
+    128 * (128 + 16 / e) * e + 128 * 144
 }
 
 /// `<base>_<dtype>_<format>`, a `block_tile_quant` kernel, allowed its dynamic shared memory
@@ -880,15 +881,19 @@ mod tests {
     /// path.
     #[test]
     fn block_tile_shared_memory_and_widths() {
-        assert_eq!(block_tile_smem(Dtype::Bf16), 128 * 136 * 2);
-        assert_eq!(block_tile_smem(Dtype::F16), 128 * 136 * 2);
-        assert_eq!(block_tile_smem(Dtype::F32), 128 * 132 * 4);
+        assert_eq!(block_tile_smem(Dtype::Bf16), 128 * 136 * 2 + 128 * 144);
+        assert_eq!(block_tile_smem(Dtype::F16), 128 * 136 * 2 + 128 * 144);
+        assert_eq!(block_tile_smem(Dtype::F32), 128 * 132 * 4 + 128 * 144);
         for dt in Dtype::ALL {
             assert_eq!(block_tile_smem(dt) / 128 % 16, 0, "{dt}: rows 16-byte aligned");
+            assert_eq!((block_tile_smem(dt) - 128 * 144) % 16, 0, "{dt}: the codes' tile 16-byte aligned");
             assert!(block_tile_smem(dt) <= 227 * 1024, "{dt}");
         }
         assert!(EXPERTS_CU.contains("#define BLOCK_TILE_PITCH(elem) (128 + 16 / (elem))"));
-        assert!(EXPERTS_CU.contains("#define BLOCK_TILE_SMEM(elem) (128 * BLOCK_TILE_PITCH(elem) * (elem))"));
+        assert!(EXPERTS_CU.contains("#define BLOCK_TILE_CODES_PITCH 144"));
+        assert!(EXPERTS_CU.contains(
+            "#define BLOCK_TILE_SMEM(elem) (128 * BLOCK_TILE_PITCH(elem) * (elem) + 128 * BLOCK_TILE_CODES_PITCH)"
+        ));
         assert!(block_tile_takes(200) && block_tile_takes(4) && !block_tile_takes(38) && !block_tile_takes(2));
     }
 
