@@ -597,7 +597,7 @@ impl ExpertKernels {
     /// [`ExpertKernels::act_fwd`] block-quantizing its own output (`act_fwd_blk`): besides `u`
     /// (and SequentialMLP's biased `a`) it writes both 1×128 block operands of `u` for every
     /// segment into `out`, as the segmented block quantizers would from the stored `u`. Needs
-    /// `n2 % 4 == 0` ([`act_fwd_blk_takes`]).
+    /// `n2 % 4 == 0` ([`block_tile_takes`]).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn act_fwd_block_quantized(
         &mut self,

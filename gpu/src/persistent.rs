@@ -6,7 +6,7 @@
 //! one rounding, `k = 0` → exact zeros, `m = 0` → nothing written.
 //!
 //! The same file holds the fp8 grouped GEMM of TransformerEngine's per-tensor recipes
-//! ([`PersistentKernels::run_fp8`], `grouped_gemm_fp8_*`): both operands K-major fp8 (A e4m3 or
+//! (`PersistentKernels::run_fp8`, `grouped_gemm_fp8_*`): both operands K-major fp8 (A e4m3 or
 //! e5m2, B e4m3), each expert's two f32 `scale_inv` read from the device, beta 0 or 1, fast or
 //! split accumulation, bf16/f16 output: the function of one cuBLASLt fp8 GEMM per expert.
 //!

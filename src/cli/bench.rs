@@ -80,7 +80,7 @@ struct LayerArgs {
     #[arg(long, value_name = "PATH")]
     rounds_csv: Option<PathBuf>,
     /// Add a row per (shape, distribution, class, mode) with the layer in fp8 under this recipe
-    /// (tensorwise, delayed, blockwise, mxfp8; TE's defaults): strategy column fp8-<recipe>.
+    /// (tensorwise, delayed, blockwise, mxfp8; TE's defaults): strategy column `fp8-<recipe>`.
     #[arg(long, value_name = "RECIPE", value_parser = parse_fp8_recipe)]
     fp8: Option<moe_reference::Fp8Recipe>,
     #[command(flatten)]

@@ -146,7 +146,7 @@ impl Fp8Bound<'_> {
 /// `√K·u_f32·Σ|terms|`), times the bound `(1 + u_a)(1 + u_b) ≤ 1.5` of the dequantized
 /// magnitudes over the oracle's. `K_acc` is the run the MMA accumulates before an f32
 /// promotion: `K` for the per-tensor recipes (fast accumulation may run the whole `K`) and
-/// MXFP8, at most [`BLOCK_PROMOTION`] = 128 for blockwise, whose GEMM applies each 128-wide K
+/// MXFP8, at most `BLOCK_PROMOTION` = 128 for blockwise, whose GEMM applies each 128-wide K
 /// block's scales to that block's partial sum in f32 (DeepSeek's promotion; cuBLASLt's
 /// `VEC128_32F`/`BLK128x128_32F` scale modes): the Higham-style `√n·u·Σ|terms|` bound of each
 /// block, summed over blocks, is `√128·u·Σ|terms|`. Checks that recompute one fp8 GEMM from its

@@ -483,7 +483,7 @@ pub fn forward_fp8(
 
 /// Refuses the splits TE refuses under `cfg.fp8` (nothing without fp8), naming the expert and
 /// tensor: `segments` are the rows of each processed segment ([`validate_inputs`]), padded here
-/// as the layer pads them (see [`check_fp8_shapes`]).
+/// as the layer pads them (see `check_fp8_shapes`).
 pub fn check_fp8_splits(cfg: &LayerConfig, segments: &[usize]) -> Result<(), ReferenceError> {
     let Some(f) = &cfg.fp8 else { return Ok(()) };
     let padded: Vec<usize> = segments
