@@ -117,10 +117,12 @@ pub(super) fn graph_of(strategy: Strategy) -> Fp8Issue {
     }
 }
 
-/// Whether the forward quantizes fc2's input inside the activation kernel
-/// ([`Engine::act_fwd_quantized`]: the same bits, one pass over the activations fewer) or runs
-/// the activation and then the quantizer: [`Strategy::Loop`], the baseline every other strategy
-/// is compared with bit for bit, keeps the two steps.
+/// Whether the layer quantizes in the passes that make the values: fc2's input inside the
+/// forward activation ([`Engine::act_fwd_quantized`], [`Engine::act_fwd_block_quantized`]),
+/// fc1's output gradient inside the activation backward ([`Engine::act_bwd_quantized`]), and the
+/// output gradients' rowwise and columnwise copies in one cast
+/// ([`Engine::quantize_segments_both_into`]); the same bits, fewer passes. [`Strategy::Loop`],
+/// the baseline every other strategy is compared with bit for bit, keeps the separate steps.
 pub(super) fn fuses_activation_quantization(strategy: Strategy) -> bool {
     strategy != Strategy::Loop
 }
