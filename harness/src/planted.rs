@@ -162,3 +162,30 @@ impl Backend for PlantedBackend<'_> {
         self.inner.reduction(cfg)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moe_reference::{Parallelism, Reference};
+
+    /// Each planted bug is wrong exactly where its doc says: `EtpRankPartial` on ETP rank 1 of
+    /// a sharded call only (rank 0's partial and an unsharded call stay right, or the sharded
+    /// property would not be the only one to see it), `UnshardedOutput` on an unsharded call only.
+    #[test]
+    fn planted_outputs_are_wrong_exactly_where_documented() {
+        let reference = Reference::ORACLE;
+        let at = |bug: PlantedBug, tp_size: usize, tp_rank: usize| {
+            let layer = PlantedLayer { inner: &reference, bug };
+            let cfg = LayerConfig {
+                parallel: Parallelism { tp_size, tp_rank, ep_size: 1, ep_rank: 0 },
+                ..LayerConfig::example()
+            };
+            layer.output_is_wrong(&cfg)
+        };
+        assert!(at(PlantedBug::EtpRankPartial, 2, 1));
+        assert!(!at(PlantedBug::EtpRankPartial, 2, 0), "rank 0's partial must stay right");
+        assert!(!at(PlantedBug::EtpRankPartial, 1, 0));
+        assert!(at(PlantedBug::UnshardedOutput, 1, 0));
+        assert!(!at(PlantedBug::UnshardedOutput, 2, 1));
+    }
+}
