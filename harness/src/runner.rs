@@ -78,6 +78,16 @@ struct Tally {
     failing: bool,
 }
 
+/// Whether `new` is a worse DeepGEMM `calc_diff` than the worst so far, `current`: any value
+/// beats none, a larger one beats a smaller one, and NaN (a NaN in a result) is the worst of
+/// all, kept once seen.
+fn worse_calc_diff(current: Option<f64>, new: f64) -> bool {
+    match current {
+        None => true,
+        Some(w) => !w.is_nan() && (new.is_nan() || new > w),
+    }
+}
+
 /// Runs `property` for `backend` over `cases` random cases drawn from `strategy` with a
 /// deterministic `seed`; `on_case` is called after every case (for progress bars).
 pub fn run_property<S>(
@@ -120,12 +130,7 @@ where
                             t.worst_ratio = d.worst_ratio;
                             t.worst_where = format!("{} in {}", d.name, case.summary());
                         }
-                        // NaN (a NaN in a result) is the worst.
-                        let worse = match t.worst_calc_diff {
-                            None => true,
-                            Some(w) => !w.is_nan() && (d.calc_diff.is_nan() || d.calc_diff > w),
-                        };
-                        if case.cfg.fp8.is_some() && worse {
+                        if case.cfg.fp8.is_some() && worse_calc_diff(t.worst_calc_diff, d.calc_diff) {
                             t.worst_calc_diff = Some(d.calc_diff);
                             t.worst_calc_diff_where = format!("{} in {}", d.name, case.summary());
                         }
@@ -257,5 +262,24 @@ impl ExpertLayer for CountingLayer<'_> {
     ) -> Result<LayerRun, LayerError> {
         self.note(cfg);
         self.inner.forward_backward(cfg, params, inputs, grad_output, timing)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worse_calc_diff;
+
+    /// The report's worst fp8 `calc_diff` is the largest seen, NaN the worst of all and kept:
+    /// a rule that took the latest value, or let a number replace a NaN, would report a
+    /// better worst case than the run had.
+    #[test]
+    fn the_worst_calc_diff_is_the_largest_and_nan_wins() {
+        assert!(worse_calc_diff(None, 0.0));
+        assert!(worse_calc_diff(Some(0.1), 0.2));
+        assert!(!worse_calc_diff(Some(0.2), 0.1), "a smaller value replaced the worst");
+        assert!(!worse_calc_diff(Some(0.2), 0.2));
+        assert!(worse_calc_diff(Some(0.2), f64::NAN));
+        assert!(!worse_calc_diff(Some(f64::NAN), 0.5), "a number replaced a NaN");
+        assert!(!worse_calc_diff(Some(f64::NAN), f64::NAN));
     }
 }
