@@ -12,7 +12,9 @@ use moe_reference::{
 use proptest::prelude::*;
 use proptest::sample::select;
 
-/// Splits of tokens over `num_experts` experts, with at most `max_tokens` per expert.
+/// Splits of tokens over `num_experts` experts: at most `max_tokens` per expert, except one
+/// expert taking everything and the Zipf-like head, which take up to `2·max_tokens`, and the
+/// tile-edge counts (up to 129).
 pub fn tokens_per_expert(num_experts: usize, max_tokens: i64) -> BoxedStrategy<Vec<i64>> {
     let e = num_experts;
     let uniform = proptest::collection::vec(0..=max_tokens, e).boxed();
@@ -285,4 +287,32 @@ pub fn case_fp8(max_tokens: i64, fp8: &Fp8Cases) -> impl Strategy<Value = Case> 
             }
             c
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+
+    /// The token splits include one expert taking every token, more than the uniform splits'
+    /// `max_tokens` can give one expert (the hot expert of real routing), and stay in
+    /// `[0, max(2·max_tokens, 129)]` per expert (129: the largest tile-edge count).
+    #[test]
+    fn token_splits_include_one_hot_expert_past_the_uniform_limit() {
+        let (e, max) = (4, 64i64);
+        let strategy = tokens_per_expert(e, max);
+        let mut runner = TestRunner::deterministic();
+        let mut one_hot_past_limit = 0;
+        for _ in 0..600 {
+            let split = strategy.new_tree(&mut runner).expect("split").current();
+            assert_eq!(split.len(), e);
+            assert!(split.iter().all(|&n| (0..=(2 * max).max(129)).contains(&n)), "{split:?}");
+            let nonzero: Vec<i64> = split.iter().copied().filter(|&n| n > 0).collect();
+            if nonzero.len() == 1 && nonzero[0] > max + 2 {
+                one_hot_past_limit += 1;
+            }
+        }
+        assert!(one_hot_past_limit >= 5, "one hot expert past {max} + 2 tokens in {one_hot_past_limit} of 600");
+    }
 }

@@ -571,6 +571,17 @@ impl ExpertSource for ExpertTensors {
     }
 }
 
+/// `items` dealt over `n` chunks in turn (item i to chunk i mod n): every item in exactly one
+/// chunk, chunk sizes differing by at most one, each chunk in the items' order.
+fn round_robin<E>(items: Vec<E>, n: usize) -> Vec<Vec<E>> {
+    let n = n.max(1);
+    let mut chunks: Vec<Vec<E>> = (0..n).map(|_| Vec::new()).collect();
+    for (i, item) in items.into_iter().enumerate() {
+        chunks[i % n].push(item);
+    }
+    chunks
+}
+
 /// Checks every expert of `layer` (module doc), in parallel over up to 16 host threads.
 /// Returns the checks and the number of rows checked against the oracle.
 pub fn check_layer<E: ExpertSource>(
@@ -579,10 +590,7 @@ pub fn check_layer<E: ExpertSource>(
 ) -> Result<(SampledChecks, usize), SampledError> {
     sampled_supported(layer.cfg)?;
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(4).min(16);
-    let mut chunks: Vec<Vec<E>> = (0..threads).map(|_| Vec::new()).collect();
-    for (i, ed) in experts.into_iter().enumerate() {
-        chunks[i % threads].push(ed);
-    }
+    let chunks = round_robin(experts, threads);
     let results: Vec<Result<(SampledChecks, usize), SampledError>> = std::thread::scope(|s| {
         let handles: Vec<_> = chunks
             .iter()

@@ -1063,3 +1063,21 @@ fn projection_rows_terms_are_the_module_doc_formulas() {
     }
     assert!(worst_binds > 0 && sigma_binds > 0, "both sides of the min: {worst_binds} / {sigma_binds}");
 }
+
+/// `check_layer` deals the experts over its threads round-robin: every expert to exactly one
+/// thread and the threads' shares within one of each other, for more experts than threads
+/// squared too (a rule that divided instead of taking the remainder would leave threads idle
+/// and index past the last one).
+#[test]
+fn experts_are_dealt_over_the_threads_in_turn() {
+    for (items, n) in [(40usize, 3usize), (5, 2), (2, 4), (0, 3), (17, 16), (300, 16)] {
+        let chunks = round_robin((0..items).collect::<Vec<_>>(), n);
+        assert_eq!(chunks.len(), n);
+        let mut all: Vec<usize> = chunks.iter().flatten().copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..items).collect::<Vec<_>>(), "{items} over {n}");
+        let (lo, hi) = (chunks.iter().map(Vec::len).min(), chunks.iter().map(Vec::len).max());
+        assert!(hi.zip(lo).is_some_and(|(h, l)| h - l <= 1), "{items} over {n}: {chunks:?}");
+        assert!(chunks.iter().all(|c| c.windows(2).all(|w| w[0] < w[1])), "order kept");
+    }
+}
