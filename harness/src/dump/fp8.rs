@@ -115,3 +115,31 @@ pub fn check_matches_weight(t: &Fp8Tensor, w: ArrayView2<'_, f64>) -> Result<(),
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::array;
+
+    /// A weight beyond the fp8 range at its scale matches the code that saturated toward it
+    /// (TE's delayed scaling saturates) and not the opposite saturated code; a weight inside the
+    /// range is held to half an ulp. Why: the saturation rule must keep the weight's sign, or a
+    /// sign-flipped saturated code in a user's checkpoint would pass.
+    #[test]
+    fn a_saturated_code_matches_only_a_weight_of_its_sign() {
+        let fmt = Fp8Format::E4M3;
+        let max = f64::from(fmt.max_finite());
+        let tensor = |codes: [f32; 2]| Fp8Tensor {
+            format: fmt,
+            data: array![[codec::encode(codes[0], fmt), codec::encode(codes[1], fmt)]],
+            scales: Scales::PerTensor { scale_inv: 1.0 },
+        };
+        let w = array![[3.0 * max, -2.0 * max]];
+        assert_eq!(check_matches_weight(&tensor([448.0, -448.0]), w.view()), Ok(()));
+        assert!(check_matches_weight(&tensor([-448.0, -448.0]), w.view()).is_err(), "a sign-flipped saturated code");
+        assert!(check_matches_weight(&tensor([448.0, 448.0]), w.view()).is_err(), "a sign-flipped saturated code");
+        let inside = array![[1.0, -2.5]];
+        assert_eq!(check_matches_weight(&tensor([1.0, -2.5]), inside.view()), Ok(()));
+        assert!(check_matches_weight(&tensor([1.0, -3.0]), inside.view()).is_err(), "more than half an ulp off");
+    }
+}
