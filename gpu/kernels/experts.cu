@@ -591,20 +591,20 @@ __device__ void init_uniform(T* out, long long n, unsigned long long seed, float
             act_fwd<T, 3>(a, b1, p, row_expert, u, rows, n2, ap,                                 \
                           ActFp8<3>{amax, scale, stride, codes});                                \
     }                                                                                            \
-    extern "C" __global__ void __launch_bounds__(256, sizeof(T) == 2 ? 5 : 4) act_fwd_blk_##S##_e4m3(                   \
+    extern "C" __global__ void __launch_bounds__(256, sizeof(T) == 2 ? 5 : 4) act_fwd_blk_##S##_e4m3( \
         T* a, const T* b1, const float* p, T* u, int n2, ActParams ap, BlockParams bp,           \
         BlockSegs seg, const long long* col_scale_off, u8* codes, float* scale_inv, u8* codes_t, \
         float* scale_inv_t) {                                                                    \
         ActSource<T> src{a, b1, p, u, n2, ap};                                                   \
-        block_tile_quant<T, 0, true>(src, n2, bp, seg, col_scale_off, codes, scale_inv, codes_t,       \
+        block_tile_quant<T, 0, true>(src, n2, bp, seg, col_scale_off, codes, scale_inv, codes_t, \
                                scale_inv_t);                                                     \
     }                                                                                            \
-    extern "C" __global__ void __launch_bounds__(256, sizeof(T) == 2 ? 5 : 4) act_fwd_blk_##S##_e5m2(                   \
+    extern "C" __global__ void __launch_bounds__(256, sizeof(T) == 2 ? 5 : 4) act_fwd_blk_##S##_e5m2( \
         T* a, const T* b1, const float* p, T* u, int n2, ActParams ap, BlockParams bp,           \
         BlockSegs seg, const long long* col_scale_off, u8* codes, float* scale_inv, u8* codes_t, \
         float* scale_inv_t) {                                                                    \
         ActSource<T> src{a, b1, p, u, n2, ap};                                                   \
-        block_tile_quant<T, 1, true>(src, n2, bp, seg, col_scale_off, codes, scale_inv, codes_t,       \
+        block_tile_quant<T, 1, true>(src, n2, bp, seg, col_scale_off, codes, scale_inv, codes_t, \
                                scale_inv_t);                                                     \
     }                                                                                            \
     extern "C" __global__ void act_bwd_##S(const T* a, const T* du, const float* p,              \

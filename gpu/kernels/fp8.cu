@@ -243,7 +243,6 @@ extern "C" __global__ void __launch_bounds__(256) transpose_seg_u8x16(const u8* 
     }
 }
 
-
 template <typename T, int F>
 __device__ void block_quant(const T* x, int rows, int cols, BlockParams bp, u8* codes, float* scale_inv, u8* e8m0) {
     int R = bp.trans ? cols : rows, C = bp.trans ? rows : cols;
@@ -300,7 +299,6 @@ __device__ void block_quant(const T* x, int rows, int cols, BlockParams bp, u8* 
 INSTANTIATE_IN(float, f32)
 INSTANTIATE_IN(bf16_t, bf16)
 INSTANTIATE_IN(f16_t, f16)
-
 
 // 1x128 tiles (f32 scales, `mode` 0), the activations' and gradients' block shape, with
 // coalesced access; the same per-tile arithmetic as `block_quant` (an amax is a max, so its

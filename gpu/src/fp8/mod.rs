@@ -581,8 +581,8 @@ pub struct SegmentMap {
     /// the grid of the one-launch segmented transpose.
     tiles: DeviceBuffer,
     n_tiles: usize,
-    /// The same for 128-row tiles: the grid of the one-pass cast into both copies
-    /// (`cast_both_seg`).
+    /// The same for 128-row tiles: the grid of the one-pass quantizers (`cast_both_seg`,
+    /// `block_quant_both128_seg`, `act_fwd_blk`) and of the columnwise 1×128 quantizer.
     tiles128: DeviceBuffer,
     n_tiles128: usize,
     lens: Vec<usize>,
@@ -609,7 +609,7 @@ impl SegmentMap {
         let mut row_seg = Vec::new();
         let mut rows = 0usize;
         let tiles = tile_table(lens, 32)?;
-        let tiles128 = tile_table(lens, 128)?;
+        let tiles128 = tile_table(lens, BlockTile::LEN)?;
         for (s, &l) in lens.iter().enumerate() {
             off.extend_from_slice(&i32::try_from(rows)?.to_le_bytes());
             rows += l;
@@ -632,6 +632,20 @@ impl SegmentMap {
             tiles128: eng.upload(&tiles128)?,
             lens: lens.to_vec(),
             rows,
+        })
+    }
+
+    /// The segment arguments of the 128-row-tile kernels (`BlockSegs`): this map's row
+    /// segments, first rows, lengths and 128-row tile table, with `scale_off` (the address of
+    /// the per-segment scale offsets, 0 where the kernel reads none).
+    fn block_segs(&self, scale_off: u64) -> Result<BlockSegs, GpuError> {
+        let segs = self.lens.len();
+        Ok(BlockSegs {
+            row_seg: self.row_seg.addr(0, self.rows * 4, "row_seg")?,
+            seg_off: self.seg_off.addr(0, segs * 4, "seg_off")?,
+            seg_len: self.seg_len.addr(0, segs * 4, "seg_len")?,
+            tiles: self.tiles128.addr(0, self.n_tiles128 * 8, "128-row tiles")?,
+            scale_off,
         })
     }
 
@@ -1121,13 +1135,7 @@ impl Engine {
         let fe = self.fp8_engine()?;
         let xa = x.addr(0, rows * cols * dtype.size_bytes(), "fp8 quantize input")?;
         let codes_t = t.codes_t.as_ref().ok_or_else(|| GpuError::Shape("fp8 columnwise codes".into()))?;
-        let seg = BlockSegs {
-            row_seg: map.row_seg.addr(0, rows * 4, "row_seg")?,
-            seg_off: map.seg_off.addr(0, segs * 4, "seg_off")?,
-            seg_len: map.seg_len.addr(0, segs * 4, "seg_len")?,
-            tiles: map.tiles128.addr(0, map.n_tiles128 * 8, "cast tiles")?,
-            scale_off: 0,
-        };
+        let seg = map.block_segs(0)?;
         let (sc, co, ct) = (
             t.scale.addr(0, segs * SCALE_STRIDE * 4, "scale")?,
             t.codes.addr(0, rows * cols, "codes")?,
@@ -1709,10 +1717,6 @@ pub struct SegmentedBlockFp8 {
     scale_off_dev: [DeviceBuffer; 2],
     /// The f32 scales of all segments: rowwise, columnwise.
     scale_len: [usize; 2],
-    /// (segment, first row within it) of every 128-row tile (i32 pairs): the columnwise
-    /// quantizer's grid.
-    tiles: DeviceBuffer,
-    n_tiles: usize,
 }
 
 impl SegmentedBlockFp8 {
@@ -1749,7 +1753,6 @@ impl SegmentedBlockFp8 {
         eng.fill_bytes(&mut scale_inv, 0)?;
         let mut scale_inv_t = eng.alloc(totals[1].max(1) * 4)?;
         eng.fill_bytes(&mut scale_inv_t, 0)?;
-        let tiles = tile_table(&map.lens, BlockTile::LEN)?;
         Ok(SegmentedBlockFp8 {
             format,
             cols,
@@ -1762,8 +1765,6 @@ impl SegmentedBlockFp8 {
             scale_off,
             scale_off_dev,
             scale_len: totals,
-            n_tiles: tiles.len() / 8,
-            tiles: if tiles.is_empty() { eng.alloc(8)? } else { eng.upload(&tiles)? },
         })
     }
 
@@ -1810,15 +1811,7 @@ impl SegmentedBlockFp8 {
             )));
         }
         let (rows, cols, segs) = (map.rows, self.cols, map.lens.len());
-        let seg = |d: usize| -> Result<BlockSegs, GpuError> {
-            Ok(BlockSegs {
-                row_seg: map.row_seg.addr(0, rows * 4, "row_seg")?,
-                seg_off: map.seg_off.addr(0, segs * 4, "seg_off")?,
-                seg_len: map.seg_len.addr(0, segs * 4, "seg_len")?,
-                tiles: self.tiles.addr(0, self.n_tiles * 8, "block quantizer tiles")?,
-                scale_off: self.scale_off_dev[d].addr(0, segs.max(1) * 8, "scale offsets")?,
-            })
-        };
+        let seg = |d: usize| map.block_segs(self.scale_off_dev[d].addr(0, segs.max(1) * 8, "scale offsets")?);
         let buffers = [
             self.codes.addr(0, rows * cols, "codes")?,
             self.codes_t.addr(0, rows * cols, "columnwise codes")?,
@@ -1871,7 +1864,7 @@ impl Engine {
             let f = &fe.block_both128_seg[dt_index(dtype)][fmt_index(format)];
             let cfg = LaunchConfig {
                 shared_mem_bytes: u32::try_from(block_tile_smem(dtype))?,
-                ..block(t.n_tiles, cols.div_ceil(128))?
+                ..block(map.n_tiles128, cols.div_ceil(128))?
             };
             launch!(fe, stream, f, cfg, [&xa, &ci, &bp, &seg, &col_off, &co, &si, &ct, &st]);
             return Ok(());
@@ -1881,7 +1874,7 @@ impl Engine {
             let seg = segs_by_dir[d];
             let f = &fe.block128_seg[d][dt_index(dtype)][fmt_index(format)];
             if trans {
-                let cfg = block(t.n_tiles, cols.div_ceil(32))?;
+                let cfg = block(map.n_tiles128, cols.div_ceil(32))?;
                 launch!(fe, stream, f, cfg, [&xa, &ri, &ci, &bp, &seg, &ct, &st]);
             } else {
                 let cfg = block(rows.div_ceil(8), cols.div_ceil(128))?;
@@ -1924,7 +1917,7 @@ impl Engine {
             format: t.format,
             bp: BlockParams::block(t.format, BlockTile::Row1x128, options, dtype, false),
             seg,
-            n_tiles: t.n_tiles,
+            n_tiles: map.n_tiles128,
             col_scale_off: cols_seg.scale_off,
             codes,
             scale_inv,
@@ -2233,6 +2226,7 @@ mod tests {
                 names.push(format!("block_quant_row128_seg_{s}_{f}"));
                 names.push(format!("block_quant_col128_seg_{s}_{f}"));
                 names.push(format!("block_quant_both128_seg_{s}_{f}"));
+                names.push(format!("cast_both_seg_{s}_{f}"));
             }
         }
         for name in names {
