@@ -385,3 +385,47 @@ pub fn check_reduce(rank: usize, group: &[usize], len: usize, counts: Option<&[u
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A leaf's link with a script: the contribution it delivers to rank 0, and whether the
+    /// reply reaches it (false: the peer died after sending its contribution).
+    struct Scripted {
+        contribution: Option<Message>,
+        takes_reply: bool,
+    }
+
+    impl Link for Scripted {
+        fn send(&mut self, _msg: &Message) -> Result<(), String> {
+            if self.takes_reply {
+                Ok(())
+            } else {
+                Err("the peer's end is gone".into())
+            }
+        }
+        fn recv(&mut self, _deadline: Instant) -> Result<Message, String> {
+            self.contribution.take().ok_or_else(|| "timed out".to_string())
+        }
+    }
+
+    /// Only a peer that dies between its contribution and rank 0's reply reaches the hub's
+    /// reply-send error, which no multi-process run makes happen on cue: here rank 2 (the
+    /// second link) is gone at the reply, and the error must name rank 2, not its link index
+    /// or a neighbour.
+    #[test]
+    fn a_peer_gone_before_the_reply_is_named_by_its_rank() {
+        let leaf = |takes_reply| -> Box<dyn Link> {
+            Box::new(Scripted { contribution: Some(Message::Op(Collective::Barrier)), takes_reply })
+        };
+        let mut hub = HubTransport::hub(vec![leaf(true), leaf(false), leaf(true)], Duration::from_secs(1));
+        match hub.barrier() {
+            Err(TransportError::Peer { rank, what }) => {
+                assert_eq!(rank, 2, "{what}");
+                assert!(what.contains("cannot reach it"), "{what}");
+            }
+            other => panic!("expected rank 2 named, got {other:?}"),
+        }
+    }
+}
