@@ -9,7 +9,8 @@
 //! layers are held to the harness's error model.
 
 use moe_gpu::fp8::{
-    BlockOperand, DeviceDelayedState, DeviceFp8, DeviceScales, Fp8Issue, QuantSpec, SegmentMap, SegmentScales,
+    BlockOperand, DeviceDelayedState, DeviceFp8, DeviceScales, Fp8Issue, LtAlgoChoice, QuantSpec, SegmentMap,
+    SegmentScales,
 };
 use moe_gpu::{CudaGrouped, CudaSequential, CudaTeGrouped, DeviceBuffer, Engine, Gpu};
 use moe_harness::case::Case;
@@ -1207,11 +1208,19 @@ fn the_fused_and_unfused_delayed_updates_differ_on_the_stirred_states() {
 /// cuBLASLt call after another (`loop`), one captured graph replayed (`graph1`), a graph of two
 /// branches (`graph2`) and of four (`graph4`, `auto`'s graph), each called twice (the second call replays
 /// the cached graph), tensorwise and delayed, with an empty expert (its wgrad a captured
-/// memset) and deferred wgrad (the weight GEMMs captured in `backward_dw`).
+/// memset) and deferred wgrad (the weight GEMMs captured in `backward_dw`). Again with the plans'
+/// algorithms tuned (`LtAlgoChoice::Tuned`): a plan is tuned once, on its first call (here under
+/// `loop`), and every way then runs what was chosen, so tuning must keep the ways' bits equal
+/// and must have timed candidates (else this case tests nothing).
 #[test]
 fn fp8_gemm_issue_ways_compute_the_same_bits() {
     let Some(gpu) = gpu("fp8_gemm_issue_ways_compute_the_same_bits") else { return };
-    for recipe in [Fp8Recipe::Tensorwise, Fp8Recipe::Delayed] {
+    for (recipe, choice) in [
+        (Fp8Recipe::Tensorwise, LtAlgoChoice::Heuristic),
+        (Fp8Recipe::Delayed, LtAlgoChoice::Heuristic),
+        (Fp8Recipe::Tensorwise, LtAlgoChoice::Tuned(8)),
+    ] {
+        gpu.lock().expect("engine").set_fp8_algo_choice(choice).expect("algorithm choice");
         let cfg = LayerConfig {
             fp8: Some(Fp8Config::new(recipe).with_format(TeFormat::Hybrid)),
             num_experts: 6,
@@ -1245,10 +1254,12 @@ fn fp8_gemm_issue_ways_compute_the_same_bits() {
         ] {
             for (call, r) in run(strategy).iter().enumerate() {
                 for d in moe_harness::compare::compare_runs(&cfg, r, &base, None, Tolerance::EXACT) {
-                    assert!(d.passed(), "{recipe} {strategy:?} call {call} differs from loop: {d}");
+                    assert!(d.passed(), "{recipe} {choice:?} {strategy:?} call {call} differs from loop: {d}");
                 }
             }
         }
+        let tuned = gpu.lock().expect("engine").fp8_tuning_calls();
+        assert_eq!(tuned > 0, choice != LtAlgoChoice::Heuristic, "{choice:?}: {tuned} timed tuning calls");
     }
 }
 
@@ -1263,6 +1274,37 @@ struct ActQuantOutputs {
     scale_inv: Vec<u8>,
     amax: Vec<u8>,
     state: Vec<u32>,
+}
+
+/// Downloads what a fused activation quantization left: the activation output `u`, `t`'s codes,
+/// scales, scale_invs and amaxes, and under delayed scaling (`delayed`: the state and the
+/// operand) each of the `experts`' scale and amax history of that operand.
+fn act_quant_outputs(
+    eng: &mut Engine,
+    u: &DeviceBuffer,
+    t: &moe_gpu::fp8::SegmentedFp8,
+    delayed: Option<(&DeviceDelayedState, Fp8Operand)>,
+    experts: usize,
+) -> ActQuantOutputs {
+    let state = delayed.map_or_else(Vec::new, |(device_state, operand)| {
+        let downloaded = device_state.download(eng).expect("state");
+        (0..experts)
+            .flat_map(|e| {
+                let q = downloaded.get(e, operand).expect("state");
+                std::iter::once(q.scale().to_bits())
+                    .chain(q.amax_history().iter().map(|v| v.to_bits()))
+                    .collect::<Vec<u32>>()
+            })
+            .collect()
+    });
+    ActQuantOutputs {
+        u: eng.download(u).expect("u"),
+        codes: eng.download(&t.codes).expect("codes"),
+        scale: eng.download(&t.scale).expect("scale"),
+        scale_inv: eng.download(&t.scale_inv).expect("scale_inv"),
+        amax: eng.download(&t.amax).expect("amax"),
+        state,
+    }
 }
 
 /// The first byte at which `a` and `b` differ (0 when only their lengths do), or `None`.
@@ -1408,23 +1450,8 @@ fn fused_activation_quantization_equals_the_quantizer_on_its_output() {
                             eng.quantize_segments_into(&u, dtype, &map, scales, &mut t)
                                 .unwrap_or_else(|e| panic!("{what}: quantizer: {e}"));
                         }
-                        let downloaded = device_state.download(&mut eng).expect("state");
-                        let state_words = (0..lens.len())
-                            .flat_map(|e| {
-                                let q = downloaded.get(e, Fp8Operand::Fc2Input).expect("state");
-                                std::iter::once(q.scale().to_bits())
-                                    .chain(q.amax_history().iter().map(|v| v.to_bits()))
-                                    .collect::<Vec<u32>>()
-                            })
-                            .collect();
-                        ActQuantOutputs {
-                            u: eng.download(&u).expect("u"),
-                            codes: eng.download(&t.codes).expect("codes"),
-                            scale: eng.download(&t.scale).expect("scale"),
-                            scale_inv: eng.download(&t.scale_inv).expect("scale_inv"),
-                            amax: eng.download(&t.amax).expect("amax"),
-                            state: if recipe == Fp8Recipe::Delayed { state_words } else { Vec::new() },
-                        }
+                        let delayed = (recipe == Fp8Recipe::Delayed).then_some((&device_state, Fp8Operand::Fc2Input));
+                        act_quant_outputs(&mut eng, &u, &t, delayed, lens.len())
                     };
                     let (fused, unfused) = (run(true), run(false));
                     compare_act_quant(&fused, &unfused, n2, dtype.size_bytes())
@@ -1521,23 +1548,9 @@ fn fused_activation_backward_quantization_equals_the_quantizer_on_its_output() {
                                 .unwrap_or_else(|e| panic!("{what}: quantizer: {e}"));
                             eng.transpose_segments(&mut t, &map).unwrap_or_else(|e| panic!("{what}: transpose: {e}"));
                         }
-                        let downloaded = device_state.download(&mut eng).expect("state");
-                        let state_words = (0..lens.len())
-                            .flat_map(|e| {
-                                let q = downloaded.get(e, Fp8Operand::Fc1GradOutput).expect("state");
-                                std::iter::once(q.scale().to_bits())
-                                    .chain(q.amax_history().iter().map(|v| v.to_bits()))
-                                    .collect::<Vec<u32>>()
-                            })
-                            .collect();
-                        let out = ActQuantOutputs {
-                            u: eng.download(&da).expect("da"),
-                            codes: eng.download(&t.codes).expect("codes"),
-                            scale: eng.download(&t.scale).expect("scale"),
-                            scale_inv: eng.download(&t.scale_inv).expect("scale_inv"),
-                            amax: eng.download(&t.amax).expect("amax"),
-                            state: if recipe == Fp8Recipe::Delayed { state_words } else { Vec::new() },
-                        };
+                        let delayed =
+                            (recipe == Fp8Recipe::Delayed).then_some((&device_state, Fp8Operand::Fc1GradOutput));
+                        let out = act_quant_outputs(&mut eng, &da, &t, delayed, lens.len());
                         let codes_t = eng.download(t.codes_t.as_ref().expect("columnwise copy")).expect("codes_t");
                         (out, eng.download(&dp).expect("dp"), codes_t)
                     };

@@ -191,6 +191,20 @@ struct BlockSegs {
     const long long* scale_off;
 };
 
+// The codes of tile rows [e0, e0 + 16) of column j at `mult`, as 16 bytes in row order (one
+// columnwise store of `block_tile_quant`).
+template <typename T, int F, int PITCH>
+__device__ __forceinline__ uint4 encode_column16(const T (*tile)[PITCH], int e0, int j, float mult) {
+    u32 wd[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int e = e0 + 4 * i;
+        wd[i] = encode2<F>(__fmul_rn(to_f(tile[e][j]), mult), __fmul_rn(to_f(tile[e + 1][j]), mult)) |
+                (encode2<F>(__fmul_rn(to_f(tile[e + 2][j]), mult), __fmul_rn(to_f(tile[e + 3][j]), mult)) << 16);
+    }
+    return make_uint4(wd[0], wd[1], wd[2], wd[3]);
+}
+
 // `block_tile_quant`: both 1x128 block operands (rowwise: blocks along a row; columnwise: the
 // re-quantization of the transpose, blocks along each segment's rows) of a [rows, cols]
 // tensor whose rows come from `src`, in one pass, the codes and scales that
@@ -290,17 +304,9 @@ __device__ void block_tile_quant(Src& src, int cols, BlockParams bp, BlockSegs s
                         (reinterpret_cast<unsigned long long>(codes_t) & 15ull) == 0;
     if (staged) {
 #pragma unroll
-        for (int v = 0; v < 4; ++v) {
-            u32 wd[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int e = 64 * g + 16 * v + 4 * i;
-                wd[i] = encode2<F>(__fmul_rn(to_f(tile[e][j]), mult), __fmul_rn(to_f(tile[e + 1][j]), mult)) |
-                        (encode2<F>(__fmul_rn(to_f(tile[e + 2][j]), mult), __fmul_rn(to_f(tile[e + 3][j]), mult))
-                         << 16);
-            }
-            *reinterpret_cast<uint4*>(&ctile[j][64 * g + 16 * v]) = make_uint4(wd[0], wd[1], wd[2], wd[3]);
-        }
+        for (int v = 0; v < 4; ++v)
+            *reinterpret_cast<uint4*>(&ctile[j][64 * g + 16 * v]) =
+                encode_column16<T, F, PITCH>(tile, 64 * g + 16 * v, j, mult);
         __syncthreads();
         // Warp w, pass q: columns 32q + 4w + lane/8, 16 bytes each at row 16·(lane % 8).
         const int chunk = lane & 7;
@@ -318,17 +324,8 @@ __device__ void block_tile_quant(Src& src, int cols, BlockParams bp, BlockSegs s
     u8* out = codes_t + base * cols + (long long)col * n + x0 + 64 * g;
     if (valid == 64 && (reinterpret_cast<unsigned long long>(out) & 15ull) == 0) {
 #pragma unroll
-        for (int v = 0; v < 4; ++v) {
-            u32 wd[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int e = 64 * g + 16 * v + 4 * i;
-                wd[i] = encode2<F>(__fmul_rn(to_f(tile[e][j]), mult), __fmul_rn(to_f(tile[e + 1][j]), mult)) |
-                        (encode2<F>(__fmul_rn(to_f(tile[e + 2][j]), mult), __fmul_rn(to_f(tile[e + 3][j]), mult))
-                         << 16);
-            }
-            reinterpret_cast<uint4*>(out)[v] = make_uint4(wd[0], wd[1], wd[2], wd[3]);
-        }
+        for (int v = 0; v < 4; ++v)
+            reinterpret_cast<uint4*>(out)[v] = encode_column16<T, F, PITCH>(tile, 64 * g + 16 * v, j, mult);
     } else {
         for (int e = 0; e < valid; ++e) out[e] = encode<F>(__fmul_rn(to_f(tile[64 * g + e][j]), mult));
     }

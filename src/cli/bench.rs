@@ -11,6 +11,7 @@ use super::args::{CaseArg, ClassArg, ModeArg, ShapeArg};
 use moe_bench::grouped::{GroupedBench, GroupedCase};
 use moe_bench::layer::LayerBench;
 use moe_bench::Selection;
+use moe_gpu::fp8::LtAlgoChoice;
 use moe_gpu::{Engine, Gpu, Strategy};
 use moe_harness::shapes::ModelShape;
 use std::path::PathBuf;
@@ -83,6 +84,11 @@ struct LayerArgs {
     /// (tensorwise, delayed, blockwise, mxfp8; TE's defaults): strategy column `fp8-<recipe>`.
     #[arg(long, value_name = "RECIPE", value_parser = parse_fp8_recipe)]
     fp8: Option<moe_reference::Fp8Recipe>,
+    /// How the cuBLASLt fp8 GEMMs pick their algorithm: 0 = the heuristic's first (cuBLASLt's
+    /// default, what TE runs); N > 1 = the fastest of the heuristic's first N, timed once per
+    /// GEMM shape on its first call's operands (needs --fp8).
+    #[arg(long, value_name = "N", default_value_t = 0, requires = "fp8")]
+    fp8_lt_tune: usize,
     #[command(flatten)]
     timing: Timing,
 }
@@ -141,6 +147,12 @@ pub fn run(args: &BenchArgs) -> i32 {
     };
     let eng: &mut Engine = &mut guard;
     let done = match &args.bench {
+        Which::Layer(a) if a.fp8_lt_tune > 1 => {
+            eng.set_fp8_algo_choice(LtAlgoChoice::Tuned(a.fp8_lt_tune)).map_err(|e| format!("--fp8-lt-tune: {e}"))
+        }
+        _ => Ok(()),
+    }
+    .and_then(|()| match &args.bench {
         Which::Layer(a) => moe_bench::layer::run(
             eng,
             &LayerBench {
@@ -166,7 +178,10 @@ pub fn run(args: &BenchArgs) -> i32 {
                 selection: a.timing.selection(),
             },
         ),
-    };
+    });
+    if eng.fp8_tuning_calls() > 0 {
+        println!("fp8 cuBLASLt algorithm tuning: {} timed calls", eng.fp8_tuning_calls());
+    }
     match done {
         Ok(()) => 0,
         Err(e) => {

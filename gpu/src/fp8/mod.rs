@@ -35,6 +35,10 @@ use moe_reference::{Dtype, LayerConfig};
 use ndarray::Array2;
 use std::ffi::c_void;
 
+mod lt_algo;
+pub use lt_algo::LtAlgoChoice;
+use lt_algo::{TuneCall, TUNE_REPS};
+
 /// The kernel source, embedded; compiled by NVRTC on first use.
 const FP8_CU: &str = concat!(include_str!("../../kernels/fp8_common.cuh"), include_str!("../../kernels/fp8.cu"));
 
@@ -208,12 +212,37 @@ pub(crate) struct Fp8Engine {
     block_scales_gemm: CudaFunction,
     lt: LtHandle,
     lt_workspace: DeviceBuffer,
+    /// How new plans pick their cuBLASLt algorithm.
+    algo_choice: LtAlgoChoice,
     plans: std::collections::HashMap<PlanKey, Plan>,
     /// The capture stream and graph cache of [`Engine::run_fp8_ops`] (made on first use).
     capture: Option<Capture>,
     /// Captures another thread invalidated (their lists were issued one by one instead).
     pub(crate) capture_fallbacks: u64,
     launches: u64,
+    /// cuBLASLt calls made to time candidate algorithms ([`LtAlgoChoice::Tuned`]).
+    tuned_calls: u64,
+}
+
+/// The per-tensor casts' input, per-segment scales and rowwise codes addresses: `x` of `map.rows`
+/// rows of `t.cols` values in `dtype`, checked against their buffers.
+fn cast_addrs(x: &DeviceBuffer, dtype: Dtype, map: &SegmentMap, t: &SegmentedFp8) -> Result<(u64, u64, u64), GpuError> {
+    let (rows, cols) = (map.rows, t.cols);
+    Ok((
+        x.addr(0, rows * cols * dtype.size_bytes(), "fp8 quantize input")?,
+        t.scale.addr(0, map.lens.len() * SCALE_STRIDE * 4, "scale")?,
+        t.codes.addr(0, rows * cols, "codes")?,
+    ))
+}
+
+/// A GEMM's (A, B, C) device addresses, row-major view.
+type Addrs = (u64, u64, u64);
+
+/// Whether `stream` is being captured into a graph (nothing may synchronize it then).
+fn capturing(stream: cudarc::driver::sys::CUstream) -> bool {
+    // SAFETY: `stream` is a live stream of this engine.
+    let status = unsafe { cudarc::driver::result::stream::is_capturing(stream) };
+    status != Ok(cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
 }
 
 /// Graphs of fp8 GEMM lists kept before the cache is flushed.
@@ -279,22 +308,51 @@ fn in_context(e: GpuError, step: &str, context: &str) -> GpuError {
 }
 
 impl Fp8Engine {
-    /// Runs the cuBLASLt fp8 GEMM of `key` (its plan built once and cached per key) with the
-    /// device scale pointers `scales` (per-tensor scale_inv or block scale tensors, as the plan's
-    /// scale modes say) on `C = alpha·op(A, B) + beta·C`, `addrs` = (A, B, C), both the tensorwise
-    /// and the block-scaled GEMMs' last step. `context` names the GEMM in errors.
-    /// The cached plan of `key`, built on first use.
-    fn plan(&mut self, key: PlanKey, scales: (u64, u64), context: &str) -> Result<&Plan, GpuError> {
+    /// The cached plan of `key`, built on first use. A new plan under
+    /// [`LtAlgoChoice::Tuned`] times its candidate algorithms on `tune`'s operands (the GEMM's
+    /// first call; `None`, or a stream being captured, keeps the heuristic's first).
+    fn plan(
+        &mut self,
+        key: PlanKey,
+        scales: (u64, u64),
+        context: &str,
+        tune: Option<(Addrs, u64, cudarc::driver::sys::CUstream)>,
+    ) -> Result<&Plan, GpuError> {
         if !self.plans.contains_key(&key) {
             if self.plans.len() >= PLAN_CACHE_LIMIT {
                 self.plans.clear();
             }
-            let plan = Plan::new(self.lt.0, &key, scales).map_err(|e| in_context(e, "plan", context))?;
+            let count = match self.algo_choice {
+                LtAlgoChoice::Heuristic => 1,
+                LtAlgoChoice::Tuned(n) => n,
+            };
+            let mut plan = Plan::new(self.lt.0, &key, scales, count).map_err(|e| in_context(e, "plan", context))?;
+            if let Some(((a, b, c), ws, stream)) = tune.filter(|t| plan.candidates.len() > 1 && !capturing(t.2)) {
+                let (m, n, _) = key.dims;
+                let call = TuneCall {
+                    handle: self.lt.0,
+                    desc: plan.desc,
+                    layouts: [plan.la, plan.lb, plan.lc],
+                    addrs: [b, a, c],
+                    out_bytes: m * n * key.out.size_bytes(),
+                    beta: if key.beta_one { 1.0 } else { 0.0 },
+                    workspace: (ws, LT_WORKSPACE),
+                    stream,
+                };
+                let best = lt_algo::fastest(&call, &plan.candidates).map_err(|e| in_context(e, "tuning", context))?;
+                self.tuned_calls += (plan.candidates.len() * (TUNE_REPS + 1)) as u64;
+                plan.algo = plan.candidates[best];
+            }
+            plan.candidates = Vec::new();
             self.plans.insert(key, plan);
         }
         self.plans.get(&key).ok_or_else(|| GpuError::CublasLt("plan cache".into()))
     }
 
+    /// Runs the cuBLASLt fp8 GEMM of `key` (its plan built once and cached per key) with the
+    /// device scale pointers `scales` (per-tensor scale_inv or block scale tensors, as the plan's
+    /// scale modes say) on `C = alpha·op(A, B) + beta·C`, `addrs` = (A, B, C), both the tensorwise
+    /// and the block-scaled GEMMs' last step. `context` names the GEMM in errors.
     #[allow(clippy::too_many_arguments)]
     fn matmul(
         &mut self,
@@ -307,7 +365,7 @@ impl Fp8Engine {
         context: &str,
     ) -> Result<(), GpuError> {
         let handle = self.lt.0;
-        let plan = self.plan(key, (sa, sb), context)?;
+        let plan = self.plan(key, (sa, sb), context, Some(((a_addr, b_addr, c_addr), ws, stream)))?;
         plan.set_scales(sa, sb)?;
         let alpha = 1f32;
         // SAFETY: the callers checked that A, B, C and the scales are device ranges holding what
@@ -437,9 +495,10 @@ impl Fp8Engine {
             cap.stream.wait(&cap.to_capture)?;
             if !cap.graphs.contains_key(&key) {
                 // Plans first: their heuristic queries stay out of the capture.
+                let ws = self.lt_workspace.addr(0, LT_WORKSPACE, "cuBLASLt workspace")?;
                 for op in ops {
-                    if let Fp8Work::Matmul { key, scales, .. } = op.work {
-                        self.plan(key, scales, &op.context)?;
+                    if let Fp8Work::Matmul { key, scales, addrs, .. } = op.work {
+                        self.plan(key, scales, &op.context, Some((addrs, ws, main.cu_stream())))?;
                     }
                 }
                 if cap.graphs.len() >= GRAPH_CACHE_LIMIT {
@@ -537,16 +596,33 @@ impl Fp8Engine {
             block_scales_gemm: f("block_scales_gemm".into())?,
             lt,
             lt_workspace,
+            algo_choice: LtAlgoChoice::Heuristic,
             plans: Default::default(),
             capture: None,
             capture_fallbacks: 0,
             launches: 0,
+            tuned_calls: 0,
         })
     }
 
-    /// Launches issued (kernels and cuBLASLt calls).
+    /// Launches issued (kernels and cuBLASLt calls; the tuning's timed calls are not counted).
     pub(crate) fn launches(&self) -> u64 {
         self.launches
+    }
+
+    /// Chooses how plans made from now on pick their cuBLASLt algorithm; the plans and
+    /// captured graphs made before are dropped, so every GEMM is planned again under `choice`.
+    pub(crate) fn set_algo_choice(&mut self, choice: LtAlgoChoice) {
+        self.algo_choice = choice;
+        self.plans.clear();
+        if let Some(cap) = self.capture.as_mut() {
+            cap.graphs.clear();
+        }
+    }
+
+    /// cuBLASLt calls made so far to time candidate algorithms.
+    pub(crate) fn tuned_calls(&self) -> u64 {
+        self.tuned_calls
     }
 }
 
@@ -1089,15 +1165,14 @@ impl Engine {
         t: &mut SegmentedFp8,
         columnwise: bool,
     ) -> Result<(), GpuError> {
-        let (segs, rows, cols, format) = (map.lens.len(), map.rows, t.cols, t.format);
+        let (rows, cols, format) = (map.rows, t.cols, t.format);
         if columnwise && block_tile_takes(cols) {
             return self.cast_both_segments(x, dtype, map, t);
         }
         let stream = self.stream.clone();
         let fe = self.fp8_engine()?;
-        let xa = x.addr(0, rows * cols * dtype.size_bytes(), "fp8 quantize input")?;
+        let (xa, sc, co) = cast_addrs(x, dtype, map, t)?;
         let rs = map.row_seg.addr(0, rows * 4, "row_seg")?;
-        let (sc, co) = (t.scale.addr(0, segs * SCALE_STRIDE * 4, "scale")?, t.codes.addr(0, rows * cols, "codes")?);
         let vec = i32::from(cols.is_multiple_of(8) && xa.is_multiple_of(16));
         let (ri, ci, stride) = (i32::try_from(rows)?, i32::try_from(cols)?, SCALE_STRIDE as i32);
         let blocks = if vec == 1 { (rows * cols / 8).div_ceil(256 * 4) } else { rows };
@@ -1127,20 +1202,16 @@ impl Engine {
         map: &SegmentMap,
         t: &mut SegmentedFp8,
     ) -> Result<(), GpuError> {
-        let (segs, rows, cols, format) = (map.lens.len(), map.rows, t.cols, t.format);
+        let (rows, cols, format) = (map.rows, t.cols, t.format);
         if t.codes_t.is_none() {
             t.codes_t = Some(self.alloc(rows * cols)?);
         }
         let stream = self.stream.clone();
         let fe = self.fp8_engine()?;
-        let xa = x.addr(0, rows * cols * dtype.size_bytes(), "fp8 quantize input")?;
+        let (xa, sc, co) = cast_addrs(x, dtype, map, t)?;
         let codes_t = t.codes_t.as_ref().ok_or_else(|| GpuError::Shape("fp8 columnwise codes".into()))?;
+        let ct = codes_t.addr(0, rows * cols, "columnwise codes")?;
         let seg = map.block_segs(0)?;
-        let (sc, co, ct) = (
-            t.scale.addr(0, segs * SCALE_STRIDE * 4, "scale")?,
-            t.codes.addr(0, rows * cols, "codes")?,
-            codes_t.addr(0, rows * cols, "columnwise codes")?,
-        );
         let (ci, stride) = (i32::try_from(cols)?, SCALE_STRIDE as i32);
         let cfg = LaunchConfig {
             grid_dim: (u32::try_from(map.n_tiles128)?, u32::try_from(cols.div_ceil(128))?, 1),
@@ -1506,6 +1577,19 @@ impl Engine {
     /// Fp8 GEMM lists whose graph capture another thread invalidated (issued one by one).
     pub fn fp8_capture_fallbacks(&self) -> u64 {
         self.fp8.as_ref().map_or(0, |f| f.capture_fallbacks)
+    }
+
+    /// Chooses how the cuBLASLt fp8 GEMM plans made from now on pick their algorithm
+    /// ([`LtAlgoChoice`]; the heuristic's first by default). Earlier plans and graphs are
+    /// dropped. Loads the fp8 engine (compiles its kernels) when it is not loaded yet.
+    pub fn set_fp8_algo_choice(&mut self, choice: LtAlgoChoice) -> Result<(), GpuError> {
+        self.fp8_engine()?.set_algo_choice(choice);
+        Ok(())
+    }
+
+    /// cuBLASLt calls made so far to time candidate algorithms under [`LtAlgoChoice::Tuned`].
+    pub fn fp8_tuning_calls(&self) -> u64 {
+        self.fp8.as_ref().map_or(0, |f| f.tuned_calls())
     }
 }
 
@@ -2077,6 +2161,8 @@ struct Plan {
     lb: lt_sys::cublasLtMatrixLayout_t,
     lc: lt_sys::cublasLtMatrixLayout_t,
     algo: lt_sys::cublasLtMatmulAlgo_t,
+    /// The heuristic's algorithms, first to last, until the plan is tuned (then empty).
+    candidates: Vec<lt_sys::cublasLtMatmulAlgo_t>,
 }
 
 // SAFETY: the descriptors are plain cuBLASLt objects owned by one engine's plan cache, used only
@@ -2098,8 +2184,14 @@ impl Drop for Plan {
 impl Plan {
     /// Builds the plan of `key` (column-major view: `D[n, m] = op(A_lt)·op(B_lt)` with
     /// `A_lt` = B stored `[k, n]`, ld k, transposed, and `B_lt` = A stored `[k, m]`, ld k; D ld
-    /// n), with the scale pointers `scales` = (A's, B's) set before the heuristic query.
-    fn new(handle: lt_sys::cublasLtHandle_t, key: &PlanKey, scales: (u64, u64)) -> Result<Plan, GpuError> {
+    /// n), with the scale pointers `scales` = (A's, B's) set before the heuristic query, and the
+    /// heuristic's first `count` algorithms as candidates (the first one chosen).
+    fn new(
+        handle: lt_sys::cublasLtHandle_t,
+        key: &PlanKey,
+        scales: (u64, u64),
+        count: usize,
+    ) -> Result<Plan, GpuError> {
         let (m, n, k) = key.dims;
         let lt_type = |f: Fp8Format| match f {
             Fp8Format::E4M3 => lt_sys::cudaDataType::CUDA_R_8F_E4M3,
@@ -2118,6 +2210,7 @@ impl Plan {
             lb: std::ptr::null_mut(),
             lc: std::ptr::null_mut(),
             algo: lt_sys::cublasLtMatmulAlgo_t { data: [0; 8] },
+            candidates: Vec::new(),
         };
         plan.lb = lt::create_matrix_layout(lt_type(key.formats.0), k64, m64, k as i64).map_err(lt_err)?;
         plan.lc = lt::create_matrix_layout(out_type, n64, m64, n as i64).map_err(lt_err)?;
@@ -2138,7 +2231,7 @@ impl Plan {
             plan.set(A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, (&mode_a as *const i32).cast(), 4)?;
         }
         let pref = lt::create_matmul_pref().map_err(lt_err)?;
-        let found = (|| -> Result<lt_sys::cublasLtMatmulAlgo_t, GpuError> {
+        let found = (|| -> Result<Vec<lt_sys::cublasLtMatmulAlgo_t>, GpuError> {
             use lt_sys::cublasLtMatmulPreferenceAttributes_t as P;
             let wsb = LT_WORKSPACE as u64;
             // SAFETY: `pref` is a live preference; the attribute is a u64 byte count.
@@ -2163,15 +2256,14 @@ impl Plan {
                 unsafe { lt::set_matmul_pref_attribute(pref, attr, (&bytes as *const u32).cast(), 4) }
                     .map_err(lt_err)?;
             }
-            // SAFETY: the descriptor and layouts are live and describe the GEMM of `key`.
-            let h =
-                unsafe { lt::get_matmul_algo_heuristic(handle, plan.desc, plan.la, plan.lb, plan.lc, plan.lc, pref) }
-                    .map_err(|e| in_context(lt_err(e), "no algorithm (heuristic)", ""))?;
-            Ok(h.algo)
+            // SAFETY: the descriptor, layouts and preference are live and describe the GEMM of `key`.
+            unsafe { lt_algo::candidates(handle, plan.desc, [plan.la, plan.lb, plan.lc], pref, count, LT_WORKSPACE) }
+                .map_err(|e| in_context(lt_err(e), "no algorithm (heuristic)", ""))
         })();
         // SAFETY: `pref` was created above and is destroyed once.
         let _ = unsafe { lt::destroy_matmul_pref(pref) };
-        plan.algo = found?;
+        plan.candidates = found?;
+        plan.algo = plan.candidates[0];
         Ok(plan)
     }
 
