@@ -58,6 +58,12 @@ pub struct VerifyArgs {
     #[cfg(feature = "cuda")]
     #[arg(long, value_name = "STRATEGY", default_value = "auto")]
     pub gemm: moe_gpu::Strategy,
+    /// How the CUDA layers' cuBLASLt fp8 GEMMs pick their algorithm: 0 = the heuristic's first
+    /// (cuBLASLt's default, what TE runs); N > 1 = the fastest of the heuristic's first N,
+    /// timed once per GEMM shape on its first call (what `bench layer --fp8-lt-tune` times).
+    #[cfg(feature = "cuda")]
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub fp8_lt_tune: usize,
     /// Verify the distributed layer on N processes of this host (one GPU each with NCCL):
     /// every (EP, ETP) layout of N ranks against the unsharded f64 oracle.
     #[arg(long, value_name = "N")]
@@ -76,10 +82,14 @@ enum Unavailable {
     Fatal(String),
 }
 
+/// A line for the end of the report on what the CUDA engine did beyond the cases (the
+/// `--fp8-lt-tune` timings), or nothing.
+type EngineNote = Box<dyn Fn() -> Option<String>>;
+
 /// The CUDA backend on device 0, issuing its GEMMs with `--gemm`, when the `cuda` feature is
-/// on and a GPU is found.
+/// on and a GPU is found, and its [`EngineNote`].
 #[cfg(feature = "cuda")]
-fn cuda_backend(args: &VerifyArgs) -> Result<Box<dyn Backend>, Unavailable> {
+fn cuda_backend(args: &VerifyArgs) -> Result<(Box<dyn Backend>, EngineNote), Unavailable> {
     use moe_gpu::{CudaGrouped, CudaSequential, CudaTeGrouped, Gpu};
     use moe_harness::properties::PerClassBackend;
     let gpu = Gpu::new(0).map_err(|e| {
@@ -89,27 +99,44 @@ fn cuda_backend(args: &VerifyArgs) -> Result<Box<dyn Backend>, Unavailable> {
             Unavailable::Fatal(e.to_string())
         }
     })?;
+    tune_fp8(&gpu, args).map_err(|e| Unavailable::Fatal(format!("--fp8-lt-tune: {e}")))?;
     let s = args.gemm;
-    Ok(Box::new(PerClassBackend::new(
+    let backend = Box::new(PerClassBackend::new(
         "cuda",
         Some(Box::new(CudaSequential::new(&gpu).with_poison(true).with_strategy(s))),
         Some(Box::new(CudaGrouped::new(&gpu).with_poison(true).with_strategy(s))),
         Some(Box::new(CudaTeGrouped::new(&gpu).with_poison(true).with_strategy(s))),
-    )))
+    ));
+    let n = args.fp8_lt_tune;
+    let note: EngineNote = Box::new(move || {
+        let calls = gpu.lock().map(|e| e.fp8_tuning_calls()).unwrap_or(0);
+        (n > 1).then(|| format!("fp8 cuBLASLt algorithms tuned (--fp8-lt-tune {n}): {calls} timed calls"))
+    });
+    Ok((backend, note))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_backend(_args: &VerifyArgs) -> Result<Box<dyn Backend>, Unavailable> {
+fn cuda_backend(_args: &VerifyArgs) -> Result<(Box<dyn Backend>, EngineNote), Unavailable> {
     Err(Unavailable::Skip("SKIP gpu::verify: built without the `cuda` feature".into()))
 }
 
-/// The implementation families to check: the reference always, CUDA when available. `None`
-/// when CUDA is required but missing (the reason is printed).
-fn backends(args: &VerifyArgs) -> Option<Vec<Box<dyn Backend>>> {
+/// The implementation families `verify` checks, and the CUDA engine's [`EngineNote`].
+struct Backends {
+    all: Vec<Box<dyn Backend>>,
+    engine_note: Option<EngineNote>,
+}
+
+/// The implementation families to check: the reference always, CUDA when available (with its
+/// [`EngineNote`]). `None` when CUDA is required but missing (the reason is printed).
+fn backends(args: &VerifyArgs) -> Option<Backends> {
     let mut out: Vec<Box<dyn Backend>> = vec![Box::new(ReferenceBackend)];
+    let mut note = None;
     let required = args.gpu || moe_harness::cuda_required();
     match cuda_backend(args) {
-        Ok(b) => out.push(b),
+        Ok((b, n)) => {
+            out.push(b);
+            note = Some(n);
+        }
         Err(Unavailable::Fatal(why)) => {
             eprintln!("error: the CUDA implementations cannot be built: {why}");
             return None;
@@ -120,7 +147,7 @@ fn backends(args: &VerifyArgs) -> Option<Vec<Box<dyn Backend>>> {
         }
         Err(Unavailable::Skip(why)) => eprintln!("{why}"),
     }
-    Some(out)
+    Some(Backends { all: out, engine_note: note })
 }
 
 /// The fp8 configuration of `verify --shape`: `--fp8-recipe` (absent or `none`: bf16) with
@@ -150,6 +177,15 @@ fn shape_recipe(args: &VerifyArgs) -> Result<Option<moe_reference::Fp8Config>, S
     }
 }
 
+/// Applies `--fp8-lt-tune` to the engine of `gpu` (nothing to do at 0 or 1).
+#[cfg(feature = "cuda")]
+fn tune_fp8(gpu: &moe_gpu::Gpu, args: &VerifyArgs) -> Result<(), moe_gpu::GpuError> {
+    if args.fp8_lt_tune > 1 {
+        gpu.lock()?.set_fp8_algo_choice(moe_gpu::fp8::LtAlgoChoice::Tuned(args.fp8_lt_tune))?;
+    }
+    Ok(())
+}
+
 /// `verify --gpu --shape NAME`: sampled verification of one model-sized layer.
 #[cfg(feature = "cuda")]
 fn run_shape(args: &VerifyArgs, shape: ModelShape) -> i32 {
@@ -161,6 +197,7 @@ fn run_shape(args: &VerifyArgs, shape: ModelShape) -> i32 {
         }
     };
     let verified = moe_gpu::Gpu::new(0).and_then(|gpu| {
+        tune_fp8(&gpu, args)?;
         moe_gpu::sampled::verify_shape(&gpu, args.gemm, args.class.0, shape, fp8, args.tokens, args.seed)
     });
     match verified {
@@ -199,7 +236,7 @@ pub fn run(args: &VerifyArgs) -> i32 {
     if let Some(n) = args.gpus {
         return super::distributed::launch(n, args.seed, &args.dist);
     }
-    let Some(backends) = backends(args) else {
+    let Some(Backends { all: backends, engine_note }) = backends(args) else {
         return 2;
     };
     let total = u64::from(args.cases) * (properties.len() * backends.len()) as u64;
@@ -231,6 +268,11 @@ pub fn run(args: &VerifyArgs) -> i32 {
         println!("{}", serde_json::to_string_pretty(&reports).expect("serializable report"));
     } else {
         print_table(&reports);
+    }
+    match engine_note.and_then(|note| note()) {
+        Some(line) if args.json => eprintln!("{line}"),
+        Some(line) => println!("{line}"),
+        None => {}
     }
     let failed: Vec<&PropertyReport> = reports.iter().filter(|r| !r.passed()).collect();
     for r in &failed {
