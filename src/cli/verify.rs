@@ -198,11 +198,16 @@ fn run_shape(args: &VerifyArgs, shape: ModelShape) -> i32 {
     };
     let verified = moe_gpu::Gpu::new(0).and_then(|gpu| {
         tune_fp8(&gpu, args)?;
-        moe_gpu::sampled::verify_shape(&gpu, args.gemm, args.class.0, shape, fp8, args.tokens, args.seed)
+        let report = moe_gpu::sampled::verify_shape(&gpu, args.gemm, args.class.0, shape, fp8, args.tokens, args.seed)?;
+        let tuned = gpu.lock()?.fp8_tuning_calls();
+        Ok((report, tuned))
     });
     match verified {
-        Ok(report) => {
+        Ok((report, tuned)) => {
             print!("{report}");
+            if args.fp8_lt_tune > 1 {
+                println!("fp8 cuBLASLt algorithms tuned (--fp8-lt-tune {}): {tuned} timed calls", args.fp8_lt_tune);
+            }
             i32::from(!report.passed())
         }
         Err(moe_gpu::GpuError::NoDevice(why)) => {
