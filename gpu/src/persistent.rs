@@ -89,21 +89,22 @@ struct ProblemRepr {
 #[derive(Clone, Copy, Debug)]
 struct TensorMap([u64; 16]);
 
-/// The kernel's by-value parameter (`struct Params`).
+/// A kernel's by-value parameter: `struct Params` with [`ProblemRepr`] problems (the bf16/fp16
+/// kernels), `struct Fp8Params` with [`Fp8ProblemRepr`] ones (the fp8 kernels).
 #[repr(C, align(128))]
 #[derive(Clone, Copy, Debug)]
-struct Params {
+struct Params<P> {
     map_a: TensorMap,
     map_b: TensorMap,
     num_problems: i32,
     total_tiles: i32,
     pad: [i32; 2],
-    p: [ProblemRepr; MAX_PROBLEMS],
+    p: [P; MAX_PROBLEMS],
 }
 
-// SAFETY: `Params` is `#[repr(C)]` plain data (integers only) with the field order, sizes and
-// alignment of the kernel's `struct Params` (checked by the size test below).
-unsafe impl DeviceRepr for Params {}
+// SAFETY: `Params<ProblemRepr>` is `#[repr(C)]` plain data (integers only) with the field order,
+// sizes and alignment of the kernel's `struct Params` (checked by the size test below).
+unsafe impl DeviceRepr for Params<ProblemRepr> {}
 
 /// One fp8 problem as the kernel reads it (`struct Fp8Problem`).
 #[repr(C)]
@@ -122,21 +123,9 @@ struct Fp8ProblemRepr {
     beta: i32,
 }
 
-/// The fp8 kernel's by-value parameter (`struct Fp8Params`).
-#[repr(C, align(128))]
-#[derive(Clone, Copy, Debug)]
-struct Fp8Params {
-    map_a: TensorMap,
-    map_b: TensorMap,
-    num_problems: i32,
-    total_tiles: i32,
-    pad: [i32; 2],
-    p: [Fp8ProblemRepr; MAX_PROBLEMS],
-}
-
-// SAFETY: `Fp8Params` is `#[repr(C)]` plain data (integers only) with the field order, sizes and
-// alignment of the kernel's `struct Fp8Params` (checked by the size test below).
-unsafe impl DeviceRepr for Fp8Params {}
+// SAFETY: `Params<Fp8ProblemRepr>` is `#[repr(C)]` plain data (integers only) with the field
+// order, sizes and alignment of the kernel's `struct Fp8Params` (checked by the size test below).
+unsafe impl DeviceRepr for Params<Fp8ProblemRepr> {}
 
 /// One expert's fp8 GEMM for [`PersistentKernels::run_fp8`]: `C [m, n] = s_a·s_b·A·Bᵀ (+ C)`,
 /// `A [m, k]` and `B [n, k]` fp8 codes (K-major), `scale_a`/`scale_b` device addresses of f32
@@ -482,51 +471,29 @@ impl PersistentKernels {
         let mut computing: Vec<usize> =
             (0..problems.len()).filter(|&i| problems[i].m > 0 && problems[i].n > 0).collect();
         computing.sort_by_key(|&i| std::cmp::Reverse(problems[i].k));
-        let mut launches = 0;
-        for chunk in computing.chunks(MAX_PROBLEMS) {
-            let mut params = Params {
-                map_a,
-                map_b,
-                num_problems: i32::try_from(chunk.len())?,
-                total_tiles: 0,
-                pad: [0; 2],
-                p: [ProblemRepr::default(); MAX_PROBLEMS],
-            };
-            let mut tiles = 0usize;
-            for (slot, &i) in params.p.iter_mut().zip(chunk) {
+        // SAFETY: the kernel takes exactly one `Params<ProblemRepr>` by value; its tensor maps
+        // cover the problems' operands (`persistent_layout` checked that every expert's A and B
+        // are rows of one tensor each inside one buffer, aligned), every C pointer is the address
+        // of a compact [m, n] matrix the engine checked against its buffer, and the dynamic shared
+        // memory matches the attribute set at load.
+        unsafe {
+            self.launch_chunks(stream, f, (map_a, map_b), &computing, smem_bytes(bn), |i, tile_start| {
                 let p = &problems[i];
                 let tiles_m = p.m.div_ceil(TILE_M);
-                *slot = ProblemRepr {
+                let entry = ProblemRepr {
                     c: p.c.addr,
                     m: i32::try_from(p.m)?,
                     n: i32::try_from(p.n)?,
                     k: i32::try_from(p.k)?,
                     a_row: i32::try_from(ta_tensor.first_row[i])?,
                     b_row: i32::try_from(tb_tensor.first_row[i])?,
-                    tile_start: i32::try_from(tiles)?,
+                    tile_start: i32::try_from(tile_start)?,
                     tiles_m: i32::try_from(tiles_m)?,
                     pad: 0,
                 };
-                tiles += tiles_m * p.n.div_ceil(bn);
-            }
-            params.total_tiles = i32::try_from(tiles)?;
-            let grid = u32::try_from(tiles.min(self.sms))?;
-            let cfg = LaunchConfig {
-                grid_dim: (grid, 1, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: u32::try_from(smem_bytes(bn))?,
-            };
-            let mut builder = stream.launch_builder(f);
-            builder.arg(&params);
-            // SAFETY: the kernel takes exactly one `Params` by value; its tensor maps cover the
-            // problems' operands (`persistent_layout` checked that every expert's A and B are
-            // rows of one tensor each inside one buffer, aligned), every C pointer is the
-            // address of a compact [m, n] matrix the engine checked against its buffer, and the
-            // dynamic shared memory matches the attribute set at load.
-            unsafe { builder.launch(cfg) }?;
-            launches += 1;
+                Ok((entry, tiles_m * p.n.div_ceil(bn)))
+            })
         }
-        Ok(launches)
     }
 
     /// Runs the fp8 `problems`, laid out as `layout` (their [`fp8_layout`]), with kernel
@@ -551,21 +518,17 @@ impl PersistentKernels {
             (TensorMap([0; 16]), TensorMap([0; 16]))
         };
         let computing: Vec<usize> = (0..problems.len()).filter(|&i| problems[i].m > 0 && problems[i].n > 0).collect();
-        let mut launches = 0;
-        for chunk in computing.chunks(MAX_PROBLEMS) {
-            let mut params = Fp8Params {
-                map_a,
-                map_b,
-                num_problems: i32::try_from(chunk.len())?,
-                total_tiles: 0,
-                pad: [0; 2],
-                p: [Fp8ProblemRepr::default(); MAX_PROBLEMS],
-            };
-            let mut tiles = 0usize;
-            for (slot, &i) in params.p.iter_mut().zip(chunk) {
+        // SAFETY: the kernel takes exactly one `Params<Fp8ProblemRepr>` (`struct Fp8Params`) by
+        // value; its tensor maps cover the problems' operands (`fp8_layout` checked that every
+        // expert's A and B are rows of one tensor each inside one buffer, aligned), every C and
+        // scale pointer is an address the engine checked against its buffer (C: a compact [m, n]
+        // matrix of `variant.out`; scales: one f32 each), and the dynamic shared memory matches the
+        // attribute set at load.
+        unsafe {
+            self.launch_chunks(stream, f, (map_a, map_b), &computing, fp8_smem_bytes(bn), |i, tile_start| {
                 let p = &problems[i];
                 let tiles_m = p.m.div_ceil(TILE_M);
-                *slot = Fp8ProblemRepr {
+                let entry = Fp8ProblemRepr {
                     c: p.c,
                     scale_a: p.scale_a,
                     scale_b: p.scale_b,
@@ -574,27 +537,63 @@ impl PersistentKernels {
                     k: i32::try_from(p.k)?,
                     a_row: i32::try_from(ta_tensor.first_row[i])?,
                     b_row: i32::try_from(tb_tensor.first_row[i])?,
-                    tile_start: i32::try_from(tiles)?,
+                    tile_start: i32::try_from(tile_start)?,
                     tiles_m: i32::try_from(tiles_m)?,
                     beta: i32::from(p.accumulate),
                 };
-                tiles += tiles_m * p.n.div_ceil(bn);
+                Ok((entry, tiles_m * p.n.div_ceil(bn)))
+            })
+        }
+    }
+
+    /// Launches `f` once per chunk of at most [`MAX_PROBLEMS`] of the problems `computing` (their
+    /// indices, in launch order) with tensor maps `maps`: `entry(i, tile_start)` gives problem
+    /// `i`'s table entry, its output tiles numbered from `tile_start`, and its tile count; the
+    /// grid is the chunk's tiles, at most one CTA per SM; `smem` bytes of dynamic shared memory.
+    /// Returns the number of launches.
+    ///
+    /// # Safety
+    /// `f` takes exactly one `Params<P>` by value, the maps cover every entry's operands, every
+    /// address in an entry is one the kernel may read or write as the entry says, and `smem` is
+    /// the dynamic shared memory `f` was loaded for.
+    unsafe fn launch_chunks<P: Copy + Default>(
+        &self,
+        stream: &CudaStream,
+        f: &CudaFunction,
+        (map_a, map_b): (TensorMap, TensorMap),
+        computing: &[usize],
+        smem: usize,
+        mut entry: impl FnMut(usize, usize) -> Result<(P, usize), GpuError>,
+    ) -> Result<u64, GpuError>
+    where
+        Params<P>: DeviceRepr,
+    {
+        let mut launches = 0;
+        for chunk in computing.chunks(MAX_PROBLEMS) {
+            let mut params = Params {
+                map_a,
+                map_b,
+                num_problems: i32::try_from(chunk.len())?,
+                total_tiles: 0,
+                pad: [0; 2],
+                p: [P::default(); MAX_PROBLEMS],
+            };
+            let mut tiles = 0usize;
+            for (slot, &i) in params.p.iter_mut().zip(chunk) {
+                let (e, t) = entry(i, tiles)?;
+                *slot = e;
+                tiles += t;
             }
             params.total_tiles = i32::try_from(tiles)?;
-            let grid = u32::try_from(tiles.min(self.sms))?;
             let cfg = LaunchConfig {
-                grid_dim: (grid, 1, 1),
+                grid_dim: (u32::try_from(tiles.min(self.sms))?, 1, 1),
                 block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: u32::try_from(fp8_smem_bytes(bn))?,
+                shared_mem_bytes: u32::try_from(smem)?,
             };
             let mut builder = stream.launch_builder(f);
             builder.arg(&params);
-            // SAFETY: the kernel takes exactly one `Fp8Params` by value; its tensor maps cover the
-            // problems' operands (`fp8_layout` checked that every expert's A and B are rows of one
-            // tensor each inside one buffer, aligned), every C and scale pointer is an address the
-            // engine checked against its buffer (C: a compact [m, n] matrix of `variant.out`;
-            // scales: one f32 each), and the dynamic shared memory matches the attribute set at
-            // load.
+            // SAFETY: the caller's contract: `f` takes one `Params<P>` whose entries and maps
+            // describe memory it may access, with `smem` bytes of dynamic shared memory.
             unsafe { builder.launch(cfg) }?;
             launches += 1;
         }
@@ -610,14 +609,20 @@ mod tests {
     #[test]
     fn problem_table_has_the_kernel_layout() {
         assert_eq!(std::mem::size_of::<ProblemRepr>(), 40);
-        assert_eq!(std::mem::align_of::<Params>(), 128);
-        assert_eq!(std::mem::offset_of!(Params, num_problems), 256);
-        assert_eq!(std::mem::offset_of!(Params, p), 272);
-        assert!(std::mem::size_of::<Params>() < 32 * 1024, "sm_90 kernel parameters are limited to 32 KiB");
+        assert_eq!(std::mem::align_of::<Params<ProblemRepr>>(), 128);
+        assert_eq!(std::mem::offset_of!(Params<ProblemRepr>, num_problems), 256);
+        assert_eq!(std::mem::offset_of!(Params<ProblemRepr>, p), 272);
+        assert!(
+            std::mem::size_of::<Params<ProblemRepr>>() < 32 * 1024,
+            "sm_90 kernel parameters are limited to 32 KiB"
+        );
         assert_eq!(std::mem::size_of::<Fp8ProblemRepr>(), 56);
         assert_eq!(std::mem::offset_of!(Fp8ProblemRepr, m), 24);
-        assert_eq!(std::mem::offset_of!(Fp8Params, p), 272);
-        assert!(std::mem::size_of::<Fp8Params>() < 32 * 1024, "sm_90 kernel parameters are limited to 32 KiB");
+        assert_eq!(std::mem::offset_of!(Params<Fp8ProblemRepr>, p), 272);
+        assert!(
+            std::mem::size_of::<Params<Fp8ProblemRepr>>() < 32 * 1024,
+            "sm_90 kernel parameters are limited to 32 KiB"
+        );
     }
 
     /// The host's constants and the kernel source's must agree: shared-memory size, the
