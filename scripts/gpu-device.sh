@@ -12,7 +12,10 @@
 #             $OUT/layer-rounds.csv, then torch_experts_bench.py -> $OUT/layer-torch.csv, then
 #             layer_table.py -> $OUT/layer-table.md and rounds_table.py -> $OUT/rounds-table.md
 #             (printed); logs layer-bench.log, layer-torch.log. $LAYER_ARGS adds flags to the
-#             bench (e.g. LAYER_ARGS="--strategy auto,loop,persistent --rounds 0").
+#             bench (e.g. LAYER_ARGS="--strategy auto,loop,persistent --rounds 0");
+#             $TORCH_STRATEGIES the PyTorch layers (default torch: eager; e.g.
+#             TORCH_STRATEGIES=torch,torch-compile,torch-compile-act adds the torch.compile peers,
+#             columns of layer-table.md).
 #   fp8       the fp8 table of docs/performance.md, every row in this one call: `moe-verify bench
 #             layer --class te_grouped --strategy auto --fp8 R` for R = tensorwise and blockwise
 #             (our bf16 and fp8 TEGroupedMLP and the dense bf16 and fp8 rates, one process per
@@ -174,7 +177,7 @@ for s in $steps; do
       grep -E "^ERR|^TFLOP/s dense " "$out/layer-bench.log" | head -40
       echo "== layer bench (torch)"
       logged "$out/layer-torch.log" env PYTHONUNBUFFERED=1 python3 .stage/torch_experts_bench.py \
-        --counts .stage/shapes.json --csv "$out/layer-torch.csv"
+        --counts .stage/shapes.json --strategies "${TORCH_STRATEGIES:-torch}" --csv "$out/layer-torch.csv"
       grep -E "^torch |^ERR|TFLOP/s dense " "$out/layer-torch.log" | head -40
       echo "== layer table"
       python3 .stage/layer_table.py "$out/layer-rust.csv" "$out/layer-torch.csv" > "$out/layer-table.md"

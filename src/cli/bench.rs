@@ -27,8 +27,12 @@ pub struct BenchArgs {
 enum Which {
     /// Forward and forward+backward of the CUDA expert layers at the model shapes, per GEMM
     /// strategy, against the dense 8192³ cuBLAS rate.
+    // A flag given again overrides the earlier one: the device script passes its defaults
+    // first and the user's extra flags (`LAYER_ARGS`, `GROUPED_ARGS`) after them.
+    #[command(args_override_self = true)]
     Layer(LayerArgs),
     /// The grouped-GEMM strategies on the GEMM sets of the layers at the model shapes.
+    #[command(args_override_self = true)]
     Grouped(GroupedArgs),
 }
 
@@ -187,6 +191,49 @@ pub fn run(args: &BenchArgs) -> i32 {
         Err(e) => {
             eprintln!("error: {e}");
             2
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(clap::Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<Which, clap::Error> {
+        Cmd::try_parse_from(std::iter::once("bench").chain(args.iter().copied())).map(|c| c.bench.bench)
+    }
+
+    /// `gpu-device.sh` passes its defaults (`bench layer --rounds 12 --csv ...`) before the
+    /// user's `LAYER_ARGS` / `GROUPED_ARGS`, so a one-value flag given again must override the
+    /// earlier one (the README's `LAYER_ARGS='... --rounds 0'` was refused as a repeated
+    /// argument); list flags (`--strategy`, `--shape`) still add up, as clap's lists do.
+    #[test]
+    fn a_repeated_bench_flag_overrides_the_earlier_one() {
+        match parse(&["layer", "--rounds", "12", "--csv", "a.csv", "--strategy", "auto", "--rounds", "0"]) {
+            Ok(Which::Layer(a)) => {
+                assert_eq!(a.rounds, 0);
+                assert_eq!(a.csv, Some(PathBuf::from("a.csv")));
+                assert_eq!(a.strategy, vec![Strategy::Auto]);
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(&["grouped", "--csv", "a.csv", "--strategy", "loop", "--csv", "b.csv", "--strategy", "auto"]) {
+            Ok(Which::Grouped(a)) => {
+                assert_eq!(a.csv, Some(PathBuf::from("b.csv")));
+                assert_eq!(a.strategy, vec![Strategy::Loop, Strategy::Auto]);
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(&["layer", "--fp8-lt-tune", "8"]) {
+            Err(e) => assert!(e.to_string().contains("--fp8"), "{e}"),
+            Ok(w) => panic!("--fp8-lt-tune without --fp8 must be refused: {w:?}"),
         }
     }
 }
