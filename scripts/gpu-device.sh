@@ -182,7 +182,7 @@ for s in $steps; do
       echo "== layer table"
       python3 .stage/layer_table.py "$out/layer-rust.csv" "$out/layer-torch.csv" > "$out/layer-table.md"
       echo "exit $?"; cat "$out/layer-table.md"
-      if [ -s "$out/layer-rounds.csv" ]; then
+      if [ "$(wc -l < "$out/layer-rounds.csv" 2>/dev/null || echo 0)" -gt 1 ]; then  # rows past the header
         echo "== interleaved rounds table"
         python3 .stage/rounds_table.py "$out/layer-rounds.csv" "$out/layer-torch.csv" > "$out/rounds-table.md"
         echo "exit $?"; cat "$out/rounds-table.md"

@@ -40,6 +40,8 @@ def main(args):
                 items.append(item)
             rows.setdefault(key, {}).setdefault(item, {})[int(r["round"])] = float(r["tflops"])
             devices.add(r["device"])
+    if not items:
+        sys.exit(f"{args[0]}: no interleaved rounds (the bench ran with --rounds 0?)")
     torch = {}
     if len(args) == 2:
         with open(args[1], newline="") as f:

@@ -209,6 +209,19 @@ class LayerTablesTest(unittest.TestCase):
             self.assertNotIn("| 200 |", line)
 
 
+    def test_rounds_table_without_rounds_says_so(self):
+        # Why: `bench layer --rounds 0` writes a rounds CSV with only its header; the table
+        # crashed on it (IndexError) instead of saying there are no rounds.
+        with tempfile.TemporaryDirectory() as d:
+            rounds = os.path.join(d, "rounds.csv")
+            with open(rounds, "w") as f:
+                f.write("shape,dist,class,mode,item,round,calls,ms,tflops,device\n")
+            rc, out, err = run_script("rounds_table.py", rounds)
+            self.assertEqual(rc, 1, out)
+            self.assertIn("no interleaved rounds", err)
+            self.assertNotIn("Traceback", err)
+
+
 class LayerProfileTopTest(unittest.TestCase):
     """layer_profile.py --top: the per-kernel report the fp8 notes of docs/performance.md quote."""
 
