@@ -203,6 +203,7 @@ mod tests {
     fn tuning_keeps_the_heuristic_first_unless_another_beats_it_by_the_margin() {
         assert_eq!(pick(&[1.0]), 0);
         assert_eq!(pick(&[1.0, 0.99]), 0, "a 1 % win is within the margin");
+        assert_eq!(pick(&[1.0, 1.0 - TUNE_MARGIN]), 0, "a win of exactly the margin is not enough");
         assert_eq!(pick(&[1.0, 0.95]), 1);
         assert_eq!(pick(&[1.0, 0.95, 0.90, 0.97]), 2, "the fastest, not the first that wins");
         assert_eq!(pick(&[1.0, f32::INFINITY, 0.5]), 2);
