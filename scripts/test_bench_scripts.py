@@ -1,4 +1,5 @@
-"""Tests of the benchmark helper scripts (not part of cargo test; no GPU needed):
+"""Tests of the benchmark helper scripts (no GPU needed; `cargo test` runs them through
+tests/bench_scripts.rs):
 
     python3 -m unittest discover -s scripts -p 'test_*.py' -v
 

@@ -37,9 +37,12 @@
 //!   cuBLASLt code four threads at a time).
 //! * [`shapes`]: the model-shape registry and `scripts/shapes.json`, its copy for the PyTorch
 //!   scripts.
+//! * [`bench_scripts`]: the Python table scripts and PyTorch peers of the benches pass their own
+//!   unit tests (`scripts/test_bench_scripts.py`).
 
 #[macro_use]
 mod properties;
+mod bench_scripts;
 mod checkpoint;
 #[cfg(target_os = "linux")]
 mod crash_report;
