@@ -150,11 +150,14 @@ pub fn run(args: &BenchArgs) -> i32 {
         }
     };
     let eng: &mut Engine = &mut guard;
-    let done = match &args.bench {
-        Which::Layer(a) if a.fp8_lt_tune > 1 => {
-            eng.set_fp8_algo_choice(LtAlgoChoice::Tuned(a.fp8_lt_tune)).map_err(|e| format!("--fp8-lt-tune: {e}"))
-        }
-        _ => Ok(()),
+    let tune = match &args.bench {
+        Which::Layer(a) => a.fp8_lt_tune,
+        Which::Grouped(_) => 0,
+    };
+    let done = if tune > 1 {
+        eng.set_fp8_algo_choice(LtAlgoChoice::Tuned(tune)).map_err(|e| format!("--fp8-lt-tune: {e}"))
+    } else {
+        Ok(())
     }
     .and_then(|()| match &args.bench {
         Which::Layer(a) => moe_bench::layer::run(
@@ -183,8 +186,8 @@ pub fn run(args: &BenchArgs) -> i32 {
             },
         ),
     });
-    if eng.fp8_tuning_calls() > 0 {
-        println!("fp8 cuBLASLt algorithm tuning: {} timed calls", eng.fp8_tuning_calls());
+    if let Some(line) = super::verify::tuning_note(tune, eng.fp8_tuning_calls()) {
+        println!("{line}");
     }
     match done {
         Ok(()) => 0,

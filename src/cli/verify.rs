@@ -108,10 +108,7 @@ fn cuda_backend(args: &VerifyArgs) -> Result<(Box<dyn Backend>, EngineNote), Una
         Some(Box::new(CudaTeGrouped::new(&gpu).with_poison(true).with_strategy(s))),
     ));
     let n = args.fp8_lt_tune;
-    let note: EngineNote = Box::new(move || {
-        let calls = gpu.lock().map(|e| e.fp8_tuning_calls()).unwrap_or(0);
-        (n > 1).then(|| format!("fp8 cuBLASLt algorithms tuned (--fp8-lt-tune {n}): {calls} timed calls"))
-    });
+    let note: EngineNote = Box::new(move || tuning_note(n, gpu.lock().map(|e| e.fp8_tuning_calls()).unwrap_or(0)));
     Ok((backend, note))
 }
 
@@ -177,6 +174,13 @@ fn shape_recipe(args: &VerifyArgs) -> Result<Option<moe_reference::Fp8Config>, S
     }
 }
 
+/// The report line of `--fp8-lt-tune n` after `calls` timed tuning calls (`verify` and `bench
+/// layer`); none when the flag asks for no tuning (0 or 1).
+#[cfg(feature = "cuda")]
+pub(super) fn tuning_note(n: usize, calls: u64) -> Option<String> {
+    (n > 1).then(|| format!("fp8 cuBLASLt algorithms tuned (--fp8-lt-tune {n}): {calls} timed calls"))
+}
+
 /// Applies `--fp8-lt-tune` to the engine of `gpu` (nothing to do at 0 or 1).
 #[cfg(feature = "cuda")]
 fn tune_fp8(gpu: &moe_gpu::Gpu, args: &VerifyArgs) -> Result<(), moe_gpu::GpuError> {
@@ -205,8 +209,8 @@ fn run_shape(args: &VerifyArgs, shape: ModelShape) -> i32 {
     match verified {
         Ok((report, tuned)) => {
             print!("{report}");
-            if args.fp8_lt_tune > 1 {
-                println!("fp8 cuBLASLt algorithms tuned (--fp8-lt-tune {}): {tuned} timed calls", args.fp8_lt_tune);
+            if let Some(line) = tuning_note(args.fp8_lt_tune, tuned) {
+                println!("{line}");
             }
             i32::from(!report.passed())
         }
@@ -389,5 +393,18 @@ mod tests {
         assert!(err.contains("per-tensor recipe"), "{err}");
         let err = with(&["--fp8-recipe", "blockwise", "--class", "grouped"]).unwrap_err();
         assert!(err.contains("GroupedMLP has no fp8 path"), "{err}");
+    }
+
+    /// A tuned run reports its timed calls (the evidence that tuning happened); an untuned run
+    /// (`--fp8-lt-tune` 0 or 1) reports nothing.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn only_a_tuned_run_reports_its_tuning_calls() {
+        assert_eq!(tuning_note(0, 0), None);
+        assert_eq!(tuning_note(1, 7), None);
+        assert_eq!(
+            tuning_note(8, 5112).as_deref(),
+            Some("fp8 cuBLASLt algorithms tuned (--fp8-lt-tune 8): 5112 timed calls")
+        );
     }
 }
